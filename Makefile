@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh clone (Python 3.11+ and make are all it needs):
+#   make demo   build the demo collection and run every pipeline step on it
+#   make test   run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo test faults clean-data
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cbir needs Python 3.11 or newer")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	dvc repro
+	@echo
+	@echo "Results of the demo run:"
+	@echo "  manifest   data/manifest/files.parquet"
+	@echo "  catalogue  data/catalog.duckdb   (try: $(BIN)/cbir sql \"SELECT * FROM ingest_runs\")"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean-data:
+	rm -rf data/manifest data/catalog.duckdb data/embeddings data/index data/pairs data/reports data/models data/cache

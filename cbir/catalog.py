@@ -1,0 +1,164 @@
+"""The DuckDB catalogue: views over the pipeline's Parquet outputs.
+
+The Parquet files are the single source of truth (each written atomically). `data/catalog.duckdb`
+holds only views that read them, so it can never disagree with them and is cheap to keep current:
+it is rebuilt (in a temporary file, then renamed) only when the set of views or their locations
+change. Open it with the duckdb CLI or `duckdb.connect(path, read_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from .config import Settings
+from .errors import CbirError
+from .fsutil import atomic_path, write_text
+
+SCHEMA_VERSION = 1
+
+
+def _read(path: Path) -> str:
+    return f"read_parquet({_sql_str(str(path.resolve()))})"
+
+
+@dataclass(frozen=True)
+class View:
+    """A catalogue view: either over one Parquet file, or SQL over other views."""
+
+    name: str
+    parquet: Path | None = None
+    sql: str | None = None
+    needs: tuple[str, ...] = ()
+    sources: dict[str, Path] | None = None  # Parquet files the SQL reads as {name}
+    comment: str = ""
+
+    def files(self) -> list[Path]:
+        return ([self.parquet] if self.parquet else []) + list((self.sources or {}).values())
+
+    def body(self) -> str:
+        if self.parquet is not None:
+            return f"SELECT * FROM {_read(self.parquet)}"
+        assert self.sql is not None
+        return self.sql.format(**{k: _read(p) for k, p in (self.sources or {}).items()})
+
+
+# A present file was seen by every run since the manifest was last rewritten (a run that changes
+# anything rewrites it; an unchanged rerun only appends to the run log), so its last_run is the
+# latest run's id. Deriving it keeps unchanged reruns cheap.
+_FILES_SQL = """
+SELECT * REPLACE (CASE WHEN status IN ('ok', 'duplicate')
+                       THEN greatest(last_run, (SELECT max(run_id) FROM ingest_runs))
+                       ELSE last_run END AS last_run)
+FROM {files}
+"""
+_IMAGES_SQL = "SELECT * EXCLUDE (path_raw, is_canonical) FROM files WHERE is_canonical"
+_EXACT_DUPLICATES_SQL = """
+SELECT d.path, d.image_id, c.path AS canonical_path, d.bytes, d.first_run, d.last_run
+FROM files d JOIN files c ON c.image_id = d.image_id AND c.is_canonical
+WHERE d.status = 'duplicate'
+"""
+
+
+def views(settings: Settings) -> list[View]:
+    """Every view the catalogue can hold, in creation order."""
+    m = settings.path(settings.data.manifest_dir)
+    v = [
+        View("ingest_runs", parquet=m / "runs.parquet", comment="one row per ingest run"),
+        View("files", sql=_FILES_SQL, needs=("ingest_runs",),
+             sources={"files": m / "files.parquet"},
+             comment="every file version ever ingested, with its status"),
+        View("quarantine", parquet=m / "quarantine.parquet",
+             comment="files that could not be used, with the reason"),
+        View("images", sql=_IMAGES_SQL, needs=("files",),
+             comment="one row per distinct image (by content), canonical path"),
+        View("exact_duplicates", sql=_EXACT_DUPLICATES_SQL, needs=("files",),
+             comment="byte-identical copies of a canonical image"),
+    ]
+    return v
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _plan(settings: Settings) -> list[View]:
+    present: set[str] = set()
+    chosen = []
+    for view in views(settings):
+        if not all(p.is_file() for p in view.files()):
+            continue
+        if any(n not in present for n in view.needs):
+            continue
+        chosen.append(view)
+        present.add(view.name)
+    return chosen
+
+
+def _signature(chosen: Sequence[View]) -> str:
+    desc = [(v.name, v.body()) for v in chosen]
+    blob = json.dumps([SCHEMA_VERSION, desc], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def refresh_catalog(settings: Settings) -> Path:
+    """Make data/catalog.duckdb hold a view for every Parquet output that exists."""
+    target = settings.path(settings.data.catalog)
+    chosen = _plan(settings)
+    signature = _signature(chosen)
+    sidecar = _sidecar(target)
+    if target.is_file() and sidecar.is_file() and sidecar.read_text() == signature:
+        return target
+    with atomic_path(target) as tmp:
+        tmp.unlink()  # DuckDB wants to create the file itself
+        con = duckdb.connect(str(tmp))
+        try:
+            for view in chosen:
+                con.execute(f"CREATE VIEW {view.name} AS {view.body()}")
+                if view.comment:
+                    con.execute(f"COMMENT ON VIEW {view.name} IS {_sql_str(view.comment)}")
+            con.execute("CREATE TABLE cbir_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+            con.execute("INSERT INTO cbir_meta VALUES ('signature', ?), ('schema_version', ?)",
+                        [signature, str(SCHEMA_VERSION)])
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        wal = Path(str(tmp) + ".wal")
+        if wal.exists():
+            os.unlink(wal)
+    write_text(signature, sidecar)
+    return target
+
+
+def _sidecar(catalog: Path) -> Path:
+    # Comparing a small text file is far cheaper than opening DuckDB on every step.
+    return catalog.with_name(catalog.name + ".signature")
+
+
+def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the catalogue (refreshed first so new outputs show up)."""
+    path = refresh_catalog(settings) if refresh else settings.path(settings.data.catalog)
+    if not path.is_file():
+        raise CbirError(f"no catalogue at {path}: run `cbir ingest` first")
+    return duckdb.connect(str(path), read_only=True)
+
+
+def query(settings: Settings, sql: str, params: Iterable[Any] | None = None,
+          ) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run one SQL statement on the catalogue; user values go in as parameters (`?`)."""
+    con = connect(settings)
+    try:
+        cur = con.execute(sql, list(params or []))
+        cols = [d[0] for d in cur.description] if cur.description else []
+        return cols, cur.fetchall()
+    except duckdb.Error as exc:
+        raise CbirError(f"query failed: {exc}") from None
+    finally:
+        con.close()

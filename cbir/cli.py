@@ -1,0 +1,110 @@
+"""The `cbir` command line. Each subcommand reads its settings from --params and calls the library.
+
+dvc.yaml stages and the Prefect tasks call the same library functions as these subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .config import DEFAULT_PARAMS, Settings, load_settings
+from .errors import CbirError
+
+Handler = Callable[[Settings, argparse.Namespace], int | None]
+_COMMANDS: dict[str, Handler] = {}
+
+
+def _progress_wanted() -> bool:
+    return sys.stderr.isatty()
+
+
+# --------------------------------------------------------------------------- subcommands
+
+def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    from .ingest import run_ingest
+
+    summary = run_ingest(settings, progress=_progress_wanted())
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> int:
+    from .demo import generate_demo_collection
+
+    d = settings.demo
+    out = Path(args.out) if args.out else settings.path(d.out_dir)
+    summary = generate_demo_collection(out, n_groups=d.n_groups, n_distractors=d.n_distractors,
+                                       max_copies=d.max_copies, size=d.size, seed=d.seed,
+                                       progress=_progress_wanted())
+    print(f"demo collection: {summary.n_images} images ({summary.n_groups} groups of "
+          f"near-duplicates, {summary.n_distractors} distractors) in {out}")
+    print(f"ground truth: {summary.ground_truth}")
+    return 0
+
+
+def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
+    from .catalog import query
+
+    cols, rows = query(settings, args.query, args.param)
+    print(_format_table(cols, rows))
+    return 0
+
+
+def _format_table(cols: list[str], rows: list[tuple]) -> str:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    out = [line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default=DEFAULT_PARAMS, metavar="PATH",
+                        help="params file; relative paths in it resolve against its folder "
+                             "(default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="cbir",
+        description="Near-duplicate image retrieval for heritage photograph collections.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("ingest", parents=[common],
+                       help="add new scans from data.scans_dir to the deduplicated manifest")
+    p.set_defaults(handler=cmd_ingest)
+
+    p = sub.add_parser("demo-data", parents=[common],
+                       help="write the deterministic synthetic demo collection")
+    p.add_argument("out", nargs="?", help="output folder (default: demo.out_dir in params)")
+    p.set_defaults(handler=cmd_demo_data)
+
+    p = sub.add_parser("sql", parents=[common],
+                       help="run one SQL query on the DuckDB catalogue (read only)")
+    p.add_argument("query", help="SQL; put user values in as ? placeholders")
+    p.add_argument("--param", action="append", default=[], metavar="VALUE",
+                   help="a value for the next ? placeholder (repeatable)")
+    p.set_defaults(handler=cmd_sql)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.params)
+        return int(args.handler(settings, args) or 0)
+    except CbirError as exc:
+        print(f"cbir {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cbir {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

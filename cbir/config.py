@@ -1,0 +1,120 @@
+"""params.yaml -> typed, validated settings.
+
+params.yaml is the single source of parameters. Every relative path in it resolves against the
+folder holding the params file, so a copy of params.yaml in another folder is a separate workspace.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them instead of silently ignoring.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSettings(_Section):
+    scans_dir: Path = Path("data/demo/scans")
+    ground_truth: Path | None = Path("data/demo/ground_truth.csv")
+    manifest_dir: Path = Path("data/manifest")
+    catalog: Path = Path("data/catalog.duckdb")
+    embeddings_dir: Path = Path("data/embeddings")
+    index_dir: Path = Path("data/index")
+    models_dir: Path = Path("data/models")
+    pairs_dir: Path = Path("data/pairs")
+    reports_dir: Path = Path("data/reports")
+    cache_dir: Path = Path("data/cache")
+
+
+class IngestSettings(_Section):
+    workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
+    max_pixels: int = Field(200_000_000, gt=0, description="larger images are quarantined")
+    ignore: list[str] = Field(
+        default_factory=lambda: [".*", "Thumbs.db", "desktop.ini", "*.md5", "*.sha256"],
+        description="glob patterns (file or folder names) that are not scans",
+    )
+    journal_every: int = Field(500, gt=0, description="records per crash-recovery journal part")
+
+
+class DemoSettings(_Section):
+    out_dir: Path = Path("data/demo")
+    n_groups: int = Field(150, ge=1)
+    n_distractors: int = Field(150, ge=0)
+    max_copies: int = Field(4, ge=1)
+    size: int = Field(512, ge=64)
+    seed: int = 0
+
+
+class Settings(_Section):
+    """All settings, with paths resolved against `root` (the params file's folder)."""
+
+    root: Path
+    params_path: Path
+    data: DataSettings = DataSettings()
+    ingest: IngestSettings = IngestSettings()
+    demo: DemoSettings = DemoSettings()
+
+    def path(self, p: Path) -> Path:
+        """Resolve a params path against the workspace root."""
+        p = Path(os.path.expanduser(p))
+        return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def workers(self) -> int:
+        return self.ingest.workers or (os.cpu_count() or 1)
+
+
+def _format_error(err: ValidationError, source: Path) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        got = e.get("input")
+        got_txt = f" (got {got!r})" if not isinstance(got, dict) else ""
+        parts.append(f"{loc}: {e['msg']}{got_txt}")
+    return f"{source}: invalid params: " + "; ".join(parts)
+
+
+def load_settings(params_path: str | os.PathLike[str] = DEFAULT_PARAMS,
+                  overrides: dict[str, Any] | None = None) -> Settings:
+    """Read and validate a params file. Raise ConfigError with one readable line on any problem."""
+    path = Path(params_path).expanduser().absolute()
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML: {first}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read params file {path}: {exc.strerror}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return Settings(root=path.parent, params_path=path, **raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, path)) from None
+    except TypeError as exc:  # e.g. a section given as a list
+        raise ConfigError(f"{path}: invalid params: {exc}") from None
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+

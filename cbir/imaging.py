@@ -1,0 +1,203 @@
+"""Safe image decoding for archive scans: any Pillow format, bad EXIF tolerated, size limits.
+
+Everything that opens a scan goes through here, so ingest, embedding, training and reports see the
+same pixels: first page/frame only, EXIF orientation applied, converted to 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# A truncated file is damage to report, never something to paper over with grey pixels.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# We apply our own configurable limit (max_pixels) before decoding; Pillow's fixed one would
+# otherwise fire first with a different message.
+Image.MAX_IMAGE_PIXELS = None
+
+# EXIF orientation tag -> the transposition that undoes it.
+_ORIENTATION = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT,),
+    3: (Image.Transpose.ROTATE_180,),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM,),
+    5: (Image.Transpose.TRANSPOSE,),
+    6: (Image.Transpose.ROTATE_270,),
+    7: (Image.Transpose.TRANSVERSE,),
+    8: (Image.Transpose.ROTATE_90,),
+}
+
+
+class ImageRejected(Exception):
+    """The file cannot be used as an image; `reason` is written for a person."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int  # after EXIF orientation
+    height: int
+    mode: str  # Pillow mode of the stored image, e.g. "L", "RGB", "I;16", "CMYK"
+    format: str  # Pillow format name, e.g. "JPEG", "TIFF"
+    pages: int  # frames/pages in the file; only the first is used
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1..8), or 1 when absent or when the EXIF block is malformed."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+        value = int(value)
+    except Exception:  # malformed EXIF is common in real archive files; it must not fail the image
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def apply_orientation(im: Image.Image, orientation: int) -> Image.Image:
+    for op in _ORIENTATION.get(orientation, ()):
+        im = im.transpose(op)
+    return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode: 16-bit and float greyscale are rescaled, alpha composited on white."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = float(arr.max()) if arr.size else 0.0
+        if mode == "F" and hi <= 1.0:
+            arr = arr * 255.0
+        elif hi > 255.0:
+            arr = arr / (65535.0 if hi <= 65535.0 else hi) * 255.0
+        grey = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+        return grey.convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _describe_decode_error(exc: Exception) -> str:
+    msg = str(exc).strip() or type(exc).__name__
+    low = msg.lower()
+    if "truncated" in low or "premature end" in low or "broken data stream" in low:
+        return f"damaged image: the file is truncated ({msg})"
+    return f"damaged image: the image data cannot be decoded ({msg})"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if not head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(b >= 32 or b in (9, 10, 13) for b in head)
+
+
+def open_scan(source: str | Path | bytes, *, max_pixels: int | None = None,
+              draft: tuple[str, int] | None = None, rgb: bool = True,
+              name: str = "") -> tuple[Image.Image, ImageInfo]:
+    """Decode the first page of a scan, oriented; as 8-bit RGB unless `rgb` is False.
+
+    `source` is a path or the file's bytes. `draft=(mode, size)` lets a JPEG decode at a reduced
+    DCT scale (and straight to "L" or "RGB") when only a picture of at least `size` px is needed;
+    the whole file is still decoded, so truncation is still detected. With `rgb=False` the picture
+    keeps its own mode (cheaper when only a hash is wanted). Raises ImageRejected with a reason.
+    """
+    suffix = Path(name).suffix.lower() if name else ""
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    with warnings.catch_warnings():
+        # Pillow warns about odd metadata in real scans; the image itself is what matters here.
+        warnings.simplefilter("ignore")
+        try:
+            im = Image.open(fp)
+        except UnidentifiedImageError:
+            head = source[:512] if isinstance(source, bytes) else b""
+            if _looks_like_text(head):
+                raise ImageRejected("not an image: the file contains text") from None
+            hint = f" (the name says {suffix})" if suffix else ""
+            raise ImageRejected(f"not an image: no decoder recognises the content{hint}") from None
+        except Image.DecompressionBombError as exc:  # only if someone re-enables Pillow's limit
+            raise ImageRejected(f"image too large: {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageRejected(_describe_decode_error(exc)) from None
+        with im:
+            try:
+                w, h = im.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageRejected(
+                        f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of "
+                        f"{max_pixels:,} (ingest.max_pixels); possible decompression bomb")
+                pages = int(getattr(im, "n_frames", 1) or 1)
+                if pages > 1:
+                    im.seek(0)
+                fmt = im.format or "unknown"
+                mode = im.mode
+                orientation = exif_orientation(im)
+                if draft is not None and fmt == "JPEG":
+                    want = draft[0] if mode in ("L", "RGB", "YCbCr") else mode
+                    im.draft(want, (draft[1], draft[1]))
+                im.load()
+                pic = apply_orientation(to_rgb(im) if rgb else im.copy(), orientation)
+            except ImageRejected:
+                raise
+            except MemoryError:
+                raise ImageRejected("image too large: not enough memory to decode it") from None
+            except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
+                    ZeroDivisionError, struct.error) as exc:
+                raise ImageRejected(_describe_decode_error(exc)) from None
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return pic, ImageInfo(width=w, height=h, mode=mode, format=fmt, pages=pages)
+
+
+_DCT_CACHE: dict[int, np.ndarray] = {}
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    if n not in _DCT_CACHE:
+        k = np.arange(n)[:, None]
+        x = np.arange(n)[None, :]
+        m = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+        m[0] /= np.sqrt(2.0)
+        _DCT_CACHE[n] = m
+    return _DCT_CACHE[n]
+
+
+def phash(im: Image.Image) -> int:
+    """64-bit DCT perceptual hash (the pHash recipe: 32x32 grey, low 8x8 DCT block vs its median)."""
+    if im.mode not in ("L", "RGB"):
+        im = to_rgb(im)
+    grey = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    d = _dct_matrix(32)
+    coeffs = (d @ grey @ d.T)[:8, :8].ravel()
+    bits = coeffs > np.median(coeffs)
+    value = 0
+    for b in bits:
+        value = (value << 1) | int(b)
+    return value
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def load_rgb(path: str | Path | bytes, size: int | None = None, *, max_pixels: int | None = None,
+             ) -> Image.Image:
+    """The oriented RGB picture of a scan, decoded cheaply at about `size` px when given."""
+    rgb, _ = open_scan(path, max_pixels=max_pixels, draft=("RGB", size) if size else None)
+    return rgb

@@ -1,0 +1,610 @@
+"""Ingest: walk the scans folder, hash and decode new files, keep a deduplicated manifest.
+
+A stat walk decides what needs work: a file whose size and mtime are unchanged since the last run
+is neither read nor decoded. New or changed files are hashed (SHA-256) and decoded in parallel;
+content already in the manifest is recognised by its hash and never decoded twice. Files that
+cannot be used go to the quarantine with a reason, and the run goes on.
+
+Crash safety: decode results are journalled in small Parquet parts while the run goes on; the
+manifest itself is replaced atomically at the end. A run killed at any point leaves the previous
+manifest intact, and the next run reuses the journal instead of decoding again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import multiprocessing as mp
+import os
+import stat
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import faults
+from .catalog import refresh_catalog
+from .config import Settings
+from .errors import CbirError
+from .fsutil import clean_stale_tmp, write_parquet
+from .probe import Entry, display_path, init_worker, probe_star, sha256_of
+
+FILES = "files.parquet"
+QUARANTINE = "quarantine.parquet"
+RUNS = "runs.parquet"
+JOURNAL = "journal"
+
+# Status of one file version in the manifest.
+OK = "ok"  # present; the canonical file of its content
+DUPLICATE = "duplicate"  # present; byte-identical to a canonical file
+MISSING = "missing"  # no longer in the scans folder (kept, never dropped)
+REPLACED = "replaced"  # an older version of a path whose content changed
+PRESENT = (OK, DUPLICATE)
+
+
+FILES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("path", pa.string()),
+    ("path_raw", pa.binary()),
+    ("version", pa.int32()),
+    ("status", pa.string()),
+    ("is_canonical", pa.bool_()),
+    ("duplicate_of", pa.string()),
+    ("sha256", pa.string()),
+    ("bytes", pa.int64()),
+    ("mtime", pa.timestamp("us", tz="UTC")),
+    ("mtime_ns", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("mode", pa.string()),
+    ("format", pa.string()),
+    ("pages", pa.int32()),
+    ("phash", pa.uint64()),
+    ("first_run", pa.int32()),
+    ("last_run", pa.int32()),
+])
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("path_raw", pa.binary()),
+    ("reason", pa.string()),
+    ("bytes", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("first_run", pa.int32()),
+    ("last_run", pa.int32()),
+])
+
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.int32()),
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("scans_dir", pa.string()),
+    ("files_seen", pa.int64()),
+    ("new", pa.int64()),
+    ("changed", pa.int64()),
+    ("unchanged", pa.int64()),
+    ("new_duplicates", pa.int64()),
+    ("newly_missing", pa.int64()),
+    ("quarantined", pa.int64()),
+    ("decoded", pa.int64()),
+    ("seconds", pa.float64()),
+])
+
+# Journal parts hold raw worker results; the manifest rows are derived from them at commit.
+JOURNAL_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("path_raw", pa.binary()),
+    ("bytes", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("sha256", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("mode", pa.string()),
+    ("format", pa.string()),
+    ("pages", pa.int32()),
+    ("phash", pa.uint64()),
+    ("reason", pa.string()),
+])
+
+
+def image_id_of(sha256: str) -> str:
+    """Stable image id: the first 64 bits of the content's SHA-256, as 16 hex digits."""
+    return sha256[:16]
+
+
+def _ignored(name: bytes, patterns: list[str]) -> bool:
+    text = display_path(name)
+    return any(fnmatch.fnmatchcase(text, p) for p in patterns)
+
+
+def walk_scans(root: Path, ignore: list[str]) -> Iterator[Entry]:
+    """Every file under root, recursively, in a stable order; symlinks are checked, not trusted."""
+    root_b = os.fsencode(root)
+    real_root = os.path.realpath(root_b)
+    stack: list[bytes] = [b""]
+    while stack:
+        rel_dir = stack.pop()
+        full_dir = os.path.join(root_b, rel_dir) if rel_dir else root_b
+        try:
+            with os.scandir(full_dir) as it:
+                items = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            if rel_dir:
+                yield Entry(rel_dir, 0, 0, "folder disappeared during ingest (deleted or moved)")
+            continue
+        except PermissionError:
+            yield Entry(rel_dir or b".", 0, 0, "folder cannot be read: permission denied")
+            continue
+        except OSError as exc:
+            yield Entry(rel_dir or b".", 0, 0, f"folder cannot be read: {exc.strerror}")
+            continue
+        subdirs = []
+        for item in items:
+            name = item.name
+            if _ignored(name, ignore):
+                continue
+            rel = os.path.join(rel_dir, name) if rel_dir else name
+            try:
+                if item.is_symlink():
+                    yield from _check_symlink(item.path, rel, real_root)
+                elif item.is_dir(follow_symlinks=False):
+                    subdirs.append(rel)
+                elif item.is_file(follow_symlinks=False):
+                    st = item.stat(follow_symlinks=False)
+                    yield Entry(rel, st.st_size, st.st_mtime_ns)
+                else:
+                    yield Entry(rel, 0, 0, "not a regular file (a device, pipe or socket)")
+            except FileNotFoundError:
+                yield Entry(rel, 0, 0, "file disappeared during ingest (deleted or moved)")
+            except OSError as exc:
+                yield Entry(rel, 0, 0, f"cannot read the file's metadata: {exc.strerror}")
+        stack.extend(reversed(subdirs))
+
+
+def _check_symlink(full: bytes, rel: bytes, real_root: bytes) -> Iterator[Entry]:
+    target = os.path.realpath(full)
+    shown = display_path(target)
+    if not os.path.exists(target):
+        yield Entry(rel, 0, 0, f"broken symbolic link: its target {shown} does not exist")
+        return
+    if os.path.commonpath([real_root, target]) != real_root:
+        yield Entry(rel, 0, 0, f"symbolic link points outside the scans folder (to {shown})")
+        return
+    st = os.stat(target)
+    if stat.S_ISDIR(st.st_mode):
+        yield Entry(rel, 0, 0, "symbolic link to a folder: not followed (its files are "
+                               "ingested from their real location)")
+        return
+    # A link to a file inside the scans root: ingested like a file (its content makes it an
+    # exact duplicate of its target).
+    yield Entry(rel, st.st_size, st.st_mtime_ns)
+
+
+# --------------------------------------------------------------------------- state on disk
+
+def _read(path: Path, schema: pa.Schema) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise CbirError(f"manifest file {path} is unreadable ({exc}); restore it from DVC "
+                        f"(`dvc checkout`) or move it away to start a new manifest") from None
+    return table.cast(schema).to_pylist() if table.schema != schema else table.to_pylist()
+
+
+def _journal_parts(mdir: Path) -> list[Path]:
+    jdir = mdir / JOURNAL
+    return sorted(jdir.glob("part-*.parquet")) if jdir.is_dir() else []
+
+
+def _read_journal(mdir: Path) -> dict[tuple[bytes, int, int], dict[str, Any]]:
+    cache: dict[tuple[bytes, int, int], dict[str, Any]] = {}
+    for part in _journal_parts(mdir):
+        try:
+            rows = pq.read_table(part).to_pylist()
+        except (OSError, pa.ArrowException):
+            continue  # a part is written atomically, so this is damage: just decode again
+        for r in rows:
+            cache[(r["path_raw"], r["bytes"], r["mtime_ns"])] = r
+    return cache
+
+
+class _Journal:
+    """Buffers worker results and writes them out in atomic parts."""
+
+    def __init__(self, mdir: Path, every: int) -> None:
+        self.dir = mdir / JOURNAL
+        self.every = every
+        self.buffer: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        rows = [{k: r.get(k) for k in JOURNAL_SCHEMA.names} for r in self.buffer]
+        write_parquet(pa.Table.from_pylist(rows, schema=JOURNAL_SCHEMA),
+                      self.dir / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
+        self.buffer = []
+
+    def clear(self) -> None:
+        for p in _journal_parts(self.dir.parent):
+            p.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class IngestSummary:
+    run_id: int
+    scans_dir: Path
+    counts: dict[str, int] = field(default_factory=dict)  # this run: new, changed, ...
+    totals: dict[str, int] = field(default_factory=dict)  # manifest: rows by status
+    decoded: int = 0
+    seconds: float = 0.0
+    manifest: Path | None = None
+    catalog: Path | None = None
+
+    def lines(self) -> list[str]:
+        c, t = self.counts, self.totals
+        return [
+            f"ingest run {self.run_id}: {c.get('files_seen', 0)} files seen in {self.scans_dir}",
+            f"  this run: {c.get('new', 0)} new, {c.get('changed', 0)} changed, "
+            f"{c.get('unchanged', 0)} unchanged, {c.get('new_duplicates', 0)} new exact "
+            f"duplicates, {c.get('newly_missing', 0)} newly missing, {self.decoded} decoded "
+            f"in {self.seconds:.1f} s",
+            "  manifest: " + ", ".join(f"{t.get(s, 0)} {s}" for s in (OK, DUPLICATE, MISSING,
+                                                                     REPLACED))
+            + f"; {c.get('quarantined', 0)} quarantined",
+            f"  manifest {self.manifest}; catalogue {self.catalog}",
+        ]
+
+
+def _check_scans_dir(root: Path) -> None:
+    if not root.exists():
+        raise CbirError(f"scans folder not found: {root} (data.scans_dir in params)")
+    if not root.is_dir():
+        raise CbirError(f"scans folder is not a folder: {root} (data.scans_dir in params)")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise CbirError(f"scans folder cannot be read: {root} (permission denied)")
+    try:
+        with os.scandir(root):
+            pass
+    except OSError as exc:
+        raise CbirError(f"scans folder cannot be read: {root} ({exc.strerror})") from None
+
+
+def _next_run_id(files: list[dict[str, Any]], quarantine: list[dict[str, Any]],
+                 runs: list[dict[str, Any]]) -> int:
+    seen = [r["run_id"] for r in runs]
+    seen += [r["last_run"] for r in files] + [r["last_run"] for r in quarantine]
+    return max(seen, default=0) + 1
+
+
+def _decode_all(root: Path, todo: list[Entry], known: frozenset[str], settings: Settings,
+                journal: _Journal, progress: bool,
+                on_result: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    if not todo:
+        return results
+    root_b = os.fsencode(root)
+    bar = _progress_bar(len(todo), "ingest", progress)
+    workers = min(settings.workers, max(1, len(todo) // 4))
+    args = [(root_b, e) for e in todo]
+    try:
+        if workers <= 1:
+            init_worker(known, settings.ingest.max_pixels)
+            stream: Iterator[dict[str, Any]] = map(probe_star, args)
+            pool = None
+        else:
+            ctx = mp.get_context(_start_method())
+            pool = ctx.Pool(workers, initializer=init_worker,
+                            initargs=(known, settings.ingest.max_pixels))
+            stream = pool.imap_unordered(probe_star, args, chunksize=4)
+        try:
+            for row in stream:
+                results.append(row)
+                journal.add(row)
+                faults.point("ingest.result")
+                if on_result is not None:
+                    on_result(row)
+                bar.update(1)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+    except BaseException:
+        journal.flush()  # keep what was decoded before the interruption
+        raise
+    finally:
+        bar.close()
+    return results
+
+
+def _start_method() -> str:
+    """fork is the cheapest start, but unsafe once other threads exist (a Prefect task runs
+    beside several): then forkserver, whose server process imports only what a worker needs."""
+    if threading.active_count() == 1:
+        return "fork"
+    mp.set_forkserver_preload(["cbir.probe"])
+    return "forkserver"
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="file", dynamic_ncols=True)
+
+
+def _split_same_content(root: Path, todo: list[Entry],
+                        ) -> tuple[list[Entry], list[tuple[Entry, str]]]:
+    """Keep one file per content among new files of equal size (only those can be identical).
+
+    Returns the files to decode and (copy, sha256) for the byte-identical copies left out.
+    """
+    by_size: dict[int, list[Entry]] = {}
+    for e in todo:
+        by_size.setdefault(e.size, []).append(e)
+    keep: list[Entry] = []
+    copies: list[tuple[Entry, str]] = []
+    root_b = os.fsencode(root)
+    for size, group in by_size.items():
+        if len(group) == 1 or size == 0:
+            keep += group
+            continue
+        first_of: dict[str, Entry] = {}
+        for e in group:
+            sha = sha256_of(os.path.join(root_b, e.raw))
+            if sha is None or sha not in first_of:
+                keep.append(e)
+                if sha is not None:
+                    first_of[sha] = e
+            else:
+                copies.append((e, sha))
+    return keep, copies
+
+
+def _resolve_copies(copies: list[tuple[Entry, str]], results: list[dict[str, Any]],
+                    ) -> list[dict[str, Any]]:
+    """Results for the copies left out of decoding: the decoded twin's, with their own path."""
+    if not copies:
+        return []
+    decoded = {r["sha256"]: r for r in results if r.get("sha256") and not r.get("reason")}
+    out = []
+    for e, sha in copies:
+        twin = decoded.get(sha)
+        row = {**(twin or {}), "path": e.path, "path_raw": e.raw, "bytes": e.size,
+               "mtime_ns": e.mtime_ns, "sha256": sha}
+        if twin is None:  # its twin failed to decode: so does this copy, for the same reason
+            twin_reason = next((r["reason"] for r in results if r.get("sha256") == sha
+                                and r.get("reason")), "damaged image")
+            row["reason"] = twin_reason
+        else:
+            row = {k: v for k, v in row.items() if k not in ("width", "height", "mode",
+                                                             "format", "pages", "phash")}
+        out.append(row)
+    return out
+
+
+def run_ingest(settings: Settings, *, progress: bool = False,
+               on_result: Callable[[dict[str, Any]], None] | None = None) -> IngestSummary:
+    """One ingest run over data.scans_dir. Returns a summary; raises CbirError on setup problems.
+
+    `on_result` is called in the parent for every decoded file (tests use it to interrupt a run).
+    """
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
+    root = settings.path(settings.data.scans_dir)
+    _check_scans_dir(root)
+    mdir = settings.path(settings.data.manifest_dir)
+    mdir.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(mdir)
+    clean_stale_tmp(mdir / JOURNAL)
+
+    files = _read(mdir / FILES, FILES_SCHEMA)
+    quarantine = _read(mdir / QUARANTINE, QUARANTINE_SCHEMA)
+    runs = _read(mdir / RUNS, RUNS_SCHEMA)
+    run_id = _next_run_id(files, quarantine, runs)
+    last_logged = max((r["run_id"] for r in runs), default=0)
+    for r in files:  # present files were seen by every run since the last rewrite (see catalog)
+        if r["status"] in PRESENT:
+            r["last_run"] = max(r["last_run"], last_logged)
+
+    before = _state_key(files, quarantine)
+    current = {r["path_raw"]: r for r in files if r["status"] != REPLACED}
+    quarantined = {r["path_raw"]: r for r in quarantine}
+    known_sha = frozenset(r["sha256"] for r in files if r["status"] in PRESENT)
+    journal_cache = _read_journal(mdir)
+
+    entries = list(walk_scans(root, settings.ingest.ignore))
+    counts: Counter[str] = Counter(files_seen=len(entries))
+    unchanged: list[Entry] = []
+    problems: dict[bytes, tuple[Entry, str]] = {}
+    todo: list[Entry] = []
+    results: list[dict[str, Any]] = []
+    for e in entries:
+        prev = current.get(e.raw)
+        q = quarantined.get(e.raw)
+        if e.problem is not None:
+            problems[e.raw] = (e, e.problem)
+        elif prev is not None and (prev["bytes"], prev["mtime_ns"]) == (e.size, e.mtime_ns):
+            unchanged.append(e)
+        elif q is not None and (q["bytes"], q["mtime_ns"]) == (e.size, e.mtime_ns):
+            problems[e.raw] = (e, q["reason"])  # same bytes as when it failed: don't retry
+        elif (e.raw, e.size, e.mtime_ns) in journal_cache:
+            results.append(journal_cache[(e.raw, e.size, e.mtime_ns)])
+        else:
+            todo.append(e)
+
+    journal = _Journal(mdir, settings.ingest.journal_every)
+    todo, copies = _split_same_content(root, todo)
+    fresh = _decode_all(root, todo, known_sha, settings, journal, progress, on_result)
+    decoded = sum(1 for r in fresh if r.get("width") is not None)
+    results += fresh
+    results += _resolve_copies(copies, results)
+
+    # ---- merge into the manifest
+    by_sha = {r["sha256"]: r for r in files if r.get("width") is not None}
+    new_rows: list[dict[str, Any]] = []
+    seen_raw = {e.raw for e in entries}
+    for e in unchanged:
+        row = current[e.raw]
+        if row["status"] == MISSING:
+            row["status"] = OK  # back again; canonical status is recomputed below
+        row["last_run"] = run_id
+    counts["unchanged"] = len(unchanged)
+    for r in results:
+        raw = r["path_raw"]
+        if r.get("reason"):
+            e = Entry(raw, r["bytes"] or 0, r["mtime_ns"] or 0)
+            problems[raw] = (e, r["reason"])
+            prev = current.get(raw)
+            if prev is not None and prev["status"] != MISSING:
+                prev["status"] = REPLACED  # the good file at this path was overwritten by a bad one
+            continue
+        props = r if r.get("width") is not None else by_sha.get(r["sha256"])
+        if props is None:  # known content vanished from the manifest meanwhile: treat as damage
+            problems[raw] = (Entry(raw, r["bytes"], r["mtime_ns"]), "content could not be matched")
+            continue
+        prev = current.get(raw)
+        if prev is not None and prev["sha256"] == r["sha256"]:
+            prev.update(bytes=r["bytes"], mtime_ns=r["mtime_ns"], last_run=run_id)
+            if prev["status"] == MISSING:
+                prev["status"] = OK
+            counts["unchanged"] += 1  # touched, same content
+            continue
+        version = 1
+        if prev is not None:
+            prev["status"] = REPLACED
+            version = prev["version"] + 1
+            counts["changed"] += 1
+        else:
+            counts["new"] += 1
+        row = {
+            "image_id": image_id_of(r["sha256"]), "path": r["path"], "path_raw": raw,
+            "version": version, "status": OK, "is_canonical": False, "duplicate_of": None,
+            "sha256": r["sha256"], "bytes": r["bytes"], "mtime_ns": r["mtime_ns"],
+            "width": props["width"], "height": props["height"], "mode": props["mode"],
+            "format": props["format"], "pages": props["pages"], "phash": props["phash"],
+            "first_run": run_id, "last_run": run_id,
+        }
+        new_rows.append(row)
+        by_sha.setdefault(r["sha256"], row)
+        current[raw] = row
+    files.extend(new_rows)
+
+    for row in files:
+        if row["status"] in PRESENT and row["path_raw"] not in seen_raw:
+            row["status"] = MISSING
+            counts["newly_missing"] += 1
+        elif row["status"] in PRESENT and row["path_raw"] in problems:
+            row["status"] = REPLACED
+    counts["new_duplicates"] = _assign_canonical(files, new_rows)
+    for row in files:
+        row["mtime"] = datetime.fromtimestamp(row["mtime_ns"] / 1e9, tz=timezone.utc)
+
+    new_quarantine = []
+    for raw, (e, reason) in sorted(problems.items()):
+        old = quarantined.get(raw)
+        new_quarantine.append({
+            "path": display_path(raw), "path_raw": raw, "reason": reason, "bytes": e.size,
+            "mtime_ns": e.mtime_ns, "first_run": old["first_run"] if old else run_id,
+            "last_run": run_id})
+    counts["quarantined"] = len(new_quarantine)
+
+    seconds = time.perf_counter() - t0
+    runs.append({
+        "run_id": run_id, "started_at": started, "finished_at": datetime.now(timezone.utc),
+        "scans_dir": str(root), "decoded": decoded, "seconds": round(seconds, 3),
+        **{k: counts.get(k, 0) for k in ("files_seen", "new", "changed", "unchanged",
+                                         "new_duplicates", "newly_missing", "quarantined")},
+    })
+
+    # ---- commit: each file is replaced atomically; the run log goes last. When nothing but the
+    # run itself changed, only the run log is written (the catalogue derives last_run then).
+    faults.point("ingest.commit")
+    if _state_key(files, new_quarantine) != before or not (mdir / FILES).is_file():
+        write_parquet(pa.Table.from_pylist(files, schema=FILES_SCHEMA), mdir / FILES)
+        faults.point("ingest.commit")
+        write_parquet(pa.Table.from_pylist(new_quarantine, schema=QUARANTINE_SCHEMA),
+                      mdir / QUARANTINE)
+        faults.point("ingest.commit")
+    write_parquet(pa.Table.from_pylist(runs, schema=RUNS_SCHEMA), mdir / RUNS)
+    faults.point("ingest.commit")
+    journal.clear()
+    catalog = refresh_catalog(settings)
+
+    totals = Counter(r["status"] for r in files)
+    return IngestSummary(run_id=run_id, scans_dir=root, counts=dict(counts), totals=dict(totals),
+                         decoded=decoded, seconds=time.perf_counter() - t0,
+                         manifest=mdir / FILES, catalog=catalog)
+
+
+def _state_key(files: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> tuple:
+    """Everything a run can change except last_run (which the catalogue can derive)."""
+    return (tuple((r["path_raw"], r["version"], r["status"], r["is_canonical"], r["bytes"],
+                   r["mtime_ns"]) for r in files),
+            tuple((r["path_raw"], r["reason"], r["bytes"], r["mtime_ns"]) for r in quarantine))
+
+
+def _assign_canonical(files: list[dict[str, Any]], new_rows: list[dict[str, Any]]) -> int:
+    """One canonical row per content: the earliest-seen present file; the rest are duplicates.
+
+    Returns how many of `new_rows` became duplicates.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in files:
+        groups.setdefault(row["image_id"], []).append(row)
+    rank = {OK: 0, DUPLICATE: 0, MISSING: 1, REPLACED: 2}
+    for rows in groups.values():
+        rows.sort(key=lambda r: (rank[r["status"]], r["first_run"], r["path_raw"]))
+        head = rows[0]
+        for r in rows:
+            r["is_canonical"] = r is head
+            if r["status"] in PRESENT:
+                is_dup = r is not head
+                r["status"] = DUPLICATE if is_dup else OK
+                r["duplicate_of"] = head["path"] if is_dup else None
+            else:
+                r["duplicate_of"] = None
+    new_ids = {id(r) for r in new_rows}
+    return sum(1 for r in files if id(r) in new_ids and r["status"] == DUPLICATE)
+
+
+def load_manifest(settings: Settings) -> pa.Table:
+    """The manifest table (every file version). Raises CbirError when ingest has not run."""
+    path = settings.path(settings.data.manifest_dir) / FILES
+    if not path.is_file():
+        raise CbirError(f"no manifest at {path}: run `cbir ingest` first")
+    return pq.read_table(path)
+
+
+def canonical_images(settings: Settings) -> list[dict[str, Any]]:
+    """The images to embed: one present, canonical file per distinct content, sorted by id."""
+    table = load_manifest(settings)
+    rows = [r for r in table.select(["image_id", "path", "path_raw", "status", "is_canonical",
+                                     "width", "height"]).to_pylist()
+            if r["is_canonical"] and r["status"] == OK]
+    rows.sort(key=lambda r: r["image_id"])
+    return rows

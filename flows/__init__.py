@@ -1,0 +1,1 @@
+"""Prefect flows: the pipeline composed from the tasks in `tasks/`."""

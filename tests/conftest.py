@@ -1,0 +1,87 @@
+"""Shared fixtures: throw-away workspaces with their own params.yaml, and real image files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+CBIR = [sys.executable, "-m", "cbir.cli"]
+
+
+def shared_photos() -> list[Path]:
+    """The real archive photographs in ../shared/data, or a skip with the reason."""
+    photos = sorted((SHARED_DATA / "photos").rglob("*.jpg")) if SHARED_DATA.is_dir() else []
+    if not photos:
+        pytest.skip(f"real photographs not available: {SHARED_DATA / 'photos'} is absent "
+                    "(it sits beside the repository on the project's machines)")
+    return photos
+
+
+def write_params(folder: Path, params: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def workspace(tmp_path: Path):
+    """A workspace folder with a scans/ folder; call it with params overrides to get Settings."""
+    from cbir.config import load_settings
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+
+    def make(**sections: dict[str, Any]):
+        params = deep_merge({"data": {"scans_dir": "scans", "ground_truth": None},
+                             "ingest": {"workers": 2}}, sections)
+        return load_settings(write_params(tmp_path, params))
+
+    make.root = tmp_path
+    make.scans = scans
+    return make
+
+
+def photo(seed: int, size: tuple[int, int] = (96, 64), mode: str = "RGB") -> Image.Image:
+    """A small, distinct, photograph-like picture (smooth gradients plus seeded blobs)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.28)]
+        img[..., c] = 127 + 90 * np.sin(fx * x / w * 6.28 + ph) * np.cos(fy * y / h * 6.28)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(4, 20)
+        mask = (x - cx) ** 2 + (y - cy) ** 2 < r * r
+        img[mask] = rng.uniform(0, 255, 3)
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    return im.convert(mode) if mode != "RGB" else im
+
+
+def save(im: Image.Image, path: Path, **kw: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, **kw)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_kill_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CBIR_KILL_AT", raising=False)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -1,0 +1,377 @@
+"""Ingest on real files: formats, bad inputs, exact duplicates, incremental reruns, SIGKILL."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cbir import ingest
+from cbir.config import load_settings
+from cbir.imaging import hamming, phash
+from cbir.ingest import run_ingest
+from conftest import CBIR, REPO, photo, save, shared_photos
+
+
+def manifest(settings) -> list[dict]:
+    rows = pq.read_table(settings.path(settings.data.manifest_dir) / "files.parquet").to_pylist()
+    return sorted(rows, key=lambda r: (r["path"], r["version"]))
+
+
+def quarantine(settings) -> dict[str, str]:
+    path = settings.path(settings.data.manifest_dir) / "quarantine.parquet"
+    return {r["path"]: r["reason"] for r in pq.read_table(path).to_pylist()}
+
+
+def by_path(settings) -> dict[str, dict]:
+    return {r["path"]: r for r in manifest(settings) if r["status"] != "replaced"}
+
+
+# --------------------------------------------------------------------------- formats
+
+def test_every_supported_format_is_decoded(workspace):
+    s = workspace.scans
+    save(photo(1), s / "a.jpg", quality=90)
+    save(photo(2), s / "sub" / "b.png")
+    save(photo(3), s / "sub" / "deeper" / "c.webp")
+    save(photo(4), s / "d.bmp")
+    save(photo(5), s / "e.jp2")
+    frames = [photo(6 + i).convert("P") for i in range(3)]
+    frames[0].save(s / "f.gif", save_all=True, append_images=frames[1:])
+    pages = [photo(10 + i) for i in range(3)]
+    pages[0].save(s / "g.tif", save_all=True, append_images=pages[1:])
+    grey16 = (np.linspace(0, 65535, 64 * 96).reshape(64, 96)).astype(np.uint16)
+    Image.fromarray(grey16).save(s / "h16.tif")
+    assert Image.open(s / "h16.tif").mode.startswith("I;16")
+
+    settings = workspace()
+    summary = run_ingest(settings)
+    rows = by_path(settings)
+    assert summary.counts["new"] == 8 and summary.counts["quarantined"] == 0
+    assert {p: r["format"] for p, r in rows.items()} == {
+        "a.jpg": "JPEG", "sub/b.png": "PNG", "sub/deeper/c.webp": "WEBP", "d.bmp": "BMP",
+        "e.jp2": "JPEG2000", "f.gif": "GIF", "g.tif": "TIFF", "h16.tif": "TIFF"}
+    assert rows["g.tif"]["pages"] == 3 and rows["f.gif"]["pages"] == 3
+    assert rows["a.jpg"]["pages"] == 1
+    assert rows["h16.tif"]["mode"].startswith("I;16")
+    for r in rows.values():
+        assert (r["width"], r["height"]) == (96, 64)
+        assert r["status"] == "ok" and r["is_canonical"]
+        assert r["image_id"] == r["sha256"][:16] and len(r["sha256"]) == 64
+        assert r["first_run"] == r["last_run"] == 1
+    # the 16-bit gradient keeps its full tonal range after conversion (not clipped to white)
+    assert rows["h16.tif"]["phash"] != 0 and rows["h16.tif"]["phash"] != 2**64 - 1
+
+
+def test_exif_orientation_applied_and_malformed_exif_tolerated(workspace):
+    s = workspace.scans
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90° clockwise: stored 96x64, shown 64x96
+    save(photo(1), s / "rotated.jpg", exif=exif.tobytes())
+    # An EXIF block whose IFD offset points past the end: real scanners write such things.
+    bad = b"Exif\x00\x00MM\x00\x2a\x00\x00\xff\xf0" + b"\x00" * 8
+    save(photo(2), s / "bad_exif.jpg", exif=bad)
+    settings = workspace()
+    run_ingest(settings)
+    rows = by_path(settings)
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (64, 96)
+    assert rows["bad_exif.jpg"]["status"] == "ok"
+    assert (rows["bad_exif.jpg"]["width"], rows["bad_exif.jpg"]["height"]) == (96, 64)
+    assert quarantine(settings) == {}
+
+
+def test_phash_is_robust_to_recompression_and_distinct_across_images():
+    a, b = photo(1, (256, 192)), photo(2, (256, 192))
+    buf = io.BytesIO()
+    a.resize((200, 150)).save(buf, "JPEG", quality=40)
+    a2 = Image.open(io.BytesIO(buf.getvalue()))
+    assert hamming(phash(a), phash(a2)) <= 6
+    assert hamming(phash(a), phash(b)) >= 16
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _bad_input_folder(scans: Path, outside: Path) -> None:
+    save(photo(1), scans / "good.jpg")
+    (scans / "empty.jpg").write_bytes(b"")
+    whole = io.BytesIO()
+    photo(2, (200, 150)).save(whole, "JPEG", quality=95)
+    (scans / "truncated.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    (scans / "random.jpg").write_bytes(np.random.default_rng(0).bytes(5000))
+    (scans / "notes.txt").write_text("Box 12, folder 3: glass negatives, see register.\n")
+    save(photo(3, (300, 300)), scans / "huge.png")  # over the 50,000-pixel limit set below
+    outside.mkdir(exist_ok=True)
+    save(photo(4), outside / "elsewhere.jpg")
+    os.symlink(outside / "elsewhere.jpg", scans / "escape.jpg")
+    os.symlink(scans / "no-such-file.jpg", scans / "broken.jpg")
+
+
+EXPECTED_REASONS = {
+    "empty.jpg": "empty file",
+    "truncated.jpg": "truncated",
+    "random.jpg": "not an image",
+    "notes.txt": "contains text",
+    "huge.png": "exceeds the limit",
+    "escape.jpg": "outside the scans folder",
+    "broken.jpg": "broken symbolic link",
+}
+
+
+def test_bad_inputs_are_quarantined_with_reasons_and_the_run_goes_on(workspace, tmp_path):
+    _bad_input_folder(workspace.scans, tmp_path / "outside")
+    settings = workspace(ingest={"max_pixels": 50_000, "workers": 2})
+    summary = run_ingest(settings)
+    q = quarantine(settings)
+    assert set(q) == set(EXPECTED_REASONS)
+    for name, fragment in EXPECTED_REASONS.items():
+        assert fragment in q[name], (name, q[name])
+    assert set(by_path(settings)) == {"good.jpg"}
+    assert summary.counts["quarantined"] == len(EXPECTED_REASONS)
+    # the quarantine is visible in the catalogue, and a rerun does not retry unchanged bad files
+    con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
+    assert con.execute("SELECT count(*) FROM quarantine").fetchone()[0] == len(EXPECTED_REASONS)
+    con.close()
+    again = run_ingest(settings)
+    assert again.decoded == 0 and again.counts["quarantined"] == len(EXPECTED_REASONS)
+
+
+def test_cli_ingest_exits_zero_with_a_summary_despite_bad_files(workspace, tmp_path):
+    _bad_input_folder(workspace.scans, tmp_path / "outside")
+    workspace(ingest={"max_pixels": 50_000})
+    out = subprocess.run([*CBIR, "ingest", "--params", str(workspace.root / "params.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "1 ok" in out.stdout and "7 quarantined" in out.stdout
+
+
+def test_unreadable_file_is_quarantined(workspace):
+    save(photo(1), workspace.scans / "good.jpg")
+    locked = save(photo(2), workspace.scans / "locked.jpg")
+    locked.chmod(0)
+    params = workspace.root / "params.yaml"
+    workspace()
+    cmd = [*CBIR, "ingest", "--params", str(params)]
+    if os.geteuid() == 0:
+        # root reads anything; drop the capabilities that let it, as a real archive user lacks them
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root and setpriv (util-linux) is not available to drop "
+                        "CAP_DAC_OVERRIDE")
+        cmd = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search",
+               *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    settings = load_settings(params)
+    assert "permission denied" in quarantine(settings)["locked.jpg"]
+    assert set(by_path(settings)) == {"good.jpg"}
+
+
+def test_file_vanishing_during_the_walk_is_quarantined(workspace, monkeypatch):
+    for i in range(3):
+        save(photo(i), workspace.scans / f"p{i}.jpg")
+    real_walk = ingest.walk_scans
+
+    def walk_then_delete(root, ignore):
+        entries = list(real_walk(root, ignore))
+        (workspace.scans / "p1.jpg").unlink()  # gone after the stat walk, before it is read
+        return iter(entries)
+
+    monkeypatch.setattr(ingest, "walk_scans", walk_then_delete)
+    settings = workspace()
+    run_ingest(settings)
+    assert "disappeared" in quarantine(settings)["p1.jpg"]
+    assert set(by_path(settings)) == {"p0.jpg", "p2.jpg"}
+
+
+# --------------------------------------------------------------------------- setup errors
+
+def test_missing_scans_dir_and_bad_params_give_one_clear_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("data:\n  scans_dir: nowhere\n")
+    out = subprocess.run([*CBIR, "ingest", "--params", str(tmp_path / "params.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode != 0
+    assert "scans folder not found" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+    for text, fragment in [("data: [unclosed\n", "not valid YAML"),
+                           ("ingest:\n  workers: lots\n", "ingest.workers"),
+                           ("ingest:\n  wrokers: 2\n", "ingest.wrokers"),
+                           ("- a list\n", "mapping")]:
+        (tmp_path / "params.yaml").write_text(text)
+        out = subprocess.run([*CBIR, "ingest", "--params", str(tmp_path / "params.yaml")],
+                             capture_output=True, text=True, cwd=REPO)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        assert fragment in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+    out = subprocess.run([*CBIR, "ingest", "--params", str(tmp_path / "absent.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode != 0 and "params file not found" in out.stderr
+
+
+def test_relative_paths_resolve_against_the_params_folder(tmp_path):
+    ws = tmp_path / "elsewhere"
+    save(photo(1), ws / "my-scans" / "x.jpg")
+    (ws / "params.yaml").write_text("data:\n  scans_dir: my-scans\n")
+    out = subprocess.run([*CBIR, "ingest", "--params", str(ws / "params.yaml")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (ws / "data" / "manifest" / "files.parquet").is_file()
+    assert (ws / "data" / "catalog.duckdb").is_file()
+
+
+# --------------------------------------------------------------------------- duplicates, reruns
+
+def test_exact_duplicates_become_one_canonical_image(workspace):
+    s = workspace.scans
+    save(photo(1), s / "a" / "orig.jpg")
+    shutil.copy(s / "a" / "orig.jpg", s / "b_copy.jpg")
+    (s / "c").mkdir()
+    shutil.copy(s / "a" / "orig.jpg", s / "c" / "copy2.jpg")
+    save(photo(2), s / "other.jpg")
+    settings = workspace()
+    summary = run_ingest(settings)
+    rows = by_path(settings)
+    assert summary.counts["new_duplicates"] == 2
+    ids = {r["image_id"] for r in rows.values()}
+    assert len(ids) == 2
+    canon = [r for r in rows.values() if r["is_canonical"]]
+    assert len(canon) == 2
+    dup_rows = [r for r in rows.values() if r["status"] == "duplicate"]
+    assert {r["path"] for r in dup_rows} == {"b_copy.jpg", "c/copy2.jpg"}
+    assert all(r["duplicate_of"] == "a/orig.jpg" for r in dup_rows)
+    # duplicates were recognised by hash, not decoded a second time
+    assert summary.decoded < 4
+    con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 2
+    got = con.execute("SELECT path, canonical_path FROM exact_duplicates ORDER BY path").fetchall()
+    assert got == [("b_copy.jpg", "a/orig.jpg"), ("c/copy2.jpg", "a/orig.jpg")]
+    con.close()
+    assert [r["path"] for r in ingest.canonical_images(settings)] in (
+        ["a/orig.jpg", "other.jpg"], ["other.jpg", "a/orig.jpg"])
+
+
+def test_incremental_runs_add_change_delete(workspace):
+    s = workspace.scans
+    for i in range(4):
+        save(photo(i), s / f"p{i}.jpg")
+    settings = workspace()
+    first = run_ingest(settings)
+    assert first.counts["new"] == 4 and first.decoded == 4
+    before = manifest(settings)
+
+    second = run_ingest(settings)  # nothing changed: nothing decoded, nothing added
+    assert second.decoded == 0 and second.counts.get("new", 0) == 0
+    after = manifest(settings)
+    assert [{k: v for k, v in r.items() if k != "last_run"} for r in after] == \
+           [{k: v for k, v in r.items() if k != "last_run"} for r in before]
+    con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
+    assert con.execute("SELECT DISTINCT last_run FROM files").fetchall() == [(2,)]
+    con.close()
+
+    save(photo(10), s / "new.jpg")  # added
+    save(photo(11), s / "p1.jpg")  # content changed under the same path
+    os.utime(s / "p1.jpg", ns=(1, 1_000_000_000))
+    (s / "p2.jpg").unlink()  # deleted
+    third = run_ingest(settings)
+    assert third.counts["new"] == 1 and third.counts["changed"] == 1
+    assert third.counts["newly_missing"] == 1 and third.decoded == 2
+    rows = manifest(settings)
+    p1 = [r for r in rows if r["path"] == "p1.jpg"]
+    assert [(r["version"], r["status"]) for r in p1] == [(1, "replaced"), (2, "ok")]
+    assert p1[0]["sha256"] != p1[1]["sha256"] and p1[1]["first_run"] == 3
+    p2 = [r for r in rows if r["path"] == "p2.jpg"]
+    assert len(p2) == 1 and p2[0]["status"] == "missing" and p2[0]["last_run"] == 2
+    assert len(rows) == 6  # nothing dropped: 4 originals + new + p1 v2
+
+    # the file comes back: present again, same row, same id
+    save(photo(2), s / "p2.jpg")
+    run_ingest(settings)
+    p2 = [r for r in manifest(settings) if r["path"] == "p2.jpg"]
+    assert len(p2) == 1 and p2[0]["status"] == "ok"
+
+
+def test_canonical_moves_to_a_duplicate_when_the_original_goes_missing(workspace):
+    s = workspace.scans
+    save(photo(1), s / "a.jpg")
+    settings = workspace()
+    run_ingest(settings)
+    shutil.copy(s / "a.jpg", s / "b.jpg")
+    run_ingest(settings)
+    assert by_path(settings)["b.jpg"]["status"] == "duplicate"
+    (s / "a.jpg").unlink()
+    run_ingest(settings)
+    rows = by_path(settings)
+    assert rows["a.jpg"]["status"] == "missing" and not rows["a.jpg"]["is_canonical"]
+    assert rows["b.jpg"]["status"] == "ok" and rows["b.jpg"]["is_canonical"]
+
+
+# --------------------------------------------------------------------------- crash safety
+
+def _comparable(rows: list[dict]) -> list[tuple]:
+    return sorted((r["path"], r["version"], r["status"], r["image_id"], r["width"], r["height"],
+                   r["phash"], r["is_canonical"]) for r in rows)
+
+
+@pytest.mark.parametrize("kill_at", ["ingest.result:15", "ingest.commit:2"])
+def test_sigkill_leaves_previous_manifest_and_next_run_completes(tmp_path, kill_at):
+    def populate(scans: Path, n: int, start: int = 0) -> None:
+        for i in range(start, n):
+            save(photo(i, (160, 120)), scans / f"box{i % 3}" / f"s{i:03d}.jpg", quality=85)
+
+    params = {"data": {"scans_dir": "scans"}, "ingest": {"workers": 2, "journal_every": 5}}
+    from conftest import write_params
+
+    # reference: one uninterrupted run over the final folder
+    ref = tmp_path / "ref"
+    populate(ref / "scans", 5)
+    ref_settings = load_settings(write_params(ref, params))
+    run_ingest(ref_settings)
+    populate(ref / "scans", 45, 5)
+    run_ingest(ref_settings)
+
+    ws = tmp_path / "ws"
+    populate(ws / "scans", 5)
+    settings = load_settings(write_params(ws, params))
+    run_ingest(settings)
+    previous = (settings.path(settings.data.manifest_dir) / "files.parquet").read_bytes()
+    populate(ws / "scans", 45, 5)
+
+    env = {**os.environ, "CBIR_KILL_AT": kill_at}
+    out = subprocess.run([*CBIR, "ingest", "--params", str(ws / "params.yaml")], env=env,
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    files = settings.path(settings.data.manifest_dir) / "files.parquet"
+    if kill_at.startswith("ingest.result"):
+        assert files.read_bytes() == previous  # the previous manifest is intact
+    pq.read_table(files)  # and always readable
+
+    resumed = run_ingest(settings)
+    if kill_at.startswith("ingest.result"):
+        assert resumed.decoded < 40  # the journal saved the work done before the kill
+    assert _comparable(manifest(settings)) == _comparable(manifest(ref_settings))
+    assert not list((settings.path(settings.data.manifest_dir) / "journal").glob("*.parquet"))
+
+
+# --------------------------------------------------------------------------- real photographs
+
+@pytest.mark.shared_data
+def test_ingest_real_archive_photographs(tmp_path):
+    photos = shared_photos()
+    root = photos[0].parents[1]  # ../shared/data/photos
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  scans_dir: {root}\ningest:\n  workers: 2\n")
+    settings = load_settings(params)
+    summary = run_ingest(settings)
+    assert summary.counts["new"] == len(photos)
+    assert summary.counts["quarantined"] == 0
+    rows = manifest(settings)
+    assert all(r["format"] == "JPEG" and r["width"] > 100 for r in rows)
+    assert len({r["phash"] for r in rows}) > 0.95 * len(rows)
