@@ -82,6 +82,13 @@ def views(settings: Settings) -> list[View]:
         View("exact_duplicates", sql=_EXACT_DUPLICATES_SQL, needs=("files",),
              comment="byte-identical copies of a canonical image"),
     ]
+    pairs = settings.path(settings.data.pairs_dir)
+    v += [
+        View("duplicate_pairs", parquet=pairs / "pairs.parquet",
+             comment="near-duplicate pairs (kind 'near') and exact copies (kind 'exact', score 1)"),
+        View("clusters", parquet=pairs / "clusters.parquet",
+             comment="connected groups of near-duplicates: one row per member"),
+    ]
     return v
 
 

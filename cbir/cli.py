@@ -45,6 +45,49 @@ def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
+    from .embed import run_embed
+
+    print("\n".join(run_embed(settings, progress=_progress_wanted()).lines()))
+    return 0
+
+
+def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
+    from .index import run_index
+
+    print("\n".join(run_index(settings, rebuild=args.rebuild).lines()))
+    return 0
+
+
+def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
+    from .search import query_images
+
+    for res in query_images(settings, [Path(p) for p in args.images], k=args.k):
+        print(res.query)
+        if res.error:
+            print(f"  cannot be read: {res.error}")
+            continue
+        for path in res.exact_copies_of:
+            print(f"  exact duplicate (same bytes) of {path}")
+        for rank, (image_id, path, score) in enumerate(res.neighbours, start=1):
+            print(f"  {rank:3d}  {score:.4f}  {path}  [{image_id}]")
+    return 0
+
+
+def cmd_pairs(settings: Settings, args: argparse.Namespace) -> int:
+    from .search import run_pairs
+
+    print("\n".join(run_pairs(settings).lines()))
+    return 0
+
+
+def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    from .evaluate import run_evaluate
+
+    print("\n".join(run_evaluate(settings, progress=_progress_wanted()).lines()))
+    return 0
+
+
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     from .catalog import query
 
@@ -82,6 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the deterministic synthetic demo collection")
     p.add_argument("out", nargs="?", help="output folder (default: demo.out_dir in params)")
     p.set_defaults(handler=cmd_demo_data)
+
+    p = sub.add_parser("embed", parents=[common],
+                       help="embed canonical images that have no embedding for the current model")
+    p.set_defaults(handler=cmd_embed)
+
+    p = sub.add_parser("index", parents=[common],
+                       help="build or update the FAISS index of the current embeddings")
+    p.add_argument("--rebuild", action="store_true", help="retrain from scratch")
+    p.set_defaults(handler=cmd_index)
+
+    p = sub.add_parser("query", parents=[common], help="near-duplicates of image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--k", type=int, default=10, help="neighbours to show (default %(default)s)")
+    p.set_defaults(handler=cmd_query)
+
+    p = sub.add_parser("pairs", parents=[common],
+                       help="all near-duplicate pairs and clusters, to Parquet and DuckDB")
+    p.set_defaults(handler=cmd_pairs)
+
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="Precision/Recall/F1/mAP@K against data.ground_truth, with baselines")
+    p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("sql", parents=[common],
                        help="run one SQL query on the DuckDB catalogue (read only)")

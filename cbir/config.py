@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -55,6 +55,63 @@ class DemoSettings(_Section):
     seed: int = 0
 
 
+class ModelSettings(_Section):
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    init: str = Field("none", description="none | a torchvision weights name | a local file")
+    gem_p: float = Field(3.0, gt=0)
+    projection: Literal["linear", "mlp"] = "linear"
+    projection_dim: int = Field(512, ge=8)
+    descriptor: Literal["trunk", "projection"] = "trunk"
+    checkpoint: Path = Path("data/models/model.pt")
+    seed: int = 0
+
+
+class EmbedSettings(_Section):
+    resolution: int = Field(224, ge=32, description="images are resized to this square size")
+    batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(1000, ge=1)
+    workers: int = Field(1, ge=0, description="DataLoader decode processes")
+    device: str = "auto"
+
+
+class IndexSettings(_Section):
+    bytes_per_vector: int = Field(64, ge=8, description="PQ code budget per vector")
+    target_recall: float = Field(0.95, gt=0, le=1)
+    rebuild_factor: float = Field(4.0, ge=1)
+    seed: int = 0
+
+
+class SearchSettings(_Section):
+    k: int = Field(10, ge=1, description="neighbours per image for pairs")
+    pair_threshold: float = Field(0.8, ge=-1, le=1)
+    cluster_threshold: float = Field(0.9, ge=-1, le=1)
+
+
+class EvaluateSettings(_Section):
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    precision_target: float = Field(0.9, gt=0, le=1)
+    baselines: bool = True
+
+
+class TrainSettings(_Section):
+    augmentation: Literal["simclr", "heritage"] = "heritage"
+    augment_strength: float = Field(1.0, ge=0)
+    resolution: int = Field(112, ge=32)
+    batch_size: int = Field(64, ge=2)
+    epochs: int = Field(20, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    temperature: float = Field(0.05, gt=0)
+    koleo_weight: float = Field(0.0, ge=0, description="0 turns the entropy regulariser off")
+    mix_prob: float = Field(0.0, ge=0, le=1, description="probability of cutmix/mixup per batch")
+    workers: int = Field(1, ge=0, description="DataLoader augmentation processes")
+    device: str = "auto"
+    time_budget_minutes: float = Field(0, ge=0, description="stop cleanly after this; 0 = none")
+    seed: int = 0
+
+
 class Settings(_Section):
     """All settings, with paths resolved against `root` (the params file's folder)."""
 
@@ -63,6 +120,12 @@ class Settings(_Section):
     data: DataSettings = DataSettings()
     ingest: IngestSettings = IngestSettings()
     demo: DemoSettings = DemoSettings()
+    model: ModelSettings = ModelSettings()
+    embed: EmbedSettings = EmbedSettings()
+    index: IndexSettings = IndexSettings()
+    search: SearchSettings = SearchSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+    train: TrainSettings = TrainSettings()
 
     def path(self, p: Path) -> Path:
         """Resolve a params path against the workspace root."""

@@ -20,6 +20,16 @@ import pyarrow.parquet as pq
 TMP_PREFIX = ".tmp-"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; outputs should get the usual permissions (readable by the team).
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it over the target."""
@@ -30,6 +40,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _FILE_MODE)
         _fsync_file(tmp_path)
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)

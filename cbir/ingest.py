@@ -16,7 +16,6 @@ import fnmatch
 import multiprocessing as mp
 import os
 import stat
-import threading
 import time
 import uuid
 from collections import Counter
@@ -34,6 +33,8 @@ from .catalog import refresh_catalog
 from .config import Settings
 from .errors import CbirError
 from .fsutil import clean_stale_tmp, write_parquet
+from .parallel import start_method
+from .progress import bar as progress_bar
 from .probe import Entry, display_path, init_worker, probe_star, sha256_of
 
 FILES = "files.parquet"
@@ -299,7 +300,7 @@ def _decode_all(root: Path, todo: list[Entry], known: frozenset[str], settings: 
     if not todo:
         return results
     root_b = os.fsencode(root)
-    bar = _progress_bar(len(todo), "ingest", progress)
+    bar = progress_bar(len(todo), "ingest", "file", progress)
     workers = min(settings.workers, max(1, len(todo) // 4))
     args = [(root_b, e) for e in todo]
     try:
@@ -308,7 +309,7 @@ def _decode_all(root: Path, todo: list[Entry], known: frozenset[str], settings: 
             stream: Iterator[dict[str, Any]] = map(probe_star, args)
             pool = None
         else:
-            ctx = mp.get_context(_start_method())
+            ctx = mp.get_context(start_method(["cbir.probe"]))
             pool = ctx.Pool(workers, initializer=init_worker,
                             initargs=(known, settings.ingest.max_pixels))
             stream = pool.imap_unordered(probe_star, args, chunksize=4)
@@ -330,31 +331,6 @@ def _decode_all(root: Path, todo: list[Entry], known: frozenset[str], settings: 
     finally:
         bar.close()
     return results
-
-
-def _start_method() -> str:
-    """fork is the cheapest start, but unsafe once other threads exist (a Prefect task runs
-    beside several): then forkserver, whose server process imports only what a worker needs."""
-    if threading.active_count() == 1:
-        return "fork"
-    mp.set_forkserver_preload(["cbir.probe"])
-    return "forkserver"
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="file", dynamic_ncols=True)
 
 
 def _split_same_content(root: Path, todo: list[Entry],

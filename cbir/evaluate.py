@@ -1,0 +1,236 @@
+"""Evaluation against a `path,group` ground truth, with baselines scored on the same queries.
+
+Queries are the images whose group has two or more members; each query is left out of its own
+results. The current model is searched through the FAISS index (what users get); two baselines
+are ranked exactly over the same collection: the untrained backbone (the configured init, no
+training) and Hamming distance between the manifest's perceptual hashes.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import metrics
+from .config import Settings
+from .embed import embeddings_dir, load_embeddings, run_embed
+from .errors import CbirError
+from .fsutil import write_json, write_parquet, write_text
+from .ingest import PRESENT, load_manifest
+from .model import retrieval_model
+from .search import open_searcher
+
+NEIGHBORS_SCHEMA = pa.schema([
+    ("query_path", pa.string()), ("neighbor_path", pa.string()), ("rank", pa.int32()),
+    ("score", pa.float32()), ("correct", pa.bool_()),
+])
+
+
+# --------------------------------------------------------------------------- ground truth
+
+@dataclass
+class GroundTruth:
+    group_of: dict[str, str]  # image_id -> group
+    n_rows: int
+    n_groups: int
+
+
+def read_ground_truth(settings: Settings) -> GroundTruth:
+    """Map a `path,group` CSV onto the manifest's images; refuse what cannot be mapped.
+
+    Paths are relative to the CSV's folder (or absolute) and must lie inside the scans folder.
+    """
+    if settings.data.ground_truth is None:
+        raise CbirError("no ground truth configured (data.ground_truth in params)")
+    csv_path = settings.path(settings.data.ground_truth)
+    if not csv_path.is_file():
+        raise CbirError(f"ground truth not found: {csv_path} (data.ground_truth in params)")
+    scans = os.path.realpath(settings.path(settings.data.scans_dir))
+    rows = load_manifest(settings).select(["image_id", "path", "status"]).to_pylist()
+    id_of = {r["path"]: r["image_id"] for r in rows if r["status"] in PRESENT}
+    group_of: dict[str, str] = {}
+    outside: list[str] = []
+    unknown: list[str] = []
+    n = 0
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"path", "group"} <= set(reader.fieldnames):
+                raise CbirError(f"{csv_path}: expected a header with columns path,group "
+                                f"(got {reader.fieldnames})")
+            for row in reader:
+                n += 1
+                raw, group = (row["path"] or "").strip(), (row["group"] or "").strip()
+                if not raw or not group:
+                    raise CbirError(f"{csv_path}, line {reader.line_num}: empty path or group")
+                full = os.path.realpath(os.path.join(csv_path.parent, raw))
+                if os.path.commonpath([scans, full]) != scans:
+                    outside.append(raw)
+                    continue
+                rel = os.path.relpath(full, scans)
+                image_id = id_of.get(rel)
+                if image_id is None:
+                    unknown.append(raw)
+                    continue
+                group_of.setdefault(image_id, group)
+    except UnicodeDecodeError:
+        raise CbirError(f"{csv_path} is not UTF-8 text") from None
+    if outside:
+        raise CbirError(f"{csv_path}: {len(outside)} paths lie outside the scans folder {scans}, "
+                        f"e.g. {outside[0]!r}")
+    if unknown:
+        raise CbirError(f"{csv_path}: {len(unknown)} paths are not ingested images (missing, "
+                        f"quarantined or never ingested), e.g. {unknown[0]!r}; see the "
+                        f"quarantine table or run `cbir ingest`")
+    return GroundTruth(group_of=group_of, n_rows=n, n_groups=len(set(group_of.values())))
+
+
+# --------------------------------------------------------------------------- rankings
+
+def exact_topk(vectors: np.ndarray, rows: np.ndarray, k: int, batch: int = 1024,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of vectors[rows] against all vectors: (indices, scores)."""
+    k = min(k, vectors.shape[0])
+    out_i = np.empty((len(rows), k), np.int64)
+    out_s = np.empty((len(rows), k), np.float32)
+    for s in range(0, len(rows), batch):
+        sims = vectors[rows[s:s + batch]] @ vectors.T
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        ps = np.take_along_axis(sims, part, 1)
+        order = np.argsort(-ps, axis=1, kind="stable")
+        out_i[s:s + batch] = np.take_along_axis(part, order, 1)
+        out_s[s:s + batch] = np.take_along_axis(ps, order, 1)
+    return out_i, out_s
+
+
+def phash_topk(hashes: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hamming ranking of 64-bit perceptual hashes; score = 1 - distance / 64."""
+    h = hashes.astype(np.uint64)
+    k = min(k, h.shape[0])
+    out_i = np.empty((len(rows), k), np.int64)
+    out_s = np.empty((len(rows), k), np.float32)
+    for j, r in enumerate(rows):
+        d = np.bitwise_count(h ^ h[r]).astype(np.int32)
+        order = np.argsort(d, kind="stable")[:k]
+        out_i[j], out_s[j] = order, 1.0 - d[order] / 64.0
+    return out_i, out_s
+
+
+# --------------------------------------------------------------------------- the step
+
+@dataclass
+class EvaluationResult:
+    rows: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+    table: str = ""
+    n_queries: int = 0
+    metrics_file: Path | None = None
+    neighbors_file: Path | None = None
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        return [f"evaluate: {self.n_queries} queries; {self.seconds:.1f} s", "", self.table,
+                f"metrics: {self.metrics_file}", f"neighbours: {self.neighbors_file}"]
+
+
+def _model_label(settings: Settings, source: str) -> str:
+    m = settings.model
+    if source.startswith("checkpoint"):
+        return f"SimCLR {m.backbone} ({m.descriptor} descriptor, trained)"
+    return f"{m.backbone} init={m.init} (no training checkpoint)"
+
+
+def run_evaluate(settings: Settings, *, progress: bool = False) -> EvaluationResult:
+    t0 = time.perf_counter()
+    cfg = settings.evaluate
+    ks = sorted(set(cfg.ks))
+    kmax = max(ks)
+    gt = read_ground_truth(settings)
+    searcher = open_searcher(settings)
+    ids = searcher.image_ids
+    row_of = {image_id: i for i, image_id in enumerate(ids)}
+    group_of = {row_of[i]: g for i, g in gt.group_of.items() if i in row_of}
+    sizes: dict[str, int] = {}
+    for g in group_of.values():
+        sizes[g] = sizes.get(g, 0) + 1
+    query_rows = np.array(sorted(r for r, g in group_of.items() if sizes[g] >= 2), np.int64)
+    if len(query_rows) == 0:
+        raise CbirError("the ground truth has no group with two or more ingested images: "
+                        "nothing to evaluate")
+
+    def score(label: str, nbr: np.ndarray, sc: np.ndarray) -> metrics.RankedResults:
+        r = metrics.build_ranked_results(query_rows, nbr, sc, group_of)
+        result.rows.append((label, metrics.evaluate(r, ks, precision=cfg.precision_target)))
+        return r
+
+    result = EvaluationResult(n_queries=len(query_rows))
+    # The model, through the index.
+    s, found = searcher.search(searcher.vectors[query_rows], kmax + 1)
+    nbr = np.array([[row_of[x] if x is not None else -1 for x in row] for row in found], np.int64)
+    _, _, _, source = retrieval_model(settings)
+    ranked = score(_model_label(settings, source), nbr, s)
+    neighbours = _neighbour_rows(ranked, query_rows, nbr, s, ids, searcher.path_of, group_of,
+                                 kmax)
+
+    if cfg.baselines:
+        # The untrained backbone, ranked exactly (its embeddings are cached under their own
+        # fingerprint; without a checkpoint they are the model's own, so nothing is recomputed).
+        base = run_embed(settings, progress=progress, untrained=True)
+        b_ids, b_vec = load_embeddings(embeddings_dir(settings, base.fingerprint), set(ids))
+        if b_ids != ids:
+            raise CbirError("the untrained-backbone embeddings do not cover the collection")
+        bi, bs = exact_topk(b_vec, query_rows, kmax + 1)
+        score(f"{settings.model.backbone} init={settings.model.init} (untrained)", bi, bs)
+        manifest = load_manifest(settings).select(["image_id", "phash", "is_canonical",
+                                                   "status"]).to_pylist()
+        ph = {r["image_id"]: r["phash"] for r in manifest if r["is_canonical"]}
+        hashes = np.array([ph[i] for i in ids], dtype=np.uint64)
+        hi, hs = phash_topk(hashes, query_rows, kmax + 1)
+        score("perceptual hash (Hamming)", hi, hs)
+
+    result.table = metrics.markdown_table(result.rows, ks, precision=cfg.precision_target)
+    out = settings.path(settings.data.reports_dir)
+    names = ["model"] + [_short(label) for label, _ in result.rows[1:]]
+    write_json({name: _finite(vals) for name, (_, vals) in zip(names, result.rows)},
+               out / "metrics.json")
+    write_parquet(pa.Table.from_pylist(neighbours, schema=NEIGHBORS_SCHEMA),
+                  out / "neighbors.parquet")
+    write_text(f"# Retrieval quality\n\n{result.n_queries} queries; ground truth "
+               f"{settings.data.ground_truth}\n\n{result.table}", out / "metrics.md")
+    result.metrics_file = out / "metrics.json"
+    result.neighbors_file = out / "neighbors.parquet"
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _short(label: str) -> str:
+    return "phash" if label.startswith("perceptual") else "untrained"
+
+
+def _finite(vals: dict[str, float]) -> dict[str, float | None]:
+    return {k: (float(v) if np.isfinite(v) else None) for k, v in vals.items()}
+
+
+def _neighbour_rows(ranked: metrics.RankedResults, query_rows: np.ndarray, nbr: np.ndarray,
+                    scores: np.ndarray, ids: list[str], path_of: dict[str, str],
+                    group_of: dict[int, str], k: int) -> list[dict[str, Any]]:
+    """The top k of every query (itself left out), with paths and whether each is correct."""
+    out = []
+    for q, row, srow in zip(query_rows, nbr, scores):
+        rank = 0
+        for n, sc in zip(row, srow):
+            if n < 0 or n == q:
+                continue
+            rank += 1
+            if rank > k:
+                break
+            out.append({"query_path": path_of.get(ids[q]), "neighbor_path": path_of.get(ids[n]),
+                        "rank": rank, "score": float(sc),
+                        "correct": group_of.get(int(n)) == group_of[int(q)]})
+    return out

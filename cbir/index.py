@@ -1,0 +1,748 @@
+"""FAISS near-duplicate index over L2-normalised float32 descriptors, searched by inner product.
+
+Two layouts, picked by :func:`choose_params` from the collection size:
+
+* ``flat``  - ``IndexIDMap2(IndexFlatIP)``: exact, used while the collection is too small to train
+  IVF/PQ codebooks sensibly (and while brute force is cheap anyway).
+* ``ivfpq`` - ``[OPQ rotation ->] IndexIVFPQ`` (inner-product metric, 8-bit codes, int64 ids held by
+  the inverted lists). The in-memory index only keeps ``m``-byte PQ codes plus 8-byte ids, so with
+  the default 64-byte budget a vector costs ~72 B plus the shared tables (coarse centroids, PQ
+  codebooks, OPQ matrix), i.e. < 80 B/vector at 1M x 512.
+
+Why not ``IndexRefineFlat``: it keeps every full float vector in RAM (4*d bytes: 2048 B/vector at
+d=512), 25x over the memory budget. Instead the approximate search returns ``k * k_factor``
+candidates and :func:`search` re-scores them *exactly* from vectors that live outside the index (the
+embeddings on disk, memory-mapped, or a caller-supplied lookup). Re-ranking only touches
+``k * k_factor`` rows per query, so it costs a few hundred KB of reads per query, not a scan.
+
+``build_index`` tunes ``nprobe`` (and, if PQ precision is the bottleneck, ``k_factor``) on held-out
+queries sampled from the data until re-ranked recall@k reaches the target, and records the measured
+recall in :class:`IndexInfo`. ``save_index``/``load_index`` persist the index plus a JSON sidecar that
+doubles as the commit marker and carries a checksum, so a torn or stale pair is detected on load.
+
+Everything is deterministic under ``seed`` for a given machine and thread count (numpy Generator
+for sampling, FAISS k-means seeds for the coarse quantiser and PQ codebooks). FAISS uses all cores
+(its OpenMP default); this module never changes the thread count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+from .errors import CbirError
+from .fsutil import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+SIDECAR_FILE = "index.json"
+
+#: Below this many vectors the index is exact (flat). FAISS wants >= 39 training points per
+#: centroid, and each PQ sub-quantiser has 256 centroids (8 bits): 39 * 256 = 9984 points. Under that
+#: the codebooks are under-trained, and brute force over < 10k vectors costs well under 1 ms/query.
+FLAT_MAX_N = 39 * 256
+
+#: How many candidates per wanted result the approximate stage returns for exact re-ranking.
+DEFAULT_K_FACTOR = 10
+#: Upper bound when build-time tuning raises k_factor (PQ precision is the bottleneck).
+MAX_K_FACTOR = 64
+#: Held-out queries used to tune nprobe at build time.
+N_TUNE_QUERIES = 1000
+#: Vectors added per FAISS call: bounds the temporary copies (OPQ-rotated batch, assignments).
+ADD_CHUNK = 65536
+
+#: Vectors for re-ranking: an array whose row ``i`` is the vector with id ``i`` (a memmap is fine),
+#: or a callable that maps a sorted 1-D int64 array of unique ids to a ``(len(ids), dim)`` array.
+VectorSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class IndexParams:
+    """How the index is laid out. JSON-serialisable via :meth:`to_dict` / :meth:`from_dict`."""
+
+    kind: Literal["flat", "ivfpq"]
+    nlist: int = 0  # inverted lists (coarse centroids); 0 for flat
+    m: int = 0  # PQ sub-quantisers = bytes per code at 8 bits; 0 for flat
+    nbits: int = 0  # bits per sub-quantiser code; 0 for flat
+    nprobe: int = 1  # starting point; build_index stores the tuned value in IndexInfo
+    refine: bool = False  # candidates are re-ranked exactly from externally stored vectors
+    k_factor: int = 1  # candidates fetched per wanted result when refining
+    opq: bool = False  # OPQ rotation before the IVF (better PQ codes at the same byte budget)
+    train_size: int = 0  # vectors sampled to train the coarse quantiser and codebooks
+    metric: str = "inner_product"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IndexParams:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def code_bytes(self, dim: int) -> int:
+        """Bytes the index stores per vector for its code, ids excluded."""
+        return 4 * dim if self.kind == "flat" else math.ceil(self.m * self.nbits / 8)
+
+
+@dataclass
+class IndexInfo:
+    """What was built and how well it does; written to the JSON sidecar."""
+
+    params: IndexParams
+    n_vectors: int
+    dim: int
+    trained_size: int  # collection size the quantiser was sized and trained for
+    recall_at_k: float  # measured at build time against exact search (re-ranked if refine)
+    nprobe: int  # tuned nprobe that search() applies
+    build_seconds: float
+    k: int = 10  # the k recall was measured at
+    k_factor: int = 1  # tuned candidates-per-result for re-ranking
+    model_fingerprint: str = ""  # set by the caller: which embedding model produced the vectors
+    faiss_version: str = field(default_factory=lambda: faiss.__version__)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["params"] = self.params.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IndexInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["params"] = IndexParams.from_dict(d["params"])
+        return cls(**kw)
+
+
+# --------------------------------------------------------------------------- parameter choice
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
+
+
+def choose_params(
+    n: int,
+    dim: int,
+    *,
+    bytes_per_vector: int = 64,
+    min_points_per_centroid: int = 30,
+    max_points_per_centroid: int = 256,
+    opq: bool = False,
+) -> IndexParams:
+    """Pick the index layout for ``n`` vectors of dimension ``dim`` (autofaiss-style rules).
+
+    * ``n < FLAT_MAX_N`` (9984): exact flat search.
+    * ``nlist`` = 4*sqrt(n) rounded *down* to a power of two (autofaiss rounds to the nearest; rounding
+      down keeps the coarse centroids <= 16*dim/sqrt(n) bytes per vector - 8 B at 1M x 512 - which is
+      what lets the whole index stay within 80 B/vector, and halves k-means time on small machines),
+      then lowered so every centroid gets >= ``min_points_per_centroid`` points.
+    * training sample = min(n, ``max_points_per_centroid`` * nlist), so k-means sees 30-256 points per
+      centroid (FAISS would subsample to 256 per centroid itself).
+    * PQ: ``m`` = largest divisor of ``dim`` that fits ``bytes_per_vector`` (8 bits per code).
+    * ``opq``: learn an OPQ rotation first (only when sub-quantisers span >= 2 dimensions). Off by
+      default: on the benchmark data it did not change recall, while training it at d=512 costs
+      ~80 s on 2 cores and 4*d*d bytes; worth trying on real embeddings with uneven variance.
+    """
+    if n < 0 or dim <= 0:
+        raise ValueError(f"need n >= 0 and dim > 0, got n={n}, dim={dim}")
+    if bytes_per_vector < 1:
+        raise ValueError(f"bytes_per_vector must be >= 1, got {bytes_per_vector}")
+    if not 1 <= min_points_per_centroid <= max_points_per_centroid:
+        raise ValueError("need 1 <= min_points_per_centroid <= max_points_per_centroid")
+    if n < max(FLAT_MAX_N, min_points_per_centroid):
+        return IndexParams(kind="flat", k_factor=1)
+
+    nlist = min(_pow2_floor(4.0 * math.sqrt(n)), _pow2_floor(n / min_points_per_centroid))
+    train_size = min(n, max_points_per_centroid * nlist)
+    m = max(d for d in range(1, min(bytes_per_vector, dim) + 1) if dim % d == 0)
+    return IndexParams(
+        kind="ivfpq",
+        nlist=nlist,
+        m=m,
+        nbits=8,
+        nprobe=max(1, nlist // 64),
+        refine=True,
+        k_factor=DEFAULT_K_FACTOR,
+        opq=opq and dim // m >= 2,
+        train_size=train_size,
+    )
+
+
+def estimate_bytes_per_vector(params: IndexParams, n: int, dim: int) -> float:
+    """Expected index size per vector: code + 8-byte id + shared tables spread over ``n``.
+
+    Shared tables: IVF-PQ keeps nlist coarse centroids (4*dim*nlist), PQ codebooks
+    (4*dim*2**nbits) and, with OPQ, a dim x dim rotation; inverted lists add ~16 bytes each.
+    """
+    per_vector = params.code_bytes(dim) + 8
+    if params.kind == "flat":
+        shared = 0.0
+    else:
+        shared = 4.0 * dim * params.nlist + 4.0 * dim * (1 << params.nbits) + 16.0 * params.nlist
+        if params.opq:
+            shared += 4.0 * dim * dim
+    return per_vector + shared / max(n, 1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_vectors(x: np.ndarray, dim: int | None = None, what: str = "vectors") -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D array, got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise CbirError(f"{what} have dimension {x.shape[1]} but the index has dimension {dim}")
+    return x
+
+
+def _as_ids(ids: np.ndarray, n: int) -> np.ndarray:
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if ids.shape[0] != n:
+        raise ValueError(f"got {ids.shape[0]} ids for {n} vectors")
+    if n and ids.min() < 0:
+        raise ValueError("ids must be >= 0 (-1 marks a missing result)")
+    if n and np.unique(ids).shape[0] != n:
+        raise ValueError("ids must be unique")
+    return ids
+
+
+def _check_normalised(x: np.ndarray, sample: int = 10_000) -> None:
+    """Inner product is only cosine similarity for unit vectors; check a sample (cheap at 1M)."""
+    if x.shape[0] == 0:
+        return
+    rows = x[:: max(1, x.shape[0] // sample)]
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    if not np.allclose(norms, 1.0, atol=1e-2):  # loose: float16-stored embeddings pass
+        raise CbirError(
+            f"descriptors must be L2-normalised (norms range {norms.min():.4f}..{norms.max():.4f})"
+        )
+
+
+def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index (flat)
+        return None
+
+
+def _add_chunked(index: faiss.Index, x: np.ndarray, ids: np.ndarray) -> None:
+    for s in range(0, x.shape[0], ADD_CHUNK):
+        index.add_with_ids(x[s : s + ADD_CHUNK], ids[s : s + ADD_CHUNK])
+
+
+# Re-ranking kernel: FAISS computes the exact inner products of each query with its candidate rows
+# and keeps the top k, multithreaded, straight from the (possibly memory-mapped) array: no copies.
+# Its signature gained `nsubset` in recent releases; older ones get the numpy path.
+def _has_nsubset() -> bool:
+    try:
+        return "nsubset" in inspect.signature(faiss.knn_inner_products_by_idx).parameters
+    except (TypeError, ValueError):  # builtin without a Python signature
+        return False
+
+
+_FAISS_RERANK = _has_nsubset()
+
+
+def _rerank_rows(
+    queries: np.ndarray, rows: np.ndarray, base: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of ``queries`` among candidate ``rows`` of ``base`` (-1 = no candidate).
+
+    Candidate lists must have their -1 entries at the end (as FAISS returns them).
+    Returns (scores, rows) with -inf / -1 where fewer than k candidates exist.
+    """
+    nq, nc = rows.shape
+    out_s = np.empty((nq, k), dtype=np.float32)
+    out_r = np.empty((nq, k), dtype=np.int64)
+    fast = (
+        _FAISS_RERANK
+        and base.dtype == np.float32
+        and base.ndim == 2
+        and base.flags.c_contiguous
+    )
+    if fast:
+        faiss.knn_inner_products_by_idx(
+            faiss.swig_ptr(queries),
+            faiss.swig_ptr(base),
+            faiss.swig_ptr(rows),
+            base.shape[1],
+            nq,
+            base.shape[0],
+            nc,
+            k,
+            faiss.swig_ptr(out_s),
+            faiss.swig_ptr(out_r),
+            nc,
+        )
+    else:
+        valid = rows >= 0
+        uniq, inv = np.unique(rows[valid], return_inverse=True)
+        vecs = np.asarray(base[uniq], dtype=np.float32)
+        scores = np.full((nq, nc), -np.inf, dtype=np.float32)
+        qi = np.nonzero(valid)[0]
+        scores[valid] = np.einsum("ij,ij->i", queries[qi], vecs[inv])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out_s = np.take_along_axis(scores, order, axis=1)
+        out_r = np.take_along_axis(rows, order, axis=1)
+    missing = ~np.isfinite(out_s) | (out_r < 0) | (out_s < -1e30)
+    out_s[missing] = -np.inf
+    out_r[missing] = -1
+    return out_s, out_r
+
+
+def _rerank(
+    queries: np.ndarray, cand: np.ndarray, vectors: VectorSource, k: int, dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate ids exactly from ``vectors`` (array indexed by id, or id lookup)."""
+    if isinstance(vectors, np.ndarray):
+        if vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise CbirError(f"re-ranking vectors have shape {vectors.shape}, expected (*, {dim})")
+        if cand.size and cand.max() >= vectors.shape[0]:
+            raise CbirError(
+                f"index holds id {int(cand.max())} but only {vectors.shape[0]} vectors were given "
+                "for re-ranking; the index and the embeddings are out of sync"
+            )
+        return _rerank_rows(queries, cand, vectors, k)
+    # Callable lookup: fetch each distinct candidate once, then re-rank by position in the batch.
+    valid = cand >= 0
+    uniq, inv = np.unique(cand[valid], return_inverse=True)
+    fetched = _as_vectors(np.asarray(vectors(uniq)), dim, "re-ranking vectors")
+    if fetched.shape[0] != uniq.shape[0]:
+        raise CbirError(f"vector lookup returned {fetched.shape[0]} rows for {uniq.shape[0]} ids")
+    rows = np.full(cand.shape, -1, dtype=np.int64)
+    rows[valid] = inv
+    scores, pos = _rerank_rows(queries, rows, fetched, k)
+    ids = np.where(pos >= 0, uniq[np.maximum(pos, 0)] if uniq.size else -1, -1)
+    return scores, ids.astype(np.int64)
+
+
+def _search_raw(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    nprobe: int,
+    k_factor: int,
+    vectors: VectorSource | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    nq = queries.shape[0]
+    k = min(k, index.ntotal)
+    if k <= 0 or nq == 0:
+        return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
+    ivf = _ivf(index)
+    if ivf is None:
+        return index.search(queries, k)
+    ivf.nprobe = max(1, min(nprobe, ivf.nlist))
+    if vectors is None:
+        return index.search(queries, k)
+    n_cand = min(index.ntotal, k * max(1, k_factor))
+    _, cand = index.search(queries, n_cand)
+    return _rerank(queries, cand, vectors, k, index.d)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of the true top-k ids (``truth``, shape (nq, k)) present in ``found``."""
+    if truth.size == 0:
+        return 1.0
+    hits = sum(
+        len(np.intersect1d(f[f >= 0], t[t >= 0], assume_unique=False)) for f, t in zip(found, truth)
+    )
+    return hits / float(np.count_nonzero(truth >= 0) or 1)
+
+
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k over ``vectors`` (no copy); returns (scores, row indices)."""
+    return faiss.knn(queries, vectors, min(k, vectors.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
+
+
+# --------------------------------------------------------------------------- build / update
+
+
+def _new_index(params: IndexParams, dim: int, seed: int) -> faiss.Index:
+    if params.kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if params.kind != "ivfpq":
+        raise CbirError(f"unknown index kind {params.kind!r}")
+    if dim % params.m:
+        raise CbirError(f"PQ sub-quantisers m={params.m} must divide the dimension {dim}")
+    quantizer = faiss.IndexFlatIP(dim)
+    ivf = faiss.IndexIVFPQ(
+        quantizer, dim, params.nlist, params.m, params.nbits, faiss.METRIC_INNER_PRODUCT
+    )
+    ivf.own_fields = True
+    quantizer.this.disown()  # the IVF owns (and frees) its quantiser
+    # Spherical k-means: centroids stay unit-norm, so inner product to a centroid is a cosine.
+    ivf.cp.spherical = True
+    ivf.cp.seed = seed
+    ivf.cp.min_points_per_centroid = 1  # choose_params already enforced the bounds; no warnings
+    ivf.cp.max_points_per_centroid = 1 << 30  # we pass the sample we want; no re-sampling
+    ivf.pq.cp.seed = seed + 1
+    if not params.opq:
+        return ivf
+    opq = faiss.OPQMatrix(dim, params.m)
+    opq.niter = 25  # default 50; the gain flattens well before and it dominates train time at d=512
+    index = faiss.IndexPreTransform(opq, ivf)
+    index.own_fields = True
+    opq.this.disown()
+    ivf.this.disown()
+    return index
+
+
+def build_index(
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    params: IndexParams | None = None,
+    *,
+    target_recall: float | None = 0.95,
+    k: int = 10,
+    seed: int = 0,
+) -> tuple[faiss.Index, IndexInfo]:
+    """Train on a sample, add all vectors with their int64 ids, tune nprobe; return (index, info).
+
+    ``vectors`` are L2-normalised float32 rows; ``ids`` unique non-negative int64. Tuning uses up to
+    1000 query vectors sampled from the data (leave-one-out: a query's own entry is ignored), exact
+    top-k by brute force as ground truth, and the same exact re-ranking :func:`search` applies
+    (re-scored from ``vectors``): nprobe doubles from 1 until recall@k >= ``target_recall``; when
+    doubling nprobe stops helping (PQ ranking is the bottleneck), k_factor doubles instead.
+    ``target_recall=None`` skips tuning (recall is then recorded as NaN).
+    """
+    t0 = time.perf_counter()
+    x = _as_vectors(vectors)
+    n, dim = x.shape
+    ids = _as_ids(ids, n)
+    _check_normalised(x)
+    if params is None:
+        params = choose_params(n, dim)
+    if params.kind == "ivfpq" and n < params.nlist:
+        raise CbirError(f"cannot train {params.nlist} inverted lists on {n} vectors")
+    rng = np.random.default_rng(seed)
+
+    index = _new_index(params, dim, seed)
+    if params.kind == "ivfpq":
+        train_n = min(n, params.train_size or n)
+        sample = np.sort(rng.choice(n, size=train_n, replace=False)) if train_n < n else None
+        index.train(x[sample] if sample is not None else x)
+    _add_chunked(index, x, ids)
+
+    info = IndexInfo(
+        params=params,
+        n_vectors=int(index.ntotal),
+        dim=dim,
+        trained_size=n,
+        recall_at_k=1.0,
+        nprobe=0,
+        build_seconds=0.0,
+        k=k,
+        k_factor=params.k_factor if params.refine else 1,
+    )
+    if params.kind == "ivfpq":
+        info.nprobe = params.nprobe
+        if target_recall is None:
+            info.recall_at_k = float("nan")
+        else:
+            _tune(index, info, x, ids, rng, target_recall, k)
+    info.build_seconds = time.perf_counter() - t0
+    return index, info
+
+
+def _drop_self(found: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    """First k entries of each row that are not the row's own id (order kept)."""
+    order = np.argsort(found == self_ids[:, None], axis=1, kind="stable")
+    return np.take_along_axis(found, order, axis=1)[:, :k]
+
+
+def _tune(
+    index: faiss.Index,
+    info: IndexInfo,
+    x: np.ndarray,
+    ids: np.ndarray,
+    rng: np.random.Generator,
+    target: float,
+    k: int,
+) -> None:
+    """Smallest nprobe (then k_factor) reaching ``target`` re-ranked recall@k on sampled queries."""
+    n = x.shape[0]
+    nq = min(N_TUNE_QUERIES, n)
+    q_rows = np.sort(rng.choice(n, size=nq, replace=False))
+    q = x[q_rows]
+    # Leave-one-out: each query's own entry is dropped from both truth and results, so the recall
+    # estimates that of new photos rather than getting a free hit per query.
+    self_ids = ids[q_rows]
+    _, truth_rows = exact_search(x, q, k + 1)
+    truth = _drop_self(ids[truth_rows], self_ids, k)
+    # Re-rank from `x` by row: ids -> rows (identity when ids are 0..n-1, the usual case).
+    if np.array_equal(ids, np.arange(n)):
+        source: VectorSource = x
+    else:
+        order = np.argsort(ids)
+        sorted_ids = ids[order]
+
+        def source(wanted: np.ndarray) -> np.ndarray:
+            return x[order[np.searchsorted(sorted_ids, wanted)]]
+
+    nlist = info.params.nlist
+    refine = info.params.refine
+    nprobe, kf = 1, max(1, info.k_factor)
+    best = (-1.0, nprobe, kf)
+    prev = -1.0
+    while True:
+        _, found = _search_raw(index, q, k + 1, nprobe, kf, source if refine else None)
+        r = recall_at_k(_drop_self(found, self_ids, k), truth)
+        log.debug("tune nprobe=%d k_factor=%d recall@%d=%.4f", nprobe, kf, k, r)
+        if r > best[0]:
+            best = (r, nprobe, kf)
+        if r >= target:
+            break
+        plateau = prev >= 0 and r - prev < 0.005  # more probes barely help: PQ ranking limits
+        if refine and kf < MAX_K_FACTOR and (plateau or nprobe >= nlist):
+            kf *= 2
+            prev = -1.0
+        elif nprobe < nlist:
+            nprobe *= 2
+            prev = r
+        else:
+            log.warning(
+                "recall@%d target %.3f not reached; best %.4f at nprobe=%d k_factor=%d",
+                k, target, *best,
+            )
+            r, nprobe, kf = best
+            break
+    info.recall_at_k, info.nprobe, info.k_factor = float(r), nprobe, kf
+
+
+def add_vectors(
+    index: faiss.Index,
+    info: IndexInfo,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    *,
+    rebuild_factor: float = 4.0,
+) -> bool:
+    """Add vectors with their ids without retraining; updates ``info.n_vectors``.
+
+    Returns False and adds nothing when an IVF index would exceed ``rebuild_factor`` times the size
+    it was trained for (its lists would grow long and nprobe stale): the caller should rebuild.
+    Flat indexes always accept. Ids already in the index are not checked for (IVF lists keep no id
+    map, it would cost memory): call :func:`remove_ids` first when replacing a vector.
+    """
+    x = _as_vectors(vectors, index.d)
+    ids = _as_ids(ids, x.shape[0])
+    if x.shape[0] == 0:
+        return True
+    if info.params.kind != "flat" and index.ntotal + x.shape[0] > rebuild_factor * info.trained_size:
+        return False
+    _check_normalised(x)
+    _add_chunked(index, x, ids)
+    info.n_vectors = int(index.ntotal)
+    return True
+
+
+def remove_ids(index: faiss.Index, info: IndexInfo, ids: np.ndarray) -> int:
+    """Remove the given ids (absent ones are ignored); returns how many vectors were removed."""
+    ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+    if ids.size == 0:
+        return 0
+    removed = int(index.remove_ids(ids))
+    info.n_vectors = int(index.ntotal)
+    return removed
+
+
+def search(
+    index: faiss.Index,
+    info: IndexInfo,
+    queries: np.ndarray,
+    k: int,
+    *,
+    vectors: VectorSource | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` by inner product with the tuned nprobe; returns (scores, ids), shape (nq, k').
+
+    ``k' = min(k, ntotal)``; slots with no result hold id -1 (score -inf when re-ranked), which
+    callers filter. For IVF-PQ indexes pass ``vectors`` (array indexed by id - a memmap is fine - or
+    an id lookup callable): ``k * info.k_factor`` candidates are then re-scored exactly and the
+    returned scores are true inner products. Without it, scores are PQ approximations and recall is
+    lower than ``info.recall_at_k``.
+    """
+    if k < 0:
+        raise ValueError("k must be >= 0")
+    q = _as_vectors(queries, index.d, "queries")
+    use = vectors if info.params.refine else None
+    return _search_raw(index, q, k, info.nprobe, info.k_factor, use)
+
+
+# --------------------------------------------------------------------------- persistence
+
+_REBUILD = "rebuild with `cbir index`"
+
+
+def save_index(index: faiss.Index, info: IndexInfo, folder: Path) -> None:
+    """Write ``folder/index.faiss`` then ``folder/index.json`` atomically (the JSON commits).
+
+    The sidecar records the index file's size and SHA-256, so a crash between the two renames (new
+    index, old sidecar) or a damaged file is caught by :func:`load_index` instead of misleading.
+    """
+    folder = Path(folder)
+    if index.ntotal != info.n_vectors:
+        raise CbirError(f"index holds {index.ntotal} vectors but its info says {info.n_vectors}")
+    data = faiss.serialize_index(index)  # uint8 array; hash it without re-reading the file
+    digest = hashlib.sha256(data).hexdigest()
+    with atomic_path(folder / INDEX_FILE) as tmp:
+        data.tofile(tmp)
+    sidecar = {
+        "format_version": INDEX_FORMAT_VERSION,
+        "index_file": {"name": INDEX_FILE, "bytes": int(data.nbytes), "sha256": digest},
+        **info.to_dict(),
+    }
+    write_json(sidecar, folder / SIDECAR_FILE)
+
+
+def load_index(
+    folder: Path, expected_fingerprint: str | None = None
+) -> tuple[faiss.Index, IndexInfo]:
+    """Read an index saved by :func:`save_index`; raise CbirError when missing, damaged or stale."""
+    folder = Path(folder)
+    side_path, index_path = folder / SIDECAR_FILE, folder / INDEX_FILE
+    if not side_path.is_file() or not index_path.is_file():
+        missing = side_path if not side_path.is_file() else index_path
+        raise CbirError(f"no index at {folder} ({missing.name} missing); build it with `cbir index`")
+    try:
+        side = json.loads(side_path.read_text(encoding="utf-8"))
+        version = side["format_version"]
+        expected_file = side["index_file"]
+        info = IndexInfo.from_dict(side)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CbirError(f"index sidecar {side_path} is unreadable ({e}); {_REBUILD}") from e
+    if version != INDEX_FORMAT_VERSION:
+        raise CbirError(
+            f"index at {folder} has format version {version}, this cbir reads version "
+            f"{INDEX_FORMAT_VERSION}; {_REBUILD}"
+        )
+    if expected_fingerprint is not None and info.model_fingerprint != expected_fingerprint:
+        raise CbirError(
+            f"index was built from embeddings of model {info.model_fingerprint or '(unknown)'} but "
+            f"the current embeddings are from model {expected_fingerprint}; {_REBUILD}"
+        )
+
+    damaged = f"index file {index_path} is damaged; {_REBUILD}"
+    data = index_path.read_bytes()
+    if len(data) != expected_file.get("bytes") or (
+        hashlib.sha256(data).hexdigest() != expected_file.get("sha256")
+    ):
+        raise CbirError(f"{damaged} (size or checksum differs from {SIDECAR_FILE})")
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as e:  # FAISS raises RuntimeError on truncated/garbled input
+        raise CbirError(damaged) from e
+    if index.ntotal != info.n_vectors or index.d != info.dim:
+        raise CbirError(
+            f"index file holds {index.ntotal} vectors of dimension {index.d} but {SIDECAR_FILE} "
+            f"says {info.n_vectors} of dimension {info.dim}; {_REBUILD}"
+        )
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.nprobe = info.nprobe
+    return index, info
+
+
+# --------------------------------------------------------------------------- the pipeline step
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Every id stored in the index (flat: its id map; IVF: the ids of its inverted lists)."""
+    ivf = _ivf(index)
+    if ivf is None:
+        return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+    inv = ivf.invlists
+    parts = []
+    for lst in range(inv.nlist):
+        n = inv.list_size(lst)
+        if n:
+            parts.append(faiss.rev_swig_ptr(inv.get_ids(lst), n).copy())
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+@dataclass
+class IndexSummary:
+    info: IndexInfo
+    folder: Path
+    rebuilt: bool
+    added: int = 0
+    removed: int = 0
+    images_without_embedding: int = 0
+    reason: str = ""
+
+    def lines(self) -> list[str]:
+        p = self.info.params
+        shape = (f"IVF-PQ nlist={p.nlist} m={p.m}x{p.nbits}bit{' +OPQ' if p.opq else ''}, "
+                 f"nprobe={self.info.nprobe}, exact re-ranking of {self.info.k_factor}x{self.info.k}"
+                 f" candidates" if p.kind == "ivfpq" else "exact flat inner-product search")
+        out = [f"index: {self.info.n_vectors} vectors, dim {self.info.dim}, model "
+               f"{self.info.model_fingerprint}: {shape}",
+               (f"  rebuilt ({self.reason}); recall@{self.info.k} {self.info.recall_at_k:.3f} "
+                f"vs exact search; {self.info.build_seconds:.1f} s" if self.rebuilt else
+                f"  updated: {self.added} added, {self.removed} removed, no retraining"),
+               f"  {self.folder}"]
+        if self.images_without_embedding:
+            out.append(f"  {self.images_without_embedding} images have no embedding (run "
+                       f"`cbir embed`; unreadable files are listed there)")
+        return out
+
+
+def run_index(settings: Any, *, rebuild: bool = False) -> IndexSummary:
+    """Build the index of the current embeddings, or update it in place when that is enough.
+
+    New images are added without retraining until the collection outgrows the size the index was
+    trained for by `index.rebuild_factor`; images no longer present are removed; a different
+    model (fingerprint) means a rebuild.
+    """
+    from .embed import current_embeddings
+    from .search import faiss_ids
+
+    cfg = settings.index
+    fp, ids, vectors, n_missing = current_embeddings(settings)
+    folder = settings.path(settings.data.index_dir)
+    fids = faiss_ids(ids)
+    reason = "requested" if rebuild else ""
+    if not rebuild:
+        try:
+            index, info = load_index(folder)
+        except CbirError as exc:
+            reason = "no usable index" if "no index" in str(exc) else f"{exc}"
+        else:
+            if info.model_fingerprint != fp:
+                reason = f"model changed from {info.model_fingerprint} to {fp}"
+            else:
+                have = index_ids(index)
+                gone = np.setdiff1d(have, fids)
+                new_mask = ~np.isin(fids, have)
+                removed = remove_ids(index, info, gone)
+                if add_vectors(index, info, vectors[new_mask], fids[new_mask],
+                               rebuild_factor=cfg.rebuild_factor):
+                    if removed or new_mask.any():
+                        save_index(index, info, folder)
+                    return IndexSummary(info=info, folder=folder, rebuilt=False,
+                                        added=int(new_mask.sum()), removed=removed,
+                                        images_without_embedding=n_missing)
+                reason = (f"collection outgrew the trained quantiser ({len(ids)} vectors > "
+                          f"{cfg.rebuild_factor} x {info.trained_size})")
+    params = choose_params(len(ids), vectors.shape[1], bytes_per_vector=cfg.bytes_per_vector)
+    index, info = build_index(vectors, fids, params, target_recall=cfg.target_recall,
+                              seed=cfg.seed)
+    info.model_fingerprint = fp
+    save_index(index, info, folder)
+    return IndexSummary(info=info, folder=folder, rebuilt=True, added=len(ids),
+                        images_without_embedding=n_missing, reason=reason or "first build")

@@ -1,0 +1,24 @@
+"""Progress bars for long steps (on a terminal), silent elsewhere (CI logs, Prefect)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def bar(total: int, desc: str, unit: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)

@@ -1,0 +1,257 @@
+"""Near-duplicate search: query by image, every near-duplicate pair, and clusters of them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import faults
+from .catalog import refresh_catalog
+from .config import Settings
+from .embed import current_embeddings, embed_files, pick_device
+from .errors import CbirError
+from .fsutil import write_parquet
+from .index import load_index, search as index_search
+from .ingest import OK, PRESENT, load_manifest
+from .model import retrieval_model
+
+PAIRS_FILE = "pairs.parquet"
+CLUSTERS_FILE = "clusters.parquet"
+_ID_MASK = (1 << 63) - 1  # FAISS ids are non-negative int64; -1 means "no result"
+
+PAIRS_SCHEMA = pa.schema([
+    ("image_a", pa.string()), ("image_b", pa.string()),
+    ("path_a", pa.string()), ("path_b", pa.string()),
+    ("score", pa.float32()), ("rank", pa.int32()), ("kind", pa.string()),
+])
+CLUSTERS_SCHEMA = pa.schema([
+    ("cluster_id", pa.int32()), ("image_id", pa.string()), ("path", pa.string()),
+    ("size", pa.int32()), ("weakest_link", pa.float32()),
+])
+
+
+def faiss_ids(image_ids: list[str]) -> np.ndarray:
+    """int64 FAISS ids from image ids (63 bits of the content hash; a lookup maps them back)."""
+    return np.array([int(i, 16) & _ID_MASK for i in image_ids], dtype=np.int64)
+
+
+@dataclass
+class Searcher:
+    """The current index with what is needed to turn its answers into images and paths."""
+
+    index: Any
+    info: Any
+    fingerprint: str
+    image_ids: list[str]  # row order of `vectors`
+    vectors: np.ndarray
+    row_of_fid: dict[int, int]
+    path_of: dict[str, str]  # image_id -> canonical path
+
+    def lookup(self, fids: np.ndarray) -> np.ndarray:
+        """Stored vectors for FAISS ids: the index re-scores its candidates exactly with them."""
+        return self.vectors[[self.row_of_fid[int(f)] for f in fids]]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
+        scores, fids = index_search(self.index, self.info, queries, k, vectors=self.lookup)
+        ids = [[self.image_ids[self.row_of_fid[int(f)]] if f >= 0 else None for f in row]
+               for row in fids]
+        return scores, ids
+
+
+def open_searcher(settings: Settings) -> Searcher:
+    """Load the index for the current model; a stale index is refused with a clear message."""
+    fp, ids, vectors, _ = current_embeddings(settings)
+    index, info = load_index(settings.path(settings.data.index_dir), expected_fingerprint=fp)
+    fids = faiss_ids(ids)
+    manifest = load_manifest(settings).select(["image_id", "path", "status", "is_canonical"])
+    path_of = {r["image_id"]: r["path"] for r in manifest.to_pylist()
+               if r["is_canonical"] and r["status"] == OK}
+    return Searcher(index=index, info=info, fingerprint=fp, image_ids=ids, vectors=vectors,
+                    row_of_fid={int(f): i for i, f in enumerate(fids)}, path_of=path_of)
+
+
+# --------------------------------------------------------------------------- query by image
+
+@dataclass
+class QueryResult:
+    query: str
+    neighbours: list[tuple[str, str, float]] = field(default_factory=list)  # id, path, score
+    exact_copies_of: list[str] = field(default_factory=list)  # manifest paths, same bytes
+    error: str | None = None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
+    """Top-k neighbours of image files (inside or outside the collection)."""
+    s = open_searcher(settings)
+    model, pp, fp, _ = retrieval_model(settings)
+    if fp != s.fingerprint:
+        raise CbirError("the model changed since the index was built; run `cbir embed` and "
+                        "`cbir index`")
+    files = [os.fsencode(p) for p in paths]
+    done, vectors, failed = embed_files(model, files, pp, batch_size=settings.embed.batch_size,
+                                        workers=0, device=pick_device(settings.embed.device),
+                                        max_pixels=settings.ingest.max_pixels)
+    results = [QueryResult(query=str(p)) for p in paths]
+    for i, why in failed:
+        results[i].error = why
+    manifest = load_manifest(settings).select(["sha256", "path", "status"]).to_pylist()
+    by_sha: dict[str, list[str]] = {}
+    for r in manifest:
+        if r["status"] in PRESENT:
+            by_sha.setdefault(r["sha256"], []).append(r["path"])
+    if done:
+        scores, ids = s.search(vectors, k + 1)
+        for row, i in enumerate(done):
+            res = results[i]
+            try:
+                res.exact_copies_of = sorted(by_sha.get(_sha256_file(paths[i]), []))
+            except OSError:
+                pass
+            for score, image_id in zip(scores[row], ids[row]):
+                if image_id is None or len(res.neighbours) >= k:
+                    continue
+                res.neighbours.append((image_id, s.path_of.get(image_id, "?"), float(score)))
+    return results
+
+
+# --------------------------------------------------------------------------- pairs and clusters
+
+@dataclass
+class PairsSummary:
+    n_images: int = 0
+    n_near_pairs: int = 0
+    n_exact_pairs: int = 0
+    n_clusters: int = 0
+    largest_cluster: int = 0
+    seconds: float = 0.0
+    pairs_file: Path | None = None
+    clusters_file: Path | None = None
+
+    def lines(self) -> list[str]:
+        return [f"pairs: {self.n_near_pairs} near-duplicate pairs and {self.n_exact_pairs} exact "
+                f"duplicates among {self.n_images} images; {self.n_clusters} clusters (largest "
+                f"{self.largest_cluster}); {self.seconds:.1f} s",
+                f"  {self.pairs_file}", f"  {self.clusters_file}"]
+
+
+def knn_pairs(s: Searcher, k: int, threshold: float, batch: int = 4096,
+              ) -> dict[tuple[str, str], tuple[float, int]]:
+    """Every unordered pair (a, b) found in each other's top k with score >= threshold.
+
+    Value: (best score, best rank); ranks count from 1 after the image itself is left out.
+    """
+    best: dict[tuple[str, str], tuple[float, int]] = {}
+    for start in range(0, len(s.image_ids), batch):
+        q = s.vectors[start:start + batch]
+        scores, ids = s.search(q, k + 1)
+        for row in range(q.shape[0]):
+            me = s.image_ids[start + row]
+            rank = 0
+            for score, other in zip(scores[row], ids[row]):
+                if other is None or other == me:
+                    continue
+                rank += 1
+                if rank > k:
+                    break
+                if score < threshold:
+                    continue
+                key = (me, other) if me < other else (other, me)
+                old = best.get(key)
+                best[key] = (float(score), rank) if old is None else \
+                    (max(old[0], float(score)), min(old[1], rank))
+    return best
+
+
+def clusters_from_pairs(pairs: dict[tuple[str, str], tuple[float, int]], threshold: float,
+                        ) -> list[tuple[list[str], float]]:
+    """Connected components over pairs with score >= threshold, largest first.
+
+    Each comes with its weakest link: the lowest similarity needed to keep it connected (the
+    smallest edge of its maximum spanning tree), found by joining edges strongest first.
+    """
+    parent: dict[str, str] = {}
+    weakest: dict[str, float] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    edges = sorted(((sc, a, b) for (a, b), (sc, _) in pairs.items() if sc >= threshold),
+                   key=lambda e: (-e[0], e[1], e[2]))
+    for sc, a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra == rb:
+            continue
+        parent[rb] = ra
+        weakest[ra] = min(sc, weakest.get(ra, 1.0), weakest.get(rb, 1.0))
+    members: dict[str, list[str]] = {}
+    for x in parent:
+        members.setdefault(find(x), []).append(x)
+    out = [(sorted(m), weakest[root]) for root, m in members.items() if len(m) > 1]
+    out.sort(key=lambda c: (-len(c[0]), c[0][0]))
+    return out
+
+
+def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
+    """Byte-identical copies from the manifest, as pairs with score 1."""
+    rows = load_manifest(settings).select(
+        ["image_id", "path", "status", "is_canonical"]).to_pylist()
+    canon = {r["image_id"]: r["path"] for r in rows if r["is_canonical"] and r["status"] == OK}
+    return [{"image_a": r["image_id"], "image_b": r["image_id"], "path_a": canon[r["image_id"]],
+             "path_b": r["path"], "score": 1.0, "rank": 0, "kind": "exact"}
+            for r in rows if r["status"] == "duplicate" and r["image_id"] in canon]
+
+
+def run_pairs(settings: Settings) -> PairsSummary:
+    """Write every near-duplicate pair and cluster to Parquet and the DuckDB catalogue."""
+    t0 = time.perf_counter()
+    cfg = settings.search
+    if cfg.cluster_threshold < cfg.pair_threshold:
+        raise CbirError(f"search.cluster_threshold ({cfg.cluster_threshold}) must not be below "
+                        f"search.pair_threshold ({cfg.pair_threshold})")
+    s = open_searcher(settings)
+    pairs = knn_pairs(s, cfg.k, cfg.pair_threshold)
+    near = [{"image_a": a, "image_b": b, "path_a": s.path_of.get(a), "path_b": s.path_of.get(b),
+             "score": sc, "rank": rk, "kind": "near"}
+            for (a, b), (sc, rk) in sorted(pairs.items(), key=lambda kv: (-kv[1][0], kv[0]))]
+    exact = exact_duplicate_pairs(settings)
+    clusters = clusters_from_pairs(pairs, cfg.cluster_threshold)
+    cluster_rows = [{"cluster_id": cid, "image_id": m, "path": s.path_of.get(m),
+                     "size": len(members), "weakest_link": weak}
+                    for cid, (members, weak) in enumerate(clusters, start=1) for m in members]
+    out = settings.path(settings.data.pairs_dir)
+    faults.point("pairs.write")
+    write_parquet(pa.Table.from_pylist(exact + near, schema=PAIRS_SCHEMA), out / PAIRS_FILE)
+    write_parquet(pa.Table.from_pylist(cluster_rows, schema=CLUSTERS_SCHEMA), out / CLUSTERS_FILE)
+    refresh_catalog(settings)
+    return PairsSummary(n_images=len(s.image_ids), n_near_pairs=len(near),
+                        n_exact_pairs=len(exact), n_clusters=len(clusters),
+                        largest_cluster=max((len(m) for m, _ in clusters), default=0),
+                        seconds=time.perf_counter() - t0, pairs_file=out / PAIRS_FILE,
+                        clusters_file=out / CLUSTERS_FILE)
+
+
+def read_pairs(settings: Settings) -> pa.Table:
+    path = settings.path(settings.data.pairs_dir) / PAIRS_FILE
+    if not path.is_file():
+        raise CbirError(f"no pairs at {path}: run `cbir pairs` first")
+    return pq.read_table(path)

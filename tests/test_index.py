@@ -1,0 +1,363 @@
+"""cbir.index: layout choice, recall against exact search, updates, persistence and its failures.
+
+Recall is checked against a brute-force numpy top-k computed here, not against what build_index
+reports. Data: clustered unit vectors (cluster centres + Gaussian noise, normalised).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from cbir.errors import CbirError
+from cbir.index import (
+    FLAT_MAX_N,
+    IndexInfo,
+    IndexParams,
+    add_vectors,
+    build_index,
+    choose_params,
+    estimate_bytes_per_vector,
+    load_index,
+    recall_at_k,
+    remove_ids,
+    save_index,
+    search,
+)
+
+DIM = 64
+N_BASE = 16_000  # the IVF-PQ fixture is built on these...
+N_EXTRA = 4_000  # ...and these are added incrementally
+N_CLUSTERS = 400
+BPV = 16  # 16-byte codes: PQ codebook training stays ~1 s (the 64-byte default trains 64 of them)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+class Clusters:
+    def __init__(self, dim: int, n_clusters: int, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.dim = dim
+        self.centres = _normalise(self.rng.standard_normal((n_clusters, dim)))
+
+    def sample(self, n: int, sigma: float = 0.6) -> np.ndarray:
+        c = self.rng.integers(0, len(self.centres), n)
+        noise = self.rng.standard_normal((n, self.dim)) * (sigma / math.sqrt(self.dim))
+        return _normalise(self.centres[c] + noise)
+
+
+def exact_topk(base: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Brute-force top-k ids by inner product, in numpy (independent of FAISS)."""
+    sims = queries @ base.T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return ids[top]
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    gen = Clusters(DIM, N_CLUSTERS, seed=1)
+    x = gen.sample(N_BASE + N_EXTRA)
+    return {"x": x, "ids": np.arange(len(x), dtype=np.int64), "queries": gen.sample(500)}
+
+
+@pytest.fixture(scope="module")
+def ivf(data) -> tuple[faiss.Index, IndexInfo]:
+    x, ids = data["x"][:N_BASE], data["ids"][:N_BASE]
+    params = choose_params(N_BASE, DIM, bytes_per_vector=BPV)
+    index, info = build_index(x, ids, params, k=10, seed=0)
+    info.model_fingerprint = "model-A"
+    return index, info
+
+
+def _copy(index: faiss.Index, info: IndexInfo) -> tuple[faiss.Index, IndexInfo]:
+    return faiss.clone_index(index), IndexInfo.from_dict(info.to_dict())
+
+
+def _centroids(index: faiss.Index) -> np.ndarray:
+    ivf = faiss.extract_index_ivf(index)
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+
+def _pq_codebooks(index: faiss.Index) -> np.ndarray:
+    ivfpq = faiss.downcast_index(faiss.extract_index_ivf(index))
+    return faiss.vector_to_array(ivfpq.pq.centroids)
+
+
+# --------------------------------------------------------------------------- parameter rules
+
+
+@pytest.mark.parametrize("n", [FLAT_MAX_N, 20_000, 123_457, 1_000_000, 1 << 20, 30_000_000])
+@pytest.mark.parametrize("dim", [64, 96, 100, 512])
+def test_choose_params_rules(n: int, dim: int) -> None:
+    p = choose_params(n, dim)
+    assert p.kind == "ivfpq" and p.nbits == 8 and p.refine
+    assert p.nlist & (p.nlist - 1) == 0, "nlist must be a power of two"
+    assert p.nlist <= 4 * math.sqrt(n) < 2 * p.nlist, "nlist is 4*sqrt(n) rounded down"
+    assert n / p.nlist >= 30, "at least 30 points per centroid in the collection"
+    assert p.train_size <= n and 30 <= p.train_size / p.nlist <= 256
+    assert p.train_size == min(n, 256 * p.nlist)
+    assert dim % p.m == 0 and p.m <= 64
+    assert p.m == max(d for d in range(1, 65) if dim % d == 0), "largest divisor within budget"
+    assert 1 <= p.nprobe <= p.nlist
+    assert IndexParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+def test_choose_params_specific_cases() -> None:
+    p = choose_params(1_000_000, 512)
+    assert (p.nlist, p.m, p.train_size) == (2048, 64, 256 * 2048)
+    # The whole in-memory index fits 80 bytes/vector at the benchmark scale (codes 64 + id 8).
+    assert estimate_bytes_per_vector(p, 1_000_000, 512) <= 80
+    assert choose_params(200_000, 512, bytes_per_vector=32).m == 32
+    assert choose_params(200_000, 100, bytes_per_vector=64).m == 50
+    # Points-per-centroid bounds are honoured when they bind.
+    p = choose_params(20_000, 64, min_points_per_centroid=100, max_points_per_centroid=120)
+    assert 20_000 / p.nlist >= 100 and p.train_size <= 120 * p.nlist
+    assert choose_params(20_000, 128, opq=True).opq is True
+    assert choose_params(20_000, 128).opq is False
+    assert choose_params(20_000, 64, opq=True).opq is False  # 1-D sub-spaces: nothing to rotate
+
+
+@pytest.mark.parametrize("n", [0, 1, 500, FLAT_MAX_N - 1])
+def test_small_collections_are_flat(n: int) -> None:
+    p = choose_params(n, 128)
+    assert p.kind == "flat" and not p.refine
+
+
+def test_choose_params_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        choose_params(1000, 0)
+    with pytest.raises(ValueError):
+        choose_params(1000, 64, min_points_per_centroid=300, max_points_per_centroid=256)
+
+
+# --------------------------------------------------------------------------- search quality
+
+
+def test_ivfpq_recall_against_exact_search(data, ivf) -> None:
+    index, info = ivf
+    x, ids, q = data["x"][:N_BASE], data["ids"][:N_BASE], data["queries"]
+    assert info.params.kind == "ivfpq" and info.n_vectors == N_BASE == index.ntotal
+    assert info.recall_at_k >= 0.95 and 1 <= info.nprobe <= info.params.nlist
+    truth = exact_topk(x, ids, q, 10)
+    scores, found = search(index, info, q, 10, vectors=x)
+    assert found.shape == (len(q), 10)
+    assert recall_at_k(found, truth) >= 0.95
+    # Re-ranked scores are the true inner products, in descending order.
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[found]), atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    # Without re-ranking the PQ-only ranking is worse: the re-ranking is doing real work.
+    _, approx = search(index, info, q, 10)
+    assert recall_at_k(approx, truth) < recall_at_k(found, truth)
+
+
+def test_ivfpq_callable_vector_source_matches_array(data, ivf) -> None:
+    index, info = ivf
+    x, q = data["x"][:N_BASE], data["queries"][:50]
+    seen: list[np.ndarray] = []
+
+    def lookup(wanted: np.ndarray) -> np.ndarray:
+        seen.append(wanted)
+        return x[wanted]
+
+    s1, i1 = search(index, info, q, 10, vectors=x)
+    s2, i2 = search(index, info, q, 10, vectors=lookup)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-6)
+    assert len(seen) == 1 and np.all(np.diff(seen[0]) > 0), "one batched, sorted, unique fetch"
+
+
+def test_numpy_rerank_fallback_matches_faiss_kernel(data, ivf, monkeypatch) -> None:
+    """Older FAISS (no `nsubset` re-ranking kernel) and non-float32 arrays take the numpy path."""
+    import cbir.index as cbir_index
+
+    index, info = ivf
+    x, q = data["x"][:N_BASE], data["queries"][:100]
+    s1, i1 = search(index, info, q, 10, vectors=x)
+    s2, i2 = search(index, info, q, 10, vectors=x.astype(np.float64))  # not float32: numpy path
+    monkeypatch.setattr(cbir_index, "_FAISS_RERANK", False)
+    s3, i3 = search(index, info, q, 10, vectors=x)
+    for s, i in ((s2, i2), (s3, i3)):
+        np.testing.assert_array_equal(i, i1)
+        np.testing.assert_allclose(s, s1, atol=1e-5)
+
+
+def test_flat_index_is_exact_with_arbitrary_ids() -> None:
+    gen = Clusters(48, 30, seed=2)
+    x, q = gen.sample(3000), gen.sample(40)
+    ids = np.random.default_rng(3).choice(10**12, size=len(x), replace=False).astype(np.int64)
+    index, info = build_index(x, ids)
+    assert info.params.kind == "flat" and info.recall_at_k == 1.0
+    scores, found = search(index, info, q, 10)
+    np.testing.assert_array_equal(found, exact_topk(x, ids, q, 10))
+    # k larger than the collection is clamped to it.
+    small, small_info = build_index(x[:5], ids[:5])
+    _, found = search(small, small_info, q, 10)
+    assert found.shape == (len(q), 5) and set(found[0]) == set(ids[:5])
+
+
+def test_deterministic_under_seed() -> None:
+    gen = Clusters(32, 100, seed=4)
+    x = gen.sample(FLAT_MAX_N + 16)
+    ids = np.arange(len(x))
+    params = choose_params(len(x), 32, bytes_per_vector=8)
+    a, ia = build_index(x, ids, params, seed=7)
+    b, ib = build_index(x, ids, params, seed=7)
+    assert (ia.nprobe, ia.k_factor, ia.recall_at_k) == (ib.nprobe, ib.k_factor, ib.recall_at_k)
+    np.testing.assert_array_equal(faiss.serialize_index(a), faiss.serialize_index(b))
+
+
+def test_opq_variant_builds_searches_and_persists(tmp_path: Path) -> None:
+    gen = Clusters(32, 100, seed=5)
+    x, q = gen.sample(FLAT_MAX_N + 16), gen.sample(100)
+    ids = np.arange(len(x))
+    params = choose_params(len(x), 32, bytes_per_vector=8, opq=True)
+    assert params.opq
+    index, info = build_index(x, ids, params)
+    assert isinstance(index, faiss.IndexPreTransform)
+    _, found = search(index, info, q, 10, vectors=x)
+    assert recall_at_k(found, exact_topk(x, ids, q, 10)) >= 0.95
+    assert remove_ids(index, info, ids[:10]) == 10 and index.ntotal == len(x) - 10
+    save_index(index, info, tmp_path)
+    index2, _ = load_index(tmp_path)
+    np.testing.assert_array_equal(search(index2, info, q, 10, vectors=x)[1],
+                                  search(index, info, q, 10, vectors=x)[1])
+
+
+# --------------------------------------------------------------------------- updates
+
+
+def test_incremental_add_keeps_quantiser_and_finds_new_ids(data, ivf) -> None:
+    index, info = _copy(*ivf)
+    before = _centroids(index)
+    pq_before = _pq_codebooks(index)
+    new_x, new_ids = data["x"][N_BASE:], data["ids"][N_BASE:]
+    assert add_vectors(index, info, new_x, new_ids)
+    assert index.ntotal == info.n_vectors == N_BASE + N_EXTRA
+    np.testing.assert_array_equal(_centroids(index), before)
+    np.testing.assert_array_equal(_pq_codebooks(index), pq_before)
+    # Each added vector finds itself first; recall over the grown collection still holds.
+    _, found = search(index, info, new_x[:300], 1, vectors=data["x"])
+    assert np.mean(found[:, 0] == new_ids[:300]) >= 0.99
+    _, found = search(index, info, data["queries"], 10, vectors=data["x"])
+    assert recall_at_k(found, exact_topk(data["x"], data["ids"], data["queries"], 10)) >= 0.95
+
+
+def test_add_refused_above_rebuild_factor(data, ivf) -> None:
+    index, info = _copy(*ivf)
+    assert info.trained_size == N_BASE
+    # 16000 + 4000 > 1.2 * 16000: refused, nothing added.
+    assert not add_vectors(index, info, data["x"][N_BASE:], data["ids"][N_BASE:], rebuild_factor=1.2)
+    assert index.ntotal == info.n_vectors == N_BASE
+    assert add_vectors(index, info, data["x"][N_BASE:], data["ids"][N_BASE:], rebuild_factor=1.25)
+
+
+def test_flat_always_accepts_adds() -> None:
+    gen = Clusters(16, 10, seed=6)
+    x = gen.sample(200)
+    index, info = build_index(x[:50], np.arange(50))
+    assert add_vectors(index, info, x[50:], np.arange(50, 200), rebuild_factor=1.0)
+    assert index.ntotal == info.n_vectors == 200
+
+
+def test_remove_and_replace(data, ivf) -> None:
+    index, info = _copy(*ivf)
+    x = data["x"][:N_BASE].copy()
+    victims = np.array([3, 77, 1234], dtype=np.int64)
+    assert remove_ids(index, info, np.r_[victims, 10**9]) == 3  # absent id ignored
+    assert index.ntotal == info.n_vectors == N_BASE - 3
+    _, found = search(index, info, x[victims], 10, vectors=x)
+    assert not np.isin(found, victims).any()
+    # Re-embedded image: same id, new vector.
+    x[77] = Clusters(DIM, 1, seed=9).sample(1)[0]
+    assert add_vectors(index, info, x[77:78], victims[1:2])
+    _, found = search(index, info, x[77:78], 1, vectors=x)
+    assert found[0, 0] == 77
+
+
+def test_input_validation(data, ivf) -> None:
+    index, info = ivf
+    with pytest.raises(CbirError, match="dimension"):
+        search(index, info, np.ones((1, DIM + 1), np.float32), 5)
+    with pytest.raises(CbirError, match="normalised"):
+        build_index(np.ones((100, 8), np.float32), np.arange(100))
+    with pytest.raises(ValueError, match="unique"):
+        build_index(data["x"][:100], np.zeros(100, np.int64))
+    with pytest.raises(CbirError, match="out of sync"):
+        search(index, info, data["queries"][:5], 10, vectors=data["x"][:100])
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def test_save_load_round_trip(tmp_path: Path, data, ivf) -> None:
+    index, info = ivf
+    save_index(index, info, tmp_path / "idx")
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.faiss", "index.json"]
+    side = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert side["format_version"] == 1 and side["n_vectors"] == N_BASE
+    assert side["model_fingerprint"] == "model-A" and side["nprobe"] == info.nprobe
+    index2, info2 = load_index(tmp_path / "idx", expected_fingerprint="model-A")
+    assert info2 == info
+    x, q = data["x"], data["queries"]
+    for vectors in (x, None):
+        s1, i1 = search(index, info, q, 10, vectors=vectors)
+        s2, i2 = search(index2, info2, q, 10, vectors=vectors)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(s1, s2)
+    # The size estimate matches the real serialised size closely.
+    size = (tmp_path / "idx" / "index.faiss").stat().st_size
+    assert size / N_BASE == pytest.approx(estimate_bytes_per_vector(info.params, N_BASE, DIM), rel=0.05)
+
+
+def test_truncated_index_file(tmp_path: Path, ivf) -> None:
+    index, info = ivf
+    save_index(index, info, tmp_path)
+    f = tmp_path / "index.faiss"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CbirError, match="damaged; rebuild with `cbir index`"):
+        load_index(tmp_path)
+    # Even when the sidecar agrees with the truncated file, FAISS' own error becomes a CbirError.
+    side = json.loads((tmp_path / "index.json").read_text())
+    import hashlib
+
+    side["index_file"].update(bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest())
+    (tmp_path / "index.json").write_text(json.dumps(side))
+    with pytest.raises(CbirError, match="damaged"):
+        load_index(tmp_path)
+
+
+def test_fingerprint_mismatch(tmp_path: Path, ivf) -> None:
+    save_index(*ivf, tmp_path)
+    with pytest.raises(CbirError, match="model model-A but the current embeddings are from model B"):
+        load_index(tmp_path, expected_fingerprint="B")
+    load_index(tmp_path)  # no expectation: no check
+
+
+def test_missing_and_inconsistent_files(tmp_path: Path, ivf) -> None:
+    with pytest.raises(CbirError, match="no index"):
+        load_index(tmp_path / "nowhere")
+    save_index(*ivf, tmp_path)
+    side_path = tmp_path / "index.json"
+    side = json.loads(side_path.read_text())
+    side["n_vectors"] += 1
+    side_path.write_text(json.dumps(side))
+    with pytest.raises(CbirError, match="vectors"):
+        load_index(tmp_path)
+    side_path.write_text("{not json")
+    with pytest.raises(CbirError, match="unreadable"):
+        load_index(tmp_path)
+    (tmp_path / "index.faiss").unlink()
+    with pytest.raises(CbirError, match="index.faiss missing"):
+        load_index(tmp_path)
+
+
+def test_recall_helper() -> None:
+    truth = np.array([[1, 2, 3], [4, 5, 6]])
+    assert recall_at_k(np.array([[3, 2, 1], [4, -1, 9]]), truth) == pytest.approx(4 / 6)

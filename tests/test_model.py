@@ -1,0 +1,129 @@
+"""The descriptor network: GeM, normalisation, weight loading (safe), fingerprints."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from cbir.errors import CbirError
+from cbir.model import (
+    GeM, ModelConfig, Preprocess, build_model, fingerprint, load_checkpoint, safe_load,
+    save_checkpoint,
+)
+
+
+def test_gem_matches_hand_computation():
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    assert torch.allclose(GeM(p=1.0)(x), torch.tensor([[2.5]]))
+    expected = ((1 + 8 + 27 + 64) / 4) ** (1 / 3)
+    assert torch.allclose(GeM(p=3.0)(x), torch.tensor([[expected]]))
+
+
+def test_descriptor_is_unit_length_with_the_configured_dimension():
+    for descriptor, dim in (("trunk", 512), ("projection", 128)):
+        model, _ = build_model(ModelConfig(descriptor=descriptor, projection_dim=128))
+        model.eval()
+        with torch.inference_mode():
+            z = model(torch.randn(3, 3, 64, 64))
+        assert z.shape == (3, dim) and model.dim == dim
+        assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_fingerprint_follows_weights_and_preprocessing():
+    cfg = ModelConfig()
+    a, _ = build_model(cfg, seed=1)
+    b, _ = build_model(cfg, seed=1)
+    c, _ = build_model(cfg, seed=2)
+    pp = Preprocess(resolution=224)
+    assert fingerprint(a, pp) == fingerprint(b, pp)
+    assert fingerprint(a, pp) != fingerprint(c, pp)
+    assert fingerprint(a, pp) != fingerprint(a, Preprocess(resolution=160))
+    # the projection head only matters when it produces the descriptor
+    with torch.no_grad():
+        b.head.weight.add_(1.0)
+    assert fingerprint(a, pp) == fingerprint(b, pp)
+
+
+def test_init_from_a_local_torchvision_state_dict(tmp_path):
+    torch.manual_seed(5)
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model, source = build_model(ModelConfig(), str(path))
+    assert "file" in source
+    assert torch.equal(model.trunk.conv1.weight, reference.conv1.weight)
+    assert torch.equal(model.trunk.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_init_from_a_torchvision_weights_name_uses_torchvision_loading(tmp_path, monkeypatch):
+    # No network here: put the file where torchvision's downloader looks first (its hub cache).
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    torch.manual_seed(7)
+    reference = torchvision.models.resnet18(weights=None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / Path(weights.url).name)
+    for name in ("IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1"):
+        model, source = build_model(ModelConfig(), name)
+        assert "ResNet18_Weights.IMAGENET1K_V1" in source
+        assert torch.equal(model.trunk.conv1.weight, reference.conv1.weight)
+
+
+def test_unreachable_torchvision_weights_give_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torch.hub as hub
+
+    def offline(*a, **kw):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(hub, "download_url_to_file", offline)
+    with pytest.raises(CbirError, match="could not get torchvision weights"):
+        build_model(ModelConfig(backbone="resnet34"), "IMAGENET1K_V1")
+
+
+def test_unknown_init_and_wrong_shapes_are_refused(tmp_path):
+    with pytest.raises(CbirError, match="neither 'none'"):
+        build_model(ModelConfig(), "no-such-weights")
+    path = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(CbirError, match="do not fit a resnet18 trunk"):
+        build_model(ModelConfig(backbone="resnet18"), str(path))
+
+
+class Payload:
+    """Unpickling this would run code; weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_pickled_objects_and_truncated_files_are_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as fh:
+        torch.save({"state_dict": Payload()}, fh, pickle_module=pickle)
+    with pytest.raises(CbirError, match="pickled Python objects"):
+        safe_load(evil)
+    model, _ = build_model(ModelConfig())
+    good = tmp_path / "ckpt.pt"
+    save_checkpoint(good, model, Preprocess())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CbirError, match="damaged or truncated"):
+        safe_load(truncated)
+
+
+def test_checkpoint_round_trip_keeps_weights_and_fingerprint(tmp_path):
+    model, _ = build_model(ModelConfig(projection="mlp", projection_dim=64), seed=3)
+    pp = Preprocess(resolution=128)
+    fp = save_checkpoint(tmp_path / "m.pt", model, pp, extra={"epoch": 4})
+    loaded, raw = load_checkpoint(tmp_path / "m.pt")
+    assert raw["fingerprint"] == fp and raw["epoch"] == 4
+    assert fingerprint(loaded, pp) == fp
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
