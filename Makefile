@@ -21,9 +21,16 @@ install: $(STAMP)
 demo: install
 	dvc repro
 	@echo
-	@echo "Results of the demo run:"
-	@echo "  manifest   data/manifest/files.parquet"
-	@echo "  catalogue  data/catalog.duckdb   (try: $(BIN)/cbir sql \"SELECT * FROM ingest_runs\")"
+	@cat data/reports/metrics.md
+	@echo
+	@echo "Results of the demo run (all under data/):"
+	@echo "  demo collection  data/demo/scans, ground truth data/demo/ground_truth.csv"
+	@echo "  manifest         data/manifest/files.parquet"
+	@echo "  embeddings       data/embeddings/<model fingerprint>/shard-*.parquet"
+	@echo "  index            data/index/index.faiss (+ index.json)"
+	@echo "  pairs, clusters  data/pairs/pairs.parquet, data/pairs/clusters.parquet"
+	@echo "  evaluation       data/reports/metrics.json, metrics.md, neighbors.parquet"
+	@echo "  catalogue        data/catalog.duckdb   try: $(BIN)/cbir sql \"SELECT * FROM duplicate_pairs ORDER BY score DESC LIMIT 10\""
 
 test: install
 	$(BIN)/python -m pytest -q

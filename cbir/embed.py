@@ -114,7 +114,11 @@ def embed_files(model: Descriptor, files: list[bytes], pp: Preprocess, *, batch_
 
 # --------------------------------------------------------------------------- shards on disk
 
-def embeddings_dir(settings: Settings, fp: str) -> Path:
+def embeddings_dir(settings: Settings, fp: str, *, baseline: bool = False) -> Path:
+    """Where the embeddings of model `fp` live. Baselines (used only by evaluation) go to the
+    cache, so that evaluating never changes the embed step's outputs."""
+    if baseline:
+        return settings.path(settings.data.cache_dir) / "baseline-embeddings" / fp
     return settings.path(settings.data.embeddings_dir) / fp
 
 
@@ -141,9 +145,10 @@ class EmbedPlan:
     already: int  # images that already have an embedding for this fingerprint
 
 
-def plan_shards(settings: Settings, fp: str, source: str = "") -> EmbedPlan:
+def plan_shards(settings: Settings, fp: str, source: str = "", *, baseline: bool = False,
+                ) -> EmbedPlan:
     """The shards still to embed for model `fp`: canonical images without an embedding."""
-    folder = embeddings_dir(settings, fp)
+    folder = embeddings_dir(settings, fp, baseline=baseline)
     done = embedded_ids(folder) if folder.is_dir() else set()
     root = os.fsencode(settings.path(settings.data.scans_dir))
     todo = [r for r in canonical_images(settings) if r["image_id"] not in done]
@@ -209,13 +214,18 @@ def write_model_card(settings: Settings, plan: EmbedPlan, model: Descriptor) -> 
                 "resolution": settings.embed.resolution}, plan.folder / "model.json")
 
 
-def run_embed(settings: Settings, *, progress: bool = False, untrained: bool = False,
+def run_embed(settings: Settings, *, progress: bool = False, baseline: bool = False,
               ) -> EmbedSummary:
-    """Embed every canonical image that has no embedding for the current model."""
+    """Embed every canonical image that has no embedding for the current model.
+
+    `baseline=True` embeds with the untrained backbone (the configured init) instead, into the
+    cache; when no training checkpoint exists that is the current model, and nothing is redone.
+    """
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model, pp, fp, source = retrieval_model(settings, untrained=untrained)
-    plan = plan_shards(settings, fp, source)
+    model, pp, fp, source = retrieval_model(settings, untrained=baseline)
+    _, _, current_fp, _ = retrieval_model(settings) if baseline else (None, None, fp, None)
+    plan = plan_shards(settings, fp, source, baseline=baseline and fp != current_fp)
     plan.folder.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(plan.folder)
     write_model_card(settings, plan, model)

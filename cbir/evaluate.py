@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from . import metrics
 from .config import Settings
-from .embed import embeddings_dir, load_embeddings, run_embed
+from .embed import load_embeddings, run_embed
 from .errors import CbirError
 from .fsutil import write_json, write_parquet, write_text
 from .ingest import PRESENT, load_manifest
@@ -181,8 +181,8 @@ def run_evaluate(settings: Settings, *, progress: bool = False) -> EvaluationRes
     if cfg.baselines:
         # The untrained backbone, ranked exactly (its embeddings are cached under their own
         # fingerprint; without a checkpoint they are the model's own, so nothing is recomputed).
-        base = run_embed(settings, progress=progress, untrained=True)
-        b_ids, b_vec = load_embeddings(embeddings_dir(settings, base.fingerprint), set(ids))
+        base = run_embed(settings, progress=progress, baseline=True)
+        b_ids, b_vec = load_embeddings(base.folder, set(ids))
         if b_ids != ids:
             raise CbirError("the untrained-backbone embeddings do not cover the collection")
         bi, bs = exact_topk(b_vec, query_rows, kmax + 1)
