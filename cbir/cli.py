@@ -88,6 +88,35 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    from .train import run_train
+
+    print("\n".join(run_train(settings, resume=args.resume, progress=_progress_wanted()).lines()))
+    return 0
+
+
+def cmd_augment_preview(settings: Settings, args: argparse.Namespace) -> int:
+    from .augment import STRATEGIES, preview_grid
+    from .imaging import ImageRejected, load_rgb
+
+    try:
+        img = load_rgb(args.image, max(512, 2 * settings.train.resolution))
+    except (ImageRejected, OSError) as exc:
+        reason = exc.reason if isinstance(exc, ImageRejected) else exc
+        raise CbirError(f"cannot read {args.image}: {reason}") from None
+    strategies = [args.strategy] if args.strategy else list(STRATEGIES)
+    grid = preview_grid(img, strategies=strategies, n=args.n,
+                        resolution=args.resolution or settings.train.resolution, seed=args.seed)
+    out = Path(args.out) if args.out else \
+        settings.path(settings.data.reports_dir) / f"augment-preview-{Path(args.image).stem}.png"
+    from .fsutil import atomic_path
+
+    with atomic_path(out) as tmp:
+        grid.save(tmp, format="PNG")
+    print(f"augment preview ({', '.join(strategies)}; {args.n} views each): {out}")
+    return 0
+
+
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     from .catalog import query
 
@@ -147,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", parents=[common],
                        help="Precision/Recall/F1/mAP@K against data.ground_truth, with baselines")
     p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("train", parents=[common],
+                       help="SimCLR training on the collection (checkpoint to model.checkpoint)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its last epoch checkpoint")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("augment-preview", parents=[common],
+                       help="a grid of augmented views of IMAGE for each strategy")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--strategy", choices=["simclr", "heritage"], help="only this strategy")
+    p.add_argument("--n", type=int, default=8, help="views per strategy (default %(default)s)")
+    p.add_argument("--resolution", type=int, help="view size (default train.resolution)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="PNG to write (default data/reports/augment-preview-NAME.png)")
+    p.set_defaults(handler=cmd_augment_preview)
 
     p = sub.add_parser("sql", parents=[common],
                        help="run one SQL query on the DuckDB catalogue (read only)")
