@@ -17,8 +17,9 @@ embeddings on disk, memory-mapped, or a caller-supplied lookup). Re-ranking only
 
 ``build_index`` tunes ``nprobe`` (and, if PQ precision is the bottleneck, ``k_factor``) on held-out
 queries sampled from the data until re-ranked recall@k reaches the target, and records the measured
-recall in :class:`IndexInfo`. ``save_index``/``load_index`` persist the index plus a JSON sidecar that
-doubles as the commit marker and carries a checksum, so a torn or stale pair is detected on load.
+recall in :class:`IndexInfo`. ``save_index``/``load_index`` persist the index plus a JSON sidecar
+that doubles as the commit marker and carries a checksum, so a torn or stale pair is detected on
+load.
 
 Everything is deterministic under ``seed`` for a given machine and thread count (numpy Generator
 for sampling, FAISS k-means seeds for the coarse quantiser and PQ codebooks). FAISS uses all cores
@@ -52,8 +53,8 @@ INDEX_FILE = "index.faiss"
 SIDECAR_FILE = "index.json"
 
 #: Below this many vectors the index is exact (flat). FAISS wants >= 39 training points per
-#: centroid, and each PQ sub-quantiser has 256 centroids (8 bits): 39 * 256 = 9984 points. Under that
-#: the codebooks are under-trained, and brute force over < 10k vectors costs well under 1 ms/query.
+#: centroid, and each PQ sub-quantiser has 256 centroids (8 bits): 39 * 256 = 9984 points. Under
+#: that the codebooks are under-trained, and brute force over < 10k vectors costs < 1 ms/query.
 FLAT_MAX_N = 39 * 256
 
 #: How many candidates per wanted result the approximate stage returns for exact re-ranking.
@@ -146,12 +147,12 @@ def choose_params(
     """Pick the index layout for ``n`` vectors of dimension ``dim`` (autofaiss-style rules).
 
     * ``n < FLAT_MAX_N`` (9984): exact flat search.
-    * ``nlist`` = 4*sqrt(n) rounded *down* to a power of two (autofaiss rounds to the nearest; rounding
-      down keeps the coarse centroids <= 16*dim/sqrt(n) bytes per vector - 8 B at 1M x 512 - which is
-      what lets the whole index stay within 80 B/vector, and halves k-means time on small machines),
-      then lowered so every centroid gets >= ``min_points_per_centroid`` points.
-    * training sample = min(n, ``max_points_per_centroid`` * nlist), so k-means sees 30-256 points per
-      centroid (FAISS would subsample to 256 per centroid itself).
+    * ``nlist`` = 4*sqrt(n) rounded *down* to a power of two (autofaiss rounds to the nearest;
+      rounding down keeps the coarse centroids <= 16*dim/sqrt(n) bytes per vector - 8 B at
+      1M x 512 - which is what lets the whole index stay within 80 B/vector, and halves k-means
+      time on small machines), then lowered so every centroid gets >= ``min_points_per_centroid``.
+    * training sample = min(n, ``max_points_per_centroid`` * nlist), so k-means sees 30-256 points
+      per centroid (FAISS would subsample to 256 per centroid itself).
     * PQ: ``m`` = largest divisor of ``dim`` that fits ``bytes_per_vector`` (8 bits per code).
     * ``opq``: learn an OPQ rotation first (only when sub-quantisers span >= 2 dimensions). Off by
       default: on the benchmark data it did not change recall, while training it at d=512 costs
@@ -543,7 +544,8 @@ def add_vectors(
     ids = _as_ids(ids, x.shape[0])
     if x.shape[0] == 0:
         return True
-    if info.params.kind != "flat" and index.ntotal + x.shape[0] > rebuild_factor * info.trained_size:
+    n_after = index.ntotal + x.shape[0]
+    if info.params.kind != "flat" and n_after > rebuild_factor * info.trained_size:
         return False
     _check_normalised(x)
     _add_chunked(index, x, ids)
@@ -618,7 +620,9 @@ def load_index(
     side_path, index_path = folder / SIDECAR_FILE, folder / INDEX_FILE
     if not side_path.is_file() or not index_path.is_file():
         missing = side_path if not side_path.is_file() else index_path
-        raise CbirError(f"no index at {folder} ({missing.name} missing); build it with `cbir index`")
+        raise CbirError(
+            f"no index at {folder} ({missing.name} missing); build it with `cbir index`"
+        )
     try:
         side = json.loads(side_path.read_text(encoding="utf-8"))
         version = side["format_version"]
@@ -725,6 +729,8 @@ def run_index(settings: Any, *, rebuild: bool = False) -> IndexSummary:
         else:
             if info.model_fingerprint != fp:
                 reason = f"model changed from {info.model_fingerprint} to {fp}"
+            elif info.params.kind == "flat" and len(ids) > FLAT_MAX_N:
+                reason = f"collection outgrew exact search ({len(ids)} > {FLAT_MAX_N} vectors)"
             else:
                 have = index_ids(index)
                 gone = np.setdiff1d(have, fids)

@@ -6,6 +6,7 @@ reports. Data: clustered unit vectors (cluster centres + Gaussian noise, normali
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -253,9 +254,10 @@ def test_add_refused_above_rebuild_factor(data, ivf) -> None:
     index, info = _copy(*ivf)
     assert info.trained_size == N_BASE
     # 16000 + 4000 > 1.2 * 16000: refused, nothing added.
-    assert not add_vectors(index, info, data["x"][N_BASE:], data["ids"][N_BASE:], rebuild_factor=1.2)
+    new_x, new_ids = data["x"][N_BASE:], data["ids"][N_BASE:]
+    assert not add_vectors(index, info, new_x, new_ids, rebuild_factor=1.2)
     assert index.ntotal == info.n_vectors == N_BASE
-    assert add_vectors(index, info, data["x"][N_BASE:], data["ids"][N_BASE:], rebuild_factor=1.25)
+    assert add_vectors(index, info, new_x, new_ids, rebuild_factor=1.25)
 
 
 def test_flat_always_accepts_adds() -> None:
@@ -313,7 +315,8 @@ def test_save_load_round_trip(tmp_path: Path, data, ivf) -> None:
         np.testing.assert_array_equal(s1, s2)
     # The size estimate matches the real serialised size closely.
     size = (tmp_path / "idx" / "index.faiss").stat().st_size
-    assert size / N_BASE == pytest.approx(estimate_bytes_per_vector(info.params, N_BASE, DIM), rel=0.05)
+    expected = estimate_bytes_per_vector(info.params, N_BASE, DIM)
+    assert size / N_BASE == pytest.approx(expected, rel=0.05)
 
 
 def test_truncated_index_file(tmp_path: Path, ivf) -> None:
@@ -325,9 +328,8 @@ def test_truncated_index_file(tmp_path: Path, ivf) -> None:
         load_index(tmp_path)
     # Even when the sidecar agrees with the truncated file, FAISS' own error becomes a CbirError.
     side = json.loads((tmp_path / "index.json").read_text())
-    import hashlib
-
-    side["index_file"].update(bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest())
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    side["index_file"].update(bytes=f.stat().st_size, sha256=digest)
     (tmp_path / "index.json").write_text(json.dumps(side))
     with pytest.raises(CbirError, match="damaged"):
         load_index(tmp_path)
@@ -335,7 +337,8 @@ def test_truncated_index_file(tmp_path: Path, ivf) -> None:
 
 def test_fingerprint_mismatch(tmp_path: Path, ivf) -> None:
     save_index(*ivf, tmp_path)
-    with pytest.raises(CbirError, match="model model-A but the current embeddings are from model B"):
+    expected = "model model-A but the current embeddings are from model B"
+    with pytest.raises(CbirError, match=expected):
         load_index(tmp_path, expected_fingerprint="B")
     load_index(tmp_path)  # no expectation: no check
 
