@@ -91,7 +91,9 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from .train import run_train
 
-    print("\n".join(run_train(settings, resume=args.resume, progress=_progress_wanted()).lines()))
+    summary = run_train(settings, resume=args.resume, progress=_progress_wanted(),
+                        max_epochs=args.max_epochs)
+    print("\n".join(summary.lines()))
     return 0
 
 
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SimCLR training on the collection (checkpoint to model.checkpoint)")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run from its last epoch checkpoint")
+    p.add_argument("--max-epochs", type=int, metavar="N",
+                   help="stop after N epochs in all (the schedule still spans train.epochs)")
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("augment-preview", parents=[common],

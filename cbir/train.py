@@ -30,6 +30,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -95,7 +96,7 @@ class TrainCache:
 
 
 def _ids_key(ids: Sequence[str], side: int) -> str:
-    return hashlib.sha256(f"{side}\n{chr(10).join(ids)}".encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join([str(side), *ids]).encode()).hexdigest()[:16]
 
 
 def _read_cache(folder: Path) -> TrainCache | None:
@@ -134,11 +135,15 @@ def build_cache(settings: Settings, *, progress: bool = False, log: Log = print)
     scans = os.fsencode(settings.path(settings.data.scans_dir))
     rows = canonical_images(settings)
     ids = [r["image_id"] for r in rows]
+    if not ids:
+        raise CbirError("no images to train on: the manifest is empty (run `cbir ingest`)")
     old = _read_cache(folder)
     if old is not None and old.side == side and old.ids == ids:
         return old
 
-    reuse = {i: r for r, i in enumerate(old.ids) if i not in old.failed} if old else {}
+    wanted = set(ids)
+    reuse = {i: r for r, i in enumerate(old.ids) if i in wanted and i not in old.failed} \
+        if old else {}
     todo = [(r, os.path.join(scans, row["path_raw"]), side, settings.ingest.max_pixels)
             for r, row in enumerate(rows) if row["image_id"] not in reuse]
     failed: dict[str, str] = {}
@@ -278,13 +283,18 @@ class Dist:
 
 def _setup(device_name: str) -> tuple[Dist, torch.device, bool]:
     """(ranks, this rank's device, whether we created the process group)."""
+    try:
+        device = pick_device(device_name)
+    except CbirError:
+        raise CbirError(f"unknown device {device_name!r} (train.device: auto, cpu, cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CbirError(f"train.device is {device_name!r} but no CUDA GPU is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist(), pick_device(device_name), False
+        return Dist(), device, False
     d = Dist(rank=int(os.environ["RANK"]), world=world,
              local_rank=int(os.environ.get("LOCAL_RANK", "0")),
              local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
-    device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
@@ -304,7 +314,9 @@ def _gather(z: torch.Tensor, d: Dist) -> torch.Tensor:
         return z
     import torch.distributed.nn.functional as dist_nn
 
-    return torch.cat(dist_nn.all_gather(z))
+    with warnings.catch_warnings():  # deprecated in torch 2.14 for a private API; still correct
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dist_nn.all_gather(z))  # differentiable: other ranks' losses reach z
 
 
 def _barrier(d: Dist) -> None:
@@ -487,12 +499,15 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
     if device.type == "cpu":  # all cores by default, shared between the ranks on this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world))
     use_amp = device.type == "cuda"
+    if use_amp:  # fixed input size: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
     model, source = build_model(ModelConfig.from_settings(settings.model), settings.model.init,
                                 seed=settings.model.seed, base=settings.root)
     net: nn.Module = Contrastive(model)
     if d.world > 1 and device.type == "cuda":  # SSCD: BN statistics over the global batch
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    net = net.to(device)
+    # channels_last: tensor-core friendly layout for mixed-precision convolutions
+    net = net.to(device, memory_format=torch.channels_last if use_amp else torch.preserve_format)
     opt = _optimizer(net.parameters(), t)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -561,6 +576,8 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
                 if rng.random() < t.mix_prob:
                     x2 = mix_views(x2, rng)
             x = torch.cat([x1, x2]).to(device, non_blocking=True)
+            if use_amp:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, enabled=use_amp):
                 z = ddp(x)
             loss = contrastive_loss(z.float(), t.temperature, t.koleo_weight, d)
@@ -587,11 +604,14 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
                 torch.save({"format": STATE_FORMAT, "epoch": epoch + 1, "history": history,
                             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                            "recipe": recipe, "images": cache.key, "n_images": n,
+                            "recipe": recipe, "params": settings.train.model_dump(mode="json"),
+                            "images": cache.key, "n_images": n,
                             "world_size": d.world}, tmp)
             write_text(_history_csv(history), models_dir / HISTORY)
         log(f"epoch {epoch + 1}/{t.epochs}: loss {epoch_loss:.4f}, lr {lr:.3g}, "
             f"{epoch_seconds:.1f} s")
+    if d.main and history:  # also when this run had nothing left to do, or was killed before
+        write_text(_history_csv(history), models_dir / HISTORY)
     done = len(history)
     if not stop_reason and done < t.epochs:
         stop_reason = f"max_epochs={max_epochs}"

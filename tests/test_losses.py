@@ -1,4 +1,4 @@
-"""NT-Xent and KoLeo against hand computations, their limits, gradients and the global-batch form."""
+"""NT-Xent and KoLeo: hand computations, limits, gradients, the global-batch (DDP) form."""
 
 from __future__ import annotations
 
