@@ -30,6 +30,7 @@ demo: install
 	@echo "  index            data/index/index.faiss (+ index.json)"
 	@echo "  pairs, clusters  data/pairs/pairs.parquet, data/pairs/clusters.parquet"
 	@echo "  evaluation       data/reports/metrics.json, metrics.md, neighbors.parquet"
+	@echo "  review gallery   data/reports/gallery/index.html (open it in a browser)"
 	@echo "  catalogue        data/catalog.duckdb   try: $(BIN)/cbir sql \"SELECT * FROM duplicate_pairs ORDER BY score DESC LIMIT 10\""
 
 test: install

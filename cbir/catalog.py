@@ -66,6 +66,69 @@ FROM files d JOIN files c ON c.image_id = d.image_id AND c.is_canonical
 WHERE d.status = 'duplicate'
 """
 
+# Reviewing duplicates (see README "Reviewing duplicates"). A pair's two files are looked up by
+# image id and path: the present version of that path when there is one, else its latest.
+_PAIR_FILE_SQL = """
+    SELECT image_id, path, width, height, width::BIGINT * height AS pixels, bytes, format,
+           first_run, mtime
+    FROM files
+    QUALIFY row_number() OVER (PARTITION BY image_id, path
+                               ORDER BY status IN ('ok', 'duplicate') DESC, version DESC) = 1
+"""
+# The likely master: more pixels, else more bytes, else seen first (run, then mtime, then path).
+_PAIR_REPORT_SQL = f"""
+WITH f AS ({_PAIR_FILE_SQL}),
+p AS (
+    SELECT p.score::DOUBLE AS score, p.kind, p.path_a, p.path_b,  -- round(score, 3) shows 0.996
+           a.width AS width_a, a.height AS height_a, b.width AS width_b, b.height AS height_b,
+           a.bytes AS bytes_a, b.bytes AS bytes_b, a.format AS format_a, b.format AS format_b,
+           a.first_run AS first_run_a, b.first_run AS first_run_b,
+           a.mtime AS mtime_a, b.mtime AS mtime_b, a.pixels AS pixels_a, b.pixels AS pixels_b,
+           coalesce(a.first_run > b.first_run
+                    OR (a.first_run = b.first_run AND (a.mtime > b.mtime
+                        OR (a.mtime = b.mtime AND p.path_a > p.path_b))), false) AS a_is_newer,
+           p.image_a, p.image_b, p.rank
+    FROM duplicate_pairs p
+    LEFT JOIN f a ON a.image_id = p.image_a AND a.path = p.path_a
+    LEFT JOIN f b ON b.image_id = p.image_b AND b.path = p.path_b
+),
+m AS (
+    SELECT *,
+           CASE WHEN pixels_a <> pixels_b THEN pixels_a > pixels_b
+                WHEN bytes_a <> bytes_b THEN bytes_a > bytes_b
+                ELSE NOT a_is_newer END AS a_is_master,
+           CASE WHEN pixels_a <> pixels_b THEN 'higher resolution'
+                WHEN bytes_a <> bytes_b THEN 'larger file'
+                ELSE 'earlier' END AS master_reason
+    FROM p
+)
+SELECT * EXCLUDE (pixels_a, pixels_b, a_is_newer, a_is_master, image_a, image_b, rank),
+       CASE WHEN a_is_master THEN path_a ELSE path_b END AS master_path,
+       greatest(first_run_a, first_run_b) AS new_run,
+       CASE WHEN a_is_newer THEN path_a ELSE path_b END AS new_path,
+       image_a, image_b, rank
+FROM m
+"""
+# A pair is new in the run that brought its newer image; `match_path` is the other image.
+_NEW_PAIRS_SQL = """
+SELECT new_run, new_path, CASE WHEN new_path = path_a THEN path_b ELSE path_a END AS match_path,
+       least(first_run_a, first_run_b) AS match_run, score, kind, master_path, master_reason,
+       image_a, image_b
+FROM pair_report
+"""
+_CLUSTER_REPORT_SQL = f"""
+WITH f AS ({_PAIR_FILE_SQL})
+SELECT c.cluster_id, any_value(c.size) AS size,
+       any_value(c.weakest_link)::DOUBLE AS weakest_link,
+       list(c.path ORDER BY c.path) AS members,
+       list(c.path ORDER BY f.pixels DESC, f.bytes DESC, f.first_run, f.mtime, c.path)[1]
+           AS master_path,
+       min(f.first_run) AS first_run, max(f.first_run) AS newest_run, sum(f.bytes) AS total_bytes,
+       list(c.image_id ORDER BY c.path) AS member_ids
+FROM clusters c LEFT JOIN f ON f.image_id = c.image_id AND f.path = c.path
+GROUP BY c.cluster_id
+"""
+
 
 def views(settings: Settings) -> list[View]:
     """Every view the catalogue can hold, in creation order."""
@@ -88,6 +151,13 @@ def views(settings: Settings) -> list[View]:
              comment="near-duplicate pairs (kind 'near') and exact copies (kind 'exact', score 1)"),
         View("clusters", parquet=pairs / "clusters.parquet",
              comment="connected groups of near-duplicates: one row per member"),
+        View("pair_report", sql=_PAIR_REPORT_SQL, needs=("files", "duplicate_pairs"),
+             comment="each pair with both files' dimensions, sizes, formats, first run and "
+                     "mtime, and the likely master (higher resolution, larger, or earlier)"),
+        View("new_pairs", sql=_NEW_PAIRS_SQL, needs=("pair_report",),
+             comment="pairs by the ingest run that brought their newer image (new_run)"),
+        View("cluster_report", sql=_CLUSTER_REPORT_SQL, needs=("files", "clusters"),
+             comment="one row per cluster: members, size, weakest link, likely master"),
     ]
     return v
 

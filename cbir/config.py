@@ -112,6 +112,30 @@ class TrainSettings(_Section):
     seed: int = 0
 
 
+class ReportSettings(_Section):
+    page_size: int = Field(200, ge=1, description="pairs, clusters or queries per gallery page")
+    max_pairs: int = Field(50_000, ge=0, description="strongest pairs in the gallery; 0 = all")
+    thumb_size: int = Field(256, ge=32, le=2048, description="long side of thumbnails, px")
+
+
+class OrchestrationSettings(_Section):
+    """Prefect flows, the nightly schedule, the writer lock (not pipeline params: no DVC stage
+    depends on them)."""
+
+    nightly_cron: str = Field("0 2 * * *", description="when `cbir serve` runs the nightly flow")
+    timezone: str = Field("UTC", description="IANA time zone of nightly_cron")
+    dask_address: str | None = Field(None, description="Dask scheduler for the embedding "
+                                     "shards (tcp://host:8786); null = in the flow's process")
+    task_retries: int = Field(2, ge=0, description="retries of a task after a transient error")
+    retry_delay_seconds: float = Field(10.0, ge=0)
+    lock_timeout: float = Field(600.0, ge=0, description="seconds a writer waits for another "
+                                "to finish; 0 = stop at once")
+    nightly_evaluate: bool = Field(True, description="nightly also re-evaluates when "
+                                   "data.ground_truth is set (keeps DVC's metrics honest)")
+    dvc_commit: bool = Field(True, description="flows record their outputs with `dvc commit` "
+                             "in a DVC repository (and `dvc push` when a remote is set)")
+
+
 class Settings(_Section):
     """All settings, with paths resolved against `root` (the params file's folder)."""
 
@@ -126,6 +150,8 @@ class Settings(_Section):
     search: SearchSettings = SearchSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     train: TrainSettings = TrainSettings()
+    report: ReportSettings = ReportSettings()
+    orchestration: OrchestrationSettings = OrchestrationSettings()
 
     def path(self, p: Path) -> Path:
         """Resolve a params path against the workspace root."""

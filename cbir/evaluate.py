@@ -146,11 +146,26 @@ def _model_label(settings: Settings, source: str) -> str:
     return f"{m.backbone} init={m.init} (no training checkpoint)"
 
 
-def run_evaluate(settings: Settings, *, progress: bool = False) -> EvaluationResult:
-    t0 = time.perf_counter()
-    cfg = settings.evaluate
-    ks = sorted(set(cfg.ks))
-    kmax = max(ks)
+@dataclass
+class ModelRanking:
+    """The current model's top k for every evaluation query, searched through the index."""
+
+    label: str
+    image_ids: list[str]  # row -> image id
+    path_of: dict[str, str]  # image id -> canonical path
+    group_of: dict[int, str]  # row -> ground-truth group
+    query_rows: np.ndarray
+    ranked: metrics.RankedResults
+    neighbours: list[dict[str, Any]]  # NEIGHBORS_SCHEMA rows: the top k of each query
+
+
+def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
+    """Search every query of the ground truth with the current model (k: max of evaluate.ks).
+
+    The one place that ranks the evaluation queries: evaluate scores it, calibrate picks a
+    threshold from it, report plots it.
+    """
+    k = k or max(settings.evaluate.ks)
     gt = read_ground_truth(settings)
     searcher = open_searcher(settings)
     ids = searcher.image_ids
@@ -163,6 +178,23 @@ def run_evaluate(settings: Settings, *, progress: bool = False) -> EvaluationRes
     if len(query_rows) == 0:
         raise CbirError("the ground truth has no group with two or more ingested images: "
                         "nothing to evaluate")
+    s, found = searcher.search(searcher.vectors[query_rows], k + 1)
+    nbr = np.array([[row_of[x] if x is not None else -1 for x in row] for row in found], np.int64)
+    ranked = metrics.build_ranked_results(query_rows, nbr, s, group_of)
+    _, _, _, source = retrieval_model(settings)
+    neighbours = _neighbour_rows(ranked, query_rows, nbr, s, ids, searcher.path_of, group_of, k)
+    return ModelRanking(label=_model_label(settings, source), image_ids=ids,
+                        path_of=searcher.path_of, group_of=group_of, query_rows=query_rows,
+                        ranked=ranked, neighbours=neighbours)
+
+
+def run_evaluate(settings: Settings, *, progress: bool = False) -> EvaluationResult:
+    t0 = time.perf_counter()
+    cfg = settings.evaluate
+    ks = sorted(set(cfg.ks))
+    kmax = max(ks)
+    model = rank_model(settings, kmax)
+    ids, query_rows, group_of = model.image_ids, model.query_rows, model.group_of
 
     def score(label: str, nbr: np.ndarray, sc: np.ndarray) -> metrics.RankedResults:
         r = metrics.build_ranked_results(query_rows, nbr, sc, group_of)
@@ -170,13 +202,9 @@ def run_evaluate(settings: Settings, *, progress: bool = False) -> EvaluationRes
         return r
 
     result = EvaluationResult(n_queries=len(query_rows))
-    # The model, through the index.
-    s, found = searcher.search(searcher.vectors[query_rows], kmax + 1)
-    nbr = np.array([[row_of[x] if x is not None else -1 for x in row] for row in found], np.int64)
-    _, _, _, source = retrieval_model(settings)
-    ranked = score(_model_label(settings, source), nbr, s)
-    neighbours = _neighbour_rows(ranked, query_rows, nbr, s, ids, searcher.path_of, group_of,
-                                 kmax)
+    result.rows.append((model.label, metrics.evaluate(model.ranked, ks,
+                                                      precision=cfg.precision_target)))
+    neighbours = model.neighbours
 
     if cfg.baselines:
         # The untrained backbone, ranked exactly (its embeddings are cached under their own

@@ -1,0 +1,405 @@
+"""Review outputs: the catalogue's report views, the HTML gallery, plots, threshold calibration."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import shlex
+from pathlib import Path
+from urllib.parse import unquote_to_bytes
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir import catalog
+from cbir.calibrate import calibrate, param_value, run_calibrate, set_params
+from cbir.cli import main as cli_main
+from cbir.config import Settings, load_settings
+from cbir.embed import run_embed
+from cbir.errors import CbirError
+from cbir.evaluate import run_evaluate
+from cbir.index import run_index
+from cbir.ingest import run_ingest
+from cbir.metrics import RankedResults
+from cbir.report import run_report
+from cbir.search import run_pairs
+from conftest import REPO, photo, save, write_params
+
+# A "file" whose relative path is markup: a folder `<script>alert(1)<` holding `script>.jpg`
+# (a file name cannot hold "/").
+HOSTILE = "<script>alert(1)</script>.jpg"
+QUOTES = "odd names/q\"uote's & #5 100%.jpg"  # attribute and URL special characters
+PAGE_SIZE = 3
+
+
+def build_workspace(root: Path, *, evaluate: bool = True, page_size: int = PAGE_SIZE) -> Path:
+    """A small collection with known near-duplicates, ingested in two runs, through report."""
+    scans = root / "scans"
+    big = (160, 120)
+    orig = [photo(i, big) for i in range(8)]
+    save(orig[0], scans / "box-a/p00.jpg", quality=95)
+    save(orig[0].resize((120, 90)), scans / "box-b/p00-rescan.jpg")  # lower resolution
+    save(orig[1], scans / "box-a/p01.png")  # same size as the JPEG copy, more bytes
+    save(orig[1], scans / "box-b/p01-copy.jpg", quality=80)
+    save(orig[2], scans / "box-a/p02.jpg")
+    (scans / "copies").mkdir()
+    (scans / "copies/p02.jpg").write_bytes((scans / "box-a/p02.jpg").read_bytes())  # exact copy
+    t = (scans / "box-a/p02.jpg").stat().st_mtime
+    os.utime(scans / "copies/p02.jpg", (t + 60, t + 60))  # the copy is the later file
+    save(orig[3], scans / "box-a/p03.jpg")
+    save(orig[3].resize((150, 112)), scans / HOSTILE)
+    save(orig[4], scans / "box-a/p04.jpg")
+    save(orig[5].resize((140, 105)), scans / QUOTES)
+    for i in (5, 6, 7):
+        save(orig[i], scans / f"box-c/p{i:02d}.jpg")
+    gt = ["path,group", "scans/box-a/p00.jpg,g0", "scans/box-b/p00-rescan.jpg,g0",
+          "scans/box-a/p01.png,g1", "scans/box-b/p01-copy.jpg,g1", "scans/box-a/p03.jpg,g3",
+          f'"scans/{HOSTILE}",g3', "scans/box-a/p04.jpg,g4", "scans/late/p04-late.jpg,g4",
+          f'"scans/{QUOTES.replace(chr(34), chr(34) * 2)}",g5', "scans/box-c/p05.jpg,g5",
+          "scans/box-c/p06.jpg,g6", "scans/box-c/p07.jpg,g7"]
+    (root / "ground_truth.csv").write_text("\n".join(gt) + "\n")
+    params = write_params(root, {
+        "data": {"scans_dir": "scans", "ground_truth": "ground_truth.csv" if evaluate else None},
+        "ingest": {"workers": 2},
+        "embed": {"resolution": 64, "batch_size": 16, "shard_size": 16, "workers": 0},
+        "search": {"k": 4, "pair_threshold": 0.5, "cluster_threshold": 0.9},
+        "evaluate": {"ks": [1, 3], "baselines": False},
+        "report": {"page_size": page_size, "thumb_size": 64},
+    })
+    settings = load_settings(params)
+    run_ingest(settings)
+    save(orig[4].resize((130, 98)), scans / "late/p04-late.jpg")  # arrives in run 2
+    run_ingest(settings)
+    run_embed(settings)
+    run_index(settings)
+    run_pairs(settings)
+    if evaluate:
+        run_evaluate(settings)
+    run_report(settings)
+    return params
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Settings:
+    return load_settings(build_workspace(tmp_path_factory.mktemp("report")))
+
+
+def _gallery(s: Settings) -> Path:
+    return s.path(s.data.reports_dir) / "gallery"
+
+
+def _rows(s: Settings, sql: str, params: list | None = None) -> list[dict]:
+    cols, rows = catalog.query(s, sql, params)
+    return [dict(zip(cols, r)) for r in rows]
+
+
+# --------------------------------------------------------------------------- views
+
+def _pair(s: Settings, a: str, b: str) -> dict:
+    rows = _rows(s, "SELECT * FROM pair_report WHERE [path_a, path_b] IN ([?, ?], [?, ?])",
+                 [a, b, b, a])
+    assert len(rows) == 1, (a, b, rows)
+    return rows[0]
+
+
+def test_pair_report_describes_both_files_and_the_likely_master(ws):
+    rescan = _pair(ws, "box-a/p00.jpg", "box-b/p00-rescan.jpg")
+    assert rescan["kind"] == "near" and 0.5 <= rescan["score"] <= 1.0
+    assert rescan["master_path"] == "box-a/p00.jpg"
+    assert rescan["master_reason"] == "higher resolution"
+    side = "a" if rescan["path_a"] == "box-b/p00-rescan.jpg" else "b"
+    assert (rescan[f"width_{side}"], rescan[f"height_{side}"]) == (120, 90)
+    assert rescan[f"format_{side}"] == "JPEG"
+    scans = ws.path(ws.data.scans_dir)
+    assert rescan[f"bytes_{side}"] == (scans / "box-b/p00-rescan.jpg").stat().st_size
+
+    same_size = _pair(ws, "box-a/p01.png", "box-b/p01-copy.jpg")
+    bigger = max(["box-a/p01.png", "box-b/p01-copy.jpg"], key=lambda p: (scans / p).stat().st_size)
+    assert same_size["master_path"] == bigger and same_size["master_reason"] == "larger file"
+
+    exact = _pair(ws, "box-a/p02.jpg", "copies/p02.jpg")
+    assert exact["kind"] == "exact" and exact["score"] == 1.0
+    assert exact["master_path"] == "box-a/p02.jpg" and exact["master_reason"] == "earlier"
+    assert exact["first_run_a"] == exact["first_run_b"] == 1 and exact["mtime_a"] < exact["mtime_b"]
+
+
+def test_new_pairs_are_those_whose_newer_image_came_in_the_run(ws):
+    late = _rows(ws, "SELECT * FROM new_pairs WHERE new_run = ? ORDER BY score DESC", [2])
+    assert late and all(r["new_path"] == "late/p04-late.jpg" for r in late)
+    assert "box-a/p04.jpg" in {r["match_path"] for r in late}
+    assert all(r["match_run"] == 1 for r in late)
+    earlier = _rows(ws, "SELECT new_path, match_path FROM new_pairs WHERE new_run = ?", [1])
+    assert earlier and all("late/p04-late.jpg" not in r.values() for r in earlier)
+    total = _rows(ws, "SELECT count(*) AS n FROM duplicate_pairs")[0]["n"]
+    assert len(late) + len(earlier) == total
+
+
+def test_cluster_report_summarises_each_cluster(ws):
+    members = _rows(ws, "SELECT cluster_id, path, size, weakest_link FROM clusters")
+    report = _rows(ws, "SELECT * FROM cluster_report ORDER BY cluster_id")
+    assert report and len(report) == len({m["cluster_id"] for m in members})
+    files = {r["path"]: r for r in _rows(ws, "SELECT * FROM images")}
+    for c in report:
+        mine = sorted(m["path"] for m in members if m["cluster_id"] == c["cluster_id"])
+        assert c["members"] == mine and c["size"] == len(mine)
+        assert c["weakest_link"] == pytest.approx(
+            [m["weakest_link"] for m in members if m["cluster_id"] == c["cluster_id"]][0])
+        best = max(mine, key=lambda p: files[p]["width"] * files[p]["height"])
+        assert files[c["master_path"]]["width"] * files[c["master_path"]]["height"] == \
+            files[best]["width"] * files[best]["height"]
+
+
+def _readme_section() -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Reviewing duplicates")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_readme_example_queries_run_as_written(ws, capsys):
+    section = _readme_section()
+    sql_blocks = re.findall(r"```sql\n(.*?)```", section, re.S)
+    statements = [s.strip() for b in sql_blocks for s in b.split(";") if s.strip()]
+    assert len(statements) >= 3
+    results = [_rows(ws, s) for s in statements]
+    assert results[0], "the latest run brought a pair above 0.9"  # last night's new pairs
+    assert {r["new_path"] for r in results[0]} == {"late/p04-late.jpg"}
+    assert results[1][0]["size"] == max(r["size"] for r in results[1])  # largest clusters
+
+    commands = [line for b in re.findall(r"```bash\n(.*?)```", section, re.S)
+                for line in b.splitlines() if line.startswith("cbir sql ")]
+    assert len(commands) >= 2
+    for line in commands:
+        args = shlex.split(line, comments=True)[1:]
+        assert cli_main([*args, "--params", str(ws.params_path)]) == 0, line
+        assert "row" in capsys.readouterr().out
+
+
+def test_user_values_are_parameters_not_sql(ws):
+    # a value that would break out of a pasted string literal is only ever compared
+    evil = "x' OR 1=1 --"
+    assert _rows(ws, "SELECT * FROM pair_report WHERE ? IN (path_a, path_b)", [evil]) == []
+
+
+# --------------------------------------------------------------------------- gallery
+
+def _pages(s: Settings, pattern: str = "*.html") -> dict[str, str]:
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(_gallery(s).glob(pattern))}
+
+
+def test_gallery_escapes_every_file_name(ws):
+    pages = _pages(ws)
+    escaped = html.escape(HOSTILE, quote=True)
+    assert any(escaped in text for name, text in pages.items() if name.startswith("pairs-"))
+    assert any(escaped in text for name, text in pages.items() if name.startswith("query-"))
+    for name, text in pages.items():
+        assert "<script>alert" not in text and "alert(1)</script>" not in text, name
+        assert 'q"uote' not in text, name  # the quote never closes an attribute
+        # the only script is the filter, allowed by the page's Content-Security-Policy
+        assert text.count("<script") == text.count("<script>(function ()"), name
+        assert "Content-Security-Policy" in text
+
+
+def test_gallery_links_resolve_to_thumbnails_and_scans(ws):
+    gallery = _gallery(ws)
+    srcs, hrefs = set(), set()
+    for text in _pages(ws).values():
+        srcs |= set(re.findall(r'<img src="([^"]+)"', text))
+        hrefs |= set(re.findall(r'href="([^"]+)"', text))
+    thumbs = {s for s in srcs if s.startswith("thumbs/")}
+    assert thumbs and all((gallery / html.unescape(s)).is_file() for s in thumbs)
+    with Image.open(gallery / sorted(thumbs)[0]) as im:
+        assert im.format == "JPEG" and max(im.size) <= 64
+    scans = {h for h in hrefs if not h.endswith(".html") and "#" not in h}
+    targets = {os.path.normpath(os.path.join(os.fsencode(gallery),
+                                             unquote_to_bytes(html.unescape(h)))) for h in scans}
+    assert all(os.path.isfile(t) for t in targets)
+    root = os.fsencode(ws.path(ws.data.scans_dir))
+    for rel in (HOSTILE, QUOTES, "copies/p02.jpg"):
+        assert os.path.normpath(os.path.join(root, os.fsencode(rel))) in targets, rel
+    pages = {h for h in hrefs if h.endswith(".html")}
+    assert all((gallery / html.unescape(h)).is_file() for h in pages)
+
+
+def _cards(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r'<article class="pair" data-score="([0-9.]+)"', text)]
+
+
+def test_pairs_are_paginated_by_score_and_surplus_pages_removed(ws, tmp_path):
+    n_pairs = _rows(ws, "SELECT count(*) AS n FROM pair_report")[0]["n"]
+    pages = _pages(ws, "pairs-*.html")
+    assert len(pages) == math.ceil(n_pairs / PAGE_SIZE) > 1
+    scores = [s for text in pages.values() for s in _cards(text)]
+    assert len(scores) == n_pairs and scores == sorted(scores, reverse=True)
+    assert all(len(_cards(t)) <= PAGE_SIZE for t in pages.values())
+
+    clusters = _rows(ws, "SELECT cluster_id, size FROM cluster_report")
+    for c in clusters:
+        assert (_gallery(ws) / f"cluster-{c['cluster_id']:05d}.html").is_file()
+
+    # one big page now: the surplus pages go, so no stale page survives
+    big = load_settings(ws.params_path, overrides={"report.page_size": 1000})
+    try:
+        run_report(big)
+        assert list(_pages(ws, "pairs-*.html")) == ["pairs-0001.html"]
+    finally:
+        run_report(ws)
+    assert len(_pages(ws, "pairs-*.html")) == len(pages)
+
+
+def test_thumbnails_are_made_once_and_reused(ws):
+    folder = _gallery(ws) / "thumbs" / "64"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.jpg")}
+    assert before
+    stray = [folder / "ffffffffffffffff.jpg", _gallery(ws) / "thumbs" / "512" / "x.jpg"]
+    for p in stray:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"old")
+    summary = run_report(ws)
+    assert summary.thumbs.made == 0 and summary.thumbs.reused == len(before)
+    assert summary.thumbs.pruned == 2 and not any(p.exists() for p in stray)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.jpg")} == before
+
+
+def test_evaluation_pages_and_plots(ws):
+    gallery = _gallery(ws)
+    evaluation = (gallery / "evaluation.html").read_text()
+    assert "µAP" in evaluation and "<table>" in evaluation
+    n_queries = json.loads((ws.path(ws.data.reports_dir) / "metrics.json").read_text())[
+        "model"]["n_queries"]
+    queries = _pages(ws, "query-*.html")
+    assert len(queries) == n_queries
+    marks = sum(t.count("✓ correct") + t.count("✗ wrong") for t in queries.values())
+    assert marks == n_queries * 3  # the top K = max(evaluate.ks) of every query
+    plots = ws.path(ws.data.reports_dir) / "plots"
+    for name in ("pr_curve", "precision_recall_at_k", "score_histogram"):
+        with Image.open(plots / f"{name}.png") as im:
+            assert im.format == "PNG" and im.size[0] > 300
+        assert f"../plots/{name}.png" in evaluation
+    assert (plots / "pr_curve.csv").read_text().startswith("threshold,precision,recall\n")
+    assert not (plots / "train_loss.png").exists()  # no training history yet
+
+    history = ws.path(ws.data.models_dir) / "history.csv"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    history.write_text("epoch,step,loss,lr,seconds\n1,10,4.2,0.001,3.0\n2,20,3.1,0.0009,2.9\n")
+    try:
+        run_report(ws)
+        assert (plots / "train_loss.png").is_file()
+        assert "../plots/train_loss.png" in (gallery / "evaluation.html").read_text()
+    finally:
+        history.unlink()
+        run_report(ws)
+    assert not (plots / "train_loss.png").exists()
+
+
+def test_report_without_ground_truth_or_pairs(tmp_path, ws):
+    no_gt = load_settings(ws.params_path, overrides={"data.ground_truth": None,
+                                                      "data.reports_dir": str(tmp_path / "r")})
+    summary = run_report(no_gt)
+    assert summary.n_queries == 0 and "no ground truth" in summary.evaluation_note
+    assert "No evaluation" in (tmp_path / "r/gallery/evaluation.html").read_text()
+    assert not list((tmp_path / "r").glob("plots/*.png"))
+
+    empty = load_settings(write_params(tmp_path / "empty", {"data": {"scans_dir": "scans"}}))
+    (tmp_path / "empty/scans").mkdir()
+    save(photo(1), tmp_path / "empty/scans/a.jpg")
+    run_ingest(empty)
+    with pytest.raises(CbirError, match="cbir pairs"):
+        run_report(empty)
+
+
+# --------------------------------------------------------------------------- calibration
+
+def _ranked(rel: list[list[bool]], scores: list[list[float]], n_rel: list[int]) -> RankedResults:
+    return RankedResults(relevance=np.array(rel), scores=np.array(scores),
+                         n_relevant=np.array(n_rel))
+
+
+def test_calibrate_on_a_hand_made_case():
+    # pooled by score: .95 T, .92 F, .90 T, .85 F, .80 T, .70 F; 4 relevant in all
+    r = _ranked([[True, True, False], [False, True, False]],
+                [[0.95, 0.90, 0.85], [0.92, 0.80, 0.70]], [2, 2])
+    c = calibrate(r, 0.9)
+    assert (c.threshold, c.recall, c.precision) == (0.95, 0.25, 1.0) and c.reached
+    c = calibrate(r, 0.6)  # .80 keeps 3 of 5 = 0.6 precision with recall 3/4
+    assert (c.threshold, c.recall, c.precision) == (0.80, 0.75, 0.6)
+    c = calibrate(r, 0.5)  # .70 adds no recall: the higher threshold wins
+    assert c.threshold == 0.80 and c.recall == 0.75
+    assert c.n_pairs == 6 and c.n_queries == 2
+
+    worse = _ranked([[False, True]], [[0.99, 0.5]], [1])
+    c = calibrate(worse, 1.0)
+    assert not c.reached and c.recall == 0.0 and c.precision == 0.5  # the best there is
+
+
+def test_param_value_rounds_down_so_the_calibrated_pairs_stay():
+    score = float(np.float32(0.99790668))
+    v = param_value(score)
+    assert v <= score and np.float32(score) >= v and score - v < 1e-6
+    assert param_value(0.8) == 0.8
+
+
+PARAMS_TEXT = """\
+# comment at the top
+data:
+  scans_dir: scans   # where the scans are
+
+search:
+  k: 10                      # neighbours
+  pair_threshold: 0.8        # cosine similarity for a near-duplicate pair
+  cluster_threshold: 0.9     # stricter
+# trailing comment
+"""
+
+
+def test_set_params_edits_one_line_and_keeps_comments(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(PARAMS_TEXT)
+    (tmp_path / "scans").mkdir()
+    set_params(p, {"search.pair_threshold": 0.912345})
+    want = PARAMS_TEXT.replace("pair_threshold: 0.8        #", "pair_threshold: 0.912345   #")
+    assert p.read_text() == want
+    assert load_settings(p).search.pair_threshold == 0.912345
+
+    p.write_text("data:\n  scans_dir: scans\nsearch:\n  k: 4\n")
+    set_params(p, {"search.pair_threshold": 0.7, "search.cluster_threshold": 0.75})
+    s = load_settings(p).search
+    assert (s.k, s.pair_threshold, s.cluster_threshold) == (4, 0.7, 0.75)
+
+    p.write_text("data:\n  scans_dir: scans  # no search section\n")
+    set_params(p, {"search.pair_threshold": 0.6})
+    assert load_settings(p).search.pair_threshold == 0.6
+    assert "# no search section" in p.read_text()
+
+    p.write_text("search: {k: 3}\n")
+    with pytest.raises(CbirError, match="by hand"):
+        set_params(p, {"search.pair_threshold": 0.6})
+    assert p.read_text() == "search: {k: 3}\n"
+
+
+def test_calibrate_command_matches_evaluate_and_writes_params(ws, tmp_path, capsys):
+    metrics = json.loads((ws.path(ws.data.reports_dir) / "metrics.json").read_text())["model"]
+    res = run_calibrate(ws)
+    assert res.calibration.threshold == pytest.approx(metrics["threshold@p90"])
+    assert res.calibration.recall == pytest.approx(metrics["recall@p90"])
+
+    # a commented params file for the same workspace (absolute paths: it lives elsewhere)
+    copy = tmp_path / "params.yaml"
+    data = {k: str(ws.path(getattr(ws.data, k))) for k in
+            ("scans_dir", "ground_truth", "manifest_dir", "catalog", "embeddings_dir",
+             "index_dir", "models_dir", "pairs_dir", "reports_dir", "cache_dir")}
+    lines = ["# my archive", "data:"] + [f"  {k}: {v}" for k, v in data.items()]
+    lines += ["embed:", "  resolution: 64  # small", "  workers: 0", "search:", "  k: 4",
+              "  pair_threshold: 0.5   # set by hand", "  cluster_threshold: 0.9",
+              "evaluate:", "  ks: [1, 3]", ""]
+    copy.write_text("\n".join(lines))
+    assert cli_main(["calibrate", "--precision", "0.5", "--write", "--params", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "recall" in out and "wrote search.pair_threshold" in out
+    edited = copy.read_text()
+    assert "# my archive" in edited and "# set by hand" in edited and "# small" in edited
+    cal = run_calibrate(load_settings(copy), precision=0.5).calibration
+    assert load_settings(copy).search.pair_threshold == param_value(cal.threshold)
