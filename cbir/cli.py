@@ -6,9 +6,11 @@ dvc.yaml stages and the Prefect tasks call the same library functions as these s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import DEFAULT_PARAMS, Settings, load_settings
 from .errors import CbirError
@@ -119,6 +121,51 @@ def cmd_augment_preview(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
+    from .report import run_report
+
+    print("\n".join(run_report(settings, progress=_progress_wanted()).lines()))
+    return 0
+
+
+def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
+    from .calibrate import run_calibrate
+
+    print("\n".join(run_calibrate(settings, precision=args.precision, write=args.write).lines()))
+    return 0
+
+
+def _flow_result(state: Any, what: str) -> Any:
+    """A flow run's result; a failed run becomes one line with its cause (the log has more)."""
+    if not state.is_completed():
+        raise CbirError(f"the {what} flow run failed: {state.message}")
+    return state.result()
+
+
+def cmd_build(settings: Settings, args: argparse.Namespace) -> int:
+    from flows.build import build  # Prefect lives in flows/ and tasks/, never in cbir/
+
+    state = build(str(settings.params_path), train=not args.no_train,
+                  rebuild_index=args.rebuild_index, return_state=True)
+    print("\n".join(_flow_result(state, "build").lines()))
+    return 0
+
+
+def cmd_nightly(settings: Settings, args: argparse.Namespace) -> int:
+    from flows.nightly import nightly
+
+    state = nightly(str(settings.params_path), return_state=True)
+    print("\n".join(_flow_result(state, "nightly").lines()))
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from flows.nightly import serve
+
+    serve(str(settings.params_path), name=args.name)
+    return 0
+
+
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     from .catalog import query
 
@@ -197,6 +244,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG to write (default data/reports/augment-preview-NAME.png)")
     p.set_defaults(handler=cmd_augment_preview)
 
+    p = sub.add_parser("report", parents=[common],
+                       help="HTML review gallery (pairs, clusters, evaluation) and plots")
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("calibrate", parents=[common],
+                       help="the pair score threshold that reaches a precision on the ground truth")
+    p.add_argument("--precision", type=float, metavar="P",
+                   help="target precision (default evaluate.precision_target, 0.9)")
+    p.add_argument("--write", action="store_true",
+                   help="set search.pair_threshold in the params file (comments are kept)")
+    p.set_defaults(handler=cmd_calibrate)
+
+    p = sub.add_parser("build", parents=[common],
+                       help="the whole pipeline as a Prefect flow (ingest, train, embed, index, "
+                            "pairs, evaluate, report; then dvc commit)")
+    p.add_argument("--no-train", action="store_true",
+                   help="skip training: embed with the existing checkpoint or model.init")
+    p.add_argument("--rebuild-index", action="store_true", help="retrain the FAISS index")
+    p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("nightly", parents=[common],
+                       help="re-index the scans that arrived since the last run, once (the "
+                            "scheduled flow)")
+    p.set_defaults(handler=cmd_nightly)
+
+    p = sub.add_parser("serve", parents=[common],
+                       help="run the nightly flow on orchestration.nightly_cron (blocks)")
+    p.add_argument("--name", default="cbir-nightly", help="deployment name (default %(default)s)")
+    p.set_defaults(handler=cmd_serve)
+
     p = sub.add_parser("sql", parents=[common],
                        help="run one SQL query on the DuckDB catalogue (read only)")
     p.add_argument("query", help="SQL; put user values in as ? placeholders")
@@ -206,12 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands that write to the data folder hold its writer lock while they run (cbir/lock.py);
+# `build` and `nightly` take it inside their flows, `serve` in each run it starts.
+WRITERS = frozenset({"ingest", "train", "embed", "index", "pairs", "evaluate", "report"})
+
+
+def _writer_lock(settings: Settings, args: argparse.Namespace) -> Any:
+    if args.command not in WRITERS:
+        return contextlib.nullcontext()
+    from .lock import writer_lock
+
+    return writer_lock(settings, f"cbir {args.command} --params {settings.params_path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.params)
-        return int(args.handler(settings, args) or 0)
+        with _writer_lock(settings, args):
+            return int(args.handler(settings, args) or 0)
     except CbirError as exc:
         print(f"cbir {args.command}: error: {exc}", file=sys.stderr)
         return 2

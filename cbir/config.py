@@ -130,8 +130,11 @@ class OrchestrationSettings(_Section):
     retry_delay_seconds: float = Field(10.0, ge=0)
     lock_timeout: float = Field(600.0, ge=0, description="seconds a writer waits for another "
                                 "to finish; 0 = stop at once")
-    nightly_evaluate: bool = Field(True, description="nightly also re-evaluates when "
-                                   "data.ground_truth is set (keeps DVC's metrics honest)")
+    nightly_evaluate: bool = Field(False, description="the nightly run also re-evaluates "
+                                   "(when data.ground_truth is set); costs as much as a full "
+                                   "evaluation")
+    nightly_gallery: bool = Field(False, description="the nightly run also rewrites the review "
+                                  "gallery; costs as much as a full `cbir report`")
     dvc_commit: bool = Field(True, description="flows record their outputs with `dvc commit` "
                              "in a DVC repository (and `dvc push` when a remote is set)")
 

@@ -25,6 +25,7 @@ from .model import retrieval_model
 
 PAIRS_FILE = "pairs.parquet"
 CLUSTERS_FILE = "clusters.parquet"
+SEARCHED_FILE = "searched.parquet"  # ids whose neighbours pairs.parquet holds (incremental runs)
 _ID_MASK = (1 << 63) - 1  # FAISS ids are non-negative int64; -1 means "no result"
 
 PAIRS_SCHEMA = pa.schema([
@@ -142,26 +143,35 @@ class PairsSummary:
     seconds: float = 0.0
     pairs_file: Path | None = None
     clusters_file: Path | None = None
+    searched: int = 0  # images whose neighbours were searched by this run
+    added: int = 0  # near-duplicate pairs this run found that were not recorded before
+    incremental: bool = False  # only images not searched before were searched
 
     def lines(self) -> list[str]:
+        how = (f"{self.searched} new images searched against the collection" if self.incremental
+               else f"all {self.searched} images searched")
         return [f"pairs: {self.n_near_pairs} near-duplicate pairs and {self.n_exact_pairs} exact "
                 f"duplicates among {self.n_images} images; {self.n_clusters} clusters (largest "
                 f"{self.largest_cluster}); {self.seconds:.1f} s",
+                f"  {how}; {self.added} new pairs",
                 f"  {self.pairs_file}", f"  {self.clusters_file}"]
 
 
 def knn_pairs(s: Searcher, k: int, threshold: float, batch: int = 4096,
-              ) -> dict[tuple[str, str], tuple[float, int]]:
+              rows: np.ndarray | None = None) -> dict[tuple[str, str], tuple[float, int]]:
     """Every unordered pair (a, b) found in each other's top k with score >= threshold.
 
     Value: (best score, best rank); ranks count from 1 after the image itself is left out.
+    `rows` (indices into s.image_ids): search only these images, against the whole index.
     """
     best: dict[tuple[str, str], tuple[float, int]] = {}
-    for start in range(0, len(s.image_ids), batch):
-        q = s.vectors[start:start + batch]
+    order = np.arange(len(s.image_ids)) if rows is None else np.asarray(rows, dtype=np.int64)
+    for start in range(0, len(order), batch):
+        sel = order[start:start + batch]
+        q = s.vectors[start:start + batch] if rows is None else s.vectors[sel]
         scores, ids = s.search(q, k + 1)
         for row in range(q.shape[0]):
-            me = s.image_ids[start + row]
+            me = s.image_ids[sel[row]]
             rank = 0
             for score, other in zip(scores[row], ids[row]):
                 if other is None or other == me:
@@ -221,15 +231,82 @@ def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
             for r in rows if r["status"] == "duplicate" and r["image_id"] in canon]
 
 
-def run_pairs(settings: Settings) -> PairsSummary:
-    """Write every near-duplicate pair and cluster to Parquet and the DuckDB catalogue."""
+def _search_state(s: Searcher, cfg: Any) -> dict[str, str]:
+    """What the recorded pairs depend on besides the images: a change means searching all."""
+    return {"fingerprint": s.fingerprint, "k": str(cfg.k),
+            "pair_threshold": repr(cfg.pair_threshold)}
+
+
+def _searched_before(out: Path, state: dict[str, str]) -> set[str] | None:
+    """Ids whose neighbours pairs.parquet already holds (None: search everything again)."""
+    path = out / SEARCHED_FILE
+    if not path.is_file() or not (out / PAIRS_FILE).is_file():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if any(meta.get(k) != v for k, v in state.items()):
+        return None
+    return set(table.column("image_id").to_pylist())
+
+
+def _recorded_near_pairs(out: Path) -> dict[tuple[str, str], tuple[float, int]]:
+    try:
+        rows = pq.read_table(out / PAIRS_FILE, columns=["image_a", "image_b", "score", "rank",
+                                                        "kind"]).to_pylist()
+    except (OSError, pa.ArrowException):  # absent or damaged: nothing recorded to keep
+        return {}
+    return {(r["image_a"], r["image_b"]): (float(r["score"]), int(r["rank"]))
+            for r in rows if r["kind"] == "near"}
+
+
+def _write_if_changed(table: pa.Table, target: Path) -> None:
+    """Write atomically unless the file already holds this table (DVC then sees no change)."""
+    if target.is_file():
+        try:
+            old = pq.read_table(target)
+        except (OSError, pa.ArrowException):
+            old = None
+        if old is not None and old.schema.equals(table.schema, check_metadata=True) \
+                and old.equals(table):
+            return
+    write_parquet(table, target)
+
+
+def run_pairs(settings: Settings, *, incremental: bool = False) -> PairsSummary:
+    """Write every near-duplicate pair and cluster to Parquet and the DuckDB catalogue.
+
+    `incremental` (the nightly run): search only the images whose neighbours were never searched
+    (those that arrived since) against the whole collection, and merge their pairs into the
+    recorded ones - one row per unordered pair, whichever side found it, so nothing is
+    duplicated. Pairs of images no longer present are dropped, as a full run would. When the
+    model, search.k or search.pair_threshold changed since the pairs were recorded, every image
+    is searched again. `searched.parquet` lists the searched ids; it is written last, so a run
+    killed before it only means searching those images again.
+    """
     t0 = time.perf_counter()
     cfg = settings.search
     if cfg.cluster_threshold < cfg.pair_threshold:
         raise CbirError(f"search.cluster_threshold ({cfg.cluster_threshold}) must not be below "
                         f"search.pair_threshold ({cfg.pair_threshold})")
     s = open_searcher(settings)
-    pairs = knn_pairs(s, cfg.k, cfg.pair_threshold)
+    out = settings.path(settings.data.pairs_dir)
+    state = _search_state(s, cfg)
+    before = _searched_before(out, state) if incremental else None
+    recorded = _recorded_near_pairs(out)
+    if before is None:
+        rows, pairs = None, {}
+    else:
+        rows = np.array([i for i, x in enumerate(s.image_ids) if x not in before], np.int64)
+        pairs = dict(recorded)
+    if rows is None or len(rows):
+        for key, (sc, rk) in knn_pairs(s, cfg.k, cfg.pair_threshold, rows=rows).items():
+            old = pairs.get(key)
+            pairs[key] = (sc, rk) if old is None else (max(old[0], sc), min(old[1], rk))
+    present = set(s.image_ids)
+    pairs = {key: v for key, v in pairs.items() if key[0] in present and key[1] in present}
     near = [{"image_a": a, "image_b": b, "path_a": s.path_of.get(a), "path_b": s.path_of.get(b),
              "score": sc, "rank": rk, "kind": "near"}
             for (a, b), (sc, rk) in sorted(pairs.items(), key=lambda kv: (-kv[1][0], kv[0]))]
@@ -238,16 +315,21 @@ def run_pairs(settings: Settings) -> PairsSummary:
     cluster_rows = [{"cluster_id": cid, "image_id": m, "path": s.path_of.get(m),
                      "size": len(members), "weakest_link": weak}
                     for cid, (members, weak) in enumerate(clusters, start=1) for m in members]
-    out = settings.path(settings.data.pairs_dir)
+    searched = pa.table({"image_id": pa.array(sorted(present), pa.string())})
     faults.point("pairs.write")
-    write_parquet(pa.Table.from_pylist(exact + near, schema=PAIRS_SCHEMA), out / PAIRS_FILE)
-    write_parquet(pa.Table.from_pylist(cluster_rows, schema=CLUSTERS_SCHEMA), out / CLUSTERS_FILE)
+    _write_if_changed(pa.Table.from_pylist(exact + near, schema=PAIRS_SCHEMA), out / PAIRS_FILE)
+    _write_if_changed(pa.Table.from_pylist(cluster_rows, schema=CLUSTERS_SCHEMA),
+                      out / CLUSTERS_FILE)
+    faults.point("pairs.searched")
+    _write_if_changed(searched.replace_schema_metadata(state), out / SEARCHED_FILE)
     refresh_catalog(settings)
     return PairsSummary(n_images=len(s.image_ids), n_near_pairs=len(near),
                         n_exact_pairs=len(exact), n_clusters=len(clusters),
                         largest_cluster=max((len(m) for m, _ in clusters), default=0),
                         seconds=time.perf_counter() - t0, pairs_file=out / PAIRS_FILE,
-                        clusters_file=out / CLUSTERS_FILE)
+                        clusters_file=out / CLUSTERS_FILE,
+                        searched=len(s.image_ids) if rows is None else len(rows),
+                        added=len(set(pairs) - set(recorded)), incremental=rows is not None)
 
 
 def read_pairs(settings: Settings) -> pa.Table:

@@ -1,23 +1,64 @@
-"""The full build: every pipeline step, in order, as one Prefect flow."""
+"""The full build as one Prefect flow: ingest -> train -> embed -> index -> pairs -> evaluate
+(when data.ground_truth is set) -> report, then the outputs recorded with DVC.
+
+Each step is a task from `tasks/` calling the same library function as its `cbir` subcommand
+and its dvc.yaml stage; every step resumes from what is already on disk (the manifest's journal,
+the training checkpoint, whole embedding shards), so rerunning a failed build redoes only what
+is missing. Run it with `cbir build`.
+"""
 
 from __future__ import annotations
 
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from dataclasses import dataclass, field
+from typing import Any
 
+from prefect import flow
+
+from flows.common import flow_lock, summary_artifact
+from flows.embed import run_embed
+from tasks.common import configured, settings_for
+from tasks.dvc import dvc_commit_task
+from tasks.evaluate import evaluate_task
+from tasks.index import index_task
 from tasks.ingest import ingest_task
+from tasks.pairs import pairs_task
+from tasks.report import report_task
+from tasks.train import train_task
+
+
+@dataclass
+class BuildResult:
+    steps: dict[str, Any] = field(default_factory=dict)  # step name -> its summary
+
+    def lines(self) -> list[str]:
+        return [line for summary in self.steps.values() for line in summary.lines()]
 
 
 @flow(name="cbir-build")
-def build(params_path: str = "params.yaml") -> dict[str, int]:
-    """ingest (later: train, embed, index, pairs, evaluate, report)."""
-    summary = ingest_task(params_path)
-    create_markdown_artifact(
-        key="cbir-build-summary",
-        markdown="\n".join(["# cbir build", "", "```", *summary.lines(), "```"]),
-        description="cbir build summary",
-    )
-    return summary.counts
+def build(params_path: str = "params.yaml", train: bool = True,
+          rebuild_index: bool = False) -> BuildResult:
+    """Every pipeline step, in order. `train=False` embeds with the existing checkpoint (or
+    the initial weights); `rebuild_index` retrains the FAISS index from scratch."""
+    settings = settings_for(params_path)
+    step = lambda task: configured(task, settings)  # noqa: E731 - retries from params
+    out = BuildResult()
+    with flow_lock(settings, "cbir-build"):
+        out.steps["ingest"] = step(ingest_task)(params_path)
+        if train:
+            out.steps["train"] = step(train_task)(params_path)
+        out.steps["embed"] = run_embed(params_path)
+        out.steps["index"] = step(index_task)(params_path, rebuild=rebuild_index)
+        out.steps["pairs"] = step(pairs_task)(params_path)
+        if settings.data.ground_truth is not None:
+            out.steps["evaluate"] = step(evaluate_task)(params_path)
+        out.steps["report"] = step(report_task)(params_path)
+        if settings.orchestration.dvc_commit:
+            out.steps["dvc"] = step(dvc_commit_task)(params_path)
+    evaluation = out.steps.get("evaluate")
+    summary_artifact("cbir-build-summary", "cbir build",
+                     [(name, s.lines()) for name, s in out.steps.items()],
+                     extra=f"## Metrics\n\n{evaluation.table}" if evaluation else "")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""What every task shares: loading settings and deciding which failures are worth a retry."""
+"""What every task shares: loading settings, logging summaries, and which failures to retry."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from prefect import get_run_logger
 
 from cbir.config import Settings, load_settings
 from cbir.errors import CbirError
+
+T = TypeVar("T")
 
 
 def settings_for(params_path: str) -> Settings:
@@ -21,3 +26,18 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return True
     return False
+
+
+def log_lines(lines: Iterable[str]) -> None:
+    """A step's summary, line by line, into the run's Prefect log."""
+    logger = get_run_logger()
+    for line in lines:
+        if line.strip():
+            logger.info(line)
+
+
+def configured(task: T, settings: Settings) -> T:
+    """The task with the retries of orchestration.task_retries / retry_delay_seconds."""
+    o = settings.orchestration
+    return task.with_options(retries=o.task_retries,  # type: ignore[attr-defined]
+                             retry_delay_seconds=o.retry_delay_seconds)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from cbir.ingest import IngestSummary, run_ingest
 
-from .common import retry_transient, settings_for
+from .common import log_lines, retry_transient, settings_for
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+@task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
 def ingest_task(params_path: str) -> IngestSummary:
-    """Add new scans to the manifest (cbir.ingest.run_ingest)."""
+    """Add new scans to the manifest (cbir.ingest.run_ingest): only new files are decoded."""
     summary = run_ingest(settings_for(params_path))
-    logger = get_run_logger()
-    for line in summary.lines():
-        logger.info(line)
+    log_lines(summary.lines())
     return summary

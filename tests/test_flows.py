@@ -1,29 +1,135 @@
-"""The Prefect flows, run in-process against a temporary Prefect server."""
+"""The build flow, run in-process against a temporary Prefect server."""
 
 from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
 
+from cbir.embed import embedded_ids, embeddings_dir
+from cbir.model import retrieval_model
 from conftest import photo, save
+
+SMALL = {
+    "embed": {"resolution": 64, "batch_size": 8, "shard_size": 2, "workers": 0},
+    "train": {"epochs": 1, "resolution": 32, "batch_size": 4, "workers": 0},
+    "search": {"k": 3, "pair_threshold": 0.5, "cluster_threshold": 0.9},
+    "report": {"thumb_size": 64},
+    "orchestration": {"task_retries": 1, "retry_delay_seconds": 0, "lock_timeout": 5},
+}
 
 
 @pytest.fixture(scope="module")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_test_harness():
         yield
+    mp.undo()
 
 
-def test_build_flow_ingests_like_the_cli(prefect_harness, workspace):
-    from flows.build import build
-
-    for i in range(3):
+def _photos(workspace, n: int = 5):
+    for i in range(n):
         save(photo(i), workspace.scans / f"p{i}.jpg")
     save(photo(0), workspace.scans / "copy.jpg")
-    settings = workspace()
-    counts = build(str(settings.params_path))
-    assert counts["new"] == 4 and counts["new_duplicates"] == 1
+    return workspace(**SMALL)
+
+
+def test_build_flow_runs_every_step(prefect_harness, workspace):
+    from prefect.artifacts import Artifact
+
+    from flows.build import build
+
+    settings = _photos(workspace, 3)
+    result = build(str(settings.params_path))
+    st = result.steps
+    assert list(st) == ["ingest", "train", "embed", "index", "pairs", "report", "dvc"]
+    assert st["ingest"].counts["new"] == 4 and st["ingest"].counts["new_duplicates"] == 1
     rows = pq.read_table(settings.path(settings.data.manifest_dir) / "files.parquet").to_pylist()
     assert sorted(r["status"] for r in rows) == ["duplicate", "ok", "ok", "ok"]
+    assert st["train"].epochs_done == 1 and settings.path(settings.model.checkpoint).is_file()
+    _, _, fp, source = retrieval_model(settings)
+    assert source.startswith("checkpoint") and st["embed"].summary.fingerprint == fp
+    assert st["embed"].summary.embedded == 3 and len(st["embed"].shards) == 2
+    assert st["index"].info.n_vectors == 3
+    assert (settings.path(settings.data.reports_dir) / "gallery" / "index.html").is_file()
+    art = Artifact.get("cbir-build-summary")
+    assert art is not None and "## train" in art.data and "## pairs" in art.data
+
+
+def test_a_user_error_fails_the_flow_at_once_with_its_cause(prefect_harness, workspace,
+                                                           monkeypatch):
+    import tasks.ingest
+    from flows.build import build
+
+    calls = []
+    real = tasks.ingest.run_ingest
+    monkeypatch.setattr(tasks.ingest, "run_ingest", lambda s: calls.append(1) or real(s))
+    settings = workspace(**SMALL, data={"scans_dir": "no-such-folder"})
+    state = build(str(settings.params_path), train=False, return_state=True)
+    assert state.is_failed() and len(calls) == 1  # a CbirError is not retried
+    assert "scans folder not found" in state.message and "no-such-folder" in state.message
+
+
+def test_a_failed_build_resumes_from_what_completed(prefect_harness, workspace, monkeypatch):
+    import tasks.embed
+    import tasks.index
+    from flows.build import build
+
+    settings = _photos(workspace, 6)  # 6 images: 3 shards of 2
+    real_embed_shard = tasks.embed.embed_shard
+    seen: list[str] = []
+
+    def second_shard_fails(settings_, model, pp, folder, shard, progress=None):
+        seen.append(shard.name)
+        if len(seen) >= 2 and shard.name == seen[1]:
+            raise OSError("disk full")
+        return real_embed_shard(settings_, model, pp, folder, shard, progress)
+
+    monkeypatch.setattr(tasks.embed, "embed_shard", second_shard_fails)
+    state = build(str(settings.params_path), train=False, return_state=True)
+    assert state.is_failed() and "disk full" in state.message
+    assert seen.count(seen[1]) == 2  # retried once (orchestration.task_retries), then failed
+    _, _, fp, _ = retrieval_model(settings)
+    folder = embeddings_dir(settings, fp)
+    assert len(embedded_ids(folder)) == 4  # the other two shards are kept
+    assert not settings.path(settings.data.index_dir).exists()  # nothing ran after the failure
+
+    # the rerun embeds the missing shard only; a transient error in the index step is retried
+    monkeypatch.setattr(tasks.embed, "embed_shard", real_embed_shard)
+    real_run_index, index_calls = tasks.index.run_index, []
+
+    def flaky_index(settings_, rebuild=False):
+        index_calls.append(1)
+        if len(index_calls) == 1:
+            raise ConnectionResetError("NFS hiccup")
+        return real_run_index(settings_, rebuild=rebuild)
+
+    monkeypatch.setattr(tasks.index, "run_index", flaky_index)
+    st = build(str(settings.params_path), train=False).steps
+    assert st["ingest"].decoded == 0
+    assert st["embed"].summary.embedded == 2 and st["embed"].summary.already == 4
+    assert len(index_calls) == 2 and st["index"].info.n_vectors == 6
+    shard_ids = [pq.read_table(p).column("image_id").to_pylist()
+                 for p in sorted(folder.glob("shard-*.parquet"))]
+    assert sum(map(len, shard_ids)) == 6 and len({i for s in shard_ids for i in s}) == 6
+
+
+def test_the_nightly_deployment_follows_the_params(workspace):
+    from cbir.errors import CbirError
+    from flows.nightly import deployment
+
+    settings = workspace()
+    dep = deployment(str(settings.params_path))
+    (sched,) = dep.schedules
+    assert (sched.schedule.cron, sched.schedule.timezone) == ("0 2 * * *", "UTC")  # 02:00
+    assert dep.parameters == {"params_path": str(settings.params_path)}
+    assert dep.concurrency_limit == 1 and dep.entrypoint == "flows.nightly.nightly"
+    settings = workspace(orchestration={"nightly_cron": "30 3 * * 1-5",
+                                        "timezone": "Europe/Paris"})
+    (sched,) = deployment(str(settings.params_path)).schedules
+    assert (sched.schedule.cron, sched.schedule.timezone) == ("30 3 * * 1-5", "Europe/Paris")
+    settings = workspace(orchestration={"timezone": "Mars/Olympus_Mons"})
+    with pytest.raises(CbirError, match="orchestration.nightly_cron / timezone"):
+        deployment(str(settings.params_path))

@@ -1,0 +1,184 @@
+"""What the nightly run reports and records: the new duplicate pairs, and the new state in DVC.
+
+The steps of a nightly run are the pipeline's own (ingest, embed, index, `run_pairs(...,
+incremental=True)`, evaluate); this module adds its report and the DVC bookkeeping. Prefect-free,
+like the rest of `cbir/`: the flow in `flows/nightly.py` calls it through `tasks/`.
+
+"Pairs found in run N" is a query on the catalogue's `new_pairs` view, which dates every pair by
+the ingest run that brought its newer image:
+
+    SELECT new_path, match_path, score, kind FROM new_pairs WHERE new_run = 7 ORDER BY score DESC
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from .catalog import query
+from .config import Settings
+from .errors import CbirError
+from .fsutil import write_json, write_text
+from .ingest import RUNS
+from .lock import dvc_root
+
+REPORTS = "nightly"  # under data.reports_dir: run-<N>.md, one per nightly run
+PENDING = "pending.json"  # the start of a report not written yet
+
+# The pairs of the images that arrived in runs (after, upto]; also what `cbir sql` users run.
+NEW_PAIRS_SQL = """
+SELECT new_run, new_path, match_path, round(score, 4) AS score, kind, master_path
+FROM new_pairs WHERE new_run > ? AND new_run <= ?
+ORDER BY new_run, kind DESC, score DESC, new_path, match_path
+"""
+
+
+def latest_run(settings: Settings) -> int:
+    """The id of the latest ingest run (0 before the first)."""
+    path = settings.path(settings.data.manifest_dir) / RUNS
+    if not path.is_file():
+        return 0
+    return max(pq.read_table(path, columns=["run_id"]).column(0).to_pylist(), default=0)
+
+
+def begin_nightly(settings: Settings) -> int:
+    """Call before a nightly run's ingest: the run after which its report starts.
+
+    That is the latest ingest run now - unless an earlier nightly run stopped before its report,
+    whose start is kept (in `reports/nightly/pending.json`), so that no arrival goes unreported.
+    """
+    pending = settings.path(settings.data.reports_dir) / REPORTS / PENDING
+    try:
+        return int(json.loads(pending.read_text(encoding="utf-8"))["since_run"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    since = latest_run(settings)
+    write_json({"since_run": since}, pending)
+    return since
+
+
+@dataclass
+class NightlyReport:
+    run_id: int  # the ingest run this report closes
+    since_run: int  # it lists the pairs of images that arrived after this run
+    columns: list[str] = field(default_factory=list)
+    pairs: list[tuple[Any, ...]] = field(default_factory=list)
+    file: Path | None = None
+
+    @property
+    def n_near(self) -> int:
+        return sum(1 for r in self.pairs if r[self.columns.index("kind")] == "near")
+
+    def lines(self) -> list[str]:
+        runs = (f"run {self.run_id}" if self.since_run >= self.run_id - 1
+                else f"runs {self.since_run + 1}-{self.run_id}")
+        return [f"nightly report: {len(self.pairs)} new duplicate pairs ({self.n_near} near, "
+                f"{len(self.pairs) - self.n_near} exact) of the images ingested in {runs}",
+                f"  {self.file}"]
+
+    def markdown(self, limit: int = 50) -> str:
+        head = (f"# New duplicate pairs, ingest run {self.run_id}\n\n"
+                f"{len(self.pairs)} pairs ({self.n_near} near-duplicates) involve images that "
+                f"arrived after run {self.since_run}.\n\n")
+        if not self.pairs:
+            return head
+        cols = ["run", "new image", "matches", "score", "kind", "likely master"]
+        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for row in self.pairs[:limit]:
+            out.append("| " + " | ".join(_cell(v) for v in row) + " |")
+        more = f"\n... and {len(self.pairs) - limit} more (see the catalogue)" \
+            if len(self.pairs) > limit else ""
+        sql = " ".join(NEW_PAIRS_SQL.split())
+        return (head + "\n".join(out) + more + f"\n\nQuery: `{sql}` with "
+                f"({self.since_run}, {self.run_id})\n")
+
+
+def _cell(v: Any) -> str:
+    return ("" if v is None else str(v)).replace("|", "\\|")
+
+
+def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyReport:
+    """Report the duplicate pairs of the images that arrived in ingest runs (since_run, run_id],
+    into `reports/nightly/run-<run_id>.md`, and close the pending report (begin_nightly)."""
+    folder = settings.path(settings.data.reports_dir) / REPORTS
+    cols, rows = query(settings, NEW_PAIRS_SQL, [since_run, run_id])
+    report = NightlyReport(run_id=run_id, since_run=since_run, columns=cols, pairs=rows,
+                           file=folder / f"run-{run_id:05d}.md")
+    write_text(report.markdown(limit=1000), report.file)
+    (folder / PENDING).unlink(missing_ok=True)
+    return report
+
+
+# --------------------------------------------------------------------------- DVC
+
+@dataclass
+class DvcRecord:
+    root: Path | None
+    committed: bool = False
+    pushed: bool = False
+    messages: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [f"dvc: {m}" for m in self.messages]
+
+
+class DvcLocked(RuntimeError):
+    """DVC's repository lock is busy: a transient failure (tasks retry it)."""
+
+
+def dvc_workspace(settings: Settings) -> tuple[Path | None, str]:
+    """The DVC repository whose dvc.yaml describes this workspace, or None and why not."""
+    root = dvc_root(settings.root)
+    if root is None:
+        return None, f"{settings.root} is not in a DVC repository"
+    if not (settings.root / "dvc.yaml").is_file():
+        return None, f"no dvc.yaml beside {settings.params_path}"
+    if settings.params_path.name != "params.yaml":
+        return None, f"dvc.yaml reads params.yaml, not {settings.params_path.name}"
+    return root, ""
+
+
+def _dvc(args: list[str], cwd: Path, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
+                         text=True, env=env)
+    if out.returncode != 0 and check:
+        text = (out.stderr or out.stdout).strip()
+        first = next((ln for ln in text.splitlines() if ln.strip()), "failed")
+        if "Unable to acquire lock" in text:
+            raise DvcLocked(f"`dvc {' '.join(args)}`: another DVC command holds the "
+                            f"repository lock in {cwd}")
+        raise CbirError(f"`dvc {' '.join(args)}` failed in {cwd}: {first}")
+    return out
+
+
+def record_with_dvc(settings: Settings, *, push: bool = True) -> DvcRecord:
+    """`dvc commit -f` the pipeline's outputs, so that `dvc status` is clean afterwards, and
+    `dvc push` them when a default remote is configured. Nothing when the workspace is not a
+    DVC project (the reason is in the record)."""
+    root, why = dvc_workspace(settings)
+    rec = DvcRecord(root=root)
+    if root is None:
+        rec.messages.append(f"not recorded: {why}")
+        return rec
+    cwd = settings.root
+    _dvc(["commit", "-f", "--quiet"], cwd)
+    rec.committed = True
+    rec.messages.append(f"outputs committed (dvc.lock in {cwd})")
+    if push:
+        default = _dvc(["remote", "default"], cwd, check=False)
+        remote = default.stdout.strip() if default.returncode == 0 else ""
+        if remote:
+            _dvc(["push", "--quiet"], cwd)
+            rec.pushed = True
+            rec.messages.append(f"pushed to remote {remote}")
+        else:
+            rec.messages.append("no default DVC remote: nothing pushed")
+    return rec

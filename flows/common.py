@@ -1,0 +1,52 @@
+"""What the flows share: the writer lock, where embedding shards run, the summary artifact."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from cbir.config import Settings
+from cbir.lock import dvc_busy, writer_lock
+
+
+@contextlib.contextmanager
+def flow_lock(settings: Settings, flow_name: str) -> Iterator[Path]:
+    """Hold the data folder's writer lock for the flow run (see cbir/lock.py).
+
+    The library steps the flow calls run in this process under the same hold. The flow also
+    waits while a DVC command holds the repository lock, so it never slips in between two
+    stages of a running `dvc repro`.
+    """
+    logger = get_run_logger()
+    command = f"Prefect flow {flow_name}" + (f" (run {flow_run.name})" if flow_run.name else "")
+    with writer_lock(settings, command, blockers=[dvc_busy(settings.root)],
+                     notify=logger.warning) as path:
+        yield path
+
+
+def shard_runner(settings: Settings) -> TaskRunner:
+    """Where the embedding shards run: a Dask cluster when orchestration.dask_address is set,
+    else one after the other in the flow's process (each shard already uses every core)."""
+    address = settings.orchestration.dask_address
+    if address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=address)
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def summary_artifact(key: str, title: str, sections: Sequence[tuple[str, Sequence[str]]],
+                     extra: str = "") -> None:
+    """The run's summary as a markdown artifact: one block of summary lines per step."""
+    md = [f"# {title}", ""]
+    for name, lines in sections:
+        md += [f"## {name}", "", "```", *lines, "```", ""]
+    if extra:
+        md += [extra, ""]
+    create_markdown_artifact(key=key, markdown="\n".join(md), description=title)

@@ -1,0 +1,113 @@
+"""Nightly re-indexing: the scans that arrived since the last run, and nothing else.
+
+ingest (only new files are decoded) -> embed (only images without an embedding) -> index (new
+vectors added; rebuilt only past index.rebuild_factor) -> pairs of the new images against the
+whole collection, merged into the recorded ones -> the report of the new pairs -> `dvc commit`
+(and `dvc push`), so `dvc status` is clean afterwards. Its cost follows the new scans; the
+evaluation and the review gallery, whose cost follows the collection, are left to the build
+unless orchestration.nightly_evaluate / nightly_gallery ask for them. The model is not
+retrained: that is the build flow (`cbir build`) or `dvc repro`.
+
+`cbir nightly` runs it once; `cbir serve` serves it on orchestration.nightly_cron.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from cbir.errors import CbirError
+from flows.common import flow_lock, summary_artifact
+from flows.embed import run_embed
+from tasks.common import configured, settings_for
+from tasks.dvc import dvc_commit_task
+from tasks.evaluate import evaluate_task
+from tasks.index import index_task
+from tasks.ingest import ingest_task
+from tasks.pairs import pairs_task
+from tasks.report import new_pairs_task, nightly_begin_task, report_task
+
+DEPLOYMENT = "cbir-nightly"
+
+
+@dataclass
+class NightlyResult:
+    steps: dict[str, Any] = field(default_factory=dict)  # step name -> its summary
+
+    def lines(self) -> list[str]:
+        return [line for summary in self.steps.values() for line in summary.lines()]
+
+
+@flow(name="cbir-nightly")
+def nightly(params_path: str = "params.yaml") -> NightlyResult:
+    """Re-index the scans that arrived since the last run (see the module docstring)."""
+    settings = settings_for(params_path)
+    step = lambda task: configured(task, settings)  # noqa: E731 - retries from params
+    out = NightlyResult()
+    with flow_lock(settings, "cbir-nightly"):
+        since = step(nightly_begin_task)(params_path)
+        ingest = out.steps["ingest"] = step(ingest_task)(params_path)
+        out.steps["embed"] = run_embed(params_path)
+        out.steps["index"] = step(index_task)(params_path)
+        out.steps["pairs"] = step(pairs_task)(params_path, incremental=True)
+        o = settings.orchestration
+        if settings.data.ground_truth is not None and o.nightly_evaluate:
+            out.steps["evaluate"] = step(evaluate_task)(params_path)
+        if o.nightly_gallery:
+            out.steps["report"] = step(report_task)(params_path)
+        new = out.steps["new pairs"] = step(new_pairs_task)(params_path, ingest.run_id, since)
+        if o.dvc_commit:
+            out.steps["dvc"] = step(dvc_commit_task)(params_path)
+    summary_artifact("cbir-nightly-summary", f"cbir nightly, ingest run {ingest.run_id}",
+                     [(name, s.lines()) for name, s in out.steps.items()],
+                     extra=new.markdown())
+    return out
+
+
+def deployment(params_path: str = "params.yaml", name: str = DEPLOYMENT) -> Any:
+    """The nightly flow as a deployment: cron orchestration.nightly_cron in
+    orchestration.timezone, this params file, at most one run at a time."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
+    settings = settings_for(params_path)
+    o = settings.orchestration
+    try:
+        ZoneInfo(o.timezone)
+        schedule = Cron(o.nightly_cron, timezone=o.timezone)
+    except (ValueError, ZoneInfoNotFoundError) as exc:
+        raise CbirError(f"{settings.params_path}: orchestration.nightly_cron / timezone: "
+                        f"{exc}") from None
+    return nightly.to_deployment(
+        name=name, schedule=schedule, concurrency_limit=1,
+        parameters={"params_path": str(Path(settings.params_path).resolve())},
+        description=f"cbir nightly re-indexing of {settings.path(settings.data.scans_dir)}",
+        entrypoint_type=EntrypointType.MODULE_PATH)
+
+
+def serve(params_path: str = "params.yaml", name: str = DEPLOYMENT) -> None:
+    """Serve the nightly deployment (blocks): one long-running process registers it with the
+    Prefect API and starts each scheduled run in a subprocess; no work pool or worker."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise CbirError("serving a schedule needs a Prefect server (a temporary one runs no "
+                        "scheduler): start one with `prefect server start` and point "
+                        "PREFECT_API_URL at it, e.g. `prefect config set "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    dep = deployment(params_path, name)
+    o = settings_for(params_path).orchestration
+    print(f"serving the nightly flow of {params_path}: {o.nightly_cron} ({o.timezone}); "
+          f"Ctrl-C stops", file=sys.stderr, flush=True)
+    prefect.serve(dep)
+
+
+if __name__ == "__main__":
+    nightly()

@@ -1,0 +1,20 @@
+"""Near-duplicate pairs and clusters as a Prefect task."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from cbir.search import PairsSummary, run_pairs
+
+from .common import log_lines, retry_transient, settings_for
+
+
+@task(name="pairs", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def pairs_task(params_path: str, incremental: bool = False) -> PairsSummary:
+    """Every near-duplicate pair (cbir.search.run_pairs); `incremental`: only the images not
+    searched yet, against the whole collection, merged into the recorded pairs."""
+    summary = run_pairs(settings_for(params_path), incremental=incremental)
+    log_lines(summary.lines())
+    return summary

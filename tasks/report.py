@@ -1,0 +1,38 @@
+"""Reports as Prefect tasks: the review gallery, and the nightly list of new pairs."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from cbir.nightly import NightlyReport, begin_nightly, nightly_report
+from cbir.report import ReportSummary, run_report
+
+from .common import log_lines, retry_transient, settings_for
+
+
+@task(name="report", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def report_task(params_path: str) -> ReportSummary:
+    """The HTML review gallery and plots (cbir.report.run_report); thumbnails are reused."""
+    summary = run_report(settings_for(params_path))
+    log_lines(summary.lines())
+    return summary
+
+
+@task(name="nightly-begin", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def nightly_begin_task(params_path: str) -> int:
+    """The ingest run after which this nightly run's report starts (cbir.nightly.begin_nightly):
+    the latest one, or where an earlier nightly run that never wrote its report started."""
+    return begin_nightly(settings_for(params_path))
+
+
+@task(name="new-pairs-report", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def new_pairs_task(params_path: str, run_id: int, since_run: int) -> NightlyReport:
+    """The duplicate pairs of the images ingested in runs (since_run, run_id], from the
+    catalogue's `new_pairs` view (cbir.nightly.nightly_report)."""
+    report = nightly_report(settings_for(params_path), run_id, since_run)
+    log_lines(report.lines())
+    return report

@@ -1,0 +1,32 @@
+"""Training as a Prefect task (its own flow step; never part of the nightly run)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from cbir.errors import CbirError
+from cbir.train import TrainSummary, run_train
+
+from .common import log_lines, retry_transient, settings_for
+
+
+@task(name="train", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def train_task(params_path: str) -> TrainSummary:
+    """Fine-tune the descriptor (cbir.train.run_train), resuming from the last epoch checkpoint.
+
+    A retry or a rerun of the flow continues from `models_dir/last.pt`; when that checkpoint
+    belongs to other params or other images, training starts again from the beginning.
+    """
+    settings = settings_for(params_path)
+    logger = get_run_logger()
+    try:
+        summary = run_train(settings, resume=True, log=logger.info)
+    except CbirError as exc:
+        if "without --resume" not in str(exc):  # not about the checkpoint: a real error
+            raise
+        logger.info(f"{exc}: training from the beginning")
+        summary = run_train(settings, resume=False, log=logger.info)
+    log_lines(summary.lines())
+    return summary

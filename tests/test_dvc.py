@@ -1,0 +1,102 @@
+"""`dvc repro` end to end in a temporary git repository, then a nightly run recorded with DVC."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cbir import lock
+from conftest import REPO, photo, save
+
+pytestmark = pytest.mark.slow
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (lock.ENV, "DVC_STAGE")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `cbir`
+    env["PREFECT_HOME"] = str(tmp / "prefect")  # the nightly's own temporary Prefect server
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def _tiny_params() -> dict:
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["demo"].update(n_groups=4, n_distractors=4, max_copies=3, size=96)
+    p["ingest"]["workers"] = 2
+    p["embed"].update(resolution=64, batch_size=16, shard_size=16, workers=0)
+    p.setdefault("train", {}).update(epochs=2, resolution=32, batch_size=8, workers=0)
+    p["search"].update(k=5, pair_threshold=0.5)
+    p["evaluate"]["baselines"] = False
+    p.setdefault("report", {})["thumb_size"] = 64
+    return p
+
+
+def test_dvc_repro_then_nightly_in_a_temporary_repository(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = _env(tmp_path)
+
+    def run(*cmd: str) -> str:
+        out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, (cmd, out.stdout[-3000:], out.stderr[-3000:])
+        return out.stdout
+
+    def dvc(*args: str) -> str:
+        return run(sys.executable, "-m", "dvc", *args)
+
+    def ran(log: str) -> list[str]:
+        return [ln.split("'")[1] for ln in log.splitlines() if ln.startswith("Running stage")]
+
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "ci@example.org")
+    run("git", "config", "user.name", "ci")
+    dvc("init", "-q")
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "params.yaml").write_text(yaml.safe_dump(_tiny_params(), sort_keys=False))
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "pipeline")
+
+    # a clean clone: everything is built from params.yaml (the demo stage makes the raw scans)
+    first = dvc("repro")
+    assert ran(first) == ["demo_data", "ingest", "train", "embed", "index", "pairs", "evaluate",
+                          "report"]
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "built")
+    assert ran(dvc("repro")) == []  # nothing to do the second time
+    assert "up to date" in dvc("status")
+
+    assert "model.map@10" in dvc("metrics", "show") and "loss" in dvc("metrics", "show")
+    dvc("plots", "show", "-o", str(tmp_path / "plots"))
+    assert (tmp_path / "plots" / "index.html").is_file()
+    table = dvc("exp", "show", "--no-pager", "--md").splitlines()[0]
+    assert "train.lr" in table and "model.map@10" in table  # params and metrics side by side
+
+    # a training param reruns training and what follows it, not the demo or ingest
+    text = (repo / "params.yaml").read_text().replace("lr: 0.001", "lr: 0.002")
+    (repo / "params.yaml").write_text(text)
+    assert "train.lr" in dvc("params", "diff")
+    assert ran(dvc("repro")) == ["train", "embed", "index", "pairs", "evaluate", "report"]
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "lr")
+
+    # the nightly run, by hand, after scans arrived: recorded with `dvc commit`, pushed
+    dvc("remote", "add", "-d", "store", str(tmp_path / "store"))
+    for i in range(3):
+        save(photo(50 + i), repo / "data" / "demo" / "scans" / "arrived" / f"new-{i}.jpg")
+    assert "up to date" not in dvc("status")
+    out = run("cbir", "nightly")
+    assert "3 new images searched against the collection" in out
+    assert "dvc: outputs committed" in out and "dvc: pushed to remote store" in out
+    assert any((tmp_path / "store").rglob("*"))
+    assert "in sync" in dvc("status", "--cloud")  # the remote has everything
+    assert "up to date" in dvc("status")
+    assert ran(dvc("repro")) == []
+    changed = run("git", "status", "--porcelain", "--untracked-files=no")
+    assert "dvc.lock" in changed

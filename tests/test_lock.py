@@ -1,0 +1,162 @@
+"""One writer at a time: the data folder's lock, between processes, threads of one flow and DVC."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cbir import lock
+from cbir.lock import LockBusy, dvc_busy, holder_of, lock_path, writer_lock
+from conftest import CBIR, REPO, photo, save
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (lock.ENV, "DVC_STAGE")}
+    return {**env, **extra}
+
+
+def _cbir(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CBIR, *args], capture_output=True, text=True, cwd=REPO,
+                          env=env or _env(), **kw)
+
+
+def _holder(settings, seconds: float) -> subprocess.Popen:
+    """Another process that takes the lock, says so, and holds it for `seconds`."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from cbir.config import load_settings
+        from cbir.lock import writer_lock
+        with writer_lock(load_settings({str(settings.params_path)!r}), "cbir test-holder"):
+            print("held", flush=True)
+            time.sleep({seconds})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO, env=_env())
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.fixture
+def ws(workspace):
+    for i in range(3):
+        save(photo(i), workspace.scans / f"p{i}.jpg")
+    return workspace(orchestration={"lock_timeout": 0.5})
+
+
+def test_a_second_writer_exits_naming_the_holder(ws):
+    with writer_lock(ws, "cbir nightly (test)"):
+        info = holder_of(lock_path(ws))
+        assert info["pid"] == os.getpid() and info["command"] == "cbir nightly (test)"
+        out = _cbir("ingest", "--params", str(ws.params_path))
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()
+    assert err[-1].startswith("cbir ingest: error: another cbir run is writing to ")
+    assert f"pid {os.getpid()}" in err[-1] and "`cbir nightly (test)`" in err[-1]
+    assert "since 20" in err[-1] and "waited 0.5 s" in err[-1]
+    assert not (ws.path(ws.data.manifest_dir) / "files.parquet").exists()  # nothing written
+    assert holder_of(lock_path(ws)) is None  # released: the holder's details went with it
+    assert lock.ENV not in os.environ
+
+
+def test_readers_do_not_take_the_lock(ws):
+    assert _cbir("ingest", "--params", str(ws.params_path)).returncode == 0
+    with writer_lock(ws, "holder"):
+        out = _cbir("sql", "SELECT count(*) AS n FROM images", "--params", str(ws.params_path))
+    assert out.returncode == 0, out.stderr
+    assert "3" in out.stdout
+
+
+def test_writers_wait_their_turn_and_the_manifest_stays_whole(ws, workspace):
+    settings = workspace(orchestration={"lock_timeout": 60})
+    holder = _holder(settings, 1.5)
+    try:
+        runs = [subprocess.Popen([*CBIR, "ingest", "--params", str(settings.params_path)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=REPO, env=_env()) for _ in range(2)]
+        results = [(p.wait(timeout=120), *p.communicate()) for p in runs]
+    finally:
+        holder.wait(timeout=30)
+    for rc, _, err in results:
+        assert rc == 0, err
+        assert "waiting for the data folder: another cbir run is writing" in err
+        assert "`cbir test-holder`" in err
+    mdir = settings.path(settings.data.manifest_dir)
+    assert sorted(pq.read_table(mdir / "runs.parquet").column("run_id").to_pylist()) == [1, 2]
+    files = pq.read_table(mdir / "files.parquet").to_pylist()
+    assert sorted(r["path"] for r in files) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+
+
+def test_the_lock_is_reentrant_and_inherited_by_child_commands(ws):
+    with writer_lock(ws, "flow"):
+        with writer_lock(ws, "a library step inside the flow", timeout=0):
+            assert lock.held(lock_path(ws))
+            # a `cbir` command the holder runs (its environment names the lock) goes ahead
+            out = _cbir("ingest", "--params", str(ws.params_path),
+                        env={**_env(), lock.ENV: os.environ[lock.ENV]})
+            assert out.returncode == 0, out.stderr
+        assert lock.held(lock_path(ws))
+    assert not lock.held(lock_path(ws))
+    # a stale CBIR_LOCK_HELD (its holder gone) grants nothing: the lock is free, it is taken
+    out = _cbir("ingest", "--params", str(ws.params_path),
+                env={**_env(), lock.ENV: f"{os.path.realpath(lock_path(ws))}#deadbeef"})
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_second_process_waits_and_a_killed_holder_frees_the_lock(ws):
+    holder = _holder(ws, 60)
+    try:
+        with pytest.raises(LockBusy, match="cbir test-holder"):
+            with writer_lock(ws, "second", timeout=0.3):
+                pass
+        holder.send_signal(signal.SIGKILL)  # no cleanup at all
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    t0 = time.monotonic()
+    with writer_lock(ws, "after the kill", timeout=0):
+        assert holder_of(lock_path(ws))["command"] == "after the kill"
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_dvc_stage_stops_at_once_instead_of_waiting(workspace):
+    for i in range(2):
+        save(photo(i), workspace.scans / f"p{i}.jpg")
+    settings = workspace(orchestration={"lock_timeout": 600})
+    with writer_lock(settings, "cbir nightly"):
+        t0 = time.monotonic()
+        out = _cbir("ingest", "--params", str(settings.params_path),
+                    env=_env(DVC_STAGE="dvc.yaml:ingest"))
+    assert out.returncode == 2 and time.monotonic() - t0 < 60
+    assert "`cbir nightly`" in out.stderr and "waited" not in out.stderr
+    assert "a `dvc repro` stage does not wait for it" in out.stderr
+
+
+def test_flows_wait_while_dvc_holds_its_repository_lock(tmp_path: Path, monkeypatch):
+    root = tmp_path / "repo"
+    (root / ".dvc" / "tmp").mkdir(parents=True)
+    (root / "sub").mkdir()
+    busy = dvc_busy(root / "sub")
+    assert busy() is None  # no DVC command has run here yet
+    (root / ".dvc" / "tmp" / "lock").write_text("")
+    assert busy() is None
+    with open(root / ".dvc" / "tmp" / "lock", "a+") as fh:  # what zc.lockfile does for DVC
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "DVC command" in busy() and str(root) in busy()
+        monkeypatch.setenv("DVC_STAGE", "dvc.yaml:ingest")  # inside `dvc repro` itself
+        assert busy() is None
+        monkeypatch.delenv("DVC_STAGE")
+        with pytest.raises(LockBusy, match="DVC command"):
+            lock.acquire(tmp_path / "data" / ".cbir.lock", "nightly", timeout=0.3,
+                         blockers=[busy])
+    assert busy() is None
+    assert dvc_busy(tmp_path / "elsewhere")() is None  # not in a DVC repository

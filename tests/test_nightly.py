@@ -1,0 +1,232 @@
+"""The nightly flow, in-process under a temporary Prefect server, on an ingested demo collection."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cbir.config import load_settings
+from cbir.demo import generate_demo_collection
+from cbir.embed import embedded_ids, embeddings_dir, run_embed
+from cbir.evaluate import run_evaluate
+from cbir.index import index_ids, load_index, run_index
+from cbir.ingest import run_ingest
+from cbir.model import retrieval_model
+from cbir.report import run_report
+from cbir.search import faiss_ids, run_pairs
+from conftest import photo, save, write_params
+
+SMALL = {
+    "embed": {"resolution": 64, "batch_size": 16, "shard_size": 8, "workers": 0},
+    "ingest": {"workers": 2},
+    "search": {"k": 5, "pair_threshold": 0.5, "cluster_threshold": 0.9},
+    "evaluate": {"baselines": False},
+    "report": {"thumb_size": 64},
+    "orchestration": {"task_retries": 1, "retry_delay_seconds": 0, "lock_timeout": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness():
+        yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A workspace holding a small demo collection, built by the library calls `dvc repro`
+    makes (without training). Tests work on copies of it."""
+    root = tmp_path_factory.mktemp("built")
+    demo = root / "demo"
+    generate_demo_collection(demo, n_groups=6, n_distractors=6, max_copies=3, size=128, seed=2)
+    ws = root / "ws"
+    shutil.copytree(demo / "scans", ws / "scans")
+    shutil.copy(demo / "ground_truth.csv", ws / "ground_truth.csv")
+    s = load_settings(_params(ws))
+    for step in (run_ingest, run_embed, run_index, run_pairs, run_evaluate, run_report):
+        step(s)
+    return ws
+
+
+def _params(ws: Path, **extra) -> Path:
+    params = {"data": {"scans_dir": "scans", "ground_truth": "ground_truth.csv"}, **SMALL}
+    for k, v in extra.items():
+        params[k] = {**params.get(k, {}), **v}
+    return write_params(ws, params)
+
+
+def _built(tmp_path: Path, built: Path, **extra) -> Path:
+    """A copy of the built workspace (relative paths: it works where it lands)."""
+    ws = tmp_path / "ws"
+    shutil.copytree(built, ws)
+    return _params(ws, **extra)
+
+
+def _arrivals(scans: Path) -> dict[str, Path]:
+    """The day's scans: an exact copy, a rescan of a known print, and two new photographs."""
+    first = sorted(scans.rglob("*.jpg"))[0]
+    new = scans / "arrived"
+    new.mkdir()
+    out = {"copy": new / "copy-of-first.jpg", "rescan": new / "rescan.jpg",
+           "new1": new / "new1.png", "new2": new / "new2.png"}
+    shutil.copy(first, out["copy"])
+    with Image.open(first) as im:
+        im.convert("RGB").resize((im.width * 9 // 10, im.height * 9 // 10)).save(
+            out["rescan"], quality=70)
+    save(photo(101, (120, 90)), out["new1"])
+    save(photo(102, (90, 120)), out["new2"])
+    out["first"] = first
+    return out
+
+
+def _pair_keys(settings) -> list[tuple[str, str, str]]:
+    t = pq.read_table(settings.path(settings.data.pairs_dir) / "pairs.parquet")
+    return [(r["kind"], *sorted((r["image_a"], r["image_b"]))) for r in t.to_pylist()]
+
+
+def test_nightly_reindexes_only_the_new_scans(prefect_harness, tmp_path, built):
+    from prefect.artifacts import Artifact
+
+    from flows.nightly import nightly
+
+    params = _built(tmp_path, built, orchestration={"nightly_evaluate": True,
+                                                    "nightly_gallery": True})
+    s = load_settings(params)
+    before = {(r[1], r[2]): r for r in _pair_keys(s)}
+    old_pairs = pq.read_table(s.path(s.data.pairs_dir) / "pairs.parquet").to_pylist()
+    _, _, fp, _ = retrieval_model(s)
+    n_before = len(embedded_ids(embeddings_dir(s, fp)))
+    _arrivals(s.path(s.data.scans_dir))
+
+    result = nightly(str(params))
+    st = result.steps
+    assert st["ingest"].run_id == 2
+    assert st["ingest"].counts["new"] == 4 and st["ingest"].counts["new_duplicates"] == 1
+    assert st["ingest"].decoded == 3  # the exact copy is known by its hash: not decoded
+    assert st["embed"].summary.embedded == 3 and st["embed"].summary.already == n_before
+    assert not st["index"].rebuilt and st["index"].added == 3
+    assert st["pairs"].incremental and st["pairs"].searched == 3
+    assert "evaluate" in st and "report" in st
+    assert "not recorded" in st["dvc"].lines()[0]  # a temporary folder is no DVC project
+
+    # every recorded pair is kept as it was, none twice; the new ones involve a new image
+    keys = _pair_keys(s)
+    assert len(keys) == len(set(keys))
+    after = pq.read_table(s.path(s.data.pairs_dir) / "pairs.parquet").to_pylist()
+    by_key = {(r["kind"], *sorted((r["image_a"], r["image_b"]))): r for r in after}
+    for r in old_pairs:
+        k = (r["kind"], *sorted((r["image_a"], r["image_b"])))
+        assert by_key[k]["score"] == pytest.approx(r["score"])
+    new_ids = {r["image_id"] for r in pq.read_table(
+        s.path(s.data.manifest_dir) / "files.parquet").to_pylist() if r["first_run"] == 2}
+    added = [k for k in keys if (k[1], k[2]) not in before]
+    assert added and all(k[1] in new_ids or k[2] in new_ids for k in added)
+    assert sum(1 for k in keys if k[0] == "exact") == 1
+
+    # the report of the night = the catalogue's pairs found in run 2
+    report = st["new pairs"]
+    assert report.run_id == 2 and report.since_run == 1 and report.file.is_file()
+    con = duckdb.connect(str(s.path(s.data.catalog)), read_only=True)
+    n = con.execute("SELECT count(*) FROM new_pairs WHERE new_run = 2").fetchone()[0]
+    rescan = con.execute("SELECT count(*) FROM new_pairs WHERE new_run = 2 AND new_path = ? "
+                         "AND kind = 'near'", ["arrived/rescan.jpg"]).fetchone()[0]
+    con.close()
+    assert len(report.pairs) == n > 0 and rescan >= 1
+    assert "arrived/copy-of-first.jpg" in report.file.read_text()
+    art = Artifact.get("cbir-nightly-summary")
+    assert art is not None and "ingest run 2" in art.data
+
+    # the index holds exactly the present images, each once
+    index, _ = load_index(s.path(s.data.index_dir))
+    ids = index_ids(index)
+    assert len(ids) == len(set(ids)) == n_before + 3
+    assert set(ids) == set(faiss_ids(sorted(embedded_ids(embeddings_dir(s, fp)))))
+
+
+def test_a_nightly_run_without_new_scans_decodes_and_embeds_nothing(prefect_harness, tmp_path,
+                                                                     built, monkeypatch):
+    from flows.nightly import nightly
+
+    params = _built(tmp_path, built)
+    s = load_settings(params)
+    outputs = [s.path(s.data.pairs_dir) / "pairs.parquet", s.path(s.data.index_dir) / "index.faiss",
+               s.path(s.data.manifest_dir) / "files.parquet"]
+    mtimes = [p.stat().st_mtime_ns for p in outputs]
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr("cbir.ingest.probe_star", no_decoding)
+    monkeypatch.setattr("cbir.imaging.load_rgb", no_decoding)
+    monkeypatch.setattr("cbir.report.load_rgb", no_decoding)
+    st = nightly(str(params)).steps
+    assert st["ingest"].decoded == 0 and st["ingest"].counts.get("new", 0) == 0
+    assert st["embed"].summary.embedded == 0 and st["embed"].summary.shards == 0
+    assert st["index"].added == 0 and not st["index"].rebuilt
+    assert st["pairs"].searched == 0 and st["pairs"].added == 0
+    assert st["new pairs"].pairs == []
+    assert [p.stat().st_mtime_ns for p in outputs] == mtimes  # nothing rewritten
+
+
+def test_a_failed_nightly_resumes_without_losing_or_duplicating(prefect_harness, tmp_path, built,
+                                                                monkeypatch):
+    from flows.nightly import nightly
+
+    params = _built(tmp_path, built)
+    s = load_settings(params)
+    _arrivals(s.path(s.data.scans_dir))
+    calls = []
+
+    def nas_went_away(*args, **kwargs):
+        calls.append(1)
+        raise OSError("the NAS went away")
+
+    monkeypatch.setattr("cbir.search.knn_pairs", nas_went_away)
+    state = nightly(str(params), return_state=True)
+    assert state.is_failed() and "the NAS went away" in state.message
+    assert len(calls) == 2  # tried, then retried once (orchestration.task_retries: 1)
+    assert not (s.path(s.data.reports_dir) / "nightly" / "run-00002.md").exists()
+    monkeypatch.undo()
+
+    st = nightly(str(params)).steps  # run 3: nothing new to ingest or embed, pairs still to do
+    assert st["ingest"].run_id == 3 and st["ingest"].counts.get("new", 0) == 0
+    assert st["embed"].summary.embedded == 0 and st["index"].added == 0
+    assert st["pairs"].searched == 3 and st["pairs"].added > 0
+    keys = _pair_keys(s)
+    assert len(keys) == len(set(keys))
+    report = st["new pairs"]  # covers the arrivals of the failed run 2
+    assert report.since_run == 1 and report.run_id == 3
+    assert any(r[report.columns.index("new_run")] == 2 for r in report.pairs)
+
+
+def test_embedding_shards_run_on_a_dask_cluster(prefect_harness, tmp_path, built):
+    from distributed import Client, LocalCluster
+
+    from flows.nightly import nightly
+
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                      dashboard_address=None) as cluster:
+        params = _built(tmp_path, built, embed={"shard_size": 1},
+                        orchestration={"dask_address": cluster.scheduler_address})
+        s = load_settings(params)
+        _arrivals(s.path(s.data.scans_dir))
+        with Client(cluster) as client:
+            workers = client.run(os.getpid)  # worker address -> its pid
+        st = nightly(str(params)).steps
+    shards = st["embed"].shards
+    assert len(shards) == 3 and sum(r.embedded for r in shards) == 3
+    assert all(r.pid != os.getpid() and r.worker is not None for r in shards)
+    assert {r.pid for r in shards} <= set(workers.values())
+    assert {r.worker for r in shards} <= set(workers)
+    assert st["pairs"].searched == 3
