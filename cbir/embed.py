@@ -91,7 +91,7 @@ def embed_files(model: Descriptor, files: list[bytes], pp: Preprocess, *, batch_
     loader = DataLoader(
         ScanDataset(files, pp, max_pixels), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate,
-        multiprocessing_context=start_method(["cbir.imaging"]) if workers else None,
+        multiprocessing_context=start_method(["cbir.embed"]) if workers else None,
         persistent_workers=False, prefetch_factor=4 if workers else None)
     model = model.to(device).eval()
     done: list[int] = []
