@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from .fsutil import write_parquet
 from .index import load_index, search as index_search
 from .ingest import OK, PRESENT, load_manifest
 from .model import retrieval_model
+from .probe import sha256_of
 
 PAIRS_FILE = "pairs.parquet"
 CLUSTERS_FILE = "clusters.parquet"
@@ -89,14 +89,6 @@ class QueryResult:
     error: str | None = None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
     """Top-k neighbours of image files (inside or outside the collection)."""
     s = open_searcher(settings)
@@ -120,10 +112,8 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
         scores, ids = s.search(vectors, k + 1)
         for row, i in enumerate(done):
             res = results[i]
-            try:
-                res.exact_copies_of = sorted(by_sha.get(_sha256_file(paths[i]), []))
-            except OSError:
-                pass
+            sha = sha256_of(os.fsencode(paths[i]))
+            res.exact_copies_of = sorted(by_sha.get(sha, [])) if sha else []
             for score, image_id in zip(scores[row], ids[row]):
                 if image_id is None or len(res.neighbours) >= k:
                     continue
