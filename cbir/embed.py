@@ -224,8 +224,9 @@ def run_embed(settings: Settings, *, progress: bool = False, baseline: bool = Fa
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, pp, fp, source = retrieval_model(settings, untrained=baseline)
-    _, _, current_fp, _ = retrieval_model(settings) if baseline else (None, None, fp, None)
-    plan = plan_shards(settings, fp, source, baseline=baseline and fp != current_fp)
+    # Without a training checkpoint the untrained backbone is the current model: same folder.
+    trained = settings.path(settings.model.checkpoint).is_file()
+    plan = plan_shards(settings, fp, source, baseline=baseline and trained)
     plan.folder.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(plan.folder)
     write_model_card(settings, plan, model)
@@ -268,12 +269,14 @@ def load_embeddings(folder: Path, only: set[str] | None = None) -> tuple[list[st
     return order, vectors[[row_of[i] for i in order]]
 
 
-def current_embeddings(settings: Settings) -> tuple[str, list[str], np.ndarray, int]:
+def current_embeddings(settings: Settings, fingerprint: str | None = None,
+                       ) -> tuple[str, list[str], np.ndarray, int]:
     """The current model's embeddings of the present canonical images.
 
+    Pass `fingerprint` when the caller has already built the model (it saves building it again).
     Returns (fingerprint, ids, vectors, number of present images without an embedding).
     """
-    _, _, fp, _ = retrieval_model(settings)
+    fp = fingerprint or retrieval_model(settings)[2]
     folder = embeddings_dir(settings, fp)
     present = {r["image_id"] for r in canonical_images(settings)}
     ids, vectors = load_embeddings(folder, present) if folder.is_dir() else ([], None)

@@ -24,7 +24,6 @@ from .embed import load_embeddings, run_embed
 from .errors import CbirError
 from .fsutil import write_json, write_parquet, write_text
 from .ingest import PRESENT, load_manifest
-from .model import retrieval_model
 from .search import open_searcher
 
 NEIGHBORS_SCHEMA = pa.schema([
@@ -139,9 +138,9 @@ class EvaluationResult:
                 f"metrics: {self.metrics_file}", f"neighbours: {self.neighbors_file}"]
 
 
-def _model_label(settings: Settings, source: str) -> str:
+def _model_label(settings: Settings) -> str:
     m = settings.model
-    if source.startswith("checkpoint"):
+    if settings.path(m.checkpoint).is_file():  # what retrieval_model loads when it exists
         return f"SimCLR {m.backbone} ({m.descriptor} descriptor, trained)"
     return f"{m.backbone} init={m.init} (no training checkpoint)"
 
@@ -181,9 +180,8 @@ def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
     s, found = searcher.search(searcher.vectors[query_rows], k + 1)
     nbr = np.array([[row_of[x] if x is not None else -1 for x in row] for row in found], np.int64)
     ranked = metrics.build_ranked_results(query_rows, nbr, s, group_of)
-    _, _, _, source = retrieval_model(settings)
     neighbours = _neighbour_rows(ranked, query_rows, nbr, s, ids, searcher.path_of, group_of, k)
-    return ModelRanking(label=_model_label(settings, source), image_ids=ids,
+    return ModelRanking(label=_model_label(settings), image_ids=ids,
                         path_of=searcher.path_of, group_of=group_of, query_rows=query_rows,
                         ranked=ranked, neighbours=neighbours)
 

@@ -67,9 +67,9 @@ class Searcher:
         return scores, ids
 
 
-def open_searcher(settings: Settings) -> Searcher:
+def open_searcher(settings: Settings, fingerprint: str | None = None) -> Searcher:
     """Load the index for the current model; a stale index is refused with a clear message."""
-    fp, ids, vectors, _ = current_embeddings(settings)
+    fp, ids, vectors, _ = current_embeddings(settings, fingerprint)
     index, info = load_index(settings.path(settings.data.index_dir), expected_fingerprint=fp)
     fids = faiss_ids(ids)
     manifest = load_manifest(settings).select(["image_id", "path", "status", "is_canonical"])
@@ -91,11 +91,8 @@ class QueryResult:
 
 def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
     """Top-k neighbours of image files (inside or outside the collection)."""
-    s = open_searcher(settings)
     model, pp, fp, _ = retrieval_model(settings)
-    if fp != s.fingerprint:
-        raise CbirError("the model changed since the index was built; run `cbir embed` and "
-                        "`cbir index`")
+    s = open_searcher(settings, fingerprint=fp)
     files = [os.fsencode(p) for p in paths]
     done, vectors, failed = embed_files(model, files, pp, batch_size=settings.embed.batch_size,
                                         workers=0, device=pick_device(settings.embed.device),

@@ -81,6 +81,18 @@ def save(im: Image.Image, path: Path, **kw: Any) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """One temporary Prefect server per test module (starting one takes seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness():
+        yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _no_kill_points(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CBIR_KILL_AT", raising=False)

@@ -18,17 +18,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with prefect_test_harness():
-        yield
-    mp.undo()
-
-
 def _photos(workspace, n: int = 5):
     for i in range(n):
         save(photo(i), workspace.scans / f"p{i}.jpg")

@@ -33,17 +33,6 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with prefect_test_harness():
-        yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """A workspace holding a small demo collection, built by the library calls `dvc repro`
     makes (without training). Tests work on copies of it."""
