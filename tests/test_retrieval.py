@@ -17,11 +17,11 @@ from cbir.config import load_settings
 from cbir.demo import generate_demo_collection
 from cbir.embed import embeddings_dir, load_embeddings, plan_shards, run_embed
 from cbir.errors import CbirError
-from cbir.evaluate import read_ground_truth, run_evaluate
+from cbir.evaluate import read_ground_truth
 from cbir.index import run_index
 from cbir.ingest import run_ingest
 from cbir.model import retrieval_model
-from cbir.search import clusters_from_pairs, open_searcher, query_images, run_pairs
+from cbir.search import clusters_from_pairs, open_searcher, query_images
 from conftest import CBIR, REPO, photo, save, write_params
 
 SMALL = {
@@ -131,14 +131,21 @@ def test_embedding_is_sharded_resumable_and_incremental(tmp_path):
     assert again.embedded == 1 and again.already == 40
 
 
-def test_index_updates_in_place_and_refuses_a_stale_model(tmp_path):
+def _photo_workspace(tmp_path: Path, n: int, name: str) -> tuple[Path, Path]:
+    """n small photos named `name.format(i)`, ingested and embedded; returns (scans, params)."""
     scans = tmp_path / "ws" / "scans"
-    for i in range(12):
-        save(photo(i), scans / f"p{i:02d}.jpg")
+    for i in range(n):
+        save(photo(i), scans / name.format(i))
     params = write_params(tmp_path / "ws", {"data": {"scans_dir": "scans"}, **SMALL})
     settings = load_settings(params)
     run_ingest(settings)
     run_embed(settings)
+    return scans, params
+
+
+def test_index_updates_in_place_and_refuses_a_stale_model(tmp_path):
+    scans, params = _photo_workspace(tmp_path, 12, "p{:02d}.jpg")
+    settings = load_settings(params)
     first = run_index(settings)
     assert first.rebuilt and first.info.n_vectors == 12
 
@@ -168,13 +175,8 @@ def test_index_updates_in_place_and_refuses_a_stale_model(tmp_path):
 
 
 def test_query_reports_unreadable_files(tmp_path):
-    scans = tmp_path / "ws" / "scans"
-    for i in range(6):
-        save(photo(i), scans / f"p{i}.jpg")
-    params = write_params(tmp_path / "ws", {"data": {"scans_dir": "scans"}, **SMALL})
+    _, params = _photo_workspace(tmp_path, 6, "p{}.jpg")
     settings = load_settings(params)
-    run_ingest(settings)
-    run_embed(settings)
     run_index(settings)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not really a jpeg")
