@@ -157,7 +157,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--copies", type=int, default=3, help="near-duplicates per photo, at most")
     ap.add_argument("--resolution", type=int, default=112, help="training resolution")
-    ap.add_argument("--embed-resolution", type=int, default=224)
+    ap.add_argument("--embed-resolution", default="train",
+                    help="px, or 'train' (the training resolution, the params default)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -169,7 +170,8 @@ def main() -> None:
     base_train = {"resolution": args.resolution, "batch_size": args.batch,
                   "epochs": args.epochs, "time_budget_minutes": args.minutes,
                   "seed": args.seed}
-    extra = {"embed": {"resolution": args.embed_resolution}}
+    res = args.embed_resolution
+    extra = {"embed": {"resolution": res if res == "train" else int(res)}}
     table: list[tuple[str, dict[str, float]]] = []
     times = {}
     for strategy in ("heritage", "simclr"):

@@ -7,20 +7,45 @@ folder holding the params file, so a copy of params.yaml in another folder is a 
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
 
 
+def _number_not_bool(annotation: Any) -> bool:
+    """Whether a field's type takes numbers (int/float) and not booleans."""
+    if annotation in (int, float):
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _number_not_bool(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return bool not in args and any(_number_not_bool(a) for a in args)
+    return False
+
+
 class _Section(BaseModel):
     # Unknown keys are typos until proven otherwise: refuse them instead of silently ignoring.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes/no/on/off/true/false as booleans, and pydantic would take them as 1
+        # and 0 (`workers: yes` = one worker, `max_pixels: on` = every scan too large).
+        if isinstance(value, bool) and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and _number_not_bool(field.annotation):
+                raise ValueError("expected a number, got a boolean (yes/no/on/off/true/false)")
+        return value
 
 
 class DataSettings(_Section):
@@ -67,7 +92,10 @@ class ModelSettings(_Section):
 
 
 class EmbedSettings(_Section):
-    resolution: int = Field(224, ge=32, description="images are resized to this square size")
+    # "train": the training resolution. Descriptors are sharpest at the scale they were trained
+    # at (benchmarks/quality.py: trained at 112 px, embedding at 112 px gave P@1 0.92, at 224 px
+    # 0.81).
+    resolution: Annotated[int, Field(ge=32)] | Literal["train"] = "train"
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(1000, ge=1)
     workers: int = Field(1, ge=0, description="DataLoader decode processes")
@@ -160,6 +188,12 @@ class Settings(_Section):
         """Resolve a params path against the workspace root."""
         p = Path(os.path.expanduser(p))
         return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def embed_resolution(self) -> int:
+        """The square size images are embedded at (embed.resolution, or train.resolution)."""
+        r = self.embed.resolution
+        return self.train.resolution if r == "train" else r
 
     @property
     def workers(self) -> int:

@@ -106,6 +106,7 @@ def embed_files(model: Descriptor, files: list[bytes], pp: Preprocess, *, batch_
                     z = model(xs.to(device, non_blocking=True))
                 chunks.append(z.float().cpu().numpy())
                 done += idx
+            faults.point("embed.batch")
             if progress is not None:
                 progress.update(len(idx) + len(bad))
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32)
@@ -122,10 +123,21 @@ def embeddings_dir(settings: Settings, fp: str, *, baseline: bool = False) -> Pa
     return settings.path(settings.data.embeddings_dir) / fp
 
 
+def read_shard(shard: Path, columns: list[str] | None = None) -> pa.Table:
+    """One embeddings shard. Shards are written atomically, so a damaged one is damage on disk:
+    a clear error saying what to do, not a pyarrow traceback."""
+    try:
+        return pq.read_table(shard, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise CbirError(f"embeddings shard {shard} is damaged ({exc}); delete it (or restore it "
+                        f"with `dvc checkout`) and run `cbir embed` to embed its images again"
+                        ) from None
+
+
 def embedded_ids(folder: Path) -> set[str]:
     ids: set[str] = set()
     for shard in sorted(folder.glob(SHARD_GLOB)):
-        ids.update(pq.read_table(shard, columns=["image_id"]).column(0).to_pylist())
+        ids.update(read_shard(shard, columns=["image_id"]).column(0).to_pylist())
     return ids
 
 
@@ -211,7 +223,7 @@ def write_model_card(settings: Settings, plan: EmbedPlan, model: Descriptor) -> 
 
     write_json({"fingerprint": plan.fingerprint, "source": plan.source,
                 "config": asdict(model.config), "dim": model.dim,
-                "resolution": settings.embed.resolution}, plan.folder / "model.json")
+                "resolution": settings.embed_resolution}, plan.folder / "model.json")
 
 
 def run_embed(settings: Settings, *, progress: bool = False, baseline: bool = False,
@@ -251,7 +263,7 @@ def load_embeddings(folder: Path, only: set[str] | None = None) -> tuple[list[st
     ids: list[str] = []
     chunks: list[np.ndarray] = []
     for shard in sorted(folder.glob(SHARD_GLOB)):
-        t = pq.read_table(shard)
+        t = read_shard(shard)
         col = t.column("vector").combine_chunks()
         dim = col.type.list_size
         vec = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)

@@ -260,7 +260,7 @@ def retrieval_model(settings: Any, *, untrained: bool = False) -> tuple[Descript
     Returns (model in eval mode, preprocessing, fingerprint, where the weights came from).
     """
     m = settings.model
-    preprocess = Preprocess(resolution=settings.embed.resolution)
+    preprocess = Preprocess(resolution=settings.embed_resolution)
     ckpt = settings.path(m.checkpoint)
     if ckpt.is_file() and not untrained:
         model, _ = load_checkpoint(ckpt, descriptor=m.descriptor)

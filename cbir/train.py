@@ -172,6 +172,7 @@ def build_cache(settings: Settings, *, progress: bool = False, log: Log = print)
                     failed[ids[r]] = why or "cannot be decoded"
                 else:
                     out[r] = np.frombuffer(pixels, np.uint8).reshape(side, side, 3)
+                faults.point("train.cache")
                 bar.update(1)
         finally:
             bar.close()
@@ -590,6 +591,7 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
                 raise CbirError(f"training diverged (loss {value} at epoch {epoch + 1}, step "
                                 f"{i + 1}): lower train.lr or raise train.temperature")
             loss_sum += value
+            faults.point("train.step")
             bar.update(1)
             bar.set_postfix_str(f"loss {value:.4f}")
         bar.close()
@@ -630,7 +632,7 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
                 "stop_reason": stop_reason, "init": source, "history": history,
                 "params": recipe, "world_size": d.world}
         summary.fingerprint = save_checkpoint(summary.checkpoint, model,
-                                              Preprocess(resolution=settings.embed.resolution),
+                                              Preprocess(resolution=settings.embed_resolution),
                                               extra={"training": info})
         write_json({"loss": final_loss, "epochs": done, "images": n,
                     "seconds": round(seconds, 3), "stopped_early": summary.stopped_early},
