@@ -36,9 +36,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The full fault-injection and hostile-input matrix (CI runs a reduced set through make test).
+# The full fault-injection, hostile-input and resource matrix (CI runs a reduced set through
+# make test).
 faults: install
-	$(BIN)/python -m pytest -q -m "" tests/test_faults.py tests/test_hostile.py
+	$(BIN)/python -m pytest -q -m "" tests/test_faults.py tests/test_hostile.py tests/test_resources.py
 
 clean-data:
 	rm -rf data/manifest data/catalog.duckdb data/embeddings data/index data/pairs data/reports data/models data/cache

@@ -195,7 +195,7 @@ def main() -> None:
               ("heritage beats phash by >= 0.2 (mAP@10)", her["map@10"] >= ph["map@10"] + 0.2)]
     for label, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {label}")
-    print(f"training time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
+    print("training time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
 
 
 if __name__ == "__main__":

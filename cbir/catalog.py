@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import duckdb
 
 from .config import Settings
 from .errors import CbirError
-from .fsutil import atomic_path, write_text
+from .fsutil import atomic_path, clean_stale_tmp, write_text
 
 SCHEMA_VERSION = 1
 
@@ -206,12 +205,20 @@ def refresh_catalog(settings: Settings) -> Path:
                         [signature, str(SCHEMA_VERSION)])
             con.execute("CHECKPOINT")
         finally:
-            con.close()
-        wal = Path(str(tmp) + ".wal")
-        if wal.exists():
-            os.unlink(wal)
+            try:
+                con.close()
+            finally:  # its write-ahead log too, also when a write failed (a full disk)
+                Path(str(tmp) + ".wal").unlink(missing_ok=True)
     write_text(signature, sidecar)
     return target
+
+
+def clean_stale(settings: Settings) -> None:
+    """Remove the temporary files of a refresh that was killed. For the steps that write (they
+    hold the writer lock); a reader's refresh, which takes no lock, may be under way."""
+    target = settings.path(settings.data.catalog)
+    for path in (target, _sidecar(target)):
+        clean_stale_tmp(path.parent, path.name)
 
 
 def _sidecar(catalog: Path) -> Path:

@@ -306,6 +306,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CbirError as exc:
         print(f"cbir {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from .fsutil import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        # Outputs are replaced atomically (fsutil.DiskFull names the file when the failing
+        # write is one of them); this catches the other writes (the lock file, a folder).
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"cbir {args.command}: error: no space left on the device{where}; outputs "
+              f"written before are kept unchanged. Free some space and run again",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"cbir {args.command}: interrupted", file=sys.stderr)
         return 130

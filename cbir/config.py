@@ -126,7 +126,7 @@ class TrainSettings(_Section):
     augment_strength: float = Field(1.0, ge=0)
     resolution: int = Field(112, ge=32)
     batch_size: int = Field(64, ge=2)
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(25, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

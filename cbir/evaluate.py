@@ -22,7 +22,7 @@ from . import metrics
 from .config import Settings
 from .embed import load_embeddings, run_embed
 from .errors import CbirError
-from .fsutil import write_json, write_parquet, write_text
+from .fsutil import clean_stale_tmp, write_json, write_parquet, write_text
 from .ingest import PRESENT, load_manifest
 from .search import open_searcher
 
@@ -222,6 +222,7 @@ def run_evaluate(settings: Settings, *, progress: bool = False) -> EvaluationRes
 
     result.table = metrics.markdown_table(result.rows, ks, precision=cfg.precision_target)
     out = settings.path(settings.data.reports_dir)
+    clean_stale_tmp(out)  # left by a killed run
     names = ["model"] + [_short(label) for label, _ in result.rows[1:]]
     write_json({name: _finite(vals) for name, (_, vals) in zip(names, result.rows)},
                out / "metrics.json")

@@ -7,6 +7,8 @@ version in place (the stray temporary file is ignored and cleaned on the next wr
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import tempfile
@@ -17,7 +19,26 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import faults
+from .errors import CbirError
+
 TMP_PREFIX = ".tmp-"
+
+
+class DiskFull(CbirError):
+    """A write ran out of space (or quota); the file it was replacing is unchanged."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk or the quota is full.
+
+    Python's own writes set errno; pyarrow and DuckDB wrap the OS error, so the text is checked
+    as well.
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, Exception) and (os.strerror(errno.ENOSPC) in str(exc)
+                                           or os.strerror(errno.EDQUOT) in str(exc))
 
 
 def _read_umask() -> int:
@@ -42,11 +63,16 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, _FILE_MODE)
         _fsync_file(tmp_path)
+        faults.point(f"write.{target.name}")  # complete but not yet in place
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if is_disk_full(exc):  # a user can act on it: one clear line instead of a traceback
+            raise DiskFull(f"no space left on the device while writing {target} (left as it "
+                           f"was: outputs are replaced whole). Free some space and run again"
+                           ) from exc
         raise
 
 
@@ -79,13 +105,14 @@ def write_json(obj: Any, target: str | os.PathLike[str]) -> None:
     write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", target)
 
 
-def clean_stale_tmp(folder: str | os.PathLike[str]) -> int:
-    """Remove temporary files left by a killed writer. Returns how many were removed."""
+def clean_stale_tmp(folder: str | os.PathLike[str], name: str | None = None) -> int:
+    """Remove temporary files left by a killed writer in `folder` (only those of the target file
+    `name` when given). Returns how many were removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     n = 0
-    for p in folder.glob(TMP_PREFIX + "*"):
+    for p in folder.glob(TMP_PREFIX + (glob.escape(name) + ".*" if name else "*")):
         with contextlib.suppress(OSError):
             p.unlink()
             n += 1

@@ -47,7 +47,7 @@ class ImageInfo:
     height: int
     mode: str  # Pillow mode of the stored image, e.g. "L", "RGB", "I;16", "CMYK"
     format: str  # Pillow format name, e.g. "JPEG", "TIFF"
-    pages: int  # frames/pages in the file; only the first is used
+    pages: int  # frames/pages in the file, up to PAGE_COUNT_LIMIT; only the first is used
 
 
 def exif_orientation(im: Image.Image) -> int:
@@ -66,20 +66,43 @@ def apply_orientation(im: Image.Image, orientation: int) -> Image.Image:
     return im
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_BAND_PIXELS = 1 << 22  # rows converted at a time from deep greyscale: bounds the float copy
+
+
+def _grey_to_uint8(arr: np.ndarray, divisor: float) -> np.ndarray:
+    """round(arr / divisor * 255), clipped to 0..255, as uint8.
+
+    Done a band of rows at a time: a float64 copy of a whole 150-MP scan would take 1.2 GB.
+    """
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, _BAND_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    for y in range(0, arr.shape[0], rows):
+        band = arr[y:y + rows].astype(np.float64) / divisor * 255.0 + 0.5
+        out[y:y + rows] = np.clip(band, 0, 255)
+    return out
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB from any Pillow mode: 16-bit and float greyscale are rescaled, alpha composited on white."""
     mode = im.mode
     if mode == "RGB":
         return im
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        hi = float(arr.max()) if arr.size else 0.0
-        if mode == "F" and hi <= 1.0:
-            arr = arr * 255.0
-        elif hi > 255.0:
-            arr = arr / (65535.0 if hi <= 65535.0 else hi) * 255.0
-        grey = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
-        return grey.convert("RGB")
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        arr = np.asarray(im)
+        if mode in _SIXTEEN_BIT:
+            # A 16-bit sample's range is 0..65535 whatever the picture holds: a dark scan must
+            # stay dark, not be brightened 257x because its brightest pixel is below 256.
+            divisor = 65535.0
+        else:  # 32-bit int or float: the range is not in the mode, so guess it from the data
+            hi = float(arr.max()) if arr.size else 0.0
+            if mode == "F" and hi <= 1.0:
+                divisor = 1.0
+            elif hi > 255.0:
+                divisor = 65535.0 if hi <= 65535.0 else hi
+            else:
+                divisor = 255.0
+        return Image.fromarray(_grey_to_uint8(arr, divisor), "L").convert("RGB")
     if mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
         mode = im.mode
@@ -88,6 +111,36 @@ def to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+#: Pages counted in a multi-page file; `ImageInfo.pages` stops there ("at least this many").
+PAGE_COUNT_LIMIT = 1000
+
+
+def _count_pages(im: Image.Image) -> int:
+    """The file's frames/pages, counted up to PAGE_COUNT_LIMIT; leaves the first one selected.
+
+    Pillow's `n_frames` reads every TIFF page and looks each one up in a list (quadratic): a
+    10 MB TIFF of 100,000 empty pages takes 40 s. Only the first page is used, so TIFF pages
+    are counted one seek at a time up to the limit; other formats store the count or walk
+    their frames in linear time, so their `n_frames` is used.
+    """
+    if im.format != "TIFF":
+        pages = int(getattr(im, "n_frames", 1) or 1)
+        if pages > 1:
+            im.seek(0)
+        return pages
+    pages = 1
+    try:
+        while pages < PAGE_COUNT_LIMIT:
+            im.seek(pages)
+            pages += 1
+    except EOFError:
+        pass  # no more pages
+    except (OSError, SyntaxError, ValueError, struct.error):
+        pass  # a damaged later page: the first is the one used, so the count stops there
+    im.seek(0)
+    return pages
 
 
 def _describe_decode_error(exc: Exception) -> str:
@@ -142,9 +195,7 @@ def open_scan(source: str | Path | bytes, *, max_pixels: int | None = None,
                     raise ImageRejected(
                         f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of "
                         f"{max_pixels:,} (ingest.max_pixels); possible decompression bomb")
-                pages = int(getattr(im, "n_frames", 1) or 1)
-                if pages > 1:
-                    im.seek(0)
+                pages = _count_pages(im)
                 fmt = im.format or "unknown"
                 mode = im.mode
                 orientation = exif_orientation(im)
@@ -152,7 +203,9 @@ def open_scan(source: str | Path | bytes, *, max_pixels: int | None = None,
                     want = draft[0] if mode in ("L", "RGB", "YCbCr") else mode
                     im.draft(want, (draft[1], draft[1]))
                 im.load()
-                pic = apply_orientation(to_rgb(im) if rgb else im.copy(), orientation)
+                # No copy: the loaded picture outlives `with im` (which only closes the file),
+                # and a copy would double the peak memory of a large scan.
+                pic = apply_orientation(to_rgb(im) if rgb else im, orientation)
             except ImageRejected:
                 raise
             except MemoryError:

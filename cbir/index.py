@@ -34,6 +34,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,14 +44,17 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from . import faults
 from .errors import CbirError
-from .fsutil import atomic_path, write_json
+from .fsutil import atomic_path, clean_stale_tmp, write_json
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 SIDECAR_FILE = "index.json"
+#: A new index file waits here until the sidecar that describes it is in place (save_index).
+STAGED_FILE = "index.faiss.next"
 
 #: Below this many vectors the index is exact (flat). FAISS wants >= 39 training points per
 #: centroid, and each PQ sub-quantiser has 256 centroids (8 bits): 39 * 256 = 9984 points. Under
@@ -592,24 +596,61 @@ _REBUILD = "rebuild with `cbir index`"
 
 
 def save_index(index: faiss.Index, info: IndexInfo, folder: Path) -> None:
-    """Write ``folder/index.faiss`` then ``folder/index.json`` atomically (the JSON commits).
+    """Write ``folder/index.faiss`` and ``folder/index.json`` so that a kill at any moment leaves
+    a loadable index, the previous one or the new one.
 
-    The sidecar records the index file's size and SHA-256, so a crash between the two renames (new
-    index, old sidecar) or a damaged file is caught by :func:`load_index` instead of misleading.
+    The new index file is staged beside the old one (``index.faiss.next``), then the sidecar is
+    replaced atomically (the commit: it records the new file's size and SHA-256), then the staged
+    file is renamed over ``index.faiss``. Until that last rename :func:`load_index` finds the file
+    the sidecar describes by its checksum, so a kill between the renames, or a damaged file, is
+    never taken for a valid index.
     """
     folder = Path(folder)
     if index.ntotal != info.n_vectors:
         raise CbirError(f"index holds {index.ntotal} vectors but its info says {info.n_vectors}")
+    faults.point("index.save")
     data = faiss.serialize_index(index)  # uint8 array; hash it without re-reading the file
     digest = hashlib.sha256(data).hexdigest()
-    with atomic_path(folder / INDEX_FILE) as tmp:
-        data.tofile(tmp)
+    with atomic_path(folder / STAGED_FILE) as tmp, open(tmp, "wb") as fh:
+        # Not data.tofile(): on a full disk it raises an OSError without errno ("N requested
+        # and M written"), which could not be told from other failures.
+        fh.write(memoryview(data))
     sidecar = {
         "format_version": INDEX_FORMAT_VERSION,
         "index_file": {"name": INDEX_FILE, "bytes": int(data.nbytes), "sha256": digest},
         **info.to_dict(),
     }
     write_json(sidecar, folder / SIDECAR_FILE)
+    faults.point("index.commit")
+    os.replace(folder / STAGED_FILE, folder / INDEX_FILE)
+
+
+def _matches(path: Path, expected: dict[str, Any]) -> bytes | None:
+    """The file's bytes when its size and SHA-256 are those the sidecar records, else None."""
+    try:
+        if path.stat().st_size != expected.get("bytes"):
+            return None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == expected.get("sha256") else None
+
+
+def finish_save(folder: Path) -> None:
+    """Complete a save_index killed after its commit (the staged file is the index), or drop a
+    staged file whose save never committed. For writers only (they hold the writer lock)."""
+    folder = Path(folder)
+    staged = folder / STAGED_FILE
+    if not staged.is_file():
+        return
+    try:
+        expected = json.loads((folder / SIDECAR_FILE).read_text(encoding="utf-8"))["index_file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        expected = {}
+    if _matches(staged, expected) is not None:
+        os.replace(staged, folder / INDEX_FILE)
+    else:
+        staged.unlink()
 
 
 def load_index(
@@ -618,7 +659,7 @@ def load_index(
     """Read an index saved by :func:`save_index`; raise CbirError when missing, damaged or stale."""
     folder = Path(folder)
     side_path, index_path = folder / SIDECAR_FILE, folder / INDEX_FILE
-    if not side_path.is_file() or not index_path.is_file():
+    if not side_path.is_file() or not (index_path.is_file() or (folder / STAGED_FILE).is_file()):
         missing = side_path if not side_path.is_file() else index_path
         raise CbirError(
             f"no index at {folder} ({missing.name} missing); build it with `cbir index`"
@@ -642,10 +683,11 @@ def load_index(
         )
 
     damaged = f"index file {index_path} is damaged; {_REBUILD}"
-    data = index_path.read_bytes()
-    if len(data) != expected_file.get("bytes") or (
-        hashlib.sha256(data).hexdigest() != expected_file.get("sha256")
-    ):
+    # index.faiss, or the staged file of a save killed between its commit and its last rename
+    # (index.faiss once more: a save may have renamed the staged file meanwhile)
+    data = (_matches(index_path, expected_file) or _matches(folder / STAGED_FILE, expected_file)
+            or _matches(index_path, expected_file))
+    if data is None:
         raise CbirError(f"{damaged} (size or checksum differs from {SIDECAR_FILE})")
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
@@ -719,6 +761,8 @@ def run_index(settings: Any, *, rebuild: bool = False) -> IndexSummary:
     cfg = settings.index
     fp, ids, vectors, n_missing = current_embeddings(settings)
     folder = settings.path(settings.data.index_dir)
+    clean_stale_tmp(folder)  # left by a killed run
+    finish_save(folder)
     fids = faiss_ids(ids)
     reason = "requested" if rebuild else ""
     if not rebuild:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import faults
-from .catalog import refresh_catalog
+from .catalog import clean_stale, refresh_catalog
 from .config import Settings
 from .errors import CbirError
 from .fsutil import clean_stale_tmp, write_parquet
@@ -193,12 +193,16 @@ def _check_symlink(full: bytes, rel: bytes, real_root: bytes) -> Iterator[Entry]
 def _read(path: Path, schema: pa.Schema) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
+    table = _read_table(path)
+    return table.cast(schema).to_pylist() if table.schema != schema else table.to_pylist()
+
+
+def _read_table(path: Path) -> pa.Table:
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise CbirError(f"manifest file {path} is unreadable ({exc}); restore it from DVC "
                         f"(`dvc checkout`) or move it away to start a new manifest") from None
-    return table.cast(schema).to_pylist() if table.schema != schema else table.to_pylist()
 
 
 def _journal_parts(mdir: Path) -> list[Path]:
@@ -397,6 +401,7 @@ def run_ingest(settings: Settings, *, progress: bool = False,
     mdir.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(mdir)
     clean_stale_tmp(mdir / JOURNAL)
+    clean_stale(settings)
 
     files = _read(mdir / FILES, FILES_SCHEMA)
     quarantine = _read(mdir / QUARANTINE, QUARANTINE_SCHEMA)
@@ -518,9 +523,11 @@ def run_ingest(settings: Settings, *, progress: bool = False,
     })
 
     # ---- commit: each file is replaced atomically; the run log goes last. When nothing but the
-    # run itself changed, only the run log is written (the catalogue derives last_run then).
+    # run itself changed, only the run log is written (the catalogue derives last_run then); a
+    # file missing because a run was killed between the two (or never wrote them) is written.
     faults.point("ingest.commit")
-    if _state_key(files, new_quarantine) != before or not (mdir / FILES).is_file():
+    if _state_key(files, new_quarantine) != before or not all(
+            (mdir / name).is_file() for name in (FILES, QUARANTINE)):
         write_parquet(pa.Table.from_pylist(files, schema=FILES_SCHEMA), mdir / FILES)
         faults.point("ingest.commit")
         write_parquet(pa.Table.from_pylist(new_quarantine, schema=QUARANTINE_SCHEMA),
@@ -573,7 +580,7 @@ def load_manifest(settings: Settings) -> pa.Table:
     path = settings.path(settings.data.manifest_dir) / FILES
     if not path.is_file():
         raise CbirError(f"no manifest at {path}: run `cbir ingest` first")
-    return pq.read_table(path)
+    return _read_table(path)  # damaged on disk: one clear line, as for ingest itself
 
 
 def canonical_images(settings: Settings) -> list[dict[str, Any]]:

@@ -153,8 +153,12 @@ def acquire(path: Path, command: str, *, timeout: float, blockers: Sequence[Bloc
     token = uuid.uuid4().hex
     record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
               "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": token}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    except OSError as exc:  # e.g. a full disk: let go, and name the file in the error
+        os.close(fd)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     with _guard:
         before = os.environ.get(ENV)
         os.environ[ENV] = os.pathsep.join(filter(None, [before, f"{key}#{token}"]))

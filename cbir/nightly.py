@@ -22,10 +22,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from . import faults
 from .catalog import query
 from .config import Settings
 from .errors import CbirError
-from .fsutil import write_json, write_text
+from .fsutil import clean_stale_tmp, write_json, write_text
 from .ingest import RUNS
 from .lock import dvc_root
 
@@ -53,15 +54,26 @@ def begin_nightly(settings: Settings) -> int:
 
     That is the latest ingest run now - unless an earlier nightly run stopped before its report,
     whose start is kept (in `reports/nightly/pending.json`), so that no arrival goes unreported.
+    A run killed after writing its report but before removing pending.json has reported up to
+    the latest ingest run already: its start is dropped, so no pair is reported twice.
     """
-    pending = settings.path(settings.data.reports_dir) / REPORTS / PENDING
+    folder = settings.path(settings.data.reports_dir) / REPORTS
+    pending = folder / PENDING
+    clean_stale_tmp(folder)  # left by a killed run
+    latest = latest_run(settings)
     try:
-        return int(json.loads(pending.read_text(encoding="utf-8"))["since_run"])
+        since = int(json.loads(pending.read_text(encoding="utf-8"))["since_run"])
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    since = latest_run(settings)
-    write_json({"since_run": since}, pending)
-    return since
+        since = None
+    if since is not None and not report_file(folder, latest).is_file():
+        return since
+    write_json({"since_run": latest}, pending)
+    return latest
+
+
+def report_file(folder: Path, run_id: int) -> Path:
+    """The nightly report that closes ingest run `run_id`."""
+    return folder / f"run-{run_id:05d}.md"
 
 
 @dataclass
@@ -110,8 +122,9 @@ def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyRe
     folder = settings.path(settings.data.reports_dir) / REPORTS
     cols, rows = query(settings, NEW_PAIRS_SQL, [since_run, run_id])
     report = NightlyReport(run_id=run_id, since_run=since_run, columns=cols, pairs=rows,
-                           file=folder / f"run-{run_id:05d}.md")
+                           file=report_file(folder, run_id))
     write_text(report.markdown(limit=1000), report.file)
+    faults.point("nightly.reported")
     (folder / PENDING).unlink(missing_ok=True)
     return report
 

@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from . import catalog, plots
+from . import catalog, faults, plots
 from .config import Settings
 from .errors import CbirError
-from .fsutil import atomic_path, write_text
+from .fsutil import atomic_path, clean_stale_tmp, write_text
 from .imaging import ImageRejected, load_rgb
 from .ingest import PRESENT, load_manifest
 from .metrics import precision_key
@@ -136,6 +136,7 @@ class Thumbnails:
                 if why is None:
                     self.ok.add(image_id)
                     stats.made += 1
+                    faults.point("report.thumb")
                 else:
                     stats.failed[image_id] = why
         bar.close()
@@ -436,6 +437,8 @@ def run_report(settings: Settings, *, progress: bool = False) -> ReportSummary:
     cfg = settings.report
     reports = settings.path(settings.data.reports_dir)
     gallery, plots_dir = reports / GALLERY, reports / PLOTS
+    for folder in (gallery, gallery / THUMBS / str(cfg.thumb_size), plots_dir):
+        clean_stale_tmp(folder)  # left by a killed run
     summary = ReportSummary()
 
     con = catalog.connect(settings)
@@ -464,7 +467,6 @@ def run_report(settings: Settings, *, progress: bool = False) -> ReportSummary:
     ev, summary.evaluation_note, plots_written = _evaluation(settings, plots_dir)
     plots_written += plots.training_loss(
         plots.read_history(settings.path(settings.data.models_dir) / "history.csv"), plots_dir)
-    _remove_stale(plots_dir, plots_written, ("*.png", "*.csv"))
 
     paths = {p for r in pairs for p in (r["path_a"], r["path_b"])}
     paths |= {p for c in clusters for p in c["members"]}
@@ -481,7 +483,6 @@ def run_report(settings: Settings, *, progress: bool = False) -> ReportSummary:
     for f in files.values():
         sources.setdefault(f.image_id, f.path_raw)
     summary.thumbs = thumbs.ensure(sources, settings.workers, progress)
-    summary.thumbs.pruned = thumbs.prune(_present_ids(manifest))
     render = _Render(gallery, settings.path(settings.data.scans_dir), files, thumbs,
                      summary.thumbs.failed)
 
@@ -493,8 +494,13 @@ def run_report(settings: Settings, *, progress: bool = False) -> ReportSummary:
     pages["index.html"] = _index_page(settings, n_images, pairs, summary.n_pairs_total,
                                       summary.n_pair_pages, clusters, ev, plots_written)
     for name, text in pages.items():
+        faults.point("report.page")
         _write_if_changed(text, gallery / name)
+    # What the new pages no longer show goes last: a run killed before this point leaves every
+    # page, old or new, with its images.
     _remove_stale(gallery, [gallery / n for n in pages], ("*.html",))
+    _remove_stale(plots_dir, plots_written, ("*.png", "*.csv"))
+    summary.thumbs.pruned = thumbs.prune(_present_ids(manifest))
 
     summary.n_pairs, summary.n_clusters = len(pairs), len(clusters)
     summary.n_queries = len(ev.queries) if ev else 0

@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import faults
-from .catalog import refresh_catalog
+from .catalog import clean_stale, refresh_catalog
 from .config import Settings
 from .embed import current_embeddings, embed_files, pick_device
 from .errors import CbirError
-from .fsutil import write_parquet
+from .fsutil import clean_stale_tmp, write_parquet
 from .index import load_index, search as index_search
 from .ingest import OK, PRESENT, load_manifest
 from .model import retrieval_model
@@ -157,6 +157,7 @@ def knn_pairs(s: Searcher, k: int, threshold: float, batch: int = 4096,
         sel = order[start:start + batch]
         q = s.vectors[start:start + batch] if rows is None else s.vectors[sel]
         scores, ids = s.search(q, k + 1)
+        faults.point("pairs.batch")
         for row in range(q.shape[0]):
             me = s.image_ids[sel[row]]
             rank = 0
@@ -280,6 +281,8 @@ def run_pairs(settings: Settings, *, incremental: bool = False) -> PairsSummary:
                         f"search.pair_threshold ({cfg.pair_threshold})")
     s = open_searcher(settings)
     out = settings.path(settings.data.pairs_dir)
+    clean_stale_tmp(out)  # left by a killed run
+    clean_stale(settings)
     state = _search_state(s, cfg)
     before = _searched_before(out, state) if incremental else None
     recorded = _recorded_near_pairs(out)

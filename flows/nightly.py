@@ -20,6 +20,7 @@ from typing import Any
 
 from prefect import flow
 
+from cbir import faults
 from cbir.errors import CbirError
 from flows.common import flow_lock, summary_artifact
 from flows.embed import run_embed
@@ -50,6 +51,7 @@ def nightly(params_path: str = "params.yaml") -> NightlyResult:
     out = NightlyResult()
     with flow_lock(settings, "cbir-nightly"):
         since = step(nightly_begin_task)(params_path)
+        faults.point("nightly.begun")
         ingest = out.steps["ingest"] = step(ingest_task)(params_path)
         out.steps["embed"] = run_embed(params_path)
         out.steps["index"] = step(index_task)(params_path)
