@@ -1,7 +1,7 @@
 """Retrieval quality on real archive photographs: heritage vs simclr SimCLR vs baselines.
 
-Run by hand (about 25 minutes on 2 cores):
-    .venv/bin/python benchmarks/quality.py [--out /tmp/cbir-quality] [--minutes 10]
+Run by hand (about 30 minutes on 2 otherwise idle cores):
+    .venv/bin/python benchmarks/quality.py [--out /tmp/cbir-quality] [--minutes 20] [--epochs 25]
 
 Builds a near-duplicate benchmark from ../shared/data/photos with its own seeded degradation
 generator (different parameter ranges and combinations from the training augmentations and from
@@ -153,8 +153,8 @@ def run_variant(out: Path, scans: Path, gt: Path, name: str, train: dict[str, An
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/cbir-quality"))
-    ap.add_argument("--minutes", type=float, default=10.0, help="training budget per variant")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--minutes", type=float, default=20.0, help="training budget per variant")
+    ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--copies", type=int, default=3, help="near-duplicates per photo, at most")
     ap.add_argument("--resolution", type=int, default=112, help="training resolution")
     ap.add_argument("--embed-resolution", default="train",
