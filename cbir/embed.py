@@ -34,11 +34,12 @@ from .progress import bar as progress_bar
 SHARD_GLOB = "shard-*.parquet"
 
 
-def to_tensor(rgb: Image.Image, pp: Preprocess) -> torch.Tensor:
-    """An RGB picture as the network's normalised input (squashed to a square)."""
-    if rgb.size != (pp.resolution, pp.resolution):
-        rgb = rgb.resize((pp.resolution, pp.resolution), Image.Resampling.BILINEAR,
-                         reducing_gap=2.0)
+def to_tensor(rgb: Image.Image, pp: Preprocess, size: int | None = None) -> torch.Tensor:
+    """An RGB picture as the network's normalised input (squashed to a square of `size`, by
+    default pp.resolution)."""
+    size = size or pp.resolution
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
     x = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
     x = x.float().div_(255.0)
     mean = torch.tensor(pp.mean).view(3, 1, 1)
@@ -55,23 +56,32 @@ class ScanDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | None, str | None]:
         try:
-            rgb = imaging.load_rgb(os.fsdecode(self.files[i]), self.pp.resolution,
+            rgb = imaging.load_rgb(os.fsdecode(self.files[i]), max(self.pp.sizes),
                                    max_pixels=self.max_pixels)
         except imaging.ImageRejected as exc:
             return i, None, exc.reason
         except OSError as exc:  # deleted or moved since ingest
             return i, None, f"cannot read the file: {exc.strerror or exc}"
-        return i, to_tensor(rgb, self.pp), None
+        return i, [to_tensor(rgb, self.pp, size) for size in self.pp.sizes], None
 
 
-def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]],
-             ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+def _collate(batch: list[tuple[int, list[torch.Tensor] | None, str | None]],
+             ) -> tuple[list[int], list[torch.Tensor] | None, list[tuple[int, str]]]:
     ok = [(i, x) for i, x, _ in batch if x is not None]
     failed = [(i, why) for i, x, why in batch if x is None]
-    xs = torch.stack([x for _, x in ok]) if ok else None
+    # one batch tensor per scale
+    xs = [torch.stack(per_scale) for per_scale in zip(*(x for _, x in ok))] if ok else None
     return [i for i, _ in ok], xs, failed
+
+
+def describe(model: Descriptor, xs: list[torch.Tensor]) -> torch.Tensor:
+    """The (multi-scale) descriptor: the L2-normalised sum of the descriptors of each scale."""
+    z = model(xs[0])
+    for x in xs[1:]:
+        z = z + model(x)
+    return torch.nn.functional.normalize(z.float(), dim=-1) if len(xs) > 1 else z
 
 
 def pick_device(name: str) -> torch.device:
@@ -103,7 +113,7 @@ def embed_files(model: Descriptor, files: list[bytes], pp: Preprocess, *, batch_
             failed += bad
             if xs is not None:
                 with torch.autocast(device.type, enabled=use_amp):
-                    z = model(xs.to(device, non_blocking=True))
+                    z = describe(model, [x.to(device, non_blocking=True) for x in xs])
                 chunks.append(z.float().cpu().numpy())
                 done += idx
             faults.point("embed.batch")
@@ -223,7 +233,7 @@ def write_model_card(settings: Settings, plan: EmbedPlan, model: Descriptor) -> 
 
     write_json({"fingerprint": plan.fingerprint, "source": plan.source,
                 "config": asdict(model.config), "dim": model.dim,
-                "resolution": settings.embed_resolution}, plan.folder / "model.json")
+                "resolution": settings.embed_resolution, "scales": settings.embed.scales}, plan.folder / "model.json")
 
 
 def run_embed(settings: Settings, *, progress: bool = False, baseline: bool = False,

@@ -119,6 +119,18 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     resize: str = "square"  # the whole picture, squashed to resolution x resolution
+    # Multi-scale descriptor: the L2-normalised sum of the descriptors at resolution * scale.
+    scales: tuple[float, ...] = (1.0,)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The square input sizes, one per scale."""
+        return tuple(max(32, int(round(self.resolution * s))) for s in self.scales)
+
+
+def retrieval_preprocess(settings: Any) -> Preprocess:
+    """How `cbir embed` and `cbir query` feed images to the model (embed.resolution, .scales)."""
+    return Preprocess(resolution=settings.embed_resolution, scales=tuple(settings.embed.scales))
 
 
 def fingerprint(model: Descriptor, preprocess: Preprocess) -> str:
@@ -260,7 +272,7 @@ def retrieval_model(settings: Any, *, untrained: bool = False) -> tuple[Descript
     Returns (model in eval mode, preprocessing, fingerprint, where the weights came from).
     """
     m = settings.model
-    preprocess = Preprocess(resolution=settings.embed_resolution)
+    preprocess = retrieval_preprocess(settings)
     ckpt = settings.path(m.checkpoint)
     if ckpt.is_file() and not untrained:
         model, _ = load_checkpoint(ckpt, descriptor=m.descriptor)

@@ -51,7 +51,8 @@ from .errors import CbirError
 from .fsutil import atomic_path, clean_stale_tmp, write_json, write_text
 from .ingest import canonical_images
 from .losses import koleo, nt_xent
-from .model import Descriptor, ModelConfig, Preprocess, build_model, safe_load, save_checkpoint
+from .model import (Descriptor, ModelConfig, Preprocess, build_model, retrieval_preprocess,
+                    safe_load, save_checkpoint)
 from .parallel import start_method
 from .progress import bar as progress_bar
 
@@ -632,7 +633,7 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
                 "stop_reason": stop_reason, "init": source, "history": history,
                 "params": recipe, "world_size": d.world}
         summary.fingerprint = save_checkpoint(summary.checkpoint, model,
-                                              Preprocess(resolution=settings.embed_resolution),
+                                              retrieval_preprocess(settings),
                                               extra={"training": info})
         write_json({"loss": final_loss, "epochs": done, "images": n,
                     "seconds": round(seconds, 3), "stopped_early": summary.stopped_early},

@@ -127,3 +127,46 @@ def test_checkpoint_round_trip_keeps_weights_and_fingerprint(tmp_path):
     assert fingerprint(loaded, pp) == fp
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_multiscale_descriptor_is_the_normalised_sum_of_the_scales(tmp_path):
+    from cbir.embed import embed_files
+    from conftest import photo, save
+
+    files = [bytes(save(photo(s, (120, 90)), tmp_path / f"p{s}.png")) for s in range(3)]
+    model, _ = build_model(ModelConfig(), seed=0)
+
+    def run(pp: Preprocess) -> torch.Tensor:
+        done, vec, failed = embed_files(model, files, pp, batch_size=2, workers=0,
+                                        device=torch.device("cpu"))
+        assert done == [0, 1, 2] and not failed
+        return torch.from_numpy(vec)
+
+    one, big = run(Preprocess(resolution=48)), run(Preprocess(resolution=72))
+    multi_pp = Preprocess(resolution=48, scales=(1.0, 1.5))
+    assert multi_pp.sizes == (48, 72)
+    multi = run(multi_pp)
+    expected = torch.nn.functional.normalize(one + big, dim=-1)
+    assert torch.allclose(multi, expected, atol=1e-5)
+    assert not torch.allclose(multi, one, atol=1e-3)  # the second scale changes the descriptor
+    assert fingerprint(model, multi_pp) != fingerprint(model, Preprocess(resolution=48))
+
+
+def test_embed_scales_are_validated(tmp_path):
+    import yaml
+
+    from cbir.config import load_settings
+    from cbir.errors import ConfigError
+    from cbir.model import retrieval_preprocess
+
+    def settings(embed: dict):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"embed": embed,
+                                                              "train": {"resolution": 96}}))
+        return load_settings(tmp_path / "params.yaml")
+
+    pp = retrieval_preprocess(settings({"scales": [1.0, 1.25]}))
+    assert pp.resolution == 96 and pp.sizes == (96, 120)  # "train": the training resolution
+    assert retrieval_preprocess(settings({"resolution": 64})).sizes == (64,)
+    for bad in ([], [0], [-1.0], "big"):
+        with pytest.raises(ConfigError, match="embed.scales"):
+            settings({"scales": bad})
