@@ -22,7 +22,8 @@ import torch
 from cbir.config import Settings, load_settings
 from cbir.errors import CbirError
 from cbir.ingest import run_ingest
-from cbir.model import Preprocess, fingerprint, load_checkpoint, retrieval_model, safe_load
+from cbir.model import (fingerprint, load_checkpoint, retrieval_model, retrieval_preprocess,
+                        safe_load)
 from cbir.train import (
     HISTORY, LAST, METRICS, EpochBatches, build_cache, lr_at, mix_views, run_train,
 )
@@ -90,7 +91,7 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint_embed_uses(reference):
     ckpt = settings.path(settings.model.checkpoint)
     model, raw = load_checkpoint(ckpt)
     assert raw["fingerprint"] == summary.fingerprint
-    pp = Preprocess(resolution=settings.embed.resolution)
+    pp = retrieval_preprocess(settings)
     assert fingerprint(model, pp) == raw["fingerprint"]
     _assert_same_weights(model.state_dict(), raw["state_dict"])
     assert raw["training"]["epochs"] == EPOCHS and raw["training"]["final_loss"] == losses[-1]
