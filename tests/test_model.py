@@ -166,7 +166,7 @@ def test_embed_scales_are_validated(tmp_path):
 
     pp = retrieval_preprocess(settings({"scales": [1.0, 1.25]}))
     assert pp.resolution == 96 and pp.sizes == (96, 120)  # "train": the training resolution
-    assert retrieval_preprocess(settings({"resolution": 64})).sizes == (64,)
+    assert retrieval_preprocess(settings({"resolution": 64})).sizes == (64, 80)  # default scales
     for bad in ([], [0], [-1.0], "big"):
         with pytest.raises(ConfigError, match="embed.scales"):
             settings({"scales": bad})
