@@ -307,16 +307,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cbir {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        from .fsutil import is_disk_full
+        from .fsutil import disk_full, is_disk_full
 
         if not is_disk_full(exc):
             raise
-        # Outputs are replaced atomically (fsutil.DiskFull names the file when the failing
-        # write is one of them); this catches the other writes (the lock file, a folder).
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"cbir {args.command}: error: no space left on the device{where}; outputs "
-              f"written before are kept unchanged. Free some space and run again",
-              file=sys.stderr)
+        # Outputs' own writes raise fsutil.DiskFull (a CbirError, above); this catches the
+        # other writes (the lock file, a folder).
+        print(f"cbir {args.command}: error: {disk_full(exc.filename)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cbir {args.command}: interrupted", file=sys.stderr)

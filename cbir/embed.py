@@ -233,7 +233,8 @@ def write_model_card(settings: Settings, plan: EmbedPlan, model: Descriptor) -> 
 
     write_json({"fingerprint": plan.fingerprint, "source": plan.source,
                 "config": asdict(model.config), "dim": model.dim,
-                "resolution": settings.embed_resolution, "scales": settings.embed.scales}, plan.folder / "model.json")
+                "resolution": settings.embed_resolution, "scales": settings.embed.scales},
+               plan.folder / "model.json")
 
 
 def run_embed(settings: Settings, *, progress: bool = False, baseline: bool = False,

@@ -29,6 +29,13 @@ class DiskFull(CbirError):
     """A write ran out of space (or quota); the file it was replacing is unchanged."""
 
 
+def disk_full(target: str | os.PathLike[str] | None) -> DiskFull:
+    """The error for a write that ran out of space: what to do, and that nothing was lost."""
+    where = f" while writing {target}" if target else ""
+    return DiskFull(f"no space left on the device{where}; outputs written before are kept "
+                    f"unchanged (each is replaced whole). Free some space and run again")
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` says the disk or the quota is full.
 
@@ -70,9 +77,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         if is_disk_full(exc):  # a user can act on it: one clear line instead of a traceback
-            raise DiskFull(f"no space left on the device while writing {target} (left as it "
-                           f"was: outputs are replaced whole). Free some space and run again"
-                           ) from exc
+            raise disk_full(target) from exc
         raise
 
 

@@ -9,12 +9,9 @@ is missing. Run it with `cbir build`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from prefect import flow
 
-from flows.common import flow_lock, summary_artifact
+from flows.common import FlowResult, flow_lock, summary_artifact
 from flows.embed import run_embed
 from tasks.common import configured, settings_for
 from tasks.dvc import dvc_commit_task
@@ -26,22 +23,15 @@ from tasks.report import report_task
 from tasks.train import train_task
 
 
-@dataclass
-class BuildResult:
-    steps: dict[str, Any] = field(default_factory=dict)  # step name -> its summary
-
-    def lines(self) -> list[str]:
-        return [line for summary in self.steps.values() for line in summary.lines()]
-
 
 @flow(name="cbir-build")
 def build(params_path: str = "params.yaml", train: bool = True,
-          rebuild_index: bool = False) -> BuildResult:
+          rebuild_index: bool = False) -> FlowResult:
     """Every pipeline step, in order. `train=False` embeds with the existing checkpoint (or
     the initial weights); `rebuild_index` retrains the FAISS index from scratch."""
     settings = settings_for(params_path)
     step = lambda task: configured(task, settings)  # noqa: E731 - retries from params
-    out = BuildResult()
+    out = FlowResult()
     with flow_lock(settings, "cbir-build"):
         out.steps["ingest"] = step(ingest_task)(params_path)
         if train:

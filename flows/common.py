@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -13,6 +15,16 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cbir.config import Settings
 from cbir.lock import dvc_busy, writer_lock
+
+
+@dataclass
+class FlowResult:
+    """What a flow returns: each step's summary, in the order the steps ran."""
+
+    steps: dict[str, Any] = field(default_factory=dict)  # step name -> its summary
+
+    def lines(self) -> list[str]:
+        return [line for summary in self.steps.values() for line in summary.lines()]
 
 
 @contextlib.contextmanager

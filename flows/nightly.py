@@ -14,7 +14,6 @@ retrained: that is the build flow (`cbir build`) or `dvc repro`.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from prefect import flow
 
 from cbir import faults
 from cbir.errors import CbirError
-from flows.common import flow_lock, summary_artifact
+from flows.common import FlowResult, flow_lock, summary_artifact
 from flows.embed import run_embed
 from tasks.common import configured, settings_for
 from tasks.dvc import dvc_commit_task
@@ -35,20 +34,13 @@ from tasks.report import new_pairs_task, nightly_begin_task, report_task
 DEPLOYMENT = "cbir-nightly"
 
 
-@dataclass
-class NightlyResult:
-    steps: dict[str, Any] = field(default_factory=dict)  # step name -> its summary
-
-    def lines(self) -> list[str]:
-        return [line for summary in self.steps.values() for line in summary.lines()]
-
 
 @flow(name="cbir-nightly")
-def nightly(params_path: str = "params.yaml") -> NightlyResult:
+def nightly(params_path: str = "params.yaml") -> FlowResult:
     """Re-index the scans that arrived since the last run (see the module docstring)."""
     settings = settings_for(params_path)
     step = lambda task: configured(task, settings)  # noqa: E731 - retries from params
-    out = NightlyResult()
+    out = FlowResult()
     with flow_lock(settings, "cbir-nightly"):
         since = step(nightly_begin_task)(params_path)
         faults.point("nightly.begun")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from cbir.config import Settings, load_settings
 from cbir.errors import CbirError
@@ -26,6 +27,15 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return True
     return False
+
+
+def step_task(name: str, *, retries: int = 2, retry_delay_seconds: float = 5,
+              **options: Any) -> Any:
+    """@task for a pipeline step: retried on transient failures only (`retry_transient`), never
+    cached (every step decides for itself what is already done). Flows override the retries
+    from params (`configured`)."""
+    return task(name=name, retries=retries, retry_delay_seconds=retry_delay_seconds,
+                retry_condition_fn=retry_transient, cache_policy=NO_CACHE, **options)
 
 
 def log_lines(lines: Iterable[str]) -> None:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from cbir.nightly import DvcRecord, record_with_dvc
 
-from .common import log_lines, retry_transient, settings_for
+from .common import log_lines, settings_for, step_task
 
 
-@task(name="dvc-commit", retries=3, retry_delay_seconds=10, retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE)
+@step_task("dvc-commit", retries=3, retry_delay_seconds=10)
 def dvc_commit_task(params_path: str) -> DvcRecord:
     """`dvc commit -f` (and `dvc push` to the default remote) when the workspace is a DVC
     project, so that `dvc status` is clean and `dvc repro` has nothing to redo; a busy DVC

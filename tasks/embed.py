@@ -12,8 +12,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from cbir.config import Settings
 from cbir.embed import EmbedPlan, Shard, embed_shard, embeddings_dir, plan_shards, write_model_card
@@ -21,7 +20,7 @@ from cbir.errors import CbirError
 from cbir.fsutil import clean_stale_tmp
 from cbir.model import retrieval_model
 
-from .common import retry_transient, settings_for
+from .common import settings_for, step_task
 
 
 @dataclass
@@ -34,8 +33,7 @@ class ShardResult:
     worker: str | None = None  # the Dask worker's address, when one ran it
 
 
-@task(name="embed-plan", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE)
+@step_task("embed-plan")
 def plan_embed_task(params_path: str) -> EmbedPlan:
     """The shards still to embed for the current model: canonical images with no embedding."""
     settings = settings_for(params_path)
@@ -67,8 +65,7 @@ def _dask_worker() -> str | None:
         return None
 
 
-@task(name="embed-shard", task_run_name="embed-{shard.name}", retries=2, retry_delay_seconds=5,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@step_task("embed-shard", task_run_name="embed-{shard.name}")
 def embed_shard_task(params_path: str, fingerprint: str, shard: Shard) -> ShardResult:
     """Embed one shard (cbir.embed.embed_shard) and write it atomically; a retry redoes it."""
     settings = settings_for(params_path)

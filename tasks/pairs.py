@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from cbir.search import PairsSummary, run_pairs
 
-from .common import log_lines, retry_transient, settings_for
+from .common import log_lines, settings_for, step_task
 
 
-@task(name="pairs", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE)
+@step_task("pairs")
 def pairs_task(params_path: str, incremental: bool = False) -> PairsSummary:
     """Every near-duplicate pair (cbir.search.run_pairs); `incremental`: only the images not
     searched yet, against the whole collection, merged into the recorded pairs."""

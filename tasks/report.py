@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from cbir.nightly import NightlyReport, begin_nightly, nightly_report
 from cbir.report import ReportSummary, run_report
 
-from .common import log_lines, retry_transient, settings_for
+from .common import log_lines, settings_for, step_task
 
 
-@task(name="report", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE)
+@step_task("report")
 def report_task(params_path: str) -> ReportSummary:
     """The HTML review gallery and plots (cbir.report.run_report); thumbnails are reused."""
     summary = run_report(settings_for(params_path))
@@ -20,16 +16,14 @@ def report_task(params_path: str) -> ReportSummary:
     return summary
 
 
-@task(name="nightly-begin", retries=2, retry_delay_seconds=5,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@step_task("nightly-begin")
 def nightly_begin_task(params_path: str) -> int:
     """The ingest run after which this nightly run's report starts (cbir.nightly.begin_nightly):
     the latest one, or where an earlier nightly run that never wrote its report started."""
     return begin_nightly(settings_for(params_path))
 
 
-@task(name="new-pairs-report", retries=2, retry_delay_seconds=5,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@step_task("new-pairs-report")
 def new_pairs_task(params_path: str, run_id: int, since_run: int) -> NightlyReport:
     """The duplicate pairs of the images ingested in runs (since_run, run_id], from the
     catalogue's `new_pairs` view (cbir.nightly.nightly_report)."""

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from cbir.errors import CbirError
 from cbir.train import TrainSummary, run_train
 
-from .common import log_lines, retry_transient, settings_for
+from .common import log_lines, settings_for, step_task
 
 
-@task(name="train", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE)
+@step_task("train", retries=1, retry_delay_seconds=10)
 def train_task(params_path: str) -> TrainSummary:
     """Fine-tune the descriptor (cbir.train.run_train), resuming from the last epoch checkpoint.
 

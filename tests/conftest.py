@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,17 @@ def shared_photos() -> list[Path]:
         pytest.skip(f"real photographs not available: {SHARED_DATA / 'photos'} is absent "
                     "(it sits beside the repository on the project's machines)")
     return photos
+
+
+def as_archive_user(cmd: list[str]) -> list[str]:
+    """`cmd` without root's power to read any file (tests run as root in CI): a real archive
+    user lacks it, so permission errors can be tested. Skips where that cannot be arranged."""
+    if os.geteuid() != 0:
+        return cmd
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root and setpriv (util-linux) is not available to drop "
+                    "CAP_DAC_OVERRIDE")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", *cmd]
 
 
 def write_params(folder: Path, params: dict[str, Any]) -> Path:

@@ -54,7 +54,7 @@ from cbir.index import load_index, run_index
 from cbir.ingest import run_ingest
 from cbir.model import CHECKPOINT_FORMAT, retrieval_model, save_checkpoint
 from cbir.search import run_pairs
-from conftest import CBIR, REPO, photo, save, write_params
+from conftest import CBIR, REPO, as_archive_user, photo, save, write_params
 from test_ingest import EXPECTED_REASONS, _bad_input_folder
 
 FAST = {
@@ -297,14 +297,7 @@ def test_an_unreadable_file_is_quarantined_and_earlier_rows_kept(workspace):
     settings, before = ingested(workspace)
     locked = save(photo(2), workspace.scans / "locked.jpg")
     locked.chmod(0)
-    cmd = [*CBIR, "ingest", "--params", str(settings.params_path)]
-    if os.geteuid() == 0:
-        # root reads anything; drop the capabilities that let it (as in tests/test_ingest.py)
-        if not shutil.which("setpriv"):
-            pytest.skip("running as root and setpriv (util-linux) is not available to drop "
-                        "CAP_DAC_OVERRIDE")
-        cmd = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search",
-               *cmd]
+    cmd = as_archive_user([*CBIR, "ingest", "--params", str(settings.params_path)])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "permission denied" in quarantine(settings)["locked.jpg"]

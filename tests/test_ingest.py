@@ -19,7 +19,7 @@ from cbir import ingest
 from cbir.config import load_settings
 from cbir.imaging import hamming, phash
 from cbir.ingest import run_ingest
-from conftest import CBIR, REPO, photo, save, shared_photos
+from conftest import CBIR, REPO, as_archive_user, photo, save, shared_photos
 
 
 def manifest(settings) -> list[dict]:
@@ -159,14 +159,7 @@ def test_unreadable_file_is_quarantined(workspace):
     locked.chmod(0)
     params = workspace.root / "params.yaml"
     workspace()
-    cmd = [*CBIR, "ingest", "--params", str(params)]
-    if os.geteuid() == 0:
-        # root reads anything; drop the capabilities that let it, as a real archive user lacks them
-        if not shutil.which("setpriv"):
-            pytest.skip("running as root and setpriv (util-linux) is not available to drop "
-                        "CAP_DAC_OVERRIDE")
-        cmd = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search",
-               *cmd]
+    cmd = as_archive_user([*CBIR, "ingest", "--params", str(params)])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     settings = load_settings(params)
