@@ -1,25 +1,52 @@
-"""Threshold help: the pair score threshold that reaches a target precision on the ground truth.
+"""The pair threshold: calibrated to a target precision, with or without ground truth.
 
-The threshold is read off the same ranking `cbir evaluate` scores
-(:func:`cbir.evaluate.rank_model`), so it equals metrics.json's `threshold@pNN` for the same
-precision. `--write` puts it into the params file's `search.pair_threshold` by editing that one
-line, so comments and layout survive.
+`search.pair_threshold: auto` (the default) asks for the threshold at which `cbir pairs` reaches
+`search.precision_target`. `cbir calibrate` estimates it two ways and records both in
+`data/reports/calibration.json` (a DVC metric), with the estimated precision/recall curve in
+`calibration_curve.csv` (a DVC plot):
+
+* **on the ground truth** (`data.ground_truth`, labelled images only), read off the same ranking
+  `cbir evaluate` scores (:func:`cbir.evaluate.rank_model`), so it equals metrics.json's
+  `threshold@pNN`; where there is ground truth, this one is used;
+* **self-calibrated** (:mod:`cbir.selfcal`): how non-duplicates score, from the neighbours of a
+  sample of the collection's images; how duplicates score, from held-out synthetic copies of
+  another sample (:mod:`cbir.heldout`, processes the training never saw).
+
+A fixed `search.pair_threshold` (e.g. 0.87) is used as it is, with its estimated precision and
+recall shown beside it. `--write` puts the calibrated value into the params file as a fixed one.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import json
 import math
-import re
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .config import Settings, load_settings
-from .errors import CbirError, ConfigError
-from .fsutil import atomic_path
+from . import metrics, selfcal
+from .config import Settings
+from .errors import CbirError
+from .fsutil import write_json, write_text
+from .paramsfile import set_params
 
+CALIBRATION = "calibration.json"  # under data.reports_dir: the figures (a DVC metric)
+STATE = "calibration.state.json"  # what they were computed from (model, params, labels, size)
+CURVE = "calibration_curve.csv"
+#: A calibration stays current for the nightly run until the collection has grown this much.
+GROWTH = 1.5
+GROUND_TRUTH = "ground truth"
+SELF = "held-out copies"
+
+
+# --------------------------------------------------------------------------- on ground truth
 
 @dataclass
 class Calibration:
@@ -54,119 +81,362 @@ def param_value(threshold: float) -> float:
     return math.floor(threshold * 1e6) / 1e6
 
 
-# --------------------------------------------------------------------------- params editing
+# --------------------------------------------------------------------------- the estimates
 
-_TOP_KEY = re.compile(r"^(?P<key>[A-Za-z_][\w-]*)\s*:(?P<rest>.*)$")
+@dataclass
+class Estimate:
+    """One way of choosing the threshold, and what it expects there."""
 
+    method: str  # GROUND_TRUTH | SELF
+    threshold: float | None  # None: the target precision is out of reach
+    precision: float | None
+    recall: float | None
+    basis: str  # what it rests on, for people
 
-def _set_line(lines: list[str], section: str, key: str, value: str) -> list[str]:
-    """Set `section.key: value` in block-style YAML lines, keeping indentation and comments."""
-    start = None
-    for i, line in enumerate(lines):
-        m = _TOP_KEY.match(line)
-        if m and m["key"] == section:
-            rest = m["rest"].strip()
-            if rest and not rest.startswith("#"):
-                raise CbirError(f"`{section}:` is not a block of `key: value` lines; set "
-                                f"{section}.{key} by hand")
-            start = i
-            break
-    if start is None:  # no such section yet: add one at the end
-        tail = "" if not lines or lines[-1].endswith("\n") else "\n"
-        return lines + [f"{tail}\n{section}:\n  {key}: {value}\n"]
-    end = start + 1
-    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t#"):
-        end += 1
-    indent = None
-    pat = re.compile(rf"(?P<ind>[ \t]+){re.escape(key)}(?P<sep>[ \t]*:[ \t]*)"
-                     rf"(?P<val>[^#\s][^#]*?)?(?P<pad>[ \t]*)(?P<comment>#.*)?")
-    for i in range(start + 1, end):
-        body = lines[i].rstrip("\r\n")
-        eol = lines[i][len(body):]
-        if indent is None and body.strip() and not body.lstrip().startswith("#"):
-            indent = body[:len(body) - len(body.lstrip())]
-        m = pat.fullmatch(body)
-        if m and m["ind"] == indent:
-            old = m["val"] or ""
-            # keep a trailing comment in its column where the new value fits
-            pad = " " * max(1, len(old) + len(m["pad"]) - len(value)) if m["comment"] else ""
-            lines[i] = f"{m['ind']}{key}{m['sep']}{value}{pad}{m['comment'] or ''}{eol}"
-            return lines
-    lines.insert(start + 1, f"{indent or '  '}{key}: {value}\n")
-    return lines
+    def to_json(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "precision": _r(self.precision),
+                "recall": _r(self.recall)}
 
 
-def set_params(params_path: Path, updates: dict[str, float]) -> None:
-    """Set dotted keys (`section.key`) in a params file in place, preserving everything else.
+def _r(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 4)
 
-    The edited text is validated (it must load as settings and hold the new values) before it
-    atomically replaces the file.
-    """
-    text = params_path.read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
-    for dotted, value in updates.items():
-        section, key = dotted.split(".")
-        lines = _set_line(lines, section, key, repr(value))
-    new_text = "".join(lines)
-    with atomic_path(params_path) as tmp:
-        tmp.write_text(new_text, encoding="utf-8")
+
+def _ground_truth_estimate(settings: Settings, target: float) -> Estimate | None:
+    """The ground-truth calibration, or None when there is no usable ground truth."""
+    from .evaluate import NoLabels, rank_model
+
+    if settings.data.ground_truth is None:
+        return None
+    try:
+        ranking = rank_model(settings)
+    except NoLabels:
+        return None
+    cal = calibrate(ranking.ranked, target)
+    return Estimate(method=GROUND_TRUTH,
+                    threshold=param_value(cal.threshold) if cal.reached else None,
+                    precision=cal.precision, recall=cal.recall,
+                    basis=f"{cal.n_queries} labelled queries, {cal.n_pairs} scored pairs")
+
+
+@dataclass
+class SelfCalibration:
+    estimate: Estimate
+    curve: selfcal.Curve | None
+    sampled: int
+    copies: int
+    failed: int  # copies that could not be made (unreadable originals)
+
+
+def _self_estimate(settings: Settings, searcher: Any, target: float, *,
+                   progress: bool = False) -> SelfCalibration:
+    cfg, k = settings.calibrate, settings.search.k
+    n = len(searcher.image_ids)
+    rng = np.random.default_rng([cfg.seed, 0])
+    copy_rows = np.sort(rng.choice(n, size=min(n, cfg.copies), replace=False))
+    scores, found, failed = _copy_scores(settings, searcher, copy_rows, k, progress=progress)
+    if n < selfcal.MIN_IMAGES:  # too few neighbours to see how non-duplicates score
+        t = selfcal.recall_quantile_threshold(scores, 0.95)
+        est = Estimate(method=SELF, threshold=t, precision=None,
+                       recall=float((scores[found] >= t).sum() / max(1, len(scores))),
+                       basis=f"{len(scores)} held-out copies only: {n} images are too few "
+                             f"to estimate how non-duplicates score (the threshold keeps 95 % "
+                             f"of the copies)")
+        return SelfCalibration(estimate=est, curve=None, sampled=0, copies=len(scores),
+                               failed=failed)
+    rows = np.sort(np.random.default_rng([cfg.seed, 1]).choice(n, size=min(n, cfg.images),
+                                                              replace=False))
+    depth = selfcal.TAIL_RANKS[1]
+    neighbours = _neighbour_scores(searcher, rows, max(depth, k))
+    curve = selfcal.estimate(neighbours, k, scores, found)
+    i = curve.choose(target)
+    basis = (f"neighbours of {len(rows)} images, {len(scores)} held-out copies"
+             + (f" ({failed} originals unreadable)" if failed else ""))
+    if i is None:
+        est = Estimate(method=SELF, threshold=None, precision=float(curve.precision.max()),
+                       recall=0.0, basis=basis)
+    else:
+        est = Estimate(method=SELF, threshold=float(curve.thresholds[i]),
+                       precision=float(curve.precision[i]), recall=float(curve.recall[i]),
+                       basis=basis)
+    return SelfCalibration(estimate=est, curve=curve, sampled=len(rows), copies=len(scores),
+                           failed=failed)
+
+
+def _copy_scores(settings: Settings, searcher: Any, rows: np.ndarray, k: int, *,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    """Make one held-out copy of each image in `rows`, embed it like the collection, and score
+    it: (similarity to its original, whether the original is among its k nearest, failures)."""
+    from . import heldout, imaging
+    from .embed import embed_pictures
+    from .ingest import canonical_images
+    from .model import retrieval_model
+    from .progress import bar as progress_bar
+
+    model, pp, fp, _ = retrieval_model(settings)
+    if fp != searcher.fingerprint:
+        raise CbirError(f"the model changed ({searcher.fingerprint} -> {fp}) since the index was "
+                        f"built: run `cbir embed` and `cbir index` first")
+    path_of = {r["image_id"]: r["path_raw"] for r in canonical_images(settings)}
+    scans = os.fsencode(settings.path(settings.data.scans_dir))
+    size = 2 * max(pp.sizes)  # copies are made at twice the input size, then embedded as scans
+    pictures, originals, failed = [], [], 0
+    bar = progress_bar(len(rows), "held-out copies", "img", progress)
+    for row in rows:
+        image_id = searcher.image_ids[row]
         try:
-            check = load_settings(tmp)
-        except ConfigError as exc:
-            raise CbirError(f"editing {params_path} would break it ({exc}); left unchanged") \
-                from None
-        for dotted, value in updates.items():
-            section, key = dotted.split(".")
-            if getattr(getattr(check, section), key) != value:
-                raise CbirError(f"could not set {dotted} in {params_path}; set it by hand")
+            rgb = imaging.load_rgb(os.fsdecode(os.path.join(scans, path_of[image_id])), size,
+                                   max_pixels=settings.ingest.max_pixels)
+        except (imaging.ImageRejected, OSError, KeyError):
+            failed += 1  # moved or damaged since ingest: the others still make an estimate
+            bar.update(1)
+            continue
+        rgb.thumbnail((size, size))
+        rng = np.random.default_rng([settings.calibrate.seed, 2, int(row)])
+        pictures.append(heldout.held_out_copy(rgb, rng))
+        originals.append(int(row))
+        bar.update(1)
+    bar.close()
+    if not pictures:
+        return np.zeros(0, np.float32), np.zeros(0, bool), failed
+    vectors = embed_pictures(model, pictures, pp, batch_size=settings.embed.batch_size)
+    sims = np.einsum("ij,ij->i", vectors, searcher.vectors[originals])
+    _, ids = searcher.search(vectors, k)
+    found = np.array([searcher.image_ids[o] in row for o, row in zip(originals, ids)])
+    return sims.astype(np.float32), found, failed
+
+
+def _neighbour_scores(searcher: Any, rows: np.ndarray, depth: int) -> np.ndarray:
+    """[len(rows), depth] neighbour scores of each image, best first, itself left out (-1 pads
+    where the index returns fewer)."""
+    out = np.full((len(rows), depth), -1.0, np.float32)
+    for start in range(0, len(rows), 1024):
+        sel = rows[start:start + 1024]
+        scores, ids = searcher.search(searcher.vectors[sel], depth + 1)
+        for r, row in enumerate(sel):
+            me = searcher.image_ids[row]
+            vals = [s for s, x in zip(scores[r], ids[r]) if x is not None and x != me][:depth]
+            out[start + r, :len(vals)] = vals
+    return out
 
 
 # --------------------------------------------------------------------------- the step
 
 @dataclass
 class CalibrateResult:
-    calibration: Calibration
-    current: float
+    fingerprint: str
+    n_images: int
+    target: float
+    pair_threshold: float
+    cluster_threshold: float
+    source: str  # where pair_threshold comes from: GROUND_TRUTH, SELF or "params"
+    self_calibration: Estimate | None = None
+    ground_truth: Estimate | None = None
+    at_threshold: tuple[float | None, float | None] = (None, None)  # self-estimated P, R there
+    file: Path | None = None
+    seconds: float = 0.0
     written: dict[str, float] | None = None
     params_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def calibration(self) -> Estimate | None:
+        """The estimate that decides (ground truth where there is one)."""
+        return self.ground_truth or self.self_calibration
 
     def lines(self) -> list[str]:
-        c = self.calibration
-        out = [f"calibrate: {c.n_queries} queries, {c.n_pairs} scored pairs (the top K of each "
-               f"query)"]
-        if not c.reached:
-            out.append(f"  no score threshold reaches precision {c.target_precision:g}; the best "
-                       f"precision is {c.precision:.4f}")
-            return out
-        out.append(f"  threshold {param_value(c.threshold):.6f} reaches precision "
-                   f"{c.precision:.4f} (target {c.target_precision:g}) with recall {c.recall:.4f}")
+        out = [f"calibrate: pair threshold {self.pair_threshold:.4f} ({self.source}); "
+               f"{self.n_images} images, model {self.fingerprint}; {self.seconds:.1f} s"]
+        for est in (self.ground_truth, self.self_calibration):
+            if est is None:
+                continue
+            if est.threshold is None:
+                out.append(f"  {est.method}: no threshold reaches precision {self.target:g} "
+                           f"(best {_fmt(est.precision)}); {est.basis}")
+            else:
+                out.append(f"  {est.method}: threshold {est.threshold:.4f} for precision "
+                           f"{self.target:g}: precision {_fmt(est.precision)}, recall "
+                           f"{_fmt(est.recall)} ({est.basis})")
+        p, r = self.at_threshold
+        if self.source == "params" and p is not None:
+            out.append(f"  at the fixed search.pair_threshold {self.pair_threshold:g} the "
+                       f"self-calibration expects precision {p:.3f}, recall {_fmt(r)}")
+        out += [f"  {n}" for n in self.notes]
         if self.written:
-            for key, value in self.written.items():
-                out.append(f"  wrote {key}: {value:g} in {self.params_path}")
+            out += [f"  wrote {key}: {value:g} in {self.params_path}"
+                    for key, value in self.written.items()]
             out.append("  run `cbir pairs` to apply it")
-        else:
-            out.append(f"  search.pair_threshold is {self.current:g}; --write sets it")
+        if self.file:
+            out.append(f"  {self.file}")
         return out
 
 
-def run_calibrate(settings: Settings, precision: float | None = None, write: bool = False,
-                  ) -> CalibrateResult:
-    """Calibrate on the ground truth with the current model; optionally write the threshold."""
-    from .evaluate import rank_model  # torch and faiss load only when calibrating
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
-    target = settings.evaluate.precision_target if precision is None else precision
-    if not 0.0 < target <= 1.0:
-        raise CbirError(f"--precision must be in (0, 1], got {target}")
-    cal = calibrate(rank_model(settings).ranked, target)
-    result = CalibrateResult(calibration=cal, current=settings.search.pair_threshold)
+
+def _state(settings: Settings, fingerprint: str) -> dict[str, Any]:
+    """What a calibration depends on besides the collection's size."""
+    gt = settings.data.ground_truth
+    gt_path = settings.path(gt) if gt is not None else None
+    digest = hashlib.sha256(gt_path.read_bytes()).hexdigest()[:16] \
+        if gt_path is not None and gt_path.is_file() else None
+    return {"fingerprint": fingerprint, "k": settings.search.k,
+            "precision_target": settings.search.precision_target,
+            "calibrate": settings.calibrate.model_dump(mode="json"),
+            "ground_truth_sha256": digest}
+
+
+def _fixed(value: float | str) -> float | None:
+    return None if value == "auto" else float(value)
+
+
+def run_calibrate(settings: Settings, precision: float | None = None, write: bool = False,
+                  *, progress: bool = False, searcher: Any = None) -> CalibrateResult:
+    """Calibrate the pair threshold for the current model; record it; optionally write it to
+    the params file as a fixed value."""
+    from .search import open_searcher
+
+    t0 = time.perf_counter()
+    target = settings.search.precision_target if precision is None else precision
+    if not 0.0 < target < 1.0:
+        raise CbirError(f"--precision must be between 0 and 1 (exclusive), got {target}")
+    s = searcher if searcher is not None else open_searcher(settings)
+    gt = _ground_truth_estimate(settings, target)
+    own = _self_estimate(settings, s, target, progress=progress)
+    chosen = gt or own.estimate
+    auto = 1.0 if chosen.threshold is None else chosen.threshold  # unreachable: nothing passes
+    fixed = _fixed(settings.search.pair_threshold)
+    pair = fixed if fixed is not None else auto
+    cluster = _fixed(settings.search.cluster_threshold)
+    result = CalibrateResult(fingerprint=s.fingerprint, n_images=len(s.image_ids), target=target,
+                             pair_threshold=pair, cluster_threshold=cluster or pair,
+                             source="params" if fixed is not None else chosen.method,
+                             self_calibration=own.estimate, ground_truth=gt)
+    if own.curve is not None:
+        result.at_threshold = own.curve.at(pair)
+    if gt is not None and own.estimate.threshold is not None and gt.threshold is not None:
+        result.notes.append(f"the ground truth decides; self-calibration alone would have "
+                            f"chosen {own.estimate.threshold:.4f}")
+    if cluster is not None and cluster < pair:
+        raise CbirError(f"search.cluster_threshold ({cluster:g}) must not be below the pair "
+                        f"threshold ({pair:g})")
+    out = settings.path(settings.data.reports_dir)
+    record = {"pair_threshold": pair, "cluster_threshold": result.cluster_threshold,
+              "precision_target": target, "source": result.source,
+              "estimated_precision": _r(result.at_threshold[0]),
+              "estimated_recall": _r(result.at_threshold[1]),
+              "self": {**own.estimate.to_json(), "sampled_images": own.sampled,
+                       "copies": own.copies, "copies_failed": own.failed},
+              "ground_truth": gt.to_json() if gt else None}
+    write_text(_curve_csv(own.curve), out / CURVE)
+    write_json({**_state(settings, s.fingerprint), "images": len(s.image_ids),
+                "self_basis": own.estimate.basis, "ground_truth_basis": gt.basis if gt else None},
+               out / STATE)
+    write_json(record, out / CALIBRATION)  # last: the commit point
+    result.file = out / CALIBRATION
     if write:
-        if not cal.reached:
+        if chosen.threshold is None:
             raise CbirError(f"no score threshold reaches precision {target:g}: params left "
                             f"unchanged")
-        value = param_value(cal.threshold)
-        updates = {"search.pair_threshold": value}
-        if settings.search.cluster_threshold < value:  # `cbir pairs` refuses that combination
-            updates["search.cluster_threshold"] = value
+        updates: dict[str, Any] = {"search.pair_threshold": chosen.threshold}
+        if cluster is not None and cluster < chosen.threshold:  # pairs refuses that
+            updates["search.cluster_threshold"] = chosen.threshold
         set_params(settings.params_path, updates)
         result.written, result.params_path = updates, settings.params_path
+    result.seconds = time.perf_counter() - t0
     return result
+
+
+def _curve_csv(curve: selfcal.Curve | None, points: int = 400) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["threshold", "precision", "recall"])
+    if curve is not None and len(curve.thresholds):
+        idx = np.unique(np.linspace(0, len(curve.thresholds) - 1, points).astype(int))
+        for i in idx:
+            w.writerow([f"{curve.thresholds[i]:.4f}", f"{curve.precision[i]:.4f}",
+                        f"{curve.recall[i]:.4f}"])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- for the pairs step
+
+@dataclass(frozen=True)
+class Thresholds:
+    pair: float
+    cluster: float
+    source: str
+    estimated_precision: float | None = None
+    estimated_recall: float | None = None
+    target: float = 0.95
+
+
+def recorded(settings: Settings) -> dict[str, Any] | None:
+    """The last `cbir calibrate`'s figures with what they were computed from (None when
+    absent or unreadable)."""
+    folder = settings.path(settings.data.reports_dir)
+    try:
+        figures = json.loads((folder / CALIBRATION).read_text(encoding="utf-8"))
+        state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(figures, dict) or not isinstance(state, dict):
+        return None
+    return {**state, **figures}
+
+
+def configured_thresholds(settings: Settings) -> tuple[float | None, float | None]:
+    """(pair, cluster) thresholds as configured: fixed values from params, `auto` ones from
+    the recorded calibration (None where there is none yet)."""
+    rec = recorded(settings) or {}
+    pair = _fixed(settings.search.pair_threshold)
+    if pair is None and rec.get("pair_threshold") is not None:
+        pair = float(rec["pair_threshold"])
+    cluster = _fixed(settings.search.cluster_threshold)
+    return pair, cluster if cluster is not None else pair
+
+
+def is_current(record: dict[str, Any] | None, settings: Settings, fingerprint: str,
+               n_images: int) -> bool:
+    """Whether a recorded calibration still holds: same model, params and ground truth, and a
+    collection that has not grown by more than GROWTH since."""
+    if not record:
+        return False
+    state = _state(settings, fingerprint)
+    if any(record.get(key) != value for key, value in state.items()):
+        return False
+    before = int(record.get("images") or 0)
+    return 0 < before and n_images <= GROWTH * before and n_images >= before / GROWTH
+
+
+def thresholds(settings: Settings, searcher: Any, *, progress: bool = False,
+               ) -> tuple[Thresholds, CalibrateResult | None]:
+    """The thresholds `cbir pairs` uses: fixed ones from params as they are; `auto` ones from
+    the current calibration, calibrating first when there is none for this model (or the
+    collection grew by more than GROWTH since)."""
+    pair, cluster = (_fixed(settings.search.pair_threshold),
+                     _fixed(settings.search.cluster_threshold))
+    rec = recorded(settings)
+    ran = None
+    if pair is None and not is_current(rec, settings, searcher.fingerprint,
+                                       len(searcher.image_ids)):
+        ran = run_calibrate(settings, progress=progress, searcher=searcher)
+        rec = recorded(settings)
+    if pair is None:
+        assert rec is not None
+        pair = float(rec["pair_threshold"])
+        source = str(rec["source"])
+    else:
+        source = "params"
+    usable = rec if is_current(rec, settings, searcher.fingerprint, len(searcher.image_ids)) \
+        else None
+    cluster = cluster if cluster is not None else pair
+    if cluster < pair:
+        raise CbirError(f"search.cluster_threshold ({cluster:g}) must not be below the pair "
+                        f"threshold ({pair:g})")
+    p = r = None
+    if usable is not None and usable.get("pair_threshold") == pair:
+        p, r = usable.get("estimated_precision"), usable.get("estimated_recall")
+    return Thresholds(pair=pair, cluster=cluster, source=source, estimated_precision=p,
+                      estimated_recall=r, target=settings.search.precision_target), ran

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,19 @@ from .config import Settings
 from .errors import CbirError
 from .fsutil import atomic_path, clean_stale_tmp, write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: paths relative to the workspace, DOUBLE scores
 
 
-def _read(path: Path) -> str:
-    return f"read_parquet({_sql_str(str(path.resolve()))})"
+def _read(path: Path, root: Path) -> str:
+    """read_parquet of a file, relative to the workspace root where it lies inside it, so the
+    workspace can move: connections (ours, and the duckdb CLI started in the workspace) resolve
+    relative paths against file_search_path / the current folder."""
+    full = Path(os.path.abspath(path))
+    try:
+        text = full.relative_to(Path(os.path.abspath(root))).as_posix()
+    except ValueError:
+        text = str(full)
+    return f"read_parquet({_sql_str(text)})"
 
 
 @dataclass(frozen=True)
@@ -38,15 +47,17 @@ class View:
     needs: tuple[str, ...] = ()
     sources: dict[str, Path] | None = None  # Parquet files the SQL reads as {name}
     comment: str = ""
+    replace: str = ""  # a REPLACE clause for a Parquet view (e.g. FLOAT scores as DOUBLE)
 
     def files(self) -> list[Path]:
         return ([self.parquet] if self.parquet else []) + list((self.sources or {}).values())
 
-    def body(self) -> str:
+    def body(self, root: Path) -> str:
         if self.parquet is not None:
-            return f"SELECT * FROM {_read(self.parquet)}"
+            replace = f" {self.replace}" if self.replace else ""
+            return f"SELECT *{replace} FROM {_read(self.parquet, root)}"
         assert self.sql is not None
-        return self.sql.format(**{k: _read(p) for k, p in (self.sources or {}).items()})
+        return self.sql.format(**{k: _read(p, root) for k, p in (self.sources or {}).items()})
 
 
 # A present file was seen by every run since the manifest was last rewritten (a run that changes
@@ -65,11 +76,23 @@ FROM files d JOIN files c ON c.image_id = d.image_id AND c.is_canonical
 WHERE d.status = 'duplicate'
 """
 
+#: "Seen first", the one order that picks the canonical file among byte-identical copies (ingest)
+#: and settles the likely master of a pair or cluster of equal size here: the earlier ingest run,
+#: then the older modification time, then the path. Below, for sides a and b of a pair and for a
+#: cluster member.
+SEEN_FIRST = ("first_run", "mtime_ns", "path")
+_SIDE = {"path": "p.path_{side}"}
+_SEEN_FIRST_A = "row(" + ", ".join(_SIDE.get(c, "a." + c).format(side="a")
+                                   for c in SEEN_FIRST) + ")"
+_SEEN_FIRST_B = "row(" + ", ".join(_SIDE.get(c, "b." + c).format(side="b")
+                                   for c in SEEN_FIRST) + ")"
+_SEEN_FIRST_F = ", ".join("c.path" if c == "path" else "f." + c for c in SEEN_FIRST)
+
 # Reviewing duplicates (see README "Reviewing duplicates"). A pair's two files are looked up by
 # image id and path: the present version of that path when there is one, else its latest.
 _PAIR_FILE_SQL = """
     SELECT image_id, path, width, height, width::BIGINT * height AS pixels, bytes, format,
-           first_run, mtime
+           first_run, mtime, mtime_ns
     FROM files
     QUALIFY row_number() OVER (PARTITION BY image_id, path
                                ORDER BY status IN ('ok', 'duplicate') DESC, version DESC) = 1
@@ -83,9 +106,7 @@ p AS (
            a.bytes AS bytes_a, b.bytes AS bytes_b, a.format AS format_a, b.format AS format_b,
            a.first_run AS first_run_a, b.first_run AS first_run_b,
            a.mtime AS mtime_a, b.mtime AS mtime_b, a.pixels AS pixels_a, b.pixels AS pixels_b,
-           coalesce(a.first_run > b.first_run
-                    OR (a.first_run = b.first_run AND (a.mtime > b.mtime
-                        OR (a.mtime = b.mtime AND p.path_a > p.path_b))), false) AS a_is_newer,
+           coalesce({_SEEN_FIRST_A} > {_SEEN_FIRST_B}, false) AS a_is_newer,
            p.image_a, p.image_b, p.rank
     FROM duplicate_pairs p
     LEFT JOIN f a ON a.image_id = p.image_a AND a.path = p.path_a
@@ -120,8 +141,7 @@ WITH f AS ({_PAIR_FILE_SQL})
 SELECT c.cluster_id, any_value(c.size) AS size,
        any_value(c.weakest_link)::DOUBLE AS weakest_link,
        list(c.path ORDER BY c.path) AS members,
-       list(c.path ORDER BY f.pixels DESC, f.bytes DESC, f.first_run, f.mtime, c.path)[1]
-           AS master_path,
+       list(c.path ORDER BY f.pixels DESC, f.bytes DESC, {_SEEN_FIRST_F})[1] AS master_path,
        min(f.first_run) AS first_run, max(f.first_run) AS newest_run, sum(f.bytes) AS total_bytes,
        list(c.image_id ORDER BY c.path) AS member_ids
 FROM clusters c LEFT JOIN f ON f.image_id = c.image_id AND f.path = c.path
@@ -146,9 +166,12 @@ def views(settings: Settings) -> list[View]:
     ]
     pairs = settings.path(settings.data.pairs_dir)
     v += [
+        # scores as DOUBLE: round(score, 3) of a FLOAT shows as 0.9980000257492065
         View("duplicate_pairs", parquet=pairs / "pairs.parquet",
+             replace="REPLACE (score::DOUBLE AS score)",
              comment="near-duplicate pairs (kind 'near') and exact copies (kind 'exact', score 1)"),
         View("clusters", parquet=pairs / "clusters.parquet",
+             replace="REPLACE (weakest_link::DOUBLE AS weakest_link)",
              comment="connected groups of near-duplicates: one row per member"),
         View("pair_report", sql=_PAIR_REPORT_SQL, needs=("files", "duplicate_pairs"),
              comment="each pair with both files' dimensions, sizes, formats, first run and "
@@ -178,8 +201,8 @@ def _plan(settings: Settings) -> list[View]:
     return chosen
 
 
-def _signature(chosen: Sequence[View]) -> str:
-    desc = [(v.name, v.body()) for v in chosen]
+def _signature(chosen: Sequence[View], root: Path) -> str:
+    desc = [(v.name, v.body(root)) for v in chosen]
     blob = json.dumps([SCHEMA_VERSION, desc], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -188,7 +211,7 @@ def refresh_catalog(settings: Settings) -> Path:
     """Make data/catalog.duckdb hold a view for every Parquet output that exists."""
     target = settings.path(settings.data.catalog)
     chosen = _plan(settings)
-    signature = _signature(chosen)
+    signature = _signature(chosen, settings.root)
     sidecar = _sidecar(target)
     if target.is_file() and sidecar.is_file() and sidecar.read_text() == signature:
         return target
@@ -196,8 +219,9 @@ def refresh_catalog(settings: Settings) -> Path:
         tmp.unlink()  # DuckDB wants to create the file itself
         con = duckdb.connect(str(tmp))
         try:
+            con.execute(f"SET file_search_path = {_sql_str(str(settings.root))}")
             for view in chosen:
-                con.execute(f"CREATE VIEW {view.name} AS {view.body()}")
+                con.execute(f"CREATE VIEW {view.name} AS {view.body(settings.root)}")
                 if view.comment:
                     con.execute(f"COMMENT ON VIEW {view.name} IS {_sql_str(view.comment)}")
             con.execute("CREATE TABLE cbir_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
@@ -227,11 +251,14 @@ def _sidecar(catalog: Path) -> Path:
 
 
 def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the catalogue (refreshed first so new outputs show up)."""
+    """A read-only connection to the catalogue (refreshed first so new outputs show up), whose
+    views find their Parquet files relative to the workspace, wherever it now is."""
     path = refresh_catalog(settings) if refresh else settings.path(settings.data.catalog)
     if not path.is_file():
         raise CbirError(f"no catalogue at {path}: run `cbir ingest` first")
-    return duckdb.connect(str(path), read_only=True)
+    con = duckdb.connect(str(path), read_only=True)
+    con.execute(f"SET file_search_path = {_sql_str(str(settings.root))}")
+    return con
 
 
 def query(settings: Settings, sql: str, params: Iterable[Any] | None = None,
@@ -242,6 +269,27 @@ def query(settings: Settings, sql: str, params: Iterable[Any] | None = None,
         cur = con.execute(sql, list(params or []))
         cols = [d[0] for d in cur.description] if cur.description else []
         return cols, cur.fetchall()
+    except duckdb.Error as exc:
+        raise CbirError(f"query failed: {exc}") from None
+    finally:
+        con.close()
+
+
+def query_page(settings: Settings, sql: str, params: Iterable[Any] | None = None,
+               limit: int | None = None) -> tuple[list[str], list[tuple[Any, ...]], int]:
+    """Like `query`, but only the first `limit` rows (all when None), and the total count."""
+    con = connect(settings)
+    try:
+        cur = con.execute(sql, list(params or []))
+        cols = [d[0] for d in cur.description] if cur.description else []
+        if limit is None:
+            rows = cur.fetchall()
+            return cols, rows, len(rows)
+        rows = cur.fetchmany(limit)
+        total = len(rows)
+        while chunk := cur.fetchmany(65536):  # count what is left without holding it
+            total += len(chunk)
+        return cols, rows, total
     except duckdb.Error as exc:
         raise CbirError(f"query failed: {exc}") from None
     finally:

@@ -23,6 +23,11 @@ def _progress_wanted() -> bool:
     return sys.stderr.isatty()
 
 
+def _note(message: str) -> None:
+    """What a long step is doing now, on stderr (stdout keeps the summary)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------- subcommands
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
@@ -64,29 +69,37 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     from .search import query_images
 
+    if args.k < 1:
+        raise CbirError(f"--k must be at least 1, got {args.k}")
+    failed = 0
     for res in query_images(settings, [Path(p) for p in args.images], k=args.k):
         print(res.query)
         if res.error:
-            print(f"  cannot be read: {res.error}")
+            failed += 1
+            print(f"  {res.error}")
             continue
         for path in res.exact_copies_of:
             print(f"  exact duplicate (same bytes) of {path}")
         for rank, (image_id, path, score) in enumerate(res.neighbours, start=1):
             print(f"  {rank:3d}  {score:.4f}  {path}  [{image_id}]")
+    if failed:
+        print(f"cbir query: error: {failed} of {len(args.images)} images could not be "
+              f"queried", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_pairs(settings: Settings, args: argparse.Namespace) -> int:
     from .search import run_pairs
 
-    print("\n".join(run_pairs(settings).lines()))
+    print("\n".join(run_pairs(settings, progress=_progress_wanted()).lines()))
     return 0
 
 
 def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     from .evaluate import run_evaluate
 
-    print("\n".join(run_evaluate(settings, progress=_progress_wanted()).lines()))
+    print("\n".join(run_evaluate(settings, progress=_progress_wanted(), log=_note).lines()))
     return 0
 
 
@@ -131,35 +144,79 @@ def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
     from .calibrate import run_calibrate
 
-    print("\n".join(run_calibrate(settings, precision=args.precision, write=args.write).lines()))
+    print("\n".join(run_calibrate(settings, precision=args.precision, write=args.write,
+                                  progress=_progress_wanted()).lines()))
     return 0
 
 
-def _flow_result(state: Any, what: str) -> Any:
+def cmd_init(settings: Settings | None, args: argparse.Namespace) -> int:
+    from .workspace import init_workspace
+
+    summary = init_workspace(args.folder, args.scans, args.ground_truth, force=args.force)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_find_duplicates(settings: Settings | None, args: argparse.Namespace) -> int:
+    from .find import find_duplicates
+
+    summary = find_duplicates(args.scans, args.out, train=not args.no_train,
+                              progress=_progress_wanted(), log=print)
+    print("\n".join([""] + summary.final_lines()))
+    return 0
+
+
+def _flow_result(state: Any, what: str, log: Path | None = None) -> Any:
     """A flow run's result; a failed run becomes one line with its cause (the log has more)."""
     if not state.is_completed():
-        raise CbirError(f"the {what} flow run failed: {state.message}")
+        where = f" (log: {log})" if log else ""
+        raise CbirError(f"the {what} flow run failed: {' '.join(str(state.message).split())}"
+                        f"{where}")
     return state.result()
 
 
-def cmd_build(settings: Settings, args: argparse.Namespace) -> int:
-    from flows.build import build  # Prefect lives in flows/ and tasks/, never in cbir/
+def _run_flow(settings: Settings, what: str, load: Callable[[], Any], **params: Any) -> Any:
+    """Run a Prefect flow for `cbir build` / `cbir nightly` and return its result.
 
-    state = build(str(settings.params_path), train=not args.no_train,
-                  rebuild_index=args.rebuild_index, return_state=True)
-    print("\n".join(_flow_result(state, "build").lines()))
+    Without a configured PREFECT_API_URL a temporary API server starts first and comes up while
+    `load` imports the flow (Prefect, torch); see flows/server.py. Any failure is one line.
+    """
+    from flows.server import flow_api  # Prefect lives in flows/ and tasks/, never in cbir/
+
+    with flow_api(settings, what) as api:
+        state = api.run(load(), str(settings.params_path), **params)
+        return _flow_result(state, what, api.log)
+
+
+def cmd_build(settings: Settings, args: argparse.Namespace) -> int:
+    def load() -> Any:
+        from flows.build import build
+
+        return build
+
+    result = _run_flow(settings, "build", load, train=not args.no_train,
+                       rebuild_index=args.rebuild_index)
+    print("\n".join(result.lines()))
     return 0
 
 
 def cmd_nightly(settings: Settings, args: argparse.Namespace) -> int:
-    from flows.nightly import nightly
+    def load() -> Any:
+        from flows.nightly import nightly
 
-    state = nightly(str(settings.params_path), return_state=True)
-    print("\n".join(_flow_result(state, "nightly").lines()))
+        return nightly
+
+    print("\n".join(_run_flow(settings, "nightly", load).lines()))
     return 0
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client analytics, before its import
+    from flows.server import served_api
+
+    served_api()  # no server, or none answering: one line, before the flow's heavy imports
     from flows.nightly import serve
 
     serve(str(settings.params_path), name=args.name)
@@ -167,20 +224,50 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    from .catalog import query
+    from .catalog import query_page
 
-    cols, rows = query(settings, args.query, args.param)
-    print(_format_table(cols, rows))
+    limit = args.limit if args.limit is not None else (0 if args.format != "table"
+                                                       else SQL_TABLE_LIMIT)
+    if limit < 0:
+        raise CbirError(f"--limit must be 0 (all rows) or more, got {limit}")
+    cols, rows, total = query_page(settings, args.query, args.param, limit or None)
+    if args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(cols)
+        w.writerows(rows)
+    elif args.format == "json":
+        import json
+
+        print(json.dumps([dict(zip(cols, row)) for row in rows], default=str, indent=1,
+                         ensure_ascii=False))
+    else:
+        print(_format_table(cols, rows))
+    if total > len(rows):
+        print(f"({total - len(rows)} more rows not shown: --limit N, or --limit 0 for all)",
+              file=sys.stderr if args.format != "table" else sys.stdout)
     return 0
 
 
+SQL_TABLE_LIMIT = 100  # rows `cbir sql` shows as a table unless --limit says otherwise
+
+
 def _format_table(cols: list[str], rows: list[tuple]) -> str:
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
     out = [line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells]
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"  # a FLOAT column read as double would show 0.9980000257492065
+    return str(value)
 
 
 # --------------------------------------------------------------------------- parser
@@ -191,8 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="params file; relative paths in it resolve against its folder "
                              "(default: %(default)s)")
     parser = argparse.ArgumentParser(
-        prog="cbir",
-        description="Near-duplicate image retrieval for heritage photograph collections.")
+        prog="cbir", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Near-duplicate image retrieval for heritage photograph collections.",
+        epilog="Start with `cbir init DIR --scans PATH` (a workspace; then `dvc repro` in it), "
+               "or\n`cbir find-duplicates SCANS_DIR` (everything in one command).\n"
+               "`cbir COMMAND --help` describes each command, with an example.")
+    parser.add_argument("--version", action="version", version=f"cbir {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("ingest", parents=[common],
@@ -249,11 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("calibrate", parents=[common],
-                       help="the pair score threshold that reaches a precision on the ground truth")
+                       help="choose the pair threshold that reaches a target precision (on the "
+                            "ground truth, else self-calibrated on held-out copies)")
     p.add_argument("--precision", type=float, metavar="P",
-                   help="target precision (default evaluate.precision_target, 0.9)")
+                   help="target precision (default search.precision_target, 0.95)")
     p.add_argument("--write", action="store_true",
-                   help="set search.pair_threshold in the params file (comments are kept)")
+                   help="also write the calibrated value into the params file as a fixed "
+                        "search.pair_threshold (comments are kept)")
     p.set_defaults(handler=cmd_calibrate)
 
     p = sub.add_parser("build", parents=[common],
@@ -270,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_nightly)
 
     p = sub.add_parser("serve", parents=[common],
-                       help="run the nightly flow on orchestration.nightly_cron (blocks)")
+                       help="run the nightly flow on orchestration.nightly_cron (blocks; needs "
+                            "a Prefect server)")
     p.add_argument("--name", default="cbir-nightly", help="deployment name (default %(default)s)")
     p.set_defaults(handler=cmd_serve)
 
@@ -279,13 +373,123 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", help="SQL; put user values in as ? placeholders")
     p.add_argument("--param", action="append", default=[], metavar="VALUE",
                    help="a value for the next ? placeholder (repeatable)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help=f"rows to print (default {SQL_TABLE_LIMIT} as a table, all as csv/json;"
+                        f" 0 = all)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="table for people (default), csv or json for scripts")
     p.set_defaults(handler=cmd_sql)
+
+    p = sub.add_parser("init", help="create an archive workspace for a folder of scans")
+    p.add_argument("folder", metavar="DIR", help="the workspace folder (created if absent)")
+    p.add_argument("--scans", required=True, metavar="PATH",
+                   help="the folder of scans (read only: cbir never writes there)")
+    p.add_argument("--ground-truth", metavar="CSV",
+                   help="path,group CSV of labelled near-duplicates, if there is one "
+                        "(else an empty labels.csv is made)")
+    p.add_argument("--force", action="store_true",
+                   help="update an existing workspace (its data and its other params are kept)")
+    p.set_defaults(handler=cmd_init, no_params=True)
+
+    p = sub.add_parser("find-duplicates",
+                       help="every near-duplicate in a folder of scans, in one command")
+    p.add_argument("scans", metavar="SCANS_DIR")
+    p.add_argument("--out", metavar="DIR",
+                   help="the workspace (default: SCANS_DIR's name + '-cbir' in this folder); "
+                        "an existing one for the same scans is reused")
+    p.add_argument("--no-train", action="store_true",
+                   help="skip training (faster, but the untrained model finds fewer copies)")
+    p.set_defaults(handler=cmd_find_duplicates, no_params=True)
+
+    _describe(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cbir")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+#: What each subcommand does, at more length than its one-line help, and an example.
+# Where the flows of `build` and `nightly` report (flows/server.py).
+FLOW_API = ("\n\nThe flow run reports to the Prefect API at PREFECT_API_URL when one is "
+            "configured; otherwise to a temporary local Prefect server started for the command, "
+            "whose database and logs stay in <data folder>/prefect/ (the run's log: "
+            "<data folder>/prefect/<command>.log).")
+DETAILS: dict[str, tuple[str, str]] = {
+    "init": ("Create a self-contained workspace: params.yaml pointing at the scans (which are "
+             "only read), dvc.yaml with the pipeline, a labels file, a README, git and DVC. "
+             "Refused when DIR lies inside the scans, when the scans lie inside DIR/data, and "
+             "on an existing workspace (unless --force).",
+             "cbir init ~/archive-ws --scans /mnt/scans/photo-archive\ncd ~/archive-ws && dvc "
+             "repro"),
+    "find-duplicates": ("Make (or reuse) a workspace for SCANS_DIR and run every step with the "
+                        "defaults: ingest, train, embed, index, calibrate, pairs, report. "
+                        "Prints where the gallery and the pair table are.",
+                        "cbir find-duplicates /mnt/scans/photo-archive --out ~/archive-ws"),
+    "ingest": ("Walk data.scans_dir, decode new or changed files, and record every file in the "
+               "deduplicated manifest (byte-identical copies are found by hash). Unchanged "
+               "files are not read again.", "cbir ingest --params ~/archive-ws/params.yaml"),
+    "demo-data": ("Write the deterministic synthetic demo collection: scans/ and "
+                  "ground_truth.csv under OUT.", "cbir demo-data /tmp/demo"),
+    "embed": ("Compute the descriptor of every canonical image that has none for the current "
+              "model, in resumable shards.", "cbir embed"),
+    "index": ("Build the FAISS index of the current embeddings, or add the new ones to it.",
+              "cbir index --rebuild"),
+    "query": ("The nearest images in the collection of any image files; exits with status 2 "
+              "when a file cannot be read.", "cbir query scan-0042.jpg other.tif --k 5"),
+    "calibrate": ("Choose the pair threshold that reaches search.precision_target: on the "
+                  "labelled images of data.ground_truth where there are any, else on held-out "
+                  "synthetic copies of the collection's own images (both are shown); records "
+                  "data/reports/calibration.json.", "cbir calibrate --precision 0.98"),
+    "pairs": ("Every near-duplicate pair and the clusters they form, into Parquet and the "
+              "DuckDB catalogue (calibrates the threshold first when it is `auto` and not yet "
+              "calibrated for this model).", "cbir pairs"),
+    "evaluate": ("Precision, recall, F1 and mAP at K against the labelled images of "
+                 "data.ground_truth, with the untrained backbone and perceptual hashing as "
+                 "baselines.", "cbir evaluate"),
+    "train": ("Self-supervised SimCLR fine-tuning of the descriptor on the collection itself "
+              "(checkpoint to model.checkpoint).", "cbir train --resume"),
+    "augment-preview": ("A grid of augmented training views of IMAGE, one row per strategy.",
+                        "cbir augment-preview scan.jpg --n 6"),
+    "report": ("The static review gallery (pairs, clusters, evaluation) and plots under "
+               "data/reports/.", "cbir report && xdg-open data/reports/gallery/index.html"),
+    "build": ("The whole pipeline as one Prefect flow, then `dvc commit`." + FLOW_API,
+              "cbir build --no-train"),
+    "nightly": ("Re-index the scans that arrived since the last run: ingest, embed, index and "
+                "search only the new ones, report their new pairs, `dvc commit`." + FLOW_API,
+                "cbir nightly --params ~/archive-ws/params.yaml"),
+    "serve": ("Run the nightly flow on orchestration.nightly_cron until stopped. The schedule "
+              "lives in a Prefect server that keeps running: start one with `prefect server "
+              "start` and point PREFECT_API_URL at it (`prefect config set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api`); without one, or when it does not "
+              "answer, serve stops with one line saying so.", "cbir serve"),
+    "sql": ("One read-only SQL query on the catalogue (views images, files, duplicate_pairs, "
+            "clusters, pair_report, new_pairs, cluster_report, quarantine, ingest_runs).",
+            "cbir sql \"SELECT path_a, path_b, round(score, 3) AS score FROM duplicate_pairs "
+            "ORDER BY score DESC\" --limit 20\ncbir sql \"SELECT * FROM pair_report WHERE ? IN "
+            "(path_a, path_b)\" --param box-01/scan-1.jpg --format csv"),
+}
+
+
+def _describe(sub: Any) -> None:
+    for name, parser in sub.choices.items():
+        description, example = DETAILS.get(name, ("", ""))
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.description = description or None
+        if example:
+            parser.epilog = "example:\n" + "\n".join(f"  {line}" for line in
+                                                      example.splitlines())
 
 
 # Subcommands that write to the data folder hold its writer lock while they run (cbir/lock.py);
 # `build` and `nightly` take it inside their flows, `serve` in each run it starts.
-WRITERS = frozenset({"ingest", "train", "embed", "index", "pairs", "evaluate", "report"})
+WRITERS = frozenset({"ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate",
+                     "report"})
 
 
 def _writer_lock(settings: Settings, args: argparse.Namespace) -> Any:
@@ -300,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "no_params", False):  # init, find-duplicates: they make the params
+            return int(args.handler(None, args) or 0)
         settings = load_settings(args.params)
         with _writer_lock(settings, args):
             return int(args.handler(settings, args) or 0)

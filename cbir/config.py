@@ -6,6 +6,7 @@ folder holding the params file, so a copy of params.yaml in another folder is a 
 
 from __future__ import annotations
 
+import difflib
 import os
 import types
 import typing
@@ -49,8 +50,13 @@ class _Section(BaseModel):
 
 
 class DataSettings(_Section):
-    scans_dir: Path = Path("data/demo/scans")
-    ground_truth: Path | None = Path("data/demo/ground_truth.csv")
+    """Where the scans are and where the pipeline writes (relative paths: this file's folder)."""
+
+    scans_dir: Path = Field(Path("demo/scans"), description="the archive's scans (read only, "
+                            "never written)")
+    ground_truth: Path | None = Field(
+        None, description="path,group CSV of labelled near-duplicates (paths relative to the "
+        "CSV's folder or to the scans folder; it may label a subset, or nothing yet)")
     manifest_dir: Path = Path("data/manifest")
     catalog: Path = Path("data/catalog.duckdb")
     embeddings_dir: Path = Path("data/embeddings")
@@ -62,66 +68,115 @@ class DataSettings(_Section):
 
 
 class IngestSettings(_Section):
+    """Reading new scans into the manifest."""
+
     workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
-    max_pixels: int = Field(200_000_000, gt=0, description="larger images are quarantined")
+    max_pixels: int = Field(200_000_000, gt=0, description="larger images are quarantined "
+                            "(decompression bombs)")
     ignore: list[str] = Field(
         default_factory=lambda: [".*", "Thumbs.db", "desktop.ini", "*.md5", "*.sha256"],
         description="glob patterns (file or folder names) that are not scans",
     )
-    journal_every: int = Field(500, gt=0, description="records per crash-recovery journal part")
+    journal_every: int = Field(500, gt=0, description="decoded files per crash-recovery "
+                               "journal part")
 
 
 class DemoSettings(_Section):
-    out_dir: Path = Path("data/demo")
-    n_groups: int = Field(150, ge=1)
-    n_distractors: int = Field(150, ge=0)
-    max_copies: int = Field(4, ge=1)
-    size: int = Field(512, ge=64)
+    """`cbir demo-data`: the synthetic demo collection (not part of an archive's pipeline)."""
+
+    out_dir: Path = Field(Path("demo"), description="scans/ and ground_truth.csv go here")
+    n_groups: int = Field(150, ge=1, description="originals that get near-duplicate copies")
+    n_distractors: int = Field(150, ge=0, description="originals with no copies")
+    max_copies: int = Field(4, ge=1, description="group size at most (original included)")
+    size: int = Field(512, ge=64, description="long side of the originals, px")
     seed: int = 0
 
 
 class ModelSettings(_Section):
+    """The descriptor network."""
+
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    init: str = Field("none", description="none | a torchvision weights name | a local file")
-    gem_p: float = Field(3.0, gt=0)
-    projection: Literal["linear", "mlp"] = "linear"
+    init: str = Field("none", description="none | a torchvision weights name (IMAGENET1K_V1) | "
+                      "a local file")
+    gem_p: float = Field(3.0, gt=0, description="GeM pooling exponent (1 = average pooling)")
+    projection: Literal["linear", "mlp"] = Field("linear", description="projection head: "
+                                                 "linear (SSCD) | mlp (SimCLR)")
     projection_dim: int = Field(512, ge=8)
-    descriptor: Literal["trunk", "projection"] = "trunk"
-    checkpoint: Path = Path("data/models/model.pt")
-    seed: int = 0
+    descriptor: Literal["trunk", "projection"] = Field(
+        "trunk", description="retrieval descriptor: trunk (pooled, L2-normalised) | projection")
+    checkpoint: Path = Field(Path("data/models/model.pt"), description="used by embed when it "
+                             "exists (written by train)")
+    seed: int = Field(0, description="initialisation of untrained weights")
 
 
 class EmbedSettings(_Section):
+    """Descriptors of every image, in shards."""
+
     # "train": the training resolution. Descriptors are sharpest at the scale they were trained
     # at (benchmarks/quality.py: trained at 112 px, embedding at 112 px gave P@1 0.92, at 224 px
     # 0.81).
-    resolution: Annotated[int, Field(ge=32)] | Literal["train"] = "train"
+    resolution: Annotated[int, Field(ge=32)] | Literal["train"] = Field(
+        "train", description="square input size in px; train = train.resolution (descriptors "
+        "are sharpest at the scale they were trained at)")
     # Multi-scale descriptor: sum of the descriptors at resolution * each scale (cost grows with
     # the sum of the scales squared). [1.0, 1.25]: benchmarks/quality.py mAP@10 0.953 vs 0.937.
-    scales: list[Annotated[float, Field(gt=0, le=4)]] = Field([1.0, 1.25], min_length=1)
+    scales: list[Annotated[float, Field(gt=0, le=4)]] = Field(
+        [1.0, 1.25], min_length=1, description="multi-scale descriptor: sum over resolution x "
+        "each scale ([1.0]: single scale, 1.5x faster; benchmark mAP@10 0.937 vs 0.953)")
     batch_size: int = Field(32, ge=1)
-    shard_size: int = Field(1000, ge=1)
+    shard_size: int = Field(1000, ge=1, description="images per Parquet shard (the unit of "
+                            "resumption)")
     workers: int = Field(1, ge=0, description="DataLoader decode processes")
-    device: str = "auto"
+    device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda")
 
 
 class IndexSettings(_Section):
+    """The FAISS index (exact below ~10,000 images, IVF-PQ above)."""
+
     bytes_per_vector: int = Field(64, ge=8, description="PQ code budget per vector")
-    target_recall: float = Field(0.95, gt=0, le=1)
-    rebuild_factor: float = Field(4.0, ge=1)
+    target_recall: float = Field(0.95, gt=0, le=1, description="nprobe is tuned to reach this "
+                                 "recall@10 vs exact search")
+    rebuild_factor: float = Field(4.0, ge=1, description="rebuild when the collection outgrows "
+                                  "the trained index by this")
     seed: int = 0
 
 
+Threshold = Annotated[float, Field(ge=-1, le=1)] | Literal["auto"]
+
+
 class SearchSettings(_Section):
-    k: int = Field(10, ge=1, description="neighbours per image for pairs")
-    pair_threshold: float = Field(0.8, ge=-1, le=1)
-    cluster_threshold: float = Field(0.9, ge=-1, le=1)
+    """Near-duplicate pairs and clusters."""
+
+    k: int = Field(10, ge=1, description="neighbours per image considered for pairs")
+    # "auto": calibrated by `cbir calibrate` (cbir/calibrate.py) to reach precision_target, on
+    # the ground truth where there is one, else on held-out synthetic copies of the collection.
+    pair_threshold: Threshold = Field("auto", description="cosine similarity for a "
+                                      "near-duplicate pair; auto = calibrated to reach "
+                                      "precision_target (`cbir calibrate`)")
+    cluster_threshold: Threshold = Field("auto", description="similarity for joining clusters; "
+                                         "auto = the pair threshold")
+    precision_target: float = Field(0.95, gt=0, lt=1, description="pair precision that an "
+                                    "`auto` threshold is calibrated to reach")
+
+
+class CalibrateSettings(_Section):
+    """Self-calibration of the pair threshold without ground truth (cbir/calibrate.py)."""
+
+    images: int = Field(1000, ge=10, description="images whose neighbours estimate how "
+                        "non-duplicates score (all when the collection is smaller)")
+    copies: int = Field(300, ge=10, description="held-out synthetic copies that estimate how "
+                        "duplicates score")
+    seed: int = Field(0, ge=0)
 
 
 class EvaluateSettings(_Section):
+    """Retrieval quality against the ground truth."""
+
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
-    precision_target: float = Field(0.9, gt=0, le=1)
-    baselines: bool = True
+    precision_target: float = Field(0.9, gt=0, le=1, description="recall is reported at this "
+                                    "precision")
+    baselines: bool = Field(True, description="also score the untrained backbone and perceptual "
+                            "hashing")
 
 
 class TrainSettings(_Section):
@@ -139,14 +194,21 @@ class TrainSettings(_Section):
     mix_prob: float = Field(0.0, ge=0, le=1, description="probability of cutmix/mixup per batch")
     workers: int = Field(1, ge=0, description="DataLoader augmentation processes")
     device: str = "auto"
-    time_budget_minutes: float = Field(0, ge=0, description="stop cleanly after this; 0 = none")
+    precision: Literal["auto", "fp32"] = Field(
+        "auto", description="auto: mixed precision where the hardware has it (fp16 on CUDA, a "
+        "bf16 trunk on CPUs with native bf16); fp32: full precision everywhere")
+    time_budget_minutes: float = Field(0, ge=0, description="fit the LR schedule to this (and "
+                                       "stop if even that cannot finish); 0 = none")
     seed: int = 0
 
 
 class ReportSettings(_Section):
+    """The review gallery."""
+
     page_size: int = Field(200, ge=1, description="pairs, clusters or queries per gallery page")
     max_pairs: int = Field(50_000, ge=0, description="strongest pairs in the gallery; 0 = all")
-    thumb_size: int = Field(256, ge=32, le=2048, description="long side of thumbnails, px")
+    thumb_size: int = Field(256, ge=32, le=2048, description="long side of gallery "
+                            "thumbnails, px (made once, then reused)")
 
 
 class OrchestrationSettings(_Section):
@@ -182,6 +244,7 @@ class Settings(_Section):
     embed: EmbedSettings = EmbedSettings()
     index: IndexSettings = IndexSettings()
     search: SearchSettings = SearchSettings()
+    calibrate: CalibrateSettings = CalibrateSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     train: TrainSettings = TrainSettings()
     report: ReportSettings = ReportSettings()
@@ -203,14 +266,41 @@ class Settings(_Section):
         return self.ingest.workers or (os.cpu_count() or 1)
 
 
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    """ "; did you mean ...?" for a misspelt key, from the names its section knows."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return ""
+    names = [n for n in model.model_fields if n not in ("root", "params_path")]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    where = ".".join(str(x) for x in loc[:-1])
+    return f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+
+
 def _format_error(err: ValidationError, source: Path) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         got = e.get("input")
         got_txt = f" (got {got!r})" if not isinstance(got, dict) else ""
-        parts.append(f"{loc}: {e['msg']}{got_txt}")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown key{_suggestion(tuple(e['loc']))}")
+        else:
+            parts.append(f"{loc}: {e['msg']}{got_txt}")
     return f"{source}: invalid params: " + "; ".join(parts)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (line and column of the params file)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    text = str(exc).strip()
+    problem = getattr(exc, "problem", None) or (text.splitlines()[0] if text else
+                                                 type(exc).__name__)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def load_settings(params_path: str | os.PathLike[str] = DEFAULT_PARAMS,
@@ -221,9 +311,10 @@ def load_settings(params_path: str | os.PathLike[str] = DEFAULT_PARAMS,
         raise ConfigError(f"params file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path}: not valid YAML: {first}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_error(exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"cannot read params file {path}: {exc.strerror}") from None
     if raw is None:

@@ -123,6 +123,21 @@ def embed_files(model: Descriptor, files: list[bytes], pp: Preprocess, *, batch_
     return done, vectors.astype(np.float32, copy=False), failed
 
 
+def embed_pictures(model: Descriptor, pictures: list[Image.Image], pp: Preprocess, *,
+                   batch_size: int, device: torch.device | None = None) -> np.ndarray:
+    """Descriptors of pictures already in memory (RGB), preprocessed as scans are."""
+    device = device or torch.device("cpu")
+    model = model.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(pictures), batch_size):
+            chunk = pictures[start:start + batch_size]
+            xs = [torch.stack([to_tensor(p, pp, size) for p in chunk]).to(device)
+                  for size in pp.sizes]
+            out.append(describe(model, xs).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.dim), np.float32)
+
+
 # --------------------------------------------------------------------------- shards on disk
 
 def embeddings_dir(settings: Settings, fp: str, *, baseline: bool = False) -> Path:

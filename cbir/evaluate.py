@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,17 @@ class GroundTruth:
     n_groups: int
 
 
+class NoLabels(CbirError):
+    """The ground truth labels no group of two or more ingested images: nothing to score."""
+
+
 def read_ground_truth(settings: Settings) -> GroundTruth:
     """Map a `path,group` CSV onto the manifest's images; refuse what cannot be mapped.
 
-    Paths are relative to the CSV's folder (or absolute) and must lie inside the scans folder.
+    A path is looked up relative to the CSV's folder, then relative to the scans folder (the
+    manifest's own paths); absolute paths work too. Every path must name an ingested image
+    inside the scans folder. Images the CSV does not name are unlabelled: evaluation and
+    calibration leave them out (a partial ground truth is fine).
     """
     if settings.data.ground_truth is None:
         raise CbirError("no ground truth configured (data.ground_truth in params)")
@@ -54,6 +62,20 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     scans = os.path.realpath(settings.path(settings.data.scans_dir))
     rows = load_manifest(settings).select(["image_id", "path", "status"]).to_pylist()
     id_of = {r["path"]: r["image_id"] for r in rows if r["status"] in PRESENT}
+
+    def lookup(raw: str) -> tuple[str | None, bool]:
+        """(image id or None, whether some reading of the path lies inside the scans)."""
+        inside = False
+        for base in (str(csv_path.parent), scans):
+            full = os.path.realpath(os.path.join(base, raw))
+            if os.path.commonpath([scans, full]) != scans:
+                continue
+            inside = True
+            image_id = id_of.get(os.path.relpath(full, scans))
+            if image_id is not None:
+                return image_id, True
+        return None, inside
+
     group_of: dict[str, str] = {}
     outside: list[str] = []
     unknown: list[str] = []
@@ -61,7 +83,9 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     try:
         with open(csv_path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            if reader.fieldnames is None or not {"path", "group"} <= set(reader.fieldnames):
+            if reader.fieldnames is None:  # an empty file: nothing labelled yet
+                return GroundTruth(group_of={}, n_rows=0, n_groups=0)
+            if not {"path", "group"} <= set(reader.fieldnames):
                 raise CbirError(f"{csv_path}: expected a header with columns path,group "
                                 f"(got {reader.fieldnames})")
             for row in reader:
@@ -69,14 +93,9 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
                 raw, group = (row["path"] or "").strip(), (row["group"] or "").strip()
                 if not raw or not group:
                     raise CbirError(f"{csv_path}, line {reader.line_num}: empty path or group")
-                full = os.path.realpath(os.path.join(csv_path.parent, raw))
-                if os.path.commonpath([scans, full]) != scans:
-                    outside.append(raw)
-                    continue
-                rel = os.path.relpath(full, scans)
-                image_id = id_of.get(rel)
+                image_id, inside = lookup(raw)
                 if image_id is None:
-                    unknown.append(raw)
+                    (unknown if inside else outside).append(raw)
                     continue
                 group_of.setdefault(image_id, group)
     except UnicodeDecodeError:
@@ -94,31 +113,39 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
 # --------------------------------------------------------------------------- rankings
 
 def exact_topk(vectors: np.ndarray, rows: np.ndarray, k: int, batch: int = 1024,
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of vectors[rows] against all vectors: (indices, scores)."""
-    k = min(k, vectors.shape[0])
+               candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of vectors[rows] against all vectors, or only against the rows
+    in `candidates`: (row indices, scores)."""
+    cand = None if candidates is None else np.asarray(candidates, np.int64)
+    pool = vectors if cand is None else vectors[cand]
+    k = min(k, pool.shape[0])
     out_i = np.empty((len(rows), k), np.int64)
     out_s = np.empty((len(rows), k), np.float32)
     for s in range(0, len(rows), batch):
-        sims = vectors[rows[s:s + batch]] @ vectors.T
+        sims = vectors[rows[s:s + batch]] @ pool.T
         part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         ps = np.take_along_axis(sims, part, 1)
         order = np.argsort(-ps, axis=1, kind="stable")
-        out_i[s:s + batch] = np.take_along_axis(part, order, 1)
+        idx = np.take_along_axis(part, order, 1)
+        out_i[s:s + batch] = idx if cand is None else cand[idx]
         out_s[s:s + batch] = np.take_along_axis(ps, order, 1)
     return out_i, out_s
 
 
-def phash_topk(hashes: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hamming ranking of 64-bit perceptual hashes; score = 1 - distance / 64."""
+def phash_topk(hashes: np.ndarray, rows: np.ndarray, k: int,
+               candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Hamming ranking of 64-bit perceptual hashes (against all rows, or only `candidates`);
+    score = 1 - distance / 64."""
     h = hashes.astype(np.uint64)
-    k = min(k, h.shape[0])
+    cand = np.arange(len(h)) if candidates is None else np.asarray(candidates, np.int64)
+    pool = h[cand]
+    k = min(k, len(cand))
     out_i = np.empty((len(rows), k), np.int64)
     out_s = np.empty((len(rows), k), np.float32)
     for j, r in enumerate(rows):
-        d = np.bitwise_count(h ^ h[r]).astype(np.int32)
+        d = np.bitwise_count(pool ^ h[r]).astype(np.int32)
         order = np.argsort(d, kind="stable")[:k]
-        out_i[j], out_s[j] = order, 1.0 - d[order] / 64.0
+        out_i[j], out_s[j] = cand[order], 1.0 - d[order] / 64.0
     return out_i, out_s
 
 
@@ -132,10 +159,22 @@ class EvaluationResult:
     metrics_file: Path | None = None
     neighbors_file: Path | None = None
     seconds: float = 0.0
+    n_labelled: int = 0  # images the ground truth labels (and that are ingested)
+    n_images: int = 0
+    note: str = ""  # why nothing was evaluated
+
+    def coverage(self) -> str:
+        if self.n_labelled == self.n_images:
+            return f"all {self.n_images} images labelled"
+        return (f"{self.n_labelled} of {self.n_images} images labelled; the others are left "
+                f"out of the rankings")
 
     def lines(self) -> list[str]:
-        return [f"evaluate: {self.n_queries} queries; {self.seconds:.1f} s", "", self.table,
-                f"metrics: {self.metrics_file}", f"neighbours: {self.neighbors_file}"]
+        if self.note:
+            return [f"evaluate: nothing to evaluate: {self.note}", f"metrics: {self.metrics_file}"]
+        return [f"evaluate: {self.n_queries} queries ({self.coverage()}); {self.seconds:.1f} s",
+                "", self.table, f"metrics: {self.metrics_file}",
+                f"neighbours: {self.neighbors_file}"]
 
 
 def _model_label(settings: Settings) -> str:
@@ -156,6 +195,7 @@ class ModelRanking:
     query_rows: np.ndarray
     ranked: metrics.RankedResults
     neighbours: list[dict[str, Any]]  # NEIGHBORS_SCHEMA rows: the top k of each query
+    candidates: np.ndarray | None = None  # rows ranked (labelled images); None: all of them
 
 
 def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
@@ -175,23 +215,40 @@ def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
         sizes[g] = sizes.get(g, 0) + 1
     query_rows = np.array(sorted(r for r, g in group_of.items() if sizes[g] >= 2), np.int64)
     if len(query_rows) == 0:
-        raise CbirError("the ground truth has no group with two or more ingested images: "
-                        "nothing to evaluate")
-    s, found = searcher.search(searcher.vectors[query_rows], k + 1)
-    nbr = np.array([[row_of[x] if x is not None else -1 for x in row] for row in found], np.int64)
+        raise NoLabels(f"{settings.data.ground_truth} labels no group of two or more "
+                       f"ingested images")
+    if len(group_of) == len(ids):  # every image labelled: rank through the index, as users get
+        candidates = None
+        s, found = searcher.search(searcher.vectors[query_rows], k + 1)
+        nbr = np.array([[row_of[x] if x is not None else -1 for x in row] for row in found],
+                       np.int64)
+    else:  # a partial ground truth: rank among the labelled images only (exactly)
+        candidates = np.array(sorted(group_of), np.int64)
+        nbr, s = exact_topk(searcher.vectors, query_rows, k + 1, candidates=candidates)
     ranked = metrics.build_ranked_results(query_rows, nbr, s, group_of)
     neighbours = _neighbour_rows(ranked, query_rows, nbr, s, ids, searcher.path_of, group_of, k)
     return ModelRanking(label=_model_label(settings), image_ids=ids,
                         path_of=searcher.path_of, group_of=group_of, query_rows=query_rows,
-                        ranked=ranked, neighbours=neighbours)
+                        ranked=ranked, neighbours=neighbours, candidates=candidates)
 
 
-def run_evaluate(settings: Settings, *, progress: bool = False) -> EvaluationResult:
+def run_evaluate(settings: Settings, *, progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> EvaluationResult:
+    """Score the current model, and the baselines, on the ground truth's labelled images.
+
+    `log` hears what each long part is about to do (the CLI prints it on stderr)."""
     t0 = time.perf_counter()
+    say = log or (lambda _: None)
     cfg = settings.evaluate
     ks = sorted(set(cfg.ks))
     kmax = max(ks)
-    model = rank_model(settings, kmax)
+    out = settings.path(settings.data.reports_dir)
+    clean_stale_tmp(out)  # left by a killed run
+    say("evaluate: ranking the labelled queries with the model")
+    try:
+        model = rank_model(settings, kmax)
+    except NoLabels as exc:
+        return _nothing_labelled(settings, out, str(exc), t0)
     ids, query_rows, group_of = model.image_ids, model.query_rows, model.group_of
 
     def score(label: str, nbr: np.ndarray, sc: np.ndarray) -> metrics.RankedResults:
@@ -199,7 +256,8 @@ def run_evaluate(settings: Settings, *, progress: bool = False) -> EvaluationRes
         result.rows.append((label, metrics.evaluate(r, ks, precision=cfg.precision_target)))
         return r
 
-    result = EvaluationResult(n_queries=len(query_rows))
+    result = EvaluationResult(n_queries=len(query_rows), n_labelled=len(group_of),
+                              n_images=len(ids))
     result.rows.append((model.label, metrics.evaluate(model.ranked, ks,
                                                       precision=cfg.precision_target)))
     neighbours = model.neighbours
@@ -207,29 +265,46 @@ def run_evaluate(settings: Settings, *, progress: bool = False) -> EvaluationRes
     if cfg.baselines:
         # The untrained backbone, ranked exactly (its embeddings are cached under their own
         # fingerprint; without a checkpoint they are the model's own, so nothing is recomputed).
+        say("evaluate: baseline 1/2, the untrained backbone (embeds the collection once, then "
+            "reuses it)")
         base = run_embed(settings, progress=progress, baseline=True)
         b_ids, b_vec = load_embeddings(base.folder, set(ids))
         if b_ids != ids:
             raise CbirError("the untrained-backbone embeddings do not cover the collection")
-        bi, bs = exact_topk(b_vec, query_rows, kmax + 1)
+        bi, bs = exact_topk(b_vec, query_rows, kmax + 1, candidates=model.candidates)
         score(f"{settings.model.backbone} init={settings.model.init} (untrained)", bi, bs)
+        say("evaluate: baseline 2/2, perceptual hashes")
         manifest = load_manifest(settings).select(["image_id", "phash", "is_canonical",
                                                    "status"]).to_pylist()
         ph = {r["image_id"]: r["phash"] for r in manifest if r["is_canonical"]}
         hashes = np.array([ph[i] for i in ids], dtype=np.uint64)
-        hi, hs = phash_topk(hashes, query_rows, kmax + 1)
+        hi, hs = phash_topk(hashes, query_rows, kmax + 1, candidates=model.candidates)
         score("perceptual hash (Hamming)", hi, hs)
 
     result.table = metrics.markdown_table(result.rows, ks, precision=cfg.precision_target)
-    out = settings.path(settings.data.reports_dir)
-    clean_stale_tmp(out)  # left by a killed run
     names = ["model"] + [_short(label) for label, _ in result.rows[1:]]
     write_json({name: _finite(vals) for name, (_, vals) in zip(names, result.rows)},
                out / "metrics.json")
     write_parquet(pa.Table.from_pylist(neighbours, schema=NEIGHBORS_SCHEMA),
                   out / "neighbors.parquet")
     write_text(f"# Retrieval quality\n\n{result.n_queries} queries; ground truth "
-               f"{settings.data.ground_truth}\n\n{result.table}", out / "metrics.md")
+               f"{settings.data.ground_truth} ({result.coverage()})\n\n{result.table}",
+               out / "metrics.md")
+    result.metrics_file = out / "metrics.json"
+    result.neighbors_file = out / "neighbors.parquet"
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _nothing_labelled(settings: Settings, out: Path, why: str, t0: float) -> EvaluationResult:
+    """No labelled group to score (an archive's empty labels file): say so in every output, so
+    the pipeline (and `dvc repro`) goes on."""
+    result = EvaluationResult(note=why)
+    write_json({"model": {}, "note": why}, out / "metrics.json")
+    write_parquet(pa.Table.from_pylist([], schema=NEIGHBORS_SCHEMA), out / "neighbors.parquet")
+    write_text(f"# Retrieval quality\n\nNothing to evaluate: {why}. Label near-duplicates "
+               f"in {settings.data.ground_truth} (columns path,group) to measure the model.\n",
+               out / "metrics.md")
     result.metrics_file = out / "metrics.json"
     result.neighbors_file = out / "neighbors.parquet"
     result.seconds = time.perf_counter() - t0

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import faults
-from .catalog import clean_stale, refresh_catalog
+from .catalog import SEEN_FIRST, clean_stale, refresh_catalog
 from .config import Settings
 from .errors import CbirError
 from .fsutil import clean_stale_tmp, write_parquet
@@ -561,7 +561,7 @@ def _assign_canonical(files: list[dict[str, Any]], new_rows: list[dict[str, Any]
         groups.setdefault(row["image_id"], []).append(row)
     rank = {OK: 0, DUPLICATE: 0, MISSING: 1, REPLACED: 2}
     for rows in groups.values():
-        rows.sort(key=lambda r: (rank[r["status"]], r["first_run"], r["path_raw"]))
+        rows.sort(key=lambda r: (rank[r["status"]], *(r[c] for c in SEEN_FIRST)))
         head = rows[0]
         for r in rows:
             r["is_canonical"] = r is head

@@ -48,7 +48,7 @@ def _operating_point(prec: np.ndarray, rec: np.ndarray, thr: np.ndarray,
     return (float(rec[ok[-1]]), float(prec[ok[-1]])) if ok.size else None
 
 
-def pr_curve(ranked: metrics.RankedResults, out: Path, *, threshold: float,
+def pr_curve(ranked: metrics.RankedResults, out: Path, *, threshold: float | None,
              target_precision: float) -> list[Path]:
     """Precision against recall over pooled pairs, with the pair threshold's operating point."""
     prec, rec, thr = metrics.pr_curve(ranked)
@@ -57,9 +57,9 @@ def pr_curve(ranked: metrics.RankedResults, out: Path, *, threshold: float,
     ax.step(rec, prec, where="post", label="model")
     ax.axhline(target_precision, color="grey", ls=":", lw=1,
                label=f"target precision {target_precision:g}")
-    point = _operating_point(prec, rec, thr, threshold)
+    point = None if threshold is None else _operating_point(prec, rec, thr, threshold)
     if point is not None:
-        ax.plot(*point, "o", color="C3", label=f"search.pair_threshold {threshold:g}")
+        ax.plot(*point, "o", color="C3", label=f"pair threshold {threshold:.4f}")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
            title=f"Precision-recall over pooled pairs ({ranked.n_queries} queries)")
     ax.grid(alpha=0.3)
@@ -87,7 +87,7 @@ def at_k(ranked: metrics.RankedResults, kmax: int, out: Path) -> list[Path]:
             _csv(["k", "precision", "recall"], list(zip(ks, p, r)), out / f"{AT_K}.csv")]
 
 
-def score_histogram(ranked: metrics.RankedResults, out: Path, *, threshold: float,
+def score_histogram(ranked: metrics.RankedResults, out: Path, *, threshold: float | None,
                     calibrated: float | None = None, target_precision: float = 0.9) -> list[Path]:
     """Scores of returned true duplicates against non-duplicates, thresholds marked."""
     valid = ~np.isnan(ranked.scores)
@@ -100,12 +100,14 @@ def score_histogram(ranked: metrics.RankedResults, out: Path, *, threshold: floa
             if mask.any():
                 ax.hist(scores[mask], bins=edges, density=True, alpha=0.55, color=color,
                         label=f"{label} (n={int(mask.sum())})")
-    lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (threshold, threshold)
-    if lo <= threshold <= hi or not scores.size:
-        ax.axvline(threshold, color="C3", lw=1.5, label=f"search.pair_threshold {threshold:g}")
+    lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 1.0)
+    if threshold is None:
+        pass  # not calibrated yet: nothing to mark
+    elif lo <= threshold <= hi or not scores.size:
+        ax.axvline(threshold, color="C3", lw=1.5, label=f"pair threshold {threshold:.4f}")
     else:  # a line far off would squash the histogram into a sliver: name it instead
         where = "below" if threshold < lo else "above"
-        ax.plot([], [], " ", label=f"search.pair_threshold {threshold:g} ({where} every score)")
+        ax.plot([], [], " ", label=f"pair threshold {threshold:.4f} ({where} every score)")
     if calibrated is not None and math.isfinite(calibrated):
         ax.axvline(calibrated, color="k", ls="--", lw=1,
                    label=f"precision {target_precision:g} at {calibrated:.4f}")

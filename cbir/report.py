@@ -360,7 +360,7 @@ def _evaluation(settings: Settings, plots_dir: Path) -> tuple[_Evaluation | None
     """The model's ranking of the ground-truth queries, and its plots; or why there is none."""
     if settings.data.ground_truth is None:
         return None, "no ground truth configured (data.ground_truth)", []
-    from .calibrate import calibrate
+    from .calibrate import calibrate, configured_thresholds
     from .evaluate import rank_model  # torch and faiss load only when there is ground truth
 
     try:
@@ -370,11 +370,12 @@ def _evaluation(settings: Settings, plots_dir: Path) -> tuple[_Evaluation | None
     cfg = settings.evaluate
     k = max(cfg.ks)
     cal = calibrate(model.ranked, cfg.precision_target)
-    written = (plots.pr_curve(model.ranked, plots_dir, threshold=settings.search.pair_threshold,
+    pair_threshold, _ = configured_thresholds(settings)
+    written = (plots.pr_curve(model.ranked, plots_dir, threshold=pair_threshold,
                               target_precision=cfg.precision_target)
                + plots.at_k(model.ranked, k, plots_dir)
                + plots.score_histogram(model.ranked, plots_dir,
-                                       threshold=settings.search.pair_threshold,
+                                       threshold=pair_threshold,
                                        calibrated=cal.threshold if cal.reached else None,
                                        target_precision=cfg.precision_target))
     by_query: dict[str, list[tuple[str, int, float, bool]]] = {}
@@ -681,10 +682,13 @@ def _evaluation_pages(pages: dict[str, str], render: _Render, ev: _Evaluation | 
         pages[_query_name(i)] = _page(f"Query {i}: {q['path']}", body)
 
 
+def _threshold(value: float | None) -> str:
+    return "(not calibrated yet)" if value is None else f"{value:.4f}"
+
+
 def _index_page(settings: Settings, n_images: int, pairs: list[dict[str, Any]], n_total: int,
                 n_pages: int, clusters: list[dict[str, Any]], ev: _Evaluation | None,
                 written: Sequence[Path]) -> str:
-    s = settings.search
     n_exact = sum(1 for r in pairs if r["kind"] == "exact")
     size = settings.report.page_size
     capped = (f" The gallery shows the strongest {len(pairs)} of {n_total}; query the "
@@ -699,10 +703,13 @@ def _index_page(settings: Settings, n_images: int, pairs: list[dict[str, Any]], 
     largest = clusters[0]["size"] if clusters else 0
     evaluation = (f'<a href="evaluation.html">Metrics, plots and {len(ev.queries)} queries</a>'
                   if ev else '<a href="evaluation.html">No evaluation</a>')
+    from .calibrate import configured_thresholds
+
+    pair_t, cluster_t = configured_thresholds(settings)
     body = (f"<p>{n_images} images. {len(pairs) - n_exact} near-duplicate pairs with similarity "
-            f"at least {s.pair_threshold:g} and {n_exact} byte-identical copies.{capped} "
+            f"at least {_threshold(pair_t)} and {n_exact} byte-identical copies.{capped} "
             f'<a href="clusters-0001.html">{_n(len(clusters), "cluster")}</a> (similarity at least '
-            f"{s.cluster_threshold:g}; largest {largest}). {evaluation}.</p>"
+            f"{_threshold(cluster_t)}; largest {largest}). {evaluation}.</p>"
             "<p>The likely master of a pair has the higher resolution, else the larger file, else "
             "was seen first. Thumbnails link to the full scans.</p>"
             "<h2>Pairs, strongest first</h2><table><tr><th></th><th>from score</th>"

@@ -93,13 +93,15 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
     """Top-k neighbours of image files (inside or outside the collection)."""
     model, pp, fp, _ = retrieval_model(settings)
     s = open_searcher(settings, fingerprint=fp)
-    files = [os.fsencode(p) for p in paths]
+    results = [QueryResult(query=str(p), error=_unreadable(p)) for p in paths]
+    todo = [i for i, r in enumerate(results) if r.error is None]
+    files = [os.fsencode(paths[i]) for i in todo]
     done, vectors, failed = embed_files(model, files, pp, batch_size=settings.embed.batch_size,
                                         workers=0, device=pick_device(settings.embed.device),
                                         max_pixels=settings.ingest.max_pixels)
-    results = [QueryResult(query=str(p)) for p in paths]
+    done = [todo[i] for i in done]
     for i, why in failed:
-        results[i].error = why
+        results[todo[i]].error = f"cannot be read: {why}"
     manifest = load_manifest(settings).select(["sha256", "path", "status"]).to_pylist()
     by_sha: dict[str, list[str]] = {}
     for r in manifest:
@@ -118,7 +120,32 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
     return results
 
 
+def _unreadable(path: Path) -> str | None:
+    """Why a query file cannot be opened, or None. Only regular files are opened: a FIFO or a
+    device would block the read forever."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not an image file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a pipe, socket or device), so it is not read"
+    return None
+
+
 # --------------------------------------------------------------------------- pairs and clusters
+
+#: Guard rails: a summary warns when the largest cluster holds more than this share of the
+#: collection (and at least CLUSTER_WARN_MIN images), or pairs outnumber images this many times.
+CLUSTER_WARN_SHARE = 0.05
+CLUSTER_WARN_MIN = 20
+PAIRS_PER_IMAGE_WARN = 3.0
+
 
 @dataclass
 class PairsSummary:
@@ -133,15 +160,57 @@ class PairsSummary:
     searched: int = 0  # images whose neighbours were searched by this run
     added: int = 0  # near-duplicate pairs this run found that were not recorded before
     incremental: bool = False  # only images not searched before were searched
+    thresholds: Any = None  # cbir.calibrate.Thresholds used
+    calibration: Any = None  # cbir.calibrate.CalibrateResult when this run calibrated
 
     def lines(self) -> list[str]:
         how = (f"{self.searched} new images searched against the collection" if self.incremental
                else f"all {self.searched} images searched")
-        return [f"pairs: {self.n_near_pairs} near-duplicate pairs and {self.n_exact_pairs} exact "
-                f"duplicates among {self.n_images} images; {self.n_clusters} clusters (largest "
-                f"{self.largest_cluster}); {self.seconds:.1f} s",
-                f"  {how}; {self.added} new pairs",
-                f"  {self.pairs_file}", f"  {self.clusters_file}"]
+        out = list(self.calibration.lines()) if self.calibration is not None else []
+        out += [f"pairs: {self.n_near_pairs} near-duplicate pairs and {self.n_exact_pairs} "
+                f"exact duplicates among {self.n_images} images; {self.n_clusters} clusters "
+                f"(largest {self.largest_cluster}); {self.seconds:.1f} s"]
+        th = self.thresholds
+        if th is not None:
+            expected = ""
+            if th.estimated_precision is not None:
+                expected = (f"; expected precision {th.estimated_precision:.3f}, recall "
+                            f"{th.estimated_recall:.3f} (self-calibration)")
+            out.append(f"  threshold {th.pair:.4f} ({th.source}), clusters at "
+                       f"{th.cluster:.4f}{expected}")
+        out += [f"  {how}; {self.added} new pairs", f"  {self.pairs_file}",
+                f"  {self.clusters_file}"]
+        return out + [f"  warning: {w}" for w in self.warnings()]
+
+    def warnings(self) -> list[str]:
+        """What looks wrong, with its likely cause and the command that fixes it."""
+        out = []
+        th, n = self.thresholds, max(1, self.n_images)
+        fixed = th is not None and th.source == "params"
+        fix = ("set search.pair_threshold: auto (calibrated to search.precision_target) and run "
+               "`cbir calibrate`, then `cbir pairs`" if fixed else
+               "train the model on the collection (`cbir train`, then `cbir embed`, `cbir index`,"
+               " `cbir pairs`), or raise search.cluster_threshold")
+        if self.largest_cluster >= max(CLUSTER_WARN_MIN, CLUSTER_WARN_SHARE * n):
+            out.append(f"the largest cluster holds {self.largest_cluster} of {self.n_images} "
+                       f"images ({self.largest_cluster / n:.0%}): near-duplicate links chain "
+                       f"unrelated images together, so the threshold is too low for this "
+                       f"model; {fix}")
+        if self.n_near_pairs > max(50, PAIRS_PER_IMAGE_WARN * n):
+            out.append(f"{self.n_near_pairs} pairs for {self.n_images} images "
+                       f"({self.n_near_pairs / n:.1f} per image): most are likely false; {fix}")
+        if th is not None and th.estimated_precision is not None \
+                and th.estimated_precision < th.target - 0.05:
+            out.append(f"at threshold {th.pair:.4f} the self-calibration expects only "
+                       f"{th.estimated_precision:.0%} of the pairs to be duplicates (target "
+                       f"{th.target:.0%}); {fix}")
+        if th is not None and not fixed and th.estimated_recall is not None \
+                and th.estimated_recall < 0.5:
+            out.append(f"the calibrated threshold finds only {th.estimated_recall:.0%} of the "
+                       f"held-out test copies: this model tells copies from other images "
+                       f"apart poorly; train it on the collection (`cbir train`, then `cbir "
+                       f"embed`, `cbir index`, `cbir pairs`)")
+        return out
 
 
 def knn_pairs(s: Searcher, k: int, threshold: float, batch: int = 4096,
@@ -219,10 +288,10 @@ def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
             for r in rows if r["status"] == "duplicate" and r["image_id"] in canon]
 
 
-def _search_state(s: Searcher, cfg: Any) -> dict[str, str]:
+def _search_state(s: Searcher, cfg: Any, pair_threshold: float) -> dict[str, str]:
     """What the recorded pairs depend on besides the images: a change means searching all."""
     return {"fingerprint": s.fingerprint, "k": str(cfg.k),
-            "pair_threshold": repr(cfg.pair_threshold)}
+            "pair_threshold": repr(float(pair_threshold))}
 
 
 def _searched_before(out: Path, state: dict[str, str]) -> set[str] | None:
@@ -263,7 +332,8 @@ def _write_if_changed(table: pa.Table, target: Path) -> None:
     write_parquet(table, target)
 
 
-def run_pairs(settings: Settings, *, incremental: bool = False) -> PairsSummary:
+def run_pairs(settings: Settings, *, incremental: bool = False,
+              progress: bool = False) -> PairsSummary:
     """Write every near-duplicate pair and cluster to Parquet and the DuckDB catalogue.
 
     `incremental` (the nightly run): search only the images whose neighbours were never searched
@@ -274,16 +344,16 @@ def run_pairs(settings: Settings, *, incremental: bool = False) -> PairsSummary:
     is searched again. `searched.parquet` lists the searched ids; it is written last, so a run
     killed before it only means searching those images again.
     """
+    from .calibrate import thresholds
+
     t0 = time.perf_counter()
     cfg = settings.search
-    if cfg.cluster_threshold < cfg.pair_threshold:
-        raise CbirError(f"search.cluster_threshold ({cfg.cluster_threshold}) must not be below "
-                        f"search.pair_threshold ({cfg.pair_threshold})")
     s = open_searcher(settings)
+    th, calibration = thresholds(settings, s, progress=progress)
     out = settings.path(settings.data.pairs_dir)
     clean_stale_tmp(out)  # left by a killed run
     clean_stale(settings)
-    state = _search_state(s, cfg)
+    state = _search_state(s, cfg, th.pair)
     before = _searched_before(out, state) if incremental else None
     recorded = _recorded_near_pairs(out)
     if before is None:
@@ -292,7 +362,7 @@ def run_pairs(settings: Settings, *, incremental: bool = False) -> PairsSummary:
         rows = np.array([i for i, x in enumerate(s.image_ids) if x not in before], np.int64)
         pairs = dict(recorded)
     if rows is None or len(rows):
-        for key, (sc, rk) in knn_pairs(s, cfg.k, cfg.pair_threshold, rows=rows).items():
+        for key, (sc, rk) in knn_pairs(s, cfg.k, th.pair, rows=rows).items():
             old = pairs.get(key)
             pairs[key] = (sc, rk) if old is None else (max(old[0], sc), min(old[1], rk))
     present = set(s.image_ids)
@@ -301,7 +371,7 @@ def run_pairs(settings: Settings, *, incremental: bool = False) -> PairsSummary:
              "score": sc, "rank": rk, "kind": "near"}
             for (a, b), (sc, rk) in sorted(pairs.items(), key=lambda kv: (-kv[1][0], kv[0]))]
     exact = exact_duplicate_pairs(settings)
-    clusters = clusters_from_pairs(pairs, cfg.cluster_threshold)
+    clusters = clusters_from_pairs(pairs, th.cluster)
     cluster_rows = [{"cluster_id": cid, "image_id": m, "path": s.path_of.get(m),
                      "size": len(members), "weakest_link": weak}
                     for cid, (members, weak) in enumerate(clusters, start=1) for m in members]
@@ -319,7 +389,8 @@ def run_pairs(settings: Settings, *, incremental: bool = False) -> PairsSummary:
                         seconds=time.perf_counter() - t0, pairs_file=out / PAIRS_FILE,
                         clusters_file=out / CLUSTERS_FILE,
                         searched=len(s.image_ids) if rows is None else len(rows),
-                        added=len(set(pairs) - set(recorded)), incremental=rows is not None)
+                        added=len(set(pairs) - set(recorded)), incremental=rows is not None,
+                        thresholds=th, calibration=calibration)
 
 
 def read_pairs(settings: Settings) -> pa.Table:

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
-import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -54,7 +53,7 @@ from cbir.index import load_index, run_index
 from cbir.ingest import run_ingest
 from cbir.model import CHECKPOINT_FORMAT, retrieval_model, save_checkpoint
 from cbir.search import run_pairs
-from conftest import CBIR, REPO, as_archive_user, photo, save, write_params
+from conftest import CBIR, REPO, as_archive_user, open_catalogue, photo, save, write_params
 from test_ingest import EXPECTED_REASONS, _bad_input_folder
 
 FAST = {
@@ -409,7 +408,7 @@ def test_hostile_file_names_round_trip_through_every_step(tmp_path):
     shown = {display(raw) for raw in HOSTILE_NAMES}
     assert "caf\\xe9 latin-1.jpg" in shown
 
-    con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
+    con = open_catalogue(settings)
     assert {r[0] for r in con.execute("SELECT path FROM images").fetchall()} == shown
     in_pairs = con.execute("SELECT path_a, path_b FROM duplicate_pairs").fetchall()
     con.close()

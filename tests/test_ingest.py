@@ -9,7 +9,6 @@ import signal
 import subprocess
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +18,7 @@ from cbir import ingest
 from cbir.config import load_settings
 from cbir.imaging import hamming, phash
 from cbir.ingest import run_ingest
-from conftest import CBIR, REPO, as_archive_user, photo, save, shared_photos
+from conftest import CBIR, REPO, as_archive_user, open_catalogue, photo, save, shared_photos
 
 
 def manifest(settings) -> list[dict]:
@@ -137,7 +136,7 @@ def test_bad_inputs_are_quarantined_with_reasons_and_the_run_goes_on(workspace, 
     assert set(by_path(settings)) == {"good.jpg"}
     assert summary.counts["quarantined"] == len(EXPECTED_REASONS)
     # the quarantine is visible in the catalogue, and a rerun does not retry unchanged bad files
-    con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
+    con = open_catalogue(settings)
     assert con.execute("SELECT count(*) FROM quarantine").fetchone()[0] == len(EXPECTED_REASONS)
     con.close()
     again = run_ingest(settings)
@@ -242,7 +241,7 @@ def test_exact_duplicates_become_one_canonical_image(workspace):
     assert all(r["duplicate_of"] == "a/orig.jpg" for r in dup_rows)
     # duplicates were recognised by hash, not decoded a second time
     assert summary.decoded < 4
-    con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
+    con = open_catalogue(settings)
     assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 2
     got = con.execute("SELECT path, canonical_path FROM exact_duplicates ORDER BY path").fetchall()
     assert got == [("b_copy.jpg", "a/orig.jpg"), ("c/copy2.jpg", "a/orig.jpg")]
@@ -265,7 +264,7 @@ def test_incremental_runs_add_change_delete(workspace):
     after = manifest(settings)
     assert [{k: v for k, v in r.items() if k != "last_run"} for r in after] == \
            [{k: v for k, v in r.items() if k != "last_run"} for r in before]
-    con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
+    con = open_catalogue(settings)
     assert con.execute("SELECT DISTINCT last_run FROM files").fetchall() == [(2,)]
     con.close()
 

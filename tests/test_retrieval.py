@@ -8,7 +8,6 @@ import signal
 import subprocess
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -22,7 +21,7 @@ from cbir.index import run_index
 from cbir.ingest import run_ingest
 from cbir.model import retrieval_model
 from cbir.search import clusters_from_pairs, open_searcher, query_images
-from conftest import CBIR, REPO, photo, save, write_params
+from conftest import CBIR, REPO, open_catalogue, photo, save, write_params
 
 SMALL = {
     "embed": {"resolution": 64, "batch_size": 16, "shard_size": 16, "workers": 0},
@@ -72,7 +71,7 @@ def test_end_to_end_on_the_demo_collection(tmp_path, demo_root):
     assert nb and all(r["query_path"] != r["neighbor_path"] for r in nb)
     assert max(r["rank"] for r in nb) == 10
 
-    con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
+    con = open_catalogue(settings)
     n_pairs = con.execute("SELECT count(*) FROM duplicate_pairs WHERE kind = 'near'").fetchone()[0]
     assert n_pairs > 0
     assert con.execute("SELECT min(score) FROM duplicate_pairs").fetchone()[0] >= 0.5

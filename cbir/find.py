@@ -1,0 +1,107 @@
+"""One call for the common case: every near-duplicate in a folder of scans.
+
+`find_duplicates(scans)` (the `cbir find-duplicates` command) makes a workspace beside the
+current folder (or reuses the one given, when it is for the same scans), then runs the pipeline
+with its defaults: ingest, train, embed, index, calibrate, pairs, report, and records the result
+with DVC. It is what an imagededup or fastdup user expects from one command; the workspace it
+leaves behind is a normal one (`dvc repro`, `cbir nightly` and the rest work there).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import load_settings
+from .errors import CbirError
+from .workspace import init_workspace
+
+
+@dataclass
+class FindSummary:
+    workspace: Path
+    steps: list[tuple[str, Any]] = field(default_factory=list)  # (step, its summary)
+    gallery: Path | None = None
+    pairs: Path | None = None
+    catalog: Path | None = None
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        return [line for _, s in self.steps for line in s.lines()] + [""] + self.final_lines()
+
+    def final_lines(self) -> list[str]:
+        """Where the results are (after the steps' own summaries)."""
+        pairs = next((s for name, s in self.steps if name == "pairs"), None)
+        out = [f"find-duplicates: done in {self.seconds / 60:.1f} min; workspace "
+                    f"{self.workspace}"]
+        if pairs is not None:
+            out.append(f"  {pairs.n_near_pairs} near-duplicate pairs, {pairs.n_exact_pairs} "
+                       f"exact copies, {pairs.n_clusters} clusters")
+        out += [f"  gallery     {self.gallery} (open it in a browser)",
+                f"  pair table  {self.pairs}",
+                f"  catalogue   {self.catalog}   e.g. cd {self.workspace} && cbir sql "
+                f"\"SELECT path_a, path_b, score, master_path FROM pair_report ORDER BY score "
+                f"DESC LIMIT 20\""]
+        return out
+
+
+def default_workspace(scans: Path) -> Path:
+    """`<scans folder name>-cbir` in the current folder."""
+    return Path.cwd() / f"{Path(os.path.realpath(scans)).name or 'scans'}-cbir"
+
+
+def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                    *, train: bool = True, progress: bool = False,
+                    log: Callable[[str], None] = print) -> FindSummary:
+    """init (or reuse) a workspace for `scans`, then run every step in it with the defaults."""
+    from .calibrate import run_calibrate
+    from .embed import run_embed
+    from .index import run_index
+    from .ingest import run_ingest
+    from .lock import writer_lock
+    from .nightly import record_with_dvc
+    from .report import run_report
+    from .search import run_pairs
+    from .train import run_train
+
+    t0 = time.perf_counter()
+    scans_path = Path(os.path.realpath(Path(scans).expanduser()))
+    folder = Path(out).expanduser() if out else default_workspace(scans_path)
+    params = folder / "params.yaml"
+    if params.exists():
+        settings = load_settings(params)
+        have = Path(os.path.realpath(settings.path(settings.data.scans_dir)))
+        if have != scans_path:
+            raise CbirError(f"{folder} is the workspace of other scans ({have}); choose another "
+                            f"--out")
+        log(f"find-duplicates: reusing the workspace {folder} (only new work is done)")
+    else:
+        for line in init_workspace(folder, scans_path).lines():
+            log(line)
+        settings = load_settings(params)
+    result = FindSummary(workspace=folder)
+
+    def step(name: str, summary: Any) -> None:
+        result.steps.append((name, summary))
+        for line in summary.lines():
+            log(line)
+
+    with writer_lock(settings, f"cbir find-duplicates {scans_path}"):
+        step("ingest", run_ingest(settings, progress=progress))
+        if train:
+            step("train", run_train(settings, resume=True, progress=progress, log=log))
+        step("embed", run_embed(settings, progress=progress))
+        step("index", run_index(settings))
+        step("calibrate", run_calibrate(settings, progress=progress))
+        step("pairs", run_pairs(settings, progress=progress))
+        step("report", run_report(settings, progress=progress))
+        step("dvc", record_with_dvc(settings, push=False))
+    result.gallery = settings.path(settings.data.reports_dir) / "gallery" / "index.html"
+    result.pairs = settings.path(settings.data.pairs_dir) / "pairs.parquet"
+    result.catalog = settings.path(settings.data.catalog)
+    result.seconds = time.perf_counter() - t0
+    return result
