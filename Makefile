@@ -18,16 +18,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The repository is itself a cbir workspace (params.yaml, dvc.yaml), on the demo collection:
+# `cbir demo-data` writes the scans (outside data/, like an archive's), `dvc repro` does the rest.
 demo: install
+	$(BIN)/cbir demo-data demo
 	dvc repro
 	@echo
 	@cat data/reports/metrics.md
 	@echo
-	@echo "Results of the demo run (all under data/):"
-	@echo "  demo collection  data/demo/scans, ground truth data/demo/ground_truth.csv"
+	@echo "Results of the demo run:"
+	@echo "  demo collection  demo/scans, ground truth demo/ground_truth.csv"
 	@echo "  manifest         data/manifest/files.parquet"
 	@echo "  embeddings       data/embeddings/<model fingerprint>/shard-*.parquet"
 	@echo "  index            data/index/index.faiss (+ index.json)"
+	@echo "  threshold        data/reports/calibration.json (calibrated for search.precision_target)"
 	@echo "  pairs, clusters  data/pairs/pairs.parquet, data/pairs/clusters.parquet"
 	@echo "  evaluation       data/reports/metrics.json, metrics.md, neighbors.parquet"
 	@echo "  review gallery   data/reports/gallery/index.html (open it in a browser)"

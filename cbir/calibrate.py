@@ -146,7 +146,7 @@ def _self_estimate(settings: Settings, searcher: Any, target: float, *,
                                failed=failed)
     rows = np.sort(np.random.default_rng([cfg.seed, 1]).choice(n, size=min(n, cfg.images),
                                                               replace=False))
-    depth = selfcal.TAIL_RANKS[1]
+    depth = selfcal.ANCHORS[1]
     neighbours = _neighbour_scores(searcher, rows, max(depth, k))
     curve = selfcal.estimate(neighbours, k, scores, found)
     i = curve.choose(target)

@@ -265,8 +265,9 @@ def _format_table(cols: list[str], rows: list[tuple]) -> str:
 def _cell(value: object) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"  # a FLOAT column read as double would show 0.9980000257492065
+    if isinstance(value, float):  # 6 digits: a FLOAT read as a double shows 0.9980000257492065
+        text = f"{value:.6g}"
+        return text if any(c in text for c in ".en") else text + ".0"
     return str(value)
 
 

@@ -134,7 +134,7 @@ def lens(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 def shake(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Motion blur along one direction (a hand-held re-photograph)."""
     a = _arr(img)
-    length = max(2, round(max(img.size) * rng.uniform(0.006, 0.015)))
+    length = max(3, round(max(img.size) * rng.uniform(0.006, 0.015)))
     angle = rng.uniform(0, math.pi)
     dx, dy = math.cos(angle), math.sin(angle)
     out = np.zeros_like(a)

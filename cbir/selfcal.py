@@ -2,70 +2,115 @@
 
 `cbir pairs` keeps a pair (a, b) when b is among a's `k` nearest neighbours (or a among b's)
 with cosine similarity >= t. Its precision at t is the share of those neighbour links that join
-duplicates. Without labels we cannot tell them apart one by one, but we can estimate how many
-of them are false:
+duplicates. Without labels no single link can be told true or false, but their mixture can be
+taken apart (a two-component mixture, fitted by EM, and the "local false discovery rate" it
+gives each link):
 
-* **Non-duplicates**: an image's neighbour scores, ranked, fall smoothly with the rank once its
-  duplicates (a handful at most) are behind: the top of a similarity distribution has an
-  exponential-type tail, so the j-th best non-duplicate score is about a - b*log(j). Fitting a
-  and b per image on the ranks `TAIL_RANKS` (beyond any usual group of copies) and reading the
-  line back at ranks 1, 2, ... gives the number of non-duplicate neighbours the image is expected
-  to have above t: E(t) = exp((a - t) / b). The fit leans on ranks where the tail is steeper
-  than at the top, so it over-estimates the false links a little: the threshold errs on the
-  side of precision.
-* **Precision** at t: 1 - sum(min(E_i(t), O_i(t))) / sum(O_i(t)), over sampled images i, where
-  O_i(t) counts i's observed top-k links scoring >= t. Duplicates need no model: they are what
-  the observed links hold beyond the expected false ones, so their number may be anything.
-* **Recall** at t: the share of held-out synthetic copies (`cbir.heldout`, processes the
-  training never saw) that score >= t with their original and find it among their k nearest
-  neighbours.
+* **Duplicates** score like held-out synthetic copies of the collection's own images
+  (`cbir.heldout`, made by processes the training never saw) score against their originals: a
+  kernel density of those scores, held at its peak above it (a copy closer to its original than
+  the typical test copy is no less a duplicate).
+* **Non-duplicates** depend on where an image lives: a portrait among hundreds of portraits has
+  closer strangers than a unique scene. Each image's neighbours at ranks `ANCHORS` (past any usual
+  group of copies) are taken as strangers; they set its level A (the score at the first anchor
+  rank) and spread W (down to the last). A stranger at rank j < the first anchor scores
+  A + W*u with u ~ Normal(mu_j, sigma_j), the same for every image, learnt by EM together with the
+  share of duplicates at each rank.
+* **Precision** at t: the mean posterior probability of being a duplicate over the top-k links
+  scoring >= t. **Recall** at t: the share of held-out copies that score >= t and find their
+  original among their k nearest neighbours.
 
-The threshold is the lowest t at which the estimated precision, and the precision at every
-higher t, reaches the target: the most recall the target allows.
+The threshold is the lowest t at which the estimated precision, and that at every higher t,
+reaches the target: the most recall the target allows. Links at anchor ranks count as
+non-duplicates, so groups of more than ANCHORS[0] - 1 copies of one photograph make the estimate
+err on the side of precision.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-#: Neighbour ranks (1-based) the non-duplicate tail is fitted on: past a group of copies.
-TAIL_RANKS = (6, 40)
+#: Neighbour ranks (1-based) taken as non-duplicates: they fix each image's level and spread.
+ANCHORS = (6, 40)
+#: Fewer present images than this: too few neighbours to see how non-duplicates score.
+MIN_IMAGES = ANCHORS[1] + 2
 GRID_STEP = 1e-4
-#: Fewer present images than this: no tail can be fitted (too few neighbours).
-MIN_IMAGES = TAIL_RANKS[1] + 2
+_EM_ITERATIONS = 60
+_MIN_SIGMA = 0.02  # in units of an image's spread
 
 
 @dataclass(frozen=True)
-class Tails:
-    """Per sampled image, its non-duplicate tail: expected links above t = exp((a - t) / b)."""
+class Mixture:
+    """The fitted mixture: per top-k link, the posterior probability that it joins duplicates."""
 
-    a: np.ndarray
-    b: np.ndarray
-
-    def expected_above(self, t: float, k: int) -> np.ndarray:
-        """Expected non-duplicate links >= t per image, among its top k."""
-        with np.errstate(over="ignore"):
-            return np.minimum(np.exp((self.a - t) / self.b), float(k))
+    posterior: np.ndarray  # [images, k]
+    mu: np.ndarray  # per rank below the anchors: mean of a stranger's standardised score
+    sigma: np.ndarray
+    prior: np.ndarray  # per rank: share of links that join duplicates
 
 
-def fit_tails(scores: np.ndarray, ranks: tuple[int, int] = TAIL_RANKS) -> Tails:
-    """Least-squares fit of score ~ a - b*log(rank) on `ranks` of each row of `scores`.
+def _duplicate_density(copy_scores: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(scores, bandwidth, peak density) of the copies' kernel density."""
+    cs = copy_scores[np.isfinite(copy_scores)].astype(np.float64)
+    bw = max(1.06 * float(np.std(cs)) * len(cs) ** -0.2, 1e-3) if len(cs) > 1 else 0.01
+    grid = np.linspace(float(cs.min()) - 3 * bw, 1.0, 512)
+    dens = _kde(grid, cs, bw)
+    i = int(np.argmax(dens))
+    return cs, bw, float(grid[i]) if dens[i] > 0 else 1.0
 
-    `scores`: [images, depth] neighbour scores in descending order, the image itself left out
-    (depth >= ranks[1]).
+
+def _kde(x: np.ndarray, points: np.ndarray, bw: float, chunk: int = 4096) -> np.ndarray:
+    flat = np.asarray(x, np.float64).ravel()
+    out = np.empty(flat.shape)
+    for s in range(0, len(flat), chunk):
+        d = (flat[s:s + chunk, None] - points[None, :]) / bw
+        out[s:s + chunk] = np.exp(-0.5 * d * d).sum(axis=1)
+    return (out / (len(points) * bw * math.sqrt(2 * math.pi))).reshape(np.shape(x))
+
+
+def fit_mixture(scores: np.ndarray, k: int, copy_scores: np.ndarray,
+                anchors: tuple[int, int] = ANCHORS) -> Mixture:
+    """EM fit of duplicates vs strangers over each image's top-k links.
+
+    `scores`: [images, depth >= anchors[1]] neighbour scores, best first, the image itself left
+    out. `copy_scores`: held-out copies' similarities to their originals (the duplicates' shape).
     """
-    lo, hi = ranks
-    if scores.shape[1] < hi:
-        raise ValueError(f"need {hi} neighbours per image, got {scores.shape[1]}")
-    x = np.log(np.arange(lo, hi + 1, dtype=np.float64))
-    y = scores[:, lo - 1:hi].astype(np.float64)
-    xc = x - x.mean()
-    b = -(y - y.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)
-    b = np.maximum(b, 1e-4)  # a flat tail (identical scores): a steep, tiny exponential
-    a = y.mean(axis=1) + b * x.mean()
-    return Tails(a=a, b=b)
+    lo, hi = anchors
+    if scores.shape[1] < max(hi, k):
+        raise ValueError(f"need {max(hi, k)} neighbours per image, got {scores.shape[1]}")
+    if not len(copy_scores):
+        raise ValueError("no held-out copies to tell how duplicates score")
+    top = scores[:, :k].astype(np.float64)
+    level = scores[:, lo - 1].astype(np.float64)
+    spread = np.maximum(level - scores[:, hi - 1], 1e-4)
+    u = (top - level[:, None]) / spread[:, None]
+    cs, bw, peak = _duplicate_density(copy_scores)
+    dup = np.where(top >= peak, float(_kde(np.array([peak]), cs, bw)[0]), _kde(top, cs, bw))
+    m = lo - 1  # ranks below the anchors: duplicates or strangers
+    mu = np.median(u[:, :m], axis=0)
+    sigma = np.maximum(1.4826 * np.median(np.abs(u[:, :m] - mu), axis=0), _MIN_SIGMA)
+    prior = np.full(m, 0.5)
+    post = np.zeros_like(top)
+    for _ in range(_EM_ITERATIONS):
+        z = (u[:, :m] - mu) / sigma
+        stranger = np.exp(-0.5 * z * z) / (sigma * math.sqrt(2 * math.pi) * spread[:, None])
+        num = prior * dup[:, :m]
+        den = num + (1 - prior) * stranger
+        post[:, :m] = np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
+        w = 1.0 - post[:, :m]
+        total = np.maximum(w.sum(axis=0), 1e-9)
+        mu_new = (w * u[:, :m]).sum(axis=0) / total
+        sigma = np.maximum(np.sqrt((w * (u[:, :m] - mu_new) ** 2).sum(axis=0) / total),
+                           _MIN_SIGMA)
+        done = np.allclose(mu_new, mu, atol=1e-6)
+        mu = mu_new
+        prior = np.clip(post[:, :m].mean(axis=0), 1e-4, 0.999)
+        if done:
+            break
+    return Mixture(posterior=post, mu=mu, sigma=sigma, prior=prior)
 
 
 @dataclass(frozen=True)
@@ -94,29 +139,29 @@ class Curve:
 
 
 def estimate(scores: np.ndarray, k: int, copy_scores: np.ndarray, copy_found: np.ndarray,
-             tails: Tails | None = None) -> Curve:
-    """The estimated precision/recall curve.
+             ) -> Curve:
+    """The estimated precision/recall curve of `cbir pairs` over thresholds.
 
-    scores: [images, depth >= k] sampled images' neighbour scores (descending, self left out).
-    copy_scores: each held-out copy's similarity to its original; copy_found: whether the
-    original is among the copy's k nearest neighbours.
+    scores: [images, depth >= ANCHORS[1]] sampled images' neighbour scores (best first, self
+    left out). copy_scores: each held-out copy's similarity to its original; copy_found: whether
+    the original is among the copy's k nearest neighbours.
     """
-    tails = tails if tails is not None else fit_tails(scores)
-    top = scores[:, :k]
-    values = np.concatenate([top.ravel(), copy_scores]).astype(np.float64)
+    mix = fit_mixture(scores, k, copy_scores)
+    top = scores[:, :k].astype(np.float64)
+    order = np.argsort(-top, axis=None, kind="stable")
+    flat, post = top.ravel()[order], mix.posterior.ravel()[order]
+    values = np.concatenate([flat, copy_scores]).astype(np.float64)
     # a grid of GRID_STEP: finer than any threshold worth telling apart, and bounded in size
     grid = np.unique(np.floor(values[np.isfinite(values)] / GRID_STEP) * GRID_STEP)[::-1]
-    hits = copy_scores[copy_found]
-    n_copies = max(1, len(copy_scores))
-    prec, rec, links, false = (np.empty(len(grid)) for _ in range(4))
-    for i, t in enumerate(grid):
-        observed = (top >= t).sum(axis=1)
-        expected = np.minimum(tails.expected_above(float(t), k), observed)
-        total = observed.sum()
-        prec[i] = 1.0 - expected.sum() / total if total else 1.0
-        rec[i] = (hits >= t).sum() / n_copies
-        links[i], false[i] = observed.mean(), expected.mean()
-    return Curve(thresholds=grid, precision=prec, recall=rec, links=links, false_links=false)
+    n_links = np.searchsorted(-flat, -grid, side="right")  # links scoring >= each t
+    dup_links = np.concatenate([[0.0], np.cumsum(post)])[n_links]
+    hits = np.sort(copy_scores[copy_found])[::-1]
+    n_hits = np.searchsorted(-hits, -grid, side="right")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(n_links > 0, dup_links / np.maximum(n_links, 1), 1.0)
+    n = max(1, len(scores))
+    return Curve(thresholds=grid, precision=prec, recall=n_hits / max(1, len(copy_scores)),
+                 links=n_links / n, false_links=(n_links - dup_links) / n)
 
 
 def recall_quantile_threshold(copy_scores: np.ndarray, recall: float) -> float:

@@ -271,3 +271,7 @@ def _dvc(folder: Path, created: bool, summary: InitSummary) -> None:
     else:
         summary.notes.append(f"inside the git repository {root}: commit the workspace files "
                              f"(git add, git commit) before `dvc exp run`")
+
+
+if __name__ == "__main__":  # `python -m cbir.workspace SCANS [LABELS] > params.yaml`
+    print(render_params(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None), end="")

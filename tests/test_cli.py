@@ -1,0 +1,142 @@
+"""What a new user meets at the command line: help, versions, errors, SQL output, queries."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cbir import catalog
+from cbir.cli import DETAILS, build_parser
+from cbir.config import load_settings
+from cbir.embed import run_embed
+from cbir.index import run_index
+from cbir.ingest import run_ingest
+from cbir.search import run_pairs
+from conftest import CBIR, photo, save, write_params
+
+SMALL = {"ingest": {"workers": 2},
+         "embed": {"resolution": 64, "batch_size": 16, "shard_size": 16, "workers": 0},
+         "search": {"k": 3, "pair_threshold": 0.5, "cluster_threshold": 0.9}}
+
+
+def cbir(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CBIR, *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """Six photographs, one rescan and a byte-identical copy: ingested, embedded, paired."""
+    root = tmp_path_factory.mktemp("cli")
+    scans = root / "scans"
+    for i in range(6):
+        save(photo(i, (120, 90)), scans / f"box-b/p{i}.jpg")
+    save(photo(0, (120, 90)).resize((100, 75)), scans / "box-b/p0-rescan.jpg")
+    # a byte-identical copy whose path sorts first but which was modified later: the canonical
+    # file and the likely master must still be the same file
+    (scans / "a-copies").mkdir()
+    shutil.copy(scans / "box-b/p1.jpg", scans / "a-copies/p1.jpg")
+    t = (scans / "box-b/p1.jpg").stat().st_mtime
+    os.utime(scans / "a-copies/p1.jpg", (t + 120, t + 120))
+    settings = load_settings(write_params(root, {"data": {"scans_dir": "scans",
+                                                          "ground_truth": None}, **SMALL}))
+    for step in (run_ingest, run_embed, run_index, run_pairs):
+        step(settings)
+    return root
+
+
+def test_every_subcommand_describes_itself_with_an_example():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert name in DETAILS, name
+        assert DETAILS[name][0].split()[0] in text and "example:" in text, name
+    out = cbir("--version")
+    assert out.returncode == 0 and out.stdout.startswith("cbir ")
+    assert "cbir init" in cbir("--help").stdout
+
+
+def test_query_of_a_missing_or_odd_file_fails_clearly(built, tmp_path):
+    params = str(built / "params.yaml")
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it to read would block forever
+    good = str(built / "scans" / "box-b" / "p2.jpg")
+    out = cbir("query", str(tmp_path / "nothere.jpg"), str(tmp_path / "pipe.jpg"), good,
+               "--params", params)
+    assert out.returncode == 2
+    assert "not found" in out.stdout and "damaged" not in out.stdout
+    assert "not a regular file" in out.stdout
+    assert "box-b/p2.jpg" in out.stdout.split(good)[-1]  # the good one still answered
+    assert "2 of 3 images could not be queried" in out.stderr
+    out = cbir("query", good, "--k", "-5", "--params", params)
+    assert out.returncode == 2 and "--k must be at least 1" in out.stderr
+
+
+def test_the_canonical_copy_is_the_likely_master(built):
+    settings = load_settings(built / "params.yaml")
+    cols, rows = catalog.query(settings, "SELECT path FROM images WHERE path LIKE '%p1.jpg'")
+    assert rows == [("box-b/p1.jpg",)]  # seen first: the older file, not the first path
+    cols, rows = catalog.query(settings, "SELECT path_a, path_b, master_path, master_reason "
+                                         "FROM pair_report WHERE kind = 'exact'")
+    assert rows == [("box-b/p1.jpg", "a-copies/p1.jpg", "box-b/p1.jpg", "earlier")]
+
+
+def test_sql_limits_rows_and_speaks_csv_and_json(built):
+    params = str(built / "params.yaml")
+    sql = "SELECT path, width FROM images ORDER BY path"
+    out = cbir("sql", sql, "--limit", "2", "--params", params)
+    assert out.returncode == 0
+    assert "(2 rows)" in out.stdout and "5 more rows not shown" in out.stdout
+    out = cbir("sql", sql, "--format", "csv", "--params", params)
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert len(rows) == 7 and rows[0]["path"] == "box-b/p0-rescan.jpg" and out.stderr == ""
+    out = cbir("sql", sql, "--format", "json", "--limit", "1", "--params", params)
+    assert json.loads(out.stdout) == [{"path": "box-b/p0-rescan.jpg", "width": 100}]
+    assert "6 more rows" in out.stderr
+    out = cbir("sql", "SELECT round(score, 3) AS score FROM duplicate_pairs WHERE kind = 'exact'",
+               "--params", params)
+    assert out.stdout.splitlines()[2].strip() == "1.0"
+    out = cbir("sql", "SELECT round(max(score), 3) AS s FROM duplicate_pairs WHERE kind = 'near'",
+               "--format", "json", "--params", params)
+    value = json.loads(out.stdout)[0]["s"]
+    assert value == round(value, 3)  # not 0.9980000257492065
+
+
+def test_params_errors_say_where_and_suggest(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  scans_dir: x\n search:\n  k: 3\n")
+    out = cbir("ingest", "--params", str(bad))
+    assert out.returncode == 2 and "line 3, column 2" in out.stderr
+    bad.write_text("data:\n  scan_dir: x\nsearch:\n  pair_treshold: 0.5\n")
+    out = cbir("ingest", "--params", str(bad))
+    assert "data.scan_dir: unknown key; did you mean data.scans_dir?" in out.stderr
+    assert "did you mean search.pair_threshold?" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_moved_workspace_reads_its_own_files(built, tmp_path):
+    """The catalogue's views name their files relative to the workspace: a moved copy reads
+    itself, not the folder it came from."""
+    moved = tmp_path / "moved"
+    shutil.copytree(built, moved)
+    (built / "data" / "pairs" / "pairs.parquet").rename(built / "data" / "pairs" / "gone")
+    try:
+        out = cbir("sql", "SELECT count(*) AS n FROM duplicate_pairs", "--format", "json",
+                   "--params", str(moved / "params.yaml"))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)[0]["n"] >= 1
+        con = __import__("duckdb").connect(str(moved / "data" / "catalog.duckdb"),
+                                           read_only=True)
+        os.chdir(moved)  # a user's own script, run in the workspace
+        try:
+            assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 7
+        finally:
+            os.chdir(tmp_path)
+    finally:
+        (built / "data" / "pairs" / "gone").rename(built / "data" / "pairs" / "pairs.parquet")

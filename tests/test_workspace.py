@@ -1,0 +1,157 @@
+"""`cbir init`: archive workspaces, their params and pipeline, and what init refuses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cbir.config import Settings, load_settings
+from cbir.errors import CbirError
+from cbir.workspace import init_workspace, render_params, template
+from conftest import CBIR, REPO, photo, save
+
+
+def _scans(root: Path, n: int = 3) -> Path:
+    scans = root / "scans"
+    for i in range(n):
+        save(photo(i), scans / f"box-1/p{i}.jpg")
+    return scans
+
+
+def _git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_init_makes_a_self_contained_workspace(tmp_path):
+    scans = _scans(tmp_path)
+    before = sorted(p.stat().st_mtime_ns for p in scans.rglob("*"))
+    summary = init_workspace(tmp_path / "ws", scans)
+    ws = tmp_path / "ws"
+    for name in ("params.yaml", "dvc.yaml", "README.md", "labels.csv", ".gitignore", ".dvc"):
+        assert (ws / name).exists(), name
+    settings = load_settings(ws / "params.yaml")
+    assert settings.path(settings.data.scans_dir) == scans.resolve()
+    assert settings.path(settings.data.ground_truth) == ws / "labels.csv"
+    assert (ws / "labels.csv").read_text() == "path,group\n"  # nothing labelled yet
+    assert settings.search.pair_threshold == "auto"
+    # git: a new repository with the workspace committed (dvc exp run needs a commit)
+    assert _git(ws, "log", "--oneline").count("\n") == 1
+    assert _git(ws, "status", "--porcelain") == ""
+    assert _git(ws, "check-ignore", "data/manifest").strip() == "data/manifest"
+    assert "analytics = false" in (ws / ".dvc" / "config").read_text()  # nothing sent out
+    assert (ws / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()
+    assert str(scans.resolve()) in (ws / "README.md").read_text()
+    assert sorted(p.stat().st_mtime_ns for p in scans.rglob("*")) == before  # scans untouched
+    assert any("dvc repro" in line for line in summary.lines())
+
+
+def test_init_refuses_overlaps_and_existing_workspaces_with_one_line(tmp_path):
+    scans = _scans(tmp_path)
+    cases = [
+        (["init", str(scans / "ws"), "--scans", str(scans)], "inside the scans folder"),
+        (["init", str(tmp_path), "--scans", str(tmp_path / "data" / "s")], "scans folder not"),
+        (["init", str(tmp_path / "nope"), "--scans", str(tmp_path / "missing")], "not found"),
+        (["init", str(tmp_path / "w"), "--scans", "/"], "root of the file system"),
+    ]
+    (tmp_path / "data" / "s").mkdir(parents=True)
+    cases[1] = (cases[1][0], "inside the workspace's data folder")
+    for args, message in cases:
+        out = subprocess.run([*CBIR, *args], capture_output=True, text=True)
+        assert out.returncode == 2, (args, out.stderr)
+        assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "Traceback" not in out.stderr
+    assert not (scans / "ws").exists() and not (tmp_path / "params.yaml").exists()
+
+    init_workspace(tmp_path / "ws", scans)
+    with pytest.raises(CbirError, match="already holds a workspace.*--force"):
+        init_workspace(tmp_path / "ws", scans)
+
+
+def test_force_keeps_the_data_and_the_users_params(tmp_path):
+    scans = _scans(tmp_path)
+    ws = tmp_path / "ws"
+    init_workspace(ws, scans)
+    text = (ws / "params.yaml").read_text().replace("  k: 10 ", "  k: 7  ")
+    (ws / "params.yaml").write_text(text + "# my note\n")
+    (ws / "data" / "manifest").mkdir(parents=True)
+    (ws / "data" / "manifest" / "files.parquet").write_bytes(b"kept")
+    (ws / "dvc.yaml").write_text((ws / "dvc.yaml").read_text() + "# edited\n")
+    other = tmp_path / "other-scans"
+    other.mkdir()
+    gt = tmp_path / "gt.csv"
+    gt.write_text("path,group\n")
+    summary = init_workspace(ws, other, gt, force=True)
+    settings = load_settings(ws / "params.yaml")
+    assert settings.search.k == 7 and "# my note" in (ws / "params.yaml").read_text()
+    assert settings.path(settings.data.scans_dir) == other.resolve()
+    assert settings.path(settings.data.ground_truth) == gt.resolve()
+    assert (ws / "data" / "manifest" / "files.parquet").read_bytes() == b"kept"
+    assert (ws / "dvc.yaml").read_text() == template("dvc.yaml")
+    assert (ws / "dvc.yaml.before-init").read_text().endswith("# edited\n")  # never lost
+    assert any("before-init" in line for line in summary.lines())
+
+
+def test_a_workspace_inside_an_existing_git_repository(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    scans = _scans(tmp_path)
+    summary = init_workspace(repo / "archive", scans)
+    ws = repo / "archive"
+    assert (ws / ".dvc").is_dir() and not (ws / ".git").exists()
+    dvc_root = subprocess.run([sys.executable, "-m", "dvc", "root"], cwd=ws,
+                              capture_output=True, text=True)
+    assert dvc_root.stdout.strip() == ".", dvc_root.stderr  # a DVC project of its own
+    assert _git(repo, "log", "--oneline", "--all") == ""  # the user's repository: no commit
+    assert any("commit the workspace files" in line for line in summary.lines())
+    # a README that is not cbir's is left alone
+    (repo / "other").mkdir()
+    (repo / "other" / "README.md").write_text("mine\n")
+    init_workspace(repo / "other", scans)
+    assert (repo / "other" / "README.md").read_text() == "mine\n"
+
+
+def test_rendered_params_hold_every_default_and_load_as_settings(tmp_path):
+    text = render_params("/mnt/scans", "labels.csv")
+    raw = yaml.safe_load(text)
+    (tmp_path / "params.yaml").write_text(text)
+    loaded = load_settings(tmp_path / "params.yaml")
+    defaults = Settings(root=tmp_path, params_path=tmp_path / "params.yaml",
+                        data={"scans_dir": "/mnt/scans", "ground_truth": "labels.csv"})
+    assert loaded == defaults
+    assert "demo" not in raw  # only for `cbir demo-data`
+    for section, fields in raw.items():
+        model = type(getattr(defaults, section))
+        assert set(fields) == set(model.model_fields), section  # every key is shown
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_the_repository_is_the_workspace_of_the_demo_collection():
+    """One definition: the repository's params.yaml is what `cbir init` writes for the demo
+    collection, and its dvc.yaml is the pipeline init copies into every workspace."""
+    want = render_params("demo/scans", "demo/ground_truth.csv")
+    assert (REPO / "params.yaml").read_text() == want, (
+        "params.yaml differs from the rendered defaults; regenerate it with "
+        "`python -m cbir.workspace demo/scans demo/ground_truth.csv > params.yaml`")
+    assert template("dvc.yaml") == (REPO / "dvc.yaml").read_text()
+    assert Path(REPO / "cbir" / "templates" / "dvc.yaml").is_symlink()
+
+
+def test_cli_init_prints_what_it_did(tmp_path):
+    scans = _scans(tmp_path)
+    out = subprocess.run([*CBIR, "init", str(tmp_path / "ws"), "--scans", str(scans)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "workspace" in out.stdout and "next: cd" in out.stdout
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    stages = subprocess.run([sys.executable, "-m", "dvc", "stage", "list"], cwd=tmp_path / "ws",
+                            capture_output=True, text=True, env=env)
+    names = [line.split()[0] for line in stages.stdout.splitlines() if line.strip()]
+    assert names == ["ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate",
+                     "report"], stages.stderr
