@@ -60,6 +60,7 @@ def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] |
     """init (or reuse) a workspace for `scans`, then run every step in it with the defaults."""
     from .calibrate import run_calibrate
     from .embed import run_embed
+    from .evaluate import run_evaluate
     from .index import run_index
     from .ingest import run_ingest
     from .lock import writer_lock
@@ -98,8 +99,14 @@ def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] |
         step("index", run_index(settings))
         step("calibrate", run_calibrate(settings, progress=progress))
         step("pairs", run_pairs(settings, progress=progress))
+        if settings.data.ground_truth is not None:  # labels.csv: empty until someone labels
+            step("evaluate", run_evaluate(settings, progress=progress))
         step("report", run_report(settings, progress=progress))
-        step("dvc", record_with_dvc(settings, push=False))
+        if train:  # every stage of dvc.yaml ran: DVC can record them as `dvc repro` would
+            step("dvc", record_with_dvc(settings, push=False))
+        else:
+            log("dvc: not recorded (no trained model yet); `dvc repro` in the workspace trains "
+                "and records every stage")
     result.gallery = settings.path(settings.data.reports_dir) / "gallery" / "index.html"
     result.pairs = settings.path(settings.data.pairs_dir) / "pairs.parquet"
     result.catalog = settings.path(settings.data.catalog)

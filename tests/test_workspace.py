@@ -155,3 +155,30 @@ def test_cli_init_prints_what_it_did(tmp_path):
     names = [line.split()[0] for line in stages.stdout.splitlines() if line.strip()]
     assert names == ["ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate",
                      "report"], stages.stderr
+
+
+def test_find_duplicates_in_one_command(tmp_path):
+    scans = _scans(tmp_path, 4)
+    save(photo(0).resize((80, 53)), scans / "box-2/p0-rescan.jpg")
+    (scans / "box-2" / "p1-copy.jpg").write_bytes((scans / "box-1" / "p1.jpg").read_bytes())
+    out = subprocess.run([*CBIR, "find-duplicates", str(scans), "--no-train"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ws = tmp_path / "scans-cbir"  # beside the current folder, named after the scans
+    tail = out.stdout[out.stdout.index("find-duplicates: done"):]
+    for line in ("gallery", "pair table", "catalogue"):
+        assert line in tail
+    assert (ws / "data" / "reports" / "gallery" / "index.html").is_file()
+    assert str(ws / "data" / "pairs" / "pairs.parquet") in tail
+    assert "1 exact copies" in tail
+    settings = load_settings(ws / "params.yaml")
+    assert settings.path(settings.data.scans_dir) == scans.resolve()
+    again = subprocess.run([*CBIR, "find-duplicates", str(scans), "--no-train", "--out",
+                            str(ws)], capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0 and "reusing the workspace" in again.stdout
+    assert "0 new, 0 changed" in again.stdout  # nothing decoded twice
+    other = tmp_path / "other"
+    other.mkdir()
+    refused = subprocess.run([*CBIR, "find-duplicates", str(other), "--out", str(ws)],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "workspace of other scans" in refused.stderr

@@ -1,0 +1,138 @@
+"""`cbir calibrate` and the `auto` pair threshold: self-calibrated without ground truth, from the
+ground truth where there is one, and the guard rails in the pairs summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cbir.calibrate import CALIBRATION, SELF, GROUND_TRUTH, is_current, recorded, run_calibrate
+from cbir.config import load_settings
+from cbir.demo import generate_demo_collection
+from cbir.embed import run_embed
+from cbir.index import run_index
+from cbir.ingest import run_ingest
+from cbir.search import PairsSummary, run_pairs
+from conftest import CBIR, photo, save, write_params
+
+SMALL = {"ingest": {"workers": 2},
+         "embed": {"resolution": 64, "scales": [1.0], "batch_size": 32, "workers": 0},
+         "calibrate": {"copies": 40},
+         "evaluate": {"ks": [1, 3], "baselines": False}}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """A small demo collection (enough images for the neighbour model), embedded and indexed
+    with the untrained backbone; tests work in copies of its params (same data folder)."""
+    root = tmp_path_factory.mktemp("calibrate")
+    generate_demo_collection(root / "demo", n_groups=15, n_distractors=30, max_copies=3,
+                             size=96, seed=4)
+    settings = load_settings(write_params(root, {
+        "data": {"scans_dir": "demo/scans", "ground_truth": None}, **SMALL}))
+    for step in (run_ingest, run_embed, run_index):
+        step(settings)
+    return root
+
+
+def _settings(root: Path, name: str, **sections):
+    params = {"data": {"scans_dir": "demo/scans", "ground_truth": None}, **SMALL}
+    for key, value in sections.items():
+        params[key] = {**params.get(key, {}), **value}
+    path = root / name
+    path.write_text(__import__("yaml").safe_dump(params))
+    return load_settings(path)
+
+
+def test_without_ground_truth_the_threshold_calibrates_itself(demo):
+    settings = _settings(demo, "params.yaml")
+    result = run_calibrate(settings)
+    est = result.self_calibration
+    assert result.ground_truth is None and result.source == SELF
+    assert est.threshold is not None and 0.0 < est.threshold <= 1.0
+    assert est.precision >= 0.95 and 0.0 <= est.recall <= 1.0
+    assert result.pair_threshold == est.threshold == result.cluster_threshold
+    figures = json.loads((settings.path(settings.data.reports_dir) / CALIBRATION).read_text())
+    assert figures["pair_threshold"] == est.threshold and figures["source"] == SELF
+    assert figures["self"]["copies"] == 40 and figures["self"]["sampled_images"] > 40
+    curve = (settings.path(settings.data.reports_dir) / "calibration_curve.csv").read_text()
+    assert curve.startswith("threshold,precision,recall\n") and curve.count("\n") > 10
+    assert any("held-out copies: threshold" in line for line in result.lines())
+
+    # `cbir pairs` uses it as it stands (current for this model), and says so
+    pairs = run_pairs(settings)
+    assert pairs.calibration is None  # not calibrated again
+    assert pairs.thresholds.pair == est.threshold and pairs.thresholds.source == SELF
+    assert any(f"threshold {est.threshold:.4f} (held-out copies)" in line
+               for line in pairs.lines())
+    again = run_calibrate(settings)
+    assert again.pair_threshold == est.threshold  # deterministic (seeded copies and sample)
+
+
+def test_ground_truth_decides_and_both_estimates_are_shown(demo):
+    settings = _settings(demo, "gt.yaml", data={"ground_truth": "demo/ground_truth.csv"})
+    result = run_calibrate(settings)
+    assert result.source == GROUND_TRUTH and result.ground_truth is not None
+    assert result.pair_threshold == result.ground_truth.threshold
+    assert result.self_calibration is not None and result.self_calibration.threshold is not None
+    text = "\n".join(result.lines())
+    assert "ground truth: threshold" in text and "held-out copies: threshold" in text
+    assert "self-calibration alone would have chosen" in text
+
+
+def test_a_fixed_threshold_is_used_with_its_estimated_precision(demo):
+    settings = _settings(demo, "fixed.yaml", search={"pair_threshold": 0.2,
+                                                     "cluster_threshold": 0.2})
+    result = run_calibrate(settings)
+    assert result.source == "params" and result.pair_threshold == 0.2
+    p, _ = result.at_threshold
+    assert p is not None and p < 0.5  # nearly every neighbour link scores above 0.2
+    assert any("at the fixed search.pair_threshold 0.2" in line for line in result.lines())
+    # pairs at that threshold: a flood and one giant cluster, and the summary says what to do
+    pairs = run_pairs(settings)
+    warnings = pairs.warnings()
+    assert any("largest cluster holds" in w and "search.pair_threshold: auto" in w
+               for w in warnings), warnings
+    assert any("pairs for" in w and "per image" in w for w in warnings), warnings
+    assert any("expects only" in w for w in warnings), warnings
+    assert sum(line.startswith("  warning: ") for line in pairs.lines()) == len(warnings)
+
+
+def test_the_recorded_calibration_follows_the_model_and_the_collection(demo):
+    settings = _settings(demo, "params.yaml")
+    run_calibrate(settings)
+    rec = recorded(settings)
+    fp, n = rec["fingerprint"], rec["images"]
+    assert is_current(rec, settings, fp, n)
+    assert is_current(rec, settings, fp, int(n * 1.4))  # a few nights of new scans
+    assert not is_current(rec, settings, fp, n * 2)  # grown a lot: calibrate again
+    assert not is_current(rec, settings, "another-model", n)
+    other = _settings(demo, "other.yaml", search={"precision_target": 0.99})
+    assert not is_current(rec, other, fp, n)
+
+
+def test_a_small_collection_calibrates_on_the_copies_alone(tmp_path):
+    scans = tmp_path / "scans"
+    for i in range(5):
+        save(photo(i), scans / f"p{i}.jpg")
+    settings = load_settings(write_params(tmp_path, {"data": {"scans_dir": "scans",
+                                                              "ground_truth": None},
+                                                     **SMALL}))
+    for step in (run_ingest, run_embed, run_index):
+        step(settings)
+    out = subprocess.run([*CBIR, "pairs", "--params", str(settings.params_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "too few to estimate how non-duplicates score" in out.stdout  # it calibrated first
+    assert "calibrate: pair threshold" in out.stdout and "pairs:" in out.stdout
+
+
+def test_guard_rails_are_quiet_on_a_healthy_run():
+    healthy = PairsSummary(n_images=600, n_near_pairs=500, n_clusters=150, largest_cluster=4)
+    assert healthy.warnings() == []
+    flood = PairsSummary(n_images=600, n_near_pairs=4244, n_clusters=1, largest_cluster=600)
+    text = " ".join(flood.warnings())
+    assert "600 of 600 images (100%)" in text and "4244 pairs for 600 images" in text
