@@ -170,8 +170,12 @@ def cli(*command: str, params: Path, work: Path) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     if out.returncode:
         raise SystemExit(f"cbir {command[0]} failed: {out.stderr[-2000:]}")
+    from flows.server import prefect_home  # the flow run's log: <data>/prefect/<command>.log
+
     flow = f"cbir-{command[0]}"
-    stamps = [datetime.strptime(line[:12], "%H:%M:%S.%f") for line in out.stderr.splitlines()
+    log = prefect_home(load_settings(params)) / f"{command[0]}.log"
+    stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+              for line in log.read_text(encoding="utf-8").splitlines()
               if f"for flow '{flow}'" in line
               or ("Finished in state" in line and "Flow run" in line)]
     return wall, (stamps[-1] - stamps[0]).total_seconds()

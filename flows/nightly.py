@@ -87,19 +87,17 @@ def deployment(params_path: str = "params.yaml", name: str = DEPLOYMENT) -> Any:
 
 def serve(params_path: str = "params.yaml", name: str = DEPLOYMENT) -> None:
     """Serve the nightly deployment (blocks): one long-running process registers it with the
-    Prefect API and starts each scheduled run in a subprocess; no work pool or worker."""
+    configured Prefect API (flows/server.py `served_api`) and starts each scheduled run in a
+    subprocess; no work pool or worker."""
     import prefect
-    from prefect.settings import get_current_settings
 
-    if not get_current_settings().api.url:
-        raise CbirError("serving a schedule needs a Prefect server (a temporary one runs no "
-                        "scheduler): start one with `prefect server start` and point "
-                        "PREFECT_API_URL at it, e.g. `prefect config set "
-                        "PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    from flows.server import served_api
+
+    url = served_api()
     dep = deployment(params_path, name)
     o = settings_for(params_path).orchestration
-    print(f"serving the nightly flow of {params_path}: {o.nightly_cron} ({o.timezone}); "
-          f"Ctrl-C stops", file=sys.stderr, flush=True)
+    print(f"serving the nightly flow of {params_path} with the Prefect API at {url}: "
+          f"{o.nightly_cron} ({o.timezone}); Ctrl-C stops", file=sys.stderr, flush=True)
     prefect.serve(dep)
 
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from cbir.nightly import NightlyReport, begin_nightly, nightly_report
-from cbir.report import ReportSummary, run_report
 
 from .common import log_lines, settings_for, step_task
+
+if TYPE_CHECKING:
+    from cbir.report import ReportSummary
 
 
 @step_task("report")
 def report_task(params_path: str) -> ReportSummary:
     """The HTML review gallery and plots (cbir.report.run_report); thumbnails are reused."""
+    from cbir.report import run_report  # here: matplotlib loads only for a gallery
+
     summary = run_report(settings_for(params_path))
     log_lines(summary.lines())
     return summary

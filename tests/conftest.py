@@ -16,6 +16,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 CBIR = [sys.executable, "-m", "cbir.cli"]
+os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client analytics, read at its import
 
 
 def shared_photos() -> list[Path]:
@@ -93,19 +94,28 @@ def save(im: Image.Image, path: Path, **kw: Any) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    """One temporary Prefect server per test module (starting one takes seconds)."""
-    from prefect.testing.utilities import prefect_test_harness
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
+    """One temporary Prefect API server for the session, started as `cbir build` / `cbir
+    nightly` start theirs (flows/server.py): waited for as long as it is alive and making
+    progress, never for a fixed time, so a busy machine slows the suite but does not fail it."""
+    from flows.server import local_api
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with prefect_test_harness():
-        yield
-    mp.undo()
+    with local_api(tmp_path_factory.mktemp("prefect")) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
 def _no_kill_points(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CBIR_KILL_AT", raising=False)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def open_catalogue(settings: Any):
+    """The catalogue as a user's own script opens it: read only, with the workspace folder as
+    DuckDB's file_search_path (its views name their Parquet files relative to the workspace)."""
+    import duckdb
+
+    con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
+    con.execute("SET file_search_path = ?", [str(settings.root)])
+    return con

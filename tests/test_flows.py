@@ -122,3 +122,45 @@ def test_the_nightly_deployment_follows_the_params(workspace):
     settings = workspace(orchestration={"timezone": "Mars/Olympus_Mons"})
     with pytest.raises(CbirError, match="orchestration.nightly_cron / timezone"):
         deployment(str(settings.params_path))
+
+
+@pytest.fixture
+def refused_url():
+    """An API URL where nothing answers: a port bound here that never listens."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+
+
+def test_an_unreachable_configured_api_is_one_line_naming_it(workspace, monkeypatch,
+                                                             refused_url):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cbir.errors import CbirError
+    from flows.nightly import nightly
+    from flows.server import flow_api, prefect_home
+
+    settings = workspace()
+    monkeypatch.setenv("PREFECT_API_URL", refused_url)
+    with temporary_settings(updates={PREFECT_API_URL: refused_url}), \
+            pytest.raises(CbirError) as err, flow_api(settings, "nightly") as api:
+        api.run(nightly, str(settings.params_path))
+    assert refused_url in str(err.value) and "\n" not in str(err.value)
+    assert not (prefect_home(settings) / "server.log").exists()  # no server of its own
+
+
+def test_serve_needs_a_running_prefect_server(workspace, refused_url):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cbir.errors import CbirError
+    from flows.nightly import serve
+
+    settings = workspace()
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), \
+            pytest.raises(CbirError, match="`prefect server start`"):
+        serve(str(settings.params_path))
+    with temporary_settings(updates={PREFECT_API_URL: refused_url}), \
+            pytest.raises(CbirError, match=f"no Prefect API answers at {refused_url}"):
+        serve(str(settings.params_path))

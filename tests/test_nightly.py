@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-import duckdb
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cbir import catalog, lock
 from cbir.config import load_settings
 from cbir.demo import generate_demo_collection
 from cbir.embed import embedded_ids, embeddings_dir, run_embed
@@ -20,7 +24,7 @@ from cbir.ingest import run_ingest
 from cbir.model import retrieval_model
 from cbir.report import run_report
 from cbir.search import faiss_ids, run_pairs
-from conftest import photo, save, write_params
+from conftest import CBIR, REPO, photo, save, write_params
 
 SMALL = {
     "embed": {"resolution": 64, "batch_size": 16, "shard_size": 8, "workers": 0},
@@ -126,7 +130,7 @@ def test_nightly_reindexes_only_the_new_scans(prefect_harness, tmp_path, built):
     # the report of the night = the catalogue's pairs found in run 2
     report = st["new pairs"]
     assert report.run_id == 2 and report.since_run == 1 and report.file.is_file()
-    con = duckdb.connect(str(s.path(s.data.catalog)), read_only=True)
+    con = catalog.connect(s)  # its views find their Parquet files relative to the workspace
     n = con.execute("SELECT count(*) FROM new_pairs WHERE new_run = 2").fetchone()[0]
     rescan = con.execute("SELECT count(*) FROM new_pairs WHERE new_run = 2 AND new_path = ? "
                          "AND kind = 'near'", ["arrived/rescan.jpg"]).fetchone()[0]
@@ -219,3 +223,113 @@ def test_embedding_shards_run_on_a_dask_cluster(prefect_harness, tmp_path, built
     assert {r.pid for r in shards} <= set(workers.values())
     assert {r.worker for r in shards} <= set(workers)
     assert st["pairs"].searched == 3
+
+
+# --------------------------------------------------------------------------- `cbir nightly`
+
+def _cli_env(home: Path) -> dict[str, str]:
+    """The environment of a `cbir` command run by a user with no Prefect configured: HOME is
+    `home` (nothing may be written there), no PREFECT_* setting, no inherited writer lock."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_") and k not in (lock.ENV, "DVC_STAGE", "DO_NOT_TRACK")}
+    return {**env, "HOME": str(home)}
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def busy_cli_nightly(tmp_path_factory, built) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`cbir nightly` run as a user runs it (no Prefect server configured, a fresh HOME) while two
+    CPU-bound processes keep both cores of a small machine busy: its outcome and workspace."""
+    tmp = tmp_path_factory.mktemp("busy-cli")
+    params = _built(tmp, built)
+    _arrivals(params.parent / "scans")
+    home = tmp / "home"
+    home.mkdir()
+    busy = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(2)]
+    try:
+        out = subprocess.run([*CBIR, "nightly", "--params", str(params)], cwd=REPO,
+                             env=_cli_env(home), capture_output=True, text=True)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    return out, tmp
+
+
+def test_cli_nightly_succeeds_beside_busy_processes_without_tracebacks(busy_cli_nightly):
+    out, _ = busy_cli_nightly
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "database is locked" not in out.stderr, out.stderr
+    assert "3 new images searched against the collection" in out.stdout
+
+
+def test_cli_nightly_keeps_prefect_state_in_the_workspace(busy_cli_nightly):
+    out, tmp = busy_cli_nightly
+    assert out.returncode == 0, out.stderr[-3000:]
+    prefect = tmp / "ws" / "data" / "prefect"
+    assert (prefect / "prefect.db").is_file() and (prefect / "server.log").is_file()
+    assert "Traceback" not in (prefect / "server.log").read_text()
+    assert "Finished in state Completed" in (prefect / "nightly.log").read_text()
+    assert _files(tmp / "home") == []  # no ~/.prefect, nothing else either
+
+
+def test_a_failed_cli_nightly_is_one_error_line_and_exit_status_2(tmp_path, built):
+    params = _built(tmp_path, built)
+    shutil.rmtree(params.parent / "scans")
+    home = tmp_path / "home"
+    home.mkdir()
+    out = subprocess.run([*CBIR, "nightly", "--params", str(params)], cwd=REPO,
+                         env=_cli_env(home), capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.splitlines()
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith("cbir nightly: error: "), out.stderr
+    assert "scans folder not found" in errors[0]
+    log = params.parent / "data" / "prefect" / "nightly.log"
+    assert f"(log: {log})" in errors[0] and "Traceback" in log.read_text()
+    # besides the error, at most the note that the server is slow to start
+    assert all(ln == errors[0] or ln.startswith("cbir nightly: waiting") for ln in lines), lines
+
+
+def _server_of(home: Path) -> int | None:
+    """The pid of the temporary Prefect server working in `home` (its cwd), if one runs."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (b"flows.server" in (proc / "cmdline").read_bytes()
+                        and Path(os.readlink(proc / "cwd")) == home.resolve()):
+                    return int(proc.name)
+            except OSError:
+                continue
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux /proc")
+def test_ctrl_c_stops_cli_nightly_and_its_server(tmp_path, built):
+    params = _built(tmp_path, built)
+    home = params.parent / "data" / "prefect"
+    fake_home = tmp_path / "home"
+    fake_home.mkdir()
+    cli = subprocess.Popen([*CBIR, "nightly", "--params", str(params)], cwd=REPO,
+                           env=_cli_env(fake_home), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        server = None
+        while server is None and cli.poll() is None:
+            server = _server_of(home)
+            time.sleep(0.05)
+        assert server is not None, "the server never started"
+        os.killpg(cli.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, err = cli.communicate()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    # 130; or killed by SIGINT (the shell's $? is 130 too): Python ends so when the interrupt
+    # went through code that a C extension ran during an import, even though cbir caught it
+    assert cli.returncode in (130, -signal.SIGINT), err
+    assert err.strip() == "cbir nightly: interrupted", err
+    assert not Path(f"/proc/{server}").exists()  # stopped and reaped: no orphan
