@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,7 +100,9 @@ def cmd_pairs(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     from .evaluate import run_evaluate
 
-    print("\n".join(run_evaluate(settings, progress=_progress_wanted(), log=_note).lines()))
+    progress = _progress_wanted()  # notes and bars on a terminal; logs keep the summary only
+    print("\n".join(run_evaluate(settings, progress=progress,
+                                 log=_note if progress else None).lines()))
     return 0
 
 
@@ -508,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "no_params", False):  # init, find-duplicates: they make the params
             return int(args.handler(None, args) or 0)
         settings = load_settings(args.params)
+        # matplotlib's font cache in the workspace, not in the user's home
+        os.environ.setdefault("MPLCONFIGDIR", str(settings.path(settings.data.cache_dir)
+                                                  / "matplotlib"))
         with _writer_lock(settings, args):
             return int(args.handler(settings, args) or 0)
     except CbirError as exc:

@@ -85,6 +85,9 @@ def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] |
             log(line)
         settings = load_settings(params)
     result = FindSummary(workspace=folder)
+    # matplotlib's font cache (the report's plots) in the workspace, not in the user's home
+    os.environ.setdefault("MPLCONFIGDIR", str(settings.path(settings.data.cache_dir)
+                                              / "matplotlib"))
 
     def step(name: str, summary: Any) -> None:
         result.steps.append((name, summary))

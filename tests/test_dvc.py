@@ -1,18 +1,20 @@
-"""`dvc repro` end to end in a temporary git repository, then a nightly run recorded with DVC."""
+"""`dvc repro` end to end in a workspace made by `cbir init` on the demo collection (as the
+repository's own demo is), then a nightly run recorded with DVC and pushed to a remote."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cbir import lock
-from conftest import REPO, photo, save
+from cbir.demo import generate_demo_collection
+from cbir.paramsfile import set_params
+from cbir.workspace import init_workspace
+from conftest import photo, save
 
 pytestmark = pytest.mark.slow
 
@@ -26,21 +28,14 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def _tiny_params() -> dict:
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
-    p["demo"].update(n_groups=4, n_distractors=4, max_copies=3, size=96)
-    p["ingest"]["workers"] = 2
-    p["embed"].update(resolution=64, batch_size=16, shard_size=16, workers=0)
-    p.setdefault("train", {}).update(epochs=2, resolution=32, batch_size=8, workers=0)
-    p["search"].update(k=5, pair_threshold=0.5)
-    p["evaluate"]["baselines"] = False
-    p.setdefault("report", {})["thumb_size"] = 64
-    return p
+TINY = {"ingest.workers": 2, "embed.resolution": 64, "embed.batch_size": 16,
+        "embed.shard_size": 16, "embed.workers": 0, "train.epochs": 2, "train.resolution": 32,
+        "train.batch_size": 8, "train.workers": 0, "search.k": 5, "calibrate.copies": 20,
+        "evaluate.baselines": False, "report.thumb_size": 64}
 
 
 def test_dvc_repro_then_nightly_in_a_temporary_repository(tmp_path):
     repo = tmp_path / "repo"
-    repo.mkdir()
     env = _env(tmp_path)
 
     def run(*cmd: str) -> str:
@@ -54,18 +49,17 @@ def test_dvc_repro_then_nightly_in_a_temporary_repository(tmp_path):
     def ran(log: str) -> list[str]:
         return [ln.split("'")[1] for ln in log.splitlines() if ln.startswith("Running stage")]
 
-    run("git", "init", "-q")
+    generate_demo_collection(tmp_path / "demo", n_groups=4, n_distractors=4, max_copies=3,
+                             size=96, seed=0)
+    init_workspace(repo, tmp_path / "demo" / "scans", tmp_path / "demo" / "ground_truth.csv")
+    set_params(repo / "params.yaml", TINY)
     run("git", "config", "user.email", "ci@example.org")
     run("git", "config", "user.name", "ci")
-    dvc("init", "-q")
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    (repo / "params.yaml").write_text(yaml.safe_dump(_tiny_params(), sort_keys=False))
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "pipeline")
+    run("git", "commit", "-qam", "small")
 
-    # a clean clone: everything is built from params.yaml (the demo stage makes the raw scans)
+    # everything is built from params.yaml; the demo collection stands for an archive's scans
     first = dvc("repro")
-    assert ran(first) == ["demo_data", "ingest", "train", "embed", "index", "pairs", "evaluate",
+    assert ran(first) == ["ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate",
                           "report"]
     run("git", "add", "-A")
     run("git", "commit", "-qm", "built")
@@ -82,14 +76,15 @@ def test_dvc_repro_then_nightly_in_a_temporary_repository(tmp_path):
     text = (repo / "params.yaml").read_text().replace("lr: 0.001", "lr: 0.002")
     (repo / "params.yaml").write_text(text)
     assert "train.lr" in dvc("params", "diff")
-    assert ran(dvc("repro")) == ["train", "embed", "index", "pairs", "evaluate", "report"]
+    assert ran(dvc("repro")) == ["train", "embed", "index", "calibrate", "pairs", "evaluate",
+                                 "report"]
     run("git", "add", "-A")
     run("git", "commit", "-qm", "lr")
 
     # the nightly run, by hand, after scans arrived: recorded with `dvc commit`, pushed
     dvc("remote", "add", "-d", "store", str(tmp_path / "store"))
     for i in range(3):
-        save(photo(50 + i), repo / "data" / "demo" / "scans" / "arrived" / f"new-{i}.jpg")
+        save(photo(50 + i), tmp_path / "demo" / "scans" / "arrived" / f"new-{i}.jpg")
     assert "up to date" not in dvc("status")
     out = run("cbir", "nightly")
     assert "3 new images searched against the collection" in out
