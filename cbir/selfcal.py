@@ -38,6 +38,8 @@ ANCHORS = (6, 40)
 #: Fewer present images than this: too few neighbours to see how non-duplicates score.
 MIN_IMAGES = ANCHORS[1] + 2
 GRID_STEP = 1e-4
+#: A precision is estimated only where the threshold keeps this many of the sampled links.
+MIN_LINKS = 20
 _EM_ITERATIONS = 60
 _MIN_SIGMA = 0.02  # in units of an image's spread
 
@@ -122,6 +124,7 @@ class Curve:
     recall: np.ndarray
     links: np.ndarray  # observed top-k links >= t, per sampled image (mean)
     false_links: np.ndarray  # of which expected to be false (mean per sampled image)
+    n_images: int = 1  # sampled images
 
     def at(self, t: float) -> tuple[float, float]:
         """(precision, recall) estimated at threshold t (the nearest grid point at or above)."""
@@ -131,10 +134,19 @@ class Curve:
         return float(self.precision[i]), float(self.recall[i])
 
     def choose(self, target: float) -> int | None:
-        """Index of the lowest threshold whose precision, and that of every higher one, is >=
-        target; None when not even the highest reaches it."""
-        running = np.minimum.accumulate(self.precision)
-        ok = np.nonzero(running >= target)[0]
+        """Index of the lowest threshold whose estimated precision reaches the target while no
+        higher threshold falls clearly short of it; None when none does.
+
+        "Clearly": by more than two binomial standard errors of a precision measured on that
+        many links, so that a handful of links at the very top cannot veto the threshold on
+        their own. Thresholds keeping fewer than MIN_LINKS links are not estimated at all.
+        """
+        n = self.links * self.n_images
+        enough = n >= MIN_LINKS
+        margin = 2.0 * np.sqrt(target * (1.0 - target) / np.maximum(n, 1.0))
+        short = enough & (self.precision + margin < target)
+        vetoed = np.logical_or.accumulate(short)  # short here or at a higher threshold
+        ok = np.nonzero(enough & (self.precision >= target) & ~vetoed)[0]
         return int(ok[-1]) if len(ok) else None
 
 
@@ -161,7 +173,7 @@ def estimate(scores: np.ndarray, k: int, copy_scores: np.ndarray, copy_found: np
         prec = np.where(n_links > 0, dup_links / np.maximum(n_links, 1), 1.0)
     n = max(1, len(scores))
     return Curve(thresholds=grid, precision=prec, recall=n_hits / max(1, len(copy_scores)),
-                 links=n_links / n, false_links=(n_links - dup_links) / n)
+                 links=n_links / n, false_links=(n_links - dup_links) / n, n_images=n)
 
 
 def recall_quantile_threshold(copy_scores: np.ndarray, recall: float) -> float:
