@@ -38,8 +38,8 @@ ANCHORS = (6, 40)
 #: Fewer present images than this: too few neighbours to see how non-duplicates score.
 MIN_IMAGES = ANCHORS[1] + 2
 GRID_STEP = 1e-4
-#: A precision is estimated only where the threshold keeps this many of the sampled links.
-MIN_LINKS = 20
+#: A threshold can veto lower ones only when it keeps this many of the sampled links.
+MIN_LINKS = 10
 _EM_ITERATIONS = 60
 _MIN_SIGMA = 0.02  # in units of an image's spread
 
@@ -138,15 +138,14 @@ class Curve:
         higher threshold falls clearly short of it; None when none does.
 
         "Clearly": by more than two binomial standard errors of a precision measured on that
-        many links, so that a handful of links at the very top cannot veto the threshold on
-        their own. Thresholds keeping fewer than MIN_LINKS links are not estimated at all.
+        many links, and on at least MIN_LINKS of them, so that a handful of links at the very
+        top cannot veto the threshold on their own.
         """
         n = self.links * self.n_images
-        enough = n >= MIN_LINKS
         margin = 2.0 * np.sqrt(target * (1.0 - target) / np.maximum(n, 1.0))
-        short = enough & (self.precision + margin < target)
+        short = (n >= MIN_LINKS) & (self.precision + margin < target)
         vetoed = np.logical_or.accumulate(short)  # short here or at a higher threshold
-        ok = np.nonzero(enough & (self.precision >= target) & ~vetoed)[0]
+        ok = np.nonzero((n >= 1) & (self.precision >= target) & ~vetoed)[0]
         return int(ok[-1]) if len(ok) else None
 
 
