@@ -92,6 +92,7 @@ class Estimate:
     precision: float | None
     recall: float | None
     basis: str  # what it rests on, for people
+    no_duplicates: bool = False  # self-calibration: every neighbour looks like a stranger
 
     def to_json(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "precision": _r(self.precision),
@@ -152,9 +153,10 @@ def _self_estimate(settings: Settings, searcher: Any, target: float, *,
     i = curve.choose(target)
     basis = (f"neighbours of {len(rows)} images, {len(scores)} held-out copies"
              + (f" ({failed} originals unreadable)" if failed else ""))
+    basis += f"; about {curve.duplicate_links:.0f} of their links join duplicates"
     if i is None:
-        est = Estimate(method=SELF, threshold=None, precision=float(curve.precision.max()),
-                       recall=0.0, basis=basis)
+        est = Estimate(method=SELF, threshold=None, precision=None, recall=0.0, basis=basis,
+                       no_duplicates=not curve.duplicates_expected)
     else:
         est = Estimate(method=SELF, threshold=float(curve.thresholds[i]),
                        precision=float(curve.precision[i]), recall=float(curve.recall[i]),
@@ -250,9 +252,12 @@ class CalibrateResult:
         for est in (self.ground_truth, self.self_calibration):
             if est is None:
                 continue
-            if est.threshold is None:
-                out.append(f"  {est.method}: no threshold reaches precision {self.target:g} "
-                           f"(best {_fmt(est.precision)}); {est.basis}")
+            if est.no_duplicates:
+                out.append(f"  {est.method}: no near-duplicates expected: the neighbours of "
+                           f"every sampled image look like other photographs ({est.basis})")
+            elif est.threshold is None:
+                out.append(f"  {est.method}: no threshold reaches precision {self.target:g}; "
+                           f"{est.basis}")
             else:
                 out.append(f"  {est.method}: threshold {est.threshold:.4f} for precision "
                            f"{self.target:g}: precision {_fmt(est.precision)}, recall "
@@ -324,10 +329,14 @@ def run_calibrate(settings: Settings, precision: float | None = None, write: boo
     out = settings.path(settings.data.reports_dir)
     record = {"pair_threshold": pair, "cluster_threshold": result.cluster_threshold,
               "precision_target": target, "source": result.source,
+              "reached": chosen.threshold is not None,
               "estimated_precision": _r(result.at_threshold[0]),
               "estimated_recall": _r(result.at_threshold[1]),
               "self": {**own.estimate.to_json(), "sampled_images": own.sampled,
-                       "copies": own.copies, "copies_failed": own.failed},
+                       "copies": own.copies, "copies_failed": own.failed,
+                       "duplicate_links": round(own.curve.duplicate_links, 1)
+                       if own.curve is not None else None,
+                       "no_duplicates": own.estimate.no_duplicates},
               "ground_truth": gt.to_json() if gt else None}
     write_text(_curve_csv(own.curve), out / CURVE)
     write_json({**_state(settings, s.fingerprint), "images": len(s.image_ids),
@@ -370,6 +379,8 @@ class Thresholds:
     estimated_precision: float | None = None
     estimated_recall: float | None = None
     target: float = 0.95
+    no_duplicates: bool = False  # the self-calibration expects none in this collection
+    unreachable: bool = False  # `auto`, and no threshold reaches the target (nothing passes)
 
 
 def recorded(settings: Settings) -> dict[str, Any] | None:
@@ -438,5 +449,8 @@ def thresholds(settings: Settings, searcher: Any, *, progress: bool = False,
     p = r = None
     if usable is not None and usable.get("pair_threshold") == pair:
         p, r = usable.get("estimated_precision"), usable.get("estimated_recall")
+    none = bool(usable and (usable.get("self") or {}).get("no_duplicates"))
+    unreachable = source != "params" and not (rec or {}).get("reached", True)
     return Thresholds(pair=pair, cluster=cluster, source=source, estimated_precision=p,
-                      estimated_recall=r, target=settings.search.precision_target), ran
+                      estimated_recall=r, target=settings.search.precision_target,
+                      no_duplicates=none, unreachable=unreachable), ran

@@ -178,6 +178,9 @@ class PairsSummary:
                             f"{th.estimated_recall:.3f} (self-calibration)")
             out.append(f"  threshold {th.pair:.4f} ({th.source}), clusters at "
                        f"{th.cluster:.4f}{expected}")
+            if th.no_duplicates:
+                out.append("  the self-calibration expects no near-duplicates in this "
+                           "collection: its images' neighbours all look like other photographs")
         out += [f"  {how}; {self.added} new pairs", f"  {self.pairs_file}",
                 f"  {self.clusters_file}"]
         return out + [f"  warning: {w}" for w in self.warnings()]
@@ -204,8 +207,13 @@ class PairsSummary:
             out.append(f"at threshold {th.pair:.4f} the self-calibration expects only "
                        f"{th.estimated_precision:.0%} of the pairs to be duplicates (target "
                        f"{th.target:.0%}); {fix}")
-        if th is not None and not fixed and th.estimated_recall is not None \
-                and th.estimated_recall < 0.5:
+        if th is not None and th.unreachable and not th.no_duplicates:
+            out.append(f"no threshold reaches precision {th.target:g} here: for this model, "
+                       f"near-duplicates and other photographs score alike, so no pairs are "
+                       f"reported; train the model on the collection (`cbir train`, more "
+                       f"train.epochs), or lower search.precision_target")
+        elif th is not None and not fixed and not th.no_duplicates \
+                and th.estimated_recall is not None and th.estimated_recall < 0.5:
             out.append(f"the calibrated threshold finds only {th.estimated_recall:.0%} of the "
                        f"held-out test copies: this model tells copies from other images "
                        f"apart poorly; train it on the collection (`cbir train`, then `cbir "

@@ -38,6 +38,8 @@ ANCHORS = (6, 40)
 #: Fewer present images than this: too few neighbours to see how non-duplicates score.
 MIN_IMAGES = ANCHORS[1] + 2
 GRID_STEP = 1e-4
+#: Fewer estimated duplicate links than this share of the sampled images: no duplicates at all.
+DUPLICATE_SHARE = 0.01
 #: A threshold can veto lower ones only when it keeps this many of the sampled links.
 MIN_LINKS = 10
 _EM_ITERATIONS = 60
@@ -125,6 +127,14 @@ class Curve:
     links: np.ndarray  # observed top-k links >= t, per sampled image (mean)
     false_links: np.ndarray  # of which expected to be false (mean per sampled image)
     n_images: int = 1  # sampled images
+    duplicate_links: float = 0.0  # estimated duplicate links among all sampled top-k links
+
+    @property
+    def duplicates_expected(self) -> bool:
+        """Whether the collection seems to hold near-duplicates at all: an estimated duplicate
+        link for at least one sampled image in DUPLICATE_SHARE (else every neighbour looks like
+        a stranger, and no threshold is needed to keep them apart)."""
+        return self.duplicate_links >= max(1.0, DUPLICATE_SHARE * self.n_images)
 
     def at(self, t: float) -> tuple[float, float]:
         """(precision, recall) estimated at threshold t (the nearest grid point at or above)."""
@@ -172,7 +182,8 @@ def estimate(scores: np.ndarray, k: int, copy_scores: np.ndarray, copy_found: np
         prec = np.where(n_links > 0, dup_links / np.maximum(n_links, 1), 1.0)
     n = max(1, len(scores))
     return Curve(thresholds=grid, precision=prec, recall=n_hits / max(1, len(copy_scores)),
-                 links=n_links / n, false_links=(n_links - dup_links) / n, n_images=n)
+                 links=n_links / n, false_links=(n_links - dup_links) / n, n_images=n,
+                 duplicate_links=float(post.sum()))
 
 
 def recall_quantile_threshold(copy_scores: np.ndarray, recall: float) -> float:
