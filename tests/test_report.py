@@ -382,8 +382,8 @@ def test_set_params_edits_one_line_and_keeps_comments(tmp_path):
 
 def test_calibrate_command_matches_evaluate_and_writes_params(ws, tmp_path, capsys):
     metrics = json.loads((ws.path(ws.data.reports_dir) / "metrics.json").read_text())["model"]
-    res = run_calibrate(ws)
-    assert res.calibration.threshold == pytest.approx(metrics["threshold@p90"])
+    res = run_calibrate(ws, precision=0.9)  # evaluate.precision_target: metrics' threshold@p90
+    assert res.calibration.threshold == pytest.approx(metrics["threshold@p90"], abs=1e-6)
     assert res.calibration.recall == pytest.approx(metrics["recall@p90"])
 
     # a commented params file for the same workspace (absolute paths: it lives elsewhere)
