@@ -3,12 +3,17 @@
 Run by hand (about 30 minutes on 2 otherwise idle cores):
     .venv/bin/python benchmarks/quality.py [--out /tmp/cbir-quality] [--minutes 20] [--epochs 25]
 
-Builds a near-duplicate benchmark from ../shared/data/photos with its own seeded degradation
-generator (different parameter ranges and combinations from the training augmentations and from
-the demo collection, so the benchmark measures generalisation, not memorised transforms), adds
-the paintings in ../shared/data/distractors as distractors that match nothing, then trains and
-evaluates, in one run and on the same queries: SimCLR with the heritage augmentations, SimCLR
-with the original simclr augmentations, the untrained backbone, and perceptual-hash ranking.
+Builds a near-duplicate benchmark from ../shared/data/photos with two kinds of copies: the
+benchmark's own seeded degradation generator (built on cbir.degrade, like the training
+augmentations, but with other parameter ranges and combinations) and the independent held-out
+generator of cbir.heldout (processes the training never sees: microfilm, photocopies, thumbnails,
+palettes, dye fading, lens distortion, shake, printed pages, watermarks, torn corners, grain,
+WebP). A figure on the first kind says how the model treats archive-like copies; one on the
+second, how it generalises to copies made by code it was not trained with. The paintings in
+../shared/data/distractors are distractors that match nothing. It trains and evaluates, in one
+run: SimCLR with the heritage augmentations, SimCLR with the original simclr augmentations, the
+untrained backbone, and perceptual-hash ranking. Each kind of copies has its own (partial) ground
+truth, so each figure counts only its own copies and their originals among the distractors.
 Everything goes through the real pipeline (ingest, train, embed, index, evaluate) in throw-away
 workspaces; each training run gets --minutes (train.time_budget_minutes).
 
@@ -28,7 +33,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from cbir import degrade, metrics
+from cbir import degrade, heldout, metrics
 from cbir.config import load_settings
 from cbir.embed import run_embed
 from cbir.evaluate import run_evaluate
@@ -90,8 +95,11 @@ def benchmark_copy(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return out
 
 
-def build_benchmark(out: Path, copies: int, seed: int) -> tuple[Path, Path, dict[str, int]]:
-    """scans/{originals,copies,distractors} and ground_truth.csv under `out`."""
+def build_benchmark(out: Path, copies: int, seed: int, held_out: int = 0,
+                    ) -> tuple[Path, Path, dict[str, int]]:
+    """scans/{originals,copies,distractors} and ground_truth.csv under `out`; with `held_out`,
+    also scans/heldout/ (1..held_out copies per photograph from cbir.heldout) and
+    ground_truth_heldout.csv (originals, held-out copies and distractors)."""
     photos = sorted((SHARED / "photos").rglob("*.jpg"))
     paintings = sorted((SHARED / "distractors").rglob("*.jpg"))
     if not photos:
@@ -100,6 +108,7 @@ def build_benchmark(out: Path, copies: int, seed: int) -> tuple[Path, Path, dict
     if scans.exists():
         shutil.rmtree(scans)
     rows = ["path,group"]
+    held_rows = ["path,group"]
     rng = np.random.default_rng(seed)
     for i, photo in enumerate(photos):
         group = f"p{i:04d}"
@@ -107,6 +116,7 @@ def build_benchmark(out: Path, copies: int, seed: int) -> tuple[Path, Path, dict
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(photo, dst)  # into the throw-away benchmark folder, not the repository
         rows.append(f"scans/originals/{photo.name},{group}")
+        held_rows.append(f"scans/originals/{photo.name},{group}")
         with Image.open(photo) as im:
             im.load()
             for c in range(int(rng.integers(1, copies + 1))):
@@ -115,22 +125,36 @@ def build_benchmark(out: Path, copies: int, seed: int) -> tuple[Path, Path, dict
                 (scans / "copies").mkdir(parents=True, exist_ok=True)
                 copy.save(scans / "copies" / name, quality=90)
                 rows.append(f"scans/copies/{name},{group}")
+            for c in range(int(np.random.default_rng([seed, i, 99]).integers(1, held_out + 1))
+                           if held_out else 0):
+                copy = heldout.held_out_copy(im.convert("RGB"),
+                                             np.random.default_rng([seed, i, 100 + c]))
+                name = f"{photo.stem}-heldout{c}.jpg"
+                (scans / "heldout").mkdir(parents=True, exist_ok=True)
+                copy.save(scans / "heldout" / name, quality=90)
+                held_rows.append(f"scans/heldout/{name},{group}")
     for j, painting in enumerate(paintings):
         dst = scans / "distractors" / painting.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(painting, dst)
         rows.append(f"scans/distractors/{painting.name},d{j:04d}")
+        held_rows.append(f"scans/distractors/{painting.name},d{j:04d}")
     gt = out / "ground_truth.csv"
     gt.write_text("\n".join(rows) + "\n")
+    if held_out:
+        (out / "ground_truth_heldout.csv").write_text("\n".join(held_rows) + "\n")
     n = {"photos": len(photos), "copies": len(rows) - 1 - len(photos) - len(paintings),
-         "distractors": len(paintings)}
+         "distractors": len(paintings),
+         "held-out copies": len(held_rows) - 1 - len(photos) - len(paintings)}
     return scans, gt, n
 
 
 # --------------------------------------------------------------------------- one variant
 
 def run_variant(out: Path, scans: Path, gt: Path, name: str, train: dict[str, Any],
-                extra: dict[str, Any]) -> tuple[list[tuple[str, dict[str, float]]], float]:
+                extra: dict[str, Any], held_gt: Path | None = None,
+                ) -> tuple[list[tuple[str, dict[str, float]]], float,
+                           list[tuple[str, dict[str, float]]]]:
     ws = out / name
     if ws.exists():
         shutil.rmtree(ws)
@@ -147,7 +171,12 @@ def run_variant(out: Path, scans: Path, gt: Path, name: str, train: dict[str, An
     run_embed(settings)
     run_index(settings)
     result = run_evaluate(settings)
-    return result.rows, train_s
+    held: list[tuple[str, dict[str, float]]] = []
+    if held_gt is not None:  # the same model on the held-out generator's copies
+        other = settings.model_copy(update={"data": settings.data.model_copy(
+            update={"ground_truth": held_gt})})
+        held = run_evaluate(other).rows
+    return result.rows, train_s, held
 
 
 def main() -> None:
@@ -156,6 +185,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=20.0, help="training budget per variant")
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--copies", type=int, default=3, help="near-duplicates per photo, at most")
+    ap.add_argument("--held-out", type=int, default=2,
+                    help="held-out generator copies per photo, at most (0: none)")
     ap.add_argument("--resolution", type=int, default=112, help="training resolution")
     ap.add_argument("--embed-resolution", default="train",
                     help="px, or 'train' (the training resolution, the params default)")
@@ -164,28 +195,48 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    scans, gt, n = build_benchmark(args.out, args.copies, args.seed)
-    print(f"benchmark: {n['photos']} photographs with {n['copies']} near-duplicates, "
-          f"{n['distractors']} distractors ({time.perf_counter() - t0:.0f} s)", flush=True)
+    scans, gt, n = build_benchmark(args.out, args.copies, args.seed, args.held_out)
+    held_gt = args.out / "ground_truth_heldout.csv" if args.held_out else None
+    print(f"benchmark: {n['photos']} photographs with {n['copies']} near-duplicates and "
+          f"{n['held-out copies']} held-out copies, {n['distractors']} distractors "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
     base_train = {"resolution": args.resolution, "batch_size": args.batch,
                   "epochs": args.epochs, "time_budget_minutes": args.minutes,
                   "seed": args.seed}
     res = args.embed_resolution
     extra = {"embed": {"resolution": res if res == "train" else int(res)}}
     table: list[tuple[str, dict[str, float]]] = []
+    held_table: list[dict[str, float]] = []
     times = {}
     for strategy in ("heritage", "simclr"):
-        rows, secs = run_variant(args.out, scans, gt, strategy,
-                                 {**base_train, "augmentation": strategy}, extra)
+        rows, secs, held = run_variant(args.out, scans, gt, strategy,
+                                       {**base_train, "augmentation": strategy}, extra,
+                                       held_gt)
         times[strategy] = secs
         table.append((f"SimCLR {strategy} augmentation", rows[0][1]))
+        held_table.append(held[0][1] if held else {})
         if strategy == "heritage":
             baselines = rows[1:]
+            held_baselines = [vals for _, vals in held[1:]]
     table += baselines
+    held_table += held_baselines if held_gt else [{} for _ in baselines]
     print()
     print(metrics.markdown_table(table))
+    if held_gt is not None:
+        print()
+        print("The same models on the held-out generator's copies (cbir.heldout):")
+        print()
+        print("| Model | Precision@1 (benchmark copies) | mAP@10 (benchmark copies) | "
+              "Precision@1 (held-out copies) | mAP@10 (held-out copies) |")
+        print("|---|---|---|---|---|")
+        for (label, vals), hv in zip(table, held_table):
+            print(f"| {label} | {vals['precision@1']:.4f} | {vals['map@10']:.4f} | "
+                  f"{hv.get('precision@1', float('nan')):.4f} | "
+                  f"{hv.get('map@10', float('nan')):.4f} |")
     (args.out / "quality.json").write_text(json.dumps(
-        {"rows": [[label, vals] for label, vals in table], "train_seconds": times,
+        {"rows": [[label, vals] for label, vals in table],
+         "held_out_rows": [[label, hv] for (label, _), hv in zip(table, held_table)],
+         "train_seconds": times,
          "args": {k: str(v) for k, v in vars(args).items()}}, indent=2, default=float))
     her, sim = table[0][1], table[1][1]
     ph = table[-1][1]
