@@ -64,17 +64,20 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     id_of = {r["path"]: r["image_id"] for r in rows if r["status"] in PRESENT}
 
     def lookup(raw: str) -> tuple[str | None, bool]:
-        """(image id or None, whether some reading of the path lies inside the scans)."""
-        inside = False
+        """(image id or None, whether the path escapes the scans folder: it names an existing
+        file outside it, or a path outside it in every reading)."""
+        escapes, readings = False, 0
         for base in (str(csv_path.parent), scans):
-            full = os.path.realpath(os.path.join(base, raw))
+            joined = os.path.join(base, raw)
+            full = os.path.realpath(joined)
             if os.path.commonpath([scans, full]) != scans:
+                escapes = escapes or os.path.lexists(joined)
                 continue
-            inside = True
+            readings += 1
             image_id = id_of.get(os.path.relpath(full, scans))
             if image_id is not None:
-                return image_id, True
-        return None, inside
+                return image_id, False
+        return None, escapes or readings == 0
 
     group_of: dict[str, str] = {}
     outside: list[str] = []
@@ -93,9 +96,9 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
                 raw, group = (row["path"] or "").strip(), (row["group"] or "").strip()
                 if not raw or not group:
                     raise CbirError(f"{csv_path}, line {reader.line_num}: empty path or group")
-                image_id, inside = lookup(raw)
+                image_id, escapes = lookup(raw)
                 if image_id is None:
-                    (unknown if inside else outside).append(raw)
+                    (outside if escapes else unknown).append(raw)
                     continue
                 group_of.setdefault(image_id, group)
     except UnicodeDecodeError:
