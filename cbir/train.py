@@ -16,6 +16,12 @@ and pushes other images apart, optionally with the KoLeo entropy regulariser (SS
 * Several GPUs: launched by `torchrun`, every rank takes a disjoint slice of each global batch
   (train.batch_size is the global batch, so the recipe does not depend on the GPU count), and the
   losses use the embeddings gathered from all ranks (with gradients) as negatives.
+* Time budget: a half-annealed model retrieves far worse than a shorter schedule run to its end,
+  so when train.time_budget_minutes binds, the cosine schedule is fitted to it (and fitted again
+  if epochs get slower): the LR decays to 0 by the last epoch that fits. The fit is stored in
+  last.pt, so a resumed run continues it. Stopping mid-schedule is the last resort.
+* Fair share of a busy machine: torch threads follow the CPUs this process may use (affinity,
+  cgroup quota), and idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE).
 """
 
 from __future__ import annotations
@@ -28,21 +34,28 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+# Before torch loads OpenMP (it reads this once): idle OpenMP threads sleep rather than spin.
+# Spinning threads burn the CPU that the augmentation worker and other processes need, and on an
+# oversubscribed machine they delay the very threads they wait for. Only takes effect where this
+# module is the first to import torch (`cbir train`, torchrun); a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 from . import faults, imaging
 from .config import Settings
@@ -221,9 +234,19 @@ class TwoViews(Dataset):
             self._augment = make_augmenter(self.strategy, self.pp.resolution,
                                            strength=self.strength)
         picture = Image.fromarray(np.array(self._images[self.rows[index]]), "RGB")
-        views = [to_tensor(self._augment(picture, np.random.default_rng(
-                     [self.seed, epoch, index, v])), self.pp) for v in (0, 1)]
+        views = [self._tensor(self._augment(picture, np.random.default_rng(
+                     [self.seed, epoch, index, v]))) for v in (0, 1)]
         return views[0], views[1]
+
+    def _tensor(self, view: Image.Image) -> torch.Tensor:
+        """`embed.to_tensor`'s values (the same float32 operations), computed by numpy: torch
+        would start its thread pool for each small tensor when this runs in the main process."""
+        pp = self.pp
+        if view.size != (pp.resolution, pp.resolution):
+            return to_tensor(view, pp)
+        x = np.asarray(view, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+        x = (x - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+        return torch.from_numpy(x).permute(2, 0, 1)
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
@@ -267,6 +290,149 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+FIT_SLACK = 0.05  # a fitted schedule leaves this share of each epoch's time for noise
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warm-up, then cosine decay reaching 0 at the end of epoch `epochs`.
+
+    Unfitted (`anchor` None) it is exactly `lr_at`. Fitted to a time budget, the decay ends
+    earlier without a jump in the LR: from step `anchor` on, the cosine's remaining progress
+    (from `progress` there, to 1) is spread over the steps left.
+    """
+
+    base: float
+    steps: int  # per epoch
+    warmup: int  # steps
+    epochs: int
+    anchor: int | None = None
+    progress: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.epochs * self.steps
+
+    def lr(self, step: int) -> float:
+        if self.anchor is None or step < self.warmup:
+            return lr_at(step, self.total, self.warmup, self.base)
+        return self.base * 0.5 * (1.0 + math.cos(math.pi * self._progress(step)))
+
+    def _progress(self, step: int) -> float:
+        """Cosine progress at `step` (>= warm-up): 0 where the decay starts, 1 at its end."""
+        if self.anchor is None:
+            return (step - self.warmup) / max(1, self.total - self.warmup)
+        return self.progress + (1.0 - self.progress) * (step - self.anchor) / max(
+            1, self.total - self.anchor)
+
+    def fewest_epochs(self, done: int) -> int:
+        """The shortest schedule still possible after `done` epochs: one that ends at least one
+        step after the warm-up."""
+        return max(done * self.steps, self.warmup) // self.steps + 1
+
+    def fitted(self, done: int, epochs: int) -> Schedule:
+        """This schedule, continued from the end of epoch `done`, ending after `epochs`."""
+        if epochs < self.fewest_epochs(done):
+            raise ValueError(f"cannot end after epoch {epochs} once {done} are done")
+        at = max(done * self.steps, self.warmup)
+        return replace(self, epochs=epochs, anchor=at, progress=self._progress(at))
+
+    def state(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "anchor": self.anchor, "progress": self.progress}
+
+
+def fit_epochs(schedule: Schedule, done: int, elapsed: float, epoch_seconds: float,
+               budget: float) -> int:
+    """The epochs the schedule should span so that it ends within `budget` seconds of the run:
+    its length if that fits at `epoch_seconds` an epoch, else as many as fit (leaving FIT_SLACK
+    for noise), but never fewer than `Schedule.fewest_epochs`. Only ever shortens."""
+    left = schedule.epochs - done
+    if budget <= 0 or left <= 0 or elapsed + left * epoch_seconds <= budget:
+        return schedule.epochs
+    fits = done + int(max(0.0, budget - elapsed) / (epoch_seconds * (1.0 + FIT_SLACK)))
+    return min(schedule.epochs, max(schedule.fewest_epochs(done), fits))
+
+
+# --------------------------------------------------------------------------- CPU
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"),
+                   proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (what a
+    container, `taskset` or a systemd slice grants), not the machine's core count. More threads
+    than that only wait for each other at every parallel step."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root, proc_cgroup)
+    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
+
+
+def torch_threads(cpus: int, workers: int, ranks: int = 1) -> int:
+    """Intra-op threads for each rank: its share of the CPUs, less those its augmentation workers
+    run on. OpenMP threads meet at the end of every operation, so a thread that has to share a
+    core (with a worker, or another process) holds up the others hundreds of times a step:
+    on 2 busy cores, 2 threads ran a step slower than 1 did."""
+    return max(1, cpus // max(1, ranks) - workers)
+
+
+def _cgroup_quota(root: Path, proc_cgroup: Path) -> float | None:
+    """CPUs' worth of time per period the cgroup grants (the smallest along its path), or None."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: cpu.max in the cgroup and each of its parents
+            folder = root / path.lstrip("/")
+            while True:
+                limits.append(_read_quota(folder / "cpu.max", None))
+                if folder == root or root not in folder.parents:
+                    break
+                folder = folder.parent
+        elif "cpu" in controllers.split(","):  # cgroup v1
+            for base in (root / "cpu", root / "cpu,cpuacct", root / "cpuacct,cpu"):
+                for folder in (base / path.lstrip("/"), base):
+                    limits.append(_read_quota(folder / "cpu.cfs_quota_us",
+                                              folder / "cpu.cfs_period_us"))
+    found = [q for q in limits if q]
+    return min(found) if found else None
+
+
+def _read_quota(quota_file: Path, period_file: Path | None) -> float | None:
+    try:
+        if period_file is None:  # v2: "max 100000" or "150000 100000"
+            quota, period = quota_file.read_text().split()[:2]
+        else:  # v1: quota -1 = none
+            quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+        q, per = float(quota), float(period)
+    except (OSError, ValueError):
+        return None
+    return q / per if q > 0 and per > 0 else None
+
+
+def _native_bf16() -> bool:
+    """Whether the CPU computes bf16 in hardware (AVX512-BF16, AMX): there bf16 convolutions take
+    half the time of fp32 ones; elsewhere oneDNN emulates them, no faster than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags)) \
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (OSError, AttributeError, RuntimeError):
+        return False
+
+
+def cpu_bf16(device: torch.device, precision: str, threads: int) -> bool:
+    """Whether the trunk runs in bf16 on this CPU: train.precision auto, native bf16, and one
+    torch thread. oneDNN's bf16 weight gradients slow down as threads are added (layer4's 3x3
+    convolution at 112 px: 0.19 s with 1 thread, 1.2 s with 2, 4.7 s with 4; AVX512-BF16,
+    oneDNN 3.12), while fp32 ones speed up."""
+    return device.type == "cpu" and precision == "auto" and threads == 1 and _native_bf16()
 
 
 # --------------------------------------------------------------------------- distributed
@@ -352,14 +518,23 @@ def _mean(value: float, d: Dist, device: torch.device) -> float:
 # --------------------------------------------------------------------------- model and loss
 
 class Contrastive(nn.Module):
-    """The training forward: normalised projection of the pooled trunk (what DDP wraps)."""
+    """The training forward: normalised projection of the pooled trunk (what DDP wraps).
 
-    def __init__(self, model: Descriptor) -> None:
+    `bf16_trunk`: the convolutions (nearly all the work) run in bf16 on the CPU, while pooling,
+    projection and loss stay in fp32, where the small differences between descriptors live.
+    """
+
+    def __init__(self, model: Descriptor, bf16_trunk: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.bf16_trunk = bf16_trunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.head(self.model.pooled(x)), dim=-1)
+        if not self.bf16_trunk:
+            return F.normalize(self.model.head(self.model.pooled(x)), dim=-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = self.model.trunk(x)
+        return F.normalize(self.model.head(self.model.pool(f.float())), dim=-1)
 
 
 def contrastive_loss(z: torch.Tensor, temperature: float, koleo_weight: float,
@@ -409,17 +584,20 @@ class TrainSummary:
     checkpoint: Path
     fingerprint: str
     epochs_done: int  # epochs in the checkpoint's training, resumed ones included
-    epochs: int  # train.epochs
+    epochs: int  # the schedule's length: train.epochs, or fewer when fitted to the time budget
     images: int
     seconds: float  # this run
     final_loss: float | None
-    stopped_early: bool = False
+    stopped_early: bool = False  # before the schedule's end (its LR had not reached 0)
     stop_reason: str = ""
     resumed_from: int | None = None  # epochs already done when this run started
     device: str = "cpu"
     world_size: int = 1
     skipped: dict[str, str] = field(default_factory=dict)  # image_id -> why not decodable
     history: list[dict[str, Any]] = field(default_factory=list)
+    epochs_planned: int = 0  # train.epochs
+    fit_reason: str = ""  # why the schedule was shortened ("" when it was not)
+    precision: str = "fp32"
 
     def lines(self) -> list[str]:
         loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
@@ -427,6 +605,8 @@ class TrainSummary:
         out = [f"train: {self.epochs_done}/{self.epochs} epochs on {self.images} images, "
                f"final loss {loss}, {self.seconds:.1f} s on {self.device}"
                f"{f' x{self.world_size}' if self.world_size > 1 else ''}{resumed}"]
+        if self.fit_reason:
+            out.append(f"  schedule fitted to the time budget: {self.fit_reason}")
         if self.stopped_early:
             out.append(f"  stopped early ({self.stop_reason}); `cbir train --resume` continues")
         out.append(f"  checkpoint {self.checkpoint} (model {self.fingerprint}); "
@@ -447,15 +627,21 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
 def run_train(settings: Settings, *, resume: bool = False, progress: bool = False,
-              max_epochs: int | None = None, log: Log = print) -> TrainSummary:
+              max_epochs: int | None = None, log: Log = print,
+              clock: Callable[[], float] = time.perf_counter) -> TrainSummary:
     """Fine-tune the descriptor on the collection; write last.pt each epoch and the final
     retrieval checkpoint (model.checkpoint). `max_epochs` stops after that many epochs in all
-    (the LR schedule still spans train.epochs; `resume` continues later)."""
+    (the LR schedule still spans train.epochs; `resume` continues later). `clock` (seconds) is
+    read when the run starts and at the start and end of each epoch; tests inject one."""
     d, device, created = _setup(settings.train.device)
     try:
         return _run(settings, d, device, resume=resume, progress=progress and d.main,
-                    max_epochs=max_epochs, log=log if d.main else (lambda _: None))
+                    max_epochs=max_epochs, log=log if d.main else (lambda _: None), clock=clock)
     finally:
         if created:
             import torch.distributed as dist
@@ -464,8 +650,8 @@ def run_train(settings: Settings, *, resume: bool = False, progress: bool = Fals
 
 
 def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, progress: bool,
-         max_epochs: int | None, log: Log) -> TrainSummary:
-    t0 = time.perf_counter()
+         max_epochs: int | None, log: Log, clock: Callable[[], float]) -> TrainSummary:
+    t0 = clock()
     t = settings.train
     if t.seed < 0 or settings.model.seed < 0:
         raise CbirError("train.seed and model.seed must be >= 0")
@@ -495,26 +681,34 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
     if batch < max(2, d.world):
         raise CbirError(f"{n} images are too few for {d.world} processes")
     steps = n // batch
-    total = steps * t.epochs
-    warmup = int(round(t.warmup_epochs * steps))
+    sched = Schedule(base=t.lr, steps=steps, warmup=int(round(t.warmup_epochs * steps)),
+                     epochs=t.epochs)
 
-    if device.type == "cpu":  # all cores by default, shared between the ranks on this machine
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world))
-    use_amp = device.type == "cuda"
+    if device.type == "cpu":  # the CPUs this process may use, shared between the ranks here
+        torch.set_num_threads(torch_threads(available_cpus(), t.workers, d.local_world))
+    use_amp = device.type == "cuda" and t.precision == "auto"
+    bf16 = cpu_bf16(device, t.precision, torch.get_num_threads())
+    precision = "fp16 mixed" if use_amp else "bf16 trunk" if bf16 else "fp32"
     if use_amp:  # fixed input size: let cuDNN pick its fastest kernels
         torch.backends.cudnn.benchmark = True
     model, source = build_model(ModelConfig.from_settings(settings.model), settings.model.init,
                                 seed=settings.model.seed, base=settings.root)
-    net: nn.Module = Contrastive(model)
+    net: nn.Module = Contrastive(model, bf16_trunk=bf16)
     if d.world > 1 and device.type == "cuda":  # SSCD: BN statistics over the global batch
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    # channels_last: tensor-core friendly layout for mixed-precision convolutions
-    net = net.to(device, memory_format=torch.channels_last if use_amp else torch.preserve_format)
+    # channels_last: the layout mixed-precision convolutions are fastest in (GPU and CPU)
+    channels_last = use_amp or bf16
+    net = net.to(device,
+                 memory_format=torch.channels_last if channels_last else torch.preserve_format)
     opt = _optimizer(net.parameters(), t)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    log(f"train: {n} images, {steps} steps an epoch, {precision} on {device}"
+        f"{f' with {torch.get_num_threads()} threads' if device.type == 'cpu' else ''}, "
+        f"{t.workers} augmentation workers")
 
     recipe = _recipe(settings)
     history: list[dict[str, Any]] = []
+    fits: list[dict[str, Any]] = []  # each time the schedule was fitted to the time budget
     start = 0
     if resume and last.is_file():
         state = safe_load(last)
@@ -532,7 +726,10 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start, history = int(state["epoch"]), list(state["history"])
-        log(f"resuming after epoch {start}/{t.epochs} from {last}")
+        if state.get("schedule"):  # the schedule as fitted so far: continue it, not the plan
+            sched = replace(sched, **state["schedule"])
+            fits = list(state.get("fits", []))
+        log(f"resuming after epoch {start}/{sched.epochs} from {last}")
     else:
         if resume:
             log(f"no {last}: starting from the beginning")
@@ -551,26 +748,42 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
         multiprocessing_context=start_method(["cbir.augment", "cbir.train"])
         if t.workers else None)
 
-    end = t.epochs if max_epochs is None else max(0, min(t.epochs, max_epochs))
+    stop_at = max_epochs if max_epochs is not None else t.epochs
     budget = t.time_budget_minutes * 60.0
-    epoch_seconds = history[-1]["seconds"] if history else None
+    epoch_cost = history[-1]["seconds"] if history else None  # an epoch, checkpoint included
     stop_reason = ""
     lr = opt.param_groups[0]["lr"]
-    for epoch in range(start, end):
-        elapsed = time.perf_counter() - t0
-        over = bool(budget and epoch_seconds is not None and elapsed + epoch_seconds > budget)
-        if _agree(float(over), d, device):
-            stop_reason = (f"time budget of {t.time_budget_minutes:g} min: another epoch "
-                           f"(~{epoch_seconds:.0f} s) would exceed it")
-            break
-        te = time.perf_counter()
+    epoch = start
+    now = clock()
+    while epoch < min(sched.epochs, stop_at):
+        elapsed = now - t0
+        if budget and epoch_cost is not None:
+            fitted = int(_agree(float(fit_epochs(sched, epoch, elapsed, epoch_cost, budget)),
+                                d, device))
+            if fitted < sched.epochs:
+                why = (f"{sched.epochs} epochs of ~{epoch_cost:.0f} s would take "
+                       f"{_minutes(elapsed + (sched.epochs - epoch) * epoch_cost)} "
+                       f"(budget {t.time_budget_minutes:g} min, {epoch} done); fitted to "
+                       f"{fitted} epochs")
+                log(f"time budget: {why}")
+                sched = sched.fitted(epoch, fitted)
+                fits.append({"after_epoch": epoch, "epoch_seconds": round(epoch_cost, 3),
+                             "epochs": fitted, "reason": why})
+            if _agree(float(elapsed + epoch_cost > budget), d, device):  # the last resort
+                stop_reason = (f"time budget of {t.time_budget_minutes:g} min ran out before "
+                               f"the schedule's end: another epoch (~{epoch_cost:.0f} s) would "
+                               f"exceed it, so the LR stopped at {lr:.3g} instead of 0")
+                log(f"time budget: stopping after epoch {epoch} of {sched.epochs}: "
+                    f"{stop_reason}")
+                break
+        te = now
         sampler.epoch = epoch
         ddp.train()
-        bar = progress_bar(steps, f"train {epoch + 1}/{t.epochs}", "batch", progress)
+        bar = progress_bar(steps, f"train {epoch + 1}/{sched.epochs}", "batch", progress)
         loss_sum = 0.0
         for i, (x1, x2) in enumerate(loader):
             step = epoch * steps + i
-            lr = lr_at(step, total, warmup, t.lr)
+            lr = sched.lr(step)
             for group in opt.param_groups:
                 group["lr"] = lr
             if t.mix_prob > 0:
@@ -578,7 +791,7 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
                 if rng.random() < t.mix_prob:
                     x2 = mix_views(x2, rng)
             x = torch.cat([x1, x2]).to(device, non_blocking=True)
-            if use_amp:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, enabled=use_amp):
                 z = ddp(x)
@@ -597,47 +810,54 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
             bar.set_postfix_str(f"loss {value:.4f}")
         bar.close()
         epoch_loss = _mean(loss_sum / steps, d, device)
-        epoch_seconds = time.perf_counter() - te
-        history.append({"epoch": epoch + 1, "step": (epoch + 1) * steps,
+        epoch_seconds = clock() - te
+        epoch += 1
+        history.append({"epoch": epoch, "step": epoch * steps,
                         "loss": round(epoch_loss, 6), "lr": lr,
                         "seconds": round(epoch_seconds, 3)})
         if d.main:
             faults.point("train.epoch")
             with atomic_path(last) as tmp:
-                torch.save({"format": STATE_FORMAT, "epoch": epoch + 1, "history": history,
+                torch.save({"format": STATE_FORMAT, "epoch": epoch, "history": history,
                             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                             "recipe": recipe, "params": settings.train.model_dump(mode="json"),
-                            "images": cache.key, "n_images": n,
-                            "world_size": d.world}, tmp)
+                            "images": cache.key, "n_images": n, "world_size": d.world,
+                            "schedule": sched.state(), "fits": fits}, tmp)
             write_text(_history_csv(history), models_dir / HISTORY)
-        log(f"epoch {epoch + 1}/{t.epochs}: loss {epoch_loss:.4f}, lr {lr:.3g}, "
+        log(f"epoch {epoch}/{sched.epochs}: loss {epoch_loss:.4f}, lr {lr:.3g}, "
             f"{epoch_seconds:.1f} s")
+        now = clock()
+        epoch_cost = now - te
     if d.main and history:  # also when this run had nothing left to do, or was killed before
         write_text(_history_csv(history), models_dir / HISTORY)
     done = len(history)
-    if not stop_reason and done < t.epochs:
+    if not stop_reason and done < sched.epochs:
         stop_reason = f"max_epochs={max_epochs}"
 
     final_loss = history[-1]["loss"] if history else None
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
+    fit_reason = fits[-1]["reason"] if fits else ""
     summary = TrainSummary(
         checkpoint=settings.path(settings.model.checkpoint), fingerprint="", epochs_done=done,
-        epochs=t.epochs, images=n, seconds=seconds, final_loss=final_loss,
-        stopped_early=done < t.epochs, stop_reason=stop_reason,
+        epochs=sched.epochs, images=n, seconds=seconds, final_loss=final_loss,
+        stopped_early=done < sched.epochs, stop_reason=stop_reason,
         resumed_from=start if start else None, device=str(device), world_size=d.world,
-        skipped=dict(cache.failed), history=history)
+        skipped=dict(cache.failed), history=history, epochs_planned=t.epochs,
+        fit_reason=fit_reason, precision=precision)
     if d.main:
-        info = {"epochs": done, "epochs_planned": t.epochs, "final_loss": final_loss,
+        info = {"epochs": done, "epochs_planned": t.epochs, "epochs_fitted": sched.epochs,
+                "fit_reason": fit_reason, "fits": fits, "final_loss": final_loss,
                 "images": n, "stopped_early": summary.stopped_early,
                 "stop_reason": stop_reason, "init": source, "history": history,
-                "params": recipe, "world_size": d.world}
+                "params": recipe, "world_size": d.world, "precision": precision}
         summary.fingerprint = save_checkpoint(summary.checkpoint, model,
                                               retrieval_preprocess(settings),
                                               extra={"training": info})
         write_json({"loss": final_loss, "epochs": done, "images": n,
-                    "seconds": round(seconds, 3), "stopped_early": summary.stopped_early},
-                   models_dir / METRICS)
+                    "seconds": round(seconds, 3), "stopped_early": summary.stopped_early,
+                    "epochs_planned": t.epochs, "epochs_fitted": sched.epochs,
+                    "fit_reason": fit_reason}, models_dir / METRICS)
     _barrier(d)
     return summary
 

@@ -1,5 +1,6 @@
 """SimCLR fine-tuning: the loss falls, runs are reproducible, resume after SIGKILL is exact,
-the time budget stops cleanly, the decoded cache is incremental, torchrun works (gloo, CPU).
+the time budget fits the schedule (or stops cleanly), the decoded cache is incremental, torchrun
+works (gloo, CPU), threads follow the CPUs the process may use.
 
 One tiny collection (16 synthetic photographs, 48 px training, resnet18, batch 8) is ingested
 once; every test trains into its own models folder.
@@ -7,6 +8,7 @@ once; every test trains into its own models folder.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cbir.config import Settings, load_settings
 from cbir.errors import CbirError
@@ -25,7 +28,8 @@ from cbir.ingest import run_ingest
 from cbir.model import (fingerprint, load_checkpoint, retrieval_model, retrieval_preprocess,
                         safe_load)
 from cbir.train import (
-    HISTORY, LAST, METRICS, EpochBatches, build_cache, lr_at, mix_views, run_train,
+    HISTORY, LAST, METRICS, EpochBatches, Schedule, TwoViews, available_cpus, build_cache,
+    fit_epochs, lr_at, mix_views, run_train,
 )
 from conftest import REPO, deep_merge, photo, save, write_params
 
@@ -164,16 +168,24 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(reference, collecti
     assert [h["loss"] for h in done.history] == [h["loss"] for h in ref.history]
 
 
+def ticks(seconds: float) -> Any:
+    """A clock that advances `seconds` each time it is read: run_train reads it when the run
+    starts, then at the start and the end of each epoch (so an epoch "takes" `seconds`, and
+    `2 * seconds` from one epoch's start to the next)."""
+    return itertools.count(0.0, seconds).__next__
+
+
 def test_time_budget_stops_early_with_a_usable_checkpoint(collection, tmp_path):
     # 0.001 min = 60 ms: less than any epoch, so exactly one epoch runs (there is no estimate
-    # before the first one), then the run stops cleanly.
+    # before the first one); not even a schedule fitted to 2 epochs fits, so the run stops.
     settings = _settings(collection, tmp_path, train={"time_budget_minutes": 0.001,
                                                       "workers": 0})
     lines: list[str] = []
-    summary = run_train(settings, log=lines.append)
-    assert summary.stopped_early and summary.epochs_done == 1
-    assert "time budget" in summary.stop_reason and any("stopped early" in s
-                                                        for s in summary.lines())
+    summary = run_train(settings, log=lines.append, clock=ticks(1.0))
+    assert summary.stopped_early and summary.epochs_done == 1 and summary.epochs == 2
+    assert "time budget" in summary.stop_reason and "ran out" in summary.stop_reason
+    assert any("stopped early" in s for s in summary.lines())
+    assert any("fitted to 2 epochs" in s for s in lines) and any("stopping" in s for s in lines)
     model, raw = load_checkpoint(settings.path(settings.model.checkpoint))
     assert raw["training"]["stopped_early"] and raw["training"]["epochs"] == 1
     metrics = json.loads((settings.path(settings.data.models_dir) / METRICS).read_text())
@@ -190,6 +202,127 @@ def test_time_budget_stops_early_with_a_usable_checkpoint(collection, tmp_path):
     # with it, the run continues after epoch 1 (and the budget stops it again at once)
     resumed = run_train(settings, resume=True, log=lines.append)
     assert resumed.resumed_from == 1 and resumed.epochs_done == 1 and resumed.stopped_early
+
+
+FIT = {"resolution": 32, "epochs": 6, "workers": 0, "time_budget_minutes": 2}
+
+
+def test_binding_budget_fits_the_schedule_and_resume_continues_it(collection, tmp_path):
+    # 15 s an epoch, 30 s from one epoch's start to the next; 45 s gone after epoch 1, so 6
+    # epochs would take 3 min of the 2-min budget: 75 s left fit 2 more epochs (with slack).
+    fitted_settings = _settings(collection, tmp_path / "whole", train=FIT)
+    lines: list[str] = []
+    whole = run_train(fitted_settings, log=lines.append, clock=ticks(15.0))
+    assert whole.epochs_planned == 6 and whole.epochs == 3 and whole.epochs_done == 3
+    assert not whole.stopped_early and not whole.stop_reason  # its schedule ran to its end
+    assert not any("stopped early" in s for s in whole.lines())
+    assert "6 epochs of ~30 s would take" in whole.fit_reason
+    assert any(s.startswith("time budget: ") and "fitted to 3 epochs" in s for s in lines)
+    raw = safe_load(fitted_settings.path(fitted_settings.model.checkpoint))["training"]
+    assert (raw["epochs_planned"], raw["epochs_fitted"], raw["epochs"]) == (6, 3, 3)
+    assert raw["fit_reason"] == whole.fit_reason and not raw["stopped_early"]
+    metrics = json.loads((fitted_settings.path(fitted_settings.data.models_dir)
+                          / METRICS).read_text())
+    assert (metrics["epochs_planned"], metrics["epochs_fitted"], metrics["epochs"]) == (6, 3, 3)
+    assert metrics["fit_reason"] == whole.fit_reason and metrics["stopped_early"] is False
+    # the LR decays to 0 at the end of the fitted schedule (step 6), continuously
+    plan = Schedule(base=1e-3, steps=2, warmup=1, epochs=6)
+    sched = plan.fitted(1, 3)
+    assert sched.lr(6) == pytest.approx(0.0, abs=1e-12)
+    assert [h["lr"] for h in whole.history] == [plan.lr(1), sched.lr(3), sched.lr(5)]
+
+    # killed after epoch 2 of the fitted schedule, then resumed: the same fitted schedule
+    settings = _settings(collection, tmp_path / "parts", train=FIT)
+    part = run_train(settings, max_epochs=2, log=lambda _: None, clock=ticks(15.0))
+    assert part.epochs == 3 and part.epochs_done == 2 and part.stopped_early
+    assert safe_load(settings.path(settings.data.models_dir) / LAST)["schedule"]["epochs"] == 3
+    done = run_train(settings, resume=True, log=lambda _: None, clock=ticks(1.0))
+    assert done.resumed_from == 2 and done.epochs == 3 and done.epochs_done == 3
+    assert not done.stopped_early and done.fit_reason == whole.fit_reason
+    same = ("epoch", "step", "loss", "lr")
+    assert [[h[k] for k in same] for h in done.history] == \
+        [[h[k] for k in same] for h in whole.history]
+    _assert_same_weights(_weights(settings.path(settings.model.checkpoint)),
+                         _weights(fitted_settings.path(fitted_settings.model.checkpoint)))
+
+
+def test_budget_that_does_not_bind_changes_nothing(reference, collection, tmp_path):
+    _, ref = reference
+    settings = _settings(collection, tmp_path, train={"time_budget_minutes": 1.0})
+    # epochs of 5 s, 10 s from start to start: 15 s gone after the first, 45 s in all, within
+    # the minute: nothing is fitted
+    summary = run_train(settings, log=lambda _: None, clock=ticks(5.0))
+    assert summary.epochs == summary.epochs_planned == summary.epochs_done == EPOCHS
+    assert not summary.fit_reason and not summary.stopped_early
+    assert [(h["loss"], h["lr"]) for h in summary.history] == \
+        [(h["loss"], h["lr"]) for h in ref.history]
+    assert summary.fingerprint == ref.fingerprint
+
+
+def test_fitted_schedule_is_continuous_and_decays_to_zero():
+    plan = Schedule(base=1.0, steps=4, warmup=4, epochs=10)
+    assert [plan.lr(s) for s in range(41)] == [lr_at(s, 40, 4, 1.0) for s in range(41)]
+    first = plan.fitted(3, 6)  # after epoch 3 (step 12): end after epoch 6 instead of 10
+    assert first.lr(12) == pytest.approx(plan.lr(12), rel=1e-12)
+    assert first.lr(24) == pytest.approx(0.0, abs=1e-12)
+    lrs = [first.lr(s) for s in range(12, 25)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # decays faster, but without a jump
+    again = first.fitted(4, 5)  # epochs got slower: fitted again after epoch 4
+    assert again.lr(16) == first.lr(16) and again.lr(20) == pytest.approx(0.0, abs=1e-12)
+    # fitted during the warm-up: the warm-up runs as planned, then the shorter decay
+    early = Schedule(base=1.0, steps=4, warmup=6, epochs=10).fitted(1, 3)
+    assert early.lr(5) == pytest.approx(1.0) and early.lr(6) == pytest.approx(1.0)
+    assert early.lr(12) == pytest.approx(0.0, abs=1e-12)
+    assert Schedule(base=1.0, steps=4, warmup=6, epochs=10).fewest_epochs(1) == 2
+    with pytest.raises(ValueError):
+        plan.fitted(3, 3)
+
+
+def test_fit_epochs_only_shortens_and_keeps_slack():
+    plan = Schedule(base=1.0, steps=10, warmup=10, epochs=25)
+    assert fit_epochs(plan, 1, 60.0, 50.0, 0.0) == 25  # no budget
+    assert fit_epochs(plan, 1, 60.0, 50.0, 1260.0) == 25  # 60 + 24 * 50 fits exactly
+    # 20 min, 95 s an epoch after the first: 1,105 s left hold 11 epochs at 95 s * 1.05
+    assert fit_epochs(plan, 1, 95.0, 95.0, 1200.0) == 12
+    assert fit_epochs(plan.fitted(1, 12), 4, 400.0, 200.0, 1200.0) == 7  # slower: again
+    assert fit_epochs(plan, 1, 1190.0, 95.0, 1200.0) == 2  # at least one more epoch
+    assert fit_epochs(plan, 25, 5000.0, 95.0, 1200.0) == 25  # nothing left to fit
+
+
+def test_threads_follow_the_cpus_the_process_may_use(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    proc = tmp_path / "cgroup"
+    v2 = tmp_path / "v2"
+    (v2 / "box" / "job").mkdir(parents=True)
+    proc.write_text("0::/box/job\n")
+    (v2 / "box" / "job" / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(v2, proc) == 4  # no quota: the affinity mask
+    (v2 / "box" / "cpu.max").write_text("150000 100000\n")  # a parent's quota counts
+    assert available_cpus(v2, proc) == 2  # 1.5 CPUs: 2 threads, throttled to 1.5 together
+    (v2 / "box" / "job" / "cpu.max").write_text("50000 100000\n")
+    assert available_cpus(v2, proc) == 1  # never 0
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct").mkdir(parents=True)
+    proc.write_text("4:memory:/x\n2:cpu,cpuacct:/\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(v1, proc) == 4
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert available_cpus(v1, proc) == 3
+    assert available_cpus(tmp_path / "none", tmp_path / "missing") == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+    assert available_cpus(v1, proc) == 1
+
+
+def test_training_views_are_embeds_tensors(collection):
+    from cbir.embed import to_tensor
+
+    settings = _settings(collection, collection / "views")
+    views = TwoViews(build_cache(settings, log=lambda _: None), "heritage", 48, 0.3, 0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        picture = Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8), "RGB")
+        assert torch.equal(views._tensor(picture), to_tensor(picture, views.pp))
 
 
 def test_decoded_cache_is_incremental_and_follows_the_image_set(tmp_path):
