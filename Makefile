@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test faults clean-data
+.PHONY: install demo test test-busy faults clean-data
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cbir needs Python 3.11 or newer")'
@@ -39,6 +39,15 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The suite on a busy machine: two CPU-bound processes run beside it (started here, and stopped
+# whatever the outcome, Ctrl-C included), so that no test passes only when it has the machine
+# to itself.
+test-busy: install
+	@( while :; do :; done ) & b1=$$!; ( while :; do :; done ) & b2=$$!; \
+	trap 'kill $$b1 $$b2 2>/dev/null; wait $$b1 $$b2 2>/dev/null' EXIT INT TERM; \
+	echo "test-busy: two CPU-bound processes ($$b1, $$b2) run beside the suite"; \
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The full fault-injection, hostile-input and resource matrix (CI runs a reduced set through
 # make test).

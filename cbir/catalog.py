@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from .config import Settings
 from .errors import CbirError
 from .fsutil import atomic_path, clean_stale_tmp, write_text
+from .stored import (CLUSTERS_SCHEMA, FILES_SCHEMA, MANIFEST_FIX, PAIRS_FIX, PAIRS_SCHEMA,
+                     QUARANTINE_SCHEMA, RUNS_SCHEMA, check_schema, one_line)
 
 SCHEMA_VERSION = 2  # 2: paths relative to the workspace, DOUBLE scores
 
@@ -48,9 +51,16 @@ class View:
     sources: dict[str, Path] | None = None  # Parquet files the SQL reads as {name}
     comment: str = ""
     replace: str = ""  # a REPLACE clause for a Parquet view (e.g. FLOAT scores as DOUBLE)
+    schema: pa.Schema | None = None  # what its Parquet file holds (the one file it reads)
+    fix: str = ""  # what rebuilds that file
 
     def files(self) -> list[Path]:
         return ([self.parquet] if self.parquet else []) + list((self.sources or {}).values())
+
+    def check(self) -> None:
+        """A damaged or foreign file: one line naming it, not a DuckDB error mid-query."""
+        for path in self.files() if self.schema is not None else ():
+            check_schema(path, self.schema, self.fix)
 
     def body(self, root: Path) -> str:
         if self.parquet is not None:
@@ -153,12 +163,13 @@ def views(settings: Settings) -> list[View]:
     """Every view the catalogue can hold, in creation order."""
     m = settings.path(settings.data.manifest_dir)
     v = [
-        View("ingest_runs", parquet=m / "runs.parquet", comment="one row per ingest run"),
+        View("ingest_runs", parquet=m / "runs.parquet", comment="one row per ingest run",
+             schema=RUNS_SCHEMA, fix=MANIFEST_FIX),
         View("files", sql=_FILES_SQL, needs=("ingest_runs",),
-             sources={"files": m / "files.parquet"},
+             sources={"files": m / "files.parquet"}, schema=FILES_SCHEMA, fix=MANIFEST_FIX,
              comment="every file version ever ingested, with its status"),
-        View("quarantine", parquet=m / "quarantine.parquet",
-             comment="files that could not be used, with the reason"),
+        View("quarantine", parquet=m / "quarantine.parquet", schema=QUARANTINE_SCHEMA,
+             fix=MANIFEST_FIX, comment="files that could not be used, with the reason"),
         View("images", sql=_IMAGES_SQL, needs=("files",),
              comment="one row per distinct image (by content), canonical path"),
         View("exact_duplicates", sql=_EXACT_DUPLICATES_SQL, needs=("files",),
@@ -168,10 +179,11 @@ def views(settings: Settings) -> list[View]:
     v += [
         # scores as DOUBLE: round(score, 3) of a FLOAT shows as 0.9980000257492065
         View("duplicate_pairs", parquet=pairs / "pairs.parquet",
-             replace="REPLACE (score::DOUBLE AS score)",
+             replace="REPLACE (score::DOUBLE AS score)", schema=PAIRS_SCHEMA, fix=PAIRS_FIX,
              comment="near-duplicate pairs (kind 'near') and exact copies (kind 'exact', score 1)"),
         View("clusters", parquet=pairs / "clusters.parquet",
              replace="REPLACE (weakest_link::DOUBLE AS weakest_link)",
+             schema=CLUSTERS_SCHEMA, fix=PAIRS_FIX,
              comment="connected groups of near-duplicates: one row per member"),
         View("pair_report", sql=_PAIR_REPORT_SQL, needs=("files", "duplicate_pairs"),
              comment="each pair with both files' dimensions, sizes, formats, first run and "
@@ -251,28 +263,90 @@ def _sidecar(catalog: Path) -> Path:
 
 
 def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the catalogue (refreshed first so new outputs show up), whose
-    views find their Parquet files relative to the workspace, wherever it now is."""
+    """A read-only, sandboxed connection to the catalogue (refreshed first so new outputs show
+    up), whose views find their Parquet files relative to the workspace, wherever it now is.
+
+    Every connection cbir hands out for queries is guarded by DuckDB itself, so no query can
+    change or read anything but the catalogue: the file is attached read only; external access
+    is off except for the workspace's own Parquet outputs (no COPY/EXPORT, no reading other
+    files, no extensions); and the configuration is locked, so a query cannot undo that. It is
+    a DuckDB instance of its own (an in-memory one that attaches the file): the lock binds no
+    other connection to the same file in this process.
+    """
     path = refresh_catalog(settings) if refresh else settings.path(settings.data.catalog)
     if not path.is_file():
         raise CbirError(f"no catalogue at {path}: run `cbir ingest` first")
-    con = duckdb.connect(str(path), read_only=True)
-    con.execute(f"SET file_search_path = {_sql_str(str(settings.root))}")
+    chosen = _plan(settings)
+    for view in chosen:
+        view.check()
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("ATTACH ? AS catalog (READ_ONLY)", [str(path)])
+        con.execute("USE catalog")
+        con.execute("SET file_search_path = ?", [str(settings.root)])
+        con.execute("SET temp_directory = ?", [str(path) + ".tmp"])  # as a file-backed one
+        con.execute("SET allowed_paths = ?", [_allowed_paths(settings, chosen)])
+        for option in ("enable_external_access", "autoinstall_known_extensions",
+                       "autoload_known_extensions", "allow_community_extensions"):
+            con.execute(f"SET {option} = false")
+        con.execute("SET lock_configuration = true")
+    except duckdb.Error as exc:
+        con.close()
+        raise CbirError(f"cannot open the catalogue {path} ({one_line(exc)}); run `cbir "
+                        f"ingest` to write it again") from None
     return con
+
+
+def _allowed_paths(settings: Settings, chosen: Sequence[View]) -> list[str]:
+    """The workspace's Parquet outputs, spelt as the views name them (relative to the
+    workspace: DuckDB checks the name it is given) and in full."""
+    files = {p for view in chosen for p in view.files()}
+    for folder in (settings.data.manifest_dir, settings.data.pairs_dir,
+                   settings.data.reports_dir):
+        files.update(settings.path(folder).glob("*.parquet"))
+    files.update(settings.path(settings.data.embeddings_dir).glob("*/*.parquet"))
+    root = Path(os.path.abspath(settings.root))
+    out = set()
+    for p in files:
+        full = Path(os.path.abspath(p))
+        out.add(str(full))
+        if full.is_relative_to(root):
+            out.add(full.relative_to(root).as_posix())
+    return sorted(out)
+
+
+def _statement(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
+    """The one query in `sql`. Anything but a query (COPY, ATTACH, SET, CREATE, PRAGMA...) is
+    refused before it runs: the guards of `connect` stop it anyway, this says why in words."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise CbirError(f"query failed: {_message(exc)}") from None
+    if not statements:
+        raise CbirError("no query to run: the SQL is empty or only comments")
+    if len(statements) > 1:
+        raise CbirError(f"one query at a time: the SQL holds {len(statements)} statements")
+    try:
+        kind = statements[0].type
+    except ValueError:  # a statement type this duckdb's Python API has no name for
+        raise CbirError("only queries can run on the catalogue (it is read only): SELECT, "
+                        "FROM, WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE") from None
+    if kind != duckdb.StatementType.SELECT:
+        raise CbirError(f"only queries can run on the catalogue (it is read only): SELECT, "
+                        f"FROM, WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE; not {kind.name}")
+    return statements[0]
+
+
+def _message(exc: duckdb.Error) -> str:
+    """DuckDB's message without the quoted query and carets that follow it, on one line."""
+    return one_line(str(exc).split("\n\nLINE ")[0])
 
 
 def query(settings: Settings, sql: str, params: Iterable[Any] | None = None,
           ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run one SQL statement on the catalogue; user values go in as parameters (`?`)."""
-    con = connect(settings)
-    try:
-        cur = con.execute(sql, list(params or []))
-        cols = [d[0] for d in cur.description] if cur.description else []
-        return cols, cur.fetchall()
-    except duckdb.Error as exc:
-        raise CbirError(f"query failed: {exc}") from None
-    finally:
-        con.close()
+    """Run one SQL query on the catalogue; user values go in as parameters (`?`)."""
+    cols, rows, _ = query_page(settings, sql, params)
+    return cols, rows
 
 
 def query_page(settings: Settings, sql: str, params: Iterable[Any] | None = None,
@@ -280,7 +354,7 @@ def query_page(settings: Settings, sql: str, params: Iterable[Any] | None = None
     """Like `query`, but only the first `limit` rows (all when None), and the total count."""
     con = connect(settings)
     try:
-        cur = con.execute(sql, list(params or []))
+        cur = con.execute(_statement(con, sql), list(params or []))
         cols = [d[0] for d in cur.description] if cur.description else []
         if limit is None:
             rows = cur.fetchall()
@@ -291,6 +365,6 @@ def query_page(settings: Settings, sql: str, params: Iterable[Any] | None = None
             total += len(chunk)
         return cols, rows, total
     except duckdb.Error as exc:
-        raise CbirError(f"query failed: {exc}") from None
+        raise CbirError(f"query failed: {_message(exc)}") from None
     finally:
         con.close()

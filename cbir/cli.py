@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_PARAMS, Settings, load_settings
+from .config import DEFAULT_PARAMS, MAX_K, MAX_SIDE, Settings, load_settings
 from .errors import CbirError
 
 Handler = Callable[[Settings, argparse.Namespace], int | None]
@@ -27,6 +27,15 @@ def _progress_wanted() -> bool:
 def _note(message: str) -> None:
     """What a long step is doing now, on stderr (stdout keeps the summary)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def _check_range(option: str, value: int | None, low: int, high: int) -> None:
+    """A count given on the command line that cannot work: one line before any work (not an
+    overflow or a huge allocation later)."""
+    if value is not None and value < low:
+        raise CbirError(f"{option} must be at least {low}, got {value}")
+    if value is not None and value > high:
+        raise CbirError(f"{option} must be at most {high:,}, got {value}")
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -68,24 +77,24 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
+    from .safetext import printable as shown  # a name's line breaks would forge result lines
     from .search import query_images
 
-    if args.k < 1:
-        raise CbirError(f"--k must be at least 1, got {args.k}")
-    failed = 0
+    _check_range("--k", args.k, 1, MAX_K)
+    failed: list[str] = []
     for res in query_images(settings, [Path(p) for p in args.images], k=args.k):
-        print(res.query)
+        print(shown(res.query))
         if res.error:
-            failed += 1
-            print(f"  {res.error}")
+            failed.append(f"{shown(res.query)}: {shown(res.error)}")
+            print(f"  {shown(res.error)}")
             continue
         for path in res.exact_copies_of:
-            print(f"  exact duplicate (same bytes) of {path}")
+            print(f"  exact duplicate (same bytes) of {shown(path)}")
         for rank, (image_id, path, score) in enumerate(res.neighbours, start=1):
-            print(f"  {rank:3d}  {score:.4f}  {path}  [{image_id}]")
+            print(f"  {rank:3d}  {score:.4f}  {shown(path)}  [{image_id}]")
     if failed:
-        print(f"cbir query: error: {failed} of {len(args.images)} images could not be "
-              f"queried", file=sys.stderr)
+        print(f"cbir query: error: {len(failed)} of {len(args.images)} images could not be "
+              f"queried ({failed[0]}{'; ...' if len(failed) > 1 else ''})", file=sys.stderr)
         return 2
     return 0
 
@@ -109,6 +118,7 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from .train import run_train
 
+    _check_range("--max-epochs", args.max_epochs, 1, 100_000)
     summary = run_train(settings, resume=args.resume, progress=_progress_wanted(),
                         max_epochs=args.max_epochs)
     print("\n".join(summary.lines()))
@@ -119,10 +129,14 @@ def cmd_augment_preview(settings: Settings, args: argparse.Namespace) -> int:
     from .augment import STRATEGIES, preview_grid
     from .imaging import ImageRejected, load_rgb
 
+    _check_range("--n", args.n, 1, 64)
+    _check_range("--resolution", args.resolution, 32, MAX_SIDE)
+    _check_range("--seed", args.seed, 0, 2**31 - 2)
     try:
-        img = load_rgb(args.image, max(512, 2 * settings.train.resolution))
+        img = load_rgb(args.image, max(512, 2 * settings.train.resolution),
+                       max_pixels=settings.ingest.max_pixels)
     except (ImageRejected, OSError) as exc:
-        reason = exc.reason if isinstance(exc, ImageRejected) else exc
+        reason = exc.reason if isinstance(exc, ImageRejected) else (exc.strerror or exc)
         raise CbirError(f"cannot read {args.image}: {reason}") from None
     strategies = [args.strategy] if args.strategy else list(STRATEGIES)
     grid = preview_grid(img, strategies=strategies, n=args.n,
@@ -130,6 +144,9 @@ def cmd_augment_preview(settings: Settings, args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else \
         settings.path(settings.data.reports_dir) / f"augment-preview-{Path(args.image).stem}.png"
     from .fsutil import atomic_path
+    from .outputs import check_free
+
+    check_free(settings, "--out", out)
 
     with atomic_path(out) as tmp:
         grid.save(tmp, format="PNG")
@@ -271,7 +288,9 @@ def _cell(value: object) -> str:
     if isinstance(value, float):  # 6 digits: a FLOAT read as a double shows 0.9980000257492065
         text = f"{value:.6g}"
         return text if any(c in text for c in ".en") else text + ".0"
-    return str(value)
+    from .safetext import printable
+
+    return printable(value)  # on one line: a name's line break would forge a row
 
 
 # --------------------------------------------------------------------------- parser
@@ -505,19 +524,30 @@ def _writer_lock(settings: Settings, args: argparse.Namespace) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every line it prints has its control characters escaped (a scan's name
+    cannot drive the terminal: cbir/safetext.py)."""
+    from .safetext import escaped_output
+
+    with escaped_output():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if getattr(args, "no_params", False):  # init, find-duplicates: they make the params
             return int(args.handler(None, args) or 0)
         settings = load_settings(args.params)
-        # matplotlib's font cache in the workspace, not in the user's home
-        os.environ.setdefault("MPLCONFIGDIR", str(settings.path(settings.data.cache_dir)
-                                                  / "matplotlib"))
-        with _writer_lock(settings, args):
+        from .environ import confined
+
+        # caches and Prefect's state in the workspace, not in the user's home; no analytics
+        with confined(settings), _writer_lock(settings, args):
             return int(args.handler(settings, args) or 0)
     except CbirError as exc:
-        print(f"cbir {args.command}: error: {exc}", file=sys.stderr)
+        from .safetext import printable
+
+        print(f"cbir {args.command}: error: {printable(exc)}", file=sys.stderr)  # one line
         return 2
     except OSError as exc:
         from .fsutil import disk_full, is_disk_full

@@ -14,11 +14,31 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      ValidationInfo, field_validator)
 
 from .errors import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
+
+# Ranges of counts and sizes. Each one is checked when the params are loaded, so a value that
+# cannot work is one line naming the key, not an overflow deep in FAISS, DuckDB or torch later.
+MAX_WORKERS = 1024  # processes
+MAX_SIDE = 8192  # px of a network input or a generated picture
+MAX_BATCH = 65536
+MAX_K = 10_000  # neighbours of an image (search.k, evaluate.ks, `cbir query --k`)
+#: Seeds: FAISS takes a C int (and uses seed + 1), numpy no negative ones.
+Seed = Annotated[int, Field(ge=0, le=2**31 - 2)]
+NO_LIMIT = 1 << 62  # what a larger limit saturates to: fits DuckDB's BIGINT (LIMIT ?)
+
+
+def _saturate(value: int) -> int:
+    return min(value, NO_LIMIT)
+
+
+#: A limit ("at most N"): a value larger than anything it could limit means no limit, so it
+#: saturates (report.max_pairs: 10**30 is "all pairs") instead of failing where it is used.
+Limit = Annotated[int, AfterValidator(_saturate)]
 
 
 def _number_not_bool(annotation: Any) -> bool:
@@ -35,7 +55,7 @@ def _number_not_bool(annotation: Any) -> bool:
 
 class _Section(BaseModel):
     # Unknown keys are typos until proven otherwise: refuse them instead of silently ignoring.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -70,14 +90,16 @@ class DataSettings(_Section):
 class IngestSettings(_Section):
     """Reading new scans into the manifest."""
 
-    workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
-    max_pixels: int = Field(200_000_000, gt=0, description="larger images are quarantined "
-                            "(decompression bombs)")
+    workers: int = Field(0, ge=0, le=MAX_WORKERS, description="decode processes; 0 = all "
+                         "cores")
+    max_pixels: Limit = Field(200_000_000, gt=0, description="larger images are quarantined "
+                            "(decompression bombs), and so are those that would decode to more "
+                            "than 3 bytes a pixel of it (RGBA, CMYK, float)")
     ignore: list[str] = Field(
         default_factory=lambda: [".*", "Thumbs.db", "desktop.ini", "*.md5", "*.sha256"],
         description="glob patterns (file or folder names) that are not scans",
     )
-    journal_every: int = Field(500, gt=0, description="decoded files per crash-recovery "
+    journal_every: Limit = Field(500, gt=0, description="decoded files per crash-recovery "
                                "journal part")
 
 
@@ -85,11 +107,13 @@ class DemoSettings(_Section):
     """`cbir demo-data`: the synthetic demo collection (not part of an archive's pipeline)."""
 
     out_dir: Path = Field(Path("demo"), description="scans/ and ground_truth.csv go here")
-    n_groups: int = Field(150, ge=1, description="originals that get near-duplicate copies")
-    n_distractors: int = Field(150, ge=0, description="originals with no copies")
-    max_copies: int = Field(4, ge=1, description="group size at most (original included)")
-    size: int = Field(512, ge=64, description="long side of the originals, px")
-    seed: int = 0
+    n_groups: int = Field(150, ge=1, le=1_000_000, description="originals that get "
+                          "near-duplicate copies")
+    n_distractors: int = Field(150, ge=0, le=1_000_000, description="originals with no copies")
+    max_copies: int = Field(4, ge=1, le=100, description="group size at most (original "
+                            "included)")
+    size: int = Field(512, ge=64, le=MAX_SIDE, description="long side of the originals, px")
+    seed: Seed = 0
 
 
 class ModelSettings(_Section):
@@ -101,12 +125,12 @@ class ModelSettings(_Section):
     gem_p: float = Field(3.0, gt=0, description="GeM pooling exponent (1 = average pooling)")
     projection: Literal["linear", "mlp"] = Field("linear", description="projection head: "
                                                  "linear (SSCD) | mlp (SimCLR)")
-    projection_dim: int = Field(512, ge=8)
+    projection_dim: int = Field(512, ge=8, le=MAX_BATCH)
     descriptor: Literal["trunk", "projection"] = Field(
         "trunk", description="retrieval descriptor: trunk (pooled, L2-normalised) | projection")
     checkpoint: Path = Field(Path("data/models/model.pt"), description="used by embed when it "
                              "exists (written by train)")
-    seed: int = Field(0, description="initialisation of untrained weights")
+    seed: Seed = Field(0, description="initialisation of untrained weights")
 
 
 class EmbedSettings(_Section):
@@ -115,7 +139,7 @@ class EmbedSettings(_Section):
     # "train": the training resolution. Descriptors are sharpest at the scale they were trained
     # at (benchmarks/quality.py: trained at 112 px, embedding at 112 px gave P@1 0.92, at 224 px
     # 0.81).
-    resolution: Annotated[int, Field(ge=32)] | Literal["train"] = Field(
+    resolution: Annotated[int, Field(ge=32, le=MAX_SIDE)] | Literal["train"] = Field(
         "train", description="square input size in px; train = train.resolution (descriptors "
         "are sharpest at the scale they were trained at)")
     # Multi-scale descriptor: sum of the descriptors at resolution * each scale (cost grows with
@@ -123,22 +147,23 @@ class EmbedSettings(_Section):
     scales: list[Annotated[float, Field(gt=0, le=4)]] = Field(
         [1.0, 1.25], min_length=1, description="multi-scale descriptor: sum over resolution x "
         "each scale ([1.0]: single scale, 1.5x faster; benchmark mAP@10 0.937 vs 0.953)")
-    batch_size: int = Field(32, ge=1)
-    shard_size: int = Field(1000, ge=1, description="images per Parquet shard (the unit of "
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    shard_size: Limit = Field(1000, ge=1, description="images per Parquet shard (the unit of "
                             "resumption)")
-    workers: int = Field(1, ge=0, description="DataLoader decode processes")
+    workers: int = Field(1, ge=0, le=MAX_WORKERS, description="DataLoader decode processes")
     device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda")
 
 
 class IndexSettings(_Section):
     """The FAISS index (exact below ~10,000 images, IVF-PQ above)."""
 
-    bytes_per_vector: int = Field(64, ge=8, description="PQ code budget per vector")
+    bytes_per_vector: int = Field(64, ge=8, le=MAX_BATCH, description="PQ code budget per "
+                                  "vector")
     target_recall: float = Field(0.95, gt=0, le=1, description="nprobe is tuned to reach this "
                                  "recall@10 vs exact search")
     rebuild_factor: float = Field(4.0, ge=1, description="rebuild when the collection outgrows "
                                   "the trained index by this")
-    seed: int = 0
+    seed: Seed = 0
 
 
 Threshold = Annotated[float, Field(ge=-1, le=1)] | Literal["auto"]
@@ -147,7 +172,8 @@ Threshold = Annotated[float, Field(ge=-1, le=1)] | Literal["auto"]
 class SearchSettings(_Section):
     """Near-duplicate pairs and clusters."""
 
-    k: int = Field(10, ge=1, description="neighbours per image considered for pairs")
+    k: int = Field(10, ge=1, le=MAX_K, description="neighbours per image considered for "
+                   "pairs")
     # "auto": calibrated by `cbir calibrate` (cbir/calibrate.py) to reach precision_target, on
     # the ground truth where there is one, else on held-out synthetic copies of the collection.
     pair_threshold: Threshold = Field("auto", description="cosine similarity for a "
@@ -162,17 +188,18 @@ class SearchSettings(_Section):
 class CalibrateSettings(_Section):
     """Self-calibration of the pair threshold without ground truth (cbir/calibrate.py)."""
 
-    images: int = Field(1000, ge=10, description="images whose neighbours estimate how "
+    images: Limit = Field(1000, ge=10, description="images whose neighbours estimate how "
                         "non-duplicates score (all when the collection is smaller)")
-    copies: int = Field(300, ge=10, description="held-out synthetic copies that estimate how "
+    copies: Limit = Field(300, ge=10, description="held-out synthetic copies that estimate how "
                         "duplicates score")
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
 
 
 class EvaluateSettings(_Section):
     """Retrieval quality against the ground truth."""
 
-    ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    ks: list[Annotated[int, Field(ge=1, le=MAX_K)]] = Field(default_factory=lambda: [1, 5, 10],
+                                                         min_length=1)
     precision_target: float = Field(0.9, gt=0, le=1, description="recall is reported at this "
                                     "precision")
     baselines: bool = Field(True, description="also score the untrained backbone and perceptual "
@@ -180,33 +207,49 @@ class EvaluateSettings(_Section):
 
 
 class TrainSettings(_Section):
-    augmentation: Literal["simclr", "heritage"] = "heritage"
-    augment_strength: float = Field(1.0, ge=0)
-    resolution: int = Field(112, ge=32)
-    batch_size: int = Field(64, ge=2)
-    epochs: int = Field(25, ge=1)
+    """Self-supervised fine-tuning of the descriptor on the collection itself (SimCLR)."""
+
+    augmentation: Literal["simclr", "heritage"] = Field(
+        "heritage", description="heritage (archive-informed) | simclr (the original recipe)")
+    augment_strength: float = Field(1.0, ge=0, description="scales the augmentations' "
+                                    "probabilities and magnitudes")
+    resolution: int = Field(112, ge=32, le=MAX_SIDE, description="training view size (decoded "
+                            "once into data/cache)")
+    batch_size: int = Field(64, ge=2, le=MAX_BATCH, description="global batch (split across "
+                            "GPUs under torchrun)")
+    epochs: int = Field(25, ge=1, le=100_000, description="the cosine schedule must reach its end: "
+                        "stopping mid-schedule costs quality (about 30 s an epoch for 1,000 "
+                        "images on 2 CPU cores with native bf16)")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
-    temperature: float = Field(0.05, gt=0)
-    koleo_weight: float = Field(0.0, ge=0, description="0 turns the entropy regulariser off")
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up, then cosine decay to 0")
+    temperature: float = Field(0.05, gt=0, description="NT-Xent temperature (SSCD: 0.05; "
+                               "SimCLR: 0.1-0.5)")
+    koleo_weight: float = Field(0.0, ge=0, description="entropy (KoLeo) regulariser; 0 turns "
+                                "it off")
     mix_prob: float = Field(0.0, ge=0, le=1, description="probability of cutmix/mixup per batch")
-    workers: int = Field(1, ge=0, description="DataLoader augmentation processes")
-    device: str = "auto"
+    workers: int = Field(1, ge=0, le=MAX_WORKERS, description="augmentation processes (GPU: "
+                         "about the number of cores); on the CPU, torch trains with the CPUs "
+                         "left beside them")
+    device: str = Field("auto", description="auto (CUDA with mixed precision when present) | "
+                        "cpu | cuda")
     precision: Literal["auto", "fp32"] = Field(
-        "auto", description="auto: mixed precision where the hardware has it (fp16 on CUDA, a "
-        "bf16 trunk on CPUs with native bf16); fp32: full precision everywhere")
-    time_budget_minutes: float = Field(0, ge=0, description="fit the LR schedule to this (and "
-                                       "stop if even that cannot finish); 0 = none")
-    seed: int = 0
+        "auto", description="auto: mixed precision where it is faster (fp16 on CUDA; a bf16 "
+        "trunk, half the time, on CPUs with native bf16, e.g. AVX512-BF16, when training runs "
+        "one torch thread) | fp32: full precision everywhere")
+    time_budget_minutes: float = Field(
+        20, ge=0, description="when the epochs would not finish in this, the LR schedule is "
+        "fitted to fewer epochs that do (it stops mid-schedule only if even that cannot "
+        "finish); 0 = none")
+    seed: Seed = 0
 
 
 class ReportSettings(_Section):
     """The review gallery."""
 
-    page_size: int = Field(200, ge=1, description="pairs, clusters or queries per gallery page")
-    max_pairs: int = Field(50_000, ge=0, description="strongest pairs in the gallery; 0 = all")
+    page_size: Limit = Field(200, ge=1, description="pairs, clusters or queries per gallery page")
+    max_pairs: Limit = Field(50_000, ge=0, description="strongest pairs in the gallery; 0 = all")
     thumb_size: int = Field(256, ge=32, le=2048, description="long side of gallery "
                             "thumbnails, px (made once, then reused)")
 
@@ -219,7 +262,8 @@ class OrchestrationSettings(_Section):
     timezone: str = Field("UTC", description="IANA time zone of nightly_cron")
     dask_address: str | None = Field(None, description="Dask scheduler for the embedding "
                                      "shards (tcp://host:8786); null = in the flow's process")
-    task_retries: int = Field(2, ge=0, description="retries of a task after a transient error")
+    task_retries: int = Field(2, ge=0, le=1000, description="retries of a task after a "
+                              "transient error")
     retry_delay_seconds: float = Field(10.0, ge=0)
     lock_timeout: float = Field(600.0, ge=0, description="seconds a writer waits for another "
                                 "to finish; 0 = stop at once")
@@ -303,6 +347,77 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     return f"{where}{problem}"
 
 
+#: Bounds on a params file, checked before anything is built from it: a real one is a few KB
+#: without aliases, while a YAML alias bomb ("billion laughs") of a few hundred bytes expands to
+#: billions of values (validating or printing them would never end).
+MAX_PARAMS_BYTES = 1 << 20
+MAX_PARAMS_VALUES = 100_000  # values in the file, every alias expanded
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: silently, the last one
+    would win (two `train:` sections, and the first one's settings are ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: explicit keys may override merged ones
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the constructor says so itself
+                continue
+            if first is not key_node:
+                line = first.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {line})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int | None], limit: int) -> int:
+    """Values under `node` with every alias expanded; a YAML error past `limit` or on an alias
+    that contains itself. Linear in the file: a node shared by aliases is counted once."""
+    if id(node) in memo:
+        size = memo[id(node)]
+        if size is None:
+            raise yaml.composer.ComposerError(
+                None, None, "an alias refers to a value that contains it", node.start_mark)
+        return size
+    memo[id(node)] = None  # being counted
+    total = 1
+    children: list[yaml.Node] = (
+        node.value if isinstance(node, yaml.SequenceNode) else
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+    for child in children:
+        total += _expanded_size(child, memo, limit)
+        if total > limit:
+            raise yaml.composer.ComposerError(
+                None, None, f"the aliases here expand to more than {limit:,} values (a YAML "
+                f"alias bomb?)", node.start_mark)
+    memo[id(node)] = total
+    return total
+
+
+def _load_yaml(path: Path) -> Any:
+    """The params file's YAML, bounded in size and alias expansion, without duplicate keys."""
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_PARAMS_BYTES + 1)
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_PARAMS_BYTES:,} bytes, which no params file "
+                          f"is (is it the right file?)")
+    loader = _ParamsLoader(data.decode("utf-8"))
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, MAX_PARAMS_VALUES)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_settings(params_path: str | os.PathLike[str] = DEFAULT_PARAMS,
                   overrides: dict[str, Any] | None = None) -> Settings:
     """Read and validate a params file. Raise ConfigError with one readable line on any problem."""
@@ -310,9 +425,11 @@ def load_settings(params_path: str | os.PathLike[str] = DEFAULT_PARAMS,
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _load_yaml(path)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_error(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
@@ -324,11 +441,15 @@ def load_settings(params_path: str | os.PathLike[str] = DEFAULT_PARAMS,
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     try:
-        return Settings(root=path.parent, params_path=path, **raw)
+        settings = Settings(root=path.parent, params_path=path, **raw)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, path)) from None
     except TypeError as exc:  # e.g. a section given as a list
         raise ConfigError(f"{path}: invalid params: {exc}") from None
+    from .outputs import check_outputs  # no output may overwrite what cbir does not own
+
+    check_outputs(settings)
+    return settings
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

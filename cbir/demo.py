@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from . import degrade
+from .errors import CbirError
 from .fsutil import atomic_path, clean_stale_tmp, write_json
 from .parallel import start_method
 from .progress import bar
@@ -831,6 +832,20 @@ def _existing_complete(out_dir: Path, params: dict[str, Any]) -> bool:
         return False
 
 
+def _refuse_foreign(out_dir: Path) -> None:
+    """A folder that holds anything and no demo manifest is not the demo's: writing there would
+    overwrite scans and a ground truth named like the demo's own."""
+    if (out_dir / MANIFEST).is_file() or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise CbirError(f"{out_dir} is a file, not a folder: choose a new or empty folder for "
+                        f"the demo collection")
+    held = next(iter(sorted(p.name for p in out_dir.iterdir())), None)
+    if held is not None:
+        raise CbirError(f"{out_dir} already holds {held!r} and is not a demo collection (no "
+                        f"{MANIFEST}): choose a new or empty folder for the demo collection")
+
+
 def _remove_stale(out_dir: Path, keep: set[str]) -> None:
     """Delete demo scans of an earlier, different run: they would be images without ground truth.
 
@@ -883,9 +898,11 @@ def generate_demo_collection(
     )
     if _existing_complete(out_dir, params):
         return summary
+    _refuse_foreign(out_dir)
 
-    # drop the manifest first, so an interrupted run is never mistaken for a complete one
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+    # empty the manifest's file list first, so an interrupted run is never mistaken for a
+    # complete one (the manifest stays: it says the folder is the demo's)
+    write_json({"params": params, "files": {}}, out_dir / MANIFEST)
     _remove_stale(out_dir, all_paths)
     tasks = [(job, out_dir, size) for job in jobs]
     n_workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)

@@ -9,8 +9,10 @@ shard is the unit a Prefect task or a distributed worker handles.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from .ingest import canonical_images
 from .model import Descriptor, Preprocess, retrieval_model
 from .parallel import start_method
 from .progress import bar as progress_bar
+from .stored import DamagedFile, one_line
 
 SHARD_GLOB = "shard-*.parquet"
 
@@ -149,14 +152,36 @@ def embeddings_dir(settings: Settings, fp: str, *, baseline: bool = False) -> Pa
 
 
 def read_shard(shard: Path, columns: list[str] | None = None) -> pa.Table:
-    """One embeddings shard. Shards are written atomically, so a damaged one is damage on disk:
-    a clear error saying what to do, not a pyarrow traceback."""
+    """One embeddings shard. Shards are written atomically, so a damaged or foreign one is
+    damage on disk: a clear error saying what to do, not a pyarrow traceback."""
     try:
-        return pq.read_table(shard, columns=columns)
+        table = pq.read_table(shard, columns=columns)
     except (OSError, pa.ArrowException) as exc:
-        raise CbirError(f"embeddings shard {shard} is damaged ({exc}); delete it (or restore it "
-                        f"with `dvc checkout`) and run `cbir embed` to embed its images again"
-                        ) from None
+        raise _damaged_shard(shard, exc) from None
+    problem = _shard_problem(table.schema, columns or ["image_id", "vector"])
+    if problem:
+        raise _damaged_shard(shard, problem)
+    return table
+
+
+def _shard_problem(schema: pa.Schema, columns: list[str]) -> str | None:
+    """Why a shard's columns are not (image_id string, vector of float32), or None."""
+    for name in columns:
+        if name not in schema.names:
+            return f"it has no column {name!r}"
+    t = schema.field("vector").type if "vector" in columns else None
+    if t is not None and not (pa.types.is_fixed_size_list(t)
+                              and pa.types.is_floating(t.value_type)):
+        return f"column 'vector' holds {t}, not fixed-size lists of floats"
+    if "image_id" in columns and not pa.types.is_string(schema.field("image_id").type):
+        return f"column 'image_id' holds {schema.field('image_id').type}, not strings"
+    return None
+
+
+def _damaged_shard(shard: Path, problem: object) -> DamagedFile:
+    return DamagedFile(f"embeddings shard {shard} is damaged ({one_line(problem)}); delete it "
+                       f"(or restore it with `dvc checkout`) and run `cbir embed` to embed its "
+                       f"images again")
 
 
 def embedded_ids(folder: Path) -> set[str]:
@@ -284,11 +309,33 @@ def run_embed(settings: Settings, *, progress: bool = False, baseline: bool = Fa
     return summary
 
 
+def _check_dimensions(folder: Path, shards: list[Path]) -> None:
+    """One model, one dimension (model.json's, else most shards'): a shard whose vectors differ
+    is the damaged one. From the footers alone; read_shard reports any other damage."""
+    dims: dict[Path, int] = {}
+    for shard in shards:
+        try:
+            t = pq.read_schema(shard).field("vector").type
+        except (OSError, KeyError, pa.ArrowException):
+            continue
+        if pa.types.is_fixed_size_list(t):
+            dims[shard] = t.list_size
+    try:
+        want = int(json.loads((folder / "model.json").read_text(encoding="utf-8"))["dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        want = Counter(dims.values()).most_common(1)[0][0] if dims else 0
+    for shard, dim in dims.items():
+        if dim != want:
+            raise _damaged_shard(shard, f"vectors of dimension {dim}, the model's have {want}")
+
+
 def load_embeddings(folder: Path, only: set[str] | None = None) -> tuple[list[str], np.ndarray]:
     """All (image_id, vector) pairs in a fingerprint folder, sorted by image_id."""
     ids: list[str] = []
     chunks: list[np.ndarray] = []
-    for shard in sorted(folder.glob(SHARD_GLOB)):
+    shards = sorted(folder.glob(SHARD_GLOB))
+    _check_dimensions(folder, shards)
+    for shard in shards:
         t = read_shard(shard)
         col = t.column("vector").combine_chunks()
         dim = col.type.list_size

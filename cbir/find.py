@@ -60,6 +60,7 @@ def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] |
     """init (or reuse) a workspace for `scans`, then run every step in it with the defaults."""
     from .calibrate import run_calibrate
     from .embed import run_embed
+    from .environ import confined
     from .evaluate import run_evaluate
     from .index import run_index
     from .ingest import run_ingest
@@ -85,16 +86,14 @@ def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] |
             log(line)
         settings = load_settings(params)
     result = FindSummary(workspace=folder)
-    # matplotlib's font cache (the report's plots) in the workspace, not in the user's home
-    os.environ.setdefault("MPLCONFIGDIR", str(settings.path(settings.data.cache_dir)
-                                              / "matplotlib"))
 
     def step(name: str, summary: Any) -> None:
         result.steps.append((name, summary))
         for line in summary.lines():
             log(line)
 
-    with writer_lock(settings, f"cbir find-duplicates {scans_path}"):
+    # caches in the workspace, not in the user's home (cbir/environ.py)
+    with confined(settings), writer_lock(settings, f"cbir find-duplicates {scans_path}"):
         step("ingest", run_ingest(settings, progress=progress))
         if train:
             step("train", run_train(settings, resume=True, progress=progress, log=log))

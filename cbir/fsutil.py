@@ -48,6 +48,30 @@ def is_disk_full(exc: BaseException) -> bool:
                                            or os.strerror(errno.EDQUOT) in str(exc))
 
 
+class ReadOnly(CbirError):
+    """cbir may not write where an output goes: a read-only folder or file system."""
+
+
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """Whether `exc` says a write was refused: permissions, or a read-only file system."""
+    return isinstance(exc, OSError) and exc.errno in _DENIED
+
+
+def read_only(exc: OSError, target: str | os.PathLike[str] | None = None) -> ReadOnly:
+    """The one line for a refused write: where, why, and what to do."""
+    where = exc.filename or target
+    if target is not None and os.path.basename(str(where)).startswith(TMP_PREFIX):
+        where = target  # the temporary file beside it says less
+    why = "the file system is read-only" if exc.errno == errno.EROFS else \
+        "permission denied: it is read-only for this user"
+    return ReadOnly(f"cannot write {where} ({why}); cbir writes its outputs under the data "
+                    f"folder, which must be writable (or point the data.* params at a writable "
+                    f"folder)")
+
+
 def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -62,8 +86,15 @@ _FILE_MODE = 0o666 & ~_read_umask()
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it over the target."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
+    except OSError as exc:  # a read-only data folder: one line, as for a full disk
+        if is_read_only(exc):
+            raise read_only(exc, target) from None
+        if is_disk_full(exc):
+            raise disk_full(target) from exc
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -6,14 +6,18 @@ same pixels: first page/frame only, EXIF orientation applied, converted to 8-bit
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageMode, UnidentifiedImageError
 
 # A truncated file is damage to report, never something to paper over with grey pixels.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -129,7 +133,8 @@ def _count_pages(im: Image.Image) -> int:
         pages = int(getattr(im, "n_frames", 1) or 1)
         if pages > 1:
             im.seek(0)
-        return pages
+        # saturated: an animated PNG's header may declare 2^31 frames (the manifest's int32)
+        return min(pages, PAGE_COUNT_LIMIT)
     pages = 1
     try:
         while pages < PAGE_COUNT_LIMIT:
@@ -141,6 +146,58 @@ def _count_pages(im: Image.Image) -> int:
         pass  # a damaged later page: the first is the one used, so the count stops there
     im.seek(0)
     return pages
+
+
+#: Decode cost bounds, checked before decoding. A decoded picture may take at most as many bytes
+#: as an 8-bit RGB one at the pixel limit (ingest.max_pixels): an RGBA, CMYK, 16-bit or float
+#: picture under the pixel limit could otherwise take GBs (a 786 KB PNG: 14000x14000 RGBA).
+BYTES_PER_LIMIT_PIXEL = 3
+#: Scans in a JPEG: each progressive scan makes the decoder go over the whole picture again, so
+#: one scan repeated thousands of times costs minutes. Encoders write about 10 (libjpeg's
+#: progressive script); a baseline JPEG has one per component at most.
+MAX_JPEG_SCANS = 100
+_SOS = b"\xff\xda"  # start of scan; entropy-coded data stuffs every 0xFF, so it marks only scans
+
+
+def decoded_bytes(size: tuple[int, int], mode: str) -> int:
+    """Bytes of a decoded picture: pixels x bands x bytes per band."""
+    try:
+        m = ImageMode.getmode(mode)
+        per_pixel = len(m.bands) * np.dtype(m.typestr).itemsize
+    except (KeyError, TypeError, ValueError):
+        per_pixel = 4
+    return size[0] * size[1] * per_pixel
+
+
+def jpeg_scans(source: str | Path | bytes) -> int:
+    """Start-of-scan markers in a JPEG file, counted without decoding (an embedded thumbnail's
+    scans count too, which only errs on the safe side)."""
+    if isinstance(source, bytes):
+        return source.count(_SOS)
+    n, tail = 0, b""
+    with open_regular(source) as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            n += (tail + chunk).count(_SOS)
+            tail = chunk[-1:]
+    return n
+
+
+def _check_cost(im: Image.Image, source: str | Path | bytes, max_pixels: int | None) -> None:
+    """Refuse a picture whose decoding would cost too much memory or time (ImageRejected)."""
+    if max_pixels is not None:
+        need, limit = decoded_bytes(im.size, im.mode), BYTES_PER_LIMIT_PIXEL * max_pixels
+        if need > limit:
+            w, h = im.size
+            raise ImageRejected(
+                f"too costly to decode: {w}x{h} {im.mode} takes {need / 1e6:,.0f} MB decoded, "
+                f"over the limit of {limit / 1e6:,.0f} MB ({BYTES_PER_LIMIT_PIXEL} bytes a pixel "
+                f"x ingest.max_pixels); possible decompression bomb")
+    if im.format in ("JPEG", "MPO"):
+        scans = jpeg_scans(source)
+        if scans > MAX_JPEG_SCANS:
+            raise ImageRejected(
+                f"too costly to decode: a JPEG of {scans:,} scans (the limit is "
+                f"{MAX_JPEG_SCANS}; encoders write about 10); possible decompression bomb")
 
 
 def _describe_decode_error(exc: Exception) -> str:
@@ -172,8 +229,9 @@ def open_scan(source: str | Path | bytes, *, max_pixels: int | None = None,
     keeps its own mode (cheaper when only a hash is wanted). Raises ImageRejected with a reason.
     """
     suffix = Path(name).suffix.lower() if name else ""
-    fp = io.BytesIO(source) if isinstance(source, bytes) else source
-    with warnings.catch_warnings():
+    # a path: only a regular file is opened (a FIFO or a device would hang the decoder)
+    fp = io.BytesIO(source) if isinstance(source, bytes) else open_regular(source)
+    with fp, warnings.catch_warnings():
         # Pillow warns about odd metadata in real scans; the image itself is what matters here.
         warnings.simplefilter("ignore")
         try:
@@ -202,6 +260,7 @@ def open_scan(source: str | Path | bytes, *, max_pixels: int | None = None,
                 if draft is not None and fmt == "JPEG":
                     want = draft[0] if mode in ("L", "RGB", "YCbCr") else mode
                     im.draft(want, (draft[1], draft[1]))
+                _check_cost(im, source, max_pixels)  # at the size it will decode to
                 im.load()
                 # No copy: the loaded picture outlives `with im` (which only closes the file),
                 # and a copy would double the peak memory of a large scan.
@@ -254,3 +313,49 @@ def load_rgb(path: str | Path | bytes, size: int | None = None, *, max_pixels: i
     """The oriented RGB picture of a scan, decoded cheaply at about `size` px when given."""
     rgb, _ = open_scan(path, max_pixels=max_pixels, draft=("RGB", size) if size else None)
     return rgb
+
+
+# --------------------------------------------------------------------------- opening files
+
+NOT_REGULAR = "not a regular file (a pipe, socket or device), so it is not read"
+
+
+class NotRegularFile(OSError):
+    """Only regular files are ever opened: reading a FIFO blocks until a writer comes (forever),
+    a device like /dev/zero never ends."""
+
+
+def not_regular(path: str | os.PathLike[str] | bytes) -> str | None:
+    """Why `path` (links followed) is not a regular file to read, or None when it is."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    return None if stat.S_ISREG(mode) else NOT_REGULAR
+
+
+def open_regular(path: str | os.PathLike[str] | bytes) -> BinaryIO:
+    """Open a regular file for reading; anything else raises NotRegularFile, never blocking.
+
+    Checked before opening (a device is never opened), and again on the open descriptor:
+    O_NONBLOCK makes the open of a FIFO swapped in meanwhile return at once instead of
+    waiting for a writer.
+    """
+    if not_regular(path) == NOT_REGULAR:
+        raise NotRegularFile(errno.EINVAL, NOT_REGULAR, os.fsdecode(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise (IsADirectoryError(errno.EISDIR, "is a folder, not a file", os.fsdecode(path))
+                   if stat.S_ISDIR(mode) else
+                   NotRegularFile(errno.EINVAL, NOT_REGULAR, os.fsdecode(path)))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

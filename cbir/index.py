@@ -593,6 +593,21 @@ def search(
 # --------------------------------------------------------------------------- persistence
 
 _REBUILD = "rebuild with `cbir index`"
+# Sidecar values and their types: a sidecar cbir did not write is refused, not half-used.
+_SIDECAR_TYPES: dict[str, type | tuple[type, ...]] = {
+    "index_file": dict, "params": dict, "n_vectors": int, "dim": int, "trained_size": int,
+    "nprobe": int, "k": int, "k_factor": int, "recall_at_k": (int, float),
+    "model_fingerprint": str}
+
+
+def _check_sidecar(side: Any) -> None:
+    """Raise TypeError when the sidecar does not hold the values (and types) cbir writes."""
+    if not isinstance(side, dict):
+        raise TypeError(f"it holds a {type(side).__name__}, not a mapping")
+    for key, kind in _SIDECAR_TYPES.items():
+        value = side.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise TypeError(f"{key} is {value!r}")
 
 
 def save_index(index: faiss.Index, info: IndexInfo, folder: Path) -> None:
@@ -666,6 +681,7 @@ def load_index(
         )
     try:
         side = json.loads(side_path.read_text(encoding="utf-8"))
+        _check_sidecar(side)
         version = side["format_version"]
         expected_file = side["index_file"]
         info = IndexInfo.from_dict(side)

@@ -36,6 +36,7 @@ from .fsutil import clean_stale_tmp, write_parquet
 from .parallel import start_method
 from .progress import bar as progress_bar
 from .probe import Entry, display_path, init_worker, probe_star, sha256_of
+from .stored import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA, read_table
 
 FILES = "files.parquet"
 QUARANTINE = "quarantine.parquet"
@@ -49,54 +50,6 @@ MISSING = "missing"  # no longer in the scans folder (kept, never dropped)
 REPLACED = "replaced"  # an older version of a path whose content changed
 PRESENT = (OK, DUPLICATE)
 
-
-FILES_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("path", pa.string()),
-    ("path_raw", pa.binary()),
-    ("version", pa.int32()),
-    ("status", pa.string()),
-    ("is_canonical", pa.bool_()),
-    ("duplicate_of", pa.string()),
-    ("sha256", pa.string()),
-    ("bytes", pa.int64()),
-    ("mtime", pa.timestamp("us", tz="UTC")),
-    ("mtime_ns", pa.int64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("mode", pa.string()),
-    ("format", pa.string()),
-    ("pages", pa.int32()),
-    ("phash", pa.uint64()),
-    ("first_run", pa.int32()),
-    ("last_run", pa.int32()),
-])
-
-QUARANTINE_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("path_raw", pa.binary()),
-    ("reason", pa.string()),
-    ("bytes", pa.int64()),
-    ("mtime_ns", pa.int64()),
-    ("first_run", pa.int32()),
-    ("last_run", pa.int32()),
-])
-
-RUNS_SCHEMA = pa.schema([
-    ("run_id", pa.int32()),
-    ("started_at", pa.timestamp("us", tz="UTC")),
-    ("finished_at", pa.timestamp("us", tz="UTC")),
-    ("scans_dir", pa.string()),
-    ("files_seen", pa.int64()),
-    ("new", pa.int64()),
-    ("changed", pa.int64()),
-    ("unchanged", pa.int64()),
-    ("new_duplicates", pa.int64()),
-    ("newly_missing", pa.int64()),
-    ("quarantined", pa.int64()),
-    ("decoded", pa.int64()),
-    ("seconds", pa.float64()),
-])
 
 # Journal parts hold raw worker results; the manifest rows are derived from them at commit.
 JOURNAL_SCHEMA = pa.schema([
@@ -183,6 +136,10 @@ def _check_symlink(full: bytes, rel: bytes, real_root: bytes) -> Iterator[Entry]
         yield Entry(rel, 0, 0, "symbolic link to a folder: not followed (its files are "
                                "ingested from their real location)")
         return
+    if not stat.S_ISREG(st.st_mode):  # opening a FIFO would wait for a writer forever
+        yield Entry(rel, 0, 0, "symbolic link to something that is not a regular file (a "
+                               "device, pipe or socket)")
+        return
     # A link to a file inside the scans root: ingested like a file (its content makes it an
     # exact duplicate of its target).
     yield Entry(rel, st.st_size, st.st_mtime_ns)
@@ -191,18 +148,9 @@ def _check_symlink(full: bytes, rel: bytes, real_root: bytes) -> Iterator[Entry]
 # --------------------------------------------------------------------------- state on disk
 
 def _read(path: Path, schema: pa.Schema) -> list[dict[str, Any]]:
-    if not path.is_file():
+    if not os.path.lexists(path):
         return []
-    table = _read_table(path)
-    return table.cast(schema).to_pylist() if table.schema != schema else table.to_pylist()
-
-
-def _read_table(path: Path) -> pa.Table:
-    try:
-        return pq.read_table(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise CbirError(f"manifest file {path} is unreadable ({exc}); restore it from DVC "
-                        f"(`dvc checkout`) or move it away to start a new manifest") from None
+    return read_table(path, schema, MANIFEST_FIX).to_pylist()
 
 
 def _journal_parts(mdir: Path) -> list[Path]:
@@ -578,9 +526,9 @@ def _assign_canonical(files: list[dict[str, Any]], new_rows: list[dict[str, Any]
 def load_manifest(settings: Settings) -> pa.Table:
     """The manifest table (every file version). Raises CbirError when ingest has not run."""
     path = settings.path(settings.data.manifest_dir) / FILES
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CbirError(f"no manifest at {path}: run `cbir ingest` first")
-    return _read_table(path)  # damaged on disk: one clear line, as for ingest itself
+    return read_table(path, FILES_SCHEMA, MANIFEST_FIX)  # damaged or foreign: one line
 
 
 def canonical_images(settings: Settings) -> list[dict[str, Any]]:

@@ -115,14 +115,13 @@ def acquire(path: Path, command: str, *, timeout: float, blockers: Sequence[Bloc
             hint: str = "orchestration.lock_timeout sets how long to wait") -> None:
     """Take the lock (or deepen this process's hold on it); raise LockBusy after `timeout` s."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = _key(path)
     with _guard:
         held = _held.get(key)
         if held is not None:
             held.depth += 1
             return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = _open_lock_file(path)
     deadline = time.monotonic() + timeout
     told = False
     try:
@@ -163,6 +162,20 @@ def acquire(path: Path, command: str, *, timeout: float, blockers: Sequence[Bloc
         before = os.environ.get(ENV)
         os.environ[ENV] = os.pathsep.join(filter(None, [before, f"{key}#{token}"]))
         _held[key] = _Holding(fd=fd, token=token, depth=1, inherited=False, env_before=before)
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file, opened for writing its holder's details; a read-only data folder (or
+    workspace) is one line saying so, before any work starts."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        from .fsutil import is_read_only, read_only
+
+        if is_read_only(exc):
+            raise read_only(exc, path) from None
+        raise
 
 
 def release(path: Path) -> None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .safetext import md_cell
+
 __all__ = [
     "RankedResults",
     "build_ranked_results",
@@ -362,6 +364,6 @@ def markdown_table(
         "|---" * (len(cols) + 1) + "|",
     ]
     for name, metrics in rows:
-        cells = [str(name).replace("|", "\\|")] + [fmt(metrics.get(key)) for _, key in cols]
+        cells = [md_cell(name)] + [fmt(metrics.get(key)) for _, key in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from . import faults
 from .catalog import query
 from .config import Settings
 from .errors import CbirError
 from .fsutil import clean_stale_tmp, write_json, write_text
 from .ingest import RUNS
+from .safetext import md_cell
 from .lock import dvc_root
+from .stored import MANIFEST_FIX, RUNS_SCHEMA, read_table
 
 REPORTS = "nightly"  # under data.reports_dir: run-<N>.md, one per nightly run
 PENDING = "pending.json"  # the start of a report not written yet
@@ -46,7 +46,8 @@ def latest_run(settings: Settings) -> int:
     path = settings.path(settings.data.manifest_dir) / RUNS
     if not path.is_file():
         return 0
-    return max(pq.read_table(path, columns=["run_id"]).column(0).to_pylist(), default=0)
+    runs = read_table(path, RUNS_SCHEMA, MANIFEST_FIX, columns=["run_id"])  # foreign: one line
+    return max(runs.column(0).to_pylist(), default=0)
 
 
 def begin_nightly(settings: Settings) -> int:
@@ -113,7 +114,7 @@ class NightlyReport:
 
 
 def _cell(v: Any) -> str:
-    return ("" if v is None else str(v)).replace("|", "\\|")
+    return md_cell(v)  # a file name may hold HTML, markdown, line breaks, control characters
 
 
 def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyReport:

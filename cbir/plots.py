@@ -23,6 +23,7 @@ PR_CURVE = "pr_curve"
 AT_K = "precision_recall_at_k"
 SCORES = "score_histogram"
 TRAIN_LOSS = "train_loss"
+NAMES = (PR_CURVE, AT_K, SCORES, TRAIN_LOSS)  # each written as .png (and some as .csv)
 
 
 def _save(fig: Figure, target: Path) -> Path:

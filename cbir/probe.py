@@ -52,7 +52,7 @@ def probe_file(root: bytes, entry: Entry) -> dict[str, Any]:
     full = os.path.join(root, entry.raw)
     data: bytes | None = None
     try:
-        with open(full, "rb") as fh:
+        with imaging.open_regular(full) as fh:  # never a FIFO swapped in after the walk
             st = os.fstat(fh.fileno())
             out["bytes"], out["mtime_ns"] = st.st_size, st.st_mtime_ns
             if st.st_size == 0:
@@ -85,6 +85,9 @@ def probe_file(root: bytes, entry: Entry) -> dict[str, Any]:
     except imaging.ImageRejected as exc:
         out["reason"] = exc.reason
         return out
+    except OSError as exc:  # a large file, streamed from its path: gone or swapped meanwhile
+        out["reason"] = f"cannot read the file: {exc.strerror or exc}"
+        return out
     except Exception as exc:  # a decoder bug must not stop the run; the file is quarantined
         out["reason"] = f"damaged image: unexpected decoder error ({type(exc).__name__}: {exc})"
         return out
@@ -101,7 +104,7 @@ def probe_star(args: tuple[bytes, Entry]) -> dict[str, Any]:
 def sha256_of(path: bytes) -> str | None:
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
+        with imaging.open_regular(path) as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     except OSError:

@@ -19,6 +19,11 @@ class _NoBar:
 def bar(total: int, desc: str, unit: str, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    from .safetext import raw
+
+    # the terminal itself: a bar redraws with carriage returns, which cbir's output escapes
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=raw(sys.stderr))

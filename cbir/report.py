@@ -14,12 +14,13 @@ collection. Long lists are split into pages of `report.page_size`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import html
 import json
 import math
 import os
-import shutil
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -143,17 +144,16 @@ class Thumbnails:
         return stats
 
     def prune(self, keep: set[str]) -> int:
-        """Remove thumbnails of images no longer in the collection, and of other sizes."""
+        """Remove thumbnails of images no longer in the collection, and of other sizes (only
+        files named as cbir names thumbnails: anything else put there is left alone)."""
         n = 0
         for sub in self.root.iterdir() if self.root.is_dir() else ():
             if sub.is_dir() and sub.name.isdigit() and sub != self.folder:
-                n += sum(1 for _ in sub.glob("*.jpg"))
-                shutil.rmtree(sub)
-        for p in self.folder.glob("*.jpg"):
-            if p.stem not in keep:
-                p.unlink()
-                n += 1
-        return n
+                n += _remove_stale(sub, (), _THUMB_NAME)
+                with contextlib.suppress(OSError):  # left where something else is in it
+                    sub.rmdir()
+        return n + _remove_stale(self.folder, (self.folder / f"{i}.jpg" for i in keep),
+                                 _THUMB_NAME)
 
 
 # --------------------------------------------------------------------------- HTML pieces
@@ -499,8 +499,8 @@ def run_report(settings: Settings, *, progress: bool = False) -> ReportSummary:
         _write_if_changed(text, gallery / name)
     # What the new pages no longer show goes last: a run killed before this point leaves every
     # page, old or new, with its images.
-    _remove_stale(gallery, [gallery / n for n in pages], ("*.html",))
-    _remove_stale(plots_dir, plots_written, ("*.png", "*.csv"))
+    _remove_stale(gallery, [gallery / n for n in pages], _PAGE_NAME)
+    _remove_stale(plots_dir, plots_written, _PLOT_NAME)
     summary.thumbs.pruned = thumbs.prune(_present_ids(manifest))
 
     summary.n_pairs, summary.n_clusters = len(pairs), len(clusters)
@@ -526,13 +526,24 @@ def _present_ids(manifest: pa.Table) -> set[str]:
     return set(t["image_id"].to_pylist())
 
 
-def _remove_stale(folder: Path, keep: Iterable[Path], patterns: Sequence[str]) -> None:
-    """Delete this step's earlier outputs that this run did not write (e.g. surplus pages)."""
+# The names report writes: only files named so are ever deleted (a user's own file put in the
+# gallery or plots folder stays).
+_PAGE_NAME = re.compile(r"(index|evaluation)\.html|(pairs|clusters|queries)-\d{4,}\.html"
+                        r"|cluster-\d{5,}(-\d+)?\.html|query-\d{5,}\.html")
+_PLOT_NAME = re.compile(rf"({'|'.join(map(re.escape, plots.NAMES))})\.(png|csv)")
+_THUMB_NAME = re.compile(r"[0-9a-f]{16}\.jpg")
+
+
+def _remove_stale(folder: Path, keep: Iterable[Path], own: re.Pattern[str]) -> int:
+    """Delete this step's earlier outputs that this run did not write (e.g. surplus pages):
+    files whose names match `own`, the names this step writes. Returns how many."""
     keep_names = {p.name for p in keep}
-    for pattern in patterns:
-        for p in folder.glob(pattern) if folder.is_dir() else ():
-            if p.name not in keep_names:
-                p.unlink()
+    n = 0
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if own.fullmatch(p.name) and p.name not in keep_names and p.is_file():
+            p.unlink()
+            n += 1
+    return n
 
 
 # --------------------------------------------------------------------------- pages

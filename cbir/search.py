@@ -18,25 +18,18 @@ from .config import Settings
 from .embed import current_embeddings, embed_files, pick_device
 from .errors import CbirError
 from .fsutil import clean_stale_tmp, write_parquet
+from .imaging import not_regular
 from .index import load_index, search as index_search
 from .ingest import OK, PRESENT, load_manifest
 from .model import retrieval_model
 from .probe import sha256_of
+from .stored import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA, read_table
 
 PAIRS_FILE = "pairs.parquet"
 CLUSTERS_FILE = "clusters.parquet"
 SEARCHED_FILE = "searched.parquet"  # ids whose neighbours pairs.parquet holds (incremental runs)
 _ID_MASK = (1 << 63) - 1  # FAISS ids are non-negative int64; -1 means "no result"
 
-PAIRS_SCHEMA = pa.schema([
-    ("image_a", pa.string()), ("image_b", pa.string()),
-    ("path_a", pa.string()), ("path_b", pa.string()),
-    ("score", pa.float32()), ("rank", pa.int32()), ("kind", pa.string()),
-])
-CLUSTERS_SCHEMA = pa.schema([
-    ("cluster_id", pa.int32()), ("image_id", pa.string()), ("path", pa.string()),
-    ("size", pa.int32()), ("weakest_link", pa.float32()),
-])
 
 
 def faiss_ids(image_ids: list[str]) -> np.ndarray:
@@ -122,20 +115,8 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
 
 def _unreadable(path: Path) -> str | None:
     """Why a query file cannot be opened, or None. Only regular files are opened: a FIFO or a
-    device would block the read forever."""
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "not found"
-    except OSError as exc:
-        return f"cannot be read: {exc.strerror or exc}"
-    if stat.S_ISDIR(mode):
-        return "is a folder, not an image file"
-    if not stat.S_ISREG(mode):
-        return "not a regular file (a pipe, socket or device), so it is not read"
-    return None
+    device would block the read forever (imaging.open_regular guards every open too)."""
+    return not_regular(path)
 
 
 # --------------------------------------------------------------------------- pairs and clusters
@@ -311,6 +292,8 @@ def _searched_before(out: Path, state: dict[str, str]) -> set[str] | None:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException):
         return None
+    if "image_id" not in table.column_names:  # not what cbir wrote: search everything again
+        return None
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if any(meta.get(k) != v for k, v in state.items()):
         return None
@@ -405,4 +388,4 @@ def read_pairs(settings: Settings) -> pa.Table:
     path = settings.path(settings.data.pairs_dir) / PAIRS_FILE
     if not path.is_file():
         raise CbirError(f"no pairs at {path}: run `cbir pairs` first")
-    return pq.read_table(path)
+    return read_table(path, PAIRS_SCHEMA, PAIRS_FIX)

@@ -9,6 +9,8 @@ is missing. Run it with `cbir build`.
 
 from __future__ import annotations
 
+import sys
+
 from prefect import flow
 
 from flows.common import FlowResult, flow_lock, summary_artifact
@@ -51,5 +53,7 @@ def build(params_path: str = "params.yaml", train: bool = True,
     return out
 
 
-if __name__ == "__main__":
-    build()
+if __name__ == "__main__":  # the same as `cbir build` (with its temporary Prefect server)
+    from cbir.cli import main
+
+    sys.exit(main(["build", *sys.argv[1:]]))

@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cbir.config import Settings
+from cbir.safetext import code_fence, md_cell, printable
 from cbir.lock import dvc_busy, writer_lock
 
 
@@ -56,9 +57,11 @@ def shard_runner(settings: Settings) -> TaskRunner:
 def summary_artifact(key: str, title: str, sections: Sequence[tuple[str, Sequence[str]]],
                      extra: str = "") -> None:
     """The run's summary as a markdown artifact: one block of summary lines per step."""
-    md = [f"# {title}", ""]
+    md = [f"# {md_cell(title)}", ""]
     for name, lines in sections:
-        md += [f"## {name}", "", "```", *lines, "```", ""]
+        lines = [printable(line) for line in lines]  # names may hold anything but "/"
+        fence = code_fence(lines)  # longer than any backtick run in them: none closes it
+        md += [f"## {md_cell(name)}", "", fence, *lines, fence, ""]
     if extra:
         md += [extra, ""]
     create_markdown_artifact(key=key, markdown="\n".join(md), description=title)

@@ -101,5 +101,7 @@ def serve(params_path: str = "params.yaml", name: str = DEPLOYMENT) -> None:
     prefect.serve(dep)
 
 
-if __name__ == "__main__":
-    nightly()
+if __name__ == "__main__":  # the same as `cbir nightly` (with its temporary Prefect server)
+    from cbir.cli import main
+
+    sys.exit(main(["nightly", *sys.argv[1:]]))

@@ -254,7 +254,7 @@ def test_thumbnails_are_made_once_and_reused(ws):
     folder = _gallery(ws) / "thumbs" / "64"
     before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.jpg")}
     assert before
-    stray = [folder / "ffffffffffffffff.jpg", _gallery(ws) / "thumbs" / "512" / "x.jpg"]
+    stray = [folder / "ffffffffffffffff.jpg", _gallery(ws) / "thumbs" / "512" / "0123456789abcdef.jpg"]
     for p in stray:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"old")

@@ -29,6 +29,7 @@ import pytest
 
 from cbir import cli, fsutil
 from cbir.config import load_settings
+from cbir.lock import writer_lock
 from cbir.embed import embeddings_dir, load_embeddings
 from cbir.index import index_ids, load_index
 from cbir.model import retrieval_model
@@ -276,21 +277,31 @@ def _start(commands: str, params: Path) -> subprocess.Popen:
 
 
 def _two_at_once(commands: str, params: Path) -> list[tuple[int, str]]:
-    procs = [_start(commands, params) for _ in range(2)]
+    """Both shells start while this process holds the writer lock, which it lets go once both
+    said they wait: they overlap whatever the machine's load (no timing decides it)."""
+    with writer_lock(load_settings(params), "test: both shells start"):
+        procs = [_start(commands, params) for _ in range(2)]
+        said = ["" for _ in procs]
+        for i, p in enumerate(procs):
+            for line in p.stderr:
+                said[i] += line
+                if "waiting for the data folder" in line:
+                    break
     results = []
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        results.append((p.returncode, err))
+    for p, before in zip(procs, said):
+        out, err = p.communicate()
+        results.append((p.returncode, before + err))
     return results
 
 
 def test_two_ingests_started_at_once_take_turns_and_equal_one_run(tmp_path):
     one = _pipeline_workspace(tmp_path / "one", n=12)
-    two = _pipeline_workspace(tmp_path / "two", n=12, lock_timeout=120)
+    two = _pipeline_workspace(tmp_path / "two", n=12, lock_timeout=3600)
     assert cli.main(["ingest", "--params", str(one)]) == 0
     results = _two_at_once("ingest", two)
     for rc, err in results:
         assert rc == 0, err
+    assert all("waiting for the data folder" in err for _, err in results)
     runs = pq.read_table(tmp_path / "two/data/manifest/runs.parquet").to_pylist()
     assert [r["run_id"] for r in runs] == [1, 2]
     # one after the other: the second run started when the first had finished
@@ -306,7 +317,7 @@ def test_two_ingests_started_at_once_take_turns_and_equal_one_run(tmp_path):
 def test_two_pipelines_started_at_once_equal_one_run(tmp_path, reference):
     """Two shells each run ingest, embed, index, pairs and report on one workspace; every step
     waits for the other's, and the outputs are those of one undisturbed run."""
-    params = _pipeline_workspace(tmp_path / "ws", lock_timeout=300)
+    params = _pipeline_workspace(tmp_path / "ws", lock_timeout=3600)
     for step in STEPS:
         assert cli.main([step, "--params", str(params)]) == 0, step
     _add_scans(tmp_path / "ws")

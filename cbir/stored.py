@@ -1,0 +1,154 @@
+"""The Parquet outputs cbir keeps between steps, their schemas, and reading them back checked.
+
+A stored output can be damaged (truncated, emptied), or replaced by a file that is not what
+cbir wrote (another program's Parquet, an earlier `COPY ... TO`). Every step that reads one goes
+through `read_table`, and the catalogue checks its views' files with `check_schema` (the footer
+only), so such a file stops the step with one line naming it and the command that rebuilds it,
+never a traceback from deep inside pyarrow or DuckDB. Kept free of the steps' imports (torch),
+so `cbir sql` stays quick.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import CbirError
+
+# The manifest (cbir ingest)
+FILES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("path", pa.string()),
+    ("path_raw", pa.binary()),
+    ("version", pa.int32()),
+    ("status", pa.string()),
+    ("is_canonical", pa.bool_()),
+    ("duplicate_of", pa.string()),
+    ("sha256", pa.string()),
+    ("bytes", pa.int64()),
+    ("mtime", pa.timestamp("us", tz="UTC")),
+    ("mtime_ns", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("mode", pa.string()),
+    ("format", pa.string()),
+    ("pages", pa.int32()),
+    ("phash", pa.uint64()),
+    ("first_run", pa.int32()),
+    ("last_run", pa.int32()),
+])
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("path_raw", pa.binary()),
+    ("reason", pa.string()),
+    ("bytes", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("first_run", pa.int32()),
+    ("last_run", pa.int32()),
+])
+
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.int32()),
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("scans_dir", pa.string()),
+    ("files_seen", pa.int64()),
+    ("new", pa.int64()),
+    ("changed", pa.int64()),
+    ("unchanged", pa.int64()),
+    ("new_duplicates", pa.int64()),
+    ("newly_missing", pa.int64()),
+    ("quarantined", pa.int64()),
+    ("decoded", pa.int64()),
+    ("seconds", pa.float64()),
+])
+
+# Pairs and clusters (cbir pairs)
+PAIRS_SCHEMA = pa.schema([
+    ("image_a", pa.string()), ("image_b", pa.string()),
+    ("path_a", pa.string()), ("path_b", pa.string()),
+    ("score", pa.float32()), ("rank", pa.int32()), ("kind", pa.string()),
+])
+CLUSTERS_SCHEMA = pa.schema([
+    ("cluster_id", pa.int32()), ("image_id", pa.string()), ("path", pa.string()),
+    ("size", pa.int32()), ("weakest_link", pa.float32()),
+])
+
+#: What to do about a damaged manifest file: ingest cannot rebuild what it would extend.
+MANIFEST_FIX = ("restore it from DVC (`dvc checkout`), or move it away and run `cbir ingest` "
+                "to start a new manifest")
+PAIRS_FIX = "run `cbir pairs` to write it again"
+
+
+class DamagedFile(CbirError):
+    """A stored output cannot be read as what cbir wrote there."""
+
+
+def damaged(path: str | os.PathLike[str], problem: str, fix: str) -> DamagedFile:
+    """The one-line error for a stored output: the file, what is wrong, what rebuilds it."""
+    return DamagedFile(f"{path} is unreadable: {one_line(problem)}; {fix}")
+
+
+def one_line(text: object) -> str:
+    """Arrow and DuckDB messages span lines (candidates, carets); one line is enough here."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= 300 else flat[:297] + "..."
+
+
+def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    """Whether a stored column can stand for the expected one (same kind of values)."""
+    if got == want:
+        return True
+    kinds = (pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp,
+             lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+             lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t))
+    return any(kind(got) and kind(want) for kind in kinds)
+
+
+def schema_problem(schema: pa.Schema, expected: pa.Schema,
+                   columns: Sequence[str] | None = None) -> str | None:
+    """Why a file's schema is not `expected` (only `columns` of it, when given), or None."""
+    for name in columns or expected.names:
+        want = expected.field(name).type
+        idx = schema.get_field_index(name)
+        if idx < 0:
+            return f"it has no column {name!r} (not a file cbir wrote?)"
+        if not _compatible(schema.field(idx).type, want):
+            return f"column {name!r} holds {schema.field(idx).type}, not {want}"
+    return None
+
+
+def check_schema(path: Path, expected: pa.Schema, fix: str) -> None:
+    """Check a stored output's schema from its footer alone (cheap: no data is read)."""
+    if not path.is_file():
+        raise damaged(path, "it is not a regular file", fix)
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise damaged(path, str(exc), fix) from None
+    problem = schema_problem(schema, expected)
+    if problem:
+        raise damaged(path, problem, fix)
+
+
+def read_table(path: Path, expected: pa.Schema, fix: str,
+               columns: Sequence[str] | None = None) -> pa.Table:
+    """A stored output (only `columns`, when given), checked and cast to the expected schema."""
+    names = list(columns or expected.names)
+    if not path.is_file():  # a folder (pyarrow would read it as a dataset), a dangling link
+        raise damaged(path, "it is not a regular file", fix)
+    try:
+        table = pq.read_table(path)
+        problem = schema_problem(table.schema, expected, names)
+        if problem:
+            raise damaged(path, problem, fix)
+        want = pa.schema([expected.field(n) for n in names])
+        table = table.select(names)
+        return table if table.schema == want else table.cast(want)
+    except (OSError, pa.ArrowException) as exc:  # damaged bytes, or values that do not fit
+        raise damaged(path, str(exc), fix) from None
