@@ -31,15 +31,16 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from cbir.calibrate import run_calibrate  # noqa: E402
+from cbir.steps.calibrate import run_calibrate  # noqa: E402
 from cbir.config import Settings, load_settings  # noqa: E402
-from cbir.demo import generate_demo_collection  # noqa: E402
-from cbir.embed import run_embed  # noqa: E402
-from cbir.evaluate import read_ground_truth  # noqa: E402
-from cbir.index import run_index  # noqa: E402
-from cbir.ingest import run_ingest  # noqa: E402
-from cbir.search import knn_pairs, open_searcher, run_pairs  # noqa: E402
-from cbir.train import run_train  # noqa: E402
+from cbir.steps.demo import generate_demo_collection  # noqa: E402
+from cbir.steps.embed import run_embed  # noqa: E402
+from cbir.steps.evaluate import read_ground_truth  # noqa: E402
+from cbir.steps.index import run_index  # noqa: E402
+from cbir.steps.ingest import run_ingest  # noqa: E402
+from cbir.steps.pairs import knn_pairs, run_pairs  # noqa: E402
+from cbir.store.index import open_searcher
+from cbir.steps.train import run_train  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 

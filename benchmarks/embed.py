@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from cbir.embed import embed_files, to_tensor
+from cbir.steps.embed import embed_files
+from cbir.model import to_tensor
 from cbir.imaging import load_rgb
 from cbir.model import ModelConfig, Preprocess, build_model
 

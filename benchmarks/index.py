@@ -33,14 +33,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from cbir.index import (
-    build_index,
-    choose_params,
-    load_index,
-    recall_at_k,
-    save_index,
-    search,
-)
+from cbir.faiss_index import build_index, choose_params, recall_at_k, search
+from cbir.store.index import load_index, save_index
 
 CHUNK = 100_000
 

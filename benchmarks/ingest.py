@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from cbir.config import load_settings
-from cbir.ingest import run_ingest
+from cbir.steps.ingest import run_ingest
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".jp2"}

@@ -31,14 +31,15 @@ from typing import Any
 import yaml
 
 from cbir.config import load_settings
-from cbir.demo import generate_demo_collection
-from cbir.embed import run_embed
-from cbir.evaluate import run_evaluate
-from cbir.index import run_index
-from cbir.ingest import run_ingest
-from cbir.nightly import begin_nightly, latest_run, nightly_report
-from cbir.report import run_report
-from cbir.search import run_pairs
+from cbir.steps.demo import generate_demo_collection
+from cbir.steps.embed import run_embed
+from cbir.steps.evaluate import run_evaluate
+from cbir.steps.index import run_index
+from cbir.steps.ingest import run_ingest
+from cbir.steps.nightly import begin_nightly, nightly_report
+from cbir.store.manifest import latest_run
+from cbir.steps.report import run_report
+from cbir.steps.pairs import run_pairs
 
 REPO = Path(__file__).resolve().parent.parent
 

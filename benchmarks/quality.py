@@ -35,11 +35,11 @@ from PIL import Image
 
 from cbir import degrade, heldout, metrics
 from cbir.config import load_settings
-from cbir.embed import run_embed
-from cbir.evaluate import run_evaluate
-from cbir.index import run_index
-from cbir.ingest import run_ingest
-from cbir.train import run_train
+from cbir.steps.embed import run_embed
+from cbir.steps.evaluate import run_evaluate
+from cbir.steps.index import run_index
+from cbir.steps.ingest import run_ingest
+from cbir.steps.train import run_train
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"

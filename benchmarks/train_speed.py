@@ -61,10 +61,10 @@ def child(params: Path, variant: str, epochs: int) -> None:
     """One measurement, in its own process: prints a JSON line."""
     spec = VARIANTS[variant]
     if not spec.get("torch_first"):
-        import cbir.train  # noqa: F401  (first: it asks OpenMP for sleeping waits)
+        import cbir.steps.train  # noqa: F401  (first: it asks OpenMP for sleeping waits)
     import torch  # when first, OpenMP keeps its default waits (spin, then sleep)
 
-    import cbir.train as train
+    import cbir.steps.train as train
     from cbir.config import load_settings
 
     if spec.get("threads") == "cpu_count":  # the old thread count: all the machine's cores
@@ -97,8 +97,8 @@ def prepare(out: Path, copies: int) -> Path:
     from quality import build_benchmark  # noqa: E402
 
     from cbir.config import load_settings
-    from cbir.ingest import run_ingest
-    from cbir.train import build_cache
+    from cbir.steps.ingest import run_ingest
+    from cbir.steps.train import build_cache
 
     scans, _, n = build_benchmark(out, copies, 0)
     print(f"collection: {sum(n.values())} images in {scans}", flush=True)

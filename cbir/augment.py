@@ -14,7 +14,7 @@ image and the same generator state always give the same view, whichever worker p
   scanned at another resolution/exposure and saved as JPEG. Crops keep most of the picture, because
   composition and figures are what identify a photograph.
 
-Both squash the final picture to a square, as retrieval does (``cbir.embed.to_tensor``).
+Both squash the final picture to a square, as retrieval does (``cbir.model.to_tensor``).
 """
 
 from __future__ import annotations

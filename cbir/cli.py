@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import DEFAULT_PARAMS, MAX_K, MAX_SIDE, Settings, load_settings
 from .errors import CbirError
+from .store.layout import layout as _layout
 
 Handler = Callable[[Settings, argparse.Namespace], int | None]
 _COMMANDS: dict[str, Handler] = {}
@@ -41,7 +42,7 @@ def _check_range(option: str, value: int | None, low: int, high: int) -> None:
 # --------------------------------------------------------------------------- subcommands
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
-    from .ingest import run_ingest
+    from .steps.ingest import run_ingest
 
     summary = run_ingest(settings, progress=_progress_wanted())
     print("\n".join(summary.lines()))
@@ -49,7 +50,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> int:
-    from .demo import generate_demo_collection
+    from .steps.demo import generate_demo_collection
 
     d = settings.demo
     out = Path(args.out) if args.out else settings.path(d.out_dir)
@@ -63,14 +64,14 @@ def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
-    from .embed import run_embed
+    from .steps.embed import run_embed
 
     print("\n".join(run_embed(settings, progress=_progress_wanted()).lines()))
     return 0
 
 
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
-    from .index import run_index
+    from .steps.index import run_index
 
     print("\n".join(run_index(settings, rebuild=args.rebuild).lines()))
     return 0
@@ -78,7 +79,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     from .safetext import printable as shown  # a name's line breaks would forge result lines
-    from .search import query_images
+    from .steps.query import query_images
 
     _check_range("--k", args.k, 1, MAX_K)
     failed: list[str] = []
@@ -100,14 +101,14 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_pairs(settings: Settings, args: argparse.Namespace) -> int:
-    from .search import run_pairs
+    from .steps.pairs import run_pairs
 
     print("\n".join(run_pairs(settings, progress=_progress_wanted()).lines()))
     return 0
 
 
 def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
-    from .evaluate import run_evaluate
+    from .steps.evaluate import run_evaluate
 
     progress = _progress_wanted()  # notes and bars on a terminal; logs keep the summary only
     print("\n".join(run_evaluate(settings, progress=progress,
@@ -116,7 +117,7 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    from .train import run_train
+    from .steps.train import run_train
 
     _check_range("--max-epochs", args.max_epochs, 1, 100_000)
     summary = run_train(settings, resume=args.resume, progress=_progress_wanted(),
@@ -142,9 +143,9 @@ def cmd_augment_preview(settings: Settings, args: argparse.Namespace) -> int:
     grid = preview_grid(img, strategies=strategies, n=args.n,
                         resolution=args.resolution or settings.train.resolution, seed=args.seed)
     out = Path(args.out) if args.out else \
-        settings.path(settings.data.reports_dir) / f"augment-preview-{Path(args.image).stem}.png"
+        _layout(settings).preview(Path(args.image))
     from .fsutil import atomic_path
-    from .outputs import check_free
+    from .store.outputs import check_free
 
     check_free(settings, "--out", out)
 
@@ -155,14 +156,14 @@ def cmd_augment_preview(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
-    from .report import run_report
+    from .steps.report import run_report
 
     print("\n".join(run_report(settings, progress=_progress_wanted()).lines()))
     return 0
 
 
 def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
-    from .calibrate import run_calibrate
+    from .steps.calibrate import run_calibrate
 
     print("\n".join(run_calibrate(settings, precision=args.precision, write=args.write,
                                   progress=_progress_wanted()).lines()))
@@ -244,7 +245,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    from .catalog import query_page
+    from .store.catalog import query_page
 
     limit = args.limit if args.limit is not None else (0 if args.format != "table"
                                                        else SQL_TABLE_LIMIT)

@@ -174,7 +174,7 @@ class SearchSettings(_Section):
 
     k: int = Field(10, ge=1, le=MAX_K, description="neighbours per image considered for "
                    "pairs")
-    # "auto": calibrated by `cbir calibrate` (cbir/calibrate.py) to reach precision_target, on
+    # "auto": calibrated by `cbir calibrate` (cbir/steps/calibrate.py) to reach precision_target, on
     # the ground truth where there is one, else on held-out synthetic copies of the collection.
     pair_threshold: Threshold = Field("auto", description="cosine similarity for a "
                                       "near-duplicate pair; auto = calibrated to reach "
@@ -186,7 +186,7 @@ class SearchSettings(_Section):
 
 
 class CalibrateSettings(_Section):
-    """Self-calibration of the pair threshold without ground truth (cbir/calibrate.py)."""
+    """Self-calibration of the pair threshold without ground truth (cbir/steps/calibrate.py)."""
 
     images: Limit = Field(1000, ge=10, description="images whose neighbours estimate how "
                         "non-duplicates score (all when the collection is smaller)")
@@ -446,7 +446,7 @@ def load_settings(params_path: str | os.PathLike[str] = DEFAULT_PARAMS,
         raise ConfigError(_format_error(exc, path)) from None
     except TypeError as exc:  # e.g. a section given as a list
         raise ConfigError(f"{path}: invalid params: {exc}") from None
-    from .outputs import check_outputs  # no output may overwrite what cbir does not own
+    from .store.outputs import check_outputs  # no output may overwrite what cbir does not own
 
     check_outputs(settings)
     return settings

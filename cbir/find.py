@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import load_settings
 from .errors import CbirError
+from .store.layout import layout
 from .workspace import init_workspace
 
 
@@ -58,17 +59,17 @@ def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] |
                     *, train: bool = True, progress: bool = False,
                     log: Callable[[str], None] = print) -> FindSummary:
     """init (or reuse) a workspace for `scans`, then run every step in it with the defaults."""
-    from .calibrate import run_calibrate
-    from .embed import run_embed
+    from .steps.calibrate import run_calibrate
+    from .steps.embed import run_embed
     from .environ import confined
-    from .evaluate import run_evaluate
-    from .index import run_index
-    from .ingest import run_ingest
+    from .steps.evaluate import run_evaluate
+    from .steps.index import run_index
+    from .steps.ingest import run_ingest
     from .lock import writer_lock
-    from .nightly import record_with_dvc
-    from .report import run_report
-    from .search import run_pairs
-    from .train import run_train
+    from .steps.nightly import record_with_dvc
+    from .steps.report import run_report
+    from .steps.pairs import run_pairs
+    from .steps.train import run_train
 
     t0 = time.perf_counter()
     scans_path = Path(os.path.realpath(Path(scans).expanduser()))
@@ -76,7 +77,7 @@ def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] |
     params = folder / "params.yaml"
     if params.exists():
         settings = load_settings(params)
-        have = Path(os.path.realpath(settings.path(settings.data.scans_dir)))
+        have = Path(os.path.realpath(layout(settings).scans))
         if have != scans_path:
             raise CbirError(f"{folder} is the workspace of other scans ({have}); choose another "
                             f"--out")
@@ -109,8 +110,9 @@ def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] |
         else:
             log("dvc: not recorded (no trained model yet); `dvc repro` in the workspace trains "
                 "and records every stage")
-    result.gallery = settings.path(settings.data.reports_dir) / "gallery" / "index.html"
-    result.pairs = settings.path(settings.data.pairs_dir) / "pairs.parquet"
-    result.catalog = settings.path(settings.data.catalog)
+    lay = layout(settings)
+    result.gallery = lay.gallery / "index.html"
+    result.pairs = lay.pairs
+    result.catalog = lay.catalog
     result.seconds = time.perf_counter() - t0
     return result

@@ -36,8 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import CbirError
+from .store.layout import layout
 
-LOCK_NAME = ".cbir.lock"
 ENV = "CBIR_LOCK_HELD"
 POLL_SECONDS = 0.25
 
@@ -64,8 +64,7 @@ _guard = threading.Lock()
 
 def lock_path(settings: object) -> Path:
     """The lock file: `.cbir.lock` in the data folder (the folder holding data.manifest_dir)."""
-    data = settings.path(settings.data.manifest_dir).parent  # type: ignore[attr-defined]
-    return data / LOCK_NAME
+    return layout(settings).lock
 
 
 def holder_of(path: Path) -> dict[str, object] | None:

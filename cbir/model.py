@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torch import nn
 
 from .errors import CbirError
@@ -282,3 +284,28 @@ def retrieval_model(settings: Any, *, untrained: bool = False) -> tuple[Descript
                                     base=settings.root)
     model.eval()
     return model, preprocess, fingerprint(model, preprocess), source
+
+
+# --------------------------------------------------------------------------- inputs and devices
+
+def to_tensor(rgb: Image.Image, pp: Preprocess, size: int | None = None) -> torch.Tensor:
+    """An RGB picture as the network's normalised input (squashed to a square of `size`, by
+    default pp.resolution)."""
+    size = size or pp.resolution
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
+    x = x.float().div_(255.0)
+    mean = torch.tensor(pp.mean).view(3, 1, 1)
+    std = torch.tensor(pp.std).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CbirError(f"unknown device {name!r} (embed.device: auto, cpu, cuda, cuda:1...)"
+                        ) from None

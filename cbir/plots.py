@@ -1,7 +1,7 @@
 """Evaluation and training plots: matplotlib PNGs, plus the CSVs that `dvc plots` draws.
 
 Every plot is computed from a :class:`cbir.metrics.RankedResults` (the model's ranking of the
-evaluation queries, from :func:`cbir.evaluate.rank_model`) or from the training history, and
+evaluation queries, from :func:`cbir.steps.evaluate.rank_model`) or from the training history, and
 written atomically. matplotlib is used through `Figure` objects (no pyplot global state), so this
 works in threads and on machines without a display.
 """

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from prefect import unmapped
 from prefect.futures import wait
 
-from cbir.embed import EmbedSummary
+from cbir.steps.embed import EmbedSummary
 from flows.common import shard_runner
 from tasks.common import configured, log_lines, settings_for
 from tasks.embed import ShardResult, embed_shard_task, plan_embed_task

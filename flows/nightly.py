@@ -21,6 +21,7 @@ from prefect import flow
 
 from cbir import faults
 from cbir.errors import CbirError
+from cbir.store.layout import layout
 from flows.common import FlowResult, flow_lock, summary_artifact
 from flows.embed import run_embed
 from tasks.common import configured, settings_for
@@ -81,7 +82,7 @@ def deployment(params_path: str = "params.yaml", name: str = DEPLOYMENT) -> Any:
     return nightly.to_deployment(
         name=name, schedule=schedule, concurrency_limit=1,
         parameters={"params_path": str(Path(settings.params_path).resolve())},
-        description=f"cbir nightly re-indexing of {settings.path(settings.data.scans_dir)}",
+        description=f"cbir nightly re-indexing of {layout(settings).scans}",
         entrypoint_type=EntrypointType.MODULE_PATH)
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from cbir.errors import CbirError
-from cbir.lock import lock_path
+from cbir.store.layout import layout
 
 SERVER_CPU_LIMIT = 600.0  # s of the server's own CPU time spent without answering: give up
 NOTE_AFTER = 10.0  # s of waiting before the one progress note on stderr
@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parent.parent  # where `flows` is importable fro
 
 def prefect_home(settings: object) -> Path:
     """`<data folder>/prefect`: the data folder holds data.manifest_dir (and `.cbir.lock`)."""
-    return lock_path(settings).parent / "prefect"
+    return layout(settings).prefect_home
 
 
 def one_line(text: object) -> str:

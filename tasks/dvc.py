@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cbir.nightly import DvcRecord, record_with_dvc
+from cbir.steps.nightly import DvcRecord, record_with_dvc
 
 from .common import log_lines, settings_for, step_task
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from prefect import get_run_logger
 
+from cbir.store.layout import layout
 from cbir.config import Settings
-from cbir.embed import EmbedPlan, Shard, embed_shard, embeddings_dir, plan_shards, write_model_card
+from cbir.steps.embed import (EmbedPlan, Shard, embed_shard, plan_shards, write_model_card)
 from cbir.errors import CbirError
 from cbir.fsutil import clean_stale_tmp
 from cbir.model import retrieval_model
@@ -67,7 +68,7 @@ def _dask_worker() -> str | None:
 
 @step_task("embed-shard", task_run_name="embed-{shard.name}")
 def embed_shard_task(params_path: str, fingerprint: str, shard: Shard) -> ShardResult:
-    """Embed one shard (cbir.embed.embed_shard) and write it atomically; a retry redoes it."""
+    """Embed one shard (cbir.steps.embed.embed_shard) and write it atomically; a retry redoes it."""
     settings = settings_for(params_path)
     logger = get_run_logger()
     e = settings.embed
@@ -84,7 +85,7 @@ def embed_shard_task(params_path: str, fingerprint: str, shard: Shard) -> ShardR
     if fp != fingerprint:
         raise CbirError(f"the model changed while embedding (planned for {fingerprint}, now "
                         f"{fp}): run the flow again")
-    n, failed = embed_shard(settings, model, pp, embeddings_dir(settings, fp), shard)
+    n, failed = embed_shard(settings, model, pp, layout(settings).embeddings(fp), shard)
     worker = _dask_worker()
     logger.info(f"{shard.name}: {n} images embedded"
                 f"{f', {len(failed)} unreadable' if failed else ''}"

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from cbir.ingest import IngestSummary, run_ingest
+from cbir.steps.ingest import IngestSummary, run_ingest
 
 from .common import log_lines, settings_for, step_task
 
 
 @step_task("ingest")
 def ingest_task(params_path: str) -> IngestSummary:
-    """Add new scans to the manifest (cbir.ingest.run_ingest): only new files are decoded."""
+    """Add new scans to the manifest (cbir.steps.ingest.run_ingest): only new files are decoded."""
     summary = run_ingest(settings_for(params_path))
     log_lines(summary.lines())
     return summary

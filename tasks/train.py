@@ -11,17 +11,17 @@ from cbir.errors import CbirError
 from .common import log_lines, settings_for, step_task
 
 if TYPE_CHECKING:
-    from cbir.train import TrainSummary
+    from cbir.steps.train import TrainSummary
 
 
 @step_task("train", retries=1, retry_delay_seconds=10)
 def train_task(params_path: str) -> TrainSummary:
-    """Fine-tune the descriptor (cbir.train.run_train), resuming from the last epoch checkpoint.
+    """Fine-tune the descriptor (cbir.steps.train.run_train), resuming from the last epoch checkpoint.
 
     A retry or a rerun of the flow continues from `models_dir/last.pt`; when that checkpoint
     belongs to other params or other images, training starts again from the beginning.
     """
-    from cbir.train import run_train  # here: the nightly flow never trains
+    from cbir.steps.train import run_train  # here: the nightly flow never trains
 
     settings = settings_for(params_path)
     logger = get_run_logger()

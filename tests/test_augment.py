@@ -11,7 +11,7 @@ from PIL import Image
 
 from cbir import augment, degrade
 from cbir.augment import STRATEGIES, make_augmenter, preview_grid
-from cbir.demo import paint_original
+from cbir.steps.demo import paint_original
 
 RES = 64  # small views keep the suite fast; sizes are checked at training resolutions too
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cbir import catalog
+from cbir.store import catalog
 from cbir.config import load_settings
 from test_report import HOSTILE, build_workspace
 

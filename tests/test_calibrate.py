@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from cbir.calibrate import CALIBRATION, SELF, GROUND_TRUTH, is_current, recorded, run_calibrate
+from cbir.steps.calibrate import GROUND_TRUTH, SELF, is_current, recorded, run_calibrate
+from cbir.store.layout import CALIBRATION
 from cbir.config import load_settings
-from cbir.demo import generate_demo_collection
-from cbir.embed import run_embed
-from cbir.index import run_index
-from cbir.ingest import run_ingest
-from cbir.search import PairsSummary, run_pairs
+from cbir.steps.demo import generate_demo_collection
+from cbir.steps.embed import run_embed
+from cbir.steps.index import run_index
+from cbir.steps.ingest import run_ingest
+from cbir.steps.pairs import PairsSummary, run_pairs
 from conftest import CBIR, photo, save, write_params
 
 SMALL = {"ingest": {"workers": 2},

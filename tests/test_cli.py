@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from cbir import catalog
+from cbir.store import catalog
 from cbir.cli import DETAILS, build_parser
 from cbir.config import load_settings
-from cbir.embed import run_embed
-from cbir.index import run_index
-from cbir.ingest import run_ingest
-from cbir.search import run_pairs
+from cbir.steps.embed import run_embed
+from cbir.steps.index import run_index
+from cbir.steps.ingest import run_ingest
+from cbir.steps.pairs import run_pairs
 from conftest import CBIR, photo, save, write_params
 
 SMALL = {"ingest": {"workers": 2},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cbir import lock
-from cbir.demo import generate_demo_collection
+from cbir.steps.demo import generate_demo_collection
 from cbir.paramsfile import set_params
 from cbir.workspace import init_workspace
 from conftest import photo, save

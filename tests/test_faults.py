@@ -39,18 +39,24 @@ import pytest
 import torch
 from PIL import Image
 
-from cbir.catalog import query
+from cbir.store.catalog import query
 from cbir.config import Settings, load_settings
-from cbir.demo import generate_demo_collection
-from cbir.embed import SHARD_GLOB, load_embeddings, run_embed
-from cbir.evaluate import run_evaluate
+from cbir.steps.demo import generate_demo_collection
+from cbir.store.layout import SHARD_GLOB
+from cbir.store.embeddings import load_embeddings
+from cbir.steps.embed import run_embed
+from cbir.steps.evaluate import run_evaluate
 from cbir.fsutil import TMP_PREFIX
-from cbir.index import index_ids, load_index, run_index, search
-from cbir.ingest import canonical_images, run_ingest
+from cbir.faiss_index import index_ids, search
+from cbir.store.index import load_index
+from cbir.steps.index import run_index
+from cbir.store.manifest import canonical_images
+from cbir.steps.ingest import run_ingest
 from cbir.model import safe_load
-from cbir.report import run_report
-from cbir.search import faiss_ids, run_pairs
-from cbir.train import _read_cache, run_train
+from cbir.steps.report import run_report
+from cbir.faiss_index import faiss_ids
+from cbir.steps.pairs import run_pairs
+from cbir.steps.train import _read_cache, run_train
 from conftest import CBIR, REPO, photo, save, write_params
 
 PARAMS: dict[str, Any] = {
@@ -611,8 +617,10 @@ def test_every_kill_point_is_documented() -> None:
 def test_a_nightly_run_killed_after_its_report_does_not_report_again(workspace) -> None:
     import pyarrow as pa
 
-    from cbir.ingest import RUNS, RUNS_SCHEMA
-    from cbir.nightly import PENDING, REPORTS, begin_nightly, report_file
+    from cbir.store.layout import RUNS
+    from cbir.store.manifest import RUNS_SCHEMA
+    from cbir.steps.nightly import PENDING, begin_nightly, report_file
+    from cbir.store.layout import NIGHTLY as REPORTS
 
     s = workspace()
     runs = [{"run_id": i} for i in (1, 2)]

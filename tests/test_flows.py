@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from cbir.embed import embedded_ids, embeddings_dir
+from cbir.store.layout import layout
+from cbir.store.embeddings import embedded_ids
 from cbir.model import retrieval_model
 from conftest import photo, save
 
@@ -81,7 +82,7 @@ def test_a_failed_build_resumes_from_what_completed(prefect_harness, workspace, 
     assert state.is_failed() and "disk full" in state.message
     assert seen.count(seen[1]) == 2  # retried once (orchestration.task_retries), then failed
     _, _, fp, _ = retrieval_model(settings)
-    folder = embeddings_dir(settings, fp)
+    folder = layout(settings).embeddings(fp)
     assert len(embedded_ids(folder)) == 4  # the other two shards are kept
     assert not settings.path(settings.data.index_dir).exists()  # nothing ran after the failure
 

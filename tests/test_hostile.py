@@ -50,14 +50,19 @@ import torch
 import yaml
 from PIL import Image
 
-from cbir import catalog, cli, imaging, ingest, probe
+from cbir.store.layout import layout
+from cbir import cli, imaging, probe
+from cbir.steps import ingest
+from cbir.store import catalog
 from cbir.config import NO_LIMIT, load_settings
-from cbir.embed import embeddings_dir, load_embeddings, run_embed
+from cbir.steps.embed import run_embed
+from cbir.store.embeddings import load_embeddings
 from cbir.imaging import PAGE_COUNT_LIMIT
-from cbir.index import load_index, run_index
-from cbir.ingest import run_ingest
+from cbir.store.index import load_index
+from cbir.steps.index import run_index
+from cbir.steps.ingest import run_ingest
 from cbir.model import CHECKPOINT_FORMAT, retrieval_model, save_checkpoint
-from cbir.search import run_pairs
+from cbir.steps.pairs import run_pairs
 from conftest import CBIR, REPO, as_archive_user, open_catalogue, photo, save, write_params
 from test_ingest import EXPECTED_REASONS, _bad_input_folder
 
@@ -415,7 +420,7 @@ def test_hostile_file_names_round_trip_through_every_step(tmp_path):
 
     ids = {r["image_id"] for r in rows}
     fp = retrieval_model(settings)[2]
-    assert set(load_embeddings(embeddings_dir(settings, fp))[0]) == ids
+    assert set(load_embeddings(layout(settings).embeddings(fp))[0]) == ids
     assert load_index(settings.path(settings.data.index_dir))[1].n_vectors == len(ids)
     neighbours = pq.read_table(settings.path(settings.data.reports_dir) / "neighbors.parquet")
     assert set(neighbours.column("query_path").to_pylist()) == shown
@@ -677,7 +682,7 @@ def test_train_resume_refuses_a_bad_epoch_checkpoint(ws, capsys, tmp_path, damag
 # itself (catalog.connect: the file attached read only, external access off except the
 # workspace's own Parquet outputs, configuration locked), and `cbir sql` runs queries only. A
 # damaged or foreign manifest, shard, index or pair file is one line naming the file and the
-# command that rebuilds it (cbir/stored.py), in every step that reads it.
+# command that rebuilds it (cbir/store/tables.py), in every step that reads it.
 
 def outside_parquet(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -1197,7 +1202,7 @@ HOSTILE_CELLS = ['"><img src=x onerror=alert(1)>', "a|b|c.jpg", "[click](http://
 
 def test_every_report_format_escapes_names(monkeypatch):
     from cbir.metrics import markdown_table
-    from cbir.nightly import NightlyReport
+    from cbir.steps.nightly import NightlyReport
     from cbir.safetext import code_fence
 
     cols = ["new_run", "new_path", "match_path", "score", "kind", "master_path"]

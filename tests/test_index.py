@@ -1,4 +1,4 @@
-"""cbir.index: layout choice, recall against exact search, updates, persistence and its failures.
+"""cbir.faiss_index, cbir.store.index, cbir.steps.index: layout choice, recall against exact search, updates, persistence and its failures.
 
 Recall is checked against a brute-force numpy top-k computed here, not against what build_index
 reports. Data: clustered unit vectors (cluster centres + Gaussian noise, normalised).
@@ -16,20 +16,8 @@ import numpy as np
 import pytest
 
 from cbir.errors import CbirError
-from cbir.index import (
-    FLAT_MAX_N,
-    IndexInfo,
-    IndexParams,
-    add_vectors,
-    build_index,
-    choose_params,
-    estimate_bytes_per_vector,
-    load_index,
-    recall_at_k,
-    remove_ids,
-    save_index,
-    search,
-)
+from cbir.faiss_index import (FLAT_MAX_N, IndexInfo, IndexParams, add_vectors, build_index, choose_params, estimate_bytes_per_vector, recall_at_k, remove_ids, search)
+from cbir.store.index import load_index, save_index
 
 DIM = 64
 N_BASE = 16_000  # the IVF-PQ fixture is built on these...
@@ -176,7 +164,7 @@ def test_ivfpq_callable_vector_source_matches_array(data, ivf) -> None:
 
 def test_numpy_rerank_fallback_matches_faiss_kernel(data, ivf, monkeypatch) -> None:
     """Older FAISS (no `nsubset` re-ranking kernel) and non-float32 arrays take the numpy path."""
-    import cbir.index as cbir_index
+    import cbir.faiss_index as cbir_index
 
     index, info = ivf
     x, q = data["x"][:N_BASE], data["queries"][:100]

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cbir import ingest
+from cbir.steps import ingest
+from cbir.store.manifest import canonical_images
 from cbir.config import load_settings
 from cbir.imaging import hamming, phash
-from cbir.ingest import run_ingest
+from cbir.steps.ingest import run_ingest
 from conftest import CBIR, REPO, as_archive_user, open_catalogue, photo, save, shared_photos
 
 
@@ -246,7 +247,7 @@ def test_exact_duplicates_become_one_canonical_image(workspace):
     got = con.execute("SELECT path, canonical_path FROM exact_duplicates ORDER BY path").fetchall()
     assert got == [("b_copy.jpg", "a/orig.jpg"), ("c/copy2.jpg", "a/orig.jpg")]
     con.close()
-    assert [r["path"] for r in ingest.canonical_images(settings)] in (
+    assert [r["path"] for r in canonical_images(settings)] in (
         ["a/orig.jpg", "other.jpg"], ["other.jpg", "a/orig.jpg"])
 
 

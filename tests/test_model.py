@@ -130,7 +130,7 @@ def test_checkpoint_round_trip_keeps_weights_and_fingerprint(tmp_path):
 
 
 def test_multiscale_descriptor_is_the_normalised_sum_of_the_scales(tmp_path):
-    from cbir.embed import embed_files
+    from cbir.steps.embed import embed_files
     from conftest import photo, save
 
     files = [bytes(save(photo(s, (120, 90)), tmp_path / f"p{s}.png")) for s in range(3)]

@@ -14,16 +14,22 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cbir import catalog, lock
+from cbir.store.layout import layout
+from cbir import lock
+from cbir.store import catalog
 from cbir.config import load_settings
-from cbir.demo import generate_demo_collection
-from cbir.embed import embedded_ids, embeddings_dir, run_embed
-from cbir.evaluate import run_evaluate
-from cbir.index import index_ids, load_index, run_index
-from cbir.ingest import run_ingest
+from cbir.steps.demo import generate_demo_collection
+from cbir.store.embeddings import embedded_ids
+from cbir.steps.embed import run_embed
+from cbir.steps.evaluate import run_evaluate
+from cbir.faiss_index import index_ids
+from cbir.store.index import load_index
+from cbir.steps.index import run_index
+from cbir.steps.ingest import run_ingest
 from cbir.model import retrieval_model
-from cbir.report import run_report
-from cbir.search import faiss_ids, run_pairs
+from cbir.steps.report import run_report
+from cbir.faiss_index import faiss_ids
+from cbir.steps.pairs import run_pairs
 from conftest import CBIR, REPO, photo, save, write_params
 
 SMALL = {
@@ -99,7 +105,7 @@ def test_nightly_reindexes_only_the_new_scans(prefect_harness, tmp_path, built):
     before = {(r[1], r[2]): r for r in _pair_keys(s)}
     old_pairs = pq.read_table(s.path(s.data.pairs_dir) / "pairs.parquet").to_pylist()
     _, _, fp, _ = retrieval_model(s)
-    n_before = len(embedded_ids(embeddings_dir(s, fp)))
+    n_before = len(embedded_ids(layout(s).embeddings(fp)))
     _arrivals(s.path(s.data.scans_dir))
 
     result = nightly(str(params))
@@ -144,7 +150,7 @@ def test_nightly_reindexes_only_the_new_scans(prefect_harness, tmp_path, built):
     index, _ = load_index(s.path(s.data.index_dir))
     ids = index_ids(index)
     assert len(ids) == len(set(ids)) == n_before + 3
-    assert set(ids) == set(faiss_ids(sorted(embedded_ids(embeddings_dir(s, fp)))))
+    assert set(ids) == set(faiss_ids(sorted(embedded_ids(layout(s).embeddings(fp)))))
 
 
 def test_a_nightly_run_without_new_scans_decodes_and_embeds_nothing(prefect_harness, tmp_path,
@@ -160,9 +166,9 @@ def test_a_nightly_run_without_new_scans_decodes_and_embeds_nothing(prefect_harn
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr("cbir.ingest.probe_star", no_decoding)
+    monkeypatch.setattr("cbir.steps.ingest.probe_star", no_decoding)
     monkeypatch.setattr("cbir.imaging.load_rgb", no_decoding)
-    monkeypatch.setattr("cbir.report.load_rgb", no_decoding)
+    monkeypatch.setattr("cbir.steps.report.load_rgb", no_decoding)
     st = nightly(str(params)).steps
     assert st["ingest"].decoded == 0 and st["ingest"].counts.get("new", 0) == 0
     assert st["embed"].summary.embedded == 0 and st["embed"].summary.shards == 0
@@ -185,7 +191,7 @@ def test_a_failed_nightly_resumes_without_losing_or_duplicating(prefect_harness,
         calls.append(1)
         raise OSError("the NAS went away")
 
-    monkeypatch.setattr("cbir.search.knn_pairs", nas_went_away)
+    monkeypatch.setattr("cbir.steps.pairs.knn_pairs", nas_went_away)
     state = nightly(str(params), return_state=True)
     assert state.is_failed() and "the NAS went away" in state.message
     assert len(calls) == 2  # tried, then retried once (orchestration.task_retries: 1)

@@ -1,7 +1,7 @@
 """Nothing cbir does destroys what it does not own (issue 12, family 1).
 
 Every output path (`data.*`, `model.checkpoint`, an `--out`) is checked when the settings load
-(cbir/outputs.py): one overlapping the scans, the params file, the ground truth or another
+(cbir/store/outputs.py): one overlapping the scans, the params file, the ground truth or another
 output, a foreign folder or file, and a scans folder that is the file system's root or holds the
 data folder are refused with one line naming both paths, and nothing anywhere changes.
 `cbir demo-data` refuses a non-empty folder it did not write; `cbir report` deletes only files

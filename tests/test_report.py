@@ -15,18 +15,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir import catalog
-from cbir.calibrate import calibrate, param_value, run_calibrate, set_params
+from cbir.store import catalog
+from cbir.paramsfile import set_params
+from cbir.steps.calibrate import calibrate, param_value, run_calibrate
 from cbir.cli import main as cli_main
 from cbir.config import Settings, load_settings
-from cbir.embed import run_embed
+from cbir.steps.embed import run_embed
 from cbir.errors import CbirError
-from cbir.evaluate import run_evaluate
-from cbir.index import run_index
-from cbir.ingest import run_ingest
+from cbir.steps.evaluate import run_evaluate
+from cbir.steps.index import run_index
+from cbir.steps.ingest import run_ingest
 from cbir.metrics import RankedResults
-from cbir.report import run_report
-from cbir.search import run_pairs
+from cbir.steps.report import run_report
+from cbir.steps.pairs import run_pairs
 from conftest import REPO, photo, save, write_params
 
 # A "file" whose relative path is markup: a folder `<script>alert(1)<` holding `script>.jpg`

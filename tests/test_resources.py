@@ -27,11 +27,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from cbir.store.layout import layout
 from cbir import cli, fsutil
 from cbir.config import load_settings
 from cbir.lock import writer_lock
-from cbir.embed import embeddings_dir, load_embeddings
-from cbir.index import index_ids, load_index
+from cbir.store.embeddings import load_embeddings
+from cbir.faiss_index import index_ids
+from cbir.store.index import load_index
 from cbir.model import retrieval_model
 from conftest import CBIR, REPO, photo, save, write_params
 from test_hostile import FAST, assert_one_line_error, manifest_rows, snapshot
@@ -90,7 +92,7 @@ def test_a_150_megapixel_tiff_is_ingested_and_embedded_in_bounded_memory(tmp_pat
     (row,) = manifest_rows(settings)
     assert (row["width"], row["height"], row["status"]) == (width, height, "ok")
     fp = retrieval_model(settings)[2]
-    assert len(load_embeddings(embeddings_dir(settings, fp))[0]) == 1
+    assert len(load_embeddings(layout(settings).embeddings(fp))[0]) == 1
     extra = {step: peaks["large"][step] - peaks["tiny"][step] for step in ("ingest", "embed")}
     print(f"peak RSS MB: tiny {peaks['tiny']}, large {peaks['large']}, extra {extra}")
     # Measured (2 cores, Pillow 13): ingest +700 MB (the decode, 450, and its greyscale copy
@@ -123,7 +125,7 @@ def _results(params: Path) -> dict:
     rows = [{k: v for k, v in r.items() if k not in ("first_run", "mtime", "mtime_ns")}
             for r in manifest_rows(settings)]
     fp = retrieval_model(settings)[2]
-    ids, vectors = load_embeddings(embeddings_dir(settings, fp))
+    ids, vectors = load_embeddings(layout(settings).embeddings(fp))
     index, _ = load_index(settings.path(settings.data.index_dir))
     pairs = pq.read_table(settings.path(settings.data.pairs_dir) / "pairs.parquet").to_pylist()
     return {"rows": rows, "ids": ids, "vectors": vectors, "index": sorted(index_ids(index)),

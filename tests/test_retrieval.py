@@ -12,15 +12,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from cbir.store.layout import layout
 from cbir.config import load_settings
-from cbir.demo import generate_demo_collection
-from cbir.embed import embeddings_dir, load_embeddings, plan_shards, run_embed
+from cbir.steps.demo import generate_demo_collection
+from cbir.steps.embed import plan_shards, run_embed
+from cbir.store.embeddings import load_embeddings
 from cbir.errors import CbirError
-from cbir.evaluate import read_ground_truth
-from cbir.index import run_index
-from cbir.ingest import run_ingest
+from cbir.steps.evaluate import read_ground_truth
+from cbir.steps.index import run_index
+from cbir.steps.ingest import run_ingest
 from cbir.model import retrieval_model
-from cbir.search import clusters_from_pairs, open_searcher, query_images
+from cbir.steps.pairs import clusters_from_pairs
+from cbir.store.index import open_searcher
+from cbir.steps.query import query_images
 from conftest import CBIR, REPO, open_catalogue, photo, save, write_params
 
 SMALL = {
@@ -105,7 +109,7 @@ def test_embedding_is_sharded_resumable_and_incremental(tmp_path):
                          text=True, cwd=REPO)
     assert out.returncode == -signal.SIGKILL
     _, _, fp, _ = retrieval_model(settings)
-    folder = embeddings_dir(settings, fp)
+    folder = layout(settings).embeddings(fp)
     assert len(list(folder.glob("shard-*.parquet"))) == 2  # two whole shards, no partial one
     plan = plan_shards(settings, fp)
     assert plan.already == 16 and sum(len(s.image_ids) for s in plan.shards) == 24
@@ -120,7 +124,7 @@ def test_embedding_is_sharded_resumable_and_incremental(tmp_path):
                                                        **SMALL}))
     run_ingest(ref)
     run_embed(ref)
-    ref_ids, ref_vectors = load_embeddings(embeddings_dir(ref, fp))
+    ref_ids, ref_vectors = load_embeddings(layout(ref).embeddings(fp))
     assert ref_ids == ids
     np.testing.assert_allclose(ref_vectors, vectors, atol=1e-5)
 

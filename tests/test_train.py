@@ -24,13 +24,12 @@ from PIL import Image
 
 from cbir.config import Settings, load_settings
 from cbir.errors import CbirError
-from cbir.ingest import run_ingest
+from cbir.steps.ingest import run_ingest
 from cbir.model import (fingerprint, load_checkpoint, retrieval_model, retrieval_preprocess,
                         safe_load)
-from cbir.train import (
-    HISTORY, LAST, METRICS, EpochBatches, Schedule, TwoViews, available_cpus, build_cache,
-    fit_epochs, lr_at, mix_views, run_train,
-)
+from cbir.store.layout import HISTORY, LAST
+from cbir.store.layout import TRAIN_METRICS as METRICS
+from cbir.steps.train import (EpochBatches, Schedule, TwoViews, available_cpus, build_cache, fit_epochs, lr_at, mix_views, run_train)
 from conftest import REPO, deep_merge, photo, save, write_params
 
 N_IMAGES = 16
@@ -145,7 +144,7 @@ def _train_command(params: Path) -> list[str]:
     from cbir.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    module = "cbir.cli" if "train" in sub.choices else "cbir.train"
+    module = "cbir.cli" if "train" in sub.choices else "cbir.steps.train"
     return [sys.executable, "-m", module, *(["train"] if module == "cbir.cli" else []),
             "--params", str(params)]
 
@@ -315,7 +314,7 @@ def test_threads_follow_the_cpus_the_process_may_use(tmp_path, monkeypatch):
 
 
 def test_training_views_are_embeds_tensors(collection):
-    from cbir.embed import to_tensor
+    from cbir.model import to_tensor
 
     settings = _settings(collection, collection / "views")
     views = TwoViews(build_cache(settings, log=lambda _: None), "heritage", 48, 0.3, 0)
@@ -400,7 +399,7 @@ def test_torchrun_two_processes_on_cpu(collection, tmp_path):
         pytest.skip(f"torchrun not found next to {sys.executable}")
     settings = _settings(collection, tmp_path, train={"epochs": 1, "workers": 0})
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "cbir.train",
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "cbir.steps.train",
                           "--params", str(settings.params_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The Parquet outputs cbir keeps between steps, their schemas, and reading them back checked.
+"""Reading the Parquet outputs cbir keeps between steps back, checked against their schemas.
 
 A stored output can be damaged (truncated, emptied), or replaced by a file that is not what
 cbir wrote (another program's Parquet, an earlier `COPY ... TO`). Every step that reads one goes
@@ -17,73 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CbirError
-
-# The manifest (cbir ingest)
-FILES_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("path", pa.string()),
-    ("path_raw", pa.binary()),
-    ("version", pa.int32()),
-    ("status", pa.string()),
-    ("is_canonical", pa.bool_()),
-    ("duplicate_of", pa.string()),
-    ("sha256", pa.string()),
-    ("bytes", pa.int64()),
-    ("mtime", pa.timestamp("us", tz="UTC")),
-    ("mtime_ns", pa.int64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("mode", pa.string()),
-    ("format", pa.string()),
-    ("pages", pa.int32()),
-    ("phash", pa.uint64()),
-    ("first_run", pa.int32()),
-    ("last_run", pa.int32()),
-])
-
-QUARANTINE_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("path_raw", pa.binary()),
-    ("reason", pa.string()),
-    ("bytes", pa.int64()),
-    ("mtime_ns", pa.int64()),
-    ("first_run", pa.int32()),
-    ("last_run", pa.int32()),
-])
-
-RUNS_SCHEMA = pa.schema([
-    ("run_id", pa.int32()),
-    ("started_at", pa.timestamp("us", tz="UTC")),
-    ("finished_at", pa.timestamp("us", tz="UTC")),
-    ("scans_dir", pa.string()),
-    ("files_seen", pa.int64()),
-    ("new", pa.int64()),
-    ("changed", pa.int64()),
-    ("unchanged", pa.int64()),
-    ("new_duplicates", pa.int64()),
-    ("newly_missing", pa.int64()),
-    ("quarantined", pa.int64()),
-    ("decoded", pa.int64()),
-    ("seconds", pa.float64()),
-])
-
-# Pairs and clusters (cbir pairs)
-PAIRS_SCHEMA = pa.schema([
-    ("image_a", pa.string()), ("image_b", pa.string()),
-    ("path_a", pa.string()), ("path_b", pa.string()),
-    ("score", pa.float32()), ("rank", pa.int32()), ("kind", pa.string()),
-])
-CLUSTERS_SCHEMA = pa.schema([
-    ("cluster_id", pa.int32()), ("image_id", pa.string()), ("path", pa.string()),
-    ("size", pa.int32()), ("weakest_link", pa.float32()),
-])
-
-#: What to do about a damaged manifest file: ingest cannot rebuild what it would extend.
-MANIFEST_FIX = ("restore it from DVC (`dvc checkout`), or move it away and run `cbir ingest` "
-                "to start a new manifest")
-PAIRS_FIX = "run `cbir pairs` to write it again"
-
+from ..errors import CbirError
 
 class DamagedFile(CbirError):
     """A stored output cannot be read as what cbir wrote there."""

@@ -1,4 +1,4 @@
-"""Near-duplicate search: query by image, every near-duplicate pair, and clusters of them."""
+"""`cbir pairs`: every near-duplicate pair of the collection, and clusters of them."""
 
 from __future__ import annotations
 
@@ -12,114 +12,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import faults
-from .catalog import clean_stale, refresh_catalog
-from .config import Settings
-from .embed import current_embeddings, embed_files, pick_device
-from .errors import CbirError
-from .fsutil import clean_stale_tmp, write_parquet
-from .imaging import not_regular
-from .index import load_index, search as index_search
-from .ingest import OK, PRESENT, load_manifest
-from .model import retrieval_model
-from .probe import sha256_of
-from .stored import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA, read_table
-
-PAIRS_FILE = "pairs.parquet"
-CLUSTERS_FILE = "clusters.parquet"
-SEARCHED_FILE = "searched.parquet"  # ids whose neighbours pairs.parquet holds (incremental runs)
-_ID_MASK = (1 << 63) - 1  # FAISS ids are non-negative int64; -1 means "no result"
-
-
-
-def faiss_ids(image_ids: list[str]) -> np.ndarray:
-    """int64 FAISS ids from image ids (63 bits of the content hash; a lookup maps them back)."""
-    return np.array([int(i, 16) & _ID_MASK for i in image_ids], dtype=np.int64)
-
-
-@dataclass
-class Searcher:
-    """The current index with what is needed to turn its answers into images and paths."""
-
-    index: Any
-    info: Any
-    fingerprint: str
-    image_ids: list[str]  # row order of `vectors`
-    vectors: np.ndarray
-    row_of_fid: dict[int, int]
-    path_of: dict[str, str]  # image_id -> canonical path
-
-    def lookup(self, fids: np.ndarray) -> np.ndarray:
-        """Stored vectors for FAISS ids: the index re-scores its candidates exactly with them."""
-        return self.vectors[[self.row_of_fid[int(f)] for f in fids]]
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
-        scores, fids = index_search(self.index, self.info, queries, k, vectors=self.lookup)
-        ids = [[self.image_ids[self.row_of_fid[int(f)]] if f >= 0 else None for f in row]
-               for row in fids]
-        return scores, ids
-
-
-def open_searcher(settings: Settings, fingerprint: str | None = None) -> Searcher:
-    """Load the index for the current model; a stale index is refused with a clear message."""
-    fp, ids, vectors, _ = current_embeddings(settings, fingerprint)
-    index, info = load_index(settings.path(settings.data.index_dir), expected_fingerprint=fp)
-    fids = faiss_ids(ids)
-    manifest = load_manifest(settings).select(["image_id", "path", "status", "is_canonical"])
-    path_of = {r["image_id"]: r["path"] for r in manifest.to_pylist()
-               if r["is_canonical"] and r["status"] == OK}
-    return Searcher(index=index, info=info, fingerprint=fp, image_ids=ids, vectors=vectors,
-                    row_of_fid={int(f): i for i, f in enumerate(fids)}, path_of=path_of)
-
-
-# --------------------------------------------------------------------------- query by image
-
-@dataclass
-class QueryResult:
-    query: str
-    neighbours: list[tuple[str, str, float]] = field(default_factory=list)  # id, path, score
-    exact_copies_of: list[str] = field(default_factory=list)  # manifest paths, same bytes
-    error: str | None = None
-
-
-def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
-    """Top-k neighbours of image files (inside or outside the collection)."""
-    model, pp, fp, _ = retrieval_model(settings)
-    s = open_searcher(settings, fingerprint=fp)
-    results = [QueryResult(query=str(p), error=_unreadable(p)) for p in paths]
-    todo = [i for i, r in enumerate(results) if r.error is None]
-    files = [os.fsencode(paths[i]) for i in todo]
-    done, vectors, failed = embed_files(model, files, pp, batch_size=settings.embed.batch_size,
-                                        workers=0, device=pick_device(settings.embed.device),
-                                        max_pixels=settings.ingest.max_pixels)
-    done = [todo[i] for i in done]
-    for i, why in failed:
-        results[todo[i]].error = f"cannot be read: {why}"
-    manifest = load_manifest(settings).select(["sha256", "path", "status"]).to_pylist()
-    by_sha: dict[str, list[str]] = {}
-    for r in manifest:
-        if r["status"] in PRESENT:
-            by_sha.setdefault(r["sha256"], []).append(r["path"])
-    if done:
-        scores, ids = s.search(vectors, k + 1)
-        for row, i in enumerate(done):
-            res = results[i]
-            sha = sha256_of(os.fsencode(paths[i]))
-            res.exact_copies_of = sorted(by_sha.get(sha, [])) if sha else []
-            for score, image_id in zip(scores[row], ids[row]):
-                if image_id is None or len(res.neighbours) >= k:
-                    continue
-                res.neighbours.append((image_id, s.path_of.get(image_id, "?"), float(score)))
-    return results
-
-
-def _unreadable(path: Path) -> str | None:
-    """Why a query file cannot be opened, or None. Only regular files are opened: a FIFO or a
-    device would block the read forever (imaging.open_regular guards every open too)."""
-    return not_regular(path)
-
-
-# --------------------------------------------------------------------------- pairs and clusters
+from .. import faults
+from ..config import Settings
+from ..fsutil import clean_stale_tmp, write_parquet
+from ..store.catalog import clean_stale, refresh_catalog
+from ..store.index import Searcher, open_searcher
+from ..store.layout import Layout, layout
+from ..store.manifest import DUPLICATE, OK, load_manifest
+from ..store.pairs import CLUSTERS_SCHEMA, PAIRS_SCHEMA
 
 #: Guard rails: a summary warns when the largest cluster holds more than this share of the
 #: collection (and at least CLUSTER_WARN_MIN images), or pairs outnumber images this many times.
@@ -141,8 +41,8 @@ class PairsSummary:
     searched: int = 0  # images whose neighbours were searched by this run
     added: int = 0  # near-duplicate pairs this run found that were not recorded before
     incremental: bool = False  # only images not searched before were searched
-    thresholds: Any = None  # cbir.calibrate.Thresholds used
-    calibration: Any = None  # cbir.calibrate.CalibrateResult when this run calibrated
+    thresholds: Any = None  # cbir.steps.calibrate.Thresholds used
+    calibration: Any = None  # cbir.steps.calibrate.CalibrateResult when this run calibrated
 
     def lines(self) -> list[str]:
         how = (f"{self.searched} new images searched against the collection" if self.incremental
@@ -274,7 +174,7 @@ def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
     canon = {r["image_id"]: r["path"] for r in rows if r["is_canonical"] and r["status"] == OK}
     return [{"image_a": r["image_id"], "image_b": r["image_id"], "path_a": canon[r["image_id"]],
              "path_b": r["path"], "score": 1.0, "rank": 0, "kind": "exact"}
-            for r in rows if r["status"] == "duplicate" and r["image_id"] in canon]
+            for r in rows if r["status"] == DUPLICATE and r["image_id"] in canon]
 
 
 def _search_state(s: Searcher, cfg: Any, pair_threshold: float) -> dict[str, str]:
@@ -283,10 +183,10 @@ def _search_state(s: Searcher, cfg: Any, pair_threshold: float) -> dict[str, str
             "pair_threshold": repr(float(pair_threshold))}
 
 
-def _searched_before(out: Path, state: dict[str, str]) -> set[str] | None:
+def _searched_before(lay: Layout, state: dict[str, str]) -> set[str] | None:
     """Ids whose neighbours pairs.parquet already holds (None: search everything again)."""
-    path = out / SEARCHED_FILE
-    if not path.is_file() or not (out / PAIRS_FILE).is_file():
+    path = lay.searched
+    if not path.is_file() or not lay.pairs.is_file():
         return None
     try:
         table = pq.read_table(path)
@@ -300,9 +200,9 @@ def _searched_before(out: Path, state: dict[str, str]) -> set[str] | None:
     return set(table.column("image_id").to_pylist())
 
 
-def _recorded_near_pairs(out: Path) -> dict[tuple[str, str], tuple[float, int]]:
+def _recorded_near_pairs(path: Path) -> dict[tuple[str, str], tuple[float, int]]:
     try:
-        rows = pq.read_table(out / PAIRS_FILE, columns=["image_a", "image_b", "score", "rank",
+        rows = pq.read_table(path, columns=["image_a", "image_b", "score", "rank",
                                                         "kind"]).to_pylist()
     except (OSError, pa.ArrowException):  # absent or damaged: nothing recorded to keep
         return {}
@@ -341,12 +241,12 @@ def run_pairs(settings: Settings, *, incremental: bool = False,
     cfg = settings.search
     s = open_searcher(settings)
     th, calibration = thresholds(settings, s, progress=progress)
-    out = settings.path(settings.data.pairs_dir)
-    clean_stale_tmp(out)  # left by a killed run
+    lay = layout(settings)
+    clean_stale_tmp(lay.pairs_dir)  # left by a killed run
     clean_stale(settings)
     state = _search_state(s, cfg, th.pair)
-    before = _searched_before(out, state) if incremental else None
-    recorded = _recorded_near_pairs(out)
+    before = _searched_before(lay, state) if incremental else None
+    recorded = _recorded_near_pairs(lay.pairs)
     if before is None:
         rows, pairs = None, {}
     else:
@@ -368,24 +268,19 @@ def run_pairs(settings: Settings, *, incremental: bool = False,
                     for cid, (members, weak) in enumerate(clusters, start=1) for m in members]
     searched = pa.table({"image_id": pa.array(sorted(present), pa.string())})
     faults.point("pairs.write")
-    _write_if_changed(pa.Table.from_pylist(exact + near, schema=PAIRS_SCHEMA), out / PAIRS_FILE)
+    _write_if_changed(pa.Table.from_pylist(exact + near, schema=PAIRS_SCHEMA), lay.pairs)
     _write_if_changed(pa.Table.from_pylist(cluster_rows, schema=CLUSTERS_SCHEMA),
-                      out / CLUSTERS_FILE)
+                      lay.clusters)
     faults.point("pairs.searched")
-    _write_if_changed(searched.replace_schema_metadata(state), out / SEARCHED_FILE)
+    _write_if_changed(searched.replace_schema_metadata(state), lay.searched)
     refresh_catalog(settings)
     return PairsSummary(n_images=len(s.image_ids), n_near_pairs=len(near),
                         n_exact_pairs=len(exact), n_clusters=len(clusters),
                         largest_cluster=max((len(m) for m, _ in clusters), default=0),
-                        seconds=time.perf_counter() - t0, pairs_file=out / PAIRS_FILE,
-                        clusters_file=out / CLUSTERS_FILE,
+                        seconds=time.perf_counter() - t0, pairs_file=lay.pairs,
+                        clusters_file=lay.clusters,
                         searched=len(s.image_ids) if rows is None else len(rows),
                         added=len(set(pairs) - set(recorded)), incremental=rows is not None,
                         thresholds=th, calibration=calibration)
 
 
-def read_pairs(settings: Settings) -> pa.Table:
-    path = settings.path(settings.data.pairs_dir) / PAIRS_FILE
-    if not path.is_file():
-        raise CbirError(f"no pairs at {path}: run `cbir pairs` first")
-    return read_table(path, PAIRS_SCHEMA, PAIRS_FIX)

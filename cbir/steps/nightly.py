@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import faults
-from .catalog import query
-from .config import Settings
-from .errors import CbirError
-from .fsutil import clean_stale_tmp, write_json, write_text
-from .ingest import RUNS
-from .safetext import md_cell
-from .lock import dvc_root
-from .stored import MANIFEST_FIX, RUNS_SCHEMA, read_table
+from .. import faults
+from ..store.catalog import query
+from ..config import Settings
+from ..errors import CbirError
+from ..fsutil import clean_stale_tmp, write_json, write_text
+from ..store.layout import RUNS
+from ..safetext import md_cell
+from ..lock import dvc_root
+from ..store.layout import layout
+from ..store.manifest import latest_run
 
-REPORTS = "nightly"  # under data.reports_dir: run-<N>.md, one per nightly run
 PENDING = "pending.json"  # the start of a report not written yet
 
 # The pairs of the images that arrived in runs (after, upto]; also what `cbir sql` users run.
@@ -41,15 +41,6 @@ ORDER BY new_run, kind DESC, score DESC, new_path, match_path
 """
 
 
-def latest_run(settings: Settings) -> int:
-    """The id of the latest ingest run (0 before the first)."""
-    path = settings.path(settings.data.manifest_dir) / RUNS
-    if not path.is_file():
-        return 0
-    runs = read_table(path, RUNS_SCHEMA, MANIFEST_FIX, columns=["run_id"])  # foreign: one line
-    return max(runs.column(0).to_pylist(), default=0)
-
-
 def begin_nightly(settings: Settings) -> int:
     """Call before a nightly run's ingest: the run after which its report starts.
 
@@ -58,7 +49,7 @@ def begin_nightly(settings: Settings) -> int:
     A run killed after writing its report but before removing pending.json has reported up to
     the latest ingest run already: its start is dropped, so no pair is reported twice.
     """
-    folder = settings.path(settings.data.reports_dir) / REPORTS
+    folder = layout(settings).nightly
     pending = folder / PENDING
     clean_stale_tmp(folder)  # left by a killed run
     latest = latest_run(settings)
@@ -120,7 +111,7 @@ def _cell(v: Any) -> str:
 def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyReport:
     """Report the duplicate pairs of the images that arrived in ingest runs (since_run, run_id],
     into `reports/nightly/run-<run_id>.md`, and close the pending report (begin_nightly)."""
-    folder = settings.path(settings.data.reports_dir) / REPORTS
+    folder = layout(settings).nightly
     cols, rows = query(settings, NEW_PAIRS_SQL, [since_run, run_id])
     report = NightlyReport(run_id=run_id, since_run=since_run, columns=cols, pairs=rows,
                            file=report_file(folder, run_id))

@@ -6,7 +6,7 @@
 `calibration_curve.csv` (a DVC plot):
 
 * **on the ground truth** (`data.ground_truth`, labelled images only), read off the same ranking
-  `cbir evaluate` scores (:func:`cbir.evaluate.rank_model`), so it equals metrics.json's
+  `cbir evaluate` scores (:func:`cbir.steps.evaluate.rank_model`), so it equals metrics.json's
   `threshold@pNN`; where there is ground truth, this one is used;
 * **self-calibrated** (:mod:`cbir.selfcal`): how non-duplicates score, from the neighbours of a
   sample of the collection's images; how duplicates score, from held-out synthetic copies of
@@ -31,15 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics, selfcal
-from .config import Settings
-from .errors import CbirError
-from .fsutil import write_json, write_text
-from .paramsfile import set_params
+from .. import metrics, selfcal
+from ..config import Settings
+from ..errors import CbirError
+from ..fsutil import write_json, write_text
+from ..paramsfile import set_params
+from ..store.layout import layout
 
-CALIBRATION = "calibration.json"  # under data.reports_dir: the figures (a DVC metric)
-STATE = "calibration.state.json"  # what they were computed from (model, params, labels, size)
-CURVE = "calibration_curve.csv"
 #: A calibration stays current for the nightly run until the collection has grown this much.
 GROWTH = 1.5
 GROUND_TRUTH = "ground truth"
@@ -169,18 +167,18 @@ def _copy_scores(settings: Settings, searcher: Any, rows: np.ndarray, k: int, *,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Make one held-out copy of each image in `rows`, embed it like the collection, and score
     it: (similarity to its original, whether the original is among its k nearest, failures)."""
-    from . import heldout, imaging
+    from .. import heldout, imaging
     from .embed import embed_pictures
-    from .ingest import canonical_images
-    from .model import retrieval_model
-    from .progress import bar as progress_bar
+    from ..store.manifest import canonical_images
+    from ..model import retrieval_model
+    from ..progress import bar as progress_bar
 
     model, pp, fp, _ = retrieval_model(settings)
     if fp != searcher.fingerprint:
         raise CbirError(f"the model changed ({searcher.fingerprint} -> {fp}) since the index was "
                         f"built: run `cbir embed` and `cbir index` first")
     path_of = {r["image_id"]: r["path_raw"] for r in canonical_images(settings)}
-    scans = os.fsencode(settings.path(settings.data.scans_dir))
+    scans = os.fsencode(layout(settings).scans)
     size = 2 * max(pp.sizes)  # copies are made at twice the input size, then embedded as scans
     pictures, originals, failed = [], [], 0
     bar = progress_bar(len(rows), "held-out copies", "img", progress)
@@ -300,7 +298,7 @@ def run_calibrate(settings: Settings, precision: float | None = None, write: boo
                   *, progress: bool = False, searcher: Any = None) -> CalibrateResult:
     """Calibrate the pair threshold for the current model; record it; optionally write it to
     the params file as a fixed value."""
-    from .search import open_searcher
+    from ..store.index import open_searcher
 
     t0 = time.perf_counter()
     target = settings.search.precision_target if precision is None else precision
@@ -326,7 +324,7 @@ def run_calibrate(settings: Settings, precision: float | None = None, write: boo
     if cluster is not None and cluster < pair:
         raise CbirError(f"search.cluster_threshold ({cluster:g}) must not be below the pair "
                         f"threshold ({pair:g})")
-    out = settings.path(settings.data.reports_dir)
+    lay = layout(settings)
     record = {"pair_threshold": pair, "cluster_threshold": result.cluster_threshold,
               "precision_target": target, "source": result.source,
               "reached": chosen.threshold is not None,
@@ -338,12 +336,12 @@ def run_calibrate(settings: Settings, precision: float | None = None, write: boo
                        if own.curve is not None else None,
                        "no_duplicates": own.estimate.no_duplicates},
               "ground_truth": gt.to_json() if gt else None}
-    write_text(_curve_csv(own.curve), out / CURVE)
+    write_text(_curve_csv(own.curve), lay.calibration_curve)
     write_json({**_state(settings, s.fingerprint), "images": len(s.image_ids),
                 "self_basis": own.estimate.basis, "ground_truth_basis": gt.basis if gt else None},
-               out / STATE)
-    write_json(record, out / CALIBRATION)  # last: the commit point
-    result.file = out / CALIBRATION
+               lay.calibration_state)
+    write_json(record, lay.calibration)  # last: the commit point
+    result.file = lay.calibration
     if write:
         if chosen.threshold is None:
             raise CbirError(f"no score threshold reaches precision {target:g}: params left "
@@ -386,10 +384,10 @@ class Thresholds:
 def recorded(settings: Settings) -> dict[str, Any] | None:
     """The last `cbir calibrate`'s figures with what they were computed from (None when
     absent or unreadable)."""
-    folder = settings.path(settings.data.reports_dir)
+    lay = layout(settings)
     try:
-        figures = json.loads((folder / CALIBRATION).read_text(encoding="utf-8"))
-        state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+        figures = json.loads(lay.calibration.read_text(encoding="utf-8"))
+        state = json.loads(lay.calibration_state.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(figures, dict) or not isinstance(state, dict):

@@ -14,16 +14,20 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
 
-from .config import Settings
-from .errors import CbirError
-from .fsutil import atomic_path, clean_stale_tmp, write_text
-from .stored import (CLUSTERS_SCHEMA, FILES_SCHEMA, MANIFEST_FIX, PAIRS_FIX, PAIRS_SCHEMA,
-                     QUARANTINE_SCHEMA, RUNS_SCHEMA, check_schema, one_line)
+from ..errors import CbirError
+from ..fsutil import atomic_path, clean_stale_tmp, write_text
+from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA
+from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA
+from .layout import layout
+from .tables import check_schema, one_line
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 SCHEMA_VERSION = 2  # 2: paths relative to the workspace, DOUBLE scores
 
@@ -161,27 +165,26 @@ GROUP BY c.cluster_id
 
 def views(settings: Settings) -> list[View]:
     """Every view the catalogue can hold, in creation order."""
-    m = settings.path(settings.data.manifest_dir)
+    lay = layout(settings)
     v = [
-        View("ingest_runs", parquet=m / "runs.parquet", comment="one row per ingest run",
+        View("ingest_runs", parquet=lay.runs, comment="one row per ingest run",
              schema=RUNS_SCHEMA, fix=MANIFEST_FIX),
         View("files", sql=_FILES_SQL, needs=("ingest_runs",),
-             sources={"files": m / "files.parquet"}, schema=FILES_SCHEMA, fix=MANIFEST_FIX,
+             sources={"files": lay.files}, schema=FILES_SCHEMA, fix=MANIFEST_FIX,
              comment="every file version ever ingested, with its status"),
-        View("quarantine", parquet=m / "quarantine.parquet", schema=QUARANTINE_SCHEMA,
+        View("quarantine", parquet=lay.quarantine, schema=QUARANTINE_SCHEMA,
              fix=MANIFEST_FIX, comment="files that could not be used, with the reason"),
         View("images", sql=_IMAGES_SQL, needs=("files",),
              comment="one row per distinct image (by content), canonical path"),
         View("exact_duplicates", sql=_EXACT_DUPLICATES_SQL, needs=("files",),
              comment="byte-identical copies of a canonical image"),
     ]
-    pairs = settings.path(settings.data.pairs_dir)
     v += [
         # scores as DOUBLE: round(score, 3) of a FLOAT shows as 0.9980000257492065
-        View("duplicate_pairs", parquet=pairs / "pairs.parquet",
+        View("duplicate_pairs", parquet=lay.pairs,
              replace="REPLACE (score::DOUBLE AS score)", schema=PAIRS_SCHEMA, fix=PAIRS_FIX,
              comment="near-duplicate pairs (kind 'near') and exact copies (kind 'exact', score 1)"),
-        View("clusters", parquet=pairs / "clusters.parquet",
+        View("clusters", parquet=lay.clusters,
              replace="REPLACE (weakest_link::DOUBLE AS weakest_link)",
              schema=CLUSTERS_SCHEMA, fix=PAIRS_FIX,
              comment="connected groups of near-duplicates: one row per member"),
@@ -221,7 +224,7 @@ def _signature(chosen: Sequence[View], root: Path) -> str:
 
 def refresh_catalog(settings: Settings) -> Path:
     """Make data/catalog.duckdb hold a view for every Parquet output that exists."""
-    target = settings.path(settings.data.catalog)
+    target = layout(settings).catalog
     chosen = _plan(settings)
     signature = _signature(chosen, settings.root)
     sidecar = _sidecar(target)
@@ -252,7 +255,7 @@ def refresh_catalog(settings: Settings) -> Path:
 def clean_stale(settings: Settings) -> None:
     """Remove the temporary files of a refresh that was killed. For the steps that write (they
     hold the writer lock); a reader's refresh, which takes no lock, may be under way."""
-    target = settings.path(settings.data.catalog)
+    target = layout(settings).catalog
     for path in (target, _sidecar(target)):
         clean_stale_tmp(path.parent, path.name)
 
@@ -273,7 +276,7 @@ def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConne
     a DuckDB instance of its own (an in-memory one that attaches the file): the lock binds no
     other connection to the same file in this process.
     """
-    path = refresh_catalog(settings) if refresh else settings.path(settings.data.catalog)
+    path = refresh_catalog(settings) if refresh else layout(settings).catalog
     if not path.is_file():
         raise CbirError(f"no catalogue at {path}: run `cbir ingest` first")
     chosen = _plan(settings)
@@ -301,10 +304,10 @@ def _allowed_paths(settings: Settings, chosen: Sequence[View]) -> list[str]:
     """The workspace's Parquet outputs, spelt as the views name them (relative to the
     workspace: DuckDB checks the name it is given) and in full."""
     files = {p for view in chosen for p in view.files()}
-    for folder in (settings.data.manifest_dir, settings.data.pairs_dir,
-                   settings.data.reports_dir):
-        files.update(settings.path(folder).glob("*.parquet"))
-    files.update(settings.path(settings.data.embeddings_dir).glob("*/*.parquet"))
+    lay = layout(settings)
+    for folder in (lay.manifest_dir, lay.pairs_dir, lay.reports_dir):
+        files.update(folder.glob("*.parquet"))
+    files.update(lay.embeddings_dir.glob("*/*.parquet"))
     root = Path(os.path.abspath(settings.root))
     out = set()
     for p in files:

@@ -33,17 +33,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from . import catalog, faults, plots
-from .config import Settings
-from .errors import CbirError
-from .fsutil import atomic_path, clean_stale_tmp, write_text
-from .imaging import ImageRejected, load_rgb
-from .ingest import PRESENT, load_manifest
-from .metrics import precision_key
-from .progress import bar as progress_bar
+from .. import faults, plots
+from ..store import catalog
+from ..config import Settings
+from ..errors import CbirError
+from ..fsutil import atomic_path, clean_stale_tmp, write_text
+from ..imaging import ImageRejected, load_rgb
+from ..store.layout import PLOTS, layout
+from ..store.manifest import PRESENT, load_manifest
+from ..metrics import precision_key
+from ..progress import bar as progress_bar
 
-GALLERY = "gallery"
-PLOTS = "plots"
 THUMBS = "thumbs"
 _NO_LIMIT = 1 << 62
 
@@ -395,7 +395,7 @@ def _evaluation(settings: Settings, plots_dir: Path) -> tuple[_Evaluation | None
                         "hits": len(found)})
     # Worst first: these are the queries worth looking at.
     queries.sort(key=lambda x: (x["hits"] / x["n_rel"], x["path"]))
-    metrics_file = settings.path(settings.data.reports_dir) / "metrics.json"
+    metrics_file = layout(settings).metrics_json
     table = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     return _Evaluation(label=model.label, k=k, queries=queries, metrics=table), "", written
 
@@ -436,8 +436,8 @@ def run_report(settings: Settings, *, progress: bool = False) -> ReportSummary:
     """Write the review gallery and the plots under data.reports_dir."""
     t0 = time.perf_counter()
     cfg = settings.report
-    reports = settings.path(settings.data.reports_dir)
-    gallery, plots_dir = reports / GALLERY, reports / PLOTS
+    lay = layout(settings)
+    gallery, plots_dir = lay.gallery, lay.plots
     for folder in (gallery, gallery / THUMBS / str(cfg.thumb_size), plots_dir):
         clean_stale_tmp(folder)  # left by a killed run
     summary = ReportSummary()
@@ -467,7 +467,7 @@ def run_report(settings: Settings, *, progress: bool = False) -> ReportSummary:
     plots_written: list[Path] = []
     ev, summary.evaluation_note, plots_written = _evaluation(settings, plots_dir)
     plots_written += plots.training_loss(
-        plots.read_history(settings.path(settings.data.models_dir) / "history.csv"), plots_dir)
+        plots.read_history(lay.history), plots_dir)
 
     paths = {p for r in pairs for p in (r["path_a"], r["path_b"])}
     paths |= {p for c in clusters for p in c["members"]}
@@ -478,13 +478,13 @@ def run_report(settings: Settings, *, progress: bool = False) -> ReportSummary:
     manifest = load_manifest(settings)
     files = _files_by_path(manifest, paths)
 
-    thumbs = Thumbnails(gallery, cfg.thumb_size, settings.path(settings.data.scans_dir),
+    thumbs = Thumbnails(gallery, cfg.thumb_size, lay.scans,
                         settings.ingest.max_pixels)
     sources: dict[str, bytes] = {}
     for f in files.values():
         sources.setdefault(f.image_id, f.path_raw)
     summary.thumbs = thumbs.ensure(sources, settings.workers, progress)
-    render = _Render(gallery, settings.path(settings.data.scans_dir), files, thumbs,
+    render = _Render(gallery, lay.scans, files, thumbs,
                      summary.thumbs.failed)
 
     pages: dict[str, str] = {}

@@ -44,17 +44,9 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from . import faults
 from .errors import CbirError
-from .fsutil import atomic_path, clean_stale_tmp, write_json
 
 log = logging.getLogger(__name__)
-
-INDEX_FORMAT_VERSION = 1
-INDEX_FILE = "index.faiss"
-SIDECAR_FILE = "index.json"
-#: A new index file waits here until the sidecar that describes it is in place (save_index).
-STAGED_FILE = "index.faiss.next"
 
 #: Below this many vectors the index is exact (flat). FAISS wants >= 39 training points per
 #: centroid, and each PQ sub-quantiser has 256 centroids (8 bits): 39 * 256 = 9984 points. Under
@@ -238,7 +230,7 @@ def _check_normalised(x: np.ndarray, sample: int = 10_000) -> None:
         )
 
 
-def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+def ivf_part(index: faiss.Index) -> faiss.IndexIVF | None:
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:  # not an IVF index (flat)
@@ -348,7 +340,7 @@ def _search_raw(
     k = min(k, index.ntotal)
     if k <= 0 or nq == 0:
         return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
-    ivf = _ivf(index)
+    ivf = ivf_part(index)
     if ivf is None:
         return index.search(queries, k)
     ivf.nprobe = max(1, min(nprobe, ivf.nlist))
@@ -590,142 +582,9 @@ def search(
     return _search_raw(index, q, k, info.nprobe, info.k_factor, use)
 
 
-# --------------------------------------------------------------------------- persistence
-
-_REBUILD = "rebuild with `cbir index`"
-# Sidecar values and their types: a sidecar cbir did not write is refused, not half-used.
-_SIDECAR_TYPES: dict[str, type | tuple[type, ...]] = {
-    "index_file": dict, "params": dict, "n_vectors": int, "dim": int, "trained_size": int,
-    "nprobe": int, "k": int, "k_factor": int, "recall_at_k": (int, float),
-    "model_fingerprint": str}
-
-
-def _check_sidecar(side: Any) -> None:
-    """Raise TypeError when the sidecar does not hold the values (and types) cbir writes."""
-    if not isinstance(side, dict):
-        raise TypeError(f"it holds a {type(side).__name__}, not a mapping")
-    for key, kind in _SIDECAR_TYPES.items():
-        value = side.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            raise TypeError(f"{key} is {value!r}")
-
-
-def save_index(index: faiss.Index, info: IndexInfo, folder: Path) -> None:
-    """Write ``folder/index.faiss`` and ``folder/index.json`` so that a kill at any moment leaves
-    a loadable index, the previous one or the new one.
-
-    The new index file is staged beside the old one (``index.faiss.next``), then the sidecar is
-    replaced atomically (the commit: it records the new file's size and SHA-256), then the staged
-    file is renamed over ``index.faiss``. Until that last rename :func:`load_index` finds the file
-    the sidecar describes by its checksum, so a kill between the renames, or a damaged file, is
-    never taken for a valid index.
-    """
-    folder = Path(folder)
-    if index.ntotal != info.n_vectors:
-        raise CbirError(f"index holds {index.ntotal} vectors but its info says {info.n_vectors}")
-    faults.point("index.save")
-    data = faiss.serialize_index(index)  # uint8 array; hash it without re-reading the file
-    digest = hashlib.sha256(data).hexdigest()
-    with atomic_path(folder / STAGED_FILE) as tmp, open(tmp, "wb") as fh:
-        # Not data.tofile(): on a full disk it raises an OSError without errno ("N requested
-        # and M written"), which could not be told from other failures.
-        fh.write(memoryview(data))
-    sidecar = {
-        "format_version": INDEX_FORMAT_VERSION,
-        "index_file": {"name": INDEX_FILE, "bytes": int(data.nbytes), "sha256": digest},
-        **info.to_dict(),
-    }
-    write_json(sidecar, folder / SIDECAR_FILE)
-    faults.point("index.commit")
-    os.replace(folder / STAGED_FILE, folder / INDEX_FILE)
-
-
-def _matches(path: Path, expected: dict[str, Any]) -> bytes | None:
-    """The file's bytes when its size and SHA-256 are those the sidecar records, else None."""
-    try:
-        if path.stat().st_size != expected.get("bytes"):
-            return None
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    return data if hashlib.sha256(data).hexdigest() == expected.get("sha256") else None
-
-
-def finish_save(folder: Path) -> None:
-    """Complete a save_index killed after its commit (the staged file is the index), or drop a
-    staged file whose save never committed. For writers only (they hold the writer lock)."""
-    folder = Path(folder)
-    staged = folder / STAGED_FILE
-    if not staged.is_file():
-        return
-    try:
-        expected = json.loads((folder / SIDECAR_FILE).read_text(encoding="utf-8"))["index_file"]
-    except (OSError, ValueError, KeyError, TypeError):
-        expected = {}
-    if _matches(staged, expected) is not None:
-        os.replace(staged, folder / INDEX_FILE)
-    else:
-        staged.unlink()
-
-
-def load_index(
-    folder: Path, expected_fingerprint: str | None = None
-) -> tuple[faiss.Index, IndexInfo]:
-    """Read an index saved by :func:`save_index`; raise CbirError when missing, damaged or stale."""
-    folder = Path(folder)
-    side_path, index_path = folder / SIDECAR_FILE, folder / INDEX_FILE
-    if not side_path.is_file() or not (index_path.is_file() or (folder / STAGED_FILE).is_file()):
-        missing = side_path if not side_path.is_file() else index_path
-        raise CbirError(
-            f"no index at {folder} ({missing.name} missing); build it with `cbir index`"
-        )
-    try:
-        side = json.loads(side_path.read_text(encoding="utf-8"))
-        _check_sidecar(side)
-        version = side["format_version"]
-        expected_file = side["index_file"]
-        info = IndexInfo.from_dict(side)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CbirError(f"index sidecar {side_path} is unreadable ({e}); {_REBUILD}") from e
-    if version != INDEX_FORMAT_VERSION:
-        raise CbirError(
-            f"index at {folder} has format version {version}, this cbir reads version "
-            f"{INDEX_FORMAT_VERSION}; {_REBUILD}"
-        )
-    if expected_fingerprint is not None and info.model_fingerprint != expected_fingerprint:
-        raise CbirError(
-            f"index was built from embeddings of model {info.model_fingerprint or '(unknown)'} but "
-            f"the current embeddings are from model {expected_fingerprint}; {_REBUILD}"
-        )
-
-    damaged = f"index file {index_path} is damaged; {_REBUILD}"
-    # index.faiss, or the staged file of a save killed between its commit and its last rename
-    # (index.faiss once more: a save may have renamed the staged file meanwhile)
-    data = (_matches(index_path, expected_file) or _matches(folder / STAGED_FILE, expected_file)
-            or _matches(index_path, expected_file))
-    if data is None:
-        raise CbirError(f"{damaged} (size or checksum differs from {SIDECAR_FILE})")
-    try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as e:  # FAISS raises RuntimeError on truncated/garbled input
-        raise CbirError(damaged) from e
-    if index.ntotal != info.n_vectors or index.d != info.dim:
-        raise CbirError(
-            f"index file holds {index.ntotal} vectors of dimension {index.d} but {SIDECAR_FILE} "
-            f"says {info.n_vectors} of dimension {info.dim}; {_REBUILD}"
-        )
-    ivf = _ivf(index)
-    if ivf is not None:
-        ivf.nprobe = info.nprobe
-    return index, info
-
-
-# --------------------------------------------------------------------------- the pipeline step
-
-
 def index_ids(index: faiss.Index) -> np.ndarray:
     """Every id stored in the index (flat: its id map; IVF: the ids of its inverted lists)."""
-    ivf = _ivf(index)
+    ivf = ivf_part(index)
     if ivf is None:
         return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
     inv = ivf.invlists
@@ -737,78 +596,9 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-@dataclass
-class IndexSummary:
-    info: IndexInfo
-    folder: Path
-    rebuilt: bool
-    added: int = 0
-    removed: int = 0
-    images_without_embedding: int = 0
-    reason: str = ""
-
-    def lines(self) -> list[str]:
-        p = self.info.params
-        shape = (f"IVF-PQ nlist={p.nlist} m={p.m}x{p.nbits}bit{' +OPQ' if p.opq else ''}, "
-                 f"nprobe={self.info.nprobe}, exact re-ranking of {self.info.k_factor}x{self.info.k}"
-                 f" candidates" if p.kind == "ivfpq" else "exact flat inner-product search")
-        out = [f"index: {self.info.n_vectors} vectors, dim {self.info.dim}, model "
-               f"{self.info.model_fingerprint}: {shape}",
-               (f"  rebuilt ({self.reason}); recall@{self.info.k} {self.info.recall_at_k:.3f} "
-                f"vs exact search; {self.info.build_seconds:.1f} s" if self.rebuilt else
-                f"  updated: {self.added} added, {self.removed} removed, no retraining"),
-               f"  {self.folder}"]
-        if self.images_without_embedding:
-            out.append(f"  {self.images_without_embedding} images have no embedding (run "
-                       f"`cbir embed`; unreadable files are listed there)")
-        return out
+_ID_MASK = (1 << 63) - 1  # FAISS ids are non-negative int64; -1 means "no result"
 
 
-def run_index(settings: Any, *, rebuild: bool = False) -> IndexSummary:
-    """Build the index of the current embeddings, or update it in place when that is enough.
-
-    New images are added without retraining until the collection outgrows the size the index was
-    trained for by `index.rebuild_factor`; images no longer present are removed; a different
-    model (fingerprint) means a rebuild.
-    """
-    from .embed import current_embeddings
-    from .search import faiss_ids
-
-    cfg = settings.index
-    fp, ids, vectors, n_missing = current_embeddings(settings)
-    folder = settings.path(settings.data.index_dir)
-    clean_stale_tmp(folder)  # left by a killed run
-    finish_save(folder)
-    fids = faiss_ids(ids)
-    reason = "requested" if rebuild else ""
-    if not rebuild:
-        try:
-            index, info = load_index(folder)
-        except CbirError as exc:
-            reason = "no usable index" if "no index" in str(exc) else f"{exc}"
-        else:
-            if info.model_fingerprint != fp:
-                reason = f"model changed from {info.model_fingerprint} to {fp}"
-            elif info.params.kind == "flat" and len(ids) > FLAT_MAX_N:
-                reason = f"collection outgrew exact search ({len(ids)} > {FLAT_MAX_N} vectors)"
-            else:
-                have = index_ids(index)
-                gone = np.setdiff1d(have, fids)
-                new_mask = ~np.isin(fids, have)
-                removed = remove_ids(index, info, gone)
-                if add_vectors(index, info, vectors[new_mask], fids[new_mask],
-                               rebuild_factor=cfg.rebuild_factor):
-                    if removed or new_mask.any():
-                        save_index(index, info, folder)
-                    return IndexSummary(info=info, folder=folder, rebuilt=False,
-                                        added=int(new_mask.sum()), removed=removed,
-                                        images_without_embedding=n_missing)
-                reason = (f"collection outgrew the trained quantiser ({len(ids)} vectors > "
-                          f"{cfg.rebuild_factor} x {info.trained_size})")
-    params = choose_params(len(ids), vectors.shape[1], bytes_per_vector=cfg.bytes_per_vector)
-    index, info = build_index(vectors, fids, params, target_recall=cfg.target_recall,
-                              seed=cfg.seed)
-    info.model_fingerprint = fp
-    save_index(index, info, folder)
-    return IndexSummary(info=info, folder=folder, rebuilt=True, added=len(ids),
-                        images_without_embedding=n_missing, reason=reason or "first build")
+def faiss_ids(image_ids: list[str]) -> np.ndarray:
+    """int64 FAISS ids from image ids (63 bits of the content hash; a lookup maps them back)."""
+    return np.array([int(i, 16) & _ID_MASK for i in image_ids], dtype=np.int64)

@@ -23,21 +23,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from . import layout as L
 
 # What may lie at the top of each output folder. Keep in step with the modules that write there
 # (a name missing here makes the next command refuse the folder, so a test run finds it at once).
 _ANY = (r"\.tmp-.*", r"\.gitignore", r"\.DS_Store", r"\._.*", r"Thumbs\.db", r"desktop\.ini")
+
+
+def _names(*names: str) -> tuple[str, ...]:
+    return tuple(re.escape(n) for n in names)
+
+
 OWN: dict[str, tuple[str, ...]] = {
-    "manifest_dir": (r"files\.parquet", r"quarantine\.parquet", r"runs\.parquet", r"journal"),
+    "manifest_dir": _names(L.FILES, L.QUARANTINE, L.RUNS, L.JOURNAL),
     "embeddings_dir": (r"[0-9a-f]{16}",),  # one folder per model fingerprint
-    "index_dir": (r"index\.faiss", r"index\.faiss\.next", r"index\.json"),
-    "models_dir": (r"model\.pt", r"last\.pt", r"history\.csv", r"train_metrics\.json"),
-    "pairs_dir": (r"pairs\.parquet", r"clusters\.parquet", r"searched\.parquet"),
-    "reports_dir": (r"gallery", r"plots", r"nightly", r"metrics\.json", r"metrics\.md",
-                    r"neighbors\.parquet", r"calibration\.json", r"calibration\.state\.json",
-                    r"calibration_curve\.csv", r"augment-preview-.*\.png"),
-    "cache_dir": (r"matplotlib", r"torch", r"xdg", r"train-\d+", r"baseline-embeddings"),
+    "index_dir": _names(L.INDEX_FILE, L.STAGED_FILE, L.SIDECAR_FILE),
+    "models_dir": _names(L.LAST, L.HISTORY, L.TRAIN_METRICS, "model.pt"),
+    "pairs_dir": _names(L.PAIRS, L.CLUSTERS, L.SEARCHED),
+    "reports_dir": _names(L.GALLERY, L.PLOTS, L.NIGHTLY, L.METRICS_JSON, L.METRICS_MD,
+                          L.NEIGHBORS, L.CALIBRATION, L.CALIBRATION_STATE,
+                          L.CALIBRATION_CURVE) + (re.escape(L.PREVIEW_PREFIX) + r".*\.png",),
+    "cache_dir": _names(*L.CACHE_TOOLS, L.BASELINE_EMBEDDINGS)
+    + (re.escape(L.TRAIN_CACHE_PREFIX) + r"\d+",),
 }
 # A file output's first bytes, when it exists and is not empty: a DuckDB database ("DUCK" after
 # an 8-byte checksum) and a torch checkpoint (a zip archive, or a legacy pickle).
@@ -45,8 +53,6 @@ _MAGIC: dict[str, tuple[tuple[int, bytes], ...]] = {
     "catalog": ((8, b"DUCK"),),
     "checkpoint": ((0, b"PK\x03\x04"), (0, b"\x80")),
 }
-LOCK_NAME = ".cbir.lock"  # also cbir.lock.LOCK_NAME
-PREFECT = "prefect"  # <data folder>/prefect: flows/server.py
 
 
 def _real(p: Path) -> Path:
@@ -64,23 +70,23 @@ def _refuse(what: str, path: Path, other: str, other_path: Path, hint: str) -> C
 def outputs(settings: Any) -> list[tuple[str, str, Path]]:
     """(params key, kind, real path) of every output: kind is an OWN key, `catalog`,
     `checkpoint` or `state` (the lock file and Prefect's home, beside the manifest folder)."""
-    d = settings.data
-    out = [(f"data.{key}", key, _real(settings.path(getattr(d, key)))) for key in OWN]
-    out.append(("data.catalog", "catalog", _real(settings.path(d.catalog))))
-    out.append(("model.checkpoint", "checkpoint", _real(settings.path(settings.model.checkpoint))))
-    data = _real(settings.path(d.manifest_dir)).parent
-    out.append(("the writer lock", "state", data / LOCK_NAME))
-    out.append(("Prefect's state", "state", data / PREFECT))
+    lay = L.layout(settings)
+    out = [(f"data.{key}", key, _real(getattr(lay, key))) for key in OWN]
+    out.append(("data.catalog", "catalog", _real(lay.catalog)))
+    out.append(("model.checkpoint", "checkpoint", _real(lay.checkpoint)))
+    out.append(("the writer lock", "state", _real(lay.data) / L.LOCK_NAME))
+    out.append(("Prefect's state", "state", _real(lay.data) / L.PREFECT))
     return out
 
 
 def check_outputs(settings: Any) -> None:
     """Raise ConfigError (one line) when an output could overwrite what cbir does not own."""
-    scans = _real(settings.path(settings.data.scans_dir))
+    lay = L.layout(settings)
+    scans = _real(lay.scans)
     if scans == Path(scans.anchor):
         raise ConfigError(f"{settings.params_path}: data.scans_dir is the root of the file "
                           f"system ({scans}); point it at the folder that holds the scans")
-    data = _real(settings.path(settings.data.manifest_dir)).parent
+    data = _real(lay.data)
     if scans == data or scans in data.parents:
         raise ConfigError(f"data.scans_dir {scans} contains the workspace's data folder {data} "
                           f"(beside data.manifest_dir), where cbir writes: keep the scans apart")
@@ -97,7 +103,7 @@ def check_outputs(settings: Any) -> None:
 
 def _inputs(settings: Any) -> list[tuple[str, Path, str]]:
     """What cbir only reads: (name, real path, why no output may overlap it)."""
-    out = [("data.scans_dir", _real(settings.path(settings.data.scans_dir)),
+    out = [("data.scans_dir", _real(L.layout(settings).scans),
             "the scans are only read; keep the outputs outside it"),
            ("the params file", _real(settings.params_path), "cbir would overwrite it")]
     if settings.data.ground_truth is not None:
@@ -144,7 +150,7 @@ def _check_owned(settings: Any, key: str, kind: str, path: Path) -> None:
 def _foreign_entries(settings: Any, kind: str, folder: Path) -> Iterator[str]:
     """Names in `folder` that cbir does not write there (stops at the first when iterated)."""
     own = OWN[kind] + _ANY
-    checkpoint = _real(settings.path(settings.model.checkpoint))
+    checkpoint = _real(L.layout(settings).checkpoint)
     if kind == "models_dir" and folder in checkpoint.parents:  # the checkpoint: any name
         own += (re.escape(checkpoint.relative_to(folder).parts[0]),)
     pattern = re.compile("|".join(f"(?:{p})" for p in own))

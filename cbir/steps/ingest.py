@@ -28,28 +28,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import faults
-from .catalog import SEEN_FIRST, clean_stale, refresh_catalog
-from .config import Settings
-from .errors import CbirError
-from .fsutil import clean_stale_tmp, write_parquet
-from .parallel import start_method
-from .progress import bar as progress_bar
-from .probe import Entry, display_path, init_worker, probe_star, sha256_of
-from .stored import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA, read_table
-
-FILES = "files.parquet"
-QUARANTINE = "quarantine.parquet"
-RUNS = "runs.parquet"
-JOURNAL = "journal"
-
-# Status of one file version in the manifest.
-OK = "ok"  # present; the canonical file of its content
-DUPLICATE = "duplicate"  # present; byte-identical to a canonical file
-MISSING = "missing"  # no longer in the scans folder (kept, never dropped)
-REPLACED = "replaced"  # an older version of a path whose content changed
-PRESENT = (OK, DUPLICATE)
-
+from .. import faults
+from ..config import Settings
+from ..errors import CbirError
+from ..fsutil import clean_stale_tmp, write_parquet
+from ..parallel import start_method
+from ..probe import Entry, display_path, init_worker, probe_star, sha256_of
+from ..progress import bar as progress_bar
+from ..store.catalog import SEEN_FIRST, clean_stale, refresh_catalog
+from ..store.layout import layout
+from ..store.manifest import (DUPLICATE, FILES_SCHEMA, MANIFEST_FIX, MISSING, OK, PRESENT,
+                              QUARANTINE_SCHEMA, REPLACED, RUNS_SCHEMA)
+from ..store.tables import read_table
 
 # Journal parts hold raw worker results; the manifest rows are derived from them at commit.
 JOURNAL_SCHEMA = pa.schema([
@@ -153,14 +143,13 @@ def _read(path: Path, schema: pa.Schema) -> list[dict[str, Any]]:
     return read_table(path, schema, MANIFEST_FIX).to_pylist()
 
 
-def _journal_parts(mdir: Path) -> list[Path]:
-    jdir = mdir / JOURNAL
+def _journal_parts(jdir: Path) -> list[Path]:
     return sorted(jdir.glob("part-*.parquet")) if jdir.is_dir() else []
 
 
-def _read_journal(mdir: Path) -> dict[tuple[bytes, int, int], dict[str, Any]]:
+def _read_journal(jdir: Path) -> dict[tuple[bytes, int, int], dict[str, Any]]:
     cache: dict[tuple[bytes, int, int], dict[str, Any]] = {}
-    for part in _journal_parts(mdir):
+    for part in _journal_parts(jdir):
         try:
             rows = pq.read_table(part).to_pylist()
         except (OSError, pa.ArrowException):
@@ -173,8 +162,8 @@ def _read_journal(mdir: Path) -> dict[tuple[bytes, int, int], dict[str, Any]]:
 class _Journal:
     """Buffers worker results and writes them out in atomic parts."""
 
-    def __init__(self, mdir: Path, every: int) -> None:
-        self.dir = mdir / JOURNAL
+    def __init__(self, jdir: Path, every: int) -> None:
+        self.dir = jdir
         self.every = every
         self.buffer: list[dict[str, Any]] = []
 
@@ -192,7 +181,7 @@ class _Journal:
         self.buffer = []
 
     def clear(self) -> None:
-        for p in _journal_parts(self.dir.parent):
+        for p in _journal_parts(self.dir):
             p.unlink(missing_ok=True)
 
 
@@ -343,17 +332,18 @@ def run_ingest(settings: Settings, *, progress: bool = False,
     """
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
-    root = settings.path(settings.data.scans_dir)
+    lay = layout(settings)
+    root = lay.scans
     _check_scans_dir(root)
-    mdir = settings.path(settings.data.manifest_dir)
+    mdir = lay.manifest_dir
     mdir.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(mdir)
-    clean_stale_tmp(mdir / JOURNAL)
+    clean_stale_tmp(lay.journal)
     clean_stale(settings)
 
-    files = _read(mdir / FILES, FILES_SCHEMA)
-    quarantine = _read(mdir / QUARANTINE, QUARANTINE_SCHEMA)
-    runs = _read(mdir / RUNS, RUNS_SCHEMA)
+    files = _read(lay.files, FILES_SCHEMA)
+    quarantine = _read(lay.quarantine, QUARANTINE_SCHEMA)
+    runs = _read(lay.runs, RUNS_SCHEMA)
     run_id = _next_run_id(files, quarantine, runs)
     last_logged = max((r["run_id"] for r in runs), default=0)
     for r in files:  # present files were seen by every run since the last rewrite (see catalog)
@@ -364,7 +354,7 @@ def run_ingest(settings: Settings, *, progress: bool = False,
     current = {r["path_raw"]: r for r in files if r["status"] != REPLACED}
     quarantined = {r["path_raw"]: r for r in quarantine}
     known_sha = frozenset(r["sha256"] for r in files if r["status"] in PRESENT)
-    journal_cache = _read_journal(mdir)
+    journal_cache = _read_journal(lay.journal)
 
     entries = list(walk_scans(root, settings.ingest.ignore))
     counts: Counter[str] = Counter(files_seen=len(entries))
@@ -386,7 +376,7 @@ def run_ingest(settings: Settings, *, progress: bool = False,
         else:
             todo.append(e)
 
-    journal = _Journal(mdir, settings.ingest.journal_every)
+    journal = _Journal(lay.journal, settings.ingest.journal_every)
     todo, copies = _split_same_content(root, todo)
     fresh = _decode_all(root, todo, known_sha, settings, journal, progress, on_result)
     decoded = sum(1 for r in fresh if r.get("width") is not None)
@@ -475,13 +465,13 @@ def run_ingest(settings: Settings, *, progress: bool = False,
     # file missing because a run was killed between the two (or never wrote them) is written.
     faults.point("ingest.commit")
     if _state_key(files, new_quarantine) != before or not all(
-            (mdir / name).is_file() for name in (FILES, QUARANTINE)):
-        write_parquet(pa.Table.from_pylist(files, schema=FILES_SCHEMA), mdir / FILES)
+            p.is_file() for p in (lay.files, lay.quarantine)):
+        write_parquet(pa.Table.from_pylist(files, schema=FILES_SCHEMA), lay.files)
         faults.point("ingest.commit")
         write_parquet(pa.Table.from_pylist(new_quarantine, schema=QUARANTINE_SCHEMA),
-                      mdir / QUARANTINE)
+                      lay.quarantine)
         faults.point("ingest.commit")
-    write_parquet(pa.Table.from_pylist(runs, schema=RUNS_SCHEMA), mdir / RUNS)
+    write_parquet(pa.Table.from_pylist(runs, schema=RUNS_SCHEMA), lay.runs)
     faults.point("ingest.commit")
     journal.clear()
     catalog = refresh_catalog(settings)
@@ -489,7 +479,7 @@ def run_ingest(settings: Settings, *, progress: bool = False,
     totals = Counter(r["status"] for r in files)
     return IngestSummary(run_id=run_id, scans_dir=root, counts=dict(counts), totals=dict(totals),
                          decoded=decoded, seconds=time.perf_counter() - t0,
-                         manifest=mdir / FILES, catalog=catalog)
+                         manifest=lay.files, catalog=catalog)
 
 
 def _state_key(files: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> tuple:
@@ -521,21 +511,3 @@ def _assign_canonical(files: list[dict[str, Any]], new_rows: list[dict[str, Any]
                 r["duplicate_of"] = None
     new_ids = {id(r) for r in new_rows}
     return sum(1 for r in files if id(r) in new_ids and r["status"] == DUPLICATE)
-
-
-def load_manifest(settings: Settings) -> pa.Table:
-    """The manifest table (every file version). Raises CbirError when ingest has not run."""
-    path = settings.path(settings.data.manifest_dir) / FILES
-    if not os.path.lexists(path):
-        raise CbirError(f"no manifest at {path}: run `cbir ingest` first")
-    return read_table(path, FILES_SCHEMA, MANIFEST_FIX)  # damaged or foreign: one line
-
-
-def canonical_images(settings: Settings) -> list[dict[str, Any]]:
-    """The images to embed: one present, canonical file per distinct content, sorted by id."""
-    table = load_manifest(settings)
-    rows = [r for r in table.select(["image_id", "path", "path_raw", "status", "is_canonical",
-                                     "width", "height"]).to_pylist()
-            if r["is_canonical"] and r["status"] == OK]
-    rows.sort(key=lambda r: r["image_id"])
-    return rows

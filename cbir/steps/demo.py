@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from . import degrade
-from .errors import CbirError
-from .fsutil import atomic_path, clean_stale_tmp, write_json
-from .parallel import start_method
-from .progress import bar
+from .. import degrade
+from ..errors import CbirError
+from ..fsutil import atomic_path, clean_stale_tmp, write_json
+from ..parallel import start_method
+from ..progress import bar
 
 RGB = tuple[int, int, int]
 Box = tuple[float, float, float, float]
@@ -915,7 +915,7 @@ def generate_demo_collection(
                 sizes.update(result)
                 pbar.update()
         else:
-            ctx = mp.get_context(start_method(["cbir.demo"]))
+            ctx = mp.get_context(start_method(["cbir.steps.demo"]))
             with ctx.Pool(n_workers) as pool:
                 for result in pool.imap_unordered(_run_job_star, tasks, chunksize=4):
                     sizes.update(result)

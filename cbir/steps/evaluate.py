@@ -19,13 +19,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import metrics
-from .config import Settings
-from .embed import load_embeddings, run_embed
-from .errors import CbirError
-from .fsutil import clean_stale_tmp, write_json, write_parquet, write_text
-from .ingest import PRESENT, load_manifest
-from .search import open_searcher
+from .. import metrics
+from ..config import Settings
+from ..store.embeddings import load_embeddings
+from .embed import run_embed
+from ..errors import CbirError
+from ..fsutil import clean_stale_tmp, write_json, write_parquet, write_text
+from ..store.manifest import PRESENT, load_manifest
+from ..store.index import open_searcher
+from ..store.layout import Layout, layout
 
 NEIGHBORS_SCHEMA = pa.schema([
     ("query_path", pa.string()), ("neighbor_path", pa.string()), ("rank", pa.int32()),
@@ -54,12 +56,13 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     inside the scans folder. Images the CSV does not name are unlabelled: evaluation and
     calibration leave them out (a partial ground truth is fine).
     """
-    if settings.data.ground_truth is None:
+    lay = layout(settings)
+    csv_path = lay.ground_truth
+    if csv_path is None:
         raise CbirError("no ground truth configured (data.ground_truth in params)")
-    csv_path = settings.path(settings.data.ground_truth)
     if not csv_path.is_file():
         raise CbirError(f"ground truth not found: {csv_path} (data.ground_truth in params)")
-    scans = os.path.realpath(settings.path(settings.data.scans_dir))
+    scans = os.path.realpath(lay.scans)
     rows = load_manifest(settings).select(["image_id", "path", "status"]).to_pylist()
     id_of = {r["path"]: r["image_id"] for r in rows if r["status"] in PRESENT}
 
@@ -182,7 +185,7 @@ class EvaluationResult:
 
 def _model_label(settings: Settings) -> str:
     m = settings.model
-    if settings.path(m.checkpoint).is_file():  # what retrieval_model loads when it exists
+    if layout(settings).checkpoint.is_file():  # what retrieval_model loads when it exists
         return f"SimCLR {m.backbone} ({m.descriptor} descriptor, trained)"
     return f"{m.backbone} init={m.init} (no training checkpoint)"
 
@@ -245,13 +248,13 @@ def run_evaluate(settings: Settings, *, progress: bool = False,
     cfg = settings.evaluate
     ks = sorted(set(cfg.ks))
     kmax = max(ks)
-    out = settings.path(settings.data.reports_dir)
-    clean_stale_tmp(out)  # left by a killed run
+    lay = layout(settings)
+    clean_stale_tmp(lay.reports_dir)  # left by a killed run
     say("evaluate: ranking the labelled queries with the model")
     try:
         model = rank_model(settings, kmax)
     except NoLabels as exc:
-        return _nothing_labelled(settings, out, str(exc), t0)
+        return _nothing_labelled(settings, lay, str(exc), t0)
     ids, query_rows, group_of = model.image_ids, model.query_rows, model.group_of
 
     def score(label: str, nbr: np.ndarray, sc: np.ndarray) -> metrics.RankedResults:
@@ -287,29 +290,28 @@ def run_evaluate(settings: Settings, *, progress: bool = False,
     result.table = metrics.markdown_table(result.rows, ks, precision=cfg.precision_target)
     names = ["model"] + [_short(label) for label, _ in result.rows[1:]]
     write_json({name: _finite(vals) for name, (_, vals) in zip(names, result.rows)},
-               out / "metrics.json")
-    write_parquet(pa.Table.from_pylist(neighbours, schema=NEIGHBORS_SCHEMA),
-                  out / "neighbors.parquet")
+               lay.metrics_json)
+    write_parquet(pa.Table.from_pylist(neighbours, schema=NEIGHBORS_SCHEMA), lay.neighbors)
     write_text(f"# Retrieval quality\n\n{result.n_queries} queries; ground truth "
                f"{settings.data.ground_truth} ({result.coverage()})\n\n{result.table}",
-               out / "metrics.md")
-    result.metrics_file = out / "metrics.json"
-    result.neighbors_file = out / "neighbors.parquet"
+               lay.metrics_md)
+    result.metrics_file = lay.metrics_json
+    result.neighbors_file = lay.neighbors
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _nothing_labelled(settings: Settings, out: Path, why: str, t0: float) -> EvaluationResult:
+def _nothing_labelled(settings: Settings, lay: Layout, why: str, t0: float) -> EvaluationResult:
     """No labelled group to score (an archive's empty labels file): say so in every output, so
     the pipeline (and `dvc repro`) goes on."""
     result = EvaluationResult(note=why)
-    write_json({"model": {}, "note": why}, out / "metrics.json")
-    write_parquet(pa.Table.from_pylist([], schema=NEIGHBORS_SCHEMA), out / "neighbors.parquet")
+    write_json({"model": {}, "note": why}, lay.metrics_json)
+    write_parquet(pa.Table.from_pylist([], schema=NEIGHBORS_SCHEMA), lay.neighbors)
     write_text(f"# Retrieval quality\n\nNothing to evaluate: {why}. Label near-duplicates "
                f"in {settings.data.ground_truth} (columns path,group) to measure the model.\n",
-               out / "metrics.md")
-    result.metrics_file = out / "metrics.json"
-    result.neighbors_file = out / "neighbors.parquet"
+               lay.metrics_md)
+    result.metrics_file = lay.metrics_json
+    result.neighbors_file = lay.neighbors
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -57,24 +57,22 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
-from . import faults, imaging
-from .config import Settings
-from .embed import pick_device, to_tensor
-from .errors import CbirError
-from .fsutil import atomic_path, clean_stale_tmp, write_json, write_text
-from .ingest import canonical_images
-from .losses import koleo, nt_xent
-from .model import (Descriptor, ModelConfig, Preprocess, build_model, retrieval_preprocess,
+from .. import faults, imaging
+from ..config import Settings
+from ..model import pick_device, to_tensor
+from ..errors import CbirError
+from ..fsutil import atomic_path, clean_stale_tmp, write_json, write_text
+from ..store.manifest import canonical_images
+from ..losses import koleo, nt_xent
+from ..model import (Descriptor, ModelConfig, Preprocess, build_model, retrieval_preprocess,
                     safe_load, save_checkpoint)
-from .parallel import start_method
-from .progress import bar as progress_bar
+from ..parallel import start_method
+from ..progress import bar as progress_bar
+from ..store.layout import layout
 
 CACHE_SCALE = 1.25  # cache side / training resolution: room for crops without upsampling
 CACHE_FORMAT = "cbir-train-cache/1"
 STATE_FORMAT = "cbir-train-state/1"
-LAST = "last.pt"
-HISTORY = "history.csv"
-METRICS = "train_metrics.json"
 MIX_STREAM = 2  # rng key slot for cutmix/mixup; views use 0 and 1
 # Settings that change how fast a run goes, not what it computes: resume ignores them.
 _NOT_RECIPE = {"workers", "device", "time_budget_minutes"}
@@ -143,10 +141,11 @@ def _decode_one(args: tuple[int, bytes, int, int | None]) -> tuple[int, bytes | 
 def build_cache(settings: Settings, *, progress: bool = False, log: Log = print) -> TrainCache:
     """The decoded training images of the current manifest, decoding only what is not cached."""
     side = cache_side(settings.train.resolution)
-    folder = settings.path(settings.data.cache_dir) / f"train-{side}"
+    lay = layout(settings)
+    folder = lay.train_cache(side)
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(folder)
-    scans = os.fsencode(settings.path(settings.data.scans_dir))
+    scans = os.fsencode(lay.scans)
     rows = canonical_images(settings)
     ids = [r["image_id"] for r in rows]
     if not ids:
@@ -228,7 +227,7 @@ class TwoViews(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key
         if self._images is None:
-            from .augment import make_augmenter
+            from ..augment import make_augmenter
 
             self._images = np.load(self.file, mmap_mode="r")
             self._augment = make_augmenter(self.strategy, self.pp.resolution,
@@ -655,16 +654,15 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
     t = settings.train
     if t.seed < 0 or settings.model.seed < 0:
         raise CbirError("train.seed and model.seed must be >= 0")
-    models_dir = settings.path(settings.data.models_dir)
-    last = models_dir / LAST
+    lay = layout(settings)
+    models_dir, last = lay.models_dir, lay.last_state
     if d.main:
         models_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(models_dir)
         cache = build_cache(settings, progress=progress, log=log)
     _barrier(d)
     if not d.main:
-        cache = _read_cache(settings.path(settings.data.cache_dir)
-                            / f"train-{cache_side(t.resolution)}")
+        cache = _read_cache(lay.train_cache(cache_side(t.resolution)))
         if cache is None:
             raise CbirError("rank 0 did not leave a readable training cache")
     n = len(cache.rows)
@@ -745,7 +743,7 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
     loader = DataLoader(
         data, batch_sampler=sampler, num_workers=t.workers, pin_memory=use_amp,
         persistent_workers=t.workers > 0, prefetch_factor=2 if t.workers else None,
-        multiprocessing_context=start_method(["cbir.augment", "cbir.train"])
+        multiprocessing_context=start_method(["cbir.augment", "cbir.steps.train"])
         if t.workers else None)
 
     stop_at = max_epochs if max_epochs is not None else t.epochs
@@ -824,13 +822,13 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
                             "recipe": recipe, "params": settings.train.model_dump(mode="json"),
                             "images": cache.key, "n_images": n, "world_size": d.world,
                             "schedule": sched.state(), "fits": fits}, tmp)
-            write_text(_history_csv(history), models_dir / HISTORY)
+            write_text(_history_csv(history), lay.history)
         log(f"epoch {epoch}/{sched.epochs}: loss {epoch_loss:.4f}, lr {lr:.3g}, "
             f"{epoch_seconds:.1f} s")
         now = clock()
         epoch_cost = now - te
     if d.main and history:  # also when this run had nothing left to do, or was killed before
-        write_text(_history_csv(history), models_dir / HISTORY)
+        write_text(_history_csv(history), lay.history)
     done = len(history)
     if not stop_reason and done < sched.epochs:
         stop_reason = f"max_epochs={max_epochs}"
@@ -839,7 +837,7 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
     seconds = clock() - t0
     fit_reason = fits[-1]["reason"] if fits else ""
     summary = TrainSummary(
-        checkpoint=settings.path(settings.model.checkpoint), fingerprint="", epochs_done=done,
+        checkpoint=lay.checkpoint, fingerprint="", epochs_done=done,
         epochs=sched.epochs, images=n, seconds=seconds, final_loss=final_loss,
         stopped_early=done < sched.epochs, stop_reason=stop_reason,
         resumed_from=start if start else None, device=str(device), world_size=d.world,
@@ -857,7 +855,7 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
         write_json({"loss": final_loss, "epochs": done, "images": n,
                     "seconds": round(seconds, 3), "stopped_early": summary.stopped_early,
                     "epochs_planned": t.epochs, "epochs_fitted": sched.epochs,
-                    "fit_reason": fit_reason}, models_dir / METRICS)
+                    "fit_reason": fit_reason}, lay.train_metrics)
     _barrier(d)
     return summary
 
@@ -865,11 +863,11 @@ def _run(settings: Settings, d: Dist, device: torch.device, *, resume: bool, pro
 # --------------------------------------------------------------------------- torchrun entry
 
 def main_torchrun(argv: Sequence[str] | None = None) -> int:
-    """`torchrun --nproc_per_node=N -m cbir.train --params params.yaml [--resume]`; also runs
-    as a single process with plain `python -m cbir.train`."""
-    from .config import DEFAULT_PARAMS, load_settings
+    """`torchrun --nproc_per_node=N -m cbir.steps.train --params params.yaml [--resume]`; also runs
+    as a single process with plain `python -m cbir.steps.train`."""
+    from ..config import DEFAULT_PARAMS, load_settings
 
-    p = argparse.ArgumentParser(prog="cbir.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="cbir.steps.train", description=__doc__.splitlines()[0])
     p.add_argument("--params", default=DEFAULT_PARAMS, metavar="PATH")
     p.add_argument("--resume", action="store_true", help="continue from models_dir/last.pt")
     p.add_argument("--max-epochs", type=int, default=None,

@@ -1,0 +1,195 @@
+"""The FAISS index on disk (`data.index_dir`): index.faiss beside its sidecar index.json, saved
+so that a kill at any moment leaves a loadable index, and a `Searcher` over the stored index and
+the current embeddings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, TYPE_CHECKING
+
+import faiss
+import numpy as np
+
+from .. import faults
+from ..errors import CbirError
+from ..faiss_index import IndexInfo, faiss_ids, ivf_part
+from ..faiss_index import search as faiss_search
+from ..fsutil import atomic_path, write_json
+from .embeddings import current_embeddings
+from .layout import INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
+from .manifest import OK, load_manifest
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+INDEX_FORMAT_VERSION = 1
+
+# --------------------------------------------------------------------------- persistence
+
+_REBUILD = "rebuild with `cbir index`"
+# Sidecar values and their types: a sidecar cbir did not write is refused, not half-used.
+_SIDECAR_TYPES: dict[str, type | tuple[type, ...]] = {
+    "index_file": dict, "params": dict, "n_vectors": int, "dim": int, "trained_size": int,
+    "nprobe": int, "k": int, "k_factor": int, "recall_at_k": (int, float),
+    "model_fingerprint": str}
+
+
+def _check_sidecar(side: Any) -> None:
+    """Raise TypeError when the sidecar does not hold the values (and types) cbir writes."""
+    if not isinstance(side, dict):
+        raise TypeError(f"it holds a {type(side).__name__}, not a mapping")
+    for key, kind in _SIDECAR_TYPES.items():
+        value = side.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise TypeError(f"{key} is {value!r}")
+
+
+def save_index(index: faiss.Index, info: IndexInfo, folder: Path) -> None:
+    """Write ``folder/index.faiss`` and ``folder/index.json`` so that a kill at any moment leaves
+    a loadable index, the previous one or the new one.
+
+    The new index file is staged beside the old one (``index.faiss.next``), then the sidecar is
+    replaced atomically (the commit: it records the new file's size and SHA-256), then the staged
+    file is renamed over ``index.faiss``. Until that last rename :func:`load_index` finds the file
+    the sidecar describes by its checksum, so a kill between the renames, or a damaged file, is
+    never taken for a valid index.
+    """
+    folder = Path(folder)
+    if index.ntotal != info.n_vectors:
+        raise CbirError(f"index holds {index.ntotal} vectors but its info says {info.n_vectors}")
+    faults.point("index.save")
+    data = faiss.serialize_index(index)  # uint8 array; hash it without re-reading the file
+    digest = hashlib.sha256(data).hexdigest()
+    with atomic_path(folder / STAGED_FILE) as tmp, open(tmp, "wb") as fh:
+        # Not data.tofile(): on a full disk it raises an OSError without errno ("N requested
+        # and M written"), which could not be told from other failures.
+        fh.write(memoryview(data))
+    sidecar = {
+        "format_version": INDEX_FORMAT_VERSION,
+        "index_file": {"name": INDEX_FILE, "bytes": int(data.nbytes), "sha256": digest},
+        **info.to_dict(),
+    }
+    write_json(sidecar, folder / SIDECAR_FILE)
+    faults.point("index.commit")
+    os.replace(folder / STAGED_FILE, folder / INDEX_FILE)
+
+
+def _matches(path: Path, expected: dict[str, Any]) -> bytes | None:
+    """The file's bytes when its size and SHA-256 are those the sidecar records, else None."""
+    try:
+        if path.stat().st_size != expected.get("bytes"):
+            return None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == expected.get("sha256") else None
+
+
+def finish_save(folder: Path) -> None:
+    """Complete a save_index killed after its commit (the staged file is the index), or drop a
+    staged file whose save never committed. For writers only (they hold the writer lock)."""
+    folder = Path(folder)
+    staged = folder / STAGED_FILE
+    if not staged.is_file():
+        return
+    try:
+        expected = json.loads((folder / SIDECAR_FILE).read_text(encoding="utf-8"))["index_file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        expected = {}
+    if _matches(staged, expected) is not None:
+        os.replace(staged, folder / INDEX_FILE)
+    else:
+        staged.unlink()
+
+
+def load_index(
+    folder: Path, expected_fingerprint: str | None = None
+) -> tuple[faiss.Index, IndexInfo]:
+    """Read an index saved by :func:`save_index`; raise CbirError when missing, damaged or stale."""
+    folder = Path(folder)
+    side_path, index_path = folder / SIDECAR_FILE, folder / INDEX_FILE
+    if not side_path.is_file() or not (index_path.is_file() or (folder / STAGED_FILE).is_file()):
+        missing = side_path if not side_path.is_file() else index_path
+        raise CbirError(
+            f"no index at {folder} ({missing.name} missing); build it with `cbir index`"
+        )
+    try:
+        side = json.loads(side_path.read_text(encoding="utf-8"))
+        _check_sidecar(side)
+        version = side["format_version"]
+        expected_file = side["index_file"]
+        info = IndexInfo.from_dict(side)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CbirError(f"index sidecar {side_path} is unreadable ({e}); {_REBUILD}") from e
+    if version != INDEX_FORMAT_VERSION:
+        raise CbirError(
+            f"index at {folder} has format version {version}, this cbir reads version "
+            f"{INDEX_FORMAT_VERSION}; {_REBUILD}"
+        )
+    if expected_fingerprint is not None and info.model_fingerprint != expected_fingerprint:
+        raise CbirError(
+            f"index was built from embeddings of model {info.model_fingerprint or '(unknown)'} but "
+            f"the current embeddings are from model {expected_fingerprint}; {_REBUILD}"
+        )
+
+    damaged = f"index file {index_path} is damaged; {_REBUILD}"
+    # index.faiss, or the staged file of a save killed between its commit and its last rename
+    # (index.faiss once more: a save may have renamed the staged file meanwhile)
+    data = (_matches(index_path, expected_file) or _matches(folder / STAGED_FILE, expected_file)
+            or _matches(index_path, expected_file))
+    if data is None:
+        raise CbirError(f"{damaged} (size or checksum differs from {SIDECAR_FILE})")
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as e:  # FAISS raises RuntimeError on truncated/garbled input
+        raise CbirError(damaged) from e
+    if index.ntotal != info.n_vectors or index.d != info.dim:
+        raise CbirError(
+            f"index file holds {index.ntotal} vectors of dimension {index.d} but {SIDECAR_FILE} "
+            f"says {info.n_vectors} of dimension {info.dim}; {_REBUILD}"
+        )
+    ivf = ivf_part(index)
+    if ivf is not None:
+        ivf.nprobe = info.nprobe
+    return index, info
+
+
+# --------------------------------------------------------------------------- searching it
+
+@dataclass
+class Searcher:
+    """The current index with what is needed to turn its answers into images and paths."""
+
+    index: Any
+    info: Any
+    fingerprint: str
+    image_ids: list[str]  # row order of `vectors`
+    vectors: np.ndarray
+    row_of_fid: dict[int, int]
+    path_of: dict[str, str]  # image_id -> canonical path
+
+    def lookup(self, fids: np.ndarray) -> np.ndarray:
+        """Stored vectors for FAISS ids: the index re-scores its candidates exactly with them."""
+        return self.vectors[[self.row_of_fid[int(f)] for f in fids]]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
+        scores, fids = faiss_search(self.index, self.info, queries, k, vectors=self.lookup)
+        ids = [[self.image_ids[self.row_of_fid[int(f)]] if f >= 0 else None for f in row]
+               for row in fids]
+        return scores, ids
+
+
+def open_searcher(settings: Settings, fingerprint: str | None = None) -> Searcher:
+    """Load the index for the current model; a stale index is refused with a clear message."""
+    fp, ids, vectors, _ = current_embeddings(settings, fingerprint)
+    index, info = load_index(layout(settings).index_dir, expected_fingerprint=fp)
+    fids = faiss_ids(ids)
+    manifest = load_manifest(settings).select(["image_id", "path", "status", "is_canonical"])
+    path_of = {r["image_id"]: r["path"] for r in manifest.to_pylist()
+               if r["is_canonical"] and r["status"] == OK}
+    return Searcher(index=index, info=info, fingerprint=fp, image_ids=ids, vectors=vectors,
+                    row_of_fid={int(f): i for i, f in enumerate(fids)}, path_of=path_of)

@@ -1,0 +1,191 @@
+"""Where everything lives under a workspace: the one place that names the files of `data/`.
+
+Each output folder comes from params.yaml (`data.*`, `model.checkpoint`); the names of the files
+inside them are fixed here. Steps ask a `Layout` for a path and never join names themselves, so a
+new output or a renamed file is one edit, and `outputs.OWN` (which names cbir may write where)
+is built from the same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# data.manifest_dir (cbir ingest)
+FILES = "files.parquet"
+QUARANTINE = "quarantine.parquet"
+RUNS = "runs.parquet"
+JOURNAL = "journal"
+# data.embeddings_dir/<model fingerprint>/ (cbir embed)
+SHARD_GLOB = "shard-*.parquet"
+MODEL_CARD = "model.json"
+# data.index_dir (cbir index)
+INDEX_FILE = "index.faiss"
+SIDECAR_FILE = "index.json"
+STAGED_FILE = "index.faiss.next"  # a new index file, until the sidecar that describes it is in
+# data.models_dir (cbir train)
+LAST = "last.pt"
+HISTORY = "history.csv"
+TRAIN_METRICS = "train_metrics.json"
+# data.pairs_dir (cbir pairs)
+PAIRS = "pairs.parquet"
+CLUSTERS = "clusters.parquet"
+SEARCHED = "searched.parquet"  # ids whose neighbours pairs.parquet holds (incremental runs)
+# data.reports_dir (cbir evaluate, calibrate, report, nightly, augment-preview)
+METRICS_JSON = "metrics.json"
+METRICS_MD = "metrics.md"
+NEIGHBORS = "neighbors.parquet"
+CALIBRATION = "calibration.json"  # the figures (a DVC metric)
+CALIBRATION_STATE = "calibration.state.json"  # what they were computed from
+CALIBRATION_CURVE = "calibration_curve.csv"  # a DVC plot
+GALLERY = "gallery"
+PLOTS = "plots"
+NIGHTLY = "nightly"  # run-<N>.md, one per nightly run
+PREVIEW_PREFIX = "augment-preview-"
+# data.cache_dir
+BASELINE_EMBEDDINGS = "baseline-embeddings"
+TRAIN_CACHE_PREFIX = "train-"
+CACHE_TOOLS = ("matplotlib", "torch", "xdg")  # caches of the libraries (cbir/environ.py)
+# beside data.manifest_dir: the data folder's writer lock and Prefect's home
+LOCK_NAME = ".cbir.lock"
+PREFECT = "prefect"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The paths of one workspace, resolved against its params file's folder."""
+
+    root: Path
+    scans: Path
+    ground_truth: Path | None
+    manifest_dir: Path
+    embeddings_dir: Path
+    index_dir: Path
+    models_dir: Path
+    checkpoint: Path
+    pairs_dir: Path
+    reports_dir: Path
+    cache_dir: Path
+    catalog: Path
+
+    # the data folder: the one that holds the manifest folder (and the lock, Prefect's home)
+    @property
+    def data(self) -> Path:
+        return self.manifest_dir.parent
+
+    @property
+    def lock(self) -> Path:
+        return self.data / LOCK_NAME
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.data / PREFECT
+
+    # manifest
+    @property
+    def files(self) -> Path:
+        return self.manifest_dir / FILES
+
+    @property
+    def quarantine(self) -> Path:
+        return self.manifest_dir / QUARANTINE
+
+    @property
+    def runs(self) -> Path:
+        return self.manifest_dir / RUNS
+
+    @property
+    def journal(self) -> Path:
+        return self.manifest_dir / JOURNAL
+
+    # embeddings
+    def embeddings(self, fingerprint: str, *, baseline: bool = False) -> Path:
+        """Where the embeddings of model `fingerprint` live. Baselines (used only by evaluation)
+        go to the cache, so that evaluating never changes the embed step's outputs."""
+        if baseline:
+            return self.cache_dir / BASELINE_EMBEDDINGS / fingerprint
+        return self.embeddings_dir / fingerprint
+
+    # training
+    @property
+    def last_state(self) -> Path:
+        return self.models_dir / LAST
+
+    @property
+    def history(self) -> Path:
+        return self.models_dir / HISTORY
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.models_dir / TRAIN_METRICS
+
+    def train_cache(self, side: int) -> Path:
+        """Decoded training pictures at `side` px."""
+        return self.cache_dir / f"{TRAIN_CACHE_PREFIX}{side}"
+
+    # pairs
+    @property
+    def pairs(self) -> Path:
+        return self.pairs_dir / PAIRS
+
+    @property
+    def clusters(self) -> Path:
+        return self.pairs_dir / CLUSTERS
+
+    @property
+    def searched(self) -> Path:
+        return self.pairs_dir / SEARCHED
+
+    # reports
+    @property
+    def metrics_json(self) -> Path:
+        return self.reports_dir / METRICS_JSON
+
+    @property
+    def metrics_md(self) -> Path:
+        return self.reports_dir / METRICS_MD
+
+    @property
+    def neighbors(self) -> Path:
+        return self.reports_dir / NEIGHBORS
+
+    @property
+    def calibration(self) -> Path:
+        return self.reports_dir / CALIBRATION
+
+    @property
+    def calibration_state(self) -> Path:
+        return self.reports_dir / CALIBRATION_STATE
+
+    @property
+    def calibration_curve(self) -> Path:
+        return self.reports_dir / CALIBRATION_CURVE
+
+    @property
+    def gallery(self) -> Path:
+        return self.reports_dir / GALLERY
+
+    @property
+    def plots(self) -> Path:
+        return self.reports_dir / PLOTS
+
+    @property
+    def nightly(self) -> Path:
+        return self.reports_dir / NIGHTLY
+
+    def preview(self, image: Path) -> Path:
+        """`cbir augment-preview IMAGE`'s default output."""
+        return self.reports_dir / f"{PREVIEW_PREFIX}{image.stem}.png"
+
+
+def layout(settings: Any) -> Layout:
+    """The workspace's paths from its settings."""
+    d, path = settings.data, settings.path
+    return Layout(
+        root=settings.root, scans=path(d.scans_dir),
+        ground_truth=path(d.ground_truth) if d.ground_truth is not None else None,
+        manifest_dir=path(d.manifest_dir), embeddings_dir=path(d.embeddings_dir),
+        index_dir=path(d.index_dir), models_dir=path(d.models_dir),
+        checkpoint=path(settings.model.checkpoint), pairs_dir=path(d.pairs_dir),
+        reports_dir=path(d.reports_dir), cache_dir=path(d.cache_dir), catalog=path(d.catalog))

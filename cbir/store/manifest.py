@@ -1,0 +1,101 @@
+"""The manifest (`data.manifest_dir`, written by `cbir ingest`): every file version ever seen,
+the files that could not be used, and one row per ingest run; their schemas and statuses, and
+reading them back."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import CbirError
+from .layout import layout
+from .tables import read_table
+
+# A file version's status
+OK = "ok"  # present; the canonical file of its content
+DUPLICATE = "duplicate"  # present; byte-identical to a canonical file
+MISSING = "missing"  # no longer in the scans folder (kept, never dropped)
+REPLACED = "replaced"  # an older version of a path whose content changed
+PRESENT = (OK, DUPLICATE)
+
+# The manifest (cbir ingest)
+FILES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("path", pa.string()),
+    ("path_raw", pa.binary()),
+    ("version", pa.int32()),
+    ("status", pa.string()),
+    ("is_canonical", pa.bool_()),
+    ("duplicate_of", pa.string()),
+    ("sha256", pa.string()),
+    ("bytes", pa.int64()),
+    ("mtime", pa.timestamp("us", tz="UTC")),
+    ("mtime_ns", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("mode", pa.string()),
+    ("format", pa.string()),
+    ("pages", pa.int32()),
+    ("phash", pa.uint64()),
+    ("first_run", pa.int32()),
+    ("last_run", pa.int32()),
+])
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("path_raw", pa.binary()),
+    ("reason", pa.string()),
+    ("bytes", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("first_run", pa.int32()),
+    ("last_run", pa.int32()),
+])
+
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.int32()),
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("scans_dir", pa.string()),
+    ("files_seen", pa.int64()),
+    ("new", pa.int64()),
+    ("changed", pa.int64()),
+    ("unchanged", pa.int64()),
+    ("new_duplicates", pa.int64()),
+    ("newly_missing", pa.int64()),
+    ("quarantined", pa.int64()),
+    ("decoded", pa.int64()),
+    ("seconds", pa.float64()),
+])
+
+#: What to do about a damaged manifest file: ingest cannot rebuild what it would extend.
+MANIFEST_FIX = ("restore it from DVC (`dvc checkout`), or move it away and run `cbir ingest` "
+                "to start a new manifest")
+
+
+def load_manifest(settings: Any) -> pa.Table:
+    """The manifest table (every file version). Raises CbirError when ingest has not run."""
+    path = layout(settings).files
+    if not os.path.lexists(path):
+        raise CbirError(f"no manifest at {path}: run `cbir ingest` first")
+    return read_table(path, FILES_SCHEMA, MANIFEST_FIX)  # damaged or foreign: one line
+
+
+def canonical_images(settings: Any) -> list[dict[str, Any]]:
+    """The images to embed: one present, canonical file per distinct content, sorted by id."""
+    table = load_manifest(settings)
+    rows = [r for r in table.select(["image_id", "path", "path_raw", "status", "is_canonical",
+                                     "width", "height"]).to_pylist()
+            if r["is_canonical"] and r["status"] == OK]
+    rows.sort(key=lambda r: r["image_id"])
+    return rows
+
+
+def latest_run(settings: Any) -> int:
+    """The id of the last ingest run (0 before the first)."""
+    path = layout(settings).runs
+    if not path.is_file():
+        return 0
+    runs = read_table(path, RUNS_SCHEMA, MANIFEST_FIX, columns=["run_id"])  # foreign: one line
+    return max(runs.column(0).to_pylist(), default=0)

@@ -1,0 +1,31 @@
+"""Near-duplicate pairs and their clusters (`data.pairs_dir`, written by `cbir pairs`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import CbirError
+from .layout import layout
+from .tables import read_table
+
+PAIRS_SCHEMA = pa.schema([
+    ("image_a", pa.string()), ("image_b", pa.string()),
+    ("path_a", pa.string()), ("path_b", pa.string()),
+    ("score", pa.float32()), ("rank", pa.int32()), ("kind", pa.string()),
+])
+CLUSTERS_SCHEMA = pa.schema([
+    ("cluster_id", pa.int32()), ("image_id", pa.string()), ("path", pa.string()),
+    ("size", pa.int32()), ("weakest_link", pa.float32()),
+])
+
+PAIRS_FIX = "run `cbir pairs` to write it again"
+
+
+def read_pairs(settings: Any) -> pa.Table:
+    """Every recorded pair (near and exact)."""
+    path = layout(settings).pairs
+    if not path.is_file():
+        raise CbirError(f"no pairs at {path}: run `cbir pairs` first")
+    return read_table(path, PAIRS_SCHEMA, PAIRS_FIX)
