@@ -191,7 +191,13 @@ def _busy_make(tmp_path: Path, suite: str, **kw) -> subprocess.Popen:
     (fake / "python").chmod(0o755)
     return subprocess.Popen(["make", "-s", "-o", "install", "test-busy", f"BIN={fake}"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=_env(), **kw)
+                            text=True, env=_env(), preexec_fn=_default_sigint, **kw)
+
+
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal's shell leaves it to the commands it starts: a process inherits an
+    ignored SIGINT, and the suite's own process may have one ignored by a library it ran."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _burners(proc: subprocess.Popen) -> list[int]:
