@@ -1,13 +1,13 @@
 # Two commands do all the set-up on a fresh clone (Python 3.11+ and make are all it needs):
 #   make demo   build the demo collection and run every pipeline step on it
-#   make test   run the test suite
+#   make test   check the code (make lint), then run the test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-busy faults clean-data
+.PHONY: install demo lint test test-busy faults clean-data
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cbir needs Python 3.11 or newer")'
@@ -37,7 +37,16 @@ demo: install
 	@echo "  review gallery   data/reports/gallery/index.html (open it in a browser)"
 	@echo "  catalogue        data/catalog.duckdb   try: $(BIN)/cbir sql \"SELECT * FROM duplicate_pairs ORDER BY score DESC LIMIT 10\""
 
-test: install
+# ruff (lint rules and formatting) and mypy over the package, the tasks and the flows; the
+# settings are in pyproject.toml. `make test` runs it first.
+LINTED := cbir tasks flows
+
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy $(LINTED)
+
+test: install lint
 	$(BIN)/python -m pytest -q
 
 # The suite on a busy machine: two CPU-bound processes run beside it (started here, and stopped

@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     files = image_files(args.n)
-    pp = Preprocess(resolution=args.resolution)
+    pp = Preprocess(resolution=args.resolution, scales=(1.0,))
     model, _ = build_model(ModelConfig(backbone=args.backbone))
     model.eval()
     tensors = torch.stack([to_tensor(load_rgb(f, args.resolution), pp) for f in files])

@@ -66,13 +66,14 @@ def child(params: Path, variant: str, epochs: int) -> None:
 
     import cbir.steps.train as train
     from cbir.config import load_settings
+    from cbir.training import cpu
 
     if spec.get("threads") == "cpu_count":  # the old thread count: all the machine's cores
         train.torch_threads = lambda cpus, workers, ranks=1: (os.cpu_count() or 1) // ranks
     elif spec.get("threads") == "available":  # ignoring the augmentation workers
         train.torch_threads = lambda cpus, workers, ranks=1: cpus // ranks
     if spec.get("bf16"):  # whatever the thread count
-        train.cpu_bf16 = lambda device, precision, threads: train._native_bf16()
+        train.cpu_bf16 = lambda device, precision, threads: cpu._native_bf16()
     mark: dict[str, float] = {}
 
     def log(line: str) -> None:
@@ -94,7 +95,7 @@ def prepare(out: Path, copies: int) -> Path:
     if (ws / "ready").exists():
         return params
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from quality import build_benchmark  # noqa: E402
+    from quality import build_benchmark
 
     from cbir.config import load_settings
     from cbir.steps.ingest import run_ingest

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
@@ -29,8 +29,10 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 from . import degrade
 from .imaging import to_rgb
 
+#: The augmentation strategies: the one spelling of their names (train.augmentation's type in
+#: cbir.config, the choices of `cbir augment-preview --strategy`).
 Strategy = Literal["simclr", "heritage"]
-STRATEGIES: tuple[Strategy, ...] = ("simclr", "heritage")
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 
 _BILINEAR = Image.Resampling.BILINEAR
 _REDUCING_GAP = 2.0  # the same fast, antialiased downscale retrieval uses for its square input
@@ -311,8 +313,13 @@ PREVIEW_PAD = 4  # pixels between cells and around the grid
 PREVIEW_LABEL_H = 18  # height of the caption strip above each row
 
 
-def preview_grid(img: Image.Image, strategies: Sequence[str] = STRATEGIES, n: int = 8,
-                 resolution: int = 160, seed: int = 0) -> Image.Image:
+def preview_grid(
+    img: Image.Image,
+    strategies: Sequence[str] = STRATEGIES,
+    n: int = 8,
+    resolution: int = 160,
+    seed: int = 0,
+) -> Image.Image:
     """Original plus ``n`` views per strategy, one captioned row per strategy, for inspection.
 
     Each row uses its own generator seeded with ``seed``, so a row does not depend on which other
@@ -331,8 +338,12 @@ def preview_grid(img: Image.Image, strategies: Sequence[str] = STRATEGIES, n: in
         aug = make_augmenter(name, res)
         rng = np.random.default_rng(seed)
         y = pad + r * (label_h + res + pad)
-        draw.text((pad, y + 2), f"{name}  (original, then {n} views, seed {seed})",
-                  fill=(0, 0, 0), font=font)
+        draw.text(
+            (pad, y + 2),
+            f"{name}  (original, then {n} views, seed {seed})",
+            fill=(0, 0, 0),
+            font=font,
+        )
         y += label_h
         grid.paste(original, (pad, y))
         for i in range(n):

@@ -1,6 +1,8 @@
 """The `cbir` command line. Each subcommand reads its settings from --params and calls the library.
 
 dvc.yaml stages and the Prefect tasks call the same library functions as these subcommands.
+
+Longer than 400 lines: one short handler and one parser entry per subcommand.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .augment import STRATEGIES
 from .config import DEFAULT_PARAMS, MAX_K, MAX_SIDE, Settings, load_settings
 from .errors import CbirError
 from .store.layout import layout as _layout
@@ -41,6 +44,7 @@ def _check_range(option: str, value: int | None, low: int, high: int) -> None:
 
 # --------------------------------------------------------------------------- subcommands
 
+
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     from .steps.ingest import run_ingest
 
@@ -54,11 +58,19 @@ def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> int:
 
     d = settings.demo
     out = Path(args.out) if args.out else settings.path(d.out_dir)
-    summary = generate_demo_collection(out, n_groups=d.n_groups, n_distractors=d.n_distractors,
-                                       max_copies=d.max_copies, size=d.size, seed=d.seed,
-                                       progress=_progress_wanted())
-    print(f"demo collection: {summary.n_images} images ({summary.n_groups} groups of "
-          f"near-duplicates, {summary.n_distractors} distractors) in {out}")
+    summary = generate_demo_collection(
+        out,
+        n_groups=d.n_groups,
+        n_distractors=d.n_distractors,
+        max_copies=d.max_copies,
+        size=d.size,
+        seed=d.seed,
+        progress=_progress_wanted(),
+    )
+    print(
+        f"demo collection: {summary.n_images} images ({summary.n_groups} groups of "
+        f"near-duplicates, {summary.n_distractors} distractors) in {out}"
+    )
     print(f"ground truth: {summary.ground_truth}")
     return 0
 
@@ -94,8 +106,11 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
         for rank, (image_id, path, score) in enumerate(res.neighbours, start=1):
             print(f"  {rank:3d}  {score:.4f}  {shown(path)}  [{image_id}]")
     if failed:
-        print(f"cbir query: error: {len(failed)} of {len(args.images)} images could not be "
-              f"queried ({failed[0]}{'; ...' if len(failed) > 1 else ''})", file=sys.stderr)
+        print(
+            f"cbir query: error: {len(failed)} of {len(args.images)} images could not be "
+            f"queried ({failed[0]}{'; ...' if len(failed) > 1 else ''})",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -111,8 +126,11 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     from .steps.evaluate import run_evaluate
 
     progress = _progress_wanted()  # notes and bars on a terminal; logs keep the summary only
-    print("\n".join(run_evaluate(settings, progress=progress,
-                                 log=_note if progress else None).lines()))
+    print(
+        "\n".join(
+            run_evaluate(settings, progress=progress, log=_note if progress else None).lines()
+        )
+    )
     return 0
 
 
@@ -120,30 +138,38 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from .steps.train import run_train
 
     _check_range("--max-epochs", args.max_epochs, 1, 100_000)
-    summary = run_train(settings, resume=args.resume, progress=_progress_wanted(),
-                        max_epochs=args.max_epochs)
+    summary = run_train(
+        settings, resume=args.resume, progress=_progress_wanted(), max_epochs=args.max_epochs
+    )
     print("\n".join(summary.lines()))
     return 0
 
 
 def cmd_augment_preview(settings: Settings, args: argparse.Namespace) -> int:
-    from .augment import STRATEGIES, preview_grid
+    from .augment import preview_grid
     from .imaging import ImageRejected, load_rgb
 
     _check_range("--n", args.n, 1, 64)
     _check_range("--resolution", args.resolution, 32, MAX_SIDE)
     _check_range("--seed", args.seed, 0, 2**31 - 2)
     try:
-        img = load_rgb(args.image, max(512, 2 * settings.train.resolution),
-                       max_pixels=settings.ingest.max_pixels)
+        img = load_rgb(
+            args.image,
+            max(512, 2 * settings.train.resolution),
+            max_pixels=settings.ingest.max_pixels,
+        )
     except (ImageRejected, OSError) as exc:
         reason = exc.reason if isinstance(exc, ImageRejected) else (exc.strerror or exc)
         raise CbirError(f"cannot read {args.image}: {reason}") from None
     strategies = [args.strategy] if args.strategy else list(STRATEGIES)
-    grid = preview_grid(img, strategies=strategies, n=args.n,
-                        resolution=args.resolution or settings.train.resolution, seed=args.seed)
-    out = Path(args.out) if args.out else \
-        _layout(settings).preview(Path(args.image))
+    grid = preview_grid(
+        img,
+        strategies=strategies,
+        n=args.n,
+        resolution=args.resolution or settings.train.resolution,
+        seed=args.seed,
+    )
+    out = Path(args.out) if args.out else _layout(settings).preview(Path(args.image))
     from .fsutil import atomic_path
     from .store.outputs import check_free
 
@@ -165,8 +191,13 @@ def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
     from .steps.calibrate import run_calibrate
 
-    print("\n".join(run_calibrate(settings, precision=args.precision, write=args.write,
-                                  progress=_progress_wanted()).lines()))
+    print(
+        "\n".join(
+            run_calibrate(
+                settings, precision=args.precision, write=args.write, progress=_progress_wanted()
+            ).lines()
+        )
+    )
     return 0
 
 
@@ -181,9 +212,10 @@ def cmd_init(settings: Settings | None, args: argparse.Namespace) -> int:
 def cmd_find_duplicates(settings: Settings | None, args: argparse.Namespace) -> int:
     from .find import find_duplicates
 
-    summary = find_duplicates(args.scans, args.out, train=not args.no_train,
-                              progress=_progress_wanted(), log=print)
-    print("\n".join([""] + summary.final_lines()))
+    summary = find_duplicates(
+        args.scans, args.out, train=not args.no_train, progress=_progress_wanted(), log=print
+    )
+    print("\n".join(["", *summary.final_lines()]))
     return 0
 
 
@@ -191,8 +223,9 @@ def _flow_result(state: Any, what: str, log: Path | None = None) -> Any:
     """A flow run's result; a failed run becomes one line with its cause (the log has more)."""
     if not state.is_completed():
         where = f" (log: {log})" if log else ""
-        raise CbirError(f"the {what} flow run failed: {' '.join(str(state.message).split())}"
-                        f"{where}")
+        raise CbirError(
+            f"the {what} flow run failed: {' '.join(str(state.message).split())}{where}"
+        )
     return state.result()
 
 
@@ -215,8 +248,9 @@ def cmd_build(settings: Settings, args: argparse.Namespace) -> int:
 
         return build
 
-    result = _run_flow(settings, "build", load, train=not args.no_train,
-                       rebuild_index=args.rebuild_index)
+    result = _run_flow(
+        settings, "build", load, train=not args.no_train, rebuild_index=args.rebuild_index
+    )
     print("\n".join(result.lines()))
     return 0
 
@@ -232,7 +266,6 @@ def cmd_nightly(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    import os
 
     os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client analytics, before its import
     from flows.server import served_api
@@ -247,8 +280,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     from .store.catalog import query_page
 
-    limit = args.limit if args.limit is not None else (0 if args.format != "table"
-                                                       else SQL_TABLE_LIMIT)
+    limit = (
+        args.limit if args.limit is not None else (0 if args.format != "table" else SQL_TABLE_LIMIT)
+    )
     if limit < 0:
         raise CbirError(f"--limit must be 0 (all rows) or more, got {limit}")
     cols, rows, total = query_page(settings, args.query, args.param, limit or None)
@@ -261,13 +295,21 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     elif args.format == "json":
         import json
 
-        print(json.dumps([dict(zip(cols, row)) for row in rows], default=str, indent=1,
-                         ensure_ascii=False))
+        print(
+            json.dumps(
+                [dict(zip(cols, row, strict=True)) for row in rows],
+                default=str,
+                indent=1,
+                ensure_ascii=False,
+            )
+        )
     else:
         print(_format_table(cols, rows))
     if total > len(rows):
-        print(f"({total - len(rows)} more rows not shown: --limit N, or --limit 0 for all)",
-              file=sys.stderr if args.format != "table" else sys.stdout)
+        print(
+            f"({total - len(rows)} more rows not shown: --limit N, or --limit 0 for all)",
+            file=sys.stderr if args.format != "table" else sys.stdout,
+        )
     return 0
 
 
@@ -277,8 +319,11 @@ SQL_TABLE_LIMIT = 100  # rows `cbir sql` shows as a table unless --limit says ot
 def _format_table(cols: list[str], rows: list[tuple]) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
-    out = [line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells]
+
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)).rstrip()
+
+    out = [line(cols), line(["-" * w for w in widths]), *(line(r) for r in cells)]
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out)
 
@@ -296,35 +341,49 @@ def _cell(value: object) -> str:
 
 # --------------------------------------------------------------------------- parser
 
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", default=DEFAULT_PARAMS, metavar="PATH",
-                        help="params file; relative paths in it resolve against its folder "
-                             "(default: %(default)s)")
+    common.add_argument(
+        "--params",
+        default=DEFAULT_PARAMS,
+        metavar="PATH",
+        help="params file; relative paths in it resolve against its folder (default: %(default)s)",
+    )
     parser = argparse.ArgumentParser(
-        prog="cbir", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="cbir",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Near-duplicate image retrieval for heritage photograph collections.",
         epilog="Start with `cbir init DIR --scans PATH` (a workspace; then `dvc repro` in it), "
-               "or\n`cbir find-duplicates SCANS_DIR` (everything in one command).\n"
-               "`cbir COMMAND --help` describes each command, with an example.")
+        "or\n`cbir find-duplicates SCANS_DIR` (everything in one command).\n"
+        "`cbir COMMAND --help` describes each command, with an example.",
+    )
     parser.add_argument("--version", action="version", version=f"cbir {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("ingest", parents=[common],
-                       help="add new scans from data.scans_dir to the deduplicated manifest")
+    p = sub.add_parser(
+        "ingest",
+        parents=[common],
+        help="add new scans from data.scans_dir to the deduplicated manifest",
+    )
     p.set_defaults(handler=cmd_ingest)
 
-    p = sub.add_parser("demo-data", parents=[common],
-                       help="write the deterministic synthetic demo collection")
+    p = sub.add_parser(
+        "demo-data", parents=[common], help="write the deterministic synthetic demo collection"
+    )
     p.add_argument("out", nargs="?", help="output folder (default: demo.out_dir in params)")
     p.set_defaults(handler=cmd_demo_data)
 
-    p = sub.add_parser("embed", parents=[common],
-                       help="embed canonical images that have no embedding for the current model")
+    p = sub.add_parser(
+        "embed",
+        parents=[common],
+        help="embed canonical images that have no embedding for the current model",
+    )
     p.set_defaults(handler=cmd_embed)
 
-    p = sub.add_parser("index", parents=[common],
-                       help="build or update the FAISS index of the current embeddings")
+    p = sub.add_parser(
+        "index", parents=[common], help="build or update the FAISS index of the current embeddings"
+    )
     p.add_argument("--rebuild", action="store_true", help="retrain from scratch")
     p.set_defaults(handler=cmd_index)
 
@@ -333,96 +392,166 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="neighbours to show (default %(default)s)")
     p.set_defaults(handler=cmd_query)
 
-    p = sub.add_parser("pairs", parents=[common],
-                       help="all near-duplicate pairs and clusters, to Parquet and DuckDB")
+    p = sub.add_parser(
+        "pairs",
+        parents=[common],
+        help="all near-duplicate pairs and clusters, to Parquet and DuckDB",
+    )
     p.set_defaults(handler=cmd_pairs)
 
-    p = sub.add_parser("evaluate", parents=[common],
-                       help="Precision/Recall/F1/mAP@K against data.ground_truth, with baselines")
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="Precision/Recall/F1/mAP@K against data.ground_truth, with baselines",
+    )
     p.set_defaults(handler=cmd_evaluate)
 
-    p = sub.add_parser("train", parents=[common],
-                       help="SimCLR training on the collection (checkpoint to model.checkpoint)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a killed run from its last epoch checkpoint")
-    p.add_argument("--max-epochs", type=int, metavar="N",
-                   help="stop after N epochs in all (the schedule still spans train.epochs)")
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="SimCLR training on the collection (checkpoint to model.checkpoint)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue a killed run from its last epoch checkpoint"
+    )
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        metavar="N",
+        help="stop after N epochs in all (the schedule still spans train.epochs)",
+    )
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("augment-preview", parents=[common],
-                       help="a grid of augmented views of IMAGE for each strategy")
+    p = sub.add_parser(
+        "augment-preview",
+        parents=[common],
+        help="a grid of augmented views of IMAGE for each strategy",
+    )
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--strategy", choices=["simclr", "heritage"], help="only this strategy")
+    p.add_argument("--strategy", choices=STRATEGIES, help="only this strategy")
     p.add_argument("--n", type=int, default=8, help="views per strategy (default %(default)s)")
     p.add_argument("--resolution", type=int, help="view size (default train.resolution)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG to write (default data/reports/augment-preview-NAME.png)")
     p.set_defaults(handler=cmd_augment_preview)
 
-    p = sub.add_parser("report", parents=[common],
-                       help="HTML review gallery (pairs, clusters, evaluation) and plots")
+    p = sub.add_parser(
+        "report",
+        parents=[common],
+        help="HTML review gallery (pairs, clusters, evaluation) and plots",
+    )
     p.set_defaults(handler=cmd_report)
 
-    p = sub.add_parser("calibrate", parents=[common],
-                       help="choose the pair threshold that reaches a target precision (on the "
-                            "ground truth, else self-calibrated on held-out copies)")
-    p.add_argument("--precision", type=float, metavar="P",
-                   help="target precision (default search.precision_target, 0.95)")
-    p.add_argument("--write", action="store_true",
-                   help="also write the calibrated value into the params file as a fixed "
-                        "search.pair_threshold (comments are kept)")
+    p = sub.add_parser(
+        "calibrate",
+        parents=[common],
+        help="choose the pair threshold that reaches a target precision (on the "
+        "ground truth, else self-calibrated on held-out copies)",
+    )
+    p.add_argument(
+        "--precision",
+        type=float,
+        metavar="P",
+        help="target precision (default search.precision_target, 0.95)",
+    )
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="also write the calibrated value into the params file as a fixed "
+        "search.pair_threshold (comments are kept)",
+    )
     p.set_defaults(handler=cmd_calibrate)
 
-    p = sub.add_parser("build", parents=[common],
-                       help="the whole pipeline as a Prefect flow (ingest, train, embed, index, "
-                            "pairs, evaluate, report; then dvc commit)")
-    p.add_argument("--no-train", action="store_true",
-                   help="skip training: embed with the existing checkpoint or model.init")
+    p = sub.add_parser(
+        "build",
+        parents=[common],
+        help="the whole pipeline as a Prefect flow (ingest, train, embed, index, "
+        "pairs, evaluate, report; then dvc commit)",
+    )
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="skip training: embed with the existing checkpoint or model.init",
+    )
     p.add_argument("--rebuild-index", action="store_true", help="retrain the FAISS index")
     p.set_defaults(handler=cmd_build)
 
-    p = sub.add_parser("nightly", parents=[common],
-                       help="re-index the scans that arrived since the last run, once (the "
-                            "scheduled flow)")
+    p = sub.add_parser(
+        "nightly",
+        parents=[common],
+        help="re-index the scans that arrived since the last run, once (the scheduled flow)",
+    )
     p.set_defaults(handler=cmd_nightly)
 
-    p = sub.add_parser("serve", parents=[common],
-                       help="run the nightly flow on orchestration.nightly_cron (blocks; needs "
-                            "a Prefect server)")
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the nightly flow on orchestration.nightly_cron (blocks; needs a Prefect server)",
+    )
     p.add_argument("--name", default="cbir-nightly", help="deployment name (default %(default)s)")
     p.set_defaults(handler=cmd_serve)
 
-    p = sub.add_parser("sql", parents=[common],
-                       help="run one SQL query on the DuckDB catalogue (read only)")
+    p = sub.add_parser(
+        "sql", parents=[common], help="run one SQL query on the DuckDB catalogue (read only)"
+    )
     p.add_argument("query", help="SQL; put user values in as ? placeholders")
-    p.add_argument("--param", action="append", default=[], metavar="VALUE",
-                   help="a value for the next ? placeholder (repeatable)")
-    p.add_argument("--limit", type=int, metavar="N",
-                   help=f"rows to print (default {SQL_TABLE_LIMIT} as a table, all as csv/json;"
-                        f" 0 = all)")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
-                   help="table for people (default), csv or json for scripts")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="VALUE",
+        help="a value for the next ? placeholder (repeatable)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help=f"rows to print (default {SQL_TABLE_LIMIT} as a table, all as csv/json; 0 = all)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="table for people (default), csv or json for scripts",
+    )
     p.set_defaults(handler=cmd_sql)
 
     p = sub.add_parser("init", help="create an archive workspace for a folder of scans")
     p.add_argument("folder", metavar="DIR", help="the workspace folder (created if absent)")
-    p.add_argument("--scans", required=True, metavar="PATH",
-                   help="the folder of scans (read only: cbir never writes there)")
-    p.add_argument("--ground-truth", metavar="CSV",
-                   help="path,group CSV of labelled near-duplicates, if there is one "
-                        "(else an empty labels.csv is made)")
-    p.add_argument("--force", action="store_true",
-                   help="update an existing workspace (its data and its other params are kept)")
+    p.add_argument(
+        "--scans",
+        required=True,
+        metavar="PATH",
+        help="the folder of scans (read only: cbir never writes there)",
+    )
+    p.add_argument(
+        "--ground-truth",
+        metavar="CSV",
+        help="path,group CSV of labelled near-duplicates, if there is one "
+        "(else an empty labels.csv is made)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="update an existing workspace (its data and its other params are kept)",
+    )
     p.set_defaults(handler=cmd_init, no_params=True)
 
-    p = sub.add_parser("find-duplicates",
-                       help="every near-duplicate in a folder of scans, in one command")
+    p = sub.add_parser(
+        "find-duplicates", help="every near-duplicate in a folder of scans, in one command"
+    )
     p.add_argument("scans", metavar="SCANS_DIR")
-    p.add_argument("--out", metavar="DIR",
-                   help="the workspace (default: SCANS_DIR's name + '-cbir' in this folder); "
-                        "an existing one for the same scans is reused")
-    p.add_argument("--no-train", action="store_true",
-                   help="skip training (faster, but the untrained model finds fewer copies)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="the workspace (default: SCANS_DIR's name + '-cbir' in this folder); "
+        "an existing one for the same scans is reused",
+    )
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="skip training (faster, but the untrained model finds fewer copies)",
+    )
     p.set_defaults(handler=cmd_find_duplicates, no_params=True)
 
     _describe(sub)
@@ -440,63 +569,106 @@ def _version() -> str:
 
 #: What each subcommand does, at more length than its one-line help, and an example.
 # Where the flows of `build` and `nightly` report (flows/server.py).
-FLOW_API = ("\n\nThe flow run reports to the Prefect API at PREFECT_API_URL when one is "
-            "configured; otherwise to a temporary local Prefect server started for the command, "
-            "whose database and logs stay in <data folder>/prefect/ (the run's log: "
-            "<data folder>/prefect/<command>.log).")
+FLOW_API = (
+    "\n\nThe flow run reports to the Prefect API at PREFECT_API_URL when one is "
+    "configured; otherwise to a temporary local Prefect server started for the command, "
+    "whose database and logs stay in <data folder>/prefect/ (the run's log: "
+    "<data folder>/prefect/<command>.log)."
+)
 DETAILS: dict[str, tuple[str, str]] = {
-    "init": ("Create a self-contained workspace: params.yaml pointing at the scans (which are "
-             "only read), dvc.yaml with the pipeline, a labels file, a README, git and DVC. "
-             "Refused when DIR lies inside the scans, when the scans lie inside DIR/data, and "
-             "on an existing workspace (unless --force).",
-             "cbir init ~/archive-ws --scans /mnt/scans/photo-archive\ncd ~/archive-ws && dvc "
-             "repro"),
-    "find-duplicates": ("Make (or reuse) a workspace for SCANS_DIR and run every step with the "
-                        "defaults: ingest, train, embed, index, calibrate, pairs, report. "
-                        "Prints where the gallery and the pair table are.",
-                        "cbir find-duplicates /mnt/scans/photo-archive --out ~/archive-ws"),
-    "ingest": ("Walk data.scans_dir, decode new or changed files, and record every file in the "
-               "deduplicated manifest (byte-identical copies are found by hash). Unchanged "
-               "files are not read again.", "cbir ingest --params ~/archive-ws/params.yaml"),
-    "demo-data": ("Write the deterministic synthetic demo collection: scans/ and "
-                  "ground_truth.csv under OUT.", "cbir demo-data /tmp/demo"),
-    "embed": ("Compute the descriptor of every canonical image that has none for the current "
-              "model, in resumable shards.", "cbir embed"),
-    "index": ("Build the FAISS index of the current embeddings, or add the new ones to it.",
-              "cbir index --rebuild"),
-    "query": ("The nearest images in the collection of any image files; exits with status 2 "
-              "when a file cannot be read.", "cbir query scan-0042.jpg other.tif --k 5"),
-    "calibrate": ("Choose the pair threshold that reaches search.precision_target: on the "
-                  "labelled images of data.ground_truth where there are any, else on held-out "
-                  "synthetic copies of the collection's own images (both are shown); records "
-                  "data/reports/calibration.json.", "cbir calibrate --precision 0.98"),
-    "pairs": ("Every near-duplicate pair and the clusters they form, into Parquet and the "
-              "DuckDB catalogue (calibrates the threshold first when it is `auto` and not yet "
-              "calibrated for this model).", "cbir pairs"),
-    "evaluate": ("Precision, recall, F1 and mAP at K against the labelled images of "
-                 "data.ground_truth, with the untrained backbone and perceptual hashing as "
-                 "baselines.", "cbir evaluate"),
-    "train": ("Self-supervised SimCLR fine-tuning of the descriptor on the collection itself "
-              "(checkpoint to model.checkpoint).", "cbir train --resume"),
-    "augment-preview": ("A grid of augmented training views of IMAGE, one row per strategy.",
-                        "cbir augment-preview scan.jpg --n 6"),
-    "report": ("The static review gallery (pairs, clusters, evaluation) and plots under "
-               "data/reports/.", "cbir report && xdg-open data/reports/gallery/index.html"),
-    "build": ("The whole pipeline as one Prefect flow, then `dvc commit`." + FLOW_API,
-              "cbir build --no-train"),
-    "nightly": ("Re-index the scans that arrived since the last run: ingest, embed, index and "
-                "search only the new ones, report their new pairs, `dvc commit`." + FLOW_API,
-                "cbir nightly --params ~/archive-ws/params.yaml"),
-    "serve": ("Run the nightly flow on orchestration.nightly_cron until stopped. The schedule "
-              "lives in a Prefect server that keeps running: start one with `prefect server "
-              "start` and point PREFECT_API_URL at it (`prefect config set "
-              "PREFECT_API_URL=http://127.0.0.1:4200/api`); without one, or when it does not "
-              "answer, serve stops with one line saying so.", "cbir serve"),
-    "sql": ("One read-only SQL query on the catalogue (views images, files, duplicate_pairs, "
-            "clusters, pair_report, new_pairs, cluster_report, quarantine, ingest_runs).",
-            "cbir sql \"SELECT path_a, path_b, round(score, 3) AS score FROM duplicate_pairs "
-            "ORDER BY score DESC\" --limit 20\ncbir sql \"SELECT * FROM pair_report WHERE ? IN "
-            "(path_a, path_b)\" --param box-01/scan-1.jpg --format csv"),
+    "init": (
+        "Create a self-contained workspace: params.yaml pointing at the scans (which are "
+        "only read), dvc.yaml with the pipeline, a labels file, a README, git and DVC. "
+        "Refused when DIR lies inside the scans, when the scans lie inside DIR/data, and "
+        "on an existing workspace (unless --force).",
+        "cbir init ~/archive-ws --scans /mnt/scans/photo-archive\ncd ~/archive-ws && dvc repro",
+    ),
+    "find-duplicates": (
+        "Make (or reuse) a workspace for SCANS_DIR and run every step with the "
+        "defaults: ingest, train, embed, index, calibrate, pairs, report. "
+        "Prints where the gallery and the pair table are.",
+        "cbir find-duplicates /mnt/scans/photo-archive --out ~/archive-ws",
+    ),
+    "ingest": (
+        "Walk data.scans_dir, decode new or changed files, and record every file in the "
+        "deduplicated manifest (byte-identical copies are found by hash). Unchanged "
+        "files are not read again.",
+        "cbir ingest --params ~/archive-ws/params.yaml",
+    ),
+    "demo-data": (
+        "Write the deterministic synthetic demo collection: scans/ and ground_truth.csv under OUT.",
+        "cbir demo-data /tmp/demo",
+    ),
+    "embed": (
+        "Compute the descriptor of every canonical image that has none for the current "
+        "model, in resumable shards.",
+        "cbir embed",
+    ),
+    "index": (
+        "Build the FAISS index of the current embeddings, or add the new ones to it.",
+        "cbir index --rebuild",
+    ),
+    "query": (
+        "The nearest images in the collection of any image files; exits with status 2 "
+        "when a file cannot be read.",
+        "cbir query scan-0042.jpg other.tif --k 5",
+    ),
+    "calibrate": (
+        "Choose the pair threshold that reaches search.precision_target: on the "
+        "labelled images of data.ground_truth where there are any, else on held-out "
+        "synthetic copies of the collection's own images (both are shown); records "
+        "data/reports/calibration.json.",
+        "cbir calibrate --precision 0.98",
+    ),
+    "pairs": (
+        "Every near-duplicate pair and the clusters they form, into Parquet and the "
+        "DuckDB catalogue (calibrates the threshold first when it is `auto` and not yet "
+        "calibrated for this model).",
+        "cbir pairs",
+    ),
+    "evaluate": (
+        "Precision, recall, F1 and mAP at K against the labelled images of "
+        "data.ground_truth, with the untrained backbone and perceptual hashing as "
+        "baselines.",
+        "cbir evaluate",
+    ),
+    "train": (
+        "Self-supervised SimCLR fine-tuning of the descriptor on the collection itself "
+        "(checkpoint to model.checkpoint).",
+        "cbir train --resume",
+    ),
+    "augment-preview": (
+        "A grid of augmented training views of IMAGE, one row per strategy.",
+        "cbir augment-preview scan.jpg --n 6",
+    ),
+    "report": (
+        "The static review gallery (pairs, clusters, evaluation) and plots under data/reports/.",
+        "cbir report && xdg-open data/reports/gallery/index.html",
+    ),
+    "build": (
+        "The whole pipeline as one Prefect flow, then `dvc commit`." + FLOW_API,
+        "cbir build --no-train",
+    ),
+    "nightly": (
+        "Re-index the scans that arrived since the last run: ingest, embed, index and "
+        "search only the new ones, report their new pairs, `dvc commit`." + FLOW_API,
+        "cbir nightly --params ~/archive-ws/params.yaml",
+    ),
+    "serve": (
+        "Run the nightly flow on orchestration.nightly_cron until stopped. The schedule "
+        "lives in a Prefect server that keeps running: start one with `prefect server "
+        "start` and point PREFECT_API_URL at it (`prefect config set "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api`); without one, or when it does not "
+        "answer, serve stops with one line saying so.",
+        "cbir serve",
+    ),
+    "sql": (
+        "One read-only SQL query on the catalogue (views images, files, duplicate_pairs, "
+        "clusters, pair_report, new_pairs, cluster_report, quarantine, ingest_runs).",
+        'cbir sql "SELECT path_a, path_b, round(score, 3) AS score FROM duplicate_pairs '
+        'ORDER BY score DESC" --limit 20\ncbir sql "SELECT * FROM pair_report WHERE ? IN '
+        '(path_a, path_b)" --param box-01/scan-1.jpg --format csv',
+    ),
 }
 
 
@@ -506,14 +678,14 @@ def _describe(sub: Any) -> None:
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         parser.description = description or None
         if example:
-            parser.epilog = "example:\n" + "\n".join(f"  {line}" for line in
-                                                      example.splitlines())
+            parser.epilog = "example:\n" + "\n".join(f"  {line}" for line in example.splitlines())
 
 
 # Subcommands that write to the data folder hold its writer lock while they run (cbir/lock.py);
 # `build` and `nightly` take it inside their flows, `serve` in each run it starts.
-WRITERS = frozenset({"ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate",
-                     "report"})
+WRITERS = frozenset(
+    {"ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate", "report"}
+)
 
 
 def _writer_lock(settings: Settings, args: argparse.Namespace) -> Any:

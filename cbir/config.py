@@ -2,6 +2,8 @@
 
 params.yaml is the single source of parameters. Every relative path in it resolves against the
 folder holding the params file, so a copy of params.yaml in another folder is a separate workspace.
+
+Longer than 400 lines: one pydantic model per params section, with its ranges and descriptions.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
-                      ValidationInfo, field_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
+from .augment import Strategy
 from .errors import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
@@ -72,11 +82,14 @@ class _Section(BaseModel):
 class DataSettings(_Section):
     """Where the scans are and where the pipeline writes (relative paths: this file's folder)."""
 
-    scans_dir: Path = Field(Path("demo/scans"), description="the archive's scans (read only, "
-                            "never written)")
+    scans_dir: Path = Field(
+        Path("demo/scans"), description="the archive's scans (read only, never written)"
+    )
     ground_truth: Path | None = Field(
-        None, description="path,group CSV of labelled near-duplicates (paths relative to the "
-        "CSV's folder or to the scans folder; it may label a subset, or nothing yet)")
+        None,
+        description="path,group CSV of labelled near-duplicates (paths relative to the "
+        "CSV's folder or to the scans folder; it may label a subset, or nothing yet)",
+    )
     manifest_dir: Path = Path("data/manifest")
     catalog: Path = Path("data/catalog.duckdb")
     embeddings_dir: Path = Path("data/embeddings")
@@ -90,28 +103,37 @@ class DataSettings(_Section):
 class IngestSettings(_Section):
     """Reading new scans into the manifest."""
 
-    workers: int = Field(0, ge=0, le=MAX_WORKERS, description="decode processes; 0 = all "
-                         "cores")
-    max_pixels: Limit = Field(200_000_000, gt=0, description="larger images are quarantined "
-                            "(decompression bombs), and so are those that would decode to more "
-                            "than 3 bytes a pixel of it (RGBA, CMYK, float)")
+    workers: int = Field(
+        0,
+        ge=0,
+        le=MAX_WORKERS,
+        description="decode processes (ingest, training cache, thumbnails); 0 = all cores",
+    )
+    max_pixels: Limit = Field(
+        200_000_000,
+        gt=0,
+        description="larger images are quarantined "
+        "(decompression bombs), and so are those that would decode to more "
+        "than 3 bytes a pixel of it (RGBA, CMYK, float)",
+    )
     ignore: list[str] = Field(
         default_factory=lambda: [".*", "Thumbs.db", "desktop.ini", "*.md5", "*.sha256"],
         description="glob patterns (file or folder names) that are not scans",
     )
-    journal_every: Limit = Field(500, gt=0, description="decoded files per crash-recovery "
-                               "journal part")
+    journal_every: Limit = Field(
+        500, gt=0, description="decoded files per crash-recovery journal part"
+    )
 
 
 class DemoSettings(_Section):
     """`cbir demo-data`: the synthetic demo collection (not part of an archive's pipeline)."""
 
     out_dir: Path = Field(Path("demo"), description="scans/ and ground_truth.csv go here")
-    n_groups: int = Field(150, ge=1, le=1_000_000, description="originals that get "
-                          "near-duplicate copies")
+    n_groups: int = Field(
+        150, ge=1, le=1_000_000, description="originals that get near-duplicate copies"
+    )
     n_distractors: int = Field(150, ge=0, le=1_000_000, description="originals with no copies")
-    max_copies: int = Field(4, ge=1, le=100, description="group size at most (original "
-                            "included)")
+    max_copies: int = Field(4, ge=1, le=100, description="group size at most (original included)")
     size: int = Field(512, ge=64, le=MAX_SIDE, description="long side of the originals, px")
     seed: Seed = 0
 
@@ -120,16 +142,20 @@ class ModelSettings(_Section):
     """The descriptor network."""
 
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    init: str = Field("none", description="none | a torchvision weights name (IMAGENET1K_V1) | "
-                      "a local file")
+    init: str = Field(
+        "none", description="none | a torchvision weights name (IMAGENET1K_V1) | a local file"
+    )
     gem_p: float = Field(3.0, gt=0, description="GeM pooling exponent (1 = average pooling)")
-    projection: Literal["linear", "mlp"] = Field("linear", description="projection head: "
-                                                 "linear (SSCD) | mlp (SimCLR)")
+    projection: Literal["linear", "mlp"] = Field(
+        "linear", description="projection head: linear (SSCD) | mlp (SimCLR)"
+    )
     projection_dim: int = Field(512, ge=8, le=MAX_BATCH)
     descriptor: Literal["trunk", "projection"] = Field(
-        "trunk", description="retrieval descriptor: trunk (pooled, L2-normalised) | projection")
-    checkpoint: Path = Field(Path("data/models/model.pt"), description="used by embed when it "
-                             "exists (written by train)")
+        "trunk", description="retrieval descriptor: trunk (pooled, L2-normalised) | projection"
+    )
+    checkpoint: Path = Field(
+        Path("data/models/model.pt"), description="used by embed when it exists (written by train)"
+    )
     seed: Seed = Field(0, description="initialisation of untrained weights")
 
 
@@ -140,16 +166,22 @@ class EmbedSettings(_Section):
     # at (benchmarks/quality.py: trained at 112 px, embedding at 112 px gave P@1 0.92, at 224 px
     # 0.81).
     resolution: Annotated[int, Field(ge=32, le=MAX_SIDE)] | Literal["train"] = Field(
-        "train", description="square input size in px; train = train.resolution (descriptors "
-        "are sharpest at the scale they were trained at)")
+        "train",
+        description="square input size in px; train = train.resolution (descriptors "
+        "are sharpest at the scale they were trained at)",
+    )
     # Multi-scale descriptor: sum of the descriptors at resolution * each scale (cost grows with
     # the sum of the scales squared). [1.0, 1.25]: benchmarks/quality.py mAP@10 0.953 vs 0.937.
     scales: list[Annotated[float, Field(gt=0, le=4)]] = Field(
-        [1.0, 1.25], min_length=1, description="multi-scale descriptor: sum over resolution x "
-        "each scale ([1.0]: single scale, 1.5x faster; benchmark mAP@10 0.937 vs 0.953)")
+        [1.0, 1.25],
+        min_length=1,
+        description="multi-scale descriptor: sum over resolution x "
+        "each scale ([1.0]: single scale, 1.5x faster; benchmark mAP@10 0.937 vs 0.953)",
+    )
     batch_size: int = Field(32, ge=1, le=MAX_BATCH)
-    shard_size: Limit = Field(1000, ge=1, description="images per Parquet shard (the unit of "
-                            "resumption)")
+    shard_size: Limit = Field(
+        1000, ge=1, description="images per Parquet shard (the unit of resumption)"
+    )
     workers: int = Field(1, ge=0, le=MAX_WORKERS, description="DataLoader decode processes")
     device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda")
 
@@ -157,12 +189,13 @@ class EmbedSettings(_Section):
 class IndexSettings(_Section):
     """The FAISS index (exact below ~10,000 images, IVF-PQ above)."""
 
-    bytes_per_vector: int = Field(64, ge=8, le=MAX_BATCH, description="PQ code budget per "
-                                  "vector")
-    target_recall: float = Field(0.95, gt=0, le=1, description="nprobe is tuned to reach this "
-                                 "recall@10 vs exact search")
-    rebuild_factor: float = Field(4.0, ge=1, description="rebuild when the collection outgrows "
-                                  "the trained index by this")
+    bytes_per_vector: int = Field(64, ge=8, le=MAX_BATCH, description="PQ code budget per vector")
+    target_recall: float = Field(
+        0.95, gt=0, le=1, description="nprobe is tuned to reach this recall@10 vs exact search"
+    )
+    rebuild_factor: float = Field(
+        4.0, ge=1, description="rebuild when the collection outgrows the trained index by this"
+    )
     seed: Seed = 0
 
 
@@ -172,76 +205,113 @@ Threshold = Annotated[float, Field(ge=-1, le=1)] | Literal["auto"]
 class SearchSettings(_Section):
     """Near-duplicate pairs and clusters."""
 
-    k: int = Field(10, ge=1, le=MAX_K, description="neighbours per image considered for "
-                   "pairs")
+    k: int = Field(10, ge=1, le=MAX_K, description="neighbours per image considered for pairs")
     # "auto": calibrated by `cbir calibrate` (cbir/steps/calibrate.py) to reach precision_target, on
     # the ground truth where there is one, else on held-out synthetic copies of the collection.
-    pair_threshold: Threshold = Field("auto", description="cosine similarity for a "
-                                      "near-duplicate pair; auto = calibrated to reach "
-                                      "precision_target (`cbir calibrate`)")
-    cluster_threshold: Threshold = Field("auto", description="similarity for joining clusters; "
-                                         "auto = the pair threshold")
-    precision_target: float = Field(0.95, gt=0, lt=1, description="pair precision that an "
-                                    "`auto` threshold is calibrated to reach")
+    pair_threshold: Threshold = Field(
+        "auto",
+        description="cosine similarity for a "
+        "near-duplicate pair; auto = calibrated to reach "
+        "precision_target (`cbir calibrate`)",
+    )
+    cluster_threshold: Threshold = Field(
+        "auto", description="similarity for joining clusters; auto = the pair threshold"
+    )
+    precision_target: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="pair precision that an `auto` threshold is calibrated to reach",
+    )
 
 
 class CalibrateSettings(_Section):
     """Self-calibration of the pair threshold without ground truth (cbir/steps/calibrate.py)."""
 
-    images: Limit = Field(1000, ge=10, description="images whose neighbours estimate how "
-                        "non-duplicates score (all when the collection is smaller)")
-    copies: Limit = Field(300, ge=10, description="held-out synthetic copies that estimate how "
-                        "duplicates score")
+    images: Limit = Field(
+        1000,
+        ge=10,
+        description="images whose neighbours estimate how "
+        "non-duplicates score (all when the collection is smaller)",
+    )
+    copies: Limit = Field(
+        300, ge=10, description="held-out synthetic copies that estimate how duplicates score"
+    )
     seed: Seed = 0
 
 
 class EvaluateSettings(_Section):
     """Retrieval quality against the ground truth."""
 
-    ks: list[Annotated[int, Field(ge=1, le=MAX_K)]] = Field(default_factory=lambda: [1, 5, 10],
-                                                         min_length=1)
-    precision_target: float = Field(0.9, gt=0, le=1, description="recall is reported at this "
-                                    "precision")
-    baselines: bool = Field(True, description="also score the untrained backbone and perceptual "
-                            "hashing")
+    ks: list[Annotated[int, Field(ge=1, le=MAX_K)]] = Field(
+        default_factory=lambda: [1, 5, 10], min_length=1
+    )
+    precision_target: float = Field(
+        0.9, gt=0, le=1, description="recall is reported at this precision"
+    )
+    baselines: bool = Field(
+        True, description="also score the untrained backbone and perceptual hashing"
+    )
 
 
 class TrainSettings(_Section):
     """Self-supervised fine-tuning of the descriptor on the collection itself (SimCLR)."""
 
-    augmentation: Literal["simclr", "heritage"] = Field(
-        "heritage", description="heritage (archive-informed) | simclr (the original recipe)")
-    augment_strength: float = Field(1.0, ge=0, description="scales the augmentations' "
-                                    "probabilities and magnitudes")
-    resolution: int = Field(112, ge=32, le=MAX_SIDE, description="training view size (decoded "
-                            "once into data/cache)")
-    batch_size: int = Field(64, ge=2, le=MAX_BATCH, description="global batch (split across "
-                            "GPUs under torchrun)")
-    epochs: int = Field(25, ge=1, le=100_000, description="the cosine schedule must reach its end: "
-                        "stopping mid-schedule costs quality (about 30 s an epoch for 1,000 "
-                        "images on 2 CPU cores with native bf16)")
+    augmentation: Strategy = Field(
+        "heritage", description="heritage (archive-informed) | simclr (the original recipe)"
+    )
+    augment_strength: float = Field(
+        1.0, ge=0, description="scales the augmentations' probabilities and magnitudes"
+    )
+    resolution: int = Field(
+        112, ge=32, le=MAX_SIDE, description="training view size (decoded once into data/cache)"
+    )
+    batch_size: int = Field(
+        64, ge=2, le=MAX_BATCH, description="global batch (split across GPUs under torchrun)"
+    )
+    epochs: int = Field(
+        25,
+        ge=1,
+        le=100_000,
+        description="the cosine schedule must reach its end: "
+        "stopping mid-schedule costs quality (about 30 s an epoch for 1,000 "
+        "images on 2 CPU cores with native bf16)",
+    )
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up, then cosine decay to 0")
-    temperature: float = Field(0.05, gt=0, description="NT-Xent temperature (SSCD: 0.05; "
-                               "SimCLR: 0.1-0.5)")
-    koleo_weight: float = Field(0.0, ge=0, description="entropy (KoLeo) regulariser; 0 turns "
-                                "it off")
+    temperature: float = Field(
+        0.05, gt=0, description="NT-Xent temperature (SSCD: 0.05; SimCLR: 0.1-0.5)"
+    )
+    koleo_weight: float = Field(
+        0.0, ge=0, description="entropy (KoLeo) regulariser; 0 turns it off"
+    )
     mix_prob: float = Field(0.0, ge=0, le=1, description="probability of cutmix/mixup per batch")
-    workers: int = Field(1, ge=0, le=MAX_WORKERS, description="augmentation processes (GPU: "
-                         "about the number of cores); on the CPU, torch trains with the CPUs "
-                         "left beside them")
-    device: str = Field("auto", description="auto (CUDA with mixed precision when present) | "
-                        "cpu | cuda")
+    workers: int = Field(
+        1,
+        ge=0,
+        le=MAX_WORKERS,
+        description="augmentation processes (GPU: "
+        "about the number of cores); on the CPU, torch trains with the CPUs "
+        "left beside them",
+    )
+    device: str = Field(
+        "auto", description="auto (CUDA with mixed precision when present) | cpu | cuda"
+    )
     precision: Literal["auto", "fp32"] = Field(
-        "auto", description="auto: mixed precision where it is faster (fp16 on CUDA; a bf16 "
+        "auto",
+        description="auto: mixed precision where it is faster (fp16 on CUDA; a bf16 "
         "trunk, half the time, on CPUs with native bf16, e.g. AVX512-BF16, when training runs "
-        "one torch thread) | fp32: full precision everywhere")
+        "one torch thread) | fp32: full precision everywhere",
+    )
     time_budget_minutes: float = Field(
-        20, ge=0, description="when the epochs would not finish in this, the LR schedule is "
+        20,
+        ge=0,
+        description="when the epochs would not finish in this, the LR schedule is "
         "fitted to fewer epochs that do (it stops mid-schedule only if even that cannot "
-        "finish); 0 = none")
+        "finish); 0 = none",
+    )
     seed: Seed = 0
 
 
@@ -250,8 +320,12 @@ class ReportSettings(_Section):
 
     page_size: Limit = Field(200, ge=1, description="pairs, clusters or queries per gallery page")
     max_pairs: Limit = Field(50_000, ge=0, description="strongest pairs in the gallery; 0 = all")
-    thumb_size: int = Field(256, ge=32, le=2048, description="long side of gallery "
-                            "thumbnails, px (made once, then reused)")
+    thumb_size: int = Field(
+        256,
+        ge=32,
+        le=2048,
+        description="long side of gallery thumbnails, px (made once, then reused)",
+    )
 
 
 class OrchestrationSettings(_Section):
@@ -260,20 +334,34 @@ class OrchestrationSettings(_Section):
 
     nightly_cron: str = Field("0 2 * * *", description="when `cbir serve` runs the nightly flow")
     timezone: str = Field("UTC", description="IANA time zone of nightly_cron")
-    dask_address: str | None = Field(None, description="Dask scheduler for the embedding "
-                                     "shards (tcp://host:8786); null = in the flow's process")
-    task_retries: int = Field(2, ge=0, le=1000, description="retries of a task after a "
-                              "transient error")
+    dask_address: str | None = Field(
+        None,
+        description="Dask scheduler for the embedding "
+        "shards (tcp://host:8786); null = in the flow's process",
+    )
+    task_retries: int = Field(
+        2, ge=0, le=1000, description="retries of a task after a transient error"
+    )
     retry_delay_seconds: float = Field(10.0, ge=0)
-    lock_timeout: float = Field(600.0, ge=0, description="seconds a writer waits for another "
-                                "to finish; 0 = stop at once")
-    nightly_evaluate: bool = Field(False, description="the nightly run also re-evaluates "
-                                   "(when data.ground_truth is set); costs as much as a full "
-                                   "evaluation")
-    nightly_gallery: bool = Field(False, description="the nightly run also rewrites the review "
-                                  "gallery; costs as much as a full `cbir report`")
-    dvc_commit: bool = Field(True, description="flows record their outputs with `dvc commit` "
-                             "in a DVC repository (and `dvc push` when a remote is set)")
+    lock_timeout: float = Field(
+        600.0, ge=0, description="seconds a writer waits for another to finish; 0 = stop at once"
+    )
+    nightly_evaluate: bool = Field(
+        False,
+        description="the nightly run also re-evaluates "
+        "(when data.ground_truth is set); costs as much as a full "
+        "evaluation",
+    )
+    nightly_gallery: bool = Field(
+        False,
+        description="the nightly run also rewrites the review "
+        "gallery; costs as much as a full `cbir report`",
+    )
+    dvc_commit: bool = Field(
+        True,
+        description="flows record their outputs with `dvc commit` "
+        "in a DVC repository (and `dvc push` when a remote is set)",
+    )
 
 
 class Settings(_Section):
@@ -306,7 +394,9 @@ class Settings(_Section):
         return self.train.resolution if r == "train" else r
 
     @property
-    def workers(self) -> int:
+    def decode_workers(self) -> int:
+        """Processes that decode scans: ingest.workers, or all cores when 0. Used by ingest, by
+        the training cache (decoding the scans once) and by the gallery's thumbnails."""
         return self.ingest.workers or (os.cpu_count() or 1)
 
 
@@ -314,7 +404,7 @@ def _suggestion(loc: tuple[Any, ...]) -> str:
     """ "; did you mean ...?" for a misspelt key, from the names its section knows."""
     model: Any = Settings
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        field = getattr(model, "model_fields", {}).get(str(part))
         model = field.annotation if field is not None else None
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return ""
@@ -341,8 +431,9 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     """One line: what is wrong and where (line and column of the params file)."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     text = str(exc).strip()
-    problem = getattr(exc, "problem", None) or (text.splitlines()[0] if text else
-                                                 type(exc).__name__)
+    problem = getattr(exc, "problem", None) or (
+        text.splitlines()[0] if text else type(exc).__name__
+    )
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     return f"{where}{problem}"
 
@@ -371,8 +462,8 @@ class _ParamsLoader(yaml.SafeLoader):
             if first is not key_node:
                 line = first.start_mark.line + 1
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {line})",
-                    key_node.start_mark)
+                    None, None, f"duplicate key {key!r} (first on line {line})", key_node.start_mark
+                )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -383,19 +474,27 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int | None], limit: int) -> 
         size = memo[id(node)]
         if size is None:
             raise yaml.composer.ComposerError(
-                None, None, "an alias refers to a value that contains it", node.start_mark)
+                None, None, "an alias refers to a value that contains it", node.start_mark
+            )
         return size
     memo[id(node)] = None  # being counted
     total = 1
     children: list[yaml.Node] = (
-        node.value if isinstance(node, yaml.SequenceNode) else
-        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        node.value
+        if isinstance(node, yaml.SequenceNode)
+        else [n for pair in node.value for n in pair]
+        if isinstance(node, yaml.MappingNode)
+        else []
+    )
     for child in children:
         total += _expanded_size(child, memo, limit)
         if total > limit:
             raise yaml.composer.ComposerError(
-                None, None, f"the aliases here expand to more than {limit:,} values (a YAML "
-                f"alias bomb?)", node.start_mark)
+                None,
+                None,
+                f"the aliases here expand to more than {limit:,} values (a YAML alias bomb?)",
+                node.start_mark,
+            )
     memo[id(node)] = total
     return total
 
@@ -405,8 +504,10 @@ def _load_yaml(path: Path) -> Any:
     with open(path, "rb") as fh:
         data = fh.read(MAX_PARAMS_BYTES + 1)
     if len(data) > MAX_PARAMS_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_PARAMS_BYTES:,} bytes, which no params file "
-                          f"is (is it the right file?)")
+        raise ConfigError(
+            f"{path}: larger than {MAX_PARAMS_BYTES:,} bytes, which no params file "
+            f"is (is it the right file?)"
+        )
     loader = _ParamsLoader(data.decode("utf-8"))
     try:
         node = loader.get_single_node()
@@ -418,8 +519,9 @@ def _load_yaml(path: Path) -> Any:
         loader.dispose()
 
 
-def load_settings(params_path: str | os.PathLike[str] = DEFAULT_PARAMS,
-                  overrides: dict[str, Any] | None = None) -> Settings:
+def load_settings(
+    params_path: str | os.PathLike[str] = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None
+) -> Settings:
     """Read and validate a params file. Raise ConfigError with one readable line on any problem."""
     path = Path(params_path).expanduser().absolute()
     if not path.is_file():
@@ -458,4 +560,3 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
     node[leaf] = value
-

@@ -8,6 +8,8 @@ primitives only draw from ``rng`` for the placement and shape of marks.
 
 All work is done with PIL operations and vectorised numpy, so each call takes a few milliseconds
 on a 512 px image.
+
+Longer than 400 lines: one short function per archival process.
 """
 
 from __future__ import annotations

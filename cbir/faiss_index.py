@@ -24,22 +24,21 @@ load.
 Everything is deterministic under ``seed`` for a given machine and thread count (numpy Generator
 for sampling, FAISS k-means seeds for the coarse quantiser and PQ codebooks). FAISS uses all cores
 (its OpenMP default); this module never changes the thread count.
+
+Longer than 400 lines: building, tuning, updating and searching (with exact re-ranking) one index
+family.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import faiss
 import numpy as np
@@ -128,7 +127,7 @@ class IndexInfo:
 
 
 def _pow2_floor(x: float) -> int:
-    return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
+    return 1 << max(0, math.floor(math.log2(max(x, 1.0))))
 
 
 def choose_params(
@@ -247,7 +246,8 @@ def _add_chunked(index: faiss.Index, x: np.ndarray, ids: np.ndarray) -> None:
 # Its signature gained `nsubset` in recent releases; older ones get the numpy path.
 def _has_nsubset() -> bool:
     try:
-        return "nsubset" in inspect.signature(faiss.knn_inner_products_by_idx).parameters
+        kernel = faiss.knn_inner_products_by_idx  # type: ignore[attr-defined]  # not in faiss's bundled stubs
+        return "nsubset" in inspect.signature(kernel).parameters
     except (TypeError, ValueError):  # builtin without a Python signature
         return False
 
@@ -266,14 +266,9 @@ def _rerank_rows(
     nq, nc = rows.shape
     out_s = np.empty((nq, k), dtype=np.float32)
     out_r = np.empty((nq, k), dtype=np.int64)
-    fast = (
-        _FAISS_RERANK
-        and base.dtype == np.float32
-        and base.ndim == 2
-        and base.flags.c_contiguous
-    )
+    fast = _FAISS_RERANK and base.dtype == np.float32 and base.ndim == 2 and base.flags.c_contiguous
     if fast:
-        faiss.knn_inner_products_by_idx(
+        faiss.knn_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's bundled stubs
             faiss.swig_ptr(queries),
             faiss.swig_ptr(base),
             faiss.swig_ptr(rows),
@@ -356,7 +351,8 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     if truth.size == 0:
         return 1.0
     hits = sum(
-        len(np.intersect1d(f[f >= 0], t[t >= 0], assume_unique=False)) for f, t in zip(found, truth)
+        len(np.intersect1d(f[f >= 0], t[t >= 0], assume_unique=False))
+        for f, t in zip(found, truth, strict=True)
     )
     return hits / float(np.count_nonzero(truth >= 0) or 1)
 
@@ -381,7 +377,8 @@ def _new_index(params: IndexParams, dim: int, seed: int) -> faiss.Index:
         quantizer, dim, params.nlist, params.m, params.nbits, faiss.METRIC_INNER_PRODUCT
     )
     ivf.own_fields = True
-    quantizer.this.disown()  # the IVF owns (and frees) its quantiser
+    # the IVF owns (and frees) its quantiser
+    quantizer.this.disown()  # type: ignore[attr-defined]  # SWIG proxy attribute, not in faiss's stubs
     # Spherical k-means: centroids stay unit-norm, so inner product to a centroid is a cosine.
     ivf.cp.spherical = True
     ivf.cp.seed = seed
@@ -394,8 +391,8 @@ def _new_index(params: IndexParams, dim: int, seed: int) -> faiss.Index:
     opq.niter = 25  # default 50; the gain flattens well before and it dominates train time at d=512
     index = faiss.IndexPreTransform(opq, ivf)
     index.own_fields = True
-    opq.this.disown()
-    ivf.this.disown()
+    opq.this.disown()  # type: ignore[attr-defined]  # SWIG proxy attribute, not in faiss's stubs
+    ivf.this.disown()  # type: ignore[attr-defined]  # SWIG proxy attribute, not in faiss's stubs
     return index
 
 
@@ -514,7 +511,9 @@ def _tune(
         else:
             log.warning(
                 "recall@%d target %.3f not reached; best %.4f at nprobe=%d k_factor=%d",
-                k, target, *best,
+                k,
+                target,
+                *best,
             )
             r, nprobe, kf = best
             break
@@ -554,7 +553,8 @@ def remove_ids(index: faiss.Index, info: IndexInfo, ids: np.ndarray) -> int:
     ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
     if ids.size == 0:
         return 0
-    removed = int(index.remove_ids(ids))
+    # faiss's Python wrapper wraps an id array in an IDSelectorBatch
+    removed = int(index.remove_ids(ids))  # type: ignore[arg-type]  # stubs omit the id-array form
     info.n_vectors = int(index.ntotal)
     return removed
 
@@ -586,8 +586,10 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     """Every id stored in the index (flat: its id map; IVF: the ids of its inverted lists)."""
     ivf = ivf_part(index)
     if ivf is None:
-        return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+        idmap = cast(faiss.IndexIDMap, faiss.downcast_index(index))
+        return faiss.vector_to_array(idmap.id_map).astype(np.int64)
     inv = ivf.invlists
+    assert inv is not None, "an IVF index always has inverted lists"
     parts = []
     for lst in range(inv.nlist):
         n = inv.list_size(lst)

@@ -37,16 +37,19 @@ class FindSummary:
     def final_lines(self) -> list[str]:
         """Where the results are (after the steps' own summaries)."""
         pairs = next((s for name, s in self.steps if name == "pairs"), None)
-        out = [f"find-duplicates: done in {self.seconds / 60:.1f} min; workspace "
-                    f"{self.workspace}"]
+        out = [f"find-duplicates: done in {self.seconds / 60:.1f} min; workspace {self.workspace}"]
         if pairs is not None:
-            out.append(f"  {pairs.n_near_pairs} near-duplicate pairs, {pairs.n_exact_pairs} "
-                       f"exact copies, {pairs.n_clusters} clusters")
-        out += [f"  gallery     {self.gallery} (open it in a browser)",
-                f"  pair table  {self.pairs}",
-                f"  catalogue   {self.catalog}   e.g. cd {self.workspace} && cbir sql "
-                f"\"SELECT path_a, path_b, score, master_path FROM pair_report ORDER BY score "
-                f"DESC LIMIT 20\""]
+            out.append(
+                f"  {pairs.n_near_pairs} near-duplicate pairs, {pairs.n_exact_pairs} "
+                f"exact copies, {pairs.n_clusters} clusters"
+            )
+        out += [
+            f"  gallery     {self.gallery} (open it in a browser)",
+            f"  pair table  {self.pairs}",
+            f"  catalogue   {self.catalog}   e.g. cd {self.workspace} && cbir sql "
+            f'"SELECT path_a, path_b, score, master_path FROM pair_report ORDER BY score '
+            f'DESC LIMIT 20"',
+        ]
         return out
 
 
@@ -55,20 +58,25 @@ def default_workspace(scans: Path) -> Path:
     return Path.cwd() / f"{Path(os.path.realpath(scans)).name or 'scans'}-cbir"
 
 
-def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-                    *, train: bool = True, progress: bool = False,
-                    log: Callable[[str], None] = print) -> FindSummary:
+def find_duplicates(
+    scans: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    train: bool = True,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> FindSummary:
     """init (or reuse) a workspace for `scans`, then run every step in it with the defaults."""
+    from .environ import confined
+    from .lock import writer_lock
     from .steps.calibrate import run_calibrate
     from .steps.embed import run_embed
-    from .environ import confined
     from .steps.evaluate import run_evaluate
     from .steps.index import run_index
     from .steps.ingest import run_ingest
-    from .lock import writer_lock
     from .steps.nightly import record_with_dvc
-    from .steps.report import run_report
     from .steps.pairs import run_pairs
+    from .steps.report import run_report
     from .steps.train import run_train
 
     t0 = time.perf_counter()
@@ -79,8 +87,9 @@ def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] |
         settings = load_settings(params)
         have = Path(os.path.realpath(layout(settings).scans))
         if have != scans_path:
-            raise CbirError(f"{folder} is the workspace of other scans ({have}); choose another "
-                            f"--out")
+            raise CbirError(
+                f"{folder} is the workspace of other scans ({have}); choose another --out"
+            )
         log(f"find-duplicates: reusing the workspace {folder} (only new work is done)")
     else:
         for line in init_workspace(folder, scans_path).lines():
@@ -108,8 +117,10 @@ def find_duplicates(scans: str | os.PathLike[str], out: str | os.PathLike[str] |
         if train:  # every stage of dvc.yaml ran: DVC can record them as `dvc repro` would
             step("dvc", record_with_dvc(settings, push=False))
         else:
-            log("dvc: not recorded (no trained model yet); `dvc repro` in the workspace trains "
-                "and records every stage")
+            log(
+                "dvc: not recorded (no trained model yet); `dvc repro` in the workspace trains "
+                "and records every stage"
+            )
     lay = layout(settings)
     result.gallery = lay.gallery / "index.html"
     result.pairs = lay.pairs

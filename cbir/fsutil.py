@@ -32,8 +32,10 @@ class DiskFull(CbirError):
 def disk_full(target: str | os.PathLike[str] | None) -> DiskFull:
     """The error for a write that ran out of space: what to do, and that nothing was lost."""
     where = f" while writing {target}" if target else ""
-    return DiskFull(f"no space left on the device{where}; outputs written before are kept "
-                    f"unchanged (each is replaced whole). Free some space and run again")
+    return DiskFull(
+        f"no space left on the device{where}; outputs written before are kept "
+        f"unchanged (each is replaced whole). Free some space and run again"
+    )
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -44,8 +46,9 @@ def is_disk_full(exc: BaseException) -> bool:
     """
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return isinstance(exc, Exception) and (os.strerror(errno.ENOSPC) in str(exc)
-                                           or os.strerror(errno.EDQUOT) in str(exc))
+    return isinstance(exc, Exception) and (
+        os.strerror(errno.ENOSPC) in str(exc) or os.strerror(errno.EDQUOT) in str(exc)
+    )
 
 
 class ReadOnly(CbirError):
@@ -65,11 +68,16 @@ def read_only(exc: OSError, target: str | os.PathLike[str] | None = None) -> Rea
     where = exc.filename or target
     if target is not None and os.path.basename(str(where)).startswith(TMP_PREFIX):
         where = target  # the temporary file beside it says less
-    why = "the file system is read-only" if exc.errno == errno.EROFS else \
-        "permission denied: it is read-only for this user"
-    return ReadOnly(f"cannot write {where} ({why}); cbir writes its outputs under the data "
-                    f"folder, which must be writable (or point the data.* params at a writable "
-                    f"folder)")
+    why = (
+        "the file system is read-only"
+        if exc.errno == errno.EROFS
+        else "permission denied: it is read-only for this user"
+    )
+    return ReadOnly(
+        f"cannot write {where} ({why}); cbir writes its outputs under the data "
+        f"folder, which must be writable (or point the data.* params at a writable "
+        f"folder)"
+    )
 
 
 def _read_umask() -> int:

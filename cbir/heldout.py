@@ -82,27 +82,35 @@ def thumbnail(img: Image.Image, rng: np.random.Generator) -> Image.Image:
         return img.copy()
     small = img.resize((max(8, round(w * k)), max(8, round(h * k))), Image.Resampling.BOX)
     big = small.resize((w, h), Image.Resampling.BICUBIC)
-    return big.filter(ImageFilter.UnsharpMask(radius=2, percent=int(rng.integers(80, 200)),
-                                              threshold=2))
+    return big.filter(
+        ImageFilter.UnsharpMask(radius=2, percent=int(rng.integers(80, 200)), threshold=2)
+    )
 
 
 def palette(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Indexed colour (a GIF): 16-64 colours chosen for the picture, Floyd-Steinberg dither."""
     colours = int(rng.choice([16, 24, 32, 48, 64]))
-    return img.convert("RGB").quantize(colors=colours, method=Image.Quantize.MEDIANCUT,
-                                       dither=Image.Dither.FLOYDSTEINBERG).convert("RGB")
+    return (
+        img.convert("RGB")
+        .quantize(
+            colors=colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG
+        )
+        .convert("RGB")
+    )
 
 
 def dye_fade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A faded colour slide (cyan dye lost: red-magenta cast) or a wrong white balance."""
     a = _arr(img) / 255.0
     if rng.random() < 0.6:  # per-channel gamma: the cyan layer (red channel) fades first
-        gammas = np.array([rng.uniform(0.55, 0.8), rng.uniform(0.85, 1.05),
-                           rng.uniform(0.8, 1.0)], np.float32)
-        a = a ** gammas
+        gammas = np.array(
+            [rng.uniform(0.55, 0.8), rng.uniform(0.85, 1.05), rng.uniform(0.8, 1.0)], np.float32
+        )
+        a = a**gammas
     else:  # tungsten or fluorescent light on daylight film
-        gains = np.array([rng.uniform(0.8, 1.2), rng.uniform(0.85, 1.15), rng.uniform(0.7, 1.2)],
-                         np.float32)
+        gains = np.array(
+            [rng.uniform(0.8, 1.2), rng.uniform(0.85, 1.15), rng.uniform(0.7, 1.2)], np.float32
+        )
         a = a * gains / gains.max()
     sat = rng.uniform(0.6, 1.3)
     grey = _luma(a)[..., None]
@@ -158,7 +166,8 @@ def page(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     ink = int(rng.uniform(20, 60))
     line_h = max(3, text_h // 5)
     for i in range(int(text_h // line_h)):
-        x, y = m, y0 + i * line_h
+        x: float = m
+        y = y0 + i * line_h
         end = m + w * rng.uniform(0.5, 1.0)
         while x < end:  # words as short bars of ink
             word = w * rng.uniform(0.03, 0.1)
@@ -196,7 +205,7 @@ def corner_loss(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     cx, cy = (0 if corner in (0, 3) else w), (0 if corner in (0, 1) else h)
     sx, sy = (1 if cx == 0 else -1), (1 if cy == 0 else -1)
     n = 6  # a ragged tear between the two edge points
-    pts = [(cx, cy), (cx + sx * cw, cy)]
+    pts: list[tuple[float, float]] = [(cx, cy), (cx + sx * cw, cy)]
     for i in range(1, n):
         t = i / n
         jitter = rng.uniform(-0.08, 0.08) * min(cw, ch)
@@ -211,8 +220,10 @@ def grain(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     a = _arr(img)
     noise = rng.normal(0.0, 1.0, a.shape[:2]).astype(np.float32)
     noise_img = Image.fromarray(np.clip(noise * 40 + 128, 0, 255).astype(np.uint8), "L")
-    clumped = np.asarray(noise_img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.2))),
-                         np.float32) - 128.0
+    clumped = (
+        np.asarray(noise_img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.2))), np.float32)
+        - 128.0
+    )
     y = _luma(a) / 255.0
     amount = rng.uniform(0.3, 0.7) * (4.0 * y * (1.0 - y) + 0.2)  # mid-tones grainiest
     return _img(a + (clumped * amount)[..., None])
@@ -266,8 +277,9 @@ def choose(rng: np.random.Generator, lo: int = 2, hi: int = 4) -> list[str]:
     return [x for x in names if x not in _TONE_REPLACING or x == (tonal[0] if tonal else None)]
 
 
-def held_out_copy(img: Image.Image, rng: np.random.Generator,
-                  processes: list[str] | None = None) -> Image.Image:
+def held_out_copy(
+    img: Image.Image, rng: np.random.Generator, processes: list[str] | None = None
+) -> Image.Image:
     """One near-duplicate of `img` made by 2-4 held-out processes (or the named ones)."""
     ops = dict((name, op) for name, op, _ in PROCESSES)
     out = img.convert("RGB")

@@ -82,13 +82,14 @@ def _grey_to_uint8(arr: np.ndarray, divisor: float) -> np.ndarray:
     out = np.empty(arr.shape, np.uint8)
     rows = max(1, _BAND_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
     for y in range(0, arr.shape[0], rows):
-        band = arr[y:y + rows].astype(np.float64) / divisor * 255.0 + 0.5
-        out[y:y + rows] = np.clip(band, 0, 255)
+        band = arr[y : y + rows].astype(np.float64) / divisor * 255.0 + 0.5
+        out[y : y + rows] = np.clip(band, 0, 255)
     return out
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB from any Pillow mode: 16-bit and float greyscale are rescaled, alpha composited on white."""
+    """8-bit RGB from any Pillow mode: 16-bit and float greyscale are rescaled, alpha composited
+    on white."""
     mode = im.mode
     if mode == "RGB":
         return im
@@ -191,13 +192,15 @@ def _check_cost(im: Image.Image, source: str | Path | bytes, max_pixels: int | N
             raise ImageRejected(
                 f"too costly to decode: {w}x{h} {im.mode} takes {need / 1e6:,.0f} MB decoded, "
                 f"over the limit of {limit / 1e6:,.0f} MB ({BYTES_PER_LIMIT_PIXEL} bytes a pixel "
-                f"x ingest.max_pixels); possible decompression bomb")
+                f"x ingest.max_pixels); possible decompression bomb"
+            )
     if im.format in ("JPEG", "MPO"):
         scans = jpeg_scans(source)
         if scans > MAX_JPEG_SCANS:
             raise ImageRejected(
                 f"too costly to decode: a JPEG of {scans:,} scans (the limit is "
-                f"{MAX_JPEG_SCANS}; encoders write about 10); possible decompression bomb")
+                f"{MAX_JPEG_SCANS}; encoders write about 10); possible decompression bomb"
+            )
 
 
 def _describe_decode_error(exc: Exception) -> str:
@@ -218,9 +221,14 @@ def _looks_like_text(head: bytes) -> bool:
     return all(b >= 32 or b in (9, 10, 13) for b in head)
 
 
-def open_scan(source: str | Path | bytes, *, max_pixels: int | None = None,
-              draft: tuple[str, int] | None = None, rgb: bool = True,
-              name: str = "") -> tuple[Image.Image, ImageInfo]:
+def open_scan(
+    source: str | Path | bytes,
+    *,
+    max_pixels: int | None = None,
+    draft: tuple[str, int] | None = None,
+    rgb: bool = True,
+    name: str = "",
+) -> tuple[Image.Image, ImageInfo]:
     """Decode the first page of a scan, oriented; as 8-bit RGB unless `rgb` is False.
 
     `source` is a path or the file's bytes. `draft=(mode, size)` lets a JPEG decode at a reduced
@@ -252,7 +260,8 @@ def open_scan(source: str | Path | bytes, *, max_pixels: int | None = None,
                 if max_pixels is not None and w * h > max_pixels:
                     raise ImageRejected(
                         f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of "
-                        f"{max_pixels:,} (ingest.max_pixels); possible decompression bomb")
+                        f"{max_pixels:,} (ingest.max_pixels); possible decompression bomb"
+                    )
                 pages = _count_pages(im)
                 fmt = im.format or "unknown"
                 mode = im.mode
@@ -269,8 +278,16 @@ def open_scan(source: str | Path | bytes, *, max_pixels: int | None = None,
                 raise
             except MemoryError:
                 raise ImageRejected("image too large: not enough memory to decode it") from None
-            except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
-                    ZeroDivisionError, struct.error) as exc:
+            except (
+                OSError,
+                SyntaxError,
+                ValueError,
+                EOFError,
+                IndexError,
+                TypeError,
+                ZeroDivisionError,
+                struct.error,
+            ) as exc:
                 raise ImageRejected(_describe_decode_error(exc)) from None
     if orientation in (5, 6, 7, 8):
         w, h = h, w
@@ -291,7 +308,8 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 def phash(im: Image.Image) -> int:
-    """64-bit DCT perceptual hash (the pHash recipe: 32x32 grey, low 8x8 DCT block vs its median)."""
+    """64-bit DCT perceptual hash (the pHash recipe: 32x32 grey, low 8x8 DCT block vs its
+    median)."""
     if im.mode not in ("L", "RGB"):
         im = to_rgb(im)
     grey = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
@@ -308,8 +326,12 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def load_rgb(path: str | Path | bytes, size: int | None = None, *, max_pixels: int | None = None,
-             ) -> Image.Image:
+def load_rgb(
+    path: str | Path | bytes,
+    size: int | None = None,
+    *,
+    max_pixels: int | None = None,
+) -> Image.Image:
     """The oriented RGB picture of a scan, decoded cheaply at about `size` px when given."""
     rgb, _ = open_scan(path, max_pixels=max_pixels, draft=("RGB", size) if size else None)
     return rgb
@@ -351,9 +373,11 @@ def open_regular(path: str | os.PathLike[str] | bytes) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise (IsADirectoryError(errno.EISDIR, "is a folder, not a file", os.fsdecode(path))
-                   if stat.S_ISDIR(mode) else
-                   NotRegularFile(errno.EINVAL, NOT_REGULAR, os.fsdecode(path)))
+            raise (
+                IsADirectoryError(errno.EISDIR, "is a folder, not a file", os.fsdecode(path))
+                if stat.S_ISDIR(mode)
+                else NotRegularFile(errno.EINVAL, NOT_REGULAR, os.fsdecode(path))
+            )
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

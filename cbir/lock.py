@@ -32,11 +32,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CbirError
 from .store.layout import layout
+
+if TYPE_CHECKING:  # for the annotations only: no runtime import of config (and pydantic)
+    from .config import Settings
 
 ENV = "CBIR_LOCK_HELD"
 POLL_SECONDS = 0.25
@@ -62,7 +66,7 @@ _held: dict[str, _Holding] = {}
 _guard = threading.Lock()
 
 
-def lock_path(settings: object) -> Path:
+def lock_path(settings: Settings) -> Path:
     """The lock file: `.cbir.lock` in the data folder (the folder holding data.manifest_dir)."""
     return layout(settings).lock
 
@@ -79,8 +83,10 @@ def holder_of(path: Path) -> dict[str, object] | None:
 def describe(holder: dict[str, object] | None) -> str:
     if not holder:
         return "another process"
-    return (f"pid {holder.get('pid')} on {holder.get('host')}, `{holder.get('command')}`, "
-            f"since {holder.get('since')}")
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')}, `{holder.get('command')}`, "
+        f"since {holder.get('since')}"
+    )
 
 
 def _key(path: Path) -> str:
@@ -109,9 +115,15 @@ def _try_flock(fd: int) -> bool:
         raise
 
 
-def acquire(path: Path, command: str, *, timeout: float, blockers: Sequence[Blocker] = (),
-            notify: Callable[[str], None] | None = None,
-            hint: str = "orchestration.lock_timeout sets how long to wait") -> None:
+def acquire(
+    path: Path,
+    command: str,
+    *,
+    timeout: float,
+    blockers: Sequence[Blocker] = (),
+    notify: Callable[[str], None] | None = None,
+    hint: str = "orchestration.lock_timeout sets how long to wait",
+) -> None:
     """Take the lock (or deepen this process's hold on it); raise LockBusy after `timeout` s."""
     path = Path(path)
     key = _key(path)
@@ -133,11 +145,11 @@ def acquire(path: Path, command: str, *, timeout: float, blockers: Sequence[Bloc
                 if token is not None:  # our parent holds it and waits for us
                     os.close(fd)
                     with _guard:
-                        _held[key] = _Holding(fd=-1, token=token, depth=1, inherited=True,
-                                              env_before=None)
+                        _held[key] = _Holding(
+                            fd=-1, token=token, depth=1, inherited=True, env_before=None
+                        )
                     return
-                busy = (f"another cbir run is writing to {path.parent} "
-                        f"({describe(holder_of(path))})")
+                busy = f"another cbir run is writing to {path.parent} ({describe(holder_of(path))})"
             if time.monotonic() >= deadline:
                 waited = f"; waited {timeout:g} s" if timeout else ""
                 raise LockBusy(f"{busy}{waited}. Run again when it has finished ({hint})")
@@ -149,8 +161,13 @@ def acquire(path: Path, command: str, *, timeout: float, blockers: Sequence[Bloc
         os.close(fd)
         raise
     token = uuid.uuid4().hex
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-              "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": token}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        "token": token,
+    }
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
@@ -204,22 +221,32 @@ def held(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def writer_lock(settings: object, command: str, *, timeout: float | None = None,
-                blockers: Sequence[Blocker] = (),
-                notify: Callable[[str], None] | None = None) -> Iterator[Path]:
+def writer_lock(
+    settings: Settings,
+    command: str,
+    *,
+    timeout: float | None = None,
+    blockers: Sequence[Blocker] = (),
+    notify: Callable[[str], None] | None = None,
+) -> Iterator[Path]:
     """Hold the data folder's writer lock for the duration of the block.
 
     `timeout` defaults to orchestration.lock_timeout, and to 0 inside a `dvc repro` stage.
     """
     in_dvc = bool(os.environ.get("DVC_STAGE"))
     if timeout is None:
-        timeout = 0.0 if in_dvc else \
-            float(settings.orchestration.lock_timeout)  # type: ignore[attr-defined]
+        timeout = 0.0 if in_dvc else float(settings.orchestration.lock_timeout)
     path = lock_path(settings)
-    acquire(path, command, timeout=timeout, blockers=blockers,
-            notify=notify if notify is not None else _to_stderr,
-            hint="a `dvc repro` stage does not wait for it" if in_dvc else
-            "orchestration.lock_timeout sets how long to wait")
+    acquire(
+        path,
+        command,
+        timeout=timeout,
+        blockers=blockers,
+        notify=notify if notify is not None else _to_stderr,
+        hint="a `dvc repro` stage does not wait for it"
+        if in_dvc
+        else "orchestration.lock_timeout sets how long to wait",
+    )
     try:
         yield path
     finally:
@@ -231,6 +258,7 @@ def _to_stderr(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- DVC's own lock
+
 
 def dvc_root(start: Path) -> Path | None:
     """The DVC repository holding `start` (the nearest folder above with a `.dvc` folder)."""

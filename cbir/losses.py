@@ -13,9 +13,14 @@ import torch
 import torch.nn.functional as F
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *,
-            gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
-            offset: int = 0) -> torch.Tensor:
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    *,
+    gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """NT-Xent (SimCLR) over two views: z1[i] and z2[i] are the two views of image i.
 
     Every one of the 2n anchors has one positive (the other view of its image) and the other
@@ -45,9 +50,14 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *,
     return F.cross_entropy(logits.masked_fill(mask, float("-inf")), positive)
 
 
-def koleo(z: torch.Tensor, labels: torch.Tensor | None = None, *,
-          keys: torch.Tensor | None = None, key_labels: torch.Tensor | None = None,
-          eps: float = 1e-8) -> torch.Tensor:
+def koleo(
+    z: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    keys: torch.Tensor | None = None,
+    key_labels: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """Kozachenko–Leonenko entropy regulariser (Sablayrolles et al., "Spreading vectors").
 
     −mean over the rows of z of log(distance to the nearest neighbour), where neighbours are the

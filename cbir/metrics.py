@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,16 +34,16 @@ from .safetext import md_cell
 __all__ = [
     "RankedResults",
     "build_ranked_results",
-    "precision_at_k",
-    "recall_at_k",
+    "evaluate",
     "f1_at_k",
     "map_at_k",
+    "markdown_table",
     "micro_ap",
     "pr_curve",
-    "recall_at_precision",
-    "evaluate",
+    "precision_at_k",
     "precision_key",
-    "markdown_table",
+    "recall_at_k",
+    "recall_at_precision",
 ]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
@@ -60,7 +61,8 @@ class RankedResults:
             relevant. Padding (fewer than ``max_k`` results) is False.
         scores: float ``[n_queries, max_k]``; similarity of each neighbour (higher = more alike);
             ``nan`` marks padding. Only non-padding entries enter the pair metrics.
-        n_relevant: int ``[n_queries]``; number of relevant items of each query (group size - 1, >= 1).
+        n_relevant: int ``[n_queries]``; number of relevant items of each query (group size - 1,
+            >= 1).
         query_ids: optional ``[n_queries]`` ids of the queries, for reporting only.
     """
 
@@ -79,7 +81,8 @@ class RankedResults:
             scores = scores.reshape(rel.shape)
         if rel.ndim != 2 or scores.shape != rel.shape:
             raise ValueError(
-                f"relevance and scores must be 2-D of the same shape, got {rel.shape} and {scores.shape}"
+                "relevance and scores must be 2-D of the same shape, "
+                f"got {rel.shape} and {scores.shape}"
             )
         if n_rel.shape != (rel.shape[0],):
             raise ValueError(f"n_relevant must have shape ({rel.shape[0]},), got {n_rel.shape}")
@@ -88,7 +91,9 @@ class RankedResults:
         if np.any(rel & np.isnan(scores)):
             raise ValueError("padding entries (nan score) cannot be relevant")
         if np.any(rel.sum(axis=1) > n_rel):
-            raise ValueError("a query has more relevant results than n_relevant (duplicate neighbours?)")
+            raise ValueError(
+                "a query has more relevant results than n_relevant (duplicate neighbours?)"
+            )
         object.__setattr__(self, "relevance", rel)
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "n_relevant", n_rel)
@@ -107,7 +112,7 @@ def build_ranked_results(
     query_ids: Sequence[int] | np.ndarray,
     neighbour_ids: np.ndarray,
     neighbour_scores: np.ndarray,
-    group_of: Mapping[Hashable, Hashable | None],
+    group_of: Mapping[Any, Hashable | None],  # Any: Mapping is invariant in its key type
 ) -> RankedResults:
     """Turn raw k-NN output into :class:`RankedResults`.
 
@@ -136,7 +141,9 @@ def build_ranked_results(
         raise ValueError("query_ids must be unique")
 
     # Group label -> small int code; -1 = no ground truth.
-    labels = {g: i for i, g in enumerate(dict.fromkeys(g for g in group_of.values() if g is not None))}
+    labels = {
+        g: i for i, g in enumerate(dict.fromkeys(g for g in group_of.values() if g is not None))
+    }
     sizes = Counter(labels[g] for g in group_of.values() if g is not None)
     group_size = np.array([sizes[i] for i in range(len(labels))], dtype=np.int64)
 
@@ -182,7 +189,7 @@ def build_ranked_results(
     )
 
 
-# ---------------------------------------------------------------- rank metrics (per query, averaged)
+# ------------------------------------------------------------ rank metrics (per query, averaged)
 
 
 def _check_k(k: int) -> int:
@@ -234,11 +241,12 @@ def map_at_k(r: RankedResults, k: int) -> float:
     return _mean(ap)
 
 
-# ---------------------------------------------------------------- pair metrics (pooled over queries)
+# ------------------------------------------------------------ pair metrics (pooled over queries)
 
 
 def _pooled(r: RankedResults) -> tuple[np.ndarray, np.ndarray]:
-    """All returned pairs as (scores, is_relevant), sorted by score descending, negatives first on ties."""
+    """All returned pairs as (scores, is_relevant), sorted by score descending, negatives first on
+    ties."""
     valid = ~np.isnan(r.scores)
     scores, rel = r.scores[valid], r.relevance[valid]
     # lexsort: last key is primary. -score ascending = score descending; then False before True.
@@ -308,7 +316,8 @@ def recall_at_precision(r: RankedResults, precision: float = 0.9) -> tuple[float
 
 
 def precision_key(precision: float) -> str:
-    """Suffix used in :func:`evaluate` keys: 0.9 -> ``"p90"``, 0.95 -> ``"p95"``, 0.999 -> ``"p99.9"``."""
+    """Suffix used in :func:`evaluate` keys: 0.9 -> ``"p90"``, 0.95 -> ``"p95"``,
+    0.999 -> ``"p99.9"``."""
     return f"p{round(precision * 100, 6):g}"
 
 
@@ -343,9 +352,9 @@ def markdown_table(
 ) -> str:
     """Render :func:`evaluate` dicts as a markdown table, one row per model, 4 decimals.
 
-    Columns: ``Precision@K | Recall@K`` for K = 1, ``Precision@K | Recall@K | F1@K`` for each K >= 2,
-    then ``mAP@K`` for each K >= 2, then (``extra``) ``µAP | R@P0.9``. Missing or nan values show
-    as ``n/a``. Ends with a newline.
+    Columns: ``Precision@K | Recall@K`` for K = 1, ``Precision@K | Recall@K | F1@K`` for each
+    K >= 2, then ``mAP@K`` for each K >= 2, then (``extra``) ``µAP | R@P0.9``. Missing or nan
+    values show as ``n/a``. Ends with a newline.
     """
     cols: list[tuple[str, str]] = []  # (header, key)
     for k in ks:

@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from PIL import Image
 from torch import nn
 
 from .errors import CbirError
+
+if TYPE_CHECKING:  # the kernel never imports the settings at runtime
+    from .config import ModelSettings, Settings
 
 CHECKPOINT_FORMAT = "cbir-checkpoint/1"
 TRUNK_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
@@ -45,9 +48,14 @@ class ModelConfig:
     descriptor: str = "trunk"  # trunk | projection: which output is used for retrieval
 
     @classmethod
-    def from_settings(cls, m: Any) -> ModelConfig:
-        return cls(backbone=m.backbone, gem_p=m.gem_p, projection=m.projection,
-                   projection_dim=m.projection_dim, descriptor=m.descriptor)
+    def from_settings(cls, m: ModelSettings) -> ModelConfig:
+        return cls(
+            backbone=m.backbone,
+            gem_p=m.gem_p,
+            projection=m.projection,
+            projection_dim=m.projection_dim,
+            descriptor=m.descriptor,
+        )
 
 
 class GeM(nn.Module):
@@ -67,8 +75,9 @@ def projection_head(in_dim: int, out_dim: int, kind: str) -> nn.Module:
     if kind == "linear":  # SSCD: a linear projection keeps the descriptor's geometry
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":  # original SimCLR
-        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True),
-                             nn.Linear(in_dim, out_dim))
+        return nn.Sequential(
+            nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim)
+        )
     raise CbirError(f"unknown projection type {kind!r} (expected linear or mlp)")
 
 
@@ -78,23 +87,36 @@ class Descriptor(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.backbone not in TRUNK_DIMS:
-            raise CbirError(f"unknown backbone {config.backbone!r} "
-                            f"(expected one of {', '.join(TRUNK_DIMS)})")
+            raise CbirError(
+                f"unknown backbone {config.backbone!r} (expected one of {', '.join(TRUNK_DIMS)})"
+            )
         self.config = config
         resnet = getattr(torchvision.models, config.backbone)(weights=None)
         # Same child names as torchvision's ResNet, so its state dicts load into the trunk as-is.
-        self.trunk = nn.Sequential(OrderedDict(
-            (name, getattr(resnet, name))
-            for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3",
-                         "layer4")))
+        self.trunk = nn.Sequential(
+            OrderedDict(
+                (name, getattr(resnet, name))
+                for name in (
+                    "conv1",
+                    "bn1",
+                    "relu",
+                    "maxpool",
+                    "layer1",
+                    "layer2",
+                    "layer3",
+                    "layer4",
+                )
+            )
+        )
         self.pool = GeM(config.gem_p)
         self.trunk_dim = TRUNK_DIMS[config.backbone]
         self.head = projection_head(self.trunk_dim, config.projection_dim, config.projection)
 
     @property
     def dim(self) -> int:
-        return self.config.projection_dim if self.config.descriptor == "projection" \
-            else self.trunk_dim
+        return (
+            self.config.projection_dim if self.config.descriptor == "projection" else self.trunk_dim
+        )
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.trunk(x))
@@ -122,15 +144,17 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     resize: str = "square"  # the whole picture, squashed to resolution x resolution
     # Multi-scale descriptor: the L2-normalised sum of the descriptors at resolution * scale.
-    scales: tuple[float, ...] = (1.0,)
+    # No default: retrieval takes embed.scales (retrieval_preprocess), a training view is one
+    # scale, (1.0,); each caller says which.
+    scales: tuple[float, ...] = field(kw_only=True)
 
     @property
     def sizes(self) -> tuple[int, ...]:
         """The square input sizes, one per scale."""
-        return tuple(max(32, int(round(self.resolution * s))) for s in self.scales)
+        return tuple(max(32, round(self.resolution * s)) for s in self.scales)
 
 
-def retrieval_preprocess(settings: Any) -> Preprocess:
+def retrieval_preprocess(settings: Settings) -> Preprocess:
     """How `cbir embed` and `cbir query` feed images to the model (embed.resolution, .scales)."""
     return Preprocess(resolution=settings.embed_resolution, scales=tuple(settings.embed.scales))
 
@@ -147,6 +171,7 @@ def fingerprint(model: Descriptor, preprocess: Preprocess) -> str:
 
 # --------------------------------------------------------------------------- loading
 
+
 def safe_load(path: str | os.PathLike[str]) -> Any:
     """torch.load restricted to tensors and plain containers; clear errors for bad files."""
     path = Path(path)
@@ -157,10 +182,13 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
     except Exception as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CbirError(f"{path} was refused: it contains pickled Python objects, not just "
-                            f"weights (loading it could run arbitrary code)") from None
-        raise CbirError(f"{path} is not a readable weights file (damaged or truncated?): "
-                        f"{text}") from None
+            raise CbirError(
+                f"{path} was refused: it contains pickled Python objects, not just "
+                f"weights (loading it could run arbitrary code)"
+            ) from None
+        raise CbirError(
+            f"{path} is not a readable weights file (damaged or truncated?): {text}"
+        ) from None
 
 
 def _trunk_state(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -201,15 +229,18 @@ def load_init(model: Descriptor, init: str, *, base: Path | None = None) -> str:
                 f"could not get torchvision weights {init} for {model.config.backbone} "
                 f"({type(exc).__name__}: {str(exc)[:120]}); without network access, place "
                 f"{Path(weights.url).name} in {torch.hub.get_dir()}/checkpoints or set "
-                f"model.init to a local file") from None
+                f"model.init to a local file"
+            ) from None
         source = f"torchvision {type(weights).__name__}.{weights.name}"
     else:
         path = Path(init)
         if base is not None and not path.is_absolute():
             path = base / path
         if not path.exists():
-            raise CbirError(f"model.init {init!r} is neither 'none', a torchvision weights name "
-                            f"for {model.config.backbone}, nor an existing file")
+            raise CbirError(
+                f"model.init {init!r} is neither 'none', a torchvision weights name "
+                f"for {model.config.backbone}, nor an existing file"
+            )
         raw = safe_load(path)
         if not isinstance(raw, dict):
             raise CbirError(f"{path}: expected a state dict, got {type(raw).__name__}")
@@ -220,13 +251,15 @@ def load_init(model: Descriptor, init: str, *, base: Path | None = None) -> str:
         model.trunk.load_state_dict(trunk_sd, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise CbirError(f"weights from {source} do not fit a {model.config.backbone} trunk: "
-                        f"{first}") from None
+        raise CbirError(
+            f"weights from {source} do not fit a {model.config.backbone} trunk: {first}"
+        ) from None
     return source
 
 
-def build_model(config: ModelConfig, init: str = "none", *, seed: int = 0,
-                base: Path | None = None) -> tuple[Descriptor, str]:
+def build_model(
+    config: ModelConfig, init: str = "none", *, seed: int = 0, base: Path | None = None
+) -> tuple[Descriptor, str]:
     """A fresh Descriptor (deterministic under `seed`), initialised from `init`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -235,16 +268,21 @@ def build_model(config: ModelConfig, init: str = "none", *, seed: int = 0,
     return model, source
 
 
-def save_checkpoint(path: Path, model: Descriptor, preprocess: Preprocess,
-                    extra: dict[str, Any] | None = None) -> str:
+def save_checkpoint(
+    path: Path, model: Descriptor, preprocess: Preprocess, extra: dict[str, Any] | None = None
+) -> str:
     """Write a checkpoint atomically; returns the fingerprint it carries."""
     from .fsutil import atomic_path
 
     fp = fingerprint(model, preprocess)
-    payload = {"format": CHECKPOINT_FORMAT, "model_config": asdict(model.config),
-               "preprocess": {"resolution": preprocess.resolution},
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "fingerprint": fp, **(extra or {})}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": asdict(model.config),
+        "preprocess": {"resolution": preprocess.resolution},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "fingerprint": fp,
+        **(extra or {}),
+    }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return fp
@@ -262,13 +300,15 @@ def load_checkpoint(path: Path, *, descriptor: str | None = None) -> tuple[Descr
     try:
         model.load_state_dict(raw["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise CbirError(f"{path}: weights do not fit the recorded model: "
-                        f"{str(exc).splitlines()[0]}") from None
+        raise CbirError(
+            f"{path}: weights do not fit the recorded model: {str(exc).splitlines()[0]}"
+        ) from None
     return model, raw
 
 
-def retrieval_model(settings: Any, *, untrained: bool = False) -> tuple[Descriptor, Preprocess,
-                                                                       str, str]:
+def retrieval_model(
+    settings: Settings, *, untrained: bool = False
+) -> tuple[Descriptor, Preprocess, str, str]:
     """The model `cbir embed` uses: the training checkpoint when there is one, else the init.
 
     Returns (model in eval mode, preprocessing, fingerprint, where the weights came from).
@@ -280,13 +320,15 @@ def retrieval_model(settings: Any, *, untrained: bool = False) -> tuple[Descript
         model, _ = load_checkpoint(ckpt, descriptor=m.descriptor)
         source = f"checkpoint {ckpt}"
     else:
-        model, source = build_model(ModelConfig.from_settings(m), m.init, seed=m.seed,
-                                    base=settings.root)
+        model, source = build_model(
+            ModelConfig.from_settings(m), m.init, seed=m.seed, base=settings.root
+        )
     model.eval()
     return model, preprocess, fingerprint(model, preprocess), source
 
 
 # --------------------------------------------------------------------------- inputs and devices
+
 
 def to_tensor(rgb: Image.Image, pp: Preprocess, size: int | None = None) -> torch.Tensor:
     """An RGB picture as the network's normalised input (squashed to a square of `size`, by
@@ -307,5 +349,6 @@ def pick_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise CbirError(f"unknown device {name!r} (embed.device: auto, cpu, cuda, cuda:1...)"
-                        ) from None
+        raise CbirError(
+            f"unknown device {name!r} (embed.device: auto, cpu, cuda, cuda:1...)"
+        ) from None

@@ -39,24 +39,28 @@ def _set_line(lines: list[str], section: str, key: str, value: str) -> list[str]
         if m and m["key"] == section:
             rest = m["rest"].strip()
             if rest and not rest.startswith("#"):
-                raise CbirError(f"`{section}:` is not a block of `key: value` lines; set "
-                                f"{section}.{key} by hand")
+                raise CbirError(
+                    f"`{section}:` is not a block of `key: value` lines; set "
+                    f"{section}.{key} by hand"
+                )
             start = i
             break
     if start is None:  # no such section yet: add one at the end
         tail = "" if not lines or lines[-1].endswith("\n") else "\n"
-        return lines + [f"{tail}\n{section}:\n  {key}: {value}\n"]
+        return [*lines, f"{tail}\n{section}:\n  {key}: {value}\n"]
     end = start + 1
     while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t#"):
         end += 1
     indent = None
-    pat = re.compile(rf"(?P<ind>[ \t]+){re.escape(key)}(?P<sep>[ \t]*:[ \t]*)"
-                     rf"(?P<val>[^#\s][^#]*?)?(?P<pad>[ \t]*)(?P<comment>#.*)?")
+    pat = re.compile(
+        rf"(?P<ind>[ \t]+){re.escape(key)}(?P<sep>[ \t]*:[ \t]*)"
+        rf"(?P<val>[^#\s][^#]*?)?(?P<pad>[ \t]*)(?P<comment>#.*)?"
+    )
     for i in range(start + 1, end):
         body = lines[i].rstrip("\r\n")
-        eol = lines[i][len(body):]
+        eol = lines[i][len(body) :]
         if indent is None and body.strip() and not body.lstrip().startswith("#"):
-            indent = body[:len(body) - len(body.lstrip())]
+            indent = body[: len(body) - len(body.lstrip())]
         m = pat.fullmatch(body)
         if m and m["ind"] == indent:
             old = m["val"] or ""
@@ -85,8 +89,9 @@ def set_params(params_path: Path, updates: dict[str, Any]) -> None:
         try:
             check = load_settings(tmp)
         except ConfigError as exc:
-            raise CbirError(f"editing {params_path} would break it ({exc}); left unchanged") \
-                from None
+            raise CbirError(
+                f"editing {params_path} would break it ({exc}); left unchanged"
+            ) from None
         for dotted, value in updates.items():
             section, key = dotted.split(".")
             got = getattr(getattr(check, section), key)

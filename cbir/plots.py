@@ -42,33 +42,45 @@ def _csv(header: list[str], rows: list[tuple[float | int, ...]], target: Path) -
     return target
 
 
-def _operating_point(prec: np.ndarray, rec: np.ndarray, thr: np.ndarray,
-                     threshold: float) -> tuple[float, float] | None:
+def _operating_point(
+    prec: np.ndarray, rec: np.ndarray, thr: np.ndarray, threshold: float
+) -> tuple[float, float] | None:
     """(recall, precision) when accepting every pair scored >= threshold; None if none is."""
     ok = np.nonzero(thr >= threshold)[0]
     return (float(rec[ok[-1]]), float(prec[ok[-1]])) if ok.size else None
 
 
-def pr_curve(ranked: metrics.RankedResults, out: Path, *, threshold: float | None,
-             target_precision: float) -> list[Path]:
+def pr_curve(
+    ranked: metrics.RankedResults, out: Path, *, threshold: float | None, target_precision: float
+) -> list[Path]:
     """Precision against recall over pooled pairs, with the pair threshold's operating point."""
     prec, rec, thr = metrics.pr_curve(ranked)
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     ax.step(rec, prec, where="post", label="model")
-    ax.axhline(target_precision, color="grey", ls=":", lw=1,
-               label=f"target precision {target_precision:g}")
+    ax.axhline(
+        target_precision, color="grey", ls=":", lw=1, label=f"target precision {target_precision:g}"
+    )
     point = None if threshold is None else _operating_point(prec, rec, thr, threshold)
     if point is not None:
         ax.plot(*point, "o", color="C3", label=f"pair threshold {threshold:.4f}")
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
-           title=f"Precision-recall over pooled pairs ({ranked.n_queries} queries)")
+    ax.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+        title=f"Precision-recall over pooled pairs ({ranked.n_queries} queries)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    return [_save(fig, out / f"{PR_CURVE}.png"),
-            _csv(["threshold", "precision", "recall"],
-                 [(float(t), float(p), float(r)) for p, r, t in zip(prec, rec, thr)],
-                 out / f"{PR_CURVE}.csv")]
+    return [
+        _save(fig, out / f"{PR_CURVE}.png"),
+        _csv(
+            ["threshold", "precision", "recall"],
+            [(float(t), float(p), float(r)) for p, r, t in zip(prec, rec, thr, strict=True)],
+            out / f"{PR_CURVE}.csv",
+        ),
+    ]
 
 
 def at_k(ranked: metrics.RankedResults, kmax: int, out: Path) -> list[Path]:
@@ -80,16 +92,29 @@ def at_k(ranked: metrics.RankedResults, kmax: int, out: Path) -> list[Path]:
     ax = fig.add_subplot()
     ax.plot(ks, p, "o-", label="precision@K")
     ax.plot(ks, r, "s-", label="recall@K")
-    ax.set(xlabel="K", ylabel="mean over queries", ylim=(0, 1.02), xticks=ks,
-           title="Precision@K and recall@K")
+    ax.set(
+        xlabel="K",
+        ylabel="mean over queries",
+        ylim=(0, 1.02),
+        xticks=ks,
+        title="Precision@K and recall@K",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
-    return [_save(fig, out / f"{AT_K}.png"),
-            _csv(["k", "precision", "recall"], list(zip(ks, p, r)), out / f"{AT_K}.csv")]
+    return [
+        _save(fig, out / f"{AT_K}.png"),
+        _csv(["k", "precision", "recall"], list(zip(ks, p, r, strict=True)), out / f"{AT_K}.csv"),
+    ]
 
 
-def score_histogram(ranked: metrics.RankedResults, out: Path, *, threshold: float | None,
-                    calibrated: float | None = None, target_precision: float = 0.9) -> list[Path]:
+def score_histogram(
+    ranked: metrics.RankedResults,
+    out: Path,
+    *,
+    threshold: float | None,
+    calibrated: float | None = None,
+    target_precision: float = 0.9,
+) -> list[Path]:
     """Scores of returned true duplicates against non-duplicates, thresholds marked."""
     valid = ~np.isnan(ranked.scores)
     scores, rel = ranked.scores[valid], ranked.relevance[valid]
@@ -99,8 +124,14 @@ def score_histogram(ranked: metrics.RankedResults, out: Path, *, threshold: floa
         edges = np.histogram_bin_edges(scores, bins=50)
         for mask, label, color in ((rel, "true duplicates", "C2"), (~rel, "not duplicates", "C1")):
             if mask.any():
-                ax.hist(scores[mask], bins=edges, density=True, alpha=0.55, color=color,
-                        label=f"{label} (n={int(mask.sum())})")
+                ax.hist(
+                    scores[mask],
+                    bins=edges.tolist(),
+                    density=True,
+                    alpha=0.55,
+                    color=color,
+                    label=f"{label} (n={int(mask.sum())})",
+                )
     lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 1.0)
     if threshold is None:
         pass  # not calibrated yet: nothing to mark
@@ -110,10 +141,18 @@ def score_histogram(ranked: metrics.RankedResults, out: Path, *, threshold: floa
         where = "below" if threshold < lo else "above"
         ax.plot([], [], " ", label=f"pair threshold {threshold:.4f} ({where} every score)")
     if calibrated is not None and math.isfinite(calibrated):
-        ax.axvline(calibrated, color="k", ls="--", lw=1,
-                   label=f"precision {target_precision:g} at {calibrated:.4f}")
-    ax.set(xlabel="cosine similarity", ylabel="density",
-           title="Scores of the top K neighbours of each query")
+        ax.axvline(
+            calibrated,
+            color="k",
+            ls="--",
+            lw=1,
+            label=f"precision {target_precision:g} at {calibrated:.4f}",
+        )
+    ax.set(
+        xlabel="cosine similarity",
+        ylabel="density",
+        title="Scores of the top K neighbours of each query",
+    )
     ax.legend(loc="upper left", fontsize="small")
     return [_save(fig, out / f"{SCORES}.png")]
 

@@ -47,8 +47,12 @@ def init_worker(known: frozenset[str], max_pixels: int) -> None:
 
 def probe_file(root: bytes, entry: Entry) -> dict[str, Any]:
     """Hash one file and, unless its content is already known, decode it. Never raises."""
-    out: dict[str, Any] = {"path": entry.path, "path_raw": entry.raw, "bytes": entry.size,
-                           "mtime_ns": entry.mtime_ns}
+    out: dict[str, Any] = {
+        "path": entry.path,
+        "path_raw": entry.raw,
+        "bytes": entry.size,
+        "mtime_ns": entry.mtime_ns,
+    }
     full = os.path.join(root, entry.raw)
     data: bytes | None = None
     try:
@@ -80,8 +84,9 @@ def probe_file(root: bytes, entry: Entry) -> dict[str, Any]:
     try:
         source: bytes | str = data if data is not None else os.fsdecode(full)
         # Greyscale at reduced DCT scale: all the hash needs, and the whole file is still decoded.
-        pic, info = imaging.open_scan(source, max_pixels=_MAX_PIXELS, draft=("L", _PHASH_DRAFT),
-                                      rgb=False, name=entry.path)
+        pic, info = imaging.open_scan(
+            source, max_pixels=_MAX_PIXELS, draft=("L", _PHASH_DRAFT), rgb=False, name=entry.path
+        )
     except imaging.ImageRejected as exc:
         out["reason"] = exc.reason
         return out
@@ -91,14 +96,19 @@ def probe_file(root: bytes, entry: Entry) -> dict[str, Any]:
     except Exception as exc:  # a decoder bug must not stop the run; the file is quarantined
         out["reason"] = f"damaged image: unexpected decoder error ({type(exc).__name__}: {exc})"
         return out
-    out.update(width=info.width, height=info.height, mode=info.mode, format=info.format,
-               pages=info.pages, phash=imaging.phash(pic))
+    out.update(
+        width=info.width,
+        height=info.height,
+        mode=info.mode,
+        format=info.format,
+        pages=info.pages,
+        phash=imaging.phash(pic),
+    )
     return out
 
 
 def probe_star(args: tuple[bytes, Entry]) -> dict[str, Any]:
     return probe_file(*args)
-
 
 
 def sha256_of(path: bytes) -> str | None:
@@ -110,5 +120,3 @@ def sha256_of(path: bytes) -> str | None:
     except OSError:
         return None  # the worker will meet the same problem and report it
     return digest.hexdigest()
-
-

@@ -70,13 +70,14 @@ def _kde(x: np.ndarray, points: np.ndarray, bw: float, chunk: int = 4096) -> np.
     flat = np.asarray(x, np.float64).ravel()
     out = np.empty(flat.shape)
     for s in range(0, len(flat), chunk):
-        d = (flat[s:s + chunk, None] - points[None, :]) / bw
-        out[s:s + chunk] = np.exp(-0.5 * d * d).sum(axis=1)
+        d = (flat[s : s + chunk, None] - points[None, :]) / bw
+        out[s : s + chunk] = np.exp(-0.5 * d * d).sum(axis=1)
     return (out / (len(points) * bw * math.sqrt(2 * math.pi))).reshape(np.shape(x))
 
 
-def fit_mixture(scores: np.ndarray, k: int, copy_scores: np.ndarray,
-                anchors: tuple[int, int] = ANCHORS) -> Mixture:
+def fit_mixture(
+    scores: np.ndarray, k: int, copy_scores: np.ndarray, anchors: tuple[int, int] = ANCHORS
+) -> Mixture:
     """EM fit of duplicates vs strangers over each image's top-k links.
 
     `scores`: [images, depth >= anchors[1]] neighbour scores, best first, the image itself left
@@ -107,8 +108,7 @@ def fit_mixture(scores: np.ndarray, k: int, copy_scores: np.ndarray,
         w = 1.0 - post[:, :m]
         total = np.maximum(w.sum(axis=0), 1e-9)
         mu_new = (w * u[:, :m]).sum(axis=0) / total
-        sigma = np.maximum(np.sqrt((w * (u[:, :m] - mu_new) ** 2).sum(axis=0) / total),
-                           _MIN_SIGMA)
+        sigma = np.maximum(np.sqrt((w * (u[:, :m] - mu_new) ** 2).sum(axis=0) / total), _MIN_SIGMA)
         done = np.allclose(mu_new, mu, atol=1e-6)
         mu = mu_new
         prior = np.clip(post[:, :m].mean(axis=0), 1e-4, 0.999)
@@ -159,8 +159,12 @@ class Curve:
         return int(ok[-1]) if len(ok) else None
 
 
-def estimate(scores: np.ndarray, k: int, copy_scores: np.ndarray, copy_found: np.ndarray,
-             ) -> Curve:
+def estimate(
+    scores: np.ndarray,
+    k: int,
+    copy_scores: np.ndarray,
+    copy_found: np.ndarray,
+) -> Curve:
     """The estimated precision/recall curve of `cbir pairs` over thresholds.
 
     scores: [images, depth >= ANCHORS[1]] sampled images' neighbour scores (best first, self
@@ -181,9 +185,15 @@ def estimate(scores: np.ndarray, k: int, copy_scores: np.ndarray, copy_found: np
     with np.errstate(invalid="ignore", divide="ignore"):
         prec = np.where(n_links > 0, dup_links / np.maximum(n_links, 1), 1.0)
     n = max(1, len(scores))
-    return Curve(thresholds=grid, precision=prec, recall=n_hits / max(1, len(copy_scores)),
-                 links=n_links / n, false_links=(n_links - dup_links) / n, n_images=n,
-                 duplicate_links=float(post.sum()))
+    return Curve(
+        thresholds=grid,
+        precision=prec,
+        recall=n_hits / max(1, len(copy_scores)),
+        links=n_links / n,
+        false_links=(n_links - dup_links) / n,
+        n_images=n,
+        duplicate_links=float(post.sum()),
+    )
 
 
 def recall_quantile_threshold(copy_scores: np.ndarray, recall: float) -> float:

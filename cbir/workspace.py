@@ -1,10 +1,10 @@
 """Archive workspaces: `cbir init DIR --scans PATH` makes a self-contained folder to run cbir in.
 
 A workspace holds `params.yaml` (every setting, documented, pointing at the scans, which stay
-where they are and are only read), `dvc.yaml` (the pipeline; the same file as the repository's
-own, shipped as `cbir/templates/dvc.yaml`), a labels file, a short README, and git + DVC, so that
-`dvc repro`, `dvc exp run`, `dvc metrics show`, `cbir nightly` and `cbir serve` work there. The
-repository is itself the workspace of the demo collection.
+where they are and are only read), `dvc.yaml` (the pipeline: the repository's own, shipped as
+`cbir/templates/dvc.yaml`, less its code deps, see `workspace_pipeline`), a labels file, a short
+README, and git + DVC, so that `dvc repro`, `dvc exp run`, `dvc metrics show`, `cbir nightly`
+and `cbir serve` work there. The repository is itself the workspace of the demo collection.
 
 params.yaml is rendered from the typed settings (cbir/config.py), which hold every default and
 its description: there is no second copy of the defaults to keep in step.
@@ -13,6 +13,7 @@ its description: there is no second copy of the defaults to keep in step.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,8 +33,19 @@ from .paramsfile import set_params
 
 #: The settings sections a workspace's params.yaml holds, in pipeline order (`demo` is only for
 #: `cbir demo-data`, and takes its defaults).
-SECTIONS = ("data", "ingest", "model", "train", "embed", "index", "search", "calibrate",
-            "evaluate", "report", "orchestration")
+SECTIONS = (
+    "data",
+    "ingest",
+    "model",
+    "train",
+    "embed",
+    "index",
+    "search",
+    "calibrate",
+    "evaluate",
+    "report",
+    "orchestration",
+)
 README_MARK = "<!-- written by `cbir init`"
 LABELS = "labels.csv"
 GITIGNORE_LINES = ("/data/",)
@@ -48,6 +60,7 @@ _HEADER = """\
 
 
 # --------------------------------------------------------------------------- params.yaml
+
 
 def _scalar(value: Any) -> str:
     if isinstance(value, Path):
@@ -75,7 +88,8 @@ def render_params(scans_dir: str, ground_truth: str | None) -> str:
     """A documented params.yaml with every default, for these scans and labels."""
     lines = [_HEADER.rstrip("\n")]
     for name in SECTIONS:
-        model: type[BaseModel] = Settings.model_fields[name].annotation  # type: ignore[assignment]
+        model = Settings.model_fields[name].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)  # every section is one
         doc = " ".join((model.__doc__ or "").split())
         lines += [""] + [f"# {text}" for text in textwrap.wrap(doc, width=WIDTH - 2)]
         lines.append(f"{name}:")
@@ -90,6 +104,7 @@ def render_params(scans_dir: str, ground_truth: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- init
+
 
 @dataclass
 class InitSummary:
@@ -107,8 +122,10 @@ class InitSummary:
         if self.kept:
             out.append(f"  kept {', '.join(self.kept)}")
         out += [f"  {n}" for n in self.notes]
-        out += [f"  labels: {self.labels}" if self.labels else "",
-                f"  next: cd {self.folder} && dvc repro   (README.md says what each command does)"]
+        out += [
+            f"  labels: {self.labels}" if self.labels else "",
+            f"  next: cd {self.folder} && dvc repro   (README.md says what each command does)",
+        ]
         return [x for x in out if x]
 
 
@@ -118,15 +135,21 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def _refuse_overlaps(folder: Path, scans: Path, data_dir: Path) -> None:
     if scans == Path(scans.anchor):
-        raise CbirError(f"refused: the scans folder {scans} is the root of the file system; "
-                        f"point --scans at the folder that holds the archive's scans")
+        raise CbirError(
+            f"refused: the scans folder {scans} is the root of the file system; "
+            f"point --scans at the folder that holds the archive's scans"
+        )
     if _inside(folder, scans):
-        raise CbirError(f"refused: the workspace {folder} would lie inside the scans folder "
-                        f"{scans}, which cbir only reads; choose a folder outside it")
+        raise CbirError(
+            f"refused: the workspace {folder} would lie inside the scans folder "
+            f"{scans}, which cbir only reads; choose a folder outside it"
+        )
     if _inside(scans, data_dir):
-        raise CbirError(f"refused: the scans folder {scans} lies inside the workspace's data "
-                        f"folder {data_dir}, which holds what cbir writes (and DVC may replace); "
-                        f"keep the scans outside it")
+        raise CbirError(
+            f"refused: the scans folder {scans} lies inside the workspace's data "
+            f"folder {data_dir}, which holds what cbir writes (and DVC may replace); "
+            f"keep the scans outside it"
+        )
 
 
 def _relative_or_absolute(path: Path, folder: Path) -> str:
@@ -138,9 +161,13 @@ def template(name: str) -> str:
     return resources.files("cbir").joinpath("templates", name).read_text(encoding="utf-8")
 
 
-def init_workspace(folder: str | os.PathLike[str], scans: str | os.PathLike[str],
-                   ground_truth: str | os.PathLike[str] | None = None, *,
-                   force: bool = False) -> InitSummary:
+def init_workspace(
+    folder: str | os.PathLike[str],
+    scans: str | os.PathLike[str],
+    ground_truth: str | os.PathLike[str] | None = None,
+    *,
+    force: bool = False,
+) -> InitSummary:
     """Create (or with `force`, update) an archive workspace in `folder` for `scans`.
 
     Refused, with one line: `folder` inside the scans folder, the scans inside the workspace's
@@ -160,8 +187,10 @@ def init_workspace(folder: str | os.PathLike[str], scans: str | os.PathLike[str]
     params, dvc_file = folder / "params.yaml", folder / "dvc.yaml"
     existing = [p.name for p in (params, dvc_file) if p.exists()]
     if existing and not force:
-        raise CbirError(f"{folder} already holds a workspace ({', '.join(existing)}); "
-                        f"`cbir init --force` updates it and keeps its data")
+        raise CbirError(
+            f"{folder} already holds a workspace ({', '.join(existing)}); "
+            f"`cbir init --force` updates it and keeps its data"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     summary = InitSummary(folder=folder, scans=scans_path, labels=None)
     labels = gt if gt is not None else folder / LABELS
@@ -186,8 +215,23 @@ def init_workspace(folder: str | os.PathLike[str], scans: str | os.PathLike[str]
     return summary
 
 
+#: A code dependency in dvc.yaml: a list item naming a path in the cbir package's source.
+_CODE_DEP = re.compile(r"^\s*- cbir/\S*\s*(#.*)?$")
+
+
+def workspace_pipeline(text: str) -> str:
+    """The repository's dvc.yaml as a workspace gets it: without the code deps.
+
+    In the repository every stage depends on the cbir modules it runs, so editing them makes
+    `dvc repro` rerun it. A workspace runs the installed cbir and has no cbir/ source folder
+    (DVC would refuse the missing deps), so its copy drops the lines naming `cbir/...` deps and
+    keeps every other line as it is (params, outs, comments).
+    """
+    return "".join(line for line in text.splitlines(keepends=True) if not _CODE_DEP.match(line))
+
+
 def _write_dvc_yaml(target: Path, summary: InitSummary) -> None:
-    text = template("dvc.yaml")
+    text = workspace_pipeline(template("dvc.yaml"))
     if target.exists() and target.read_text(encoding="utf-8") == text:
         summary.kept.append("dvc.yaml (current)")
         return
@@ -201,12 +245,14 @@ def _write_dvc_yaml(target: Path, summary: InitSummary) -> None:
 
 def _write_readme(folder: Path, scans: Path, labels: str, summary: InitSummary) -> None:
     target = folder / "README.md"
-    if target.exists() and not target.read_text(encoding="utf-8", errors="replace") \
-            .startswith(README_MARK):
+    if target.exists() and not target.read_text(encoding="utf-8", errors="replace").startswith(
+        README_MARK
+    ):
         summary.kept.append("README.md (not cbir's)")
         return
-    write_text(template("workspace-README.md").format(name=folder.name, scans=scans,
-                                                      labels=labels), target)
+    write_text(
+        template("workspace-README.md").format(name=folder.name, scans=scans, labels=labels), target
+    )
     summary.written.append("README.md")
 
 
@@ -217,8 +263,14 @@ def _update_gitignore(folder: Path, summary: InitSummary) -> None:
     target = folder / ".gitignore"
     old = target.read_text(encoding="utf-8") if target.exists() else ""
     sep = "" if not old or old.endswith("\n") else "\n"
-    write_text(old + sep + "# cbir: everything the pipeline writes (DVC versions it)\n"
-               + "\n".join(GITIGNORE_LINES) + "\n", target)
+    write_text(
+        old
+        + sep
+        + "# cbir: everything the pipeline writes (DVC versions it)\n"
+        + "\n".join(GITIGNORE_LINES)
+        + "\n",
+        target,
+    )
     summary.written.append(".gitignore")
 
 
@@ -232,8 +284,10 @@ def _checked(args: list[str], cwd: Path) -> str:
     if out.returncode != 0:
         text = (out.stderr or out.stdout).strip()
         first = next((ln for ln in text.splitlines() if ln.strip()), "failed")
-        raise CbirError(f"`{' '.join(args[-3:] if args[0] == sys.executable else args)}` failed "
-                        f"in {cwd}: {first}")
+        raise CbirError(
+            f"`{' '.join(args[-3:] if args[0] == sys.executable else args)}` failed "
+            f"in {cwd}: {first}"
+        )
     return out.stdout
 
 
@@ -241,8 +295,9 @@ def _git(folder: Path) -> bool:
     """A git repository for the workspace: a new one, unless DIR is inside one already.
     Returns whether it was created here."""
     if shutil.which("git") is None:
-        raise CbirError("git is not installed: a workspace needs git for DVC "
-                        "(e.g. `apt install git`)")
+        raise CbirError(
+            "git is not installed: a workspace needs git for DVC (e.g. `apt install git`)"
+        )
     if _run(["git", "rev-parse", "--show-toplevel"], folder).returncode == 0:
         return False
     _checked(["git", "init", "-q"], folder)
@@ -258,19 +313,34 @@ def _dvc(folder: Path, created: bool, summary: InitSummary) -> None:
         subdir = Path(os.path.realpath(root)) != Path(os.path.realpath(folder))
         _checked(dvc + ["init", "-q"] + (["--subdir"] if subdir else []), folder)
         summary.written.append(".dvc/")
-        _checked(dvc + ["config", "core.analytics", "false"], folder)
+        _checked([*dvc, "config", "core.analytics", "false"], folder)
     if created:
-        files = [f for f in ("params.yaml", "dvc.yaml", "README.md", LABELS, ".gitignore",
-                             ".dvc", ".dvcignore") if (folder / f).exists()]
+        files = [
+            f
+            for f in (
+                "params.yaml",
+                "dvc.yaml",
+                "README.md",
+                LABELS,
+                ".gitignore",
+                ".dvc",
+                ".dvcignore",
+            )
+            if (folder / f).exists()
+        ]
         _checked(["git", "add", "--", *files], folder)
-        ident = [] if _run(["git", "config", "user.email"], folder).stdout.strip() else \
-            ["-c", "user.name=cbir", "-c", "user.email=cbir@localhost"]
+        ident = (
+            []
+            if _run(["git", "config", "user.email"], folder).stdout.strip()
+            else ["-c", "user.name=cbir", "-c", "user.email=cbir@localhost"]
+        )
         _checked(["git", *ident, "commit", "-q", "-m", "cbir workspace"], folder)
-        summary.notes.append("git repository created, workspace files committed; DVC "
-                             "initialised")
+        summary.notes.append("git repository created, workspace files committed; DVC initialised")
     else:
-        summary.notes.append(f"inside the git repository {root}: commit the workspace files "
-                             f"(git add, git commit) before `dvc exp run`")
+        summary.notes.append(
+            f"inside the git repository {root}: commit the workspace files "
+            f"(git add, git commit) before `dvc exp run`"
+        )
 
 
 if __name__ == "__main__":  # `python -m cbir.workspace SCANS [LABELS] > params.yaml`

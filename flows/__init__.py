@@ -27,6 +27,9 @@ if sys.argv[:1] == ["-m"]:  # `python -m flows.<module>`: Python sets argv[0] so
 
         _home = tempfile.mkdtemp(prefix="cbir-prefect-")
         atexit.register(shutil.rmtree, _home, True)
-        _env = {"PREFECT_HOME": _home, "DO_NOT_TRACK": "1",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        _env = {
+            "PREFECT_HOME": _home,
+            "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
     os.environ.update({k: v for k, v in _env.items() if not os.environ.get(k)})

@@ -10,6 +10,7 @@ is missing. Run it with `cbir build`.
 from __future__ import annotations
 
 import sys
+from typing import TypeVar
 
 from prefect import flow
 
@@ -24,15 +25,20 @@ from tasks.pairs import pairs_task
 from tasks.report import report_task
 from tasks.train import train_task
 
+T = TypeVar("T")
 
 
 @flow(name="cbir-build")
-def build(params_path: str = "params.yaml", train: bool = True,
-          rebuild_index: bool = False) -> FlowResult:
+def build(
+    params_path: str = "params.yaml", train: bool = True, rebuild_index: bool = False
+) -> FlowResult:
     """Every pipeline step, in order. `train=False` embeds with the existing checkpoint (or
     the initial weights); `rebuild_index` retrains the FAISS index from scratch."""
     settings = settings_for(params_path)
-    step = lambda task: configured(task, settings)  # noqa: E731 - retries from params
+
+    def step(task: T) -> T:  # the task, with the retries of params.yaml
+        return configured(task, settings)
+
     out = FlowResult()
     with flow_lock(settings, "cbir-build"):
         out.steps["ingest"] = step(ingest_task)(params_path)
@@ -47,9 +53,12 @@ def build(params_path: str = "params.yaml", train: bool = True,
         if settings.orchestration.dvc_commit:
             out.steps["dvc"] = step(dvc_commit_task)(params_path)
     evaluation = out.steps.get("evaluate")
-    summary_artifact("cbir-build-summary", "cbir build",
-                     [(name, s.lines()) for name, s in out.steps.items()],
-                     extra=f"## Metrics\n\n{evaluation.table}" if evaluation else "")
+    summary_artifact(
+        "cbir-build-summary",
+        "cbir build",
+        [(name, s.lines()) for name, s in out.steps.items()],
+        extra=f"## Metrics\n\n{evaluation.table}" if evaluation else "",
+    )
     return out
 
 

@@ -14,8 +14,8 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cbir.config import Settings
-from cbir.safetext import code_fence, md_cell, printable
 from cbir.lock import dvc_busy, writer_lock
+from cbir.safetext import code_fence, md_cell, printable
 
 
 @dataclass
@@ -38,8 +38,9 @@ def flow_lock(settings: Settings, flow_name: str) -> Iterator[Path]:
     """
     logger = get_run_logger()
     command = f"Prefect flow {flow_name}" + (f" (run {flow_run.name})" if flow_run.name else "")
-    with writer_lock(settings, command, blockers=[dvc_busy(settings.root)],
-                     notify=logger.warning) as path:
+    with writer_lock(
+        settings, command, blockers=[dvc_busy(settings.root)], notify=logger.warning
+    ) as path:
         yield path
 
 
@@ -54,8 +55,9 @@ def shard_runner(settings: Settings) -> TaskRunner:
     return ThreadPoolTaskRunner(max_workers=1)
 
 
-def summary_artifact(key: str, title: str, sections: Sequence[tuple[str, Sequence[str]]],
-                     extra: str = "") -> None:
+def summary_artifact(
+    key: str, title: str, sections: Sequence[tuple[str, Sequence[str]]], extra: str = ""
+) -> None:
     """The run's summary as a markdown artifact: one block of summary lines per step."""
     md = [f"# {md_cell(title)}", ""]
     for name, lines in sections:

@@ -37,14 +37,26 @@ def run_embed(params_path: str) -> EmbedRun:
     results: list[ShardResult] = []
     if plan.shards:
         with shard_runner(settings) as runner:
-            futures = runner.map(configured(embed_shard_task, settings), parameters={
-                "params_path": unmapped(params_path), "fingerprint": unmapped(plan.fingerprint),
-                "shard": plan.shards})
+            futures = runner.map(
+                configured(embed_shard_task, settings),
+                parameters={
+                    "params_path": unmapped(params_path),
+                    "fingerprint": unmapped(plan.fingerprint),
+                    "shard": plan.shards,
+                },
+            )
             wait(futures)  # every shard finishes (and is kept) before a failed one fails the run
-            results = [f.result() for f in futures]
-    summary = EmbedSummary(fingerprint=plan.fingerprint, source=plan.source, folder=plan.folder,
-                           embedded=sum(r.embedded for r in results), already=plan.already,
-                           shards=len(results), failed=[x for r in results for x in r.failed],
-                           seconds=time.perf_counter() - t0)
+            # prefect's TaskRunner.map says PrefectFutureList[F]: a list of futures of futures
+            results = [f.result() for f in futures]  # type: ignore[misc]  # prefect's annotation
+    summary = EmbedSummary(
+        fingerprint=plan.fingerprint,
+        source=plan.source,
+        folder=plan.folder,
+        embedded=sum(r.embedded for r in results),
+        already=plan.already,
+        shards=len(results),
+        failed=[x for r in results for x in r.failed],
+        seconds=time.perf_counter() - t0,
+    )
     log_lines(summary.lines())
     return EmbedRun(summary=summary, shards=results)

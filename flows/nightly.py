@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import flow
 
@@ -32,15 +32,19 @@ from tasks.ingest import ingest_task
 from tasks.pairs import pairs_task
 from tasks.report import new_pairs_task, nightly_begin_task, report_task
 
-DEPLOYMENT = "cbir-nightly"
+T = TypeVar("T")
 
+DEPLOYMENT = "cbir-nightly"
 
 
 @flow(name="cbir-nightly")
 def nightly(params_path: str = "params.yaml") -> FlowResult:
     """Re-index the scans that arrived since the last run (see the module docstring)."""
     settings = settings_for(params_path)
-    step = lambda task: configured(task, settings)  # noqa: E731 - retries from params
+
+    def step(task: T) -> T:  # the task, with the retries of params.yaml
+        return configured(task, settings)
+
     out = FlowResult()
     with flow_lock(settings, "cbir-nightly"):
         since = step(nightly_begin_task)(params_path)
@@ -57,9 +61,12 @@ def nightly(params_path: str = "params.yaml") -> FlowResult:
         new = out.steps["new pairs"] = step(new_pairs_task)(params_path, ingest.run_id, since)
         if o.dvc_commit:
             out.steps["dvc"] = step(dvc_commit_task)(params_path)
-    summary_artifact("cbir-nightly-summary", f"cbir nightly, ingest run {ingest.run_id}",
-                     [(name, s.lines()) for name, s in out.steps.items()],
-                     extra=new.markdown())
+    summary_artifact(
+        "cbir-nightly-summary",
+        f"cbir nightly, ingest run {ingest.run_id}",
+        [(name, s.lines()) for name, s in out.steps.items()],
+        extra=new.markdown(),
+    )
     return out
 
 
@@ -77,13 +84,17 @@ def deployment(params_path: str = "params.yaml", name: str = DEPLOYMENT) -> Any:
         ZoneInfo(o.timezone)
         schedule = Cron(o.nightly_cron, timezone=o.timezone)
     except (ValueError, ZoneInfoNotFoundError) as exc:
-        raise CbirError(f"{settings.params_path}: orchestration.nightly_cron / timezone: "
-                        f"{exc}") from None
+        raise CbirError(
+            f"{settings.params_path}: orchestration.nightly_cron / timezone: {exc}"
+        ) from None
     return nightly.to_deployment(
-        name=name, schedule=schedule, concurrency_limit=1,
+        name=name,
+        schedule=schedule,
+        concurrency_limit=1,
         parameters={"params_path": str(Path(settings.params_path).resolve())},
         description=f"cbir nightly re-indexing of {layout(settings).scans}",
-        entrypoint_type=EntrypointType.MODULE_PATH)
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
 
 
 def serve(params_path: str = "params.yaml", name: str = DEPLOYMENT) -> None:
@@ -97,8 +108,12 @@ def serve(params_path: str = "params.yaml", name: str = DEPLOYMENT) -> None:
     url = served_api()
     dep = deployment(params_path, name)
     o = settings_for(params_path).orchestration
-    print(f"serving the nightly flow of {params_path} with the Prefect API at {url}: "
-          f"{o.nightly_cron} ({o.timezone}); Ctrl-C stops", file=sys.stderr, flush=True)
+    print(
+        f"serving the nightly flow of {params_path} with the Prefect API at {url}: "
+        f"{o.nightly_cron} ({o.timezone}); Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
     prefect.serve(dep)
 
 

@@ -20,6 +20,8 @@ busy machine, and whose database errors land on the user's terminal. This one:
   command dies, even by SIGKILL (a watchdog thread sees its end of a pipe close).
 
 This module is also the server's entry point: `python -m flows.server --fd N --watch M`.
+
+Longer than 400 lines: starting, watching and stopping the server process is one concern.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def one_line(text: object) -> str:
 
 # --------------------------------------------------------------------------- configured API
 
+
 def configured_api_url() -> str | None:
     """The user's PREFECT_API_URL from the environment or the active Prefect profile, read
     without importing Prefect (FlowApi.url checks Prefect's own settings once it is loaded)."""
@@ -86,22 +89,27 @@ def configured_api_url() -> str | None:
     return str(profile.get("PREFECT_API_URL") or "").strip() or None
 
 
-def check_api(url: str, hint: str = "Start that server, or unset PREFECT_API_URL to let cbir "
-                                    "start a temporary one") -> None:
+def check_api(
+    url: str,
+    hint: str = "Start that server, or unset PREFECT_API_URL to let cbir start a temporary one",
+) -> None:
     """Fail with one line naming `url` when no Prefect API answers there."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         error = client.api_healthcheck()
     if error is not None:
-        raise CbirError(f"no Prefect API answers at {url} (PREFECT_API_URL): "
-                        f"{type(error).__name__}: {one_line(error)}. {hint}")
+        raise CbirError(
+            f"no Prefect API answers at {url} (PREFECT_API_URL): "
+            f"{type(error).__name__}: {one_line(error)}. {hint}"
+        )
 
 
 SERVE_NEEDS_SERVER = (
     "serving a schedule needs a Prefect server that keeps running (a temporary one runs no "
     "scheduler): start one with `prefect server start` and point PREFECT_API_URL at it, e.g. "
-    "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`"
+)
 
 
 def served_api() -> str:
@@ -117,6 +125,7 @@ def served_api() -> str:
 
 
 # --------------------------------------------------------------------------- the local server
+
 
 def server_env(home: Path) -> dict[str, str]:
     """The server's environment: its state in `home`, nothing sent out, the services a
@@ -194,11 +203,23 @@ class LocalServer:
             self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
             with open(self.log, "wb") as log:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "flows.server", "--fd", str(sock.fileno()),
-                     "--watch", str(read_end)],
-                    pass_fds=(sock.fileno(), read_end), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, env=server_env(self.home), cwd=self.home,
-                    start_new_session=True)  # a Ctrl-C is the command's to handle
+                    [
+                        sys.executable,
+                        "-m",
+                        "flows.server",
+                        "--fd",
+                        str(sock.fileno()),
+                        "--watch",
+                        str(read_end),
+                    ],
+                    pass_fds=(sock.fileno(), read_end),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=server_env(self.home),
+                    cwd=self.home,
+                    start_new_session=True,
+                )  # a Ctrl-C is the command's to handle
         except BaseException:
             self.stop()
             raise
@@ -218,17 +239,25 @@ class LocalServer:
         while not self._healthy():
             code = self.proc.poll()
             if code is not None:
-                raise CbirError(f"the temporary Prefect server stopped before it answered "
-                                f"(exit status {code}): {_log_tail(self.log) or 'no output'} "
-                                f"(log: {self.log})")
+                raise CbirError(
+                    f"the temporary Prefect server stopped before it answered "
+                    f"(exit status {code}): {_log_tail(self.log) or 'no output'} "
+                    f"(log: {self.log})"
+                )
             cpu = cpu_seconds(self.proc.pid)
             if cpu is not None and cpu > SERVER_CPU_LIMIT:
-                raise CbirError(f"the temporary Prefect server used {cpu:.0f} s of CPU time "
-                                f"without answering: {_log_tail(self.log) or 'no output'} "
-                                f"(log: {self.log})")
+                raise CbirError(
+                    f"the temporary Prefect server used {cpu:.0f} s of CPU time "
+                    f"without answering: {_log_tail(self.log) or 'no output'} "
+                    f"(log: {self.log})"
+                )
             if not noted and time.monotonic() - t0 > NOTE_AFTER:
-                print(f"cbir {self.command}: waiting for the temporary Prefect server to start "
-                      f"(log: {self.log})", file=sys.stderr, flush=True)
+                print(
+                    f"cbir {self.command}: waiting for the temporary Prefect server to start "
+                    f"(log: {self.log})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 noted = True
             time.sleep(POLL_SECONDS)
         self._ready = True
@@ -265,6 +294,7 @@ class LocalServer:
 
 
 # --------------------------------------------------------------------------- using an API
+
 
 @contextlib.contextmanager
 def api_settings(url: str) -> Iterator[None]:
@@ -360,9 +390,11 @@ def _client_environ(home: Path) -> Iterator[None]:
     home is `home` too (importing Prefect creates its home folder: not in the user's HOME), the
     user's profile is still read from where it was, and no analytics are sent."""
     user_home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
-    wanted = {"PREFECT_HOME": str(home),
-              "PREFECT_PROFILES_PATH": str(user_home / "profiles.toml"),
-              "DO_NOT_TRACK": "1"}
+    wanted = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_PROFILES_PATH": str(user_home / "profiles.toml"),
+        "DO_NOT_TRACK": "1",
+    }
     before = {key: os.environ.get(key) for key in wanted}
     os.environ.update({k: v for k, v in wanted.items() if not os.environ.get(k)})
     try:
@@ -395,9 +427,13 @@ def _run_log(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path, mode="w", encoding="utf-8")
     handler.setLevel(logging.INFO)
     fmt = "%(asctime)s | %(levelname)-7s | {}%(message)s"
-    handler.setFormatter(PrefectFormatter(
-        format=fmt.format("%(name)s - "), flow_run_fmt=fmt.format("Flow run %(flow_run_name)r - "),
-        task_run_fmt=fmt.format("Task run %(task_run_name)r - ")))
+    handler.setFormatter(
+        PrefectFormatter(
+            format=fmt.format("%(name)s - "),
+            flow_run_fmt=fmt.format("Flow run %(flow_run_name)r - "),
+            task_run_fmt=fmt.format("Task run %(task_run_name)r - "),
+        )
+    )
     consoles = [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]
     quiet = _TerminalFilter()
     root.addHandler(handler)
@@ -413,6 +449,7 @@ def _run_log(path: Path) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- the server process
+
 
 def _watch_parent(fd: int) -> None:
     """Stop this server when its command is gone: the pipe's other end closes (even when the
@@ -444,15 +481,20 @@ def _long_sqlite_busy_timeout() -> None:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_SECONDS * 1000};")
         cursor.close()
 
-    AioSqliteConfiguration.setup_sqlite = setup_sqlite  # type: ignore[method-assign]
+    AioSqliteConfiguration.setup_sqlite = setup_sqlite  # type: ignore[method-assign]  # deliberate patch of Prefect
 
 
 #: What a flow run's first requests need, asked once the server answers: the first request
 #: to each part of the API costs the server a second or more (lazy set-up, the first database
 #: connection), which is better spent while the command still imports its flow.
-WARM_UP = [("GET", "/admin/version", None), ("POST", "/flows/filter", {"limit": 1}),
-           ("POST", "/flow_runs/filter", {"limit": 1}), ("POST", "/task_runs/filter", {"limit": 1}),
-           ("POST", "/logs/filter", {"limit": 1}), ("POST", "/artifacts/filter", {"limit": 1})]
+WARM_UP = [
+    ("GET", "/admin/version", None),
+    ("POST", "/flows/filter", {"limit": 1}),
+    ("POST", "/flow_runs/filter", {"limit": 1}),
+    ("POST", "/task_runs/filter", {"limit": 1}),
+    ("POST", "/logs/filter", {"limit": 1}),
+    ("POST", "/artifacts/filter", {"limit": 1}),
+]
 
 
 def _warm_up(fd: int) -> None:
@@ -469,10 +511,16 @@ def _warm_up(fd: int) -> None:
                 time.sleep(POLL_SECONDS)
         for method, path, body in WARM_UP:
             data = None if body is None else json.dumps(body).encode()
-            request = urllib.request.Request(f"{url}{path}", data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
-            with contextlib.suppress(OSError, ValueError), \
-                    urllib.request.urlopen(request, timeout=60) as response:
+            request = urllib.request.Request(
+                f"{url}{path}",
+                data=data,
+                method=method,
+                headers={"Content-Type": "application/json"},
+            )
+            with (
+                contextlib.suppress(OSError, ValueError),
+                urllib.request.urlopen(request, timeout=60) as response,
+            ):
                 response.read()
 
     threading.Thread(target=warm, name="warm-up", daemon=True).start()
@@ -486,8 +534,14 @@ def serve(fd: int, watch: int) -> None:
     _long_sqlite_busy_timeout()
     import uvicorn
 
-    uvicorn.run("prefect.server.api.server:create_app", factory=True, fd=fd,
-                log_level="error", lifespan="on", timeout_graceful_shutdown=10)
+    uvicorn.run(
+        "prefect.server.api.server:create_app",
+        factory=True,
+        fd=fd,
+        log_level="error",
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -29,13 +29,12 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def step_task(name: str, *, retries: int = 2, retry_delay_seconds: float = 5,
-              **options: Any) -> Any:
+def step_task(name: str, **options: Any) -> Any:
     """@task for a pipeline step: retried on transient failures only (`retry_transient`), never
-    cached (every step decides for itself what is already done). Flows override the retries
-    from params (`configured`)."""
-    return task(name=name, retries=retries, retry_delay_seconds=retry_delay_seconds,
-                retry_condition_fn=retry_transient, cache_policy=NO_CACHE, **options)
+    cached (every step decides for itself what is already done). How often and after how long
+    is orchestration.task_retries / retry_delay_seconds, which flows set (`configured`): no
+    second default here."""
+    return task(name=name, retry_condition_fn=retry_transient, cache_policy=NO_CACHE, **options)
 
 
 def log_lines(lines: Iterable[str]) -> None:
@@ -49,5 +48,11 @@ def log_lines(lines: Iterable[str]) -> None:
 def configured(task: T, settings: Settings) -> T:
     """The task with the retries of orchestration.task_retries / retry_delay_seconds."""
     o = settings.orchestration
-    return task.with_options(retries=o.task_retries,  # type: ignore[attr-defined]
-                             retry_delay_seconds=o.retry_delay_seconds)
+    prefect_task: Any = task  # a prefect Task: the flows pass their tasks through as they are
+    return cast(
+        T,
+        prefect_task.with_options(
+            retries=o.task_retries,
+            retry_delay_seconds=o.retry_delay_seconds,
+        ),
+    )

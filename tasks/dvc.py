@@ -7,7 +7,7 @@ from cbir.steps.nightly import DvcRecord, record_with_dvc
 from .common import log_lines, settings_for, step_task
 
 
-@step_task("dvc-commit", retries=3, retry_delay_seconds=10)
+@step_task("dvc-commit")
 def dvc_commit_task(params_path: str) -> DvcRecord:
     """`dvc commit -f` (and `dvc push` to the default remote) when the workspace is a DVC
     project, so that `dvc status` is clean and `dvc repro` has nothing to redo; a busy DVC

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 from prefect import get_run_logger
 
-from cbir.store.layout import layout
 from cbir.config import Settings
-from cbir.steps.embed import (EmbedPlan, Shard, embed_shard, plan_shards, write_model_card)
 from cbir.errors import CbirError
 from cbir.fsutil import clean_stale_tmp
 from cbir.model import retrieval_model
+from cbir.steps.embed import EmbedPlan, Shard, embed_shard, plan_shards, write_model_card
+from cbir.store.layout import layout
 
 from .common import settings_for, step_task
 
@@ -44,8 +44,10 @@ def plan_embed_task(params_path: str) -> EmbedPlan:
     clean_stale_tmp(plan.folder)
     write_model_card(settings, plan, model)
     todo = sum(len(s.image_ids) for s in plan.shards)
-    get_run_logger().info(f"embed: model {fp} ({source}): {todo} images to embed in "
-                          f"{len(plan.shards)} shards, {plan.already} already embedded")
+    get_run_logger().info(
+        f"embed: model {fp} ({source}): {todo} images to embed in "
+        f"{len(plan.shards)} shards, {plan.already} already embedded"
+    )
     return plan
 
 
@@ -75,20 +77,32 @@ def embed_shard_task(params_path: str, fingerprint: str, shard: Shard) -> ShardR
     if e.workers and mp.current_process().daemon:
         # A daemonic process (a Dask worker by default) may not start DataLoader processes.
         settings = _in_process(settings)
-        logger.info("decoding in the worker's own process (daemonic worker: no DataLoader "
-                    "processes; set distributed.worker.daemon: false to allow them)")
+        logger.info(
+            "decoding in the worker's own process (daemonic worker: no DataLoader "
+            "processes; set distributed.worker.daemon: false to allow them)"
+        )
     elif e.workers and len(shard.image_ids) < SMALL_SHARD_BATCHES * e.batch_size:
         # Beside Prefect's threads a DataLoader process starts by forkserver and imports torch
         # (2-3 s): more than decoding a few batches costs. Same decoding, same vectors.
         settings = _in_process(settings)
     model, pp, fp, _ = retrieval_model(settings)
     if fp != fingerprint:
-        raise CbirError(f"the model changed while embedding (planned for {fingerprint}, now "
-                        f"{fp}): run the flow again")
+        raise CbirError(
+            f"the model changed while embedding (planned for {fingerprint}, now "
+            f"{fp}): run the flow again"
+        )
     n, failed = embed_shard(settings, model, pp, layout(settings).embeddings(fp), shard)
     worker = _dask_worker()
-    logger.info(f"{shard.name}: {n} images embedded"
-                f"{f', {len(failed)} unreadable' if failed else ''}"
-                f" (pid {os.getpid()}{f', Dask worker {worker}' if worker else ''})")
-    return ShardResult(name=shard.name, embedded=n, failed=failed, pid=os.getpid(),
-                       host=socket.gethostname(), worker=worker)
+    logger.info(
+        f"{shard.name}: {n} images embedded"
+        f"{f', {len(failed)} unreadable' if failed else ''}"
+        f" (pid {os.getpid()}{f', Dask worker {worker}' if worker else ''})"
+    )
+    return ShardResult(
+        name=shard.name,
+        embedded=n,
+        failed=failed,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        worker=worker,
+    )

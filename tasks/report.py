@@ -24,8 +24,9 @@ def report_task(params_path: str) -> ReportSummary:
 
 @step_task("nightly-begin")
 def nightly_begin_task(params_path: str) -> int:
-    """The ingest run after which this nightly run's report starts (cbir.steps.nightly.begin_nightly):
-    the latest one, or where an earlier nightly run that never wrote its report started."""
+    """The ingest run after which this nightly run's report starts
+    (cbir.steps.nightly.begin_nightly): the latest one, or where an earlier nightly run that
+    never wrote its report started."""
     return begin_nightly(settings_for(params_path))
 
 

@@ -1,4 +1,5 @@
-"""cbir.steps.demo: layout and ground truth, byte-level determinism, copies that are near-duplicates."""
+"""cbir.steps.demo and cbir.synth: layout and ground truth, byte-level determinism, copies that
+are near-duplicates."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.steps.demo import DemoSummary, archival_copy, generate_demo_collection, paint_original
+from cbir.steps.demo import DemoSummary, generate_demo_collection
+from cbir.synth.copies import archival_copy
+from cbir.synth.paintings import paint_original
 
 SMALL = {"n_groups": 6, "n_distractors": 4, "size": 128, "workers": 1}
 

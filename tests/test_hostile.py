@@ -736,34 +736,6 @@ def test_sql_changes_and_reads_nothing_but_the_catalogue(ws, capsys, monkeypatch
     assert snapshot(ws) == before and snapshot(out) == outside
 
 
-def test_catalogue_connections_are_guarded_by_duckdb_itself(ws, tmp_path):
-    """Beyond `cbir sql`'s refusal of anything but queries: a connection from
-    catalog.connect (nightly reports, the gallery) cannot write, read other files or undo
-    that, and its lock binds no other connection to the same file in this process."""
-    settings = load_settings(ws / "params.yaml")
-    out = tmp_path / "outside"
-    mine = open_catalogue(settings)  # a user's own connection, open meanwhile
-    con = catalog.connect(settings)
-    try:
-        assert con.execute("SELECT count(*) FROM pair_report").fetchone()[0] > 0
-        assert con.execute("SELECT count(*) FROM read_parquet('data/pairs/pairs.parquet')"
-                           ).fetchone()[0] > 0  # the workspace's own Parquet, relative path
-        for sql in (f"COPY (SELECT 1) TO '{out}/x.csv'",
-                    f"EXPORT DATABASE '{out}/export'",
-                    f"ATTACH '{out}/new.duckdb' AS other",
-                    "SELECT * FROM read_text('/etc/passwd')",
-                    f"SELECT * FROM read_parquet('{outside_parquet(out)}')",
-                    "SET enable_external_access = true", "SET lock_configuration = false",
-                    "SET allowed_directories = ['/']", "CREATE TABLE t (x INT)", "LOAD httpfs"):
-            with pytest.raises(duckdb.Error):
-                con.execute(sql)
-    finally:
-        con.close()
-    mine.execute("SET file_search_path = ?", [str(ws)])  # not locked by ours
-    mine.close()
-    assert sorted(p.name for p in out.iterdir()) == ["secret.parquet"]
-
-
 def outputs(ws: Path) -> dict[str, str]:
     """The data folder's files but caches (a step may warm matplotlib's before it stops)."""
     return {k: v for k, v in snapshot(ws / "data").items() if not k.startswith("cache/")}
@@ -962,15 +934,6 @@ def test_params_yaml_bombs_and_duplicate_keys_are_one_line(tmp_path, capsys, tex
     params.write_text(text)
     rc, err = run_cli("in-process", capsys, "ingest", "--params", str(params))
     assert_one_line_error(rc, err, "ingest", str(params), fragment)
-
-
-def test_params_yaml_with_modest_aliases_and_merge_keys_still_loads(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text("train: {resolution: &side 64, seed: 3}\nembed: {resolution: *side}\n"
-                      "index: {<<: {seed: 1, bytes_per_vector: 16}, seed: 2}\n")
-    settings = load_settings(params)
-    assert settings.embed_resolution == 64 and settings.index.seed == 2
-    assert settings.index.bytes_per_vector == 16
 
 
 # --------------------------------------------------------------------------- issue 12, family 4

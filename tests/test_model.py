@@ -38,10 +38,10 @@ def test_fingerprint_follows_weights_and_preprocessing():
     a, _ = build_model(cfg, seed=1)
     b, _ = build_model(cfg, seed=1)
     c, _ = build_model(cfg, seed=2)
-    pp = Preprocess(resolution=224)
+    pp = Preprocess(resolution=224, scales=(1.0,))
     assert fingerprint(a, pp) == fingerprint(b, pp)
     assert fingerprint(a, pp) != fingerprint(c, pp)
-    assert fingerprint(a, pp) != fingerprint(a, Preprocess(resolution=160))
+    assert fingerprint(a, pp) != fingerprint(a, Preprocess(resolution=160, scales=(1.0,)))
     # the projection head only matters when it produces the descriptor
     with torch.no_grad():
         b.head.weight.add_(1.0)
@@ -111,7 +111,7 @@ def test_pickled_objects_and_truncated_files_are_refused(tmp_path):
         safe_load(evil)
     model, _ = build_model(ModelConfig())
     good = tmp_path / "ckpt.pt"
-    save_checkpoint(good, model, Preprocess())
+    save_checkpoint(good, model, Preprocess(scales=(1.0,)))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:5000])
     with pytest.raises(CbirError, match="damaged or truncated"):
@@ -120,7 +120,7 @@ def test_pickled_objects_and_truncated_files_are_refused(tmp_path):
 
 def test_checkpoint_round_trip_keeps_weights_and_fingerprint(tmp_path):
     model, _ = build_model(ModelConfig(projection="mlp", projection_dim=64), seed=3)
-    pp = Preprocess(resolution=128)
+    pp = Preprocess(resolution=128, scales=(1.0,))
     fp = save_checkpoint(tmp_path / "m.pt", model, pp, extra={"epoch": 4})
     loaded, raw = load_checkpoint(tmp_path / "m.pt")
     assert raw["fingerprint"] == fp and raw["epoch"] == 4
@@ -142,14 +142,14 @@ def test_multiscale_descriptor_is_the_normalised_sum_of_the_scales(tmp_path):
         assert done == [0, 1, 2] and not failed
         return torch.from_numpy(vec)
 
-    one, big = run(Preprocess(resolution=48)), run(Preprocess(resolution=72))
+    one, big = run(Preprocess(resolution=48, scales=(1.0,))), run(Preprocess(resolution=72, scales=(1.0,)))
     multi_pp = Preprocess(resolution=48, scales=(1.0, 1.5))
     assert multi_pp.sizes == (48, 72)
     multi = run(multi_pp)
     expected = torch.nn.functional.normalize(one + big, dim=-1)
     assert torch.allclose(multi, expected, atol=1e-5)
     assert not torch.allclose(multi, one, atol=1e-3)  # the second scale changes the descriptor
-    assert fingerprint(model, multi_pp) != fingerprint(model, Preprocess(resolution=48))
+    assert fingerprint(model, multi_pp) != fingerprint(model, Preprocess(resolution=48, scales=(1.0,)))
 
 
 def test_embed_scales_are_validated(tmp_path):

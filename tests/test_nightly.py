@@ -168,7 +168,7 @@ def test_a_nightly_run_without_new_scans_decodes_and_embeds_nothing(prefect_harn
 
     monkeypatch.setattr("cbir.steps.ingest.probe_star", no_decoding)
     monkeypatch.setattr("cbir.imaging.load_rgb", no_decoding)
-    monkeypatch.setattr("cbir.steps.report.load_rgb", no_decoding)
+    monkeypatch.setattr("cbir.steps.report.thumbnails.load_rgb", no_decoding)
     st = nightly(str(params)).steps
     assert st["ingest"].decoded == 0 and st["ingest"].counts.get("new", 0) == 0
     assert st["embed"].summary.embedded == 0 and st["embed"].summary.shards == 0

@@ -20,17 +20,25 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, deep_merge, photo, save, write_params
 from PIL import Image
 
 from cbir.config import Settings, load_settings
 from cbir.errors import CbirError
+from cbir.model import (
+    fingerprint,
+    load_checkpoint,
+    retrieval_model,
+    retrieval_preprocess,
+    safe_load,
+)
 from cbir.steps.ingest import run_ingest
-from cbir.model import (fingerprint, load_checkpoint, retrieval_model, retrieval_preprocess,
-                        safe_load)
+from cbir.steps.train import build_cache, run_train
 from cbir.store.layout import HISTORY, LAST
 from cbir.store.layout import TRAIN_METRICS as METRICS
-from cbir.steps.train import (EpochBatches, Schedule, TwoViews, available_cpus, build_cache, fit_epochs, lr_at, mix_views, run_train)
-from conftest import REPO, deep_merge, photo, save, write_params
+from cbir.training.cpu import available_cpus
+from cbir.training.data import EpochBatches, TwoViews, mix_views
+from cbir.training.schedule import Schedule, fit_epochs, lr_at
 
 N_IMAGES = 16
 EPOCHS = 4

@@ -12,7 +12,7 @@ import yaml
 
 from cbir.config import Settings, load_settings
 from cbir.errors import CbirError
-from cbir.workspace import init_workspace, render_params, template
+from cbir.workspace import init_workspace, render_params, template, workspace_pipeline
 from conftest import CBIR, REPO, photo, save
 
 
@@ -45,7 +45,7 @@ def test_init_makes_a_self_contained_workspace(tmp_path):
     assert _git(ws, "status", "--porcelain") == ""
     assert _git(ws, "check-ignore", "data/manifest").strip() == "data/manifest"
     assert "analytics = false" in (ws / ".dvc" / "config").read_text()  # nothing sent out
-    assert (ws / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()
+    assert (ws / "dvc.yaml").read_text() == workspace_pipeline((REPO / "dvc.yaml").read_text())
     assert str(scans.resolve()) in (ws / "README.md").read_text()
     assert sorted(p.stat().st_mtime_ns for p in scans.rglob("*")) == before  # scans untouched
     assert any("dvc repro" in line for line in summary.lines())
@@ -92,7 +92,7 @@ def test_force_keeps_the_data_and_the_users_params(tmp_path):
     assert settings.path(settings.data.scans_dir) == other.resolve()
     assert settings.path(settings.data.ground_truth) == gt.resolve()
     assert (ws / "data" / "manifest" / "files.parquet").read_bytes() == b"kept"
-    assert (ws / "dvc.yaml").read_text() == template("dvc.yaml")
+    assert (ws / "dvc.yaml").read_text() == workspace_pipeline(template("dvc.yaml"))
     assert (ws / "dvc.yaml.before-init").read_text().endswith("# edited\n")  # never lost
     assert any("before-init" in line for line in summary.lines())
 

@@ -14,6 +14,9 @@
 
 A fixed `search.pair_threshold` (e.g. 0.87) is used as it is, with its estimated precision and
 recall shown beside it. `--write` puts the calibrated value into the params file as a fixed one.
+
+Longer than 400 lines: the two estimates (ground truth, held-out copies) and the record they make
+are one concern; the estimators are in cbir/selfcal.py.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ SELF = "held-out copies"
 
 # --------------------------------------------------------------------------- on ground truth
 
+
 @dataclass
 class Calibration:
     target_precision: float
@@ -63,14 +67,19 @@ class Calibration:
 def calibrate(ranked: metrics.RankedResults, precision: float = 0.9) -> Calibration:
     """The highest-recall threshold whose precision over pooled pairs is >= `precision`."""
     recall, threshold = metrics.recall_at_precision(ranked, precision)
-    prec, rec, thr = metrics.pr_curve(ranked)
+    prec, _, thr = metrics.pr_curve(ranked)
     if math.isfinite(threshold):
         reached = float(prec[np.nonzero(thr == threshold)[0][0]])
     else:
         reached = float(prec.max()) if prec.size else float("nan")
-    return Calibration(target_precision=precision, threshold=threshold, recall=recall,
-                       precision=reached, n_queries=ranked.n_queries,
-                       n_pairs=int((~np.isnan(ranked.scores)).sum()))
+    return Calibration(
+        target_precision=precision,
+        threshold=threshold,
+        recall=recall,
+        precision=reached,
+        n_queries=ranked.n_queries,
+        n_pairs=int((~np.isnan(ranked.scores)).sum()),
+    )
 
 
 def param_value(threshold: float) -> float:
@@ -80,6 +89,7 @@ def param_value(threshold: float) -> float:
 
 
 # --------------------------------------------------------------------------- the estimates
+
 
 @dataclass
 class Estimate:
@@ -93,8 +103,11 @@ class Estimate:
     no_duplicates: bool = False  # self-calibration: every neighbour looks like a stranger
 
     def to_json(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "precision": _r(self.precision),
-                "recall": _r(self.recall)}
+        return {
+            "threshold": self.threshold,
+            "precision": _r(self.precision),
+            "recall": _r(self.recall),
+        }
 
 
 def _r(x: float | None) -> float | None:
@@ -112,10 +125,13 @@ def _ground_truth_estimate(settings: Settings, target: float) -> Estimate | None
     except NoLabels:
         return None
     cal = calibrate(ranking.ranked, target)
-    return Estimate(method=GROUND_TRUTH,
-                    threshold=param_value(cal.threshold) if cal.reached else None,
-                    precision=cal.precision, recall=cal.recall,
-                    basis=f"{cal.n_queries} labelled queries, {cal.n_pairs} scored pairs")
+    return Estimate(
+        method=GROUND_TRUTH,
+        threshold=param_value(cal.threshold) if cal.reached else None,
+        precision=cal.precision,
+        recall=cal.recall,
+        basis=f"{cal.n_queries} labelled queries, {cal.n_pairs} scored pairs",
+    )
 
 
 @dataclass
@@ -127,8 +143,9 @@ class SelfCalibration:
     failed: int  # copies that could not be made (unreadable originals)
 
 
-def _self_estimate(settings: Settings, searcher: Any, target: float, *,
-                   progress: bool = False) -> SelfCalibration:
+def _self_estimate(
+    settings: Settings, searcher: Any, target: float, *, progress: bool = False
+) -> SelfCalibration:
     cfg, k = settings.calibrate, settings.search.k
     n = len(searcher.image_ids)
     rng = np.random.default_rng([cfg.seed, 0])
@@ -136,47 +153,68 @@ def _self_estimate(settings: Settings, searcher: Any, target: float, *,
     scores, found, failed = _copy_scores(settings, searcher, copy_rows, k, progress=progress)
     if n < selfcal.MIN_IMAGES:  # too few neighbours to see how non-duplicates score
         t = selfcal.recall_quantile_threshold(scores, 0.95)
-        est = Estimate(method=SELF, threshold=t, precision=None,
-                       recall=float((scores[found] >= t).sum() / max(1, len(scores))),
-                       basis=f"{len(scores)} held-out copies only: {n} images are too few "
-                             f"to estimate how non-duplicates score (the threshold keeps 95 % "
-                             f"of the copies)")
-        return SelfCalibration(estimate=est, curve=None, sampled=0, copies=len(scores),
-                               failed=failed)
-    rows = np.sort(np.random.default_rng([cfg.seed, 1]).choice(n, size=min(n, cfg.images),
-                                                              replace=False))
+        est = Estimate(
+            method=SELF,
+            threshold=t,
+            precision=None,
+            recall=float((scores[found] >= t).sum() / max(1, len(scores))),
+            basis=f"{len(scores)} held-out copies only: {n} images are too few "
+            f"to estimate how non-duplicates score (the threshold keeps 95 % "
+            f"of the copies)",
+        )
+        return SelfCalibration(
+            estimate=est, curve=None, sampled=0, copies=len(scores), failed=failed
+        )
+    rows = np.sort(
+        np.random.default_rng([cfg.seed, 1]).choice(n, size=min(n, cfg.images), replace=False)
+    )
     depth = selfcal.ANCHORS[1]
     neighbours = _neighbour_scores(searcher, rows, max(depth, k))
     curve = selfcal.estimate(neighbours, k, scores, found)
     i = curve.choose(target)
-    basis = (f"neighbours of {len(rows)} images, {len(scores)} held-out copies"
-             + (f" ({failed} originals unreadable)" if failed else ""))
+    basis = f"neighbours of {len(rows)} images, {len(scores)} held-out copies" + (
+        f" ({failed} originals unreadable)" if failed else ""
+    )
     basis += f"; about {curve.duplicate_links:.0f} of their links join duplicates"
     if i is None:
-        est = Estimate(method=SELF, threshold=None, precision=None, recall=0.0, basis=basis,
-                       no_duplicates=not curve.duplicates_expected)
+        est = Estimate(
+            method=SELF,
+            threshold=None,
+            precision=None,
+            recall=0.0,
+            basis=basis,
+            no_duplicates=not curve.duplicates_expected,
+        )
     else:
-        est = Estimate(method=SELF, threshold=float(curve.thresholds[i]),
-                       precision=float(curve.precision[i]), recall=float(curve.recall[i]),
-                       basis=basis)
-    return SelfCalibration(estimate=est, curve=curve, sampled=len(rows), copies=len(scores),
-                           failed=failed)
+        est = Estimate(
+            method=SELF,
+            threshold=float(curve.thresholds[i]),
+            precision=float(curve.precision[i]),
+            recall=float(curve.recall[i]),
+            basis=basis,
+        )
+    return SelfCalibration(
+        estimate=est, curve=curve, sampled=len(rows), copies=len(scores), failed=failed
+    )
 
 
-def _copy_scores(settings: Settings, searcher: Any, rows: np.ndarray, k: int, *,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+def _copy_scores(
+    settings: Settings, searcher: Any, rows: np.ndarray, k: int, *, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Make one held-out copy of each image in `rows`, embed it like the collection, and score
     it: (similarity to its original, whether the original is among its k nearest, failures)."""
     from .. import heldout, imaging
-    from .embed import embed_pictures
-    from ..store.manifest import canonical_images
     from ..model import retrieval_model
     from ..progress import bar as progress_bar
+    from ..store.manifest import canonical_images
+    from .embed import embed_pictures
 
     model, pp, fp, _ = retrieval_model(settings)
     if fp != searcher.fingerprint:
-        raise CbirError(f"the model changed ({searcher.fingerprint} -> {fp}) since the index was "
-                        f"built: run `cbir embed` and `cbir index` first")
+        raise CbirError(
+            f"the model changed ({searcher.fingerprint} -> {fp}) since the index was "
+            f"built: run `cbir embed` and `cbir index` first"
+        )
     path_of = {r["image_id"]: r["path_raw"] for r in canonical_images(settings)}
     scans = os.fsencode(layout(settings).scans)
     size = 2 * max(pp.sizes)  # copies are made at twice the input size, then embedded as scans
@@ -185,8 +223,11 @@ def _copy_scores(settings: Settings, searcher: Any, rows: np.ndarray, k: int, *,
     for row in rows:
         image_id = searcher.image_ids[row]
         try:
-            rgb = imaging.load_rgb(os.fsdecode(os.path.join(scans, path_of[image_id])), size,
-                                   max_pixels=settings.ingest.max_pixels)
+            rgb = imaging.load_rgb(
+                os.fsdecode(os.path.join(scans, path_of[image_id])),
+                size,
+                max_pixels=settings.ingest.max_pixels,
+            )
         except (imaging.ImageRejected, OSError, KeyError):
             failed += 1  # moved or damaged since ingest: the others still make an estimate
             bar.update(1)
@@ -202,7 +243,7 @@ def _copy_scores(settings: Settings, searcher: Any, rows: np.ndarray, k: int, *,
     vectors = embed_pictures(model, pictures, pp, batch_size=settings.embed.batch_size)
     sims = np.einsum("ij,ij->i", vectors, searcher.vectors[originals])
     _, ids = searcher.search(vectors, k)
-    found = np.array([searcher.image_ids[o] in row for o, row in zip(originals, ids)])
+    found = np.array([searcher.image_ids[o] in row for o, row in zip(originals, ids, strict=True)])
     return sims.astype(np.float32), found, failed
 
 
@@ -211,16 +252,19 @@ def _neighbour_scores(searcher: Any, rows: np.ndarray, depth: int) -> np.ndarray
     where the index returns fewer)."""
     out = np.full((len(rows), depth), -1.0, np.float32)
     for start in range(0, len(rows), 1024):
-        sel = rows[start:start + 1024]
+        sel = rows[start : start + 1024]
         scores, ids = searcher.search(searcher.vectors[sel], depth + 1)
         for r, row in enumerate(sel):
             me = searcher.image_ids[row]
-            vals = [s for s, x in zip(scores[r], ids[r]) if x is not None and x != me][:depth]
-            out[start + r, :len(vals)] = vals
+            vals = [s for s, x in zip(scores[r], ids[r], strict=True) if x is not None and x != me][
+                :depth
+            ]
+            out[start + r, : len(vals)] = vals
     return out
 
 
 # --------------------------------------------------------------------------- the step
+
 
 @dataclass
 class CalibrateResult:
@@ -245,29 +289,40 @@ class CalibrateResult:
         return self.ground_truth or self.self_calibration
 
     def lines(self) -> list[str]:
-        out = [f"calibrate: pair threshold {self.pair_threshold:.4f} ({self.source}); "
-               f"{self.n_images} images, model {self.fingerprint}; {self.seconds:.1f} s"]
+        out = [
+            f"calibrate: pair threshold {self.pair_threshold:.4f} ({self.source}); "
+            f"{self.n_images} images, model {self.fingerprint}; {self.seconds:.1f} s"
+        ]
         for est in (self.ground_truth, self.self_calibration):
             if est is None:
                 continue
             if est.no_duplicates:
-                out.append(f"  {est.method}: no near-duplicates expected: the neighbours of "
-                           f"every sampled image look like other photographs ({est.basis})")
+                out.append(
+                    f"  {est.method}: no near-duplicates expected: the neighbours of "
+                    f"every sampled image look like other photographs ({est.basis})"
+                )
             elif est.threshold is None:
-                out.append(f"  {est.method}: no threshold reaches precision {self.target:g}; "
-                           f"{est.basis}")
+                out.append(
+                    f"  {est.method}: no threshold reaches precision {self.target:g}; {est.basis}"
+                )
             else:
-                out.append(f"  {est.method}: threshold {est.threshold:.4f} for precision "
-                           f"{self.target:g}: precision {_fmt(est.precision)}, recall "
-                           f"{_fmt(est.recall)} ({est.basis})")
+                out.append(
+                    f"  {est.method}: threshold {est.threshold:.4f} for precision "
+                    f"{self.target:g}: precision {_fmt(est.precision)}, recall "
+                    f"{_fmt(est.recall)} ({est.basis})"
+                )
         p, r = self.at_threshold
         if self.source == "params" and p is not None:
-            out.append(f"  at the fixed search.pair_threshold {self.pair_threshold:g} the "
-                       f"self-calibration expects precision {p:.3f}, recall {_fmt(r)}")
+            out.append(
+                f"  at the fixed search.pair_threshold {self.pair_threshold:g} the "
+                f"self-calibration expects precision {p:.3f}, recall {_fmt(r)}"
+            )
         out += [f"  {n}" for n in self.notes]
         if self.written:
-            out += [f"  wrote {key}: {value:g} in {self.params_path}"
-                    for key, value in self.written.items()]
+            out += [
+                f"  wrote {key}: {value:g} in {self.params_path}"
+                for key, value in self.written.items()
+            ]
             out.append("  run `cbir pairs` to apply it")
         if self.file:
             out.append(f"  {self.file}")
@@ -282,20 +337,32 @@ def _state(settings: Settings, fingerprint: str) -> dict[str, Any]:
     """What a calibration depends on besides the collection's size."""
     gt = settings.data.ground_truth
     gt_path = settings.path(gt) if gt is not None else None
-    digest = hashlib.sha256(gt_path.read_bytes()).hexdigest()[:16] \
-        if gt_path is not None and gt_path.is_file() else None
-    return {"fingerprint": fingerprint, "k": settings.search.k,
-            "precision_target": settings.search.precision_target,
-            "calibrate": settings.calibrate.model_dump(mode="json"),
-            "ground_truth_sha256": digest}
+    digest = (
+        hashlib.sha256(gt_path.read_bytes()).hexdigest()[:16]
+        if gt_path is not None and gt_path.is_file()
+        else None
+    )
+    return {
+        "fingerprint": fingerprint,
+        "k": settings.search.k,
+        "precision_target": settings.search.precision_target,
+        "calibrate": settings.calibrate.model_dump(mode="json"),
+        "ground_truth_sha256": digest,
+    }
 
 
 def _fixed(value: float | str) -> float | None:
     return None if value == "auto" else float(value)
 
 
-def run_calibrate(settings: Settings, precision: float | None = None, write: bool = False,
-                  *, progress: bool = False, searcher: Any = None) -> CalibrateResult:
+def run_calibrate(
+    settings: Settings,
+    precision: float | None = None,
+    write: bool = False,
+    *,
+    progress: bool = False,
+    searcher: Any = None,
+) -> CalibrateResult:
     """Calibrate the pair threshold for the current model; record it; optionally write it to
     the params file as a fixed value."""
     from ..store.index import open_searcher
@@ -312,40 +379,66 @@ def run_calibrate(settings: Settings, precision: float | None = None, write: boo
     fixed = _fixed(settings.search.pair_threshold)
     pair = fixed if fixed is not None else auto
     cluster = _fixed(settings.search.cluster_threshold)
-    result = CalibrateResult(fingerprint=s.fingerprint, n_images=len(s.image_ids), target=target,
-                             pair_threshold=pair, cluster_threshold=cluster or pair,
-                             source="params" if fixed is not None else chosen.method,
-                             self_calibration=own.estimate, ground_truth=gt)
+    result = CalibrateResult(
+        fingerprint=s.fingerprint,
+        n_images=len(s.image_ids),
+        target=target,
+        pair_threshold=pair,
+        cluster_threshold=cluster or pair,
+        source="params" if fixed is not None else chosen.method,
+        self_calibration=own.estimate,
+        ground_truth=gt,
+    )
     if own.curve is not None:
         result.at_threshold = own.curve.at(pair)
     if gt is not None and own.estimate.threshold is not None and gt.threshold is not None:
-        result.notes.append(f"the ground truth decides; self-calibration alone would have "
-                            f"chosen {own.estimate.threshold:.4f}")
+        result.notes.append(
+            f"the ground truth decides; self-calibration alone would have "
+            f"chosen {own.estimate.threshold:.4f}"
+        )
     if cluster is not None and cluster < pair:
-        raise CbirError(f"search.cluster_threshold ({cluster:g}) must not be below the pair "
-                        f"threshold ({pair:g})")
+        raise CbirError(
+            f"search.cluster_threshold ({cluster:g}) must not be below the pair "
+            f"threshold ({pair:g})"
+        )
     lay = layout(settings)
-    record = {"pair_threshold": pair, "cluster_threshold": result.cluster_threshold,
-              "precision_target": target, "source": result.source,
-              "reached": chosen.threshold is not None,
-              "estimated_precision": _r(result.at_threshold[0]),
-              "estimated_recall": _r(result.at_threshold[1]),
-              "self": {**own.estimate.to_json(), "sampled_images": own.sampled,
-                       "copies": own.copies, "copies_failed": own.failed,
-                       "duplicate_links": round(own.curve.duplicate_links, 1)
-                       if own.curve is not None else None,
-                       "no_duplicates": own.estimate.no_duplicates},
-              "ground_truth": gt.to_json() if gt else None}
+    record = {
+        "pair_threshold": pair,
+        "cluster_threshold": result.cluster_threshold,
+        "precision_target": target,
+        "source": result.source,
+        "reached": chosen.threshold is not None,
+        "estimated_precision": _r(result.at_threshold[0]),
+        "estimated_recall": _r(result.at_threshold[1]),
+        "self": {
+            **own.estimate.to_json(),
+            "sampled_images": own.sampled,
+            "copies": own.copies,
+            "copies_failed": own.failed,
+            "duplicate_links": round(own.curve.duplicate_links, 1)
+            if own.curve is not None
+            else None,
+            "no_duplicates": own.estimate.no_duplicates,
+        },
+        "ground_truth": gt.to_json() if gt else None,
+    }
     write_text(_curve_csv(own.curve), lay.calibration_curve)
-    write_json({**_state(settings, s.fingerprint), "images": len(s.image_ids),
-                "self_basis": own.estimate.basis, "ground_truth_basis": gt.basis if gt else None},
-               lay.calibration_state)
+    write_json(
+        {
+            **_state(settings, s.fingerprint),
+            "images": len(s.image_ids),
+            "self_basis": own.estimate.basis,
+            "ground_truth_basis": gt.basis if gt else None,
+        },
+        lay.calibration_state,
+    )
     write_json(record, lay.calibration)  # last: the commit point
     result.file = lay.calibration
     if write:
         if chosen.threshold is None:
-            raise CbirError(f"no score threshold reaches precision {target:g}: params left "
-                            f"unchanged")
+            raise CbirError(
+                f"no score threshold reaches precision {target:g}: params left unchanged"
+            )
         updates: dict[str, Any] = {"search.pair_threshold": chosen.threshold}
         if cluster is not None and cluster < chosen.threshold:  # pairs refuses that
             updates["search.cluster_threshold"] = chosen.threshold
@@ -362,12 +455,18 @@ def _curve_csv(curve: selfcal.Curve | None, points: int = 400) -> str:
     if curve is not None and len(curve.thresholds):
         idx = np.unique(np.linspace(0, len(curve.thresholds) - 1, points).astype(int))
         for i in idx:
-            w.writerow([f"{curve.thresholds[i]:.4f}", f"{curve.precision[i]:.4f}",
-                        f"{curve.recall[i]:.4f}"])
+            w.writerow(
+                [
+                    f"{curve.thresholds[i]:.4f}",
+                    f"{curve.precision[i]:.4f}",
+                    f"{curve.recall[i]:.4f}",
+                ]
+            )
     return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- for the pairs step
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -406,8 +505,9 @@ def configured_thresholds(settings: Settings) -> tuple[float | None, float | Non
     return pair, cluster if cluster is not None else pair
 
 
-def is_current(record: dict[str, Any] | None, settings: Settings, fingerprint: str,
-               n_images: int) -> bool:
+def is_current(
+    record: dict[str, Any] | None, settings: Settings, fingerprint: str, n_images: int
+) -> bool:
     """Whether a recorded calibration still holds: same model, params and ground truth, and a
     collection that has not grown by more than GROWTH since."""
     if not record:
@@ -416,20 +516,27 @@ def is_current(record: dict[str, Any] | None, settings: Settings, fingerprint: s
     if any(record.get(key) != value for key, value in state.items()):
         return False
     before = int(record.get("images") or 0)
-    return 0 < before and n_images <= GROWTH * before and n_images >= before / GROWTH
+    return before > 0 and n_images <= GROWTH * before and n_images >= before / GROWTH
 
 
-def thresholds(settings: Settings, searcher: Any, *, progress: bool = False,
-               ) -> tuple[Thresholds, CalibrateResult | None]:
+def thresholds(
+    settings: Settings,
+    searcher: Any,
+    *,
+    progress: bool = False,
+) -> tuple[Thresholds, CalibrateResult | None]:
     """The thresholds `cbir pairs` uses: fixed ones from params as they are; `auto` ones from
     the current calibration, calibrating first when there is none for this model (or the
     collection grew by more than GROWTH since)."""
-    pair, cluster = (_fixed(settings.search.pair_threshold),
-                     _fixed(settings.search.cluster_threshold))
+    pair, cluster = (
+        _fixed(settings.search.pair_threshold),
+        _fixed(settings.search.cluster_threshold),
+    )
     rec = recorded(settings)
     ran = None
-    if pair is None and not is_current(rec, settings, searcher.fingerprint,
-                                       len(searcher.image_ids)):
+    if pair is None and not is_current(
+        rec, settings, searcher.fingerprint, len(searcher.image_ids)
+    ):
         ran = run_calibrate(settings, progress=progress, searcher=searcher)
         rec = recorded(settings)
     if pair is None:
@@ -438,17 +545,27 @@ def thresholds(settings: Settings, searcher: Any, *, progress: bool = False,
         source = str(rec["source"])
     else:
         source = "params"
-    usable = rec if is_current(rec, settings, searcher.fingerprint, len(searcher.image_ids)) \
-        else None
+    usable = (
+        rec if is_current(rec, settings, searcher.fingerprint, len(searcher.image_ids)) else None
+    )
     cluster = cluster if cluster is not None else pair
     if cluster < pair:
-        raise CbirError(f"search.cluster_threshold ({cluster:g}) must not be below the pair "
-                        f"threshold ({pair:g})")
+        raise CbirError(
+            f"search.cluster_threshold ({cluster:g}) must not be below the pair "
+            f"threshold ({pair:g})"
+        )
     p = r = None
     if usable is not None and usable.get("pair_threshold") == pair:
         p, r = usable.get("estimated_precision"), usable.get("estimated_recall")
     none = bool(usable and (usable.get("self") or {}).get("no_duplicates"))
     unreachable = source != "params" and not (rec or {}).get("reached", True)
-    return Thresholds(pair=pair, cluster=cluster, source=source, estimated_precision=p,
-                      estimated_recall=r, target=settings.search.precision_target,
-                      no_duplicates=none, unreachable=unreachable), ran
+    return Thresholds(
+        pair=pair,
+        cluster=cluster,
+        source=source,
+        estimated_precision=p,
+        estimated_recall=r,
+        target=settings.search.precision_target,
+        no_duplicates=none,
+        unreachable=unreachable,
+    ), ran

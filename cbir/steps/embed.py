@@ -17,14 +17,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .. import faults, imaging
 from ..config import Settings
-from ..errors import CbirError
 from ..fsutil import clean_stale_tmp, write_json, write_parquet
 from ..model import Descriptor, Preprocess, pick_device, retrieval_model, to_tensor
 from ..parallel import start_method
@@ -45,8 +43,9 @@ class ScanDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | None, str | None]:
         try:
-            rgb = imaging.load_rgb(os.fsdecode(self.files[i]), max(self.pp.sizes),
-                                   max_pixels=self.max_pixels)
+            rgb = imaging.load_rgb(
+                os.fsdecode(self.files[i]), max(self.pp.sizes), max_pixels=self.max_pixels
+            )
         except imaging.ImageRejected as exc:
             return i, None, exc.reason
         except OSError as exc:  # deleted or moved since ingest
@@ -54,12 +53,18 @@ class ScanDataset(Dataset):
         return i, [to_tensor(rgb, self.pp, size) for size in self.pp.sizes], None
 
 
-def _collate(batch: list[tuple[int, list[torch.Tensor] | None, str | None]],
-             ) -> tuple[list[int], list[torch.Tensor] | None, list[tuple[int, str]]]:
+def _collate(
+    batch: list[tuple[int, list[torch.Tensor] | None, str | None]],
+) -> tuple[list[int], list[torch.Tensor] | None, list[tuple[int, str]]]:
     ok = [(i, x) for i, x, _ in batch if x is not None]
-    failed = [(i, why) for i, x, why in batch if x is None]
+    # __getitem__ gives a reason whenever it gives no tensors
+    failed = [(i, why or "unreadable") for i, x, why in batch if x is None]
     # one batch tensor per scale
-    xs = [torch.stack(per_scale) for per_scale in zip(*(x for _, x in ok))] if ok else None
+    xs = (
+        [torch.stack(per_scale) for per_scale in zip(*(x for _, x in ok), strict=True)]
+        if ok
+        else None
+    )
     return [i for i, _ in ok], xs, failed
 
 
@@ -71,15 +76,28 @@ def describe(model: Descriptor, xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.normalize(z.float(), dim=-1) if len(xs) > 1 else z
 
 
-def embed_files(model: Descriptor, files: list[bytes], pp: Preprocess, *, batch_size: int,
-                workers: int, device: torch.device, max_pixels: int | None = None,
-                progress: Any = None) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+def embed_files(
+    model: Descriptor,
+    files: list[bytes],
+    pp: Preprocess,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    max_pixels: int | None = None,
+    progress: Any = None,
+) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
     """Descriptors of the given files: (indices embedded, float32 [n, dim], failures)."""
     loader = DataLoader(
-        ScanDataset(files, pp, max_pixels), batch_size=batch_size, shuffle=False,
-        num_workers=workers, collate_fn=_collate,
+        ScanDataset(files, pp, max_pixels),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
         multiprocessing_context=start_method(["cbir.steps.embed"]) if workers else None,
-        persistent_workers=False, prefetch_factor=4 if workers else None)
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
     model = model.to(device).eval()
     done: list[int] = []
     chunks: list[np.ndarray] = []
@@ -100,22 +118,30 @@ def embed_files(model: Descriptor, files: list[bytes], pp: Preprocess, *, batch_
     return done, vectors.astype(np.float32, copy=False), failed
 
 
-def embed_pictures(model: Descriptor, pictures: list[Image.Image], pp: Preprocess, *,
-                   batch_size: int, device: torch.device | None = None) -> np.ndarray:
+def embed_pictures(
+    model: Descriptor,
+    pictures: list[Image.Image],
+    pp: Preprocess,
+    *,
+    batch_size: int,
+    device: torch.device | None = None,
+) -> np.ndarray:
     """Descriptors of pictures already in memory (RGB), preprocessed as scans are."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(pictures), batch_size):
-            chunk = pictures[start:start + batch_size]
-            xs = [torch.stack([to_tensor(p, pp, size) for p in chunk]).to(device)
-                  for size in pp.sizes]
+            chunk = pictures[start : start + batch_size]
+            xs = [
+                torch.stack([to_tensor(p, pp, size) for p in chunk]).to(device) for size in pp.sizes
+            ]
             out.append(describe(model, xs).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.dim), np.float32)
 
 
 # --------------------------------------------------------------------------- shards on disk
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -133,8 +159,13 @@ class EmbedPlan:
     already: int  # images that already have an embedding for this fingerprint
 
 
-def plan_shards(settings: Settings, fp: str, source: str = "", *, baseline: bool = False,
-                ) -> EmbedPlan:
+def plan_shards(
+    settings: Settings,
+    fp: str,
+    source: str = "",
+    *,
+    baseline: bool = False,
+) -> EmbedPlan:
     """The shards still to embed for model `fp`: canonical images without an embedding."""
     lay = layout(settings)
     folder = lay.embeddings(fp, baseline=baseline)
@@ -144,29 +175,48 @@ def plan_shards(settings: Settings, fp: str, source: str = "", *, baseline: bool
     size = settings.embed.shard_size
     shards = []
     for start in range(0, len(todo), size):
-        chunk = todo[start:start + size]
+        chunk = todo[start : start + size]
         # Named after its content: a rerun after a kill plans the same names for the same work.
-        shards.append(Shard(name=f"shard-{chunk[0]['image_id']}-{len(chunk):05d}",
-                            image_ids=tuple(r["image_id"] for r in chunk),
-                            files=tuple(os.path.join(root, r["path_raw"]) for r in chunk)))
-    return EmbedPlan(fingerprint=fp, source=source, folder=folder, shards=shards,
-                     already=len(done))
+        shards.append(
+            Shard(
+                name=f"shard-{chunk[0]['image_id']}-{len(chunk):05d}",
+                image_ids=tuple(r["image_id"] for r in chunk),
+                files=tuple(os.path.join(root, r["path_raw"]) for r in chunk),
+            )
+        )
+    return EmbedPlan(fingerprint=fp, source=source, folder=folder, shards=shards, already=len(done))
 
 
-def embed_shard(settings: Settings, model: Descriptor, pp: Preprocess, folder: Path,
-                shard: Shard, progress: Any = None) -> tuple[int, list[tuple[str, str]]]:
+def embed_shard(
+    settings: Settings,
+    model: Descriptor,
+    pp: Preprocess,
+    folder: Path,
+    shard: Shard,
+    progress: Any = None,
+) -> tuple[int, list[tuple[str, str]]]:
     """Embed one shard and write it atomically. Returns (images embedded, failures)."""
     e = settings.embed
     idx, vectors, failed = embed_files(
-        model, list(shard.files), pp, batch_size=e.batch_size, workers=e.workers,
-        device=pick_device(e.device), max_pixels=settings.ingest.max_pixels, progress=progress)
+        model,
+        list(shard.files),
+        pp,
+        batch_size=e.batch_size,
+        workers=e.workers,
+        device=pick_device(e.device),
+        max_pixels=settings.ingest.max_pixels,
+        progress=progress,
+    )
     ids = [shard.image_ids[i] for i in idx]
     dim = vectors.shape[1]
-    table = pa.table({
-        "image_id": pa.array(ids, pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()),
-                                                    dim),
-    })
+    table = pa.table(
+        {
+            "image_id": pa.array(ids, pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), pa.float32()), dim
+            ),
+        }
+    )
     faults.point("embed.shard")
     write_parquet(table, folder / f"{shard.name}.parquet")
     return len(ids), [(shard.image_ids[i], why) for i, why in failed]
@@ -184,10 +234,12 @@ class EmbedSummary:
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
-        out = [f"embed: model {self.fingerprint} ({self.source})",
-               f"  {self.embedded} images embedded in {self.shards} shards, {self.already} "
-               f"already embedded; {self.seconds:.1f} s",
-               f"  embeddings in {self.folder}"]
+        out = [
+            f"embed: model {self.fingerprint} ({self.source})",
+            f"  {self.embedded} images embedded in {self.shards} shards, {self.already} "
+            f"already embedded; {self.seconds:.1f} s",
+            f"  embeddings in {self.folder}",
+        ]
         for image_id, why in self.failed[:10]:
             out.append(f"  not embedded: {image_id}: {why}")
         if len(self.failed) > 10:
@@ -198,14 +250,25 @@ class EmbedSummary:
 def write_model_card(settings: Settings, plan: EmbedPlan, model: Descriptor) -> None:
     from dataclasses import asdict
 
-    write_json({"fingerprint": plan.fingerprint, "source": plan.source,
-                "config": asdict(model.config), "dim": model.dim,
-                "resolution": settings.embed_resolution, "scales": settings.embed.scales},
-               plan.folder / MODEL_CARD)
+    write_json(
+        {
+            "fingerprint": plan.fingerprint,
+            "source": plan.source,
+            "config": asdict(model.config),
+            "dim": model.dim,
+            "resolution": settings.embed_resolution,
+            "scales": settings.embed.scales,
+        },
+        plan.folder / MODEL_CARD,
+    )
 
 
-def run_embed(settings: Settings, *, progress: bool = False, baseline: bool = False,
-              ) -> EmbedSummary:
+def run_embed(
+    settings: Settings,
+    *,
+    progress: bool = False,
+    baseline: bool = False,
+) -> EmbedSummary:
     """Embed every canonical image that has no embedding for the current model.
 
     `baseline=True` embeds with the untrained backbone (the configured init) instead, into the
@@ -220,8 +283,7 @@ def run_embed(settings: Settings, *, progress: bool = False, baseline: bool = Fa
     plan.folder.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(plan.folder)
     write_model_card(settings, plan, model)
-    summary = EmbedSummary(fingerprint=fp, source=source, folder=plan.folder,
-                           already=plan.already)
+    summary = EmbedSummary(fingerprint=fp, source=source, folder=plan.folder, already=plan.already)
     total = sum(len(s.image_ids) for s in plan.shards)
     bar = progress_bar(total, "embed", "img", progress)
     try:
@@ -234,5 +296,3 @@ def run_embed(settings: Settings, *, progress: bool = False, baseline: bool = Fa
         bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
-
-

@@ -21,21 +21,27 @@ import pyarrow as pa
 
 from .. import metrics
 from ..config import Settings
-from ..store.embeddings import load_embeddings
-from .embed import run_embed
 from ..errors import CbirError
 from ..fsutil import clean_stale_tmp, write_json, write_parquet, write_text
-from ..store.manifest import PRESENT, load_manifest
+from ..store.embeddings import load_embeddings
 from ..store.index import open_searcher
 from ..store.layout import Layout, layout
+from ..store.manifest import PRESENT, load_manifest
+from .embed import run_embed
 
-NEIGHBORS_SCHEMA = pa.schema([
-    ("query_path", pa.string()), ("neighbor_path", pa.string()), ("rank", pa.int32()),
-    ("score", pa.float32()), ("correct", pa.bool_()),
-])
+NEIGHBORS_SCHEMA = pa.schema(
+    [
+        ("query_path", pa.string()),
+        ("neighbor_path", pa.string()),
+        ("rank", pa.int32()),
+        ("score", pa.float32()),
+        ("correct", pa.bool_()),
+    ]
+)
 
 
 # --------------------------------------------------------------------------- ground truth
+
 
 @dataclass
 class GroundTruth:
@@ -92,8 +98,10 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
             if reader.fieldnames is None:  # an empty file: nothing labelled yet
                 return GroundTruth(group_of={}, n_rows=0, n_groups=0)
             if not {"path", "group"} <= set(reader.fieldnames):
-                raise CbirError(f"{csv_path}: expected a header with columns path,group "
-                                f"(got {reader.fieldnames})")
+                raise CbirError(
+                    f"{csv_path}: expected a header with columns path,group "
+                    f"(got {reader.fieldnames})"
+                )
             for row in reader:
                 n += 1
                 raw, group = (row["path"] or "").strip(), (row["group"] or "").strip()
@@ -107,19 +115,29 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     except UnicodeDecodeError:
         raise CbirError(f"{csv_path} is not UTF-8 text") from None
     if outside:
-        raise CbirError(f"{csv_path}: {len(outside)} paths lie outside the scans folder {scans}, "
-                        f"e.g. {outside[0]!r}")
+        raise CbirError(
+            f"{csv_path}: {len(outside)} paths lie outside the scans folder {scans}, "
+            f"e.g. {outside[0]!r}"
+        )
     if unknown:
-        raise CbirError(f"{csv_path}: {len(unknown)} paths are not ingested images (missing, "
-                        f"quarantined or never ingested), e.g. {unknown[0]!r}; see the "
-                        f"quarantine table or run `cbir ingest`")
+        raise CbirError(
+            f"{csv_path}: {len(unknown)} paths are not ingested images (missing, "
+            f"quarantined or never ingested), e.g. {unknown[0]!r}; see the "
+            f"quarantine table or run `cbir ingest`"
+        )
     return GroundTruth(group_of=group_of, n_rows=n, n_groups=len(set(group_of.values())))
 
 
 # --------------------------------------------------------------------------- rankings
 
-def exact_topk(vectors: np.ndarray, rows: np.ndarray, k: int, batch: int = 1024,
-               candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+
+def exact_topk(
+    vectors: np.ndarray,
+    rows: np.ndarray,
+    k: int,
+    batch: int = 1024,
+    candidates: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of vectors[rows] against all vectors, or only against the rows
     in `candidates`: (row indices, scores)."""
     cand = None if candidates is None else np.asarray(candidates, np.int64)
@@ -128,18 +146,19 @@ def exact_topk(vectors: np.ndarray, rows: np.ndarray, k: int, batch: int = 1024,
     out_i = np.empty((len(rows), k), np.int64)
     out_s = np.empty((len(rows), k), np.float32)
     for s in range(0, len(rows), batch):
-        sims = vectors[rows[s:s + batch]] @ pool.T
+        sims = vectors[rows[s : s + batch]] @ pool.T
         part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         ps = np.take_along_axis(sims, part, 1)
         order = np.argsort(-ps, axis=1, kind="stable")
         idx = np.take_along_axis(part, order, 1)
-        out_i[s:s + batch] = idx if cand is None else cand[idx]
-        out_s[s:s + batch] = np.take_along_axis(ps, order, 1)
+        out_i[s : s + batch] = idx if cand is None else cand[idx]
+        out_s[s : s + batch] = np.take_along_axis(ps, order, 1)
     return out_i, out_s
 
 
-def phash_topk(hashes: np.ndarray, rows: np.ndarray, k: int,
-               candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def phash_topk(
+    hashes: np.ndarray, rows: np.ndarray, k: int, candidates: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Hamming ranking of 64-bit perceptual hashes (against all rows, or only `candidates`);
     score = 1 - distance / 64."""
     h = hashes.astype(np.uint64)
@@ -157,6 +176,7 @@ def phash_topk(hashes: np.ndarray, rows: np.ndarray, k: int,
 
 # --------------------------------------------------------------------------- the step
 
+
 @dataclass
 class EvaluationResult:
     rows: list[tuple[str, dict[str, float]]] = field(default_factory=list)
@@ -172,15 +192,21 @@ class EvaluationResult:
     def coverage(self) -> str:
         if self.n_labelled == self.n_images:
             return f"all {self.n_images} images labelled"
-        return (f"{self.n_labelled} of {self.n_images} images labelled; the others are left "
-                f"out of the rankings")
+        return (
+            f"{self.n_labelled} of {self.n_images} images labelled; the others are left "
+            f"out of the rankings"
+        )
 
     def lines(self) -> list[str]:
         if self.note:
             return [f"evaluate: nothing to evaluate: {self.note}", f"metrics: {self.metrics_file}"]
-        return [f"evaluate: {self.n_queries} queries ({self.coverage()}); {self.seconds:.1f} s",
-                "", self.table, f"metrics: {self.metrics_file}",
-                f"neighbours: {self.neighbors_file}"]
+        return [
+            f"evaluate: {self.n_queries} queries ({self.coverage()}); {self.seconds:.1f} s",
+            "",
+            self.table,
+            f"metrics: {self.metrics_file}",
+            f"neighbours: {self.neighbors_file}",
+        ]
 
 
 def _model_label(settings: Settings) -> str:
@@ -221,25 +247,35 @@ def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
         sizes[g] = sizes.get(g, 0) + 1
     query_rows = np.array(sorted(r for r, g in group_of.items() if sizes[g] >= 2), np.int64)
     if len(query_rows) == 0:
-        raise NoLabels(f"{settings.data.ground_truth} labels no group of two or more "
-                       f"ingested images")
+        raise NoLabels(
+            f"{settings.data.ground_truth} labels no group of two or more ingested images"
+        )
     if len(group_of) == len(ids):  # every image labelled: rank through the index, as users get
         candidates = None
         s, found = searcher.search(searcher.vectors[query_rows], k + 1)
-        nbr = np.array([[row_of[x] if x is not None else -1 for x in row] for row in found],
-                       np.int64)
+        nbr = np.array(
+            [[row_of[x] if x is not None else -1 for x in row] for row in found], np.int64
+        )
     else:  # a partial ground truth: rank among the labelled images only (exactly)
         candidates = np.array(sorted(group_of), np.int64)
         nbr, s = exact_topk(searcher.vectors, query_rows, k + 1, candidates=candidates)
     ranked = metrics.build_ranked_results(query_rows, nbr, s, group_of)
     neighbours = _neighbour_rows(ranked, query_rows, nbr, s, ids, searcher.path_of, group_of, k)
-    return ModelRanking(label=_model_label(settings), image_ids=ids,
-                        path_of=searcher.path_of, group_of=group_of, query_rows=query_rows,
-                        ranked=ranked, neighbours=neighbours, candidates=candidates)
+    return ModelRanking(
+        label=_model_label(settings),
+        image_ids=ids,
+        path_of=searcher.path_of,
+        group_of=group_of,
+        query_rows=query_rows,
+        ranked=ranked,
+        neighbours=neighbours,
+        candidates=candidates,
+    )
 
 
-def run_evaluate(settings: Settings, *, progress: bool = False,
-                 log: Callable[[str], None] | None = None) -> EvaluationResult:
+def run_evaluate(
+    settings: Settings, *, progress: bool = False, log: Callable[[str], None] | None = None
+) -> EvaluationResult:
     """Score the current model, and the baselines, on the ground truth's labelled images.
 
     `log` hears what each long part is about to do (the CLI prints it on stderr)."""
@@ -262,17 +298,21 @@ def run_evaluate(settings: Settings, *, progress: bool = False,
         result.rows.append((label, metrics.evaluate(r, ks, precision=cfg.precision_target)))
         return r
 
-    result = EvaluationResult(n_queries=len(query_rows), n_labelled=len(group_of),
-                              n_images=len(ids))
-    result.rows.append((model.label, metrics.evaluate(model.ranked, ks,
-                                                      precision=cfg.precision_target)))
+    result = EvaluationResult(
+        n_queries=len(query_rows), n_labelled=len(group_of), n_images=len(ids)
+    )
+    result.rows.append(
+        (model.label, metrics.evaluate(model.ranked, ks, precision=cfg.precision_target))
+    )
     neighbours = model.neighbours
 
     if cfg.baselines:
         # The untrained backbone, ranked exactly (its embeddings are cached under their own
         # fingerprint; without a checkpoint they are the model's own, so nothing is recomputed).
-        say("evaluate: baseline 1/2, the untrained backbone (embeds the collection once, then "
-            "reuses it)")
+        say(
+            "evaluate: baseline 1/2, the untrained backbone (embeds the collection once, then "
+            "reuses it)"
+        )
         base = run_embed(settings, progress=progress, baseline=True)
         b_ids, b_vec = load_embeddings(base.folder, set(ids))
         if b_ids != ids:
@@ -280,8 +320,11 @@ def run_evaluate(settings: Settings, *, progress: bool = False,
         bi, bs = exact_topk(b_vec, query_rows, kmax + 1, candidates=model.candidates)
         score(f"{settings.model.backbone} init={settings.model.init} (untrained)", bi, bs)
         say("evaluate: baseline 2/2, perceptual hashes")
-        manifest = load_manifest(settings).select(["image_id", "phash", "is_canonical",
-                                                   "status"]).to_pylist()
+        manifest = (
+            load_manifest(settings)
+            .select(["image_id", "phash", "is_canonical", "status"])
+            .to_pylist()
+        )
         ph = {r["image_id"]: r["phash"] for r in manifest if r["is_canonical"]}
         hashes = np.array([ph[i] for i in ids], dtype=np.uint64)
         hi, hs = phash_topk(hashes, query_rows, kmax + 1, candidates=model.candidates)
@@ -289,12 +332,16 @@ def run_evaluate(settings: Settings, *, progress: bool = False,
 
     result.table = metrics.markdown_table(result.rows, ks, precision=cfg.precision_target)
     names = ["model"] + [_short(label) for label, _ in result.rows[1:]]
-    write_json({name: _finite(vals) for name, (_, vals) in zip(names, result.rows)},
-               lay.metrics_json)
+    write_json(
+        {name: _finite(vals) for name, (_, vals) in zip(names, result.rows, strict=True)},
+        lay.metrics_json,
+    )
     write_parquet(pa.Table.from_pylist(neighbours, schema=NEIGHBORS_SCHEMA), lay.neighbors)
-    write_text(f"# Retrieval quality\n\n{result.n_queries} queries; ground truth "
-               f"{settings.data.ground_truth} ({result.coverage()})\n\n{result.table}",
-               lay.metrics_md)
+    write_text(
+        f"# Retrieval quality\n\n{result.n_queries} queries; ground truth "
+        f"{settings.data.ground_truth} ({result.coverage()})\n\n{result.table}",
+        lay.metrics_md,
+    )
     result.metrics_file = lay.metrics_json
     result.neighbors_file = lay.neighbors
     result.seconds = time.perf_counter() - t0
@@ -307,9 +354,11 @@ def _nothing_labelled(settings: Settings, lay: Layout, why: str, t0: float) -> E
     result = EvaluationResult(note=why)
     write_json({"model": {}, "note": why}, lay.metrics_json)
     write_parquet(pa.Table.from_pylist([], schema=NEIGHBORS_SCHEMA), lay.neighbors)
-    write_text(f"# Retrieval quality\n\nNothing to evaluate: {why}. Label near-duplicates "
-               f"in {settings.data.ground_truth} (columns path,group) to measure the model.\n",
-               lay.metrics_md)
+    write_text(
+        f"# Retrieval quality\n\nNothing to evaluate: {why}. Label near-duplicates "
+        f"in {settings.data.ground_truth} (columns path,group) to measure the model.\n",
+        lay.metrics_md,
+    )
     result.metrics_file = lay.metrics_json
     result.neighbors_file = lay.neighbors
     result.seconds = time.perf_counter() - t0
@@ -324,20 +373,33 @@ def _finite(vals: dict[str, float]) -> dict[str, float | None]:
     return {k: (float(v) if np.isfinite(v) else None) for k, v in vals.items()}
 
 
-def _neighbour_rows(ranked: metrics.RankedResults, query_rows: np.ndarray, nbr: np.ndarray,
-                    scores: np.ndarray, ids: list[str], path_of: dict[str, str],
-                    group_of: dict[int, str], k: int) -> list[dict[str, Any]]:
+def _neighbour_rows(
+    ranked: metrics.RankedResults,
+    query_rows: np.ndarray,
+    nbr: np.ndarray,
+    scores: np.ndarray,
+    ids: list[str],
+    path_of: dict[str, str],
+    group_of: dict[int, str],
+    k: int,
+) -> list[dict[str, Any]]:
     """The top k of every query (itself left out), with paths and whether each is correct."""
     out = []
-    for q, row, srow in zip(query_rows, nbr, scores):
+    for q, row, srow in zip(query_rows, nbr, scores, strict=True):
         rank = 0
-        for n, sc in zip(row, srow):
+        for n, sc in zip(row, srow, strict=True):
             if n < 0 or n == q:
                 continue
             rank += 1
             if rank > k:
                 break
-            out.append({"query_path": path_of.get(ids[q]), "neighbor_path": path_of.get(ids[n]),
-                        "rank": rank, "score": float(sc),
-                        "correct": group_of.get(int(n)) == group_of[int(q)]})
+            out.append(
+                {
+                    "query_path": path_of.get(ids[q]),
+                    "neighbor_path": path_of.get(ids[n]),
+                    "rank": rank,
+                    "score": float(sc),
+                    "correct": group_of.get(int(n)) == group_of[int(q)],
+                }
+            )
     return out

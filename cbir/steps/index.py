@@ -4,17 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import CbirError
-from ..faiss_index import (FLAT_MAX_N, IndexInfo, add_vectors, build_index, choose_params,
-                           faiss_ids, index_ids, remove_ids)
+from ..faiss_index import (
+    FLAT_MAX_N,
+    IndexInfo,
+    add_vectors,
+    build_index,
+    choose_params,
+    faiss_ids,
+    index_ids,
+    remove_ids,
+)
 from ..fsutil import clean_stale_tmp
 from ..store.embeddings import current_embeddings
-from ..store.index import finish_save, load_index, save_index
+from ..store.index import NoIndex, finish_save, load_index, save_index
 from ..store.layout import layout
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 
 @dataclass
@@ -29,22 +40,33 @@ class IndexSummary:
 
     def lines(self) -> list[str]:
         p = self.info.params
-        shape = (f"IVF-PQ nlist={p.nlist} m={p.m}x{p.nbits}bit{' +OPQ' if p.opq else ''}, "
-                 f"nprobe={self.info.nprobe}, exact re-ranking of {self.info.k_factor}x{self.info.k}"
-                 f" candidates" if p.kind == "ivfpq" else "exact flat inner-product search")
-        out = [f"index: {self.info.n_vectors} vectors, dim {self.info.dim}, model "
-               f"{self.info.model_fingerprint}: {shape}",
-               (f"  rebuilt ({self.reason}); recall@{self.info.k} {self.info.recall_at_k:.3f} "
-                f"vs exact search; {self.info.build_seconds:.1f} s" if self.rebuilt else
-                f"  updated: {self.added} added, {self.removed} removed, no retraining"),
-               f"  {self.folder}"]
+        shape = (
+            f"IVF-PQ nlist={p.nlist} m={p.m}x{p.nbits}bit{' +OPQ' if p.opq else ''}, "
+            f"nprobe={self.info.nprobe}, exact re-ranking of "
+            f"{self.info.k_factor}x{self.info.k} candidates"
+            if p.kind == "ivfpq"
+            else "exact flat inner-product search"
+        )
+        out = [
+            f"index: {self.info.n_vectors} vectors, dim {self.info.dim}, model "
+            f"{self.info.model_fingerprint}: {shape}",
+            (
+                f"  rebuilt ({self.reason}); recall@{self.info.k} {self.info.recall_at_k:.3f} "
+                f"vs exact search; {self.info.build_seconds:.1f} s"
+                if self.rebuilt
+                else f"  updated: {self.added} added, {self.removed} removed, no retraining"
+            ),
+            f"  {self.folder}",
+        ]
         if self.images_without_embedding:
-            out.append(f"  {self.images_without_embedding} images have no embedding (run "
-                       f"`cbir embed`; unreadable files are listed there)")
+            out.append(
+                f"  {self.images_without_embedding} images have no embedding (run "
+                f"`cbir embed`; unreadable files are listed there)"
+            )
         return out
 
 
-def run_index(settings: Any, *, rebuild: bool = False) -> IndexSummary:
+def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
     """Build the index of the current embeddings, or update it in place when that is enough.
 
     New images are added without retraining until the collection outgrows the size the index was
@@ -61,8 +83,10 @@ def run_index(settings: Any, *, rebuild: bool = False) -> IndexSummary:
     if not rebuild:
         try:
             index, info = load_index(folder)
+        except NoIndex:
+            reason = "no usable index"
         except CbirError as exc:
-            reason = "no usable index" if "no index" in str(exc) else f"{exc}"
+            reason = f"{exc}"
         else:
             if info.model_fingerprint != fp:
                 reason = f"model changed from {info.model_fingerprint} to {fp}"
@@ -73,19 +97,36 @@ def run_index(settings: Any, *, rebuild: bool = False) -> IndexSummary:
                 gone = np.setdiff1d(have, fids)
                 new_mask = ~np.isin(fids, have)
                 removed = remove_ids(index, info, gone)
-                if add_vectors(index, info, vectors[new_mask], fids[new_mask],
-                               rebuild_factor=cfg.rebuild_factor):
+                if add_vectors(
+                    index,
+                    info,
+                    vectors[new_mask],
+                    fids[new_mask],
+                    rebuild_factor=cfg.rebuild_factor,
+                ):
                     if removed or new_mask.any():
                         save_index(index, info, folder)
-                    return IndexSummary(info=info, folder=folder, rebuilt=False,
-                                        added=int(new_mask.sum()), removed=removed,
-                                        images_without_embedding=n_missing)
-                reason = (f"collection outgrew the trained quantiser ({len(ids)} vectors > "
-                          f"{cfg.rebuild_factor} x {info.trained_size})")
+                    return IndexSummary(
+                        info=info,
+                        folder=folder,
+                        rebuilt=False,
+                        added=int(new_mask.sum()),
+                        removed=removed,
+                        images_without_embedding=n_missing,
+                    )
+                reason = (
+                    f"collection outgrew the trained quantiser ({len(ids)} vectors > "
+                    f"{cfg.rebuild_factor} x {info.trained_size})"
+                )
     params = choose_params(len(ids), vectors.shape[1], bytes_per_vector=cfg.bytes_per_vector)
-    index, info = build_index(vectors, fids, params, target_recall=cfg.target_recall,
-                              seed=cfg.seed)
+    index, info = build_index(vectors, fids, params, target_recall=cfg.target_recall, seed=cfg.seed)
     info.model_fingerprint = fp
     save_index(index, info, folder)
-    return IndexSummary(info=info, folder=folder, rebuilt=True, added=len(ids),
-                        images_without_embedding=n_missing, reason=reason or "first build")
+    return IndexSummary(
+        info=info,
+        folder=folder,
+        rebuilt=True,
+        added=len(ids),
+        images_without_embedding=n_missing,
+        reason=reason or "first build",
+    )

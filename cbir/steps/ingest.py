@@ -8,20 +8,23 @@ cannot be used go to the quarantine with a reason, and the run goes on.
 Crash safety: decode results are journalled in small Parquet parts while the run goes on; the
 manifest itself is replaced atomically at the end. A run killed at any point leaves the previous
 manifest intact, and the next run reuses the journal instead of decoding again.
+
+The folder walk is the kernel `cbir.walk`; the merge of what a run saw into the manifest (statuses
+new, changed, missing, replaced; one canonical row per content) is `_merge` and what follows it.
+Longer than 400 lines: the walk and the per-file probe are kernels (cbir/walk.py, cbir/probe.py);
+what remains, the merge into the manifest and its crash journal, is this step's own logic.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import multiprocessing as mp
 import os
-import stat
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,26 +39,38 @@ from ..parallel import start_method
 from ..probe import Entry, display_path, init_worker, probe_star, sha256_of
 from ..progress import bar as progress_bar
 from ..store.catalog import SEEN_FIRST, clean_stale, refresh_catalog
-from ..store.layout import layout
-from ..store.manifest import (DUPLICATE, FILES_SCHEMA, MANIFEST_FIX, MISSING, OK, PRESENT,
-                              QUARANTINE_SCHEMA, REPLACED, RUNS_SCHEMA)
+from ..store.layout import Layout, layout
+from ..store.manifest import (
+    DUPLICATE,
+    FILES_SCHEMA,
+    MANIFEST_FIX,
+    MISSING,
+    OK,
+    PRESENT,
+    QUARANTINE_SCHEMA,
+    REPLACED,
+    RUNS_SCHEMA,
+)
 from ..store.tables import read_table
+from ..walk import walk_scans
 
 # Journal parts hold raw worker results; the manifest rows are derived from them at commit.
-JOURNAL_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("path_raw", pa.binary()),
-    ("bytes", pa.int64()),
-    ("mtime_ns", pa.int64()),
-    ("sha256", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("mode", pa.string()),
-    ("format", pa.string()),
-    ("pages", pa.int32()),
-    ("phash", pa.uint64()),
-    ("reason", pa.string()),
-])
+JOURNAL_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("path_raw", pa.binary()),
+        ("bytes", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mode", pa.string()),
+        ("format", pa.string()),
+        ("pages", pa.int32()),
+        ("phash", pa.uint64()),
+        ("reason", pa.string()),
+    ]
+)
 
 
 def image_id_of(sha256: str) -> str:
@@ -63,79 +78,8 @@ def image_id_of(sha256: str) -> str:
     return sha256[:16]
 
 
-def _ignored(name: bytes, patterns: list[str]) -> bool:
-    text = display_path(name)
-    return any(fnmatch.fnmatchcase(text, p) for p in patterns)
-
-
-def walk_scans(root: Path, ignore: list[str]) -> Iterator[Entry]:
-    """Every file under root, recursively, in a stable order; symlinks are checked, not trusted."""
-    root_b = os.fsencode(root)
-    real_root = os.path.realpath(root_b)
-    stack: list[bytes] = [b""]
-    while stack:
-        rel_dir = stack.pop()
-        full_dir = os.path.join(root_b, rel_dir) if rel_dir else root_b
-        try:
-            with os.scandir(full_dir) as it:
-                items = sorted(it, key=lambda e: e.name)
-        except FileNotFoundError:
-            if rel_dir:
-                yield Entry(rel_dir, 0, 0, "folder disappeared during ingest (deleted or moved)")
-            continue
-        except PermissionError:
-            yield Entry(rel_dir or b".", 0, 0, "folder cannot be read: permission denied")
-            continue
-        except OSError as exc:
-            yield Entry(rel_dir or b".", 0, 0, f"folder cannot be read: {exc.strerror}")
-            continue
-        subdirs = []
-        for item in items:
-            name = item.name
-            if _ignored(name, ignore):
-                continue
-            rel = os.path.join(rel_dir, name) if rel_dir else name
-            try:
-                if item.is_symlink():
-                    yield from _check_symlink(item.path, rel, real_root)
-                elif item.is_dir(follow_symlinks=False):
-                    subdirs.append(rel)
-                elif item.is_file(follow_symlinks=False):
-                    st = item.stat(follow_symlinks=False)
-                    yield Entry(rel, st.st_size, st.st_mtime_ns)
-                else:
-                    yield Entry(rel, 0, 0, "not a regular file (a device, pipe or socket)")
-            except FileNotFoundError:
-                yield Entry(rel, 0, 0, "file disappeared during ingest (deleted or moved)")
-            except OSError as exc:
-                yield Entry(rel, 0, 0, f"cannot read the file's metadata: {exc.strerror}")
-        stack.extend(reversed(subdirs))
-
-
-def _check_symlink(full: bytes, rel: bytes, real_root: bytes) -> Iterator[Entry]:
-    target = os.path.realpath(full)
-    shown = display_path(target)
-    if not os.path.exists(target):
-        yield Entry(rel, 0, 0, f"broken symbolic link: its target {shown} does not exist")
-        return
-    if os.path.commonpath([real_root, target]) != real_root:
-        yield Entry(rel, 0, 0, f"symbolic link points outside the scans folder (to {shown})")
-        return
-    st = os.stat(target)
-    if stat.S_ISDIR(st.st_mode):
-        yield Entry(rel, 0, 0, "symbolic link to a folder: not followed (its files are "
-                               "ingested from their real location)")
-        return
-    if not stat.S_ISREG(st.st_mode):  # opening a FIFO would wait for a writer forever
-        yield Entry(rel, 0, 0, "symbolic link to something that is not a regular file (a "
-                               "device, pipe or socket)")
-        return
-    # A link to a file inside the scans root: ingested like a file (its content makes it an
-    # exact duplicate of its target).
-    yield Entry(rel, st.st_size, st.st_mtime_ns)
-
-
 # --------------------------------------------------------------------------- state on disk
+
 
 def _read(path: Path, schema: pa.Schema) -> list[dict[str, Any]]:
     if not os.path.lexists(path):
@@ -176,8 +120,10 @@ class _Journal:
         if not self.buffer:
             return
         rows = [{k: r.get(k) for k in JOURNAL_SCHEMA.names} for r in self.buffer]
-        write_parquet(pa.Table.from_pylist(rows, schema=JOURNAL_SCHEMA),
-                      self.dir / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
+        write_parquet(
+            pa.Table.from_pylist(rows, schema=JOURNAL_SCHEMA),
+            self.dir / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet",
+        )
         self.buffer = []
 
     def clear(self) -> None:
@@ -186,6 +132,7 @@ class _Journal:
 
 
 # --------------------------------------------------------------------------- the run
+
 
 @dataclass
 class IngestSummary:
@@ -206,8 +153,8 @@ class IngestSummary:
             f"{c.get('unchanged', 0)} unchanged, {c.get('new_duplicates', 0)} new exact "
             f"duplicates, {c.get('newly_missing', 0)} newly missing, {self.decoded} decoded "
             f"in {self.seconds:.1f} s",
-            "  manifest: " + ", ".join(f"{t.get(s, 0)} {s}" for s in (OK, DUPLICATE, MISSING,
-                                                                     REPLACED))
+            "  manifest: "
+            + ", ".join(f"{t.get(s, 0)} {s}" for s in (OK, DUPLICATE, MISSING, REPLACED))
             + f"; {c.get('quarantined', 0)} quarantined",
             f"  manifest {self.manifest}; catalogue {self.catalog}",
         ]
@@ -227,22 +174,29 @@ def _check_scans_dir(root: Path) -> None:
         raise CbirError(f"scans folder cannot be read: {root} ({exc.strerror})") from None
 
 
-def _next_run_id(files: list[dict[str, Any]], quarantine: list[dict[str, Any]],
-                 runs: list[dict[str, Any]]) -> int:
+def _next_run_id(
+    files: list[dict[str, Any]], quarantine: list[dict[str, Any]], runs: list[dict[str, Any]]
+) -> int:
     seen = [r["run_id"] for r in runs]
     seen += [r["last_run"] for r in files] + [r["last_run"] for r in quarantine]
     return max(seen, default=0) + 1
 
 
-def _decode_all(root: Path, todo: list[Entry], known: frozenset[str], settings: Settings,
-                journal: _Journal, progress: bool,
-                on_result: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+def _decode_all(
+    root: Path,
+    todo: list[Entry],
+    known: frozenset[str],
+    settings: Settings,
+    journal: _Journal,
+    progress: bool,
+    on_result: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     if not todo:
         return results
     root_b = os.fsencode(root)
     bar = progress_bar(len(todo), "ingest", "file", progress)
-    workers = min(settings.workers, max(1, len(todo) // 4))
+    workers = min(settings.decode_workers, max(1, len(todo) // 4))
     args = [(root_b, e) for e in todo]
     try:
         if workers <= 1:
@@ -251,8 +205,9 @@ def _decode_all(root: Path, todo: list[Entry], known: frozenset[str], settings: 
             pool = None
         else:
             ctx = mp.get_context(start_method(["cbir.probe"]))
-            pool = ctx.Pool(workers, initializer=init_worker,
-                            initargs=(known, settings.ingest.max_pixels))
+            pool = ctx.Pool(
+                workers, initializer=init_worker, initargs=(known, settings.ingest.max_pixels)
+            )
             stream = pool.imap_unordered(probe_star, args, chunksize=4)
         try:
             for row in stream:
@@ -274,8 +229,10 @@ def _decode_all(root: Path, todo: list[Entry], known: frozenset[str], settings: 
     return results
 
 
-def _split_same_content(root: Path, todo: list[Entry],
-                        ) -> tuple[list[Entry], list[tuple[Entry, str]]]:
+def _split_same_content(
+    root: Path,
+    todo: list[Entry],
+) -> tuple[list[Entry], list[tuple[Entry, str]]]:
     """Keep one file per content among new files of equal size (only those can be identical).
 
     Returns the files to decode and (copy, sha256) for the byte-identical copies left out.
@@ -302,8 +259,10 @@ def _split_same_content(root: Path, todo: list[Entry],
     return keep, copies
 
 
-def _resolve_copies(copies: list[tuple[Entry, str]], results: list[dict[str, Any]],
-                    ) -> list[dict[str, Any]]:
+def _resolve_copies(
+    copies: list[tuple[Entry, str]],
+    results: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
     """Results for the copies left out of decoding: the decoded twin's, with their own path."""
     if not copies:
         return []
@@ -311,45 +270,51 @@ def _resolve_copies(copies: list[tuple[Entry, str]], results: list[dict[str, Any
     out = []
     for e, sha in copies:
         twin = decoded.get(sha)
-        row = {**(twin or {}), "path": e.path, "path_raw": e.raw, "bytes": e.size,
-               "mtime_ns": e.mtime_ns, "sha256": sha}
+        row = {
+            **(twin or {}),
+            "path": e.path,
+            "path_raw": e.raw,
+            "bytes": e.size,
+            "mtime_ns": e.mtime_ns,
+            "sha256": sha,
+        }
         if twin is None:  # its twin failed to decode: so does this copy, for the same reason
-            twin_reason = next((r["reason"] for r in results if r.get("sha256") == sha
-                                and r.get("reason")), "damaged image")
+            twin_reason = next(
+                (r["reason"] for r in results if r.get("sha256") == sha and r.get("reason")),
+                "damaged image",
+            )
             row["reason"] = twin_reason
         else:
-            row = {k: v for k, v in row.items() if k not in ("width", "height", "mode",
-                                                             "format", "pages", "phash")}
+            row = {
+                k: v
+                for k, v in row.items()
+                if k not in ("width", "height", "mode", "format", "pages", "phash")
+            }
         out.append(row)
     return out
 
 
-def run_ingest(settings: Settings, *, progress: bool = False,
-               on_result: Callable[[dict[str, Any]], None] | None = None) -> IngestSummary:
+def run_ingest(
+    settings: Settings,
+    *,
+    progress: bool = False,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> IngestSummary:
     """One ingest run over data.scans_dir. Returns a summary; raises CbirError on setup problems.
 
     `on_result` is called in the parent for every decoded file (tests use it to interrupt a run).
     """
     t0 = time.perf_counter()
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     lay = layout(settings)
     root = lay.scans
     _check_scans_dir(root)
-    mdir = lay.manifest_dir
-    mdir.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(mdir)
+    lay.manifest_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(lay.manifest_dir)
     clean_stale_tmp(lay.journal)
     clean_stale(settings)
 
-    files = _read(lay.files, FILES_SCHEMA)
-    quarantine = _read(lay.quarantine, QUARANTINE_SCHEMA)
-    runs = _read(lay.runs, RUNS_SCHEMA)
-    run_id = _next_run_id(files, quarantine, runs)
-    last_logged = max((r["run_id"] for r in runs), default=0)
-    for r in files:  # present files were seen by every run since the last rewrite (see catalog)
-        if r["status"] in PRESENT:
-            r["last_run"] = max(r["last_run"], last_logged)
-
+    files, quarantine, runs, run_id = _load_state(lay)
     before = _state_key(files, quarantine)
     current = {r["path_raw"]: r for r in files if r["status"] != REPLACED}
     quarantined = {r["path_raw"]: r for r in quarantine}
@@ -358,53 +323,146 @@ def run_ingest(settings: Settings, *, progress: bool = False,
 
     entries = list(walk_scans(root, settings.ingest.ignore))
     counts: Counter[str] = Counter(files_seen=len(entries))
-    unchanged: list[Entry] = []
-    problems: dict[bytes, tuple[Entry, str]] = {}
-    todo: list[Entry] = []
-    results: list[dict[str, Any]] = []
+    work = _triage(entries, current, quarantined, journal_cache)
+    journal = _Journal(lay.journal, settings.ingest.journal_every)
+    todo, copies = _split_same_content(root, work.todo)
+    fresh = _decode_all(root, todo, known_sha, settings, journal, progress, on_result)
+    decoded = sum(1 for r in fresh if r.get("width") is not None)
+    results = work.results + fresh
+    results += _resolve_copies(copies, results)
+
+    new_rows = _merge(files, current, work, results, run_id, counts)
+    _mark_absent(files, {e.raw for e in entries}, work.problems, counts)
+    counts["new_duplicates"] = _assign_canonical(files, new_rows)
+    for row in files:
+        row["mtime"] = datetime.fromtimestamp(row["mtime_ns"] / 1e9, tz=UTC)
+    new_quarantine = _quarantine_rows(work.problems, quarantined, run_id)
+    counts["quarantined"] = len(new_quarantine)
+
+    seconds = time.perf_counter() - t0
+    runs.append(
+        {
+            "run_id": run_id,
+            "started_at": started,
+            "finished_at": datetime.now(UTC),
+            "scans_dir": str(root),
+            "decoded": decoded,
+            "seconds": round(seconds, 3),
+            **{
+                k: counts.get(k, 0)
+                for k in (
+                    "files_seen",
+                    "new",
+                    "changed",
+                    "unchanged",
+                    "new_duplicates",
+                    "newly_missing",
+                    "quarantined",
+                )
+            },
+        }
+    )
+    _commit(lay, files, new_quarantine, runs, changed=_state_key(files, new_quarantine) != before)
+    journal.clear()
+    catalog = refresh_catalog(settings)
+
+    totals = Counter(r["status"] for r in files)
+    return IngestSummary(
+        run_id=run_id,
+        scans_dir=root,
+        counts=dict(counts),
+        totals=dict(totals),
+        decoded=decoded,
+        seconds=time.perf_counter() - t0,
+        manifest=lay.files,
+        catalog=catalog,
+    )
+
+
+def _load_state(
+    lay: Layout,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(files, quarantine, runs, this run's id) as the last run left them."""
+    files = _read(lay.files, FILES_SCHEMA)
+    quarantine = _read(lay.quarantine, QUARANTINE_SCHEMA)
+    runs = _read(lay.runs, RUNS_SCHEMA)
+    run_id = _next_run_id(files, quarantine, runs)
+    last_logged = max((r["run_id"] for r in runs), default=0)
+    for r in files:  # present files were seen by every run since the last rewrite (see catalog)
+        if r["status"] in PRESENT:
+            r["last_run"] = max(r["last_run"], last_logged)
+    return files, quarantine, runs, run_id
+
+
+@dataclass
+class _Work:
+    """What the stat walk decided for each file (by path_raw where keyed)."""
+
+    unchanged: list[Entry] = field(default_factory=list)  # same size and mtime: not read
+    problems: dict[bytes, tuple[Entry, str]] = field(default_factory=dict)  # -> quarantine
+    todo: list[Entry] = field(default_factory=list)  # to hash and decode
+    results: list[dict[str, Any]] = field(default_factory=list)  # decoded before (the journal)
+
+
+def _triage(
+    entries: list[Entry],
+    current: dict[bytes, dict[str, Any]],
+    quarantined: dict[bytes, dict[str, Any]],
+    journal_cache: dict[tuple[bytes, int, int], dict[str, Any]],
+) -> _Work:
+    work = _Work()
     for e in entries:
         prev = current.get(e.raw)
         q = quarantined.get(e.raw)
         if e.problem is not None:
-            problems[e.raw] = (e, e.problem)
+            work.problems[e.raw] = (e, e.problem)
         elif prev is not None and (prev["bytes"], prev["mtime_ns"]) == (e.size, e.mtime_ns):
-            unchanged.append(e)
+            work.unchanged.append(e)
         elif q is not None and (q["bytes"], q["mtime_ns"]) == (e.size, e.mtime_ns):
-            problems[e.raw] = (e, q["reason"])  # same bytes as when it failed: don't retry
+            work.problems[e.raw] = (e, q["reason"])  # same bytes as when it failed: don't retry
         elif (e.raw, e.size, e.mtime_ns) in journal_cache:
-            results.append(journal_cache[(e.raw, e.size, e.mtime_ns)])
+            work.results.append(journal_cache[(e.raw, e.size, e.mtime_ns)])
         else:
-            todo.append(e)
+            work.todo.append(e)
+    return work
 
-    journal = _Journal(lay.journal, settings.ingest.journal_every)
-    todo, copies = _split_same_content(root, todo)
-    fresh = _decode_all(root, todo, known_sha, settings, journal, progress, on_result)
-    decoded = sum(1 for r in fresh if r.get("width") is not None)
-    results += fresh
-    results += _resolve_copies(copies, results)
 
-    # ---- merge into the manifest
+# --------------------------------------------------------------------------- the merge
+
+
+def _merge(
+    files: list[dict[str, Any]],
+    current: dict[bytes, dict[str, Any]],
+    work: _Work,
+    results: list[dict[str, Any]],
+    run_id: int,
+    counts: Counter[str],
+) -> list[dict[str, Any]]:
+    """Update the manifest rows for what this run saw: unchanged files are touched, decoded ones
+    are new, changed (the old version becomes replaced) or touched; failures go to
+    `work.problems`. Returns the new rows (already appended to `files`)."""
     by_sha = {r["sha256"]: r for r in files if r.get("width") is not None}
     new_rows: list[dict[str, Any]] = []
-    seen_raw = {e.raw for e in entries}
-    for e in unchanged:
+    for e in work.unchanged:
         row = current[e.raw]
         if row["status"] == MISSING:
             row["status"] = OK  # back again; canonical status is recomputed below
         row["last_run"] = run_id
-    counts["unchanged"] = len(unchanged)
+    counts["unchanged"] = len(work.unchanged)
     for r in results:
         raw = r["path_raw"]
         if r.get("reason"):
-            e = Entry(raw, r["bytes"] or 0, r["mtime_ns"] or 0)
-            problems[raw] = (e, r["reason"])
+            work.problems[raw] = (Entry(raw, r["bytes"] or 0, r["mtime_ns"] or 0), r["reason"])
             prev = current.get(raw)
             if prev is not None and prev["status"] != MISSING:
                 prev["status"] = REPLACED  # the good file at this path was overwritten by a bad one
             continue
         props = r if r.get("width") is not None else by_sha.get(r["sha256"])
         if props is None:  # known content vanished from the manifest meanwhile: treat as damage
-            problems[raw] = (Entry(raw, r["bytes"], r["mtime_ns"]), "content could not be matched")
+            work.problems[raw] = (
+                Entry(raw, r["bytes"], r["mtime_ns"]),
+                "content could not be matched",
+            )
             continue
         prev = current.get(raw)
         if prev is not None and prev["sha256"] == r["sha256"]:
@@ -413,80 +471,118 @@ def run_ingest(settings: Settings, *, progress: bool = False,
                 prev["status"] = OK
             counts["unchanged"] += 1  # touched, same content
             continue
-        version = 1
-        if prev is not None:
-            prev["status"] = REPLACED
-            version = prev["version"] + 1
-            counts["changed"] += 1
-        else:
-            counts["new"] += 1
-        row = {
-            "image_id": image_id_of(r["sha256"]), "path": r["path"], "path_raw": raw,
-            "version": version, "status": OK, "is_canonical": False, "duplicate_of": None,
-            "sha256": r["sha256"], "bytes": r["bytes"], "mtime_ns": r["mtime_ns"],
-            "width": props["width"], "height": props["height"], "mode": props["mode"],
-            "format": props["format"], "pages": props["pages"], "phash": props["phash"],
-            "first_run": run_id, "last_run": run_id,
-        }
+        row = _new_version(r, props, prev, run_id, counts)
         new_rows.append(row)
         by_sha.setdefault(r["sha256"], row)
         current[raw] = row
     files.extend(new_rows)
+    return new_rows
 
+
+def _new_version(
+    r: dict[str, Any],
+    props: dict[str, Any],
+    prev: dict[str, Any] | None,
+    run_id: int,
+    counts: Counter[str],
+) -> dict[str, Any]:
+    """The manifest row of a new file, or of a path's new content (its old row is replaced)."""
+    version = 1
+    if prev is not None:
+        prev["status"] = REPLACED
+        version = prev["version"] + 1
+        counts["changed"] += 1
+    else:
+        counts["new"] += 1
+    return {
+        "image_id": image_id_of(r["sha256"]),
+        "path": r["path"],
+        "path_raw": r["path_raw"],
+        "version": version,
+        "status": OK,
+        "is_canonical": False,
+        "duplicate_of": None,
+        "sha256": r["sha256"],
+        "bytes": r["bytes"],
+        "mtime_ns": r["mtime_ns"],
+        "width": props["width"],
+        "height": props["height"],
+        "mode": props["mode"],
+        "format": props["format"],
+        "pages": props["pages"],
+        "phash": props["phash"],
+        "first_run": run_id,
+        "last_run": run_id,
+    }
+
+
+def _mark_absent(
+    files: list[dict[str, Any]],
+    seen_raw: set[bytes],
+    problems: dict[bytes, tuple[Entry, str]],
+    counts: Counter[str],
+) -> None:
+    """Present rows whose file was not seen become missing; those now unusable, replaced."""
     for row in files:
         if row["status"] in PRESENT and row["path_raw"] not in seen_raw:
             row["status"] = MISSING
             counts["newly_missing"] += 1
         elif row["status"] in PRESENT and row["path_raw"] in problems:
             row["status"] = REPLACED
-    counts["new_duplicates"] = _assign_canonical(files, new_rows)
-    for row in files:
-        row["mtime"] = datetime.fromtimestamp(row["mtime_ns"] / 1e9, tz=timezone.utc)
 
-    new_quarantine = []
+
+def _quarantine_rows(
+    problems: dict[bytes, tuple[Entry, str]],
+    quarantined: dict[bytes, dict[str, Any]],
+    run_id: int,
+) -> list[dict[str, Any]]:
+    out = []
     for raw, (e, reason) in sorted(problems.items()):
         old = quarantined.get(raw)
-        new_quarantine.append({
-            "path": display_path(raw), "path_raw": raw, "reason": reason, "bytes": e.size,
-            "mtime_ns": e.mtime_ns, "first_run": old["first_run"] if old else run_id,
-            "last_run": run_id})
-    counts["quarantined"] = len(new_quarantine)
+        out.append(
+            {
+                "path": display_path(raw),
+                "path_raw": raw,
+                "reason": reason,
+                "bytes": e.size,
+                "mtime_ns": e.mtime_ns,
+                "first_run": old["first_run"] if old else run_id,
+                "last_run": run_id,
+            }
+        )
+    return out
 
-    seconds = time.perf_counter() - t0
-    runs.append({
-        "run_id": run_id, "started_at": started, "finished_at": datetime.now(timezone.utc),
-        "scans_dir": str(root), "decoded": decoded, "seconds": round(seconds, 3),
-        **{k: counts.get(k, 0) for k in ("files_seen", "new", "changed", "unchanged",
-                                         "new_duplicates", "newly_missing", "quarantined")},
-    })
 
-    # ---- commit: each file is replaced atomically; the run log goes last. When nothing but the
-    # run itself changed, only the run log is written (the catalogue derives last_run then); a
-    # file missing because a run was killed between the two (or never wrote them) is written.
+def _commit(
+    lay: Layout,
+    files: list[dict[str, Any]],
+    quarantine: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    *,
+    changed: bool,
+) -> None:
+    """Each file is replaced atomically; the run log goes last. When nothing but the run itself
+    changed, only the run log is written (the catalogue derives last_run then); a file missing
+    because a run was killed between the two (or never wrote them) is written."""
     faults.point("ingest.commit")
-    if _state_key(files, new_quarantine) != before or not all(
-            p.is_file() for p in (lay.files, lay.quarantine)):
+    if changed or not all(p.is_file() for p in (lay.files, lay.quarantine)):
         write_parquet(pa.Table.from_pylist(files, schema=FILES_SCHEMA), lay.files)
         faults.point("ingest.commit")
-        write_parquet(pa.Table.from_pylist(new_quarantine, schema=QUARANTINE_SCHEMA),
-                      lay.quarantine)
+        write_parquet(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), lay.quarantine)
         faults.point("ingest.commit")
     write_parquet(pa.Table.from_pylist(runs, schema=RUNS_SCHEMA), lay.runs)
     faults.point("ingest.commit")
-    journal.clear()
-    catalog = refresh_catalog(settings)
-
-    totals = Counter(r["status"] for r in files)
-    return IngestSummary(run_id=run_id, scans_dir=root, counts=dict(counts), totals=dict(totals),
-                         decoded=decoded, seconds=time.perf_counter() - t0,
-                         manifest=lay.files, catalog=catalog)
 
 
 def _state_key(files: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> tuple:
     """Everything a run can change except last_run (which the catalogue can derive)."""
-    return (tuple((r["path_raw"], r["version"], r["status"], r["is_canonical"], r["bytes"],
-                   r["mtime_ns"]) for r in files),
-            tuple((r["path_raw"], r["reason"], r["bytes"], r["mtime_ns"]) for r in quarantine))
+    return (
+        tuple(
+            (r["path_raw"], r["version"], r["status"], r["is_canonical"], r["bytes"], r["mtime_ns"])
+            for r in files
+        ),
+        tuple((r["path_raw"], r["reason"], r["bytes"], r["mtime_ns"]) for r in quarantine),
+    )
 
 
 def _assign_canonical(files: list[dict[str, Any]], new_rows: list[dict[str, Any]]) -> int:

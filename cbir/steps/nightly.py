@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import faults
-from ..store.catalog import query
 from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import clean_stale_tmp, write_json, write_text
-from ..store.layout import RUNS
-from ..safetext import md_cell
 from ..lock import dvc_root
+from ..safetext import md_cell
+from ..store.catalog import query
 from ..store.layout import layout
 from ..store.manifest import latest_run
 
@@ -81,27 +80,39 @@ class NightlyReport:
         return sum(1 for r in self.pairs if r[self.columns.index("kind")] == "near")
 
     def lines(self) -> list[str]:
-        runs = (f"run {self.run_id}" if self.since_run >= self.run_id - 1
-                else f"runs {self.since_run + 1}-{self.run_id}")
-        return [f"nightly report: {len(self.pairs)} new duplicate pairs ({self.n_near} near, "
-                f"{len(self.pairs) - self.n_near} exact) of the images ingested in {runs}",
-                f"  {self.file}"]
+        runs = (
+            f"run {self.run_id}"
+            if self.since_run >= self.run_id - 1
+            else f"runs {self.since_run + 1}-{self.run_id}"
+        )
+        return [
+            f"nightly report: {len(self.pairs)} new duplicate pairs ({self.n_near} near, "
+            f"{len(self.pairs) - self.n_near} exact) of the images ingested in {runs}",
+            f"  {self.file}",
+        ]
 
     def markdown(self, limit: int = 50) -> str:
-        head = (f"# New duplicate pairs, ingest run {self.run_id}\n\n"
-                f"{len(self.pairs)} pairs ({self.n_near} near-duplicates) involve images that "
-                f"arrived after run {self.since_run}.\n\n")
+        head = (
+            f"# New duplicate pairs, ingest run {self.run_id}\n\n"
+            f"{len(self.pairs)} pairs ({self.n_near} near-duplicates) involve images that "
+            f"arrived after run {self.since_run}.\n\n"
+        )
         if not self.pairs:
             return head
         cols = ["run", "new image", "matches", "score", "kind", "likely master"]
         out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for row in self.pairs[:limit]:
             out.append("| " + " | ".join(_cell(v) for v in row) + " |")
-        more = f"\n... and {len(self.pairs) - limit} more (see the catalogue)" \
-            if len(self.pairs) > limit else ""
+        more = (
+            f"\n... and {len(self.pairs) - limit} more (see the catalogue)"
+            if len(self.pairs) > limit
+            else ""
+        )
         sql = " ".join(NEW_PAIRS_SQL.split())
-        return (head + "\n".join(out) + more + f"\n\nQuery: `{sql}` with "
-                f"({self.since_run}, {self.run_id})\n")
+        return (
+            head + "\n".join(out) + more + f"\n\nQuery: `{sql}` with "
+            f"({self.since_run}, {self.run_id})\n"
+        )
 
 
 def _cell(v: Any) -> str:
@@ -113,15 +124,22 @@ def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyRe
     into `reports/nightly/run-<run_id>.md`, and close the pending report (begin_nightly)."""
     folder = layout(settings).nightly
     cols, rows = query(settings, NEW_PAIRS_SQL, [since_run, run_id])
-    report = NightlyReport(run_id=run_id, since_run=since_run, columns=cols, pairs=rows,
-                           file=report_file(folder, run_id))
-    write_text(report.markdown(limit=1000), report.file)
+    file = report_file(folder, run_id)
+    report = NightlyReport(
+        run_id=run_id,
+        since_run=since_run,
+        columns=cols,
+        pairs=rows,
+        file=file,
+    )
+    write_text(report.markdown(limit=1000), file)
     faults.point("nightly.reported")
     (folder / PENDING).unlink(missing_ok=True)
     return report
 
 
 # --------------------------------------------------------------------------- DVC
+
 
 @dataclass
 class DvcRecord:
@@ -152,14 +170,16 @@ def dvc_workspace(settings: Settings) -> tuple[Path | None, str]:
 
 def _dvc(args: list[str], cwd: Path, *, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
-                         text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env
+    )
     if out.returncode != 0 and check:
         text = (out.stderr or out.stdout).strip()
         first = next((ln for ln in text.splitlines() if ln.strip()), "failed")
         if "Unable to acquire lock" in text:
-            raise DvcLocked(f"`dvc {' '.join(args)}`: another DVC command holds the "
-                            f"repository lock in {cwd}")
+            raise DvcLocked(
+                f"`dvc {' '.join(args)}`: another DVC command holds the repository lock in {cwd}"
+            )
         raise CbirError(f"`dvc {' '.join(args)}` failed in {cwd}: {first}")
     return out
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,25 +44,38 @@ class PairsSummary:
     calibration: Any = None  # cbir.steps.calibrate.CalibrateResult when this run calibrated
 
     def lines(self) -> list[str]:
-        how = (f"{self.searched} new images searched against the collection" if self.incremental
-               else f"all {self.searched} images searched")
+        how = (
+            f"{self.searched} new images searched against the collection"
+            if self.incremental
+            else f"all {self.searched} images searched"
+        )
         out = list(self.calibration.lines()) if self.calibration is not None else []
-        out += [f"pairs: {self.n_near_pairs} near-duplicate pairs and {self.n_exact_pairs} "
-                f"exact duplicates among {self.n_images} images; {self.n_clusters} clusters "
-                f"(largest {self.largest_cluster}); {self.seconds:.1f} s"]
+        out += [
+            f"pairs: {self.n_near_pairs} near-duplicate pairs and {self.n_exact_pairs} "
+            f"exact duplicates among {self.n_images} images; {self.n_clusters} clusters "
+            f"(largest {self.largest_cluster}); {self.seconds:.1f} s"
+        ]
         th = self.thresholds
         if th is not None:
             expected = ""
             if th.estimated_precision is not None:
-                expected = (f"; expected precision {th.estimated_precision:.3f}, recall "
-                            f"{th.estimated_recall:.3f} (self-calibration)")
-            out.append(f"  threshold {th.pair:.4f} ({th.source}), clusters at "
-                       f"{th.cluster:.4f}{expected}")
+                expected = (
+                    f"; expected precision {th.estimated_precision:.3f}, recall "
+                    f"{th.estimated_recall:.3f} (self-calibration)"
+                )
+            out.append(
+                f"  threshold {th.pair:.4f} ({th.source}), clusters at {th.cluster:.4f}{expected}"
+            )
             if th.no_duplicates:
-                out.append("  the self-calibration expects no near-duplicates in this "
-                           "collection: its images' neighbours all look like other photographs")
-        out += [f"  {how}; {self.added} new pairs", f"  {self.pairs_file}",
-                f"  {self.clusters_file}"]
+                out.append(
+                    "  the self-calibration expects no near-duplicates in this "
+                    "collection: its images' neighbours all look like other photographs"
+                )
+        out += [
+            f"  {how}; {self.added} new pairs",
+            f"  {self.pairs_file}",
+            f"  {self.clusters_file}",
+        ]
         return out + [f"  warning: {w}" for w in self.warnings()]
 
     def warnings(self) -> list[str]:
@@ -71,39 +83,61 @@ class PairsSummary:
         out = []
         th, n = self.thresholds, max(1, self.n_images)
         fixed = th is not None and th.source == "params"
-        fix = ("set search.pair_threshold: auto (calibrated to search.precision_target) and run "
-               "`cbir calibrate`, then `cbir pairs`" if fixed else
-               "train the model on the collection (`cbir train`, then `cbir embed`, `cbir index`,"
-               " `cbir pairs`), or raise search.cluster_threshold")
+        fix = (
+            "set search.pair_threshold: auto (calibrated to search.precision_target) and run "
+            "`cbir calibrate`, then `cbir pairs`"
+            if fixed
+            else "train the model on the collection (`cbir train`, then `cbir embed`, `cbir index`,"
+            " `cbir pairs`), or raise search.cluster_threshold"
+        )
         if self.largest_cluster >= max(CLUSTER_WARN_MIN, CLUSTER_WARN_SHARE * n):
-            out.append(f"the largest cluster holds {self.largest_cluster} of {self.n_images} "
-                       f"images ({self.largest_cluster / n:.0%}): near-duplicate links chain "
-                       f"unrelated images together, so the threshold is too low for this "
-                       f"model; {fix}")
+            out.append(
+                f"the largest cluster holds {self.largest_cluster} of {self.n_images} "
+                f"images ({self.largest_cluster / n:.0%}): near-duplicate links chain "
+                f"unrelated images together, so the threshold is too low for this "
+                f"model; {fix}"
+            )
         if self.n_near_pairs > max(50, PAIRS_PER_IMAGE_WARN * n):
-            out.append(f"{self.n_near_pairs} pairs for {self.n_images} images "
-                       f"({self.n_near_pairs / n:.1f} per image): most are likely false; {fix}")
-        if th is not None and th.estimated_precision is not None \
-                and th.estimated_precision < th.target - 0.05:
-            out.append(f"at threshold {th.pair:.4f} the self-calibration expects only "
-                       f"{th.estimated_precision:.0%} of the pairs to be duplicates (target "
-                       f"{th.target:.0%}); {fix}")
+            out.append(
+                f"{self.n_near_pairs} pairs for {self.n_images} images "
+                f"({self.n_near_pairs / n:.1f} per image): most are likely false; {fix}"
+            )
+        if (
+            th is not None
+            and th.estimated_precision is not None
+            and th.estimated_precision < th.target - 0.05
+        ):
+            out.append(
+                f"at threshold {th.pair:.4f} the self-calibration expects only "
+                f"{th.estimated_precision:.0%} of the pairs to be duplicates (target "
+                f"{th.target:.0%}); {fix}"
+            )
         if th is not None and th.unreachable and not th.no_duplicates:
-            out.append(f"no threshold reaches precision {th.target:g} here: for this model, "
-                       f"near-duplicates and other photographs score alike, so no pairs are "
-                       f"reported; train the model on the collection (`cbir train`, more "
-                       f"train.epochs), or lower search.precision_target")
-        elif th is not None and not fixed and not th.no_duplicates \
-                and th.estimated_recall is not None and th.estimated_recall < 0.5:
-            out.append(f"the calibrated threshold finds only {th.estimated_recall:.0%} of the "
-                       f"held-out test copies: this model tells copies from other images "
-                       f"apart poorly; train it on the collection (`cbir train`, then `cbir "
-                       f"embed`, `cbir index`, `cbir pairs`)")
+            out.append(
+                f"no threshold reaches precision {th.target:g} here: for this model, "
+                f"near-duplicates and other photographs score alike, so no pairs are "
+                f"reported; train the model on the collection (`cbir train`, more "
+                f"train.epochs), or lower search.precision_target"
+            )
+        elif (
+            th is not None
+            and not fixed
+            and not th.no_duplicates
+            and th.estimated_recall is not None
+            and th.estimated_recall < 0.5
+        ):
+            out.append(
+                f"the calibrated threshold finds only {th.estimated_recall:.0%} of the "
+                f"held-out test copies: this model tells copies from other images "
+                f"apart poorly; train it on the collection (`cbir train`, then `cbir "
+                f"embed`, `cbir index`, `cbir pairs`)"
+            )
         return out
 
 
-def knn_pairs(s: Searcher, k: int, threshold: float, batch: int = 4096,
-              rows: np.ndarray | None = None) -> dict[tuple[str, str], tuple[float, int]]:
+def knn_pairs(
+    s: Searcher, k: int, threshold: float, batch: int = 4096, rows: np.ndarray | None = None
+) -> dict[tuple[str, str], tuple[float, int]]:
     """Every unordered pair (a, b) found in each other's top k with score >= threshold.
 
     Value: (best score, best rank); ranks count from 1 after the image itself is left out.
@@ -112,14 +146,14 @@ def knn_pairs(s: Searcher, k: int, threshold: float, batch: int = 4096,
     best: dict[tuple[str, str], tuple[float, int]] = {}
     order = np.arange(len(s.image_ids)) if rows is None else np.asarray(rows, dtype=np.int64)
     for start in range(0, len(order), batch):
-        sel = order[start:start + batch]
-        q = s.vectors[start:start + batch] if rows is None else s.vectors[sel]
+        sel = order[start : start + batch]
+        q = s.vectors[start : start + batch] if rows is None else s.vectors[sel]
         scores, ids = s.search(q, k + 1)
         faults.point("pairs.batch")
         for row in range(q.shape[0]):
             me = s.image_ids[sel[row]]
             rank = 0
-            for score, other in zip(scores[row], ids[row]):
+            for score, other in zip(scores[row], ids[row], strict=True):
                 if other is None or other == me:
                     continue
                 rank += 1
@@ -129,13 +163,18 @@ def knn_pairs(s: Searcher, k: int, threshold: float, batch: int = 4096,
                     continue
                 key = (me, other) if me < other else (other, me)
                 old = best.get(key)
-                best[key] = (float(score), rank) if old is None else \
-                    (max(old[0], float(score)), min(old[1], rank))
+                best[key] = (
+                    (float(score), rank)
+                    if old is None
+                    else (max(old[0], float(score)), min(old[1], rank))
+                )
     return best
 
 
-def clusters_from_pairs(pairs: dict[tuple[str, str], tuple[float, int]], threshold: float,
-                        ) -> list[tuple[list[str], float]]:
+def clusters_from_pairs(
+    pairs: dict[tuple[str, str], tuple[float, int]],
+    threshold: float,
+) -> list[tuple[list[str], float]]:
     """Connected components over pairs with score >= threshold, largest first.
 
     Each comes with its weakest link: the lowest similarity needed to keep it connected (the
@@ -151,8 +190,10 @@ def clusters_from_pairs(pairs: dict[tuple[str, str], tuple[float, int]], thresho
             x = parent[x]
         return x
 
-    edges = sorted(((sc, a, b) for (a, b), (sc, _) in pairs.items() if sc >= threshold),
-                   key=lambda e: (-e[0], e[1], e[2]))
+    edges = sorted(
+        ((sc, a, b) for (a, b), (sc, _) in pairs.items() if sc >= threshold),
+        key=lambda e: (-e[0], e[1], e[2]),
+    )
     for sc, a, b in edges:
         ra, rb = find(a), find(b)
         if ra == rb:
@@ -169,18 +210,32 @@ def clusters_from_pairs(pairs: dict[tuple[str, str], tuple[float, int]], thresho
 
 def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
     """Byte-identical copies from the manifest, as pairs with score 1."""
-    rows = load_manifest(settings).select(
-        ["image_id", "path", "status", "is_canonical"]).to_pylist()
+    rows = (
+        load_manifest(settings).select(["image_id", "path", "status", "is_canonical"]).to_pylist()
+    )
     canon = {r["image_id"]: r["path"] for r in rows if r["is_canonical"] and r["status"] == OK}
-    return [{"image_a": r["image_id"], "image_b": r["image_id"], "path_a": canon[r["image_id"]],
-             "path_b": r["path"], "score": 1.0, "rank": 0, "kind": "exact"}
-            for r in rows if r["status"] == DUPLICATE and r["image_id"] in canon]
+    return [
+        {
+            "image_a": r["image_id"],
+            "image_b": r["image_id"],
+            "path_a": canon[r["image_id"]],
+            "path_b": r["path"],
+            "score": 1.0,
+            "rank": 0,
+            "kind": "exact",
+        }
+        for r in rows
+        if r["status"] == DUPLICATE and r["image_id"] in canon
+    ]
 
 
 def _search_state(s: Searcher, cfg: Any, pair_threshold: float) -> dict[str, str]:
     """What the recorded pairs depend on besides the images: a change means searching all."""
-    return {"fingerprint": s.fingerprint, "k": str(cfg.k),
-            "pair_threshold": repr(float(pair_threshold))}
+    return {
+        "fingerprint": s.fingerprint,
+        "k": str(cfg.k),
+        "pair_threshold": repr(float(pair_threshold)),
+    }
 
 
 def _searched_before(lay: Layout, state: dict[str, str]) -> set[str] | None:
@@ -202,12 +257,16 @@ def _searched_before(lay: Layout, state: dict[str, str]) -> set[str] | None:
 
 def _recorded_near_pairs(path: Path) -> dict[tuple[str, str], tuple[float, int]]:
     try:
-        rows = pq.read_table(path, columns=["image_a", "image_b", "score", "rank",
-                                                        "kind"]).to_pylist()
+        rows = pq.read_table(
+            path, columns=["image_a", "image_b", "score", "rank", "kind"]
+        ).to_pylist()
     except (OSError, pa.ArrowException):  # absent or damaged: nothing recorded to keep
         return {}
-    return {(r["image_a"], r["image_b"]): (float(r["score"]), int(r["rank"]))
-            for r in rows if r["kind"] == "near"}
+    return {
+        (r["image_a"], r["image_b"]): (float(r["score"]), int(r["rank"]))
+        for r in rows
+        if r["kind"] == "near"
+    }
 
 
 def _write_if_changed(table: pa.Table, target: Path) -> None:
@@ -217,14 +276,18 @@ def _write_if_changed(table: pa.Table, target: Path) -> None:
             old = pq.read_table(target)
         except (OSError, pa.ArrowException):
             old = None
-        if old is not None and old.schema.equals(table.schema, check_metadata=True) \
-                and old.equals(table):
+        if (
+            old is not None
+            and old.schema.equals(table.schema, check_metadata=True)
+            and old.equals(table)
+        ):
             return
     write_parquet(table, target)
 
 
-def run_pairs(settings: Settings, *, incremental: bool = False,
-              progress: bool = False) -> PairsSummary:
+def run_pairs(
+    settings: Settings, *, incremental: bool = False, progress: bool = False
+) -> PairsSummary:
     """Write every near-duplicate pair and cluster to Parquet and the DuckDB catalogue.
 
     `incremental` (the nightly run): search only the images whose neighbours were never searched
@@ -258,29 +321,50 @@ def run_pairs(settings: Settings, *, incremental: bool = False,
             pairs[key] = (sc, rk) if old is None else (max(old[0], sc), min(old[1], rk))
     present = set(s.image_ids)
     pairs = {key: v for key, v in pairs.items() if key[0] in present and key[1] in present}
-    near = [{"image_a": a, "image_b": b, "path_a": s.path_of.get(a), "path_b": s.path_of.get(b),
-             "score": sc, "rank": rk, "kind": "near"}
-            for (a, b), (sc, rk) in sorted(pairs.items(), key=lambda kv: (-kv[1][0], kv[0]))]
+    near = [
+        {
+            "image_a": a,
+            "image_b": b,
+            "path_a": s.path_of.get(a),
+            "path_b": s.path_of.get(b),
+            "score": sc,
+            "rank": rk,
+            "kind": "near",
+        }
+        for (a, b), (sc, rk) in sorted(pairs.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    ]
     exact = exact_duplicate_pairs(settings)
     clusters = clusters_from_pairs(pairs, th.cluster)
-    cluster_rows = [{"cluster_id": cid, "image_id": m, "path": s.path_of.get(m),
-                     "size": len(members), "weakest_link": weak}
-                    for cid, (members, weak) in enumerate(clusters, start=1) for m in members]
+    cluster_rows = [
+        {
+            "cluster_id": cid,
+            "image_id": m,
+            "path": s.path_of.get(m),
+            "size": len(members),
+            "weakest_link": weak,
+        }
+        for cid, (members, weak) in enumerate(clusters, start=1)
+        for m in members
+    ]
     searched = pa.table({"image_id": pa.array(sorted(present), pa.string())})
     faults.point("pairs.write")
     _write_if_changed(pa.Table.from_pylist(exact + near, schema=PAIRS_SCHEMA), lay.pairs)
-    _write_if_changed(pa.Table.from_pylist(cluster_rows, schema=CLUSTERS_SCHEMA),
-                      lay.clusters)
+    _write_if_changed(pa.Table.from_pylist(cluster_rows, schema=CLUSTERS_SCHEMA), lay.clusters)
     faults.point("pairs.searched")
     _write_if_changed(searched.replace_schema_metadata(state), lay.searched)
     refresh_catalog(settings)
-    return PairsSummary(n_images=len(s.image_ids), n_near_pairs=len(near),
-                        n_exact_pairs=len(exact), n_clusters=len(clusters),
-                        largest_cluster=max((len(m) for m, _ in clusters), default=0),
-                        seconds=time.perf_counter() - t0, pairs_file=lay.pairs,
-                        clusters_file=lay.clusters,
-                        searched=len(s.image_ids) if rows is None else len(rows),
-                        added=len(set(pairs) - set(recorded)), incremental=rows is not None,
-                        thresholds=th, calibration=calibration)
-
-
+    return PairsSummary(
+        n_images=len(s.image_ids),
+        n_near_pairs=len(near),
+        n_exact_pairs=len(exact),
+        n_clusters=len(clusters),
+        largest_cluster=max((len(m) for m, _ in clusters), default=0),
+        seconds=time.perf_counter() - t0,
+        pairs_file=lay.pairs,
+        clusters_file=lay.clusters,
+        searched=len(s.image_ids) if rows is None else len(rows),
+        added=len(set(pairs) - set(recorded)),
+        incremental=rows is not None,
+        thresholds=th,
+        calibration=calibration,
+    )

@@ -30,9 +30,15 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
     results = [QueryResult(query=str(p), error=_unreadable(p)) for p in paths]
     todo = [i for i, r in enumerate(results) if r.error is None]
     files = [os.fsencode(paths[i]) for i in todo]
-    done, vectors, failed = embed_files(model, files, pp, batch_size=settings.embed.batch_size,
-                                        workers=0, device=pick_device(settings.embed.device),
-                                        max_pixels=settings.ingest.max_pixels)
+    done, vectors, failed = embed_files(
+        model,
+        files,
+        pp,
+        batch_size=settings.embed.batch_size,
+        workers=0,
+        device=pick_device(settings.embed.device),
+        max_pixels=settings.ingest.max_pixels,
+    )
     done = [todo[i] for i in done]
     for i, why in failed:
         results[todo[i]].error = f"cannot be read: {why}"
@@ -47,7 +53,7 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
             res = results[i]
             sha = sha256_of(os.fsencode(paths[i]))
             res.exact_copies_of = sorted(by_sha.get(sha, [])) if sha else []
-            for score, image_id in zip(scores[row], ids[row]):
+            for score, image_id in zip(scores[row], ids[row], strict=True):
                 if image_id is None or len(res.neighbours) >= k:
                     continue
                 res.neighbours.append((image_id, s.path_of.get(image_id, "?"), float(score)))

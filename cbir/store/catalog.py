@@ -4,6 +4,8 @@ The Parquet files are the single source of truth (each written atomically). `dat
 holds only views that read them, so it can never disagree with them and is cheap to keep current:
 it is rebuilt (in a temporary file, then renamed) only when the set of views or their locations
 change. Open it with the duckdb CLI or `duckdb.connect(path, read_only=True)`.
+
+Longer than 400 lines: the SQL of every view, beside the guards of the connections that read them.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
 
 from ..errors import CbirError
 from ..fsutil import atomic_path, clean_stale_tmp, write_text
-from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA
-from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA
 from .layout import layout
+from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA
+from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA
 from .tables import check_schema, one_line
 
 if TYPE_CHECKING:
@@ -96,10 +98,12 @@ WHERE d.status = 'duplicate'
 #: cluster member.
 SEEN_FIRST = ("first_run", "mtime_ns", "path")
 _SIDE = {"path": "p.path_{side}"}
-_SEEN_FIRST_A = "row(" + ", ".join(_SIDE.get(c, "a." + c).format(side="a")
-                                   for c in SEEN_FIRST) + ")"
-_SEEN_FIRST_B = "row(" + ", ".join(_SIDE.get(c, "b." + c).format(side="b")
-                                   for c in SEEN_FIRST) + ")"
+_SEEN_FIRST_A = (
+    "row(" + ", ".join(_SIDE.get(c, "a." + c).format(side="a") for c in SEEN_FIRST) + ")"
+)
+_SEEN_FIRST_B = (
+    "row(" + ", ".join(_SIDE.get(c, "b." + c).format(side="b") for c in SEEN_FIRST) + ")"
+)
 _SEEN_FIRST_F = ", ".join("c.path" if c == "path" else "f." + c for c in SEEN_FIRST)
 
 # Reviewing duplicates (see README "Reviewing duplicates"). A pair's two files are looked up by
@@ -167,34 +171,79 @@ def views(settings: Settings) -> list[View]:
     """Every view the catalogue can hold, in creation order."""
     lay = layout(settings)
     v = [
-        View("ingest_runs", parquet=lay.runs, comment="one row per ingest run",
-             schema=RUNS_SCHEMA, fix=MANIFEST_FIX),
-        View("files", sql=_FILES_SQL, needs=("ingest_runs",),
-             sources={"files": lay.files}, schema=FILES_SCHEMA, fix=MANIFEST_FIX,
-             comment="every file version ever ingested, with its status"),
-        View("quarantine", parquet=lay.quarantine, schema=QUARANTINE_SCHEMA,
-             fix=MANIFEST_FIX, comment="files that could not be used, with the reason"),
-        View("images", sql=_IMAGES_SQL, needs=("files",),
-             comment="one row per distinct image (by content), canonical path"),
-        View("exact_duplicates", sql=_EXACT_DUPLICATES_SQL, needs=("files",),
-             comment="byte-identical copies of a canonical image"),
+        View(
+            "ingest_runs",
+            parquet=lay.runs,
+            comment="one row per ingest run",
+            schema=RUNS_SCHEMA,
+            fix=MANIFEST_FIX,
+        ),
+        View(
+            "files",
+            sql=_FILES_SQL,
+            needs=("ingest_runs",),
+            sources={"files": lay.files},
+            schema=FILES_SCHEMA,
+            fix=MANIFEST_FIX,
+            comment="every file version ever ingested, with its status",
+        ),
+        View(
+            "quarantine",
+            parquet=lay.quarantine,
+            schema=QUARANTINE_SCHEMA,
+            fix=MANIFEST_FIX,
+            comment="files that could not be used, with the reason",
+        ),
+        View(
+            "images",
+            sql=_IMAGES_SQL,
+            needs=("files",),
+            comment="one row per distinct image (by content), canonical path",
+        ),
+        View(
+            "exact_duplicates",
+            sql=_EXACT_DUPLICATES_SQL,
+            needs=("files",),
+            comment="byte-identical copies of a canonical image",
+        ),
     ]
     v += [
         # scores as DOUBLE: round(score, 3) of a FLOAT shows as 0.9980000257492065
-        View("duplicate_pairs", parquet=lay.pairs,
-             replace="REPLACE (score::DOUBLE AS score)", schema=PAIRS_SCHEMA, fix=PAIRS_FIX,
-             comment="near-duplicate pairs (kind 'near') and exact copies (kind 'exact', score 1)"),
-        View("clusters", parquet=lay.clusters,
-             replace="REPLACE (weakest_link::DOUBLE AS weakest_link)",
-             schema=CLUSTERS_SCHEMA, fix=PAIRS_FIX,
-             comment="connected groups of near-duplicates: one row per member"),
-        View("pair_report", sql=_PAIR_REPORT_SQL, needs=("files", "duplicate_pairs"),
-             comment="each pair with both files' dimensions, sizes, formats, first run and "
-                     "mtime, and the likely master (higher resolution, larger, or earlier)"),
-        View("new_pairs", sql=_NEW_PAIRS_SQL, needs=("pair_report",),
-             comment="pairs by the ingest run that brought their newer image (new_run)"),
-        View("cluster_report", sql=_CLUSTER_REPORT_SQL, needs=("files", "clusters"),
-             comment="one row per cluster: members, size, weakest link, likely master"),
+        View(
+            "duplicate_pairs",
+            parquet=lay.pairs,
+            replace="REPLACE (score::DOUBLE AS score)",
+            schema=PAIRS_SCHEMA,
+            fix=PAIRS_FIX,
+            comment="near-duplicate pairs (kind 'near') and exact copies (kind 'exact', score 1)",
+        ),
+        View(
+            "clusters",
+            parquet=lay.clusters,
+            replace="REPLACE (weakest_link::DOUBLE AS weakest_link)",
+            schema=CLUSTERS_SCHEMA,
+            fix=PAIRS_FIX,
+            comment="connected groups of near-duplicates: one row per member",
+        ),
+        View(
+            "pair_report",
+            sql=_PAIR_REPORT_SQL,
+            needs=("files", "duplicate_pairs"),
+            comment="each pair with both files' dimensions, sizes, formats, first run and "
+            "mtime, and the likely master (higher resolution, larger, or earlier)",
+        ),
+        View(
+            "new_pairs",
+            sql=_NEW_PAIRS_SQL,
+            needs=("pair_report",),
+            comment="pairs by the ingest run that brought their newer image (new_run)",
+        ),
+        View(
+            "cluster_report",
+            sql=_CLUSTER_REPORT_SQL,
+            needs=("files", "clusters"),
+            comment="one row per cluster: members, size, weakest link, likely master",
+        ),
     ]
     return v
 
@@ -240,8 +289,10 @@ def refresh_catalog(settings: Settings) -> Path:
                 if view.comment:
                     con.execute(f"COMMENT ON VIEW {view.name} IS {_sql_str(view.comment)}")
             con.execute("CREATE TABLE cbir_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
-            con.execute("INSERT INTO cbir_meta VALUES ('signature', ?), ('schema_version', ?)",
-                        [signature, str(SCHEMA_VERSION)])
+            con.execute(
+                "INSERT INTO cbir_meta VALUES ('signature', ?), ('schema_version', ?)",
+                [signature, str(SCHEMA_VERSION)],
+            )
             con.execute("CHECKPOINT")
         finally:
             try:
@@ -289,14 +340,20 @@ def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConne
         con.execute("SET file_search_path = ?", [str(settings.root)])
         con.execute("SET temp_directory = ?", [str(path) + ".tmp"])  # as a file-backed one
         con.execute("SET allowed_paths = ?", [_allowed_paths(settings, chosen)])
-        for option in ("enable_external_access", "autoinstall_known_extensions",
-                       "autoload_known_extensions", "allow_community_extensions"):
+        for option in (
+            "enable_external_access",
+            "autoinstall_known_extensions",
+            "autoload_known_extensions",
+            "allow_community_extensions",
+        ):
             con.execute(f"SET {option} = false")
         con.execute("SET lock_configuration = true")
     except duckdb.Error as exc:
         con.close()
-        raise CbirError(f"cannot open the catalogue {path} ({one_line(exc)}); run `cbir "
-                        f"ingest` to write it again") from None
+        raise CbirError(
+            f"cannot open the catalogue {path} ({one_line(exc)}); run `cbir "
+            f"ingest` to write it again"
+        ) from None
     return con
 
 
@@ -332,11 +389,15 @@ def _statement(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
     try:
         kind = statements[0].type
     except ValueError:  # a statement type this duckdb's Python API has no name for
-        raise CbirError("only queries can run on the catalogue (it is read only): SELECT, "
-                        "FROM, WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE") from None
+        raise CbirError(
+            "only queries can run on the catalogue (it is read only): SELECT, "
+            "FROM, WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE"
+        ) from None
     if kind != duckdb.StatementType.SELECT:
-        raise CbirError(f"only queries can run on the catalogue (it is read only): SELECT, "
-                        f"FROM, WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE; not {kind.name}")
+        raise CbirError(
+            f"only queries can run on the catalogue (it is read only): SELECT, "
+            f"FROM, WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE; not {kind.name}"
+        )
     return statements[0]
 
 
@@ -345,15 +406,19 @@ def _message(exc: duckdb.Error) -> str:
     return one_line(str(exc).split("\n\nLINE ")[0])
 
 
-def query(settings: Settings, sql: str, params: Iterable[Any] | None = None,
-          ) -> tuple[list[str], list[tuple[Any, ...]]]:
+def query(
+    settings: Settings,
+    sql: str,
+    params: Iterable[Any] | None = None,
+) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Run one SQL query on the catalogue; user values go in as parameters (`?`)."""
     cols, rows, _ = query_page(settings, sql, params)
     return cols, rows
 
 
-def query_page(settings: Settings, sql: str, params: Iterable[Any] | None = None,
-               limit: int | None = None) -> tuple[list[str], list[tuple[Any, ...]], int]:
+def query_page(
+    settings: Settings, sql: str, params: Iterable[Any] | None = None, limit: int | None = None
+) -> tuple[list[str], list[tuple[Any, ...]], int]:
     """Like `query`, but only the first `limit` rows (all when None), and the total count."""
     con = connect(settings)
     try:
@@ -369,5 +434,72 @@ def query_page(settings: Settings, sql: str, params: Iterable[Any] | None = None
         return cols, rows, total
     except duckdb.Error as exc:
         raise CbirError(f"query failed: {_message(exc)}") from None
+    finally:
+        con.close()
+
+
+# --------------------------------------------------------------------------- the review gallery
+
+_ALL_ROWS = 1 << 62  # a LIMIT that keeps every row (fits DuckDB's BIGINT)
+
+# The strongest near pairs within each cluster (both images in it), with the cluster's count.
+_CLUSTER_PAIRS_SQL = """
+    SELECT ca.cluster_id, p.*, count(*) OVER (PARTITION BY ca.cluster_id) AS n_in_cluster
+    FROM pair_report p
+    JOIN clusters ca ON ca.image_id = p.image_a
+    JOIN clusters cb ON cb.image_id = p.image_b AND cb.cluster_id = ca.cluster_id
+    WHERE p.kind = 'near'
+    QUALIFY row_number() OVER (PARTITION BY ca.cluster_id
+                               ORDER BY p.score DESC, p.path_a, p.path_b) <= ?
+    ORDER BY ca.cluster_id, p.score DESC, p.path_a, p.path_b"""
+
+
+@dataclass(frozen=True)
+class ReportRows:
+    """What the review gallery shows, read through one connection so its parts agree."""
+
+    n_pairs_total: int
+    pairs: list[dict[str, Any]]  # pair_report rows, strongest first
+    clusters: list[dict[str, Any]]  # cluster_report rows, largest first
+    cluster_pairs: list[dict[str, Any]]  # pair_report rows with cluster_id and n_in_cluster
+    n_images: int  # images read without error
+
+
+def _dicts(
+    con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()
+) -> list[dict[str, Any]]:
+    """The rows of a query as dicts by column name (what the gallery's templates read)."""
+    cur = con.execute(sql, list(params))
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def _count(con: duckdb.DuckDBPyConnection, sql: str) -> int:
+    """The one number a `SELECT count(*)` returns."""
+    row = con.execute(sql).fetchone()
+    assert row is not None  # a count always has its one row
+    return int(row[0])
+
+
+def report_rows(settings: Settings, max_pairs: int, per_cluster: int) -> ReportRows:
+    """The gallery's rows from the `pair_report` and `cluster_report` views: the strongest
+    `max_pairs` pairs (0: all), every cluster, and the strongest `per_cluster` near pairs of
+    each cluster. Sorted here, so the pages and a SQL user see the same order."""
+    con = connect(settings)
+    try:
+        names = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+        if "pair_report" not in names or "cluster_report" not in names:
+            raise CbirError("no pairs in the catalogue: run `cbir pairs` first")
+        return ReportRows(
+            n_pairs_total=_count(con, "SELECT count(*) FROM pair_report"),
+            pairs=_dicts(
+                con,
+                "SELECT * FROM pair_report ORDER BY score DESC, kind, path_a, path_b LIMIT ?",
+                [max_pairs or _ALL_ROWS],
+            ),
+            clusters=_dicts(con, "SELECT * FROM cluster_report ORDER BY size DESC, cluster_id"),
+            cluster_pairs=_dicts(con, _CLUSTER_PAIRS_SQL, [per_cluster]),
+            n_images=_count(con, "SELECT count(*) FROM images WHERE status = 'ok'"),
+        )
     finally:
         con.close()

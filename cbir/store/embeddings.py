@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -40,8 +40,9 @@ def _shard_problem(schema: pa.Schema, columns: list[str]) -> str | None:
         if name not in schema.names:
             return f"it has no column {name!r}"
     t = schema.field("vector").type if "vector" in columns else None
-    if t is not None and not (pa.types.is_fixed_size_list(t)
-                              and pa.types.is_floating(t.value_type)):
+    if t is not None and not (
+        pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type)
+    ):
         return f"column 'vector' holds {t}, not fixed-size lists of floats"
     if "image_id" in columns and not pa.types.is_string(schema.field("image_id").type):
         return f"column 'image_id' holds {schema.field('image_id').type}, not strings"
@@ -49,9 +50,11 @@ def _shard_problem(schema: pa.Schema, columns: list[str]) -> str | None:
 
 
 def _damaged_shard(shard: Path, problem: object) -> DamagedFile:
-    return DamagedFile(f"embeddings shard {shard} is damaged ({one_line(problem)}); delete it "
-                       f"(or restore it with `dvc checkout`) and run `cbir embed` to embed its "
-                       f"images again")
+    return DamagedFile(
+        f"embeddings shard {shard} is damaged ({one_line(problem)}); delete it "
+        f"(or restore it with `dvc checkout`) and run `cbir embed` to embed its "
+        f"images again"
+    )
 
 
 def embedded_ids(folder: Path) -> set[str]:
@@ -106,8 +109,10 @@ def load_embeddings(folder: Path, only: set[str] | None = None) -> tuple[list[st
     return order, vectors[[row_of[i] for i in order]]
 
 
-def current_embeddings(settings: Settings, fingerprint: str | None = None,
-                       ) -> tuple[str, list[str], np.ndarray, int]:
+def current_embeddings(
+    settings: Settings,
+    fingerprint: str | None = None,
+) -> tuple[str, list[str], np.ndarray, int]:
     """The current model's embeddings of the present canonical images.
 
     Pass `fingerprint` when the caller has already built the model (it saves building it again).
@@ -120,7 +125,8 @@ def current_embeddings(settings: Settings, fingerprint: str | None = None,
     fp = fingerprint
     folder = layout(settings).embeddings(fp)
     present = {r["image_id"] for r in canonical_images(settings)}
-    ids, vectors = load_embeddings(folder, present) if folder.is_dir() else ([], None)
+    empty: tuple[list[str], np.ndarray] = ([], np.zeros((0, 0), np.float32))
+    ids, vectors = load_embeddings(folder, present) if folder.is_dir() else empty
     if not ids:
         raise CbirError(f"no embeddings for the current model {fp}: run `cbir embed` first")
     return fp, ids, vectors, len(present) - len(ids)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -28,14 +28,27 @@ if TYPE_CHECKING:
 
 INDEX_FORMAT_VERSION = 1
 
+
+class NoIndex(CbirError):
+    """No index has been saved in the folder yet (as opposed to one that is damaged or stale)."""
+
+
 # --------------------------------------------------------------------------- persistence
 
 _REBUILD = "rebuild with `cbir index`"
 # Sidecar values and their types: a sidecar cbir did not write is refused, not half-used.
 _SIDECAR_TYPES: dict[str, type | tuple[type, ...]] = {
-    "index_file": dict, "params": dict, "n_vectors": int, "dim": int, "trained_size": int,
-    "nprobe": int, "k": int, "k_factor": int, "recall_at_k": (int, float),
-    "model_fingerprint": str}
+    "index_file": dict,
+    "params": dict,
+    "n_vectors": int,
+    "dim": int,
+    "trained_size": int,
+    "nprobe": int,
+    "k": int,
+    "k_factor": int,
+    "recall_at_k": (int, float),
+    "model_fingerprint": str,
+}
 
 
 def _check_sidecar(side: Any) -> None:
@@ -63,11 +76,11 @@ def save_index(index: faiss.Index, info: IndexInfo, folder: Path) -> None:
         raise CbirError(f"index holds {index.ntotal} vectors but its info says {info.n_vectors}")
     faults.point("index.save")
     data = faiss.serialize_index(index)  # uint8 array; hash it without re-reading the file
-    digest = hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data.data).hexdigest()
     with atomic_path(folder / STAGED_FILE) as tmp, open(tmp, "wb") as fh:
         # Not data.tofile(): on a full disk it raises an OSError without errno ("N requested
         # and M written"), which could not be told from other failures.
-        fh.write(memoryview(data))
+        fh.write(data.data)  # the array's own buffer, not a copy
     sidecar = {
         "format_version": INDEX_FORMAT_VERSION,
         "index_file": {"name": INDEX_FILE, "bytes": int(data.nbytes), "sha256": digest},
@@ -109,14 +122,13 @@ def finish_save(folder: Path) -> None:
 def load_index(
     folder: Path, expected_fingerprint: str | None = None
 ) -> tuple[faiss.Index, IndexInfo]:
-    """Read an index saved by :func:`save_index`; raise CbirError when missing, damaged or stale."""
+    """Read an index saved by :func:`save_index`; raise NoIndex when none was saved, CbirError
+    when it is damaged or stale."""
     folder = Path(folder)
     side_path, index_path = folder / SIDECAR_FILE, folder / INDEX_FILE
     if not side_path.is_file() or not (index_path.is_file() or (folder / STAGED_FILE).is_file()):
         missing = side_path if not side_path.is_file() else index_path
-        raise CbirError(
-            f"no index at {folder} ({missing.name} missing); build it with `cbir index`"
-        )
+        raise NoIndex(f"no index at {folder} ({missing.name} missing); build it with `cbir index`")
     try:
         side = json.loads(side_path.read_text(encoding="utf-8"))
         _check_sidecar(side)
@@ -139,8 +151,11 @@ def load_index(
     damaged = f"index file {index_path} is damaged; {_REBUILD}"
     # index.faiss, or the staged file of a save killed between its commit and its last rename
     # (index.faiss once more: a save may have renamed the staged file meanwhile)
-    data = (_matches(index_path, expected_file) or _matches(folder / STAGED_FILE, expected_file)
-            or _matches(index_path, expected_file))
+    data = (
+        _matches(index_path, expected_file)
+        or _matches(folder / STAGED_FILE, expected_file)
+        or _matches(index_path, expected_file)
+    )
     if data is None:
         raise CbirError(f"{damaged} (size or checksum differs from {SIDECAR_FILE})")
     try:
@@ -160,6 +175,7 @@ def load_index(
 
 # --------------------------------------------------------------------------- searching it
 
+
 @dataclass
 class Searcher:
     """The current index with what is needed to turn its answers into images and paths."""
@@ -178,8 +194,10 @@ class Searcher:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
         scores, fids = faiss_search(self.index, self.info, queries, k, vectors=self.lookup)
-        ids = [[self.image_ids[self.row_of_fid[int(f)]] if f >= 0 else None for f in row]
-               for row in fids]
+        ids = [
+            [self.image_ids[self.row_of_fid[int(f)]] if f >= 0 else None for f in row]
+            for row in fids
+        ]
         return scores, ids
 
 
@@ -189,7 +207,17 @@ def open_searcher(settings: Settings, fingerprint: str | None = None) -> Searche
     index, info = load_index(layout(settings).index_dir, expected_fingerprint=fp)
     fids = faiss_ids(ids)
     manifest = load_manifest(settings).select(["image_id", "path", "status", "is_canonical"])
-    path_of = {r["image_id"]: r["path"] for r in manifest.to_pylist()
-               if r["is_canonical"] and r["status"] == OK}
-    return Searcher(index=index, info=info, fingerprint=fp, image_ids=ids, vectors=vectors,
-                    row_of_fid={int(f): i for i, f in enumerate(fids)}, path_of=path_of)
+    path_of = {
+        r["image_id"]: r["path"]
+        for r in manifest.to_pylist()
+        if r["is_canonical"] and r["status"] == OK
+    }
+    return Searcher(
+        index=index,
+        info=info,
+        fingerprint=fp,
+        image_ids=ids,
+        vectors=vectors,
+        row_of_fid={int(f): i for i, f in enumerate(fids)},
+        path_of=path_of,
+    )

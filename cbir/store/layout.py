@@ -183,9 +183,16 @@ def layout(settings: Any) -> Layout:
     """The workspace's paths from its settings."""
     d, path = settings.data, settings.path
     return Layout(
-        root=settings.root, scans=path(d.scans_dir),
+        root=settings.root,
+        scans=path(d.scans_dir),
         ground_truth=path(d.ground_truth) if d.ground_truth is not None else None,
-        manifest_dir=path(d.manifest_dir), embeddings_dir=path(d.embeddings_dir),
-        index_dir=path(d.index_dir), models_dir=path(d.models_dir),
-        checkpoint=path(settings.model.checkpoint), pairs_dir=path(d.pairs_dir),
-        reports_dir=path(d.reports_dir), cache_dir=path(d.cache_dir), catalog=path(d.catalog))
+        manifest_dir=path(d.manifest_dir),
+        embeddings_dir=path(d.embeddings_dir),
+        index_dir=path(d.index_dir),
+        models_dir=path(d.models_dir),
+        checkpoint=path(settings.model.checkpoint),
+        pairs_dir=path(d.pairs_dir),
+        reports_dir=path(d.reports_dir),
+        cache_dir=path(d.cache_dir),
+        catalog=path(d.catalog),
+    )

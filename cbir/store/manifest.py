@@ -21,57 +21,65 @@ REPLACED = "replaced"  # an older version of a path whose content changed
 PRESENT = (OK, DUPLICATE)
 
 # The manifest (cbir ingest)
-FILES_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("path", pa.string()),
-    ("path_raw", pa.binary()),
-    ("version", pa.int32()),
-    ("status", pa.string()),
-    ("is_canonical", pa.bool_()),
-    ("duplicate_of", pa.string()),
-    ("sha256", pa.string()),
-    ("bytes", pa.int64()),
-    ("mtime", pa.timestamp("us", tz="UTC")),
-    ("mtime_ns", pa.int64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("mode", pa.string()),
-    ("format", pa.string()),
-    ("pages", pa.int32()),
-    ("phash", pa.uint64()),
-    ("first_run", pa.int32()),
-    ("last_run", pa.int32()),
-])
+FILES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("path_raw", pa.binary()),
+        ("version", pa.int32()),
+        ("status", pa.string()),
+        ("is_canonical", pa.bool_()),
+        ("duplicate_of", pa.string()),
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("mtime", pa.timestamp("us", tz="UTC")),
+        ("mtime_ns", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mode", pa.string()),
+        ("format", pa.string()),
+        ("pages", pa.int32()),
+        ("phash", pa.uint64()),
+        ("first_run", pa.int32()),
+        ("last_run", pa.int32()),
+    ]
+)
 
-QUARANTINE_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("path_raw", pa.binary()),
-    ("reason", pa.string()),
-    ("bytes", pa.int64()),
-    ("mtime_ns", pa.int64()),
-    ("first_run", pa.int32()),
-    ("last_run", pa.int32()),
-])
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("path_raw", pa.binary()),
+        ("reason", pa.string()),
+        ("bytes", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("first_run", pa.int32()),
+        ("last_run", pa.int32()),
+    ]
+)
 
-RUNS_SCHEMA = pa.schema([
-    ("run_id", pa.int32()),
-    ("started_at", pa.timestamp("us", tz="UTC")),
-    ("finished_at", pa.timestamp("us", tz="UTC")),
-    ("scans_dir", pa.string()),
-    ("files_seen", pa.int64()),
-    ("new", pa.int64()),
-    ("changed", pa.int64()),
-    ("unchanged", pa.int64()),
-    ("new_duplicates", pa.int64()),
-    ("newly_missing", pa.int64()),
-    ("quarantined", pa.int64()),
-    ("decoded", pa.int64()),
-    ("seconds", pa.float64()),
-])
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.int32()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("scans_dir", pa.string()),
+        ("files_seen", pa.int64()),
+        ("new", pa.int64()),
+        ("changed", pa.int64()),
+        ("unchanged", pa.int64()),
+        ("new_duplicates", pa.int64()),
+        ("newly_missing", pa.int64()),
+        ("quarantined", pa.int64()),
+        ("decoded", pa.int64()),
+        ("seconds", pa.float64()),
+    ]
+)
 
 #: What to do about a damaged manifest file: ingest cannot rebuild what it would extend.
-MANIFEST_FIX = ("restore it from DVC (`dvc checkout`), or move it away and run `cbir ingest` "
-                "to start a new manifest")
+MANIFEST_FIX = (
+    "restore it from DVC (`dvc checkout`), or move it away and run `cbir ingest` "
+    "to start a new manifest"
+)
 
 
 def load_manifest(settings: Any) -> pa.Table:
@@ -85,9 +93,13 @@ def load_manifest(settings: Any) -> pa.Table:
 def canonical_images(settings: Any) -> list[dict[str, Any]]:
     """The images to embed: one present, canonical file per distinct content, sorted by id."""
     table = load_manifest(settings)
-    rows = [r for r in table.select(["image_id", "path", "path_raw", "status", "is_canonical",
-                                     "width", "height"]).to_pylist()
-            if r["is_canonical"] and r["status"] == OK]
+    rows = [
+        r
+        for r in table.select(
+            ["image_id", "path", "path_raw", "status", "is_canonical", "width", "height"]
+        ).to_pylist()
+        if r["is_canonical"] and r["status"] == OK
+    ]
     rows.sort(key=lambda r: r["image_id"])
     return rows
 

@@ -41,11 +41,24 @@ OWN: dict[str, tuple[str, ...]] = {
     "index_dir": _names(L.INDEX_FILE, L.STAGED_FILE, L.SIDECAR_FILE),
     "models_dir": _names(L.LAST, L.HISTORY, L.TRAIN_METRICS, "model.pt"),
     "pairs_dir": _names(L.PAIRS, L.CLUSTERS, L.SEARCHED),
-    "reports_dir": _names(L.GALLERY, L.PLOTS, L.NIGHTLY, L.METRICS_JSON, L.METRICS_MD,
-                          L.NEIGHBORS, L.CALIBRATION, L.CALIBRATION_STATE,
-                          L.CALIBRATION_CURVE) + (re.escape(L.PREVIEW_PREFIX) + r".*\.png",),
-    "cache_dir": _names(*L.CACHE_TOOLS, L.BASELINE_EMBEDDINGS)
-    + (re.escape(L.TRAIN_CACHE_PREFIX) + r"\d+",),
+    "reports_dir": (
+        *_names(
+            L.GALLERY,
+            L.PLOTS,
+            L.NIGHTLY,
+            L.METRICS_JSON,
+            L.METRICS_MD,
+            L.NEIGHBORS,
+            L.CALIBRATION,
+            L.CALIBRATION_STATE,
+            L.CALIBRATION_CURVE,
+        ),
+        re.escape(L.PREVIEW_PREFIX) + r".*\.png",
+    ),
+    "cache_dir": (
+        *_names(*L.CACHE_TOOLS, L.BASELINE_EMBEDDINGS),
+        re.escape(L.TRAIN_CACHE_PREFIX) + r"\d+",
+    ),
 }
 # A file output's first bytes, when it exists and is not empty: a DuckDB database ("DUCK" after
 # an 8-byte checksum) and a torch checkpoint (a zip archive, or a legacy pickle).
@@ -84,17 +97,21 @@ def check_outputs(settings: Any) -> None:
     lay = L.layout(settings)
     scans = _real(lay.scans)
     if scans == Path(scans.anchor):
-        raise ConfigError(f"{settings.params_path}: data.scans_dir is the root of the file "
-                          f"system ({scans}); point it at the folder that holds the scans")
+        raise ConfigError(
+            f"{settings.params_path}: data.scans_dir is the root of the file "
+            f"system ({scans}); point it at the folder that holds the scans"
+        )
     data = _real(lay.data)
     if scans == data or scans in data.parents:
-        raise ConfigError(f"data.scans_dir {scans} contains the workspace's data folder {data} "
-                          f"(beside data.manifest_dir), where cbir writes: keep the scans apart")
+        raise ConfigError(
+            f"data.scans_dir {scans} contains the workspace's data folder {data} "
+            f"(beside data.manifest_dir), where cbir writes: keep the scans apart"
+        )
     outs = outputs(settings)
     for key, _, path in outs:
         check_free(settings, key, path)
     for i, (key, kind, path) in enumerate(outs):
-        for key2, kind2, path2 in outs[i + 1:]:
+        for key2, kind2, path2 in outs[i + 1 :]:
             if _overlap(path, path2) and not _allowed(kind, path, kind2, path2):
                 raise _refuse(key, path, key2, path2, "each output needs a place of its own")
     for key, kind, path in outs:
@@ -103,12 +120,22 @@ def check_outputs(settings: Any) -> None:
 
 def _inputs(settings: Any) -> list[tuple[str, Path, str]]:
     """What cbir only reads: (name, real path, why no output may overlap it)."""
-    out = [("data.scans_dir", _real(L.layout(settings).scans),
-            "the scans are only read; keep the outputs outside it"),
-           ("the params file", _real(settings.params_path), "cbir would overwrite it")]
+    out = [
+        (
+            "data.scans_dir",
+            _real(L.layout(settings).scans),
+            "the scans are only read; keep the outputs outside it",
+        ),
+        ("the params file", _real(settings.params_path), "cbir would overwrite it"),
+    ]
     if settings.data.ground_truth is not None:
-        out.append(("data.ground_truth", _real(settings.path(settings.data.ground_truth)),
-                    "cbir would overwrite it"))
+        out.append(
+            (
+                "data.ground_truth",
+                _real(settings.path(settings.data.ground_truth)),
+                "cbir would overwrite it",
+            )
+        )
     return out
 
 
@@ -123,28 +150,36 @@ def check_free(settings: Any, key: str, path: Path) -> None:
 def _allowed(kind: str, path: Path, kind2: str, path2: Path) -> bool:
     """The checkpoint inside the models folder, the only overlap cbir itself makes."""
     pair = {kind: path, kind2: path2}
-    return (set(pair) == {"models_dir", "checkpoint"}
-            and pair["models_dir"] in pair["checkpoint"].parents)
+    return (
+        set(pair) == {"models_dir", "checkpoint"}
+        and pair["models_dir"] in pair["checkpoint"].parents
+    )
 
 
 def _check_owned(settings: Any, key: str, kind: str, path: Path) -> None:
     if kind in OWN:
         if path.exists() and not path.is_dir():
-            raise ConfigError(f"{key} {path} is a file, not a folder: point it at a new or "
-                              f"empty folder")
+            raise ConfigError(
+                f"{key} {path} is a file, not a folder: point it at a new or empty folder"
+            )
         foreign = next(_foreign_entries(settings, kind, path), None)
         if foreign is not None:
-            raise ConfigError(f"{key} {path} holds {foreign!r}, which cbir did not write: point "
-                              f"{key} at a new or empty folder (cbir writes only into folders "
-                              f"that hold nothing but its own outputs)")
+            raise ConfigError(
+                f"{key} {path} holds {foreign!r}, which cbir did not write: point "
+                f"{key} at a new or empty folder (cbir writes only into folders "
+                f"that hold nothing but its own outputs)"
+            )
     elif kind in _MAGIC and path.exists():
         if not path.is_file():
-            raise ConfigError(f"{key} {path} is not a regular file: point it at a file of "
-                              f"cbir's own")
+            raise ConfigError(
+                f"{key} {path} is not a regular file: point it at a file of cbir's own"
+            )
         if not _has_magic(path, _MAGIC[kind]):
             what = "a DuckDB database" if kind == "catalog" else "a torch checkpoint"
-            raise ConfigError(f"{key} {path} is not {what}, so cbir did not write it and would "
-                              f"overwrite it: point {key} at a file of cbir's own")
+            raise ConfigError(
+                f"{key} {path} is not {what}, so cbir did not write it and would "
+                f"overwrite it: point {key} at a file of cbir's own"
+            )
 
 
 def _foreign_entries(settings: Any, kind: str, folder: Path) -> Iterator[str]:
@@ -171,4 +206,4 @@ def _has_magic(path: Path, magics: tuple[tuple[int, bytes], ...]) -> bool:
             head = fh.read(16)
     except OSError:
         return True  # unreadable: the step that uses it says so
-    return not head or any(head[at:at + len(m)] == m for at, m in magics)
+    return not head or any(head[at : at + len(m)] == m for at, m in magics)

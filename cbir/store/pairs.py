@@ -10,15 +10,26 @@ from ..errors import CbirError
 from .layout import layout
 from .tables import read_table
 
-PAIRS_SCHEMA = pa.schema([
-    ("image_a", pa.string()), ("image_b", pa.string()),
-    ("path_a", pa.string()), ("path_b", pa.string()),
-    ("score", pa.float32()), ("rank", pa.int32()), ("kind", pa.string()),
-])
-CLUSTERS_SCHEMA = pa.schema([
-    ("cluster_id", pa.int32()), ("image_id", pa.string()), ("path", pa.string()),
-    ("size", pa.int32()), ("weakest_link", pa.float32()),
-])
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("image_a", pa.string()),
+        ("image_b", pa.string()),
+        ("path_a", pa.string()),
+        ("path_b", pa.string()),
+        ("score", pa.float32()),
+        ("rank", pa.int32()),
+        ("kind", pa.string()),
+    ]
+)
+CLUSTERS_SCHEMA = pa.schema(
+    [
+        ("cluster_id", pa.int32()),
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("size", pa.int32()),
+        ("weakest_link", pa.float32()),
+    ]
+)
 
 PAIRS_FIX = "run `cbir pairs` to write it again"
 

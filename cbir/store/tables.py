@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from ..errors import CbirError
 
+
 class DamagedFile(CbirError):
     """A stored output cannot be read as what cbir wrote there."""
 
@@ -38,14 +39,19 @@ def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
     """Whether a stored column can stand for the expected one (same kind of values)."""
     if got == want:
         return True
-    kinds = (pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp,
-             lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
-             lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t))
+    kinds = (
+        pa.types.is_integer,
+        pa.types.is_floating,
+        pa.types.is_timestamp,
+        lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+        lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+    )
     return any(kind(got) and kind(want) for kind in kinds)
 
 
-def schema_problem(schema: pa.Schema, expected: pa.Schema,
-                   columns: Sequence[str] | None = None) -> str | None:
+def schema_problem(
+    schema: pa.Schema, expected: pa.Schema, columns: Sequence[str] | None = None
+) -> str | None:
     """Why a file's schema is not `expected` (only `columns` of it, when given), or None."""
     for name in columns or expected.names:
         want = expected.field(name).type
@@ -70,8 +76,9 @@ def check_schema(path: Path, expected: pa.Schema, fix: str) -> None:
         raise damaged(path, problem, fix)
 
 
-def read_table(path: Path, expected: pa.Schema, fix: str,
-               columns: Sequence[str] | None = None) -> pa.Table:
+def read_table(
+    path: Path, expected: pa.Schema, fix: str, columns: Sequence[str] | None = None
+) -> pa.Table:
     """A stored output (only `columns`, when given), checked and cast to the expected schema."""
     names = list(columns or expected.names)
     if not path.is_file():  # a folder (pyarrow would read it as a dataset), a dangling link

@@ -1,0 +1,104 @@
+"""cbir.store.catalog: DuckDB views over the Parquet outputs; queries only, on a read-only,
+sandboxed connection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiny_workspace
+from conftest import open_catalogue
+
+from cbir.config import load_settings
+from cbir.errors import CbirError
+from cbir.store import catalog
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("catalog")
+    settings = tiny_workspace.make(root)
+    from cbir.steps.pairs import run_pairs
+    run_pairs(settings)
+    return root
+
+
+def outside_parquet(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"secret": ["outside the workspace"]}), folder / "secret.parquet")
+    return folder / "secret.parquet"
+
+
+def test_every_view_is_in_the_catalogue(ws):
+    settings = load_settings(ws / "params.yaml")
+    names = [v.name for v in catalog.views(settings)]
+    assert names[:2] == ["ingest_runs", "files"] and "pair_report" in names
+    cols, rows = catalog.query(settings, "SELECT view_name FROM duckdb_views() "
+                                         "WHERE NOT internal ORDER BY view_name")
+    assert cols == ["view_name"] and {r[0] for r in rows} == set(names)
+
+
+def test_queries_see_the_outputs(ws):
+    settings = load_settings(ws / "params.yaml")
+    _, rows = catalog.query(settings, "SELECT count(*) FROM images")
+    assert rows == [(tiny_workspace.N_PHOTOS + 1,)]  # the exact copy is the same image
+    _, rows = catalog.query(settings, "SELECT path FROM exact_duplicates ORDER BY path")
+    assert ("copies/p0-copy.png",) in rows or ("p0.png",) in rows
+    _, rows = catalog.query(settings, "SELECT count(*) FROM files WHERE path = ?", ["p3.png"])
+    assert rows == [(1,)]
+    cols, page, total = catalog.query_page(settings, "SELECT path FROM files ORDER BY path",
+                                           limit=2)
+    assert cols == ["path"] and len(page) == 2 and total == tiny_workspace.N_PHOTOS + 2
+
+
+@pytest.mark.parametrize("sql,fragment", [
+    ("CREATE TABLE t (x INT)", "only queries can run on the catalogue"),
+    ("DROP VIEW files", "only queries can run on the catalogue"),
+    ("SELECT 1; SELECT 2", "one query at a time: the SQL holds 2 statements"),
+    ("-- nothing", "no query to run"),
+    ("SELEC 1", "query failed"),
+])
+def test_anything_but_one_query_is_refused_with_one_line(ws, sql, fragment):
+    settings = load_settings(ws / "params.yaml")
+    with pytest.raises(CbirError, match=fragment) as info:
+        catalog.query(settings, sql)
+    assert "\n" not in str(info.value)
+    assert catalog.query(settings, "SELECT count(*) FROM files")[1][0][0] > 0  # unchanged
+
+
+def test_without_a_catalogue_connect_says_to_ingest(tmp_path):
+    settings = tiny_workspace.make(tmp_path, steps=())
+    with pytest.raises(CbirError, match="run `cbir ingest` first"):
+        catalog.connect(settings, refresh=False)
+
+
+# Moved from tests/test_hostile.py (issue 12's guarded DuckDB), assertions unchanged.
+def test_catalogue_connections_are_guarded_by_duckdb_itself(ws, tmp_path):
+    """Beyond `cbir sql`'s refusal of anything but queries: a connection from
+    catalog.connect (nightly reports, the gallery) cannot write, read other files or undo
+    that, and its lock binds no other connection to the same file in this process."""
+    settings = load_settings(ws / "params.yaml")
+    out = tmp_path / "outside"
+    mine = open_catalogue(settings)  # a user's own connection, open meanwhile
+    con = catalog.connect(settings)
+    try:
+        assert con.execute("SELECT count(*) FROM pair_report").fetchone()[0] > 0
+        assert con.execute("SELECT count(*) FROM read_parquet('data/pairs/pairs.parquet')"
+                           ).fetchone()[0] > 0  # the workspace's own Parquet, relative path
+        for sql in (f"COPY (SELECT 1) TO '{out}/x.csv'",
+                    f"EXPORT DATABASE '{out}/export'",
+                    f"ATTACH '{out}/new.duckdb' AS other",
+                    "SELECT * FROM read_text('/etc/passwd')",
+                    f"SELECT * FROM read_parquet('{outside_parquet(out)}')",
+                    "SET enable_external_access = true", "SET lock_configuration = false",
+                    "SET allowed_directories = ['/']", "CREATE TABLE t (x INT)", "LOAD httpfs"):
+            with pytest.raises(duckdb.Error):
+                con.execute(sql)
+    finally:
+        con.close()
+    mine.execute("SET file_search_path = ?", [str(ws)])  # not locked by ours
+    mine.close()
+    assert sorted(p.name for p in out.iterdir()) == ["secret.parquet"]

@@ -1,0 +1,62 @@
+"""cbir.steps.pairs: mutual top-k pairs above a threshold, and clusters joined strongest first."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cbir.faiss_index import build_index, choose_params, faiss_ids
+from cbir.steps.pairs import clusters_from_pairs, knn_pairs
+from cbir.store.index import Searcher
+
+
+def _searcher(vectors: np.ndarray) -> Searcher:
+    ids = [f"{i:016x}" for i in range(1, len(vectors) + 1)]
+    fids = faiss_ids(ids)
+    index, info = build_index(vectors, fids, choose_params(len(ids), vectors.shape[1]),
+                              target_recall=None)
+    return Searcher(index=index, info=info, fingerprint="test", image_ids=ids, vectors=vectors,
+                    row_of_fid={int(f): i for i, f in enumerate(fids)},
+                    path_of={i: f"{i}.jpg" for i in ids})
+
+
+def _unit(rows: list[list[float]]) -> np.ndarray:
+    v = np.asarray(rows, np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+VECTORS = _unit([[1, 0, 0, 0], [0.99, 0.05, 0, 0], [0, 1, 0, 0], [0, 0.98, 0.1, 0],
+                 [0, 0, 0, 1]])
+
+
+def test_knn_pairs_keeps_pairs_above_the_threshold_once_with_best_score_and_rank():
+    s = _searcher(VECTORS)
+    pairs = knn_pairs(s, k=2, threshold=0.9)
+    a, b, c, d = s.image_ids[:4]
+    assert set(pairs) == {(a, b), (c, d)}  # unordered, each once, the lonely image in none
+    score, rank = pairs[(a, b)]
+    assert abs(score - float(VECTORS[0] @ VECTORS[1])) < 1e-5 and rank == 1
+    assert knn_pairs(s, k=2, threshold=0.9, rows=np.array([0])) == {(a, b): pairs[(a, b)]}
+    assert knn_pairs(s, k=2, threshold=0.9, batch=2) == pairs  # batching changes nothing
+    assert knn_pairs(s, k=2, threshold=1.01) == {}
+
+
+def test_knn_pairs_only_looks_at_the_top_k():
+    s = _searcher(VECTORS)
+    low = knn_pairs(s, k=1, threshold=-1.0)
+    assert all(rank == 1 for _, rank in low.values())
+    assert len(knn_pairs(s, k=4, threshold=-1.0)) == 10  # every pair of 5 images
+
+
+def test_clusters_are_connected_components_with_their_weakest_link():
+    pairs = {("a", "b"): (0.95, 1), ("b", "c"): (0.80, 1), ("d", "e"): (0.99, 1),
+             ("e", "f"): (0.40, 2)}
+    assert clusters_from_pairs(pairs, 0.5) == [(["a", "b", "c"], 0.80), (["d", "e"], 0.99)]
+    assert clusters_from_pairs(pairs, 0.9) == [(["a", "b"], 0.95), (["d", "e"], 0.99)]
+    assert clusters_from_pairs(pairs, 0.3)[0] == (["a", "b", "c"], 0.80)
+    assert clusters_from_pairs({}, 0.5) == []
+
+
+def test_the_weakest_link_is_that_of_the_maximum_spanning_tree():
+    # a triangle: the 0.6 edge is not needed to keep it connected
+    pairs = {("a", "b"): (0.9, 1), ("b", "c"): (0.8, 1), ("a", "c"): (0.6, 2)}
+    assert clusters_from_pairs(pairs, 0.0) == [(["a", "b", "c"], 0.8)]

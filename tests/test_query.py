@@ -1,0 +1,35 @@
+"""cbir.steps.query: the neighbours of image files, inside or outside the collection."""
+
+from __future__ import annotations
+
+import pytest
+import tiny_workspace
+from conftest import photo, save
+
+from cbir.steps.query import query_images
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    return tiny_workspace.make(tmp_path_factory.mktemp("query"))
+
+
+def test_a_scan_finds_itself_first_and_its_exact_copies(settings):
+    scans = settings.path(settings.data.scans_dir)
+    [res] = query_images(settings, [scans / "p0.png"], k=3)
+    assert res.error is None and len(res.neighbours) == 3
+    _, path, score = res.neighbours[0]
+    assert path in {"p0.png", "copies/p0-copy.png"} and score > 0.99
+    assert res.exact_copies_of == ["copies/p0-copy.png", "p0.png"]
+    scores = [s for _, _, s in res.neighbours]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_picture_outside_the_collection_and_an_unreadable_file(settings, tmp_path):
+    outside = save(photo(1).resize((90, 60)), tmp_path / "outside.jpg", quality=90)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a picture")
+    good, bad = query_images(settings, [outside, broken], k=2)
+    assert good.error is None and good.exact_copies_of == [] and len(good.neighbours) == 2
+    assert good.neighbours[0][1] in {"p1.png", "copies/p1-small.png"}
+    assert bad.error is not None and "cannot be read" in bad.error and bad.neighbours == []

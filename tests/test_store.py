@@ -1,0 +1,104 @@
+"""cbir.store: the layout of a workspace's data folder, and readers that refuse damaged or
+foreign files with one line saying what to do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiny_workspace
+
+from cbir.errors import CbirError
+from cbir.store.embeddings import embedded_ids, load_embeddings, read_shard
+from cbir.store.index import NoIndex, load_index
+from cbir.store.layout import layout
+from cbir.store.manifest import canonical_images, latest_run, load_manifest
+
+
+def test_the_layout_names_every_path_under_the_workspace(tmp_path):
+    settings = tiny_workspace.make(tmp_path, steps=())
+    lay = layout(settings)
+    assert lay.root == tmp_path and lay.scans == tmp_path / "scans"
+    assert lay.ground_truth == tmp_path / "gt.csv"
+    assert lay.data == tmp_path / "data"
+    assert lay.files.parent == lay.manifest_dir == tmp_path / "data" / "manifest"
+    assert lay.embeddings("abc") == tmp_path / "data" / "embeddings" / "abc"
+    assert lay.embeddings("abc", baseline=True).is_relative_to(lay.cache_dir)
+    assert lay.checkpoint == tmp_path / "data" / "models" / "model.pt"
+    assert lay.lock.parent == lay.data
+
+
+def test_before_ingest_the_manifest_readers_say_to_ingest(tmp_path):
+    settings = tiny_workspace.make(tmp_path, steps=())
+    with pytest.raises(CbirError, match=r"no manifest at .*: run `cbir ingest` first"):
+        load_manifest(settings)
+    assert latest_run(settings) == 0
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    return tiny_workspace.make(tmp_path_factory.mktemp("store"), steps=("ingest", "embed"))
+
+
+def test_the_manifest_and_its_canonical_images(settings):
+    table = load_manifest(settings)
+    assert table.num_rows == tiny_workspace.N_PHOTOS + 2
+    canon = canonical_images(settings)
+    assert len(canon) == tiny_workspace.N_PHOTOS + 1  # one of the exact copies
+    assert [r["image_id"] for r in canon] == sorted(r["image_id"] for r in canon)
+    assert latest_run(settings) == 1
+
+
+def test_a_damaged_manifest_is_one_line_naming_the_file_and_the_fix(settings, tmp_path):
+    files = layout(settings).files
+    saved = files.read_bytes()
+    try:
+        files.write_bytes(b"PAR1 this is not parquet")
+        with pytest.raises(CbirError) as info:
+            load_manifest(settings)
+        text = str(info.value)
+        assert "\n" not in text and str(files) in text and "dvc checkout" in text
+    finally:
+        files.write_bytes(saved)
+    assert load_manifest(settings).num_rows == tiny_workspace.N_PHOTOS + 2
+
+
+def _folder(settings):
+    [folder] = [p for p in layout(settings).embeddings_dir.iterdir() if p.is_dir()]
+    return folder
+
+
+def test_embeddings_load_from_their_shards(settings):
+    folder = _folder(settings)
+    ids, vectors = load_embeddings(folder)
+    assert len(ids) == tiny_workspace.N_PHOTOS + 1 and set(ids) == embedded_ids(folder)
+    assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1,
+                                                       atol=1e-4)
+    some = set(ids[:2])
+    assert set(load_embeddings(folder, only=some)[0]) == some
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda p: p.write_bytes(b"garbage"), "is damaged"),
+    (lambda p: pq.write_table(pa.table({"image_id": ["x"]}), p), "it has no column 'vector'"),
+    (lambda p: pq.write_table(pa.table({"image_id": [1], "vector": [[1.0]]}), p),
+     "column 'vector' holds"),
+])
+def test_a_damaged_or_foreign_shard_is_one_line(tmp_path, damage, fragment):
+    shard = tmp_path / "shard-x-00001.parquet"
+    damage(shard)
+    with pytest.raises(CbirError, match=fragment) as info:
+        read_shard(shard)
+    text = str(info.value)
+    assert "\n" not in text and str(shard) in text and "cbir embed" in text
+
+
+def test_no_index_is_its_own_error_and_a_damaged_one_is_not(tmp_path):
+    with pytest.raises(NoIndex, match=r"no index at .*; build it with `cbir index`"):
+        load_index(tmp_path)
+    (tmp_path / "index.json").write_text("{not json")
+    (tmp_path / "index.faiss").write_bytes(b"x")
+    with pytest.raises(CbirError, match="unreadable") as info:
+        load_index(tmp_path)
+    assert not isinstance(info.value, NoIndex)
