@@ -46,8 +46,11 @@ lint: install
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy $(LINTED)
 
+# Two worker processes, each taking whole test files (their fixtures are built once per file).
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # The suite on a busy machine: two CPU-bound processes run beside it (started here, and stopped
 # whatever the outcome, Ctrl-C included), so that no test passes only when it has the machine
@@ -56,7 +59,7 @@ test-busy: install
 	@( while :; do :; done ) & b1=$$!; ( while :; do :; done ) & b2=$$!; \
 	trap 'kill $$b1 $$b2 2>/dev/null; wait $$b1 $$b2 2>/dev/null' EXIT INT TERM; \
 	echo "test-busy: two CPU-bound processes ($$b1, $$b2) run beside the suite"; \
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # The full fault-injection, hostile-input and resource matrix (CI runs a reduced set through
 # make test).

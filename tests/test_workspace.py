@@ -143,6 +143,17 @@ def test_the_repository_is_the_workspace_of_the_demo_collection():
     assert Path(REPO / "cbir" / "templates" / "dvc.yaml").is_symlink()
 
 
+def test_the_repository_has_one_pipeline_for_dvc():
+    """`dvc repro` in the repository (what `make demo` runs) sees the repository's pipeline only:
+    the template beside the package, which resolves ${data.*} against no params file, is not a
+    second one (.dvcignore)."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "dag", "--dot"], cwd=REPO,
+                         capture_output=True, text=True)  # collects every pipeline, as repro does
+    assert out.returncode == 0, out.stderr
+    for stage in ("ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate", "report"):
+        assert f'"{stage}"' in out.stdout, out.stdout
+
+
 def test_cli_init_prints_what_it_did(tmp_path):
     scans = _scans(tmp_path)
     out = subprocess.run([*CBIR, "init", str(tmp_path / "ws"), "--scans", str(scans)],
