@@ -80,9 +80,13 @@ class PairsSummary:
 
     def warnings(self) -> list[str]:
         """What looks wrong, with its likely cause and the command that fixes it."""
+        from .calibrate import GROUND_TRUTH
+
         out = []
         th, n = self.thresholds, max(1, self.n_images)
         fixed = th is not None and th.source == "params"
+        # labels decided the threshold: the self-calibration's figures are a second opinion
+        labelled = th is not None and th.source == GROUND_TRUTH
         fix = (
             "set search.pair_threshold: auto (calibrated to search.precision_target) and run "
             "`cbir calibrate`, then `cbir pairs`"
@@ -104,6 +108,7 @@ class PairsSummary:
             )
         if (
             th is not None
+            and not labelled
             and th.estimated_precision is not None
             and th.estimated_precision < th.target - 0.05
         ):
@@ -122,6 +127,7 @@ class PairsSummary:
         elif (
             th is not None
             and not fixed
+            and not labelled
             and not th.no_duplicates
             and th.estimated_recall is not None
             and th.estimated_recall < 0.5
