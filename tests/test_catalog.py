@@ -54,6 +54,20 @@ def test_queries_see_the_outputs(ws):
     assert cols == ["path"] and len(page) == 2 and total == tiny_workspace.N_PHOTOS + 2
 
 
+def test_queries_read_this_workspace_from_any_folder(ws, tmp_path, monkeypatch):
+    """The views name their files relative to the workspace (so it can move), and DuckDB would
+    read a relative name from the current folder first: run from a folder that holds another
+    workspace's data/, a query still reads this workspace's files."""
+    settings = load_settings(ws / "params.yaml")
+    other = tmp_path / "other" / "data" / "manifest"
+    other.mkdir(parents=True)
+    files = pq.read_table(ws / "data" / "manifest" / "files.parquet")
+    pq.write_table(files.slice(0, 1), other / "files.parquet")  # another, smaller manifest
+    monkeypatch.chdir(tmp_path / "other")
+    _, rows = catalog.query(settings, "SELECT count(*) FROM files")
+    assert rows == [(files.num_rows,)] and files.num_rows > 1
+
+
 @pytest.mark.parametrize("sql,fragment", [
     ("CREATE TABLE t (x INT)", "only queries can run on the catalogue"),
     ("DROP VIEW files", "only queries can run on the catalogue"),

@@ -34,13 +34,13 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 2  # 2: paths relative to the workspace, DOUBLE scores
 
 
-def _read(path: Path, root: Path) -> str:
+def _read(path: Path, root: Path | None) -> str:
     """read_parquet of a file, relative to the workspace root where it lies inside it, so the
-    workspace can move: connections (ours, and the duckdb CLI started in the workspace) resolve
-    relative paths against file_search_path / the current folder."""
+    workspace can move (the duckdb CLI started in the workspace resolves relative paths against
+    the current folder); in full when `root` is None."""
     full = Path(os.path.abspath(path))
     try:
-        text = full.relative_to(Path(os.path.abspath(root))).as_posix()
+        text = full.relative_to(Path(os.path.abspath(root or "/-"))).as_posix()
     except ValueError:
         text = str(full)
     return f"read_parquet({_sql_str(text)})"
@@ -68,7 +68,7 @@ class View:
         for path in self.files() if self.schema is not None else ():
             check_schema(path, self.schema, self.fix)
 
-    def body(self, root: Path) -> str:
+    def body(self, root: Path | None) -> str:
         if self.parquet is not None:
             replace = f" {self.replace}" if self.replace else ""
             return f"SELECT *{replace} FROM {_read(self.parquet, root)}"
@@ -337,7 +337,12 @@ def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConne
     try:
         con.execute("ATTACH ? AS catalog (READ_ONLY)", [str(path)])
         con.execute("USE catalog")
-        con.execute("SET file_search_path = ?", [str(settings.root)])
+        # The file's views name their Parquet files relative to the workspace, and DuckDB
+        # looks for a relative name in the current folder first: another workspace's data/
+        # there would be read instead. Temporary views of the same names, naming this
+        # workspace's files in full, come first in name resolution.
+        for view in chosen:
+            con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.body(None)}')
         con.execute("SET temp_directory = ?", [str(path) + ".tmp"])  # as a file-backed one
         con.execute("SET allowed_paths = ?", [_allowed_paths(settings, chosen)])
         for option in (
