@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +240,10 @@ def _run_flow(settings: Settings, what: str, load: Callable[[], Any], **params: 
     from flows.server import flow_api  # Prefect lives in flows/ and tasks/, never in cbir/
 
     with flow_api(settings, what) as api:
-        state = api.run(load(), str(settings.params_path), **params)
+        flow = load()
+        _raise_if_interrupted()  # a Ctrl-C that the imports swallowed still stops the command
+        state = api.run(flow, str(settings.params_path), **params)
+        _raise_if_interrupted()  # and one that the flow run turned into a state
         return _flow_result(state, what, api.log)
 
 
@@ -701,8 +706,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     cannot drive the terminal: cbir/safetext.py)."""
     from .safetext import escaped_output
 
-    with escaped_output():
+    with escaped_output(), _remembered_sigint():
         return _main(argv)
+
+
+@contextlib.contextmanager
+def _remembered_sigint() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered (`_on_sigint`), for the
+    command; the handler before it is put back afterwards (cbir may run inside a program)."""
+    before = signal.getsignal(signal.SIGINT)
+    install = (
+        threading.current_thread() is threading.main_thread()
+        and before is signal.default_int_handler  # not where SIGINT is ignored (a background job)
+    )
+    if install:
+        _INTERRUPTED.clear()
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        if install:
+            signal.signal(signal.SIGINT, before)
+
+
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Python's own Ctrl-C (KeyboardInterrupt), remembered: code that catches every exception
+    (some libraries do, while they are imported) would otherwise make it disappear."""
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def _raise_if_interrupted() -> None:
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -196,7 +196,7 @@ def _busy_make(tmp_path: Path, suite: str, **kw) -> subprocess.Popen:
 
 def _default_sigint() -> None:
     """Ctrl-C as a terminal's shell leaves it to the commands it starts: a process inherits an
-    ignored SIGINT, and the suite's own process may have one ignored by a library it ran."""
+    ignored SIGINT, and the suite's worker processes (pytest-xdist) run with it ignored."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 

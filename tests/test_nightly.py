@@ -319,9 +319,12 @@ def test_ctrl_c_stops_cli_nightly_and_its_server(tmp_path, built):
     home = params.parent / "data" / "prefect"
     fake_home = tmp_path / "home"
     fake_home.mkdir()
+    # SIGINT's default action, as a terminal's shell starts a command: the suite's worker
+    # processes (pytest-xdist) run with it ignored, and a child would inherit that
     cli = subprocess.Popen([*CBIR, "nightly", "--params", str(params)], cwd=REPO,
                            env=_cli_env(fake_home), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         server = None
         while server is None and cli.poll() is None:
