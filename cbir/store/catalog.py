@@ -343,6 +343,9 @@ def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConne
         # workspace's files in full, come first in name resolution.
         for view in chosen:
             con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.body(None)}')
+        # a relative name in a user's query: the workspace's file (when the current folder
+        # has none of that name)
+        con.execute("SET file_search_path = ?", [str(settings.root)])
         con.execute("SET temp_directory = ?", [str(path) + ".tmp"])  # as a file-backed one
         con.execute("SET allowed_paths = ?", [_allowed_paths(settings, chosen)])
         for option in (
