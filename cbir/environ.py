@@ -45,7 +45,13 @@ def workspace_environ(settings: Any) -> dict[str, str]:
 def confined(settings: Any) -> Iterator[None]:
     """Run the block with `workspace_environ` (each variable only where it is not set), and
     restore the environment afterwards."""
-    wanted = workspace_environ(settings)
+    with defaults(workspace_environ(settings)):
+        yield
+
+
+@contextlib.contextmanager
+def defaults(wanted: dict[str, str]) -> Iterator[None]:
+    """Run the block with `wanted` set where the variables are not set, then restore them."""
     before = {key: os.environ.get(key) for key in wanted}
     os.environ.update({k: v for k, v in wanted.items() if not os.environ.get(k)})
     try:

@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cbir.environ import defaults
 from cbir.errors import CbirError
 from cbir.store.layout import layout
 
@@ -395,16 +396,8 @@ def _client_environ(home: Path) -> Iterator[None]:
         "PREFECT_PROFILES_PATH": str(user_home / "profiles.toml"),
         "DO_NOT_TRACK": "1",
     }
-    before = {key: os.environ.get(key) for key in wanted}
-    os.environ.update({k: v for k, v in wanted.items() if not os.environ.get(k)})
-    try:
+    with defaults(wanted):
         yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _TerminalFilter(logging.Filter):
