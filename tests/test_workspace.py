@@ -152,6 +152,9 @@ def test_the_repository_has_one_pipeline_for_dvc():
     assert out.returncode == 0, out.stderr
     for stage in ("ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate", "report"):
         assert f'"{stage}"' in out.stdout, out.stdout
+    # DVC refuses every command in a repository whose dvc.lock git ignores (CI saw exactly that)
+    ignored = subprocess.run(["git", "check-ignore", "-q", "dvc.lock"], cwd=REPO)
+    assert ignored.returncode == 1, "dvc.lock must not be git-ignored: DVC refuses to run then"
 
 
 def test_cli_init_prints_what_it_did(tmp_path):
