@@ -96,6 +96,11 @@ class DataSettings(_Section):
     index_dir: Path = Path("data/index")
     models_dir: Path = Path("data/models")
     pairs_dir: Path = Path("data/pairs")
+    decisions_dir: Path = Field(
+        Path("data/decisions"),
+        description="reviewers' decisions on pairs (append-only; DVC-tracked on its own, "
+        "never rebuilt by `dvc repro`)",
+    )
     reports_dir: Path = Path("data/reports")
     cache_dir: Path = Path("data/cache")
 

@@ -32,6 +32,9 @@ TRAIN_METRICS = "train_metrics.json"
 PAIRS = "pairs.parquet"
 CLUSTERS = "clusters.parquet"
 SEARCHED = "searched.parquet"  # ids whose neighbours pairs.parquet holds (incremental runs)
+# data.decisions_dir (cbir review, decide, decisions import): an append-only log of parts
+DECISION_PART_PREFIX = "part-"
+DECISION_PART_GLOB = "part-*.parquet"
 # data.reports_dir (cbir evaluate, calibrate, report, nightly, augment-preview)
 METRICS_JSON = "metrics.json"
 METRICS_MD = "metrics.md"
@@ -65,6 +68,7 @@ class Layout:
     models_dir: Path
     checkpoint: Path
     pairs_dir: Path
+    decisions_dir: Path
     reports_dir: Path
     cache_dir: Path
     catalog: Path
@@ -192,6 +196,7 @@ def layout(settings: Any) -> Layout:
         models_dir=path(d.models_dir),
         checkpoint=path(settings.model.checkpoint),
         pairs_dir=path(d.pairs_dir),
+        decisions_dir=path(d.decisions_dir),
         reports_dir=path(d.reports_dir),
         cache_dir=path(d.cache_dir),
         catalog=path(d.catalog),

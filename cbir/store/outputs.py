@@ -41,6 +41,7 @@ OWN: dict[str, tuple[str, ...]] = {
     "index_dir": _names(L.INDEX_FILE, L.STAGED_FILE, L.SIDECAR_FILE),
     "models_dir": _names(L.LAST, L.HISTORY, L.TRAIN_METRICS, "model.pt"),
     "pairs_dir": _names(L.PAIRS, L.CLUSTERS, L.SEARCHED),
+    "decisions_dir": (re.escape(L.DECISION_PART_PREFIX) + r"[0-9a-z-]+\.parquet",),
     "reports_dir": (
         *_names(
             L.GALLERY,
