@@ -116,3 +116,33 @@ def test_catalogue_connections_are_guarded_by_duckdb_itself(ws, tmp_path):
     mine.execute("SET file_search_path = ?", [str(ws)])  # not locked by ours
     mine.close()
     assert sorted(p.name for p in out.iterdir()) == ["secret.parquet"]
+
+
+def test_decisions_view_holds_each_pairs_current_decision_and_follows_new_parts(tmp_path):
+    from cbir.store import decisions as D
+    from cbir.store.layout import layout
+
+    settings = tiny_workspace.make(tmp_path)
+    folder = layout(settings).decisions_dir
+    _, rows = catalog.query(settings, "SELECT count(*) FROM decisions")
+    assert rows == [(0,)]  # the view exists before the first decision
+    _, rows = catalog.query(settings, "SELECT image_id, path FROM images ORDER BY path LIMIT 2")
+    (ia, pa_), (ib, pb) = rows
+    first = D.Decision(ia, ib, D.SAME, path_a="old/a.png", path_b="old/b.png", master=ib)
+    D.record(folder, [first])
+    _, rows = catalog.query(settings, "SELECT path_a, path_b, decision, master_path, "
+                                      "decided_path_a FROM decisions")
+    lo, hi = sorted([(ia, pa_), (ib, pb)])
+    assert rows == [(lo[1], hi[1], "same", pb, "old/a.png" if lo[0] == ia else "old/b.png")]
+    con = catalog.connect(settings)  # open while new parts arrive (the review server)
+    try:
+        D.record(folder, [D.Decision(ia, ib, D.DIFFERENT)])
+        assert con.execute("SELECT decision FROM decisions").fetchall() == [("different",)]
+        undo = D.Decision(ia, ib, D.UNDO, undoes=D.read_log(folder).to_pylist()[-1]["decision_id"])
+        D.record(folder, [undo])
+        assert con.execute("SELECT decision FROM decisions").fetchall() == [("same",)]
+        assert con.execute("SELECT count(*) FROM decision_log").fetchall() == [(3,)]
+    finally:
+        con.close()
+    with pytest.raises(CbirError, match="only queries"):
+        catalog.query(settings, f"COPY (SELECT 1) TO '{folder}/part-1-x.parquet'")

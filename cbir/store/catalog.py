@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from ..errors import CbirError
 from ..fsutil import atomic_path, clean_stale_tmp, write_text
-from .layout import layout
+from .decisions import DECISIONS_FIX, DECISIONS_SCHEMA, parts
+from .layout import DECISION_PART_GLOB, layout
 from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA
 from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA
 from .tables import check_schema, one_line
@@ -46,12 +47,26 @@ def _read(path: Path, root: Path | None) -> str:
     return f"read_parquet({_sql_str(text)})"
 
 
+_DUCKDB_TYPES = {"string": "VARCHAR", "float": "FLOAT", "double": "DOUBLE", "int32": "INTEGER"}
+
+
+def _empty(schema: pa.Schema) -> str:
+    """A query with `schema`'s columns and no row (a log with no part yet)."""
+    cols = []
+    for f in schema:
+        kind = "TIMESTAMPTZ" if pa.types.is_timestamp(f.type) else _DUCKDB_TYPES[str(f.type)]
+        cols.append(f"NULL::{kind} AS {f.name}")
+    return f"SELECT {', '.join(cols)} WHERE false"
+
+
 @dataclass(frozen=True)
 class View:
-    """A catalogue view: either over one Parquet file, or SQL over other views."""
+    """A catalogue view: over one Parquet file, over the parts of a log (`parquet` a folder,
+    `glob` its parts' names), or SQL over other views."""
 
     name: str
     parquet: Path | None = None
+    glob: str | None = None
     sql: str | None = None
     needs: tuple[str, ...] = ()
     sources: dict[str, Path] | None = None  # Parquet files the SQL reads as {name}
@@ -61,6 +76,9 @@ class View:
     fix: str = ""  # what rebuilds that file
 
     def files(self) -> list[Path]:
+        if self.glob is not None:
+            assert self.parquet is not None
+            return parts(self.parquet)
         return ([self.parquet] if self.parquet else []) + list((self.sources or {}).values())
 
     def check(self) -> None:
@@ -69,6 +87,11 @@ class View:
             check_schema(path, self.schema, self.fix)
 
     def body(self, root: Path | None) -> str:
+        if self.glob is not None:
+            assert self.parquet is not None and self.schema is not None
+            if not self.files():
+                return _empty(self.schema)
+            return f"SELECT * FROM {_read(self.parquet / self.glob, root)}"
         if self.parquet is not None:
             replace = f" {self.replace}" if self.replace else ""
             return f"SELECT *{replace} FROM {_read(self.parquet, root)}"
@@ -154,6 +177,32 @@ SELECT new_run, new_path, CASE WHEN new_path = path_a THEN path_b ELSE path_a EN
        image_a, image_b
 FROM pair_report
 """
+# Decisions (cbir/store/decisions.py): each row once (a compaction cut short leaves some twice),
+# and each pair's current decision: its latest row that is not undone, with where its two
+# images are now (they may have moved since).
+_DECISION_LOG_SQL = """
+SELECT * REPLACE (score::DOUBLE AS score) FROM decision_parts
+QUALIFY row_number() OVER (PARTITION BY decision_id ORDER BY time) = 1
+"""
+_DECISIONS_SQL = """
+WITH d AS (
+    SELECT l.* FROM decision_log l
+    WHERE l.decision <> 'undo'
+      AND NOT EXISTS (SELECT 1 FROM decision_log u WHERE u.decision = 'undo'
+                                                    AND u.undoes = l.decision_id)
+    QUALIFY row_number() OVER (PARTITION BY l.image_a, l.image_b
+                               ORDER BY l.time DESC, l.decision_id DESC) = 1
+)
+SELECT d.image_a, d.image_b, coalesce(a.path, d.path_a) AS path_a,
+       coalesce(b.path, d.path_b) AS path_b, d.decision, d.master,
+       CASE d.master WHEN d.image_a THEN coalesce(a.path, d.path_a)
+                     WHEN d.image_b THEN coalesce(b.path, d.path_b) END AS master_path,
+       d.reviewer, d.note, d.time, d.model, d.score, d.source, d.decision_id,
+       d.path_a AS decided_path_a, d.path_b AS decided_path_b
+FROM d
+LEFT JOIN images a ON a.image_id = d.image_a
+LEFT JOIN images b ON b.image_id = d.image_b
+"""
 _CLUSTER_REPORT_SQL = f"""
 WITH f AS ({_PAIR_FILE_SQL})
 SELECT c.cluster_id, any_value(c.size) AS size,
@@ -205,6 +254,27 @@ def views(settings: Settings) -> list[View]:
             sql=_EXACT_DUPLICATES_SQL,
             needs=("files",),
             comment="byte-identical copies of a canonical image",
+        ),
+        View(
+            "decision_parts",
+            parquet=lay.decisions_dir,
+            glob=DECISION_PART_GLOB,
+            schema=DECISIONS_SCHEMA,
+            fix=DECISIONS_FIX,
+            comment="the decisions log's rows as stored (use decision_log or decisions)",
+        ),
+        View(
+            "decision_log",
+            sql=_DECISION_LOG_SQL,
+            needs=("decision_parts",),
+            comment="every decision ever recorded on a pair, undos too, oldest first",
+        ),
+        View(
+            "decisions",
+            sql=_DECISIONS_SQL,
+            needs=("decision_log", "images"),
+            comment="each decided pair's current decision (the latest not undone), with "
+            "where both images are now",
         ),
     ]
     v += [
@@ -348,6 +418,8 @@ def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConne
         con.execute("SET file_search_path = ?", [str(settings.root)])
         con.execute("SET temp_directory = ?", [str(path) + ".tmp"])  # as a file-backed one
         con.execute("SET allowed_paths = ?", [_allowed_paths(settings, chosen)])
+        # the decisions log gains parts while a connection is open (the review server)
+        con.execute("SET allowed_directories = ?", [[str(layout(settings).decisions_dir) + "/"]])
         for option in (
             "enable_external_access",
             "autoinstall_known_extensions",
