@@ -321,6 +321,119 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
 SQL_TABLE_LIMIT = 100  # rows `cbir sql` shows as a table unless --limit says otherwise
 
 
+# --------------------------------------------------------------------------- decisions (issue 14)
+
+
+def cmd_decide(settings: Settings, args: argparse.Namespace) -> int:
+    from .steps.decisions import run_decide, run_undo
+
+    if args.undo:
+        if args.master is not None or args.note:
+            raise CbirError("--undo withdraws the current decision: give no --master or --note")
+        print("\n".join(run_undo(settings, args.a, args.b, reviewer=args.reviewer).lines()))
+        return 0
+    if not args.verdict:
+        raise CbirError("say what the pair is: --same, --different or --unsure (or --undo)")
+    summary = run_decide(
+        settings,
+        args.a,
+        args.b,
+        args.verdict,
+        master=args.master,
+        note=args.note,
+        reviewer=args.reviewer,
+    )
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_decisions_import(settings: Settings, args: argparse.Namespace) -> int:
+    from .safetext import printable
+    from .steps.decisions import ImportRefused, import_decisions
+
+    try:
+        summary = import_decisions(settings, args.file, reviewer=args.reviewer)
+    except ImportRefused as exc:  # one line per bad row, then the verdict
+        for line in exc.problems:
+            print(f"cbir decisions: {printable(line)}", file=sys.stderr)
+        raise
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_decisions_export(settings: Settings, args: argparse.Namespace) -> int:
+    from .steps.decisions import export_decisions
+
+    print("\n".join(export_decisions(settings, args.file, history=args.history).lines()))
+    return 0
+
+
+def cmd_decisions_compact(settings: Settings, args: argparse.Namespace) -> int:
+    from .steps.decisions import run_compact
+
+    print("\n".join(run_compact(settings, everything=args.all).lines()))
+    return 0
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from .steps.decisions import remove_list
+
+    print("\n".join(remove_list(settings, args.remove_list).lines()))
+    return 0
+
+
+def _decision_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`decide`, `decisions import|export|compact` and `export --remove-list`."""
+    p = sub.add_parser(
+        "decide", parents=[common], help="record a reviewer's decision on a pair of images"
+    )
+    p.add_argument("a", metavar="A", help="an image: its path (as in the manifest) or its id")
+    p.add_argument("b", metavar="B", help="the other image")
+    verdict = p.add_mutually_exclusive_group()
+    for name in ("same", "different", "unsure"):
+        verdict.add_argument(
+            f"--{name}", dest="verdict", action="store_const", const=name, help=f"a {name!r} pair"
+        )
+    verdict.add_argument("--undo", action="store_true", help="withdraw the pair's current decision")
+    p.add_argument("--master", metavar="A|B", help="with --same: the one to keep")
+    p.add_argument("--note", default="", metavar="TEXT", help="why (kept with the decision)")
+    p.add_argument("--reviewer", metavar="NAME", help="who decided (default: the user name)")
+    p.set_defaults(handler=cmd_decide)
+
+    p = sub.add_parser("decisions", help="import, export or compact the reviewers' decisions")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = actions.add_parser(
+        "import", parents=[common], help="record the decisions of a CSV, all or nothing"
+    )
+    a.add_argument(
+        "file", metavar="FILE.csv", help="columns path_a,path_b,decision[,master,note,reviewer]"
+    )
+    a.add_argument("--reviewer", metavar="NAME", help="for rows without a reviewer")
+    a.set_defaults(handler=cmd_decisions_import)
+    a = actions.add_parser("export", parents=[common], help="write the decisions to a CSV")
+    a.add_argument("file", metavar="FILE.csv")
+    a.add_argument(
+        "--history", action="store_true", help="every row of the log, undos too (for audits)"
+    )
+    a.set_defaults(handler=cmd_decisions_export)
+    a = actions.add_parser(
+        "compact", parents=[common], help="merge the log's part files (when there are many)"
+    )
+    a.add_argument("--all", action="store_true", help="merge however few there are")
+    a.set_defaults(handler=cmd_decisions_compact)
+
+    p = sub.add_parser(
+        "export", parents=[common], help="what to remove: the confirmed duplicates as a CSV"
+    )
+    p.add_argument(
+        "--remove-list",
+        required=True,
+        metavar="FILE.csv",
+        help="one row per file to remove (columns remove,keep,reason,group)",
+    )
+    p.set_defaults(handler=cmd_export)
+
+
 def _format_table(cols: list[str], rows: list[tuple]) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
@@ -559,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_find_duplicates, no_params=True)
 
+    _decision_parsers(sub, common)
     _describe(sub)
     return parser
 
@@ -673,6 +787,28 @@ DETAILS: dict[str, tuple[str, str]] = {
         'cbir sql "SELECT path_a, path_b, round(score, 3) AS score FROM duplicate_pairs '
         'ORDER BY score DESC" --limit 20\ncbir sql "SELECT * FROM pair_report WHERE ? IN '
         '(path_a, path_b)" --param box-01/scan-1.jpg --format csv',
+    ),
+    "decide": (
+        "Record a decision on two images (paths relative to the scans folder, absolute "
+        "paths inside it, or image ids): the same photograph (with --master, the one to "
+        "keep), different, or unsure; --undo withdraws the pair's current decision. "
+        "Decisions leave new_pairs and the nightly report, steer the clusters of `cbir "
+        "pairs`, and label `cbir evaluate` and `cbir calibrate`.",
+        "cbir decide box-01/scan-1.jpg box-07/scan-1-copy.tif --same --master "
+        "box-01/scan-1.jpg\ncbir decide box-01/scan-1.jpg box-07/scan-1-copy.tif --undo",
+    ),
+    "decisions": (
+        "Import decisions from a CSV (path_a,path_b,decision[,master,note,reviewer]; every "
+        "row is checked first, and one bad row imports nothing), export them to a CSV "
+        "(the current ones, or the whole log with --history), or compact the log.",
+        "cbir decisions import reviewed.csv\ncbir decisions export decisions.csv",
+    ),
+    "export": (
+        "The remove list: for each group of images confirmed the same by reviewers, the "
+        "master to keep (the one a reviewer named, else the likely master) and the files "
+        "to remove, with byte-identical copies; one row per file to remove. Nothing is "
+        "deleted or moved.",
+        "cbir export --remove-list to-remove.csv",
     ),
 }
 

@@ -225,9 +225,20 @@ def workspace_pipeline(text: str) -> str:
     In the repository every stage depends on the cbir modules it runs, so editing them makes
     `dvc repro` rerun it. A workspace runs the installed cbir and has no cbir/ source folder
     (DVC would refuse the missing deps), so its copy drops the lines naming `cbir/...` deps and
-    keeps every other line as it is (params, outs, comments).
+    keeps every other line as it is (params, outs, comments); a `deps:` left with no item (a
+    stage whose only deps are code) goes too.
     """
-    return "".join(line for line in text.splitlines(keepends=True) if not _CODE_DEP.match(line))
+    lines = [line for line in text.splitlines(keepends=True) if not _CODE_DEP.match(line)]
+    out = []
+    for i, line in enumerate(lines):
+        if line.strip() == "deps:":
+            indent = len(line) - len(line.lstrip())
+            rest = (x for x in lines[i + 1 :] if x.strip() and not x.lstrip().startswith("#"))
+            after = next(rest, "")
+            if not (after.lstrip().startswith("- ") and len(after) - len(after.lstrip()) > indent):
+                continue
+        out.append(line)
+    return "".join(out)
 
 
 def _write_dvc_yaml(target: Path, summary: InitSummary) -> None:

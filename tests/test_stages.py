@@ -180,11 +180,16 @@ def _covered(param: str, declared: list[str]) -> bool:
     return any(param == d or param.startswith(d + ".") for d in declared)
 
 
+#: Stages that record what people made (the reviewers' decisions): they read no param but the
+#: path of what they record.
+RECORDS = {"decisions"}
+
+
 @pytest.mark.parametrize("stage", sorted(PIPELINE))
 def test_each_stage_declares_every_param_its_code_reads(stage):
     declared = [p if isinstance(p, str) else next(iter(p)) for p in PIPELINE[stage]["params"]]
     reads = stage_reads(stage)
-    assert reads, f"{stage}: no params found (the analysis read nothing)"
+    assert reads or stage in RECORDS, f"{stage}: no params found (the analysis read nothing)"
     missing = sorted(p for p in reads if not _covered(p, declared))
     assert not missing, f"{stage} reads {missing} without declaring them in dvc.yaml"
 
@@ -217,7 +222,9 @@ def test_a_workspace_pipeline_has_no_code_deps():
     ours = yaml.safe_load(workspace_pipeline(text))["stages"]
     assert sorted(ours) == sorted(PIPELINE)
     for name, stage in ours.items():
-        assert not [d for d in stage["deps"] if str(d).startswith("cbir/")], name
+        deps = stage.get("deps") or []  # a stage whose deps are all code has none left
+        assert not [d for d in deps if str(d).startswith("cbir/")], name
         assert stage["params"] == PIPELINE[name]["params"]
         code = [d for d in PIPELINE[name]["deps"] if str(d).startswith("cbir/")]
-        assert code and len(stage["deps"]) == len(PIPELINE[name]["deps"]) - len(code)
+        assert code and len(deps) == len(PIPELINE[name]["deps"]) - len(code)
+        assert "deps" in stage or name in RECORDS, name

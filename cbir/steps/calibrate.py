@@ -5,7 +5,8 @@
 `data/reports/calibration.json` (a DVC metric), with the estimated precision/recall curve in
 `calibration_curve.csv` (a DVC plot):
 
-* **on the ground truth** (`data.ground_truth`, labelled images only), read off the same ranking
+* **on the ground truth** (`data.ground_truth` and the reviewers' decisions, labelled images
+  only: `cbir.steps.evaluate.read_labels`), read off the same ranking
   `cbir evaluate` scores (:func:`cbir.steps.evaluate.rank_model`), so it equals metrics.json's
   `threshold@pNN`; where there is ground truth, this one is used;
 * **self-calibrated** (:mod:`cbir.selfcal`): how non-duplicates score, from the neighbours of a
@@ -39,6 +40,7 @@ from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import write_json, write_text
 from ..paramsfile import set_params
+from ..store.decisions import labels
 from ..store.layout import layout
 
 #: A calibration stays current for the nightly run until the collection has grown this much.
@@ -101,13 +103,17 @@ class Estimate:
     recall: float | None
     basis: str  # what it rests on, for people
     no_duplicates: bool = False  # self-calibration: every neighbour looks like a stranger
+    labels: dict[str, int] | None = None  # ground truth: what its labels rest on
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "threshold": self.threshold,
             "precision": _r(self.precision),
             "recall": _r(self.recall),
         }
+        if self.labels is not None:
+            out["labels"] = self.labels
+        return out
 
 
 def _r(x: float | None) -> float | None:
@@ -118,19 +124,21 @@ def _ground_truth_estimate(settings: Settings, target: float) -> Estimate | None
     """The ground-truth calibration, or None when there is no usable ground truth."""
     from .evaluate import NoLabels, rank_model
 
-    if settings.data.ground_truth is None:
+    if settings.data.ground_truth is None and not labels(layout(settings).decisions_dir):
         return None
     try:
         ranking = rank_model(settings)
     except NoLabels:
         return None
     cal = calibrate(ranking.ranked, target)
+    rests = f"; {ranking.labels.basis()}" if ranking.labels is not None else ""
     return Estimate(
         method=GROUND_TRUTH,
         threshold=param_value(cal.threshold) if cal.reached else None,
         precision=cal.precision,
         recall=cal.recall,
-        basis=f"{cal.n_queries} labelled queries, {cal.n_pairs} scored pairs",
+        basis=f"{cal.n_queries} labelled queries, {cal.n_pairs} scored pairs{rests}",
+        labels=ranking.labels.to_json() if ranking.labels is not None else None,
     )
 
 
@@ -348,6 +356,7 @@ def _state(settings: Settings, fingerprint: str) -> dict[str, Any]:
         "precision_target": settings.search.precision_target,
         "calibrate": settings.calibrate.model_dump(mode="json"),
         "ground_truth_sha256": digest,
+        "decisions": labels(layout(settings).decisions_dir).digest(),
     }
 
 

@@ -1,4 +1,5 @@
-"""Evaluation against a `path,group` ground truth, with baselines scored on the same queries.
+"""Evaluation against a `path,group` ground truth and the reviewers' decisions (`read_labels`),
+with baselines scored on the same queries.
 
 Queries are the images whose group has two or more members; each query is left out of its own
 results. The current model is searched through the FAISS index (what users get); two baselines
@@ -23,6 +24,7 @@ from .. import metrics
 from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import clean_stale_tmp, write_json, write_parquet, write_text
+from ..store.decisions import labels, pair_key
 from ..store.embeddings import load_embeddings
 from ..store.index import open_searcher
 from ..store.layout import Layout, layout
@@ -48,6 +50,52 @@ class GroundTruth:
     group_of: dict[str, str]  # image_id -> group
     n_rows: int
     n_groups: int
+    csv_images: int = 0  # images the ground-truth CSV labels
+    decided_same: int = 0  # current `same` decisions used (both images present)
+    decided_different: int = 0  # current `different` decisions used
+    overridden: int = 0  # CSV pairs (same group) a `different` decision split
+    contradicted: int = 0  # `different` decisions whose images other labels keep together
+
+    @property
+    def positive_pairs(self) -> int:
+        """The labelled duplicate pairs: every pair of images within a group."""
+        sizes: dict[str, int] = {}
+        for g in self.group_of.values():
+            sizes[g] = sizes.get(g, 0) + 1
+        return sum(n * (n - 1) // 2 for n in sizes.values())
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "images": len(self.group_of),
+            "groups": self.n_groups,
+            "positive_pairs": self.positive_pairs,
+            "csv_images": self.csv_images,
+            "decided_same": self.decided_same,
+            "decided_different": self.decided_different,
+            "overridden": self.overridden,
+            "contradicted": self.contradicted,
+        }
+
+    def basis(self) -> str:
+        """What the labels rest on, in words."""
+        out = f"{self.positive_pairs} labelled duplicate pairs in {self.n_groups} groups"
+        parts = []
+        if self.csv_images:
+            parts.append(f"{self.csv_images} images of the ground-truth CSV")
+        if self.decided_same or self.decided_different:
+            parts.append(
+                f"{self.decided_same} pairs decided same, {self.decided_different} different"
+            )
+        if parts:
+            out += f" (from {'; '.join(parts)})"
+        if self.overridden:
+            out += f"; {self.overridden} CSV pairs split by a `different` decision"
+        if self.contradicted:
+            out += (
+                f"; {self.contradicted} `different` decisions contradicted by other labels "
+                f"(their images stay in one group)"
+            )
+        return out
 
 
 class NoLabels(CbirError):
@@ -128,6 +176,85 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     return GroundTruth(group_of=group_of, n_rows=n, n_groups=len(set(group_of.values())))
 
 
+def read_labels(settings: Settings, present: set[str] | None = None) -> GroundTruth:
+    """The labels evaluation and calibration score against: the ground-truth CSV (when one is
+    configured) and the reviewers' current decisions, together.
+
+    The metrics work on groups (a query is an image whose group has another member; a result is
+    right when it is in the query's group), so the decisions become groups too: images joined by
+    a `same` decision, or by a CSV group, form one group (connected components); a `different`
+    decision on two images of one CSV group overrides the CSV for that pair (the group is joined
+    only through its other pairs); an image only ever decided `different` is labelled alone (a
+    group of one: it is ranked among the labelled images, and retrieving it is wrong). `unsure`
+    decisions say nothing. `present`: the image ids that can be labelled (default: all).
+    """
+    lay = layout(settings)
+    if lay.ground_truth is not None:
+        csv_gt = read_ground_truth(settings)
+    else:
+        csv_gt = GroundTruth(group_of={}, n_rows=0, n_groups=0)
+    decided = labels(lay.decisions_dir)
+    if present is not None:
+        decided = decided.only(present)
+        csv_groups = {i: g for i, g in csv_gt.group_of.items() if i in present}
+    else:
+        csv_groups = dict(csv_gt.group_of)
+    if not decided:
+        return GroundTruth(
+            group_of=csv_groups,
+            n_rows=csv_gt.n_rows,
+            n_groups=len(set(csv_groups.values())),
+            csv_images=len(csv_groups),
+        )
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def join(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    members: dict[str, list[str]] = {}
+    for image_id, g in sorted(csv_groups.items()):
+        members.setdefault(g, []).append(image_id)
+        find(image_id)
+    overridden = 0
+    for group in members.values():
+        split = [(a, b) for a, b in decided.different if a in group and b in group]
+        overridden += len(split)
+        if not split:  # every pair of the group is a duplicate pair: a chain joins them
+            for other in group[1:]:
+                join(group[0], other)
+            continue
+        apart = set(split)
+        for i, a in enumerate(group):
+            for b in group[i + 1 :]:
+                if pair_key(a, b) not in apart:
+                    join(a, b)
+    for a, b in decided.same:
+        join(a, b)
+    for a, b in decided.different:
+        find(a), find(b)
+    contradicted = sum(1 for a, b in decided.different if find(a) == find(b))
+    group_of = {x: f"group:{find(x)}" for x in parent}
+    return GroundTruth(
+        group_of=group_of,
+        n_rows=csv_gt.n_rows,
+        n_groups=len(set(group_of.values())),
+        csv_images=len(csv_groups),
+        decided_same=len(decided.same),
+        decided_different=len(decided.different),
+        overridden=overridden,
+        contradicted=contradicted,
+    )
+
+
 # --------------------------------------------------------------------------- rankings
 
 
@@ -188,6 +315,7 @@ class EvaluationResult:
     n_labelled: int = 0  # images the ground truth labels (and that are ingested)
     n_images: int = 0
     note: str = ""  # why nothing was evaluated
+    labels: GroundTruth | None = None  # what the figures rest on
 
     def coverage(self) -> str:
         if self.n_labelled == self.n_images:
@@ -202,6 +330,7 @@ class EvaluationResult:
             return [f"evaluate: nothing to evaluate: {self.note}", f"metrics: {self.metrics_file}"]
         return [
             f"evaluate: {self.n_queries} queries ({self.coverage()}); {self.seconds:.1f} s",
+            *([f"  labels: {self.labels.basis()}"] if self.labels is not None else []),
             "",
             self.table,
             f"metrics: {self.metrics_file}",
@@ -228,6 +357,7 @@ class ModelRanking:
     ranked: metrics.RankedResults
     neighbours: list[dict[str, Any]]  # NEIGHBORS_SCHEMA rows: the top k of each query
     candidates: np.ndarray | None = None  # rows ranked (labelled images); None: all of them
+    labels: GroundTruth | None = None  # what the groups came from (the CSV, decisions)
 
 
 def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
@@ -237,9 +367,9 @@ def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
     threshold from it, report plots it.
     """
     k = k or max(settings.evaluate.ks)
-    gt = read_ground_truth(settings)
     searcher = open_searcher(settings)
     ids = searcher.image_ids
+    gt = read_labels(settings, set(ids))
     row_of = {image_id: i for i, image_id in enumerate(ids)}
     group_of = {row_of[i]: g for i, g in gt.group_of.items() if i in row_of}
     sizes: dict[str, int] = {}
@@ -247,9 +377,7 @@ def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
         sizes[g] = sizes.get(g, 0) + 1
     query_rows = np.array(sorted(r for r, g in group_of.items() if sizes[g] >= 2), np.int64)
     if len(query_rows) == 0:
-        raise NoLabels(
-            f"{settings.data.ground_truth} labels no group of two or more ingested images"
-        )
+        raise NoLabels(f"{_label_source(settings)} label no group of two or more ingested images")
     if len(group_of) == len(ids):  # every image labelled: rank through the index, as users get
         candidates = None
         s, found = searcher.search(searcher.vectors[query_rows], k + 1)
@@ -270,7 +398,13 @@ def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
         ranked=ranked,
         neighbours=neighbours,
         candidates=candidates,
+        labels=gt,
     )
+
+
+def _label_source(settings: Settings) -> str:
+    gt = settings.data.ground_truth
+    return f"neither {gt} nor the decisions" if gt is not None else "the decisions"
 
 
 def run_evaluate(
@@ -299,7 +433,7 @@ def run_evaluate(
         return r
 
     result = EvaluationResult(
-        n_queries=len(query_rows), n_labelled=len(group_of), n_images=len(ids)
+        n_queries=len(query_rows), n_labelled=len(group_of), n_images=len(ids), labels=model.labels
     )
     result.rows.append(
         (model.label, metrics.evaluate(model.ranked, ks, precision=cfg.precision_target))
@@ -332,14 +466,18 @@ def run_evaluate(
 
     result.table = metrics.markdown_table(result.rows, ks, precision=cfg.precision_target)
     names = ["model"] + [_short(label) for label, _ in result.rows[1:]]
-    write_json(
-        {name: _finite(vals) for name, (_, vals) in zip(names, result.rows, strict=True)},
-        lay.metrics_json,
-    )
+    figures: dict[str, Any] = {
+        name: _finite(vals) for name, (_, vals) in zip(names, result.rows, strict=True)
+    }
+    if model.labels is not None:  # how many labelled pairs each figure rests on
+        figures["labels"] = {**model.labels.to_json(), "queries": result.n_queries}
+    write_json(figures, lay.metrics_json)
     write_parquet(pa.Table.from_pylist(neighbours, schema=NEIGHBORS_SCHEMA), lay.neighbors)
     write_text(
-        f"# Retrieval quality\n\n{result.n_queries} queries; ground truth "
-        f"{settings.data.ground_truth} ({result.coverage()})\n\n{result.table}",
+        f"# Retrieval quality\n\n{result.n_queries} queries; labels: "
+        f"{_label_source(settings).removeprefix('neither ').replace(' nor ', ' and ')} "
+        f"({result.coverage()}; {model.labels.basis() if model.labels else ''})"
+        f"\n\n{result.table}",
         lay.metrics_md,
     )
     result.metrics_file = lay.metrics_json
@@ -356,7 +494,8 @@ def _nothing_labelled(settings: Settings, lay: Layout, why: str, t0: float) -> E
     write_parquet(pa.Table.from_pylist([], schema=NEIGHBORS_SCHEMA), lay.neighbors)
     write_text(
         f"# Retrieval quality\n\nNothing to evaluate: {why}. Label near-duplicates "
-        f"in {settings.data.ground_truth} (columns path,group) to measure the model.\n",
+        f"in {settings.data.ground_truth} (columns path,group), or decide pairs (`cbir "
+        f"review`, `cbir decide`), to measure the model.\n",
         lay.metrics_md,
     )
     result.metrics_file = lay.metrics_json

@@ -5,7 +5,7 @@ incremental=True)`, evaluate); this module adds its report and the DVC bookkeepi
 like the rest of `cbir/`: the flow in `flows/nightly.py` calls it through `tasks/`.
 
 "Pairs found in run N" is a query on the catalogue's `new_pairs` view, which dates every pair by
-the ingest run that brought its newer image:
+the ingest run that brought its newer image (and leaves out the pairs a reviewer has decided):
 
     SELECT new_path, match_path, score, kind FROM new_pairs WHERE new_run = 7 ORDER BY score DESC
 """
@@ -31,6 +31,8 @@ from ..store.layout import layout
 from ..store.manifest import latest_run
 
 PENDING = "pending.json"  # the start of a report not written yet
+#: Where `cbir review` serves by default; `?run=N` shows the pairs new in ingest run N.
+REVIEW_URL = "http://127.0.0.1:8765/"
 
 # The pairs of the images that arrived in runs (after, upto]; also what `cbir sql` users run.
 NEW_PAIRS_SQL = """
@@ -79,26 +81,41 @@ class NightlyReport:
     def n_near(self) -> int:
         return sum(1 for r in self.pairs if r[self.columns.index("kind")] == "near")
 
+    def review_links(self) -> list[str]:
+        """The review queue of each ingest run this report covers (newest first, a few)."""
+        runs = range(self.run_id, max(self.since_run, self.run_id - 5), -1)
+        return [f"{REVIEW_URL}?run={n}" for n in runs]
+
     def lines(self) -> list[str]:
         runs = (
             f"run {self.run_id}"
             if self.since_run >= self.run_id - 1
             else f"runs {self.since_run + 1}-{self.run_id}"
         )
-        return [
+        out = [
             f"nightly report: {len(self.pairs)} new duplicate pairs ({self.n_near} near, "
             f"{len(self.pairs) - self.n_near} exact) of the images ingested in {runs}",
             f"  {self.file}",
         ]
+        if self.pairs:
+            out.append(
+                f"  review them: {' '.join(self.review_links())} (with `cbir review` running)"
+            )
+        return out
 
     def markdown(self, limit: int = 50) -> str:
         head = (
             f"# New duplicate pairs, ingest run {self.run_id}\n\n"
             f"{len(self.pairs)} pairs ({self.n_near} near-duplicates) involve images that "
-            f"arrived after run {self.since_run}.\n\n"
+            f"arrived after run {self.since_run}, and no reviewer has decided yet.\n\n"
         )
         if not self.pairs:
             return head
+        links = ", ".join(f"<{url}>" for url in self.review_links())
+        head += (
+            f"Review them in the browser: {links} (start `cbir review` in the workspace "
+            f"first; the link works while it runs).\n\n"
+        )
         cols = ["run", "new image", "matches", "score", "kind", "likely master"]
         out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for row in self.pairs[:limit]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ import pyarrow.parquet as pq
 from .. import faults
 from ..config import Settings
 from ..fsutil import clean_stale_tmp, write_parquet
+from ..linkage import link
 from ..store.catalog import clean_stale, refresh_catalog
+from ..store.decisions import labels
 from ..store.index import Searcher, open_searcher
 from ..store.layout import Layout, layout
 from ..store.manifest import DUPLICATE, OK, load_manifest
@@ -42,6 +45,8 @@ class PairsSummary:
     incremental: bool = False  # only images not searched before were searched
     thresholds: Any = None  # cbir.steps.calibrate.Thresholds used
     calibration: Any = None  # cbir.steps.calibrate.CalibrateResult when this run calibrated
+    confirmed: int = 0  # pairs decided `same` (both images present): always in one cluster
+    rejected: int = 0  # pairs decided `different`: never in one cluster
 
     def lines(self) -> list[str]:
         how = (
@@ -71,6 +76,11 @@ class PairsSummary:
                     "  the self-calibration expects no near-duplicates in this "
                     "collection: its images' neighbours all look like other photographs"
                 )
+        if self.confirmed or self.rejected:
+            out.append(
+                f"  clusters follow {self.confirmed} pairs decided same and "
+                f"{self.rejected} decided different (`cbir decide`, `cbir review`)"
+            )
         out += [
             f"  {how}; {self.added} new pairs",
             f"  {self.pairs_file}",
@@ -180,38 +190,26 @@ def knn_pairs(
 def clusters_from_pairs(
     pairs: dict[tuple[str, str], tuple[float, int]],
     threshold: float,
+    *,
+    same: Iterable[tuple[str, str]] = (),
+    different: Iterable[tuple[str, str]] = (),
 ) -> list[tuple[list[str], float]]:
     """Connected components over pairs with score >= threshold, largest first.
 
     Each comes with its weakest link: the lowest similarity needed to keep it connected (the
     smallest edge of its maximum spanning tree), found by joining edges strongest first.
+
+    Reviewers' decisions (pair keys, image_a < image_b) come first: a pair confirmed `same`
+    always joins, whatever its score (it counts as a link of score 1: the weakest link is that
+    of the links nobody confirmed); two images decided `different` never end up in one cluster
+    (an edge that would join them, directly or through others, is left out).
     """
-    parent: dict[str, str] = {}
-    weakest: dict[str, float] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    confirmed = sorted((1.0, a, b) for a, b in same)
     edges = sorted(
         ((sc, a, b) for (a, b), (sc, _) in pairs.items() if sc >= threshold),
         key=lambda e: (-e[0], e[1], e[2]),
     )
-    for sc, a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra == rb:
-            continue
-        parent[rb] = ra
-        weakest[ra] = min(sc, weakest.get(ra, 1.0), weakest.get(rb, 1.0))
-    members: dict[str, list[str]] = {}
-    for x in parent:
-        members.setdefault(find(x), []).append(x)
-    out = [(sorted(m), weakest[root]) for root, m in members.items() if len(m) > 1]
-    out.sort(key=lambda c: (-len(c[0]), c[0][0]))
-    return out
+    return link(confirmed + edges, different)
 
 
 def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
@@ -340,7 +338,10 @@ def run_pairs(
         for (a, b), (sc, rk) in sorted(pairs.items(), key=lambda kv: (-kv[1][0], kv[0]))
     ]
     exact = exact_duplicate_pairs(settings)
-    clusters = clusters_from_pairs(pairs, th.cluster)
+    decided = labels(lay.decisions_dir).only(present)
+    clusters = clusters_from_pairs(
+        pairs, th.cluster, same=decided.same, different=decided.different
+    )
     cluster_rows = [
         {
             "cluster_id": cid,
@@ -373,4 +374,6 @@ def run_pairs(
         incremental=rows is not None,
         thresholds=th,
         calibration=calibration,
+        confirmed=len(decided.same),
+        rejected=len(decided.different),
     )

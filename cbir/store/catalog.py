@@ -171,11 +171,14 @@ SELECT * EXCLUDE (pixels_a, pixels_b, a_is_newer, a_is_master, image_a, image_b,
 FROM m
 """
 # A pair is new in the run that brought its newer image; `match_path` is the other image.
+# A pair a reviewer has decided (same, different or unsure; not undone) is no longer new.
 _NEW_PAIRS_SQL = """
 SELECT new_run, new_path, CASE WHEN new_path = path_a THEN path_b ELSE path_a END AS match_path,
        least(first_run_a, first_run_b) AS match_run, score, kind, master_path, master_reason,
        image_a, image_b
-FROM pair_report
+FROM pair_report p
+WHERE NOT EXISTS (SELECT 1 FROM decisions d WHERE d.image_a = p.image_a
+                                              AND d.image_b = p.image_b)
 """
 # Decisions (cbir/store/decisions.py): each row once (a compaction cut short leaves some twice),
 # and each pair's current decision: its latest row that is not undone, with where its two
@@ -305,8 +308,9 @@ def views(settings: Settings) -> list[View]:
         View(
             "new_pairs",
             sql=_NEW_PAIRS_SQL,
-            needs=("pair_report",),
-            comment="pairs by the ingest run that brought their newer image (new_run)",
+            needs=("pair_report", "decisions"),
+            comment="pairs by the ingest run that brought their newer image (new_run), "
+            "less those a reviewer has decided",
         ),
         View(
             "cluster_report",

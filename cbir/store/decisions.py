@@ -246,3 +246,52 @@ def compact(folder: Path, *, keep: int = COMPACT_AT) -> int:
         except OSError as exc:
             raise damaged(p, f"cannot remove a merged part ({exc})", DECISIONS_FIX) from None
     return len(old)
+
+
+# --------------------------------------------------------------------------- what steps read
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The current same/different decisions, as the pipeline uses them (unsure ones say
+    nothing): `same` and `different` hold pair keys (image_a < image_b), `master` the image a
+    `same` decision names as the master, by pair."""
+
+    same: frozenset[tuple[str, str]] = frozenset()
+    different: frozenset[tuple[str, str]] = frozenset()
+    master: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.same or self.different)
+
+    def only(self, present: set[str]) -> Labels:
+        """The decisions on pairs whose images are both in `present`."""
+
+        def keep(key: tuple[str, str]) -> bool:
+            return key[0] in present and key[1] in present
+
+        return Labels(
+            frozenset(k for k in self.same if keep(k)),
+            frozenset(k for k in self.different if keep(k)),
+            {k: m for k, m in self.master.items() if keep(k)},
+        )
+
+    def digest(self) -> str:
+        """A short fingerprint of these labels (what a calibration on them depends on)."""
+        import hashlib
+
+        text = "\n".join(
+            [f"same {a} {b}" for a, b in sorted(self.same)]
+            + [f"different {a} {b}" for a, b in sorted(self.different)]
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def labels(folder: Path) -> Labels:
+    """The current `same` and `different` decisions in the log at `folder` (none when the
+    folder is absent)."""
+    now = current_decisions(folder)
+    same = frozenset(k for k, r in now.items() if r["decision"] == SAME)
+    different = frozenset(k for k, r in now.items() if r["decision"] == DIFFERENT)
+    master = {k: r["master"] for k, r in now.items() if r["decision"] == SAME and r["master"]}
+    return Labels(same, different, master)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ... import plots
 from ...config import Settings
 from ...errors import CbirError
+from ...store.decisions import labels
 from ...store.layout import layout
 
 if TYPE_CHECKING:
@@ -29,8 +30,8 @@ class Evaluation:
 
 def evaluation(settings: Settings, plots_dir: Path) -> tuple[Evaluation | None, str, list[Path]]:
     """The model's ranking of the ground-truth queries, and its plots; or why there is none."""
-    if settings.data.ground_truth is None:
-        return None, "no ground truth configured (data.ground_truth)", []
+    if settings.data.ground_truth is None and not labels(layout(settings).decisions_dir):
+        return None, "no ground truth configured (data.ground_truth) and no decisions", []
     from ..evaluate import rank_model  # torch and faiss load only when there is ground truth
 
     try:
@@ -41,6 +42,8 @@ def evaluation(settings: Settings, plots_dir: Path) -> tuple[Evaluation | None, 
     written = _plots(settings, model, k, plots_dir)
     metrics_file = layout(settings).metrics_json
     table = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    if table is not None:  # the models' rows (not the count of labels they rest on)
+        table = {name: row for name, row in table.items() if name != "labels"}
     return Evaluation(label=model.label, k=k, queries=_queries(model), metrics=table), "", written
 
 

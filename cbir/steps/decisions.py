@@ -1,0 +1,539 @@
+"""Decisions without a browser: `cbir decide`, `cbir decisions import|export|compact`, and
+`cbir export --remove-list` (what to keep and what to remove, from the confirmed duplicates).
+
+A pair's two images are named by their paths as the manifest holds them (relative to the scans
+folder), by absolute paths inside the scans folder, or by their content ids; each is looked up in
+the manifest (`Resolver`), so a decision is always about ingested images. Decisions go to the
+append-only log of `cbir.store.decisions` (no writer lock: the log needs none). Nothing here
+deletes or moves a scan: the remove list is a CSV for the archivist to act on.
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import io
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings
+from ..errors import CbirError
+from ..fsutil import write_text
+from ..linkage import link
+from ..store import decisions as D
+from ..store.layout import layout
+from ..store.manifest import PRESENT, load_manifest
+from ..store.outputs import check_free, outputs
+
+#: The columns `cbir decisions import` reads (the first three are required).
+IMPORT_COLUMNS = ("path_a", "path_b", "decision", "master", "note", "reviewer")
+#: What `cbir decisions export` writes (import reads its first six, and image_a/image_b when a
+#: path no longer names an ingested file).
+EXPORT_COLUMNS = (
+    *IMPORT_COLUMNS,
+    "time",
+    "image_a",
+    "image_b",
+    "score",
+    "model",
+    "source",
+    "decision_id",
+    "undoes",
+)
+REMOVE_COLUMNS = ("remove", "keep", "reason", "group")
+MAX_BAD_ROWS = 20  # bad rows listed one per line; the rest counted
+
+
+def _reviewer(name: str | None) -> str:
+    if name is not None:
+        return name
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name in this environment
+        return ""
+
+
+# --------------------------------------------------------------------------- naming images
+
+
+@dataclass
+class Resolver:
+    """Ingested images by path (manifest paths, relative to the scans folder) and by id."""
+
+    scans: Path
+    id_of: dict[str, str]  # present path -> image id
+    path_of: dict[str, str]  # image id -> its canonical present path
+    rows: list[dict[str, Any]]  # the present files' manifest rows
+
+    @classmethod
+    def of(cls, settings: Settings) -> Resolver:
+        cols = ["image_id", "path", "status", "is_canonical", "width", "height", "bytes"]
+        cols += ["first_run", "mtime_ns"]
+        rows = [
+            r for r in load_manifest(settings).select(cols).to_pylist() if r["status"] in PRESENT
+        ]
+        path_of = {r["image_id"]: r["path"] for r in rows if r["is_canonical"]}
+        for r in rows:  # a content whose canonical file is gone: any present copy names it
+            path_of.setdefault(r["image_id"], r["path"])
+        return cls(
+            scans=Path(os.path.realpath(layout(settings).scans)),
+            id_of={r["path"]: r["image_id"] for r in rows},
+            path_of=path_of,
+            rows=rows,
+        )
+
+    def resolve(self, text: str) -> tuple[str, str]:
+        """(image id, path) of an image named by path or id; CbirError in one line when none."""
+        raw = text.strip()
+        if not raw:
+            raise CbirError("an empty name: give an image's path or content id")
+        if raw in self.path_of:
+            return raw, self.path_of[raw]
+        candidates = [] if os.path.isabs(raw) else [os.path.normpath(raw)]
+        full = os.path.realpath(raw)  # absolute, or relative to the current folder
+        if os.path.commonpath([str(self.scans), full]) == str(self.scans):
+            candidates.append(os.path.relpath(full, self.scans))
+        for path in candidates:
+            if path in self.id_of:
+                return self.id_of[path], path
+        raise CbirError(
+            f"{raw!r} is no ingested image: give its path relative to the scans folder "
+            f'{self.scans} (as `cbir sql "SELECT path FROM images"` lists them), an '
+            f"absolute path inside it, or its image id; run `cbir ingest` for new scans"
+        )
+
+
+# --------------------------------------------------------------------------- cbir decide
+
+
+@dataclass
+class DecideSummary:
+    decision: D.Decision
+    previous: dict[str, Any] | None = None  # the pair's current decision before this one
+    now: dict[str, Any] | None = None  # after an undo: the decision that is current again
+
+    def lines(self) -> list[str]:
+        d = self.decision
+        pair = f"{d.path_a} and {d.path_b}"
+        if d.decision == D.UNDO:
+            assert self.previous is not None
+            after = f"now {self.now['decision']}" if self.now else "now undecided"
+            return [f"decide: withdrew {self.previous['decision']!r} on {pair} ({after})"]
+        master = ""
+        if d.master is not None:
+            master = f", master {d.path_a if d.master == d.image_a else d.path_b}"
+        was = f" (was {self.previous['decision']})" if self.previous else ""
+        return [f"decide: {pair}: {d.decision}{master}{was}"]
+
+
+def _score(settings: Settings, key: tuple[str, str]) -> float | None:
+    """The pair's score in pairs.parquet, when `cbir pairs` found it."""
+    import pyarrow.compute as pc
+
+    from ..store.pairs import read_pairs
+
+    try:
+        table = read_pairs(settings)
+    except CbirError:
+        return None
+    mask = pc.and_(pc.equal(table["image_a"], key[0]), pc.equal(table["image_b"], key[1]))
+    found = table.filter(mask).column("score").to_pylist()
+    return float(found[0]) if found else None
+
+
+def run_decide(
+    settings: Settings,
+    a: str,
+    b: str,
+    verdict: str,
+    *,
+    master: str | None = None,
+    note: str = "",
+    reviewer: str | None = None,
+) -> DecideSummary:
+    """Record one decision on the images named `a` and `b` (paths or ids)."""
+    if verdict not in D.VERDICTS:
+        raise CbirError(f"unknown decision {verdict!r}: one of {', '.join(D.VERDICTS)}")
+    names = Resolver.of(settings)
+    (ia, pa_), (ib, pb) = names.resolve(a), names.resolve(b)
+    if ia == ib:
+        raise CbirError(
+            f"{a!r} and {b!r} are the same image (byte-identical files): nothing to decide"
+        )
+    master_id = None
+    if master is not None:
+        if verdict != D.SAME:
+            raise CbirError("--master goes with --same: only a duplicate has a master")
+        master_id = names.resolve(master)[0]
+        if master_id not in (ia, ib):
+            raise CbirError(f"the master {master!r} is neither {a!r} nor {b!r}")
+    key = D.pair_key(ia, ib)
+    decision = D.Decision(
+        ia, ib, verdict, pa_, pb, master_id, _reviewer(reviewer), note,
+        score=_score(settings, key), source="cli",
+    ).checked()  # fmt: skip
+    folder = layout(settings).decisions_dir
+    previous = D.current_decisions(folder).get(key)
+    D.record(folder, [decision])
+    return DecideSummary(decision, previous)
+
+
+def run_undo(settings: Settings, a: str, b: str, *, reviewer: str | None = None) -> DecideSummary:
+    """Withdraw the current decision on `a` and `b` (the one before it, if any, is current
+    again; the history keeps both)."""
+    names = Resolver.of(settings)
+    (ia, pa_), (ib, pb) = names.resolve(a), names.resolve(b)
+    folder = layout(settings).decisions_dir
+    key = D.pair_key(ia, ib)
+    log = D.read_log(folder)
+    previous = D.current(log).get(key)
+    if previous is None:
+        raise CbirError(f"no decision on {a!r} and {b!r} to undo")
+    undo = D.Decision(
+        ia, ib, D.UNDO, pa_, pb, reviewer=_reviewer(reviewer), source="cli",
+        undoes=previous["decision_id"],
+    ).checked()  # fmt: skip
+    D.record(folder, [undo])
+    return DecideSummary(undo, previous, D.current_decisions(folder).get(key))
+
+
+# --------------------------------------------------------------------------- import
+
+
+class ImportRefused(CbirError):
+    """Bad rows in an import: nothing was imported; `problems` holds one line per bad row."""
+
+    def __init__(self, message: str, problems: Sequence[str]) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+@dataclass
+class ImportSummary:
+    file: Path
+    rows: int = 0
+    recorded: int = 0
+    unchanged: int = 0  # rows that say what the pair's current decision already says
+
+    def lines(self) -> list[str]:
+        return [
+            f"decisions import: {self.rows} rows of {self.file}: {self.recorded} recorded, "
+            f"{self.unchanged} already current"
+        ]
+
+
+def _read_csv(file: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise CbirError(f"{file}: no such file") from None
+    except UnicodeDecodeError:
+        raise CbirError(f"{file} is not UTF-8 text") from None
+    except OSError as exc:
+        raise CbirError(f"cannot read {file}: {exc.strerror}") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in reader.fieldnames or []]
+    reader.fieldnames = header
+    try:
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise CbirError(f"{file}, line {reader.line_num}: not CSV ({exc})") from None
+    return header, rows
+
+
+def import_decisions(
+    settings: Settings, file: str | os.PathLike[str], *, reviewer: str | None = None
+) -> ImportSummary:
+    """Record every row of a CSV (path_a,path_b,decision[,master,note,reviewer]) as a decision,
+    all or nothing: every row is checked first; one bad row and nothing is recorded
+    (ImportRefused, one line per bad row). Rows that repeat a pair's current decision are
+    skipped; the rest go into the log as one part (written atomically)."""
+    path = Path(file)
+    header, rows = _read_csv(path)
+    missing = [c for c in IMPORT_COLUMNS[:3] if c not in header]
+    if missing:
+        raise CbirError(
+            f"{path}: expected a header with columns {','.join(IMPORT_COLUMNS[:3])}"
+            f"[,master,note,reviewer] (missing {', '.join(missing)})"
+        )
+    names = Resolver.of(settings)
+    default_reviewer = _reviewer(reviewer)
+    problems: list[str] = []
+    decided: list[D.Decision] = []
+    seen: dict[tuple[str, str], int] = {}
+
+    def side(row: dict[str, str], which: str) -> tuple[str, str]:
+        try:
+            return names.resolve(row.get(f"path_{which}") or "")
+        except CbirError:
+            image_id = (row.get(f"image_{which}") or "").strip()
+            if image_id in names.path_of:  # an export's id, where the file has moved
+                return image_id, names.path_of[image_id]
+            raise
+
+    for line, row in rows:
+        try:
+            if None in row:
+                raise CbirError("more cells than the header has columns")
+            verdict = (row.get("decision") or "").strip().lower()
+            if verdict not in D.VERDICTS:
+                raise CbirError(
+                    f"decision {row.get('decision')!r} is not one of {', '.join(D.VERDICTS)}"
+                    + (" (undo rows of a --history export are not imported)" if verdict else "")
+                )
+            (ia, pa_), (ib, pb) = side(row, "a"), side(row, "b")
+            if ia == ib:
+                raise CbirError("both paths are the same image (byte-identical files)")
+            master = (row.get("master") or "").strip()
+            master_id = names.resolve(master)[0] if master else None
+            if master_id is not None and master_id not in (ia, ib):
+                raise CbirError(f"the master {master!r} is neither side of the pair")
+            key = D.pair_key(ia, ib)
+            if key in seen:
+                raise CbirError(f"the same pair as line {seen[key]} (one decision per pair)")
+            seen[key] = line
+            decided.append(
+                D.Decision(
+                    ia,
+                    ib,
+                    verdict,
+                    pa_,
+                    pb,
+                    master_id,
+                    (row.get("reviewer") or "").strip() or default_reviewer,
+                    row.get("note") or "",
+                    source="import",
+                ).checked()
+            )
+        except CbirError as exc:
+            problems.append(f"{path}, line {line}: {exc}")
+    if problems:
+        shown = problems[:MAX_BAD_ROWS]
+        if len(problems) > MAX_BAD_ROWS:
+            shown.append(f"... and {len(problems) - MAX_BAD_ROWS} more bad rows")
+        raise ImportRefused(
+            f"{path}: {len(problems)} of {len(rows)} rows are bad; nothing imported", shown
+        )
+    folder = layout(settings).decisions_dir
+    now = D.current_decisions(folder)
+    fresh = [
+        d
+        for d in decided
+        if not (
+            (old := now.get((d.image_a, d.image_b))) is not None
+            and (old["decision"], old["master"], old["note"]) == (d.decision, d.master, d.note)
+        )
+    ]
+    D.record(folder, fresh)
+    return ImportSummary(path, len(rows), len(fresh), len(decided) - len(fresh))
+
+
+# --------------------------------------------------------------------------- writing CSVs
+
+
+def _checked_target(settings: Settings, file: str | os.PathLike[str], header: str) -> Path:
+    """Where a CSV may be written: outside the scans, params, labels and cbir's own outputs,
+    and not over a file other than an earlier CSV of the same kind (same header)."""
+    target = Path(os.path.abspath(Path(file).expanduser()))
+    check_free(settings, "the CSV", target)
+    real = Path(os.path.realpath(target))
+    for key, _, out in outputs(settings):
+        if real == out or out in real.parents:
+            raise CbirError(
+                f"refused: {target} lies in {key} ({out}), which cbir writes itself; "
+                f"write the CSV elsewhere"
+            )
+    if os.path.lexists(target):
+        if not target.is_file() or target.is_symlink():
+            raise CbirError(f"refused: {target} exists and is not a regular file")
+        try:
+            with open(target, encoding="utf-8") as fh:
+                first = fh.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError):
+            first = None
+        if first != header:
+            raise CbirError(
+                f"refused: {target} exists and is not a CSV cbir wrote (its first line is "
+                f"not {header!r}); choose another name or move it away"
+            )
+    return target
+
+
+def _csv(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
+    return out.getvalue()
+
+
+@dataclass
+class ExportSummary:
+    file: Path
+    rows: int
+    history: bool
+
+    def lines(self) -> list[str]:
+        what = "rows of the decisions log" if self.history else "current decisions"
+        return [f"decisions export: {self.rows} {what} to {self.file}"]
+
+
+def export_decisions(
+    settings: Settings, file: str | os.PathLike[str], *, history: bool = False
+) -> ExportSummary:
+    """Write the current decisions (or, with `history`, every row of the log, undos too) to a
+    CSV that `import_decisions` reads back; paths are where the images are now (else where
+    they were when decided). Written atomically; never over a file cbir did not export."""
+    target = _checked_target(settings, file, ",".join(EXPORT_COLUMNS))
+    names = Resolver.of(settings)
+    log = D.read_log(layout(settings).decisions_dir)
+    chosen = log.to_pylist() if history else list(D.current(log).values())
+    rows = []
+    for r in chosen:
+        path_a = names.path_of.get(r["image_a"], r["path_a"])
+        path_b = names.path_of.get(r["image_b"], r["path_b"])
+        master = {r["image_a"]: path_a, r["image_b"]: path_b}.get(r["master"] or "")
+        rows.append(
+            {
+                **r,
+                "path_a": path_a,
+                "path_b": path_b,
+                "master": master,
+                "time": r["time"].isoformat() if r["time"] is not None else None,
+            }
+        )
+    write_text(_csv(EXPORT_COLUMNS, rows), target)
+    return ExportSummary(target, len(rows), history)
+
+
+# --------------------------------------------------------------------------- compaction
+
+
+@dataclass
+class CompactSummary:
+    folder: Path
+    merged: int
+    parts: int
+
+    def lines(self) -> list[str]:
+        if not self.merged:
+            return [f"decisions compact: {self.parts} parts in {self.folder}, nothing to merge"]
+        return [f"decisions compact: merged {self.merged} parts into one in {self.folder}"]
+
+
+def run_compact(settings: Settings, *, everything: bool = False) -> CompactSummary:
+    """Merge the log's parts into one when there are many (or, `everything`, more than one)."""
+    folder = layout(settings).decisions_dir
+    folder.mkdir(parents=True, exist_ok=True)  # the DVC stage's output exists from the start
+    merged = D.compact(folder, keep=1 if everything else D.COMPACT_AT)
+    return CompactSummary(folder, merged, len(D.parts(folder)))
+
+
+# --------------------------------------------------------------------------- the remove list
+
+
+@dataclass
+class RemoveSummary:
+    file: Path
+    groups: int = 0  # confirmed groups (joined by `same` decisions)
+    exact_groups: int = 0  # byte-identical copies outside them
+    remove: int = 0
+    keep: int = 0
+
+    def lines(self) -> list[str]:
+        return [
+            f"remove list: {self.remove} files to remove, keeping {self.keep} masters, from "
+            f"{self.groups} confirmed groups and {self.exact_groups} sets of byte-identical "
+            f"copies; nothing was deleted",
+            f"  {self.file}",
+        ]
+
+
+def _likely_master(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The catalogue's rule (pair_report, cluster_report): more pixels, else more bytes, else
+    seen first (earlier ingest run, older modification time, then path)."""
+    return min(
+        rows,
+        key=lambda r: (
+            -(r["width"] or 0) * (r["height"] or 0),
+            -(r["bytes"] or 0),
+            r["first_run"],
+            r["mtime_ns"],
+            r["path"],
+        ),
+    )
+
+
+def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSummary:
+    """A CSV of the files to remove, keeping one master of each confirmed group of duplicates,
+    as imagededup's `find_duplicates_to_remove` gives: one row per file to remove (columns
+    remove, keep, reason, group; paths relative to the scans folder). Confirmed groups are
+    images joined by `same` decisions (never two images decided `different`); the master is
+    the one a `same` decision named (the latest), else the likely master. Byte-identical copies
+    are listed too: of a group's images, and of any other image (its first-seen file is kept).
+    Nothing is deleted or moved."""
+    target = _checked_target(settings, file, ",".join(REMOVE_COLUMNS))
+    names = Resolver.of(settings)
+    present = set(names.path_of)
+    log = D.read_log(layout(settings).decisions_dir)
+    now = [r for r in D.current(log).values() if r["image_a"] in present]
+    now = [r for r in now if r["image_b"] in present]
+    same = [r for r in now if r["decision"] == D.SAME]
+    apart = [(r["image_a"], r["image_b"]) for r in now if r["decision"] == D.DIFFERENT]
+    same.sort(key=lambda r: (r["time"], r["decision_id"]))
+    groups = link(((1.0, r["image_a"], r["image_b"]) for r in same), apart)
+    named: dict[str, str] = {}  # image -> the master the latest decision on it names
+    for r in same:
+        if r["master"]:
+            named[r["image_a"]] = named[r["image_b"]] = r["master"]
+    files: dict[str, list[dict[str, Any]]] = {}
+    for r in names.rows:
+        files.setdefault(r["image_id"], []).append(r)
+    summary = RemoveSummary(target)
+    rows: list[dict[str, Any]] = []
+    grouped: set[str] = set()
+    for n, (members, _) in enumerate(groups, start=1):
+        grouped.update(members)
+        masters = [named[m] for m in members if named.get(m) in members]
+        canon = [f for m in members for f in files[m] if f["path"] == names.path_of[m]]
+        if masters:
+            keep_id = masters[-1]
+            keep = next(f for f in files[keep_id] if f["path"] == names.path_of[keep_id])
+            why = "duplicate (decided same; master named by a reviewer)"
+        else:
+            keep = _likely_master(canon)
+            why = "duplicate (decided same; likely master kept)"
+        summary.groups += 1
+        summary.keep += 1
+        for m in members:
+            for f in sorted(files[m], key=lambda f: f["path"]):
+                if f["path"] == keep["path"]:
+                    continue
+                reason = "byte-identical copy" if m == keep["image_id"] else why
+                rows.append(
+                    {"remove": f["path"], "keep": keep["path"], "reason": reason, "group": n}
+                )
+    for image_id in sorted(set(files) - grouped):
+        copies = files[image_id]
+        if len(copies) < 2:
+            continue
+        keep_path = names.path_of[image_id]
+        summary.exact_groups += 1
+        summary.keep += 1
+        for f in sorted(copies, key=lambda f: f["path"]):
+            if f["path"] != keep_path:
+                rows.append(
+                    {
+                        "remove": f["path"],
+                        "keep": keep_path,
+                        "reason": "byte-identical copy",
+                        "group": f"exact-{image_id[:12]}",
+                    }
+                )
+    summary.remove = len(rows)
+    write_text(_csv(REMOVE_COLUMNS, rows), target)
+    return summary
