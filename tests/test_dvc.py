@@ -59,8 +59,9 @@ def test_dvc_repro_then_nightly_in_a_temporary_repository(tmp_path):
 
     # everything is built from params.yaml; the demo collection stands for an archive's scans
     first = dvc("repro")
-    assert ran(first) == ["ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate",
-                          "report"]
+    assert "decisions" in ran(first)  # an empty log, recorded as an output of its own
+    assert [s for s in ran(first) if s != "decisions"] == [
+        "ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate", "report"]
     run("git", "add", "-A")
     run("git", "commit", "-qm", "built")
     assert ran(dvc("repro")) == []  # nothing to do the second time

@@ -53,7 +53,8 @@ def test_run_evaluate_writes_the_metrics_of_the_model(settings):
     result = run_evaluate(settings)
     assert result.n_labelled == 4 and result.n_queries == 4
     metrics = json.loads((layout(settings).reports_dir / "metrics.json").read_text())
-    assert set(metrics) == {"model"}  # evaluate.baselines: false
+    assert set(metrics) == {"model", "labels"}  # evaluate.baselines: false
+    assert metrics["labels"]["positive_pairs"] == 2 and metrics["labels"]["queries"] == 4
     for key in ("precision@1", "recall@3", "map@3"):
         assert 0.0 <= metrics["model"][key] <= 1.0
     assert "| Model |" in result.table and result.lines()[0].startswith("evaluate: 4 queries")

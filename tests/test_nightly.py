@@ -209,6 +209,46 @@ def test_a_failed_nightly_resumes_without_losing_or_duplicating(prefect_harness,
     assert any(r[report.columns.index("new_run")] == 2 for r in report.pairs)
 
 
+def test_a_pair_decided_before_the_next_nightly_is_not_reported_as_new(prefect_harness, tmp_path,
+                                                                      built, monkeypatch):
+    """A nightly run fails after ingesting the day's scans; a reviewer decides a pair of them
+    (`cbir decide`) before the next run, whose report then leaves that pair out (it is no
+    longer in new_pairs) and links to the review queue of each run it covers."""
+    from flows.nightly import nightly
+
+    params = _built(tmp_path, built)
+    s = load_settings(params)
+    scans = s.path(s.data.scans_dir)
+    arrived = _arrivals(scans)
+    first = arrived["first"].relative_to(scans).as_posix()
+
+    def nas_went_away(*args, **kwargs):
+        raise OSError("the NAS went away")
+
+    monkeypatch.setattr("cbir.steps.pairs.knn_pairs", nas_went_away)
+    assert nightly(str(params), return_state=True).is_failed()  # run 2 ingested, not paired
+    monkeypatch.undo()
+    out = subprocess.run([*CBIR, "decide", "arrived/rescan.jpg", first, "--different",
+                          "--params", str(params)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+    report = nightly(str(params)).steps["new pairs"]  # run 3, covering runs 2-3
+    assert report.since_run == 1 and report.run_id == 3
+    _, found = catalog.query(s, "SELECT count(*) FROM pair_report WHERE kind = 'near' AND "
+                                "[path_a, path_b] IN ([?, ?], [?, ?])",
+                             ["arrived/rescan.jpg", first, first, "arrived/rescan.jpg"])
+    assert found == [(1,)]  # `cbir pairs` found the pair: the decision keeps it out of the news
+    shown = [{r[report.columns.index("new_path")], r[report.columns.index("match_path")]}
+             for r in report.pairs]
+    assert {"arrived/rescan.jpg", first} not in shown
+    assert {"arrived/copy-of-first.jpg", first} in shown  # the undecided ones stay
+    _, new = catalog.query(s, "SELECT count(*) FROM new_pairs WHERE new_run = 2")
+    assert new == [(len(report.pairs),)]
+    text = report.file.read_text()
+    assert "http://127.0.0.1:8765/?run=3" in text and "http://127.0.0.1:8765/?run=2" in text
+    assert "`cbir review`" in text and "?run=3" in "\n".join(report.lines())
+
+
 def test_embedding_shards_run_on_a_dask_cluster(prefect_harness, tmp_path, built):
     from distributed import Client, LocalCluster
 

@@ -60,3 +60,21 @@ def test_the_weakest_link_is_that_of_the_maximum_spanning_tree():
     # a triangle: the 0.6 edge is not needed to keep it connected
     pairs = {("a", "b"): (0.9, 1), ("b", "c"): (0.8, 1), ("a", "c"): (0.6, 2)}
     assert clusters_from_pairs(pairs, 0.0) == [(["a", "b", "c"], 0.8)]
+
+
+def test_a_rejected_link_splits_a_cluster_and_a_confirmed_one_joins_whatever_its_score():
+    pairs = {("a", "b"): (0.95, 1), ("b", "c"): (0.80, 1), ("a", "c"): (0.70, 2),
+             ("d", "e"): (0.30, 1)}
+    assert clusters_from_pairs(pairs, 0.5) == [(["a", "b", "c"], 0.80)]
+    # a and c decided different: no path may join them (b goes with the stronger link, to a)
+    assert clusters_from_pairs(pairs, 0.5, different=[("a", "c")]) == [(["a", "b"], 0.95)]
+    # d and e confirmed, far below the threshold: one cluster; confirmed links weigh 1
+    assert clusters_from_pairs(pairs, 0.5, same=[("d", "e")]) == [
+        (["a", "b", "c"], 0.80), (["d", "e"], 1.0)]
+    # a confirmed pair that no search found joins too; a rejection beats any score (b joins
+    # c by the stronger link, so a, rejected by b, stays out)
+    got = clusters_from_pairs(pairs, 0.5, same=[("c", "f")], different=[("a", "b")])
+    assert got == [(["b", "c", "f"], 0.80)]
+    # confirmations come first: a later rejected link cannot undo them
+    assert clusters_from_pairs({}, 0.5, same=[("a", "b"), ("b", "c")],
+                               different=[("a", "c")]) == [(["a", "b"], 1.0)]

@@ -167,8 +167,8 @@ def test_cli_init_prints_what_it_did(tmp_path):
     stages = subprocess.run([sys.executable, "-m", "dvc", "stage", "list"], cwd=tmp_path / "ws",
                             capture_output=True, text=True, env=env)
     names = [line.split()[0] for line in stages.stdout.splitlines() if line.strip()]
-    assert names == ["ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate",
-                     "report"], stages.stderr
+    assert names == ["ingest", "decisions", "train", "embed", "index", "calibrate", "pairs",
+                     "evaluate", "report"], stages.stderr
 
 
 def test_find_duplicates_in_one_command(tmp_path):
