@@ -747,8 +747,8 @@ DETAILS: dict[str, tuple[str, str]] = {
     ),
     "evaluate": (
         "Precision, recall, F1 and mAP at K against the labelled images of "
-        "data.ground_truth, with the untrained backbone and perceptual hashing as "
-        "baselines.",
+        "data.ground_truth and the reviewers' decisions, with the untrained backbone and "
+        "perceptual hashing as baselines.",
         "cbir evaluate",
     ),
     "train": (
@@ -783,7 +783,8 @@ DETAILS: dict[str, tuple[str, str]] = {
     ),
     "sql": (
         "One read-only SQL query on the catalogue (views images, files, duplicate_pairs, "
-        "clusters, pair_report, new_pairs, cluster_report, quarantine, ingest_runs).",
+        "clusters, pair_report, new_pairs, cluster_report, quarantine, ingest_runs, "
+        "decisions, decision_log).",
         'cbir sql "SELECT path_a, path_b, round(score, 3) AS score FROM duplicate_pairs '
         'ORDER BY score DESC" --limit 20\ncbir sql "SELECT * FROM pair_report WHERE ? IN '
         '(path_a, path_b)" --param box-01/scan-1.jpg --format csv',

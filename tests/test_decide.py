@@ -314,3 +314,28 @@ def test_decisions_survive_dvc_repro_and_make_their_readers_rerun(tmp_path):
     assert len(D.read_log(folder)) == 2
     dvc("checkout", "decisions")  # restores nothing over them: they are what dvc.lock records
     assert len(D.read_log(folder)) == 2
+
+
+def test_calibrate_labels_with_decisions_once_there_are_enough(built, tmp_path, monkeypatch):
+    from cbir.steps import calibrate
+
+    s = _copy(built, tmp_path, ground_truth=None)
+    s = load_settings(s.params_path, {"calibrate.copies": 10})
+    run_decide(s, "p1.png", "copies/p1-small.png", "same")
+    run_decide(s, "p2.png", "p3.png", "different")
+    few = calibrate.run_calibrate(s)
+    assert few.ground_truth is None  # the self-calibration decides (were the threshold auto)
+    assert "(1 pairs decided same, 1 different) decide the threshold from 10 of each" in "\n".join(
+        few.lines())
+    monkeypatch.setattr(calibrate, "MIN_DECISIONS", 1)
+    enough = calibrate.run_calibrate(s)
+    assert enough.ground_truth is not None
+    assert "1 labelled duplicate pairs in 3 groups" in enough.ground_truth.basis
+    figures = json.loads(layout(s).calibration.read_text())
+    assert figures["ground_truth"]["labels"]["decided_same"] == 1
+    assert figures["ground_truth"]["labels"]["decided_different"] == 1
+    # a new decision makes the recorded calibration stale (`cbir pairs` calibrates again)
+    record = calibrate.recorded(s)
+    assert calibrate.is_current(record, s, record["fingerprint"], record["images"])
+    run_decide(s, "p4.png", "p5.png", "different")
+    assert not calibrate.is_current(record, s, record["fingerprint"], record["images"])

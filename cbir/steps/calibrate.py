@@ -120,8 +120,17 @@ def _r(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 4)
 
 
-def _ground_truth_estimate(settings: Settings, target: float) -> Estimate | None:
-    """The ground-truth calibration, or None when there is no usable ground truth."""
+#: Labels from decisions alone (no CSV) decide the threshold only from this many pairs decided
+#: same and this many different: reviewers decide pairs near the threshold, and a handful of
+#: confirmed pairs with no rejected one would pull it down to their lowest score.
+MIN_DECISIONS = 10
+
+
+def _ground_truth_estimate(
+    settings: Settings, target: float, notes: list[str] | None = None
+) -> Estimate | None:
+    """The ground-truth calibration, or None when there is no usable ground truth (`notes`
+    hears why decisions alone do not decide yet)."""
     from .evaluate import NoLabels, rank_model
 
     if settings.data.ground_truth is None and not labels(layout(settings).decisions_dir):
@@ -129,6 +138,19 @@ def _ground_truth_estimate(settings: Settings, target: float) -> Estimate | None
     try:
         ranking = rank_model(settings)
     except NoLabels:
+        return None
+    lab = ranking.labels
+    if (
+        lab is not None
+        and not lab.csv_images
+        and (lab.decided_same < MIN_DECISIONS or lab.decided_different < MIN_DECISIONS)
+    ):
+        if notes is not None:
+            notes.append(
+                f"the decisions ({lab.decided_same} pairs decided same, "
+                f"{lab.decided_different} different) decide the threshold from "
+                f"{MIN_DECISIONS} of each; until then the self-calibration does"
+            )
         return None
     cal = calibrate(ranking.ranked, target)
     rests = f"; {ranking.labels.basis()}" if ranking.labels is not None else ""
@@ -381,7 +403,8 @@ def run_calibrate(
     if not 0.0 < target < 1.0:
         raise CbirError(f"--precision must be between 0 and 1 (exclusive), got {target}")
     s = searcher if searcher is not None else open_searcher(settings)
-    gt = _ground_truth_estimate(settings, target)
+    waiting: list[str] = []
+    gt = _ground_truth_estimate(settings, target, waiting)
     own = _self_estimate(settings, s, target, progress=progress)
     chosen = gt or own.estimate
     auto = 1.0 if chosen.threshold is None else chosen.threshold  # unreachable: nothing passes
@@ -397,6 +420,7 @@ def run_calibrate(
         source="params" if fixed is not None else chosen.method,
         self_calibration=own.estimate,
         ground_truth=gt,
+        notes=waiting,
     )
     if own.curve is not None:
         result.at_threshold = own.curve.at(pair)

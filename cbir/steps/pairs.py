@@ -301,6 +301,10 @@ def run_pairs(
     model, search.k or search.pair_threshold changed since the pairs were recorded, every image
     is searched again. `searched.parquet` lists the searched ids; it is written last, so a run
     killed before it only means searching those images again.
+
+    The clusters follow the reviewers' current decisions (`clusters_from_pairs`), read afresh on
+    every run, so a new decision changes them at the next run even when nothing else changed;
+    pairs.parquet keeps the pairs as found.
     """
     from .calibrate import thresholds
 
