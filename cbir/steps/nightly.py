@@ -211,6 +211,8 @@ def record_with_dvc(settings: Settings, *, push: bool = True) -> DvcRecord:
         rec.messages.append(f"not recorded: {why}")
         return rec
     cwd = settings.root
+    # the decisions stage's output, before anyone decided (a workspace built before the stage)
+    layout(settings).decisions_dir.mkdir(parents=True, exist_ok=True)
     _dvc(["commit", "-f", "--quiet"], cwd)
     rec.committed = True
     rec.messages.append(f"outputs committed (dvc.lock in {cwd})")
