@@ -486,10 +486,6 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
     apart = [(r["image_a"], r["image_b"]) for r in now if r["decision"] == D.DIFFERENT]
     same.sort(key=lambda r: (r["time"], r["decision_id"]))
     groups = link(((1.0, r["image_a"], r["image_b"]) for r in same), apart)
-    named: dict[str, str] = {}  # image -> the master the latest decision on it names
-    for r in same:
-        if r["master"]:
-            named[r["image_a"]] = named[r["image_b"]] = r["master"]
     files: dict[str, list[dict[str, Any]]] = {}
     for r in names.rows:
         files.setdefault(r["image_id"], []).append(r)
@@ -498,7 +494,12 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
     grouped: set[str] = set()
     for n, (members, _) in enumerate(groups, start=1):
         grouped.update(members)
-        masters = [named[m] for m in members if named.get(m) in members]
+        inside = set(members)
+        masters = [  # oldest first: the latest decision in the group that names one wins
+            r["master"]
+            for r in same
+            if r["master"] and r["image_a"] in inside and r["image_b"] in inside
+        ]
         canon = [f for m in members for f in files[m] if f["path"] == names.path_of[m]]
         if masters:
             keep_id = masters[-1]
