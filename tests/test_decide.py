@@ -147,8 +147,13 @@ def test_export_then_import_gives_the_same_decisions(built, tmp_path):
     from cbir.steps.decisions import run_undo
 
     run_undo(s, "p4.png", "p5.png")
+    out = _cbir(s, "decisions", "compact", "--all")  # merges the four parts, loses nothing
+    assert out.returncode == 0 and "merged 4 parts into one" in out.stdout, out.stderr
+    assert len(D.parts(layout(s).decisions_dir)) == 1 and len(D.read_log(
+        layout(s).decisions_dir)) == 4
     target = tmp_path / "decisions.csv"
-    assert export_decisions(s, target).rows == 2
+    out = _cbir(s, "decisions", "export", str(target))
+    assert out.returncode == 0 and "2 current decisions to" in out.stdout, out.stderr
     assert export_decisions(s, target).rows == 2  # over its own earlier export
     history = tmp_path / "history.csv"
     assert export_decisions(s, history, history=True).rows == 4
