@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import photo, save, write_params
+from PIL import Image
 
 from cbir.config import Settings, load_settings
 from cbir.store import catalog
@@ -36,8 +37,9 @@ def build(root: Path) -> Settings:
     settings = load_settings(params)
     from cbir.steps.ingest import run_ingest
     run_ingest(settings)
-    for i, name in enumerate(RUN2, start=len(RUN1)):
-        save(photo(i, (160, 120)), scans / name)
+    # the new arrivals are rescans of two earlier photographs, at a higher resolution
+    for seed, name in zip((3, 1), RUN2, strict=True):
+        save(photo(seed, (120, 90)).resize((160, 120), Image.Resampling.BICUBIC), scans / name)
     run_ingest(settings)
     ids = image_ids(settings)
     write_pairs(settings, ids)
