@@ -367,3 +367,9 @@ def test_cli_errors_are_one_line(ws):
                              env={**os.environ, **env})
         assert out.returncode == 2, (args, out.stderr)
         assert out.stderr.count("\n") == 1 and words in out.stderr, out.stderr
+    # no pairs yet: said before it serves
+    (ws.path(ws.data.pairs_dir) / "pairs.parquet").unlink()
+    out = subprocess.run([*CBIR, "review", "--params", str(ws.params_path), "--port", "0"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == "cbir review: error: no pairs in the catalogue: run `cbir pairs` first\n"

@@ -182,11 +182,17 @@ class Review:
     def __init__(self, settings: Settings, config: ReviewConfig) -> None:
         self.settings = settings
         self.config = config
+        self.queue = queue.Queue(settings)
 
     def thresholds(self) -> tuple[float | None, float | None]:
         from ..steps.calibrate import configured_thresholds
 
         return configured_thresholds(self.settings)
+
+    def prepare(self) -> None:
+        """Read the catalogue and sort the queue now (seconds for a million pairs), so the
+        first page is quick; no pairs: one line, before the server starts."""
+        self.queue.run(self.threshold(), lambda con: None)
 
     def threshold(self) -> float:
         pair, _ = self.thresholds()
@@ -214,21 +220,21 @@ class Review:
         filters = queue.Filters.parse(q)
         after = queue.Cursor.parse(q.get("after", ""))
         limit = queue._int(q, "limit") or queue.PAGE_DEFAULT
-        return JSONResponse(_jsonable(queue.page(self.settings, self.threshold(), filters,
-                                                 after, limit)))  # fmt: skip
+        page = self.queue.page(self.threshold(), filters, after, limit)
+        return JSONResponse(_jsonable(page))
 
     def api_progress(self, request: Request) -> Response:
-        return JSONResponse(
-            queue.progress(self.settings, queue.Filters.parse(request.query_params))
-        )
+        filters = queue.Filters.parse(request.query_params)
+        return JSONResponse(self.queue.progress(self.threshold(), filters))
 
     def api_clusters(self, request: Request) -> Response:
-        return JSONResponse(_jsonable({"clusters": queue.clusters(self.settings)}))
+        return JSONResponse(_jsonable({"clusters": self.queue.clusters(self.threshold())}))
 
     def api_cluster(self, request: Request) -> Response:
-        _, link = self.thresholds()
+        pair, link = self.thresholds()
         cid = int(request.path_params["cluster_id"])
-        return JSONResponse(_jsonable(queue.cluster(self.settings, cid, link)))
+        threshold = 1.0 if pair is None else pair
+        return JSONResponse(_jsonable(self.queue.cluster(threshold, cid, link)))
 
     async def api_decide(self, request: Request) -> Response:
         body = await _json(request)
@@ -241,7 +247,7 @@ class Review:
             return _error(400, f"decision must be one of {', '.join(D.VERDICTS)}")
         if not (images.IMAGE_ID.fullmatch(a) and images.IMAGE_ID.fullmatch(b)):
             return _error(400, "image_a and image_b must be image ids")
-        found = queue.pair(self.settings, a, b)
+        found = self.queue.pair(self.threshold(), a, b)
         if found is None:
             return _error(404, "no such pair among the near-duplicate pairs")
         master = body.get("master") or None
@@ -274,7 +280,7 @@ class Review:
         did = str(body.get("decision_id", ""))
         if not did or len(did) > 64:
             return _error(400, "decision_id is missing")
-        row = queue.logged(self.settings, did)
+        row = self.queue.logged(self.threshold(), did)
         if row is None or row["decision"] == D.UNDO:
             return _error(404, "no such decision to undo")
         undo = D.Decision(
@@ -292,10 +298,14 @@ class Review:
         D.record(layout(self.settings).decisions_dir, [undo])
         return JSONResponse({"decision_id": undo.decision_id, "undoes": did})
 
+    def _scan_file(self, image_id: str) -> dict[str, Any] | None:
+        return self.queue.scan_file(self.threshold(), image_id)
+
     def image(self, request: Request) -> Response:
         try:
             side = int(request.path_params["side"])
-            path = images.rendition(self.settings, str(request.path_params["image_id"]), side)
+            image_id = str(request.path_params["image_id"])
+            path = images.rendition(self.settings, self._scan_file, image_id, side)
         except images.Missing as exc:
             return PlainTextResponse(exc.reason, exc.status)
         # named by content: the same URL always shows the same picture
@@ -355,11 +365,13 @@ def build_app(settings: Settings, config: ReviewConfig) -> Starlette:
         Route("/img/{image_id:str}/{side:int}", r.image),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(Guard, config=config)],
         exception_handlers={CbirError: _bad_request},
     )
+    app.state.review = r
+    return app
 
 
 def token_for(host: str) -> str | None:
@@ -400,24 +412,25 @@ def serve(settings: Settings, host: str, port: int, reviewer: str) -> None:
 
     token = token_for(host)
     sock = listen(host, port)
-    config = ReviewConfig(host, int(sock.getsockname()[1]), reviewer, token)
-    app = build_app(settings, config)
-    url = config.url
-    print(f"cbir review: serving {settings.root} at {url}", flush=True)
-    if token is not None:
-        print(f"cbir review: open {url}?token={token} (the token is needed from other machines)")
-    print("cbir review: Ctrl-C stops it", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-        )
-    )
     try:
+        config = ReviewConfig(host, int(sock.getsockname()[1]), reviewer, token)
+        app = build_app(settings, config)
+        app.state.review.prepare()
+        url = config.url
+        print(f"cbir review: serving {settings.root} at {url}", flush=True)
+        if token is not None:
+            print(f"cbir review: open {url}?token={token} (needed from other machines too)")
+        print("cbir review: Ctrl-C stops it", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=2,
+            )
+        )
         server.run(sockets=[sock])
     finally:
         sock.close()

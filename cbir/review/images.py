@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from ..fsutil import atomic_path
 from ..imaging import ImageRejected, load_rgb
 from ..store.layout import layout
-from . import queue
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -38,9 +38,15 @@ class Missing(Exception):
     reason: str
 
 
-def rendition(settings: Settings, image_id: str, side: int) -> Path:
+def rendition(
+    settings: Settings,
+    scan_file: Callable[[str], dict[str, Any] | None],
+    image_id: str,
+    side: int,
+) -> Path:
     """The cached JPEG of image `image_id` at most `side` px (made now when absent), or
-    Missing saying why there is none."""
+    Missing saying why there is none. `scan_file` gives the manifest's row of a present file
+    of that image (`Queue.scan_file`)."""
     if side not in SIDES:
         raise Missing(404, f"no such size: one of {', '.join(map(str, SIDES))}")
     if not IMAGE_ID.fullmatch(image_id):
@@ -48,7 +54,7 @@ def rendition(settings: Settings, image_id: str, side: int) -> Path:
     target = layout(settings).review_rendition(image_id, side)
     if target.is_file():
         return target
-    row = queue.scan_file(settings, image_id)
+    row = scan_file(image_id)
     if row is None:
         raise Missing(404, "no present file of that image in the manifest")
     path = os.fsdecode(os.path.join(os.fsencode(layout(settings).scans), row["path_raw"]))
