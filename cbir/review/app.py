@@ -313,6 +313,10 @@ class Review:
                             headers={"Cache-Control": "private, max-age=86400"})  # fmt: skip
 
 
+async def _no_icon(request: Request) -> Response:
+    return Response(status_code=204)
+
+
 async def _json(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if len(raw) > MAX_BODY:
@@ -363,6 +367,7 @@ def build_app(settings: Settings, config: ReviewConfig) -> Starlette:
         Route("/api/decide", r.api_decide, methods=["POST"]),
         Route("/api/undo", r.api_undo, methods=["POST"]),
         Route("/img/{image_id:str}/{side:int}", r.image),
+        Route("/favicon.ico", _no_icon),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(
