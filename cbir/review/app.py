@@ -210,9 +210,13 @@ class Review:
             view=view,
             cluster_id="" if cluster_id is None else cluster_id,
             reviewer=self.config.reviewer,
-            threshold=f"{self.threshold():.4f}",
+            threshold=self._threshold_text(),
         )
         return HTMLResponse(html)
+
+    def _threshold_text(self) -> str:
+        pair, _ = self.thresholds()
+        return "not calibrated yet" if pair is None else f"{pair:.4f}"
 
     # the API
     def api_queue(self, request: Request) -> Response:

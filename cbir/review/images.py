@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 #: The sizes the screen asks for: thumbnails (cluster view) and the large pair view.
 SIDES = (256, 2048)
 IMAGE_ID = re.compile(r"[0-9a-f]{16}")
+# Scans decoded at once: a 150-MP TIFF takes about 0.7 GB while it is decoded, and a page asks
+# for two pictures and preloads the next pairs'.
+_DECODING = threading.BoundedSemaphore(2)
 
 
 @dataclass(frozen=True)
@@ -64,14 +68,16 @@ def rendition(
         raise Missing(404, f"cannot read the scan: {exc.strerror or exc}") from None
     if st.st_size != row["bytes"] or st.st_mtime_ns != row["mtime_ns"]:
         raise Missing(409, "the file changed since it was ingested: run `cbir ingest`")
-    try:
-        im = load_rgb(path, side, max_pixels=settings.ingest.max_pixels)
-    except ImageRejected as exc:
-        raise Missing(422, exc.reason) from None
-    except OSError as exc:
-        raise Missing(404, f"cannot read the scan: {exc.strerror or exc}") from None
-    im.thumbnail((side, side), Image.Resampling.LANCZOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        im.save(tmp, format="JPEG", quality=88)
+    with _DECODING:
+        if target.is_file():  # made by the request that held the turn before this one
+            return target
+        try:
+            im = load_rgb(path, side, max_pixels=settings.ingest.max_pixels)
+        except ImageRejected as exc:
+            raise Missing(422, exc.reason) from None
+        except OSError as exc:
+            raise Missing(404, f"cannot read the scan: {exc.strerror or exc}") from None
+        im.thumbnail((side, side), Image.Resampling.LANCZOS)
+        with atomic_path(target) as tmp:
+            im.save(tmp, format="JPEG", quality=88)
     return target
