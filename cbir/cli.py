@@ -434,6 +434,29 @@ def _decision_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_export)
 
 
+# --------------------------------------------------------------------------- review (issue 14)
+
+
+def cmd_review(settings: Settings, args: argparse.Namespace) -> int:
+    from .review.app import serve
+
+    _check_range("--port", args.port, 0, 65535)
+    reviewer = args.reviewer if args.reviewer is not None else _default_reviewer()
+    if len(reviewer) > 200 or not reviewer.isprintable():
+        raise CbirError("--reviewer must be at most 200 printable characters")
+    serve(settings, args.host, args.port, reviewer)
+    return 0
+
+
+def _default_reviewer() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (a container)
+        return ""
+
+
 def _format_table(cols: list[str], rows: list[tuple]) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
@@ -634,6 +657,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_sql)
 
+    p = sub.add_parser(
+        "review",
+        parents=[common],
+        help="review pairs in the browser: decide same/different, split clusters",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default %(default)s; any other needs the printed token)",
+    )
+    p.add_argument(
+        "--port", type=int, default=8765, help="port (default %(default)s; 0 picks a free one)"
+    )
+    p.add_argument(
+        "--reviewer",
+        metavar="NAME",
+        help="who decides, recorded with each decision (default: your user name)",
+    )
+    p.set_defaults(handler=cmd_review)
+
     p = sub.add_parser("init", help="create an archive workspace for a folder of scans")
     p.add_argument("folder", metavar="DIR", help="the workspace folder (created if absent)")
     p.add_argument(
@@ -780,6 +823,15 @@ DETAILS: dict[str, tuple[str, str]] = {
         "PREFECT_API_URL=http://127.0.0.1:4200/api`); without one, or when it does not "
         "answer, serve stops with one line saying so.",
         "cbir serve",
+    ),
+    "review": (
+        "Serve the review screen on a local web server and print its URL: pairs new in the "
+        "latest runs and nearest the threshold first, decided with one key each (s same, d "
+        "different, u unsure, m the other is the master, n skip, z undo), filters, and a "
+        "cluster view to split clusters. Decisions go to data.decisions_dir. Bound to "
+        "anything but 127.0.0.1 it needs a token (CBIR_REVIEW_TOKEN, or one printed at "
+        "start). Ctrl-C stops it.",
+        "cbir review\nxdg-open 'http://127.0.0.1:8765/?run=3'",
     ),
     "sql": (
         "One read-only SQL query on the catalogue (views images, files, duplicate_pairs, "

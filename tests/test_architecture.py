@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("cbir", "tasks", "flows")
 #: The top of the library: they compose steps (find-duplicates, init) or parse arguments.
 TOP = {"cbir.cli", "cbir.find", "cbir.workspace"}
+#: Packages at the top too: the review server (it reads the catalogue, calibration and writes
+#: decisions for `cbir review`).
+TOP_PACKAGES = ("cbir.review",)
 #: What loads and checks the settings of a workspace, and keeps its state: above the data layer
 #: (loading params checks every output path; the lock and the caches live in the data folder).
 SETTINGS = {"cbir.config", "cbir.paramsfile", "cbir.environ", "cbir.lock"}
@@ -90,7 +93,7 @@ def _step(name: str) -> str:
 
 
 def _kind(name: str) -> str:
-    if name in TOP:
+    if name in TOP or name.startswith(TOP_PACKAGES):
         return "top"
     if name in SETTINGS:
         return "settings"

@@ -425,6 +425,7 @@ def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConne
         # the decisions log gains parts while a connection is open (the review server)
         con.execute("SET allowed_directories = ?", [[str(layout(settings).decisions_dir) + "/"]])
         for option in (
+            "enable_progress_bar",  # DuckDB's own bar on the user's terminal (a long query)
             "enable_external_access",
             "autoinstall_known_extensions",
             "autoload_known_extensions",

@@ -48,6 +48,7 @@ NIGHTLY = "nightly"  # run-<N>.md, one per nightly run
 PREVIEW_PREFIX = "augment-preview-"
 # data.cache_dir
 BASELINE_EMBEDDINGS = "baseline-embeddings"
+REVIEW_CACHE = "review"  # the review server's renditions of scans (cbir review)
 TRAIN_CACHE_PREFIX = "train-"
 CACHE_TOOLS = ("matplotlib", "torch", "xdg")  # caches of the libraries (cbir/environ.py)
 # beside data.manifest_dir: the data folder's writer lock and Prefect's home
@@ -110,6 +111,10 @@ class Layout:
         if baseline:
             return self.cache_dir / BASELINE_EMBEDDINGS / fingerprint
         return self.embeddings_dir / fingerprint
+
+    def review_rendition(self, image_id: str, side: int) -> Path:
+        """The review server's JPEG of image `image_id` (a content id), at most `side` px."""
+        return self.cache_dir / REVIEW_CACHE / str(side) / f"{image_id}.jpg"
 
     # training
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import CbirError
 from .layout import layout
@@ -40,3 +41,14 @@ def read_pairs(settings: Any) -> pa.Table:
     if not path.is_file():
         raise CbirError(f"no pairs at {path}: run `cbir pairs` first")
     return read_table(path, PAIRS_SCHEMA, PAIRS_FIX)
+
+
+def scores_fingerprint(settings: Any) -> str | None:
+    """The model fingerprint whose scores pairs.parquet holds (`cbir pairs` records it in the
+    metadata of searched.parquet beside it), or None when unknown."""
+    try:
+        meta = pq.read_schema(layout(settings).searched).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    value = meta.get(b"fingerprint")
+    return value.decode("utf-8", "replace") if value else None
