@@ -440,11 +440,13 @@ def _decision_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_review(settings: Settings, args: argparse.Namespace) -> int:
     from .review.app import serve
 
-    _check_range("--port", args.port, 0, 65535)
+    host = args.host if args.host is not None else settings.review.host
+    port = args.port if args.port is not None else settings.review.port
+    _check_range("--port", port, 0, 65535)
     reviewer = args.reviewer if args.reviewer is not None else _default_reviewer()
     if len(reviewer) > 200 or not reviewer.isprintable():
         raise CbirError("--reviewer must be at most 200 printable characters")
-    serve(settings, args.host, args.port, reviewer)
+    serve(settings, host, port, reviewer)
     return 0
 
 
@@ -664,12 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="address to listen on (default %(default)s; any other needs the printed token)",
+        help="address to listen on (default review.host, 127.0.0.1; any other needs the "
+        "printed token)",
     )
-    p.add_argument(
-        "--port", type=int, default=8765, help="port (default %(default)s; 0 picks a free one)"
-    )
+    p.add_argument("--port", type=int, help="port (default review.port, 8765; 0 picks a free one)")
     p.add_argument(
         "--reviewer",
         metavar="NAME",

@@ -333,6 +333,20 @@ class ReportSettings(_Section):
     )
 
 
+class ReviewSettings(_Section):
+    """`cbir review`, the review server (no DVC stage depends on it)."""
+
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        max_length=255,
+        description="address it listens on; any but a loopback one needs a token",
+    )
+    port: int = Field(
+        8765, ge=0, le=65535, description="its port (0 picks a free one); nightly reports link it"
+    )
+
+
 class OrchestrationSettings(_Section):
     """Prefect flows, the nightly schedule, the writer lock (not pipeline params: no DVC stage
     depends on them)."""
@@ -385,6 +399,7 @@ class Settings(_Section):
     evaluate: EvaluateSettings = EvaluateSettings()
     train: TrainSettings = TrainSettings()
     report: ReportSettings = ReportSettings()
+    review: ReviewSettings = ReviewSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
 
     def path(self, p: Path) -> Path:

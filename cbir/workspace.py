@@ -44,6 +44,7 @@ SECTIONS = (
     "calibrate",
     "evaluate",
     "report",
+    "review",
     "orchestration",
 )
 README_MARK = "<!-- written by `cbir init`"

@@ -111,11 +111,23 @@ def _no_kill_points(monkeypatch: pytest.MonkeyPatch) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+@pytest.fixture(autouse=True)
+def _same_folder_after_each_test():
+    """A test may change the current folder (open_catalogue does); the next one starts where
+    this one did."""
+    cwd = os.getcwd()
+    yield
+    os.chdir(cwd)
+
+
 def open_catalogue(settings: Any):
-    """The catalogue as a user's own script opens it: read only, with the workspace folder as
-    DuckDB's file_search_path (its views name their Parquet files relative to the workspace)."""
+    """The catalogue as a user's own script opens it: in the workspace, read only, with the
+    workspace folder as DuckDB's file_search_path (its views name their Parquet files relative to
+    the workspace, and DuckDB looks for a relative name in the current folder first: started
+    elsewhere, the repository's own data/ after `make demo` would be read instead)."""
     import duckdb
 
+    os.chdir(settings.root)
     con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
     con.execute("SET file_search_path = ?", [str(settings.root)])
     return con

@@ -85,8 +85,8 @@ def test_the_readme_walkthrough_on_a_real_archive(tmp_path):
                            check=True, capture_output=True)
 
     stages = re.findall(r"Running stage '(\w+)'", ran["dvc repro"])
-    assert stages == ["ingest", "train", "embed", "index", "calibrate", "pairs", "evaluate",
-                      "report"]
+    assert stages == ["ingest", "decisions", "train", "embed", "index", "calibrate", "pairs",
+                      "evaluate", "report"]
     assert "pair_threshold" in ran["dvc metrics"] and "estimated_precision" in ran["dvc metrics"]
     assert "near-duplicate pairs" not in ran["cbir sql"]  # it printed a table, not a summary
     # the rescan is searched; the byte-identical copy is known by its hash

@@ -246,7 +246,7 @@ def test_a_pair_decided_before_the_next_nightly_is_not_reported_as_new(prefect_h
     assert new == [(len(report.pairs),)]
     text = report.file.read_text()
     assert "http://127.0.0.1:8765/?run=3" in text and "http://127.0.0.1:8765/?run=2" in text
-    assert "`cbir review`" in text and "?run=3" in "\n".join(report.lines())
+    assert "start cbir review in the workspace" in text and "?run=3" in "\n".join(report.lines())
 
 
 def test_embedding_shards_run_on_a_dask_cluster(prefect_harness, tmp_path, built):
@@ -382,3 +382,24 @@ def test_ctrl_c_stops_cli_nightly_and_its_server(tmp_path, built):
     assert cli.returncode in (130, -signal.SIGINT), err
     assert err.strip() == "cbir nightly: interrupted", err
     assert not Path(f"/proc/{server}").exists()  # stopped and reaped: no orphan
+
+
+@pytest.mark.parametrize("review, url", [
+    ({}, "http://127.0.0.1:8765/"),
+    ({"host": "0.0.0.0", "port": 9000}, "http://127.0.0.1:9000/"),  # reached as loopback here
+    ({"host": "::1"}, "http://[::1]:8765/"),
+    ({"host": "archive-pc.local"}, "http://archive-pc.local:8765/"),
+    ({"port": 0}, ""),  # a free port each time: nothing to link
+])
+def test_nightly_reports_link_where_review_serves(tmp_path, review, url):
+    from cbir.config import load_settings
+    from cbir.steps.nightly import NightlyReport, review_url
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  scans_dir: scans\nreview: {review or '{}'}\n")
+    (tmp_path / "scans").mkdir()
+    assert review_url(load_settings(params)) == url
+    report = NightlyReport(run_id=4, since_run=3, columns=["kind"], pairs=[("near",)],
+                           review_url=url)
+    assert report.review_links() == ([f"{url}?run=4"] if url else [])
+    assert ("review them" in "\n".join(report.lines())) == bool(url)

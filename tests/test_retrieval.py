@@ -61,8 +61,11 @@ def test_end_to_end_on_the_demo_collection(tmp_path, demo_root):
     assert "| Model | Precision@1 | Recall@1 |" in out.stdout  # evaluate prints the table
 
     metrics = json.loads((settings.path(settings.data.reports_dir) / "metrics.json").read_text())
-    assert set(metrics) == {"model", "untrained", "phash"}
+    assert set(metrics) == {"model", "untrained", "phash", "labels"}
+    assert metrics["labels"]["queries"] > 0 and metrics["labels"]["decided_same"] == 0
     for name, vals in metrics.items():
+        if name == "labels":  # what the figures rest on
+            continue
         for key in ("precision@1", "recall@5", "f1@10", "map@10", "micro_ap"):
             assert 0.0 <= vals[key] <= 1.0, (name, key)
     gt = read_ground_truth(settings)

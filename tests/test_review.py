@@ -302,10 +302,14 @@ def test_names_are_never_markup_in_the_page(ws):
     assert any(f"box-b/{HOSTILE}" in (r["path_a"], r["path_b"]) for r in rows)  # as data
 
 
-def _start(ws, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str, list[str]]:
+def _start(ws, *args: str, env: dict | None = None,
+           sigint=signal.SIG_DFL) -> tuple[subprocess.Popen, str, list[str]]:
+    """`cbir review` as a subprocess; `sigint`: SIGINT's action when it starts (a test runner's
+    worker or a background job may start it ignored)."""
     proc = subprocess.Popen([*CBIR, "review", "--params", str(ws.params_path), "--port", "0",
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:  # as long as it takes on a busy machine: it prints or it dies
@@ -328,7 +332,8 @@ def _get(url: str, headers: dict | None = None) -> int:
 
 def test_the_server_with_a_token_and_ctrl_c(ws):
     token = "s3cret-token-of-the-archive"
-    proc, url, _ = _start(ws, "--host", "0.0.0.0", env={"CBIR_REVIEW_TOKEN": token})
+    proc, url, _ = _start(ws, "--host", "0.0.0.0", env={"CBIR_REVIEW_TOKEN": token},
+                          sigint=signal.SIG_IGN)  # uvicorn catches it all the same
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

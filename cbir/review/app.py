@@ -25,10 +25,12 @@ import ipaddress
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -415,10 +417,28 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings, host: str, port: int, reviewer: str) -> None:
-    """Serve the review application until Ctrl-C (KeyboardInterrupt)."""
+def _server_class() -> type:
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """uvicorn's server, remembering a Ctrl-C: uvicorn catches it, shuts down, then raises
+        it again, which does nothing where SIGINT was ignored when the command started (a
+        background job, a test runner's worker), and the command would end with status 0."""
+
+        interrupted = False
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            self.interrupted = self.interrupted or sig == signal.SIGINT
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+def serve(settings: Settings, host: str, port: int, reviewer: str) -> None:
+    """Serve the review application until Ctrl-C (KeyboardInterrupt)."""
+    import uvicorn  # with Starlette's server parts: only when serving
+
+    _Server = _server_class()
     token = token_for(host)
     sock = listen(host, port)
     try:
@@ -431,7 +451,7 @@ def serve(settings: Settings, host: str, port: int, reviewer: str) -> None:
             print(f"cbir review: open {url}?token={token} (needed from other machines too)")
         print("cbir review: Ctrl-C stops it", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        server = uvicorn.Server(
+        server = _Server(
             uvicorn.Config(
                 app,
                 log_level="warning",
@@ -441,5 +461,7 @@ def serve(settings: Settings, host: str, port: int, reviewer: str) -> None:
             )
         )
         server.run(sockets=[sock])
+        if server.interrupted:  # uvicorn stopped cleanly; the command still ends as Ctrl-C does
+            raise KeyboardInterrupt
     finally:
         sock.close()

@@ -31,8 +31,6 @@ from ..store.layout import layout
 from ..store.manifest import latest_run
 
 PENDING = "pending.json"  # the start of a report not written yet
-#: Where `cbir review` serves by default; `?run=N` shows the pairs new in ingest run N.
-REVIEW_URL = "http://127.0.0.1:8765/"
 
 # The pairs of the images that arrived in runs (after, upto]; also what `cbir sql` users run.
 NEW_PAIRS_SQL = """
@@ -76,6 +74,7 @@ class NightlyReport:
     columns: list[str] = field(default_factory=list)
     pairs: list[tuple[Any, ...]] = field(default_factory=list)
     file: Path | None = None
+    review_url: str = ""  # where `cbir review` serves (review.host/port); ?run=N: run N's pairs
 
     @property
     def n_near(self) -> int:
@@ -84,7 +83,7 @@ class NightlyReport:
     def review_links(self) -> list[str]:
         """The review queue of each ingest run this report covers (newest first, a few)."""
         runs = range(self.run_id, max(self.since_run, self.run_id - 5), -1)
-        return [f"{REVIEW_URL}?run={n}" for n in runs]
+        return [f"{self.review_url}?run={n}" for n in runs] if self.review_url else []
 
     def lines(self) -> list[str]:
         runs = (
@@ -97,7 +96,7 @@ class NightlyReport:
             f"{len(self.pairs) - self.n_near} exact) of the images ingested in {runs}",
             f"  {self.file}",
         ]
-        if self.pairs:
+        if self.pairs and self.review_links():
             out.append(
                 f"  review them: {' '.join(self.review_links())} (with `cbir review` running)"
             )
@@ -111,11 +110,11 @@ class NightlyReport:
         )
         if not self.pairs:
             return head
-        links = ", ".join(f"<{url}>" for url in self.review_links())
-        head += (
-            f"Review them in the browser: {links} (start `cbir review` in the workspace "
-            f"first; the link works while it runs).\n\n"
-        )
+        if self.review_links():  # bare addresses: markdown viewers link them, nothing to escape
+            head += (
+                f"Review them in the browser: {', '.join(self.review_links())} (start cbir "
+                f"review in the workspace first; the links work while it runs).\n\n"
+            )
         cols = ["run", "new image", "matches", "score", "kind", "likely master"]
         out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for row in self.pairs[:limit]:
@@ -136,6 +135,15 @@ def _cell(v: Any) -> str:
     return md_cell(v)  # a file name may hold HTML, markdown, line breaks, control characters
 
 
+def review_url(settings: Settings) -> str:
+    """Where `cbir review` serves with the workspace's settings (a wildcard address is reached
+    on this machine as 127.0.0.1)."""
+    host = settings.review.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.review.port}/" if settings.review.port else ""
+
+
 def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyReport:
     """Report the duplicate pairs of the images that arrived in ingest runs (since_run, run_id],
     into `reports/nightly/run-<run_id>.md`, and close the pending report (begin_nightly)."""
@@ -148,6 +156,7 @@ def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyRe
         columns=cols,
         pairs=rows,
         file=file,
+        review_url=review_url(settings),
     )
     write_text(report.markdown(limit=1000), file)
     faults.point("nightly.reported")
@@ -193,6 +202,8 @@ def _dvc(args: list[str], cwd: Path, *, check: bool = True) -> subprocess.Comple
     if out.returncode != 0 and check:
         text = (out.stderr or out.stdout).strip()
         first = next((ln for ln in text.splitlines() if ln.strip()), "failed")
+        if "does not exist" in first:  # an output no step has written yet (never trained)
+            first += "; every stage's outputs must exist to be recorded: run `dvc repro` once"
         if "Unable to acquire lock" in text:
             raise DvcLocked(
                 f"`dvc {' '.join(args)}`: another DVC command holds the repository lock in {cwd}"
@@ -213,7 +224,7 @@ def record_with_dvc(settings: Settings, *, push: bool = True) -> DvcRecord:
     cwd = settings.root
     # the decisions stage's output, before anyone decided (a workspace built before the stage)
     layout(settings).decisions_dir.mkdir(parents=True, exist_ok=True)
-    _dvc(["commit", "-f", "--quiet"], cwd)
+    _dvc(["commit", "-f"], cwd)  # not --quiet: DVC then says nothing of why it failed
     rec.committed = True
     rec.messages.append(f"outputs committed (dvc.lock in {cwd})")
     if push:
