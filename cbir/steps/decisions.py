@@ -6,6 +6,9 @@ folder), by absolute paths inside the scans folder, or by their content ids; eac
 the manifest (`Resolver`), so a decision is always about ingested images. Decisions go to the
 append-only log of `cbir.store.decisions` (no writer lock: the log needs none). Nothing here
 deletes or moves a scan: the remove list is a CSV for the archivist to act on.
+
+Longer than 400 lines: four commands over one log (decide and undo, import with its
+all-or-nothing checks, export, the remove list) sharing the resolver and the CSV guards.
 """
 
 from __future__ import annotations

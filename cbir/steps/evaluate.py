@@ -5,6 +5,9 @@ Queries are the images whose group has two or more members; each query is left o
 results. The current model is searched through the FAISS index (what users get); two baselines
 are ranked exactly over the same collection: the untrained backbone (the configured init, no
 training) and Hamming distance between the manifest's perceptual hashes.
+
+Longer than 400 lines: the labels it scores against (the CSV and the decisions, made into
+groups) beside the ranking and the record of its figures.
 """
 
 from __future__ import annotations
