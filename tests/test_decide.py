@@ -79,6 +79,8 @@ def test_decide_names_images_by_path_or_id_and_undo_withdraws(built, tmp_path):
     assert (row["decision"], row["master"], row["note"], row["reviewer"], row["source"]) == (
         "same", small, "a rescan", "ann", "cli")
     assert row["score"] is not None  # the pair's score, when `cbir pairs` found it
+    from cbir.store.pairs import scores_fingerprint
+    assert row["model"] == scores_fingerprint(s) and row["model"]  # the model of that score
 
     # an absolute path inside the scans folder, and an image id
     out = _cbir(s, "decide", str(s.root / "scans" / "p2.png"), _id(s, "p3.png"), "--different")

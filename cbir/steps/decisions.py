@@ -30,6 +30,7 @@ from ..store import decisions as D
 from ..store.layout import layout
 from ..store.manifest import PRESENT, load_manifest
 from ..store.outputs import check_free, outputs
+from ..store.pairs import scores_fingerprint
 
 #: The columns `cbir decisions import` reads (the first three are required).
 IMPORT_COLUMNS = ("path_a", "path_b", "decision", "master", "note", "reviewer")
@@ -174,9 +175,11 @@ def run_decide(
         if master_id not in (ia, ib):
             raise CbirError(f"the master {master!r} is neither {a!r} nor {b!r}")
     key = D.pair_key(ia, ib)
+    score = _score(settings, key)
     decision = D.Decision(
         ia, ib, verdict, pa_, pb, master_id, _reviewer(reviewer), note,
-        score=_score(settings, key), source="cli",
+        score=score, model=scores_fingerprint(settings) if score is not None else None,
+        source="cli",
     ).checked()  # fmt: skip
     folder = layout(settings).decisions_dir
     previous = D.current_decisions(folder).get(key)
