@@ -35,7 +35,7 @@ from cbir.steps.calibrate import run_calibrate  # noqa: E402
 from cbir.config import Settings, load_settings  # noqa: E402
 from cbir.steps.demo import generate_demo_collection  # noqa: E402
 from cbir.steps.embed import run_embed  # noqa: E402
-from cbir.steps.evaluate import read_ground_truth  # noqa: E402
+from cbir.store.labels import read_ground_truth  # noqa: E402
 from cbir.steps.index import run_index  # noqa: E402
 from cbir.steps.ingest import run_ingest  # noqa: E402
 from cbir.steps.pairs import knn_pairs, run_pairs  # noqa: E402

@@ -27,7 +27,7 @@ from cbir.steps.decisions import (
     remove_list,
     run_decide,
 )
-from cbir.steps.evaluate import read_labels
+from cbir.store.labels import read_labels
 from cbir.steps.pairs import run_pairs
 from cbir.store import decisions as D
 from cbir.store.catalog import query

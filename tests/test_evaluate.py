@@ -10,7 +10,8 @@ import pytest
 import tiny_workspace
 
 from cbir.errors import CbirError
-from cbir.steps.evaluate import exact_topk, read_ground_truth, run_evaluate
+from cbir.steps.evaluate import exact_topk, run_evaluate
+from cbir.store.labels import read_ground_truth
 from cbir.store.layout import layout
 
 

@@ -18,7 +18,7 @@ from cbir.steps.demo import generate_demo_collection
 from cbir.steps.embed import plan_shards, run_embed
 from cbir.store.embeddings import load_embeddings
 from cbir.errors import CbirError
-from cbir.steps.evaluate import read_ground_truth
+from cbir.store.labels import read_ground_truth
 from cbir.steps.index import run_index
 from cbir.steps.ingest import run_ingest
 from cbir.model import retrieval_model

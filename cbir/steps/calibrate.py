@@ -6,7 +6,7 @@
 `calibration_curve.csv` (a DVC plot):
 
 * **on the ground truth** (`data.ground_truth` and the reviewers' decisions, labelled images
-  only: `cbir.steps.evaluate.read_labels`), read off the same ranking
+  only: `cbir.store.labels.read_labels`), read off the same ranking
   `cbir evaluate` scores (:func:`cbir.steps.evaluate.rank_model`), so it equals metrics.json's
   `threshold@pNN`; where there is ground truth, this one is used;
 * **self-calibrated** (:mod:`cbir.selfcal`): how non-duplicates score, from the neighbours of a
@@ -131,7 +131,8 @@ def _ground_truth_estimate(
 ) -> Estimate | None:
     """The ground-truth calibration, or None when there is no usable ground truth (`notes`
     hears why decisions alone do not decide yet)."""
-    from .evaluate import NoLabels, rank_model
+    from ..store.labels import NoLabels
+    from .evaluate import rank_model
 
     if settings.data.ground_truth is None and not labels(layout(settings).decisions_dir):
         return None
