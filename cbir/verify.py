@@ -162,11 +162,10 @@ def features(
     kps, desc = sift.detectAndCompute(grey, None)
     if desc is None or len(kps) == 0:
         return _empty(w, h, scale)
-    desc = desc.astype(np.float32)
-    desc /= np.maximum(desc.sum(axis=1, keepdims=True), 1e-7)  # RootSIFT: L1, then sqrt
-    desc = np.sqrt(desc)
+    d = np.asarray(desc, np.float32)
+    root = np.sqrt(d / np.maximum(d.sum(axis=1, keepdims=True), 1e-7))  # RootSIFT: L1, sqrt
     points = np.array([kp.pt for kp in kps], np.float32).reshape(-1, 2)
-    return Features(points, desc, w, h, scale)
+    return Features(points, root.astype(np.float32), w, h, scale)
 
 
 def _as_features(x: Features | Picture) -> Features:
