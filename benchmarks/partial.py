@@ -1,0 +1,210 @@
+"""Partial copies: finding the print a detail was cut from, by the global descriptor alone and
+with geometric verification (cbir.verify) re-ranking its top candidates.
+
+Run by hand:
+    .venv/bin/python benchmarks/partial.py [--out /tmp/cbir-partial] [--photos 194] [--per-band 1]
+        [--checkpoint MODEL.pt | --minutes 5 | --init IMAGENET1K_V1] [--top 20]
+
+Run time: 10.3 minutes on 2 busy cores for the full set (--photos 194 --per-band 1: 776
+queries) with --checkpoint: under a minute to build and embed the collection, 0.15 s a picture
+for the SIFT features of the 382 pictures (once each), 0.2-1 s a query to verify 20 candidates
+(more for larger details: more keypoints). Training here (--minutes) adds its budget. A smaller
+--photos takes every n-th photograph (--photos 4: about 1.5 minutes).
+
+The collection is the real photographs of ../shared/data/photos with the paintings of
+../shared/data/distractors (copied into a throw-away folder under --out, never into the
+repository). The queries are details of the photographs made by cbir.partial_copies (an
+independent generator: nothing from the training's augmentations), --per-band per photograph in
+each area band (5-10 %, 10-20 %, 20-40 %, 40-50 % of the photograph), lightly rescanned. Each
+query has one right answer: the photograph it was cut from.
+
+The global descriptor runs through the real pipeline as benchmarks/quality.py does (ingest,
+train, embed, index in a throw-away workspace) and queries go through `cbir query`'s code
+(`query_images`). The model is --checkpoint (e.g. the heritage model quality.py trained, at
+/tmp/cbir-quality/heritage/data/models/model.pt after its run), or one trained here for
+--minutes, or else the untrained --init. Figures per band: P@1 and R@10 (one relevant item, so
+R@10 is whether the original is in the top 10) by the global ranking alone, then with the top
+--top candidates re-ranked: verified candidates first (most inliers first), the others after in
+their global order. Also: how often the original is in the top --top at all (the ceiling of
+re-ranking), how many wrong candidates were verified, whether the verified box on the original
+overlaps the true box (IoU >= 0.5), and the verification time per query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import SHARED  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+from cbir import partial_copies, verify  # noqa: E402
+from cbir.config import load_settings  # noqa: E402
+from cbir.imaging import load_rgb  # noqa: E402
+from cbir.steps.embed import run_embed  # noqa: E402
+from cbir.steps.index import run_index  # noqa: E402
+from cbir.steps.ingest import run_ingest  # noqa: E402
+from cbir.steps.query import query_images  # noqa: E402
+from cbir.steps.train import run_train  # noqa: E402
+
+
+def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix
+    return ix / area if area else 0.0
+
+
+def build(out: Path, n_photos: int, per_band: int, seed: int) -> tuple[Path, list[dict[str, Any]]]:
+    """scans/{originals,distractors} and queries/<band>/ under `out`; the queries' truth."""
+    photos = sorted((SHARED / "photos").rglob("*.jpg"))
+    paintings = sorted((SHARED / "distractors").rglob("*.jpg"))
+    if not photos:
+        raise SystemExit(f"skipped: {SHARED / 'photos'} is absent (real photographs needed)")
+    scans, queries = out / "scans", out / "queries"
+    for d in (scans, queries):
+        if d.exists():
+            shutil.rmtree(d)
+    for folder, files in (("originals", photos), ("distractors", paintings)):
+        (scans / folder).mkdir(parents=True)
+        for f in files:  # into the throw-away benchmark folder, not the repository
+            shutil.copyfile(f, scans / folder / f.name)
+    step = max(1, len(photos) // max(1, n_photos))
+    chosen = photos[::step][:n_photos]
+    truth = []
+    for i, photo in enumerate(chosen):
+        original = load_rgb(photo)
+        for b, (band, area) in enumerate(partial_copies.BANDS.items()):
+            for k in range(per_band):
+                crop = partial_copies.detail_crop(original, np.random.default_rng([seed, i, b, k]),
+                                                  area)
+                path = queries / band / f"{photo.stem}-{k}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                crop.picture.save(path, quality=92)
+                truth.append({"query": path, "band": band, "original": photo.name,
+                              "box": crop.box, "area": crop.area})
+    return scans, truth
+
+
+def workspace(out: Path, scans: Path, args: argparse.Namespace) -> Any:
+    """Ingest, train (or take --checkpoint, or the untrained --init), embed, index."""
+    ws = out / "ws"
+    if ws.exists():
+        shutil.rmtree(ws)
+    ws.mkdir(parents=True)
+    params = {"data": {"scans_dir": str(scans)},
+              "model": {"init": args.init},
+              "train": {"resolution": args.resolution, "batch_size": 64, "epochs": args.epochs,
+                        "time_budget_minutes": args.minutes, "seed": args.seed,
+                        "augmentation": "heritage"},
+              "embed": {"resolution": "train"}}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    settings = load_settings(ws / "params.yaml")
+    run_ingest(settings)
+    ckpt = settings.path(settings.model.checkpoint)
+    if args.checkpoint:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.checkpoint, ckpt)
+        model = f"checkpoint {args.checkpoint}"
+    elif args.minutes > 0:
+        run_train(settings, log=lambda line: print(f"  [train] {line}", flush=True))
+        model = f"heritage SimCLR trained here ({args.minutes} min budget, {args.epochs} epochs)"
+    else:
+        model = f"untrained resnet18 init={args.init}"
+    run_embed(settings)
+    run_index(settings)
+    return settings, model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/cbir-partial"))
+    ap.add_argument("--photos", type=int, default=194, help="photographs detailed (every n-th)")
+    ap.add_argument("--per-band", type=int, default=1, help="details per photograph and band")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a trained cbir model.pt")
+    ap.add_argument("--minutes", type=float, default=0.0, help="train here for this long")
+    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--init", default="none", help="model.init of an untrained model")
+    ap.add_argument("--resolution", type=int, default=112, help="training and embedding px")
+    ap.add_argument("--top", type=int, default=20, help="global candidates verified per query")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    scans, truth = build(args.out, args.photos, args.per_band, args.seed)
+    settings, model = workspace(args.out, scans, args)
+    print(f"collection embedded ({time.perf_counter() - t_start:.0f} s); model: {model}",
+          flush=True)
+
+    t0 = time.perf_counter()
+    results = query_images(settings, [t["query"] for t in truth], k=args.top)
+    global_s = time.perf_counter() - t0
+    cache: dict[str, verify.Features] = {}
+    extract_s = 0.0
+    rows: dict[str, dict[str, list[float]]] = {}
+    for t, res in zip(truth, results, strict=True):
+        if res.error:
+            raise SystemExit(f"query {t['query']}: {res.error}")
+        names = [Path(p).name for _, p, _ in res.neighbours]
+        for image_id, path, _ in res.neighbours:
+            if image_id not in cache:
+                t1 = time.perf_counter()
+                p = Path(path)
+                cache[image_id] = verify.features(load_rgb(p if p.is_absolute() else scans / p))
+                extract_s += time.perf_counter() - t1
+        t1 = time.perf_counter()
+        q = verify.features(load_rgb(t["query"]))
+        found = verify.verify_many(q, [cache[i] for i, _, _ in res.neighbours])
+        verify_s = time.perf_counter() - t1
+        order = sorted(range(len(names)), key=lambda j: (not found[j].verified,
+                                                         -found[j].inliers if found[j].verified
+                                                         else 0, j))
+        reranked = [names[j] for j in order]
+        right = t["original"]
+        top = found[order[0]] if order else verify.Match()
+        r = rows.setdefault(t["band"], {k: [] for k in (
+            "g_p1", "g_r10", "v_p1", "v_r10", "ceiling", "false", "box", "secs")})
+        r["g_p1"].append(float(names[:1] == [right]))
+        r["g_r10"].append(float(right in names[:10]))
+        r["v_p1"].append(float(reranked[:1] == [right]))
+        r["v_r10"].append(float(right in reranked[:10]))
+        r["ceiling"].append(float(right in names))
+        r["false"].append(float(sum(m.verified and n != right for m, n in zip(found, names))))
+        r["box"].append(float(reranked[:1] == [right] and top.box is not None
+                              and iou(top.box, t["box"]) >= 0.5))
+        r["secs"].append(verify_s)
+
+    print()
+    print(f"| Area of the original | Queries | Global P@1 | Global R@10 | Verified P@1 | "
+          f"Verified R@10 | Original in top {args.top} | Wrong candidates verified / query | "
+          f"Box IoU >= 0.5 at rank 1 | Verification ms / query |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    table = {}
+    for band in partial_copies.BANDS:
+        if band not in rows:
+            continue
+        r = {k: float(np.mean(v)) for k, v in rows[band].items()}
+        table[band] = {**r, "queries": len(rows[band]["g_p1"])}
+        print(f"| {band} | {len(rows[band]['g_p1'])} | {r['g_p1']:.3f} | {r['g_r10']:.3f} | "
+              f"{r['v_p1']:.3f} | {r['v_r10']:.3f} | {r['ceiling']:.3f} | {r['false']:.3f} | "
+              f"{r['box']:.3f} | {r['secs'] * 1000:.0f} |")
+    total = time.perf_counter() - t_start
+    print()
+    print(f"model: {model}; {len(truth)} queries of {args.photos} photographs, "
+          f"{len(cache)} collection pictures' features extracted once "
+          f"({extract_s / max(1, len(cache)) * 1000:.0f} ms each), global search "
+          f"{global_s:.0f} s in all; run time {total / 60:.1f} min")
+    (args.out / "partial.json").write_text(json.dumps(
+        {"table": table, "model": model, "run_seconds": total,
+         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Geometric verification (cbir.verify) and the detail-crop generator (cbir.partial_copies), on
+real photographs from ../shared/data where present and on a textured picture drawn here."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+
+import numpy as np
+import pytest
+from conftest import shared_photos
+from PIL import Image, ImageDraw, ImageFilter
+
+from cbir import partial_copies, verify
+from cbir.imaging import load_rgb
+
+
+def textured(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
+    """A picture with structure at many scales: shapes of random tone over a grainy ground."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ground = rng.normal(128, 30, (h // 8, w // 8)).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(ground, "L").resize(size, Image.Resampling.BICUBIC).convert("RGB")
+    d = ImageDraw.Draw(img)
+    for _ in range(260):
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        r = rng.uniform(4, 40)
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            d.ellipse([x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], fill=fill)
+        else:
+            d.rectangle([x - r, y - r * rng.uniform(0.2, 1), x + r * rng.uniform(0.2, 1), y + r],
+                        fill=fill)
+    return img.filter(ImageFilter.GaussianBlur(0.7))
+
+
+def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix
+    return ix / area if area else 0.0
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [load_rgb(p) for p in shared_photos()[::40]]
+
+
+def check_detail(original: Image.Image, seed: int, area: tuple[float, float]) -> None:
+    crop = partial_copies.detail_crop(original, np.random.default_rng(seed), area)
+    m = verify.verify(crop.picture, original)  # a: the detail, b: the print it came from
+    assert m.relation == "a_in_b" and m.box_on == "b", (m, crop.processes)
+    assert m.inliers >= verify.MIN_INLIERS
+    assert m.box is not None and iou(m.box, crop.box) >= 0.5, (m.box, crop.box)
+    assert abs(m.covered - crop.area) <= 0.05 + 0.15 * crop.area, (m.covered, crop.area)
+    swapped = verify.verify(original, crop.picture)  # the other way round: b is the detail
+    assert swapped.relation == "b_in_a" and swapped.box_on == "a"
+    assert swapped.box is not None and iou(swapped.box, crop.box) >= 0.5
+
+
+@pytest.mark.parametrize("area", [(0.1, 0.2), (0.2, 0.4)])
+def test_a_detail_of_a_drawn_picture_is_found_on_it(area: tuple[float, float]) -> None:
+    original = textured(3)
+    for seed in range(3):
+        check_detail(original, seed, area)
+
+
+@pytest.mark.shared_data
+def test_a_detail_of_a_real_photograph_is_found_on_it(photos: list[Image.Image]) -> None:
+    for i, photo in enumerate(photos):
+        check_detail(photo, 100 + i, (0.1, 0.4))
+
+
+@pytest.mark.shared_data
+def test_a_rescan_of_a_whole_photograph_is_full(photos: list[Image.Image]) -> None:
+    for i, photo in enumerate(photos[:2]):
+        copy, _ = partial_copies.rescan(photo, np.random.default_rng(i))
+        m = verify.verify(copy, photo)
+        assert m.relation == "full" and m.covered >= verify.FULL, m
+        assert m.box is not None and iou(m.box, (0, 0, photo.width, photo.height)) >= 0.8
+
+
+def test_a_rescan_of_a_whole_drawn_picture_is_full() -> None:
+    original = textured(5)
+    copy, _ = partial_copies.rescan(original, np.random.default_rng(1))
+    m = verify.verify(original, copy)
+    assert m.relation == "full" and m.box_on == "b"
+    assert m.box is not None and iou(m.box, (0, 0, copy.width, copy.height)) >= 0.8
+
+
+@pytest.mark.shared_data
+def test_unrelated_photographs_are_not_verified(photos: list[Image.Image]) -> None:
+    feats = [verify.features(p) for p in photos]
+    for i in range(len(feats)):
+        for j in range(i + 1, len(feats)):
+            m = verify.verify(feats[i], feats[j])
+            assert m.relation == "none" and m.box is None, (i, j, m)
+            assert m.inliers < verify.MIN_INLIERS
+
+
+def test_unrelated_drawn_pictures_are_not_verified() -> None:
+    m = verify.verify(textured(1), textured(2))
+    assert m.relation == "none" and m.inliers < verify.MIN_INLIERS and m.covered == 0.0
+
+
+@pytest.mark.parametrize("picture", [
+    Image.new("RGB", (400, 300), "white"),
+    Image.new("RGB", (1, 1)),
+    np.zeros((0, 0, 3), np.uint8),
+    np.zeros((5, 7), np.uint8),
+    np.full((200, 200), 0.5, np.float32),
+    np.zeros((64, 64, 4), np.uint8),
+    np.zeros((3,), np.uint8),
+], ids=["blank", "1px", "empty", "tiny", "flat-float", "rgba-black", "1d"])
+def test_degenerate_pictures_are_not_verified_and_never_raise(picture: object) -> None:
+    real = textured(7)
+    for a, b in ((picture, real), (real, picture), (picture, picture)):
+        m = verify.verify(a, b)  # type: ignore[arg-type]
+        assert m.relation == "none" and m.inliers == 0 and m.box is None
+
+
+def test_verification_is_deterministic_and_verify_many_extracts_the_query_once() -> None:
+    original = textured(11)
+    crop = partial_copies.detail_crop(original, np.random.default_rng(4), (0.05, 0.1))
+    assert verify.verify(crop.picture, original) == verify.verify(crop.picture, original)
+    f1, f2 = verify.features(original), verify.features(original)
+    assert np.array_equal(f1.descriptors, f2.descriptors)
+    others = [original, textured(12), Image.new("RGB", (50, 50))]
+    many = verify.verify_many(crop.picture, [verify.features(o) for o in others])
+    assert many == [verify.verify(crop.picture, o) for o in others]
+    assert [m.relation for m in many] == ["a_in_b", "none", "none"]
+
+
+def test_a_large_scan_is_verified_at_the_working_scale_with_its_own_pixel_box() -> None:
+    big = textured(9, (640, 480)).resize((2560, 1920), Image.Resampling.BICUBIC)
+    box = (1000, 500, 1800, 1100)
+    m = verify.verify(big.crop(box), big)
+    assert m.relation == "a_in_b" and m.box is not None and iou(m.box, box) >= 0.8, m
+    f = verify.features(big)
+    assert max(f.points.max(axis=0)) <= verify.MAX_SIDE and len(f) <= verify.MAX_KEYPOINTS + 50
+
+
+# --------------------------------------------------------------------------- the generator
+
+
+@pytest.mark.parametrize("band", list(partial_copies.BANDS))
+def test_detail_crops_cover_their_band_inside_the_picture(band: str) -> None:
+    lo, hi = partial_copies.BANDS[band]
+    for w, h in ((640, 480), (300, 900), (1000, 120)):
+        for seed in range(20):
+            x0, y0, x1, y1 = partial_copies.crop_box(w, h, np.random.default_rng(seed), (lo, hi))
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            share = (x1 - x0) * (y1 - y0) / (w * h)
+            assert lo - 0.01 <= share <= hi + 0.01, (w, h, seed, share)
+
+
+def test_detail_crops_are_seeded_and_cut_from_the_original() -> None:
+    img = textured(2)
+    a = partial_copies.detail_crop(img, np.random.default_rng(8), (0.2, 0.4), rescanned=False)
+    b = partial_copies.detail_crop(img, np.random.default_rng(8), (0.2, 0.4), rescanned=False)
+    assert a.box == b.box and a.processes == ()
+    assert np.array_equal(np.asarray(a.picture), np.asarray(img.crop(a.box)))
+    r1 = partial_copies.detail_crop(img, np.random.default_rng(8), (0.2, 0.4))
+    r2 = partial_copies.detail_crop(img, np.random.default_rng(8), (0.2, 0.4))
+    assert r1.processes and np.array_equal(np.asarray(r1.picture), np.asarray(r2.picture))
+    aspects = [(x1 - x0) / (y1 - y0) for x0, y0, x1, y1 in (
+        partial_copies.crop_box(4000, 4000, np.random.default_rng(s), (0.1, 0.2))
+        for s in range(50))]
+    assert min(aspects) >= partial_copies.ASPECT[0] - 0.01
+    assert max(aspects) <= partial_copies.ASPECT[1] + 0.01
+
+
+def test_the_detail_generator_is_independent_of_the_training_augmentations() -> None:
+    tree = ast.parse(inspect.getsource(partial_copies))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
+        {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not any(m and ("degrade" in m or "augment" in m) for m in imported), imported
