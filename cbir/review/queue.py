@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import duckdb
 
 from ..errors import CbirError
+from ..linkage import DisjointSets
 from ..store import catalog, decisions
 from ..store.layout import layout
 from ..store.tables import one_line
@@ -383,20 +384,14 @@ class Queue:
 def components(members: list[dict[str, Any]], links: list[dict[str, Any]]) -> list[list[str]]:
     """The groups of member ids the links join, leaving out the links rejected as different;
     the largest first."""
-    parent = {m["image_id"]: m["image_id"] for m in members}
-
-    def root(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    ids = {m["image_id"] for m in members}
+    sets = DisjointSets(ids)
     for link in links:
         a, b = link["image_a"], link["image_b"]
-        if link.get("decision") == "different" or a not in parent or b not in parent:
+        if link.get("decision") == "different" or a not in ids or b not in ids:
             continue
-        parent[root(a)] = root(b)
+        sets.join(a, b)
     groups: dict[str, list[str]] = {}
     for m in members:
-        groups.setdefault(root(m["image_id"]), []).append(m["image_id"])
+        groups.setdefault(sets.find(m["image_id"]), []).append(m["image_id"])
     return sorted(groups.values(), key=lambda g: (-len(g), g[0]))

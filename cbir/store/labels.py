@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import CbirError
+from ..linkage import DisjointSets
 from .decisions import labels, pair_key
 from .layout import layout
 from .manifest import PRESENT, load_manifest
@@ -179,20 +180,8 @@ def read_labels(settings: Settings, present: set[str] | None = None) -> GroundTr
             n_groups=len(set(csv_groups.values())),
             csv_images=len(csv_groups),
         )
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def join(a: str, b: str) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
+    sets = DisjointSets()
+    find, join = sets.find, sets.join
     members: dict[str, list[str]] = {}
     for image_id, g in sorted(csv_groups.items()):
         members.setdefault(g, []).append(image_id)
@@ -215,7 +204,7 @@ def read_labels(settings: Settings, present: set[str] | None = None) -> GroundTr
     for a, b in decided.different:
         find(a), find(b)
     contradicted = sum(1 for a, b in decided.different if find(a) == find(b))
-    group_of = {x: f"group:{find(x)}" for x in parent}
+    group_of = {x: f"group:{find(x)}" for x in sets}
     return GroundTruth(
         group_of=group_of,
         n_rows=csv_gt.n_rows,
