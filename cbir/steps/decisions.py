@@ -29,7 +29,7 @@ from ..linkage import link
 from ..store import decisions as D
 from ..store.layout import layout
 from ..store.manifest import PRESENT, load_manifest
-from ..store.outputs import check_free, outputs
+from ..store.outputs import check_user_file
 from ..store.pairs import scores_fingerprint
 
 #: The columns `cbir decisions import` reads (the first three are required).
@@ -344,14 +344,7 @@ def _checked_target(settings: Settings, file: str | os.PathLike[str], header: st
     """Where a CSV may be written: outside the scans, params, labels and cbir's own outputs,
     and not over a file other than an earlier CSV of the same kind (same header)."""
     target = Path(os.path.abspath(Path(file).expanduser()))
-    check_free(settings, "the CSV", target)
-    real = Path(os.path.realpath(target))
-    for key, _, out in outputs(settings):
-        if real == out or out in real.parents:
-            raise CbirError(
-                f"refused: {target} lies in {key} ({out}), which cbir writes itself; "
-                f"write the CSV elsewhere"
-            )
+    check_user_file(settings, "the CSV", target)
     if os.path.lexists(target):
         if not target.is_file() or target.is_symlink():
             raise CbirError(f"refused: {target} exists and is not a regular file")

@@ -148,6 +148,20 @@ def check_free(settings: Any, key: str, path: Path) -> None:
             raise _refuse(key, path, name, where, why)
 
 
+def check_user_file(settings: Any, key: str, path: Path) -> None:
+    """Raise ConfigError when a file the user names for cbir to write (an export, a remove
+    list) overlaps the scans, the params or the labels, or lies in an output cbir writes
+    itself (where it would be a foreign file the next step refuses or overwrites)."""
+    check_free(settings, key, path)
+    real = _real(path)
+    for out_key, _, out in outputs(settings):
+        if real == out or out in real.parents:
+            raise ConfigError(
+                f"refused: {path} lies in {out_key} ({out}), which cbir writes itself; "
+                f"write {key} elsewhere"
+            )
+
+
 def _allowed(kind: str, path: Path, kind2: str, path2: Path) -> bool:
     """The checkpoint inside the models folder, the only overlap cbir itself makes."""
     pair = {kind: path, kind2: path2}
