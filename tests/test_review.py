@@ -260,6 +260,8 @@ def test_images_by_content_id_only(ws):
     tif = ids["box-a/p2.tif"]
     r = c.get(f"/img/{tif}/2048")
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    # the one decode made the other size too
+    assert (ws.path(ws.data.cache_dir) / "review" / "256" / f"{tif}.jpg").is_file()
     im = Image.open(io.BytesIO(r.content))
     assert im.format == "JPEG" and im.size == (120, 90)
     assert c.get(f"/img/{tif}/256").status_code == 200

@@ -71,13 +71,17 @@ def rendition(
     with _DECODING:
         if target.is_file():  # made by the request that held the turn before this one
             return target
+        # one decode makes every size still missing: the screen asks for the other one soon
+        # (pair view, cluster view), and decoding a large TIFF is the whole cost
+        todo = [s for s in SIDES if not layout(settings).review_rendition(image_id, s).is_file()]
         try:
-            im = load_rgb(path, side, max_pixels=settings.ingest.max_pixels)
+            im = load_rgb(path, max(todo), max_pixels=settings.ingest.max_pixels)
         except ImageRejected as exc:
             raise Missing(422, exc.reason) from None
         except OSError as exc:
             raise Missing(404, f"cannot read the scan: {exc.strerror or exc}") from None
-        im.thumbnail((side, side), Image.Resampling.LANCZOS)
-        with atomic_path(target) as tmp:
-            im.save(tmp, format="JPEG", quality=88)
+        for s in sorted(todo, reverse=True):
+            im.thumbnail((s, s), Image.Resampling.LANCZOS)  # largest first: each from the last
+            with atomic_path(layout(settings).review_rendition(image_id, s)) as tmp:
+                im.save(tmp, format="JPEG", quality=88)
     return target
