@@ -164,7 +164,7 @@ def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
         sizes[g] = sizes.get(g, 0) + 1
     query_rows = np.array(sorted(r for r, g in group_of.items() if sizes[g] >= 2), np.int64)
     if len(query_rows) == 0:
-        raise NoLabels(f"{_label_source(settings)} label no group of two or more ingested images")
+        raise NoLabels(f"{_label_source(settings)} label any group of two or more ingested images")
     if len(group_of) == len(ids):  # every image labelled: rank through the index, as users get
         candidates = None
         s, found = searcher.search(searcher.vectors[query_rows], k + 1)
@@ -191,7 +191,7 @@ def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
 
 def _label_source(settings: Settings) -> str:
     gt = settings.data.ground_truth
-    return f"neither {gt} nor the decisions" if gt is not None else "the decisions"
+    return f"neither {gt} nor the decisions" if gt is not None else "the decisions do not"
 
 
 def run_evaluate(
