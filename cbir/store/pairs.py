@@ -20,8 +20,26 @@ PAIRS_SCHEMA = pa.schema(
         ("score", pa.float32()),
         ("rank", pa.int32()),
         ("kind", pa.string()),
+        # Geometric verification (cbir.verify), null where the pair was not checked. relation:
+        # full (the same picture), a_in_b / b_in_a (one side is a detail of the other), none
+        # (checked and not confirmed: a contradiction, marked and kept). covered: the fraction
+        # of the larger picture's area the other maps onto; box_on ("a" or "b") names that
+        # picture and box_* the matched region on it, in its own pixels (as cbir decodes it,
+        # EXIF orientation applied).
+        ("inliers", pa.int32()),
+        ("relation", pa.string()),
+        ("covered", pa.float32()),
+        ("box_on", pa.string()),
+        ("box_x0", pa.int32()),
+        ("box_y0", pa.int32()),
+        ("box_x1", pa.int32()),
+        ("box_y1", pa.int32()),
     ]
 )
+#: Relations that confirm a pair; `none` contradicts it.
+CONFIRMED = ("full", "a_in_b", "b_in_a")
+#: A detail of the other picture (a partial copy).
+PARTIAL = ("a_in_b", "b_in_a")
 CLUSTERS_SCHEMA = pa.schema(
     [
         ("cluster_id", pa.int32()),
