@@ -63,13 +63,39 @@ def scores(ids: dict[str, str]) -> dict[tuple[str, str], float]:
 
 CLUSTERS = [[RUN1[0], RUN1[1], RUN1[2]], [RUN1[3], RUN1[5], RUN2[0]]]
 
+# What geometric verification recorded for some pairs (the others were not checked): the two
+# rescans are the same picture; box-a/p0 is a detail of box-a/p2 (a quarter of it, in its
+# middle); late/p6 a detail of box-b/p4 (its top right tenth); the file named like HTML a detail
+# of late/p7 (its top half); box-a/p0 and box-a/p1 contradicted. Sizes: RUN1 120x90, RUN2
+# 160x120. Keys are (path_a, path_b) in the order `scores` writes them.
+VERIFIED = {
+    (RUN1[3], RUN2[0]): {"inliers": 140, "relation": "full", "covered": 1.0, "box_on": "b",
+                         "box": (0, 0, 160, 120)},
+    (RUN1[1], RUN2[1]): {"inliers": 95, "relation": "full", "covered": 0.98, "box_on": "b",
+                         "box": (0, 1, 160, 119)},
+    (RUN1[0], RUN1[2]): {"inliers": 41, "relation": "a_in_b", "covered": 0.25, "box_on": "b",
+                         "box": (30, 18, 90, 63)},
+    (RUN1[4], RUN2[0]): {"inliers": 23, "relation": "b_in_a", "covered": 0.1, "box_on": "a",
+                         "box": (84, 0, 120, 30)},
+    (RUN1[5], RUN2[1]): {"inliers": 30, "relation": "a_in_b", "covered": 0.5, "box_on": "b",
+                         "box": (0, 0, 160, 60)},
+    (RUN1[0], RUN1[1]): {"inliers": 3, "relation": "none", "covered": None, "box_on": None,
+                         "box": (None, None, None, None)},
+}
+
 
 def write_pairs(settings: Settings, ids: dict[str, str]) -> None:
     lay = layout(settings)
     rows = []
     for (pa_, pb), score in scores(ids).items():
-        rows.append({"image_a": ids[pa_], "image_b": ids[pb], "path_a": pa_, "path_b": pb,
-                     "score": score, "rank": 1, "kind": "near"})
+        row = {"image_a": ids[pa_], "image_b": ids[pb], "path_a": pa_, "path_b": pb,
+               "score": score, "rank": 1, "kind": "near"}
+        if (pa_, pb) in VERIFIED:
+            v = VERIFIED[(pa_, pb)]
+            row |= {k: v[k] for k in ("inliers", "relation", "covered", "box_on")}
+            row |= dict(zip(("box_x0", "box_y0", "box_x1", "box_y1"), v["box"], strict=True))
+        rows.append(row)
+    assert sum("relation" in r for r in rows) == len(VERIFIED)
     lay.pairs_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA), lay.pairs)
     crow = []

@@ -26,13 +26,17 @@ from ..fsutil import atomic_path, clean_stale_tmp, write_text
 from .decisions import DECISIONS_FIX, DECISIONS_SCHEMA, parts
 from .layout import DECISION_PART_GLOB, layout
 from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA
-from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA
+from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA, PARTIAL
 from .tables import check_schema, one_line
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 SCHEMA_VERSION = 2  # 2: paths relative to the workspace, DOUBLE scores
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _read(path: Path, root: Path | None) -> str:
@@ -138,7 +142,8 @@ _PAIR_FILE_SQL = """
     QUALIFY row_number() OVER (PARTITION BY image_id, path
                                ORDER BY status IN ('ok', 'duplicate') DESC, version DESC) = 1
 """
-# The likely master: more pixels, else more bytes, else seen first (run, then mtime, then path).
+# The likely master: the whole picture of a partial copy (the other is a detail cut from it),
+# else more pixels, else more bytes, else seen first (run, then mtime, then path).
 _PAIR_REPORT_SQL = f"""
 WITH f AS ({_PAIR_FILE_SQL}),
 p AS (
@@ -148,6 +153,13 @@ p AS (
            a.first_run AS first_run_a, b.first_run AS first_run_b,
            a.mtime AS mtime_a, b.mtime AS mtime_b, a.pixels AS pixels_a, b.pixels AS pixels_b,
            coalesce({_SEEN_FIRST_A} > {_SEEN_FIRST_B}, false) AS a_is_newer,
+           p.inliers, p.relation, p.covered::DOUBLE AS covered, p.box_on,
+           CASE p.box_on WHEN 'a' THEN p.path_a WHEN 'b' THEN p.path_b END AS box_path,
+           p.box_x0, p.box_y0, p.box_x1, p.box_y1,
+           CASE p.relation WHEN 'a_in_b' THEN p.path_a WHEN 'b_in_a' THEN p.path_b
+           END AS detail_path,
+           CASE p.relation WHEN 'a_in_b' THEN p.path_b WHEN 'b_in_a' THEN p.path_a
+           END AS whole_path,
            p.image_a, p.image_b, p.rank
     FROM duplicate_pairs p
     LEFT JOIN f a ON a.image_id = p.image_a AND a.path = p.path_a
@@ -155,18 +167,25 @@ p AS (
 ),
 m AS (
     SELECT *,
-           CASE WHEN pixels_a <> pixels_b THEN pixels_a > pixels_b
+           CASE WHEN relation = 'a_in_b' THEN false
+                WHEN relation = 'b_in_a' THEN true
+                WHEN pixels_a <> pixels_b THEN pixels_a > pixels_b
                 WHEN bytes_a <> bytes_b THEN bytes_a > bytes_b
                 ELSE NOT a_is_newer END AS a_is_master,
-           CASE WHEN pixels_a <> pixels_b THEN 'higher resolution'
+           CASE WHEN relation IN ('a_in_b', 'b_in_a') THEN 'the whole picture'
+                WHEN pixels_a <> pixels_b THEN 'higher resolution'
                 WHEN bytes_a <> bytes_b THEN 'larger file'
                 ELSE 'earlier' END AS master_reason
     FROM p
 )
-SELECT * EXCLUDE (pixels_a, pixels_b, a_is_newer, a_is_master, image_a, image_b, rank),
+SELECT * EXCLUDE (pixels_a, pixels_b, a_is_newer, a_is_master, image_a, image_b, rank,
+                  inliers, relation, covered, box_on, box_path, box_x0, box_y0, box_x1, box_y1,
+                  detail_path, whole_path),
        CASE WHEN a_is_master THEN path_a ELSE path_b END AS master_path,
        greatest(first_run_a, first_run_b) AS new_run,
        CASE WHEN a_is_newer THEN path_a ELSE path_b END AS new_path,
+       relation, inliers, covered, detail_path, whole_path,
+       box_on, box_path, box_x0, box_y0, box_x1, box_y1,
        image_a, image_b, rank
 FROM m
 """
@@ -175,10 +194,19 @@ FROM m
 _NEW_PAIRS_SQL = """
 SELECT new_run, new_path, CASE WHEN new_path = path_a THEN path_b ELSE path_a END AS match_path,
        least(first_run_a, first_run_b) AS match_run, score, kind, master_path, master_reason,
-       image_a, image_b
+       relation, covered, inliers, detail_path, whole_path, image_a, image_b
 FROM pair_report p
 WHERE NOT EXISTS (SELECT 1 FROM decisions d WHERE d.image_a = p.image_a
                                               AND d.image_b = p.image_b)
+"""
+# Partial copies confirmed by geometric verification: the detail, the picture it was cut from,
+# and the detail's region on it (box_*, in that picture's pixels), each pair once.
+_PARTIAL_COPIES_SQL = f"""
+SELECT detail_path, whole_path, covered, inliers, score, box_x0, box_y0, box_x1, box_y1,
+       new_run, CASE relation WHEN 'a_in_b' THEN image_a ELSE image_b END AS detail_id,
+       CASE relation WHEN 'a_in_b' THEN image_b ELSE image_a END AS whole_id
+FROM pair_report
+WHERE relation IN ({", ".join(map(_sql_str, PARTIAL))})
 """
 # Decisions (cbir/store/decisions.py): each row once (a compaction cut short leaves some twice),
 # and each pair's current decision: its latest row that is not undone, with where its two
@@ -303,7 +331,15 @@ def views(settings: Settings) -> list[View]:
             sql=_PAIR_REPORT_SQL,
             needs=("files", "duplicate_pairs"),
             comment="each pair with both files' dimensions, sizes, formats, first run and "
-            "mtime, and the likely master (higher resolution, larger, or earlier)",
+            "mtime, the likely master (higher resolution, larger, or earlier) and the "
+            "geometric verification (relation, inliers, covered, the matched box)",
+        ),
+        View(
+            "partial_copies",
+            sql=_PARTIAL_COPIES_SQL,
+            needs=("pair_report",),
+            comment="pairs where one picture is a detail of the other (geometric "
+            "verification): detail_path, whole_path, covered, the box on the whole picture",
         ),
         View(
             "new_pairs",
@@ -320,10 +356,6 @@ def views(settings: Settings) -> list[View]:
         ),
     ]
     return v
-
-
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _plan(settings: Settings) -> list[View]:

@@ -13,6 +13,7 @@ from ... import plots
 from ...config import Settings
 from ...metrics import precision_key
 from ...store.catalog import ReportRows
+from ...store.pairs import CONFIRMED, PARTIAL
 from .evaluation import Evaluation
 from .files import cluster_page, clusters_page, pair_page, queries_page, query_page
 from .render import Pages
@@ -240,4 +241,16 @@ def index_page(
         n_queries=len(ev.queries) if ev else None,
         plot_names=plots_shown(written, [plots.TRAIN_LOSS]),
         page_scores=[(p, c[0]["score"], c[-1]["score"]) for p, c in chunks if c],
+        checked=checked(pairs),
     )
+
+
+def checked(pairs: Rows) -> dict[str, int] | None:
+    """How many of `pairs` geometric verification found the same picture (`full`), a partial
+    copy (`partial`) or did not confirm (`none`); None when it checked none."""
+    out = {"full": 0, "partial": 0, "none": 0}
+    for r in pairs:
+        rel = r.get("relation")
+        if rel is not None:
+            out["partial" if rel in PARTIAL else "full" if rel in CONFIRMED else "none"] += 1
+    return out if any(out.values()) else None

@@ -23,6 +23,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from ...store.layout import PLOTS
+from ...store.pairs import CONFIRMED, PARTIAL
 from .files import cluster_page, clusters_page, pair_page, queries_page, query_page
 from .thumbnails import FileInfo, Thumbnails
 
@@ -60,6 +61,43 @@ def threshold(value: float | None) -> str:
     return "(not calibrated yet)" if value is None else f"{value:.4f}"
 
 
+@dataclass(frozen=True)
+class Region:
+    """The matched region on a pair's larger picture, in % of it (so of its thumbnail)."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+
+    def style(self) -> str:
+        return (
+            f"left:{self.left:.2f}%;top:{self.top:.2f}%;"
+            f"width:{self.width:.2f}%;height:{self.height:.2f}%"
+        )
+
+
+def region(row: dict[str, Any], side: str) -> Region | None:
+    """Where geometric verification matched the other picture on side `side` ("a" or "b") of
+    a `pair_report` row, or None (not checked, not confirmed, or the box is on the other side).
+    The box is in the picture's pixels with EXIF orientation applied, as are the row's width
+    and height and the thumbnail."""
+    if row.get("box_on") != side or row.get("relation") not in CONFIRMED:
+        return None
+    w, h = row.get(f"width_{side}"), row.get(f"height_{side}")
+    box = [row.get(k) for k in ("box_x0", "box_y0", "box_x1", "box_y1")]
+    if not w or not h or any(v is None for v in box):
+        return None
+
+    def pct(v: float, size: int) -> float:
+        return min(100.0, max(0.0, 100.0 * v / size))
+
+    x0, y0, x1, y1 = pct(box[0], w), pct(box[1], h), pct(box[2], w), pct(box[3], h)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return Region(x0, y0, x1 - x0, y1 - y0)
+
+
 def _static(name: str) -> Markup:
     """A file inlined into every page as it is: ours, not user input."""
     return Markup((TEMPLATES / name).read_text(encoding="utf-8"))
@@ -85,6 +123,8 @@ ENV = Environment(
 )
 ENV.filters.update(human_bytes=human_bytes, counted=counted, threshold=threshold)
 ENV.globals.update(
+    region=region,
+    partial=PARTIAL,
     csp=CSP,
     css=CSS,
     js=FILTER_JS,
