@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import CBIR
 from PIL import Image
-from review_workspace import (CLUSTERS, FINGERPRINT, HOSTILE, RUN1, RUN2, THRESHOLD, build,
-                              image_ids, scores)
+from review_workspace import (CLUSTERS, FINGERPRINT, HOSTILE, RUN1, RUN2, THRESHOLD, VERIFIED,
+                              build, image_ids, scores)
 from starlette.testclient import TestClient
 
 from cbir.review.app import ReviewConfig, build_app
@@ -117,6 +117,36 @@ def test_filters_score_folder_cluster_run(ws):
     assert len(all_rows(c, "&run=1")) == 15
     assert c.get("/?run=2").status_code == 200  # the page the link opens
     assert c.get("/api/progress?run=2").json() == {"total": 13, "reviewed": 0, "remaining": 13}
+
+
+def test_a_pair_carries_its_verification_and_the_queue_filters_partial_copies(ws):
+    c = client(ws)
+    rows = {(r["path_a"], r["path_b"]): r for r in all_rows(c, "&limit=100")}
+    for key, v in VERIFIED.items():
+        r = rows[key]
+        assert (r["relation"], r["inliers"], r["box_on"]) == (v["relation"], v["inliers"],
+                                                              v["box_on"])
+        assert (r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"]) == v["box"]
+        assert r["covered"] == (None if v["covered"] is None else pytest.approx(v["covered"]))
+    # which side is the detail, which the whole picture (the likely master)
+    detail = rows[(RUN1[4], RUN2[0])]  # late/p6 is the detail (b_in_a), its box on box-b/p4
+    assert (detail["detail_path"], detail["whole_path"]) == (RUN2[0], RUN1[4])
+    assert detail["master_path"] == RUN1[4] and detail["master_reason"] == "the whole picture"
+    unchecked = [r for k, r in rows.items() if k not in VERIFIED]
+    assert all(r["relation"] is None and r["box_x0"] is None for r in unchecked)
+
+    partial = all_rows(c, "&relation=partial")
+    want = {k for k, v in VERIFIED.items() if v["relation"] in ("a_in_b", "b_in_a")}
+    assert {(r["path_a"], r["path_b"]) for r in partial} == want and len(want) == 3
+    assert [r["relation"] for r in all_rows(c, "&relation=none")] == ["none"]
+    assert len(all_rows(c, "&relation=full")) == 2
+    assert len(all_rows(c, "&relation=unchecked")) == 28 - len(VERIFIED)
+    assert c.get("/api/progress?relation=partial").json()["total"] == 3
+    bad = c.get("/api/queue?relation=maybe")
+    assert bad.status_code == 400 and "relation must be one of" in bad.json()["error"]
+    page = c.get("/?relation=partial").text  # the filter, and the overlays the box is drawn in
+    assert '<option value="partial">partial copies</option>' in page
+    assert 'id="overlay-a"' in page and 'id="overlay-b"' in page
 
 
 def test_decision_recorded_found_in_sql_left_out_of_the_queue_and_undone(ws):

@@ -51,6 +51,19 @@ def server(tmp_path):
     assert proc.returncode == 130
 
 
+# Where the outlined region lies on the left picture as it is shown (after zoom and pan), in
+# fractions of the picture: left, top, width, height.
+REGION = """() => {
+  const img = document.getElementById('img-a');
+  const f = img.getBoundingClientRect();
+  const b = document.querySelector('#overlay-a .region').getBoundingClientRect();
+  const k = Math.min(f.width / img.naturalWidth, f.height / img.naturalHeight);
+  const w = img.naturalWidth * k, h = img.naturalHeight * k;
+  const x = f.left + (f.width - w) / 2, y = f.top + (f.height - h) / 2;
+  return [(b.left - x) / w, (b.top - y) / h, b.width / w, b.height / h];
+}"""
+
+
 def current(settings) -> dict[tuple[str, str], dict]:
     cols, rows = catalog.query(settings, "SELECT * FROM decisions")
     return {(r["image_a"], r["image_b"]): r for r in (dict(zip(cols, x)) for x in rows)}
@@ -149,6 +162,20 @@ def test_review_with_the_keyboard_in_chromium(server, tmp_path):
             assert f"box-b/{HOSTILE}" in paths
             assert page.get_by_text(f"box-b/{HOSTILE}", exact=True).first.is_visible()
             assert page.locator("img[src='x']").count() == 0
+
+            # a partial copy: the region verification matched is outlined on the larger
+            # picture (late/p6 is the top right tenth of box-b/p4, on the left), zoomed with it
+            page.goto(url + "?decision=all&relation=partial")
+            page.wait_for_function("() => document.body.dataset.ready === '1' && "
+                                   "document.getElementById('img-a').naturalWidth > 0")
+            assert "the right is a detail of the left" in page.locator("#check").inner_text()
+            assert page.locator("#overlay-b").is_hidden()
+            assert page.evaluate(REGION) == pytest.approx([0.7, 0.0, 0.3, 1 / 3], abs=0.02)
+            page.mouse.move(300, 300)
+            page.mouse.wheel(0, -300)
+            page.wait_for_function("() => document.getElementById('overlay-a').style.transform"
+                                   ".includes('scale(1.2')")
+            assert page.evaluate(REGION) == pytest.approx([0.7, 0.0, 0.3, 1 / 3], abs=0.02)
 
             # the cluster view: rejecting two links of a triangle splits a member off
             page.goto(url.rstrip("/") + "/cluster/0")

@@ -22,6 +22,7 @@ from ..errors import CbirError
 from ..linkage import DisjointSets
 from ..store import catalog, decisions
 from ..store.layout import layout
+from ..store.pairs import PARTIAL
 from ..store.tables import one_line
 
 if TYPE_CHECKING:
@@ -29,6 +30,14 @@ if TYPE_CHECKING:
 
 #: What the decision filter may ask for; the queue shows undecided pairs unless asked.
 DECISION_FILTERS = ("undecided", "same", "different", "unsure", "decided", "all")
+#: What the verification filter may ask for (any, when not given): the condition on the
+#: queue's rows (`p`) of each.
+RELATION_FILTERS = {
+    "partial": f"p.relation IN ({', '.join(repr(r) for r in PARTIAL)})",
+    "full": "p.relation = 'full'",
+    "none": "p.relation = 'none'",
+    "unchecked": "p.relation IS NULL",
+}
 PAGE_DEFAULT = 50
 PAGE_MAX = 500
 MAX_MEMBERS = 1000  # members shown of one cluster
@@ -73,12 +82,16 @@ class Filters:
     folder: str = ""  # a path prefix: either side's path starts with it
     decision: str = "undecided"
     run: int | None = None  # pairs new in this ingest run (the nightly report's link)
+    relation: str = ""  # a key of RELATION_FILTERS (what verification found), "": any
 
     @classmethod
     def parse(cls, q: Mapping[str, str]) -> Filters:
         decision = q.get("decision", "").strip() or "undecided"
         if decision not in DECISION_FILTERS:
             raise BadRequest(f"decision must be one of {', '.join(DECISION_FILTERS)}")
+        relation = q.get("relation", "").strip()
+        if relation and relation not in RELATION_FILTERS:
+            raise BadRequest(f"relation must be one of {', '.join(RELATION_FILTERS)}")
         folder = q.get("folder", "")
         if len(folder) > 4096:
             raise BadRequest("folder is longer than 4096 characters")
@@ -89,6 +102,7 @@ class Filters:
             folder=folder,
             decision=decision,
             run=_int(q, "run"),
+            relation=relation,
         )
 
     def where(self, *, with_decision: bool = True) -> tuple[list[str], list[Any]]:
@@ -111,6 +125,8 @@ class Filters:
         if self.cluster is not None:
             cond.append("p.cluster_id = ?")  # both images in it
             params.append(self.cluster)
+        if self.relation:
+            cond.append(RELATION_FILTERS[self.relation])
         if with_decision:
             if self.decision == "undecided":
                 cond.append("d.decision IS NULL")
@@ -187,6 +203,9 @@ _SHOWN = (
     "width_b", "height_b", "bytes_a", "bytes_b", "format_a", "format_b", "first_run_a",
     "first_run_b", "master_path", "master_reason", "new_run", "cluster_id", "decision",
     "decided_master", "decided_note", "decision_id", "decided_by",
+    # geometric verification (null: not checked): the box is on side box_on, in its pixels
+    "relation", "inliers", "covered", "detail_path", "whole_path", "box_on", "box_x0",
+    "box_y0", "box_x1", "box_y1",
 )  # fmt: skip
 
 

@@ -7,7 +7,8 @@
 (function () {
   const body = document.body;
   const $ = (id) => document.getElementById(id);
-  const FILTERS = ["min", "max", "run", "cluster", "folder", "decision"];
+  const FILTERS = ["min", "max", "run", "cluster", "folder", "decision", "relation"];
+  const CONFIRMED = ["full", "a_in_b", "b_in_a"];
   const params = new URLSearchParams(location.search);
   const state = {
     rows: [], idx: 0, next: null, ended: false, loading: null,
@@ -93,7 +94,46 @@
     box.append(el("div", `${row["width_" + side]} × ${row["height_" + side]} px · ${human(row["bytes_" + side])} · ${row["format_" + side] || "?"} · first seen in run ${row["first_run_" + side]}`));
     if (isMaster) box.append(el("div", "likely master: " + row.master_reason, "master"));
     if (row.decision === "same" && row.decided_master === id) box.append(el("div", "decided master", "master"));
+    if (row.detail_path === path) box.append(el("div", "a detail of the other picture", "role"));
+    if (row.whole_path === path) box.append(el("div", "the whole picture: the outlined region matches the other", "role"));
     box.classList.toggle("is-master", isMaster);
+  }
+
+  // What geometric verification found, in words ("" when the pair was not checked).
+  function checkText(row) {
+    const n = row.inliers;
+    if (row.relation === "full") return `same picture (${n} matching points)`;
+    if (row.relation === "a_in_b" || row.relation === "b_in_a") {
+      const [detail, whole] = row.relation === "a_in_b" ? ["left", "right"] : ["right", "left"];
+      const pct = row.covered === null ? "?" : Math.round(row.covered * 100);
+      return `partial copy: the ${detail} is a detail of the ${whole}, ${pct} % of its area (${n} matching points)`;
+    }
+    if (row.relation === "none") return `not confirmed: the local features do not match (${n} matching points)`;
+    return "";
+  }
+
+  // The matched region on the larger picture, in the pixels of its pane: the picture is fit
+  // to the pane (object-fit: contain) and the box is in the scan's pixels (EXIF orientation
+  // applied, as width and height are). Its overlay takes the picture's transform (applyZoom).
+  function region() {
+    const row = current();
+    for (const s of ["a", "b"]) {
+      const ov = $("overlay-" + s);
+      const box = row ? [row.box_x0, row.box_y0, row.box_x1, row.box_y1] : [];
+      const w = row && row["width_" + s], h = row && row["height_" + s];
+      const on = row && row.box_on === s && CONFIRMED.includes(row.relation) && w > 0 && h > 0 &&
+        box.every((v) => v !== null && v !== undefined);
+      ov.hidden = !on;
+      if (!on) continue;
+      const fw = ov.clientWidth, fh = ov.clientHeight;
+      const k = Math.min(fw / w, fh / h);
+      const ox = (fw - w * k) / 2, oy = (fh - h * k) / 2;
+      const r = ov.firstElementChild;
+      r.style.left = `${ox + box[0] * k}px`;
+      r.style.top = `${oy + box[1] * k}px`;
+      r.style.width = `${(box[2] - box[0]) * k}px`;
+      r.style.height = `${(box[3] - box[1]) * k}px`;
+    }
   }
 
   function show() {
@@ -105,6 +145,8 @@
       $("score").textContent = "";
       $("cluster-link").replaceChildren();
       $("current").textContent = "";
+      $("check").textContent = "";
+      region();
       say(state.history.length ? "Nothing left to review with these filters (z undoes the last decision)." : "Nothing to review with these filters.");
       body.dataset.pair = "";
       return;
@@ -124,10 +166,14 @@
       a.href = "/cluster/" + encodeURIComponent(row.cluster_id);
       cl.append(a);
     }
+    const check = $("check");
+    check.textContent = checkText(row);
+    check.className = row.relation === "full" ? "full" : row.relation === "none" ? "none" : row.relation ? "partial" : "";
     $("current").textContent = row.decision ? `decided: ${row.decision}${row.decided_by ? " by " + row.decided_by : ""}` : "";
     $("note").value = row.decided_note || "";
     fact("a", row);
     fact("b", row);
+    region();
     fit();
     preload();
   }
@@ -193,12 +239,18 @@
     const t = `translate(${z.x}px, ${z.y}px) scale(${z.s})`;
     $("img-a").style.transform = t;
     $("img-b").style.transform = t;
+    for (const s of ["a", "b"]) {
+      const ov = $("overlay-" + s);
+      ov.style.transform = t;
+      ov.firstElementChild.style.borderWidth = `${2 / z.s}px`; // as thin when zoomed in
+    }
   }
 
   function fit() { state.zoom = { s: 1, x: 0, y: 0 }; applyZoom(); }
 
   function setupViewer() {
     const stage = $("stage");
+    new ResizeObserver(() => region()).observe(stage);
     stage.addEventListener("wheel", (ev) => {
       ev.preventDefault();
       const frame = ev.target.closest(".frame") || stage;
