@@ -403,3 +403,28 @@ def test_nightly_reports_link_where_review_serves(tmp_path, review, url):
                            review_url=url)
     assert report.review_links() == ([f"{url}?run=4"] if url else [])
     assert ("review them" in "\n".join(report.lines())) == bool(url)
+
+
+def test_the_nightly_report_lists_partial_copies_apart(tmp_path):
+    """Pairs that geometric verification found to be a detail of the other picture get a table
+    of their own (detail, the picture it was cut from, how much of it); the rest stay in the
+    whole-picture table, a verified one saying so."""
+    from review_workspace import RUN1, RUN2, build
+
+    from cbir.steps.nightly import nightly_report
+
+    s = build(tmp_path / "ws")
+    report = nightly_report(s, 2, 1)
+    # run 2's partial copies: late/p6 cut from box-b/p4 (10 %), the HTML-named file from late/p7
+    assert [(r["detail_path"], r["whole_path"], r["covered"]) for r in report.partial] == [
+        (f"box-b/{RUN1[5].split('/')[1]}", RUN2[1], 0.5), (RUN2[0], RUN1[4], 0.1)]
+    assert len(report.whole) == len(report.pairs) - 2 == 11
+    assert "2 of them partial copies" in report.lines()[0]
+    text = report.file.read_text()
+    whole, partial = text.split("## Partial copies")
+    assert "## Whole pictures" in whole and "| late/p6.jpg | box-b/p3.jpg | 0.88 | near" in whole
+    assert "same picture \\(140 points\\)" in whole and "late/p6.jpg | box-b/p4.jpg" not in whole
+    assert "| run | detail | cut from | covers | matching points | score |" in partial
+    assert "| 2 | late/p6.jpg | box-b/p4.jpg | 10 % | 23 | 0.919 |" in partial
+    assert "onerror" in partial and "<img" not in text  # a file name is text, never markup
+    assert "?relation=partial" in partial

@@ -8,6 +8,10 @@ like the rest of `cbir/`: the flow in `flows/nightly.py` calls it through `tasks
 the ingest run that brought its newer image (and leaves out the pairs a reviewer has decided):
 
     SELECT new_path, match_path, score, kind FROM new_pairs WHERE new_run = 7 ORDER BY score DESC
+
+The report lists the partial copies among them (geometric verification found one picture a
+detail of the other) apart from the whole-picture duplicates: a detail is reviewed against the
+region of the original it was cut from, not as a second copy of the whole.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from .. import faults
@@ -29,15 +34,20 @@ from ..safetext import md_cell
 from ..store.catalog import query
 from ..store.layout import layout
 from ..store.manifest import latest_run
+from ..store.pairs import PARTIAL
 
 PENDING = "pending.json"  # the start of a report not written yet
 
 # The pairs of the images that arrived in runs (after, upto]; also what `cbir sql` users run.
 NEW_PAIRS_SQL = """
-SELECT new_run, new_path, match_path, round(score, 4) AS score, kind, master_path
+SELECT new_run, new_path, match_path, round(score, 4) AS score, kind, master_path, relation,
+       inliers, round(covered, 3) AS covered, detail_path, whole_path
 FROM new_pairs WHERE new_run > ? AND new_run <= ?
 ORDER BY new_run, kind DESC, score DESC, new_path, match_path
 """
+#: The headings of the report's two tables (rows: `_whole`, `_partial`).
+WHOLE_COLUMNS = ["run", "new image", "matches", "score", "kind", "likely master", "verified"]
+PARTIAL_COLUMNS = ["run", "detail", "cut from", "covers", "matching points", "score"]
 
 
 def begin_nightly(settings: Settings) -> int:
@@ -80,6 +90,19 @@ class NightlyReport:
     def n_near(self) -> int:
         return sum(1 for r in self.pairs if r[self.columns.index("kind")] == "near")
 
+    def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
+        return dict(zip(self.columns, values, strict=True))
+
+    @property
+    def partial(self) -> list[dict[str, Any]]:
+        """The new pairs where one picture is a detail of the other."""
+        return [r for r in map(self.row, self.pairs) if r.get("relation") in PARTIAL]
+
+    @property
+    def whole(self) -> list[dict[str, Any]]:
+        """The new pairs of whole pictures (verified the same, contradicted, or not checked)."""
+        return [r for r in map(self.row, self.pairs) if r.get("relation") not in PARTIAL]
+
     def review_links(self) -> list[str]:
         """The review queue of each ingest run this report covers (newest first, a few)."""
         runs = range(self.run_id, max(self.since_run, self.run_id - 5), -1)
@@ -91,9 +114,10 @@ class NightlyReport:
             if self.since_run >= self.run_id - 1
             else f"runs {self.since_run + 1}-{self.run_id}"
         )
+        partial = f"; {len(self.partial)} of them partial copies" if self.partial else ""
         out = [
             f"nightly report: {len(self.pairs)} new duplicate pairs ({self.n_near} near, "
-            f"{len(self.pairs) - self.n_near} exact) of the images ingested in {runs}",
+            f"{len(self.pairs) - self.n_near} exact{partial}) of the images ingested in {runs}",
             f"  {self.file}",
         ]
         if self.pairs and self.review_links():
@@ -115,20 +139,51 @@ class NightlyReport:
                 f"Review them in the browser: {', '.join(self.review_links())} (start cbir "
                 f"review in the workspace first; the links work while it runs).\n\n"
             )
-        cols = ["run", "new image", "matches", "score", "kind", "likely master"]
-        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for row in self.pairs[:limit]:
-            out.append("| " + " | ".join(_cell(v) for v in row) + " |")
-        more = (
-            f"\n... and {len(self.pairs) - limit} more (see the catalogue)"
-            if len(self.pairs) > limit
-            else ""
-        )
+        whole, partial = self.whole, self.partial
+        out = []
+        if whole:
+            out += ["## Whole pictures", "", *_table(WHOLE_COLUMNS, map(_whole, whole), limit), ""]
+        if partial:
+            out += [
+                "## Partial copies",
+                "",
+                f"{len(partial)} pairs where one picture is a detail of the other (geometric "
+                f"verification): `covers` is the share of the whole picture the detail shows; "
+                f"the review screen outlines where"
+                + (
+                    f" ({self.review_url}?relation=partial)."
+                    if self.review_url
+                    else "."
+                ),
+                "",
+                *_table(PARTIAL_COLUMNS, map(_partial, partial), limit),
+                "",
+            ]
         sql = " ".join(NEW_PAIRS_SQL.split())
         return (
-            head + "\n".join(out) + more + f"\n\nQuery: `{sql}` with "
-            f"({self.since_run}, {self.run_id})\n"
+            head + "\n".join(out) + f"\nQuery: `{sql}` with ({self.since_run}, {self.run_id})\n"
         )
+
+
+def _table(columns: list[str], rows: Iterable[list[Any]], limit: int) -> list[str]:
+    """A markdown table of at most `limit` rows, and how many more there are."""
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    listed = list(rows)
+    out += ["| " + " | ".join(_cell(v) for v in r) + " |" for r in listed[:limit]]
+    if len(listed) > limit:
+        out += ["", f"... and {len(listed) - limit} more (see the catalogue)"]
+    return out
+
+
+def _whole(r: dict[str, Any]) -> list[Any]:
+    check = {"full": f"same picture ({r['inliers']} points)", "none": "not confirmed"}
+    return [r["new_run"], r["new_path"], r["match_path"], r["score"], r["kind"],
+            r["master_path"], check.get(r["relation"], "")]  # fmt: skip
+
+
+def _partial(r: dict[str, Any]) -> list[Any]:
+    covers = "?" if r["covered"] is None else f"{r['covered'] * 100:.0f} %"
+    return [r["new_run"], r["detail_path"], r["whole_path"], covers, r["inliers"], r["score"]]
 
 
 def _cell(v: Any) -> str:
