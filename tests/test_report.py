@@ -226,7 +226,8 @@ def test_gallery_links_resolve_to_thumbnails_and_scans(ws):
 
 
 def _cards(text: str) -> list[float]:
-    return [float(x) for x in re.findall(r'<article class="pair" data-score="([0-9.]+)"', text)]
+    return [float(x) for x in re.findall(r'<article class="pair[^"]*" data-score="([0-9.]+)"',
+                                         text)]
 
 
 def test_pairs_are_paginated_by_score_and_surplus_pages_removed(ws, tmp_path):
@@ -249,6 +250,100 @@ def test_pairs_are_paginated_by_score_and_surplus_pages_removed(ws, tmp_path):
     finally:
         run_report(ws)
     assert len(_pages(ws, "pairs-*.html")) == len(pages)
+
+
+# --------------------------------------------------------------------------- verification
+
+@pytest.fixture(scope="module")
+def verified(tmp_path_factory) -> Settings:
+    """The review workspace: pairs with geometric verification's values (tests/review_workspace
+    VERIFIED), its gallery written."""
+    from review_workspace import build
+
+    s = build(tmp_path_factory.mktemp("verified") / "ws")
+    run_report(s)
+    return s
+
+
+def test_pair_report_and_partial_copies_carry_the_verification(verified):
+    from review_workspace import RUN1, RUN2, VERIFIED
+
+    rows = {(r["path_a"], r["path_b"]): r for r in _rows(verified, "SELECT * FROM pair_report")}
+    for key, v in VERIFIED.items():
+        r = rows[key]
+        assert (r["relation"], r["inliers"], r["box_on"]) == (v["relation"], v["inliers"],
+                                                              v["box_on"])
+        assert (r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"]) == v["box"]
+        assert r["box_path"] == {"a": key[0], "b": key[1], None: None}[v["box_on"]]
+        detail = {"a_in_b": key, "b_in_a": key[::-1]}.get(v["relation"], (None, None))
+        assert (r["detail_path"], r["whole_path"]) == detail
+    assert all(r["relation"] is None for k, r in rows.items() if k not in VERIFIED)
+    # the whole picture is the likely master of a partial copy, even at a lower resolution
+    cut = rows[(RUN1[4], RUN2[0])]  # late/p6 (160x120) is a detail of box-b/p4 (120x90)
+    assert (cut["master_path"], cut["master_reason"]) == (RUN1[4], "the whole picture")
+
+    partial = _rows(verified, "SELECT * FROM partial_copies ORDER BY covered")
+    assert [(r["detail_path"], r["whole_path"]) for r in partial] == [
+        (RUN2[0], RUN1[4]), (RUN1[0], RUN1[2]), (RUN1[5], RUN2[1])]
+    assert [round(r["covered"], 3) for r in partial] == [0.1, 0.25, 0.5]
+    assert [(r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"]) for r in partial] == [
+        (84, 0, 120, 30), (30, 18, 90, 63), (0, 0, 160, 60)]
+    ids = {r["path"]: r["image_id"] for r in _rows(verified, "SELECT path, image_id FROM images")}
+    assert all((r["detail_id"], r["whole_id"]) == (ids[r["detail_path"]], ids[r["whole_path"]])
+               for r in partial)
+    assert [r["new_run"] for r in partial] == [2, 1, 2]
+    new = _rows(verified, "SELECT relation, covered FROM new_pairs WHERE new_path = ? AND "
+                          "match_path = ?", [RUN2[0], RUN1[4]])
+    assert new == [{"relation": "b_in_a", "covered": pytest.approx(0.1)}]
+
+
+def _article(text: str, path_a: str, path_b: str) -> str:
+    """The card of the pair (path_a, path_b) on a gallery page."""
+    a, b = (html.escape(p, quote=True) for p in (path_a, path_b))
+    found = [x for x in re.findall(r"<article .*?</article>", text, re.S)
+             if f'alt="{a}"' in x and f'alt="{b}"' in x]
+    assert len(found) == 1, (path_a, path_b)
+    return found[0]
+
+
+def _regions(article: str) -> list[tuple[str, list[float]]]:
+    """The outlined regions of a card: the thumbnail each is on, and left, top, width, height
+    in % of it."""
+    found = re.findall(r'<img src="[^"]*"[^>]*alt="([^"]*)"[^>]*><span class="region" '
+                       r'style="left:([0-9.]+)%;top:([0-9.]+)%;width:([0-9.]+)%;'
+                       r'height:([0-9.]+)%"', article)
+    return [(html.unescape(f[0]), [float(x) for x in f[1:]]) for f in found]
+
+
+def test_gallery_shows_the_verification_and_outlines_the_matched_region(verified):
+    from review_workspace import HOSTILE, RUN1, RUN2
+
+    page = _pages(verified, "pairs-*.html")["pairs-0001.html"]
+    # late/p6 is the top right tenth of box-b/p4 (120x90): box (84, 0)-(120, 30)
+    cut = _article(page, RUN1[4], RUN2[0])
+    assert "partial copy: the right is a detail of the left, 10 % of its area (23 " in cut
+    assert _regions(cut) == [(RUN1[4], [70.0, 0.0, 30.0, pytest.approx(33.33)])]
+    # the middle quarter of box-a/p2 (120x90): box (30, 18)-(90, 63)
+    mid = _article(page, RUN1[0], RUN1[2])
+    assert "the left is a detail of the right, 25 % of its area" in mid
+    assert _regions(mid) == [(RUN1[2], [25.0, 20.0, 50.0, 50.0])]
+    # on the larger of two copies of the same picture: late/p7 (160x120), rows 1 to 119
+    same = _article(page, RUN1[1], RUN2[1])
+    assert "same picture: 95 matching points" in same
+    assert _regions(same) == [(RUN2[1], [0.0, pytest.approx(0.83), 100.0, pytest.approx(98.33)])]
+    # a file named like HTML stays text in the card of its partial copy
+    hostile = _article(page, f"box-b/{HOSTILE}", RUN2[1])
+    assert _regions(hostile) == [(RUN2[1], [0.0, 0.0, 100.0, 50.0])] and "onerror=" in hostile
+    assert "<img src=x" not in page
+    # contradicted: marked, kept; unchecked: nothing said, nothing outlined
+    no = _article(page, RUN1[0], RUN1[1])
+    assert no.startswith('<article class="pair contradicted"') and "not confirmed" in no
+    assert _regions(no) == []
+    plain = _article(page, RUN1[3], RUN1[4])
+    assert 'class="check' not in plain and _regions(plain) == [] and "contradicted" not in plain
+    assert len(_cards(page)) == 28  # every card, contradicted ones too, in the score filter
+    index = _pages(verified, "index.html")["index.html"]
+    assert "2 the same picture, 3 partial copies" in index and "1 not confirmed" in index
 
 
 def test_thumbnails_are_made_once_and_reused(ws):

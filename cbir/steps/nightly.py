@@ -20,9 +20,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 from .. import faults
@@ -150,19 +150,13 @@ class NightlyReport:
                 f"{len(partial)} pairs where one picture is a detail of the other (geometric "
                 f"verification): `covers` is the share of the whole picture the detail shows; "
                 f"the review screen outlines where"
-                + (
-                    f" ({self.review_url}?relation=partial)."
-                    if self.review_url
-                    else "."
-                ),
+                + (f" ({self.review_url}?relation=partial)." if self.review_url else "."),
                 "",
                 *_table(PARTIAL_COLUMNS, map(_partial, partial), limit),
                 "",
             ]
         sql = " ".join(NEW_PAIRS_SQL.split())
-        return (
-            head + "\n".join(out) + f"\nQuery: `{sql}` with ({self.since_run}, {self.run_id})\n"
-        )
+        return head + "\n".join(out) + f"\nQuery: `{sql}` with ({self.since_run}, {self.run_id})\n"
 
 
 def _table(columns: list[str], rows: Iterable[list[Any]], limit: int) -> list[str]:

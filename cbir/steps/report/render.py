@@ -86,13 +86,12 @@ def region(row: dict[str, Any], side: str) -> Region | None:
         return None
     w, h = row.get(f"width_{side}"), row.get(f"height_{side}")
     box = [row.get(k) for k in ("box_x0", "box_y0", "box_x1", "box_y1")]
-    if not w or not h or any(v is None for v in box):
+    coords = [float(v) for v in box if v is not None]
+    if not w or not h or len(coords) != 4:
         return None
-
-    def pct(v: float, size: int) -> float:
-        return min(100.0, max(0.0, 100.0 * v / size))
-
-    x0, y0, x1, y1 = pct(box[0], w), pct(box[1], h), pct(box[2], w), pct(box[3], h)
+    x0, y0, x1, y1 = (
+        min(100.0, max(0.0, 100.0 * v / size)) for v, size in zip(coords, (w, h, w, h), strict=True)
+    )
     if x1 <= x0 or y1 <= y0:
         return None
     return Region(x0, y0, x1 - x0, y1 - y0)
