@@ -49,7 +49,7 @@ class _Dom(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
-        if tag == "article" and a.get("class") == "pair":
+        if tag == "article" and "pair" in (a.get("class") or "").split():  # contradicted too
             self.pairs += 1
         elif tag == "img":
             self.imgs.append(a.get("src") or "")
