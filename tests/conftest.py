@@ -8,10 +8,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
-import yaml
-from PIL import Image
+# Each of the suite's worker processes (pytest-xdist: `make test` runs two, one per core of the
+# machine CI has) gets its share of the CPUs for OpenMP and BLAS (FAISS, numpy, torch where cbir
+# does not set its threads itself), read when those libraries load: below. Left at one thread per
+# CPU in every worker, the threads outnumber the cores, and OpenMP's waiting threads spin on the
+# cores the other worker needs (a FAISS OPQ training took twice as long). The library's own
+# choices (embed, train: torch.set_num_threads) are not overridden; nor is a value the user set.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, _share)))
+
+import numpy as np  # noqa: E402  (after the thread settings above)
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
