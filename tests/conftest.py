@@ -19,10 +19,10 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
     for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, str(max(1, _share)))
 
-import numpy as np  # noqa: E402  (after the thread settings above)
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np  # after the thread settings above
+import pytest
+import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
