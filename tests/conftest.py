@@ -64,6 +64,29 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """`--dist loadfile` (make test) hands whole files to the workers; pytest-xdist by default
+    hands out the files with the most tests first, which left the long one-test files (the
+    end-to-end runs, marked slow) for last, where one worker ran them while the other idled.
+    The order of the collection (below) is used instead."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding a test marked slow first, then the others, those with most tests first
+    (xdist's own order): the longest work starts early and the short files fill the end."""
+    by_file: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_file.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def first(name: str) -> tuple[bool, int]:
+        tests = by_file[name]
+        return (not any(t.get_closest_marker("slow") for t in tests), -len(tests))
+
+    items[:] = [t for name in sorted(by_file, key=first) for t in by_file[name]]
+
+
 @pytest.fixture
 def workspace(tmp_path: Path):
     """A workspace folder with a scans/ folder; call it with params overrides to get Settings."""
