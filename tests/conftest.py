@@ -8,7 +8,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# Each of the suite's worker processes (pytest-xdist: `make test` runs two, one per core of the
+# machine CI has) gets its share of the CPUs for OpenMP and BLAS (FAISS, numpy, torch where cbir
+# does not set its threads itself), read when those libraries load: below. Left at one thread per
+# CPU in every worker, the threads outnumber the cores, and OpenMP's waiting threads spin on the
+# cores the other worker needs (a FAISS OPQ training took twice as long). The library's own
+# choices (embed, train: torch.set_num_threads) are not overridden; nor is a value the user set.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, _share)))
+
+import numpy as np  # after the thread settings above
 import pytest
 import yaml
 from PIL import Image
@@ -51,6 +62,29 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`--dist loadfile` (make test) hands whole files to the workers; pytest-xdist by default
+    hands out the files with the most tests first, which left the long one-test files (the
+    end-to-end runs, marked slow) for last, where one worker ran them while the other idled.
+    The order of the collection (below) is used instead."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding a test marked slow first, then the others, those with most tests first
+    (xdist's own order): the longest work starts early and the short files fill the end."""
+    by_file: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_file.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def first(name: str) -> tuple[bool, int]:
+        tests = by_file[name]
+        return (not any(t.get_closest_marker("slow") for t in tests), -len(tests))
+
+    items[:] = [t for name in sorted(by_file, key=first) for t in by_file[name]]
 
 
 @pytest.fixture

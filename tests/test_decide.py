@@ -4,7 +4,9 @@ decisions alone, and the log's own DVC stage (real DVC, in a temporary git repos
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -17,7 +19,7 @@ import pytest
 import tiny_workspace
 from conftest import CBIR, photo, save
 
-from cbir import lock
+from cbir import cli, lock
 from cbir.config import Settings, load_settings
 from cbir.errors import CbirError
 from cbir.steps.decisions import (
@@ -54,9 +56,22 @@ def _copy(built: Path, tmp_path: Path, **data) -> Settings:
     return load_settings(ws / "params.yaml")
 
 
-def _cbir(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CBIR, *args, "--params", str(settings.params_path)],
-                          capture_output=True, text=True, cwd=settings.root)
+def _cbir(settings: Settings, *args: str, process: bool = False
+          ) -> subprocess.CompletedProcess[str]:
+    """`cbir ARGS --params ...` run in the workspace: by its entry point in this process (each
+    `cbir` process spends seconds importing torch before it starts), or, with `process`, as a
+    user runs it (the exit status of the process, what it prints)."""
+    argv = [*args, "--params", str(settings.params_path)]
+    if process:
+        return subprocess.run([*CBIR, *argv], capture_output=True, text=True, cwd=settings.root)
+    out, err = io.StringIO(), io.StringIO()
+    os.chdir(settings.root)  # put back after the test (conftest)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main(argv)
+        except SystemExit as exc:  # argparse's refusals exit, as in a process
+            rc = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess([*CBIR, *argv], rc, out.getvalue(), err.getvalue())
 
 
 def _id(settings: Settings, path: str) -> str:
@@ -72,7 +87,7 @@ def test_decide_names_images_by_path_or_id_and_undo_withdraws(built, tmp_path):
     s = _copy(built, tmp_path)
     p1, small = _id(s, "p1.png"), _id(s, "copies/p1-small.png")
     out = _cbir(s, "decide", "p1.png", "copies/p1-small.png", "--same", "--master",
-                "copies/p1-small.png", "--note", "a rescan", "--reviewer", "ann")
+                "copies/p1-small.png", "--note", "a rescan", "--reviewer", "ann", process=True)
     assert out.returncode == 0, out.stderr
     assert "p1.png and copies/p1-small.png: same, master copies/p1-small.png" in out.stdout
     row = _current(s)[D.pair_key(p1, small)]

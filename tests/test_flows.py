@@ -165,3 +165,39 @@ def test_serve_needs_a_running_prefect_server(workspace, refused_url):
     with temporary_settings(updates={PREFECT_API_URL: refused_url}), \
             pytest.raises(CbirError, match=f"no Prefect API answers at {refused_url}"):
         serve(str(settings.params_path))
+
+
+def test_a_killed_flow_module_leaves_no_prefect_home_behind(tmp_path):
+    """`python -m flows.<module>` whose params do not load, killed (SIGKILL: no exit handler
+    runs), as the temporary Prefect server `python -m flows.server` is stopped: no folder is
+    left per run in the temporary folder. Without a home set, every such run shares one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    # as `python -m flows.nightly` imports the package: argv[0] is "-m" meanwhile
+    script = ("import os, signal, sys; sys.argv[:] = ['-m', '--params', 'none.yaml']; "
+              "import flows; print(os.environ['PREFECT_HOME'], flush=True); "
+              "os.kill(os.getpid(), signal.SIGKILL)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(TMPDIR=str(tmp), PYTHONPATH=str(REPO))
+    homes = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == -signal.SIGKILL, out.stderr
+        homes.append(out.stdout.strip())
+    assert homes[0] == homes[1] == str(tmp / f"cbir-prefect-{os.getuid()}")
+    assert [p.name for p in tmp.iterdir()] == [f"cbir-prefect-{os.getuid()}"]
+
+    # the server's case: its home is set, so nothing at all is made
+    server_home = tmp_path / "server-home"
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         env={**env, "PREFECT_HOME": str(server_home)}, text=True)
+    assert out.returncode == -signal.SIGKILL and out.stdout.strip() == str(server_home)
+    assert [p.name for p in tmp.iterdir()] == [f"cbir-prefect-{os.getuid()}"]
