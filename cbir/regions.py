@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from .faiss_index import faiss_ids
-
 #: What `found_by` says of a candidate: which search found it among its top k.
 GLOBAL, REGIONS, BOTH = "global", "regions", "both"
 
@@ -77,7 +75,6 @@ SCHEMES: dict[str, RegionScheme] = {
     )
 }
 NONE = "none"
-MAX_REGIONS = 256  # per picture: a region's number takes the low 8 bits of its FAISS id
 
 
 def scheme(name: str) -> RegionScheme | None:
@@ -85,24 +82,6 @@ def scheme(name: str) -> RegionScheme | None:
     if name == NONE:
         return None
     return SCHEMES[name]
-
-
-def region_fids(owners: list[str]) -> np.ndarray:
-    """FAISS ids of regions listed grouped by owner: the owner's id (cbir.faiss_index) with its
-    low 8 bits replaced by the region's number within the owner, so an image's regions are
-    added and removed with it and no table of ids has to be kept."""
-    base = faiss_ids(owners)
-    number = np.zeros(len(owners), np.int64)
-    for i in range(1, len(owners)):
-        number[i] = number[i - 1] + 1 if owners[i] == owners[i - 1] else 0
-    if len(owners) and number.max() > MAX_REGIONS - 1:
-        raise ValueError(f"more than {MAX_REGIONS} regions in one picture")
-    return (base & ~np.int64(MAX_REGIONS - 1)) | number
-
-
-def owner_fid(fids: np.ndarray) -> np.ndarray:
-    """The common part of the FAISS ids of one picture's regions."""
-    return np.asarray(fids, np.int64) & ~np.int64(MAX_REGIONS - 1)
 
 
 def crops(rgb: Image.Image, boxes: np.ndarray) -> list[Image.Image]:

@@ -10,6 +10,7 @@ from conftest import photo, save
 
 from cbir import regions
 from cbir.errors import CbirError
+from cbir.faiss_index import MAX_REGIONS, region_ids
 from cbir.model import retrieval_model
 from cbir.steps.embed import plan_shards, run_embed
 from cbir.steps.index import run_index
@@ -59,12 +60,13 @@ def test_crops_follow_the_boxes():
 
 def test_region_ids_are_unique_and_keep_their_owner():
     owners = ["a" * 64] * 3 + ["b" * 63 + "1"] * 2
-    fids = regions.region_fids(owners)
+    fids = region_ids(owners)
     assert len(set(fids.tolist())) == 5 and (fids >= 0).all()
     assert (fids[:3] & 255).tolist() == [0, 1, 2]
-    assert len(set(regions.owner_fid(fids[:3]).tolist())) == 1
+    assert len(set((fids[:3] >> 8).tolist())) == 1
+    assert (fids[3:] >> 8 != fids[0] >> 8).all()
     with pytest.raises(ValueError):
-        regions.region_fids(["c" * 64] * (regions.MAX_REGIONS + 1))
+        region_ids(["c" * 64] * (MAX_REGIONS + 1))
 
 
 def test_union_says_which_search_found_each_candidate():

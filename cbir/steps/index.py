@@ -18,6 +18,7 @@ from ..faiss_index import (
     choose_params,
     faiss_ids,
     index_ids,
+    region_ids,
     remove_ids,
 )
 from ..fsutil import clean_stale_tmp
@@ -91,7 +92,7 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
     scheme = regions.scheme(settings.embed.regions)
     if scheme is not None:
         tag, owners, _, region_vectors = current_regions(settings, fp, scheme)
-        fids = regions.region_fids(owners)
+        fids = region_ids(owners)
         summary.regions = _build_or_update(
             settings, lay.region_index_dir, tag, fids, region_vectors, rebuild
         )

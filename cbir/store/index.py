@@ -17,9 +17,10 @@ import numpy as np
 
 from .. import faults, regions
 from ..errors import CbirError
-from ..faiss_index import IndexInfo, faiss_ids, ivf_part
+from ..faiss_index import IndexInfo, faiss_ids, ivf_part, region_ids
 from ..faiss_index import search as faiss_search
 from ..fsutil import atomic_path, write_json
+from ..regions import Candidate
 from .embeddings import current_embeddings, current_regions
 from .layout import INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
 from .manifest import OK, load_manifest
@@ -193,7 +194,7 @@ class RegionSearcher:
     def of(
         cls, index: Any, info: Any, owners: list[str], boxes: np.ndarray, vectors: np.ndarray
     ) -> RegionSearcher:
-        fids = regions.region_fids(owners)
+        fids = region_ids(owners)
         order = np.argsort(fids)
         return cls(index, info, owners, boxes, vectors, fids[order], order)
 
@@ -242,7 +243,7 @@ class Searcher:
         ]
         return scores, ids
 
-    def candidates(self, queries: np.ndarray, k: int) -> list[list[regions.Candidate]]:
+    def candidates(self, queries: np.ndarray, k: int) -> list[list[Candidate]]:
         """Per query vector, the images it may be a copy or a detail of: the union of its
         global top k and (with regions) the owners of its regional top k, at most k, best
         first, each saying which search found it (`found_by`) and, for a region, its box."""
