@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import tiny_workspace
 from conftest import photo, save
 
@@ -197,3 +198,20 @@ def test_regions_turned_on_without_their_index_is_one_clear_line(tmp_path):
     embed(s)
     with pytest.raises(CbirError, match="cbir index"):
         open_searcher(s)
+
+
+def test_the_global_input_does_not_depend_on_the_regions(tmp_path):
+    """A JPEG is drafted at about the input size; its windows need it larger, but the global
+    input must stay what it is without regions (else vectors of one model would differ)."""
+    import os
+
+    from cbir.model import Preprocess
+    from cbir.steps.embed import ScanDataset
+
+    path = save(photo(5, (640, 480)), tmp_path / "scan.jpg", quality=90)
+    pp = Preprocess(resolution=32, scales=(1.0, 1.25))
+    _, plain, none, _ = ScanDataset([os.fsencode(path)], pp, None)[0]
+    _, xs, rs, _ = ScanDataset([os.fsencode(path)], pp, None, HALVES)[0]
+    assert none is None and plain is not None and xs is not None and rs is not None
+    assert all(torch.equal(a, b) for a, b in zip(plain, xs, strict=True))
+    assert [tuple(r.shape) for r in rs] == [(9, 3, 32, 32)]

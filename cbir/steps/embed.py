@@ -53,23 +53,25 @@ class ScanDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> Item:
-        size = max(self.pp.sizes)
-        if self.scheme is not None and self.region_pp is not None:
-            size = max(size, self.scheme.decode_size(max(self.region_pp.sizes)))
+        path = os.fsdecode(self.files[i])
         try:
-            rgb = imaging.load_rgb(os.fsdecode(self.files[i]), size, max_pixels=self.max_pixels)
+            # decoded as without regions, so the global descriptor does not depend on them
+            rgb = imaging.load_rgb(path, max(self.pp.sizes), max_pixels=self.max_pixels)
+            xs = [to_tensor(rgb, self.pp, s) for s in self.pp.sizes]
+            rs = None
+            if self.scheme is not None and self.region_pp is not None:
+                size = self.scheme.decode_size(max(self.region_pp.sizes))
+                if size > min(rgb.size):  # a JPEG was drafted small: decode it larger
+                    rgb = imaging.load_rgb(path, size, max_pixels=self.max_pixels)
+                pieces = regions.crops(rgb, self.scheme.boxes())
+                rs = [
+                    torch.stack([to_tensor(p, self.region_pp, s) for p in pieces])
+                    for s in self.region_pp.sizes
+                ]
         except imaging.ImageRejected as exc:
             return i, None, None, exc.reason
         except OSError as exc:  # deleted or moved since ingest
             return i, None, None, f"cannot read the file: {exc.strerror or exc}"
-        xs = [to_tensor(rgb, self.pp, s) for s in self.pp.sizes]
-        rs = None
-        if self.scheme is not None and self.region_pp is not None:
-            pieces = regions.crops(rgb, self.scheme.boxes())
-            rs = [
-                torch.stack([to_tensor(p, self.region_pp, s) for p in pieces])
-                for s in self.region_pp.sizes
-            ]
         return i, xs, rs, None
 
 
