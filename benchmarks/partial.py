@@ -1,15 +1,13 @@
-"""Partial copies: finding the print a detail was cut from, by the global descriptor alone and
-with geometric verification (cbir.verify) re-ranking its top candidates.
+"""Partial copies: finding the print a detail was cut from, by the global descriptor alone, by
+the union of global and regional candidates (embed.regions, cbir.regions), and with geometric
+verification (cbir.verify) re-ranking the union's top candidates.
 
 Run by hand:
     .venv/bin/python benchmarks/partial.py [--out /tmp/cbir-partial] [--photos 194] [--per-band 1]
         [--checkpoint MODEL.pt | --minutes 5 | --init IMAGENET1K_V1] [--top 20]
+        [--regions halves|thirds]
 
-Run time: 10.3 minutes on 2 busy cores for the full set (--photos 194 --per-band 1: 776
-queries) with --checkpoint: under a minute to build and embed the collection, 0.15 s a picture
-for the SIFT features of the 382 pictures (once each), 0.2-1 s a query to verify 20 candidates
-(more for larger details: more keypoints). Training here (--minutes) adds its budget. A smaller
---photos takes every n-th photograph (--photos 4: about 1.5 minutes).
+Run time: RUNTIME
 
 The collection is the real photographs of ../shared/data/photos with the paintings of
 ../shared/data/distractors (copied into a throw-away folder under --out, never into the
@@ -18,16 +16,19 @@ independent generator: nothing from the training's augmentations), --per-band pe
 each area band (5-10 %, 10-20 %, 20-40 %, 40-50 % of the photograph), lightly rescanned. Each
 query has one right answer: the photograph it was cut from.
 
-The global descriptor runs through the real pipeline as benchmarks/quality.py does (ingest,
-train, embed, index in a throw-away workspace) and queries go through `cbir query`'s code
-(`query_images`). The model is --checkpoint (e.g. the heritage model quality.py trained, at
+Everything runs through the real pipeline as benchmarks/quality.py does (ingest, train, embed,
+index in a throw-away workspace): first embed and index with embed.regions: none, then with
+--regions (which computes only the regional descriptors and their index), each timed and sized;
+queries go through `cbir query`'s code (`query_images`) under both settings. The model is
+--checkpoint (e.g. the heritage model quality.py trained, at
 /tmp/cbir-quality/heritage/data/models/model.pt after its run), or one trained here for
---minutes, or else the untrained --init. Figures per band: P@1 and R@10 (one relevant item, so
-R@10 is whether the original is in the top 10) by the global ranking alone, then with the top
---top candidates re-ranked: verified candidates first (most inliers first), the others after in
-their global order. Also: how often the original is in the top --top at all (the ceiling of
-re-ranking), how many wrong candidates were verified, whether the verified box on the original
-overlaps the true box (IoU >= 0.5), and the verification time per query.
+--minutes, or else the untrained --init. Figures per band (one relevant item, so R@10 is whether
+the original is in the top 10): how often the original is among the top --top candidates (the
+ceiling of re-ranking), P@1 and R@10, for the global search alone and for the union; how often
+the original was found by the regions only; then the union's top --top re-ranked by
+verification (verified candidates first, most inliers first, the others after in the union's
+order): P@1, R@10, wrong candidates verified, whether the verified box on the original overlaps
+the true box (IoU >= 0.5), and the verification time per query.
 """
 
 from __future__ import annotations
