@@ -105,8 +105,12 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
             continue
         for path in res.exact_copies_of:
             print(f"  exact duplicate (same bytes) of {shown(path)}")
-        for rank, (image_id, path, score) in enumerate(res.neighbours, start=1):
-            print(f"  {rank:3d}  {score:.4f}  {shown(path)}  [{image_id}]")
+        found = [c.found_by for c in res.candidates]
+        for rank, ((image_id, path, score), by) in enumerate(
+            zip(res.neighbours, found, strict=True), start=1
+        ):
+            via = f"  (found by {by})" if by != "global" else ""
+            print(f"  {rank:3d}  {score:.4f}  {shown(path)}  [{image_id}]{via}")
     if failed:
         print(
             f"cbir query: error: {len(failed)} of {len(args.images)} images could not be "

@@ -183,6 +183,12 @@ class EmbedSettings(_Section):
         description="multi-scale descriptor: sum over resolution x "
         "each scale ([1.0]: single scale, 1.5x faster; benchmark mAP@10 0.937 vs 0.953)",
     )
+    # Regional descriptors (cbir/regions.py) for details cut from a picture: benchmarks/partial.py.
+    regions: Literal["none", "halves", "thirds"] = Field(
+        "none",
+        description="regional descriptors beside the global one, for details cut from a "
+        "picture: none | halves (9 windows) | thirds (34); see README, Partial copies",
+    )
     batch_size: int = Field(32, ge=1, le=MAX_BATCH)
     shard_size: Limit = Field(
         1000, ge=1, description="images per Parquet shard (the unit of resumption)"

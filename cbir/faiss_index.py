@@ -604,3 +604,20 @@ _ID_MASK = (1 << 63) - 1  # FAISS ids are non-negative int64; -1 means "no resul
 def faiss_ids(image_ids: list[str]) -> np.ndarray:
     """int64 FAISS ids from image ids (63 bits of the content hash; a lookup maps them back)."""
     return np.array([int(i, 16) & _ID_MASK for i in image_ids], dtype=np.int64)
+
+
+#: Regions per picture that region_ids can number (the low bits of a region's id).
+MAX_REGIONS = 256
+
+
+def region_ids(owners: list[str]) -> np.ndarray:
+    """FAISS ids of regions listed grouped by owner (cbir.regions): the owner's id with its low
+    8 bits replaced by the region's number within the owner, so a picture's regions are added
+    and removed with it and no table of ids has to be kept."""
+    base = faiss_ids(owners)
+    number = np.zeros(len(owners), np.int64)
+    for i in range(1, len(owners)):
+        number[i] = number[i - 1] + 1 if owners[i] == owners[i - 1] else 0
+    if len(owners) and number.max() > MAX_REGIONS - 1:
+        raise ValueError(f"more than {MAX_REGIONS} regions in one picture")
+    return (base & ~np.int64(MAX_REGIONS - 1)) | number

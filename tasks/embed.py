@@ -42,6 +42,8 @@ def plan_embed_task(params_path: str) -> EmbedPlan:
     plan = plan_shards(settings, fp, source)
     plan.folder.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(plan.folder)
+    if plan.region_folder is not None and plan.region_folder.is_dir():
+        clean_stale_tmp(plan.region_folder)
     write_model_card(settings, plan, model)
     todo = sum(len(s.image_ids) for s in plan.shards)
     get_run_logger().info(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,51 +21,82 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .. import faults, imaging
+from .. import faults, imaging, regions
 from ..config import Settings
 from ..fsutil import clean_stale_tmp, write_json, write_parquet
 from ..model import Descriptor, Preprocess, pick_device, retrieval_model, to_tensor
 from ..parallel import start_method
 from ..progress import bar as progress_bar
+from ..regions import RegionScheme
 from ..store.embeddings import embedded_ids
-from ..store.layout import MODEL_CARD, layout
+from ..store.layout import MODEL_CARD, REGIONS_PREFIX, layout
 from ..store.manifest import canonical_images
+
+Item = tuple[int, list[torch.Tensor] | None, list[torch.Tensor] | None, str | None]
 
 
 class ScanDataset(Dataset):
-    """Decodes scans for the network (JPEG draft mode at about the input size)."""
+    """Decodes scans for the network (JPEG draft mode at about the input size). With a region
+    scheme, also the windows of each picture (decoded large enough for the smallest one)."""
 
-    def __init__(self, files: list[bytes], pp: Preprocess, max_pixels: int | None) -> None:
-        self.files, self.pp, self.max_pixels = files, pp, max_pixels
+    def __init__(
+        self,
+        files: list[bytes],
+        pp: Preprocess,
+        max_pixels: int | None,
+        scheme: RegionScheme | None = None,
+    ) -> None:
+        self.files, self.pp, self.max_pixels, self.scheme = files, pp, max_pixels, scheme
+        self.region_pp = replace(pp, scales=scheme.scales) if scheme is not None else None
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | None, str | None]:
+    def __getitem__(self, i: int) -> Item:
+        path = os.fsdecode(self.files[i])
         try:
-            rgb = imaging.load_rgb(
-                os.fsdecode(self.files[i]), max(self.pp.sizes), max_pixels=self.max_pixels
-            )
+            # decoded as without regions, so the global descriptor does not depend on them
+            rgb = imaging.load_rgb(path, max(self.pp.sizes), max_pixels=self.max_pixels)
+            xs = [to_tensor(rgb, self.pp, s) for s in self.pp.sizes]
+            rs = None
+            if self.scheme is not None and self.region_pp is not None:
+                size = self.scheme.decode_size(max(self.region_pp.sizes))
+                if size > min(rgb.size):  # a JPEG was drafted small: decode it larger
+                    rgb = imaging.load_rgb(path, size, max_pixels=self.max_pixels)
+                pieces = regions.crops(rgb, self.scheme.boxes())
+                rs = [
+                    torch.stack([to_tensor(p, self.region_pp, s) for p in pieces])
+                    for s in self.region_pp.sizes
+                ]
         except imaging.ImageRejected as exc:
-            return i, None, exc.reason
+            return i, None, None, exc.reason
         except OSError as exc:  # deleted or moved since ingest
-            return i, None, f"cannot read the file: {exc.strerror or exc}"
-        return i, [to_tensor(rgb, self.pp, size) for size in self.pp.sizes], None
+            return i, None, None, f"cannot read the file: {exc.strerror or exc}"
+        return i, xs, rs, None
 
 
-def _collate(
-    batch: list[tuple[int, list[torch.Tensor] | None, str | None]],
-) -> tuple[list[int], list[torch.Tensor] | None, list[tuple[int, str]]]:
-    ok = [(i, x) for i, x, _ in batch if x is not None]
+Batch = tuple[
+    list[int], list[torch.Tensor] | None, list[torch.Tensor] | None, list[tuple[int, str]]
+]
+
+
+def _collate(batch: list[Item]) -> Batch:
+    ok = [(i, x, r) for i, x, r, _ in batch if x is not None]
     # __getitem__ gives a reason whenever it gives no tensors
-    failed = [(i, why or "unreadable") for i, x, why in batch if x is None]
+    failed = [(i, why or "unreadable") for i, x, _, why in batch if x is None]
     # one batch tensor per scale
     xs = (
-        [torch.stack(per_scale) for per_scale in zip(*(x for _, x in ok), strict=True)]
+        [torch.stack(per_scale) for per_scale in zip(*(x for _, x, _ in ok), strict=True)]
         if ok
         else None
     )
-    return [i for i, _ in ok], xs, failed
+    # the windows of every picture, one after the other: [pictures x windows, 3, s, s]
+    rs = (
+        [torch.cat(per_scale) for per_scale in zip(*(r for _, _, r in ok), strict=True)]
+        if ok and ok[0][2] is not None
+        else None
+    )
+    return [i for i, _, _ in ok], xs, rs, failed
 
 
 def describe(model: Descriptor, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -88,9 +119,38 @@ def embed_files(
     progress: Any = None,
 ) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
     """Descriptors of the given files: (indices embedded, float32 [n, dim], failures)."""
-    loader = DataLoader(
-        ScanDataset(files, pp, max_pixels),
+    done, vectors, _, failed = embed_files_and_regions(
+        model,
+        files,
+        pp,
+        None,
         batch_size=batch_size,
+        workers=workers,
+        device=device,
+        max_pixels=max_pixels,
+        progress=progress,
+    )
+    return done, vectors, failed
+
+
+def embed_files_and_regions(
+    model: Descriptor,
+    files: list[bytes],
+    pp: Preprocess,
+    scheme: RegionScheme | None,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    max_pixels: int | None = None,
+    progress: Any = None,
+) -> tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Global and (with a scheme) regional descriptors of the given files, from one decode:
+    (indices embedded, float32 [n, dim], float32 [n, regions, dim] or [n, 0, dim], failures)."""
+    loader = DataLoader(
+        ScanDataset(files, pp, max_pixels, scheme),
+        # with regions, a picture is many network inputs: fewer pictures per batch
+        batch_size=batch_size if scheme is None else max(1, batch_size // scheme.count),
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
@@ -101,21 +161,38 @@ def embed_files(
     model = model.to(device).eval()
     done: list[int] = []
     chunks: list[np.ndarray] = []
+    region_chunks: list[np.ndarray] = []
     failed: list[tuple[int, str]] = []
     use_amp = device.type == "cuda"
+    n_regions = scheme.count if scheme is not None else 0
     with torch.inference_mode():
-        for idx, xs, bad in loader:
+        for idx, xs, rs, bad in loader:
             failed += bad
             if xs is not None:
                 with torch.autocast(device.type, enabled=use_amp):
                     z = describe(model, [x.to(device, non_blocking=True) for x in xs])
+                    if rs is not None:
+                        zr = describe(model, [r.to(device, non_blocking=True) for r in rs])
+                        region_chunks.append(
+                            zr.float().cpu().numpy().reshape(len(idx), n_regions, -1)
+                        )
                 chunks.append(z.float().cpu().numpy())
                 done += idx
             faults.point("embed.batch")
             if progress is not None:
                 progress.update(len(idx) + len(bad))
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32)
-    return done, vectors.astype(np.float32, copy=False), failed
+    region_vectors = (
+        np.concatenate(region_chunks)
+        if region_chunks
+        else np.zeros((len(done), n_regions, model.dim), np.float32)
+    )
+    return (
+        done,
+        vectors.astype(np.float32, copy=False),
+        region_vectors.astype(np.float32, copy=False),
+        failed,
+    )
 
 
 def embed_pictures(
@@ -148,6 +225,11 @@ class Shard:
     name: str
     image_ids: tuple[str, ...]
     files: tuple[bytes, ...]  # absolute paths as the file system spells them
+    # per image: whether its global descriptor / its regional descriptors are missing (empty:
+    # the global one for every image, no regions)
+    need_global: tuple[bool, ...] = ()
+    need_regions: tuple[bool, ...] = ()
+    region_folder: Path | None = None  # where this model's scheme keeps its regions
 
 
 @dataclass
@@ -157,6 +239,13 @@ class EmbedPlan:
     folder: Path
     shards: list[Shard]
     already: int  # images that already have an embedding for this fingerprint
+    region_folder: Path | None = None  # None: no regional descriptors (embed.regions: none)
+    regions_already: int = 0
+
+
+def region_scheme(settings: Settings) -> RegionScheme | None:
+    """The region scheme embed.regions names (None: none)."""
+    return regions.scheme(settings.embed.regions)
 
 
 def plan_shards(
@@ -166,25 +255,67 @@ def plan_shards(
     *,
     baseline: bool = False,
 ) -> EmbedPlan:
-    """The shards still to embed for model `fp`: canonical images without an embedding."""
+    """The shards still to embed for model `fp`: canonical images without an embedding, or
+    (with embed.regions) without regional descriptors. Baselines get no regions."""
     lay = layout(settings)
     folder = lay.embeddings(fp, baseline=baseline)
     done = embedded_ids(folder) if folder.is_dir() else set()
+    scheme = None if baseline else region_scheme(settings)
+    region_folder = lay.regions(fp, scheme.key) if scheme is not None else None
+    done_r = (
+        embedded_ids(region_folder, regions=True)
+        if region_folder is not None and region_folder.is_dir()
+        else set()
+    )
     root = os.fsencode(lay.scans)
-    todo = [r for r in canonical_images(settings) if r["image_id"] not in done]
+    todo = [
+        r
+        for r in canonical_images(settings)
+        if r["image_id"] not in done or (scheme is not None and r["image_id"] not in done_r)
+    ]
     size = settings.embed.shard_size
     shards = []
     for start in range(0, len(todo), size):
         chunk = todo[start : start + size]
+        ids = tuple(r["image_id"] for r in chunk)
         # Named after its content: a rerun after a kill plans the same names for the same work.
         shards.append(
             Shard(
                 name=f"shard-{chunk[0]['image_id']}-{len(chunk):05d}",
-                image_ids=tuple(r["image_id"] for r in chunk),
+                image_ids=ids,
                 files=tuple(os.path.join(root, r["path_raw"]) for r in chunk),
+                need_global=tuple(i not in done for i in ids),
+                need_regions=tuple(scheme is not None and i not in done_r for i in ids),
+                region_folder=region_folder,
             )
         )
-    return EmbedPlan(fingerprint=fp, source=source, folder=folder, shards=shards, already=len(done))
+    return EmbedPlan(
+        fingerprint=fp,
+        source=source,
+        folder=folder,
+        shards=shards,
+        already=len(done),
+        region_folder=region_folder,
+        regions_already=len(done_r),
+    )
+
+
+def _vector_table(ids: list[str], vectors: np.ndarray, boxes: np.ndarray | None) -> pa.Table:
+    dim = vectors.shape[1]
+    columns = {"image_id": pa.array(ids, pa.string())}
+    if boxes is not None:
+        columns["box"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(boxes.reshape(-1), pa.float32()), 4
+        )
+    columns["vector"] = pa.FixedSizeListArray.from_arrays(
+        pa.array(vectors.reshape(-1), pa.float32()), dim
+    )
+    return pa.table(columns)
+
+
+def _subset_name(prefix: str, ids: list[str]) -> str:
+    """A shard's file name from what it holds (the same work is always the same name)."""
+    return f"{prefix}{ids[0]}-{len(ids):05d}.parquet"
 
 
 def embed_shard(
@@ -195,31 +326,44 @@ def embed_shard(
     shard: Shard,
     progress: Any = None,
 ) -> tuple[int, list[tuple[str, str]]]:
-    """Embed one shard and write it atomically. Returns (images embedded, failures)."""
+    """Embed one shard and write it atomically (the global descriptors, then the regional
+    ones: a kill between the two leaves whole files, and the next plan holds what is missing).
+    Returns (images embedded, failures)."""
     e = settings.embed
-    idx, vectors, failed = embed_files(
+    need_g = shard.need_global or (True,) * len(shard.image_ids)
+    need_r = shard.need_regions or (False,) * len(shard.image_ids)
+    scheme = region_scheme(settings) if any(need_r) else None
+    idx, vectors, region_vectors, failed = embed_files_and_regions(
         model,
         list(shard.files),
         pp,
+        scheme,
         batch_size=e.batch_size,
         workers=e.workers,
         device=pick_device(e.device),
         max_pixels=settings.ingest.max_pixels,
         progress=progress,
     )
-    ids = [shard.image_ids[i] for i in idx]
-    dim = vectors.shape[1]
-    table = pa.table(
-        {
-            "image_id": pa.array(ids, pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.reshape(-1), pa.float32()), dim
-            ),
-        }
-    )
     faults.point("embed.shard")
-    write_parquet(table, folder / f"{shard.name}.parquet")
-    return len(ids), [(shard.image_ids[i], why) for i, why in failed]
+    rows = [r for r, i in enumerate(idx) if need_g[i]]
+    if rows:
+        ids = [shard.image_ids[idx[r]] for r in rows]
+        write_parquet(_vector_table(ids, vectors[rows], None), folder / _subset_name("shard-", ids))
+    rows_r = [r for r, i in enumerate(idx) if need_r[i]]
+    if rows_r and scheme is not None and shard.region_folder is not None:
+        faults.point("embed.regions")
+        k = scheme.count
+        ids = [shard.image_ids[idx[r]] for r in rows_r]
+        shard.region_folder.mkdir(parents=True, exist_ok=True)
+        write_parquet(
+            _vector_table(
+                [i for i in ids for _ in range(k)],
+                region_vectors[rows_r].reshape(len(rows_r) * k, -1),
+                np.tile(scheme.boxes(), (len(rows_r), 1)),
+            ),
+            shard.region_folder / _subset_name(REGIONS_PREFIX, ids),
+        )
+    return len(set(rows) | set(rows_r)), [(shard.image_ids[i], why) for i, why in failed]
 
 
 @dataclass
@@ -232,6 +376,8 @@ class EmbedSummary:
     shards: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    region_folder: Path | None = None
+    regions_already: int = 0
 
     def lines(self) -> list[str]:
         out = [
@@ -240,6 +386,11 @@ class EmbedSummary:
             f"already embedded; {self.seconds:.1f} s",
             f"  embeddings in {self.folder}",
         ]
+        if self.region_folder is not None:
+            out.append(
+                f"  regional descriptors ({self.region_folder.name}) in {self.region_folder}; "
+                f"{self.regions_already} images had them already"
+            )
         for image_id, why in self.failed[:10]:
             out.append(f"  not embedded: {image_id}: {why}")
         if len(self.failed) > 10:
@@ -282,8 +433,17 @@ def run_embed(
     plan = plan_shards(settings, fp, source, baseline=baseline and trained)
     plan.folder.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(plan.folder)
+    if plan.region_folder is not None and plan.region_folder.is_dir():
+        clean_stale_tmp(plan.region_folder)
     write_model_card(settings, plan, model)
-    summary = EmbedSummary(fingerprint=fp, source=source, folder=plan.folder, already=plan.already)
+    summary = EmbedSummary(
+        fingerprint=fp,
+        source=source,
+        folder=plan.folder,
+        already=plan.already,
+        region_folder=plan.region_folder,
+        regions_already=plan.regions_already,
+    )
     total = sum(len(s.image_ids) for s in plan.shards)
     bar = progress_bar(total, "embed", "img", progress)
     try:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import regions
 from ..errors import CbirError
 from ..faiss_index import (
     FLAT_MAX_N,
@@ -17,10 +18,11 @@ from ..faiss_index import (
     choose_params,
     faiss_ids,
     index_ids,
+    region_ids,
     remove_ids,
 )
 from ..fsutil import clean_stale_tmp
-from ..store.embeddings import current_embeddings
+from ..store.embeddings import current_embeddings, current_regions
 from ..store.index import NoIndex, finish_save, load_index, save_index
 from ..store.layout import layout
 
@@ -37,6 +39,8 @@ class IndexSummary:
     removed: int = 0
     images_without_embedding: int = 0
     reason: str = ""
+    regions: IndexSummary | None = None  # the regional descriptors' index (embed.regions)
+    images_without_regions: int = 0
 
     def lines(self) -> list[str]:
         p = self.info.params
@@ -63,22 +67,52 @@ class IndexSummary:
                 f"  {self.images_without_embedding} images have no embedding (run "
                 f"`cbir embed`; unreadable files are listed there)"
             )
+        if self.regions is not None:
+            out += ["regions " + line for line in self.regions.lines()]
+            if self.images_without_regions:
+                out.append(
+                    f"  {self.images_without_regions} images have no regional descriptors "
+                    f"(run `cbir embed`)"
+                )
         return out
 
 
 def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
-    """Build the index of the current embeddings, or update it in place when that is enough.
+    """Build the index of the current embeddings, or update it in place when that is enough;
+    with embed.regions, the same for the index of the regional descriptors beside it.
 
     New images are added without retraining until the collection outgrows the size the index was
     trained for by `index.rebuild_factor`; images no longer present are removed; a different
     model (fingerprint) means a rebuild.
     """
-    cfg = settings.index
     fp, ids, vectors, n_missing = current_embeddings(settings)
-    folder = layout(settings).index_dir
+    lay = layout(settings)
+    summary = _build_or_update(settings, lay.index_dir, fp, faiss_ids(ids), vectors, rebuild)
+    summary.images_without_embedding = n_missing
+    scheme = regions.scheme(settings.embed.regions)
+    if scheme is not None:
+        tag, owners, _, region_vectors = current_regions(settings, fp, scheme)
+        fids = region_ids(owners)
+        summary.regions = _build_or_update(
+            settings, lay.region_index_dir, tag, fids, region_vectors, rebuild
+        )
+        summary.images_without_regions = len(ids) - len(set(owners))
+    return summary
+
+
+def _build_or_update(
+    settings: Settings,
+    folder: Path,
+    fp: str,
+    fids: np.ndarray,
+    vectors: np.ndarray,
+    rebuild: bool,
+) -> IndexSummary:
+    """Update the index in `folder` to hold exactly `fids` (vectors of model `fp`), in place
+    when it can, else rebuild it."""
+    cfg = settings.index
     clean_stale_tmp(folder)  # left by a killed run
     finish_save(folder)
-    fids = faiss_ids(ids)
     reason = "requested" if rebuild else ""
     if not rebuild:
         try:
@@ -90,8 +124,8 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
         else:
             if info.model_fingerprint != fp:
                 reason = f"model changed from {info.model_fingerprint} to {fp}"
-            elif info.params.kind == "flat" and len(ids) > FLAT_MAX_N:
-                reason = f"collection outgrew exact search ({len(ids)} > {FLAT_MAX_N} vectors)"
+            elif info.params.kind == "flat" and len(fids) > FLAT_MAX_N:
+                reason = f"collection outgrew exact search ({len(fids)} > {FLAT_MAX_N} vectors)"
             else:
                 have = index_ids(index)
                 gone = np.setdiff1d(have, fids)
@@ -112,13 +146,12 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
                         rebuilt=False,
                         added=int(new_mask.sum()),
                         removed=removed,
-                        images_without_embedding=n_missing,
                     )
                 reason = (
-                    f"collection outgrew the trained quantiser ({len(ids)} vectors > "
+                    f"collection outgrew the trained quantiser ({len(fids)} vectors > "
                     f"{cfg.rebuild_factor} x {info.trained_size})"
                 )
-    params = choose_params(len(ids), vectors.shape[1], bytes_per_vector=cfg.bytes_per_vector)
+    params = choose_params(len(fids), vectors.shape[1], bytes_per_vector=cfg.bytes_per_vector)
     index, info = build_index(vectors, fids, params, target_recall=cfg.target_recall, seed=cfg.seed)
     info.model_fingerprint = fp
     save_index(index, info, folder)
@@ -126,7 +159,6 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
         info=info,
         folder=folder,
         rebuilt=True,
-        added=len(ids),
-        images_without_embedding=n_missing,
+        added=len(fids),
         reason=reason or "first build",
     )

@@ -10,6 +10,7 @@ from ..config import Settings
 from ..imaging import not_regular
 from ..model import pick_device, retrieval_model
 from ..probe import sha256_of
+from ..regions import Candidate
 from ..store.index import open_searcher
 from ..store.manifest import PRESENT, load_manifest
 from .embed import embed_files
@@ -19,12 +20,15 @@ from .embed import embed_files
 class QueryResult:
     query: str
     neighbours: list[tuple[str, str, float]] = field(default_factory=list)  # id, path, score
+    # beside each neighbour: which search found it, its best region's box (cbir.regions)
+    candidates: list[Candidate] = field(default_factory=list)
     exact_copies_of: list[str] = field(default_factory=list)  # manifest paths, same bytes
     error: str | None = None
 
 
 def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
-    """Top-k neighbours of image files (inside or outside the collection)."""
+    """Top-k neighbours of image files (inside or outside the collection): with embed.regions,
+    the union of the global and the regional search (Searcher.candidates)."""
     model, pp, fp, _ = retrieval_model(settings)
     s = open_searcher(settings, fingerprint=fp)
     results = [QueryResult(query=str(p), error=_unreadable(p)) for p in paths]
@@ -48,15 +52,12 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
         if r["status"] in PRESENT:
             by_sha.setdefault(r["sha256"], []).append(r["path"])
     if done:
-        scores, ids = s.search(vectors, k + 1)
-        for row, i in enumerate(done):
-            res = results[i]
-            sha = sha256_of(os.fsencode(paths[i]))
+        for row, cands in enumerate(s.candidates(vectors, k)):
+            res = results[done[row]]
+            sha = sha256_of(os.fsencode(paths[done[row]]))
             res.exact_copies_of = sorted(by_sha.get(sha, [])) if sha else []
-            for score, image_id in zip(scores[row], ids[row], strict=True):
-                if image_id is None or len(res.neighbours) >= k:
-                    continue
-                res.neighbours.append((image_id, s.path_of.get(image_id, "?"), float(score)))
+            res.candidates = cands
+            res.neighbours = [(c.image_id, s.path_of.get(c.image_id, "?"), c.score) for c in cands]
     return results
 
 

@@ -1,5 +1,7 @@
 """Embeddings on disk (`data.embeddings_dir/<model fingerprint>/shard-*.parquet`, written by
-`cbir embed`): one folder per model, Parquet shards of (image_id, vector), read back checked."""
+`cbir embed`): one folder per model, Parquet shards of (image_id, vector), read back checked.
+With `embed.regions`, the regional descriptors lie in a subfolder per region scheme
+(`regions-<scheme>/regions-*.parquet`: image_id, box, vector; several rows per image)."""
 
 from __future__ import annotations
 
@@ -13,32 +15,41 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CbirError
-from .layout import MODEL_CARD, SHARD_GLOB, layout
+from .layout import MODEL_CARD, REGION_SHARD_GLOB, SHARD_GLOB, layout
 from .manifest import canonical_images
 from .tables import DamagedFile, one_line
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from ..regions import RegionScheme
 
 
-def read_shard(shard: Path, columns: list[str] | None = None) -> pa.Table:
-    """One embeddings shard. Shards are written atomically, so a damaged or foreign one is
-    damage on disk: a clear error saying what to do, not a pyarrow traceback."""
+def read_shard(shard: Path, columns: list[str] | None = None, *, regions: bool = False) -> pa.Table:
+    """One embeddings shard (`regions`: a regional descriptors' shard). Shards are written
+    atomically, so a damaged or foreign one is damage on disk: a clear error saying what to do,
+    not a pyarrow traceback."""
     try:
         table = pq.read_table(shard, columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise _damaged_shard(shard, exc) from None
-    problem = _shard_problem(table.schema, columns or ["image_id", "vector"])
+    every = ["image_id", "box", "vector"] if regions else ["image_id", "vector"]
+    problem = _shard_problem(table.schema, columns or every)
     if problem:
         raise _damaged_shard(shard, problem)
     return table
 
 
 def _shard_problem(schema: pa.Schema, columns: list[str]) -> str | None:
-    """Why a shard's columns are not (image_id string, vector of float32), or None."""
+    """Why a shard's columns are not (image_id string, [box of 4 floats,] vector of floats),
+    or None."""
     for name in columns:
         if name not in schema.names:
             return f"it has no column {name!r}"
+    b = schema.field("box").type if "box" in columns else None
+    if b is not None and not (
+        pa.types.is_fixed_size_list(b) and b.list_size == 4 and pa.types.is_floating(b.value_type)
+    ):
+        return f"column 'box' holds {b}, not boxes of 4 floats"
     t = schema.field("vector").type if "vector" in columns else None
     if t is not None and not (
         pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type)
@@ -57,10 +68,11 @@ def _damaged_shard(shard: Path, problem: object) -> DamagedFile:
     )
 
 
-def embedded_ids(folder: Path) -> set[str]:
+def embedded_ids(folder: Path, *, regions: bool = False) -> set[str]:
+    """The images with an embedding in `folder` (`regions`: with regional descriptors)."""
     ids: set[str] = set()
-    for shard in sorted(folder.glob(SHARD_GLOB)):
-        ids.update(read_shard(shard, columns=["image_id"]).column(0).to_pylist())
+    for shard in sorted(folder.glob(REGION_SHARD_GLOB if regions else SHARD_GLOB)):
+        ids.update(read_shard(shard, columns=["image_id"], regions=regions).column(0).to_pylist())
     return ids
 
 
@@ -130,3 +142,65 @@ def current_embeddings(
     if not ids:
         raise CbirError(f"no embeddings for the current model {fp}: run `cbir embed` first")
     return fp, ids, vectors, len(present) - len(ids)
+
+
+def load_regions(
+    folder: Path, only: set[str] | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The regional descriptors in a scheme's folder: (image id of each region, boxes [n, 4] as
+    fractions of the picture's width and height, vectors [n, dim]), grouped by image id in
+    sorted order. An image found in two shards (which a kill cannot cause: names follow the
+    content) keeps the rows of the last shard only, so no region is ever counted twice."""
+    tables = [read_shard(s, regions=True) for s in sorted(folder.glob(REGION_SHARD_GLOB))]
+    last: dict[str, int] = {}
+    for n, t in enumerate(tables):
+        for image_id in t.column("image_id").to_pylist():
+            last[image_id] = n
+    owners: list[str] = []
+    boxes, vectors = [], []
+    dims = {t.schema.field("vector").type.list_size for t in tables if t.num_rows}
+    if len(dims) > 1:
+        raise DamagedFile(
+            f"regional descriptors in {folder} have dimensions {sorted(dims)}; delete the "
+            f"folder and run `cbir embed` to compute them again"
+        )
+    for n, t in enumerate(tables):
+        ids = t.column("image_id").to_pylist()
+        keep = [i for i, x in enumerate(ids) if last[x] == n and (only is None or x in only)]
+        if not keep:
+            continue
+        col = t.column("vector").combine_chunks()
+        vec = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+        box = t.column("box").combine_chunks().values.to_numpy(zero_copy_only=False)
+        owners += [ids[i] for i in keep]
+        vectors.append(vec[keep])
+        boxes.append(box.reshape(-1, 4)[keep])
+    if not owners:
+        return [], np.zeros((0, 4), np.float32), np.zeros((0, 0), np.float32)
+    order = sorted(range(len(owners)), key=lambda i: owners[i])  # stable: regions keep order
+    return (
+        [owners[i] for i in order],
+        np.concatenate(boxes).astype(np.float32, copy=False)[order],
+        np.concatenate(vectors).astype(np.float32, copy=False)[order],
+    )
+
+
+def current_regions(
+    settings: Settings, fingerprint: str, scheme: RegionScheme
+) -> tuple[str, list[str], np.ndarray, np.ndarray]:
+    """The regional descriptors of the present canonical images for model `fingerprint` under
+    `scheme`: (their tag, `<fingerprint>/<scheme key>`, which the region index records; the
+    owner of each region; boxes; vectors). Raises when there are none (`cbir embed` first)."""
+    folder = layout(settings).regions(fingerprint, scheme.key)
+    present = {r["image_id"] for r in canonical_images(settings)}
+    owners, boxes, vectors = (
+        load_regions(folder, present)
+        if folder.is_dir()
+        else ([], np.zeros((0, 4), np.float32), np.zeros((0, 0), np.float32))
+    )
+    if not owners:
+        raise CbirError(
+            f"no regional descriptors ({scheme.name}) for the current model {fingerprint}: run "
+            f"`cbir embed` first (embed.regions: {scheme.name})"
+        )
+    return f"{fingerprint}/{scheme.key}", owners, boxes, vectors

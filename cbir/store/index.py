@@ -1,6 +1,7 @@
 """The FAISS index on disk (`data.index_dir`): index.faiss beside its sidecar index.json, saved
 so that a kill at any moment leaves a loadable index, and a `Searcher` over the stored index and
-the current embeddings."""
+the current embeddings (with embed.regions, also over the regional descriptors' index in
+`data.index_dir/regions/`: `Searcher.candidates` is the union of both searches)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
-from .. import faults
+from .. import faults, regions
 from ..errors import CbirError
-from ..faiss_index import IndexInfo, faiss_ids, ivf_part
+from ..faiss_index import IndexInfo, faiss_ids, ivf_part, region_ids
 from ..faiss_index import search as faiss_search
 from ..fsutil import atomic_path, write_json
-from .embeddings import current_embeddings
+from ..regions import Candidate
+from .embeddings import current_embeddings, current_regions
 from .layout import INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
 from .manifest import OK, load_manifest
 
@@ -177,6 +179,46 @@ def load_index(
 
 
 @dataclass
+class RegionSearcher:
+    """The regional descriptors' index, answering with each picture's best region."""
+
+    index: Any
+    info: Any
+    owners: list[str]  # row order of `vectors` and `boxes`
+    boxes: np.ndarray
+    vectors: np.ndarray
+    fids: np.ndarray  # sorted FAISS ids, and the row of each
+    rows: np.ndarray
+
+    @classmethod
+    def of(
+        cls, index: Any, info: Any, owners: list[str], boxes: np.ndarray, vectors: np.ndarray
+    ) -> RegionSearcher:
+        fids = region_ids(owners)
+        order = np.argsort(fids)
+        return cls(index, info, owners, boxes, vectors, fids[order], order)
+
+    def row(self, fids: np.ndarray) -> np.ndarray:
+        return self.rows[np.searchsorted(self.fids, np.asarray(fids, np.int64))]
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float, np.ndarray]]]:
+        """Per query, the pictures owning its nearest regions, best region each, best first
+        (up to k pictures: 4k regions are searched, as a picture's regions crowd together)."""
+        scores, fids = faiss_search(
+            self.index, self.info, queries, 4 * k, vectors=lambda f: self.vectors[self.row(f)]
+        )
+        out = []
+        for srow, frow in zip(scores, fids, strict=True):
+            ok = frow >= 0
+            rows = self.row(frow[ok])
+            hits = regions.best_regions(
+                srow[ok], [self.owners[r] for r in rows], [self.boxes[r] for r in rows]
+            )
+            out.append(hits[:k])
+        return out
+
+
+@dataclass
 class Searcher:
     """The current index with what is needed to turn its answers into images and paths."""
 
@@ -187,6 +229,7 @@ class Searcher:
     vectors: np.ndarray
     row_of_fid: dict[int, int]
     path_of: dict[str, str]  # image_id -> canonical path
+    regions: RegionSearcher | None = None  # with embed.regions
 
     def lookup(self, fids: np.ndarray) -> np.ndarray:
         """Stored vectors for FAISS ids: the index re-scores its candidates exactly with them."""
@@ -200,11 +243,33 @@ class Searcher:
         ]
         return scores, ids
 
+    def candidates(self, queries: np.ndarray, k: int) -> list[list[Candidate]]:
+        """Per query vector, the images it may be a copy or a detail of: the union of its
+        global top k and (with regions) the owners of its regional top k, at most k, best
+        first, each saying which search found it (`found_by`) and, for a region, its box."""
+        scores, ids = self.search(queries, k)
+        hits = self.regions.search(queries, k) if self.regions is not None else None
+        out = []
+        for q in range(len(queries)):
+            g = [(i, float(s)) for s, i in zip(scores[q], ids[q], strict=True) if i is not None]
+            out.append(regions.union(g, hits[q] if hits is not None else [], k))
+        return out
 
-def open_searcher(settings: Settings, fingerprint: str | None = None) -> Searcher:
-    """Load the index for the current model; a stale index is refused with a clear message."""
+
+def open_searcher(
+    settings: Settings, fingerprint: str | None = None, *, with_regions: bool = True
+) -> Searcher:
+    """Load the index for the current model (and, with embed.regions, the regional index); a
+    stale index is refused with a clear message."""
     fp, ids, vectors, _ = current_embeddings(settings, fingerprint)
-    index, info = load_index(layout(settings).index_dir, expected_fingerprint=fp)
+    lay = layout(settings)
+    index, info = load_index(lay.index_dir, expected_fingerprint=fp)
+    scheme = regions.scheme(settings.embed.regions) if with_regions else None
+    region_searcher = None
+    if scheme is not None:
+        tag, owners, boxes, region_vectors = current_regions(settings, fp, scheme)
+        r_index, r_info = load_index(lay.region_index_dir, expected_fingerprint=tag)
+        region_searcher = RegionSearcher.of(r_index, r_info, owners, boxes, region_vectors)
     fids = faiss_ids(ids)
     manifest = load_manifest(settings).select(["image_id", "path", "status", "is_canonical"])
     path_of = {
@@ -220,4 +285,5 @@ def open_searcher(settings: Settings, fingerprint: str | None = None) -> Searche
         vectors=vectors,
         row_of_fid={int(f): i for i, f in enumerate(fids)},
         path_of=path_of,
+        regions=region_searcher,
     )

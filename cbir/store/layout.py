@@ -20,10 +20,14 @@ JOURNAL = "journal"
 # data.embeddings_dir/<model fingerprint>/ (cbir embed)
 SHARD_GLOB = "shard-*.parquet"
 MODEL_CARD = "model.json"
+# data.embeddings_dir/<model fingerprint>/regions-<scheme key>/ (cbir embed with embed.regions)
+REGIONS_PREFIX = "regions-"
+REGION_SHARD_GLOB = "regions-*.parquet"
 # data.index_dir (cbir index)
 INDEX_FILE = "index.faiss"
 SIDECAR_FILE = "index.json"
 STAGED_FILE = "index.faiss.next"  # a new index file, until the sidecar that describes it is in
+REGION_INDEX = "regions"  # the regional descriptors' index: the same three files in this folder
 # data.models_dir (cbir train)
 LAST = "last.pt"
 HISTORY = "history.csv"
@@ -111,6 +115,16 @@ class Layout:
         if baseline:
             return self.cache_dir / BASELINE_EMBEDDINGS / fingerprint
         return self.embeddings_dir / fingerprint
+
+    def regions(self, fingerprint: str, scheme_key: str) -> Path:
+        """Where the regional descriptors of model `fingerprint` under a region scheme live
+        (one folder per scheme: vectors of different schemes are never mixed)."""
+        return self.embeddings_dir / fingerprint / f"{REGIONS_PREFIX}{scheme_key}"
+
+    @property
+    def region_index_dir(self) -> Path:
+        """The index of the regional descriptors, beside the global index."""
+        return self.index_dir / REGION_INDEX
 
     def review_rendition(self, image_id: str, side: int) -> Path:
         """The review server's JPEG of image `image_id` (a content id), at most `side` px."""
