@@ -60,7 +60,7 @@ INDEX_SCHEMA = pa.schema(
         ("n", pa.int32()),
         ("width", pa.int32()),
         ("height", pa.int32()),
-        ("scale", pa.float32()),
+        ("scale", pa.float64()),
         ("crc", pa.int64()),
     ]
 )
