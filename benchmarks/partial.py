@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -52,7 +53,11 @@ from cbir.imaging import load_rgb  # noqa: E402
 from cbir.steps.embed import run_embed  # noqa: E402
 from cbir.steps.index import run_index  # noqa: E402
 from cbir.steps.ingest import run_ingest  # noqa: E402
+from cbir.steps.pairs import run_pairs  # noqa: E402
 from cbir.steps.query import query_images  # noqa: E402
+from cbir.store.features import RECIPE, extract, feature_cache  # noqa: E402
+from cbir.store.layout import layout  # noqa: E402
+from cbir.store.manifest import canonical_images  # noqa: E402
 from cbir.steps.train import run_train  # noqa: E402
 
 
@@ -123,6 +128,37 @@ def workspace(out: Path, scans: Path, args: argparse.Namespace) -> Any:
     return settings, model
 
 
+def time_pairs(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """`cbir pairs` on the collection with and without verification, side by side: the first
+    run calibrates (untimed), then off, on with an empty features cache, on with it full."""
+    def run(verify_on: bool) -> Any:
+        s = settings.model_copy(update={"search": settings.search.model_copy(
+            update={"verify": verify_on, "verify_floor": args.floor})})
+        t = time.perf_counter()
+        summary = run_pairs(s)
+        return summary, time.perf_counter() - t
+
+    run(False)  # calibration, thumbnails of nothing: the same for both
+    out = {}
+    folder = layout(settings).features(RECIPE)
+    for name, on, empty in (("off", False, False), ("on, empty cache", True, True),
+                            ("on, cached features", True, False)):
+        if empty and folder.exists():
+            shutil.rmtree(folder)
+        summary, secs = run(on)
+        vs = summary.verification
+        out[name] = {"seconds": secs, "near_pairs": summary.n_near_pairs,
+                     "checked": vs.checked if vs else 0,
+                     "per_pair_ms": vs.seconds / max(1, vs.checked) * 1000 if vs else 0.0,
+                     "confirmed_below": vs.confirmed_below if vs else 0,
+                     "contradicted": vs.contradicted if vs else 0,
+                     "extracted": vs.extracted if vs else 0}
+        print(f"pairs, verification {name}: {secs:.1f} s; " + "; ".join(
+            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in out[name].items()
+            if k != "seconds"), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/cbir-partial"))
@@ -135,6 +171,9 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=112, help="training and embedding px")
     ap.add_argument("--top", type=int, default=20, help="global candidates verified per query")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairs", action="store_true",
+                    help="also time `cbir pairs` with and without verification")
+    ap.add_argument("--floor", type=float, default=0.5, help="search.verify_floor for --pairs")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -143,34 +182,36 @@ def main() -> None:
     print(f"collection embedded ({time.perf_counter() - t_start:.0f} s); model: {model}",
           flush=True)
 
+    # the collection's features, extracted once into the workspace's cache (as `cbir pairs`
+    # does), so that the queries time what a query costs: its own features, then the cache
     t0 = time.perf_counter()
-    results = query_images(settings, [t["query"] for t in truth], k=args.top)
+    rows_m = canonical_images(settings)
+    cache = feature_cache(settings)
+    extract(cache, [(r["image_id"], os.path.join(os.fsencode(scans), r["path_raw"]))
+                    for r in rows_m if r["image_id"] not in cache],
+            workers=settings.decode_workers, max_pixels=settings.ingest.max_pixels)
+    extract_s = time.perf_counter() - t0
+    vset = settings.model_copy(update={"search": settings.search.model_copy(
+        update={"verify": True, "verify_top": args.top})})
+    t0 = time.perf_counter()
+    results = query_images(vset, [t["query"] for t in truth], k=args.top)
     global_s = time.perf_counter() - t0
-    cache: dict[str, verify.Features] = {}
-    extract_s = 0.0
     rows: dict[str, dict[str, list[float]]] = {}
     for t, res in zip(truth, results, strict=True):
         if res.error:
             raise SystemExit(f"query {t['query']}: {res.error}")
-        names = [Path(p).name for _, p, _ in res.neighbours]
-        for image_id, path, _ in res.neighbours:
-            if image_id not in cache:
-                t1 = time.perf_counter()
-                p = Path(path)
-                cache[image_id] = verify.features(load_rgb(p if p.is_absolute() else scans / p))
-                extract_s += time.perf_counter() - t1
-        t1 = time.perf_counter()
-        q = verify.features(load_rgb(t["query"]))
-        found = verify.verify_many(q, [cache[i] for i, _, _ in res.neighbours])
-        verify_s = time.perf_counter() - t1
-        order = sorted(range(len(names)), key=lambda j: (not found[j].verified,
-                                                         -found[j].inliers if found[j].verified
-                                                         else 0, j))
-        reranked = [names[j] for j in order]
+        # the descriptor's order: by score (query_images returns the re-ranked one)
+        ranked = sorted(zip(res.neighbours, res.verification, strict=True),
+                        key=lambda nv: -nv[0][2])
+        names = [Path(p).name for (_, p, _), _ in ranked]
+        found = [m or verify.Match() for _, m in ranked]
+        reranked = [Path(p).name for _, p, _ in res.neighbours]
         right = t["original"]
-        top = found[order[0]] if order else verify.Match()
+        top = (res.verification[0] or verify.Match()) if res.verification else verify.Match()
+        score_of = {Path(p).name: sc for _, p, sc in res.neighbours}
         r = rows.setdefault(t["band"], {k: [] for k in (
-            "g_p1", "g_r10", "v_p1", "v_r10", "ceiling", "false", "box", "secs")})
+            "g_p1", "g_r10", "v_p1", "v_r10", "ceiling", "false", "box", "secs", "qsecs",
+            "score")})
         r["g_p1"].append(float(names[:1] == [right]))
         r["g_r10"].append(float(right in names[:10]))
         r["v_p1"].append(float(reranked[:1] == [right]))
@@ -179,30 +220,43 @@ def main() -> None:
         r["false"].append(float(sum(m.verified and n != right for m, n in zip(found, names))))
         r["box"].append(float(reranked[:1] == [right] and top.box is not None
                               and iou(top.box, t["box"]) >= 0.5))
-        r["secs"].append(verify_s)
+        r["secs"].append(res.verify_seconds)
+        r["qsecs"].append(res.features_seconds)
+        if right in score_of:
+            r["score"].append(score_of[right])
 
     print()
     print(f"| Area of the original | Queries | Global P@1 | Global R@10 | Verified P@1 | "
           f"Verified R@10 | Original in top {args.top} | Wrong candidates verified / query | "
-          f"Box IoU >= 0.5 at rank 1 | Verification ms / query |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"Box IoU >= 0.5 at rank 1 | Verification ms / query (median, p90) | "
+          f"Query's own features ms (median) | Original's score (median, p10) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     table = {}
     for band in partial_copies.BANDS:
         if band not in rows:
             continue
-        r = {k: float(np.mean(v)) for k, v in rows[band].items()}
-        table[band] = {**r, "queries": len(rows[band]["g_p1"])}
-        print(f"| {band} | {len(rows[band]['g_p1'])} | {r['g_p1']:.3f} | {r['g_r10']:.3f} | "
+        raw = rows[band]
+        r = {k: float(np.mean(v)) if v else float("nan") for k, v in raw.items()}
+        r["secs_median"] = float(np.median(raw["secs"]))
+        r["secs_p90"] = float(np.percentile(raw["secs"], 90))
+        r["qsecs_median"] = float(np.median(raw["qsecs"]))
+        sc = raw["score"] or [float("nan")]
+        r["score_median"], r["score_p10"] = float(np.median(sc)), float(np.percentile(sc, 10))
+        table[band] = {**r, "queries": len(raw["g_p1"])}
+        print(f"| {band} | {len(raw['g_p1'])} | {r['g_p1']:.3f} | {r['g_r10']:.3f} | "
               f"{r['v_p1']:.3f} | {r['v_r10']:.3f} | {r['ceiling']:.3f} | {r['false']:.3f} | "
-              f"{r['box']:.3f} | {r['secs'] * 1000:.0f} |")
+              f"{r['box']:.3f} | {r['secs_median'] * 1000:.0f}, {r['secs_p90'] * 1000:.0f} | "
+              f"{r['qsecs_median'] * 1000:.0f} | {r['score_median']:.3f}, "
+              f"{r['score_p10']:.3f} |")
+    pairs = time_pairs(settings, args) if args.pairs else {}
     total = time.perf_counter() - t_start
     print()
-    print(f"model: {model}; {len(truth)} queries of {args.photos} photographs, "
-          f"{len(cache)} collection pictures' features extracted once "
-          f"({extract_s / max(1, len(cache)) * 1000:.0f} ms each), global search "
+    print(f"model: {model}; {len(truth)} queries of {args.photos} photographs; the local "
+          f"features of the {len(cache)} collection pictures extracted once, "
+          f"{extract_s:.1f} s on {settings.decode_workers} processes; the queries "
           f"{global_s:.0f} s in all; run time {total / 60:.1f} min")
     (args.out / "partial.json").write_text(json.dumps(
-        {"table": table, "model": model, "run_seconds": total,
+        {"table": table, "model": model, "run_seconds": total, "pairs": pairs,
          "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
 
 

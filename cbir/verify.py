@@ -18,8 +18,9 @@ Choices, and why:
   compares them as the Hellinger kernel does, which matches better at no cost.
 - **Matching**: exact nearest neighbours (deterministic, unlike randomised kd-trees) with Lowe's
   ratio test, as one BLAS product of the descriptors: for unit vectors the squared distance is
-  2 - 2 x their dot product, so the two nearest are the two largest products. 20 OpenCV
-  BFMatcher calls took 0.5 s for 20 candidates of 1,000 keypoints; the products take 30 ms.
+  2 - 2 x their dot product, so the two nearest are the two largest products (one matrix product
+  per candidate, OpenCV's gemm on one thread). 20 OpenCV BFMatcher calls took 0.5 s for 20
+  candidates of 1,000 keypoints; the products take 20-40 ms on a busy machine.
 - **What a picture keeps** (measured on details of the real photographs of ../shared/data, each
   against its original and 19 other pictures, benchmarks/partial.py for the descriptor's
   top 20): the working side (512 px) and the keypoint cap (1,000, the strongest) of a
@@ -216,7 +217,10 @@ def _matches(
     na = len(a) if a_keypoints is None else min(len(a), a_keypoints)
     if na < 2 or len(b) < 2:
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
-    s = a.descriptors[:na] @ b.descriptors.T  # [na, nb], contiguous rows
+    # OpenCV's product (one thread, cv2.setNumThreads), not numpy's: OpenBLAS starts a thread
+    # per core for every product, and on a busy two-core machine those small products took
+    # 10x longer (17 ms instead of 1-4 ms for 300 x 1,000 keypoints)
+    s = cv2.gemm(a.descriptors[:na], b.descriptors, 1.0, None, 0.0, flags=cv2.GEMM_2_T)
     rows = np.arange(na)
     best = s.argmax(axis=1)
     s1 = s[rows, best]
