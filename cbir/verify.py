@@ -17,7 +17,7 @@ Choices, and why:
   are RootSIFT (L1-normalised, square-rooted, hence of unit length): Euclidean distance then
   compares them as the Hellinger kernel does, which matches better at no cost.
 - **Matching**: exact nearest neighbours (deterministic, unlike randomised kd-trees) with Lowe's
-  ratio test, as one BLAS product of the descriptors: for unit vectors the squared distance is
+  ratio test, as one matrix product of the descriptors: for unit vectors the squared distance is
   2 - 2 x their dot product, so the two nearest are the two largest products (one matrix product
   per candidate, OpenCV's gemm on one thread). 20 OpenCV BFMatcher calls took 0.5 s for 20
   candidates of 1,000 keypoints; the products take 20-40 ms on a busy machine.
