@@ -87,6 +87,7 @@ TOLERANCE = 5.0
 #: onto as much of the smaller, the two show the same picture (a rescan, a slightly cropped copy).
 FULL = 0.8
 _SEED = 12345
+_NO_TERM = np.zeros((0, 0), np.float32)  # gemm's added term, unused (beta 0)
 _threads_set = False
 
 
@@ -220,7 +221,9 @@ def _matches(
     # OpenCV's product (one thread, cv2.setNumThreads), not numpy's: OpenBLAS starts a thread
     # per core for every product, and on a busy two-core machine those small products took
     # 10x longer (17 ms instead of 1-4 ms for 300 x 1,000 keypoints)
-    s = cv2.gemm(a.descriptors[:na], b.descriptors, 1.0, None, 0.0, flags=cv2.GEMM_2_T)
+    s = np.asarray(
+        cv2.gemm(a.descriptors[:na], b.descriptors, 1.0, _NO_TERM, 0.0, flags=cv2.GEMM_2_T)
+    )
     rows = np.arange(na)
     best = s.argmax(axis=1)
     s1 = s[rows, best]
