@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -58,9 +59,12 @@ from cbir.imaging import load_rgb  # noqa: E402
 from cbir.steps.embed import run_embed  # noqa: E402
 from cbir.steps.index import run_index  # noqa: E402
 from cbir.steps.ingest import run_ingest  # noqa: E402
+from cbir.steps.pairs import run_pairs  # noqa: E402
 from cbir.steps.query import query_images  # noqa: E402
 from cbir.steps.train import run_train  # noqa: E402
+from cbir.store.features import RECIPE, extract, feature_cache  # noqa: E402
 from cbir.store.layout import REGIONS_PREFIX, layout  # noqa: E402
+from cbir.store.manifest import canonical_images  # noqa: E402
 
 
 def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -160,6 +164,37 @@ def _bytes(folder: Path, *, recursive: bool = True, deep: int = 0) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
+def time_pairs(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """`cbir pairs` on the collection with and without verification, side by side: the first
+    run calibrates (untimed), then off, on with an empty features cache, on with it full."""
+    def run(verify_on: bool) -> Any:
+        s = settings.model_copy(update={"search": settings.search.model_copy(
+            update={"verify": verify_on, "verify_floor": args.floor})})
+        t = time.perf_counter()
+        summary = run_pairs(s)
+        return summary, time.perf_counter() - t
+
+    run(False)  # calibration, thumbnails of nothing: the same for both
+    out = {}
+    folder = layout(settings).features(RECIPE)
+    for name, on, empty in (("off", False, False), ("on, empty cache", True, True),
+                            ("on, cached features", True, False)):
+        if empty and folder.exists():
+            shutil.rmtree(folder)
+        summary, secs = run(on)
+        vs = summary.verification
+        out[name] = {"seconds": secs, "near_pairs": summary.n_near_pairs,
+                     "checked": vs.checked if vs else 0,
+                     "per_pair_ms": vs.seconds / max(1, vs.checked) * 1000 if vs else 0.0,
+                     "confirmed_below": vs.confirmed_below if vs else 0,
+                     "contradicted": vs.contradicted if vs else 0,
+                     "extracted": vs.extracted if vs else 0}
+        print(f"pairs, verification {name}: {secs:.1f} s; " + "; ".join(
+            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in out[name].items()
+            if k != "seconds"), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/cbir-partial"))
@@ -174,6 +209,9 @@ def main() -> None:
     ap.add_argument("--regions", default="halves", choices=sorted(regions.SCHEMES),
                     help="embed.regions scheme measured against global descriptors alone")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairs", action="store_true",
+                    help="also time `cbir pairs` with and without verification")
+    ap.add_argument("--floor", type=float, default=0.5, help="search.verify_floor for --pairs")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -182,74 +220,78 @@ def main() -> None:
     print(f"collection embedded ({time.perf_counter() - t_start:.0f} s); model: {model}",
           flush=True)
 
-    queries = [t["query"] for t in truth]
+    # the collection's features, extracted once into the workspace's cache (as `cbir pairs`
+    # does), so that the queries time what a query costs: its own features, then the cache
     t0 = time.perf_counter()
-    results = query_images(settings, queries, k=args.top)
-    global_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    unions = query_images(with_regions, queries, k=args.top)
-    union_s = time.perf_counter() - t0
-    cache: dict[str, verify.Features] = {}
-    extract_s = 0.0
-    rows: dict[str, dict[str, list[float]]] = {}
-    for t, res, uni in zip(truth, results, unions, strict=True):
-        if res.error or uni.error:
-            raise SystemExit(f"query {t['query']}: {res.error or uni.error}")
-        names = [Path(p).name for _, p, _ in res.neighbours]
-        u_names = [Path(p).name for _, p, _ in uni.neighbours]
-        for image_id, path, _ in uni.neighbours:
-            if image_id not in cache:
-                t1 = time.perf_counter()
-                p = Path(path)
-                cache[image_id] = verify.features(load_rgb(p if p.is_absolute() else scans / p))
-                extract_s += time.perf_counter() - t1
-        t1 = time.perf_counter()
-        q = verify.features(load_rgb(t["query"]))
-        found = verify.verify_many(q, [cache[i] for i, _, _ in uni.neighbours])
-        verify_s = time.perf_counter() - t1
-        order = sorted(range(len(u_names)), key=lambda j: (not found[j].verified,
-                                                           -found[j].inliers if found[j].verified
-                                                           else 0, j))
-        reranked = [u_names[j] for j in order]
-        right = t["original"]
-        top = found[order[0]] if order else verify.Match()
-        by = {Path(p).name: c.found_by for (_, p, _), c in zip(uni.neighbours, uni.candidates,
-                                                               strict=True)}
-        r = rows.setdefault(t["band"], {k: [] for k in (
-            "g_top", "g_p1", "g_r10", "u_top", "u_p1", "u_r10", "by_regions", "v_p1", "v_r10",
-            "false", "box", "secs")})
-        r["g_top"].append(float(right in names))
-        r["g_p1"].append(float(names[:1] == [right]))
-        r["g_r10"].append(float(right in names[:10]))
-        r["u_top"].append(float(right in u_names))
-        r["u_p1"].append(float(u_names[:1] == [right]))
-        r["u_r10"].append(float(right in u_names[:10]))
-        r["by_regions"].append(float(by.get(right) == regions.REGIONS))
-        r["v_p1"].append(float(reranked[:1] == [right]))
-        r["v_r10"].append(float(right in reranked[:10]))
-        r["false"].append(float(sum(m.verified and n != right for m, n in zip(found, u_names, strict=True))))
-        r["box"].append(float(reranked[:1] == [right] and top.box is not None
-                              and iou(top.box, t["box"]) >= 0.5))
-        r["secs"].append(verify_s)
+    rows_m = canonical_images(settings)
+    cache = feature_cache(settings)
+    extract(cache, [(r["image_id"], os.path.join(os.fsencode(scans), r["path_raw"]))
+                    for r in rows_m if r["image_id"] not in cache],
+            workers=settings.decode_workers, max_pixels=settings.ingest.max_pixels)
+    extract_s = time.perf_counter() - t0
+    tables: dict[str, Any] = {}
+    # side by side: the global candidates alone, then the union with the regional ones
+    for label, s in (("global", settings), (f"global + regions ({args.regions})", with_regions)):
+        print(f"\ncandidates: {label}")
+        vset = s.model_copy(update={"search": s.search.model_copy(
+            update={"verify": True, "verify_top": args.top})})
+        t0 = time.perf_counter()
+        results = query_images(vset, [t["query"] for t in truth], k=args.top)
+        global_s = time.perf_counter() - t0
+        rows: dict[str, dict[str, list[float]]] = {}
+        for t, res in zip(truth, results, strict=True):
+            if res.error:
+                raise SystemExit(f"query {t['query']}: {res.error}")
+            # the descriptor's order: by score (query_images returns the re-ranked one)
+            ranked = sorted(zip(res.neighbours, res.verification, strict=True),
+                            key=lambda nv: -nv[0][2])
+            names = [Path(p).name for (_, p, _), _ in ranked]
+            found = [m or verify.Match() for _, m in ranked]
+            reranked = [Path(p).name for _, p, _ in res.neighbours]
+            right = t["original"]
+            top = (res.verification[0] or verify.Match()) if res.verification else verify.Match()
+            score_of = {Path(p).name: sc for _, p, sc in res.neighbours}
+            r = rows.setdefault(t["band"], {k: [] for k in (
+                "g_p1", "g_r10", "v_p1", "v_r10", "ceiling", "false", "box", "secs", "qsecs",
+                "score")})
+            r["g_p1"].append(float(names[:1] == [right]))
+            r["g_r10"].append(float(right in names[:10]))
+            r["v_p1"].append(float(reranked[:1] == [right]))
+            r["v_r10"].append(float(right in reranked[:10]))
+            r["ceiling"].append(float(right in names))
+            r["false"].append(float(sum(m.verified and n != right for m, n in zip(found, names))))
+            r["box"].append(float(reranked[:1] == [right] and top.box is not None
+                                  and iou(top.box, t["box"]) >= 0.5))
+            r["secs"].append(res.verify_seconds)
+            r["qsecs"].append(res.features_seconds)
+            if right in score_of:
+                r["score"].append(score_of[right])
 
-    top = args.top
-    print()
-    print(f"| Area of the original | Queries | Global: original in top {top} | Global P@1 | "
-          f"Global R@10 | Union ({args.regions}): original in top {top} | Union P@1 | "
-          f"Union R@10 | Found by regions only | Union + verification P@1 | "
-          f"Union + verification R@10 | Wrong candidates verified / query | "
-          f"Box IoU >= 0.5 at rank 1 | Verification ms / query |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    table = {}
-    for band in partial_copies.BANDS:
-        if band not in rows:
-            continue
-        r = {k: float(np.mean(v)) for k, v in rows[band].items()}
-        table[band] = {**r, "queries": len(rows[band]["g_p1"])}
-        print(f"| {band} | {len(rows[band]['g_p1'])} | {r['g_top']:.3f} | {r['g_p1']:.3f} | "
-              f"{r['g_r10']:.3f} | {r['u_top']:.3f} | {r['u_p1']:.3f} | {r['u_r10']:.3f} | "
-              f"{r['by_regions']:.3f} | {r['v_p1']:.3f} | {r['v_r10']:.3f} | {r['false']:.3f} | "
-              f"{r['box']:.3f} | {r['secs'] * 1000:.0f} |")
+        print()
+        print(f"| Area of the original | Queries | Descriptor P@1 | Descriptor R@10 | Verified P@1 | "
+              f"Verified R@10 | Original in top {args.top} | Wrong candidates verified / query | "
+              f"Box IoU >= 0.5 at rank 1 | Verification ms / query (median, p90) | "
+              f"Query's own features ms (median) | Original's score (median, p10) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        table = {}
+        for band in partial_copies.BANDS:
+            if band not in rows:
+                continue
+            raw = rows[band]
+            r = {k: float(np.mean(v)) if v else float("nan") for k, v in raw.items()}
+            r["secs_median"] = float(np.median(raw["secs"]))
+            r["secs_p90"] = float(np.percentile(raw["secs"], 90))
+            r["qsecs_median"] = float(np.median(raw["qsecs"]))
+            sc = raw["score"] or [float("nan")]
+            r["score_median"], r["score_p10"] = float(np.median(sc)), float(np.percentile(sc, 10))
+            table[band] = {**r, "queries": len(raw["g_p1"])}
+            print(f"| {band} | {len(raw['g_p1'])} | {r['g_p1']:.3f} | {r['g_r10']:.3f} | "
+                  f"{r['v_p1']:.3f} | {r['v_r10']:.3f} | {r['ceiling']:.3f} | {r['false']:.3f} | "
+                  f"{r['box']:.3f} | {r['secs_median'] * 1000:.0f}, {r['secs_p90'] * 1000:.0f} | "
+                  f"{r['qsecs_median'] * 1000:.0f} | {r['score_median']:.3f}, "
+                  f"{r['score_p10']:.3f} |")
+        tables[label] = table
+    pairs = time_pairs(settings, args) if args.pairs else {}
     total = time.perf_counter() - t_start
     n = len(list(scans.rglob("*.jpg")))
     mib = 1 / 2**20
@@ -262,13 +304,13 @@ def main() -> None:
           f"+{costs['region_embed_s']:.0f} | +{costs['region_index_s']:.1f} | "
           f"+{costs['region_index_bytes'] * mib:.2f} | +{costs['region_vector_bytes'] * mib:.2f} |")
     print()
-    print(f"model: {model}; {len(truth)} queries of {args.photos} photographs, "
-          f"{len(cache)} collection pictures' features extracted once "
-          f"({extract_s / max(1, len(cache)) * 1000:.0f} ms each), global search "
-          f"{global_s:.0f} s, union search {union_s:.0f} s in all; run time {total / 60:.1f} min")
+    print(f"model: {model}; {len(truth)} queries of {args.photos} photographs; the local "
+          f"features of the {len(cache)} collection pictures extracted once, "
+          f"{extract_s:.1f} s on {settings.decode_workers} processes; run time "
+          f"{total / 60:.1f} min")
     (args.out / "partial.json").write_text(json.dumps(
-        {"table": table, "costs": costs, "model": model, "run_seconds": total,
-         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+        {"tables": tables, "costs": costs, "model": model, "run_seconds": total,
+         "pairs": pairs, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     from .safetext import printable as shown  # a name's line breaks would forge result lines
-    from .steps.query import query_images
+    from .steps.query import describe, query_images
 
     _check_range("--k", args.k, 1, MAX_K)
     failed: list[str] = []
@@ -105,12 +105,16 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
             continue
         for path in res.exact_copies_of:
             print(f"  exact duplicate (same bytes) of {shown(path)}")
+        checks = res.verification + [None] * (len(res.neighbours) - len(res.verification))
         found = [c.found_by for c in res.candidates]
-        for rank, ((image_id, path, score), by) in enumerate(
-            zip(res.neighbours, found, strict=True), start=1
+        found += ["global"] * (len(res.neighbours) - len(found))
+        for rank, ((image_id, path, score), m, by) in enumerate(
+            zip(res.neighbours, checks, found, strict=True), start=1
         ):
             via = f"  (found by {by})" if by != "global" else ""
             print(f"  {rank:3d}  {score:.4f}  {shown(path)}  [{image_id}]{via}")
+            if m is not None:
+                print(f"       {describe(m, shown(path))}")
     if failed:
         print(
             f"cbir query: error: {len(failed)} of {len(args.images)} images could not be "
@@ -776,7 +780,9 @@ DETAILS: dict[str, tuple[str, str]] = {
     ),
     "query": (
         "The nearest images in the collection of any image files; exits with status 2 "
-        "when a file cannot be read.",
+        "when a file cannot be read. With search.verify, the top search.verify_top are "
+        "checked with local features and the confirmed ones come first, each with what "
+        "it is (the same picture, or a detail of it: the share it covers, and where).",
         "cbir query scan-0042.jpg other.tif --k 5",
     ),
     "calibrate": (

@@ -234,6 +234,28 @@ class SearchSettings(_Section):
         lt=1,
         description="pair precision that an `auto` threshold is calibrated to reach",
     )
+    # Geometric verification (cbir/verify.py): local features (SIFT, cached per picture under
+    # data.cache_dir) and a similarity fit confirm a pair or a query's candidate, and say which
+    # side is a detail of the other, and where (benchmarks/partial.py, README "Partial copies").
+    verify: bool = Field(
+        True,
+        description="check pairs and query candidates with local features (relation, "
+        "matched region); confirmed pairs below the threshold join as partial copies",
+    )
+    verify_top: int = Field(
+        20,
+        ge=0,
+        le=MAX_K,
+        description="`cbir query`: the top candidates verified and re-ranked (verified "
+        "first); 0 = none",
+    )
+    verify_floor: float = Field(
+        0.5,
+        ge=-1,
+        le=1,
+        description="`cbir pairs` also verifies neighbours scoring between this and the "
+        "pair threshold (where details of an original land); lower costs more time",
+    )
 
 
 class CalibrateSettings(_Section):

@@ -21,8 +21,10 @@ The points, by step (tests/test_faults.py kills every step at several of them):
   embedded, before it is written)
 * index: `index.save` (built or updated, before anything is written), `index.commit` (the new
   sidecar in place, the staged index file not yet renamed over the old one)
-* pairs: `pairs.batch` (each batch of neighbour searches), `pairs.write` (before the pair and
-  cluster tables are written), `pairs.searched` (before the list of searched images)
+* pairs: `pairs.batch` (each batch of neighbour searches), `features.part` (a part of the
+  features cache written, its index not yet), `pairs.verify` (each pair verified),
+  `pairs.write` (before the pair and cluster tables are written), `pairs.searched` (before the
+  list of searched images)
 * report: `report.thumb` (each thumbnail made), `report.page` (before each gallery page)
 * nightly: `nightly.begun` (the report's start recorded, before ingest; flows/nightly.py),
   `nightly.reported` (the night's report written, its pending marker not yet removed)

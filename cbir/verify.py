@@ -12,12 +12,24 @@ Choices, and why:
   add grain, halftone and JPEG noise. SIFT's scale space finds the same points over a factor of
   ten in scale and its float descriptor survives noise; ORB's binary tests on a blurred patch
   lose most matches on greyscale, grainy prints and its pyramid covers a narrower range of scale.
-  SIFT costs more (about 0.1-0.3 s a picture at 1024 px on one core), which the cache of
-  features (`features`, extracted once per picture) and the cap on keypoints bound. Descriptors
-  are RootSIFT (L1-normalised, square-rooted): Euclidean distance then compares them as the
-  Hellinger kernel does, which matches better at no cost.
-- **Matching**: exact nearest neighbours (brute force; deterministic, unlike randomised kd-trees)
-  with Lowe's ratio test.
+  SIFT costs more (about 0.1 s a picture at 512 px on one core), which the cache of features
+  (cbir.store.features: extracted once per picture) and the cap on keypoints bound. Descriptors
+  are RootSIFT (L1-normalised, square-rooted, hence of unit length): Euclidean distance then
+  compares them as the Hellinger kernel does, which matches better at no cost.
+- **Matching**: exact nearest neighbours (deterministic, unlike randomised kd-trees) with Lowe's
+  ratio test, as one matrix product of the descriptors: for unit vectors the squared distance is
+  2 - 2 x their dot product, so the two nearest are the two largest products (one matrix product
+  per candidate, OpenCV's gemm on one thread). 20 OpenCV BFMatcher calls took 0.5 s for 20
+  candidates of 1,000 keypoints; the products take 20-40 ms on a busy machine.
+- **What a picture keeps** (measured on details of the real photographs of ../shared/data, each
+  against its original and 19 other pictures, benchmarks/partial.py for the descriptor's
+  top 20): the working side (512 px) and the keypoint cap (1,000, the strongest) of a
+  collection picture, and the query's own strongest 300 keypoints (`QUERY_KEYPOINTS`), set the
+  cost, which grows with keypoints(query) x keypoints(candidate). A detail of 5-10 % of an
+  original holds about that share of the original's keypoints: a cap of 500 verified 65 % of
+  them, 1,000 84 %, 2,000 92 % (at 2x to 4x the time); a query cap of 300 instead of 1,000
+  lost none (a detail's keypoints all lie in the matched region) at a third of the time. A
+  1024 px working side found no more than 512 px (the SIFT pyramid starts at twice the size).
 - **A similarity transform (`estimateAffinePartial2D`, 4 degrees of freedom), not a homography.**
   A crop and a rescan differ from their original by scale, a shift and at most a slight turn on
   the scanner bed: a similarity. A homography (8 degrees of freedom, 4-point samples) also fits
@@ -44,6 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import cv2
@@ -54,10 +67,14 @@ Relation = Literal["full", "a_in_b", "b_in_a", "none"]
 Picture = Image.Image | np.ndarray
 
 #: Long side a picture is brought down to before SIFT (never up): bounds the cost of a scan of
-#: any size; details of an original keep enough keypoints at this scale.
-MAX_SIDE = 1024
+#: any size; details of an original keep enough keypoints at this scale (SIFT's pyramid starts
+#: at twice it).
+MAX_SIDE = 512
 #: At most this many keypoints per picture (the strongest): bounds matching, O(n_a * n_b).
-MAX_KEYPOINTS = 2000
+MAX_KEYPOINTS = 1000
+#: A query's strongest keypoints matched against its candidates (`verify_many`): a detail's
+#: keypoints all lie on the region it shares with its original, so a few hundred suffice.
+QUERY_KEYPOINTS = 300
 #: Lowe's ratio: a match is kept when its nearest neighbour is clearly nearer than the second.
 RATIO = 0.8
 #: Distinct inliers needed to call two pictures verified. Among 136 pairs of unrelated real
@@ -70,22 +87,30 @@ TOLERANCE = 5.0
 #: onto as much of the smaller, the two show the same picture (a rescan, a slightly cropped copy).
 FULL = 0.8
 _SEED = 12345
+_NO_TERM = np.zeros((0, 0), np.float32)  # gemm's added term, unused (beta 0)
 _threads_set = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Features:
-    """Local features of one picture: keypoints in pixels of the working scale, RootSIFT
-    descriptors, and the size of the picture they came from."""
+    """Local features of one picture: keypoints in pixels of the working scale, strongest
+    first, their SIFT descriptors, and the size of the picture they came from."""
 
     points: np.ndarray  # float32 [n, 2] (x, y) at the working scale
-    descriptors: np.ndarray  # float32 [n, 128]
+    sift: np.ndarray  # uint8 [n, 128]: OpenCV's SIFT descriptors are whole numbers <= 255
     width: int  # the picture's size in its own pixels
     height: int
     scale: float  # working pixels per picture pixel (<= 1)
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
+
+    @cached_property
+    def descriptors(self) -> np.ndarray:
+        """RootSIFT, float32 [n, 128], each of unit length (computed once, on first use)."""
+        d = self.sift.astype(np.float32)
+        d /= np.maximum(d.sum(axis=1, keepdims=True), 1e-7)
+        return np.sqrt(d, out=d)
 
 
 @dataclass(frozen=True)
@@ -140,52 +165,72 @@ def _grey(picture: Picture) -> np.ndarray:
 
 def _empty(width: int = 0, height: int = 0, scale: float = 1.0) -> Features:
     return Features(
-        np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), width, height, scale
+        np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), width, height, scale
     )
 
 
+def working_side(width: int, height: int, max_side: int = MAX_SIDE) -> int:
+    """The long side a picture of this size is analysed at (what a reduced decode needs)."""
+    return min(max(width, height), max_side)
+
+
 def features(
-    picture: Picture, max_side: int = MAX_SIDE, max_keypoints: int = MAX_KEYPOINTS
+    picture: Picture,
+    max_side: int = MAX_SIDE,
+    max_keypoints: int = MAX_KEYPOINTS,
+    *,
+    size: tuple[int, int] | None = None,
 ) -> Features:
-    """SIFT keypoints and RootSIFT descriptors of one picture (extract once, verify many)."""
+    """SIFT keypoints and descriptors of one picture, strongest first (extract once, verify
+    many). `size`: the picture's own (width, height) when `picture` is a reduced decode of it
+    (a JPEG's draft): keypoints, scale and boxes then refer to the picture's own pixels."""
     _one_thread()
     grey = _grey(picture)
     h, w = grey.shape[:2] if grey.ndim == 2 else (0, 0)
-    if min(h, w) < 16:  # nothing a detector can use (SIFT's smallest octave)
-        return _empty(w, h)
-    scale = min(1.0, max_side / max(h, w))
-    if scale < 1.0:
-        grey = cv2.resize(
-            grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
-        )
+    own_w, own_h = size if size is not None and min(h, w) > 0 else (w, h)
+    if min(h, w) < 16 or min(own_w, own_h) < 16:  # nothing a detector can use
+        return _empty(own_w, own_h)
+    scale = min(1.0, max_side / max(own_w, own_h))
+    tw, th = max(1, round(own_w * scale)), max(1, round(own_h * scale))
+    if (tw, th) != (w, h):
+        grey = cv2.resize(grey, (tw, th), interpolation=cv2.INTER_AREA)
     sift = cv2.SIFT.create(nfeatures=max_keypoints)
     kps, desc = sift.detectAndCompute(grey, None)
     if desc is None or len(kps) == 0:
-        return _empty(w, h, scale)
-    d = np.asarray(desc, np.float32)
-    root = np.sqrt(d / np.maximum(d.sum(axis=1, keepdims=True), 1e-7))  # RootSIFT: L1, sqrt
-    points = np.array([kp.pt for kp in kps], np.float32).reshape(-1, 2)
-    return Features(points, root.astype(np.float32), w, h, scale)
+        return _empty(own_w, own_h, scale)
+    # strongest first (stable for ties), so that a prefix is the strongest keypoints
+    order = np.argsort(-np.array([kp.response for kp in kps], np.float32), kind="stable")
+    points = np.array([kps[i].pt for i in order], np.float32).reshape(-1, 2)
+    sift_u8 = np.clip(np.rint(np.asarray(desc, np.float32)[order]), 0, 255).astype(np.uint8)
+    return Features(points, sift_u8, own_w, own_h, scale)
 
 
 def _as_features(x: Features | Picture) -> Features:
     return x if isinstance(x, Features) else features(x)
 
 
-def _matches(a: Features, b: Features) -> tuple[np.ndarray, np.ndarray]:
-    """Ratio-test matches from a to b: (points of a, points of b), working scale."""
-    if len(a) < 2 or len(b) < 2:
+def _matches(
+    a: Features, b: Features, a_keypoints: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ratio-test matches from a (its strongest `a_keypoints`) to b: (points of a, points of
+    b), working scale. One matrix product: for unit vectors |x - y|^2 = 2 - 2 x.y, so Lowe's
+    test d1 < RATIO d2 reads 1 - s1 < RATIO^2 (1 - s2) on the two largest products."""
+    na = len(a) if a_keypoints is None else min(len(a), a_keypoints)
+    if na < 2 or len(b) < 2:
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
-    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(a.descriptors, b.descriptors, k=2)
-    pairs = [
-        (m[0].queryIdx, m[0].trainIdx)
-        for m in knn
-        if len(m) == 2 and m[0].distance < RATIO * m[1].distance
-    ]
-    if not pairs:
-        return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
-    qi, ti = np.array(pairs, np.int64).T
-    return a.points[qi], b.points[ti]
+    # OpenCV's product (one thread, cv2.setNumThreads), not numpy's: OpenBLAS starts a thread
+    # per core for every product, and on a busy two-core machine those small products took
+    # 10x longer (17 ms instead of 1-4 ms for 300 x 1,000 keypoints)
+    s = np.asarray(
+        cv2.gemm(a.descriptors[:na], b.descriptors, 1.0, _NO_TERM, 0.0, flags=cv2.GEMM_2_T)
+    )
+    rows = np.arange(na)
+    best = s.argmax(axis=1)
+    s1 = s[rows, best]
+    s[rows, best] = -1.0  # below any product of non-negative vectors
+    s2 = s.max(axis=1)
+    keep = (1.0 - s1) < RATIO * RATIO * (1.0 - s2)
+    return a.points[:na][keep], b.points[best[keep]]
 
 
 def _distinct(pa: np.ndarray, pb: np.ndarray) -> int:
@@ -193,9 +238,9 @@ def _distinct(pa: np.ndarray, pb: np.ndarray) -> int:
     descriptors), which would otherwise count one chance match several times."""
     if len(pa) == 0:
         return 0
-    qa = {(round(float(x)), round(float(y))) for x, y in pa}
-    qb = {(round(float(x)), round(float(y))) for x, y in pb}
-    return min(len(qa), len(qb))
+    qa = np.unique(np.rint(pa).astype(np.int64), axis=0)
+    qb = np.unique(np.rint(pb).astype(np.int64), axis=0)
+    return int(min(len(qa), len(qb)))
 
 
 def _rect(w: float, h: float) -> np.ndarray:
@@ -218,10 +263,17 @@ def _box(poly: np.ndarray, scale: float, w: int, h: int) -> tuple[int, int, int,
     return (max(0, int(x0)), max(0, int(y0)), min(w, int(x1)), min(h, int(y1)))
 
 
-def verify(a: Features | Picture, b: Features | Picture, min_inliers: int = MIN_INLIERS) -> Match:
-    """Whether a and b show the same picture or one is a detail of the other, and where."""
+def verify(
+    a: Features | Picture,
+    b: Features | Picture,
+    min_inliers: int = MIN_INLIERS,
+    *,
+    a_keypoints: int | None = None,
+) -> Match:
+    """Whether a and b show the same picture or one is a detail of the other, and where.
+    `a_keypoints`: match only a's strongest keypoints (a query's, `verify_many`)."""
     fa, fb = _as_features(a), _as_features(b)
-    pa, pb = _matches(fa, fb)
+    pa, pb = _matches(fa, fb, a_keypoints)
     n = len(pa)
     if n < max(3, min_inliers):
         return Match(matches=n)
@@ -271,9 +323,14 @@ def verify(a: Features | Picture, b: Features | Picture, min_inliers: int = MIN_
 
 def verify_many(
     query: Features | Picture,
-    candidates: Sequence[Features | Picture],
+    candidates: Sequence[Features | Picture | None],
     min_inliers: int = MIN_INLIERS,
+    query_keypoints: int | None = QUERY_KEYPOINTS,
 ) -> list[Match]:
-    """The query (a) against each candidate (b), its features extracted once."""
+    """The query (a, its strongest `query_keypoints`) against each candidate (b), its features
+    extracted once. A candidate given as None (its picture could not be read) is not verified."""
     q = _as_features(query)
-    return [verify(q, c, min_inliers) for c in candidates]
+    return [
+        Match() if c is None else verify(q, c, min_inliers, a_keypoints=query_keypoints)
+        for c in candidates
+    ]

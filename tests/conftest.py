@@ -22,7 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
 import numpy as np  # after the thread settings above
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
@@ -165,3 +165,22 @@ def open_catalogue(settings: Any):
     con = duckdb.connect(str(settings.path(settings.data.catalog)), read_only=True)
     con.execute("SET file_search_path = ?", [str(settings.root)])
     return con
+
+
+def textured(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
+    """A picture with structure at many scales: shapes of random tone over a grainy ground."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ground = rng.normal(128, 30, (h // 8, w // 8)).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(ground, "L").resize(size, Image.Resampling.BICUBIC).convert("RGB")
+    d = ImageDraw.Draw(img)
+    for _ in range(260):
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        r = rng.uniform(4, 40)
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            d.ellipse([x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], fill=fill)
+        else:
+            d.rectangle([x - r, y - r * rng.uniform(0.2, 1), x + r * rng.uniform(0.2, 1), y + r],
+                        fill=fill)
+    return img.filter(ImageFilter.GaussianBlur(0.7))

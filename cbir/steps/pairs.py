@@ -1,7 +1,23 @@
-"""`cbir pairs`: every near-duplicate pair of the collection, and clusters of them."""
+"""`cbir pairs`: every near-duplicate pair of the collection, and clusters of them.
+
+With search.verify, the pairs are checked with local features (cbir.verify; each picture's
+extracted once into the features cache, cbir.store.features): the pairs above the threshold,
+and the neighbours scoring between search.verify_floor and the threshold, where a detail of a
+print lands beside its original. Each checked pair gets its relation (`full`, `a_in_b`,
+`b_in_a`, or `none`), inliers, covered share and matched box. A neighbour below the threshold
+that verification confirms is kept as a near pair (a partial copy, or a copy the descriptor
+scored low); a pair above the threshold that it does not confirm is kept and marked `none`.
+
+Clusters: a confirmed pair always links its two images, whatever its score (the local
+features saw the same picture). A contradicted pair keeps its link: verification misses some
+true copies (a re-photograph at a slant, a mirrored print, heavy halftone or damage), and the
+threshold was calibrated to the precision asked for; the mark sends it to a reviewer, whose
+`different` decision takes it out.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,22 +28,52 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import faults
+from .. import faults, verify
 from ..config import Settings
 from ..fsutil import clean_stale_tmp, write_parquet
+from ..imaging import ImageRejected
 from ..linkage import link
+from ..progress import bar as progress_bar
 from ..store.catalog import clean_stale, refresh_catalog
 from ..store.decisions import labels
+from ..store.features import RECIPE, FeatureCache, extract, extract_file, feature_cache
 from ..store.index import Searcher, open_searcher
 from ..store.layout import Layout, layout
-from ..store.manifest import DUPLICATE, OK, load_manifest
-from ..store.pairs import CLUSTERS_SCHEMA, PAIRS_SCHEMA
+from ..store.manifest import DUPLICATE, OK, canonical_images, load_manifest
+from ..store.pairs import CLUSTERS_SCHEMA, CONFIRMED, PAIRS_SCHEMA
 
 #: Guard rails: a summary warns when the largest cluster holds more than this share of the
 #: collection (and at least CLUSTER_WARN_MIN images), or pairs outnumber images this many times.
 CLUSTER_WARN_SHARE = 0.05
 CLUSTER_WARN_MIN = 20
 PAIRS_PER_IMAGE_WARN = 3.0
+
+Key = tuple[str, str]
+
+
+@dataclass
+class VerifySummary:
+    """What the geometric verification of a `cbir pairs` run did."""
+
+    checked: int = 0  # candidate pairs verified by this run
+    kept: int = 0  # verifications kept from the recorded pairs (not checked again)
+    below: int = 0  # candidates below the threshold that this run checked
+    confirmed_below: int = 0  # of those, confirmed: added as near pairs
+    contradicted: int = 0  # pairs above the threshold not confirmed (marked `none`)
+    unreadable: int = 0  # pairs not checked: a picture could not be read
+    extracted: int = 0  # pictures whose local features this run extracted
+    floor: float = 0.0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        kept = f", {self.kept} kept from before" if self.kept else ""
+        unread = f", {self.unreadable} not checked (unreadable)" if self.unreadable else ""
+        return (
+            f"  verified {self.checked} candidate pairs ({self.below} below the threshold, "
+            f"down to {self.floor:.4f}){kept}: {self.confirmed_below} confirmed below the "
+            f"threshold, {self.contradicted} contradicted{unread}; local features of "
+            f"{self.extracted} pictures extracted; {self.seconds:.1f} s"
+        )
 
 
 @dataclass
@@ -47,6 +93,7 @@ class PairsSummary:
     calibration: Any = None  # cbir.steps.calibrate.CalibrateResult when this run calibrated
     confirmed: int = 0  # pairs decided `same` (both images present): always in one cluster
     rejected: int = 0  # pairs decided `different`: never in one cluster
+    verification: VerifySummary | None = None  # None: search.verify is off
 
     def lines(self) -> list[str]:
         how = (
@@ -76,6 +123,8 @@ class PairsSummary:
                     "  the self-calibration expects no near-duplicates in this "
                     "collection: its images' neighbours all look like other photographs"
                 )
+        if self.verification is not None:
+            out.append(self.verification.line())
         if self.confirmed or self.rejected:
             out.append(
                 f"  clusters follow {self.confirmed} pairs decided same and "
@@ -193,6 +242,7 @@ def clusters_from_pairs(
     *,
     same: Iterable[tuple[str, str]] = (),
     different: Iterable[tuple[str, str]] = (),
+    verified: Iterable[tuple[str, str]] = (),
 ) -> list[tuple[list[str], float]]:
     """Connected components over pairs with score >= threshold, largest first.
 
@@ -202,11 +252,14 @@ def clusters_from_pairs(
     Reviewers' decisions (pair keys, image_a < image_b) come first: a pair confirmed `same`
     always joins, whatever its score (it counts as a link of score 1: the weakest link is that
     of the links nobody confirmed); two images decided `different` never end up in one cluster
-    (an edge that would join them, directly or through others, is left out).
+    (an edge that would join them, directly or through others, is left out). Pairs that
+    geometric verification confirmed (`verified`) join whatever their score, as links of
+    their score.
     """
     confirmed = sorted((1.0, a, b) for a, b in same)
+    checked = set(verified)
     edges = sorted(
-        ((sc, a, b) for (a, b), (sc, _) in pairs.items() if sc >= threshold),
+        ((sc, a, b) for (a, b), (sc, _) in pairs.items() if sc >= threshold or (a, b) in checked),
         key=lambda e: (-e[0], e[1], e[2]),
     )
     return link(confirmed + edges, different)
@@ -239,7 +292,126 @@ def _search_state(s: Searcher, cfg: Any, pair_threshold: float) -> dict[str, str
         "fingerprint": s.fingerprint,
         "k": str(cfg.k),
         "pair_threshold": repr(float(pair_threshold)),
+        # which neighbours were verified: turning verification on finds pairs below the
+        # threshold among images searched before
+        "verify": f"{RECIPE} floor {float(cfg.verify_floor)!r}" if cfg.verify else "off",
     }
+
+
+def _recorded_recipe(lay: Layout) -> str | None:
+    """The features recipe the recorded pairs' verification used (None: none, or unknown)."""
+    try:
+        meta = pq.read_schema(lay.searched).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    value = meta.get(b"verify", b"off").decode("utf-8", "replace")
+    return value.split(" floor ")[0] if value != "off" else None
+
+
+_CHECK_COLUMNS = ["inliers", "relation", "covered", "box_on", "box_x0", "box_y0", "box_x1"]
+
+
+def _recorded_checks(path: Path) -> dict[Key, verify.Match]:
+    """The verification recorded with each near pair (those checked)."""
+    try:
+        rows = pq.read_table(
+            path, columns=["image_a", "image_b", "kind", *_CHECK_COLUMNS, "box_y1"]
+        ).to_pylist()
+    except (OSError, pa.ArrowException, KeyError):
+        return {}
+    out = {}
+    for r in rows:
+        if r["kind"] != "near" or r["relation"] is None:
+            continue
+        box = None
+        if r["box_x0"] is not None:
+            box = (r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"])
+        out[(r["image_a"], r["image_b"])] = verify.Match(
+            inliers=int(r["inliers"] or 0),
+            relation=r["relation"],
+            covered=float(r["covered"] or 0.0),
+            box=box,
+            box_on=r["box_on"] or "",
+        )
+    return out
+
+
+def _check_columns(m: verify.Match | None) -> dict[str, Any]:
+    if m is None:
+        return {}
+    box = m.box or (None, None, None, None)
+    return {
+        "inliers": m.inliers,
+        "relation": m.relation,
+        "covered": m.covered,
+        "box_on": m.box_on or None,
+        "box_x0": box[0],
+        "box_y0": box[1],
+        "box_x1": box[2],
+        "box_y1": box[3],
+    }
+
+
+def verify_pairs(
+    settings: Settings, keys: Iterable[Key], *, progress: bool = False
+) -> tuple[dict[Key, verify.Match | None], int]:
+    """Geometric verification of pairs (image_a, image_b): their features from the cache,
+    extracted first where missing (in parallel, in atomic parts: a killed run keeps them).
+    Returns each pair's match (None: a picture could not be read) and how many pictures'
+    features were extracted."""
+    keys = sorted(set(keys))  # by image_a: its features are read once for all its pairs
+    cache = feature_cache(settings)
+    cache.clean()
+    need = {i for key in keys for i in key}
+    scans = os.fsencode(layout(settings).scans)
+    raw = {
+        r["image_id"]: os.path.join(scans, r["path_raw"])
+        for r in canonical_images(settings)
+        if r["image_id"] in need
+    }
+    jobs = [(i, raw[i]) for i in sorted(cache.missing(need)) if i in raw]
+    failed = extract(
+        cache,
+        jobs,
+        workers=settings.decode_workers,
+        max_pixels=settings.ingest.max_pixels,
+        progress=progress,
+    )
+    extracted = len(jobs) - len(failed)
+    out: dict[Key, verify.Match | None] = {}
+    bar = progress_bar(len(keys), "verify pairs", "pair", progress)
+    a_id, fa = None, None
+    try:
+        for a, b in keys:
+            if a != a_id:
+                a_id, fa = a, _features(cache, a, raw, failed, settings.ingest.max_pixels)
+            fb = _features(cache, b, raw, failed, settings.ingest.max_pixels)
+            out[(a, b)] = None if fa is None or fb is None else verify.verify(fa, fb)
+            faults.point("pairs.verify")
+            bar.update(1)
+    finally:
+        bar.close()
+    return out, extracted
+
+
+def _features(
+    cache: FeatureCache,
+    image_id: str,
+    raw: dict[str, bytes],
+    failed: dict[str, str],
+    max_pixels: int,
+) -> verify.Features | None:
+    """Cached features; a damaged entry (read as absent) is extracted again here."""
+    f = cache.get(image_id)
+    if f is not None or image_id in failed or image_id not in raw:
+        return f
+    try:
+        f = extract_file(os.fsdecode(raw[image_id]), max_pixels)
+    except (ImageRejected, OSError) as exc:
+        failed[image_id] = str(exc)
+        return None
+    cache.add([(image_id, f)])
+    return f
 
 
 def _searched_before(lay: Layout, state: dict[str, str]) -> set[str] | None:
@@ -318,17 +490,45 @@ def run_pairs(
     state = _search_state(s, cfg, th.pair)
     before = _searched_before(lay, state) if incremental else None
     recorded = _recorded_near_pairs(lay.pairs)
+    # verification is a property of the two pictures, not of the model: kept across runs
+    recipe_before = _recorded_recipe(lay)
+    checks: dict[Key, verify.Match | None] = (
+        dict(_recorded_checks(lay.pairs)) if cfg.verify and recipe_before == RECIPE else {}
+    )
+    floor = min(float(cfg.verify_floor), th.pair) if cfg.verify else th.pair
     if before is None:
         rows, pairs = None, {}
     else:
         rows = np.array([i for i, x in enumerate(s.image_ids) if x not in before], np.int64)
         pairs = dict(recorded)
+    below: dict[Key, tuple[float, int]] = {}
     if rows is None or len(rows):
-        for key, (sc, rk) in knn_pairs(s, cfg.k, th.pair, rows=rows).items():
+        for key, (sc, rk) in knn_pairs(s, cfg.k, floor, rows=rows).items():
             old = pairs.get(key)
+            if old is None and sc < th.pair:
+                below[key] = (sc, rk)  # a candidate: kept only if verification confirms it
+                continue
             pairs[key] = (sc, rk) if old is None else (max(old[0], sc), min(old[1], rk))
     present = set(s.image_ids)
     pairs = {key: v for key, v in pairs.items() if key[0] in present and key[1] in present}
+    vs = None
+    if cfg.verify:
+        t1 = time.perf_counter()
+        todo = [key for key in [*pairs, *below] if key not in checks]
+        found, extracted = verify_pairs(settings, todo, progress=progress)
+        checks.update(found)
+        vs = VerifySummary(checked=len(todo), kept=len(pairs) + len(below) - len(todo))
+        vs.below, vs.extracted, vs.floor = sum(k in below for k in todo), extracted, floor
+        for key, v in below.items():
+            m = checks.get(key)
+            if m is not None and m.relation in CONFIRMED:
+                pairs[key] = v
+                vs.confirmed_below += int(key in found)
+        vs.contradicted = sum(
+            1 for key, m in found.items() if key in pairs and m is not None and not m.verified
+        )
+        vs.unreadable = sum(1 for m in found.values() if m is None)
+        vs.seconds = time.perf_counter() - t1
     near = [
         {
             "image_a": a,
@@ -338,13 +538,21 @@ def run_pairs(
             "score": sc,
             "rank": rk,
             "kind": "near",
+            **_check_columns(checks.get((a, b))),
         }
         for (a, b), (sc, rk) in sorted(pairs.items(), key=lambda kv: (-kv[1][0], kv[0]))
     ]
     exact = exact_duplicate_pairs(settings)
     decided = labels(lay.decisions_dir).only(present)
+    confirmed_pairs = [
+        key for key in pairs if (m := checks.get(key)) is not None and m.relation in CONFIRMED
+    ]
     clusters = clusters_from_pairs(
-        pairs, th.cluster, same=decided.same, different=decided.different
+        pairs,
+        th.cluster,
+        same=decided.same,
+        different=decided.different,
+        verified=confirmed_pairs,
     )
     cluster_rows = [
         {
@@ -380,4 +588,5 @@ def run_pairs(
         calibration=calibration,
         confirmed=len(decided.same),
         rejected=len(decided.different),
+        verification=vs,
     )

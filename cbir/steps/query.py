@@ -1,17 +1,31 @@
-"""`cbir query`: the nearest images of the collection to image files, inside it or not."""
+"""`cbir query`: the nearest images of the collection to image files, inside it or not.
+
+With search.verify, the top search.verify_top candidates of the descriptor are checked with
+local features (cbir.verify) and re-ranked (`rerank`): verified ones first, most inliers first,
+then the others in the descriptor's order. The candidates' features come from the workspace's
+cache (cbir.store.features), extracted and added there when missing; the query's own are
+extracted each time (its cost is reported apart: `QueryResult.features_seconds`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import verify
 from ..config import Settings
-from ..imaging import not_regular
+from ..errors import CbirError
+from ..imaging import ImageRejected, not_regular
 from ..model import pick_device, retrieval_model
 from ..probe import sha256_of
 from ..regions import Candidate
+from ..store.features import FeatureCache, extract_file, feature_cache
 from ..store.index import open_searcher
+from ..store.layout import layout
 from ..store.manifest import PRESENT, load_manifest
 from .embed import embed_files
 
@@ -24,6 +38,47 @@ class QueryResult:
     candidates: list[Candidate] = field(default_factory=list)
     exact_copies_of: list[str] = field(default_factory=list)  # manifest paths, same bytes
     error: str | None = None
+    # aligned with `neighbours`: the geometric verification of each (None: not checked)
+    verification: list[verify.Match | None] = field(default_factory=list)
+    features_seconds: float = 0.0  # the query's own local features
+    verify_seconds: float = 0.0  # its candidates' features (cache) and their verification
+
+
+def rerank(
+    candidates: Sequence[tuple[str, float]], matches: Sequence[verify.Match | None]
+) -> list[int]:
+    """The order of (image_id, score) candidates after verification: the verified ones first,
+    most inliers first, then the others in their given (descriptor) order. `matches` may be
+    shorter than `candidates` (only the top were checked)."""
+
+    def key(i: int) -> tuple[int, int, int]:
+        m = matches[i] if i < len(matches) else None
+        return (0, -m.inliers, i) if m is not None and m.verified else (1, 0, i)
+
+    return sorted(range(len(candidates)), key=key)
+
+
+def candidate_features(
+    cache: FeatureCache, ids: Sequence[str], raw_paths: dict[str, str], max_pixels: int
+) -> list[verify.Features | None]:
+    """Each candidate's cached features; extracted (and added to the cache) when missing or
+    damaged; None when its scan cannot be read."""
+    out: list[verify.Features | None] = []
+    new: list[tuple[str, verify.Features]] = []
+    for image_id in ids:
+        f = cache.get(image_id)
+        if f is None and image_id in raw_paths:
+            try:
+                f = extract_file(raw_paths[image_id], max_pixels)
+                new.append((image_id, f))
+            except (ImageRejected, OSError):
+                f = None
+        out.append(f)
+    if new:
+        # a read-only data folder: verify without caching
+        with contextlib.suppress(CbirError, OSError):
+            cache.add(new)
+    return out
 
 
 def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
@@ -51,14 +106,82 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
     for r in manifest:
         if r["status"] in PRESENT:
             by_sha.setdefault(r["sha256"], []).append(r["path"])
+    top = settings.search.verify_top if settings.search.verify else 0
     if done:
-        for row, cands in enumerate(s.candidates(vectors, k)):
+        for row, cands in enumerate(s.candidates(vectors, max(k, top))):
             res = results[done[row]]
             sha = sha256_of(os.fsencode(paths[done[row]]))
             res.exact_copies_of = sorted(by_sha.get(sha, [])) if sha else []
             res.candidates = cands
             res.neighbours = [(c.image_id, s.path_of.get(c.image_id, "?"), c.score) for c in cands]
+        if top:
+            verify_results(settings, [results[i] for i in done], [paths[i] for i in done], top)
+        for i in done:
+            res = results[i]
+            res.neighbours = res.neighbours[:k]
+            res.candidates = res.candidates[:k]
+            res.verification = res.verification[:k]
     return results
+
+
+def verify_results(
+    settings: Settings, results: Sequence[QueryResult], paths: Sequence[Path], top: int
+) -> None:
+    """Verify each result's top candidates against its query file and re-rank its neighbours."""
+    cache = feature_cache(settings)
+    wanted = {image_id for r in results for image_id, _, _ in r.neighbours[:top]}
+    scans = os.fsencode(layout(settings).scans)
+    raw_paths = {
+        r["image_id"]: os.fsdecode(os.path.join(scans, r["path_raw"]))
+        for r in load_manifest(settings)
+        .select(["image_id", "path_raw", "status", "is_canonical"])
+        .to_pylist()
+        if r["image_id"] in wanted and r["is_canonical"] and r["status"] in PRESENT
+    }
+    for res, path in zip(results, paths, strict=True):
+        t0 = time.perf_counter()
+        try:
+            q = extract_file(path, settings.ingest.max_pixels)
+        except (ImageRejected, OSError):  # embedded, so readable: a file changed since
+            res.verification = [None] * len(res.neighbours)
+            continue
+        t1 = time.perf_counter()
+        cands = res.neighbours[:top]
+        feats = candidate_features(
+            cache, [c[0] for c in cands], raw_paths, settings.ingest.max_pixels
+        )
+        matches: list[verify.Match | None] = list(verify.verify_many(q, feats))
+        for j, f in enumerate(feats):
+            if f is None:
+                matches[j] = None  # its scan could not be read: not checked
+        order = rerank([(c[0], c[2]) for c in cands], matches)
+        res.neighbours = [cands[j] for j in order] + res.neighbours[top:]
+        if res.candidates:  # which search found each follows its neighbour
+            res.candidates = [res.candidates[j] for j in order] + res.candidates[top:]
+        res.verification = [matches[j] for j in order] + [None] * len(res.neighbours[top:])
+        res.features_seconds = t1 - t0
+        res.verify_seconds = time.perf_counter() - t1
+
+
+def describe(match: verify.Match | None, other: str) -> str:
+    """How an archivist reads a verification, `other` naming the collection's picture."""
+    if match is None:
+        return ""
+    if not match.verified:
+        return f"not confirmed by local features ({match.inliers} matching points)"
+    box = ""
+    if match.box is not None:
+        x0, y0, x1, y1 = match.box
+        box = f", box {x0},{y0}\u2013{x1},{y1}"
+    pct = f"{match.covered:.0%}".replace("%", " %")
+    if match.relation == "a_in_b":
+        return f"detail of {other} (covers {pct} of it{box}; {match.inliers} matching points)"
+    if match.relation == "b_in_a":
+        return (
+            f"{other} is a detail of the query (covers {pct} of the query{box}; "
+            f"{match.inliers} matching points)"
+        )
+    return f"same picture as {other} (confirmed by {match.inliers} matching points)"
 
 
 def _unreadable(path: Path) -> str | None:

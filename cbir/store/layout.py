@@ -53,6 +53,7 @@ PREVIEW_PREFIX = "augment-preview-"
 # data.cache_dir
 BASELINE_EMBEDDINGS = "baseline-embeddings"
 REVIEW_CACHE = "review"  # the review server's renditions of scans (cbir review)
+FEATURES = "features"  # local features for geometric verification (cbir pairs, query)
 TRAIN_CACHE_PREFIX = "train-"
 CACHE_TOOLS = ("matplotlib", "torch", "xdg")  # caches of the libraries (cbir/environ.py)
 # beside data.manifest_dir: the data folder's writer lock and Prefect's home
@@ -142,6 +143,10 @@ class Layout:
     @property
     def train_metrics(self) -> Path:
         return self.models_dir / TRAIN_METRICS
+
+    def features(self, recipe: str) -> Path:
+        """The cache of local features extracted by `recipe` (cbir.store.features)."""
+        return self.cache_dir / FEATURES / recipe
 
     def train_cache(self, side: int) -> Path:
         """Decoded training pictures at `side` px."""

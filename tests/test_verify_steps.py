@@ -1,0 +1,158 @@
+"""Geometric verification in the steps: `cbir query` re-ranks its top candidates, `cbir pairs`
+confirms pairs below the threshold, marks the ones it contradicts, and verifies only new pairs
+in an incremental run. Real OpenCV, FAISS and DuckDB on a few drawn pictures (640x480) and a
+detail of one of them, with an untrained 32 px model (its scores are arbitrary: the thresholds
+are set so that verification alone decides)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import save, textured, write_params
+
+from cbir import partial_copies
+from cbir.config import Settings, load_settings
+from cbir.steps.embed import run_embed
+from cbir.steps.index import run_index
+from cbir.steps.ingest import run_ingest
+from cbir.steps.pairs import run_pairs
+from cbir.steps.query import query_images, rerank
+from cbir.store.layout import layout
+from cbir.verify import Match
+
+TINY = {"embed": {"resolution": 32, "scales": [1.0], "batch_size": 8, "workers": 0,
+                  "device": "cpu"}, "ingest": {"workers": 1}}
+DETAIL = (0.15, 0.25)
+
+
+def iou(a: Any, b: Any) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix
+    return ix / area if area else 0.0
+
+
+def build(root: Path, search: dict[str, Any], n: int = 5) -> tuple[Settings, Any]:
+    scans = root / "scans"
+    for i in range(n):
+        save(textured(100 + i), scans / f"p{i}.jpg", quality=92)
+    crop = partial_copies.detail_crop(textured(100), np.random.default_rng(0), DETAIL)
+    save(crop.picture, scans / "detail-of-p0.jpg", quality=92)
+    params = {"data": {"scans_dir": "scans"}, **TINY, "search": search}
+    settings = load_settings(write_params(root, params))
+    update(settings)
+    return settings, crop
+
+
+def update(settings: Settings) -> None:
+    run_ingest(settings)
+    run_embed(settings)
+    run_index(settings)
+
+
+def ids_by_path(settings: Settings) -> dict[str, str]:
+    t = pq.read_table(layout(settings).files, columns=["image_id", "path"]).to_pylist()
+    return {r["path"]: r["image_id"] for r in t}
+
+
+def test_rerank_puts_verified_candidates_first_most_inliers_first():
+    cands = [("a", 0.9), ("b", 0.8), ("c", 0.7), ("d", 0.6), ("e", 0.5)]
+    ok = Match(inliers=30, relation="full")
+    few = Match(inliers=15, relation="a_in_b")
+    assert rerank(cands, [Match(inliers=5), few, None, ok]) == [3, 1, 0, 2, 4]
+    assert rerank(cands, []) == [0, 1, 2, 3, 4]
+
+
+def test_query_puts_the_verified_original_of_a_detail_first(tmp_path):
+    settings, _ = build(tmp_path, {"k": 3, "pair_threshold": 0.5, "verify_top": 6})
+    original = textured(100)
+    crop = partial_copies.detail_crop(original, np.random.default_rng(7), DETAIL)
+    query = save(crop.picture, tmp_path / "outside" / "detail.jpg", quality=90)
+    [res] = query_images(settings, [query], k=6)
+    assert res.error is None and len(res.neighbours) == len(res.verification) == 6
+    first, m = res.neighbours[0], res.verification[0]
+    assert first[1] in {"p0.jpg", "detail-of-p0.jpg"}, res.neighbours
+    assert m is not None and m.relation in ("a_in_b", "full") and m.box_on == "b"
+    if first[1] == "p0.jpg":
+        assert m.relation == "a_in_b" and iou(m.box, crop.box) >= 0.5, (m.box, crop.box)
+    others = [v for (_, p, _), v in zip(res.neighbours, res.verification, strict=True)
+              if p not in {"p0.jpg", "detail-of-p0.jpg"}]
+    assert len(others) == 4 and all(v is not None and not v.verified for v in others)
+    assert res.features_seconds > 0 and res.verify_seconds > 0
+    # switched off: the descriptor's order, nothing verified
+    off = load_settings(write_params(tmp_path, {
+        "data": {"scans_dir": "scans"}, **TINY,
+        "search": {"k": 3, "pair_threshold": 0.5, "verify": False}}))
+    [plain] = query_images(off, [query], k=6)
+    assert plain.verification == [] and sorted(plain.neighbours) == sorted(res.neighbours)
+
+
+def pairs_rows(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
+    rows = pq.read_table(layout(settings).pairs).to_pylist()
+    return {(r["image_a"], r["image_b"]): r for r in rows if r["kind"] == "near"}
+
+
+def test_pairs_confirms_a_detail_below_the_threshold_with_its_relation_and_box(tmp_path):
+    # nothing scores 0.9999 with an untrained model: every pair is below the threshold, and all
+    # six images' neighbours (k = 5) are verified (floor -1)
+    settings, crop = build(tmp_path, {"k": 5, "pair_threshold": 0.9999, "verify_floor": -1.0})
+    summary = run_pairs(settings)
+    ids = ids_by_path(settings)
+    key = tuple(sorted((ids["p0.jpg"], ids["detail-of-p0.jpg"])))
+    rows = pairs_rows(settings)
+    assert set(rows) == {key}, rows  # only the confirmed one is kept
+    r = rows[key]
+    detail_is_a = key[0] == ids["detail-of-p0.jpg"]
+    assert r["relation"] == ("a_in_b" if detail_is_a else "b_in_a")
+    assert r["box_on"] == ("b" if detail_is_a else "a") and r["inliers"] >= 12
+    box = (r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"])
+    assert iou(box, crop.box) >= 0.5, (box, crop.box)
+    assert abs(r["covered"] - crop.area) <= 0.05 + 0.15 * crop.area
+    vs = summary.verification
+    assert vs is not None and vs.confirmed_below == 1 and vs.contradicted == 0
+    assert vs.checked == vs.below == 15 and vs.extracted == 6  # all 15 pairs of 6 images
+    assert summary.n_clusters == 1 and summary.largest_cluster == 2  # the confirmed pair joins
+    assert any("confirmed below the threshold" in line for line in summary.lines())
+
+
+def test_a_contradicted_pair_is_kept_and_marked_and_an_incremental_run_verifies_only_new_pairs(
+    tmp_path,
+):
+    # threshold -1: every neighbour is a pair; verification contradicts the unrelated ones
+    settings, _ = build(tmp_path, {"k": 2, "pair_threshold": -1.0, "verify_floor": -1.0})
+    first = run_pairs(settings)
+    rows = pairs_rows(settings)
+    assert len(rows) == first.n_near_pairs >= 6
+    relations = [r["relation"] for r in rows.values()]
+    assert all(rel is not None for rel in relations)
+    assert relations.count("none") == first.verification.contradicted >= 4  # type: ignore[union-attr]
+    assert all(r["box_on"] is None for r in rows.values() if r["relation"] == "none")
+    # a new picture arrives: only its pairs are verified, only its features extracted
+    save(textured(200), settings.path(settings.data.scans_dir) / "new.jpg", quality=92)
+    update(settings)
+    second = run_pairs(settings, incremental=True)
+    vs = second.verification
+    new_id = ids_by_path(settings)["new.jpg"]
+    after = pairs_rows(settings)
+    new_pairs = [k for k in after if new_id in k]
+    assert second.incremental and new_pairs and vs is not None
+    assert vs.checked == len(new_pairs) and vs.extracted == 1
+    assert vs.kept == len(after) - len(new_pairs)
+    for key, r in rows.items():  # recorded verification kept as it was
+        assert after[key]["relation"] == r["relation"] and after[key]["inliers"] == r["inliers"]
+    # nothing new: nothing verified
+    third = run_pairs(settings, incremental=True)
+    assert third.verification is not None and third.verification.checked == 0
+    assert third.verification.extracted == 0
+
+
+@pytest.mark.parametrize("verify", [False])
+def test_pairs_without_verification_leave_the_columns_empty(tmp_path, verify):
+    settings, _ = build(tmp_path, {"k": 2, "pair_threshold": -1.0, "verify": verify}, n=3)
+    summary = run_pairs(settings)
+    assert summary.verification is None
+    assert all(r["relation"] is None for r in pairs_rows(settings).values())
+    assert not any("verified" in line for line in summary.lines())
