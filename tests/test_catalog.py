@@ -68,6 +68,22 @@ def test_queries_read_this_workspace_from_any_folder(ws, tmp_path, monkeypatch):
     assert rows == [(files.num_rows,)] and files.num_rows > 1
 
 
+def test_the_catalogue_is_built_from_this_workspace_from_any_folder(ws, tmp_path, monkeypatch):
+    """DuckDB binds a view when it is created: from a folder holding another workspace's older
+    pairs (without the verification columns), building this catalogue once failed with a Binder
+    Error on pair_report. It is built from this workspace's files wherever it is started."""
+    settings = load_settings(ws / "params.yaml")
+    other = tmp_path / "other" / "data" / "pairs"
+    other.mkdir(parents=True)
+    pairs = pq.read_table(ws / "data" / "pairs" / "pairs.parquet")
+    pq.write_table(pairs.select(["image_a", "image_b", "score"]), other / "pairs.parquet")
+    (ws / "data" / "catalog.duckdb").unlink()
+    monkeypatch.chdir(tmp_path / "other")
+    catalog.refresh_catalog(settings)
+    cols, _ = catalog.query(settings, "SELECT * FROM pair_report LIMIT 0")
+    assert "relation" in cols and "box_x0" in cols
+
+
 @pytest.mark.parametrize("sql,fragment", [
     ("CREATE TABLE t (x INT)", "only queries can run on the catalogue"),
     ("DROP VIEW files", "only queries can run on the catalogue"),

@@ -10,6 +10,7 @@ Longer than 400 lines: the SQL of every view, beside the guards of the connectio
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -390,10 +391,16 @@ def refresh_catalog(settings: Settings) -> Path:
         con = duckdb.connect(str(tmp))
         try:
             con.execute(f"SET file_search_path = {_sql_str(str(settings.root))}")
-            for view in chosen:
-                con.execute(f"CREATE VIEW {view.name} AS {view.body(settings.root)}")
-                if view.comment:
-                    con.execute(f"COMMENT ON VIEW {view.name} IS {_sql_str(view.comment)}")
+            # DuckDB binds a view when it is created, reading its files' schemas, and looks for a
+            # relative name in the current folder before file_search_path: started from another
+            # workspace's folder, it bound pair_report to that workspace's pairs. Created from
+            # the workspace's own folder (the views keep relative names, so the catalogue moves
+            # with the workspace).
+            with contextlib.chdir(settings.root):
+                for view in chosen:
+                    con.execute(f"CREATE VIEW {view.name} AS {view.body(settings.root)}")
+                    if view.comment:
+                        con.execute(f"COMMENT ON VIEW {view.name} IS {_sql_str(view.comment)}")
             con.execute("CREATE TABLE cbir_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
             con.execute(
                 "INSERT INTO cbir_meta VALUES ('signature', ?), ('schema_version', ?)",
