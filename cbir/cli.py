@@ -112,9 +112,9 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
             zip(res.neighbours, checks, found, strict=True), start=1
         ):
             via = f"  (found by {by})" if by != "global" else ""
-            print(f"  {rank:3d}  {score:.4f}  {shown(path)}  [{image_id}]{via}")
-            if m is not None:
-                print(f"       {describe(m, shown(path))}")
+            # one line per neighbour (scripts count and grep them): its verification follows
+            check = f"  \u2014 {describe(m, 'it')}" if m is not None else ""
+            print(f"  {rank:3d}  {score:.4f}  {shown(path)}  [{image_id}]{via}{check}")
     if failed:
         print(
             f"cbir query: error: {len(failed)} of {len(args.images)} images could not be "

@@ -170,9 +170,10 @@ def _table(columns: list[str], rows: Iterable[list[Any]], limit: int) -> list[st
 
 
 def _whole(r: dict[str, Any]) -> list[Any]:
-    check = {"full": f"same picture ({r['inliers']} points)", "none": "not confirmed"}
+    # the verification columns are absent from a report read before verification existed
+    check = {"full": f"same picture ({r.get('inliers')} points)", "none": "not confirmed"}
     return [r["new_run"], r["new_path"], r["match_path"], r["score"], r["kind"],
-            r["master_path"], check.get(r["relation"], "")]  # fmt: skip
+            r["master_path"], check.get(r.get("relation") or "", "")]  # fmt: skip
 
 
 def _partial(r: dict[str, Any]) -> list[Any]:
