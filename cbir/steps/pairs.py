@@ -17,7 +17,6 @@ threshold was calibrated to the precision asked for; the mark sends it to a revi
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,15 +30,14 @@ import pyarrow.parquet as pq
 from .. import faults, verify
 from ..config import Settings
 from ..fsutil import clean_stale_tmp, write_parquet
-from ..imaging import ImageRejected
 from ..linkage import link
 from ..progress import bar as progress_bar
 from ..store.catalog import clean_stale, refresh_catalog
 from ..store.decisions import labels
-from ..store.features import RECIPE, FeatureCache, extract, extract_file, feature_cache
+from ..store.features import RECIPE, extract, feature_cache, features_of, scan_files
 from ..store.index import Searcher, open_searcher
 from ..store.layout import Layout, layout
-from ..store.manifest import DUPLICATE, OK, canonical_images, load_manifest
+from ..store.manifest import DUPLICATE, OK, load_manifest
 from ..store.pairs import CLUSTERS_SCHEMA, CONFIRMED, PAIRS_SCHEMA
 
 #: Guard rails: a summary warns when the largest cluster holds more than this share of the
@@ -363,12 +361,7 @@ def verify_pairs(
     cache = feature_cache(settings)
     cache.clean()
     need = {i for key in keys for i in key}
-    scans = os.fsencode(layout(settings).scans)
-    raw = {
-        r["image_id"]: os.path.join(scans, r["path_raw"])
-        for r in canonical_images(settings)
-        if r["image_id"] in need
-    }
+    raw = scan_files(settings, need)
     jobs = [(i, raw[i]) for i in sorted(cache.missing(need)) if i in raw]
     failed = extract(
         cache,
@@ -384,34 +377,14 @@ def verify_pairs(
     try:
         for a, b in keys:
             if a != a_id:
-                a_id, fa = a, _features(cache, a, raw, failed, settings.ingest.max_pixels)
-            fb = _features(cache, b, raw, failed, settings.ingest.max_pixels)
+                a_id, fa = a, features_of(cache, [a], raw, settings.ingest.max_pixels, failed)[0]
+            fb = features_of(cache, [b], raw, settings.ingest.max_pixels, failed)[0]
             out[(a, b)] = None if fa is None or fb is None else verify.verify(fa, fb)
             faults.point("pairs.verify")
             bar.update(1)
     finally:
         bar.close()
     return out, extracted
-
-
-def _features(
-    cache: FeatureCache,
-    image_id: str,
-    raw: dict[str, bytes],
-    failed: dict[str, str],
-    max_pixels: int,
-) -> verify.Features | None:
-    """Cached features; a damaged entry (read as absent) is extracted again here."""
-    f = cache.get(image_id)
-    if f is not None or image_id in failed or image_id not in raw:
-        return f
-    try:
-        f = extract_file(os.fsdecode(raw[image_id]), max_pixels)
-    except (ImageRejected, OSError) as exc:
-        failed[image_id] = str(exc)
-        return None
-    cache.add([(image_id, f)])
-    return f
 
 
 def _searched_before(lay: Layout, state: dict[str, str]) -> set[str] | None:

@@ -9,7 +9,6 @@ extracted each time (its cost is reported apart: `QueryResult.features_seconds`)
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -18,14 +17,12 @@ from pathlib import Path
 
 from .. import verify
 from ..config import Settings
-from ..errors import CbirError
 from ..imaging import ImageRejected, not_regular
 from ..model import pick_device, retrieval_model
 from ..probe import sha256_of
 from ..regions import Candidate
-from ..store.features import FeatureCache, extract_file, feature_cache
+from ..store.features import extract_file, feature_cache, features_of, scan_files
 from ..store.index import open_searcher
-from ..store.layout import layout
 from ..store.manifest import PRESENT, load_manifest
 from .embed import embed_files
 
@@ -56,29 +53,6 @@ def rerank(
         return (0, -m.inliers, i) if m is not None and m.verified else (1, 0, i)
 
     return sorted(range(len(candidates)), key=key)
-
-
-def candidate_features(
-    cache: FeatureCache, ids: Sequence[str], raw_paths: dict[str, str], max_pixels: int
-) -> list[verify.Features | None]:
-    """Each candidate's cached features; extracted (and added to the cache) when missing or
-    damaged; None when its scan cannot be read."""
-    out: list[verify.Features | None] = []
-    new: list[tuple[str, verify.Features]] = []
-    for image_id in ids:
-        f = cache.get(image_id)
-        if f is None and image_id in raw_paths:
-            try:
-                f = extract_file(raw_paths[image_id], max_pixels)
-                new.append((image_id, f))
-            except (ImageRejected, OSError):
-                f = None
-        out.append(f)
-    if new:
-        # a read-only data folder: verify without caching
-        with contextlib.suppress(CbirError, OSError):
-            cache.add(new)
-    return out
 
 
 def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
@@ -129,15 +103,9 @@ def verify_results(
 ) -> None:
     """Verify each result's top candidates against its query file and re-rank its neighbours."""
     cache = feature_cache(settings)
-    wanted = {image_id for r in results for image_id, _, _ in r.neighbours[:top]}
-    scans = os.fsencode(layout(settings).scans)
-    raw_paths = {
-        r["image_id"]: os.fsdecode(os.path.join(scans, r["path_raw"]))
-        for r in load_manifest(settings)
-        .select(["image_id", "path_raw", "status", "is_canonical"])
-        .to_pylist()
-        if r["image_id"] in wanted and r["is_canonical"] and r["status"] in PRESENT
-    }
+    files = scan_files(
+        settings, {image_id for r in results for image_id, _, _ in r.neighbours[:top]}
+    )
     for res, path in zip(results, paths, strict=True):
         t0 = time.perf_counter()
         try:
@@ -147,9 +115,7 @@ def verify_results(
             continue
         t1 = time.perf_counter()
         cands = res.neighbours[:top]
-        feats = candidate_features(
-            cache, [c[0] for c in cands], raw_paths, settings.ingest.max_pixels
-        )
+        feats = features_of(cache, [c[0] for c in cands], files, settings.ingest.max_pixels)
         matches: list[verify.Match | None] = list(verify.verify_many(q, feats))
         for j, f in enumerate(feats):
             if f is None:

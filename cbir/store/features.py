@@ -28,6 +28,7 @@ rest of the pipeline does (`ingest.max_pixels` applies).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import time
@@ -41,11 +42,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import faults, verify
+from ..errors import CbirError
 from ..fsutil import atomic_path, clean_stale_tmp, write_parquet
 from ..imaging import ImageRejected, open_scan
 from ..parallel import start_method
 from ..progress import bar as progress_bar
 from .layout import layout
+from .manifest import canonical_images
 
 #: What the cached features were extracted with; a change of any starts another cache.
 RECIPE = f"sift-{verify.MAX_SIDE}px-{verify.MAX_KEYPOINTS}kp-v1"
@@ -80,7 +83,7 @@ class FeatureCache:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._entries: dict[str, tuple[str, int, int, int, int, float, int]] = {}
+        self._entries: dict[str, dict[str, Any]] = {}  # image_id -> its INDEX_SCHEMA row
         self._covered: set[str] = set()  # parts whose index index.parquet already holds
         self.added_parts = 0
         self._load()
@@ -98,16 +101,7 @@ class FeatureCache:
             if p.stem not in self._covered:
                 rows += _read_index(p) or []  # a damaged index: its pictures are extracted again
         rows.sort(key=lambda r: r["part"])  # the newest part last: it wins
-        for r in rows:
-            self._entries[r["image_id"]] = (
-                r["part"],
-                r["offset"],
-                r["n"],
-                r["width"],
-                r["height"],
-                r["scale"],
-                r["crc"],
-            )
+        self._entries.update((r["image_id"], r) for r in rows)
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self._entries
@@ -124,20 +118,22 @@ class FeatureCache:
         entry = self._entries.get(image_id)
         if entry is None:
             return None
-        part, offset, n, width, height, scale, crc = entry
+        n = entry["n"]
         size = n * (_POINT + _DESC)
         try:
-            with open(self.folder / f"{part}.bin", "rb") as fh:
-                fh.seek(offset)
+            with open(self.folder / f"{entry['part']}.bin", "rb") as fh:
+                fh.seek(entry["offset"])
                 data = fh.read(size)
         except OSError:
             data = b""
-        if len(data) != size or zlib.crc32(data) != crc:
+        if len(data) != size or zlib.crc32(data) != entry["crc"]:
             del self._entries[image_id]
             return None
         points = np.frombuffer(data, np.float32, 2 * n).reshape(n, 2)
         sift = np.frombuffer(data, np.uint8, n * _DESC, offset=n * _POINT).reshape(n, _DESC)
-        return verify.Features(points, sift, int(width), int(height), float(scale))
+        return verify.Features(
+            points, sift, int(entry["width"]), int(entry["height"]), float(entry["scale"])
+        )
 
     # ------------------------------------------------------------------ writing
     def add(self, items: Sequence[tuple[str, verify.Features]]) -> None:
@@ -172,35 +168,14 @@ class FeatureCache:
         write_parquet(
             pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), self.folder / f"{part}.parquet"
         )
-        for r in rows:
-            self._entries[r["image_id"]] = (
-                part,
-                r["offset"],
-                r["n"],
-                r["width"],
-                r["height"],
-                r["scale"],
-                r["crc"],
-            )
+        self._entries.update((r["image_id"], r) for r in rows)
         self.added_parts += 1
 
     def consolidate(self) -> None:
         """Rewrite index.parquet with every part's index (after a run that added parts), so
         that the next opening reads one file instead of one per part."""
-        parts = {e[0] for e in self._entries.values()}
-        rows = [
-            {
-                "image_id": i,
-                "part": e[0],
-                "offset": e[1],
-                "n": e[2],
-                "width": e[3],
-                "height": e[4],
-                "scale": e[5],
-                "crc": e[6],
-            }
-            for i, e in sorted(self._entries.items())
-        ]
+        parts = {e["part"] for e in self._entries.values()}
+        rows = [self._entries[i] for i in sorted(self._entries)]
         write_parquet(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), self.folder / INDEX)
         self._covered = parts
 
@@ -229,6 +204,47 @@ def _read_index(path: Path) -> list[dict[str, Any]] | None:
 def feature_cache(settings: Any) -> FeatureCache:
     """The workspace's cache of local features (the current recipe's folder)."""
     return FeatureCache(layout(settings).features(RECIPE))
+
+
+def scan_files(settings: Any, ids: Iterable[str]) -> dict[str, bytes]:
+    """Where each of these images' canonical scan is (absolute, as the file system spells it);
+    an image absent from the collection is left out."""
+    wanted = set(ids)
+    scans = os.fsencode(layout(settings).scans)
+    return {
+        r["image_id"]: os.path.join(scans, r["path_raw"])
+        for r in canonical_images(settings)
+        if r["image_id"] in wanted
+    }
+
+
+def features_of(
+    cache: FeatureCache,
+    ids: Sequence[str],
+    files: dict[str, bytes],
+    max_pixels: int | None,
+    failed: dict[str, str] | None = None,
+) -> list[verify.Features | None]:
+    """Each picture's cached features; one missing or damaged (read as absent) is extracted
+    from its scan in `files` and added to the cache (one part for all of them; a read-only
+    data folder: used without caching). None where the scan cannot be read, or is already in
+    `failed` (image_id -> why), which collects the new failures."""
+    failed = {} if failed is None else failed
+    out: list[verify.Features | None] = []
+    new: list[tuple[str, verify.Features]] = []
+    for image_id in ids:
+        f = cache.get(image_id)
+        if f is None and image_id in files and image_id not in failed:
+            try:
+                f = extract_file(os.fsdecode(files[image_id]), max_pixels)
+                new.append((image_id, f))
+            except (ImageRejected, OSError) as exc:
+                failed[image_id] = str(exc)
+        out.append(f)
+    if new:
+        with contextlib.suppress(CbirError, OSError):
+            cache.add(new)
+    return out
 
 
 # ---------------------------------------------------------------------- extraction
