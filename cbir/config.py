@@ -256,6 +256,14 @@ class SearchSettings(_Section):
         description="`cbir pairs` also verifies neighbours scoring between this and the "
         "pair threshold (where details of an original land); lower costs more time",
     )
+    verify_rank: int = Field(
+        3,
+        ge=0,
+        le=MAX_K,
+        description="`cbir pairs` verifies a neighbour below the pair threshold only among "
+        "each image's nearest verify_rank (and, with embed.regions, the owners of its nearest "
+        "regions); 0 = none: only pairs above the threshold are checked",
+    )
 
 
 class CalibrateSettings(_Section):

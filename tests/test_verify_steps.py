@@ -98,7 +98,9 @@ def pairs_rows(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
 def test_pairs_confirms_a_detail_below_the_threshold_with_its_relation_and_box(tmp_path):
     # nothing scores 0.9999 with an untrained model: every pair is below the threshold, and all
     # six images' neighbours (k = 5) are verified (floor -1)
-    settings, crop = build(tmp_path, {"k": 5, "pair_threshold": 0.9999, "verify_floor": -1.0})
+    settings, crop = build(
+        tmp_path, {"k": 5, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 5}
+    )
     summary = run_pairs(settings)
     ids = ids_by_path(settings)
     key = tuple(sorted((ids["p0.jpg"], ids["detail-of-p0.jpg"])))
@@ -116,6 +118,50 @@ def test_pairs_confirms_a_detail_below_the_threshold_with_its_relation_and_box(t
     assert vs.checked == vs.below == 15 and vs.extracted == 6  # all 15 pairs of 6 images
     assert summary.n_clusters == 1 and summary.largest_cluster == 2  # the confirmed pair joins
     assert any("confirmed below the threshold" in line for line in summary.lines())
+
+
+def test_verify_rank_bounds_the_neighbours_below_the_threshold_that_are_checked(tmp_path):
+    settings, _ = build(
+        tmp_path, {"k": 5, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 1}
+    )
+    vs = run_pairs(settings).verification
+    # each of the 6 images' nearest neighbour only: at most 6 pairs (fewer where two are each
+    # other's nearest), not the 15 of k = 5
+    assert vs is not None and 3 <= vs.checked == vs.below <= 6 and vs.regional == 0
+    none = settings.model_copy(
+        update={"search": settings.search.model_copy(update={"verify_rank": 0})}
+    )
+    summary = run_pairs(none)
+    assert summary.verification is not None and summary.verification.checked == 0
+    assert summary.n_near_pairs == 0  # nothing above 0.9999, nothing below checked
+
+
+def test_pairs_verifies_the_prints_whose_regions_hold_an_image(tmp_path):
+    """With embed.regions, an image's candidates below the threshold include the owners of
+    the regions nearest to it: a detail that is one of the scheme's windows of p0 is checked
+    against p0 and confirmed, found by its regions at rank 1."""
+    from cbir.steps.pairs import region_pairs
+    from cbir.store.index import open_searcher
+
+    settings, _ = build(
+        tmp_path,
+        {"k": 1, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 1},
+    )
+    scans = settings.path(settings.data.scans_dir)
+    save(textured(100).crop((320, 0, 640, 240)), scans / "window-of-p0.png")
+    with_regions = settings.model_copy(
+        update={"embed": settings.embed.model_copy(update={"regions": "halves"})}
+    )
+    update(with_regions)
+    ids = ids_by_path(with_regions)
+    key = tuple(sorted((ids["p0.jpg"], ids["window-of-p0.png"])))
+    found = region_pairs(open_searcher(with_regions), 1, -1.0)
+    assert key in found and found[key][1] == 1, found
+    assert region_pairs(open_searcher(settings), 1, -1.0) == {}  # no regional index
+    assert run_pairs(with_regions).verification is not None
+    row = pairs_rows(with_regions)[key]
+    detail_is_a = key[0] == ids["window-of-p0.png"]
+    assert row["relation"] == ("a_in_b" if detail_is_a else "b_in_a")
 
 
 def test_a_contradicted_pair_is_kept_and_marked_and_an_incremental_run_verifies_only_new_pairs(

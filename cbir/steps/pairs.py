@@ -2,11 +2,14 @@
 
 With search.verify, the pairs are checked with local features (cbir.verify; each picture's
 extracted once into the features cache, cbir.store.features): the pairs above the threshold,
-and the neighbours scoring between search.verify_floor and the threshold, where a detail of a
-print lands beside its original. Each checked pair gets its relation (`full`, `a_in_b`,
-`b_in_a`, or `none`), inliers, covered share and matched box. A neighbour below the threshold
-that verification confirms is kept as a near pair (a partial copy, or a copy the descriptor
-scored low); a pair above the threshold that it does not confirm is kept and marked `none`.
+and each image's nearest search.verify_rank neighbours scoring between search.verify_floor and
+the threshold, where a detail of a print lands beside its original; with embed.regions, also
+the owners of the regions nearest to each image (the prints it may be a detail of). Each
+checked pair gets its relation (`full`, `a_in_b`, `b_in_a`, or `none`), inliers, covered share
+and matched box. A neighbour below the threshold that verification confirms is kept as a near
+pair (a partial copy, or a copy the descriptor scored low); a pair above the threshold that it
+does not confirm is kept and marked `none`. Most pairs above the threshold are copies of a
+whole picture, which `verify.verify_pair` confirms from the strongest keypoints alone.
 
 Clusters: a confirmed pair always links its two images, whatever its score (the local
 features saw the same picture). A contradicted pair keeps its link: verification misses some
@@ -56,6 +59,7 @@ class VerifySummary:
     checked: int = 0  # candidate pairs verified by this run
     kept: int = 0  # verifications kept from the recorded pairs (not checked again)
     below: int = 0  # candidates below the threshold that this run checked
+    regional: int = 0  # of those, found by the regional index (embed.regions) only
     confirmed_below: int = 0  # of those, confirmed: added as near pairs
     contradicted: int = 0  # pairs above the threshold not confirmed (marked `none`)
     unreadable: int = 0  # pairs not checked: a picture could not be read
@@ -66,10 +70,11 @@ class VerifySummary:
     def line(self) -> str:
         kept = f", {self.kept} kept from before" if self.kept else ""
         unread = f", {self.unreadable} not checked (unreadable)" if self.unreadable else ""
+        regional = f", {self.regional} of them found by regions" if self.regional else ""
         return (
             f"  verified {self.checked} candidate pairs ({self.below} below the threshold, "
-            f"down to {self.floor:.4f}){kept}: {self.confirmed_below} confirmed below the "
-            f"threshold, {self.contradicted} contradicted{unread}; local features of "
+            f"down to {self.floor:.4f}{regional}){kept}: {self.confirmed_below} confirmed "
+            f"below the threshold, {self.contradicted} contradicted{unread}; local features of "
             f"{self.extracted} pictures extracted; {self.seconds:.1f} s"
         )
 
@@ -234,6 +239,34 @@ def knn_pairs(
     return best
 
 
+def region_pairs(
+    s: Searcher, k: int, floor: float, batch: int = 4096, rows: np.ndarray | None = None
+) -> dict[tuple[str, str], tuple[float, int]]:
+    """Pairs (a, b) where b owns one of the regions nearest to a's whole picture: a may be a
+    detail of b. Each image's k nearest owners besides itself; value (the two pictures' global
+    score, the owner's rank among them), kept when the regional score is >= floor. Nothing
+    without a regional index (embed.regions: none)."""
+    out: dict[tuple[str, str], tuple[float, int]] = {}
+    if s.regions is None or k == 0:
+        return out
+    row_of = {image_id: i for i, image_id in enumerate(s.image_ids)}
+    order = np.arange(len(s.image_ids)) if rows is None else np.asarray(rows, dtype=np.int64)
+    for start in range(0, len(order), batch):
+        sel = order[start : start + batch]
+        q = np.asarray(s.vectors[sel], np.float32)
+        for r, hits in zip(sel, s.regions.search(q, k + 1), strict=True):
+            me = s.image_ids[r]
+            owners = [(o, sc) for o, sc, _ in hits if o != me and o in row_of][:k]
+            for rank, (other, region_score) in enumerate(owners, start=1):
+                if region_score < floor:
+                    continue
+                key = (me, other) if me < other else (other, me)
+                score = float(np.dot(q[r - start], np.asarray(s.vectors[row_of[other]])))
+                old = out.get(key)
+                out[key] = (score, rank) if old is None else (old[0], min(old[1], rank))
+    return out
+
+
 def clusters_from_pairs(
     pairs: dict[tuple[str, str], tuple[float, int]],
     threshold: float,
@@ -292,7 +325,12 @@ def _search_state(s: Searcher, cfg: Any, pair_threshold: float) -> dict[str, str
         "pair_threshold": repr(float(pair_threshold)),
         # which neighbours were verified: turning verification on finds pairs below the
         # threshold among images searched before
-        "verify": f"{RECIPE} floor {float(cfg.verify_floor)!r}" if cfg.verify else "off",
+        "verify": (
+            f"{RECIPE} floor {float(cfg.verify_floor)!r} rank {cfg.verify_rank}"
+            if cfg.verify
+            else "off"
+        ),
+        "regions": str(s.regions is not None),
     }
 
 
@@ -379,7 +417,7 @@ def verify_pairs(
             if a != a_id:
                 a_id, fa = a, features_of(cache, [a], raw, settings.ingest.max_pixels, failed)[0]
             fb = features_of(cache, [b], raw, settings.ingest.max_pixels, failed)[0]
-            out[(a, b)] = None if fa is None or fb is None else verify.verify(fa, fb)
+            out[(a, b)] = None if fa is None or fb is None else verify.verify_pair(fa, fb)
             faults.point("pairs.verify")
             bar.update(1)
     finally:
@@ -475,13 +513,20 @@ def run_pairs(
         rows = np.array([i for i, x in enumerate(s.image_ids) if x not in before], np.int64)
         pairs = dict(recorded)
     below: dict[Key, tuple[float, int]] = {}
+    regional: set[Key] = set()
     if rows is None or len(rows):
         for key, (sc, rk) in knn_pairs(s, cfg.k, floor, rows=rows).items():
             old = pairs.get(key)
             if old is None and sc < th.pair:
-                below[key] = (sc, rk)  # a candidate: kept only if verification confirms it
+                if rk <= cfg.verify_rank:  # a candidate: kept only if verification confirms it
+                    below[key] = (sc, rk)
                 continue
             pairs[key] = (sc, rk) if old is None else (max(old[0], sc), min(old[1], rk))
+        if cfg.verify:
+            for key, v in region_pairs(s, cfg.verify_rank, floor, rows=rows).items():
+                if key not in pairs and key not in below and v[0] < th.pair:
+                    below[key] = v
+                    regional.add(key)
     present = set(s.image_ids)
     pairs = {key: v for key, v in pairs.items() if key[0] in present and key[1] in present}
     vs = None
@@ -492,6 +537,7 @@ def run_pairs(
         checks.update(found)
         vs = VerifySummary(checked=len(todo), kept=len(pairs) + len(below) - len(todo))
         vs.below, vs.extracted, vs.floor = sum(k in below for k in todo), extracted, floor
+        vs.regional = sum(k in regional for k in todo)
         for key, v in below.items():
             m = checks.get(key)
             if m is not None and m.relation in CONFIRMED:
