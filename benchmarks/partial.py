@@ -5,7 +5,7 @@ verification (cbir.verify) re-ranking the union's top candidates.
 Run by hand:
     .venv/bin/python benchmarks/partial.py [--out /tmp/cbir-partial] [--photos 194] [--per-band 1]
         [--checkpoint MODEL.pt | --minutes 5 | --init IMAGENET1K_V1] [--top 20]
-        [--regions halves|thirds]
+        [--regions halves|thirds] [--pairs [--pairs-every 4]]
 
 Run time: 35 minutes on 2 busy cores for the full set (--photos 194 --per-band 1: 776 queries)
 with --checkpoint and --regions thirds: 1.5 minutes to embed the collection globally, 17 to
@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -164,34 +165,81 @@ def _bytes(folder: Path, *, recursive: bool = True, deep: int = 0) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
-def time_pairs(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """`cbir pairs` on the collection with and without verification, side by side: the first
-    run calibrates (untimed), then off, on with an empty features cache, on with it full."""
-    def run(verify_on: bool) -> Any:
-        s = settings.model_copy(update={"search": settings.search.model_copy(
-            update={"verify": verify_on, "verify_floor": args.floor})})
+def time_pairs(settings: Any, with_regions: Any, truth: list[dict[str, Any]], scans: Path,
+               args: argparse.Namespace) -> dict[str, Any]:
+    """`cbir pairs` on the collection with every --pairs-every-th detail added to it, side by
+    side: verification off, then on with search.verify_rank 0 (only pairs above the threshold),
+    3 (the default) with an empty features cache and with it full, 3 with the regional index,
+    and search.k (every neighbour down to the floor: before verify_rank). For each: seconds,
+    pairs checked, and per area band how many details are paired with their original and how
+    many of those pairs verification confirms as a detail (a_in_b / b_in_a)."""
+    chosen = truth[:: max(1, args.pairs_every)]
+    folder = scans / "details"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    for t in chosen:
+        shutil.copyfile(t["query"], folder / f"{t['band']}-{Path(t['query']).name}")
+    t0 = time.perf_counter()
+    run_ingest(with_regions)  # the details join the collection: embedded with their regions
+    run_embed(with_regions)
+    run_index(with_regions)
+    print(f"\npairs: {len(chosen)} details added to the collection "
+          f"({time.perf_counter() - t0:.0f} s to ingest, embed and index them)", flush=True)
+    id_of = {r["path"]: r["image_id"] for r in canonical_images(settings)}
+    wanted = {}
+    for t in chosen:
+        d = id_of.get(f"details/{t['band']}-{Path(t['query']).name}")
+        o = id_of.get(f"originals/{t['original']}")
+        if d and o:
+            wanted[(d, o) if d < o else (o, d)] = t["band"]
+
+    def run(s: Any, verify_on: bool, rank: int) -> tuple[Any, float]:
+        s = s.model_copy(update={"search": s.search.model_copy(
+            update={"verify": verify_on, "verify_floor": args.floor, "verify_rank": rank})})
         t = time.perf_counter()
         summary = run_pairs(s)
         return summary, time.perf_counter() - t
 
-    run(False)  # calibration, thumbnails of nothing: the same for both
+    run(settings, False, 0)  # calibration (untimed): the same for every run
+    run(with_regions, False, 0)
     out = {}
-    folder = layout(settings).features(RECIPE)
-    for name, on, empty in (("off", False, False), ("on, empty cache", True, True),
-                            ("on, cached features", True, False)):
-        if empty and folder.exists():
-            shutil.rmtree(folder)
-        summary, secs = run(on)
+    cache = layout(settings).features(RECIPE)
+    k = settings.search.k
+    print(f"\n| cbir pairs on {len(id_of)} pictures | Seconds | Pairs verified | ms a pair | "
+          f"Near pairs | Confirmed below the threshold | Contradicted | "
+          + " | ".join(f"{b}: paired / confirmed" for b in partial_copies.BANDS) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(partial_copies.BANDS))
+    for name, s, on, rank, empty in (
+        ("verification off", settings, False, 0, False),
+        ("verify_rank 0 (above the threshold only)", settings, True, 0, True),
+        ("verify_rank 3, empty features cache", settings, True, 3, True),
+        ("verify_rank 3", settings, True, 3, False),
+        (f"verify_rank 3 + regions ({args.regions})", with_regions, True, 3, False),
+        (f"verify_rank {k} (every neighbour down to the floor)", settings, True, k, False),
+    ):
+        if empty and cache.exists():
+            shutil.rmtree(cache)
+        summary, secs = run(s, on, rank)
         vs = summary.verification
+        rows = pq.read_table(layout(settings).pairs).to_pylist()
+        rel = {(r["image_a"], r["image_b"]): r["relation"] for r in rows if r["kind"] == "near"}
+        bands: dict[str, list[int]] = {b: [0, 0, 0] for b in partial_copies.BANDS}
+        for key, band in wanted.items():
+            bands[band][0] += 1
+            bands[band][1] += int(key in rel)
+            bands[band][2] += int(rel.get(key) in ("a_in_b", "b_in_a"))
         out[name] = {"seconds": secs, "near_pairs": summary.n_near_pairs,
                      "checked": vs.checked if vs else 0,
                      "per_pair_ms": vs.seconds / max(1, vs.checked) * 1000 if vs else 0.0,
                      "confirmed_below": vs.confirmed_below if vs else 0,
                      "contradicted": vs.contradicted if vs else 0,
-                     "extracted": vs.extracted if vs else 0}
-        print(f"pairs, verification {name}: {secs:.1f} s; " + "; ".join(
-            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in out[name].items()
-            if k != "seconds"), flush=True)
+                     "extracted": vs.extracted if vs else 0, "bands": bands}
+        r = out[name]
+        print(f"| {name} | {secs:.1f} | {r['checked']} | {r['per_pair_ms']:.1f} | "
+              f"{r['near_pairs']} | {r['confirmed_below']} | {r['contradicted']} | "
+              + " | ".join(f"{n and p / n:.2f} / {n and c / n:.2f}" for n, p, c in bands.values())
+              + " |", flush=True)
     return out
 
 
@@ -209,6 +257,8 @@ def main() -> None:
     ap.add_argument("--regions", default="halves", choices=sorted(regions.SCHEMES),
                     help="embed.regions scheme measured against global descriptors alone")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairs-every", type=int, default=4,
+                    help="--pairs adds every n-th detail to the collection")
     ap.add_argument("--pairs", action="store_true",
                     help="also time `cbir pairs` with and without verification")
     ap.add_argument("--floor", type=float, default=0.5, help="search.verify_floor for --pairs")
@@ -291,7 +341,7 @@ def main() -> None:
                   f"{r['qsecs_median'] * 1000:.0f} | {r['score_median']:.3f}, "
                   f"{r['score_p10']:.3f} |")
         tables[label] = table
-    pairs = time_pairs(settings, args) if args.pairs else {}
+    pairs = time_pairs(settings, with_regions, truth, scans, args) if args.pairs else {}
     total = time.perf_counter() - t_start
     n = len(list(scans.rglob("*.jpg")))
     mib = 1 / 2**20
