@@ -18,7 +18,9 @@ The collection is the real photographs of ../shared/data/photos with the paintin
 ../shared/data/distractors (copied into a throw-away folder under --out, never into the
 repository). The queries are details of the photographs made by cbir.partial_copies (an
 independent generator: nothing from the training's augmentations), --per-band per photograph in
-each area band (5-10 %, 10-20 %, 20-40 %, 40-50 % of the photograph), lightly rescanned. Each
+each area band (5-10 %, 10-20 %, 20-40 %, 40-50 % of the photograph), lightly rescanned, and
+a lightly rescanned whole copy of each (the "whole copy" band: what helps details must not
+hurt full-image near-duplicates). Each
 query has one right answer: the photograph it was cut from.
 
 Everything runs through the real pipeline as benchmarks/quality.py does (ingest, train, embed,
@@ -68,6 +70,11 @@ from cbir.store.layout import REGIONS_PREFIX, layout  # noqa: E402
 from cbir.store.manifest import canonical_images  # noqa: E402
 
 
+#: The band of whole-picture copies (a light rescan of each detailed photograph).
+WHOLE = "whole copy"
+ALL_BANDS = [*partial_copies.BANDS, WHOLE]
+
+
 def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
     area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix
@@ -102,6 +109,13 @@ def build(out: Path, n_photos: int, per_band: int, seed: int) -> tuple[Path, lis
                 crop.picture.save(path, quality=92)
                 truth.append({"query": path, "band": band, "original": photo.name,
                               "box": crop.box, "area": crop.area})
+        # a whole copy too: full-image near-duplicates must not suffer from what helps details
+        copy, _ = partial_copies.rescan(original, np.random.default_rng([seed, i, 99]))
+        path = queries / WHOLE / f"{photo.stem}-0.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        copy.save(path, quality=92)
+        truth.append({"query": path, "band": WHOLE, "original": photo.name,
+                      "box": (0, 0, original.width, original.height), "area": 1.0})
     return scans, truth
 
 
@@ -208,8 +222,8 @@ def time_pairs(settings: Any, with_regions: Any, truth: list[dict[str, Any]], sc
     k = settings.search.k
     print(f"\n| cbir pairs on {len(id_of)} pictures | Seconds | Pairs verified | ms a pair | "
           f"Near pairs | Confirmed below the threshold | Contradicted | "
-          + " | ".join(f"{b}: paired / confirmed" for b in partial_copies.BANDS) + " |")
-    print("|---|---|---|---|---|---|---|" + "---|" * len(partial_copies.BANDS))
+          + " | ".join(f"{b}: paired / confirmed" for b in ALL_BANDS) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(ALL_BANDS))
     for name, s, on, rank, empty in (
         ("verification off", settings, False, 0, False),
         ("verify_rank 0 (above the threshold only)", settings, True, 0, True),
@@ -224,11 +238,12 @@ def time_pairs(settings: Any, with_regions: Any, truth: list[dict[str, Any]], sc
         vs = summary.verification
         rows = pq.read_table(layout(settings).pairs).to_pylist()
         rel = {(r["image_a"], r["image_b"]): r["relation"] for r in rows if r["kind"] == "near"}
-        bands: dict[str, list[int]] = {b: [0, 0, 0] for b in partial_copies.BANDS}
+        bands: dict[str, list[int]] = {b: [0, 0, 0] for b in ALL_BANDS}
         for key, band in wanted.items():
             bands[band][0] += 1
             bands[band][1] += int(key in rel)
-            bands[band][2] += int(rel.get(key) in ("a_in_b", "b_in_a"))
+            bands[band][2] += int(rel.get(key) in (
+                ("full",) if band == WHOLE else ("a_in_b", "b_in_a")))
         out[name] = {"seconds": secs, "near_pairs": summary.n_near_pairs,
                      "checked": vs.checked if vs else 0,
                      "per_pair_ms": vs.seconds / max(1, vs.checked) * 1000 if vs else 0.0,
@@ -324,7 +339,7 @@ def main() -> None:
               f"Query's own features ms (median) | Original's score (median, p10) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         table = {}
-        for band in partial_copies.BANDS:
+        for band in ALL_BANDS:
             if band not in rows:
                 continue
             raw = rows[band]
