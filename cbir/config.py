@@ -452,7 +452,8 @@ class Settings(_Section):
     @property
     def decode_workers(self) -> int:
         """Processes that decode scans: ingest.workers, or all cores when 0. Used by ingest, by
-        the training cache (decoding the scans once) and by the gallery's thumbnails."""
+        the training cache (decoding the scans once), by the gallery's thumbnails, and by
+        `cbir pairs` to extract and verify local features."""
         return self.ingest.workers or (os.cpu_count() or 1)
 
 

@@ -6,6 +6,7 @@ are set so that verification alone decides)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,38 @@ def test_pairs_verifies_the_prints_whose_regions_hold_an_image(tmp_path):
     row = pairs_rows(with_regions)[key]
     detail_is_a = key[0] == ids["window-of-p0.png"]
     assert row["relation"] == ("a_in_b" if detail_is_a else "b_in_a")
+
+
+def test_pairs_verified_in_two_processes_equal_those_verified_in_one(tmp_path):
+    from cbir.steps import pairs as pairs_step
+    from cbir.store.features import feature_cache
+
+    search = {"k": 5, "pair_threshold": -1.0, "verify_floor": -1.0}
+    settings, _ = build(tmp_path, search)
+    one = settings.model_copy(
+        update={"ingest": settings.ingest.model_copy(update={"workers": 1})}
+    )
+    two = settings.model_copy(
+        update={"ingest": settings.ingest.model_copy(update={"workers": 2})}
+    )
+    keys = list(itertools.combinations(sorted(ids_by_path(settings).values()), 2))
+    assert len(keys) == 15  # every pair of the 6 pictures
+    by_one, _ = pairs_step.verify_pairs(one, keys)
+    old_group = pairs_step.VERIFY_GROUP
+    pairs_step.VERIFY_GROUP = 1  # 15 groups: enough for two processes
+    try:
+        by_two, extracted = pairs_step.verify_pairs(two, keys)
+    finally:
+        pairs_step.VERIFY_GROUP = old_group
+    assert extracted == 0 and by_two == by_one
+    assert sum(m is not None and m.verified for m in by_one.values()) == 1
+    # a picture missing from the cache: its pairs come back unread, for the caller to extract
+    cache = feature_cache(settings)
+    a, b = keys[0]
+    cache._entries.pop(b)
+    pairs_step._init_verifier(cache)
+    [(key, match, read)] = pairs_step._verify_group((a, [b]))
+    assert key == (a, b) and match is None and not read
 
 
 def test_a_contradicted_pair_is_kept_and_marked_and_an_incremental_run_verifies_only_new_pairs(

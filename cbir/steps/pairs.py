@@ -20,8 +20,9 @@ threshold was calibrated to the precision asked for; the mark sends it to a revi
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,18 @@ from .. import faults, verify
 from ..config import Settings
 from ..fsutil import clean_stale_tmp, write_parquet
 from ..linkage import link
+from ..parallel import start_method
 from ..progress import bar as progress_bar
 from ..store.catalog import clean_stale, refresh_catalog
 from ..store.decisions import labels
-from ..store.features import RECIPE, extract, feature_cache, features_of, scan_files
+from ..store.features import (
+    RECIPE,
+    FeatureCache,
+    extract,
+    feature_cache,
+    features_of,
+    scan_files,
+)
 from ..store.index import Searcher, open_searcher
 from ..store.layout import Layout, layout
 from ..store.manifest import DUPLICATE, OK, load_manifest
@@ -388,11 +397,40 @@ def _check_columns(m: verify.Match | None) -> dict[str, Any]:
     }
 
 
+#: Pairs of one picture handed to a verifying process at a time: its features are read once
+#: for them, and the processes stay evenly loaded.
+VERIFY_GROUP = 32
+_verifier_cache: FeatureCache | None = None
+
+
+def _init_verifier(cache: FeatureCache | Path) -> None:
+    global _verifier_cache
+    _verifier_cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+
+
+def _verify_group(group: tuple[str, list[str]]) -> list[tuple[Key, verify.Match | None, bool]]:
+    """Verify picture a against each b from the cache: (key, match, True), or (key, None,
+    False) where a picture's features are not in the cache (damaged since: the caller
+    extracts them again)."""
+    assert _verifier_cache is not None
+    a, bs = group
+    fa = _verifier_cache.get(a)
+    out: list[tuple[Key, verify.Match | None, bool]] = []
+    for b in bs:
+        fb = _verifier_cache.get(b) if fa is not None else None
+        if fa is None or fb is None:
+            out.append(((a, b), None, False))
+        else:
+            out.append(((a, b), verify.verify_pair(fa, fb), True))
+    return out
+
+
 def verify_pairs(
     settings: Settings, keys: Iterable[Key], *, progress: bool = False
 ) -> tuple[dict[Key, verify.Match | None], int]:
     """Geometric verification of pairs (image_a, image_b): their features from the cache,
-    extracted first where missing (in parallel, in atomic parts: a killed run keeps them).
+    extracted first where missing (in parallel, in atomic parts: a killed run keeps them),
+    then the pairs checked in `decode_workers` processes, a picture's pairs together.
     Returns each pair's match (None: a picture could not be read) and how many pictures'
     features were extracted."""
     keys = sorted(set(keys))  # by image_a: its features are read once for all its pairs
@@ -409,19 +447,39 @@ def verify_pairs(
         progress=progress,
     )
     extracted = len(jobs) - len(failed)
+    groups: list[tuple[str, list[str]]] = []
+    for key in keys:
+        if groups and groups[-1][0] == key[0] and len(groups[-1][1]) < VERIFY_GROUP:
+            groups[-1][1].append(key[1])
+        else:
+            groups.append((key[0], [key[1]]))
+    workers = max(1, min(settings.decode_workers, len(groups) // 4 or 1))
     out: dict[Key, verify.Match | None] = {}
     bar = progress_bar(len(keys), "verify pairs", "pair", progress)
-    a_id, fa = None, None
+    pool = None
     try:
-        for a, b in keys:
-            if a != a_id:
-                a_id, fa = a, features_of(cache, [a], raw, settings.ingest.max_pixels, failed)[0]
-            fb = features_of(cache, [b], raw, settings.ingest.max_pixels, failed)[0]
-            out[(a, b)] = None if fa is None or fb is None else verify.verify_pair(fa, fb)
-            faults.point("pairs.verify")
-            bar.update(1)
+        if workers > 1:
+            ctx = mp.get_context(start_method(["cbir.steps.pairs"]))
+            pool = ctx.Pool(workers, initializer=_init_verifier, initargs=(cache.folder,))
+            results: Iterator[list[tuple[Key, verify.Match | None, bool]]] = pool.imap(
+                _verify_group, groups
+            )
+        else:
+            _init_verifier(cache)
+            results = map(_verify_group, groups)
+        for group in results:
+            for (a, b), match, read in group:
+                if not read:  # damaged in the cache since: extracted again, checked here
+                    fa, fb = features_of(cache, [a, b], raw, settings.ingest.max_pixels, failed)
+                    match = None if fa is None or fb is None else verify.verify_pair(fa, fb)
+                out[(a, b)] = match
+                faults.point("pairs.verify")
+                bar.update(1)
     finally:
         bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     return out, extracted
 
 
