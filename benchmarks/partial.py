@@ -81,17 +81,22 @@ def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     return ix / area if area else 0.0
 
 
-def build(out: Path, n_photos: int, per_band: int, seed: int) -> tuple[Path, list[dict[str, Any]]]:
-    """scans/{originals,distractors} and queries/<band>/ under `out`; the queries' truth."""
+def build(out: Path, n_photos: int, per_band: int, seed: int,
+          reuse: bool = False) -> tuple[Path, list[dict[str, Any]]]:
+    """scans/{originals,distractors} and queries/<band>/ under `out`; the queries' truth.
+    `reuse`: keep the scans an earlier run copied (without the details --pairs added)."""
     photos = sorted((SHARED / "photos").rglob("*.jpg"))
     paintings = sorted((SHARED / "distractors").rglob("*.jpg"))
     if not photos:
         raise SystemExit(f"skipped: {SHARED / 'photos'} is absent (real photographs needed)")
     scans, queries = out / "scans", out / "queries"
-    for d in (scans, queries):
+    reuse = reuse and (scans / "originals").is_dir()
+    for d in (scans / "details", queries) if reuse else (scans, queries):
         if d.exists():
             shutil.rmtree(d)
     for folder, files in (("originals", photos), ("distractors", paintings)):
+        if reuse:
+            break
         (scans / folder).mkdir(parents=True)
         for f in files:  # into the throw-away benchmark folder, not the repository
             shutil.copyfile(f, scans / folder / f.name)
@@ -125,9 +130,10 @@ def workspace(out: Path, scans: Path, args: argparse.Namespace) -> tuple[Any, An
     that the costs of each are measured in the same run. Returns both settings, the model, and
     the costs."""
     ws = out / "ws"
-    if ws.exists():
+    reuse = args.reuse and (ws / "params.yaml").is_file()
+    if ws.exists() and not reuse:
         shutil.rmtree(ws)
-    ws.mkdir(parents=True)
+    ws.mkdir(parents=True, exist_ok=True)
     params = {"data": {"scans_dir": str(scans)},
               "model": {"init": args.init},
               "train": {"resolution": args.resolution, "batch_size": 64, "epochs": args.epochs,
@@ -138,7 +144,9 @@ def workspace(out: Path, scans: Path, args: argparse.Namespace) -> tuple[Any, An
     settings = load_settings(ws / "params.yaml")
     run_ingest(settings)
     ckpt = settings.path(settings.model.checkpoint)
-    if args.checkpoint:
+    if reuse and ckpt.is_file():  # embedding and indexing below then only catch up
+        model = f"the model of the reused workspace {ws}"
+    elif args.checkpoint:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.checkpoint, ckpt)
         model = f"checkpoint {args.checkpoint}"
@@ -272,6 +280,10 @@ def main() -> None:
     ap.add_argument("--regions", default="halves", choices=sorted(regions.SCHEMES),
                     help="embed.regions scheme measured against global descriptors alone")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep --out's workspace (model, embeddings, regions) from an earlier run")
+    ap.add_argument("--no-queries", action="store_true",
+                    help="skip the query tables (with --pairs: only the pairs step)")
     ap.add_argument("--pairs-every", type=int, default=4,
                     help="--pairs adds every n-th detail to the collection")
     ap.add_argument("--pairs", action="store_true",
@@ -280,7 +292,7 @@ def main() -> None:
     args = ap.parse_args()
 
     t_start = time.perf_counter()
-    scans, truth = build(args.out, args.photos, args.per_band, args.seed)
+    scans, truth = build(args.out, args.photos, args.per_band, args.seed, args.reuse)
     settings, with_regions, model, costs = workspace(args.out, scans, args)
     print(f"collection embedded ({time.perf_counter() - t_start:.0f} s); model: {model}",
           flush=True)
@@ -296,7 +308,9 @@ def main() -> None:
     extract_s = time.perf_counter() - t0
     tables: dict[str, Any] = {}
     # side by side: the global candidates alone, then the union with the regional ones
-    for label, s in (("global", settings), (f"global + regions ({args.regions})", with_regions)):
+    arms = [] if args.no_queries else [
+        ("global", settings), (f"global + regions ({args.regions})", with_regions)]
+    for label, s in arms:
         print(f"\ncandidates: {label}")
         vset = s.model_copy(update={"search": s.search.model_copy(
             update={"verify": True, "verify_top": args.top})})
