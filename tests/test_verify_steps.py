@@ -165,6 +165,36 @@ def test_pairs_verifies_the_prints_whose_regions_hold_an_image(tmp_path):
     assert row["relation"] == ("a_in_b" if detail_is_a else "b_in_a")
 
 
+def test_a_nightly_print_finds_the_detail_of_it_the_collection_already_holds(tmp_path):
+    """Incremental pairs search only the new pictures, so the old detail's own search (which
+    would find the print's region) is not run again: the new print's regions are searched
+    among the whole pictures instead, and the pair is confirmed as a full run confirms it."""
+    from cbir.steps.pairs import region_pairs
+    from cbir.store.index import open_searcher
+
+    scans = tmp_path / "scans"
+    for i in range(4):
+        save(textured(100 + i), scans / f"p{i}.jpg", quality=92)
+    save(textured(105).crop((320, 0, 640, 240)), scans / "window-of-p5.png")
+    search = {"k": 1, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 1}
+    params = {"data": {"scans_dir": "scans"}, **TINY, "search": search}
+    params["embed"] = {**TINY["embed"], "regions": "halves"}
+    settings = load_settings(write_params(tmp_path, params))
+    update(settings)
+    run_pairs(settings)
+    save(textured(105), scans / "p5.jpg", quality=92)  # the print arrives one night
+    update(settings)
+    ids = ids_by_path(settings)
+    key = tuple(sorted((ids["p5.jpg"], ids["window-of-p5.png"])))
+    s = open_searcher(settings)
+    new_row = np.array([s.image_ids.index(ids["p5.jpg"])], np.int64)
+    assert key in region_pairs(s, 1, -1.0, rows=new_row)
+    nightly = run_pairs(settings, incremental=True)
+    assert nightly.incremental and nightly.searched == 1
+    row = pairs_rows(settings)[key]
+    assert row["relation"] in ("a_in_b", "b_in_a") and row["inliers"] >= 12
+
+
 def test_pairs_verified_in_two_processes_equal_those_verified_in_one(tmp_path):
     from cbir.steps import pairs as pairs_step
     from cbir.store.features import feature_cache

@@ -254,25 +254,46 @@ def region_pairs(
     """Pairs (a, b) where b owns one of the regions nearest to a's whole picture: a may be a
     detail of b. Each image's k nearest owners besides itself; value (the two pictures' global
     score, the owner's rank among them), kept when the regional score is >= floor. Nothing
-    without a regional index (embed.regions: none)."""
+    without a regional index (embed.regions: none).
+
+    `rows` (an incremental run: the new images): also the other way round, each new image's
+    regions searched among the whole pictures, so that a new print finds the details of it
+    that the collection already holds (their own searches are not run again)."""
     out: dict[tuple[str, str], tuple[float, int]] = {}
     if s.regions is None or k == 0:
         return out
     row_of = {image_id: i for i, image_id in enumerate(s.image_ids)}
+
+    def add(me: str, found: list[tuple[str, float]]) -> None:
+        hits = [(o, sc) for o, sc in found if o != me and o in row_of][:k]
+        for rank, (other, region_score) in enumerate(hits, start=1):
+            if region_score < floor:
+                continue
+            key = (me, other) if me < other else (other, me)
+            score = float(
+                np.dot(
+                    np.asarray(s.vectors[row_of[me]], np.float32),
+                    np.asarray(s.vectors[row_of[other]], np.float32),
+                )
+            )
+            old = out.get(key)
+            out[key] = (score, rank) if old is None else (old[0], min(old[1], rank))
+
     order = np.arange(len(s.image_ids)) if rows is None else np.asarray(rows, dtype=np.int64)
     for start in range(0, len(order), batch):
         sel = order[start : start + batch]
         q = np.asarray(s.vectors[sel], np.float32)
         for r, hits in zip(sel, s.regions.search(q, k + 1), strict=True):
-            me = s.image_ids[r]
-            owners = [(o, sc) for o, sc, _ in hits if o != me and o in row_of][:k]
-            for rank, (other, region_score) in enumerate(owners, start=1):
-                if region_score < floor:
-                    continue
-                key = (me, other) if me < other else (other, me)
-                score = float(np.dot(q[r - start], np.asarray(s.vectors[row_of[other]])))
-                old = out.get(key)
-                out[key] = (score, rank) if old is None else (old[0], min(old[1], rank))
+            add(s.image_ids[r], [(o, sc) for o, sc, _ in hits])
+    if rows is not None and len(rows):
+        new = {s.image_ids[r] for r in rows}
+        mine = np.array([i for i, o in enumerate(s.regions.owners) if o in new], np.int64)
+        for start in range(0, len(mine), batch):
+            sel = mine[start : start + batch]
+            scores, ids = s.search(np.asarray(s.regions.vectors[sel], np.float32), k + 1)
+            for r, sc_row, id_row in zip(sel, scores, ids, strict=True):
+                found = [(o, float(sc)) for o, sc in zip(id_row, sc_row, strict=True) if o]
+                add(s.regions.owners[r], found)
     return out
 
 
