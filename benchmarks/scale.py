@@ -7,10 +7,12 @@ the table covers them all):
     nice -n 10 .venv/bin/python benchmarks/scale.py --out /tmp/cbir-scale \\
         --ingest-sizes 1e4,1e5,1e6 --sizes 1e5,1e6,1e7 [--skip-largest] [--max-rss-gib 12]
 
-Run time on the 2-core development machine (shared, nice -n 10): ingest 10^4 + 10^5 files and
-10^5 vectors about 10 minutes; 10^6 vectors about 40 minutes more (most of it `cbir pairs`'
-all-pairs search); 10^7 vectors would take many hours, and the current code loads every vector
-into RAM (20 GB at d=512), so the RSS watchdog stops it (see below).
+Run time, measured on the 2-core development machine (shared with other jobs, load 5-7, nice
+-n 10), `--ingest-sizes 1e4,1e5 --sizes 1e5,1e6`: 43 minutes - ingest 10^4 and 10^5 files 8
+min (writing the files 2 of them), 10^5 vectors 5 min, 10^6 vectors 30 min (index 9.5, pairs
+10, nightly 3). 10^7 vectors would take hours (writing them alone about 30 min), and the code
+of 2026-12 holds about 3 bytes of RAM per byte of float32 vectors in index, pairs and the
+nightly run (7.2 GB at 10^6), so the RSS watchdog would stop those steps there.
 
 Every step runs in a child process of its own (this script again, with --child), so its peak
 RSS is its own: the larger of the child's VmHWM (/proc/self/status, read by the child at its
@@ -709,7 +711,8 @@ def report(results: dict[str, Any]) -> str:
 
     out += ["", "Growth exponents (least-squares slope of log seconds, log peak RSS against "
             "log N, over the sizes where the step ran):", "",
-            "| step | N | time exponent | RSS exponent | at 10^7 on that fit: s, MiB |",
+            "| step | N | time exponent | RSS exponent | at 10^7: s on the time fit, MiB "
+            "linear in N from the two largest sizes |",
             "|---|---|---:|---:|---|"]
     for step in INGEST_STEPS + VECTOR_STEPS:
         ok = _ok(rows, step)
@@ -719,7 +722,10 @@ def report(results: dict[str, Any]) -> str:
         t = [ok[n]["seconds"] for n in ns]
         m = [ok[n]["rss"] for n in ns]
         kt, km = exponent(ns, t), exponent(ns, m)
-        pt, pm = project(ns, t, 1e7), project(ns, m, 1e7)
+        pt = project(ns, t, 1e7)
+        # memory is a baseline plus so much per item: a power fit through the baseline would
+        # understate it, so extrapolate the last increment linearly
+        pm = m[-1] + (1e7 - ns[-1]) * (m[-1] - m[-2]) / (ns[-1] - ns[-2]) if len(ns) > 1 else None
         at = "-" if pt is None or pm is None or max(ns) >= 1e7 or step in INGEST_STEPS \
             else f"{pt:,.0f} s, {pm / MIB:,.0f} MiB"
         out.append(f"| {step} | {', '.join(_fmt_n(n) for n in ns)} | "
