@@ -10,9 +10,9 @@ the table covers them all):
 Run time, measured on the 2-core development machine (shared with other jobs, load 5-7, nice
 -n 10), `--ingest-sizes 1e4,1e5 --sizes 1e5,1e6`: 43 minutes - ingest 10^4 and 10^5 files 8
 min (writing the files 2 of them), 10^5 vectors 5 min, 10^6 vectors 30 min (index 9.5, pairs
-10, nightly 3). 10^7 vectors would take hours (writing them alone about 30 min), and the code
-of 2026-12 holds about 3 bytes of RAM per byte of float32 vectors in index, pairs and the
-nightly run (7.2 GB at 10^6), so the RSS watchdog would stop those steps there.
+10, nightly 3). `--sizes 1e7` (20 GB of shards on disk): 28 min - writing the vectors 23,
+then the index step holds about 3 bytes of RAM per byte of float32 vectors (7.2 GB at 10^6)
+and the watchdog stopped it at 12.9 GB after 4.4 min; the steps after it do not run.
 
 Every step runs in a child process of its own (this script again, with --child), so its peak
 RSS is its own: the larger of the child's VmHWM (/proc/self/status, read by the child at its
@@ -740,6 +740,13 @@ def _status(rows: list[dict[str, Any]], step: str, n: int) -> dict[str, Any] | N
     return next((r for r in rows if r["step"] == step and r["n"] == n), None)
 
 
+def _verdict_not_ok(r: dict[str, Any] | None) -> str:
+    """The verdict where a step did not succeed at 10^7: its failure, or why it did not run."""
+    if r is None:
+        return "not run"
+    return r["status"] if r["status"].startswith("not run") else f"FAIL: {r['status']}"
+
+
 def targets(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     big = 10**7
@@ -752,7 +759,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         if r is None or "rss" not in r:
             top = max(ok) if ok else None
             seen = f"{ok[top]['rss'] / GB:.2f} GB at {_fmt_n(top)}" if top else "no size ran"
-            out.append(f"| {what} | {seen} | not run |")
+            out.append(f"| {what} | {seen} | {r['status'] if r is not None else 'not run'} |")
         elif r["status"] != "ok":
             out.append(f"| {what} | {r['status']} | FAIL |")
         else:
@@ -810,7 +817,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         seen = ", ".join(f"{_fmt_n(n)}: {n / p['seconds']:,.0f}/s"
                          for n, p in sorted(pairs.items()))
         out.append(f"| {what} | {seen or '-'} | "
-                   f"{'FAIL: ' + r['status'] if r is not None else 'not run'} |")
+                   f"{_verdict_not_ok(r)} |")
     # 5. catalogue queries <= 1 s at 10^7
     for step in ("query: new > 0.9", "query: largest clusters", "query: one accession"):
         q = _ok(rows, step)
@@ -822,7 +829,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
             r = _status(rows, step, big)
             seen = ", ".join(f"{_fmt_n(n)}: {x['seconds']:.2f} s" for n, x in sorted(q.items()))
             out.append(f"| {what} | {seen or '-'} | "
-                       f"{'FAIL: ' + r['status'] if r is not None else 'not run'} |")
+                       f"{_verdict_not_ok(r)} |")
     out.append("| re-ranking recall >= 0.95 with float16 memory-mapped vectors | - | not run "
                "(no such layout yet) |")
     return out
