@@ -1,0 +1,75 @@
+"""benchmarks/scale.py: its growth exponents and verdicts, and one run end to end at a tiny N
+(every step driven through the real library calls, in child processes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+def _scale():
+    spec = importlib.util.spec_from_file_location("scale_benchmark",
+                                                  REPO / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exponent_recovers_a_power_law():
+    scale = _scale()
+    ns = [1e4, 1e5, 1e6]
+    assert scale.exponent(ns, [3e-4 * n**1.5 for n in ns]) == pytest.approx(1.5)
+    assert scale.exponent(ns, [7.0, 7.0, 7.0]) == pytest.approx(0.0)
+    assert scale.project(ns, [2e-3 * n for n in ns], 1e7) == pytest.approx(2e4)
+    assert scale.exponent([1e5], [3.0]) is None  # one size: no slope
+
+
+def _row(step: str, n: int, seconds: float, rss: float) -> dict:
+    return {"step": step, "n": n, "status": "ok", "seconds": seconds, "rss": rss, "anon": rss}
+
+
+def test_targets_pass_fail_and_not_run():
+    scale = _scale()
+    rows = [_row("nightly", 10**5, 10.0, 1e9), _row("nightly", 10**7, 25.0, 9e9),
+            _row("pairs", 10**5, 20.0, 1e9),
+            {"step": "pairs", "n": 10**7, "status": "killed: RSS 13.0 GB > watchdog 12.9 GB",
+             "seconds": 100.0, "rss": 13e9}]
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in scale.targets(rows)}
+    nightly = lines["nightly adding 1,000 to 10^7 <= 2 x the same on 10^5 (embedding excluded)"]
+    assert "2.50 x" in nightly and nightly.endswith("| FAIL |")
+    assert lines["nightly: peak RSS at 10^7 <= 8 GB"].endswith("| FAIL |")  # 9 GB
+    assert "killed" in lines["pairs: peak RSS at 10^7 <= 8 GB"]
+    assert lines["index: peak RSS at 10^7 <= 8 GB"].endswith("| not run |")
+    assert lines["catalogue query: new > 0.9 <= 1 s at 10^7"].endswith("| not run |")
+    rows[1]["seconds"] = 15.0
+    rows[1]["rss"] = 7e9
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in scale.targets(rows)}
+    assert lines["nightly: peak RSS at 10^7 <= 8 GB"].endswith("| PASS |")
+    assert "1.50 x" in lines[
+        "nightly adding 1,000 to 10^7 <= 2 x the same on 10^5 (embedding excluded)"]
+
+
+@pytest.mark.slow
+def test_runs_end_to_end_at_a_tiny_size(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--out", str(tmp_path),
+         "--ingest-sizes", "40", "--sizes", "1500", "--new", "100", "--shard-size", "500"],
+        capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    by_step = {r["step"]: r for r in rows}
+    assert set(by_step) == set(scale_steps := _scale().INGEST_STEPS + _scale().VECTOR_STEPS)
+    assert all(by_step[s]["status"] == "ok" for s in scale_steps), rows
+    assert by_step["ingest first"]["out"]["new"] == 40
+    assert by_step["ingest rerun"]["out"]["decoded"] == 0
+    assert by_step["ingest +new"]["out"]["new"] == 100
+    assert "planted pairs found 150/150" in by_step["pairs"]["note"]
+    assert "planted found 20/20" in by_step["nightly"]["note"]
+    assert all(by_step[s]["rss"] > 0 for s in scale_steps)
+    assert "| 1,500 | review queue |" in out.stdout
+    assert not (tmp_path / "vectors-1500").exists()  # the data of a size is removed
