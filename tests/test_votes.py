@@ -192,11 +192,13 @@ def test_query_takes_the_voted_original_as_a_candidate_and_verifies_it_first(tmp
 
 def test_union_keeps_every_voted_picture_and_ranks_it_by_its_global_similarity():
     g = [(f"g{i}", 0.9 - i / 100) for i in range(6)]
-    cands = regions.union(g, [], 4, [("v", 40), ("g5", 9)], {"v": 0.2})
+    cands = regions.union(g, [], 4, [("v", 40), ("g3", 9), ("g5", 3)], {"v": 0.2})
     by = {c.image_id: c for c in cands}
-    assert set(by) == {"g0", "g1", "v", "g5"}
+    assert set(by) == {"g0", "g3", "v", "g5"}  # every voted one, the global top 1
     assert by["v"].found_by == regions.LOCAL and by["v"].votes == 40 and by["v"].score == 0.2
-    assert by["g5"].found_by == regions.GLOBAL and by["g5"].votes == 9
-    assert [c.image_id for c in cands][-1] == "v"  # the lowest similarity last
+    assert by["g3"].found_by == regions.GLOBAL and by["g3"].votes == 9
+    # past the global top k: found by the votes only (no similarity given: ranked last)
+    assert by["g5"].found_by == regions.LOCAL and by["g5"].score == -1.0
+    assert [c.image_id for c in cands][-2:] == ["v", "g5"]  # the lowest similarity last
     # without votes: as before, the global top k
     assert [c.image_id for c in regions.union(g, [], 4)] == ["g0", "g1", "g2", "g3"]
