@@ -6,7 +6,7 @@ and with geometric verification (cbir.verify) re-ranking each union's top candid
 Run by hand:
     .venv/bin/python benchmarks/partial.py [--out /tmp/cbir-partial] [--photos 194] [--per-band 1]
         [--checkpoint MODEL.pt | --minutes 5 | --init IMAGENET1K_V1] [--top 20]
-        [--regions halves|thirds|none] [--local 10]
+        [--regions halves|thirds|none] [--local 10] [--pairs [--pairs-every 4]]
 
 Run time: 35 minutes on 2 busy cores for the full set (--photos 194 --per-band 1: 776 queries)
 with --checkpoint and --regions thirds: 1.5 minutes to embed the collection globally, 17 to
@@ -19,7 +19,9 @@ The collection is the real photographs of ../shared/data/photos with the paintin
 ../shared/data/distractors (copied into a throw-away folder under --out, never into the
 repository). The queries are details of the photographs made by cbir.partial_copies (an
 independent generator: nothing from the training's augmentations), --per-band per photograph in
-each area band (5-10 %, 10-20 %, 20-40 %, 40-50 % of the photograph), lightly rescanned. Each
+each area band (5-10 %, 10-20 %, 20-40 %, 40-50 % of the photograph), lightly rescanned, and
+a lightly rescanned whole copy of each (the "whole copy" band: what helps details must not
+hurt full-image near-duplicates). Each
 query has one right answer: the photograph it was cut from.
 
 Everything runs through the real pipeline as benchmarks/quality.py does (ingest, train, embed,
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,23 +74,33 @@ from cbir.store.layout import REGIONS_PREFIX, layout  # noqa: E402
 from cbir.store.manifest import canonical_images  # noqa: E402
 
 
+#: The band of whole-picture copies (a light rescan of each detailed photograph).
+WHOLE = "whole copy"
+ALL_BANDS = [*partial_copies.BANDS, WHOLE]
+
+
 def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
     area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix
     return ix / area if area else 0.0
 
 
-def build(out: Path, n_photos: int, per_band: int, seed: int) -> tuple[Path, list[dict[str, Any]]]:
-    """scans/{originals,distractors} and queries/<band>/ under `out`; the queries' truth."""
+def build(out: Path, n_photos: int, per_band: int, seed: int,
+          reuse: bool = False) -> tuple[Path, list[dict[str, Any]]]:
+    """scans/{originals,distractors} and queries/<band>/ under `out`; the queries' truth.
+    `reuse`: keep the scans an earlier run copied (without the details --pairs added)."""
     photos = sorted((SHARED / "photos").rglob("*.jpg"))
     paintings = sorted((SHARED / "distractors").rglob("*.jpg"))
     if not photos:
         raise SystemExit(f"skipped: {SHARED / 'photos'} is absent (real photographs needed)")
     scans, queries = out / "scans", out / "queries"
-    for d in (scans, queries):
+    reuse = reuse and (scans / "originals").is_dir()
+    for d in (scans / "details", queries) if reuse else (scans, queries):
         if d.exists():
             shutil.rmtree(d)
     for folder, files in (("originals", photos), ("distractors", paintings)):
+        if reuse:
+            break
         (scans / folder).mkdir(parents=True)
         for f in files:  # into the throw-away benchmark folder, not the repository
             shutil.copyfile(f, scans / folder / f.name)
@@ -105,6 +118,13 @@ def build(out: Path, n_photos: int, per_band: int, seed: int) -> tuple[Path, lis
                 crop.picture.save(path, quality=92)
                 truth.append({"query": path, "band": band, "original": photo.name,
                               "box": crop.box, "area": crop.area})
+        # a whole copy too: full-image near-duplicates must not suffer from what helps details
+        copy, _ = partial_copies.rescan(original, np.random.default_rng([seed, i, 99]))
+        path = queries / WHOLE / f"{photo.stem}-0.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        copy.save(path, quality=92)
+        truth.append({"query": path, "band": WHOLE, "original": photo.name,
+                      "box": (0, 0, original.width, original.height), "area": 1.0})
     return scans, truth
 
 
@@ -114,9 +134,10 @@ def workspace(out: Path, scans: Path, args: argparse.Namespace) -> tuple[dict, s
     that the costs of each are measured in the same run; then the local descriptors' index.
     Returns the settings of each arm (by name), the model, and the costs."""
     ws = out / "ws"
-    if ws.exists():
+    reuse = args.reuse and (ws / "params.yaml").is_file()
+    if ws.exists() and not reuse:
         shutil.rmtree(ws)
-    ws.mkdir(parents=True)
+    ws.mkdir(parents=True, exist_ok=True)
     params = {"data": {"scans_dir": str(scans)},
               "model": {"init": args.init},
               "train": {"resolution": args.resolution, "batch_size": 64, "epochs": args.epochs,
@@ -127,7 +148,9 @@ def workspace(out: Path, scans: Path, args: argparse.Namespace) -> tuple[dict, s
     settings = load_settings(ws / "params.yaml")
     run_ingest(settings)
     ckpt = settings.path(settings.model.checkpoint)
-    if args.checkpoint:
+    if reuse and ckpt.is_file():  # embedding and indexing below then only catch up
+        model = f"the model of the reused workspace {ws}"
+    elif args.checkpoint:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.checkpoint, ckpt)
         model = f"checkpoint {args.checkpoint}"
@@ -192,34 +215,82 @@ def _bytes(folder: Path, *, recursive: bool = True, deep: int = 0) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
-def time_pairs(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """`cbir pairs` on the collection with and without verification, side by side: the first
-    run calibrates (untimed), then off, on with an empty features cache, on with it full."""
-    def run(verify_on: bool) -> Any:
-        s = settings.model_copy(update={"search": settings.search.model_copy(
-            update={"verify": verify_on, "verify_floor": args.floor})})
+def time_pairs(settings: Any, with_regions: Any, truth: list[dict[str, Any]], scans: Path,
+               args: argparse.Namespace) -> dict[str, Any]:
+    """`cbir pairs` on the collection with every --pairs-every-th detail added to it, side by
+    side: verification off, then on with search.verify_rank 0 (only pairs above the threshold),
+    3 (the default) with an empty features cache and with it full, 3 with the regional index,
+    and search.k (every neighbour down to the floor: before verify_rank). For each: seconds,
+    pairs checked, and per area band how many details are paired with their original and how
+    many of those pairs verification confirms as a detail (a_in_b / b_in_a)."""
+    chosen = truth[:: max(1, args.pairs_every)]
+    folder = scans / "details"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    for t in chosen:
+        shutil.copyfile(t["query"], folder / f"{t['band']}-{Path(t['query']).name}")
+    t0 = time.perf_counter()
+    run_ingest(with_regions)  # the details join the collection: embedded with their regions
+    run_embed(with_regions)
+    run_index(with_regions)
+    print(f"\npairs: {len(chosen)} details added to the collection "
+          f"({time.perf_counter() - t0:.0f} s to ingest, embed and index them)", flush=True)
+    id_of = {r["path"]: r["image_id"] for r in canonical_images(settings)}
+    wanted = {}
+    for t in chosen:
+        d = id_of.get(f"details/{t['band']}-{Path(t['query']).name}")
+        o = id_of.get(f"originals/{t['original']}")
+        if d and o:
+            wanted[(d, o) if d < o else (o, d)] = t["band"]
+
+    def run(s: Any, verify_on: bool, rank: int) -> tuple[Any, float]:
+        s = s.model_copy(update={"search": s.search.model_copy(
+            update={"verify": verify_on, "verify_floor": args.floor, "verify_rank": rank})})
         t = time.perf_counter()
         summary = run_pairs(s)
         return summary, time.perf_counter() - t
 
-    run(False)  # calibration, thumbnails of nothing: the same for both
+    run(settings, False, 0)  # calibration (untimed): the same for every run
+    run(with_regions, False, 0)
     out = {}
-    folder = layout(settings).features(RECIPE)
-    for name, on, empty in (("off", False, False), ("on, empty cache", True, True),
-                            ("on, cached features", True, False)):
-        if empty and folder.exists():
-            shutil.rmtree(folder)
-        summary, secs = run(on)
+    cache = layout(settings).features(RECIPE)
+    k = settings.search.k
+    print(f"\n| cbir pairs on {len(id_of)} pictures | Seconds | Pairs verified | ms a pair | "
+          f"Near pairs | Confirmed below the threshold | Contradicted | "
+          + " | ".join(f"{b}: paired / confirmed" for b in ALL_BANDS) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(ALL_BANDS))
+    for name, s, on, rank, empty in (
+        ("verification off", settings, False, 0, False),
+        ("verify_rank 0 (above the threshold only)", settings, True, 0, True),
+        ("verify_rank 3, empty features cache", settings, True, 3, True),
+        ("verify_rank 3", settings, True, 3, False),
+        (f"verify_rank 3 + regions ({args.regions})", with_regions, True, 3, False),
+        (f"verify_rank {k} (every neighbour down to the floor)", settings, True, k, False),
+    ):
+        if empty and cache.exists():
+            shutil.rmtree(cache)
+        summary, secs = run(s, on, rank)
         vs = summary.verification
+        rows = pq.read_table(layout(settings).pairs).to_pylist()
+        rel = {(r["image_a"], r["image_b"]): r["relation"] for r in rows if r["kind"] == "near"}
+        bands: dict[str, list[int]] = {b: [0, 0, 0] for b in ALL_BANDS}
+        for key, band in wanted.items():
+            bands[band][0] += 1
+            bands[band][1] += int(key in rel)
+            bands[band][2] += int(rel.get(key) in (
+                ("full",) if band == WHOLE else ("a_in_b", "b_in_a")))
         out[name] = {"seconds": secs, "near_pairs": summary.n_near_pairs,
                      "checked": vs.checked if vs else 0,
                      "per_pair_ms": vs.seconds / max(1, vs.checked) * 1000 if vs else 0.0,
                      "confirmed_below": vs.confirmed_below if vs else 0,
                      "contradicted": vs.contradicted if vs else 0,
-                     "extracted": vs.extracted if vs else 0}
-        print(f"pairs, verification {name}: {secs:.1f} s; " + "; ".join(
-            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in out[name].items()
-            if k != "seconds"), flush=True)
+                     "extracted": vs.extracted if vs else 0, "bands": bands}
+        r = out[name]
+        print(f"| {name} | {secs:.1f} | {r['checked']} | {r['per_pair_ms']:.1f} | "
+              f"{r['near_pairs']} | {r['confirmed_below']} | {r['contradicted']} | "
+              + " | ".join(f"{n and p / n:.2f} / {n and c / n:.2f}" for n, p, c in bands.values())
+              + " |", flush=True)
     return out
 
 
@@ -239,20 +310,27 @@ def main() -> None:
     ap.add_argument("--local", type=int, default=10,
                     help="search.local_candidates of the arms with local votes (0: none)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep --out's workspace (model, embeddings, regions) from an earlier run")
+    ap.add_argument("--no-queries", action="store_true",
+                    help="skip the query tables (with --pairs: only the pairs step)")
+    ap.add_argument("--pairs-every", type=int, default=4,
+                    help="--pairs adds every n-th detail to the collection")
     ap.add_argument("--pairs", action="store_true",
                     help="also time `cbir pairs` with and without verification")
     ap.add_argument("--floor", type=float, default=0.5, help="search.verify_floor for --pairs")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
-    scans, truth = build(args.out, args.photos, args.per_band, args.seed)
+    scans, truth = build(args.out, args.photos, args.per_band, args.seed, args.reuse)
     arms, model, costs = workspace(args.out, scans, args)
     settings = arms["global"]
+    with_regions = arms.get(f"global + regions ({args.regions})", settings)
     print(f"collection embedded and indexed ({time.perf_counter() - t_start:.0f} s); model: "
           f"{model}", flush=True)
     tables: dict[str, Any] = {}
     # side by side: the global candidates alone, then its unions with the others
-    for label, s in arms.items():
+    for label, s in ({} if args.no_queries else arms).items():
         print(f"\ncandidates: {label}")
         vset = s.model_copy(update={"search": s.search.model_copy(
             update={"verify": True, "verify_top": args.top})})
@@ -299,7 +377,7 @@ def main() -> None:
               f"Query's own features ms (median) | Original's score (median, p10) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         table = {}
-        for band in partial_copies.BANDS:
+        for band in ALL_BANDS:
             if band not in rows:
                 continue
             raw = rows[band]
@@ -319,7 +397,7 @@ def main() -> None:
         print(f"{arm_s:.1f} s for {len(truth)} queries: {arm_s / len(truth) * 1000:.0f} ms a "
               f"query (embedding, search, features, votes, verification)")
         tables[label] = {"bands": table, "seconds_per_query": arm_s / len(truth)}
-    pairs = time_pairs(settings, args) if args.pairs else {}
+    pairs = time_pairs(settings, with_regions, truth, scans, args) if args.pairs else {}
     total = time.perf_counter() - t_start
     n = len(list(scans.rglob("*.jpg")))
     mib = 1 / 2**20

@@ -265,6 +265,14 @@ class SearchSettings(_Section):
         description="`cbir pairs` also verifies neighbours scoring between this and the "
         "pair threshold (where details of an original land); lower costs more time",
     )
+    verify_rank: int = Field(
+        3,
+        ge=0,
+        le=MAX_K,
+        description="`cbir pairs` verifies a neighbour below the pair threshold only among "
+        "each image's nearest verify_rank (and, with embed.regions, the owners of its nearest "
+        "regions); 0 = none: only pairs above the threshold are checked",
+    )
     # Local-feature voting (cbir/votes.py): the candidates that small details need, which the
     # descriptors miss (benchmarks/partial.py, README "Partial copies").
     local_candidates: int = Field(
@@ -463,7 +471,8 @@ class Settings(_Section):
     @property
     def decode_workers(self) -> int:
         """Processes that decode scans: ingest.workers, or all cores when 0. Used by ingest, by
-        the training cache (decoding the scans once) and by the gallery's thumbnails."""
+        the training cache (decoding the scans once), by the gallery's thumbnails, and by
+        `cbir pairs` to extract and verify local features."""
         return self.ingest.workers or (os.cpu_count() or 1)
 
 

@@ -156,3 +156,28 @@ def test_the_detail_generator_is_independent_of_the_training_augmentations() -> 
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
         {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     assert not any(m and ("degrade" in m or "augment" in m) for m in imported), imported
+
+
+@pytest.mark.shared_data
+def test_verify_pair_agrees_with_verify_and_its_first_pass_confirms_whole_copies(
+    photos: list[Image.Image],
+) -> None:
+    """cbir pairs' two-pass check: a rescan is confirmed by the strongest QUICK_KEYPOINTS alone
+    (its inliers bounded by them), a detail and an unrelated photograph get verify's answer."""
+    photo = photos[0]
+    feats = verify.features(photo)
+    assert len(feats) > verify.QUICK_KEYPOINTS  # else the first pass would be the only one
+    copy, _ = partial_copies.rescan(photo, np.random.default_rng(3))
+    quick = verify.verify(
+        copy, feats, a_keypoints=verify.QUICK_KEYPOINTS, b_keypoints=verify.QUICK_KEYPOINTS
+    )
+    pair = verify.verify_pair(copy, feats)
+    assert pair == quick and pair.relation == "full"
+    assert pair.inliers <= verify.QUICK_KEYPOINTS
+    crop = partial_copies.detail_crop(photo, np.random.default_rng(5), (0.05, 0.1))
+    full = verify.verify(crop.picture, feats)
+    pair = verify.verify_pair(crop.picture, feats)
+    assert full.relation == pair.relation == "a_in_b"
+    assert pair.box is not None and full.box is not None and iou(pair.box, full.box) >= 0.8
+    for other in photos[1:4]:
+        assert verify.verify_pair(other, feats) == verify.verify(other, feats)

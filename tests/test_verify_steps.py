@@ -6,6 +6,7 @@ are set so that verification alone decides)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,9 @@ def pairs_rows(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
 def test_pairs_confirms_a_detail_below_the_threshold_with_its_relation_and_box(tmp_path):
     # nothing scores 0.9999 with an untrained model: every pair is below the threshold, and all
     # six images' neighbours (k = 5) are verified (floor -1)
-    settings, crop = build(tmp_path, {"k": 5, "pair_threshold": 0.9999, "verify_floor": -1.0})
+    settings, crop = build(
+        tmp_path, {"k": 5, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 5}
+    )
     summary = run_pairs(settings)
     ids = ids_by_path(settings)
     key = tuple(sorted((ids["p0.jpg"], ids["detail-of-p0.jpg"])))
@@ -116,6 +119,112 @@ def test_pairs_confirms_a_detail_below_the_threshold_with_its_relation_and_box(t
     assert vs.checked == vs.below == 15 and vs.extracted == 6  # all 15 pairs of 6 images
     assert summary.n_clusters == 1 and summary.largest_cluster == 2  # the confirmed pair joins
     assert any("confirmed below the threshold" in line for line in summary.lines())
+
+
+def test_verify_rank_bounds_the_neighbours_below_the_threshold_that_are_checked(tmp_path):
+    settings, _ = build(
+        tmp_path, {"k": 5, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 1}
+    )
+    vs = run_pairs(settings).verification
+    # each of the 6 images' nearest neighbour only: at most 6 pairs (fewer where two are each
+    # other's nearest), not the 15 of k = 5
+    assert vs is not None and 3 <= vs.checked == vs.below <= 6 and vs.regional == 0
+    none = settings.model_copy(
+        update={"search": settings.search.model_copy(update={"verify_rank": 0})}
+    )
+    summary = run_pairs(none)
+    assert summary.verification is not None and summary.verification.checked == 0
+    assert summary.n_near_pairs == 0  # nothing above 0.9999, nothing below checked
+
+
+def test_pairs_verifies_the_prints_whose_regions_hold_an_image(tmp_path):
+    """With embed.regions, an image's candidates below the threshold include the owners of
+    the regions nearest to it: a detail that is one of the scheme's windows of p0 is checked
+    against p0 and confirmed, found by its regions at rank 1."""
+    from cbir.steps.pairs import region_pairs
+    from cbir.store.index import open_searcher
+
+    settings, _ = build(
+        tmp_path,
+        {"k": 1, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 1},
+    )
+    scans = settings.path(settings.data.scans_dir)
+    save(textured(100).crop((320, 0, 640, 240)), scans / "window-of-p0.png")
+    with_regions = settings.model_copy(
+        update={"embed": settings.embed.model_copy(update={"regions": "halves"})}
+    )
+    update(with_regions)
+    ids = ids_by_path(with_regions)
+    key = tuple(sorted((ids["p0.jpg"], ids["window-of-p0.png"])))
+    found = region_pairs(open_searcher(with_regions), 1, -1.0)
+    assert key in found and found[key][1] == 1, found
+    assert region_pairs(open_searcher(settings), 1, -1.0) == {}  # no regional index
+    assert run_pairs(with_regions).verification is not None
+    row = pairs_rows(with_regions)[key]
+    detail_is_a = key[0] == ids["window-of-p0.png"]
+    assert row["relation"] == ("a_in_b" if detail_is_a else "b_in_a")
+
+
+def test_a_nightly_print_finds_the_detail_of_it_the_collection_already_holds(tmp_path):
+    """Incremental pairs search only the new pictures, so the old detail's own search (which
+    would find the print's region) is not run again: the new print's regions are searched
+    among the whole pictures instead, and the pair is confirmed as a full run confirms it."""
+    from cbir.steps.pairs import region_pairs
+    from cbir.store.index import open_searcher
+
+    scans = tmp_path / "scans"
+    for i in range(4):
+        save(textured(100 + i), scans / f"p{i}.jpg", quality=92)
+    save(textured(105).crop((320, 0, 640, 240)), scans / "window-of-p5.png")
+    search = {"k": 1, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 1}
+    params = {"data": {"scans_dir": "scans"}, **TINY, "search": search}
+    params["embed"] = {**TINY["embed"], "regions": "halves"}
+    settings = load_settings(write_params(tmp_path, params))
+    update(settings)
+    run_pairs(settings)
+    save(textured(105), scans / "p5.jpg", quality=92)  # the print arrives one night
+    update(settings)
+    ids = ids_by_path(settings)
+    key = tuple(sorted((ids["p5.jpg"], ids["window-of-p5.png"])))
+    s = open_searcher(settings)
+    new_row = np.array([s.image_ids.index(ids["p5.jpg"])], np.int64)
+    assert key in region_pairs(s, 1, -1.0, rows=new_row)
+    nightly = run_pairs(settings, incremental=True)
+    assert nightly.incremental and nightly.searched == 1
+    row = pairs_rows(settings)[key]
+    assert row["relation"] in ("a_in_b", "b_in_a") and row["inliers"] >= 12
+
+
+def test_pairs_verified_in_two_processes_equal_those_verified_in_one(tmp_path):
+    from cbir.steps import pairs as pairs_step
+    from cbir.store.features import feature_cache
+
+    search = {"k": 5, "pair_threshold": -1.0, "verify_floor": -1.0}
+    settings, _ = build(tmp_path, search)
+    one = settings.model_copy(
+        update={"ingest": settings.ingest.model_copy(update={"workers": 1})}
+    )
+    two = settings.model_copy(
+        update={"ingest": settings.ingest.model_copy(update={"workers": 2})}
+    )
+    keys = list(itertools.combinations(sorted(ids_by_path(settings).values()), 2))
+    assert len(keys) == 15  # every pair of the 6 pictures
+    by_one, _ = pairs_step.verify_pairs(one, keys)
+    old_group = pairs_step.VERIFY_GROUP
+    pairs_step.VERIFY_GROUP = 1  # 15 groups: enough for two processes
+    try:
+        by_two, extracted = pairs_step.verify_pairs(two, keys)
+    finally:
+        pairs_step.VERIFY_GROUP = old_group
+    assert extracted == 0 and by_two == by_one
+    assert sum(m is not None and m.verified for m in by_one.values()) == 1
+    # a picture missing from the cache: its pairs come back unread, for the caller to extract
+    cache = feature_cache(settings)
+    a, b = keys[0]
+    cache._entries.pop(b)
+    pairs_step._init_verifier(cache)
+    [(key, match, read)] = pairs_step._verify_group((a, [b]))
+    assert key == (a, b) and match is None and not read
 
 
 def test_a_contradicted_pair_is_kept_and_marked_and_an_incremental_run_verifies_only_new_pairs(

@@ -2,11 +2,14 @@
 
 With search.verify, the pairs are checked with local features (cbir.verify; each picture's
 extracted once into the features cache, cbir.store.features): the pairs above the threshold,
-and the neighbours scoring between search.verify_floor and the threshold, where a detail of a
-print lands beside its original. Each checked pair gets its relation (`full`, `a_in_b`,
-`b_in_a`, or `none`), inliers, covered share and matched box. A neighbour below the threshold
-that verification confirms is kept as a near pair (a partial copy, or a copy the descriptor
-scored low); a pair above the threshold that it does not confirm is kept and marked `none`.
+and each image's nearest search.verify_rank neighbours scoring between search.verify_floor and
+the threshold, where a detail of a print lands beside its original; with embed.regions, also
+the owners of the regions nearest to each image (the prints it may be a detail of). Each
+checked pair gets its relation (`full`, `a_in_b`, `b_in_a`, or `none`), inliers, covered share
+and matched box. A neighbour below the threshold that verification confirms is kept as a near
+pair (a partial copy, or a copy the descriptor scored low); a pair above the threshold that it
+does not confirm is kept and marked `none`. Most pairs above the threshold are copies of a
+whole picture, which `verify.verify_pair` confirms from the strongest keypoints alone.
 
 Clusters: a confirmed pair always links its two images, whatever its score (the local
 features saw the same picture). A contradicted pair keeps its link: verification misses some
@@ -17,8 +20,9 @@ threshold was calibrated to the precision asked for; the mark sends it to a revi
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +35,18 @@ from .. import faults, verify
 from ..config import Settings
 from ..fsutil import clean_stale_tmp, write_parquet
 from ..linkage import link
+from ..parallel import start_method
 from ..progress import bar as progress_bar
 from ..store.catalog import clean_stale, refresh_catalog
 from ..store.decisions import labels
-from ..store.features import RECIPE, extract, feature_cache, features_of, scan_files
+from ..store.features import (
+    RECIPE,
+    FeatureCache,
+    extract,
+    feature_cache,
+    features_of,
+    scan_files,
+)
 from ..store.index import Searcher, open_searcher
 from ..store.layout import Layout, layout
 from ..store.manifest import DUPLICATE, OK, load_manifest
@@ -56,6 +68,7 @@ class VerifySummary:
     checked: int = 0  # candidate pairs verified by this run
     kept: int = 0  # verifications kept from the recorded pairs (not checked again)
     below: int = 0  # candidates below the threshold that this run checked
+    regional: int = 0  # of those, found by the regional index (embed.regions) only
     confirmed_below: int = 0  # of those, confirmed: added as near pairs
     contradicted: int = 0  # pairs above the threshold not confirmed (marked `none`)
     unreadable: int = 0  # pairs not checked: a picture could not be read
@@ -66,10 +79,11 @@ class VerifySummary:
     def line(self) -> str:
         kept = f", {self.kept} kept from before" if self.kept else ""
         unread = f", {self.unreadable} not checked (unreadable)" if self.unreadable else ""
+        regional = f", {self.regional} of them found by regions" if self.regional else ""
         return (
             f"  verified {self.checked} candidate pairs ({self.below} below the threshold, "
-            f"down to {self.floor:.4f}){kept}: {self.confirmed_below} confirmed below the "
-            f"threshold, {self.contradicted} contradicted{unread}; local features of "
+            f"down to {self.floor:.4f}{regional}){kept}: {self.confirmed_below} confirmed "
+            f"below the threshold, {self.contradicted} contradicted{unread}; local features of "
             f"{self.extracted} pictures extracted; {self.seconds:.1f} s"
         )
 
@@ -234,6 +248,55 @@ def knn_pairs(
     return best
 
 
+def region_pairs(
+    s: Searcher, k: int, floor: float, batch: int = 4096, rows: np.ndarray | None = None
+) -> dict[tuple[str, str], tuple[float, int]]:
+    """Pairs (a, b) where b owns one of the regions nearest to a's whole picture: a may be a
+    detail of b. Each image's k nearest owners besides itself; value (the two pictures' global
+    score, the owner's rank among them), kept when the regional score is >= floor. Nothing
+    without a regional index (embed.regions: none).
+
+    `rows` (an incremental run: the new images): also the other way round, each new image's
+    regions searched among the whole pictures, so that a new print finds the details of it
+    that the collection already holds (their own searches are not run again)."""
+    out: dict[tuple[str, str], tuple[float, int]] = {}
+    if s.regions is None or k == 0:
+        return out
+    row_of = {image_id: i for i, image_id in enumerate(s.image_ids)}
+
+    def add(me: str, found: list[tuple[str, float]]) -> None:
+        hits = [(o, sc) for o, sc in found if o != me and o in row_of][:k]
+        for rank, (other, region_score) in enumerate(hits, start=1):
+            if region_score < floor:
+                continue
+            key = (me, other) if me < other else (other, me)
+            score = float(
+                np.dot(
+                    np.asarray(s.vectors[row_of[me]], np.float32),
+                    np.asarray(s.vectors[row_of[other]], np.float32),
+                )
+            )
+            old = out.get(key)
+            out[key] = (score, rank) if old is None else (old[0], min(old[1], rank))
+
+    order = np.arange(len(s.image_ids)) if rows is None else np.asarray(rows, dtype=np.int64)
+    for start in range(0, len(order), batch):
+        sel = order[start : start + batch]
+        q = np.asarray(s.vectors[sel], np.float32)
+        for r, hits in zip(sel, s.regions.search(q, k + 1), strict=True):
+            add(s.image_ids[r], [(o, sc) for o, sc, _ in hits])
+    if rows is not None and len(rows):
+        new = {s.image_ids[r] for r in rows}
+        mine = np.array([i for i, o in enumerate(s.regions.owners) if o in new], np.int64)
+        for start in range(0, len(mine), batch):
+            sel = mine[start : start + batch]
+            scores, ids = s.search(np.asarray(s.regions.vectors[sel], np.float32), k + 1)
+            for r, sc_row, id_row in zip(sel, scores, ids, strict=True):
+                found = [(o, float(sc)) for o, sc in zip(id_row, sc_row, strict=True) if o]
+                add(s.regions.owners[r], found)
+    return out
+
+
 def clusters_from_pairs(
     pairs: dict[tuple[str, str], tuple[float, int]],
     threshold: float,
@@ -292,7 +355,12 @@ def _search_state(s: Searcher, cfg: Any, pair_threshold: float) -> dict[str, str
         "pair_threshold": repr(float(pair_threshold)),
         # which neighbours were verified: turning verification on finds pairs below the
         # threshold among images searched before
-        "verify": f"{RECIPE} floor {float(cfg.verify_floor)!r}" if cfg.verify else "off",
+        "verify": (
+            f"{RECIPE} floor {float(cfg.verify_floor)!r} rank {cfg.verify_rank}"
+            if cfg.verify
+            else "off"
+        ),
+        "regions": str(s.regions is not None),
     }
 
 
@@ -350,11 +418,40 @@ def _check_columns(m: verify.Match | None) -> dict[str, Any]:
     }
 
 
+#: Pairs of one picture handed to a verifying process at a time: its features are read once
+#: for them, and the processes stay evenly loaded.
+VERIFY_GROUP = 32
+_verifier_cache: FeatureCache | None = None
+
+
+def _init_verifier(cache: FeatureCache | Path) -> None:
+    global _verifier_cache
+    _verifier_cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+
+
+def _verify_group(group: tuple[str, list[str]]) -> list[tuple[Key, verify.Match | None, bool]]:
+    """Verify picture a against each b from the cache: (key, match, True), or (key, None,
+    False) where a picture's features are not in the cache (damaged since: the caller
+    extracts them again)."""
+    assert _verifier_cache is not None
+    a, bs = group
+    fa = _verifier_cache.get(a)
+    out: list[tuple[Key, verify.Match | None, bool]] = []
+    for b in bs:
+        fb = _verifier_cache.get(b) if fa is not None else None
+        if fa is None or fb is None:
+            out.append(((a, b), None, False))
+        else:
+            out.append(((a, b), verify.verify_pair(fa, fb), True))
+    return out
+
+
 def verify_pairs(
     settings: Settings, keys: Iterable[Key], *, progress: bool = False
 ) -> tuple[dict[Key, verify.Match | None], int]:
     """Geometric verification of pairs (image_a, image_b): their features from the cache,
-    extracted first where missing (in parallel, in atomic parts: a killed run keeps them).
+    extracted first where missing (in parallel, in atomic parts: a killed run keeps them),
+    then the pairs checked in `decode_workers` processes, a picture's pairs together.
     Returns each pair's match (None: a picture could not be read) and how many pictures'
     features were extracted."""
     keys = sorted(set(keys))  # by image_a: its features are read once for all its pairs
@@ -371,19 +468,39 @@ def verify_pairs(
         progress=progress,
     )
     extracted = len(jobs) - len(failed)
+    groups: list[tuple[str, list[str]]] = []
+    for key in keys:
+        if groups and groups[-1][0] == key[0] and len(groups[-1][1]) < VERIFY_GROUP:
+            groups[-1][1].append(key[1])
+        else:
+            groups.append((key[0], [key[1]]))
+    workers = max(1, min(settings.decode_workers, len(groups) // 4 or 1))
     out: dict[Key, verify.Match | None] = {}
     bar = progress_bar(len(keys), "verify pairs", "pair", progress)
-    a_id, fa = None, None
+    pool = None
     try:
-        for a, b in keys:
-            if a != a_id:
-                a_id, fa = a, features_of(cache, [a], raw, settings.ingest.max_pixels, failed)[0]
-            fb = features_of(cache, [b], raw, settings.ingest.max_pixels, failed)[0]
-            out[(a, b)] = None if fa is None or fb is None else verify.verify(fa, fb)
-            faults.point("pairs.verify")
-            bar.update(1)
+        if workers > 1:
+            ctx = mp.get_context(start_method(["cbir.steps.pairs"]))
+            pool = ctx.Pool(workers, initializer=_init_verifier, initargs=(cache.folder,))
+            results: Iterator[list[tuple[Key, verify.Match | None, bool]]] = pool.imap(
+                _verify_group, groups
+            )
+        else:
+            _init_verifier(cache)
+            results = map(_verify_group, groups)
+        for group in results:
+            for (a, b), match, read in group:
+                if not read:  # damaged in the cache since: extracted again, checked here
+                    fa, fb = features_of(cache, [a, b], raw, settings.ingest.max_pixels, failed)
+                    match = None if fa is None or fb is None else verify.verify_pair(fa, fb)
+                out[(a, b)] = match
+                faults.point("pairs.verify")
+                bar.update(1)
     finally:
         bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     return out, extracted
 
 
@@ -475,13 +592,20 @@ def run_pairs(
         rows = np.array([i for i, x in enumerate(s.image_ids) if x not in before], np.int64)
         pairs = dict(recorded)
     below: dict[Key, tuple[float, int]] = {}
+    regional: set[Key] = set()
     if rows is None or len(rows):
         for key, (sc, rk) in knn_pairs(s, cfg.k, floor, rows=rows).items():
             old = pairs.get(key)
             if old is None and sc < th.pair:
-                below[key] = (sc, rk)  # a candidate: kept only if verification confirms it
+                if rk <= cfg.verify_rank:  # a candidate: kept only if verification confirms it
+                    below[key] = (sc, rk)
                 continue
             pairs[key] = (sc, rk) if old is None else (max(old[0], sc), min(old[1], rk))
+        if cfg.verify:
+            for key, v in region_pairs(s, cfg.verify_rank, floor, rows=rows).items():
+                if key not in pairs and key not in below and v[0] < th.pair:
+                    below[key] = v
+                    regional.add(key)
     present = set(s.image_ids)
     pairs = {key: v for key, v in pairs.items() if key[0] in present and key[1] in present}
     vs = None
@@ -492,6 +616,7 @@ def run_pairs(
         checks.update(found)
         vs = VerifySummary(checked=len(todo), kept=len(pairs) + len(below) - len(todo))
         vs.below, vs.extracted, vs.floor = sum(k in below for k in todo), extracted, floor
+        vs.regional = sum(k in regional for k in todo)
         for key, v in below.items():
             m = checks.get(key)
             if m is not None and m.relation in CONFIRMED:
