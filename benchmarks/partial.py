@@ -1,11 +1,12 @@
 """Partial copies: finding the print a detail was cut from, by the global descriptor alone, by
-the union of global and regional candidates (embed.regions, cbir.regions), and with geometric
-verification (cbir.verify) re-ranking the union's top candidates.
+the union of global and regional candidates (embed.regions, cbir.regions), by the union of
+global candidates and local-feature votes (search.local_candidates, cbir.votes), by all three,
+and with geometric verification (cbir.verify) re-ranking each union's top candidates.
 
 Run by hand:
     .venv/bin/python benchmarks/partial.py [--out /tmp/cbir-partial] [--photos 194] [--per-band 1]
         [--checkpoint MODEL.pt | --minutes 5 | --init IMAGENET1K_V1] [--top 20]
-        [--regions halves|thirds] [--pairs [--pairs-every 4]]
+        [--regions halves|thirds|none] [--local 10] [--pairs [--pairs-every 4]]
 
 Run time: 35 minutes on 2 busy cores for the full set (--photos 194 --per-band 1: 776 queries)
 with --checkpoint and --regions thirds: 1.5 minutes to embed the collection globally, 17 to
@@ -26,7 +27,10 @@ query has one right answer: the photograph it was cut from.
 Everything runs through the real pipeline as benchmarks/quality.py does (ingest, train, embed,
 index in a throw-away workspace): first embed and index with embed.regions: none, then with
 --regions (which computes only the regional descriptors and their index), each timed and sized;
-queries go through `cbir query`'s code (`query_images`) under both settings. The model is
+then the local descriptors' index (--local, search.local_candidates; built after the
+collection's features are extracted, so that its time is the index's own); queries go through
+`cbir query`'s code (`query_images`) under each setting (--regions none: the arms without
+regions only). The model is
 --checkpoint (e.g. the heritage model quality.py trained, at
 /tmp/cbir-quality/heritage/data/models/model.pt after its run), or one trained here for
 --minutes, or else the untrained --init. Figures per band (one relevant item, so R@10 is whether
@@ -124,11 +128,11 @@ def build(out: Path, n_photos: int, per_band: int, seed: int,
     return scans, truth
 
 
-def workspace(out: Path, scans: Path, args: argparse.Namespace) -> tuple[Any, Any, str, dict]:
+def workspace(out: Path, scans: Path, args: argparse.Namespace) -> tuple[dict, str, dict]:
     """Ingest, train (or take --checkpoint, or the untrained --init), embed, index: first
     without regions, then with --regions (only the regional descriptors are computed then), so
-    that the costs of each are measured in the same run. Returns both settings, the model, and
-    the costs."""
+    that the costs of each are measured in the same run; then the local descriptors' index.
+    Returns the settings of each arm (by name), the model, and the costs."""
     ws = out / "ws"
     reuse = args.reuse and (ws / "params.yaml").is_file()
     if ws.exists() and not reuse:
@@ -164,20 +168,44 @@ def workspace(out: Path, scans: Path, args: argparse.Namespace) -> tuple[Any, An
     costs["index_s"] = time.perf_counter() - t0
     costs["index_bytes"] = _bytes(lay.index_dir, recursive=False)
     costs["vector_bytes"] = _bytes(lay.embeddings_dir, recursive=False, deep=1)
-    params["embed"]["regions"] = args.regions
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    with_regions = load_settings(ws / "params.yaml")
+    arms = {"global": settings}
+    if args.regions != regions.NONE:
+        params["embed"]["regions"] = args.regions
+        (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        with_regions = load_settings(ws / "params.yaml")
+        t0 = time.perf_counter()
+        run_embed(with_regions)
+        costs["region_embed_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run_index(with_regions)
+        costs["region_index_s"] = time.perf_counter() - t0
+        costs["region_index_bytes"] = _bytes(lay.region_index_dir)
+        costs["region_vector_bytes"] = sum(
+            _bytes(d) for d in lay.embeddings_dir.glob(f"*/{REGIONS_PREFIX}*")
+        )
+        arms[f"global + regions ({args.regions})"] = with_regions
+    # the collection's features, extracted once into the workspace's cache (as `cbir pairs`
+    # does), so that the queries time what a query costs (its own features, then the cache),
+    # and the local index's build its own work
     t0 = time.perf_counter()
-    run_embed(with_regions)
-    costs["region_embed_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run_index(with_regions)
-    costs["region_index_s"] = time.perf_counter() - t0
-    costs["region_index_bytes"] = _bytes(lay.region_index_dir)
-    costs["region_vector_bytes"] = sum(
-        _bytes(d) for d in lay.embeddings_dir.glob(f"*/{REGIONS_PREFIX}*")
-    )
-    return settings, with_regions, model, costs
+    rows_m = canonical_images(settings)
+    cache = feature_cache(settings)
+    extract(cache, [(r["image_id"], os.path.join(os.fsencode(scans), r["path_raw"]))
+                    for r in rows_m if r["image_id"] not in cache],
+            workers=settings.decode_workers, max_pixels=settings.ingest.max_pixels)
+    costs["extract_s"] = time.perf_counter() - t0
+    costs["features"] = len(cache)
+    if args.local:
+        for name, base in list(arms.items()):
+            on = base.model_copy(update={"search": base.search.model_copy(
+                update={"local_candidates": args.local})})
+            arms[f"{name} + local votes"] = on
+        t0 = time.perf_counter()
+        summary = run_index(arms["global + local votes"])
+        costs["local_index_s"] = time.perf_counter() - t0
+        costs["local_index_bytes"] = _bytes(lay.local_index_dir)
+        costs["local_descriptors"] = summary.local.info.n_vectors if summary.local else 0
+    return arms, model, costs
 
 
 def _bytes(folder: Path, *, recursive: bool = True, deep: int = 0) -> int:
@@ -277,8 +305,10 @@ def main() -> None:
     ap.add_argument("--init", default="none", help="model.init of an untrained model")
     ap.add_argument("--resolution", type=int, default=112, help="training and embedding px")
     ap.add_argument("--top", type=int, default=20, help="candidates verified per query")
-    ap.add_argument("--regions", default="halves", choices=sorted(regions.SCHEMES),
+    ap.add_argument("--regions", default="halves", choices=[*sorted(regions.SCHEMES), "none"],
                     help="embed.regions scheme measured against global descriptors alone")
+    ap.add_argument("--local", type=int, default=10,
+                    help="search.local_candidates of the arms with local votes (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse", action="store_true",
                     help="keep --out's workspace (model, embeddings, regions) from an earlier run")
@@ -293,30 +323,20 @@ def main() -> None:
 
     t_start = time.perf_counter()
     scans, truth = build(args.out, args.photos, args.per_band, args.seed, args.reuse)
-    settings, with_regions, model, costs = workspace(args.out, scans, args)
-    print(f"collection embedded ({time.perf_counter() - t_start:.0f} s); model: {model}",
-          flush=True)
-
-    # the collection's features, extracted once into the workspace's cache (as `cbir pairs`
-    # does), so that the queries time what a query costs: its own features, then the cache
-    t0 = time.perf_counter()
-    rows_m = canonical_images(settings)
-    cache = feature_cache(settings)
-    extract(cache, [(r["image_id"], os.path.join(os.fsencode(scans), r["path_raw"]))
-                    for r in rows_m if r["image_id"] not in cache],
-            workers=settings.decode_workers, max_pixels=settings.ingest.max_pixels)
-    extract_s = time.perf_counter() - t0
+    arms, model, costs = workspace(args.out, scans, args)
+    settings = arms["global"]
+    with_regions = arms.get(f"global + regions ({args.regions})", settings)
+    print(f"collection embedded and indexed ({time.perf_counter() - t_start:.0f} s); model: "
+          f"{model}", flush=True)
     tables: dict[str, Any] = {}
-    # side by side: the global candidates alone, then the union with the regional ones
-    arms = [] if args.no_queries else [
-        ("global", settings), (f"global + regions ({args.regions})", with_regions)]
-    for label, s in arms:
+    # side by side: the global candidates alone, then its unions with the others
+    for label, s in ({} if args.no_queries else arms).items():
         print(f"\ncandidates: {label}")
         vset = s.model_copy(update={"search": s.search.model_copy(
             update={"verify": True, "verify_top": args.top})})
         t0 = time.perf_counter()
         results = query_images(vset, [t["query"] for t in truth], k=args.top)
-        global_s = time.perf_counter() - t0
+        arm_s = time.perf_counter() - t0
         rows: dict[str, dict[str, list[float]]] = {}
         for t, res in zip(truth, results, strict=True):
             if res.error:
@@ -332,7 +352,10 @@ def main() -> None:
             score_of = {Path(p).name: sc for _, p, sc in res.neighbours}
             r = rows.setdefault(t["band"], {k: [] for k in (
                 "g_p1", "g_r10", "v_p1", "v_r10", "ceiling", "false", "box", "secs", "qsecs",
-                "score")})
+                "score", "local_only")})
+            by = {Path(p).name: c for (_, p, _), c in zip(res.neighbours, res.candidates,
+                                                           strict=True)}
+            r["local_only"].append(float(right in by and by[right].found_by == regions.LOCAL))
             r["g_p1"].append(float(names[:1] == [right]))
             r["g_r10"].append(float(right in names[:10]))
             r["v_p1"].append(float(reranked[:1] == [right]))
@@ -348,10 +371,11 @@ def main() -> None:
 
         print()
         print(f"| Area of the original | Queries | Descriptor P@1 | Descriptor R@10 | Verified P@1 | "
-              f"Verified R@10 | Original in top {args.top} | Wrong candidates verified / query | "
+              f"Verified R@10 | Original in top {args.top} | Found by votes only | "
+              f"Wrong candidates verified / query | "
               f"Box IoU >= 0.5 at rank 1 | Verification ms / query (median, p90) | "
               f"Query's own features ms (median) | Original's score (median, p10) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         table = {}
         for band in ALL_BANDS:
             if band not in rows:
@@ -365,11 +389,14 @@ def main() -> None:
             r["score_median"], r["score_p10"] = float(np.median(sc)), float(np.percentile(sc, 10))
             table[band] = {**r, "queries": len(raw["g_p1"])}
             print(f"| {band} | {len(raw['g_p1'])} | {r['g_p1']:.3f} | {r['g_r10']:.3f} | "
-                  f"{r['v_p1']:.3f} | {r['v_r10']:.3f} | {r['ceiling']:.3f} | {r['false']:.3f} | "
+                  f"{r['v_p1']:.3f} | {r['v_r10']:.3f} | {r['ceiling']:.3f} | "
+                  f"{r['local_only']:.3f} | {r['false']:.3f} | "
                   f"{r['box']:.3f} | {r['secs_median'] * 1000:.0f}, {r['secs_p90'] * 1000:.0f} | "
                   f"{r['qsecs_median'] * 1000:.0f} | {r['score_median']:.3f}, "
                   f"{r['score_p10']:.3f} |")
-        tables[label] = table
+        print(f"{arm_s:.1f} s for {len(truth)} queries: {arm_s / len(truth) * 1000:.0f} ms a "
+              f"query (embedding, search, features, votes, verification)")
+        tables[label] = {"bands": table, "seconds_per_query": arm_s / len(truth)}
     pairs = time_pairs(settings, with_regions, truth, scans, args) if args.pairs else {}
     total = time.perf_counter() - t_start
     n = len(list(scans.rglob("*.jpg")))
@@ -379,13 +406,20 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(f"| global only | {costs['embed_s']:.0f} | {costs['index_s']:.1f} | "
           f"{costs['index_bytes'] * mib:.2f} | {costs['vector_bytes'] * mib:.2f} |")
-    print(f"| + regions ({args.regions}, {regions.SCHEMES[args.regions].count} a picture) | "
-          f"+{costs['region_embed_s']:.0f} | +{costs['region_index_s']:.1f} | "
-          f"+{costs['region_index_bytes'] * mib:.2f} | +{costs['region_vector_bytes'] * mib:.2f} |")
+    if "region_embed_s" in costs:
+        print(f"| + regions ({args.regions}, {regions.SCHEMES[args.regions].count} a picture) | "
+              f"+{costs['region_embed_s']:.0f} | +{costs['region_index_s']:.1f} | "
+              f"+{costs['region_index_bytes'] * mib:.2f} | "
+              f"+{costs['region_vector_bytes'] * mib:.2f} |")
+    if "local_index_s" in costs:
+        per = costs["local_index_bytes"] / max(1, costs["features"])
+        print(f"| + local votes ({settings.index.local_keypoints} descriptors a picture, "
+              f"{costs['local_descriptors']} in all; {per / 1000:.1f} kB a picture) | +0 | "
+              f"+{costs['local_index_s']:.1f} | +{costs['local_index_bytes'] * mib:.2f} | - |")
     print()
     print(f"model: {model}; {len(truth)} queries of {args.photos} photographs; the local "
-          f"features of the {len(cache)} collection pictures extracted once, "
-          f"{extract_s:.1f} s on {settings.decode_workers} processes; run time "
+          f"features of the {costs['features']} collection pictures extracted once, "
+          f"{costs['extract_s']:.1f} s on {settings.decode_workers} processes; run time "
           f"{total / 60:.1f} min")
     (args.out / "partial.json").write_text(json.dumps(
         {"tables": tables, "costs": costs, "model": model, "run_seconds": total,

@@ -106,7 +106,9 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
         for path in res.exact_copies_of:
             print(f"  exact duplicate (same bytes) of {shown(path)}")
         checks = res.verification + [None] * (len(res.neighbours) - len(res.verification))
-        found = [c.found_by for c in res.candidates]
+        found = [
+            c.found_by + (f", {c.votes} keypoint votes" if c.votes else "") for c in res.candidates
+        ]
         found += ["global"] * (len(res.neighbours) - len(found))
         for rank, ((image_id, path, score), m, by) in enumerate(
             zip(res.neighbours, checks, found, strict=True), start=1

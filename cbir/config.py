@@ -208,6 +208,15 @@ class IndexSettings(_Section):
         4.0, ge=1, description="rebuild when the collection outgrows the trained index by this"
     )
     seed: Seed = 0
+    # The local descriptors' index (cbir/votes.py, cbir/store/local.py), built when
+    # search.local_candidates > 0: about 136 bytes a descriptor (8-bit codes and an id).
+    local_keypoints: int = Field(
+        300,
+        ge=10,
+        le=1000,
+        description="strongest local descriptors indexed per picture for "
+        "search.local_candidates (more find smaller details; the index grows in proportion)",
+    )
 
 
 Threshold = Annotated[float, Field(ge=-1, le=1)] | Literal["auto"]
@@ -263,6 +272,16 @@ class SearchSettings(_Section):
         description="`cbir pairs` verifies a neighbour below the pair threshold only among "
         "each image's nearest verify_rank (and, with embed.regions, the owners of its nearest "
         "regions); 0 = none: only pairs above the threshold are checked",
+    )
+    # Local-feature voting (cbir/votes.py): the candidates that small details need, which the
+    # descriptors miss (benchmarks/partial.py, README "Partial copies").
+    local_candidates: int = Field(
+        0,
+        ge=0,
+        le=MAX_K,
+        description="`cbir query`: the pictures most of the query's keypoints vote for join "
+        "its candidates (`cbir index` builds an index of index.local_keypoints "
+        "descriptors a picture); 0 = off",
     )
 
 

@@ -4,6 +4,9 @@ Two layouts, picked by :func:`choose_params` from the collection size:
 
 * ``flat``  - ``IndexIDMap2(IndexFlatIP)``: exact, used while the collection is too small to train
   IVF/PQ codebooks sensibly (and while brute force is cheap anyway).
+* ``sq8`` / ``ivfsq8`` - 8-bit scalar quantisation, exact scan or inverted lists: for the local
+  descriptors of cbir.votes (many short vectors per picture, searched without re-ranking), picked
+  by :func:`choose_sq8_params`.
 * ``ivfpq`` - ``[OPQ rotation ->] IndexIVFPQ`` (inner-product metric, 8-bit codes, int64 ids held by
   the inverted lists). The in-memory index only keeps ``m``-byte PQ codes plus 8-byte ids, so with
   the default 64-byte budget a vector costs ~72 B plus the shared tables (coarse centroids, PQ
@@ -70,7 +73,7 @@ VectorSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
 class IndexParams:
     """How the index is laid out. JSON-serialisable via :meth:`to_dict` / :meth:`from_dict`."""
 
-    kind: Literal["flat", "ivfpq"]
+    kind: Literal["flat", "ivfpq", "sq8", "ivfsq8"]
     nlist: int = 0  # inverted lists (coarse centroids); 0 for flat
     m: int = 0  # PQ sub-quantisers = bytes per code at 8 bits; 0 for flat
     nbits: int = 0  # bits per sub-quantiser code; 0 for flat
@@ -91,6 +94,8 @@ class IndexParams:
 
     def code_bytes(self, dim: int) -> int:
         """Bytes the index stores per vector for its code, ids excluded."""
+        if self.kind in ("sq8", "ivfsq8"):
+            return dim
         return 4 * dim if self.kind == "flat" else math.ceil(self.m * self.nbits / 8)
 
 
@@ -178,6 +183,23 @@ def choose_params(
     )
 
 
+def choose_sq8_params(n: int, *, min_points_per_centroid: int = 30) -> IndexParams:
+    """8-bit scalar-quantised codes (a byte a dimension: RootSIFT is the square root of whole
+    numbers <= 255, so 8 bits lose next to nothing), scanned whole below FLAT_MAX_N vectors,
+    else in inverted lists sized as :func:`choose_params` sizes them, a 32nd of them probed
+    (on benchmarks/partial.py's local descriptors that found the same votes as exact search)."""
+    if n < FLAT_MAX_N:
+        return IndexParams(kind="sq8", train_size=n)
+    nlist = min(_pow2_floor(4.0 * math.sqrt(n)), _pow2_floor(n / min_points_per_centroid))
+    return IndexParams(
+        kind="ivfsq8",
+        nlist=nlist,
+        nbits=8,
+        nprobe=max(1, nlist // 32),
+        train_size=min(n, 256 * nlist),
+    )
+
+
 def estimate_bytes_per_vector(params: IndexParams, n: int, dim: int) -> float:
     """Expected index size per vector: code + 8-byte id + shared tables spread over ``n``.
 
@@ -185,7 +207,7 @@ def estimate_bytes_per_vector(params: IndexParams, n: int, dim: int) -> float:
     (4*dim*2**nbits) and, with OPQ, a dim x dim rotation; inverted lists add ~16 bytes each.
     """
     per_vector = params.code_bytes(dim) + 8
-    if params.kind == "flat":
+    if params.kind in ("flat", "sq8"):
         shared = 0.0
     else:
         shared = 4.0 * dim * params.nlist + 4.0 * dim * (1 << params.nbits) + 16.0 * params.nlist
@@ -368,6 +390,18 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
 def _new_index(params: IndexParams, dim: int, seed: int) -> faiss.Index:
     if params.kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    sq8 = faiss.ScalarQuantizer.QT_8bit
+    if params.kind == "sq8":
+        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dim, sq8, faiss.METRIC_INNER_PRODUCT))
+    if params.kind == "ivfsq8":
+        coarse = faiss.IndexFlatIP(dim)
+        ivfsq = faiss.IndexIVFScalarQuantizer(
+            coarse, dim, params.nlist, sq8, faiss.METRIC_INNER_PRODUCT
+        )
+        ivfsq.own_fields = True
+        coarse.this.disown()  # type: ignore[attr-defined]  # SWIG proxy attribute
+        ivfsq.cp.seed = seed
+        return ivfsq
     if params.kind != "ivfpq":
         raise CbirError(f"unknown index kind {params.kind!r}")
     if dim % params.m:
@@ -421,12 +455,12 @@ def build_index(
     _check_normalised(x)
     if params is None:
         params = choose_params(n, dim)
-    if params.kind == "ivfpq" and n < params.nlist:
+    if params.kind in ("ivfpq", "ivfsq8") and n < params.nlist:
         raise CbirError(f"cannot train {params.nlist} inverted lists on {n} vectors")
     rng = np.random.default_rng(seed)
 
     index = _new_index(params, dim, seed)
-    if params.kind == "ivfpq":
+    if params.kind != "flat":
         train_n = min(n, params.train_size or n)
         sample = np.sort(rng.choice(n, size=train_n, replace=False)) if train_n < n else None
         index.train(x[sample] if sample is not None else x)
@@ -443,7 +477,7 @@ def build_index(
         k=k,
         k_factor=params.k_factor if params.refine else 1,
     )
-    if params.kind == "ivfpq":
+    if params.kind in ("ivfpq", "ivfsq8"):
         info.nprobe = params.nprobe
         if target_recall is None:
             info.recall_at_k = float("nan")
@@ -614,10 +648,33 @@ def region_ids(owners: list[str]) -> np.ndarray:
     """FAISS ids of regions listed grouped by owner (cbir.regions): the owner's id with its low
     8 bits replaced by the region's number within the owner, so a picture's regions are added
     and removed with it and no table of ids has to be kept."""
+    return numbered_ids(owners, MAX_REGIONS, "regions")
+
+
+#: Local descriptors per picture that local_ids can number (cbir.votes; verify.MAX_KEYPOINTS).
+MAX_LOCAL = 1024
+
+
+def local_ids(owners: list[str]) -> np.ndarray:
+    """FAISS ids of local descriptors listed grouped by owner (cbir.votes), numbered as
+    region_ids numbers regions, in the low 10 bits: `owner_key` of an id is its picture's."""
+    return numbered_ids(owners, MAX_LOCAL, "local descriptors")
+
+
+def owner_key(ids: np.ndarray | list[str], per_owner: int) -> np.ndarray:
+    """What the ids numbered with `per_owner` slots (a power of two) share with their owner's:
+    for FAISS ids (int64) their high bits; for image ids (str), the same of faiss_ids."""
+    base = faiss_ids(ids) if isinstance(ids, list) else np.asarray(ids, np.int64)
+    return base & ~np.int64(per_owner - 1)
+
+
+def numbered_ids(owners: list[str], per_owner: int, what: str) -> np.ndarray:
+    """The owner's FAISS id with its low bits (`per_owner` slots, a power of two) replaced by
+    the item's number within its owner (items listed grouped by owner)."""
     base = faiss_ids(owners)
-    number = np.zeros(len(owners), np.int64)
-    for i in range(1, len(owners)):
-        number[i] = number[i - 1] + 1 if owners[i] == owners[i - 1] else 0
-    if len(owners) and number.max() > MAX_REGIONS - 1:
-        raise ValueError(f"more than {MAX_REGIONS} regions in one picture")
-    return (base & ~np.int64(MAX_REGIONS - 1)) | number
+    at = np.arange(len(owners), dtype=np.int64)
+    first = np.r_[True, base[1:] != base[:-1]] if len(owners) else np.zeros(0, bool)
+    number = at - np.maximum.accumulate(np.where(first, at, 0))
+    if len(owners) and number.max() > per_owner - 1:
+        raise ValueError(f"more than {per_owner} {what} in one picture")
+    return (base & ~np.int64(per_owner - 1)) | number

@@ -22,13 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
-#: What `found_by` says of a candidate: which search found it among its top k.
-GLOBAL, REGIONS, BOTH = "global", "regions", "both"
+#: What `found_by` says of a candidate: which search found it among its top k (LOCAL: only
+#: the local-feature votes, cbir.votes; a candidate they found too has `votes`).
+GLOBAL, REGIONS, BOTH, LOCAL = "global", "regions", "both", "local"
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,11 @@ class Candidate:
 
     image_id: str
     score: float  # the better of its global and best-region similarity to the query
-    found_by: str  # GLOBAL, REGIONS or BOTH: which search had it among its top k
+    found_by: str  # GLOBAL, REGIONS, BOTH or LOCAL: which search had it among its top k
     global_score: float | None = None  # when the global search returned it
     region_score: float | None = None  # its best region's, when the regional search found it
     box: tuple[float, float, float, float] | None = None  # that region, as fractions
+    votes: int | None = None  # the query's keypoints that voted for it (search.local_candidates)
 
 
 def best_regions(
@@ -127,33 +130,43 @@ def union(
     global_hits: list[tuple[str, float]],
     region_hits: list[tuple[str, float, np.ndarray]],
     k: int,
+    local_hits: Sequence[tuple[str, int]] = (),
+    local_scores: Mapping[str, float] | None = None,
 ) -> list[Candidate]:
-    """The union of one query's global top k and regional top k (images, best region each).
+    """The union of one query's global top k, regional top k (images, best region each) and
+    the pictures its keypoints voted for (`local_hits`: image_id, votes; best first).
 
     Ranked by the better of the two similarities: a region that holds the detail scores as
-    high as the whole picture does for a full copy. At most k are kept, at least the global
-    top k // 2 and the regional top k // 2 (so neither search can crowd the other out).
+    high as the whole picture does for a full copy; a picture only the votes found ranks by
+    its global similarity to the query (`local_scores`, else last). At most k are kept: every
+    voted one (up to k), and of the other places at least half for the global top and half for
+    the regional top (so no search can crowd another out).
     """
     g = dict(global_hits[:k])
     r = {i: (s, b) for i, s, b in region_hits[:k]}
+    v = dict(local_hits[:k])
     cands = []
-    for image_id in dict.fromkeys([*g, *r]):
+    for image_id in dict.fromkeys([*g, *r, *v]):
         gs, rb = g.get(image_id), r.get(image_id)
         rs = rb[0] if rb is not None else None
         found = BOTH if gs is not None and rs is not None else GLOBAL if rs is None else REGIONS
+        if gs is None and rs is None:
+            found, gs = LOCAL, (local_scores or {}).get(image_id)
         box = tuple(float(v) for v in rb[1]) if rb is not None else None
         cands.append(
             Candidate(
                 image_id=image_id,
-                score=max(s for s in (gs, rs) if s is not None),
+                score=max((s for s in (gs, rs) if s is not None), default=-1.0),
                 found_by=found,
                 global_score=gs,
                 region_score=rs,
                 box=box,  # type: ignore[arg-type]  # four floats
+                votes=v.get(image_id),
             )
         )
     cands.sort(key=lambda c: -c.score)
-    keep = {i for i, _ in global_hits[: k // 2]} | {i for i, _, _ in region_hits[: k // 2]}
+    half = max(0, k - len(v)) // 2
+    keep = set(v) | {i for i, _ in global_hits[:half]} | {i for i, _, _ in region_hits[:half]}
     chosen = [c for c in cands if c.image_id in keep]
     rest = [c for c in cands if c.image_id not in keep]
     chosen += rest[: max(0, k - len(chosen))]

@@ -25,6 +25,7 @@ from ..fsutil import clean_stale_tmp
 from ..store.embeddings import current_embeddings, current_regions
 from ..store.index import NoIndex, finish_save, load_index, save_index
 from ..store.layout import layout
+from ..store.local import LocalSummary, build_local_index
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -41,6 +42,7 @@ class IndexSummary:
     reason: str = ""
     regions: IndexSummary | None = None  # the regional descriptors' index (embed.regions)
     images_without_regions: int = 0
+    local: LocalSummary | None = None  # the local descriptors' (search.local_candidates)
 
     def lines(self) -> list[str]:
         p = self.info.params
@@ -74,12 +76,16 @@ class IndexSummary:
                     f"  {self.images_without_regions} images have no regional descriptors "
                     f"(run `cbir embed`)"
                 )
+        if self.local is not None:
+            out += self.local.lines()
         return out
 
 
 def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
     """Build the index of the current embeddings, or update it in place when that is enough;
-    with embed.regions, the same for the index of the regional descriptors beside it.
+    with embed.regions, the same for the index of the regional descriptors beside it, and with
+    search.local_candidates, for the local descriptors' (store.local: their features extracted
+    into the features cache first where missing).
 
     New images are added without retraining until the collection outgrows the size the index was
     trained for by `index.rebuild_factor`; images no longer present are removed; a different
@@ -97,6 +103,8 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
             settings, lay.region_index_dir, tag, fids, region_vectors, rebuild
         )
         summary.images_without_regions = len(ids) - len(set(owners))
+    if settings.search.local_candidates > 0:
+        summary.local = build_local_index(settings, rebuild=rebuild)
     return summary
 
 

@@ -23,6 +23,7 @@ from ..probe import sha256_of
 from ..regions import Candidate
 from ..store.features import extract_file, feature_cache, features_of, scan_files
 from ..store.index import open_searcher
+from ..store.local import open_local
 from ..store.manifest import PRESENT, load_manifest
 from .embed import embed_files
 
@@ -57,9 +58,11 @@ def rerank(
 
 def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
     """Top-k neighbours of image files (inside or outside the collection): with embed.regions,
-    the union of the global and the regional search (Searcher.candidates)."""
+    the union of the global and the regional search (Searcher.candidates), and with
+    search.local_candidates, of the pictures the query's keypoints vote for (cbir.votes)."""
     model, pp, fp, _ = retrieval_model(settings)
     s = open_searcher(settings, fingerprint=fp)
+    local = open_local(settings)
     results = [QueryResult(query=str(p), error=_unreadable(p)) for p in paths]
     todo = [i for i, r in enumerate(results) if r.error is None]
     files = [os.fsencode(paths[i]) for i in todo]
@@ -82,14 +85,17 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
             by_sha.setdefault(r["sha256"], []).append(r["path"])
     top = settings.search.verify_top if settings.search.verify else 0
     if done:
-        for row, cands in enumerate(s.candidates(vectors, max(k, top))):
+        # the query's own local features: voted with (search.local_candidates), then verified
+        own = _own_features(settings, [results[i] for i in done], [paths[i] for i in done])
+        voted = local.votes(own, settings.search.local_candidates) if local and own else None
+        for row, cands in enumerate(s.candidates(vectors, max(k, top), voted)):
             res = results[done[row]]
             sha = sha256_of(os.fsencode(paths[done[row]]))
             res.exact_copies_of = sorted(by_sha.get(sha, [])) if sha else []
             res.candidates = cands
             res.neighbours = [(c.image_id, s.path_of.get(c.image_id, "?"), c.score) for c in cands]
         if top:
-            verify_results(settings, [results[i] for i in done], [paths[i] for i in done], top)
+            verify_results(settings, [results[i] for i in done], [paths[i] for i in done], top, own)
         for i in done:
             res = results[i]
             res.neighbours = res.neighbours[:k]
@@ -98,19 +104,44 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
     return results
 
 
+def _own_features(
+    settings: Settings, results: Sequence[QueryResult], paths: Sequence[Path]
+) -> list[verify.Features | None] | None:
+    """Each query file's local features (timed into its result), when votes ask for them
+    before the search; None when only verification will (it extracts them then)."""
+    if settings.search.local_candidates <= 0:
+        return None
+    out: list[verify.Features | None] = []
+    for res, path in zip(results, paths, strict=True):
+        t0 = time.perf_counter()
+        try:
+            out.append(extract_file(path, settings.ingest.max_pixels))
+        except (ImageRejected, OSError):  # embedded, so readable: a file changed since
+            out.append(None)
+        res.features_seconds = time.perf_counter() - t0
+    return out
+
+
 def verify_results(
-    settings: Settings, results: Sequence[QueryResult], paths: Sequence[Path], top: int
+    settings: Settings,
+    results: Sequence[QueryResult],
+    paths: Sequence[Path],
+    top: int,
+    own: Sequence[verify.Features | None] | None = None,
 ) -> None:
-    """Verify each result's top candidates against its query file and re-rank its neighbours."""
+    """Verify each result's top candidates against its query file (its features `own` when
+    already extracted) and re-rank its neighbours."""
     cache = feature_cache(settings)
     files = scan_files(
         settings, {image_id for r in results for image_id, _, _ in r.neighbours[:top]}
     )
-    for res, path in zip(results, paths, strict=True):
+    for j, (res, path) in enumerate(zip(results, paths, strict=True)):
         t0 = time.perf_counter()
         try:
-            q = extract_file(path, settings.ingest.max_pixels)
+            q = own[j] if own is not None else extract_file(path, settings.ingest.max_pixels)
         except (ImageRejected, OSError):  # embedded, so readable: a file changed since
+            q = None
+        if q is None:
             res.verification = [None] * len(res.neighbours)
             continue
         t1 = time.perf_counter()
@@ -125,7 +156,8 @@ def verify_results(
         if res.candidates:  # which search found each follows its neighbour
             res.candidates = [res.candidates[j] for j in order] + res.candidates[top:]
         res.verification = [matches[j] for j in order] + [None] * len(res.neighbours[top:])
-        res.features_seconds = t1 - t0
+        if own is None:
+            res.features_seconds = t1 - t0
         res.verify_seconds = time.perf_counter() - t1
 
 

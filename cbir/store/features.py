@@ -109,6 +109,11 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def keypoints(self, image_id: str) -> int:
+        """How many keypoints the picture's cached features hold (0 when absent), unread."""
+        entry = self._entries.get(image_id)
+        return int(entry["n"]) if entry is not None else 0
+
     def missing(self, ids: Iterable[str]) -> list[str]:
         return [i for i in ids if i not in self._entries]
 

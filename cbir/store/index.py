@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -243,17 +244,43 @@ class Searcher:
         ]
         return scores, ids
 
-    def candidates(self, queries: np.ndarray, k: int) -> list[list[Candidate]]:
+    def candidates(
+        self,
+        queries: np.ndarray,
+        k: int,
+        local_hits: Sequence[Sequence[tuple[str, int]]] | None = None,
+    ) -> list[list[Candidate]]:
         """Per query vector, the images it may be a copy or a detail of: the union of its
-        global top k and (with regions) the owners of its regional top k, at most k, best
-        first, each saying which search found it (`found_by`) and, for a region, its box."""
+        global top k, (with regions) the owners of its regional top k and the pictures its
+        keypoints voted for (`local_hits`, per query: image_id, votes, from
+        store.local.LocalSearcher), at most k, best first, each saying which search found it
+        (`found_by`) and, for a region, its box."""
         scores, ids = self.search(queries, k)
         hits = self.regions.search(queries, k) if self.regions is not None else None
         out = []
         for q in range(len(queries)):
             g = [(i, float(s)) for s, i in zip(scores[q], ids[q], strict=True) if i is not None]
-            out.append(regions.union(g, hits[q] if hits is not None else [], k))
+            voted = list(local_hits[q]) if local_hits is not None else []
+            out.append(
+                regions.union(
+                    g,
+                    hits[q] if hits is not None else [],
+                    k,
+                    voted,
+                    self.similarities(queries[q], [i for i, _ in voted]),
+                )
+            )
         return out
+
+    def similarities(self, query: np.ndarray, image_ids: Sequence[str]) -> dict[str, float]:
+        """The query vector's global similarity to these images (those with a vector)."""
+        fid_of = dict(zip(image_ids, faiss_ids(list(image_ids)).tolist(), strict=True))
+        known = [i for i in image_ids if fid_of[i] in self.row_of_fid]
+        if not known:
+            return {}
+        rows = self.vectors[[self.row_of_fid[fid_of[i]] for i in known]]
+        sims = np.asarray(rows, np.float32) @ np.asarray(query, np.float32)
+        return {i: float(v) for i, v in zip(known, sims, strict=True)}
 
 
 def open_searcher(

@@ -28,6 +28,7 @@ INDEX_FILE = "index.faiss"
 SIDECAR_FILE = "index.json"
 STAGED_FILE = "index.faiss.next"  # a new index file, until the sidecar that describes it is in
 REGION_INDEX = "regions"  # the regional descriptors' index: the same three files in this folder
+LOCAL_INDEX = "local"  # the local descriptors' index (search.local_candidates): the same three
 # data.models_dir (cbir train)
 LAST = "last.pt"
 HISTORY = "history.csv"
@@ -126,6 +127,11 @@ class Layout:
     def region_index_dir(self) -> Path:
         """The index of the regional descriptors, beside the global index."""
         return self.index_dir / REGION_INDEX
+
+    @property
+    def local_index_dir(self) -> Path:
+        """The index of the local descriptors (cbir.votes), beside the global index."""
+        return self.index_dir / LOCAL_INDEX
 
     def review_rendition(self, image_id: str, side: int) -> Path:
         """The review server's JPEG of image `image_id` (a content id), at most `side` px."""
