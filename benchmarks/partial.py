@@ -8,12 +8,14 @@ Run by hand:
         [--checkpoint MODEL.pt | --minutes 5 | --init IMAGENET1K_V1] [--top 20]
         [--regions halves|thirds|none] [--local 10] [--pairs [--pairs-every 4]]
 
-Run time: 35 minutes on 2 busy cores for the full set (--photos 194 --per-band 1: 776 queries)
-with --checkpoint and --regions thirds: 1.5 minutes to embed the collection globally, 17 to
-embed its 34 windows a picture (halves, 9 windows: about a quarter of that), a minute to index
-them; 0.2-1.3 s a query to verify 20 candidates (more for larger details: more keypoints). A
-smaller --photos takes every n-th photograph (--photos 4: about 7 minutes, the collection's
-regions dominate). Training here (--minutes) adds its budget.
+Run time (2 busy cores, with --checkpoint): --photos 48 --regions halves --local 10 took 27
+minutes (192 details and 48 whole copies; 16 of them embedding the halves regions, 1.5
+extracting the collection's local features, half a minute for the local index, 4 arms of
+queries at 0.4-0.7 s each); --photos 194 --regions halves with --minutes 12 and --pairs, 34
+minutes; --regions thirds embeds 34 windows a picture (17 minutes for the collection). --reuse
+keeps the workspace of an earlier run (then --no-queries --pairs takes 9 minutes, most of it
+embedding the added details). A smaller --photos takes every n-th photograph. Training here
+(--minutes) adds its budget.
 
 The collection is the real photographs of ../shared/data/photos with the paintings of
 ../shared/data/distractors (copied into a throw-away folder under --out, never into the
