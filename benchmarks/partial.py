@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -71,7 +70,7 @@ from cbir.steps.ingest import run_ingest  # noqa: E402
 from cbir.steps.pairs import run_pairs  # noqa: E402
 from cbir.steps.query import query_images  # noqa: E402
 from cbir.steps.train import run_train  # noqa: E402
-from cbir.store.features import RECIPE, extract, feature_cache  # noqa: E402
+from cbir.store.features import RECIPE, extract_missing, feature_cache  # noqa: E402
 from cbir.store.layout import REGIONS_PREFIX, layout  # noqa: E402
 from cbir.store.manifest import canonical_images  # noqa: E402
 
@@ -190,11 +189,8 @@ def workspace(out: Path, scans: Path, args: argparse.Namespace) -> tuple[dict, s
     # does), so that the queries time what a query costs (its own features, then the cache),
     # and the local index's build its own work
     t0 = time.perf_counter()
-    rows_m = canonical_images(settings)
     cache = feature_cache(settings)
-    extract(cache, [(r["image_id"], os.path.join(os.fsencode(scans), r["path_raw"]))
-                    for r in rows_m if r["image_id"] not in cache],
-            workers=settings.decode_workers, max_pixels=settings.ingest.max_pixels)
+    extract_missing(settings, cache)
     costs["extract_s"] = time.perf_counter() - t0
     costs["features"] = len(cache)
     if args.local:

@@ -1,9 +1,15 @@
-"""Choosing how to start worker processes."""
+"""Worker processes: how to start them, and one map over them that always cleans up."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def start_method(preload: list[str] | None = None) -> str:
@@ -14,3 +20,32 @@ def start_method(preload: list[str] | None = None) -> str:
     if preload:
         mp.set_forkserver_preload(preload)
     return "forkserver"
+
+
+@contextlib.contextmanager
+def worker_map(
+    fn: Callable[[T], R],
+    jobs: Iterable[T],
+    workers: int,
+    *,
+    preload: list[str],
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple[Any, ...] = (),
+    ordered: bool = False,
+    chunksize: int = 4,
+) -> Iterator[Iterator[R]]:
+    """`fn` over `jobs` in `workers` processes (each set up by `initializer(*initargs)`), or in
+    this process when `workers` <= 1 (set up the same way), as results come (in `jobs`' order
+    when `ordered`). The pool is terminated on leaving, also when the caller is interrupted."""
+    if workers <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield map(fn, jobs)
+        return
+    ctx = mp.get_context(start_method(preload))
+    pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
+    try:
+        yield (pool.imap if ordered else pool.imap_unordered)(fn, jobs, chunksize)
+    finally:
+        pool.terminate()
+        pool.join()

@@ -222,7 +222,7 @@ def test_pairs_verified_in_two_processes_equal_those_verified_in_one(tmp_path):
     cache = feature_cache(settings)
     a, b = keys[0]
     cache._entries.pop(b)
-    pairs_step._init_verifier(cache)
+    pairs_step._verifier_cache = cache
     [(key, match, read)] = pairs_step._verify_group((a, [b]))
     assert key == (a, b) and match is None and not read
 

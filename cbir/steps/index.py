@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import regions
-from ..errors import CbirError
 from ..faiss_index import (
     FLAT_MAX_N,
     IndexInfo,
@@ -21,9 +20,8 @@ from ..faiss_index import (
     region_ids,
     remove_ids,
 )
-from ..fsutil import clean_stale_tmp
 from ..store.embeddings import current_embeddings, current_regions
-from ..store.index import NoIndex, finish_save, load_index, save_index
+from ..store.index import reusable_index, save_index
 from ..store.layout import layout
 from ..store.local import LocalSummary, build_local_index
 
@@ -119,46 +117,35 @@ def _build_or_update(
     """Update the index in `folder` to hold exactly `fids` (vectors of model `fp`), in place
     when it can, else rebuild it."""
     cfg = settings.index
-    clean_stale_tmp(folder)  # left by a killed run
-    finish_save(folder)
-    reason = "requested" if rebuild else ""
-    if not rebuild:
-        try:
-            index, info = load_index(folder)
-        except NoIndex:
-            reason = "no usable index"
-        except CbirError as exc:
-            reason = f"{exc}"
+    index, info, reason = reusable_index(folder, fp, rebuild)
+    if index is not None and info is not None:
+        if info.params.kind == "flat" and len(fids) > FLAT_MAX_N:
+            reason = f"collection outgrew exact search ({len(fids)} > {FLAT_MAX_N} vectors)"
         else:
-            if info.model_fingerprint != fp:
-                reason = f"model changed from {info.model_fingerprint} to {fp}"
-            elif info.params.kind == "flat" and len(fids) > FLAT_MAX_N:
-                reason = f"collection outgrew exact search ({len(fids)} > {FLAT_MAX_N} vectors)"
-            else:
-                have = index_ids(index)
-                gone = np.setdiff1d(have, fids)
-                new_mask = ~np.isin(fids, have)
-                removed = remove_ids(index, info, gone)
-                if add_vectors(
-                    index,
-                    info,
-                    vectors[new_mask],
-                    fids[new_mask],
-                    rebuild_factor=cfg.rebuild_factor,
-                ):
-                    if removed or new_mask.any():
-                        save_index(index, info, folder)
-                    return IndexSummary(
-                        info=info,
-                        folder=folder,
-                        rebuilt=False,
-                        added=int(new_mask.sum()),
-                        removed=removed,
-                    )
-                reason = (
-                    f"collection outgrew the trained quantiser ({len(fids)} vectors > "
-                    f"{cfg.rebuild_factor} x {info.trained_size})"
+            have = index_ids(index)
+            gone = np.setdiff1d(have, fids)
+            new_mask = ~np.isin(fids, have)
+            removed = remove_ids(index, info, gone)
+            if add_vectors(
+                index,
+                info,
+                vectors[new_mask],
+                fids[new_mask],
+                rebuild_factor=cfg.rebuild_factor,
+            ):
+                if removed or new_mask.any():
+                    save_index(index, info, folder)
+                return IndexSummary(
+                    info=info,
+                    folder=folder,
+                    rebuilt=False,
+                    added=int(new_mask.sum()),
+                    removed=removed,
                 )
+            reason = (
+                f"collection outgrew the trained quantiser ({len(fids)} vectors > "
+                f"{cfg.rebuild_factor} x {info.trained_size})"
+            )
     params = choose_params(len(fids), vectors.shape[1], bytes_per_vector=cfg.bytes_per_vector)
     index, info = build_index(vectors, fids, params, target_recall=cfg.target_recall, seed=cfg.seed)
     info.model_fingerprint = fp

@@ -17,12 +17,11 @@ what remains, the merge into the manifest and its crash journal, is this step's 
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +34,7 @@ from .. import faults
 from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import clean_stale_tmp, write_parquet
-from ..parallel import start_method
+from ..parallel import worker_map
 from ..probe import Entry, display_path, init_worker, probe_star, sha256_of
 from ..progress import bar as progress_bar
 from ..store.catalog import SEEN_FIRST, clean_stale, refresh_catalog
@@ -199,17 +198,14 @@ def _decode_all(
     workers = min(settings.decode_workers, max(1, len(todo) // 4))
     args = [(root_b, e) for e in todo]
     try:
-        if workers <= 1:
-            init_worker(known, settings.ingest.max_pixels)
-            stream: Iterator[dict[str, Any]] = map(probe_star, args)
-            pool = None
-        else:
-            ctx = mp.get_context(start_method(["cbir.probe"]))
-            pool = ctx.Pool(
-                workers, initializer=init_worker, initargs=(known, settings.ingest.max_pixels)
-            )
-            stream = pool.imap_unordered(probe_star, args, chunksize=4)
-        try:
+        with worker_map(
+            probe_star,
+            args,
+            workers,
+            preload=["cbir.probe"],
+            initializer=init_worker,
+            initargs=(known, settings.ingest.max_pixels),
+        ) as stream:
             for row in stream:
                 results.append(row)
                 journal.add(row)
@@ -217,10 +213,6 @@ def _decode_all(
                 if on_result is not None:
                     on_result(row)
                 bar.update(1)
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
     except BaseException:
         journal.flush()  # keep what was decoded before the interruption
         raise

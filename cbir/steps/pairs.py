@@ -20,9 +20,9 @@ threshold was calibrated to the precision asked for; the mark sends it to a revi
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,17 +35,16 @@ from .. import faults, verify
 from ..config import Settings
 from ..fsutil import clean_stale_tmp, write_parquet
 from ..linkage import link
-from ..parallel import start_method
+from ..parallel import worker_map
 from ..progress import bar as progress_bar
 from ..store.catalog import clean_stale, refresh_catalog
 from ..store.decisions import labels
 from ..store.features import (
     RECIPE,
     FeatureCache,
-    extract,
+    extract_missing,
     feature_cache,
     features_of,
-    scan_files,
 )
 from ..store.index import Searcher, open_searcher
 from ..store.layout import Layout, layout
@@ -424,9 +423,12 @@ VERIFY_GROUP = 32
 _verifier_cache: FeatureCache | None = None
 
 
-def _init_verifier(cache: FeatureCache | Path) -> None:
+def _init_verifier(folder: Path) -> None:
+    """A verifying process's reader of the cache: the caller's, where the process has it (this
+    process, or a forked one), else read from `folder` (a forkserver's worker)."""
     global _verifier_cache
-    _verifier_cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    if _verifier_cache is None or _verifier_cache.folder != folder:
+        _verifier_cache = FeatureCache(folder)
 
 
 def _verify_group(group: tuple[str, list[str]]) -> list[tuple[Key, verify.Match | None, bool]]:
@@ -458,16 +460,7 @@ def verify_pairs(
     cache = feature_cache(settings)
     cache.clean()
     need = {i for key in keys for i in key}
-    raw = scan_files(settings, need)
-    jobs = [(i, raw[i]) for i in sorted(cache.missing(need)) if i in raw]
-    failed = extract(
-        cache,
-        jobs,
-        workers=settings.decode_workers,
-        max_pixels=settings.ingest.max_pixels,
-        progress=progress,
-    )
-    extracted = len(jobs) - len(failed)
+    raw, failed, extracted = extract_missing(settings, cache, need, progress=progress)
     groups: list[tuple[str, list[str]]] = []
     for key in keys:
         if groups and groups[-1][0] == key[0] and len(groups[-1][1]) < VERIFY_GROUP:
@@ -477,17 +470,21 @@ def verify_pairs(
     workers = max(1, min(settings.decode_workers, len(groups) // 4 or 1))
     out: dict[Key, verify.Match | None] = {}
     bar = progress_bar(len(keys), "verify pairs", "pair", progress)
-    pool = None
-    try:
-        if workers > 1:
-            ctx = mp.get_context(start_method(["cbir.steps.pairs"]))
-            pool = ctx.Pool(workers, initializer=_init_verifier, initargs=(cache.folder,))
-            results: Iterator[list[tuple[Key, verify.Match | None, bool]]] = pool.imap(
-                _verify_group, groups
-            )
-        else:
-            _init_verifier(cache)
-            results = map(_verify_group, groups)
+    global _verifier_cache
+    _verifier_cache = cache  # this process's (and, forked, its workers') reader
+    with (
+        contextlib.closing(bar),
+        worker_map(
+            _verify_group,
+            groups,
+            workers,
+            preload=["cbir.steps.pairs"],
+            initializer=_init_verifier,
+            initargs=(cache.folder,),
+            ordered=True,
+            chunksize=1,
+        ) as results,
+    ):
         for group in results:
             for (a, b), match, read in group:
                 if not read:  # damaged in the cache since: extracted again, checked here
@@ -496,11 +493,6 @@ def verify_pairs(
                 out[(a, b)] = match
                 faults.point("pairs.verify")
                 bar.update(1)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     return out, extracted
 
 

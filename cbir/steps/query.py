@@ -86,7 +86,7 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
     top = settings.search.verify_top if settings.search.verify else 0
     if done:
         # the query's own local features: voted with (search.local_candidates), then verified
-        own = _own_features(settings, [results[i] for i in done], [paths[i] for i in done])
+        own = _own_features(settings, [results[i] for i in done], [paths[i] for i in done], top)
         voted = local.votes(own, settings.search.local_candidates) if local and own else None
         for row, cands in enumerate(s.candidates(vectors, max(k, top), voted)):
             res = results[done[row]]
@@ -94,8 +94,8 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
             res.exact_copies_of = sorted(by_sha.get(sha, [])) if sha else []
             res.candidates = cands
             res.neighbours = [(c.image_id, s.path_of.get(c.image_id, "?"), c.score) for c in cands]
-        if top:
-            verify_results(settings, [results[i] for i in done], [paths[i] for i in done], top, own)
+        if own is not None and top:
+            verify_results(settings, [results[i] for i in done], own, top)
         for i in done:
             res = results[i]
             res.neighbours = res.neighbours[:k]
@@ -105,11 +105,12 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
 
 
 def _own_features(
-    settings: Settings, results: Sequence[QueryResult], paths: Sequence[Path]
+    settings: Settings, results: Sequence[QueryResult], paths: Sequence[Path], top: int
 ) -> list[verify.Features | None] | None:
-    """Each query file's local features (timed into its result), when votes ask for them
-    before the search; None when only verification will (it extracts them then)."""
-    if settings.search.local_candidates <= 0:
+    """Each query file's local features (timed into its result), extracted once for the votes
+    (search.local_candidates) and the verification of the `top` candidates; None when
+    neither asks for them."""
+    if settings.search.local_candidates <= 0 and top <= 0:
         return None
     out: list[verify.Features | None] = []
     for res, path in zip(results, paths, strict=True):
@@ -125,22 +126,16 @@ def _own_features(
 def verify_results(
     settings: Settings,
     results: Sequence[QueryResult],
-    paths: Sequence[Path],
+    own: Sequence[verify.Features | None],
     top: int,
-    own: Sequence[verify.Features | None] | None = None,
 ) -> None:
-    """Verify each result's top candidates against its query file (its features `own` when
-    already extracted) and re-rank its neighbours."""
+    """Verify each result's top candidates against its query's features (`own`; None: the
+    file could not be read) and re-rank its neighbours."""
     cache = feature_cache(settings)
     files = scan_files(
         settings, {image_id for r in results for image_id, _, _ in r.neighbours[:top]}
     )
-    for j, (res, path) in enumerate(zip(results, paths, strict=True)):
-        t0 = time.perf_counter()
-        try:
-            q = own[j] if own is not None else extract_file(path, settings.ingest.max_pixels)
-        except (ImageRejected, OSError):  # embedded, so readable: a file changed since
-            q = None
+    for res, q in zip(results, own, strict=True):
         if q is None:
             res.verification = [None] * len(res.neighbours)
             continue
@@ -156,8 +151,6 @@ def verify_results(
         if res.candidates:  # which search found each follows its neighbour
             res.candidates = [res.candidates[j] for j in order] + res.candidates[top:]
         res.verification = [matches[j] for j in order] + [None] * len(res.neighbours[top:])
-        if own is None:
-            res.features_seconds = t1 - t0
         res.verify_seconds = time.perf_counter() - t1
 
 

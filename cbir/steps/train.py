@@ -32,15 +32,15 @@ and the checkpoints are this step's own; the loop's pieces are in cbir/training/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ from ..model import (
     safe_load,
     save_checkpoint,
 )
-from ..parallel import start_method
+from ..parallel import start_method, worker_map
 from ..progress import bar as progress_bar
 from ..store.layout import Layout, layout
 from ..store.manifest import canonical_images
@@ -227,13 +227,10 @@ def _decode_into(
     side = out.shape[1]
     failed: dict[str, str] = {}
     bar = progress_bar(len(todo), "train cache", "img", progress)
-    pool = None
-    try:
-        if workers > 1:
-            pool = mp.get_context(start_method(["cbir.imaging"])).Pool(workers)
-            results: Iterator = pool.imap_unordered(_decode_one, todo, chunksize=4)
-        else:
-            results = map(_decode_one, todo)
+    with (
+        contextlib.closing(bar),
+        worker_map(_decode_one, todo, workers, preload=["cbir.imaging"]) as results,
+    ):
         for r, pixels, why in results:
             if pixels is None:
                 failed[ids[r]] = why or "cannot be decoded"
@@ -241,11 +238,6 @@ def _decode_into(
                 out[r] = np.frombuffer(pixels, np.uint8).reshape(side, side, 3)
             faults.point("train.cache")
             bar.update(1)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     return failed
 
 

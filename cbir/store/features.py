@@ -29,11 +29,10 @@ rest of the pipeline does (`ingest.max_pixels` applies).
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from .. import faults, verify
 from ..errors import CbirError
 from ..fsutil import atomic_path, clean_stale_tmp, write_parquet
 from ..imaging import ImageRejected, open_scan
-from ..parallel import start_method
+from ..parallel import worker_map
 from ..progress import bar as progress_bar
 from .layout import layout
 from .manifest import canonical_images
@@ -211,16 +210,38 @@ def feature_cache(settings: Any) -> FeatureCache:
     return FeatureCache(layout(settings).features(RECIPE))
 
 
-def scan_files(settings: Any, ids: Iterable[str]) -> dict[str, bytes]:
+def scan_files(settings: Any, ids: Iterable[str] | None = None) -> dict[str, bytes]:
     """Where each of these images' canonical scan is (absolute, as the file system spells it);
-    an image absent from the collection is left out."""
-    wanted = set(ids)
+    an image absent from the collection is left out. None: every image of the collection."""
+    wanted = None if ids is None else set(ids)
     scans = os.fsencode(layout(settings).scans)
     return {
         r["image_id"]: os.path.join(scans, r["path_raw"])
         for r in canonical_images(settings)
-        if r["image_id"] in wanted
+        if wanted is None or r["image_id"] in wanted
     }
+
+
+def extract_missing(
+    settings: Any,
+    cache: FeatureCache,
+    ids: Iterable[str] | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[dict[str, bytes], dict[str, str], int]:
+    """Extract into the cache the features it lacks of these images (None: the collection's),
+    from their canonical scans, in `decode_workers` processes. Returns each image's scan
+    (`scan_files`), image_id -> why it could not be read, and how many were extracted."""
+    files = scan_files(settings, ids)
+    jobs = [(i, files[i]) for i in sorted(cache.missing(files))]
+    failed = extract(
+        cache,
+        jobs,
+        workers=settings.decode_workers,
+        max_pixels=settings.ingest.max_pixels,
+        progress=progress,
+    )
+    return files, failed, len(jobs) - len(failed)
 
 
 def features_of(
@@ -297,18 +318,18 @@ def extract(
         return failed
     workers = max(1, min(workers, len(jobs) // 4 or 1))
     bar = progress_bar(len(jobs), "local features", "img", progress)
-    pool = None
     done: list[tuple[str, verify.Features]] = []
-    try:
-        if workers > 1:
-            ctx = mp.get_context(start_method(["cbir.store.features"]))
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(max_pixels,))
-            results: Iterator[tuple[str, verify.Features | None, str]] = pool.imap_unordered(
-                _extract_one, jobs, chunksize=4
-            )
-        else:
-            _init_worker(max_pixels)
-            results = map(_extract_one, jobs)
+    with (
+        contextlib.closing(bar),
+        worker_map(
+            _extract_one,
+            jobs,
+            workers,
+            preload=["cbir.store.features"],
+            initializer=_init_worker,
+            initargs=(max_pixels,),
+        ) as results,
+    ):
         for image_id, f, why in results:
             if f is None:
                 failed[image_id] = why
@@ -321,11 +342,6 @@ def extract(
             if on_done is not None:
                 on_done(1)
         cache.add(done)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     if cache.added_parts:
         cache.consolidate()
     return failed

@@ -20,7 +20,7 @@ from .. import faults, regions
 from ..errors import CbirError
 from ..faiss_index import IndexInfo, faiss_ids, ivf_part, region_ids
 from ..faiss_index import search as faiss_search
-from ..fsutil import atomic_path, write_json
+from ..fsutil import atomic_path, clean_stale_tmp, write_json
 from ..regions import Candidate
 from .embeddings import current_embeddings, current_regions
 from .layout import INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
@@ -120,6 +120,27 @@ def finish_save(folder: Path) -> None:
         os.replace(staged, folder / INDEX_FILE)
     else:
         staged.unlink()
+
+
+def reusable_index(
+    folder: Path, tag: str, rebuild: bool, changed: str = "model changed"
+) -> tuple[faiss.Index | None, IndexInfo | None, str]:
+    """For a writer about to update the index in `folder` (built from vectors tagged `tag`):
+    finish or drop a killed save, then (index, info, "") when it can be updated in place, or
+    (None, None, why it must be rebuilt)."""
+    clean_stale_tmp(folder)  # left by a killed run
+    finish_save(folder)
+    if rebuild:
+        return None, None, "requested"
+    try:
+        index, info = load_index(folder)
+    except NoIndex:
+        return None, None, "no usable index"
+    except CbirError as exc:
+        return None, None, str(exc)
+    if info.model_fingerprint != tag:
+        return None, None, f"{changed} from {info.model_fingerprint} to {tag}"
+    return index, info, ""
 
 
 def load_index(

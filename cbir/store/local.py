@@ -17,7 +17,6 @@ in place (pictures gone removed, new ones added) until it outgrows its trained q
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import votes
-from ..errors import CbirError
 from ..faiss_index import (
     MAX_LOCAL,
     IndexInfo,
@@ -38,10 +36,9 @@ from ..faiss_index import (
     remove_ids,
 )
 from ..faiss_index import search as faiss_search
-from ..fsutil import clean_stale_tmp
 from ..verify import Features
-from .features import RECIPE, FeatureCache, extract, feature_cache
-from .index import NoIndex, finish_save, load_index, save_index
+from .features import RECIPE, FeatureCache, extract_missing, feature_cache
+from .index import load_index, reusable_index, save_index
 from .layout import layout
 from .manifest import canonical_images
 
@@ -102,54 +99,30 @@ def build_local_index(
     keypoints = settings.index.local_keypoints
     folder = layout(settings).local_index_dir
     tag = recipe(keypoints)
-    clean_stale_tmp(folder)  # left by a killed run
-    finish_save(folder)
+    index, info, reason = reusable_index(folder, tag, rebuild, "descriptors changed")
     cache = feature_cache(settings)
-    rows = canonical_images(settings)
-    scans = os.fsencode(layout(settings).scans)
-    failed = extract(
-        cache,
-        [
-            (r["image_id"], os.path.join(scans, r["path_raw"]))
-            for r in rows
-            if r["image_id"] not in cache
-        ],
-        workers=settings.decode_workers,
-        max_pixels=settings.ingest.max_pixels,
-        progress=progress,
-    )
-    ids = [r["image_id"] for r in rows if r["image_id"] not in failed and r["image_id"] in cache]
-    reason = "requested" if rebuild else ""
-    if not rebuild:
-        try:
-            index, info = load_index(folder)
-        except NoIndex:
-            reason = "no usable index"
-        except CbirError as exc:
-            reason = str(exc)
-        else:
-            if info.model_fingerprint != tag:
-                reason = f"descriptors changed from {info.model_fingerprint} to {tag}"
-            else:
-                fids = index_ids(index)
-                have = owner_key(fids, MAX_LOCAL)
-                want = owner_key(ids, MAX_LOCAL)
-                stale = ~np.isin(have, want)
-                new = [i for i, fresh in zip(ids, ~np.isin(want, have), strict=True) if fresh]
-                remove_ids(index, info, fids[stale])
-                if _add(index, info, cache, new, keypoints, settings.index.rebuild_factor):
-                    if stale.any() or new:
-                        save_index(index, info, folder)
-                    return LocalSummary(
-                        info=info,
-                        folder=folder,
-                        rebuilt=False,
-                        added=len(new),
-                        removed=len(np.unique(have[stale])),
-                        without_features=len(rows) - len(ids),
-                        pictures=len(ids),
-                    )
-                reason = "collection outgrew the trained quantiser"
+    files, failed, _ = extract_missing(settings, cache, progress=progress)
+    ids = [i for i in sorted(files) if i not in failed and i in cache]
+    if index is not None and info is not None:
+        fids = index_ids(index)
+        have = owner_key(fids, MAX_LOCAL)
+        want = owner_key(ids, MAX_LOCAL)
+        stale = ~np.isin(have, want)
+        new = [i for i, fresh in zip(ids, ~np.isin(want, have), strict=True) if fresh]
+        remove_ids(index, info, fids[stale])
+        if _add(index, info, cache, new, keypoints, settings.index.rebuild_factor):
+            if stale.any() or new:
+                save_index(index, info, folder)
+            return LocalSummary(
+                info=info,
+                folder=folder,
+                rebuilt=False,
+                added=len(new),
+                removed=len(np.unique(have[stale])),
+                without_features=len(files) - len(ids),
+                pictures=len(ids),
+            )
+        reason = "collection outgrew the trained quantiser"
     index, info = _build(cache, ids, keypoints, settings.index.seed)
     info.model_fingerprint = tag
     save_index(index, info, folder)
@@ -159,7 +132,7 @@ def build_local_index(
         rebuilt=True,
         reason=reason or "first build",
         added=len(ids),
-        without_features=len(rows) - len(ids),
+        without_features=len(files) - len(ids),
         pictures=len(ids),
     )
 
