@@ -651,14 +651,9 @@ def region_ids(owners: list[str]) -> np.ndarray:
     return numbered_ids(owners, MAX_REGIONS, "regions")
 
 
-#: Local descriptors per picture that local_ids can number (cbir.votes; verify.MAX_KEYPOINTS).
+#: Local descriptors per picture that an id can number in its low bits (cbir.votes;
+#: verify.MAX_KEYPOINTS): `owner_key` of a local descriptor's id is its picture's.
 MAX_LOCAL = 1024
-
-
-def local_ids(owners: list[str]) -> np.ndarray:
-    """FAISS ids of local descriptors listed grouped by owner (cbir.votes), numbered as
-    region_ids numbers regions, in the low 10 bits: `owner_key` of an id is its picture's."""
-    return numbered_ids(owners, MAX_LOCAL, "local descriptors")
 
 
 def owner_key(ids: np.ndarray | list[str], per_owner: int) -> np.ndarray:

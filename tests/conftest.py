@@ -50,6 +50,18 @@ def as_archive_user(cmd: list[str]) -> list[str]:
     return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", *cmd]
 
 
+def benchmark(name: str) -> Any:
+    """benchmarks/<name>.py loaded as a module (benchmarks/ is a folder of scripts)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark",
+                                                  REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_params(folder: Path, params: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "params.yaml"

@@ -84,6 +84,15 @@ VERIFIED = {
 }
 
 
+def assert_verified_rows(rows: dict[tuple[str, str], dict]) -> None:
+    """Rows keyed by (path_a, path_b), from any reader, carry VERIFIED's checks as written."""
+    for key, v in VERIFIED.items():
+        r = rows[key]
+        assert (r["relation"], r["inliers"], r["box_on"]) == (v["relation"], v["inliers"],
+                                                              v["box_on"])
+        assert (r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"]) == v["box"]
+
+
 def write_pairs(settings: Settings, ids: dict[str, str]) -> None:
     lay = layout(settings)
     rows = []

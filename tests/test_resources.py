@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import shlex
 import shutil
@@ -35,18 +34,14 @@ from cbir.store.embeddings import load_embeddings
 from cbir.faiss_index import index_ids
 from cbir.store.index import load_index
 from cbir.model import retrieval_model
-from conftest import CBIR, REPO, photo, save, write_params
+from conftest import CBIR, REPO, benchmark, photo, save, write_params
 from test_hostile import FAST, assert_one_line_error, manifest_rows, snapshot
 
 STEPS = ("ingest", "embed", "index", "pairs", "report")
 
 
 def _memory_benchmark():
-    spec = importlib.util.spec_from_file_location("memory_benchmark",
-                                                  REPO / "benchmarks" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("memory")
 
 
 # --------------------------------------------------------------------------- memory

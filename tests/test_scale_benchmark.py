@@ -3,21 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, benchmark
 
 
 def _scale():
-    spec = importlib.util.spec_from_file_location("scale_benchmark",
-                                                  REPO / "benchmarks" / "scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("scale")
 
 
 def test_exponent_recovers_a_power_law():

@@ -3,10 +3,11 @@
 Built by `cbir index` when search.local_candidates > 0, from the features cache
 (cbir.store.features: pictures missing there are extracted first): each canonical picture's
 strongest index.local_keypoints RootSIFT descriptors, each under a FAISS id made of its picture's
-id and its keypoint's number (faiss_index.local_ids), so a hit names its picture without a table
-and a picture's descriptors are added and removed with it. 8-bit scalar-quantised codes
-(faiss_index.choose_sq8_params): 128 bytes a descriptor and an 8-byte id, about 41 kB a picture
-at 300 descriptors (the features cache itself holds 136 kB a picture).
+id (faiss_index.owner_key) and its keypoint's number in the low bits, so a hit names its
+picture without a table and a picture's descriptors are added and removed with it. 8-bit
+scalar-quantised codes (faiss_index.choose_sq8_params): 128 bytes a descriptor and an 8-byte
+id, about 41 kB a picture at 300 descriptors (the features cache itself holds 136 kB a
+picture).
 
 Saved as the global index is (store.index.save_index: staged file, sidecar as the commit), so a
 kill leaves the previous index or the new one; the sidecar's fingerprint is the recipe (features
