@@ -34,6 +34,7 @@ family.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -41,7 +42,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import faiss
 import numpy as np
@@ -67,6 +68,20 @@ ADD_CHUNK = 65536
 #: Vectors for re-ranking: an array whose row ``i`` is the vector with id ``i`` (a memmap is fine),
 #: or a callable that maps a sorted 1-D int64 array of unique ids to a ``(len(ids), dim)`` array.
 VectorSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
+
+
+class Rows(Protocol):
+    """Vectors that are read a slice or a set of rows at a time (an array, or
+    cbir.store.vectors.Vectors: a memory-mapped file never loaded whole)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: Any) -> np.ndarray: ...
+
+
+#: Rows compared at a time by exact_search (512 MiB of float32 at d=512).
+EXACT_CHUNK = 1 << 18
 
 
 @dataclass
@@ -239,11 +254,11 @@ def _as_ids(ids: np.ndarray, n: int) -> np.ndarray:
     return ids
 
 
-def _check_normalised(x: np.ndarray, sample: int = 10_000) -> None:
+def _check_normalised(x: Rows, sample: int = 10_000) -> None:
     """Inner product is only cosine similarity for unit vectors; check a sample (cheap at 1M)."""
     if x.shape[0] == 0:
         return
-    rows = x[:: max(1, x.shape[0] // sample)]
+    rows = np.asarray(x[:: max(1, x.shape[0] // sample)], np.float32)
     norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
     if not np.allclose(norms, 1.0, atol=1e-2):  # loose: float16-stored embeddings pass
         raise CbirError(
@@ -258,9 +273,9 @@ def ivf_part(index: faiss.Index) -> faiss.IndexIVF | None:
         return None
 
 
-def _add_chunked(index: faiss.Index, x: np.ndarray, ids: np.ndarray) -> None:
+def _add_chunked(index: faiss.Index, x: Rows, ids: np.ndarray) -> None:
     for s in range(0, x.shape[0], ADD_CHUNK):
-        index.add_with_ids(x[s : s + ADD_CHUNK], ids[s : s + ADD_CHUNK])
+        index.add_with_ids(_as_vectors(x[s : s + ADD_CHUNK]), ids[s : s + ADD_CHUNK])
 
 
 # Re-ranking kernel: FAISS computes the exact inner products of each query with its candidate rows
@@ -379,9 +394,24 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / float(np.count_nonzero(truth >= 0) or 1)
 
 
-def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top-k over ``vectors`` (no copy); returns (scores, row indices)."""
-    return faiss.knn(queries, vectors, min(k, vectors.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
+def exact_search(vectors: Rows, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k over ``vectors``; returns (scores, row indices). An array
+    of at most EXACT_CHUNK rows is searched in place; more rows, a chunk at a time."""
+    n = vectors.shape[0]
+    k = min(k, n)
+    if isinstance(vectors, np.ndarray) and n <= EXACT_CHUNK:
+        return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, n, EXACT_CHUNK):
+        chunk = _as_vectors(vectors[start : start + EXACT_CHUNK])
+        s, i = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+        both_s = np.concatenate([best_s, s], axis=1)
+        both_i = np.concatenate([best_i, i + start], axis=1)
+        top = np.argsort(-both_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(both_s, top, axis=1)
+        best_i = np.take_along_axis(both_i, top, axis=1)
+    return best_s, best_i
 
 
 # --------------------------------------------------------------------------- build / update
@@ -431,7 +461,7 @@ def _new_index(params: IndexParams, dim: int, seed: int) -> faiss.Index:
 
 
 def build_index(
-    vectors: np.ndarray,
+    vectors: Rows,
     ids: np.ndarray,
     params: IndexParams | None = None,
     *,
@@ -449,7 +479,10 @@ def build_index(
     ``target_recall=None`` skips tuning (recall is then recorded as NaN).
     """
     t0 = time.perf_counter()
-    x = _as_vectors(vectors)
+    # an array is checked and converted once; other rows (a memory-mapped file) a chunk at a time
+    x: Rows = _as_vectors(vectors) if isinstance(vectors, np.ndarray) else vectors
+    if len(x.shape) != 2:
+        raise ValueError(f"vectors must be a 2-D array, got shape {x.shape}")
     n, dim = x.shape
     ids = _as_ids(ids, n)
     _check_normalised(x)
@@ -463,7 +496,7 @@ def build_index(
     if params.kind != "flat":
         train_n = min(n, params.train_size or n)
         sample = np.sort(rng.choice(n, size=train_n, replace=False)) if train_n < n else None
-        index.train(x[sample] if sample is not None else x)
+        index.train(_as_vectors(x[sample] if sample is not None else x[:]))
     _add_chunked(index, x, ids)
 
     info = IndexInfo(
@@ -496,7 +529,7 @@ def _drop_self(found: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
 def _tune(
     index: faiss.Index,
     info: IndexInfo,
-    x: np.ndarray,
+    x: Rows,
     ids: np.ndarray,
     rng: np.random.Generator,
     target: float,
@@ -506,14 +539,14 @@ def _tune(
     n = x.shape[0]
     nq = min(N_TUNE_QUERIES, n)
     q_rows = np.sort(rng.choice(n, size=nq, replace=False))
-    q = x[q_rows]
+    q = _as_vectors(x[q_rows])
     # Leave-one-out: each query's own entry is dropped from both truth and results, so the recall
     # estimates that of new photos rather than getting a free hit per query.
     self_ids = ids[q_rows]
     _, truth_rows = exact_search(x, q, k + 1)
     truth = _drop_self(ids[truth_rows], self_ids, k)
     # Re-rank from `x` by row: ids -> rows (identity when ids are 0..n-1, the usual case).
-    if np.array_equal(ids, np.arange(n)):
+    if isinstance(x, np.ndarray) and np.array_equal(ids, np.arange(n)):
         source: VectorSource = x
     else:
         order = np.argsort(ids)
@@ -637,6 +670,10 @@ _ID_MASK = (1 << 63) - 1  # FAISS ids are non-negative int64; -1 means "no resul
 
 def faiss_ids(image_ids: list[str]) -> np.ndarray:
     """int64 FAISS ids from image ids (63 bits of the content hash; a lookup maps them back)."""
+    if image_ids and set(map(len, image_ids)) == {16}:  # cbir's ids: parsed at once (10^7: 1 s)
+        with contextlib.suppress(ValueError):  # not hex: one at a time, which says which
+            raw = np.frombuffer(bytes.fromhex("".join(image_ids)), ">u8")
+            return (raw & np.uint64(_ID_MASK)).astype(np.int64)
     return np.array([int(i, 16) & _ID_MASK for i in image_ids], dtype=np.int64)
 
 

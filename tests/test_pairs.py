@@ -14,9 +14,7 @@ def _searcher(vectors: np.ndarray) -> Searcher:
     fids = faiss_ids(ids)
     index, info = build_index(vectors, fids, choose_params(len(ids), vectors.shape[1]),
                               target_recall=None)
-    return Searcher(index=index, info=info, fingerprint="test", image_ids=ids, vectors=vectors,
-                    row_of_fid={int(f): i for i, f in enumerate(fids)},
-                    path_of={i: f"{i}.jpg" for i in ids})
+    return Searcher.of(index, info, "test", ids, vectors, {i: f"{i}.jpg" for i in ids})
 
 
 def _unit(rows: list[list[float]]) -> np.ndarray:

@@ -31,6 +31,7 @@ from ..regions import RegionScheme
 from ..store.embeddings import embedded_ids
 from ..store.layout import MODEL_CARD, REGIONS_PREFIX, layout
 from ..store.manifest import canonical_images
+from ..store.vectors import sync_vectors
 
 Item = tuple[int, list[torch.Tensor] | None, list[torch.Tensor] | None, str | None]
 
@@ -378,6 +379,7 @@ class EmbedSummary:
     seconds: float = 0.0
     region_folder: Path | None = None
     regions_already: int = 0
+    vectors_written: int = 0  # rows written to the memory-mapped vector file
 
     def lines(self) -> list[str]:
         out = [
@@ -386,6 +388,11 @@ class EmbedSummary:
             f"already embedded; {self.seconds:.1f} s",
             f"  embeddings in {self.folder}",
         ]
+        if self.vectors_written:
+            out.append(
+                f"  {self.vectors_written} vectors written to the memory-mapped vector file "
+                f"beside the shards"
+            )
         if self.region_folder is not None:
             out.append(
                 f"  regional descriptors ({self.region_folder.name}) in {self.region_folder}; "
@@ -454,5 +461,6 @@ def run_embed(
             summary.shards += 1
     finally:
         bar.close()
+    summary.vectors_written = sync_vectors(plan.folder, progress=progress)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -23,6 +23,7 @@ import pyarrow as pa
 from .. import metrics
 from ..config import Settings
 from ..errors import CbirError
+from ..faiss_index import Rows
 from ..fsutil import clean_stale_tmp, write_json, write_parquet, write_text
 from ..store.embeddings import load_embeddings
 from ..store.index import open_searcher
@@ -46,7 +47,7 @@ NEIGHBORS_SCHEMA = pa.schema(
 
 
 def exact_topk(
-    vectors: np.ndarray,
+    vectors: Rows,
     rows: np.ndarray,
     k: int,
     batch: int = 1024,
@@ -55,12 +56,13 @@ def exact_topk(
     """Exact inner-product top-k of vectors[rows] against all vectors, or only against the rows
     in `candidates`: (row indices, scores)."""
     cand = None if candidates is None else np.asarray(candidates, np.int64)
-    pool = vectors if cand is None else vectors[cand]
+    # the pool in memory (evaluation ranks the labelled images: a small set)
+    pool = np.asarray(vectors[:] if cand is None else vectors[cand], np.float32)
     k = min(k, pool.shape[0])
     out_i = np.empty((len(rows), k), np.int64)
     out_s = np.empty((len(rows), k), np.float32)
     for s in range(0, len(rows), batch):
-        sims = vectors[rows[s : s + batch]] @ pool.T
+        sims = np.asarray(vectors[rows[s : s + batch]], np.float32) @ pool.T
         part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         ps = np.take_along_axis(sims, part, 1)
         order = np.argsort(-ps, axis=1, kind="stable")

@@ -12,6 +12,7 @@ from .. import regions
 from ..faiss_index import (
     FLAT_MAX_N,
     IndexInfo,
+    Rows,
     add_vectors,
     build_index,
     choose_params,
@@ -20,10 +21,11 @@ from ..faiss_index import (
     region_ids,
     remove_ids,
 )
-from ..store.embeddings import current_embeddings, current_regions
+from ..store.embeddings import current_regions
 from ..store.index import reusable_index, save_index
 from ..store.layout import layout
 from ..store.local import LocalSummary, build_local_index
+from ..store.vectors import current_embeddings
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -111,7 +113,7 @@ def _build_or_update(
     folder: Path,
     fp: str,
     fids: np.ndarray,
-    vectors: np.ndarray,
+    vectors: Rows,
     rebuild: bool,
 ) -> IndexSummary:
     """Update the index in `folder` to hold exactly `fids` (vectors of model `fp`), in place

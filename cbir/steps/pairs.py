@@ -218,33 +218,42 @@ def knn_pairs(
 
     Value: (best score, best rank); ranks count from 1 after the image itself is left out.
     `rows` (indices into s.image_ids): search only these images, against the whole index.
+    In arrays throughout (no Python work per neighbour): image_ids are sorted, so the smaller
+    row is the smaller id.
     """
-    best: dict[tuple[str, str], tuple[float, int]] = {}
     order = np.arange(len(s.image_ids)) if rows is None else np.asarray(rows, dtype=np.int64)
+    found_a, found_b, found_s, found_r = [], [], [], []
     for start in range(0, len(order), batch):
         sel = order[start : start + batch]
         q = s.vectors[start : start + batch] if rows is None else s.vectors[sel]
-        scores, ids = s.search(q, k + 1)
+        scores, hit = s.search_rows(q, k + 1)
         faults.point("pairs.batch")
-        for row in range(q.shape[0]):
-            me = s.image_ids[sel[row]]
-            rank = 0
-            for score, other in zip(scores[row], ids[row], strict=True):
-                if other is None or other == me:
-                    continue
-                rank += 1
-                if rank > k:
-                    break
-                if score < threshold:
-                    continue
-                key = (me, other) if me < other else (other, me)
-                old = best.get(key)
-                best[key] = (
-                    (float(score), rank)
-                    if old is None
-                    else (max(old[0], float(score)), min(old[1], rank))
-                )
-    return best
+        me = np.broadcast_to(sel[:, None], hit.shape)
+        valid = (hit >= 0) & (hit != me)
+        rank = np.cumsum(valid, axis=1)
+        keep = valid & (rank <= k) & (scores >= threshold)
+        a, b = me[keep], hit[keep]
+        found_a.append(np.minimum(a, b))
+        found_b.append(np.maximum(a, b))
+        found_s.append(scores[keep])
+        found_r.append(rank[keep])
+    if not found_a or not sum(len(x) for x in found_a):
+        return {}
+    a, b = np.concatenate(found_a), np.concatenate(found_b)
+    sc, rk = np.concatenate(found_s), np.concatenate(found_r)
+    key = a.astype(np.int64) * len(s.image_ids) + b
+    by = np.argsort(key, kind="stable")
+    key, a, b, sc, rk = key[by], a[by], b[by], sc[by], rk[by]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    best_s = np.maximum.reduceat(sc, first)
+    best_r = np.minimum.reduceat(rk, first)
+    ids = s.image_ids
+    return {
+        (ids[i], ids[j]): (score, int(r))
+        for i, j, score, r in zip(
+            a[first].tolist(), b[first].tolist(), best_s.tolist(), best_r.tolist(), strict=True
+        )
+    }
 
 
 def region_pairs(

@@ -76,7 +76,7 @@ def embedded_ids(folder: Path, *, regions: bool = False) -> set[str]:
     return ids
 
 
-def _check_dimensions(folder: Path, shards: list[Path]) -> None:
+def check_dimensions(folder: Path, shards: list[Path]) -> None:
     """One model, one dimension (model.json's, else most shards'): a shard whose vectors differ
     is the damaged one. From the footers alone; read_shard reports any other damage."""
     dims: dict[Path, int] = {}
@@ -101,7 +101,7 @@ def load_embeddings(folder: Path, only: set[str] | None = None) -> tuple[list[st
     ids: list[str] = []
     chunks: list[np.ndarray] = []
     shards = sorted(folder.glob(SHARD_GLOB))
-    _check_dimensions(folder, shards)
+    check_dimensions(folder, shards)
     for shard in shards:
         t = read_shard(shard)
         col = t.column("vector").combine_chunks()
@@ -119,29 +119,6 @@ def load_embeddings(folder: Path, only: set[str] | None = None) -> tuple[list[st
     row_of = {image_id: row for row, image_id in enumerate(ids)}  # one row per id, whatever happens
     order = sorted(row_of)
     return order, vectors[[row_of[i] for i in order]]
-
-
-def current_embeddings(
-    settings: Settings,
-    fingerprint: str | None = None,
-) -> tuple[str, list[str], np.ndarray, int]:
-    """The current model's embeddings of the present canonical images.
-
-    Pass `fingerprint` when the caller has already built the model (it saves building it again).
-    Returns (fingerprint, ids, vectors, number of present images without an embedding).
-    """
-    if fingerprint is None:
-        from ..model import retrieval_model  # torch: only when the caller has no model
-
-        fingerprint = retrieval_model(settings)[2]
-    fp = fingerprint
-    folder = layout(settings).embeddings(fp)
-    present = {r["image_id"] for r in canonical_images(settings)}
-    empty: tuple[list[str], np.ndarray] = ([], np.zeros((0, 0), np.float32))
-    ids, vectors = load_embeddings(folder, present) if folder.is_dir() else empty
-    if not ids:
-        raise CbirError(f"no embeddings for the current model {fp}: run `cbir embed` first")
-    return fp, ids, vectors, len(present) - len(ids)
 
 
 def load_regions(

@@ -22,9 +22,10 @@ from ..faiss_index import IndexInfo, faiss_ids, ivf_part, region_ids
 from ..faiss_index import search as faiss_search
 from ..fsutil import atomic_path, clean_stale_tmp, write_json
 from ..regions import Candidate
-from .embeddings import current_embeddings, current_regions
+from .embeddings import current_regions
 from .layout import INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
-from .manifest import OK, load_manifest
+from .manifest import canonical_paths
+from .vectors import Vectors, current_embeddings
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -247,22 +248,56 @@ class Searcher:
     index: Any
     info: Any
     fingerprint: str
-    image_ids: list[str]  # row order of `vectors`
-    vectors: np.ndarray
-    row_of_fid: dict[int, int]
+    image_ids: list[str]  # sorted; the row order of `vectors`
+    vectors: np.ndarray | Vectors  # memory-mapped (store.vectors) in the pipeline
+    fids: np.ndarray  # the FAISS ids, sorted, and the row of each
+    fid_rows: np.ndarray
     path_of: dict[str, str]  # image_id -> canonical path
     regions: RegionSearcher | None = None  # with embed.regions
 
+    @classmethod
+    def of(
+        cls,
+        index: Any,
+        info: Any,
+        fingerprint: str,
+        image_ids: list[str],
+        vectors: np.ndarray | Vectors,
+        path_of: dict[str, str],
+        regions: RegionSearcher | None = None,
+    ) -> Searcher:
+        fids = faiss_ids(image_ids)
+        order = np.argsort(fids)
+        return cls(
+            index, info, fingerprint, image_ids, vectors, fids[order], order, path_of, regions
+        )
+
+    def rows_of(self, fids: np.ndarray) -> np.ndarray:
+        """The row of each FAISS id (any shape), -1 for none or an id not among the vectors."""
+        fids = np.asarray(fids, np.int64)
+        if not len(self.fids):
+            return np.full(fids.shape, -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.fids, fids), len(self.fids) - 1)
+        return np.where(self.fids[pos] == fids, self.fid_rows[pos], -1)
+
     def lookup(self, fids: np.ndarray) -> np.ndarray:
         """Stored vectors for FAISS ids: the index re-scores its candidates exactly with them."""
-        return self.vectors[[self.row_of_fid[int(f)] for f in fids]]
+        rows = self.rows_of(fids)
+        if (rows < 0).any():
+            raise CbirError(
+                "the index holds images that have no current embedding: the index and the "
+                f"embeddings are out of sync; {_REBUILD}"
+            )
+        return self.vectors[rows]
+
+    def search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows of image_ids; -1 for no result) of each query's top k."""
+        scores, fids = faiss_search(self.index, self.info, queries, k, vectors=self.lookup)
+        return scores, np.where(fids >= 0, self.rows_of(fids), -1)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
-        scores, fids = faiss_search(self.index, self.info, queries, k, vectors=self.lookup)
-        ids = [
-            [self.image_ids[self.row_of_fid[int(f)]] if f >= 0 else None for f in row]
-            for row in fids
-        ]
+        scores, rows = self.search_rows(queries, k)
+        ids = [[self.image_ids[r] if r >= 0 else None for r in row] for row in rows.tolist()]
         return scores, ids
 
     def candidates(
@@ -295,12 +330,13 @@ class Searcher:
 
     def similarities(self, query: np.ndarray, image_ids: Sequence[str]) -> dict[str, float]:
         """The query vector's global similarity to these images (those with a vector)."""
-        fid_of = dict(zip(image_ids, faiss_ids(list(image_ids)).tolist(), strict=True))
-        known = [i for i in image_ids if fid_of[i] in self.row_of_fid]
+        found = self.rows_of(faiss_ids(list(image_ids)))
+        known = [i for i, r in zip(image_ids, found, strict=True) if r >= 0]
         if not known:
             return {}
-        rows = self.vectors[[self.row_of_fid[fid_of[i]] for i in known]]
-        sims = np.asarray(rows, np.float32) @ np.asarray(query, np.float32)
+        sims = np.asarray(self.vectors[found[found >= 0]], np.float32) @ np.asarray(
+            query, np.float32
+        )
         return {i: float(v) for i, v in zip(known, sims, strict=True)}
 
 
@@ -318,20 +354,4 @@ def open_searcher(
         tag, owners, boxes, region_vectors = current_regions(settings, fp, scheme)
         r_index, r_info = load_index(lay.region_index_dir, expected_fingerprint=tag)
         region_searcher = RegionSearcher.of(r_index, r_info, owners, boxes, region_vectors)
-    fids = faiss_ids(ids)
-    manifest = load_manifest(settings).select(["image_id", "path", "status", "is_canonical"])
-    path_of = {
-        r["image_id"]: r["path"]
-        for r in manifest.to_pylist()
-        if r["is_canonical"] and r["status"] == OK
-    }
-    return Searcher(
-        index=index,
-        info=info,
-        fingerprint=fp,
-        image_ids=ids,
-        vectors=vectors,
-        row_of_fid={int(f): i for i, f in enumerate(fids)},
-        path_of=path_of,
-        regions=region_searcher,
-    )
+    return Searcher.of(index, info, fp, ids, vectors, canonical_paths(settings), region_searcher)

@@ -20,6 +20,9 @@ JOURNAL = "journal"
 # data.embeddings_dir/<model fingerprint>/ (cbir embed)
 SHARD_GLOB = "shard-*.parquet"
 MODEL_CARD = "model.json"
+VECTOR_ROWS = "vectors.parquet"  # what each row of the memory-mapped vector file is (the commit)
+VECTOR_DATA_PREFIX = "vectors-"  # vectors-<generation>.f16: float16 rows (cbir.store.vectors)
+VECTOR_DATA_GLOB = "vectors-*.f16"
 # data.embeddings_dir/<model fingerprint>/regions-<scheme key>/ (cbir embed with embed.regions)
 REGIONS_PREFIX = "regions-"
 REGION_SHARD_GLOB = "regions-*.parquet"

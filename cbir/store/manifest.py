@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import CbirError
 from .layout import layout
@@ -102,6 +103,23 @@ def canonical_images(settings: Any) -> list[dict[str, Any]]:
     ]
     rows.sort(key=lambda r: r["image_id"])
     return rows
+
+
+def _canonical(settings: Any, columns: list[str]) -> pa.Table:
+    table = load_manifest(settings).select(["status", "is_canonical", *columns])
+    mask = pc.and_(pc.equal(table.column("status"), OK), table.column("is_canonical"))
+    return table.filter(mask).select(columns)
+
+
+def canonical_ids(settings: Any) -> pa.Array:
+    """The image ids of canonical_images, computed in Arrow (no Python row per image)."""
+    return pc.unique(_canonical(settings, ["image_id"]).column(0))
+
+
+def canonical_paths(settings: Any) -> dict[str, str]:
+    """image_id -> path of each canonical image (in Arrow, then one dict)."""
+    t = _canonical(settings, ["image_id", "path"])
+    return dict(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
 
 
 def latest_run(settings: Any) -> int:

@@ -1,0 +1,273 @@
+"""The current model's vectors in one memory-mapped file beside its Parquet shards, so that
+searching a collection of 10^7 images never loads 20 GB of float32 into RAM.
+
+`<fingerprint>/vectors-<generation>.f16` holds the rows, float16 (half the disk and page cache
+of float32; re-ranking scores move by about 1e-5), appended shard by shard;
+`<fingerprint>/vectors.parquet` says what each row is (image_id, shard) and, in its metadata,
+which data file and dimension. It is the commit: `cbir embed` appends a night's shards past
+the recorded rows, fsyncs, then replaces vectors.parquet, so a kill leaves the recorded rows
+intact (the bytes past them are overwritten next time). The metadata also records each shard's
+size: a shard gone or rewritten since means a rebuild, which writes a new generation and
+removes the old one after the commit. (Not the modification time: `dvc checkout` restores
+shards with new ones, and the file then still holds what they hold.)
+
+Only `cbir embed` writes them (they are its DVC output). A reader that finds them out of step
+with the shards (an older workspace, shards written by hand) builds the same rows in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import CbirError
+from ..fsutil import disk_full, is_disk_full, write_parquet
+from ..progress import bar as progress_bar
+from .embeddings import check_dimensions, read_shard
+from .layout import SHARD_GLOB, VECTOR_DATA_GLOB, VECTOR_DATA_PREFIX, VECTOR_ROWS, layout
+from .manifest import canonical_ids
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+DTYPE = np.dtype(np.float16)
+ROWS_SCHEMA = pa.schema([("image_id", pa.string()), ("shard", pa.string())])
+#: A process gives the pages it has read back to the page cache after this many bytes, so that
+#: its resident set stays bounded while it scans or re-ranks a large file.
+RELEASE_BYTES = 256 << 20
+
+
+class Vectors:
+    """Rows of a vector file (memory-mapped, or an array in memory) in a chosen order: indexing
+    returns float32 copies, like indexing a float32 array, without ever loading the file."""
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray, mapped: mmap.mmap | None = None):
+        self._base, self._rows, self._mapped = base, rows, mapped
+        self._touched = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self._rows), int(self._base.shape[1]))
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        out = np.asarray(self._base[self._rows[key]], np.float32)
+        self._touched += out.size * self._base.itemsize
+        if self._touched > RELEASE_BYTES:
+            self.release()
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """Every row in memory (small collections: evaluation, tests)."""
+        return self[:] if dtype is None else self[:].astype(dtype, copy=False)
+
+    def release(self) -> None:
+        """Unmap the pages read so far (the page cache keeps them: a new read is cheap)."""
+        self._touched = 0
+        if self._mapped is not None:
+            self._mapped.madvise(mmap.MADV_DONTNEED)
+
+    def chunks(self, size: int = 65536) -> Any:
+        """(start, float32 rows) in order, `size` rows at a time."""
+        for start in range(0, len(self), size):
+            yield start, self[start : start + size]
+
+
+Signature = dict[str, int]  # shard name -> size
+
+
+def _signature(shards: list[Path]) -> Signature:
+    """What the shards are on disk: a shard rewritten or damaged since no longer matches."""
+    return {shard.name: shard.stat().st_size for shard in shards}
+
+
+def _recorded(folder: Path) -> tuple[pa.Table, Path, int, Signature] | None:
+    """(rows table, data file, dimension, the shards it holds) as last committed, or None."""
+    try:
+        table = pq.read_table(folder / VECTOR_ROWS)
+        meta = table.schema.metadata or {}
+        data = folder / meta[b"data"].decode()
+        dim = int(meta[b"dim"])
+        shards = json.loads(meta[b"shards"])
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
+    if not table.schema.equals(ROWS_SCHEMA) or not data.is_file() or not isinstance(shards, dict):
+        return None
+    if data.stat().st_size < table.num_rows * dim * DTYPE.itemsize:
+        return None
+    return table, data, dim, shards
+
+
+def _shard_rows(shard: Path) -> tuple[list[str], np.ndarray]:
+    t = read_shard(shard)
+    col = t.column("vector").combine_chunks()
+    vec = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+    return t.column("image_id").to_pylist(), vec.astype(DTYPE)
+
+
+def _append(fh: Any, shards: list[Path], dim: int, progress: bool) -> tuple[list[str], list[str]]:
+    """Write the shards' rows at fh's position; their (image ids, shard names)."""
+    ids: list[str] = []
+    names: list[str] = []
+    bar = progress_bar(len(shards), "vector file", "shard", progress and len(shards) > 1)
+    try:
+        for shard in shards:
+            shard_ids, vec = _shard_rows(shard)
+            if vec.shape[1] != dim:
+                raise CbirError(
+                    f"embeddings shard {shard} is damaged (vectors of dimension "
+                    f"{vec.shape[1]}, the others have {dim}); delete it and run `cbir embed` "
+                    f"to embed its images again"
+                )
+            fh.write(np.ascontiguousarray(vec).tobytes())
+            ids += shard_ids
+            names += [shard.name] * len(shard_ids)
+            bar.update(1)
+    finally:
+        bar.close()
+    return ids, names
+
+
+def _commit(folder: Path, table: pa.Table, data: Path, dim: int, shards: Signature) -> None:
+    meta = {"data": data.name, "dim": str(dim), "shards": json.dumps(shards, sort_keys=True)}
+    write_parquet(table.replace_schema_metadata(meta), folder / VECTOR_ROWS)
+
+
+def sync_vectors(folder: Path, *, progress: bool = False) -> int:
+    """Bring the vector file of a fingerprint folder in step with its shards (the writer: `cbir
+    embed`). Appends the shards it lacks, or rebuilds it when a recorded shard is gone; returns
+    the rows written."""
+    shards = sorted(folder.glob(SHARD_GLOB))
+    if not shards:
+        return 0
+    check_dimensions(folder, shards)
+    sig = _signature(shards)
+    rec = _recorded(folder)
+    dim = _shard_rows(shards[0])[1].shape[1] if rec is None else rec[2]
+    if rec is not None:
+        table, data, dim, have = rec
+        if all(sig.get(name) == what for name, what in have.items()):  # all still there
+            new = [s for s in shards if s.name not in have]
+            if not new:
+                return 0
+            _drop_others(folder, data)  # a rebuild killed before its commit
+            ids, shard_names = _write(
+                data, "r+b", table.num_rows * dim * DTYPE.itemsize, new, dim, progress
+            )
+            added = pa.table({"image_id": ids, "shard": shard_names}, schema=ROWS_SCHEMA)
+            table = pa.concat_tables([table.replace_schema_metadata(None), added])
+            _commit(folder, table, data, dim, sig)
+            return len(ids)
+    # (re)build: a new generation, committed before the old one is removed
+    data = folder / f"{VECTOR_DATA_PREFIX}{secrets.token_hex(4)}.f16"
+    ids, shard_names = _write(data, "wb", 0, shards, dim, progress)
+    table = pa.table({"image_id": ids, "shard": shard_names}, schema=ROWS_SCHEMA)
+    _commit(folder, table, data, dim, sig)
+    _drop_others(folder, data)
+    return len(ids)
+
+
+def _write(
+    data: Path, mode: str, at: int, shards: list[Path], dim: int, progress: bool
+) -> tuple[list[str], list[str]]:
+    """Write the shards' rows into `data` from byte `at`, durably; their (ids, shard names)."""
+    try:
+        with open(data, mode) as fh:
+            fh.seek(at)
+            out = _append(fh, shards, dim, progress)
+            fh.truncate()
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        if is_disk_full(exc):  # the recorded rows are intact: one line, not a traceback
+            raise disk_full(data) from exc
+        raise
+    return out
+
+
+def _drop_others(folder: Path, keep: Path) -> None:
+    for other in folder.glob(VECTOR_DATA_GLOB):
+        if other != keep:
+            other.unlink(missing_ok=True)
+
+
+def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[list[str], Vectors]:
+    """The vectors of a fingerprint folder, memory-mapped: (image ids sorted, their rows). `only`
+    (strings): keep these ids. An image held by two shards keeps its last row. Where the file is
+    out of step with the shards, the rows are built in memory from the shards instead."""
+    shards = sorted(folder.glob(SHARD_GLOB))
+    rec = _recorded(folder)
+    mapped = None
+    if rec is not None and rec[3] == _signature(shards):
+        table, data, dim, _ = rec
+        ids = table.column("image_id")
+        n = table.num_rows
+        if n:
+            with open(data, "rb") as fh:
+                mapped = mmap.mmap(fh.fileno(), n * dim * DTYPE.itemsize, access=mmap.ACCESS_READ)
+            base = np.frombuffer(mapped, DTYPE).reshape(n, dim)
+        else:
+            base = np.zeros((0, dim), DTYPE)
+    else:
+        check_dimensions(folder, shards)  # a shard of another model's: named, not a traceback
+        parts = [_shard_rows(s) for s in shards]
+        ids = pa.array([i for p in parts for i in p[0]], pa.string())
+        dim = parts[0][1].shape[1] if parts else 0
+        base = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), DTYPE)
+    # sorted by id; of an id's rows the last
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    order = pc.sort_indices(
+        pa.table({"id": ids, "pos": np.arange(len(ids), dtype=np.int64)}),
+        sort_keys=[("id", "ascending"), ("pos", "descending")],
+    )
+    sorted_ids = pc.take(ids, order)
+    rows = np.asarray(order, np.int64)
+    keep = np.ones(len(rows), bool)
+    if len(rows) > 1:
+        keep[1:] = np.asarray(pc.not_equal(sorted_ids[1:], sorted_ids[:-1]), bool)
+    if only is not None:
+        keep &= np.asarray(pc.is_in(sorted_ids, value_set=only), bool)
+    kept_ids = pc.filter(sorted_ids, pa.array(keep)).to_pylist()
+    return kept_ids, Vectors(base, rows[keep], mapped)
+
+
+def current_embeddings(
+    settings: Settings,
+    fingerprint: str | None = None,
+) -> tuple[str, list[str], Vectors, int]:
+    """The current model's embeddings of the present canonical images, memory-mapped.
+
+    Pass `fingerprint` when the caller has already built the model (it saves building it again).
+    Returns (fingerprint, ids sorted, their vectors, number of present images without one).
+    """
+    if fingerprint is None:
+        from ..model import retrieval_model  # torch: only when the caller has no model
+
+        fingerprint = retrieval_model(settings)[2]
+    folder = layout(settings).embeddings(fingerprint)
+    present = canonical_ids(settings)
+    ids, vectors = open_vectors(folder, present) if folder.is_dir() else ([], None)
+    if not ids or vectors is None:
+        raise CbirError(
+            f"no embeddings for the current model {fingerprint}: run `cbir embed` first"
+        )
+    return fingerprint, ids, vectors, len(present) - len(ids)

@@ -1,0 +1,182 @@
+"""cbir.store.vectors: the memory-mapped float16 vector file beside the embedding shards -
+appended shard by shard, rebuilt when a shard goes, read back sorted, and never trusted past
+its commit."""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cbir.errors import CbirError
+from cbir.fsutil import write_parquet
+from cbir.steps.embed import _subset_name, _vector_table
+from cbir.store.embeddings import load_embeddings
+from cbir.store.layout import VECTOR_DATA_GLOB, VECTOR_ROWS
+from cbir.store.vectors import DTYPE, Vectors, open_vectors, sync_vectors
+
+DIM = 8
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _shard(folder, ids: list[str], vectors: np.ndarray) -> str:
+    name = _subset_name("shard-", ids)
+    write_parquet(_vector_table(ids, vectors, None), folder / name)
+    return name
+
+
+def _ids(rng: np.random.Generator, n: int) -> list[str]:
+    return [f"{x:016x}" for x in rng.integers(1, 1 << 62, size=n)]
+
+
+def _same(folder, only=None) -> tuple[list[str], Vectors]:
+    """open_vectors agrees with the shards as load_embeddings reads them (float16 apart)."""
+    ids, vec = open_vectors(folder, None if only is None else pa.array(sorted(only)))
+    want_ids, want = load_embeddings(folder, only)
+    assert ids == want_ids
+    got = vec[:]
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    return ids, vec
+
+
+def test_sync_appends_new_shards_and_reads_back_sorted_and_filtered(tmp_path):
+    rng = np.random.default_rng(0)
+    a_ids, b_ids = _ids(rng, 7), _ids(rng, 5)
+    _shard(tmp_path, a_ids, _unit(rng, 7))
+    assert sync_vectors(tmp_path) == 7
+    data = list(tmp_path.glob(VECTOR_DATA_GLOB))
+    assert len(data) == 1 and data[0].stat().st_size == 7 * DIM * DTYPE.itemsize
+    ids, _ = _same(tmp_path)
+    assert ids == sorted(a_ids)
+    assert sync_vectors(tmp_path) == 0  # nothing new: nothing written
+    _shard(tmp_path, b_ids, _unit(rng, 5))
+    assert sync_vectors(tmp_path) == 5
+    assert list(tmp_path.glob(VECTOR_DATA_GLOB)) == data  # appended, not rebuilt
+    assert data[0].stat().st_size == 12 * DIM * DTYPE.itemsize
+    ids, _ = _same(tmp_path)
+    assert ids == sorted(a_ids + b_ids)
+    some = set(a_ids[:3] + b_ids[:2])
+    assert _same(tmp_path, some)[0] == sorted(some)
+
+
+def test_a_removed_shard_means_a_new_generation_and_the_old_file_goes(tmp_path):
+    rng = np.random.default_rng(1)
+    first = _shard(tmp_path, _ids(rng, 4), _unit(rng, 4))
+    kept = _ids(rng, 3)
+    _shard(tmp_path, kept, _unit(rng, 3))
+    sync_vectors(tmp_path)
+    old = list(tmp_path.glob(VECTOR_DATA_GLOB))
+    (tmp_path / first).unlink()
+    assert sync_vectors(tmp_path) == 3
+    new = list(tmp_path.glob(VECTOR_DATA_GLOB))
+    assert len(new) == 1 and new != old
+    assert _same(tmp_path)[0] == sorted(kept)
+
+
+def test_rows_past_the_commit_are_ignored_and_overwritten(tmp_path):
+    """A kill while appending leaves bytes past the recorded rows: they are not read, and the
+    next sync writes over them."""
+    rng = np.random.default_rng(2)
+    _shard(tmp_path, _ids(rng, 6), _unit(rng, 6))
+    sync_vectors(tmp_path)
+    data = next(tmp_path.glob(VECTOR_DATA_GLOB))
+    with open(data, "ab") as fh:  # half a night's rows, never committed
+        fh.write(b"\xff" * (3 * DIM * DTYPE.itemsize + 5))
+    ids, vec = _same(tmp_path)
+    assert len(ids) == 6 and np.isfinite(vec[:]).all()
+    _shard(tmp_path, _ids(rng, 2), _unit(rng, 2))
+    assert sync_vectors(tmp_path) == 2
+    assert data.stat().st_size == 8 * DIM * DTYPE.itemsize  # the garbage is gone
+    _same(tmp_path)
+
+
+def test_shards_newer_than_the_file_are_read_in_memory(tmp_path):
+    """An older workspace, or shards written without `cbir embed`: the reader builds the rows
+    itself and never writes (the vector file is embed's output)."""
+    rng = np.random.default_rng(3)
+    _shard(tmp_path, _ids(rng, 5), _unit(rng, 5))
+    ids, vec = _same(tmp_path)  # no file at all
+    assert vec._mapped is None and not (tmp_path / VECTOR_ROWS).exists()
+    sync_vectors(tmp_path)
+    assert open_vectors(tmp_path)[1]._mapped is not None
+    _shard(tmp_path, _ids(rng, 3), _unit(rng, 3))
+    ids, vec = _same(tmp_path)
+    assert len(ids) == 8 and vec._mapped is None
+
+
+def test_an_image_in_two_shards_keeps_its_last_row(tmp_path):
+    rng = np.random.default_rng(4)
+    ids = _ids(rng, 3)
+    v1, v2 = _unit(rng, 3), _unit(rng, 1)
+    _shard(tmp_path, ids, v1)
+    sync_vectors(tmp_path)
+    _shard(tmp_path, [ids[1]], v2)
+    sync_vectors(tmp_path)
+    got_ids, vec = open_vectors(tmp_path)
+    assert got_ids == sorted(ids)
+    np.testing.assert_allclose(vec[got_ids.index(ids[1])], v2[0], atol=1e-3)
+
+
+def test_rows_index_like_a_float32_array_and_read_again_after_release(tmp_path):
+    rng = np.random.default_rng(5)
+    ids, v = _ids(rng, 20), _unit(rng, 20)
+    _shard(tmp_path, ids, v)
+    sync_vectors(tmp_path)
+    got_ids, vec = open_vectors(tmp_path)
+    want = v[np.argsort(ids)]
+    assert vec.shape == (20, DIM) and len(vec) == 20 and vec.dtype == np.float32
+    np.testing.assert_allclose(vec[3], want[3], atol=1e-3)
+    np.testing.assert_allclose(vec[2:9:3], want[2:9:3], atol=1e-3)
+    np.testing.assert_allclose(vec[np.array([5, 0, 5])], want[[5, 0, 5]], atol=1e-3)
+    mask = np.arange(20) % 3 == 0
+    np.testing.assert_allclose(vec[mask], want[mask], atol=1e-3)
+    np.testing.assert_allclose(np.asarray(vec), want, atol=1e-3)
+    assert [s for s, _ in vec.chunks(8)] == [0, 8, 16]
+    vec.release()
+    np.testing.assert_allclose(vec[:], want, atol=1e-3)
+
+
+def test_reading_releases_pages_once_it_has_read_enough(tmp_path, monkeypatch):
+    """The resident set stays bounded: after RELEASE_BYTES read, the pages are given back."""
+    rng = np.random.default_rng(6)
+    _shard(tmp_path, _ids(rng, 64), _unit(rng, 64))
+    sync_vectors(tmp_path)
+    _, vec = open_vectors(tmp_path)
+    calls: list[int] = []
+    monkeypatch.setattr("cbir.store.vectors.RELEASE_BYTES", 10 * DIM * DTYPE.itemsize)
+    real = mmap.mmap.madvise
+    assert vec._mapped is not None
+    monkeypatch.setattr(vec, "_mapped", _Spy(vec._mapped, calls, real))
+    vec[:8]
+    assert calls == []
+    vec[:8]  # 16 rows read: past the 10-row budget
+    assert calls == [mmap.MADV_DONTNEED]
+
+
+class _Spy:
+    def __init__(self, mapped, calls, real):
+        self._mapped, self._calls, self._real = mapped, calls, real
+
+    def madvise(self, option):
+        self._calls.append(option)
+        return self._real(self._mapped, option)
+
+
+def test_a_dimension_that_differs_is_refused(tmp_path):
+    rng = np.random.default_rng(7)
+    _shard(tmp_path, _ids(rng, 2), _unit(rng, 2))
+    _shard(tmp_path, _ids(rng, 2), _unit(rng, 2))
+    sync_vectors(tmp_path)
+    ids = _ids(rng, 2)
+    write_parquet(_vector_table(ids, np.ones((2, DIM + 1), np.float32), None),
+                  tmp_path / _subset_name("shard-", ids))
+    for read in (sync_vectors, open_vectors):  # the writer, and a reader out of step
+        with pytest.raises(CbirError, match="is damaged .*dimension 9.*run `cbir embed`"):
+            read(tmp_path)
