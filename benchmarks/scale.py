@@ -89,6 +89,10 @@ VECTOR_STEPS = ["write vectors", "index", "pairs", "clusters", "nightly arrivals
                 "query: new > 0.9", "query: largest clusters", "query: one accession",
                 "review queue"]
 NOT_STEPS = {"write files", "write vectors", "nightly arrivals"}  # set-up, not pipeline steps
+# where --kill-sizes kills the nightly run: the index update's save and commit, the pairs
+# search, between pairs.parquet and searched.parquet, after the report
+KILL_POINTS = ["index.save:1", "index.commit:1", "pairs.batch:1", "pairs.searched:1",
+               "nightly.reported:1"]
 PAIR_THRESHOLD = 0.9
 NEW_PAIRS_SQL = """
 SELECT new_path, match_path, round(score, 3) AS score, master_path
@@ -452,6 +456,21 @@ def child_arrivals(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
             f"appended to the vector file in {appended:.2f} s"}
 
 
+def child_intact(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
+    """After a kill: what readers open (the index with the vectors, pairs, clusters, the
+    catalogue) opens, and says how much it holds."""
+    from cbir.store.catalog import query
+    from cbir.store.index import open_searcher
+    from cbir.store.pairs import read_pairs
+
+    s = _settings(ws)
+    searcher = open_searcher(s)
+    pairs = read_pairs(s)
+    n = query(s, "SELECT count(*) FROM clusters")[1][0][0]
+    return {"note": f"index {searcher.index.ntotal} vectors, {pairs.num_rows} pairs, "
+                    f"{n} cluster rows"}
+
+
 def child_nightly(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     """The nightly flow's steps after embedding: index update, incremental pairs, report."""
     from cbir.steps.index import run_index
@@ -522,6 +541,7 @@ CHILDREN: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
     "ingest rerun": child_ingest, "ingest +new": child_ingest,
     "write vectors": child_write_vectors, "index": child_index, "pairs": child_pairs,
     "clusters": child_clusters, "nightly arrivals": child_arrivals, "nightly": child_nightly,
+    "intact": child_intact,
     "query: new > 0.9": child_query, "query: largest clusters": child_query,
     "query: one accession": child_query, "review queue": child_review,
 }
@@ -596,14 +616,14 @@ def kill_tree(pid: int) -> None:
 
 
 def run_step(step: str, ws: Path, a: dict[str, Any], max_rss: float, timeout: float,
-             log: Path) -> dict[str, Any]:
+             log: Path, env_extra: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `step` in a child process under the RSS watchdog; its row of the table."""
     result = ws.parent / f".result-{os.getpid()}.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", step, "--ws", str(ws),
            "--child-args", json.dumps(a), "--child-result", str(result)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), **(env_extra or {})}
     peak, peak_anon, killed = 0, 0, ""
     t0 = time.perf_counter()
     with open(log, "a") as fh:
@@ -670,14 +690,73 @@ def run_vector_size(n: int, args: argparse.Namespace, max_rss: float) -> list[di
         ("query: one accession", {**a, "query": "accession"}),
         ("review queue", a),
     ]
-    rows = _run_plan(plan, ws, args, max_rss)
+    snapshot = ws.parent / f"{ws.name}-before-night" if n in _sizes(args.kill_sizes) else None
+    rows = _run_plan(plan, ws, args, max_rss, snapshot)
+    if snapshot is not None and snapshot.is_dir():
+        night = next((r["out"] for r in rows if r["step"] == "nightly arrivals"
+                      and r["status"] == "ok"), None)
+        if night is not None and _status(rows, "nightly", n)["status"] == "ok":
+            rows += kill_checks(ws, snapshot, {**a, "since": night["since"],
+                                               "run": night["run"]}, args, max_rss)
+        shutil.rmtree(snapshot, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(ws, ignore_errors=True)
     return rows
 
 
+KILL_OUTPUTS = ("pairs/pairs.parquet", "pairs/clusters.parquet", "pairs/searched.parquet")
+
+
+def _outputs(ws: Path) -> dict[str, Any]:
+    """What a nightly run leaves, to compare: the pair tables and the index's size."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, Any] = {name: pq.read_table(ws / "data" / name) for name in KILL_OUTPUTS}
+    out["index"] = json.loads((ws / "data" / "index" / "index.json").read_text())["n_vectors"]
+    return out
+
+
+def _same_outputs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The names of the outputs that differ."""
+    return [k for k in a if not (a[k] == b[k] if k == "index" else a[k].equals(b[k]))]
+
+
+def kill_checks(ws: Path, snapshot: Path, a: dict[str, Any], args: argparse.Namespace,
+                max_rss: float) -> list[dict[str, Any]]:
+    """Issue 16, nothing lost at scale: from the state before the nightly run (a hard-linked
+    copy: every step replaces its files whole, so the copy keeps the old ones), kill the nightly
+    run at each --kill-points point (SIGKILL, cbir.faults), check that readers still open what
+    is there, rerun it, and compare its outputs with those of the undisturbed run."""
+    reference = _outputs(ws)
+    rows = []
+    for point in [p for p in args.kill_points.split(",") if p]:
+        wk = ws.parent / f"{ws.name}-kill"
+        shutil.rmtree(wk, ignore_errors=True)
+        subprocess.run(["cp", "-al", str(snapshot), str(wk)], check=True)
+        log = args.out / "steps.log"
+        killed = run_step("nightly", wk, a, max_rss, args.step_timeout, log,
+                          {"CBIR_KILL_AT": point})
+        intact = run_step("intact", wk, a, max_rss, args.step_timeout, log)
+        rerun = run_step("nightly", wk, a, max_rss, args.step_timeout, log)
+        died = killed["status"] == "failed: exit -9"
+        differ = _same_outputs(reference, _outputs(wk)) if rerun["status"] == "ok" else ["rerun"]
+        ok = died and intact["status"] == "ok" and not differ
+        rows.append({
+            "step": "nightly killed", "n": a["n"], "point": point,
+            "status": "ok" if ok else "FAIL", "seconds": rerun.get("seconds", 0.0),
+            "rss": max(killed.get("rss", 0), rerun.get("rss", 0)),
+            "note": f"at {point}: {'killed by SIGKILL' if died else killed['status']}; after "
+                    f"it {intact.get('note', intact['status'])}; the rerun "
+                    + ("equals the undisturbed run" if not differ
+                       else f"differs in {', '.join(differ)}"),
+        })
+        print(f"  kill check {point}: {'ok' if ok else 'FAIL'} - {rows[-1]['note']}", flush=True)
+        shutil.rmtree(wk, ignore_errors=True)
+    return rows
+
+
 def _run_plan(plan: list[tuple[str, dict[str, Any]]], ws: Path, args: argparse.Namespace,
-              max_rss: float) -> list[dict[str, Any]]:
+              max_rss: float, snapshot: Path | None = None) -> list[dict[str, Any]]:
     """Run the steps in order; after a failure the rest are 'not run' (they need its output)."""
     rows: list[dict[str, Any]] = []
     failed = ""
@@ -686,6 +765,9 @@ def _run_plan(plan: list[tuple[str, dict[str, Any]]], ws: Path, args: argparse.N
         if failed:
             rows.append({"step": step, "n": a["n"], "status": f"not run ({failed} failed)"})
             continue
+        if step == "nightly" and snapshot is not None:  # the state a killed night must keep
+            shutil.rmtree(snapshot, ignore_errors=True)
+            subprocess.run(["cp", "-al", str(ws), str(snapshot)], check=True)
         row = run_step(step, ws, {**a, **night}, max_rss, args.step_timeout,
                        args.out / "steps.log")
         rows.append(row)
@@ -743,6 +825,13 @@ def report(results: dict[str, Any]) -> str:
         out.append(f"| {step} | {', '.join(_fmt_n(n) for n in ns)} | "
                    f"{'-' if kt is None else f'{kt:.2f}'} | {'-' if km is None else f'{km:.2f}'} "
                    f"| {at} |")
+    kills = [r for r in rows if r["step"] == "nightly killed"]
+    if kills:
+        out += ["", "Nightly runs killed (SIGKILL at a cbir.faults point), then rerun:", "",
+                "| N | killed at | verdict | rerun seconds | what happened |",
+                "|---:|---|---|---:|---|"]
+        out += [f"| {_fmt_n(r['n'])} | {r['point']} | {r['status']} | {r['seconds']:.1f} | "
+                f"{r['note']} |" for r in kills]
     out += ["", "Targets of issue 16:", "", "| target | measured | verdict |", "|---|---|---|"]
     out += targets(rows)
     return "\n".join(out)
@@ -878,6 +967,11 @@ def main() -> None:
     ap.add_argument("--skip-largest", action="store_true",
                     help="skip a size whose float32 vectors exceed the available RAM (it would "
                          "be killed by the watchdog) instead of running it to that point")
+    ap.add_argument("--kill-sizes", default="",
+                    help="vector counts at which the nightly run is also killed at each of "
+                    "--kill-points, checked and rerun (issue 16: nothing lost at scale)")
+    ap.add_argument("--kill-points", default=",".join(KILL_POINTS),
+                    help="cbir.faults points (name:n) where the nightly run is killed")
     ap.add_argument("--keep", action="store_true", help="keep each size's data")
     ap.add_argument("--fresh", action="store_true", help="forget results of earlier runs")
     ap.add_argument("--report", action="store_true",
@@ -934,7 +1028,7 @@ def main() -> None:
         if why:
             keep([{"step": s, "n": n, "status": why} for s in VECTOR_STEPS], VECTOR_STEPS, n)
             continue
-        keep(run_vector_size(n, args, max_rss), VECTOR_STEPS, n)
+        keep(run_vector_size(n, args, max_rss), [*VECTOR_STEPS, "nightly killed"], n)
 
     results["command"] = " ".join(sys.argv)
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")

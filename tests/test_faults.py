@@ -484,6 +484,10 @@ CASES = [
     case("embed", "embed.batch:1"),
     case("embed", "write.shard-*.parquet:1"),
     case("embed", "write.shard-*.parquet:2 then embed.batch:3", phase=1),
+    # the memory-mapped vector file: appended (the arrivals), first written, its commit
+    case("embed", "vectors.commit:1"),
+    case("embed", "vectors.commit:1", phase=1),
+    case("embed", "write.vectors.parquet:1"),
     # index: an update in place (arrivals added, the deleted scan removed); the first build
     case("index", "index.commit:1", full=False),
     case("index", "index.save:1"),
@@ -519,6 +523,7 @@ CASES = [
     case("nightly", "ingest.result:2"),
     case("nightly", "ingest.commit:2"),
     case("nightly", "write.shard-*.parquet:1"),
+    case("nightly", "vectors.commit:1", full=False),
     case("nightly", "index.commit:1"),
     case("nightly", "pairs.searched:1"),
     case("nightly", "write.run-*.md:1"),

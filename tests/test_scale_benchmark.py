@@ -53,11 +53,13 @@ def test_targets_pass_fail_and_not_run():
 def test_runs_end_to_end_at_a_tiny_size(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--out", str(tmp_path),
-         "--ingest-sizes", "40", "--sizes", "1500", "--new", "100", "--shard-size", "500"],
+         "--ingest-sizes", "40", "--sizes", "1500", "--new", "100", "--shard-size", "500",
+         "--kill-sizes", "1500", "--kill-points", "pairs.batch:1,nightly.reported:1,never.reached:1"],
         capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    by_step = {r["step"]: r for r in rows}
+    kills = {r["point"]: r for r in rows if r["step"] == "nightly killed"}
+    by_step = {r["step"]: r for r in rows if r["step"] != "nightly killed"}
     assert set(by_step) == set(scale_steps := _scale().INGEST_STEPS + _scale().VECTOR_STEPS)
     assert all(by_step[s]["status"] == "ok" for s in scale_steps), rows
     assert by_step["ingest first"]["out"]["new"] == 40
@@ -68,3 +70,11 @@ def test_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert all(by_step[s]["rss"] > 0 for s in scale_steps)
     assert "| 1,500 | review queue |" in out.stdout
     assert not (tmp_path / "vectors-1500").exists()  # the data of a size is removed
+    # killed at each point, the state before readable, the rerun the same as the undisturbed run
+    for point in ("pairs.batch:1", "nightly.reported:1"):
+        assert kills[point]["status"] == "ok", kills[point]
+        assert "killed by SIGKILL" in kills[point]["note"]
+        assert "the rerun equals the undisturbed run" in kills[point]["note"]
+    assert kills["never.reached:1"]["status"] == "FAIL"  # a run that was not killed is no check
+    assert "| 1,500 | pairs.batch:1 | ok |" in out.stdout
+    assert not list(tmp_path.glob("vectors-1500-*"))  # nor the killed runs' copies

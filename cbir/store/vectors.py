@@ -2,7 +2,7 @@
 searching a collection of 10^7 images never loads 20 GB of float32 into RAM.
 
 `<fingerprint>/vectors-<generation>.f16` holds the rows, float16 (half the disk and page cache
-of float32; re-ranking scores move by about 1e-5), appended shard by shard;
+of float32; re-ranking scores move by at most about 5e-5), appended shard by shard;
 `<fingerprint>/vectors.parquet` says what each row is (image_id, shard) and, in its metadata,
 which data file and dimension. It is the commit: `cbir embed` appends a night's shards past
 the recorded rows, fsyncs, then replaces vectors.parquet, so a kill leaves the recorded rows
@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .. import faults
 from ..errors import CbirError
 from ..fsutil import disk_full, is_disk_full, write_parquet
 from ..progress import bar as progress_bar
@@ -148,6 +149,7 @@ def _append(fh: Any, shards: list[Path], dim: int, progress: bool) -> tuple[list
 
 
 def _commit(folder: Path, table: pa.Table, data: Path, dim: int, shards: Signature) -> None:
+    faults.point("vectors.commit")  # the rows are written, not yet committed
     meta = {"data": data.name, "dim": str(dim), "shards": json.dumps(shards, sort_keys=True)}
     write_parquet(table.replace_schema_metadata(meta), folder / VECTOR_ROWS)
 
