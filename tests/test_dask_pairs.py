@@ -36,7 +36,7 @@ def cluster():
 
     with dask.config.set(TIMEOUTS), LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
-            Client(c, timeout=300) as client:
+            Client(c, timeout=300, set_as_default=False) as client:  # as in a flow: none
         yield c, client
 
 

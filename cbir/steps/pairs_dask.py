@@ -212,7 +212,8 @@ def dask_knn_pairs(
                 client.submit(search_part, job, key=f"pairs-part-{i:05d}-{run}", pure=False): job
                 for i, job in enumerate(jobs)
             }
-            for future in as_completed(futures):
+            # this client's loop: the process may have no default client (a Prefect flow)
+            for future in as_completed(futures, loop=client.loop):
                 written.append(Path(future.result()))  # a task's error is raised here
                 bar.update(len(futures[future].rows))
                 bar.set_postfix_str(f"{len(written)}/{len(jobs)} parts")
