@@ -410,8 +410,8 @@ class OrchestrationSettings(_Section):
     timezone: str = Field("UTC", description="IANA time zone of nightly_cron")
     dask_address: str | None = Field(
         None,
-        description="Dask scheduler for the embedding "
-        "shards (tcp://host:8786); null = in the flow's process",
+        description="Dask scheduler (tcp://host:8786) for the embedding "
+        "shards and the all-pairs search of `cbir pairs`; null = in the process running them",
     )
     task_retries: int = Field(
         2, ge=0, le=1000, description="retries of a task after a transient error"

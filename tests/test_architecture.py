@@ -24,7 +24,7 @@ STEP_USES = {
     "cbir.steps.query": {"cbir.steps.embed"},
     "cbir.steps.evaluate": {"cbir.steps.embed"},
     "cbir.steps.calibrate": {"cbir.steps.embed", "cbir.steps.evaluate"},
-    "cbir.steps.pairs": {"cbir.steps.calibrate"},
+    "cbir.steps.pairs": {"cbir.steps.calibrate", "cbir.steps.pairs_dask"},
     "cbir.steps.report": {"cbir.steps.calibrate", "cbir.steps.evaluate"},
 }
 

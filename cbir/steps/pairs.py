@@ -595,7 +595,22 @@ def run_pairs(
     below: dict[Key, tuple[float, int]] = {}
     regional: set[Key] = set()
     if rows is None or len(rows):
-        for key, (sc, rk) in knn_pairs(s, cfg.k, floor, rows=rows).items():
+        if address := settings.orchestration.dask_address:  # the search as Dask tasks
+            from .pairs_dask import dask_knn_pairs
+
+            knn = dask_knn_pairs(
+                settings,
+                cfg.k,
+                floor,
+                rows,
+                address,
+                search=knn_pairs,
+                searcher=s,
+                progress=progress,
+            )
+        else:
+            knn = knn_pairs(s, cfg.k, floor, rows=rows)
+        for key, (sc, rk) in knn.items():
             old = pairs.get(key)
             if old is None and sc < th.pair:
                 if rk <= cfg.verify_rank:  # a candidate: kept only if verification confirms it

@@ -106,6 +106,28 @@ def _matches(path: Path, expected: dict[str, Any]) -> bytes | None:
     return data if hashlib.sha256(data).hexdigest() == expected.get("sha256") else None
 
 
+def _sized(path: Path, expected: dict[str, Any]) -> bool:
+    try:
+        return path.stat().st_size == expected.get("bytes")
+    except FileNotFoundError:
+        return False
+
+
+def _read_mapped(path: Path, kind: str) -> faiss.Index:
+    """The index file memory-mapped, read-only: its pages live in the page cache, shared by
+    every process of the machine that maps it, and only those a search touches are read.
+
+    What FAISS (1.15) maps: with IO_FLAG_MMAP the inverted lists of an IVF index (ivfpq, with
+    or without OPQ; ivfsq8) become OnDiskInvertedLists over the file, but the codes of a flat
+    index (flat, sq8: IndexIDMap2 over an IndexFlatCodes) are still read into memory; those
+    are mapped by IO_FLAG_MMAP_IFC (an older FAISS lacks it: read into memory, as without
+    mmap). The two flags cannot be combined (the IVF hook needs a plain file reader). The id
+    map of a flat index (IndexIDMap2's ids and their reverse table) is always in memory."""
+    flat = kind in ("flat", "sq8")
+    flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) if flat else faiss.IO_FLAG_MMAP
+    return faiss.read_index(str(path), flags)
+
+
 def finish_save(folder: Path) -> None:
     """Complete a save_index killed after its commit (the staged file is the index), or drop a
     staged file whose save never committed. For writers only (they hold the writer lock)."""
@@ -145,10 +167,14 @@ def reusable_index(
 
 
 def load_index(
-    folder: Path, expected_fingerprint: str | None = None
+    folder: Path, expected_fingerprint: str | None = None, *, mmap: bool = False
 ) -> tuple[faiss.Index, IndexInfo]:
     """Read an index saved by :func:`save_index`; raise NoIndex when none was saved, CbirError
-    when it is damaged or stale."""
+    when it is damaged or stale.
+
+    `mmap`: map the file instead of reading it (:func:`_read_mapped`), for a reader that only
+    searches (a Dask worker of `cbir pairs`); its size is checked but not its checksum, which
+    the caller has already checked by loading it without `mmap`."""
     folder = Path(folder)
     side_path, index_path = folder / SIDECAR_FILE, folder / INDEX_FILE
     if not side_path.is_file() or not (index_path.is_file() or (folder / STAGED_FILE).is_file()):
@@ -176,15 +202,18 @@ def load_index(
     damaged = f"index file {index_path} is damaged; {_REBUILD}"
     # index.faiss, or the staged file of a save killed between its commit and its last rename
     # (index.faiss once more: a save may have renamed the staged file meanwhile)
-    data = (
-        _matches(index_path, expected_file)
-        or _matches(folder / STAGED_FILE, expected_file)
-        or _matches(index_path, expected_file)
-    )
-    if data is None:
-        raise CbirError(f"{damaged} (size or checksum differs from {SIDECAR_FILE})")
+    candidates = (index_path, folder / STAGED_FILE, index_path)
     try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if mmap:
+            sized = next((p for p in candidates if _sized(p, expected_file)), None)
+            if sized is None:
+                raise CbirError(f"{damaged} (size differs from {SIDECAR_FILE})")
+            index = _read_mapped(sized, info.params.kind)
+        else:
+            data = next((d for p in candidates if (d := _matches(p, expected_file))), None)
+            if data is None:
+                raise CbirError(f"{damaged} (size or checksum differs from {SIDECAR_FILE})")
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as e:  # FAISS raises RuntimeError on truncated/garbled input
         raise CbirError(damaged) from e
     if index.ntotal != info.n_vectors or index.d != info.dim:
@@ -341,17 +370,21 @@ class Searcher:
 
 
 def open_searcher(
-    settings: Settings, fingerprint: str | None = None, *, with_regions: bool = True
+    settings: Settings,
+    fingerprint: str | None = None,
+    *,
+    with_regions: bool = True,
+    mmap: bool = False,
 ) -> Searcher:
     """Load the index for the current model (and, with embed.regions, the regional index); a
-    stale index is refused with a clear message."""
+    stale index is refused with a clear message. `mmap`: see load_index."""
     fp, ids, vectors, _ = current_embeddings(settings, fingerprint)
     lay = layout(settings)
-    index, info = load_index(lay.index_dir, expected_fingerprint=fp)
+    index, info = load_index(lay.index_dir, expected_fingerprint=fp, mmap=mmap)
     scheme = regions.scheme(settings.embed.regions) if with_regions else None
     region_searcher = None
     if scheme is not None:
         tag, owners, boxes, region_vectors = current_regions(settings, fp, scheme)
-        r_index, r_info = load_index(lay.region_index_dir, expected_fingerprint=tag)
+        r_index, r_info = load_index(lay.region_index_dir, expected_fingerprint=tag, mmap=mmap)
         region_searcher = RegionSearcher.of(r_index, r_info, owners, boxes, region_vectors)
     return Searcher.of(index, info, fp, ids, vectors, canonical_paths(settings), region_searcher)

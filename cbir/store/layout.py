@@ -40,6 +40,10 @@ TRAIN_METRICS = "train_metrics.json"
 PAIRS = "pairs.parquet"
 CLUSTERS = "clusters.parquet"
 SEARCHED = "searched.parquet"  # ids whose neighbours pairs.parquet holds (incremental runs)
+# the Dask workers' results of a `cbir pairs` run (orchestration.dask_address), one folder per
+# run, removed once merged
+PAIRS_PARTS = "parts"
+PAIRS_PART = "part-{:05d}.parquet"
 # data.decisions_dir (cbir review, decide, decisions import): an append-only log of parts
 DECISION_PART_PREFIX = "part-"
 DECISION_PART_GLOB = "part-*.parquet"
@@ -173,6 +177,14 @@ class Layout:
     @property
     def searched(self) -> Path:
         return self.pairs_dir / SEARCHED
+
+    @property
+    def pairs_parts(self) -> Path:
+        return self.pairs_dir / PAIRS_PARTS
+
+    def pairs_part(self, run: str, part: int) -> Path:
+        """Part `part` of the Dask run `run` of `cbir pairs` (cbir.steps.pairs_dask)."""
+        return self.pairs_parts / run / PAIRS_PART.format(part)
 
     # reports
     @property
