@@ -62,6 +62,9 @@ DEFAULT_K_FACTOR = 10
 MAX_K_FACTOR = 64
 #: Held-out queries used to tune nprobe at build time.
 N_TUNE_QUERIES = 1000
+#: Most vectors sampled to train an IVF index: the sample is the one thing index building holds
+#: in memory whole (see choose_params).
+MAX_TRAIN = 1 << 20
 #: Vectors added per FAISS call: bounds the temporary copies (OPQ-rotated batch, assignments).
 ADD_CHUNK = 65536
 
@@ -166,8 +169,10 @@ def choose_params(
       rounding down keeps the coarse centroids <= 16*dim/sqrt(n) bytes per vector - 8 B at
       1M x 512 - which is what lets the whole index stay within 80 B/vector, and halves k-means
       time on small machines), then lowered so every centroid gets >= ``min_points_per_centroid``.
-    * training sample = min(n, ``max_points_per_centroid`` * nlist), so k-means sees 30-256 points
-      per centroid (FAISS would subsample to 256 per centroid itself).
+    * training sample = min(n, ``max_points_per_centroid`` * nlist, MAX_TRAIN), so k-means sees
+      30-256 points per centroid (FAISS would subsample to 256 per centroid itself); MAX_TRAIN
+      bounds the sample held in memory (2 GiB of float32 at d=512: 128 points per centroid at
+      10^7 vectors, 64 at 3*10^7).
     * PQ: ``m`` = largest divisor of ``dim`` that fits ``bytes_per_vector`` (8 bits per code).
     * ``opq``: learn an OPQ rotation first (only when sub-quantisers span >= 2 dimensions). Off by
       default: on the benchmark data it did not change recall, while training it at d=512 costs
@@ -183,7 +188,7 @@ def choose_params(
         return IndexParams(kind="flat", k_factor=1)
 
     nlist = min(_pow2_floor(4.0 * math.sqrt(n)), _pow2_floor(n / min_points_per_centroid))
-    train_size = min(n, max_points_per_centroid * nlist)
+    train_size = min(n, max_points_per_centroid * nlist, MAX_TRAIN)
     m = max(d for d in range(1, min(bytes_per_vector, dim) + 1) if dim % d == 0)
     return IndexParams(
         kind="ivfpq",

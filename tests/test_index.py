@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cbir.errors import CbirError
-from cbir.faiss_index import (FLAT_MAX_N, IndexInfo, IndexParams, add_vectors, build_index, choose_params, estimate_bytes_per_vector, recall_at_k, remove_ids, search)
+from cbir.faiss_index import (FLAT_MAX_N, MAX_TRAIN, IndexInfo, IndexParams, add_vectors, build_index, choose_params, estimate_bytes_per_vector, recall_at_k, remove_ids, search)
 from cbir.store.index import load_index, save_index
 
 DIM = 64
@@ -91,7 +91,7 @@ def test_choose_params_rules(n: int, dim: int) -> None:
     assert p.nlist <= 4 * math.sqrt(n) < 2 * p.nlist, "nlist is 4*sqrt(n) rounded down"
     assert n / p.nlist >= 30, "at least 30 points per centroid in the collection"
     assert p.train_size <= n and 30 <= p.train_size / p.nlist <= 256
-    assert p.train_size == min(n, 256 * p.nlist)
+    assert p.train_size == min(n, 256 * p.nlist, MAX_TRAIN)  # the sample fits memory
     assert dim % p.m == 0 and p.m <= 64
     assert p.m == max(d for d in range(1, 65) if dim % d == 0), "largest divisor within budget"
     assert 1 <= p.nprobe <= p.nlist
