@@ -17,7 +17,7 @@ from prefect.futures import wait
 from cbir.steps.embed import EmbedSummary
 from flows.common import shard_runner
 from tasks.common import configured, log_lines, settings_for
-from tasks.embed import ShardResult, embed_shard_task, plan_embed_task
+from tasks.embed import ShardResult, embed_shard_task, plan_embed_task, vector_file_task
 
 
 @dataclass
@@ -48,6 +48,7 @@ def run_embed(params_path: str) -> EmbedRun:
             wait(futures)  # every shard finishes (and is kept) before a failed one fails the run
             # prefect's TaskRunner.map says PrefectFutureList[F]: a list of futures of futures
             results = [f.result() for f in futures]  # type: ignore[misc]  # prefect's annotation
+    vectors = configured(vector_file_task, settings)(str(plan.folder))
     summary = EmbedSummary(
         fingerprint=plan.fingerprint,
         source=plan.source,
@@ -57,6 +58,7 @@ def run_embed(params_path: str) -> EmbedRun:
         shards=len(results),
         failed=[x for r in results for x in r.failed],
         seconds=time.perf_counter() - t0,
+        vectors_written=vectors,
     )
     log_lines(summary.lines())
     return EmbedRun(summary=summary, shards=results)

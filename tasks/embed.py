@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prefect import get_run_logger
 
@@ -20,6 +21,7 @@ from cbir.fsutil import clean_stale_tmp
 from cbir.model import retrieval_model
 from cbir.steps.embed import EmbedPlan, Shard, embed_shard, plan_shards, write_model_card
 from cbir.store.layout import layout
+from cbir.store.vectors import sync_vectors
 
 from .common import settings_for, step_task
 
@@ -32,6 +34,13 @@ class ShardResult:
     pid: int = 0
     host: str = ""
     worker: str | None = None  # the Dask worker's address, when one ran it
+
+
+@step_task("embed-vectors")
+def vector_file_task(folder: str) -> int:
+    """The end of the embed step: the new shards' vectors appended to the memory-mapped vector
+    file beside them (cbir.store.vectors); the rows written."""
+    return sync_vectors(Path(folder))
 
 
 @step_task("embed-plan")
