@@ -7,21 +7,27 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .probe import Entry, display_path
 
 
-def _ignored(name: bytes, patterns: list[str]) -> bool:
-    text = display_path(name)
-    return any(fnmatch.fnmatchcase(text, p) for p in patterns)
+def _ignorer(patterns: list[str]) -> Callable[[bytes], bool]:
+    """Whether a name matches one of the patterns (fnmatchcase), as one compiled expression: a
+    walk of 10^6 files asks it 10^6 times."""
+    if not patterns:
+        return lambda name: False
+    match = re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
+    return lambda name: match(display_path(name)) is not None
 
 
 def walk_scans(root: Path, ignore: list[str]) -> Iterator[Entry]:
     """Every file under root, recursively, in a stable order; symlinks are checked, not trusted."""
     root_b = os.fsencode(root)
+    ignored = _ignorer(ignore)
     real_root = os.path.realpath(root_b)
     stack: list[bytes] = [b""]
     while stack:
@@ -43,9 +49,9 @@ def walk_scans(root: Path, ignore: list[str]) -> Iterator[Entry]:
         subdirs = []
         for item in items:
             name = item.name
-            if _ignored(name, ignore):
+            if ignored(name):
                 continue
-            rel = os.path.join(rel_dir, name) if rel_dir else name
+            rel = rel_dir + b"/" + name if rel_dir else name  # os.path.join, without its checks
             try:
                 if item.is_symlink():
                     yield from _check_symlink(item.path, rel, real_root)

@@ -306,6 +306,38 @@ def test_canonical_moves_to_a_duplicate_when_the_original_goes_missing(workspace
     assert rows["b.jpg"]["status"] == "ok" and rows["b.jpg"]["is_canonical"]
 
 
+def test_a_file_moved_away_and_back_unchanged_is_canonical_again_and_reruns_write_no_manifest(
+        workspace, tmp_path):
+    s = workspace.scans
+    save(photo(1), s / "a.jpg")
+    os.utime(s / "a.jpg", ns=(1, 1_000_000_000))
+    shutil.copy(s / "a.jpg", s / "b.jpg")  # a later mtime: a is seen first
+    save(photo(2), s / "c.jpg")
+    settings = workspace()
+    run_ingest(settings)
+    c_row = by_path(settings)["c.jpg"]
+    os.replace(s / "a.jpg", tmp_path / "a.jpg")  # away: mtime and size kept
+    run_ingest(settings)
+    assert by_path(settings)["b.jpg"]["is_canonical"]
+    os.replace(tmp_path / "a.jpg", s / "a.jpg")  # back, unchanged: not read again
+    back = run_ingest(settings)
+    assert back.decoded == 0 and back.counts["unchanged"] == 3
+    rows = by_path(settings)
+    assert (rows["a.jpg"]["status"], rows["a.jpg"]["is_canonical"]) == ("ok", True)
+    assert (rows["b.jpg"]["status"], rows["b.jpg"]["duplicate_of"]) == ("duplicate", "a.jpg")
+    assert {k: v for k, v in rows["c.jpg"].items() if k != "last_run"} == \
+           {k: v for k, v in c_row.items() if k != "last_run"}
+    assert rows["c.jpg"]["last_run"] == 3
+    files = settings.path(settings.data.manifest_dir) / "files.parquet"
+    written = files.read_bytes()
+    again = run_ingest(settings)  # nothing changed: only the run log is written
+    assert again.counts["unchanged"] == 3 and again.totals == {"ok": 2, "duplicate": 1}
+    assert files.read_bytes() == written
+    con = open_catalogue(settings)
+    assert con.execute("SELECT DISTINCT last_run FROM files").fetchall() == [(4,)]
+    con.close()
+
+
 # --------------------------------------------------------------------------- crash safety
 
 def _comparable(rows: list[dict]) -> list[tuple]:

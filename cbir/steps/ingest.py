@@ -11,6 +11,9 @@ manifest intact, and the next run reuses the journal instead of decoding again.
 
 The folder walk is the kernel `cbir.walk`; the merge of what a run saw into the manifest (statuses
 new, changed, missing, replaced; one canonical row per content) is `_merge` and what follows it.
+Cost follows the run's new work, not the collection: the manifest stays an Arrow table, the walk
+is joined to it in Arrow (`_triage`), and only the rows of the paths and contents a run touches
+become dicts for the merge (`_Touched`); an unchanged rerun writes only the run log.
 Longer than 400 lines: the walk and the per-file probe are kernels (cbir/walk.py, cbir/probe.py);
 what remains, the merge into the manifest and its crash journal, is this step's own logic.
 """
@@ -27,7 +30,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import faults
@@ -80,10 +85,15 @@ def image_id_of(sha256: str) -> str:
 # --------------------------------------------------------------------------- state on disk
 
 
-def _read(path: Path, schema: pa.Schema) -> list[dict[str, Any]]:
+def _read(path: Path, schema: pa.Schema) -> pa.Table:
     if not os.path.lexists(path):
-        return []
-    return read_table(path, schema, MANIFEST_FIX).to_pylist()
+        return schema.empty_table()
+    return read_table(path, schema, MANIFEST_FIX)
+
+
+def _rows(table: pa.Table, rows: np.ndarray) -> list[dict[str, Any]]:
+    """Some rows of a table as dicts (the few a run changes)."""
+    return table.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
 
 
 def _journal_parts(jdir: Path) -> list[Path]:
@@ -174,11 +184,11 @@ def _check_scans_dir(root: Path) -> None:
 
 
 def _next_run_id(
-    files: list[dict[str, Any]], quarantine: list[dict[str, Any]], runs: list[dict[str, Any]]
+    files: pa.Table, quarantine: list[dict[str, Any]], runs: list[dict[str, Any]]
 ) -> int:
-    seen = [r["run_id"] for r in runs]
-    seen += [r["last_run"] for r in files] + [r["last_run"] for r in quarantine]
-    return max(seen, default=0) + 1
+    seen = [r["run_id"] for r in runs] + [r["last_run"] for r in quarantine]
+    last = pc.max(files.column("last_run")).as_py()
+    return max(seen + ([last] if last is not None else []), default=0) + 1
 
 
 def _decode_all(
@@ -306,25 +316,29 @@ def run_ingest(
     clean_stale_tmp(lay.journal)
     clean_stale(settings)
 
-    files, quarantine, runs, run_id = _load_state(lay)
-    before = _state_key(files, quarantine)
-    current = {r["path_raw"]: r for r in files if r["status"] != REPLACED}
-    quarantined = {r["path_raw"]: r for r in quarantine}
-    known_sha = frozenset(r["sha256"] for r in files if r["status"] in PRESENT)
+    state = _load_state(lay)
+    run_id = state.run_id
+    quarantined = {r["path_raw"]: r for r in state.quarantine}
     journal_cache = _read_journal(lay.journal)
 
     entries = list(walk_scans(root, settings.ingest.ignore))
     counts: Counter[str] = Counter(files_seen=len(entries))
-    work = _triage(entries, current, quarantined, journal_cache)
+    seen = _Seen.of(entries)
+    work = _triage(entries, seen, state.files, quarantined, journal_cache)
     journal = _Journal(lay.journal, settings.ingest.journal_every)
     todo, copies = _split_same_content(root, work.todo)
+    known_sha = _known_sha(state.files, todo)
     fresh = _decode_all(root, todo, known_sha, settings, journal, progress, on_result)
     decoded = sum(1 for r in fresh if r.get("width") is not None)
     results = work.results + fresh
     results += _resolve_copies(copies, results)
 
-    new_rows = _merge(files, current, work, results, run_id, counts)
-    _mark_absent(files, {e.raw for e in entries}, work.problems, counts)
+    manifest = _Touched.of(state.files, seen, work, results, run_id)
+    files = manifest.rows  # the rows this run can change, as dicts; the rest stay in Arrow
+    before = _state_key(files, state.quarantine)
+    counts["unchanged"] = len(work.unchanged)
+    new_rows = _merge(files, manifest.unchanged, work, results, run_id, counts)
+    _mark_absent(files, manifest.seen_paths(results), work.problems, counts)
     counts["new_duplicates"] = _assign_canonical(files, new_rows)
     for row in files:
         row["mtime"] = datetime.fromtimestamp(row["mtime_ns"] / 1e9, tz=UTC)
@@ -332,6 +346,7 @@ def run_ingest(
     counts["quarantined"] = len(new_quarantine)
 
     seconds = time.perf_counter() - t0
+    runs = state.runs
     runs.append(
         {
             "run_id": run_id,
@@ -354,16 +369,16 @@ def run_ingest(
             },
         }
     )
-    _commit(lay, files, new_quarantine, runs, changed=_state_key(files, new_quarantine) != before)
+    changed = _state_key(files, new_quarantine) != before
+    _commit(lay, manifest.table, new_quarantine, runs, changed=changed)
     journal.clear()
     catalog = refresh_catalog(settings)
 
-    totals = Counter(r["status"] for r in files)
     return IngestSummary(
         run_id=run_id,
         scans_dir=root,
         counts=dict(counts),
-        totals=dict(totals),
+        totals=manifest.totals(),
         decoded=decoded,
         seconds=time.perf_counter() - t0,
         manifest=lay.files,
@@ -371,45 +386,109 @@ def run_ingest(
     )
 
 
-def _load_state(
-    lay: Layout,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
-    """(files, quarantine, runs, this run's id) as the last run left them."""
+@dataclass
+class _State:
+    """The manifest as the last run left it."""
+
+    files: pa.Table  # FILES_SCHEMA, present rows' last_run brought up to the last run
+    quarantine: list[dict[str, Any]]
+    runs: list[dict[str, Any]]
+    run_id: int  # this run's
+
+
+def _load_state(lay: Layout) -> _State:
     files = _read(lay.files, FILES_SCHEMA)
-    quarantine = _read(lay.quarantine, QUARANTINE_SCHEMA)
-    runs = _read(lay.runs, RUNS_SCHEMA)
+    quarantine = _read(lay.quarantine, QUARANTINE_SCHEMA).to_pylist()
+    runs = _read(lay.runs, RUNS_SCHEMA).to_pylist()
     run_id = _next_run_id(files, quarantine, runs)
     last_logged = max((r["run_id"] for r in runs), default=0)
-    for r in files:  # present files were seen by every run since the last rewrite (see catalog)
-        if r["status"] in PRESENT:
-            r["last_run"] = max(r["last_run"], last_logged)
-    return files, quarantine, runs, run_id
+    last_run = _last_run(files)
+    present = _present(files)  # seen by every run since the last rewrite (see catalog)
+    last_run[present] = np.maximum(last_run[present], last_logged)
+    return _State(_with_last_run(files, last_run), quarantine, runs, run_id)
+
+
+def _last_run(files: pa.Table) -> np.ndarray:
+    return np.asarray(files.column("last_run").to_numpy(zero_copy_only=False), np.int32).copy()
+
+
+def _with_last_run(files: pa.Table, last_run: np.ndarray) -> pa.Table:
+    i = files.schema.get_field_index("last_run")
+    return files.set_column(i, "last_run", pa.array(last_run, pa.int32()))
+
+
+def _mask(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A boolean Arrow result as a numpy mask (a missing value is false)."""
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _present(files: pa.Table) -> np.ndarray:
+    """Whether each manifest row is present (ok or duplicate)."""
+    return _mask(pc.is_in(files.column("status"), value_set=pa.array(PRESENT)))
+
+
+@dataclass
+class _Seen:
+    """The files the walk found, as columns (for joins with the manifest)."""
+
+    raw: pa.Array  # binary: path relative to the scans root
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    usable: np.ndarray  # no problem known from the walk
+
+    @classmethod
+    def of(cls, entries: list[Entry]) -> _Seen:
+        n = len(entries)
+        return cls(
+            pa.array([e.raw for e in entries], pa.binary()),
+            np.fromiter((e.size for e in entries), np.int64, n),
+            np.fromiter((e.mtime_ns for e in entries), np.int64, n),
+            np.fromiter((e.problem is None for e in entries), bool, n),
+        )
 
 
 @dataclass
 class _Work:
     """What the stat walk decided for each file (by path_raw where keyed)."""
 
-    unchanged: list[Entry] = field(default_factory=list)  # same size and mtime: not read
+    unchanged: np.ndarray  # manifest rows of files with the same size and mtime: not read
     problems: dict[bytes, tuple[Entry, str]] = field(default_factory=dict)  # -> quarantine
     todo: list[Entry] = field(default_factory=list)  # to hash and decode
     results: list[dict[str, Any]] = field(default_factory=list)  # decoded before (the journal)
 
 
+def _current_rows(files: pa.Table, seen: _Seen) -> np.ndarray:
+    """For each file seen, its path's current (not replaced) manifest row, or -1: a hash join
+    in Arrow, not a dict of every row (the last such row wins, as a dict's would)."""
+    not_replaced = pc.fill_null(pc.not_equal(files.column("status"), REPLACED), True)
+    current = np.flatnonzero(_mask(not_replaced))[::-1]
+    paths = files.column("path_raw").take(pa.array(current, pa.int64())).combine_chunks()
+    where = pc.index_in(seen.raw, value_set=paths)  # the first of the reversed: the last
+    pos = pc.fill_null(where, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.where(pos >= 0, current[np.maximum(pos, 0)] if len(current) else -1, -1)
+
+
 def _triage(
     entries: list[Entry],
-    current: dict[bytes, dict[str, Any]],
+    seen: _Seen,
+    files: pa.Table,
     quarantined: dict[bytes, dict[str, Any]],
     journal_cache: dict[tuple[bytes, int, int], dict[str, Any]],
 ) -> _Work:
-    work = _Work()
-    for e in entries:
-        prev = current.get(e.raw)
+    prev = _current_rows(files, seen)
+    has = prev >= 0
+    at = np.where(has, prev, 0)
+    size = _int64(files, "bytes")
+    mtime = _int64(files, "mtime_ns")
+    same = seen.usable & has
+    if len(files):
+        same &= (size[at] == seen.size) & (mtime[at] == seen.mtime_ns)
+    work = _Work(unchanged=prev[same])
+    for i in np.flatnonzero(~same):  # new, changed or unusable: few on a rerun
+        e = entries[i]
         q = quarantined.get(e.raw)
         if e.problem is not None:
             work.problems[e.raw] = (e, e.problem)
-        elif prev is not None and (prev["bytes"], prev["mtime_ns"]) == (e.size, e.mtime_ns):
-            work.unchanged.append(e)
         elif q is not None and (q["bytes"], q["mtime_ns"]) == (e.size, e.mtime_ns):
             work.problems[e.raw] = (e, q["reason"])  # same bytes as when it failed: don't retry
         elif (e.raw, e.size, e.mtime_ns) in journal_cache:
@@ -419,12 +498,108 @@ def _triage(
     return work
 
 
+def _int64(files: pa.Table, name: str) -> np.ndarray:
+    """A manifest column as int64 (a missing value never equals a file's size or mtime)."""
+    col = pc.fill_null(files.column(name), -1)
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _known_sha(files: pa.Table, todo: list[Entry]) -> frozenset[str]:
+    """The contents already in the manifest that a file to decode could have: present ones of
+    the same size (identical bytes have the same size), so the set follows the night's files."""
+    if not todo:
+        return frozenset()
+    sizes = pa.array(sorted({e.size for e in todo}), pa.int64())
+    mask = pc.and_(pa.array(_present(files)), pc.is_in(files.column("bytes"), value_set=sizes))
+    return frozenset(files.column("sha256").filter(mask).to_pylist())
+
+
 # --------------------------------------------------------------------------- the merge
+
+
+@dataclass
+class _Touched:
+    """The manifest split for the merge: the rows this run can change, as dicts (`rows`: every
+    version of every content that a changed path, a decoded file or a vanished file has), and
+    the rest, left in Arrow. A row of the rest is unchanged but for its last_run, and so is its
+    content's canonical choice (no row of its content changed), so an unchanged rerun or a
+    night's few new files cost dicts for the few rows they touch, not for the collection."""
+
+    files: pa.Table
+    picked: np.ndarray  # manifest row numbers of `rows`, ascending
+    rows: list[dict[str, Any]]  # grows by the new rows (the merge appends them)
+    unchanged: list[dict[str, Any]]  # the rows among `rows` of files seen unchanged
+    seen_raw: np.ndarray  # whether each of the picked rows' paths was seen by the walk
+
+    @classmethod
+    def of(
+        cls,
+        files: pa.Table,
+        seen: _Seen,
+        work: _Work,
+        results: list[dict[str, Any]],
+        run_id: int,
+    ) -> _Touched:
+        n = len(files)
+        last_run = _last_run(files)
+        last_run[work.unchanged] = run_id  # seen again, unchanged
+        files = _with_last_run(files, last_run)
+        was_seen = _mask(pc.is_in(files.column("path_raw"), value_set=seen.raw))
+        paths = pa.array(list({r["path_raw"] for r in results} | set(work.problems)), pa.binary())
+        dirty = _mask(pc.is_in(files.column("path_raw"), value_set=paths))  # results, problems
+        dirty |= _present(files) & ~was_seen  # to become missing
+        unchanged = np.zeros(n, bool)
+        unchanged[work.unchanged] = True
+        dirty |= unchanged & _mask(pc.equal(files.column("status"), MISSING))  # back again
+        ids = set(files.column("image_id").filter(pa.array(dirty)).to_pylist())
+        ids |= {image_id_of(r["sha256"]) for r in results if r.get("sha256")}
+        picked = np.flatnonzero(
+            _mask(pc.is_in(files.column("image_id"), value_set=pa.array(list(ids), pa.string())))
+        )
+        rows = _rows(files, picked)
+        touched = [r for r, i in zip(rows, picked, strict=True) if unchanged[i]]
+        return cls(files, picked, rows, touched, was_seen[picked])
+
+    def seen_paths(self, results: list[dict[str, Any]]) -> set[bytes]:
+        """The paths of `rows` that the walk found (every result's path is one)."""
+        old = self.rows[: len(self.picked)]
+        return {r["path_raw"] for r, s in zip(old, self.seen_raw, strict=True) if s} | {
+            r["path_raw"] for r in results
+        }
+
+    def _rest(self) -> np.ndarray:
+        keep = np.ones(len(self.files), bool)
+        keep[self.picked] = False
+        return keep
+
+    def table(self) -> pa.Table:
+        """The whole manifest after the merge, in its order (new rows last)."""
+        keep = self._rest()
+        rest = self.files.filter(pa.array(keep)).cast(FILES_SCHEMA)
+        if not self.rows:
+            return rest
+        touched = pa.Table.from_pylist(self.rows, schema=FILES_SCHEMA)
+        n, added = len(self.files), len(self.rows) - len(self.picked)
+        where = np.concatenate(
+            [np.flatnonzero(keep), self.picked, np.arange(n, n + added, dtype=np.int64)]
+        )
+        combined = pa.concat_tables([rest, touched])
+        if not len(self.picked):  # only new rows: they go last, as they are
+            return combined
+        return combined.take(pa.array(np.argsort(where, kind="stable"), pa.int64()))
+
+    def totals(self) -> dict[str, int]:
+        """Manifest rows by status after the merge."""
+        rest = self.files.column("status").filter(pa.array(self._rest()))
+        totals: Counter[str] = Counter(r["status"] for r in self.rows)
+        for item in pc.value_counts(rest).to_pylist():
+            totals[item["values"]] += item["counts"]
+        return dict(totals)
 
 
 def _merge(
     files: list[dict[str, Any]],
-    current: dict[bytes, dict[str, Any]],
+    unchanged: list[dict[str, Any]],
     work: _Work,
     results: list[dict[str, Any]],
     run_id: int,
@@ -432,15 +607,15 @@ def _merge(
 ) -> list[dict[str, Any]]:
     """Update the manifest rows for what this run saw: unchanged files are touched, decoded ones
     are new, changed (the old version becomes replaced) or touched; failures go to
-    `work.problems`. Returns the new rows (already appended to `files`)."""
+    `work.problems`. `files` holds every row of each path and content involved (_Touched).
+    Returns the new rows (already appended to `files`)."""
+    current = {r["path_raw"]: r for r in files if r["status"] != REPLACED}
     by_sha = {r["sha256"]: r for r in files if r.get("width") is not None}
     new_rows: list[dict[str, Any]] = []
-    for e in work.unchanged:
-        row = current[e.raw]
+    for row in unchanged:
         if row["status"] == MISSING:
             row["status"] = OK  # back again; canonical status is recomputed below
         row["last_run"] = run_id
-    counts["unchanged"] = len(work.unchanged)
     for r in results:
         raw = r["path_raw"]
         if r.get("reason"):
@@ -547,18 +722,19 @@ def _quarantine_rows(
 
 def _commit(
     lay: Layout,
-    files: list[dict[str, Any]],
+    files: Callable[[], pa.Table],
     quarantine: list[dict[str, Any]],
     runs: list[dict[str, Any]],
     *,
     changed: bool,
 ) -> None:
     """Each file is replaced atomically; the run log goes last. When nothing but the run itself
-    changed, only the run log is written (the catalogue derives last_run then); a file missing
-    because a run was killed between the two (or never wrote them) is written."""
+    changed, only the run log is written (the catalogue derives last_run then; the manifest
+    table is not even assembled); a file missing because a run was killed between the two (or
+    never wrote them) is written."""
     faults.point("ingest.commit")
     if changed or not all(p.is_file() for p in (lay.files, lay.quarantine)):
-        write_parquet(pa.Table.from_pylist(files, schema=FILES_SCHEMA), lay.files)
+        write_parquet(files(), lay.files)
         faults.point("ingest.commit")
         write_parquet(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), lay.quarantine)
         faults.point("ingest.commit")
