@@ -29,10 +29,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import faults, verify
 from ..config import Settings
+from ..faiss_index import faiss_ids
 from ..fsutil import clean_stale_tmp, write_parquet
 from ..linkage import link
 from ..parallel import worker_map
@@ -335,23 +337,28 @@ def clusters_from_pairs(
 
 
 def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
-    """Byte-identical copies from the manifest, as pairs with score 1."""
-    rows = (
-        load_manifest(settings).select(["image_id", "path", "status", "is_canonical"]).to_pylist()
-    )
-    canon = {r["image_id"]: r["path"] for r in rows if r["is_canonical"] and r["status"] == OK}
+    """Byte-identical copies from the manifest, as pairs with score 1 (found in Arrow: only the
+    copies become rows)."""
+    table = load_manifest(settings).select(["image_id", "path", "status", "is_canonical"])
+    copies = table.filter(pc.equal(table.column("status"), DUPLICATE)).select(["image_id", "path"])
+    if copies.num_rows == 0:
+        return []
+    canonical = table.filter(
+        pc.and_(pc.equal(table.column("status"), OK), table.column("is_canonical"))
+    ).select(["image_id", "path"])
+    joined = copies.join(canonical, "image_id", right_suffix="_canonical", join_type="inner")
+    joined = joined.sort_by([("image_id", "ascending"), ("path", "ascending")])  # joins reorder
     return [
         {
             "image_a": r["image_id"],
             "image_b": r["image_id"],
-            "path_a": canon[r["image_id"]],
+            "path_a": r["path_canonical"],
             "path_b": r["path"],
             "score": 1.0,
             "rank": 0,
             "kind": "exact",
         }
-        for r in rows
-        if r["status"] == DUPLICATE and r["image_id"] in canon
+        for r in joined.to_pylist()
     ]
 
 
@@ -505,7 +512,7 @@ def verify_pairs(
     return out, extracted
 
 
-def _searched_before(lay: Layout, state: dict[str, str]) -> set[str] | None:
+def _searched_before(lay: Layout, state: dict[str, str]) -> pa.Array | None:
     """Ids whose neighbours pairs.parquet already holds (None: search everything again)."""
     path = lay.searched
     if not path.is_file() or not lay.pairs.is_file():
@@ -519,7 +526,30 @@ def _searched_before(lay: Layout, state: dict[str, str]) -> set[str] | None:
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if any(meta.get(k) != v for k, v in state.items()):
         return None
-    return set(table.column("image_id").to_pylist())
+    return table.column("image_id").combine_chunks()
+
+
+class _Present:
+    """Whether an image is among the searcher's (its sorted FAISS ids: no set of 10^7 strings)."""
+
+    def __init__(self, s: Searcher):
+        self.s = s
+
+    def __contains__(self, image_id: object) -> bool:
+        if not isinstance(image_id, str):
+            return False
+        row = int(self.s.rows_of(faiss_ids([image_id]))[0])
+        return row >= 0 and self.s.image_ids[row] == image_id
+
+    def all(self, image_ids: list[str]) -> np.ndarray:
+        """Whether each of many is present, at once."""
+        if not image_ids:
+            return np.zeros(0, bool)
+        rows = self.s.rows_of(faiss_ids(image_ids))
+        ids = self.s.image_ids
+        return np.array(
+            [r >= 0 and ids[r] == i for r, i in zip(rows.tolist(), image_ids, strict=True)], bool
+        )
 
 
 def _recorded_near_pairs(path: Path) -> dict[tuple[str, str], tuple[float, int]]:
@@ -590,7 +620,8 @@ def run_pairs(
     if before is None:
         rows, pairs = None, {}
     else:
-        rows = np.array([i for i, x in enumerate(s.image_ids) if x not in before], np.int64)
+        searched = np.asarray(pc.is_in(pa.array(s.image_ids, pa.string()), value_set=before))
+        rows = np.flatnonzero(~searched).astype(np.int64)
         pairs = dict(recorded)
     below: dict[Key, tuple[float, int]] = {}
     regional: set[Key] = set()
@@ -622,8 +653,11 @@ def run_pairs(
                 if key not in pairs and key not in below and v[0] < th.pair:
                     below[key] = v
                     regional.add(key)
-    present = set(s.image_ids)
-    pairs = {key: v for key, v in pairs.items() if key[0] in present and key[1] in present}
+    present = _Present(s)
+    if rows is not None:  # recorded pairs of images gone since are dropped (new ones are present)
+        keys = list(pairs)
+        both = present.all([a for a, _ in keys]) & present.all([b for _, b in keys])
+        pairs = {key: pairs[key] for key, ok in zip(keys, both.tolist(), strict=True) if ok}
     vs = None
     if cfg.verify:
         t1 = time.perf_counter()
@@ -679,7 +713,7 @@ def run_pairs(
         for cid, (members, weak) in enumerate(clusters, start=1)
         for m in members
     ]
-    searched = pa.table({"image_id": pa.array(sorted(present), pa.string())})
+    searched = pa.table({"image_id": pa.array(s.image_ids, pa.string())})  # sorted, unique
     faults.point("pairs.write")
     _write_if_changed(pa.Table.from_pylist(exact + near, schema=PAIRS_SCHEMA), lay.pairs)
     _write_if_changed(pa.Table.from_pylist(cluster_rows, schema=CLUSTERS_SCHEMA), lay.clusters)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -264,7 +264,7 @@ class Labels:
     def __bool__(self) -> bool:
         return bool(self.same or self.different)
 
-    def only(self, present: set[str]) -> Labels:
+    def only(self, present: Container[str]) -> Labels:
         """The decisions on pairs whose images are both in `present`."""
 
         def keep(key: tuple[str, str]) -> bool:
