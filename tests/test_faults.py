@@ -460,7 +460,8 @@ CASES = [
     case("ingest", "write.quarantine.parquet:1"),
     case("ingest", "write.runs.parquet:1"),
     case("ingest", "ingest.commit:4"),
-    case("ingest", "write.catalog.duckdb:1"),
+    # the catalogue holds views, rewritten only when they change: on the first build
+    case("ingest", "write.catalog.duckdb:1", phase=1),
     case("ingest", "ingest.result:7", phase=1),
     case("ingest", "ingest.commit:2", phase=1),
     case("ingest", "ingest.result:2 then ingest.commit:3"),
@@ -501,7 +502,7 @@ CASES = [
     case("pairs", "write.clusters.parquet:1"),
     case("pairs", "pairs.searched:1"),
     case("pairs", "write.searched.parquet:1"),
-    case("pairs", "write.catalog.duckdb:1"),
+    case("pairs", "write.catalog.duckdb:1", phase=1),
     # evaluate
     case("evaluate", "write.metrics.json:1"),
     case("evaluate", "write.neighbors.parquet:1"),
