@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 
 from .. import faults, verify
 from ..config import Settings
-from ..faiss_index import faiss_ids
 from ..fsutil import clean_stale_tmp, write_parquet
 from ..linkage import link
 from ..parallel import worker_map
@@ -530,26 +529,13 @@ def _searched_before(lay: Layout, state: dict[str, str]) -> pa.Array | None:
 
 
 class _Present:
-    """Whether an image is among the searcher's (its sorted FAISS ids: no set of 10^7 strings)."""
+    """The searcher's images as a container (no set of 10^7 strings: Searcher.present)."""
 
     def __init__(self, s: Searcher):
         self.s = s
 
     def __contains__(self, image_id: object) -> bool:
-        if not isinstance(image_id, str):
-            return False
-        row = int(self.s.rows_of(faiss_ids([image_id]))[0])
-        return row >= 0 and self.s.image_ids[row] == image_id
-
-    def all(self, image_ids: list[str]) -> np.ndarray:
-        """Whether each of many is present, at once."""
-        if not image_ids:
-            return np.zeros(0, bool)
-        rows = self.s.rows_of(faiss_ids(image_ids))
-        ids = self.s.image_ids
-        return np.array(
-            [r >= 0 and ids[r] == i for r, i in zip(rows.tolist(), image_ids, strict=True)], bool
-        )
+        return isinstance(image_id, str) and bool(self.s.present([image_id])[0])
 
 
 def _recorded_near_pairs(path: Path) -> dict[tuple[str, str], tuple[float, int]]:
@@ -656,7 +642,7 @@ def run_pairs(
     present = _Present(s)
     if rows is not None:  # recorded pairs of images gone since are dropped (new ones are present)
         keys = list(pairs)
-        both = present.all([a for a, _ in keys]) & present.all([b for _, b in keys])
+        both = s.present([a for a, _ in keys]) & s.present([b for _, b in keys])
         pairs = {key: pairs[key] for key, ok in zip(keys, both.tolist(), strict=True) if ok}
     vs = None
     if cfg.verify:

@@ -76,9 +76,10 @@ def embedded_ids(folder: Path, *, regions: bool = False) -> set[str]:
     return ids
 
 
-def check_dimensions(folder: Path, shards: list[Path]) -> None:
+def check_dimensions(folder: Path, shards: list[Path]) -> int:
     """One model, one dimension (model.json's, else most shards'): a shard whose vectors differ
-    is the damaged one. From the footers alone; read_shard reports any other damage."""
+    is the damaged one. From the footers alone; read_shard reports any other damage. Returns
+    the dimension (0 when nothing says)."""
     dims: dict[Path, int] = {}
     for shard in shards:
         try:
@@ -94,6 +95,13 @@ def check_dimensions(folder: Path, shards: list[Path]) -> None:
     for shard, dim in dims.items():
         if dim != want:
             raise _damaged_shard(shard, f"vectors of dimension {dim}, the model's have {want}")
+    return want
+
+
+def shard_vectors(table: pa.Table) -> np.ndarray:
+    """A shard table's vector column as one [rows, dim] array (as stored: float32)."""
+    col = table.column("vector").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
 
 
 def load_embeddings(folder: Path, only: set[str] | None = None) -> tuple[list[str], np.ndarray]:
@@ -104,9 +112,7 @@ def load_embeddings(folder: Path, only: set[str] | None = None) -> tuple[list[st
     check_dimensions(folder, shards)
     for shard in shards:
         t = read_shard(shard)
-        col = t.column("vector").combine_chunks()
-        dim = col.type.list_size
-        vec = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+        vec = shard_vectors(t)
         shard_ids = t.column("image_id").to_pylist()
         if only is not None:
             keep = [i for i, x in enumerate(shard_ids) if x in only]
@@ -146,8 +152,7 @@ def load_regions(
         keep = [i for i, x in enumerate(ids) if last[x] == n and (only is None or x in only)]
         if not keep:
             continue
-        col = t.column("vector").combine_chunks()
-        vec = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+        vec = shard_vectors(t)
         box = t.column("box").combine_chunks().values.to_numpy(zero_copy_only=False)
         owners += [ids[i] for i in keep]
         vectors.append(vec[keep])

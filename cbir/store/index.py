@@ -309,6 +309,15 @@ class Searcher:
         pos = np.minimum(np.searchsorted(self.fids, fids), len(self.fids) - 1)
         return np.where(self.fids[pos] == fids, self.fid_rows[pos], -1)
 
+    def present(self, image_ids: list[str]) -> np.ndarray:
+        """Whether each image is among this searcher's (by its FAISS id, then its id: 63 bits
+        of two ids can agree)."""
+        rows = self.rows_of(faiss_ids(image_ids)) if image_ids else np.zeros(0, np.int64)
+        ids = self.image_ids
+        return np.array(
+            [r >= 0 and ids[r] == i for r, i in zip(rows.tolist(), image_ids, strict=True)], bool
+        )
+
     def lookup(self, fids: np.ndarray) -> np.ndarray:
         """Stored vectors for FAISS ids: the index re-scores its candidates exactly with them."""
         rows = self.rows_of(fids)

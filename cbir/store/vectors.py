@@ -33,7 +33,7 @@ from .. import faults
 from ..errors import CbirError
 from ..fsutil import disk_full, is_disk_full, write_parquet
 from ..progress import bar as progress_bar
-from .embeddings import check_dimensions, read_shard
+from .embeddings import check_dimensions, read_shard, shard_vectors
 from .layout import SHARD_GLOB, VECTOR_DATA_GLOB, VECTOR_DATA_PREFIX, VECTOR_ROWS, layout
 from .manifest import canonical_ids
 
@@ -120,9 +120,7 @@ def _recorded(folder: Path) -> tuple[pa.Table, Path, int, Signature] | None:
 
 def _shard_rows(shard: Path) -> tuple[list[str], np.ndarray]:
     t = read_shard(shard)
-    col = t.column("vector").combine_chunks()
-    vec = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
-    return t.column("image_id").to_pylist(), vec.astype(DTYPE)
+    return t.column("image_id").to_pylist(), shard_vectors(t).astype(DTYPE)
 
 
 def _append(fh: Any, shards: list[Path], dim: int, progress: bool) -> tuple[list[str], list[str]]:
@@ -132,13 +130,7 @@ def _append(fh: Any, shards: list[Path], dim: int, progress: bool) -> tuple[list
     bar = progress_bar(len(shards), "vector file", "shard", progress and len(shards) > 1)
     try:
         for shard in shards:
-            shard_ids, vec = _shard_rows(shard)
-            if vec.shape[1] != dim:
-                raise CbirError(
-                    f"embeddings shard {shard} is damaged (vectors of dimension "
-                    f"{vec.shape[1]}, the others have {dim}); delete it and run `cbir embed` "
-                    f"to embed its images again"
-                )
+            shard_ids, vec = _shard_rows(shard)  # of dimension dim: check_dimensions saw to it
             fh.write(np.ascontiguousarray(vec).tobytes())
             ids += shard_ids
             names += [shard.name] * len(shard_ids)
@@ -161,13 +153,13 @@ def sync_vectors(folder: Path, *, progress: bool = False) -> int:
     shards = sorted(folder.glob(SHARD_GLOB))
     if not shards:
         return 0
-    check_dimensions(folder, shards)
+    dim = check_dimensions(folder, shards)
     sig = _signature(shards)
     rec = _recorded(folder)
-    dim = _shard_rows(shards[0])[1].shape[1] if rec is None else rec[2]
     if rec is not None:
-        table, data, dim, have = rec
-        if all(sig.get(name) == what for name, what in have.items()):  # all still there
+        table, data, recorded_dim, have = rec
+        still = all(sig.get(name) == what for name, what in have.items())
+        if still and recorded_dim == dim:  # every recorded shard is still there
             new = [s for s in shards if s.name not in have]
             if not new:
                 return 0
