@@ -93,7 +93,7 @@ VECTOR_STEPS = ["write vectors", "index", "pairs", "clusters", "nightly arrivals
                 "review queue"]
 NOT_STEPS = {"write files", "write vectors", "nightly arrivals"}  # set-up, not pipeline steps
 # where --kill-sizes kills the nightly run: the index update's save and commit, the pairs
-# search, between pairs.parquet and searched.parquet, after the report
+# search, between the night's partition of pairs and its commit (pairs.json), after the report
 KILL_POINTS = ["index.save:1", "index.commit:1", "pairs.batch:1", "pairs.searched:1",
                "nightly.reported:1"]
 PAIR_THRESHOLD = 0.9
@@ -377,12 +377,9 @@ def _planted_found(ws: Path, pairs: set[tuple[str, str]], which: str) -> tuple[i
 
 def _near_pairs(ws: Path) -> dict[tuple[str, str], tuple[float, int]]:
     """The recorded near pairs as run_pairs keeps them in memory."""
-    import pyarrow.parquet as pq
+    from cbir.store.pairs import read_pairs
 
-    from cbir.store.layout import layout
-
-    t = pq.read_table(layout(_settings(ws)).pairs,
-                      columns=["image_a", "image_b", "score", "rank", "kind"])
+    t = read_pairs(_settings(ws), columns=["image_a", "image_b", "score", "rank", "kind"])
     return {(r["image_a"], r["image_b"]): (float(r["score"]), int(r["rank"]))
             for r in t.to_pylist() if r["kind"] == "near"}
 
@@ -707,21 +704,31 @@ def run_vector_size(n: int, args: argparse.Namespace, max_rss: float) -> list[di
     return rows
 
 
-KILL_OUTPUTS = ("pairs/pairs.parquet", "pairs/clusters.parquet", "pairs/searched.parquet")
 
 
 def _outputs(ws: Path) -> dict[str, Any]:
-    """What a nightly run leaves, to compare: the pair tables and the index's size."""
+    """What a nightly run leaves, to compare: the pairs (all files that hold them), the
+    clusters, the searched images and the index's size."""
     import pyarrow.parquet as pq
 
-    out: dict[str, Any] = {name: pq.read_table(ws / "data" / name) for name in KILL_OUTPUTS}
+    from cbir.store.layout import layout
+    from cbir.store.pairs import read_pairs, searched_files
+
+    s = _settings(ws)
+    lay = layout(s)
+    searched = [pq.read_table(f).column("image_id") for f in searched_files(lay)]
+    out: dict[str, Any] = {
+        "pairs": read_pairs(s).replace_schema_metadata(None),
+        "clusters": pq.read_table(lay.clusters).replace_schema_metadata(None),
+        "searched": sorted(x for col in searched for x in col.to_pylist()),
+    }
     out["index"] = json.loads((ws / "data" / "index" / "index.json").read_text())["n_vectors"]
     return out
 
 
 def _same_outputs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The names of the outputs that differ."""
-    return [k for k in a if not (a[k] == b[k] if k == "index" else a[k].equals(b[k]))]
+    return [k for k in a if not (a[k] == b[k] if k in ("index", "searched") else a[k].equals(b[k]))]
 
 
 def kill_checks(ws: Path, snapshot: Path, a: dict[str, Any], args: argparse.Namespace,

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cbir.store.pairs import read_pairs
 from cbir.store.layout import layout
 from cbir import lock
 from cbir.store import catalog
@@ -90,7 +91,7 @@ def _arrivals(scans: Path) -> dict[str, Path]:
 
 
 def _pair_keys(settings) -> list[tuple[str, str, str]]:
-    t = pq.read_table(settings.path(settings.data.pairs_dir) / "pairs.parquet")
+    t = read_pairs(settings)
     return [(r["kind"], *sorted((r["image_a"], r["image_b"]))) for r in t.to_pylist()]
 
 
@@ -103,7 +104,7 @@ def test_nightly_reindexes_only_the_new_scans(prefect_harness, tmp_path, built):
                                                     "nightly_gallery": True})
     s = load_settings(params)
     before = {(r[1], r[2]): r for r in _pair_keys(s)}
-    old_pairs = pq.read_table(s.path(s.data.pairs_dir) / "pairs.parquet").to_pylist()
+    old_pairs = read_pairs(s).to_pylist()
     _, _, fp, _ = retrieval_model(s)
     n_before = len(embedded_ids(layout(s).embeddings(fp)))
     _arrivals(s.path(s.data.scans_dir))
@@ -122,7 +123,7 @@ def test_nightly_reindexes_only_the_new_scans(prefect_harness, tmp_path, built):
     # every recorded pair is kept as it was, none twice; the new ones involve a new image
     keys = _pair_keys(s)
     assert len(keys) == len(set(keys))
-    after = pq.read_table(s.path(s.data.pairs_dir) / "pairs.parquet").to_pylist()
+    after = read_pairs(s).to_pylist()
     by_key = {(r["kind"], *sorted((r["image_a"], r["image_b"]))): r for r in after}
     for r in old_pairs:
         k = (r["kind"], *sorted((r["image_a"], r["image_b"])))

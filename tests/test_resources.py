@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from cbir.store.pairs import read_pairs
 from cbir.store.layout import layout
 from cbir import cli, fsutil
 from cbir.config import load_settings
@@ -122,7 +123,7 @@ def _results(params: Path) -> dict:
     fp = retrieval_model(settings)[2]
     ids, vectors = load_embeddings(layout(settings).embeddings(fp))
     index, _ = load_index(settings.path(settings.data.index_dir))
-    pairs = pq.read_table(settings.path(settings.data.pairs_dir) / "pairs.parquet").to_pylist()
+    pairs = read_pairs(settings).to_pylist()
     return {"rows": rows, "ids": ids, "vectors": vectors, "index": sorted(index_ids(index)),
             "pairs": sorted((p["image_a"], p["image_b"], p["kind"], p["rank"]) for p in pairs),
             "scores": np.array(sorted(p["score"] for p in pairs))}

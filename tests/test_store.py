@@ -102,3 +102,34 @@ def test_no_index_is_its_own_error_and_a_damaged_one_is_not(tmp_path):
     with pytest.raises(CbirError, match="unreadable") as info:
         load_index(tmp_path)
     assert not isinstance(info.value, NoIndex)
+
+
+def test_canonical_paths_is_a_mapping_found_by_bisection():
+    """store.manifest.CanonicalPaths answers as the dictionary it replaces, for ids of one
+    length (viewed in place) and of several (non-ASCII too); it reads the manifest once, on
+    first use."""
+    import pyarrow as pa
+
+    from cbir.store.manifest import CanonicalPaths, sorted_keys
+
+    for ids in (["0f3a", "a1b2", "00ff", "ffff"], ["b", "ä", "aa", "a", "ab"]):
+        paths = [f"box/{i}.jpg" for i in ids]
+        loads = []
+
+        def load(ids=ids, paths=paths):
+            loads.append(1)
+            return pa.table({"image_id": ids, "path": paths})
+
+        m = CanonicalPaths(load)
+        assert not loads  # nothing read until asked
+        assert dict(m) == dict(zip(ids, paths, strict=True))
+        assert len(m) == len(ids) and sorted(m) == sorted(ids)
+        for i, p in zip(ids, paths, strict=True):
+            assert m[i] == p and m.get(i) == p and i in m
+        for other in ("", "zz", "0f3", "0f3a0", "a1b3", 7):
+            assert other not in m and m.get(other, "?") == "?"
+        assert len(loads) == 1
+    keys = sorted_keys(pa.array(["00ff", "0f3a", "a1b2"]))
+    assert keys.dtype == "S4" and keys.tolist() == [b"00ff", b"0f3a", b"a1b2"]
+    sliced = sorted_keys(pa.array(["xx00ff", "0f3a", "a1b2"]).slice(1))  # an offset into buffers
+    assert sliced.tolist() == [b"0f3a", b"a1b2"]

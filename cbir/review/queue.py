@@ -242,7 +242,7 @@ class Queue:
     def _stamp(self, threshold: float) -> tuple[Any, ...]:
         lay = layout(self.settings)
         files: list[tuple[int, int, int] | None] = []
-        for path in (lay.pairs, lay.clusters, lay.files, lay.runs):
+        for path in (lay.pairs, lay.pairs_state, lay.exact, lay.clusters, lay.files, lay.runs):
             try:
                 st = path.stat()
                 files.append((st.st_mtime_ns, st.st_size, st.st_ino))

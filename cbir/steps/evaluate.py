@@ -12,7 +12,7 @@ The labels (the CSV and the decisions, made into groups) are read by `cbir.store
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +140,7 @@ class ModelRanking:
 
     label: str
     image_ids: list[str]  # row -> image id
-    path_of: dict[str, str]  # image id -> canonical path
+    path_of: Mapping[str, str]  # image id -> canonical path
     group_of: dict[int, str]  # row -> ground-truth group
     query_rows: np.ndarray
     ranked: metrics.RankedResults
@@ -307,7 +307,7 @@ def _neighbour_rows(
     nbr: np.ndarray,
     scores: np.ndarray,
     ids: list[str],
-    path_of: dict[str, str],
+    path_of: Mapping[str, str],
     group_of: dict[int, str],
     k: int,
 ) -> list[dict[str, Any]]:

@@ -21,6 +21,8 @@ threshold was calibrated to the precision asked for; the mark sends it to a revi
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ import pyarrow.parquet as pq
 
 from .. import faults, verify
 from ..config import Settings
+from ..errors import CbirError
 from ..fsutil import clean_stale_tmp, write_parquet
 from ..linkage import link
 from ..parallel import worker_map
@@ -49,8 +52,24 @@ from ..store.features import (
 )
 from ..store.index import Searcher, open_searcher
 from ..store.layout import Layout, layout
-from ..store.manifest import DUPLICATE, OK, load_manifest
-from ..store.pairs import CLUSTERS_SCHEMA, CONFIRMED, PAIRS_SCHEMA
+from ..store.manifest import DUPLICATE, OK, canonical_table, load_manifest
+from ..store.pairs import (
+    CLUSTERS_SCHEMA,
+    CONFIRMED,
+    MAX_RUNS,
+    PAIRS_FIX,
+    PAIRS_SCHEMA,
+    TOKEN,
+    PairsState,
+    file_token,
+    new_token,
+    pair_files,
+    read_state,
+    searched_files,
+    stray_runs,
+    write_state,
+)
+from ..store.tables import read_table
 
 #: Guard rails: a summary warns when the largest cluster holds more than this share of the
 #: collection (and at least CLUSTER_WARN_MIN images), or pairs outnumber images this many times.
@@ -391,16 +410,11 @@ def _recorded_recipe(lay: Layout) -> str | None:
 _CHECK_COLUMNS = ["inliers", "relation", "covered", "box_on", "box_x0", "box_y0", "box_x1"]
 
 
-def _recorded_checks(path: Path) -> dict[Key, verify.Match]:
+def _checks_of(table: pa.Table) -> dict[Key, verify.Match]:
     """The verification recorded with each near pair (those checked)."""
-    try:
-        rows = pq.read_table(
-            path, columns=["image_a", "image_b", "kind", *_CHECK_COLUMNS, "box_y1"]
-        ).to_pylist()
-    except (OSError, pa.ArrowException, KeyError):
-        return {}
+    cols = ["image_a", "image_b", "kind", *_CHECK_COLUMNS, "box_y1"]
     out = {}
-    for r in rows:
+    for r in table.select(cols).to_pylist():
         if r["kind"] != "near" or r["relation"] is None:
             continue
         box = None
@@ -511,21 +525,19 @@ def verify_pairs(
     return out, extracted
 
 
-def _searched_before(lay: Layout, state: dict[str, str]) -> pa.Array | None:
-    """Ids whose neighbours pairs.parquet already holds (None: search everything again)."""
-    path = lay.searched
-    if not path.is_file() or not lay.pairs.is_file():
+def _searched_before(
+    lay: Layout, recorded: PairsState | None, state: dict[str, str]
+) -> pa.Array | None:
+    """Ids whose neighbours the recorded pairs already hold: the base's and the committed
+    partitions' (None: search everything again)."""
+    if recorded is None or any(recorded.search.get(k) != v for k, v in state.items()):
         return None
+    files = searched_files(lay)
     try:
-        table = pq.read_table(path)
+        cols = [pq.read_table(f, columns=["image_id"]).column(0) for f in files]
     except (OSError, pa.ArrowException):
         return None
-    if "image_id" not in table.column_names:  # not what cbir wrote: search everything again
-        return None
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    if any(meta.get(k) != v for k, v in state.items()):
-        return None
-    return table.column("image_id").combine_chunks()
+    return pa.chunked_array([c for col in cols for c in col.chunks], pa.string()).combine_chunks()
 
 
 class _Present:
@@ -538,18 +550,177 @@ class _Present:
         return isinstance(image_id, str) and bool(self.s.present([image_id])[0])
 
 
-def _recorded_near_pairs(path: Path) -> dict[tuple[str, str], tuple[float, int]]:
+def _recorded_near(lay: Layout) -> pa.Table:
+    """The near pairs of every committed file (the base and the partitions); none when a file
+    is unreadable (then everything is found again)."""
     try:
-        rows = pq.read_table(
-            path, columns=["image_a", "image_b", "score", "rank", "kind"]
-        ).to_pylist()
-    except (OSError, pa.ArrowException):  # absent or damaged: nothing recorded to keep
-        return {}
-    return {
-        (r["image_a"], r["image_b"]): (float(r["score"]), int(r["rank"]))
-        for r in rows
-        if r["kind"] == "near"
-    }
+        tables = [read_table(f, PAIRS_SCHEMA, PAIRS_FIX) for f in pair_files(lay) if f != lay.exact]
+    except CbirError:
+        return PAIRS_SCHEMA.empty_table()
+    if not tables:
+        return PAIRS_SCHEMA.empty_table()
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    return table.filter(pc.equal(table.column("kind"), "near"))
+
+
+def _near_table(
+    pairs: dict[Key, tuple[float, int]], checks: dict[Key, verify.Match | None], s: Searcher
+) -> pa.Table:
+    rows = [
+        {
+            "image_a": a,
+            "image_b": b,
+            "path_a": s.path_of.get(a),
+            "path_b": s.path_of.get(b),
+            "score": sc,
+            "rank": rk,
+            "kind": "near",
+            **_check_columns(checks.get((a, b))),
+        }
+        for (a, b), (sc, rk) in pairs.items()
+    ]
+    return _by_score(pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA))
+
+
+def _by_score(table: pa.Table) -> pa.Table:
+    """Strongest first, then by the pair's ids: the one order of every pairs file."""
+    return table.sort_by(
+        [("score", "descending"), ("image_a", "ascending"), ("image_b", "ascending")]
+    )
+
+
+def _moved(table: pa.Table, canonical: pa.Table) -> bool:
+    """Whether a recorded pair names an image by a path that is no longer its canonical one (a
+    file moved, or its copy became the canonical one)."""
+    if table.num_rows == 0:
+        return False
+    sides = pa.concat_tables(
+        [
+            table.select([f"image_{x}", f"path_{x}"]).rename_columns(["image_id", "path"])
+            for x in "ab"
+        ]
+    )
+    now = sides.join(canonical, "image_id", right_suffix="_now", join_type="left outer")
+    return bool(pc.any(pc.not_equal(now.column("path"), now.column("path_now"))).as_py())
+
+
+def _edges(table: pa.Table, threshold: float) -> list[tuple[float, str, str]]:
+    """The near pairs that link their images in clusters, strongest first: score >= threshold,
+    or confirmed by geometric verification whatever their score."""
+    keep = pc.or_(
+        pc.greater_equal(table.column("score"), threshold),
+        pc.fill_null(pc.is_in(table.column("relation"), value_set=pa.array(CONFIRMED)), False),
+    )
+    t = table.filter(keep)
+    edges = zip(
+        t.column("score").to_pylist(),
+        t.column("image_a").to_pylist(),
+        t.column("image_b").to_pylist(),
+        strict=True,
+    )
+    return sorted(edges, key=lambda e: (-e[0], e[1], e[2]))
+
+
+def _cluster_table(clusters: list[tuple[list[str], float]], s: Searcher) -> pa.Table:
+    rows = [
+        {
+            "cluster_id": cid,
+            "image_id": m,
+            "path": s.path_of.get(m),
+            "size": len(members),
+            "weakest_link": weak,
+        }
+        for cid, (members, weak) in enumerate(clusters, start=1)
+        for m in members
+    ]
+    return pa.Table.from_pylist(rows, schema=CLUSTERS_SCHEMA)
+
+
+def _inputs_digest(threshold: float, decided: Any) -> str:
+    """What the clusters depend on besides the pairs: a change means clustering all again."""
+    blob = json.dumps([repr(float(threshold)), sorted(decided.same), sorted(decided.different)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _update_clusters(
+    lay: Layout,
+    new: pa.Table,
+    near: pa.Table,
+    threshold: float,
+    decided: Any,
+    s: Searcher,
+) -> pa.Table | None:
+    """The clusters with this run's new pairs (`new`; `near`: all near pairs, new ones
+    included), updated from clusters.parquet instead of clustered all again: the clusters the
+    new links touch, and the new images, are clustered again from their own links (union-find,
+    strongest first: their weakest links too); the others stay. None where that would not be
+    what clustering everything gives: clusters.parquet unreadable, or a reviewer's `different`
+    decision involves an image of the touched clusters (it changes which links count)."""
+    try:
+        old = read_table(lay.clusters, CLUSTERS_SCHEMA, PAIRS_FIX)
+    except CbirError:
+        return None
+    added = _edges(new, threshold)
+    if not added:
+        return old
+    touched = pa.array(sorted({x for _, a, b in added for x in (a, b)}), pa.string())
+    hit = pc.unique(old.filter(pc.is_in(old.column("image_id"), value_set=touched))["cluster_id"])
+    in_hit = pc.is_in(old.column("cluster_id"), value_set=hit)
+    group = pa.concat_arrays(
+        [touched, old.filter(in_hit).column("image_id").combine_chunks()]
+    ).unique()
+    members = set(group.to_pylist())
+    if any(a in members or b in members for a, b in decided.different):
+        return None
+    same = sorted((1.0, a, b) for a, b in decided.same if a in members and b in members)
+    if any((a in members) != (b in members) for a, b in decided.same):
+        return None
+    inside = pc.and_(
+        pc.is_in(near.column("image_a"), value_set=group),
+        pc.is_in(near.column("image_b"), value_set=group),
+    )
+    regrouped = _cluster_table(link(same + _edges(near.filter(inside), threshold)), s)
+    kept = old.filter(pc.invert(in_hit))
+    first = kept.group_by("cluster_id").aggregate([("image_id", "min")])
+    kept = kept.join(first, "cluster_id").rename_columns([*kept.column_names, "first"])
+    firsts: dict[int, str] = {}
+    for cid, m in zip(
+        regrouped.column("cluster_id").to_pylist(),
+        regrouped.column("image_id").to_pylist(),
+        strict=True,
+    ):
+        firsts.setdefault(cid, m)
+    regrouped = regrouped.append_column(
+        "first", pa.array([firsts[c] for c in regrouped.column("cluster_id").to_pylist()])
+    )
+    both = pa.concat_tables([kept, regrouped.cast(kept.schema)]).sort_by(
+        [("size", "descending"), ("first", "ascending"), ("image_id", "ascending")]
+    )
+    f = both.column("first").combine_chunks()
+    starts = np.r_[True, np.asarray(pc.not_equal(f[1:], f[:-1]))] if len(f) else np.zeros(0)
+    ids = pa.array(np.cumsum(starts).astype(np.int32))
+    out = both.drop_columns(["first"]).set_column(0, "cluster_id", ids)
+    return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA)
+
+
+def _write_tokened(table: pa.Table, target: Path, meta: dict[str, str]) -> str:
+    """Write `table` with `meta` and a new token, atomically, and return the token; where the
+    file already holds this table and meta, leave it (DVC sees no change) and return its
+    token."""
+    token = file_token(target)
+    if token is not None:
+        try:
+            old = pq.read_table(target)
+        except (OSError, pa.ArrowException):
+            old = None
+        if old is not None:
+            old_meta = {k.decode(): v.decode() for k, v in (old.schema.metadata or {}).items()}
+            old_meta.pop(TOKEN, None)
+            if old_meta == meta and old.replace_schema_metadata(None).equals(table):
+                return token
+    token = new_token()
+    write_parquet(table.replace_schema_metadata({**meta, TOKEN: token}), target)
+    return token
 
 
 def _write_if_changed(table: pa.Table, target: Path) -> None:
@@ -568,22 +739,31 @@ def _write_if_changed(table: pa.Table, target: Path) -> None:
     write_parquet(table, target)
 
 
+def _remove_stray_runs(lay: Layout) -> None:
+    for path in stray_runs(lay):
+        path.unlink(missing_ok=True)
+
+
 def run_pairs(
     settings: Settings, *, incremental: bool = False, progress: bool = False
 ) -> PairsSummary:
     """Write every near-duplicate pair and cluster to Parquet and the DuckDB catalogue.
 
     `incremental` (the nightly run): search only the images whose neighbours were never searched
-    (those that arrived since) against the whole collection, and merge their pairs into the
-    recorded ones - one row per unordered pair, whichever side found it, so nothing is
-    duplicated. Pairs of images no longer present are dropped, as a full run would. When the
-    model, search.k or search.pair_threshold changed since the pairs were recorded, every image
-    is searched again. `searched.parquet` lists the searched ids; it is written last, so a run
-    killed before it only means searching those images again.
+    (those that arrived since) against the whole collection, and write the pairs they add as
+    the run's own partition (cbir.store.pairs): the recorded pairs are not rewritten, and
+    neither are the clusters the new pairs do not touch (_update_clusters). One row per
+    unordered pair: a new pair involves a new image, which no recorded pair does. When images
+    were removed, recorded pairs name moved files, or MAX_RUNS partitions have piled up, the
+    run folds the partitions into pairs.parquet (recorded pairs of images gone are dropped, as a
+    full run would). When the model, search.k or search.pair_threshold changed since the pairs
+    were recorded, every image is searched again. `pairs.json`, the commit, is written last: a
+    run killed before it leaves the recorded state as it was, and its partition is removed by
+    the next run.
 
     The clusters follow the reviewers' current decisions (`clusters_from_pairs`), read afresh on
     every run, so a new decision changes them at the next run even when nothing else changed;
-    pairs.parquet keeps the pairs as found.
+    the pairs files keep the pairs as found.
     """
     from .calibrate import thresholds
 
@@ -593,22 +773,33 @@ def run_pairs(
     th, calibration = thresholds(settings, s, progress=progress)
     lay = layout(settings)
     clean_stale_tmp(lay.pairs_dir)  # left by a killed run
+    clean_stale_tmp(lay.pairs_runs)
     clean_stale(settings)
+    _remove_stray_runs(lay)
     state = _search_state(s, cfg, th.pair)
-    before = _searched_before(lay, state) if incremental else None
-    recorded = _recorded_near_pairs(lay.pairs)
+    recorded = read_state(lay)
+    before = _searched_before(lay, recorded, state) if incremental else None
     # verification is a property of the two pictures, not of the model: kept across runs
     recipe_before = _recorded_recipe(lay)
-    checks: dict[Key, verify.Match | None] = (
-        dict(_recorded_checks(lay.pairs)) if cfg.verify and recipe_before == RECIPE else {}
-    )
+    reuse_checks = cfg.verify and recipe_before == RECIPE
     floor = min(float(cfg.verify_floor), th.pair) if cfg.verify else th.pair
+    all_ids = pa.array(s.image_ids, pa.string())
+    old = PAIRS_SCHEMA.empty_table()
+    fold = False
     if before is None:
-        rows, pairs = None, {}
+        rows = None
     else:
-        searched = np.asarray(pc.is_in(pa.array(s.image_ids, pa.string()), value_set=before))
+        searched = np.asarray(pc.is_in(all_ids, value_set=before))
         rows = np.flatnonzero(~searched).astype(np.int64)
-        pairs = dict(recorded)
+        old = _recorded_near(lay)
+        gone = pc.all(pc.is_in(before, value_set=all_ids)).as_py() is False
+        assert recorded is not None
+        fold = gone or len(recorded.runs) >= MAX_RUNS or _moved(old, canonical_table(settings))
+    prior = _recorded_near(lay) if rows is None else old  # what was recorded before
+    checks: dict[Key, verify.Match | None] = (
+        dict(_checks_of(prior)) if rows is None and reuse_checks else {}
+    )
+    pairs: dict[Key, tuple[float, int]] = {}
     below: dict[Key, tuple[float, int]] = {}
     regional: set[Key] = set()
     if rows is None or len(rows):
@@ -628,22 +819,16 @@ def run_pairs(
         else:
             knn = knn_pairs(s, cfg.k, floor, rows=rows)
         for key, (sc, rk) in knn.items():
-            old = pairs.get(key)
-            if old is None and sc < th.pair:
+            if sc < th.pair:
                 if rk <= cfg.verify_rank:  # a candidate: kept only if verification confirms it
                     below[key] = (sc, rk)
                 continue
-            pairs[key] = (sc, rk) if old is None else (max(old[0], sc), min(old[1], rk))
+            pairs[key] = (sc, rk)
         if cfg.verify:
             for key, v in region_pairs(s, cfg.verify_rank, floor, rows=rows).items():
                 if key not in pairs and key not in below and v[0] < th.pair:
                     below[key] = v
                     regional.add(key)
-    present = _Present(s)
-    if rows is not None:  # recorded pairs of images gone since are dropped (new ones are present)
-        keys = list(pairs)
-        both = s.present([a for a, _ in keys]) & s.present([b for _, b in keys])
-        pairs = {key: pairs[key] for key, ok in zip(keys, both.tolist(), strict=True) if ok}
     vs = None
     if cfg.verify:
         t1 = time.perf_counter()
@@ -663,60 +848,95 @@ def run_pairs(
         )
         vs.unreadable = sum(1 for m in found.values() if m is None)
         vs.seconds = time.perf_counter() - t1
-    near = [
-        {
-            "image_a": a,
-            "image_b": b,
-            "path_a": s.path_of.get(a),
-            "path_b": s.path_of.get(b),
-            "score": sc,
-            "rank": rk,
-            "kind": "near",
-            **_check_columns(checks.get((a, b))),
-        }
-        for (a, b), (sc, rk) in sorted(pairs.items(), key=lambda kv: (-kv[1][0], kv[0]))
-    ]
-    exact = exact_duplicate_pairs(settings)
+    new = _near_table(pairs, checks, s)
+    if fold:  # recorded pairs of images gone since are dropped; paths as they are now
+        both = pc.and_(
+            pc.is_in(old.column("image_a"), value_set=all_ids),
+            pc.is_in(old.column("image_b"), value_set=all_ids),
+        )
+        kept = old.filter(both)
+        paths = canonical_table(settings)
+        for side in "ab":
+            joined = kept.join(
+                paths.rename_columns([f"image_{side}", "now"]),
+                f"image_{side}",
+                join_type="left outer",
+            )
+            kept = joined.set_column(
+                joined.column_names.index(f"path_{side}"), f"path_{side}", joined.column("now")
+            ).drop_columns(["now"])
+        near = _by_score(
+            pa.concat_tables([kept.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA), new])
+        )
+    elif rows is None:
+        near = new
+    else:
+        near = pa.concat_tables([old, new])
+    exact = pa.Table.from_pylist(exact_duplicate_pairs(settings), schema=PAIRS_SCHEMA)
+    present = _Present(s)
     decided = labels(lay.decisions_dir).only(present)
-    confirmed_pairs = [
-        key for key in pairs if (m := checks.get(key)) is not None and m.relation in CONFIRMED
-    ]
-    clusters = clusters_from_pairs(
-        pairs,
-        th.cluster,
-        same=decided.same,
-        different=decided.different,
-        verified=confirmed_pairs,
-    )
-    cluster_rows = [
-        {
-            "cluster_id": cid,
-            "image_id": m,
-            "path": s.path_of.get(m),
-            "size": len(members),
-            "weakest_link": weak,
-        }
-        for cid, (members, weak) in enumerate(clusters, start=1)
-        for m in members
-    ]
-    searched = pa.table({"image_id": pa.array(s.image_ids, pa.string())})  # sorted, unique
+    digest = _inputs_digest(th.cluster, decided)
+    clusters = None
+    if rows is not None and not fold and recorded is not None:
+        token, _, was = recorded.clusters.partition(":")
+        if was == digest and file_token(lay.clusters) == token:
+            clusters = _update_clusters(lay, new, near, th.cluster, decided, s)
+    if clusters is None:
+        clusters = _cluster_table(
+            link(
+                sorted((1.0, a, b) for a, b in decided.same) + _edges(near, th.cluster),
+                decided.different,
+            ),
+            s,
+        )
     faults.point("pairs.write")
-    _write_if_changed(pa.Table.from_pylist(exact + near, schema=PAIRS_SCHEMA), lay.pairs)
-    _write_if_changed(pa.Table.from_pylist(cluster_rows, schema=CLUSTERS_SCHEMA), lay.clusters)
+    _write_if_changed(exact, lay.exact)
+    if rows is not None and not fold:  # the run's own partition; the base stays
+        assert recorded is not None
+        run = recorded.next_run()
+        if len(rows):
+            write_parquet(new, lay.run_pairs(run))
+            write_parquet(
+                pa.table({"image_id": all_ids.take(pa.array(rows))}), lay.run_searched(run)
+            )
+            runs = [*recorded.runs, run]
+        else:
+            runs = list(recorded.runs)
+        base, searched_token = recorded.base, recorded.searched
+    else:
+        base = _write_tokened(near, lay.pairs, {})
+        searched_token = _write_tokened(pa.table({"image_id": all_ids}), lay.searched, state)
+        runs = []
+    clusters_token = _write_tokened(clusters, lay.clusters, {})
     faults.point("pairs.searched")
-    _write_if_changed(searched.replace_schema_metadata(state), lay.searched)
+    write_state(
+        lay,
+        PairsState(
+            base=base,
+            searched=searched_token,
+            search=state,
+            runs=runs,
+            clusters=f"{clusters_token}:{digest}",
+        ),
+    )
+    _remove_stray_runs(lay)  # a fold's partitions, now in the base
     refresh_catalog(settings)
+    added = near.join(
+        prior.select(["image_a", "image_b"]), ["image_a", "image_b"], join_type="left anti"
+    )
+    n_clusters = pc.max(clusters.column("cluster_id")).as_py() or 0
+    largest = pc.max(clusters.column("size")).as_py() or 0
     return PairsSummary(
         n_images=len(s.image_ids),
-        n_near_pairs=len(near),
-        n_exact_pairs=len(exact),
-        n_clusters=len(clusters),
-        largest_cluster=max((len(m) for m, _ in clusters), default=0),
+        n_near_pairs=near.num_rows,
+        n_exact_pairs=exact.num_rows,
+        n_clusters=n_clusters,
+        largest_cluster=largest,
         seconds=time.perf_counter() - t0,
         pairs_file=lay.pairs,
         clusters_file=lay.clusters,
         searched=len(s.image_ids) if rows is None else len(rows),
-        added=len(set(pairs) - set(recorded)),
+        added=added.num_rows,
         incremental=rows is not None,
         thresholds=th,
         calibration=calibration,

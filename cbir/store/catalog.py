@@ -27,7 +27,7 @@ from ..fsutil import atomic_path, clean_stale_tmp, write_text
 from .decisions import DECISIONS_FIX, DECISIONS_SCHEMA, parts
 from .layout import DECISION_PART_GLOB, layout
 from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA
-from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA, PARTIAL
+from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA, PARTIAL, pair_files
 from .tables import check_schema, one_line
 
 if TYPE_CHECKING:
@@ -52,6 +52,13 @@ def _read(path: Path, root: Path | None) -> str:
     return f"read_parquet({_sql_str(text)})"
 
 
+def _read_many(paths: Sequence[Path], root: Path | None) -> str:
+    """read_parquet of several files (one query over all, as for one file)."""
+    if len(paths) == 1:
+        return _read(paths[0], root)
+    return "read_parquet([" + ", ".join(_read(p, root)[13:-1] for p in paths) + "])"
+
+
 _DUCKDB_TYPES = {"string": "VARCHAR", "float": "FLOAT", "double": "DOUBLE", "int32": "INTEGER"}
 
 
@@ -66,11 +73,13 @@ def _empty(schema: pa.Schema) -> str:
 
 @dataclass(frozen=True)
 class View:
-    """A catalogue view: over one Parquet file, over the parts of a log (`parquet` a folder,
-    `glob` its parts' names), or SQL over other views."""
+    """A catalogue view: over one Parquet file, over several (`many`: the partitioned pairs),
+    over the parts of a log (`parquet` a folder, `glob` its parts' names), or SQL over other
+    views."""
 
     name: str
     parquet: Path | None = None
+    many: tuple[Path, ...] | None = None
     glob: str | None = None
     sql: str | None = None
     needs: tuple[str, ...] = ()
@@ -81,6 +90,8 @@ class View:
     fix: str = ""  # what rebuilds that file
 
     def files(self) -> list[Path]:
+        if self.many is not None:
+            return list(self.many)
         if self.glob is not None:
             assert self.parquet is not None
             return parts(self.parquet)
@@ -97,6 +108,9 @@ class View:
             if not self.files():
                 return _empty(self.schema)
             return f"SELECT * FROM {_read(self.parquet / self.glob, root)}"
+        if self.many:
+            replace = f" {self.replace}" if self.replace else ""
+            return f"SELECT *{replace} FROM {_read_many(self.many, root)}"
         if self.parquet is not None:
             replace = f" {self.replace}" if self.replace else ""
             return f"SELECT *{replace} FROM {_read(self.parquet, root)}"
@@ -313,7 +327,7 @@ def views(settings: Settings) -> list[View]:
         # scores as DOUBLE: round(score, 3) of a FLOAT shows as 0.9980000257492065
         View(
             "duplicate_pairs",
-            parquet=lay.pairs,
+            many=tuple(pair_files(lay)),
             replace="REPLACE (score::DOUBLE AS score)",
             schema=PAIRS_SCHEMA,
             fix=PAIRS_FIX,
@@ -363,6 +377,8 @@ def _plan(settings: Settings) -> list[View]:
     present: set[str] = set()
     chosen = []
     for view in views(settings):
+        if view.many is not None and not view.many:  # no pairs recorded yet
+            continue
         if not all(p.is_file() for p in view.files()):
             continue
         if any(n not in present for n in view.needs):
@@ -488,6 +504,7 @@ def _allowed_paths(settings: Settings, chosen: Sequence[View]) -> list[str]:
     lay = layout(settings)
     for folder in (lay.manifest_dir, lay.pairs_dir, lay.reports_dir):
         files.update(folder.glob("*.parquet"))
+    files.update(lay.pairs_runs.glob("*.parquet"))
     files.update(lay.embeddings_dir.glob("*/*.parquet"))
     root = Path(os.path.abspath(settings.root))
     out = set()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from ..fsutil import atomic_path, clean_stale_tmp, write_json
 from ..regions import Candidate
 from .embeddings import current_regions
 from .layout import INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
-from .manifest import canonical_paths
+from .manifest import CanonicalPaths, canonical_table
 from .vectors import Vectors, current_embeddings
 
 if TYPE_CHECKING:
@@ -281,7 +281,7 @@ class Searcher:
     vectors: np.ndarray | Vectors  # memory-mapped (store.vectors) in the pipeline
     fids: np.ndarray  # the FAISS ids, sorted, and the row of each
     fid_rows: np.ndarray
-    path_of: dict[str, str]  # image_id -> canonical path
+    path_of: Mapping[str, str]  # image_id -> canonical path (manifest.CanonicalPaths)
     regions: RegionSearcher | None = None  # with embed.regions
 
     @classmethod
@@ -292,7 +292,7 @@ class Searcher:
         fingerprint: str,
         image_ids: list[str],
         vectors: np.ndarray | Vectors,
-        path_of: dict[str, str],
+        path_of: Mapping[str, str],
         regions: RegionSearcher | None = None,
     ) -> Searcher:
         fids = faiss_ids(image_ids)
@@ -396,4 +396,5 @@ def open_searcher(
         tag, owners, boxes, region_vectors = current_regions(settings, fp, scheme)
         r_index, r_info = load_index(lay.region_index_dir, expected_fingerprint=tag, mmap=mmap)
         region_searcher = RegionSearcher.of(r_index, r_info, owners, boxes, region_vectors)
-    return Searcher.of(index, info, fp, ids, vectors, canonical_paths(settings), region_searcher)
+    paths = CanonicalPaths(lambda: canonical_table(settings))
+    return Searcher.of(index, info, fp, ids, vectors, paths, region_searcher)

@@ -40,6 +40,13 @@ TRAIN_METRICS = "train_metrics.json"
 PAIRS = "pairs.parquet"
 CLUSTERS = "clusters.parquet"
 SEARCHED = "searched.parquet"  # ids whose neighbours pairs.parquet holds (incremental runs)
+EXACT = "exact.parquet"  # byte-identical copies as pairs (from the manifest, every run)
+# the pairs that each incremental run added, one partition per run (cbir.store.pairs), until a
+# run folds them into pairs.parquet; PAIRS_STATE says which partitions are committed
+PAIRS_RUNS = "runs"
+RUN_PAIRS = "pairs-{:06d}.parquet"
+RUN_SEARCHED = "searched-{:06d}.parquet"
+PAIRS_STATE = "pairs.json"
 # the Dask workers' results of a `cbir pairs` run (orchestration.dask_address), one folder per
 # run, removed once merged
 PAIRS_PARTS = "parts"
@@ -177,6 +184,26 @@ class Layout:
     @property
     def searched(self) -> Path:
         return self.pairs_dir / SEARCHED
+
+    @property
+    def exact(self) -> Path:
+        return self.pairs_dir / EXACT
+
+    @property
+    def pairs_state(self) -> Path:
+        return self.pairs_dir / PAIRS_STATE
+
+    @property
+    def pairs_runs(self) -> Path:
+        return self.pairs_dir / PAIRS_RUNS
+
+    def run_pairs(self, seq: int) -> Path:
+        """The pairs incremental run `seq` of `cbir pairs` added."""
+        return self.pairs_runs / RUN_PAIRS.format(seq)
+
+    def run_searched(self, seq: int) -> Path:
+        """The images incremental run `seq` of `cbir pairs` searched."""
+        return self.pairs_runs / RUN_SEARCHED.format(seq)
 
     @property
     def pairs_parts(self) -> Path:

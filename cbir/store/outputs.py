@@ -40,7 +40,9 @@ OWN: dict[str, tuple[str, ...]] = {
     "embeddings_dir": (r"[0-9a-f]{16}",),  # one folder per model fingerprint
     "index_dir": _names(L.INDEX_FILE, L.STAGED_FILE, L.SIDECAR_FILE, L.REGION_INDEX, L.LOCAL_INDEX),
     "models_dir": _names(L.LAST, L.HISTORY, L.TRAIN_METRICS, "model.pt"),
-    "pairs_dir": _names(L.PAIRS, L.CLUSTERS, L.SEARCHED, L.PAIRS_PARTS),
+    "pairs_dir": _names(
+        L.PAIRS, L.CLUSTERS, L.SEARCHED, L.PAIRS_PARTS, L.EXACT, L.PAIRS_RUNS, L.PAIRS_STATE
+    ),
     "decisions_dir": (re.escape(L.DECISION_PART_PREFIX) + r"[0-9a-z-]+\.parquet",),
     "reports_dir": (
         *_names(

@@ -1,14 +1,32 @@
-"""Near-duplicate pairs and their clusters (`data.pairs_dir`, written by `cbir pairs`)."""
+"""Near-duplicate pairs and their clusters (`data.pairs_dir`, written by `cbir pairs`).
+
+The pairs are stored partitioned, so that a nightly run writes only what it found:
+- `pairs.parquet` and `searched.parquet`, the base: the near pairs and the searched images as
+  of the last full run (or the last run that folded the partitions in);
+- `runs/pairs-<seq>.parquet` and `runs/searched-<seq>.parquet`, one partition per incremental
+  run since: the pairs it added and the images it searched;
+- `exact.parquet`, the byte-identical copies, from the manifest on every run;
+- `pairs.json`, the commit: which partitions count, the base's token (also in the metadata of
+  the base files: a base written by a run killed before its commit already holds the
+  partitions, which then no longer count) and what the pairs and clusters depend on. A token
+  changes only with its file's content: rerunning on unchanged data rewrites nothing.
+A partition no commit names is a killed run's, and is removed by the next run.
+"""
 
 from __future__ import annotations
 
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CbirError
-from .layout import layout
+from ..fsutil import write_json
+from .layout import Layout, layout
 from .tables import read_table
 
 PAIRS_SCHEMA = pa.schema(
@@ -53,19 +71,108 @@ CLUSTERS_SCHEMA = pa.schema(
 PAIRS_FIX = "run `cbir pairs` to write it again"
 
 
-def read_pairs(settings: Any) -> pa.Table:
-    """Every recorded pair (near and exact)."""
-    path = layout(settings).pairs
-    if not path.is_file():
-        raise CbirError(f"no pairs at {path}: run `cbir pairs` first")
-    return read_table(path, PAIRS_SCHEMA, PAIRS_FIX)
+#: Partitions kept before a run folds them into the base (a month of nightly runs): bounds the
+#: files a query opens.
+MAX_RUNS = 32
+TOKEN = "cbir_base"  # the key of the base's token in its files' Parquet metadata
+
+
+@dataclass
+class PairsState:
+    """What `pairs.json` commits."""
+
+    base: str  # the token of pairs.parquet
+    searched: str  # the token of searched.parquet
+    search: dict[str, str]  # what the recorded pairs depend on (steps.pairs._search_state)
+    runs: list[int] = field(default_factory=list)  # committed partitions, oldest first
+    clusters: str = ""  # clusters.parquet's token and what its clusters depend on
+
+    def next_run(self) -> int:
+        return max(self.runs, default=0) + 1
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def file_token(path: Path) -> str | None:
+    """The token in a file's Parquet metadata (None: none, or unreadable)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    value = meta.get(TOKEN.encode())
+    return value.decode("utf-8", "replace") if value else None
+
+
+def read_state(lay: Layout) -> PairsState | None:
+    """The committed state: None when nothing is recorded, the commit is damaged, or the base
+    is not the one it names (then the base alone counts: see base_only)."""
+    try:
+        raw = json.loads(lay.pairs_state.read_text())
+        state = PairsState(
+            base=str(raw["base"]),
+            searched=str(raw["searched"]),
+            search={str(k): str(v) for k, v in dict(raw["search"]).items()},
+            runs=[int(r) for r in raw["runs"]],
+            clusters=str(raw.get("clusters", "")),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if file_token(lay.pairs) != state.base or file_token(lay.searched) != state.searched:
+        return None
+    return state
+
+
+def write_state(lay: Layout, state: PairsState) -> None:
+    write_json(asdict(state), lay.pairs_state)
+
+
+def committed_runs(lay: Layout) -> list[int]:
+    state = read_state(lay)
+    return list(state.runs) if state is not None else []
+
+
+def pair_files(lay: Layout) -> list[Path]:
+    """The files that hold the recorded pairs, those that exist: exact copies, the base, then
+    the committed partitions."""
+    files = [lay.exact, lay.pairs] + [lay.run_pairs(r) for r in committed_runs(lay)]
+    return [f for f in files if f.is_file()]
+
+
+def searched_files(lay: Layout) -> list[Path]:
+    """The files that list the searched images: the base, then the committed partitions'."""
+    return [lay.searched] + [lay.run_searched(r) for r in committed_runs(lay)]
+
+
+def stray_runs(lay: Layout) -> list[Path]:
+    """Partition files no commit names (a killed run's)."""
+    keep = {p.name for r in committed_runs(lay) for p in (lay.run_pairs(r), lay.run_searched(r))}
+    try:
+        return sorted(p for p in lay.pairs_runs.iterdir() if p.name not in keep)
+    except OSError:
+        return []
+
+
+def read_pairs(settings: Any, columns: list[str] | None = None) -> pa.Table:
+    """Every recorded pair (exact copies, then near pairs), from all the files that hold them."""
+    lay = layout(settings)
+    files = pair_files(lay)
+    if lay.pairs not in files and lay.exact not in files:
+        raise CbirError(f"no pairs at {lay.pairs}: run `cbir pairs` first")
+    tables = [read_table(f, PAIRS_SCHEMA, PAIRS_FIX, columns) for f in files]
+    return pa.concat_tables(tables) if tables else PAIRS_SCHEMA.empty_table()
 
 
 def scores_fingerprint(settings: Any) -> str | None:
-    """The model fingerprint whose scores pairs.parquet holds (`cbir pairs` records it in the
-    metadata of searched.parquet beside it), or None when unknown."""
+    """The model fingerprint whose scores the recorded pairs hold (`cbir pairs` records it in
+    its commit, and in the metadata of searched.parquet), or None when unknown."""
+    lay = layout(settings)
+    state = read_state(lay)
+    if state is not None:
+        return state.search.get("fingerprint")
     try:
-        meta = pq.read_schema(layout(settings).searched).metadata or {}
+        meta = pq.read_schema(lay.searched).metadata or {}
     except (OSError, pa.ArrowException):
         return None
     value = meta.get(b"fingerprint")

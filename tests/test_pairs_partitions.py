@@ -1,0 +1,175 @@
+"""Pairs stored partitioned by run (cbir.store.pairs): a nightly run writes only its own
+partition - the recorded pairs and the pairs its new images found - and updates only the
+clusters its new pairs touch, to what clustering all the pairs again gives; removals and too
+many partitions fold the partitions into the base; a killed run's partition never counts. On a synthetic collection (benchmarks/scale.py's
+generator: clustered descriptors with planted near-copies), through the real steps."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from conftest import benchmark
+
+from cbir.fsutil import write_parquet
+from cbir.steps.index import run_index
+from cbir.steps.pairs import clusters_from_pairs, run_pairs
+from cbir.store import pairs as store_pairs
+from cbir.store.catalog import query
+from cbir.store.layout import layout
+from cbir.store.pairs import read_pairs, read_state, stray_runs
+
+N = 1_500
+NEW = 60  # a night's arrivals; a fifth are near-copies of images already in the collection
+
+
+@pytest.fixture(scope="module")
+def scale():
+    return benchmark("scale")
+
+
+@pytest.fixture
+def ws(tmp_path, scale) -> Path:
+    """The collection, indexed, with its pairs found by a full run."""
+    root = tmp_path / "ws"
+    scale.child_write_vectors(root, {"n": N, "seed": 3, "shard_size": 250, "dup_frac": 0.2})
+    s = scale._settings(root)
+    run_index(s)
+    run_pairs(s)
+    return root
+
+
+def _night(scale, ws: Path, seed: int) -> Any:
+    """A night's arrivals, then the index update and the incremental pairs run."""
+    scale.child_arrivals(ws, {"seed": seed, "new": NEW})
+    s = scale._settings(ws)
+    run_index(s)
+    return run_pairs(s, incremental=True)
+
+
+def _rows(table: pa.Table) -> list[tuple]:
+    return sorted(tuple(r.values()) for r in table.to_pylist())
+
+
+def _clusters_hold_every_link(ws: Path, scale, threshold: float) -> None:
+    """clusters.parquet is what clustering all the recorded pairs again gives (the full
+    algorithm, clusters_from_pairs), weakest links included."""
+    s = scale._settings(ws)
+    near = {(r["image_a"], r["image_b"]): (r["score"], r["rank"])
+            for r in read_pairs(s).to_pylist() if r["kind"] == "near"}
+    expected = [(cid, m, len(members), np.float32(weak))
+                for cid, (members, weak) in enumerate(clusters_from_pairs(near, threshold), 1)
+                for m in members]
+    stored = pq.read_table(layout(s).clusters).to_pylist()
+    assert [(r["cluster_id"], r["image_id"], r["size"], np.float32(r["weakest_link"]))
+            for r in stored] == expected
+    assert len(expected) > 10  # something to compare
+
+
+def _full(ws: Path, scale) -> list[tuple]:
+    """The pairs a full `cbir pairs` records on a copy of the workspace."""
+    other = ws.parent / "full"
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.copytree(ws, other)
+    run_pairs(scale._settings(other))
+    assert read_state(layout(scale._settings(other))).runs == []
+    return _rows(read_pairs(scale._settings(other)))
+
+
+def test_nightly_runs_write_their_own_partition_and_cluster_as_all_pairs_would(ws, scale):
+    lay = layout(scale._settings(ws))
+    base = lay.pairs.stat()
+    n_before = read_pairs(scale._settings(ws)).num_rows
+    for night, seed in enumerate((11, 12), start=1):
+        recorded = _rows(read_pairs(scale._settings(ws)))
+        out = _night(scale, ws, seed)
+        assert out.incremental and out.searched == NEW
+        state = read_state(lay)
+        assert state is not None and state.runs == list(range(1, night + 1))
+        assert lay.run_pairs(night).is_file() and lay.run_searched(night).is_file()
+        new = pq.read_table(lay.run_pairs(night))
+        assert out.added == new.num_rows > 0  # the planted copies of old images, at least
+        searched = pq.read_table(lay.run_searched(night)).column("image_id")
+        assert len(searched) == NEW
+        # the recorded pairs as they were, and the new ones, each involving a new image
+        assert _rows(read_pairs(scale._settings(ws))) == sorted(recorded + _rows(new))
+        involved = pc.or_(pc.is_in(new.column("image_a"), value_set=searched),
+                          pc.is_in(new.column("image_b"), value_set=searched))
+        assert pc.all(involved).as_py()
+        # the base is not rewritten: same file, same bytes
+        now = lay.pairs.stat()
+        assert (now.st_ino, now.st_mtime_ns, now.st_size) == (
+            base.st_ino, base.st_mtime_ns, base.st_size)
+        _clusters_hold_every_link(ws, scale, out.thresholds.cluster)
+    s = scale._settings(ws)
+    assert read_pairs(s).num_rows > n_before
+    # the catalogue's view reads the base and both partitions
+    assert query(s, "SELECT count(*) FROM duplicate_pairs")[1][0][0] == read_pairs(s).num_rows
+    # the new pairs joined existing clusters: the update touched some
+    clusters = pq.read_table(lay.clusters)
+    assert pc.max(clusters.column("size")).as_py() >= 2
+
+
+def test_removed_images_and_many_partitions_fold_into_the_base(ws, scale, monkeypatch):
+    s = scale._settings(ws)
+    lay = layout(s)
+    _night(scale, ws, 21)
+    assert read_state(lay).runs == [1]
+    # a scan removed: its pairs go, as a full run drops them; the partitions fold in
+    pairs = read_pairs(s)
+    gone = pairs.column("image_a")[0].as_py()
+    files = pq.read_table(lay.files)
+    keep = pc.not_equal(files.column("image_id"), gone)
+    write_parquet(files.filter(keep), lay.files)
+    run_index(s)
+    out = run_pairs(s, incremental=True)
+    assert read_state(lay).runs == [] and not list(lay.pairs_runs.glob("*.parquet"))
+    after = read_pairs(s)
+    assert _rows(after) == [r for r in _rows(pairs) if gone not in r[:2]]
+    _clusters_hold_every_link(ws, scale, out.thresholds.cluster)
+    # MAX_RUNS partitions: the next run folds them in
+    monkeypatch.setattr(store_pairs, "MAX_RUNS", 2)
+    monkeypatch.setattr("cbir.steps.pairs.MAX_RUNS", 2)
+    _night(scale, ws, 22)
+    _night(scale, ws, 23)
+    assert read_state(lay).runs == [1, 2]
+    before = _rows(read_pairs(s))
+    out = _night(scale, ws, 24)
+    assert read_state(lay).runs == []
+    after = _rows(read_pairs(s))  # now all in the base
+    assert after == sorted(_rows(pq.read_table(lay.exact)) + _rows(pq.read_table(lay.pairs)))
+    assert set(before) <= set(after) and len(after) == len(before) + out.added > len(before)
+    _clusters_hold_every_link(ws, scale, out.thresholds.cluster)
+
+
+def test_a_killed_runs_partition_never_counts(ws, scale):
+    s = scale._settings(ws)
+    lay = layout(s)
+    _night(scale, ws, 31)
+    counted = read_pairs(s).num_rows
+    # what a run killed before its commit leaves: a partition no commit names
+    stray = lay.run_pairs(7)
+    write_parquet(pq.read_table(lay.run_pairs(1)), stray)
+    assert stray_runs(lay) == [stray]
+    assert read_pairs(s).num_rows == counted
+    assert query(s, "SELECT count(*) FROM duplicate_pairs")[1][0][0] == counted
+    # the next run removes it
+    _night(scale, ws, 32)
+    assert not stray.exists() and read_state(lay).runs == [1, 2]
+    _clusters_hold_every_link(ws, scale, 0.9)
+    # a base written by a full run killed before its commit holds every pair: then it alone
+    # counts (the commit names another base), and the next run searches everything
+    full = _full(ws, scale)
+    shutil.copy2(ws.parent / "full" / "data" / "pairs" / "pairs.parquet", lay.pairs)
+    assert read_state(lay) is None
+    assert _rows(read_pairs(s)) == full
+    assert query(s, "SELECT count(*) FROM duplicate_pairs")[1][0][0] == len(full)
+    out = _night(scale, ws, 33)
+    assert not out.incremental and read_state(lay).runs == []
+    _clusters_hold_every_link(ws, scale, out.thresholds.cluster)
