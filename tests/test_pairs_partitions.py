@@ -1,11 +1,13 @@
 """Pairs stored partitioned by run (cbir.store.pairs): a nightly run writes only its own
 partition - the recorded pairs and the pairs its new images found - and updates only the
 clusters its new pairs touch, to what clustering all the pairs again gives; removals and too
-many partitions fold the partitions into the base; a killed run's partition never counts. On a synthetic collection (benchmarks/scale.py's
-generator: clustered descriptors with planted near-copies), through the real steps."""
+many partitions fold the partitions into the base; a killed run's partition never counts. On a
+synthetic collection (benchmarks/scale.py's generator: clustered descriptors with planted
+near-copies), through the real steps."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -163,13 +165,29 @@ def test_a_killed_runs_partition_never_counts(ws, scale):
     _night(scale, ws, 32)
     assert not stray.exists() and read_state(lay).runs == [1, 2]
     _clusters_hold_every_link(ws, scale, 0.9)
-    # a base written by a full run killed before its commit holds every pair: then it alone
-    # counts (the commit names another base), and the next run searches everything
-    full = _full(ws, scale)
-    shutil.copy2(ws.parent / "full" / "data" / "pairs" / "pairs.parquet", lay.pairs)
-    assert read_state(lay) is None
-    assert _rows(read_pairs(s)) == full
-    assert query(s, "SELECT count(*) FROM duplicate_pairs")[1][0][0] == len(full)
+    # a full run stages its new base: killed before its commit, the staged base never counts
+    # and the next run removes it; killed after it, readers find the committed base staged and
+    # the next run renames it into place
+    counted = _rows(read_pairs(s))
+    _full(ws, scale)
+    staged = ws.parent / "full" / "data" / "pairs" / "pairs.parquet"
+    shutil.copy2(staged, lay.pairs_next)
+    assert _rows(read_pairs(s)) == counted
+    assert query(s, "SELECT count(*) FROM duplicate_pairs")[1][0][0] == len(counted)
     out = _night(scale, ws, 33)
-    assert not out.incremental and read_state(lay).runs == []
+    assert out.incremental and not lay.pairs_next.exists()
+    assert read_state(lay).runs == [1, 2, 3]
+    out = run_pairs(s)  # a full run: its base committed, then renamed
+    state = read_state(lay)
+    assert state.runs == [] and store_pairs.file_token(lay.pairs) == state.base
+    assert not lay.pairs_next.exists() and not lay.searched_next.exists()
+    committed = _rows(read_pairs(s))
+    os.replace(lay.pairs, lay.pairs_next)  # as if killed between the commit and the rename
+    assert read_state(lay) == state
+    assert store_pairs.pair_files(lay)[1] == lay.pairs_next
+    assert _rows(read_pairs(s)) == committed
+    out = _night(scale, ws, 34)
+    assert out.incremental and read_state(lay).runs == [1]
+    assert lay.pairs.is_file() and not lay.pairs_next.exists()
+    assert set(committed) < set(_rows(read_pairs(s)))
     _clusters_hold_every_link(ws, scale, out.thresholds.cluster)

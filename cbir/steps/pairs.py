@@ -62,11 +62,11 @@ from ..store.pairs import (
     TOKEN,
     PairsState,
     file_token,
+    finish_commit,
     new_token,
     pair_files,
     read_state,
     searched_files,
-    stray_runs,
     write_state,
 )
 from ..store.tables import read_table
@@ -703,10 +703,12 @@ def _update_clusters(
     return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA)
 
 
-def _write_tokened(table: pa.Table, target: Path, meta: dict[str, str]) -> str:
-    """Write `table` with `meta` and a new token, atomically, and return the token; where the
-    file already holds this table and meta, leave it (DVC sees no change) and return its
-    token."""
+def _write_tokened(
+    table: pa.Table, target: Path, meta: dict[str, str], staged: Path | None = None
+) -> str:
+    """Write `table` with `meta` and a new token, atomically, to `staged` (or `target`), and
+    return the token; where `target` already holds this table and meta, leave it (DVC sees no
+    change) and return its token."""
     token = file_token(target)
     if token is not None:
         try:
@@ -719,7 +721,7 @@ def _write_tokened(table: pa.Table, target: Path, meta: dict[str, str]) -> str:
             if old_meta == meta and old.replace_schema_metadata(None).equals(table):
                 return token
     token = new_token()
-    write_parquet(table.replace_schema_metadata({**meta, TOKEN: token}), target)
+    write_parquet(table.replace_schema_metadata({**meta, TOKEN: token}), staged or target)
     return token
 
 
@@ -737,11 +739,6 @@ def _write_if_changed(table: pa.Table, target: Path) -> None:
         ):
             return
     write_parquet(table, target)
-
-
-def _remove_stray_runs(lay: Layout) -> None:
-    for path in stray_runs(lay):
-        path.unlink(missing_ok=True)
 
 
 def run_pairs(
@@ -775,7 +772,7 @@ def run_pairs(
     clean_stale_tmp(lay.pairs_dir)  # left by a killed run
     clean_stale_tmp(lay.pairs_runs)
     clean_stale(settings)
-    _remove_stray_runs(lay)
+    finish_commit(lay)  # what a killed run left: its commit completed, or its files removed
     state = _search_state(s, cfg, th.pair)
     recorded = read_state(lay)
     before = _searched_before(lay, recorded, state) if incremental else None
@@ -904,8 +901,10 @@ def run_pairs(
             runs = list(recorded.runs)
         base, searched_token = recorded.base, recorded.searched
     else:
-        base = _write_tokened(near, lay.pairs, {})
-        searched_token = _write_tokened(pa.table({"image_id": all_ids}), lay.searched, state)
+        # staged: the committed base stays in place until the commit
+        base = _write_tokened(near, lay.pairs, {}, lay.pairs_next)
+        ids = pa.table({"image_id": all_ids})
+        searched_token = _write_tokened(ids, lay.searched, state, lay.searched_next)
         runs = []
     clusters_token = _write_tokened(clusters, lay.clusters, {})
     faults.point("pairs.searched")
@@ -919,7 +918,7 @@ def run_pairs(
             clusters=f"{clusters_token}:{digest}",
         ),
     )
-    _remove_stray_runs(lay)  # a fold's partitions, now in the base
+    finish_commit(lay)  # the staged base renamed into place; a fold's partitions removed
     refresh_catalog(settings)
     added = near.join(
         prior.select(["image_a", "image_b"]), ["image_a", "image_b"], join_type="left anti"

@@ -47,6 +47,9 @@ PAIRS_RUNS = "runs"
 RUN_PAIRS = "pairs-{:06d}.parquet"
 RUN_SEARCHED = "searched-{:06d}.parquet"
 PAIRS_STATE = "pairs.json"
+# a new base, staged until pairs.json commits it, then renamed over pairs.parquet/searched.parquet
+PAIRS_NEXT = "pairs.next.parquet"
+SEARCHED_NEXT = "searched.next.parquet"
 # the Dask workers' results of a `cbir pairs` run (orchestration.dask_address), one folder per
 # run, removed once merged
 PAIRS_PARTS = "parts"
@@ -192,6 +195,14 @@ class Layout:
     @property
     def pairs_state(self) -> Path:
         return self.pairs_dir / PAIRS_STATE
+
+    @property
+    def pairs_next(self) -> Path:
+        return self.pairs_dir / PAIRS_NEXT
+
+    @property
+    def searched_next(self) -> Path:
+        return self.pairs_dir / SEARCHED_NEXT
 
     @property
     def pairs_runs(self) -> Path:

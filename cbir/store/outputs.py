@@ -41,7 +41,15 @@ OWN: dict[str, tuple[str, ...]] = {
     "index_dir": _names(L.INDEX_FILE, L.STAGED_FILE, L.SIDECAR_FILE, L.REGION_INDEX, L.LOCAL_INDEX),
     "models_dir": _names(L.LAST, L.HISTORY, L.TRAIN_METRICS, "model.pt"),
     "pairs_dir": _names(
-        L.PAIRS, L.CLUSTERS, L.SEARCHED, L.PAIRS_PARTS, L.EXACT, L.PAIRS_RUNS, L.PAIRS_STATE
+        L.PAIRS,
+        L.CLUSTERS,
+        L.SEARCHED,
+        L.PAIRS_PARTS,
+        L.EXACT,
+        L.PAIRS_RUNS,
+        L.PAIRS_STATE,
+        L.PAIRS_NEXT,
+        L.SEARCHED_NEXT,
     ),
     "decisions_dir": (re.escape(L.DECISION_PART_PREFIX) + r"[0-9a-z-]+\.parquet",),
     "reports_dir": (

@@ -6,16 +6,19 @@ The pairs are stored partitioned, so that a nightly run writes only what it foun
 - `runs/pairs-<seq>.parquet` and `runs/searched-<seq>.parquet`, one partition per incremental
   run since: the pairs it added and the images it searched;
 - `exact.parquet`, the byte-identical copies, from the manifest on every run;
-- `pairs.json`, the commit: which partitions count, the base's token (also in the metadata of
-  the base files: a base written by a run killed before its commit already holds the
-  partitions, which then no longer count) and what the pairs and clusters depend on. A token
-  changes only with its file's content: rerunning on unchanged data rewrites nothing.
-A partition no commit names is a killed run's, and is removed by the next run.
+- `pairs.json`, the commit: which partitions count, the base's tokens (also in the metadata of
+  the base files) and what the pairs and clusters depend on. A token changes only with its
+  file's content: rerunning on unchanged data rewrites nothing.
+A run that writes a new base stages it (`pairs.next.parquet`, `searched.next.parquet`), commits
+it, then renames it over the old one: until the rename, readers find the staged file by its
+token. A partition or a staged base no commit names is a killed run's, and is removed by the
+next run, which then does the same work again from the state as it was.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -119,9 +122,36 @@ def read_state(lay: Layout) -> PairsState | None:
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if file_token(lay.pairs) != state.base or file_token(lay.searched) != state.searched:
+    if base_files(lay, state) is None:
         return None
     return state
+
+
+def _holding(token: str, *paths: Path) -> Path | None:
+    return next((p for p in paths if file_token(p) == token), None)
+
+
+def base_files(lay: Layout, state: PairsState) -> tuple[Path, Path] | None:
+    """The files of the committed base (pairs, searched): in place, or staged where a run was
+    killed between its commit and the renames; None when neither holds it."""
+    pairs = _holding(state.base, lay.pairs, lay.pairs_next)
+    searched = _holding(state.searched, lay.searched, lay.searched_next)
+    return None if pairs is None or searched is None else (pairs, searched)
+
+
+def finish_commit(lay: Layout) -> None:
+    """Rename a committed staged base over the old one (a run killed after its commit), remove a
+    staged base no commit names (one killed before), and the partitions no commit names."""
+    state = read_state(lay)
+    tokens = (state.base, state.searched) if state is not None else ("", "")
+    staged = ((lay.pairs_next, lay.pairs), (lay.searched_next, lay.searched))
+    for (next_, final), token in zip(staged, tokens, strict=True):
+        if token and next_.is_file() and file_token(next_) == token:
+            os.replace(next_, final)
+        else:
+            next_.unlink(missing_ok=True)
+    for path in stray_runs(lay):
+        path.unlink(missing_ok=True)
 
 
 def write_state(lay: Layout, state: PairsState) -> None:
@@ -136,13 +166,22 @@ def committed_runs(lay: Layout) -> list[int]:
 def pair_files(lay: Layout) -> list[Path]:
     """The files that hold the recorded pairs, those that exist: exact copies, the base, then
     the committed partitions."""
-    files = [lay.exact, lay.pairs] + [lay.run_pairs(r) for r in committed_runs(lay)]
+    state = read_state(lay)
+    files = [lay.exact, lay.pairs]
+    if state is not None:
+        base = base_files(lay, state)
+        files = [lay.exact, base[0] if base else lay.pairs]
+        files += [lay.run_pairs(r) for r in state.runs]
     return [f for f in files if f.is_file()]
 
 
 def searched_files(lay: Layout) -> list[Path]:
     """The files that list the searched images: the base, then the committed partitions'."""
-    return [lay.searched] + [lay.run_searched(r) for r in committed_runs(lay)]
+    state = read_state(lay)
+    if state is None:
+        return [lay.searched]
+    base = base_files(lay, state)
+    return [base[1] if base else lay.searched] + [lay.run_searched(r) for r in state.runs]
 
 
 def stray_runs(lay: Layout) -> list[Path]:
