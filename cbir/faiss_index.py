@@ -278,7 +278,9 @@ def ivf_part(index: faiss.Index) -> faiss.IndexIVF | None:
         return None
 
 
-def _add_chunked(index: faiss.Index, x: Rows, ids: np.ndarray) -> None:
+def add_rows(index: faiss.Index, x: Rows, ids: np.ndarray) -> None:
+    """Add `x` with `ids`, ADD_CHUNK rows a FAISS call (the calls cbir.steps.index_dask makes
+    are the same ones: it splits the rows at multiples of ADD_CHUNK)."""
     for s in range(0, x.shape[0], ADD_CHUNK):
         index.add_with_ids(_as_vectors(x[s : s + ADD_CHUNK]), ids[s : s + ADD_CHUNK])
 
@@ -484,26 +486,61 @@ def build_index(
     ``target_recall=None`` skips tuning (recall is then recorded as NaN).
     """
     t0 = time.perf_counter()
-    # an array is checked and converted once; other rows (a memory-mapped file) a chunk at a time
+    x, ids = build_input(vectors, ids)
+    n, dim = x.shape
+    if params is None:
+        params = choose_params(n, dim)
+    rng = np.random.default_rng(seed)
+
+    if params.kind == "flat":
+        index = _new_index(params, dim, seed)
+    else:
+        index = trained_index(x, params, seed, training_rows(n, params, rng))
+    add_rows(index, x, ids)
+    return index, finish_build(index, x, ids, params, rng, target_recall, k, t0)
+
+
+def build_input(vectors: Rows, ids: np.ndarray) -> tuple[Rows, np.ndarray]:
+    """build_index's vectors and ids, checked (an array is converted once; other rows, a
+    memory-mapped file, are read a chunk at a time later)."""
     x: Rows = _as_vectors(vectors) if isinstance(vectors, np.ndarray) else vectors
     if len(x.shape) != 2:
         raise ValueError(f"vectors must be a 2-D array, got shape {x.shape}")
-    n, dim = x.shape
-    ids = _as_ids(ids, n)
+    ids = _as_ids(ids, x.shape[0])
     _check_normalised(x)
-    if params is None:
-        params = choose_params(n, dim)
-    if params.kind in ("ivfpq", "ivfsq8") and n < params.nlist:
-        raise CbirError(f"cannot train {params.nlist} inverted lists on {n} vectors")
-    rng = np.random.default_rng(seed)
+    return x, ids
 
-    index = _new_index(params, dim, seed)
-    if params.kind != "flat":
-        train_n = min(n, params.train_size or n)
-        sample = np.sort(rng.choice(n, size=train_n, replace=False)) if train_n < n else None
-        index.train(_as_vectors(x[sample] if sample is not None else x[:]))
-    _add_chunked(index, x, ids)
 
+def training_rows(n: int, params: IndexParams, rng: np.random.Generator) -> np.ndarray | None:
+    """The rows build_index trains on (sorted; None: all of them), drawn from `rng` as it
+    draws them: its tuning draws next, from the generator as this leaves it."""
+    train_n = min(n, params.train_size or n)
+    return np.sort(rng.choice(n, size=train_n, replace=False)) if train_n < n else None
+
+
+def trained_index(x: Rows, params: IndexParams, seed: int, rows: np.ndarray | None) -> faiss.Index:
+    """The empty index of `params`, trained on `rows` of `x` (training_rows) as build_index
+    trains it (cbir.steps.index_dask trains it in one process and adds in others)."""
+    if params.kind in ("ivfpq", "ivfsq8") and x.shape[0] < params.nlist:
+        raise CbirError(f"cannot train {params.nlist} inverted lists on {x.shape[0]} vectors")
+    index = _new_index(params, x.shape[1], seed)
+    index.train(_as_vectors(x[rows] if rows is not None else x[:]))
+    return index
+
+
+def finish_build(
+    index: faiss.Index,
+    x: Rows,
+    ids: np.ndarray,
+    params: IndexParams,
+    rng: np.random.Generator,
+    target_recall: float | None,
+    k: int,
+    t0: float,
+) -> IndexInfo:
+    """build_index's last part, once every vector is added: its IndexInfo, nprobe and k_factor
+    tuned (`rng`: as training_rows left it; `t0`: when the build began)."""
+    n, dim = x.shape
     info = IndexInfo(
         params=params,
         n_vectors=int(index.ntotal),
@@ -522,7 +559,7 @@ def build_index(
         else:
             _tune(index, info, x, ids, rng, target_recall, k)
     info.build_seconds = time.perf_counter() - t0
-    return index, info
+    return info
 
 
 def _drop_self(found: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
@@ -611,13 +648,19 @@ def add_vectors(
     ids = _as_ids(ids, x.shape[0])
     if x.shape[0] == 0:
         return True
-    n_after = index.ntotal + x.shape[0]
-    if info.params.kind != "flat" and n_after > rebuild_factor * info.trained_size:
+    if not fits(index, info, x.shape[0], rebuild_factor):
         return False
     _check_normalised(x)
-    _add_chunked(index, x, ids)
+    add_rows(index, x, ids)
     info.n_vectors = int(index.ntotal)
     return True
+
+
+def fits(index: faiss.Index, info: IndexInfo, n_new: int, rebuild_factor: float) -> bool:
+    """Whether `n_new` more vectors keep an IVF index within `rebuild_factor` times the size it
+    was trained for (a flat index always fits): add_vectors' rule."""
+    n_after = index.ntotal + n_new
+    return info.params.kind == "flat" or n_after <= rebuild_factor * info.trained_size
 
 
 def remove_ids(index: faiss.Index, info: IndexInfo, ids: np.ndarray) -> int:

@@ -23,6 +23,7 @@ SETTINGS = {"cbir.config", "cbir.paramsfile", "cbir.environ", "cbir.lock"}
 STEP_USES = {
     "cbir.steps.query": {"cbir.steps.embed"},
     "cbir.steps.evaluate": {"cbir.steps.embed"},
+    "cbir.steps.index": {"cbir.steps.index_dask"},
     "cbir.steps.calibrate": {"cbir.steps.embed", "cbir.steps.evaluate"},
     "cbir.steps.pairs": {"cbir.steps.calibrate", "cbir.steps.pairs_dask"},
     "cbir.steps.report": {"cbir.steps.calibrate", "cbir.steps.evaluate"},

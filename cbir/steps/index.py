@@ -26,6 +26,7 @@ from ..store.index import reusable_index, save_index
 from ..store.layout import layout
 from ..store.local import LocalSummary, build_local_index
 from ..store.vectors import current_embeddings
+from .index_dask import dask_add_vectors, dask_build_index, wants_dask_add
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -93,7 +94,9 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
     """
     fp, ids, vectors, n_missing = current_embeddings(settings)
     lay = layout(settings)
-    summary = _build_or_update(settings, lay.index_dir, fp, faiss_ids(ids), vectors, rebuild)
+    summary = _build_or_update(
+        settings, lay.index_dir, fp, faiss_ids(ids), vectors, rebuild, on_dask=True
+    )
     summary.images_without_embedding = n_missing
     scheme = regions.scheme(settings.embed.regions)
     if scheme is not None:
@@ -115,10 +118,15 @@ def _build_or_update(
     fids: np.ndarray,
     vectors: Rows,
     rebuild: bool,
+    *,
+    on_dask: bool = False,
 ) -> IndexSummary:
     """Update the index in `folder` to hold exactly `fids` (vectors of model `fp`), in place
-    when it can, else rebuild it."""
+    when it can, else rebuild it. `on_dask`: the vectors are current_embeddings' (the workers
+    open them), so with orchestration.dask_address an IVF-PQ build and a large update run as
+    Dask tasks (cbir.steps.index_dask)."""
     cfg = settings.index
+    address = settings.orchestration.dask_address if on_dask else None
     index, info, reason = reusable_index(folder, fp, rebuild)
     if index is not None and info is not None:
         if info.params.kind == "flat" and len(fids) > FLAT_MAX_N:
@@ -128,13 +136,28 @@ def _build_or_update(
             gone = np.setdiff1d(have, fids)
             new_mask = ~np.isin(fids, have)
             removed = remove_ids(index, info, gone)
-            if add_vectors(
-                index,
-                info,
-                vectors[new_mask],
-                fids[new_mask],
-                rebuild_factor=cfg.rebuild_factor,
-            ):
+            new_rows = np.flatnonzero(new_mask)
+            if address and wants_dask_add(info, len(new_rows)):
+                added = dask_add_vectors(
+                    settings,
+                    fp,
+                    index,
+                    info,
+                    vectors,
+                    fids,
+                    new_rows,
+                    address,
+                    rebuild_factor=cfg.rebuild_factor,
+                )
+            else:
+                added = add_vectors(
+                    index,
+                    info,
+                    vectors[new_mask],
+                    fids[new_mask],
+                    rebuild_factor=cfg.rebuild_factor,
+                )
+            if added:
                 if removed or new_mask.any():
                     save_index(index, info, folder)
                 return IndexSummary(
@@ -149,7 +172,21 @@ def _build_or_update(
                 f"{cfg.rebuild_factor} x {info.trained_size})"
             )
     params = choose_params(len(fids), vectors.shape[1], bytes_per_vector=cfg.bytes_per_vector)
-    index, info = build_index(vectors, fids, params, target_recall=cfg.target_recall, seed=cfg.seed)
+    if address and params.kind == "ivfpq":  # a flat index has nothing to train
+        index, info = dask_build_index(
+            settings,
+            fp,
+            vectors,
+            fids,
+            params,
+            address,
+            target_recall=cfg.target_recall,
+            seed=cfg.seed,
+        )
+    else:
+        index, info = build_index(
+            vectors, fids, params, target_recall=cfg.target_recall, seed=cfg.seed
+        )
     info.model_fingerprint = fp
     save_index(index, info, folder)
     return IndexSummary(

@@ -30,6 +30,11 @@ REGION_SHARD_GLOB = "regions-*.parquet"
 INDEX_FILE = "index.faiss"
 SIDECAR_FILE = "index.json"
 STAGED_FILE = "index.faiss.next"  # a new index file, until the sidecar that describes it is in
+# the Dask workers' parts of a `cbir index` build (orchestration.dask_address), one folder per run,
+# removed once merged: the trained empty index and each part's encoded vectors
+INDEX_PARTS = "parts"
+INDEX_TRAINED = "trained.faiss"
+INDEX_PART = "part-{:05d}.faiss"
 REGION_INDEX = "regions"  # the regional descriptors' index: the same three files in this folder
 LOCAL_INDEX = "local"  # the local descriptors' index (search.local_candidates): the same three
 # data.models_dir (cbir train)
@@ -144,6 +149,16 @@ class Layout:
     def region_index_dir(self) -> Path:
         """The index of the regional descriptors, beside the global index."""
         return self.index_dir / REGION_INDEX
+
+    @property
+    def index_parts(self) -> Path:
+        return self.index_dir / INDEX_PARTS
+
+    def index_part(self, run: str, part: int | None) -> Path:
+        """Part `part` of the Dask run `run` of `cbir index` (None: its trained empty index;
+        cbir.steps.index_dask)."""
+        name = INDEX_TRAINED if part is None else INDEX_PART.format(part)
+        return self.index_parts / run / name
 
     @property
     def local_index_dir(self) -> Path:
