@@ -218,6 +218,15 @@ def test_the_fingerprint_is_remembered_for_exactly_these_weights_and_params(work
     assert remembered.ModelKey(settings).value == key.value
     remembered.remember_fingerprint(key, "0" * 16)
     assert remembered.current_fingerprint(settings) == retrained
+    # a checkpoint that appears after the key was made (the key said: the init's weights)
+    moved = ckpt.with_name("elsewhere.pt")
+    ckpt.rename(moved)
+    key = remembered.ModelKey(settings)
+    moved.rename(ckpt)
+    remembered.remember_fingerprint(key, "1" * 16)
+    ckpt.unlink()
+    assert remembered.current_fingerprint(settings) == build(settings)[2] != "1" * 16
+    save_checkpoint(ckpt, build_model(ModelConfig(), seed=2)[0], pp)
     # a damaged cache is only a miss
     layout(settings).fingerprints.write_text("{not json")
     assert remembered.current_fingerprint(settings) == retrained

@@ -71,6 +71,7 @@ class ModelKey:
 
     def __init__(self, settings: Settings, *, untrained: bool = False) -> None:
         self.cache = layout(settings).fingerprints
+        self._settings, self._untrained = settings, untrained
         self.files = _weight_files(settings, untrained)
         self.stats = _stats(self.files)
         parts: dict[str, Any] = {
@@ -87,9 +88,11 @@ class ModelKey:
         self.value = hashlib.sha256(text.encode()).hexdigest()
 
     def unchanged(self) -> bool:
-        """Whether the weight files are as when the key was made (not replaced meanwhile)."""
+        """Whether the weights come from the same files, as they were when the key was made
+        (none replaced, and no checkpoint appeared or went meanwhile)."""
         try:
-            return _stats(self.files) == self.stats
+            same = _weight_files(self._settings, self._untrained) == self.files
+            return same and _stats(self.files) == self.stats
         except OSError:
             return False
 
