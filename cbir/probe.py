@@ -107,8 +107,11 @@ def probe_file(root: bytes, entry: Entry) -> dict[str, Any]:
     return out
 
 
-def probe_star(args: tuple[bytes, Entry]) -> dict[str, Any]:
-    return probe_file(*args)
+def probe_batch(args: tuple[bytes, list[Entry]]) -> list[dict[str, Any]]:
+    """`probe_file` over a batch of files under one root: one job (one pickled round trip to a
+    worker) per batch, not per file, so small scans do not pay the pool's cost per file."""
+    root, entries = args
+    return [probe_file(root, e) for e in entries]
 
 
 def sha256_of(path: bytes) -> str | None:
@@ -120,3 +123,9 @@ def sha256_of(path: bytes) -> str | None:
     except OSError:
         return None  # the worker will meet the same problem and report it
     return digest.hexdigest()
+
+
+def sha256_batch(args: tuple[bytes, list[bytes]]) -> list[str | None]:
+    """`sha256_of` for a batch of paths relative to one root, in their order."""
+    root, raws = args
+    return [sha256_of(os.path.join(root, raw)) for raw in raws]

@@ -98,6 +98,73 @@ def test_phash_is_robust_to_recompression_and_distinct_across_images():
     assert hamming(phash(a), phash(b)) >= 16
 
 
+def _reference_phash(im: Image.Image) -> int:
+    """The pHash recipe written plainly (np.median, a loop over the bits): what ingest stored
+    before `phash` was made cheaper, so stored hashes must not change."""
+    from cbir.imaging import _dct_matrix, to_rgb
+
+    if im.mode not in ("L", "RGB"):
+        im = to_rgb(im)
+    grey = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    d = _dct_matrix(32)
+    coeffs = (d @ grey @ d.T)[:8, :8].ravel()
+    value = 0
+    for bit in coeffs > np.median(coeffs):
+        value = (value << 1) | int(bit)
+    return value
+
+
+def test_phash_is_the_plain_recipe_bit_for_bit():
+    rng = np.random.default_rng(0)
+    pictures = [photo(i, (64 + 7 * i, 48 + 5 * i)) for i in range(20)]
+    pictures += [p.convert("L") for p in pictures[:5]] + [p.convert("RGBA") for p in pictures[:3]]
+    pictures += [Image.fromarray(np.full((20, 30), v, np.uint8)) for v in (0, 77, 255)]  # ties
+    pictures += [Image.fromarray(rng.integers(0, 2, (33, 65), dtype=np.uint8) * 255)]
+    pictures += [Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16))]
+    hashes = [phash(p) for p in pictures]
+    assert hashes == [_reference_phash(p) for p in pictures]
+    assert len(set(hashes)) > 20 and any(h >> 63 for h in hashes)  # the top bit is kept
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_cut_short_is_quarantined_though_decoded_at_an_eighth(workspace, progressive):
+    """Ingest decodes a large JPEG at 1/8 DCT scale; the whole entropy-coded stream is still
+    read, so a file missing only its last bytes is still found truncated."""
+    from cbir import imaging, probe
+
+    rng = np.random.default_rng(1)
+    pixels = (rng.random((768, 1024, 3)) * 255).astype(np.uint8)
+    whole = io.BytesIO()
+    Image.fromarray(pixels).save(whole, "JPEG", quality=90, progressive=progressive)
+    data = whole.getvalue()
+    pic, _ = imaging.open_scan(data, draft=("L", probe._PHASH_DRAFT), rgb=False)
+    assert pic.size == (128, 96)  # decoded at 1/8 scale
+    save(photo(1), workspace.scans / "good.jpg")
+    (workspace.scans / "whole.jpg").write_bytes(data)
+    (workspace.scans / "cut.jpg").write_bytes(data[: len(data) * 99 // 100])
+    (workspace.scans / "no_end.jpg").write_bytes(data[:-2])  # only the end-of-image marker gone
+    settings = workspace(ingest={"workers": 2})
+    run_ingest(settings)
+    q = quarantine(settings)
+    assert set(q) == {"cut.jpg", "no_end.jpg"}
+    assert all("truncated" in reason for reason in q.values()), q
+    assert by_path(settings)["whole.jpg"]["width"] == 1024
+
+
+def test_work_is_cut_into_batches_in_order_within_the_limits():
+    sizes = [10] * 1000 + [ingest.BATCH_BYTES] * 3 + [1] * 5
+    for workers in (1, 2, 16):
+        batches = ingest._batches(sizes, workers)
+        assert [i for b in batches for i in range(len(sizes))[b]] == list(range(len(sizes)))
+        most = min(ingest.BATCH_FILES, len(sizes) // (4 * workers))
+        assert all(0 < b.stop - b.start <= most for b in batches)
+        # a batch over the byte limit holds one file: a file is never split or left out
+        assert all(sum(sizes[b]) <= ingest.BATCH_BYTES or b.stop - b.start == 1 for b in batches)
+        assert len(batches) >= min(len(sizes), 4 * workers)
+    assert ingest._batches([], 2) == []
+    assert ingest._batches([5, 5, 5], 2) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+
+
 # --------------------------------------------------------------------------- bad input
 
 def _bad_input_folder(scans: Path, outside: Path) -> None:

@@ -170,3 +170,63 @@ def test_embed_scales_are_validated(tmp_path):
     for bad in ([], [0], [-1.0], "big"):
         with pytest.raises(ConfigError, match="embed.scales"):
             settings({"scales": bad})
+
+
+def test_the_fingerprint_is_remembered_for_exactly_these_weights_and_params(workspace):
+    """A step that only needs the fingerprint finds it without torch; a changed checkpoint (same
+    size, same mtime), a changed parameter or a damaged cache never give a stale one."""
+    import os
+    import subprocess
+    import sys
+
+    from cbir.model import retrieval_model as build
+    from cbir.store import fingerprint as remembered
+    from cbir.store.layout import layout
+    from conftest import REPO
+
+    settings = workspace(embed={"scales": [1.0]})
+    ckpt = layout(settings).checkpoint
+    pp = Preprocess(resolution=settings.embed_resolution, scales=(1.0,))
+    save_checkpoint(ckpt, build_model(ModelConfig(), seed=1)[0], pp)
+    key = remembered.ModelKey(settings)
+    fp = build(settings)[2]
+    assert remembered.current_fingerprint(settings) == fp  # built: nothing remembered yet
+    assert not layout(settings).fingerprints.exists()  # a step that only reads writes nothing
+    remembered.remember_fingerprint(key, fp)  # what `cbir embed` does once it has embedded
+    probe = ("import sys; from cbir.config import load_settings; "
+             "from cbir.store.fingerprint import current_fingerprint; "
+             f"print(current_fingerprint(load_settings({str(workspace.root / 'params.yaml')!r})),"
+             " 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [fp, "False"]  # remembered: torch never imported
+
+    # other weights in a file of the same size and mtime: the bytes decide
+    stat = ckpt.stat()
+    save_checkpoint(ckpt, build_model(ModelConfig(), seed=2)[0], pp)
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert ckpt.stat().st_size == stat.st_size
+    retrained = remembered.current_fingerprint(settings)
+    assert retrained != fp and retrained == build(settings)[2]
+    # a parameter the preprocessing depends on
+    rescaled = workspace(embed={"scales": [1.0, 1.25]})
+    assert remembered.current_fingerprint(rescaled) == build(rescaled)[2] != retrained
+    # the weights file replaced between making the key and remembering: nothing is remembered
+    key = remembered.ModelKey(settings)
+    save_checkpoint(ckpt, build_model(ModelConfig(), seed=2)[0], pp)  # same bytes, a new file
+    assert remembered.ModelKey(settings).value == key.value
+    remembered.remember_fingerprint(key, "0" * 16)
+    assert remembered.current_fingerprint(settings) == retrained
+    # a checkpoint that appears after the key was made (the key said: the init's weights)
+    moved = ckpt.with_name("elsewhere.pt")
+    ckpt.rename(moved)
+    key = remembered.ModelKey(settings)
+    moved.rename(ckpt)
+    remembered.remember_fingerprint(key, "1" * 16)
+    ckpt.unlink()
+    assert remembered.current_fingerprint(settings) == build(settings)[2] != "1" * 16
+    save_checkpoint(ckpt, build_model(ModelConfig(), seed=2)[0], pp)
+    # a damaged cache is only a miss
+    layout(settings).fingerprints.write_text("{not json")
+    assert remembered.current_fingerprint(settings) == retrained

@@ -167,7 +167,7 @@ def test_a_nightly_run_without_new_scans_decodes_and_embeds_nothing(prefect_harn
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr("cbir.steps.ingest.probe_star", no_decoding)
+    monkeypatch.setattr("cbir.steps.ingest.probe_batch", no_decoding)
     monkeypatch.setattr("cbir.imaging.load_rgb", no_decoding)
     monkeypatch.setattr("cbir.steps.report.thumbnails.load_rgb", no_decoding)
     st = nightly(str(params)).steps

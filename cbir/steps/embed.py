@@ -29,6 +29,7 @@ from ..parallel import start_method
 from ..progress import bar as progress_bar
 from ..regions import RegionScheme
 from ..store.embeddings import embedded_ids
+from ..store.fingerprint import ModelKey, remember_fingerprint
 from ..store.layout import MODEL_CARD, REGIONS_PREFIX, layout
 from ..store.manifest import canonical_images
 from ..store.vectors import sync_vectors
@@ -434,6 +435,7 @@ def run_embed(
     """
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    key = ModelKey(settings, untrained=baseline)  # what the fingerprint depends on
     model, pp, fp, source = retrieval_model(settings, untrained=baseline)
     # Without a training checkpoint the untrained backbone is the current model: same folder.
     trained = layout(settings).checkpoint.is_file()
@@ -462,5 +464,6 @@ def run_embed(
     finally:
         bar.close()
     summary.vectors_written = sync_vectors(plan.folder, progress=progress)
+    remember_fingerprint(key, fp)  # the steps that read these embeddings need not build it
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -40,7 +40,7 @@ from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import clean_stale_tmp, write_parquet
 from ..parallel import worker_map
-from ..probe import Entry, display_path, init_worker, probe_star, sha256_of
+from ..probe import Entry, display_path, init_worker, probe_batch, sha256_batch
 from ..progress import bar as progress_bar
 from ..store.catalog import SEEN_FIRST, clean_stale, refresh_catalog
 from ..store.layout import Layout, layout
@@ -128,9 +128,8 @@ class _Journal:
     def flush(self) -> None:
         if not self.buffer:
             return
-        rows = [{k: r.get(k) for k in JOURNAL_SCHEMA.names} for r in self.buffer]
-        write_parquet(
-            pa.Table.from_pylist(rows, schema=JOURNAL_SCHEMA),
+        write_parquet(  # from_pylist takes the schema's keys: a missing one is null
+            pa.Table.from_pylist(self.buffer, schema=JOURNAL_SCHEMA),
             self.dir / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet",
         )
         self.buffer = []
@@ -191,6 +190,34 @@ def _next_run_id(
     return max(seen + ([last] if last is not None else []), default=0) + 1
 
 
+#: A worker's job is a batch of files, up to this many files or bytes (whichever comes first):
+#: one round trip to the pool per batch, and still small enough that a killed run loses little
+#: and the workers finish together.
+BATCH_FILES = 64
+BATCH_BYTES = 64 << 20
+
+
+def _batches(sizes: list[int], workers: int) -> list[slice]:
+    """Consecutive runs of items (by their sizes in bytes) for the workers' jobs: at most
+    BATCH_FILES or BATCH_BYTES, and at most a quarter of a worker's share, so that every
+    worker gets work and none is left with a long last batch."""
+    most = max(1, min(BATCH_FILES, len(sizes) // (4 * max(1, workers))))
+    out: list[slice] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= most or total + size > BATCH_BYTES):
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        out.append(slice(start, len(sizes)))
+    return out
+
+
+def _workers(settings: Settings, n: int) -> int:
+    return min(settings.decode_workers, max(1, n // 4))
+
+
 def _decode_all(
     root: Path,
     todo: list[Entry],
@@ -205,24 +232,26 @@ def _decode_all(
         return results
     root_b = os.fsencode(root)
     bar = progress_bar(len(todo), "ingest", "file", progress)
-    workers = min(settings.decode_workers, max(1, len(todo) // 4))
-    args = [(root_b, e) for e in todo]
+    workers = _workers(settings, len(todo))
+    jobs = [(root_b, todo[b]) for b in _batches([e.size for e in todo], workers)]
     try:
         with worker_map(
-            probe_star,
-            args,
+            probe_batch,
+            jobs,
             workers,
             preload=["cbir.probe"],
             initializer=init_worker,
             initargs=(known, settings.ingest.max_pixels),
+            chunksize=1,
         ) as stream:
-            for row in stream:
-                results.append(row)
-                journal.add(row)
-                faults.point("ingest.result")
-                if on_result is not None:
-                    on_result(row)
-                bar.update(1)
+            for rows in stream:
+                for row in rows:
+                    results.append(row)
+                    journal.add(row)
+                    faults.point("ingest.result")
+                    if on_result is not None:
+                        on_result(row)
+                bar.update(len(rows))
     except BaseException:
         journal.flush()  # keep what was decoded before the interruption
         raise
@@ -231,27 +260,44 @@ def _decode_all(
     return results
 
 
+def _hash_all(root: Path, todo: list[Entry], settings: Settings) -> list[str | None]:
+    """SHA-256 of each file (None when it cannot be read), in the worker pool."""
+    if not todo:
+        return []
+    root_b = os.fsencode(root)
+    workers = _workers(settings, len(todo))
+    jobs = [(root_b, [e.raw for e in todo[b]]) for b in _batches([e.size for e in todo], workers)]
+    with worker_map(
+        sha256_batch, jobs, workers, preload=["cbir.probe"], ordered=True, chunksize=1
+    ) as stream:
+        return [sha for shas in stream for sha in shas]
+
+
 def _split_same_content(
     root: Path,
     todo: list[Entry],
+    settings: Settings,
 ) -> tuple[list[Entry], list[tuple[Entry, str]]]:
     """Keep one file per content among new files of equal size (only those can be identical).
 
     Returns the files to decode and (copy, sha256) for the byte-identical copies left out.
+    The files of shared sizes are hashed in the worker pool (in small archive files most sizes
+    are shared, and a scanner's uncompressed TIFFs all have one size).
     """
     by_size: dict[int, list[Entry]] = {}
     for e in todo:
         by_size.setdefault(e.size, []).append(e)
+    shared = [e for size, group in by_size.items() if len(group) > 1 and size for e in group]
+    sha_of = dict(zip((e.raw for e in shared), _hash_all(root, shared, settings), strict=True))
     keep: list[Entry] = []
     copies: list[tuple[Entry, str]] = []
-    root_b = os.fsencode(root)
     for size, group in by_size.items():
         if len(group) == 1 or size == 0:
             keep += group
             continue
         first_of: dict[str, Entry] = {}
         for e in group:
-            sha = sha256_of(os.path.join(root_b, e.raw))
+            sha = sha_of[e.raw]
             if sha is None or sha not in first_of:
                 keep.append(e)
                 if sha is not None:
@@ -326,7 +372,7 @@ def run_ingest(
     seen = _Seen.of(entries)
     work = _triage(entries, seen, state.files, quarantined, journal_cache)
     journal = _Journal(lay.journal, settings.ingest.journal_every)
-    todo, copies = _split_same_content(root, work.todo)
+    todo, copies = _split_same_content(root, work.todo, settings)
     known_sha = _known_sha(state.files, todo)
     fresh = _decode_all(root, todo, known_sha, settings, journal, progress, on_result)
     decoded = sum(1 for r in fresh if r.get("width") is not None)

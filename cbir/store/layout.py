@@ -78,6 +78,7 @@ BASELINE_EMBEDDINGS = "baseline-embeddings"
 REVIEW_CACHE = "review"  # the review server's renditions of scans (cbir review)
 FEATURES = "features"  # local features for geometric verification (cbir pairs, query)
 TRAIN_CACHE_PREFIX = "train-"
+FINGERPRINTS = "fingerprints.json"  # model fingerprints by what built them (store/fingerprint.py)
 CACHE_TOOLS = ("matplotlib", "torch", "xdg")  # caches of the libraries (cbir/environ.py)
 # beside data.manifest_dir: the data folder's writer lock and Prefect's home
 LOCK_NAME = ".cbir.lock"
@@ -181,6 +182,10 @@ class Layout:
     @property
     def train_metrics(self) -> Path:
         return self.models_dir / TRAIN_METRICS
+
+    @property
+    def fingerprints(self) -> Path:
+        return self.cache_dir / FINGERPRINTS
 
     def features(self, recipe: str) -> Path:
         """The cache of local features extracted by `recipe` (cbir.store.features)."""

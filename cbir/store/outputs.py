@@ -69,7 +69,7 @@ OWN: dict[str, tuple[str, ...]] = {
         re.escape(L.PREVIEW_PREFIX) + r".*\.png",
     ),
     "cache_dir": (
-        *_names(*L.CACHE_TOOLS, L.BASELINE_EMBEDDINGS, L.REVIEW_CACHE, L.FEATURES),
+        *_names(*L.CACHE_TOOLS, L.BASELINE_EMBEDDINGS, L.REVIEW_CACHE, L.FEATURES, L.FINGERPRINTS),
         re.escape(L.TRAIN_CACHE_PREFIX) + r"\d+",
     ),
 }

@@ -34,6 +34,7 @@ from ..errors import CbirError
 from ..fsutil import disk_full, is_disk_full, write_parquet
 from ..progress import bar as progress_bar
 from .embeddings import check_dimensions, read_shard, shard_vectors
+from .fingerprint import current_fingerprint
 from .layout import SHARD_GLOB, VECTOR_DATA_GLOB, VECTOR_DATA_PREFIX, VECTOR_ROWS, layout
 from .manifest import canonical_ids
 
@@ -254,9 +255,7 @@ def current_embeddings(
     Returns (fingerprint, ids sorted, their vectors, number of present images without one).
     """
     if fingerprint is None:
-        from ..model import retrieval_model  # torch: only when the caller has no model
-
-        fingerprint = retrieval_model(settings)[2]
+        fingerprint = current_fingerprint(settings)  # remembered: no torch
     folder = layout(settings).embeddings(fingerprint)
     present = canonical_ids(settings)
     ids, vectors = open_vectors(folder, present) if folder.is_dir() else ([], None)
