@@ -163,8 +163,8 @@ def test_ivfpq_callable_vector_source_matches_array(data, ivf) -> None:
 
 
 def test_callable_source_is_read_a_block_of_queries_at_a_time(data, ivf, monkeypatch) -> None:
-    """A batch whose candidates exceed RERANK_ROWS is re-ranked in blocks of queries, each
-    fetching its own distinct candidates once: the same answers as one fetch of them all."""
+    """A batch with more than RERANK_DISTINCT distinct candidates is re-ranked in blocks of
+    queries, each fetching its own distinct candidates once: the same answers as one fetch."""
     import cbir.faiss_index as cbir_index
 
     index, info = ivf
@@ -177,7 +177,11 @@ def test_callable_source_is_read_a_block_of_queries_at_a_time(data, ivf, monkeyp
 
     s1, i1 = search(index, info, q, 10, vectors=x)
     n_cand = 10 * info.k_factor
-    monkeypatch.setattr(cbir_index, "RERANK_ROWS", 30 * n_cand)  # blocks of 30 queries
+    monkeypatch.setattr(cbir_index, "RERANK_ROWS", 30 * n_cand)  # blocks of 30 queries...
+    s2, i2 = search(index, info, q, 10, vectors=lookup)
+    assert len(seen) == 1  # ...but few distinct candidates: the batch at once
+    seen.clear()
+    monkeypatch.setattr(cbir_index, "RERANK_DISTINCT", 0)
     s2, i2 = search(index, info, q, 10, vectors=lookup)
     np.testing.assert_array_equal(i2, i1)
     np.testing.assert_array_equal(s2, s1)
