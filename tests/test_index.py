@@ -162,6 +162,39 @@ def test_ivfpq_callable_vector_source_matches_array(data, ivf) -> None:
     assert len(seen) == 1 and np.all(np.diff(seen[0]) > 0), "one batched, sorted, unique fetch"
 
 
+def test_callable_source_is_read_a_block_of_queries_at_a_time(data, ivf, monkeypatch) -> None:
+    """A batch with more than RERANK_DISTINCT distinct candidates is re-ranked in blocks of
+    queries, each fetching its own distinct candidates once: the same answers as one fetch."""
+    import cbir.faiss_index as cbir_index
+
+    index, info = ivf
+    x, q = data["x"][:N_BASE], data["queries"][:100]
+    seen: list[np.ndarray] = []
+
+    def lookup(wanted: np.ndarray) -> np.ndarray:
+        seen.append(wanted)
+        return x[wanted]
+
+    s1, i1 = search(index, info, q, 10, vectors=x)
+    n_cand = 10 * info.k_factor
+    monkeypatch.setattr(cbir_index, "RERANK_ROWS", 30 * n_cand)  # blocks of 30 queries...
+    s2, i2 = search(index, info, q, 10, vectors=lookup)
+    assert len(seen) == 1  # ...but few distinct candidates: the batch at once
+    seen.clear()
+    monkeypatch.setattr(cbir_index, "RERANK_DISTINCT", 0)
+    s2, i2 = search(index, info, q, 10, vectors=lookup)
+    np.testing.assert_array_equal(i2, i1)
+    np.testing.assert_array_equal(s2, s1)
+    assert len(seen) == 4 and all(np.all(np.diff(w) > 0) for w in seen)
+    assert all(len(w) <= 30 * n_cand for w in seen)
+
+    def wrong(wanted: np.ndarray) -> np.ndarray:  # a block's rows in another block's order
+        return x[wanted[::-1]] if len(seen) > 4 else lookup(wanted)
+
+    _, i3 = search(index, info, q, 10, vectors=wrong)
+    assert not np.array_equal(i3, i1)  # the comparison above can fail
+
+
 def test_numpy_rerank_fallback_matches_faiss_kernel(data, ivf, monkeypatch) -> None:
     """Older FAISS (no `nsubset` re-ranking kernel) and non-float32 arrays take the numpy path."""
     import cbir.faiss_index as cbir_index

@@ -15,7 +15,7 @@ from cbir.fsutil import write_parquet
 from cbir.steps.embed import _subset_name, _vector_table
 from cbir.store.embeddings import load_embeddings
 from cbir.store.layout import VECTOR_DATA_GLOB, VECTOR_ROWS
-from cbir.store.vectors import DTYPE, Vectors, open_vectors, sync_vectors
+from cbir.store.vectors import DTYPE, Vectors, open_vectors, sync_vectors, to_float32
 
 DIM = 8
 
@@ -141,6 +141,17 @@ def test_rows_index_like_a_float32_array_and_read_again_after_release(tmp_path):
     assert [s for s, _ in vec.chunks(8)] == [0, 8, 16]
     vec.release()
     np.testing.assert_allclose(vec[:], want, atol=1e-3)
+
+
+def test_float16_rows_convert_to_exactly_what_numpy_gives():
+    """to_float32 (FAISS's conversion) is bit for bit astype(float32), for every float16 value
+    (subnormals, signed zeros, infinities, NaNs), any shape, and rows that are not contiguous."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(-1, 64)
+    for h in (every, every[5], every[::3, 1::2], every[:0], every[[7, 2, 7]][:, None]):
+        got = to_float32(h)
+        assert got.dtype == np.float32 and got.shape == h.shape
+        np.testing.assert_array_equal(got.view(np.uint32), h.astype(np.float32).view(np.uint32))
+    assert not np.array_equal(to_float32(every[1:]), every[:-1].astype(np.float32))
 
 
 def test_reading_releases_pages_once_it_has_read_enough(tmp_path, monkeypatch):

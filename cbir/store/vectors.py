@@ -17,6 +17,7 @@ with the shards (an older workspace, shards written by hand) builds the same row
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -24,6 +25,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,6 +48,23 @@ ROWS_SCHEMA = pa.schema([("image_id", pa.string()), ("shard", pa.string())])
 #: A process gives the pages it has read back to the page cache after this many bytes, so that
 #: its resident set stays bounded while it scans or re-ranks a large file.
 RELEASE_BYTES = 256 << 20
+
+
+@functools.cache
+def _fp16_decoder(dim: int) -> faiss.ScalarQuantizer:
+    return faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)
+
+
+def to_float32(rows: np.ndarray) -> np.ndarray:
+    """float16 rows as float32, bit for bit what `astype` gives but about twice as fast (FAISS's
+    vectorised conversion; numpy converts one value at a time): re-ranking converts a hundred
+    rows per query."""
+    rows = np.ascontiguousarray(rows, DTYPE)
+    if not rows.size:
+        return np.empty(rows.shape, np.float32)
+    dim = rows.shape[-1]
+    codes = rows.reshape(-1, dim).view(np.uint8)
+    return _fp16_decoder(dim).decode(codes).reshape(rows.shape)
 
 
 class Vectors:
@@ -72,7 +91,7 @@ class Vectors:
         return len(self._rows)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        out = np.asarray(self._base[self._rows[key]], np.float32)
+        out = to_float32(self._base[self._rows[key]])
         self._touched += out.size * self._base.itemsize
         if self._touched > RELEASE_BYTES:
             self.release()
