@@ -153,14 +153,17 @@ _SEEN_FIRST_F = ", ".join("c.path" if c == "path" else "f." + c for c in SEEN_FI
 _PAIR_FILE_SQL = """
     SELECT image_id, path, width, height, width::BIGINT * height AS pixels, bytes, format,
            first_run, mtime, mtime_ns
-    FROM files
+    FROM files SEMI JOIN ({keys}) k USING (image_id, path)
     QUALIFY row_number() OVER (PARTITION BY image_id, path
                                ORDER BY status IN ('ok', 'duplicate') DESC, version DESC) = 1
 """
+_PAIR_KEYS = """SELECT image_a AS image_id, path_a AS path FROM duplicate_pairs
+    UNION ALL SELECT image_b, path_b FROM duplicate_pairs"""
+_CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
 # The likely master: the whole picture of a partial copy (the other is a detail cut from it),
 # else more pixels, else more bytes, else seen first (run, then mtime, then path).
 _PAIR_REPORT_SQL = f"""
-WITH f AS ({_PAIR_FILE_SQL}),
+WITH f AS ({_PAIR_FILE_SQL.format(keys=_PAIR_KEYS)}),
 p AS (
     SELECT p.score::DOUBLE AS score, p.kind, p.path_a, p.path_b,  -- round(score, 3) shows 0.996
            a.width AS width_a, a.height AS height_a, b.width AS width_b, b.height AS height_b,
@@ -250,7 +253,7 @@ LEFT JOIN images a ON a.image_id = d.image_a
 LEFT JOIN images b ON b.image_id = d.image_b
 """
 _CLUSTER_REPORT_SQL = f"""
-WITH f AS ({_PAIR_FILE_SQL})
+WITH f AS ({_PAIR_FILE_SQL.format(keys=_CLUSTER_KEYS)})
 SELECT c.cluster_id, any_value(c.size) AS size,
        any_value(c.weakest_link)::DOUBLE AS weakest_link,
        list(c.path ORDER BY c.path) AS members,
