@@ -385,3 +385,18 @@ def test_missing_and_inconsistent_files(tmp_path: Path, ivf) -> None:
 def test_recall_helper() -> None:
     truth = np.array([[1, 2, 3], [4, 5, 6]])
     assert recall_at_k(np.array([[3, 2, 1], [4, -1, 9]]), truth) == pytest.approx(4 / 6)
+
+
+def test_index_update_changes_equal_numpy_set_operations():
+    """steps.index._changes (binary search in sorted copies) finds what np.setdiff1d and np.isin
+    find: the ids to remove and the vectors to add, for random overlaps, empty sides included."""
+    from cbir.steps.index import _changes
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        u = rng.choice(10**6, 300, replace=False).astype(np.int64) - 500_000
+        have = rng.permutation(u[: rng.integers(0, 300)])
+        fids = rng.permutation(u[rng.integers(0, 300):][: rng.integers(0, 300)])
+        gone, new = _changes(have, fids)
+        np.testing.assert_array_equal(gone, np.setdiff1d(have, fids))
+        np.testing.assert_array_equal(new, ~np.isin(fids, have))

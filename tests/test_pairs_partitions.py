@@ -135,6 +135,21 @@ def test_removed_images_and_many_partitions_fold_into_the_base(ws, scale, monkey
     after = read_pairs(s)
     assert _rows(after) == [r for r in _rows(pairs) if gone not in r[:2]]
     _clusters_hold_every_link(ws, scale, out.thresholds.cluster)
+    # a scan moved (same content, another path): the recorded pairs are folded in with the
+    # path as it is now
+    _night(scale, ws, 25)
+    assert read_state(lay).runs == [1]
+    moved = read_pairs(s).filter(pc.equal(read_pairs(s).column("kind"), "near"))
+    who = moved.column("image_b")[0].as_py()
+    files = pq.read_table(lay.files)
+    at = pc.equal(files.column("image_id"), who)
+    paths = pc.if_else(at, "moved/elsewhere.jpg", files.column("path"))
+    write_parquet(files.set_column(files.column_names.index("path"), "path", paths), lay.files)
+    run_pairs(s, incremental=True)
+    assert read_state(lay).runs == []
+    now = read_pairs(s).to_pylist()
+    assert {r["path_b"] for r in now if r["image_b"] == who} == {"moved/elsewhere.jpg"}
+    assert "moved/elsewhere.jpg" in pq.read_table(lay.clusters).column("path").to_pylist()
     # MAX_RUNS partitions: the next run folds them in
     monkeypatch.setattr(store_pairs, "MAX_RUNS", 2)
     monkeypatch.setattr("cbir.steps.pairs.MAX_RUNS", 2)

@@ -133,3 +133,19 @@ def test_canonical_paths_is_a_mapping_found_by_bisection():
     assert keys.dtype == "S4" and keys.tolist() == [b"00ff", b"0f3a", b"a1b2"]
     sliced = sorted_keys(pa.array(["xx00ff", "0f3a", "a1b2"]).slice(1))  # an offset into buffers
     assert sliced.tolist() == [b"0f3a", b"a1b2"]
+
+
+def test_canonical_paths_says_which_recorded_paths_moved():
+    """CanonicalPaths.moved: a recorded (id, path) whose path is no longer the id's canonical
+    one, or whose id is no canonical image, means moved; all current means not."""
+    import pyarrow as pa
+
+    from cbir.store.manifest import CanonicalPaths
+
+    m = CanonicalPaths(lambda: pa.table({"image_id": ["aa", "bb", "cc"],
+                                         "path": ["x/a.jpg", "x/b.jpg", "x/c.jpg"]}))
+    assert not m.moved(pa.array(["cc", "aa", "cc"]), pa.array(["x/c.jpg", "x/a.jpg", "x/c.jpg"]))
+    assert not m.moved(pa.array([], pa.string()), pa.array([], pa.string()))
+    assert m.moved(pa.array(["cc", "aa"]), pa.array(["x/c.jpg", "y/a.jpg"]))  # a moved file
+    assert m.moved(pa.array(["aa", "dd"]), pa.array(["x/a.jpg", "x/d.jpg"]))  # no longer here
+    assert m.moved(pa.array(["aa"]), pa.array([None], pa.string()))

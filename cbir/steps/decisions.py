@@ -76,9 +76,7 @@ class Resolver:
     def of(cls, settings: Settings) -> Resolver:
         cols = ["image_id", "path", "status", "is_canonical", "width", "height", "bytes"]
         cols += ["first_run", "mtime_ns"]
-        rows = [
-            r for r in load_manifest(settings).select(cols).to_pylist() if r["status"] in PRESENT
-        ]
+        rows = [r for r in load_manifest(settings, cols).to_pylist() if r["status"] in PRESENT]
         path_of = {r["image_id"]: r["path"] for r in rows if r["is_canonical"]}
         for r in rows:  # a content whose canonical file is gone: any present copy names it
             path_of.setdefault(r["image_id"], r["path"])

@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from ..store.features import (
 )
 from ..store.index import Searcher, open_searcher
 from ..store.layout import Layout, layout
-from ..store.manifest import DUPLICATE, OK, canonical_table, load_manifest
+from ..store.manifest import DUPLICATE, OK, CanonicalPaths, canonical_table, load_manifest
 from ..store.pairs import (
     CLUSTERS_SCHEMA,
     CONFIRMED,
@@ -357,7 +357,7 @@ def clusters_from_pairs(
 def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
     """Byte-identical copies from the manifest, as pairs with score 1 (found in Arrow: only the
     copies become rows)."""
-    table = load_manifest(settings).select(["image_id", "path", "status", "is_canonical"])
+    table = load_manifest(settings, ["image_id", "path", "status", "is_canonical"])
     copies = table.filter(pc.equal(table.column("status"), DUPLICATE)).select(["image_id", "path"])
     if copies.num_rows == 0:
         return []
@@ -589,19 +589,20 @@ def _by_score(table: pa.Table) -> pa.Table:
     )
 
 
-def _moved(table: pa.Table, canonical: pa.Table) -> bool:
+def _moved(table: pa.Table, path_of: Mapping[str, str]) -> bool:
     """Whether a recorded pair names an image by a path that is no longer its canonical one (a
     file moved, or its copy became the canonical one)."""
-    if table.num_rows == 0:
-        return False
-    sides = pa.concat_tables(
-        [
-            table.select([f"image_{x}", f"path_{x}"]).rename_columns(["image_id", "path"])
-            for x in "ab"
-        ]
-    )
-    now = sides.join(canonical, "image_id", right_suffix="_now", join_type="left outer")
-    return bool(pc.any(pc.not_equal(now.column("path"), now.column("path_now"))).as_py())
+    for side in "ab":
+        ids = table.column(f"image_{side}").combine_chunks()
+        paths = table.column(f"path_{side}").combine_chunks()
+        if isinstance(path_of, CanonicalPaths):
+            if path_of.moved(ids, paths):
+                return True
+        elif any(
+            path_of.get(i) != p for i, p in zip(ids.to_pylist(), paths.to_pylist(), strict=True)
+        ):
+            return True
+    return False
 
 
 def _edges(table: pa.Table, threshold: float) -> list[tuple[float, str, str]]:
@@ -791,7 +792,7 @@ def run_pairs(
         old = _recorded_near(lay)
         gone = pc.all(pc.is_in(before, value_set=all_ids)).as_py() is False
         assert recorded is not None
-        fold = gone or len(recorded.runs) >= MAX_RUNS or _moved(old, canonical_table(settings))
+        fold = gone or len(recorded.runs) >= MAX_RUNS or _moved(old, s.path_of)
     prior = _recorded_near(lay) if rows is None else old  # what was recorded before
     checks: dict[Key, verify.Match | None] = (
         dict(_checks_of(prior)) if rows is None and reuse_checks else {}

@@ -78,7 +78,7 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
     done = [todo[i] for i in done]
     for i, why in failed:
         results[todo[i]].error = f"cannot be read: {why}"
-    manifest = load_manifest(settings).select(["sha256", "path", "status"]).to_pylist()
+    manifest = load_manifest(settings, ["sha256", "path", "status"]).to_pylist()
     by_sha: dict[str, list[str]] = {}
     for r in manifest:
         if r["status"] in PRESENT:

@@ -91,7 +91,7 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     if not csv_path.is_file():
         raise CbirError(f"ground truth not found: {csv_path} (data.ground_truth in params)")
     scans = os.path.realpath(lay.scans)
-    rows = load_manifest(settings).select(["image_id", "path", "status"]).to_pylist()
+    rows = load_manifest(settings, ["image_id", "path", "status"]).to_pylist()
     id_of = {r["path"]: r["image_id"] for r in rows if r["status"] in PRESENT}
 
     def lookup(raw: str) -> tuple[str | None, bool]:

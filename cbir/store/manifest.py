@@ -85,30 +85,26 @@ MANIFEST_FIX = (
 )
 
 
-def load_manifest(settings: Any) -> pa.Table:
-    """The manifest table (every file version). Raises CbirError when ingest has not run."""
+def load_manifest(settings: Any, columns: list[str] | None = None) -> pa.Table:
+    """The manifest table (every file version; only `columns`, when given: 10^7 rows of all
+    columns take seconds to read). Raises CbirError when ingest has not run."""
     path = layout(settings).files
     if not os.path.lexists(path):
         raise CbirError(f"no manifest at {path}: run `cbir ingest` first")
-    return read_table(path, FILES_SCHEMA, MANIFEST_FIX)  # damaged or foreign: one line
+    return read_table(path, FILES_SCHEMA, MANIFEST_FIX, columns)  # damaged or foreign: one line
 
 
 def canonical_images(settings: Any) -> list[dict[str, Any]]:
     """The images to embed: one present, canonical file per distinct content, sorted by id."""
-    table = load_manifest(settings)
-    rows = [
-        r
-        for r in table.select(
-            ["image_id", "path", "path_raw", "status", "is_canonical", "width", "height"]
-        ).to_pylist()
-        if r["is_canonical"] and r["status"] == OK
-    ]
+    cols = ["image_id", "path", "path_raw", "status", "is_canonical", "width", "height"]
+    table = load_manifest(settings, cols)
+    rows = [r for r in table.to_pylist() if r["is_canonical"] and r["status"] == OK]
     rows.sort(key=lambda r: r["image_id"])
     return rows
 
 
 def _canonical(settings: Any, columns: list[str]) -> pa.Table:
-    table = load_manifest(settings).select(["status", "is_canonical", *columns])
+    table = load_manifest(settings, ["status", "is_canonical", *columns])
     mask = pc.and_(pc.equal(table.column("status"), OK), table.column("is_canonical"))
     return table.filter(mask).select(columns)
 
@@ -154,6 +150,21 @@ class CanonicalPaths(Mapping[str, str]):
             self._keys = sorted_keys(t.column("image_id").combine_chunks())
             self._paths = t.column("path").combine_chunks()
         return self._keys, self._paths
+
+    def moved(self, ids: pa.Array, paths: pa.Array) -> bool:
+        """Whether any image of `ids` is recorded under a path that is not its canonical one
+        now (or is no canonical image now): in arrays, by bisection."""
+        keys, now = self._ready()
+        if not len(ids):
+            return False
+        if not len(keys):
+            return True
+        want = sorted_keys(pa.array(ids, pa.string()))
+        at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+        if bool((keys[at] != want).any()):
+            return True
+        same = pc.equal(now.take(pa.array(at)), pa.array(paths, pa.string()))
+        return not pc.all(pc.fill_null(same, False)).as_py()
 
     def _row(self, key: object) -> int:
         if not isinstance(key, str):

@@ -84,7 +84,11 @@ def read_table(
     if not path.is_file():  # a folder (pyarrow would read it as a dataset), a dangling link
         raise damaged(path, "it is not a regular file", fix)
     try:
-        table = pq.read_table(path)
+        if columns is not None:  # only those columns read (the footer says whether they fit)
+            problem = schema_problem(pq.read_schema(path), expected, names)
+            if problem:
+                raise damaged(path, problem, fix)
+        table = pq.read_table(path, columns=names if columns is not None else None)
         problem = schema_problem(table.schema, expected, names)
         if problem:
             raise damaged(path, problem, fix)
