@@ -310,13 +310,16 @@ def child_write_vectors(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     from cbir.fsutil import write_parquet
     from cbir.model import retrieval_model
     from cbir.steps.embed import EmbedPlan, write_model_card
+    from cbir.store.fingerprint import ModelKey, remember_fingerprint
     from cbir.store.layout import layout
 
     n, shard = a["n"], a["shard_size"]
     _write_params(ws, {"embed": {"shard_size": shard}})
     s = _settings(ws)
     lay = layout(s)
+    key = ModelKey(s)
     model, _, fp, source = retrieval_model(s)  # the fingerprint the steps will look for
+    remember_fingerprint(key, fp)  # as `cbir embed` does: the steps after it need no torch
     folder = lay.embeddings(fp)
     folder.mkdir(parents=True)
     write_model_card(s, EmbedPlan(fp, source, folder, [], 0), model)

@@ -23,6 +23,7 @@ from cbir.steps.ingest import run_ingest
 from cbir.steps.pairs import run_pairs
 from cbir.steps.query import query_images, rerank
 from cbir.store.layout import layout
+from cbir.store.pairs import read_pairs
 from cbir.verify import Match
 
 TINY = {"embed": {"resolution": 32, "scales": [1.0], "batch_size": 8, "workers": 0,
@@ -92,7 +93,7 @@ def test_query_puts_the_verified_original_of_a_detail_first(tmp_path):
 
 
 def pairs_rows(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
-    rows = pq.read_table(layout(settings).pairs).to_pylist()
+    rows = read_pairs(settings).to_pylist()
     return {(r["image_a"], r["image_b"]): r for r in rows if r["kind"] == "near"}
 
 
