@@ -500,7 +500,7 @@ CASES = [
     case("pairs", "pairs.write:1", full=False),
     case("pairs", "pairs.batch:1"),
     case("pairs", "write.pairs.next.parquet:1"),
-    case("pairs", "write.clusters.parquet:1"),
+    case("pairs", "write.clusters.next.parquet:1"),
     case("pairs", "pairs.searched:1"),
     case("pairs", "write.searched.next.parquet:1"),
     case("pairs", "write.catalog.duckdb:1", phase=1),

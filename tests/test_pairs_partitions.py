@@ -176,9 +176,14 @@ def test_a_killed_runs_partition_never_counts(ws, scale):
     assert stray_runs(lay) == [stray]
     assert read_pairs(s).num_rows == counted
     assert query(s, "SELECT count(*) FROM duplicate_pairs")[1][0][0] == counted
-    # the next run removes it
+    # ... and its clusters, staged: clusters.parquet stays the committed one
+    clusters = pq.read_table(lay.clusters)
+    write_parquet(clusters.slice(0, 5).replace_schema_metadata({store_pairs.TOKEN: "killed"}),
+                  lay.clusters_next)
+    # the next run removes them
     _night(scale, ws, 32)
     assert not stray.exists() and read_state(lay).runs == [1, 2]
+    assert not lay.clusters_next.exists()
     _clusters_hold_every_link(ws, scale, 0.9)
     # a full run stages its new base: killed before its commit, the staged base never counts
     # and the next run removes it; killed after it, readers find the committed base staged and
@@ -197,12 +202,14 @@ def test_a_killed_runs_partition_never_counts(ws, scale):
     assert state.runs == [] and store_pairs.file_token(lay.pairs) == state.base
     assert not lay.pairs_next.exists() and not lay.searched_next.exists()
     committed = _rows(read_pairs(s))
-    os.replace(lay.pairs, lay.pairs_next)  # as if killed between the commit and the rename
+    os.replace(lay.pairs, lay.pairs_next)  # as if killed between the commit and the renames
+    os.replace(lay.clusters, lay.clusters_next)
     assert read_state(lay) == state
     assert store_pairs.pair_files(lay)[1] == lay.pairs_next
     assert _rows(read_pairs(s)) == committed
     out = _night(scale, ws, 34)
     assert out.incremental and read_state(lay).runs == [1]
     assert lay.pairs.is_file() and not lay.pairs_next.exists()
+    assert lay.clusters.is_file() and not lay.clusters_next.exists()
     assert set(committed) < set(_rows(read_pairs(s)))
     _clusters_hold_every_link(ws, scale, out.thresholds.cluster)

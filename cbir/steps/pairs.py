@@ -909,7 +909,7 @@ def run_pairs(
         ids = pa.table({"image_id": all_ids})
         searched_token = _write_tokened(ids, lay.searched, state, lay.searched_next)
         runs = []
-    clusters_token = _write_tokened(clusters, lay.clusters, {})
+    clusters_token = _write_tokened(clusters, lay.clusters, {}, lay.clusters_next)
     faults.point("pairs.searched")
     write_state(
         lay,

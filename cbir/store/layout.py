@@ -55,6 +55,7 @@ PAIRS_STATE = "pairs.json"
 # a new base, staged until pairs.json commits it, then renamed over pairs.parquet/searched.parquet
 PAIRS_NEXT = "pairs.next.parquet"
 SEARCHED_NEXT = "searched.next.parquet"
+CLUSTERS_NEXT = "clusters.next.parquet"
 # the Dask workers' results of a `cbir pairs` run (orchestration.dask_address), one folder per
 # run, removed once merged
 PAIRS_PARTS = "parts"
@@ -223,6 +224,10 @@ class Layout:
     @property
     def searched_next(self) -> Path:
         return self.pairs_dir / SEARCHED_NEXT
+
+    @property
+    def clusters_next(self) -> Path:
+        return self.pairs_dir / CLUSTERS_NEXT
 
     @property
     def pairs_runs(self) -> Path:

@@ -52,6 +52,7 @@ OWN: dict[str, tuple[str, ...]] = {
         L.PAIRS_STATE,
         L.PAIRS_NEXT,
         L.SEARCHED_NEXT,
+        L.CLUSTERS_NEXT,
     ),
     "decisions_dir": (re.escape(L.DECISION_PART_PREFIX) + r"[0-9a-z-]+\.parquet",),
     "reports_dir": (

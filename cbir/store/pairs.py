@@ -11,8 +11,10 @@ The pairs are stored partitioned, so that a nightly run writes only what it foun
   file's content: rerunning on unchanged data rewrites nothing.
 A run that writes a new base stages it (`pairs.next.parquet`, `searched.next.parquet`), commits
 it, then renames it over the old one: until the rename, readers find the staged file by its
-token. A partition or a staged base no commit names is a killed run's, and is removed by the
-next run, which then does the same work again from the state as it was.
+token. New clusters are staged the same way (`clusters.next.parquet`), so a run killed before
+its commit leaves the clusters as they were too. A partition or a staged file no commit names
+is a killed run's, and is removed by the next run, which then does the same work again from the
+state as it was.
 """
 
 from __future__ import annotations
@@ -140,11 +142,20 @@ def base_files(lay: Layout, state: PairsState) -> tuple[Path, Path] | None:
 
 
 def finish_commit(lay: Layout) -> None:
-    """Rename a committed staged base over the old one (a run killed after its commit), remove a
-    staged base no commit names (one killed before), and the partitions no commit names."""
+    """Rename a committed staged base (and clusters) over the old one (a run killed after its
+    commit), remove a staged one no commit names (one killed before), and the partitions no
+    commit names."""
     state = read_state(lay)
-    tokens = (state.base, state.searched) if state is not None else ("", "")
-    staged = ((lay.pairs_next, lay.pairs), (lay.searched_next, lay.searched))
+    tokens = (
+        (state.base, state.searched, state.clusters.partition(":")[0])
+        if state is not None
+        else ("", "", "")
+    )
+    staged = (
+        (lay.pairs_next, lay.pairs),
+        (lay.searched_next, lay.searched),
+        (lay.clusters_next, lay.clusters),
+    )
     for (next_, final), token in zip(staged, tokens, strict=True):
         if token and next_.is_file() and file_token(next_) == token:
             os.replace(next_, final)
