@@ -49,3 +49,18 @@ def worker_map(
     finally:
         pool.terminate()
         pool.join()
+
+
+def dask_client(address: str) -> Any:
+    """A client of the Dask scheduler at `address` (orchestration.dask_address), not made the
+    default (a Prefect flow's task runner has its own); one line when none answers there."""
+    from distributed import Client  # only with a cluster: slow to import
+
+    from .errors import CbirError
+
+    try:
+        return Client(address, set_as_default=False)
+    except OSError as exc:  # no scheduler there (distributed waits comm.timeouts.connect)
+        raise CbirError(
+            f"cannot reach the Dask scheduler at {address} (orchestration.dask_address): {exc}"
+        ) from exc

@@ -52,6 +52,7 @@ from ..faiss_index import (
     training_rows,
 )
 from ..fsutil import atomic_path
+from ..parallel import dask_client
 from ..store.layout import layout
 from ..store.vectors import current_embeddings
 
@@ -208,16 +209,8 @@ def _cluster(
 ) -> Iterator[_Run]:
     run = _Run(settings, fingerprint, fids)
     shutil.rmtree(run.folder, ignore_errors=True)  # a killed run's parts: never merged
-    from distributed import Client  # only with a cluster: slow to import
-
     try:
-        try:
-            client = Client(address, set_as_default=False)
-        except OSError as exc:  # no scheduler there (distributed waits comm.timeouts.connect)
-            raise CbirError(
-                f"cannot reach the Dask scheduler at {address} (orchestration.dask_address): {exc}"
-            ) from exc
-        with client:
+        with dask_client(address) as client:
             run.client = client
             yield run
             with contextlib.suppress(Exception):  # a worker gone since: nothing to drop there

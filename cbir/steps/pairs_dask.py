@@ -29,6 +29,7 @@ import pyarrow as pa
 from ..config import Settings, load_settings
 from ..errors import CbirError
 from ..fsutil import write_parquet
+from ..parallel import dask_client
 from ..progress import bar as progress_bar
 from ..store.index import Searcher, open_searcher
 from ..store.layout import INDEX_FILE, layout
@@ -196,17 +197,12 @@ def dask_knn_pairs(
         )
         for i, part in enumerate(parts)
     ]
-    from distributed import Client, as_completed  # only with a cluster: slow to import
+    from distributed import as_completed  # only with a cluster: slow to import
 
     written: list[Path] = []
     bar = progress_bar(len(order), "search pairs on Dask", "image", progress)
     try:
-        try:
-            client = Client(address, set_as_default=False)
-        except OSError as exc:  # no scheduler there (distributed waits comm.timeouts.connect)
-            raise CbirError(
-                f"cannot reach the Dask scheduler at {address} (orchestration.dask_address): {exc}"
-            ) from exc
+        client = dask_client(address)
         with client, contextlib.closing(bar):
             futures = {
                 client.submit(search_part, job, key=f"pairs-part-{i:05d}-{run}", pure=False): job
