@@ -15,7 +15,15 @@ from cbir.fsutil import write_parquet
 from cbir.steps.embed import _subset_name, _vector_table
 from cbir.store.embeddings import load_embeddings
 from cbir.store.layout import VECTOR_DATA_GLOB, VECTOR_ROWS
-from cbir.store.vectors import DTYPE, Vectors, open_vectors, sync_vectors, to_float32
+from cbir.store.manifest import hex_keys
+from cbir.store.vectors import (
+    DTYPE,
+    Vectors,
+    _latest_rows,
+    open_vectors,
+    sync_vectors,
+    to_float32,
+)
 
 DIM = 8
 
@@ -122,6 +130,39 @@ def test_an_image_in_two_shards_keeps_its_last_row(tmp_path):
     got_ids, vec = open_vectors(tmp_path)
     assert got_ids == sorted(ids)
     np.testing.assert_allclose(vec[got_ids.index(ids[1])], v2[0], atol=1e-3)
+
+
+def _latest_rows_as_strings(ids: list[str], only: set[str] | None) -> list[int]:
+    """What _latest_rows means, one Python row at a time: ids sorted, the last row of each."""
+    last = {i: row for row, i in enumerate(ids)}
+    return [last[i] for i in sorted(last) if only is None or i in only]
+
+
+def test_hex_ids_are_sorted_and_matched_as_integers_exactly_as_strings():
+    """The integer path (cbir's 16-hex ids) and the string path (other ids) agree with the
+    plain definition: repeated ids, ids sharing prefixes, filters with absent ids."""
+    rng = np.random.default_rng(7)
+    for case in range(200):
+        n = int(rng.integers(0, 60))
+        pool = [f"{x:016x}" for x in rng.integers(0, 1 << 63, size=max(1, n // 2))]
+        pool += ["0" * 15 + "1", "f" * 16, "0" * 16, "00000000000000a0"]
+        ids = [pool[j] for j in rng.integers(0, len(pool), size=n)]
+        only = None if case % 3 == 0 else set(rng.choice(pool + ["ffffffff00000000"], 5))
+        arr = pa.array(ids, pa.string())
+        only_arr = None if only is None else pa.array(sorted(only), pa.string())
+        want = _latest_rows_as_strings(ids, only)
+        assert hex_keys(arr) is not None
+        assert _latest_rows(arr, only_arr).tolist() == want
+        odd = [i.upper() if k % 2 else i for k, i in enumerate(ids)]  # not cbir's form
+        assert hex_keys(pa.array(odd, pa.string())) is None or not any(
+            i != i.lower() for i in odd
+        )
+        odd_only = None if only is None else {i.upper() for i in only} | only
+        got = _latest_rows(pa.array(odd, pa.string()), None if odd_only is None
+                           else pa.array(sorted(odd_only), pa.string()))
+        assert got.tolist() == _latest_rows_as_strings(odd, odd_only)
+    assert hex_keys(pa.array(["abc", "0123456789abcdeg"])) is None
+    assert hex_keys(pa.array(["0123456789abcdeg"])) is None
 
 
 def test_rows_index_like_a_float32_array_and_read_again_after_release(tmp_path):

@@ -135,6 +135,27 @@ def sorted_keys(ids: pa.Array) -> np.ndarray:
     return np.array([x.encode() for x in ids.to_pylist()], dtype=bytes)
 
 
+_HEX = np.full(256, 255, np.uint8)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+
+
+def hex_keys(ids: pa.Array) -> np.ndarray | None:
+    """cbir's image ids (16 lowercase hex digits) as uint64 in the same order as the strings,
+    so that sorting and membership are integer work (10^7 ids: a second, against 30 s for
+    strings); None where any id is of another form."""
+    keys = sorted_keys(ids)
+    if not len(keys):
+        return np.zeros(0, np.uint64)
+    if keys.dtype.itemsize != 16:
+        return None
+    nibbles = _HEX[keys.view(np.uint8).reshape(-1, 16)]
+    if (nibbles == 255).any():
+        return None
+    packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])
+    return packed.view(">u8").ravel().astype(np.uint64)
+
+
 class CanonicalPaths(Mapping[str, str]):
     """image_id -> path of each canonical image, read-only, built on first use from the
     manifest and searched by bisection in sorted arrays: no dictionary of 10^7 Python strings."""

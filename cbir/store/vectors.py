@@ -38,7 +38,7 @@ from ..progress import bar as progress_bar
 from .embeddings import check_dimensions, read_shard, shard_vectors
 from .fingerprint import current_fingerprint
 from .layout import SHARD_GLOB, VECTOR_DATA_GLOB, VECTOR_DATA_PREFIX, VECTOR_ROWS, layout
-from .manifest import canonical_ids
+from .manifest import canonical_ids, hex_keys
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -224,6 +224,42 @@ def _drop_others(folder: Path, keep: Path) -> None:
             other.unlink(missing_ok=True)
 
 
+def _latest_rows(ids: pa.Array, only: pa.Array | None) -> np.ndarray:
+    """The rows of `ids` ordered by id, the last row of each id, only ids among `only`. cbir's
+    hex ids are sorted and matched as integers (10^6: 0.7 s against 3.4 s for strings)."""
+    keys = hex_keys(ids)
+    if keys is None:  # ids of another form: sorted as strings
+        order = pc.sort_indices(
+            pa.table({"id": ids, "pos": np.arange(len(ids), dtype=np.int64)}),
+            sort_keys=[("id", "ascending"), ("pos", "descending")],
+        )
+        rows = np.asarray(order, np.int64)
+        sorted_ids = pc.take(ids, order)
+        keep = np.ones(len(rows), bool)
+        if len(rows) > 1:
+            keep[1:] = np.asarray(pc.not_equal(sorted_ids[1:], sorted_ids[:-1]), bool)
+    else:  # a stable sort keeps an id's rows in file order: its last is the last of its run
+        rows = np.argsort(keys, kind="stable")
+        sorted_keys_ = keys[rows]
+        keep = np.ones(len(rows), bool)
+        keep[:-1] = sorted_keys_[1:] != sorted_keys_[:-1]
+    rows = rows[keep]
+    if only is None or not len(rows):
+        return rows
+    only = only.combine_chunks() if isinstance(only, pa.ChunkedArray) else only
+    wanted = hex_keys(only) if keys is not None else None
+    if keys is None or wanted is None:
+        member = np.asarray(pc.is_in(pc.take(ids, pa.array(rows)), value_set=only), bool)
+    elif not len(wanted):
+        member = np.zeros(len(rows), bool)
+    else:
+        wanted = np.sort(wanted)
+        have = keys[rows]
+        at = np.minimum(np.searchsorted(wanted, have), len(wanted) - 1)
+        member = wanted[at] == have
+    return rows[member]
+
+
 def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[list[str], Vectors]:
     """The vectors of a fingerprint folder, memory-mapped: (image ids sorted, their rows). `only`
     (strings): keep these ids. An image held by two shards keeps its last row. Where the file is
@@ -247,21 +283,10 @@ def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[list[str],
         ids = pa.array([i for p in parts for i in p[0]], pa.string())
         dim = parts[0][1].shape[1] if parts else 0
         base = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), DTYPE)
-    # sorted by id; of an id's rows the last
     ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-    order = pc.sort_indices(
-        pa.table({"id": ids, "pos": np.arange(len(ids), dtype=np.int64)}),
-        sort_keys=[("id", "ascending"), ("pos", "descending")],
-    )
-    sorted_ids = pc.take(ids, order)
-    rows = np.asarray(order, np.int64)
-    keep = np.ones(len(rows), bool)
-    if len(rows) > 1:
-        keep[1:] = np.asarray(pc.not_equal(sorted_ids[1:], sorted_ids[:-1]), bool)
-    if only is not None:
-        keep &= np.asarray(pc.is_in(sorted_ids, value_set=only), bool)
-    kept_ids = pc.filter(sorted_ids, pa.array(keep)).to_pylist()
-    return kept_ids, Vectors(base, rows[keep], mapped)
+    rows = _latest_rows(ids, only)
+    kept_ids = pc.take(ids, pa.array(rows)).to_pylist()
+    return kept_ids, Vectors(base, rows, mapped)
 
 
 def current_embeddings(
