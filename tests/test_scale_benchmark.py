@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -78,3 +79,31 @@ def test_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert kills["never.reached:1"]["status"] == "FAIL"  # a run that was not killed is no check
     assert "| 1,500 | pairs.batch:1 | ok |" in out.stdout
     assert not list(tmp_path.glob("vectors-1500-*"))  # nor the killed runs' copies
+
+
+@pytest.mark.slow
+def test_a_kept_size_resumes_with_the_pairs_rate_measured_on_a_sample(tmp_path):
+    """--keep, then --resume-from pairs --pairs-sample: the steps before it keep their rows, the
+    pairs step projects its time from the sampled queries, and the steps after it find the
+    state a full search leaves (the nightly run finds every planted copy of the night)."""
+    def run(*extra: str) -> list[dict]:
+        out = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--out", str(tmp_path),
+             "--ingest-sizes", "", "--sizes", "1500", "--new", "100", "--shard-size", "500",
+             "--keep", *extra], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return json.loads((tmp_path / "results.json").read_text())["rows"]
+
+    first = {r["step"]: r for r in run()}
+    assert (tmp_path / "vectors-1500").is_dir()
+    rows = {r["step"]: r for r in run("--resume-from", "pairs", "--pairs-sample", "500")}
+    assert rows["index"] == first["index"] and rows["write vectors"] == first["write vectors"]
+    pairs = rows["pairs"]
+    assert pairs["status"] == "ok" and pairs["out"]["projected"] is True
+    assert pairs["note"].startswith("PROJECTED: 500 of 1,600 searched")  # the first night: +100
+    found, planted = re.search(r"sampled images found (\d+)/(\d+)", pairs["note"]).groups()
+    assert int(planted) > 0 and found == planted
+    assert "150 pairs" in pairs["note"]  # the planted pairs, recorded through run_pairs
+    assert rows["nightly"]["status"] == "ok"
+    assert "planted found 20/20" in rows["nightly"]["note"]
+    assert all(rows[s]["status"] == "ok" for s in rows)

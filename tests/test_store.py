@@ -13,7 +13,7 @@ from cbir.errors import CbirError
 from cbir.store.embeddings import embedded_ids, load_embeddings, read_shard
 from cbir.store.index import NoIndex, load_index
 from cbir.store.layout import layout
-from cbir.store.manifest import canonical_images, latest_run, load_manifest
+from cbir.store.manifest import canonical_images, ids_in, latest_run, load_manifest
 
 
 def test_the_layout_names_every_path_under_the_workspace(tmp_path):
@@ -149,3 +149,26 @@ def test_canonical_paths_says_which_recorded_paths_moved():
     assert m.moved(pa.array(["cc", "aa"]), pa.array(["x/c.jpg", "y/a.jpg"]))  # a moved file
     assert m.moved(pa.array(["aa", "dd"]), pa.array(["x/a.jpg", "x/d.jpg"]))  # no longer here
     assert m.moved(pa.array(["aa"]), pa.array([None], pa.string()))
+
+
+def test_ids_in_agrees_with_arrow_is_in():
+    """Membership of image ids: integer binary search for cbir's hex ids, Arrow's is_in for
+    others; the same answers, whatever the order, chunking or form of either side."""
+    rng = np.random.default_rng(11)
+    for case in range(200):
+        pool = [f"{x:016x}" for x in rng.integers(0, 1 << 63, size=int(rng.integers(1, 40)))]
+        pool += ["0" * 16, "f" * 16]
+        values = [pool[j] for j in rng.integers(0, len(pool), size=int(rng.integers(0, 50)))]
+        among = [pool[j] for j in rng.integers(0, len(pool), size=int(rng.integers(0, 20)))]
+        if case % 4 == 1:
+            among.sort()
+        if case % 4 == 2:  # not cbir's form on one side: Arrow's is_in
+            among = [a.upper() for a in among] + among[:1]
+        if case % 4 == 3:
+            values = values + ["not-an-id"]
+        half = len(values) // 2
+        chunked = pa.chunked_array([pa.array(values[:half], pa.string()),
+                                    pa.array(values[half:], pa.string())])
+        want = [v in set(among) for v in values]
+        assert ids_in(chunked, pa.array(among, pa.string())).tolist() == want
+        assert ids_in(pa.array(values, pa.string()), pa.array(among, pa.string())).dtype == bool

@@ -52,7 +52,14 @@ from ..store.features import (
 )
 from ..store.index import Searcher, open_searcher
 from ..store.layout import Layout, layout
-from ..store.manifest import DUPLICATE, OK, CanonicalPaths, canonical_table, load_manifest
+from ..store.manifest import (
+    DUPLICATE,
+    OK,
+    CanonicalPaths,
+    canonical_table,
+    ids_in,
+    load_manifest,
+)
 from ..store.pairs import (
     CLUSTERS_SCHEMA,
     CONFIRMED,
@@ -787,10 +794,10 @@ def run_pairs(
     if before is None:
         rows = None
     else:
-        searched = np.asarray(pc.is_in(all_ids, value_set=before))
+        searched = ids_in(all_ids, before)
         rows = np.flatnonzero(~searched).astype(np.int64)
         old = _recorded_near(lay)
-        gone = pc.all(pc.is_in(before, value_set=all_ids)).as_py() is False
+        gone = not bool(ids_in(before, all_ids).all())
         assert recorded is not None
         fold = gone or len(recorded.runs) >= MAX_RUNS or _moved(old, s.path_of)
     prior = _recorded_near(lay) if rows is None else old  # what was recorded before
@@ -848,11 +855,8 @@ def run_pairs(
         vs.seconds = time.perf_counter() - t1
     new = _near_table(pairs, checks, s)
     if fold:  # recorded pairs of images gone since are dropped; paths as they are now
-        both = pc.and_(
-            pc.is_in(old.column("image_a"), value_set=all_ids),
-            pc.is_in(old.column("image_b"), value_set=all_ids),
-        )
-        kept = old.filter(both)
+        both = ids_in(old.column("image_a"), all_ids) & ids_in(old.column("image_b"), all_ids)
+        kept = old.filter(pa.array(both))
         paths = canonical_table(settings)
         for side in "ab":
             joined = kept.join(

@@ -156,6 +156,23 @@ def hex_keys(ids: pa.Array) -> np.ndarray | None:
     return packed.view(">u8").ravel().astype(np.uint64)
 
 
+def ids_in(values: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Whether each of `values` is among `value_set` (image ids), as a bool array: pc.is_in,
+    done as integer binary search for cbir's hex ids (10^6 in 10^6: 0.3 s against 1.8 s)."""
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    value_set = value_set.combine_chunks() if isinstance(value_set, pa.ChunkedArray) else value_set
+    have = hex_keys(values)
+    among = hex_keys(value_set) if have is not None else None
+    if have is None or among is None:
+        return np.asarray(pc.fill_null(pc.is_in(values, value_set=value_set), False), bool)
+    if not len(among):
+        return np.zeros(len(have), bool)
+    if len(among) > 1 and not bool((among[1:] >= among[:-1]).all()):
+        among = np.sort(among)
+    at = np.minimum(np.searchsorted(among, have), len(among) - 1)
+    return np.asarray(among[at] == have, bool)
+
+
 class CanonicalPaths(Mapping[str, str]):
     """image_id -> path of each canonical image, read-only, built on first use from the
     manifest and searched by bisection in sorted arrays: no dictionary of 10^7 Python strings."""

@@ -38,7 +38,7 @@ from ..progress import bar as progress_bar
 from .embeddings import check_dimensions, read_shard, shard_vectors
 from .fingerprint import current_fingerprint
 from .layout import SHARD_GLOB, VECTOR_DATA_GLOB, VECTOR_DATA_PREFIX, VECTOR_ROWS, layout
-from .manifest import canonical_ids, hex_keys
+from .manifest import canonical_ids, hex_keys, ids_in
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -246,18 +246,7 @@ def _latest_rows(ids: pa.Array, only: pa.Array | None) -> np.ndarray:
     rows = rows[keep]
     if only is None or not len(rows):
         return rows
-    only = only.combine_chunks() if isinstance(only, pa.ChunkedArray) else only
-    wanted = hex_keys(only) if keys is not None else None
-    if keys is None or wanted is None:
-        member = np.asarray(pc.is_in(pc.take(ids, pa.array(rows)), value_set=only), bool)
-    elif not len(wanted):
-        member = np.zeros(len(rows), bool)
-    else:
-        wanted = np.sort(wanted)
-        have = keys[rows]
-        at = np.minimum(np.searchsorted(wanted, have), len(wanted) - 1)
-        member = wanted[at] == have
-    return rows[member]
+    return rows[ids_in(pc.take(ids, pa.array(rows)), only)]
 
 
 def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[list[str], Vectors]:
