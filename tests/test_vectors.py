@@ -5,6 +5,7 @@ its commit."""
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ from cbir.store.layout import VECTOR_DATA_GLOB, VECTOR_ROWS
 from cbir.store.manifest import hex_keys
 from cbir.store.vectors import (
     DTYPE,
+    RowReader,
     Vectors,
     _latest_rows,
     open_vectors,
@@ -165,12 +167,19 @@ def test_hex_ids_are_sorted_and_matched_as_integers_exactly_as_strings():
     assert hex_keys(pa.array(["0123456789abcdeg"])) is None
 
 
-def test_rows_index_like_a_float32_array_and_read_again_after_release(tmp_path):
+@pytest.mark.parametrize("read", ["mapped", "pread"])
+def test_rows_index_like_a_float32_array_and_read_again_after_release(tmp_path, monkeypatch, read):
+    """Mapped (a file that fits MAP_MAX_BYTES) or read row by row (a larger one): the same rows
+    for an int, a slice, repeated rows, a mask, rows of any shape, none, and the whole."""
+    if read == "pread":
+        monkeypatch.setattr("cbir.store.vectors.MAP_MAX_BYTES", 0)
     rng = np.random.default_rng(5)
     ids, v = _ids(rng, 20), _unit(rng, 20)
     _shard(tmp_path, ids, v)
     sync_vectors(tmp_path)
     got_ids, vec = open_vectors(tmp_path)
+    assert (vec._mapped is None) == (read == "pread")
+    assert isinstance(vec._base, RowReader) == (read == "pread")
     want = v[np.argsort(ids)]
     assert vec.shape == (20, DIM) and len(vec) == 20 and vec.dtype == np.float32
     np.testing.assert_allclose(vec[3], want[3], atol=1e-3)
@@ -180,8 +189,39 @@ def test_rows_index_like_a_float32_array_and_read_again_after_release(tmp_path):
     np.testing.assert_allclose(vec[mask], want[mask], atol=1e-3)
     np.testing.assert_allclose(np.asarray(vec), want, atol=1e-3)
     assert [s for s, _ in vec.chunks(8)] == [0, 8, 16]
+    grid = np.array([[19, 0, 4], [4, 4, 18]])  # the candidates of two queries
+    np.testing.assert_allclose(vec[grid], want[grid], atol=1e-3)
+    assert vec[np.zeros(0, np.int64)].shape == (0, DIM)
     vec.release()
     np.testing.assert_allclose(vec[:], want, atol=1e-3)
+    np.testing.assert_array_equal(vec[:], open_vectors(tmp_path)[1][:])
+
+
+def test_rows_of_a_large_file_are_read_not_mapped(tmp_path, monkeypatch):
+    """Past MAP_MAX_BYTES the process maps nothing of the file, reads runs of consecutive rows
+    in one call, refuses rows past the recorded ones and says so when the file is cut short."""
+    monkeypatch.setattr("cbir.store.vectors.MAP_MAX_BYTES", 0)
+    rng = np.random.default_rng(8)
+    ids, v = _ids(rng, 30), _unit(rng, 30)
+    _shard(tmp_path, ids, v)
+    sync_vectors(tmp_path)
+    _, vec = open_vectors(tmp_path)
+    reader = vec._base
+    assert isinstance(reader, RowReader)
+    calls: list[int] = []
+    real = os.preadv
+    monkeypatch.setattr("cbir.store.vectors.os.preadv",
+                        lambda fd, bufs, at: calls.append(at) or real(fd, bufs, at))
+    rows = reader.read(np.array([7, 3, 4, 5, 20, 4]))
+    assert calls == [3 * reader.row_bytes, 7 * reader.row_bytes, 20 * reader.row_bytes]
+    assert rows.shape == (6, DIM)
+    with pytest.raises(IndexError):
+        reader.read(np.array([30]))
+    data = next(tmp_path.glob(VECTOR_DATA_GLOB))
+    with open(data, "r+b") as fh:  # cut short behind the reader's back
+        fh.truncate(10 * reader.row_bytes)
+    with pytest.raises(CbirError, match="ends before its recorded rows"):
+        reader.read(np.array([25]))
 
 
 def test_float16_rows_convert_to_exactly_what_numpy_gives():

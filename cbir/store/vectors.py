@@ -48,6 +48,54 @@ ROWS_SCHEMA = pa.schema([("image_id", pa.string()), ("shard", pa.string())])
 #: A process gives the pages it has read back to the page cache after this many bytes, so that
 #: its resident set stays bounded while it scans or re-ranks a large file.
 RELEASE_BYTES = 256 << 20
+#: A vector file larger than this is read row by row (pread) instead of memory-mapped. Rows are
+#: read scattered (in id order, or a query's candidates), and the kernel maps the cached pages
+#: around every page a mapping faults in: measured on a 10 GB file, 134-144 KiB mapped per
+#: random row read, so scans and re-ranking mapped the whole file into the process (the index
+#: step at 10^7 passed 12.9 GB). Bounding that by unmapping costs 7-8 us a row for the fault
+#: plus 4 for the unmapping, against 3 us for pread; a mapping that stays populated (0.6 us a
+#: row) is kept where the file is small enough to be resident (10^6 images: 1 GB).
+MAP_MAX_BYTES = 2 << 30
+
+
+class RowReader:
+    """Rows of a vector file read with pread into memory of their own: only the page cache
+    holds the file, not the process. Consecutive rows are read in one call."""
+
+    def __init__(self, path: Path, n: int, dim: int):
+        self.path, self.n, self.dim = path, n, dim
+        self.row_bytes = dim * DTYPE.itemsize
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The float16 rows `rows` (any shape) as an array of shape rows.shape + (dim,)."""
+        shape = np.shape(rows)
+        flat = np.asarray(rows, np.int64).reshape(-1)
+        if len(flat) and (flat.min() < 0 or flat.max() >= self.n):
+            raise IndexError(f"row out of range of the {self.n} rows of {self.path}")
+        wanted, back = np.unique(flat, return_inverse=True)  # forward through the file, once
+        buf = bytearray(len(wanted) * self.row_bytes)
+        view = memoryview(buf)
+        # runs of consecutive rows: one pread each
+        cuts = np.flatnonzero(np.diff(wanted) != 1) + 1
+        starts = np.r_[0, cuts].astype(np.int64) if len(wanted) else np.zeros(0, np.int64)
+        ends = np.r_[cuts, len(wanted)].astype(np.int64) if len(wanted) else starts
+        rb = self.row_bytes
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            part = view[a * rb : b * rb]
+            at = int(wanted[a]) * rb
+            while len(part):  # pread may return less than asked
+                got = os.preadv(self._fd, [part], at)
+                if got <= 0:
+                    raise CbirError(f"{self.path} ends before its recorded rows; run `cbir embed`")
+                part, at = part[got:], at + got
+        out = np.frombuffer(buf, DTYPE).reshape(len(wanted), self.dim)[back]
+        return out.reshape(*shape, self.dim)
 
 
 @functools.cache
@@ -71,13 +119,19 @@ class Vectors:
     """Rows of a vector file (memory-mapped, or an array in memory) in a chosen order: indexing
     returns float32 copies, like indexing a float32 array, without ever loading the file."""
 
-    def __init__(self, base: np.ndarray, rows: np.ndarray, mapped: mmap.mmap | None = None):
+    def __init__(
+        self,
+        base: np.ndarray | RowReader,
+        rows: np.ndarray,
+        mapped: mmap.mmap | None = None,
+    ):
         self._base, self._rows, self._mapped = base, rows, mapped
         self._touched = 0
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (len(self._rows), int(self._base.shape[1]))
+        dim = self._base.dim if isinstance(self._base, RowReader) else self._base.shape[1]
+        return (len(self._rows), int(dim))
 
     @property
     def ndim(self) -> int:
@@ -91,6 +145,8 @@ class Vectors:
         return len(self._rows)
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(self._base, RowReader):
+            return to_float32(self._base.read(self._rows[key]))
         out = to_float32(self._base[self._rows[key]])
         self._touched += out.size * self._base.itemsize
         if self._touched > RELEASE_BYTES:
@@ -256,11 +312,14 @@ def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[list[str],
     shards = sorted(folder.glob(SHARD_GLOB))
     rec = _recorded(folder)
     mapped = None
+    base: np.ndarray | RowReader
     if rec is not None and rec[3] == _signature(shards):
         table, data, dim, _ = rec
         ids = table.column("image_id")
         n = table.num_rows
-        if n:
+        if n * dim * DTYPE.itemsize > MAP_MAX_BYTES:
+            base = RowReader(data, n, dim)
+        elif n:
             with open(data, "rb") as fh:
                 mapped = mmap.mmap(fh.fileno(), n * dim * DTYPE.itemsize, access=mmap.ACCESS_READ)
             base = np.frombuffer(mapped, DTYPE).reshape(n, dim)
