@@ -400,3 +400,48 @@ def test_index_update_changes_equal_numpy_set_operations():
         gone, new = _changes(have, fids)
         np.testing.assert_array_equal(gone, np.setdiff1d(have, fids))
         np.testing.assert_array_equal(new, ~np.isin(fids, have))
+
+
+def test_an_index_streamed_to_disk_is_the_serialised_index_and_a_full_disk_keeps_the_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_index streams FAISS's bytes through Python (hashed on the way, no copy in memory):
+    the file is serialize_index's bytes, and a write failing for lack of space says so in one
+    line (its errno kept) and leaves the saved index as it was."""
+    import errno
+    import os
+
+    gen = Clusters(32, 40, seed=9)
+    x = gen.sample(3000)
+    ids = np.arange(len(x), dtype=np.int64)
+    index, info = build_index(x, ids, seed=0)
+    save_index(index, info, tmp_path)
+    saved = (tmp_path / "index.faiss").read_bytes()
+    assert saved == faiss.serialize_index(index).tobytes()
+    side = json.loads((tmp_path / "index.json").read_text())["index_file"]
+    assert side["sha256"] == hashlib.sha256(saved).hexdigest() and side["bytes"] == len(saved)
+
+    bigger, bigger_info = build_index(np.concatenate([x, gen.sample(500)]), np.arange(3500))
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, chunk):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr("cbir.store.index.open", lambda p, m="r": FullDisk(real_open(p, m)),
+                        raising=False)
+    with pytest.raises(CbirError, match="no space left on the device"):
+        save_index(bigger, bigger_info, tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "index.faiss").read_bytes() == saved
+    assert load_index(tmp_path)[0].ntotal == 3000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.faiss", "index.json"]

@@ -112,7 +112,8 @@ def test_canonical_paths_is_a_mapping_found_by_bisection():
 
     from cbir.store.manifest import CanonicalPaths, sorted_keys
 
-    for ids in (["0f3a", "a1b2", "00ff", "ffff"], ["b", "ä", "aa", "a", "ab"]):
+    hexed = ["f" * 16, "00000000000000a0", "0" * 16, "8000000000000000", "7fffffffffffffff"]
+    for ids in (["0f3a", "a1b2", "00ff", "ffff"], ["b", "ä", "aa", "a", "ab"], hexed):
         paths = [f"box/{i}.jpg" for i in ids]
         loads = []
 
