@@ -797,7 +797,9 @@ def run_pairs(
         searched = ids_in(all_ids, before)
         rows = np.flatnonzero(~searched).astype(np.int64)
         old = _recorded_near(lay)
-        gone = not bool(ids_in(before, all_ids).all())
+        # an image searched before and not among the present ones (the recorded ids are
+        # distinct; were one recorded twice, this folds, which is always right)
+        gone = int(searched.sum()) < len(before)
         assert recorded is not None
         fold = gone or len(recorded.runs) >= MAX_RUNS or _moved(old, s.path_of)
     prior = _recorded_near(lay) if rows is None else old  # what was recorded before
