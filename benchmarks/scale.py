@@ -16,6 +16,9 @@ min (writing the files 2 of them), 10^5 vectors 5 min, 10^6 vectors 30 min (inde
 then the index step holds about 3 bytes of RAM per byte of float32 vectors (7.2 GB at 10^6)
 and the watchdog stopped it at 12.9 GB after 4.4 min; the steps after it do not run.
 
+`--sizes 1e7 --keep` with the vector file read by pread (load 1-2): writing the vectors 27
+min (20 GB of shards, a 10 GB vector file), index 36 min (5.7 GB); then `--resume-from pairs
+--pairs-sample 100000`: 13 min (pairs 3 min, arrivals 1, nightly 1.5, the queries 1 min).
 At 10^7 the all-pairs search alone takes hours at the measured rates. `--pairs-sample Q`
 measures its rate on Q random queries and projects the step's time from it (the state after
 it is then the planted pairs, run through `run_pairs`: `_sampled_pairs`); `--keep` then
