@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiny_workspace
-from conftest import open_catalogue
+from conftest import open_catalogue, photo, save
 
 from cbir.config import load_settings
 from cbir.errors import CbirError
@@ -162,3 +162,87 @@ def test_decisions_view_holds_each_pairs_current_decision_and_follows_new_parts(
         con.close()
     with pytest.raises(CbirError, match="only queries"):
         catalog.query(settings, f"COPY (SELECT 1) TO '{folder}/part-1-x.parquet'")
+
+
+# ------------------------------------------------------------------ stored results (issue 16)
+
+
+def _live(settings, sql: str) -> list[tuple]:
+    """`sql` over every view as its live query (the joins computed now, nothing stored)."""
+    con = duckdb.connect(":memory:")
+    try:
+        for view in catalog._plan(settings):
+            con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+STORED_ORDER = {"pair_report": "ORDER BY path_a, path_b, kind",
+                "cluster_report": "ORDER BY cluster_id"}
+
+
+def test_stored_reports_hold_what_their_live_queries_give(ws):
+    """pair_report and cluster_report are read from their stored results (the joins with the
+    whole manifest cost seconds at 10^7): the same rows, columns and types as the live query."""
+    settings = load_settings(ws / "params.yaml")
+    stored = {v.name: v.stored for v in catalog.views(settings) if v.stored is not None}
+    assert set(stored) == set(STORED_ORDER)
+    for name, order in STORED_ORDER.items():
+        _, rows = catalog.query(settings, f"SELECT * FROM {name} {order}")
+        assert rows and rows == _live(settings, f"SELECT * FROM {name} {order}")
+        assert (catalog.query(settings, f"DESCRIBE {name}")[1]
+                == _live(settings, f"DESCRIBE SELECT * FROM {name}"))
+        assert catalog.stored_stamp(stored[name]) is not None  # read from there
+
+
+def test_a_stored_report_follows_its_inputs_and_is_not_rewritten_without_a_change(tmp_path):
+    """A stored result carries a stamp of its inputs: unchanged inputs, the file stays as it is;
+    a changed manifest (an image's width), the next query computes it again; a damaged file is
+    computed again. Ingest leaves it to the pairs step (a nightly run would compute it twice)
+    and the next query brings it up to date."""
+    from cbir.fsutil import write_parquet
+    from cbir.steps.ingest import run_ingest
+    from cbir.steps.pairs import run_pairs
+
+    settings = tiny_workspace.make(tmp_path)
+    run_pairs(settings)
+    report = next(v.stored for v in catalog.views(settings) if v.name == "pair_report")
+    assert report is not None and report.is_relative_to(tmp_path / "data" / "cache")
+    stamp, inode = catalog.stored_stamp(report), report.stat().st_ino
+    sql = "SELECT image_a, width_a FROM pair_report WHERE kind = 'near' ORDER BY score DESC"
+    image, width = catalog.query(settings, sql)[1][0]
+    assert (catalog.stored_stamp(report), report.stat().st_ino) == (stamp, inode)
+
+    files_path = tmp_path / "data" / "manifest" / "files.parquet"
+    files = pq.read_table(files_path)
+    wider = pa.array([w + 1000 if i == image else w for i, w in
+                      zip(files["image_id"].to_pylist(), files["width"].to_pylist(),
+                          strict=True)], pa.int32())
+    write_parquet(files.set_column(files.schema.get_field_index("width"), "width", wider),
+                  files_path)
+    assert catalog.query(settings, sql)[1][0] == (image, width + 1000)
+    assert catalog.stored_stamp(report) not in (None, stamp)
+
+    report.write_bytes(b"not parquet")
+    assert catalog.query(settings, sql)[1][0] == (image, width + 1000)
+    stamp = catalog.stored_stamp(report)
+    assert stamp is not None
+
+    save(photo(9), tmp_path / "scans" / "p9.png")
+    assert run_ingest(settings).counts["new"] == 1
+    assert catalog.stored_stamp(report) == stamp  # left to the pairs step
+    catalog.query(settings, sql)
+    assert catalog.stored_stamp(report) not in (None, stamp)
+
+
+def test_a_killed_stored_write_leaves_a_temporary_file_that_clean_stale_removes(ws):
+    from cbir.fsutil import TMP_PREFIX
+
+    settings = load_settings(ws / "params.yaml")
+    report = next(v.stored for v in catalog.views(settings) if v.name == "cluster_report")
+    assert report is not None
+    left = report.parent / f"{TMP_PREFIX}{report.name}.killed"
+    left.write_bytes(b"half a parquet file")
+    catalog.clean_stale(settings)
+    assert not left.exists() and report.is_file()

@@ -418,7 +418,8 @@ def run_ingest(
     changed = _state_key(files, new_quarantine) != before
     _commit(lay, manifest.table, new_quarantine, runs, changed=changed)
     journal.clear()
-    catalog = refresh_catalog(settings)
+    # the stored reports are left to the pairs step (a nightly run would compute them twice)
+    catalog = refresh_catalog(settings, stored=False)
 
     return IngestSummary(
         run_id=run_id,

@@ -3,7 +3,9 @@
 The Parquet files are the single source of truth (each written atomically). `data/catalog.duckdb`
 holds only views that read them, so it can never disagree with them and is cheap to keep current:
 it is rebuilt (in a temporary file, then renamed) only when the set of views or their locations
-change. Open it with the duckdb CLI or `duckdb.connect(path, read_only=True)`.
+change. Open it with the duckdb CLI or `duckdb.connect(path, read_only=True)`. The two views that
+join pairs or clusters with the whole manifest read their result stored under data.cache_dir,
+computed again whenever its inputs have changed (refresh_stored).
 
 Longer than 400 lines: the SQL of every view, beside the guards of the connections that read them.
 """
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import CbirError
 from ..fsutil import atomic_path, clean_stale_tmp, write_text
@@ -88,6 +91,7 @@ class View:
     replace: str = ""  # a REPLACE clause for a Parquet view (e.g. FLOAT scores as DOUBLE)
     schema: pa.Schema | None = None  # what its Parquet file holds (the one file it reads)
     fix: str = ""  # what rebuilds that file
+    stored: Path | None = None  # where its SQL's result is kept (see refresh_stored)
 
     def files(self) -> list[Path]:
         if self.many is not None:
@@ -103,6 +107,13 @@ class View:
             check_schema(path, self.schema, self.fix)
 
     def body(self, root: Path | None) -> str:
+        """What the view selects: its stored result where it has one, else `live`."""
+        if self.stored is not None:
+            return f"SELECT * FROM {_read(self.stored, root)}"
+        return self.live(root)
+
+    def live(self, root: Path | None) -> str:
+        """The view's query over the Parquet outputs (or the views it needs)."""
         if self.glob is not None:
             assert self.parquet is not None and self.schema is not None
             if not self.files():
@@ -258,7 +269,8 @@ SELECT c.cluster_id, any_value(c.size) AS size,
        any_value(c.weakest_link)::DOUBLE AS weakest_link,
        list(c.path ORDER BY c.path) AS members,
        list(c.path ORDER BY f.pixels DESC, f.bytes DESC, {_SEEN_FIRST_F})[1] AS master_path,
-       min(f.first_run) AS first_run, max(f.first_run) AS newest_run, sum(f.bytes) AS total_bytes,
+       min(f.first_run) AS first_run, max(f.first_run) AS newest_run,
+       sum(f.bytes)::BIGINT AS total_bytes,  -- a HUGEINT would be stored as a DOUBLE
        list(c.image_id ORDER BY c.path) AS member_ids
 FROM clusters c LEFT JOIN f ON f.image_id = c.image_id AND f.path = c.path
 GROUP BY c.cluster_id
@@ -348,6 +360,7 @@ def views(settings: Settings) -> list[View]:
             "pair_report",
             sql=_PAIR_REPORT_SQL,
             needs=("files", "duplicate_pairs"),
+            stored=lay.stored_view("pair_report"),
             comment="each pair with both files' dimensions, sizes, formats, first run and "
             "mtime, the likely master (higher resolution, larger, or earlier) and the "
             "geometric verification (relation, inliers, covered, the matched box)",
@@ -370,6 +383,7 @@ def views(settings: Settings) -> list[View]:
             "cluster_report",
             sql=_CLUSTER_REPORT_SQL,
             needs=("files", "clusters"),
+            stored=lay.stored_view("cluster_report"),
             comment="one row per cluster: members, size, weakest link, likely master",
         ),
     ]
@@ -392,15 +406,104 @@ def _plan(settings: Settings) -> list[View]:
 
 
 def _signature(chosen: Sequence[View], root: Path) -> str:
-    desc = [(v.name, v.body(root)) for v in chosen]
+    desc = [(v.name, v.body(root), v.live(root)) for v in chosen]
     blob = json.dumps([SCHEMA_VERSION, desc], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def refresh_catalog(settings: Settings) -> Path:
-    """Make data/catalog.duckdb hold a view for every Parquet output that exists."""
+# ------------------------------------------------------------------------- stored view results
+
+STAMP = "cbir_inputs"  # the key of a stored result's inputs stamp in its Parquet metadata
+
+
+def _inputs(view: View, by_name: dict[str, View]) -> list[Path]:
+    """The Parquet files a view's result depends on: its own and those of the views it needs."""
+    seen: dict[str, View] = {}
+    todo = [view]
+    while todo:
+        v = todo.pop()
+        if v.name not in seen:
+            seen[v.name] = v
+            todo += [by_name[n] for n in v.needs if n in by_name]
+    return sorted({p for v in seen.values() for p in v.files()})
+
+
+def _stamp(view: View, by_name: dict[str, View], root: Path) -> str:
+    """What a stored result was computed from: the view's SQL and its input files as they are
+    (each written by renaming a new file over the old, so a new inode and time on change)."""
+    files = []
+    for path in _inputs(view, by_name):
+        st = path.stat()
+        files.append([str(path), st.st_size, st.st_mtime_ns, st.st_ino])
+    blob = json.dumps([SCHEMA_VERSION, view.live(root), files])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stored_stamp(path: Path) -> str | None:
+    """The stamp a stored result was written with (None: missing, damaged or foreign)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    value = meta.get(STAMP.encode())
+    return value.decode("utf-8", "replace") if value else None
+
+
+def refresh_stored(
+    settings: Settings, chosen: Sequence[View], *, missing_only: bool = False
+) -> int:
+    """Compute again the stored result of each view that keeps one (pair_report,
+    cluster_report) whose inputs changed since (`missing_only`: only those with none yet), and
+    return how many were written.
+
+    Those views join the pairs or clusters with the whole manifest: seconds at 10^7 images
+    (benchmarks/scale.py), which every query would pay, the review queue and the nightly report
+    too. Their result is kept as Parquet under data.cache_dir and read from there while it is
+    current: each stored file carries a stamp of the view's SQL and its input files, and one
+    whose stamp is not the inputs' stamp now is written again (atomically, so a reader never
+    sees half a file). Deleting them only costs the time to compute them again."""
+    by_name = {v.name: v for v in chosen}
+    stale = []
+    for view in chosen:
+        if view.stored is None:
+            continue
+        if missing_only and stored_stamp(view.stored) is not None:
+            continue
+        stamp = _stamp(view, by_name, settings.root)
+        if stored_stamp(view.stored) != stamp:
+            stale.append((view, stamp))
+    if not stale:
+        return 0
+    name = "views"
+    con = duckdb.connect(":memory:")
+    try:
+        # a query lasting seconds: no progress bar on the user's terminal; spills beside the
+        # catalogue, not in the current folder
+        con.execute("SET enable_progress_bar = false")
+        con.execute("SET temp_directory = ?", [str(layout(settings).catalog) + ".tmp"])
+        for view in chosen:  # every view as its live query, the files named in full
+            con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
+        for view, stamp in stale:
+            assert view.stored is not None
+            name = view.name
+            with atomic_path(view.stored) as tmp:
+                con.execute(
+                    f'COPY (SELECT * FROM "{view.name}") TO {_sql_str(str(tmp))} '
+                    f"(FORMAT parquet, KV_METADATA {{{STAMP}: {_sql_str(stamp)}}})"
+                )
+    except duckdb.Error as exc:
+        raise CbirError(f"cannot compute the catalogue's {name}: {_message(exc)}") from None
+    finally:
+        con.close()
+    return len(stale)
+
+
+def refresh_catalog(settings: Settings, *, stored: bool = True) -> Path:
+    """Make data/catalog.duckdb hold a view for every Parquet output that exists, and the
+    stored view results current (`stored` False: only those missing; see refresh_stored)."""
     target = layout(settings).catalog
     chosen = _plan(settings)
+    refresh_stored(settings, chosen, missing_only=not stored)
     signature = _signature(chosen, settings.root)
     sidecar = _sidecar(target)
     if target.is_file() and sidecar.is_file() and sidecar.read_text() == signature:
@@ -441,6 +544,9 @@ def clean_stale(settings: Settings) -> None:
     target = layout(settings).catalog
     for path in (target, _sidecar(target)):
         clean_stale_tmp(path.parent, path.name)
+    for view in views(settings):
+        if view.stored is not None:
+            clean_stale_tmp(view.stored.parent, view.stored.name)
 
 
 def _sidecar(catalog: Path) -> Path:
@@ -504,6 +610,7 @@ def _allowed_paths(settings: Settings, chosen: Sequence[View]) -> list[str]:
     """The workspace's Parquet outputs, spelt as the views name them (relative to the
     workspace: DuckDB checks the name it is given) and in full."""
     files = {p for view in chosen for p in view.files()}
+    files.update(view.stored for view in chosen if view.stored is not None)
     lay = layout(settings)
     for folder in (lay.manifest_dir, lay.pairs_dir, lay.reports_dir):
         files.update(folder.glob("*.parquet"))

@@ -80,6 +80,7 @@ REVIEW_CACHE = "review"  # the review server's renditions of scans (cbir review)
 FEATURES = "features"  # local features for geometric verification (cbir pairs, query)
 TRAIN_CACHE_PREFIX = "train-"
 FINGERPRINTS = "fingerprints.json"  # model fingerprints by what built them (store/fingerprint.py)
+STORED_VIEWS = "catalog"  # the results of the catalogue's joined views (store/catalog.py)
 CACHE_TOOLS = ("matplotlib", "torch", "xdg")  # caches of the libraries (cbir/environ.py)
 # beside data.manifest_dir: the data folder's writer lock and Prefect's home
 LOCK_NAME = ".cbir.lock"
@@ -187,6 +188,10 @@ class Layout:
     @property
     def fingerprints(self) -> Path:
         return self.cache_dir / FINGERPRINTS
+
+    def stored_view(self, name: str) -> Path:
+        """The stored result of the catalogue's view `name` (cbir.store.catalog)."""
+        return self.cache_dir / STORED_VIEWS / f"{name}.parquet"
 
     def features(self, recipe: str) -> Path:
         """The cache of local features extracted by `recipe` (cbir.store.features)."""

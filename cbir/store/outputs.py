@@ -70,7 +70,14 @@ OWN: dict[str, tuple[str, ...]] = {
         re.escape(L.PREVIEW_PREFIX) + r".*\.png",
     ),
     "cache_dir": (
-        *_names(*L.CACHE_TOOLS, L.BASELINE_EMBEDDINGS, L.REVIEW_CACHE, L.FEATURES, L.FINGERPRINTS),
+        *_names(
+            *L.CACHE_TOOLS,
+            L.BASELINE_EMBEDDINGS,
+            L.REVIEW_CACHE,
+            L.FEATURES,
+            L.FINGERPRINTS,
+            L.STORED_VIEWS,
+        ),
         re.escape(L.TRAIN_CACHE_PREFIX) + r"\d+",
     ),
 }
