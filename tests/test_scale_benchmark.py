@@ -107,3 +107,24 @@ def test_a_kept_size_resumes_with_the_pairs_rate_measured_on_a_sample(tmp_path):
     assert rows["nightly"]["status"] == "ok"
     assert "planted found 20/20" in rows["nightly"]["note"]
     assert all(rows[s]["status"] == "ok" for s in rows)
+
+
+def test_the_catalogue_benchmark_times_live_and_stored_queries_that_agree(tmp_path):
+    """benchmarks/catalogue.py at a tiny N: a workspace of manifest, pairs and clusters; every
+    step timed in a child; each query live and stored, with the same number of rows."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "catalogue.py"), "--out",
+                          str(tmp_path), "--sizes", "3e3"], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    rows = {}
+    for line in out.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[1]] = cells
+    assert "3,000 + 1,000 items, 500 pairs" in rows["write (not timed)"][4]
+    for query in ("new", "largest", "accession"):
+        live, stored = rows[f"live:{query}"], rows[f"stored:{query}"]
+        assert float(live[2]) > 0 and float(stored[2]) > 0
+        assert live[4] == stored[4] and re.fullmatch(r"[1-9]\d* rows", live[4])
+    assert re.search(r"new \d+\.\dx, largest \d+\.\dx, accession \d+\.\dx",
+                     rows["live / stored"][4])
+    assert "(50 rows)" in rows["review"][4]
+    assert not any(tmp_path.iterdir())  # not kept
