@@ -114,13 +114,8 @@ def find_duplicates(
         if settings.data.ground_truth is not None:  # labels.csv: empty until someone labels
             step("evaluate", run_evaluate(settings, progress=progress))
         step("report", run_report(settings, progress=progress))
-        if train:  # every stage of dvc.yaml ran: DVC can record them as `dvc repro` would
-            step("dvc", record_with_dvc(settings, push=False))
-        else:
-            log(
-                "dvc: not recorded (no trained model yet); `dvc repro` in the workspace trains "
-                "and records every stage"
-            )
+        # every stage of dvc.yaml ran where a model was trained: recorded as `dvc repro` would
+        step("dvc", record_with_dvc(settings, push=False))
     lay = layout(settings)
     result.gallery = lay.gallery / "index.html"
     result.pairs = lay.pairs

@@ -185,8 +185,20 @@ def test_find_duplicates_in_one_command(tmp_path):
     assert (ws / "data" / "reports" / "gallery" / "index.html").is_file()
     assert str(ws / "data" / "pairs" / "pairs.parquet") in tail
     assert "1 exact copies" in tail
+    assert "dvc: not recorded: no trained model yet" in out.stdout
     settings = load_settings(ws / "params.yaml")
     assert settings.path(settings.data.scans_dir) == scans.resolve()
+    # DVC cannot record a workspace without its train stage's output: it warns of the empty
+    # decisions folder first, and the error that follows is what a user is told
+    from cbir.steps.nightly import _dvc
+    (ws / "data" / "decisions").mkdir(exist_ok=True)  # as record_with_dvc makes it: empty
+    with pytest.raises(CbirError, match="model.pt' does not exist.*run `dvc repro` once"):
+        _dvc(["commit", "-f"], ws)
+    # the next night, in that workspace: new scans found, nothing recorded, no failure
+    save(photo(3).resize((90, 60)), scans / "box-3" / "p3-rescan.jpg")
+    night = subprocess.run([*CBIR, "nightly"], capture_output=True, text=True, cwd=ws)
+    assert night.returncode == 0, night.stdout[-2000:] + night.stderr[-2000:]
+    assert "dvc: not recorded: no trained model yet" in night.stdout
     again = subprocess.run([*CBIR, "find-duplicates", str(scans), "--no-train", "--out",
                             str(ws)], capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0 and "reusing the workspace" in again.stdout

@@ -251,7 +251,11 @@ def _dvc(args: list[str], cwd: Path, *, check: bool = True) -> subprocess.Comple
     )
     if out.returncode != 0 and check:
         text = (out.stderr or out.stdout).strip()
-        first = next((ln for ln in text.splitlines() if ln.strip()), "failed")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        # DVC warns first (an empty output folder) and says what failed after
+        first = next(
+            (ln for ln in lines if ln.startswith("ERROR")), lines[0] if lines else "failed"
+        )
         if "does not exist" in first:  # an output no step has written yet (never trained)
             first += "; every stage's outputs must exist to be recorded: run `dvc repro` once"
         if "Unable to acquire lock" in text:
@@ -270,6 +274,12 @@ def record_with_dvc(settings: Settings, *, push: bool = True) -> DvcRecord:
     rec = DvcRecord(root=root)
     if root is None:
         rec.messages.append(f"not recorded: {why}")
+        return rec
+    if not layout(settings).checkpoint.is_file():  # built with --no-train: no train stage output
+        rec.messages.append(
+            "not recorded: no trained model yet; `dvc repro` in the workspace trains and "
+            "records every stage"
+        )
         return rec
     cwd = settings.root
     # the decisions stage's output, before anyone decided (a workspace built before the stage)
