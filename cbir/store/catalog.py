@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CbirError
-from ..fsutil import atomic_path, clean_stale_tmp, write_text
+from ..fsutil import DiskFull, ReadOnly, atomic_path, clean_stale_tmp, write_text
 from .decisions import DECISIONS_FIX, DECISIONS_SCHEMA, parts
 from .layout import DECISION_PART_GLOB, layout
 from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA
@@ -108,7 +108,7 @@ class View:
 
     def body(self, root: Path | None) -> str:
         """What the view selects: its stored result where it has one, else `live`."""
-        if self.stored is not None:
+        if self.stored is not None and self.stored.is_file():
             return f"SELECT * FROM {_read(self.stored, root)}"
         return self.live(root)
 
@@ -474,6 +474,8 @@ def refresh_stored(
             stale.append((view, stamp))
     if not stale:
         return 0
+    for view in chosen:  # a damaged or foreign input: its one line, not a DuckDB error
+        view.check()
     name = "views"
     con = duckdb.connect(":memory:")
     try:
@@ -483,19 +485,31 @@ def refresh_stored(
         con.execute("SET temp_directory = ?", [str(layout(settings).catalog) + ".tmp"])
         for view in chosen:  # every view as its live query, the files named in full
             con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
+        written = 0
         for view, stamp in stale:
             assert view.stored is not None
             name = view.name
-            with atomic_path(view.stored) as tmp:
-                con.execute(
-                    f'COPY (SELECT * FROM "{view.name}") TO {_sql_str(str(tmp))} '
-                    f"(FORMAT parquet, KV_METADATA {{{STAMP}: {_sql_str(stamp)}}})"
-                )
+            try:
+                with atomic_path(view.stored) as tmp:
+                    con.execute(
+                        f'COPY (SELECT * FROM "{view.name}") TO {_sql_str(str(tmp))} '
+                        f"(FORMAT parquet, KV_METADATA {{{STAMP}: {_sql_str(stamp)}}})"
+                    )
+                written += 1
+            except (ReadOnly, DiskFull):  # a reader may not write here: it queries live
+                continue
     except duckdb.Error as exc:
         raise CbirError(f"cannot compute the catalogue's {name}: {_message(exc)}") from None
     finally:
         con.close()
-    return len(stale)
+    return written
+
+
+def _current(view: View, chosen: Sequence[View], root: Path) -> bool:
+    """Whether a view's stored result is its live query's now."""
+    assert view.stored is not None
+    by_name = {v.name: v for v in chosen}
+    return stored_stamp(view.stored) == _stamp(view, by_name, root)
 
 
 def refresh_catalog(settings: Settings, *, stored: bool = True) -> Path:
@@ -579,8 +593,10 @@ def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConne
         # looks for a relative name in the current folder first: another workspace's data/
         # there would be read instead. Temporary views of the same names, naming this
         # workspace's files in full, come first in name resolution.
-        for view in chosen:
-            con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.body(None)}')
+        for view in chosen:  # a stored result that could not be updated here: the live query
+            stale = view.stored is not None and not _current(view, chosen, settings.root)
+            body = view.live(None) if stale else view.body(None)
+            con.execute(f'CREATE TEMP VIEW "{view.name}" AS {body}')
         # a relative name in a user's query: the workspace's file (when the current folder
         # has none of that name)
         con.execute("SET file_search_path = ?", [str(settings.root)])
@@ -671,6 +687,11 @@ def query_page(
     settings: Settings, sql: str, params: Iterable[Any] | None = None, limit: int | None = None
 ) -> tuple[list[str], list[tuple[Any, ...]], int]:
     """Like `query`, but only the first `limit` rows (all when None), and the total count."""
+    parser = duckdb.connect(":memory:")  # refused before the catalogue is refreshed
+    try:
+        _statement(parser, sql)
+    finally:
+        parser.close()
     con = connect(settings)
     try:
         cur = con.execute(_statement(con, sql), list(params or []))
