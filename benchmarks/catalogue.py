@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -174,7 +173,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         info = child(a.ws, a.child)
-        info["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM, not ru_maxrss: that keeps the parent's high-water mark across fork and exec
+        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+        info["rss_mib"] = int(hwm.split()[1]) / 1024
         print(json.dumps(info))
         return
     print("| N | step | seconds | peak RSS MiB | note |\n|---|---|---|---|---|", flush=True)
