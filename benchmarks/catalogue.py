@@ -27,6 +27,7 @@ workspace (Python lists of 10^7 paths).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import shutil
@@ -43,6 +44,7 @@ QUERIES = ("new", "largest", "accession")
 NEW_ITEMS, NEW_COPIES = 1000, 200
 
 
+@functools.cache
 def _scale() -> Any:
     spec = importlib.util.spec_from_file_location("scale", REPO / "benchmarks" / "scale.py")
     assert spec is not None and spec.loader is not None
@@ -174,9 +176,7 @@ def main() -> None:
     if a.child:
         info = child(a.ws, a.child)
         # VmHWM, not ru_maxrss: that keeps the parent's high-water mark across fork and exec
-        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
-        info["rss_mib"] = int(hwm.split()[1]) / 1024
+        info["rss_mib"] = _scale()._vm_hwm_kib() / 1024
         print(json.dumps(info))
         return
     print("| N | step | seconds | peak RSS MiB | note |\n|---|---|---|---|---|", flush=True)

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import CbirError
 from ..fsutil import DiskFull, ReadOnly, atomic_path, clean_stale_tmp, write_text
@@ -31,7 +30,7 @@ from .decisions import DECISIONS_FIX, DECISIONS_SCHEMA, parts
 from .layout import DECISION_PART_GLOB, layout
 from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA
 from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA, PARTIAL, pair_files
-from .tables import check_schema, one_line
+from .tables import check_schema, metadata_value, one_line
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -441,20 +440,35 @@ def _stamp(view: View, by_name: dict[str, View], root: Path) -> str:
 
 def stored_stamp(path: Path) -> str | None:
     """The stamp a stored result was written with (None: missing, damaged or foreign)."""
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowException):
-        return None
-    value = meta.get(STAMP.encode())
-    return value.decode("utf-8", "replace") if value else None
+    return metadata_value(path, STAMP)
+
+
+def _stale(
+    settings: Settings, chosen: Sequence[View], *, missing_only: bool = False
+) -> list[tuple[View, str]]:
+    """The views whose stored result is not their live query's now, with the inputs' stamp
+    (`missing_only`: only those with no stored result at all)."""
+    by_name = {v.name: v for v in chosen}
+    out = []
+    for view in chosen:
+        if view.stored is None:
+            continue
+        have = stored_stamp(view.stored)
+        if missing_only and have is not None:
+            continue
+        stamp = _stamp(view, by_name, settings.root)
+        if have != stamp:
+            out.append((view, stamp))
+    return out
 
 
 def refresh_stored(
     settings: Settings, chosen: Sequence[View], *, missing_only: bool = False
-) -> int:
+) -> set[str]:
     """Compute again the stored result of each view that keeps one (pair_report,
-    cluster_report) whose inputs changed since (`missing_only`: only those with none yet), and
-    return how many were written.
+    cluster_report) whose inputs changed since (`missing_only`: only those with none yet, the
+    others not looked at), and return the names of those it could not write (a read-only data
+    folder, a full disk: their live query is the current one).
 
     Those views join the pairs or clusters with the whole manifest: seconds at 10^7 images
     (benchmarks/scale.py), which every query would pay, the review queue and the nightly report
@@ -462,20 +476,12 @@ def refresh_stored(
     current: each stored file carries a stamp of the view's SQL and its input files, and one
     whose stamp is not the inputs' stamp now is written again (atomically, so a reader never
     sees half a file). Deleting them only costs the time to compute them again."""
-    by_name = {v.name: v for v in chosen}
-    stale = []
-    for view in chosen:
-        if view.stored is None:
-            continue
-        if missing_only and stored_stamp(view.stored) is not None:
-            continue
-        stamp = _stamp(view, by_name, settings.root)
-        if stored_stamp(view.stored) != stamp:
-            stale.append((view, stamp))
+    stale = _stale(settings, chosen, missing_only=missing_only)
     if not stale:
-        return 0
+        return set()
     for view in chosen:  # a damaged or foreign input: its one line, not a DuckDB error
         view.check()
+    left = {view.name for view, _ in stale}
     name = "views"
     con = duckdb.connect(":memory:")
     try:
@@ -485,7 +491,6 @@ def refresh_stored(
         con.execute("SET temp_directory = ?", [str(layout(settings).catalog) + ".tmp"])
         for view in chosen:  # every view as its live query, the files named in full
             con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
-        written = 0
         for view, stamp in stale:
             assert view.stored is not None
             name = view.name
@@ -495,33 +500,31 @@ def refresh_stored(
                         f'COPY (SELECT * FROM "{view.name}") TO {_sql_str(str(tmp))} '
                         f"(FORMAT parquet, KV_METADATA {{{STAMP}: {_sql_str(stamp)}}})"
                     )
-                written += 1
+                left.discard(view.name)
             except (ReadOnly, DiskFull):  # a reader may not write here: it queries live
                 continue
     except duckdb.Error as exc:
         raise CbirError(f"cannot compute the catalogue's {name}: {_message(exc)}") from None
     finally:
         con.close()
-    return written
-
-
-def _current(view: View, chosen: Sequence[View], root: Path) -> bool:
-    """Whether a view's stored result is its live query's now."""
-    assert view.stored is not None
-    by_name = {v.name: v for v in chosen}
-    return stored_stamp(view.stored) == _stamp(view, by_name, root)
+    return left
 
 
 def refresh_catalog(settings: Settings, *, stored: bool = True) -> Path:
     """Make data/catalog.duckdb hold a view for every Parquet output that exists, and the
     stored view results current (`stored` False: only those missing; see refresh_stored)."""
+    return _refresh(settings, stored=stored)[0]
+
+
+def _refresh(settings: Settings, *, stored: bool = True) -> tuple[Path, list[View], set[str]]:
+    """refresh_catalog, and the views planned and the stored ones left stale (refresh_stored)."""
     target = layout(settings).catalog
     chosen = _plan(settings)
-    refresh_stored(settings, chosen, missing_only=not stored)
+    left = refresh_stored(settings, chosen, missing_only=not stored)
     signature = _signature(chosen, settings.root)
     sidecar = _sidecar(target)
     if target.is_file() and sidecar.is_file() and sidecar.read_text() == signature:
-        return target
+        return target, chosen, left
     with atomic_path(target) as tmp:
         tmp.unlink()  # DuckDB wants to create the file itself
         con = duckdb.connect(str(tmp))
@@ -549,7 +552,7 @@ def refresh_catalog(settings: Settings, *, stored: bool = True) -> Path:
             finally:  # its write-ahead log too, also when a write failed (a full disk)
                 Path(str(tmp) + ".wal").unlink(missing_ok=True)
     write_text(signature, sidecar)
-    return target
+    return target, chosen, left
 
 
 def clean_stale(settings: Settings) -> None:
@@ -579,10 +582,13 @@ def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConne
     a DuckDB instance of its own (an in-memory one that attaches the file): the lock binds no
     other connection to the same file in this process.
     """
-    path = refresh_catalog(settings) if refresh else layout(settings).catalog
+    if refresh:
+        path, chosen, live = _refresh(settings)
+    else:
+        path, chosen = layout(settings).catalog, _plan(settings)
+        live = {view.name for view, _ in _stale(settings, chosen)}
     if not path.is_file():
         raise CbirError(f"no catalogue at {path}: run `cbir ingest` first")
-    chosen = _plan(settings)
     for view in chosen:
         view.check()
     con = duckdb.connect(":memory:")
@@ -594,8 +600,7 @@ def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConne
         # there would be read instead. Temporary views of the same names, naming this
         # workspace's files in full, come first in name resolution.
         for view in chosen:  # a stored result that could not be updated here: the live query
-            stale = view.stored is not None and not _current(view, chosen, settings.root)
-            body = view.live(None) if stale else view.body(None)
+            body = view.live(None) if view.name in live else view.body(None)
             con.execute(f'CREATE TEMP VIEW "{view.name}" AS {body}')
         # a relative name in a user's query: the workspace's file (when the current folder
         # has none of that name)

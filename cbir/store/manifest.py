@@ -170,6 +170,11 @@ def ids_in(values: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedA
     among = hex_keys(value_set) if have is not None else None
     if have is None or among is None:
         return np.asarray(pc.fill_null(pc.is_in(values, value_set=value_set), False), bool)
+    return keys_in(have, among)
+
+
+def keys_in(have: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Whether each of the hex_keys `have` is among `among`, by binary search."""
     if not len(among):
         return np.zeros(len(have), bool)
     if len(among) > 1 and not bool((among[1:] >= among[:-1]).all()):

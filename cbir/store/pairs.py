@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import CbirError
 from ..fsutil import write_json
 from .layout import Layout, layout
-from .tables import read_table
+from .tables import metadata_value, read_table
 
 PAIRS_SCHEMA = pa.schema(
     [
@@ -102,12 +101,7 @@ def new_token() -> str:
 
 def file_token(path: Path) -> str | None:
     """The token in a file's Parquet metadata (None: none, or unreadable)."""
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowException):
-        return None
-    value = meta.get(TOKEN.encode())
-    return value.decode("utf-8", "replace") if value else None
+    return metadata_value(path, TOKEN)
 
 
 def read_state(lay: Layout) -> PairsState | None:
@@ -221,9 +215,4 @@ def scores_fingerprint(settings: Any) -> str | None:
     state = read_state(lay)
     if state is not None:
         return state.search.get("fingerprint")
-    try:
-        meta = pq.read_schema(lay.searched).metadata or {}
-    except (OSError, pa.ArrowException):
-        return None
-    value = meta.get(b"fingerprint")
-    return value.decode("utf-8", "replace") if value else None
+    return metadata_value(lay.searched, "fingerprint")

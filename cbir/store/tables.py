@@ -35,6 +35,16 @@ def one_line(text: object) -> str:
     return flat if len(flat) <= 300 else flat[:297] + "..."
 
 
+def metadata_value(path: str | os.PathLike[str], key: str) -> str | None:
+    """The value of `key` in a Parquet file's metadata (None: absent, or the file unreadable)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    value = meta.get(key.encode())
+    return value.decode("utf-8", "replace") if value else None
+
+
 def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
     """Whether a stored column can stand for the expected one (same kind of values)."""
     if got == want:

@@ -38,7 +38,7 @@ from ..progress import bar as progress_bar
 from .embeddings import check_dimensions, read_shard, shard_vectors
 from .fingerprint import current_fingerprint
 from .layout import SHARD_GLOB, VECTOR_DATA_GLOB, VECTOR_DATA_PREFIX, VECTOR_ROWS, layout
-from .manifest import canonical_ids, hex_keys, ids_in
+from .manifest import canonical_ids, hex_keys, ids_in, keys_in
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -302,7 +302,10 @@ def _latest_rows(ids: pa.Array, only: pa.Array | None) -> np.ndarray:
     rows = rows[keep]
     if only is None or not len(rows):
         return rows
-    return rows[ids_in(pc.take(ids, pa.array(rows)), only)]
+    among = hex_keys(only) if keys is not None else None
+    if keys is None or among is None:
+        return rows[ids_in(pc.take(ids, pa.array(rows)), only)]
+    return rows[keys_in(keys[rows], among)]  # the keys made above, not made again
 
 
 def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[list[str], Vectors]:
