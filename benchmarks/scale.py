@@ -544,18 +544,20 @@ def child_nightly(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     from cbir.steps.index import run_index
     from cbir.steps.nightly import nightly_report
     from cbir.steps.pairs import run_pairs
+    from cbir.store.reuse import sharing
 
     s = _settings(ws)
     times = {}
     t0 = time.perf_counter()
-    idx = run_index(s)
-    times["index"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    pairs = run_pairs(s, incremental=True)
-    times["pairs"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    report = nightly_report(s, a["run"], a["since"])
-    times["report"] = time.perf_counter() - t2
+    with sharing():  # as in the flow, under its writer lock: pairs searches what index opened
+        idx = run_index(s)
+        times["index"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        pairs = run_pairs(s, incremental=True)
+        times["pairs"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        report = nightly_report(s, a["run"], a["since"])
+        times["report"] = time.perf_counter() - t2
     seconds = time.perf_counter() - t0
     found, planted = _planted_found(ws, set(_near_pairs(ws)), "planted-new.parquet")
     split = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())

@@ -1,4 +1,5 @@
-"""What the flows share: the writer lock, where embedding shards run, the summary artifact."""
+"""What the flows share: the writer lock (and, under it, the steps' openings of the collection),
+where embedding shards run, the summary artifact."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from cbir.config import Settings
 from cbir.lock import dvc_busy, writer_lock
 from cbir.safetext import code_fence, md_cell, printable
+from cbir.store.reuse import sharing
 
 
 @dataclass
@@ -34,13 +36,18 @@ def flow_lock(settings: Settings, flow_name: str) -> Iterator[Path]:
 
     The library steps the flow calls run in this process under the same hold. The flow also
     waits while a DVC command holds the repository lock, so it never slips in between two
-    stages of a running `dvc repro`.
+    stages of a running `dvc repro`. While it holds, no other writer changes the data folder,
+    so its steps share their openings of the collection (cbir.store.reuse): the pairs step
+    searches the ids, vectors and index the index step opened and wrote.
     """
     logger = get_run_logger()
     command = f"Prefect flow {flow_name}" + (f" (run {flow_run.name})" if flow_run.name else "")
-    with writer_lock(
-        settings, command, blockers=[dvc_busy(settings.root)], notify=logger.warning
-    ) as path:
+    with (
+        writer_lock(
+            settings, command, blockers=[dvc_busy(settings.root)], notify=logger.warning
+        ) as path,
+        sharing(),
+    ):
         yield path
 
 

@@ -22,6 +22,7 @@ from ..faiss_index import IndexInfo, faiss_ids, ivf_part, region_ids
 from ..faiss_index import search as faiss_search
 from ..fsutil import atomic_path, clean_stale_tmp, write_json
 from ..regions import Candidate
+from . import reuse
 from .embeddings import current_regions
 from .layout import INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
 from .manifest import CanonicalPaths, canonical_table
@@ -112,6 +113,27 @@ def save_index(index: faiss.Index, info: IndexInfo, folder: Path) -> None:
     write_json(sidecar, folder / SIDECAR_FILE)
     faults.point("index.commit")
     os.replace(folder / STAGED_FILE, folder / INDEX_FILE)
+    # the next step of a flow run searches what was just written: handed over, not read back
+    reuse.put(_KEPT + str(folder), _files_stamp(folder), (index, info))
+
+
+_KEPT = "index:"
+
+
+def _files_stamp(folder: Path) -> reuse.Stamp:
+    return reuse.stamps([folder / SIDECAR_FILE, folder / INDEX_FILE, folder / STAGED_FILE])
+
+
+def _kept_index(
+    folder: Path, expected_fingerprint: str | None
+) -> tuple[faiss.Index, IndexInfo] | None:
+    """The index a save of this flow run left in `folder`, when its files are as it left them."""
+    kept = reuse.get(_KEPT + str(folder), _files_stamp(folder))
+    if kept is None or (
+        expected_fingerprint is not None and kept[1].model_fingerprint != expected_fingerprint
+    ):
+        return None
+    return kept
 
 
 def _matches(path: Path, expected: dict[str, Any]) -> bytes | None:
@@ -408,7 +430,8 @@ def open_searcher(
     stale index is refused with a clear message. `mmap`: see load_index."""
     fp, ids, vectors, _ = current_embeddings(settings, fingerprint)
     lay = layout(settings)
-    index, info = load_index(lay.index_dir, expected_fingerprint=fp, mmap=mmap)
+    kept = None if mmap else _kept_index(lay.index_dir, fp)  # searched, never changed
+    index, info = kept or load_index(lay.index_dir, expected_fingerprint=fp, mmap=mmap)
     scheme = regions.scheme(settings.embed.regions) if with_regions else None
     region_searcher = None
     if scheme is not None:

@@ -35,6 +35,7 @@ from .. import faults
 from ..errors import CbirError
 from ..fsutil import disk_full, is_disk_full, write_parquet
 from ..progress import bar as progress_bar
+from . import reuse
 from .embeddings import check_dimensions, read_shard, shard_vectors
 from .fingerprint import current_fingerprint
 from .layout import SHARD_GLOB, VECTOR_DATA_GLOB, VECTOR_DATA_PREFIX, VECTOR_ROWS, layout
@@ -351,11 +352,27 @@ def current_embeddings(
     """
     if fingerprint is None:
         fingerprint = current_fingerprint(settings)  # remembered: no torch
-    folder = layout(settings).embeddings(fingerprint)
+    lay = layout(settings)
+    folder = lay.embeddings(fingerprint)
+    # within a flow run, the opening of the step before while the files are as they were
+    key = (fingerprint, _inputs_stamp(lay.files, folder))
+    kept = reuse.get("embeddings", key)
+    if kept is not None:
+        return kept
     present = canonical_ids(settings)
     ids, vectors = open_vectors(folder, present) if folder.is_dir() else ([], None)
     if not ids or vectors is None:
         raise CbirError(
             f"no embeddings for the current model {fingerprint}: run `cbir embed` first"
         )
-    return fingerprint, ids, vectors, len(present) - len(ids)
+    out = (fingerprint, ids, vectors, len(present) - len(ids))
+    reuse.put("embeddings", key, out)
+    return out
+
+
+def _inputs_stamp(manifest: Path, folder: Path) -> reuse.Stamp:
+    """The files current_embeddings reads: the manifest, the vector rows and data, the shards."""
+    files = [manifest, folder / VECTOR_ROWS]
+    if folder.is_dir():
+        files += sorted(folder.glob(VECTOR_DATA_GLOB)) + sorted(folder.glob(SHARD_GLOB))
+    return reuse.stamps(files)
