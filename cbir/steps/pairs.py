@@ -215,11 +215,13 @@ class PairsSummary:
                 f"{th.target:.0%}); {fix}"
             )
         if th is not None and th.unreachable and not th.no_duplicates:
+            confirmed = " and pairs geometric verification confirms" if self.verification else ""
             out.append(
                 f"no threshold reaches precision {th.target:g} here: for this model, "
-                f"near-duplicates and other photographs score alike, so no pairs are "
-                f"reported; train the model on the collection (`cbir train`, more "
-                f"train.epochs), or lower search.precision_target"
+                f"near-duplicates and other photographs score alike, so only pairs scoring "
+                f"{th.pair:.4f} (identical pictures){confirmed} are reported; train the model "
+                f"on the collection (`cbir train`, more train.epochs), or lower "
+                f"search.precision_target"
             )
         elif (
             th is not None
