@@ -12,7 +12,7 @@ import glob
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +161,21 @@ def clean_stale_tmp(folder: str | os.PathLike[str], name: str | None = None) -> 
             p.unlink()
             n += 1
     return n
+
+
+Stamp = tuple[tuple[str, int, int, int] | None, ...]
+
+
+def file_stamps(paths: Iterable[str | os.PathLike[str]]) -> Stamp:
+    """What each file is now, (path, size, mtime_ns, inode), None where it is missing or
+    unreadable: every cbir write renames a new file over the old, so a rewrite shows as a new
+    inode and time. An in-memory key for what was opened from the files."""
+    out: list[tuple[str, int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+            continue
+        out.append((os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)

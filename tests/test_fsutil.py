@@ -81,3 +81,15 @@ def test_clean_stale_tmp_removes_only_temporary_files(tmp_path):
     assert clean_stale_tmp(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
     assert clean_stale_tmp(tmp_path / "missing") == 0
+
+
+def test_a_file_stamp_changes_when_the_file_is_written_again_and_is_none_when_missing(tmp_path):
+    from cbir.fsutil import file_stamps
+
+    target = tmp_path / "t.txt"
+    write_text("one", target)
+    first = file_stamps([target, tmp_path / "absent"])
+    assert first[0] is not None and first[0][:2] == (str(target), 3) and first[1] is None
+    assert file_stamps([target]) == first[:1]  # unchanged: the same stamp
+    write_text("two", target)  # same size, a new file renamed over the old
+    assert file_stamps([target]) != first[:1]

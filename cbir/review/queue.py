@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import duckdb
 
 from ..errors import CbirError
+from ..fsutil import file_stamps
 from ..linkage import DisjointSets
 from ..store import catalog, decisions
 from ..store.layout import layout
@@ -241,13 +242,9 @@ class Queue:
 
     def _stamp(self, threshold: float) -> tuple[Any, ...]:
         lay = layout(self.settings)
-        files: list[tuple[int, int, int] | None] = []
-        for path in (lay.pairs, lay.pairs_state, lay.exact, lay.clusters, lay.files, lay.runs):
-            try:
-                st = path.stat()
-                files.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                files.append(None)
+        files = file_stamps(
+            (lay.pairs, lay.pairs_state, lay.exact, lay.clusters, lay.files, lay.runs)
+        )
         return (threshold, bool(decisions.parts(lay.decisions_dir)), *files)
 
     def _open(self, threshold: float) -> duckdb.DuckDBPyConnection:

@@ -20,7 +20,7 @@ from .. import faults, regions
 from ..errors import CbirError
 from ..faiss_index import IndexInfo, faiss_ids, ivf_part, region_ids
 from ..faiss_index import search as faiss_search
-from ..fsutil import atomic_path, clean_stale_tmp, write_json
+from ..fsutil import Stamp, atomic_path, clean_stale_tmp, file_stamps, write_json
 from ..regions import Candidate
 from . import reuse
 from .embeddings import current_regions
@@ -120,8 +120,8 @@ def save_index(index: faiss.Index, info: IndexInfo, folder: Path) -> None:
 _KEPT = "index:"
 
 
-def _files_stamp(folder: Path) -> reuse.Stamp:
-    return reuse.stamps([folder / SIDECAR_FILE, folder / INDEX_FILE, folder / STAGED_FILE])
+def _files_stamp(folder: Path) -> Stamp:
+    return file_stamps([folder / SIDECAR_FILE, folder / INDEX_FILE, folder / STAGED_FILE])
 
 
 def _kept_index(

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from .. import faults
 from ..errors import CbirError
-from ..fsutil import disk_full, is_disk_full, write_parquet
+from ..fsutil import Stamp, disk_full, file_stamps, is_disk_full, write_parquet
 from ..progress import bar as progress_bar
 from . import reuse
 from .embeddings import check_dimensions, read_shard, shard_vectors
@@ -370,9 +370,9 @@ def current_embeddings(
     return out
 
 
-def _inputs_stamp(manifest: Path, folder: Path) -> reuse.Stamp:
+def _inputs_stamp(manifest: Path, folder: Path) -> Stamp:
     """The files current_embeddings reads: the manifest, the vector rows and data, the shards."""
     files = [manifest, folder / VECTOR_ROWS]
     if folder.is_dir():
         files += sorted(folder.glob(VECTOR_DATA_GLOB)) + sorted(folder.glob(SHARD_GLOB))
-    return reuse.stamps(files)
+    return file_stamps(files)
