@@ -80,6 +80,16 @@ RERANK_DISTINCT = 1 << 17
 RERANK_ROWS = 1 << 14
 
 
+class Scorer(Protocol):
+    """A callable vector source that can also score candidates itself (cbir.store.vectors reads
+    a large file in order rather than a row at a time): the inner products of each query with
+    its candidate ids (nq, nc; -1 = none: -inf), or None where it would only fetch them."""
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray: ...
+
+    def inner_products(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray | None: ...
+
+
 class Rows(Protocol):
     """Vectors that are read a slice or a set of rows at a time (an array, or
     cbir.store.vectors.Vectors: a memory-mapped file never loaded whole)."""
@@ -361,6 +371,10 @@ def _rerank(
                 "for re-ranking; the index and the embeddings are out of sync"
             )
         return _rerank_rows(queries, cand, vectors, k)
+    scorer = getattr(vectors, "inner_products", None)
+    scores = scorer(queries, cand) if scorer is not None else None
+    if scores is not None:
+        return _top_k(scores, cand, k)
     # Callable lookup: fetch each distinct candidate once, then re-rank by position in the fetch.
     # Where a batch's candidates are mostly distinct (10^6 vectors and more), a block of queries
     # at a time: the float32 copy stays small while it is scored (a whole batch's would be close
@@ -383,6 +397,45 @@ def _rerank(
         rows[ok] = inv
         s = slice(at, at + step)
         out_s[s], out_i[s] = _rerank_fetched(queries[s], rows, uniq, vectors, k, dim)
+    return out_s, out_i
+
+
+def paired_inner_products(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x[i] . y[i] for each row i, with the kernel _rerank_rows scores with (bit for bit the
+    same scores, whichever way a candidate is re-ranked)."""
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.ascontiguousarray(y, np.float32)
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"need two equal 2-D shapes, got {x.shape} and {y.shape}")
+    out = np.empty(len(x), np.float32)
+    if len(x):
+        at = np.arange(len(x), dtype=np.int64)
+        faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs
+            faiss.swig_ptr(out),
+            faiss.swig_ptr(x),
+            faiss.swig_ptr(y),
+            faiss.swig_ptr(at),
+            x.shape[1],
+            len(x),
+            1,
+        )
+    return out
+
+
+def _top_k(scores: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row of candidate scores (-inf: none), best first, as _rerank_rows
+    returns them."""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if 0 < k < scores.shape[1] else None
+    if top is None:
+        top = np.broadcast_to(np.arange(k), (scores.shape[0], k))
+    part = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-part, axis=1, kind="stable")
+    out_s = np.take_along_axis(part, order, axis=1).astype(np.float32, copy=False)
+    out_i = np.take_along_axis(np.take_along_axis(cand, top, axis=1), order, axis=1)
+    missing = ~np.isfinite(out_s)
+    out_s[missing] = -np.inf
+    out_i = np.where(missing, -1, out_i).astype(np.int64)
     return out_s, out_i
 
 

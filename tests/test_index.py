@@ -195,6 +195,53 @@ def test_callable_source_is_read_a_block_of_queries_at_a_time(data, ivf, monkeyp
     assert not np.array_equal(i3, i1)  # the comparison above can fail
 
 
+class _Scoring:
+    """A vector source that scores candidates itself (faiss_index.Scorer), as a large vector
+    file does, with the kernel the fetching path uses; or declines (None) when `declines`."""
+
+    def __init__(self, x: np.ndarray, declines: bool = False) -> None:
+        self.x, self.declines, self.fetched, self.scored = x, declines, 0, 0
+
+    def __call__(self, wanted: np.ndarray) -> np.ndarray:
+        self.fetched += 1
+        return self.x[wanted]
+
+    def inner_products(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+        from cbir.faiss_index import paired_inner_products
+
+        if self.declines:
+            return None
+        self.scored += 1
+        qs = np.repeat(q, ids.shape[1], axis=0)
+        s = paired_inner_products(qs, self.x[np.maximum(ids, 0)].reshape(len(qs), -1))
+        return np.where(ids >= 0, s.reshape(ids.shape), -np.inf)
+
+
+def test_a_source_that_scores_its_candidates_gives_what_fetching_gives(data, ivf) -> None:
+    """Re-ranking with scores from the source (store.vectors reading a large file in order):
+    the same neighbours and, bit for bit, the same scores as fetching the candidates; a source
+    that declines is fetched from."""
+    index, info = ivf
+    x, q = data["x"][:N_BASE], data["queries"][:100]
+    s1, i1 = search(index, info, q, 10, vectors=x)
+    scoring = _Scoring(x)
+    s2, i2 = search(index, info, q, 10, vectors=scoring)
+    assert (scoring.scored, scoring.fetched) == (1, 0)
+    np.testing.assert_array_equal(i2, i1)
+    np.testing.assert_array_equal(s2, s1)
+    declining = _Scoring(x, declines=True)
+    s3, i3 = search(index, info, q, 10, vectors=declining)
+    assert declining.fetched >= 1
+    np.testing.assert_array_equal(i3, i1)
+    few = np.full((2, 4), -1, np.int64)  # fewer candidates than k: -inf and -1 past them
+    few[0, :2], few[1, 0] = [3, 9], 5
+    from cbir.faiss_index import _rerank
+
+    s4, i4 = _rerank(q[:2], few, _Scoring(x), 3, x.shape[1])
+    assert i4.tolist()[1] == [5, -1, -1] and np.isneginf(s4[1, 1:]).all()
+    assert sorted(i4.tolist()[0][:2]) == [3, 9] and i4[0, 2] == -1 and s4[0, 0] >= s4[0, 1]
+
+
 def test_numpy_rerank_fallback_matches_faiss_kernel(data, ivf, monkeypatch) -> None:
     """Older FAISS (no `nsubset` re-ranking kernel) and non-float32 arrays take the numpy path."""
     import cbir.faiss_index as cbir_index

@@ -272,3 +272,87 @@ def test_a_dimension_that_differs_is_refused(tmp_path):
     for read in (sync_vectors, open_vectors):  # the writer, and a reader out of step
         with pytest.raises(CbirError, match="is damaged .*dimension 9.*run `cbir embed`"):
             read(tmp_path)
+
+
+def test_candidates_of_a_large_file_are_scored_reading_it_in_order(tmp_path, monkeypatch):
+    """Re-ranking a large file: where a segment holds one wanted row in STREAM_EVERY it is read
+    whole, in order, and its candidates scored; sparser segments are read a row at a time;
+    either way every query gets, bit for bit, the inner products that fetching its candidates
+    and scoring them gives (-inf where it has none), and a batch too sparse for any segment is
+    left to the fetching (None)."""
+    monkeypatch.setattr("cbir.store.vectors.MAP_MAX_BYTES", 0)
+    rng = np.random.default_rng(11)
+    ids, v = sorted(_ids(rng, 400)), _unit(rng, 400)  # sorted: a row is its place in the file
+    _shard(tmp_path, ids, v)
+    sync_vectors(tmp_path)
+    _, vec = open_vectors(tmp_path)
+    reader = vec._base
+    assert isinstance(reader, RowReader)
+    seg = 40  # rows a segment: 10 segments, dense where 3 or more distinct rows are wanted
+    monkeypatch.setattr("cbir.store.vectors.SEGMENT_BYTES", seg * reader.row_bytes)
+    monkeypatch.setattr("cbir.store.vectors.STREAM_EVERY", 16)
+    queries = _unit(rng, 6)
+    cand = np.full((6, 7), -1, np.int64)
+    cand[:4, :5] = np.array([[3, 41, 85, 3, 50], [10, 60, 99, 119, 0],  # segments 0-2: dense
+                             [44, 81, 17, 17, 70], [5, 45, 90, 115, 28]])
+    cand[4, :3] = [399, 399, 250]  # one row twice, in sparse segments
+    cand[5, :] = [0, 1, 2, 3, 4, 5, 360]  # a dense segment and a sparse one
+    calls: list[int] = []
+    real = os.preadv
+    monkeypatch.setattr("cbir.store.vectors.os.preadv",
+                        lambda fd, bufs, at: calls.append(at) or real(fd, bufs, at))
+    got = vec.inner_products(queries, cand)
+    assert got is not None and got.dtype == np.float32 and got.shape == cand.shape
+    # the dense segments each in one read, in order; the sparse ones' rows one by one
+    assert [a // reader.row_bytes for a in calls] == [0, 40, 80, 250, 360, 399]
+    rows = vec[np.maximum(cand, 0)]
+    want = np.where(cand >= 0, np.einsum("qd,qcd->qc", queries, rows), -np.inf)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(np.isinf(got), cand < 0)
+    from cbir.faiss_index import _rerank_rows
+
+    base = np.ascontiguousarray(vec[:])
+    scores, top = _rerank_rows(queries, np.sort(cand, axis=1)[:, ::-1].copy(), base, 7)
+    for q in range(6):  # the same scores as the fetching path's kernel, bit for bit
+        mine = np.sort(got[q][np.isfinite(got[q])])[::-1]
+        assert np.array_equal(mine, scores[q][np.isfinite(scores[q])])
+    sparse = np.full((2, 3), -1, np.int64)
+    sparse[0, 0], sparse[1, :2] = 7, [200, 330]
+    assert vec.inner_products(queries[:2], sparse) is None
+    with pytest.raises(IndexError):
+        reader.inner_products(queries[:1], np.array([[400]]))
+    monkeypatch.setattr("cbir.store.vectors.MAP_MAX_BYTES", 2 << 30)
+    assert open_vectors(tmp_path)[1].inner_products(queries, cand) is None  # mapped: fetched
+
+
+def test_all_pairs_of_a_large_file_equal_those_of_a_mapped_one(tmp_path, monkeypatch):
+    """knn_pairs over a file read with pread, its batches scored a segment at a time, finds the
+    pairs, scores and ranks that the mapped file gives."""
+    from cbir.faiss_index import build_index, faiss_ids
+    from cbir.steps.pairs import knn_pairs
+    from cbir.store.index import Searcher
+
+    rng = np.random.default_rng(12)
+    ids, v = _ids(rng, 12_000), _unit(rng, 12_000)
+    _shard(tmp_path, ids, v)
+    sync_vectors(tmp_path)
+    sorted_ids, mapped = open_vectors(tmp_path)
+    index, info = build_index(mapped, faiss_ids(sorted_ids))
+    assert info.params.refine
+    want = knn_pairs(Searcher.of(index, info, "fp", sorted_ids, mapped, {}), 5, 0.5)
+    monkeypatch.setattr("cbir.store.vectors.MAP_MAX_BYTES", 0)
+    monkeypatch.setattr("cbir.store.vectors.SEGMENT_BYTES", 256 * DIM * DTYPE.itemsize)
+    _, read = open_vectors(tmp_path)
+    assert isinstance(read._base, RowReader)
+    scored: list[bool] = []
+    real = RowReader.inner_products
+
+    def spy(self: RowReader, q: np.ndarray, r: np.ndarray) -> np.ndarray | None:
+        out = real(self, q, r)
+        scored.append(out is not None)
+        return out
+
+    monkeypatch.setattr(RowReader, "inner_products", spy)
+    got = knn_pairs(Searcher.of(index, info, "fp", sorted_ids, read, {}), 5, 0.5)
+    assert scored and all(scored) and len(want) > 1000
+    assert got == want

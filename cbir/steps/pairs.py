@@ -240,8 +240,20 @@ class PairsSummary:
         return out
 
 
+def search_batch(n: int) -> int:
+    """Queries a batch of the all-pairs search over `n` images: 4,096, or where more, enough
+    that a batch's candidates (about a hundred a query) want about a third of a large vector
+    file, which re-ranking then reads in order (store.vectors.RowReader.inner_products) rather
+    than a row at a time; 39,062 at 10^7 images."""
+    return int(min(1 << 16, max(4096, n // 256)))
+
+
 def knn_pairs(
-    s: Searcher, k: int, threshold: float, batch: int = 4096, rows: np.ndarray | None = None
+    s: Searcher,
+    k: int,
+    threshold: float,
+    batch: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> dict[tuple[str, str], tuple[float, int]]:
     """Every unordered pair (a, b) found in each other's top k with score >= threshold.
 
@@ -250,6 +262,7 @@ def knn_pairs(
     In arrays throughout (no Python work per neighbour): image_ids are sorted, so the smaller
     row is the smaller id.
     """
+    batch = batch or search_batch(len(s.image_ids))
     order = np.arange(len(s.image_ids)) if rows is None else np.asarray(rows, dtype=np.int64)
     found_a, found_b, found_s, found_r = [], [], [], []
     for start in range(0, len(order), batch):

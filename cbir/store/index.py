@@ -311,6 +311,19 @@ class RegionSearcher:
         return out
 
 
+@dataclass(frozen=True)
+class _Lookup:
+    """A searcher's vectors as faiss_index re-ranks from them (faiss_index.Scorer)."""
+
+    s: Searcher
+
+    def __call__(self, fids: np.ndarray) -> np.ndarray:
+        return self.s.lookup(fids)
+
+    def inner_products(self, queries: np.ndarray, fids: np.ndarray) -> np.ndarray | None:
+        return self.s.inner_products(queries, fids)
+
+
 @dataclass
 class Searcher:
     """The current index with what is needed to turn its answers into images and paths."""
@@ -359,19 +372,30 @@ class Searcher:
             [r >= 0 and ids[r] == i for r, i in zip(rows.tolist(), image_ids, strict=True)], bool
         )
 
-    def lookup(self, fids: np.ndarray) -> np.ndarray:
-        """Stored vectors for FAISS ids: the index re-scores its candidates exactly with them."""
+    def _known_rows(self, fids: np.ndarray) -> np.ndarray:
+        """rows_of, refusing an id (not -1) that has no vector."""
         rows = self.rows_of(fids)
-        if (rows < 0).any():
+        if ((rows < 0) & (np.asarray(fids) >= 0)).any():
             raise CbirError(
                 "the index holds images that have no current embedding: the index and the "
                 f"embeddings are out of sync; {_REBUILD}"
             )
-        return self.vectors[rows]
+        return rows
+
+    def lookup(self, fids: np.ndarray) -> np.ndarray:
+        """Stored vectors for FAISS ids: the index re-scores its candidates exactly with them."""
+        return self.vectors[self._known_rows(fids)]
+
+    def inner_products(self, queries: np.ndarray, fids: np.ndarray) -> np.ndarray | None:
+        """The queries' inner products with their candidate ids, where the vector file scores
+        them itself (faiss_index.Scorer: a large file read in order); None: fetch them."""
+        if not isinstance(self.vectors, Vectors):
+            return None
+        return self.vectors.inner_products(queries, self._known_rows(fids))
 
     def search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows of image_ids; -1 for no result) of each query's top k."""
-        scores, fids = faiss_search(self.index, self.info, queries, k, vectors=self.lookup)
+        scores, fids = faiss_search(self.index, self.info, queries, k, vectors=_Lookup(self))
         return scores, np.where(fids >= 0, self.rows_of(fids), -1)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
