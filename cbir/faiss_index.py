@@ -400,28 +400,6 @@ def _rerank(
     return out_s, out_i
 
 
-def paired_inner_products(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """x[i] . y[i] for each row i, with the kernel _rerank_rows scores with (bit for bit the
-    same scores, whichever way a candidate is re-ranked)."""
-    x = np.ascontiguousarray(x, np.float32)
-    y = np.ascontiguousarray(y, np.float32)
-    if x.shape != y.shape or x.ndim != 2:
-        raise ValueError(f"need two equal 2-D shapes, got {x.shape} and {y.shape}")
-    out = np.empty(len(x), np.float32)
-    if len(x):
-        at = np.arange(len(x), dtype=np.int64)
-        faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs
-            faiss.swig_ptr(out),
-            faiss.swig_ptr(x),
-            faiss.swig_ptr(y),
-            faiss.swig_ptr(at),
-            x.shape[1],
-            len(x),
-            1,
-        )
-    return out
-
-
 def _top_k(scores: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best of each row of candidate scores (-inf: none), best first, as _rerank_rows
     returns them."""

@@ -107,6 +107,14 @@ def test_a_kept_size_resumes_with_the_pairs_rate_measured_on_a_sample(tmp_path):
     assert rows["nightly"]["status"] == "ok"
     assert "planted found 20/20" in rows["nightly"]["note"]
     assert all(rows[s]["status"] == "ok" for s in rows)
+    # benchmarks/rerank.py on the kept workspace: both ways of re-ranking, the same pairs
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rerank.py"),
+                          str(tmp_path / "vectors-1500"), "--queries", "300", "--rounds", "1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1,700 images, 300 queries" in out.stdout  # two nights of 100
+    assert "an exact (flat) index" in out.stdout  # under FLAT_MAX_N: see test_vectors for more
+    assert "same pairs True, same scores True, 0 of" in out.stdout
 
 
 def test_the_catalogue_benchmark_times_live_and_stored_queries_that_agree(tmp_path):
