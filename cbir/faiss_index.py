@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import math
 import time
@@ -302,46 +301,30 @@ def add_rows(index: faiss.Index, x: Rows, ids: np.ndarray) -> None:
         index.add_with_ids(_as_vectors(x[s : s + ADD_CHUNK]), ids[s : s + ADD_CHUNK])
 
 
-# Re-ranking kernel: FAISS computes the exact inner products of each query with its candidate rows
-# and keeps the top k, multithreaded, straight from the (possibly memory-mapped) array: no copies.
-# Its signature gained `nsubset` in recent releases; older ones get the numpy path.
-def _has_nsubset() -> bool:
-    try:
-        kernel = faiss.knn_inner_products_by_idx  # type: ignore[attr-defined]  # not in faiss's bundled stubs
-        return "nsubset" in inspect.signature(kernel).parameters
-    except (TypeError, ValueError):  # builtin without a Python signature
-        return False
-
-
-_FAISS_RERANK = _has_nsubset()
-
-
 def _rerank_rows(
     queries: np.ndarray, rows: np.ndarray, base: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of ``queries`` among candidate ``rows`` of ``base`` (-1 = no candidate).
 
-    Candidate lists must have their -1 entries at the end (as FAISS returns them).
-    Returns (scores, rows) with -inf / -1 where fewer than k candidates exist.
+    FAISS scores each query with its candidate rows, multithreaded, straight from the (possibly
+    memory-mapped) float32 array: no copies; other arrays are scored by numpy. The best are then
+    chosen as every re-ranking path chooses them (`_top_k`). Returns (scores, rows) with -inf / -1
+    where fewer than k candidates exist.
     """
     nq, nc = rows.shape
-    out_s = np.empty((nq, k), dtype=np.float32)
-    out_r = np.empty((nq, k), dtype=np.int64)
-    fast = _FAISS_RERANK and base.dtype == np.float32 and base.ndim == 2 and base.flags.c_contiguous
-    if fast:
-        faiss.knn_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's bundled stubs
-            faiss.swig_ptr(queries),
-            faiss.swig_ptr(base),
-            faiss.swig_ptr(rows),
-            base.shape[1],
-            nq,
-            base.shape[0],
-            nc,
-            k,
-            faiss.swig_ptr(out_s),
-            faiss.swig_ptr(out_r),
-            nc,
-        )
+    if base.dtype == np.float32 and base.ndim == 2 and base.flags.c_contiguous:
+        scores = np.empty((nq, nc), dtype=np.float32)
+        rows = np.ascontiguousarray(rows, np.int64)
+        if nq and nc:
+            faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs
+                faiss.swig_ptr(scores),
+                faiss.swig_ptr(np.ascontiguousarray(queries, np.float32)),
+                faiss.swig_ptr(base),
+                faiss.swig_ptr(rows),
+                base.shape[1],
+                nq,
+                nc,
+            )  # -inf where a row is -1
     else:
         valid = rows >= 0
         uniq, inv = np.unique(rows[valid], return_inverse=True)
@@ -349,12 +332,11 @@ def _rerank_rows(
         scores = np.full((nq, nc), -np.inf, dtype=np.float32)
         qi = np.nonzero(valid)[0]
         scores[valid] = np.einsum("ij,ij->i", queries[qi], vecs[inv])
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        out_s = np.take_along_axis(scores, order, axis=1)
-        out_r = np.take_along_axis(rows, order, axis=1)
-    missing = ~np.isfinite(out_s) | (out_r < 0) | (out_s < -1e30)
-    out_s[missing] = -np.inf
-    out_r[missing] = -1
+    out_s, out_r = _top_k(scores, rows, k)
+    if out_s.shape[1] < k:  # fewer candidates than k
+        pad = k - out_s.shape[1]
+        out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        out_r = np.pad(out_r, ((0, 0), (0, pad)), constant_values=-1)
     return out_s, out_r
 
 
@@ -401,16 +383,24 @@ def _rerank(
 
 
 def _top_k(scores: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of each row of candidate scores (-inf: none), best first, as _rerank_rows
-    returns them."""
+    """The k best of each row of candidate scores (-inf: none), best first; of equal scores the
+    larger id first, so which of two equal candidates is kept depends neither on their order
+    among the candidates nor on which way a batch was scored (fetched or read in order)."""
     k = min(k, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if 0 < k < scores.shape[1] else None
-    if top is None:
+    if 0 < k < scores.shape[1]:
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part = np.take_along_axis(scores, top, axis=1)
+        # rows where a candidate left out scores as high as the lowest kept: choose by id
+        tied = np.flatnonzero(np.count_nonzero(scores >= part.min(axis=1)[:, None], axis=1) > k)
+        if len(tied):
+            top[tied] = np.lexsort((-cand[tied], -scores[tied]), axis=1)[:, :k]
+    else:
         top = np.broadcast_to(np.arange(k), (scores.shape[0], k))
     part = np.take_along_axis(scores, top, axis=1)
-    order = np.argsort(-part, axis=1, kind="stable")
+    ids = np.take_along_axis(cand, top, axis=1)
+    order = np.lexsort((-ids, -part), axis=1)
     out_s = np.take_along_axis(part, order, axis=1).astype(np.float32, copy=False)
-    out_i = np.take_along_axis(np.take_along_axis(cand, top, axis=1), order, axis=1)
+    out_i = np.take_along_axis(ids, order, axis=1)
     missing = ~np.isfinite(out_s)
     out_s[missing] = -np.inf
     out_i = np.where(missing, -1, out_i).astype(np.int64)

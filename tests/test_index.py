@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import faiss
@@ -242,19 +243,37 @@ def test_a_source_that_scores_its_candidates_gives_what_fetching_gives(data, ivf
     assert sorted(i4.tolist()[0][:2]) == [3, 9] and i4[0, 2] == -1 and s4[0, 0] >= s4[0, 1]
 
 
-def test_numpy_rerank_fallback_matches_faiss_kernel(data, ivf, monkeypatch) -> None:
-    """Older FAISS (no `nsubset` re-ranking kernel) and non-float32 arrays take the numpy path."""
-    import cbir.faiss_index as cbir_index
-
+def test_numpy_rerank_fallback_matches_faiss_kernel(data, ivf) -> None:
+    """Arrays FAISS cannot score in place (not float32) are scored by numpy: same neighbours."""
     index, info = ivf
     x, q = data["x"][:N_BASE], data["queries"][:100]
     s1, i1 = search(index, info, q, 10, vectors=x)
-    s2, i2 = search(index, info, q, 10, vectors=x.astype(np.float64))  # not float32: numpy path
-    monkeypatch.setattr(cbir_index, "_FAISS_RERANK", False)
-    s3, i3 = search(index, info, q, 10, vectors=x)
-    for s, i in ((s2, i2), (s3, i3)):
-        np.testing.assert_array_equal(i, i1)
-        np.testing.assert_allclose(s, s1, atol=1e-5)
+    s2, i2 = search(index, info, q, 10, vectors=x.astype(np.float64))
+    np.testing.assert_array_equal(i2, i1)
+    np.testing.assert_allclose(s2, s1, atol=1e-5)
+
+
+def test_equal_scores_are_kept_by_id_whichever_way_they_are_scored() -> None:
+    """Four copies of one vector straddle the k-th place: the larger ids are kept, larger first,
+    in whatever order the candidates come and whether they are fetched, scored from an array,
+    or scored by the source itself (a large vector file read in order)."""
+    from cbir.faiss_index import _rerank
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    x[[5, 6, 7]] = x[2]
+    q = rng.standard_normal((1, 16)).astype(np.float32)
+    order = np.argsort(-(x @ q[0]))
+    tied = {2, 5, 6, 7}
+    k = min(i for i, r in enumerate(order) if r in tied) + 2  # two of the four fit
+    expected = [r for r in order if r not in tied][: k - 2] + [7, 6]
+    for seed in range(6):
+        cand = np.random.default_rng(seed).permutation(8)[None].astype(np.int64)
+        for vectors in (x, x.astype(np.float64), lambda wanted: x[wanted], _Scoring(x)):
+            s, i = _rerank(q, cand, vectors, k, 16)
+            assert sorted(i[0][:-2].tolist()) == sorted(expected[:-2]), (seed, vectors)
+            assert i[0][-2:].tolist() == [7, 6], (seed, vectors)
+            assert s[0, -2] == s[0, -1]
 
 
 def test_flat_index_is_exact_with_arbitrary_ids() -> None:
@@ -492,3 +511,23 @@ def test_an_index_streamed_to_disk_is_the_serialised_index_and_a_full_disk_keeps
     assert (tmp_path / "index.faiss").read_bytes() == saved
     assert load_index(tmp_path)[0].ntotal == 3000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.faiss", "index.json"]
+
+
+def test_the_index_benchmark_sweeps_a_fast_scan_index_beside_cbirs(capsys, tmp_path):
+    """benchmarks/index.py --fast-scan: both indexes at every nprobe and k_factor of the sweep,
+    their time ratio measured in the same run, re-ranked recall rising with nprobe."""
+    from conftest import benchmark
+
+    benchmark("index").main(["--n", "12000", "--dim", "64", "--bytes-per-vector", "16",
+                             "--clusters", "300", "--queries", "200", "--repeat", "1",
+                             "--fast-scan", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "fast-scan 4-bit IVF-PQ (32 x 4 bits) built" in out
+    rows = re.findall(r"  (ivfpq 8-bit|fast-scan 4-bit) +nprobe=(\d+) +k_factor=(\d+) +"
+                      r"recall=([\d.]+) [\d.]+ ms(?:  ratio ([\d.]+))?", out)
+    assert len(rows) == 2 * 5 * 3, out
+    assert all((kind == "fast-scan 4-bit") == bool(ratio) for kind, *_, ratio in rows)
+    most = max(int(kf) for _, _, kf, _, _ in rows)
+    for kind in ("ivfpq 8-bit", "fast-scan 4-bit"):
+        recall = {int(p): float(r) for k, p, kf, r, _ in rows if k == kind and int(kf) == most}
+        assert recall[16] >= recall[1] and recall[16] >= 0.9, (kind, recall)
