@@ -531,3 +531,25 @@ def test_the_index_benchmark_sweeps_a_fast_scan_index_beside_cbirs(capsys, tmp_p
     for kind in ("ivfpq 8-bit", "fast-scan 4-bit"):
         recall = {int(p): float(r) for k, p, kf, r, _ in rows if k == kind and int(kf) == most}
         assert recall[16] >= recall[1] and recall[16] >= 0.9, (kind, recall)
+
+
+def test_tuning_trades_candidates_for_probed_lists_while_the_target_holds(data, ivf) -> None:
+    """Once the target is reached, k_factor halves and nprobe doubles while it still holds
+    (fewer vectors read and re-scored); never below MIN_K_FACTOR, never past the target."""
+    import dataclasses
+
+    from cbir.faiss_index import DEFAULT_K_FACTOR, MIN_K_FACTOR, _tune
+
+    index, info = ivf
+    x, ids = data["x"][:N_BASE], data["ids"][:N_BASE]
+
+    def tuned(target: float) -> IndexInfo:
+        trial = dataclasses.replace(info, nprobe=1, k_factor=DEFAULT_K_FACTOR)
+        _tune(index, trial, x, ids, np.random.default_rng(0), target, 10)
+        return trial
+
+    easy = tuned(0.3)  # nprobe 1 with 10 candidates a neighbour reaches it, and so do fewer
+    assert (easy.nprobe, easy.k_factor) == (4, MIN_K_FACTOR) and easy.recall_at_k >= 0.3
+    unreachable = tuned(1.01)  # the best found is kept; nothing traded away
+    assert unreachable.recall_at_k < 1.01 and unreachable.k_factor >= DEFAULT_K_FACTOR
+    assert info.recall_at_k >= 0.95 and info.k_factor >= MIN_K_FACTOR  # the fixture's own tuning
