@@ -553,3 +553,27 @@ def test_tuning_trades_candidates_for_probed_lists_while_the_target_holds(data, 
     unreachable = tuned(1.01)  # the best found is kept; nothing traded away
     assert unreachable.recall_at_k < 1.01 and unreachable.k_factor >= DEFAULT_K_FACTOR
     assert info.recall_at_k >= 0.95 and info.k_factor >= MIN_K_FACTOR  # the fixture's own tuning
+
+
+def test_many_faiss_ids_map_to_rows_as_few_do(monkeypatch) -> None:
+    """Searcher.rows_of sorts a large batch of ids before its binary searches (a batch's
+    candidates at 10^7): the same rows, in the ids' shape, -1 for ids it does not hold."""
+    import cbir.store.index as store_index
+    from cbir.faiss_index import faiss_ids
+    from cbir.store.index import Searcher
+
+    rng = np.random.default_rng(4)
+    image_ids = sorted(f"{v:016x}" for v in rng.choice(2**62, 3000, replace=False))
+    searcher = Searcher.of(None, None, "fp", image_ids, np.zeros((3000, 4), np.float32), {})
+    fids = faiss_ids(image_ids)
+    asked = np.where(rng.random((200, 50)) < 0.9, fids[rng.integers(0, 3000, (200, 50))],
+                     rng.integers(0, 2**62, (200, 50)))  # a tenth held by no image
+    asked[0, :3] = -1
+    monkeypatch.setattr(store_index, "SORT_LOOKUPS", 1 << 30)
+    one_by_one = searcher.rows_of(asked)
+    monkeypatch.setattr(store_index, "SORT_LOOKUPS", 100)
+    sorted_first = searcher.rows_of(asked)
+    np.testing.assert_array_equal(sorted_first, one_by_one)
+    held = np.isin(asked, fids)
+    assert sorted_first.shape == (200, 50) and (sorted_first[~held] == -1).all()
+    assert (fids[sorted_first[held]] == asked[held]).all() and held.mean() > 0.8

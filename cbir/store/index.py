@@ -324,6 +324,23 @@ class _Lookup:
         return self.s.inner_products(queries, fids)
 
 
+#: Above this many ids, rows_of sorts them before its binary searches.
+SORT_LOOKUPS = 1 << 16
+
+
+def _sorted_positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """np.searchsorted(haystack, needles); many needles are sorted first, so that the searches
+    walk the haystack in order (a batch's 2 million candidates among 10^7 ids: 0.4 s against
+    2.7 s, each search a string of cache misses otherwise)."""
+    flat = needles.reshape(-1)
+    if flat.size <= SORT_LOOKUPS or bool((flat[1:] >= flat[:-1]).all()):
+        return np.searchsorted(haystack, needles)
+    order = np.argsort(flat)
+    pos = np.empty(flat.shape, np.int64)
+    pos[order] = np.searchsorted(haystack, flat[order])
+    return pos.reshape(needles.shape)
+
+
 @dataclass
 class Searcher:
     """The current index with what is needed to turn its answers into images and paths."""
@@ -360,7 +377,8 @@ class Searcher:
         fids = np.asarray(fids, np.int64)
         if not len(self.fids):
             return np.full(fids.shape, -1, np.int64)
-        pos = np.minimum(np.searchsorted(self.fids, fids), len(self.fids) - 1)
+        pos = _sorted_positions(self.fids, fids)
+        pos = np.minimum(pos, len(self.fids) - 1)
         return np.where(self.fids[pos] == fids, self.fid_rows[pos], -1)
 
     def present(self, image_ids: list[str]) -> np.ndarray:
