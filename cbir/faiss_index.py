@@ -48,6 +48,7 @@ import faiss
 import numpy as np
 
 from .errors import CbirError
+from .scoring import inner_products_by_idx
 
 log = logging.getLogger(__name__)
 
@@ -317,18 +318,7 @@ def _rerank_rows(
     """
     nq, nc = rows.shape
     if base.dtype == np.float32 and base.ndim == 2 and base.flags.c_contiguous:
-        scores = np.empty((nq, nc), dtype=np.float32)
-        rows = np.ascontiguousarray(rows, np.int64)
-        if nq and nc:
-            faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs
-                faiss.swig_ptr(scores),
-                faiss.swig_ptr(np.ascontiguousarray(queries, np.float32)),
-                faiss.swig_ptr(base),
-                faiss.swig_ptr(rows),
-                base.shape[1],
-                nq,
-                nc,
-            )  # -inf where a row is -1
+        scores = inner_products_by_idx(queries, base, rows)  # -inf where a row is -1
     else:
         valid = rows >= 0
         uniq, inv = np.unique(rows[valid], return_inverse=True)
@@ -666,10 +656,15 @@ def _tune(
     nprobe, kf = 1, max(1, info.k_factor)
     best = (-1.0, nprobe, kf)
     prev = -1.0
-    while True:
+
+    def recall(nprobe: int, kf: int) -> float:
         _, found = _search_raw(index, q, k + 1, nprobe, kf, source if refine else None)
         r = recall_at_k(_drop_self(found, self_ids, k), truth)
         log.debug("tune nprobe=%d k_factor=%d recall@%d=%.4f", nprobe, kf, k, r)
+        return r
+
+    while True:
+        r = recall(nprobe, kf)
         if r > best[0]:
             best = (r, nprobe, kf)
         if r >= target:
@@ -695,9 +690,7 @@ def _tune(
     # nprobe 2 with 5 candidates a neighbour searched 1.3-1.8 times the queries a second of
     # nprobe 1 with 10, and recalled more (0.969 against 0.958); at 10^6 in RAM, as fast.
     while refine and r >= target and kf >= 2 * MIN_K_FACTOR and 2 * nprobe <= nlist:
-        _, found = _search_raw(index, q, k + 1, 2 * nprobe, kf // 2, source)
-        fewer = recall_at_k(_drop_self(found, self_ids, k), truth)
-        log.debug("tune nprobe=%d k_factor=%d recall@%d=%.4f", 2 * nprobe, kf // 2, k, fewer)
+        fewer = recall(2 * nprobe, kf // 2)
         if fewer < target:
             break
         r, nprobe, kf = fewer, 2 * nprobe, kf // 2

@@ -208,7 +208,7 @@ class _Scoring:
         return self.x[wanted]
 
     def inner_products(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
-        from cbir.store.vectors import paired_inner_products
+        from cbir.scoring import paired_inner_products
 
         if self.declines:
             return None

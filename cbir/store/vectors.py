@@ -35,6 +35,7 @@ from .. import faults
 from ..errors import CbirError
 from ..fsutil import Stamp, disk_full, file_stamps, is_disk_full, write_parquet
 from ..progress import bar as progress_bar
+from ..scoring import paired_inner_products
 from . import reuse
 from .embeddings import check_dimensions, read_shard, shard_vectors
 from .fingerprint import current_fingerprint
@@ -148,28 +149,6 @@ class RowReader:
             at = pos[a:b]
             out[at] = paired_inner_products(queries[at // nc], to_float32(got))
         return out.reshape(rows.shape)
-
-
-def paired_inner_products(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """x[i] . y[i] for each row i, with the kernel faiss_index._rerank_rows scores with
-    (bit for bit the same scores, whichever way a candidate is re-ranked)."""
-    x = np.ascontiguousarray(x, np.float32)
-    y = np.ascontiguousarray(y, np.float32)
-    if x.shape != y.shape or x.ndim != 2:
-        raise ValueError(f"need two equal 2-D shapes, got {x.shape} and {y.shape}")
-    out = np.empty(len(x), np.float32)
-    if len(x):
-        at = np.arange(len(x), dtype=np.int64)
-        faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs
-            faiss.swig_ptr(out),
-            faiss.swig_ptr(x),
-            faiss.swig_ptr(y),
-            faiss.swig_ptr(at),
-            x.shape[1],
-            len(x),
-            1,
-        )
-    return out
 
 
 @functools.cache
