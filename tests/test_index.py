@@ -213,8 +213,8 @@ class _Scoring:
         if self.declines:
             return None
         self.scored += 1
-        qs = np.repeat(q, ids.shape[1], axis=0)
-        s = paired_inner_products(qs, self.x[np.maximum(ids, 0)].reshape(len(qs), -1))
+        which = np.repeat(np.arange(len(q)), ids.shape[1])
+        s = paired_inner_products(self.x[np.maximum(ids, 0)].reshape(len(which), -1), q, which)
         return np.where(ids >= 0, s.reshape(ids.shape), -np.inf)
 
 

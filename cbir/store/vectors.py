@@ -116,6 +116,7 @@ class RowReader:
         read a row at a time."""
         if rows.ndim != 2 or rows.shape[0] != len(queries):
             raise ValueError(f"need a row of candidates a query, got {rows.shape}")
+        queries = np.ascontiguousarray(queries, np.float32)  # scored in place, segment by segment
         nc = rows.shape[1]
         flat = rows.reshape(-1)
         pos = np.flatnonzero(flat >= 0)
@@ -147,7 +148,7 @@ class RowReader:
             else:
                 got = self.read(want)
             at = pos[a:b]
-            out[at] = paired_inner_products(queries[at // nc], to_float32(got))
+            out[at] = paired_inner_products(to_float32(got), queries, at // nc)
         return out.reshape(rows.shape)
 
 
