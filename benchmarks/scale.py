@@ -97,6 +97,8 @@ REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
 MIB = 2**20
 TARGET_RSS = 8 * GB  # issue 16: every step at 10^7 images within 8 GB
+#: The last night's run numbers in a kept workspace (its arrivals step writes them).
+NIGHT_FILE = "night.json"
 INGEST_STEPS = ["write files", "I/O floor", "ingest first", "ingest rerun", "ingest +new"]
 VECTOR_STEPS = ["write vectors", "index", "pairs", "clusters", "nightly arrivals", "nightly",
                 "query: new > 0.9", "query: largest clusters", "query: one accession",
@@ -404,7 +406,8 @@ def _sampled_pairs(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     taken to be the planted pairs (exact scores from the vector file), so that the steps after
     it (clusters, the nightly run, the catalogue, the review queue) find the state a full search
     would leave - less its few unplanted pairs (about 5 % at 10^5 and 10^6). Seconds: opening
-    the searcher + N / the measured rate + run_pairs without the search, a projection."""
+    the searcher + mapping its lists (Searcher.map_lists, once a search) + N / the measured
+    rate + run_pairs without the search, a projection."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -416,6 +419,9 @@ def _sampled_pairs(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     searcher = open_searcher(s)
     opened = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    searcher.map_lists()  # set up once by a search of every image (cbir.probes), not a sample's
+    mapped = time.perf_counter() - t0
     n = len(searcher.image_ids)
     rng = np.random.default_rng(a["seed"] + 2)
     rows = np.sort(rng.choice(n, size=min(n, a["pairs_sample"]), replace=False))
@@ -442,10 +448,11 @@ def _sampled_pairs(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = steps_pairs.run_pairs(s)
     rest = time.perf_counter() - t0
-    return {"seconds": opened + n / rate + rest, "searched": n, "projected": True,
+    return {"seconds": opened + mapped + n / rate + rest, "searched": n, "projected": True,
             "note": f"PROJECTED: {len(rows):,} of {n:,} searched at {rate:,.0f}/s (planted pairs "
                     f"of the sampled images found {len(in_sample & set(found))}/"
-                    f"{len(in_sample)}); opening {opened:.1f} s + {n:,} / {rate:,.0f}/s + "
+                    f"{len(in_sample)}); opening {opened:.1f} s + lists {mapped:.1f} s + {n:,} / "
+                    f"{rate:,.0f}/s + "
                     f"run_pairs on the planted pairs {rest:.1f} s; {out.n_near_pairs} pairs, "
                     f"{out.n_clusters} clusters"}
 
@@ -520,6 +527,7 @@ def child_arrivals(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     write_parquet(pa.concat_tables([files, _manifest(ids, files.num_rows, run)]), lay.files)
     write_parquet(_runs(run), lay.runs)
     write_parquet(pa.table({"a": old_ids[:k], "b": ids[:k]}), ws / "planted-new.parquet")
+    (ws / NIGHT_FILE).write_text(json.dumps({"since": since, "run": run}))  # for --resume-from
     return {"since": since, "run": run, "note": f"{new} items in ingest run {run}, {k} copies; "
             f"appended to the vector file in {appended:.2f} s"}
 
@@ -843,7 +851,9 @@ def _run_plan(plan: list[tuple[str, dict[str, Any]]], ws: Path, args: argparse.N
     """Run the steps in order; after a failure the rest are 'not run' (they need its output)."""
     rows: list[dict[str, Any]] = []
     failed = ""
-    night: dict[str, Any] = {}
+    # the night's run numbers: from its arrivals step, in this invocation or a kept earlier one
+    kept = ws / NIGHT_FILE
+    night: dict[str, Any] = json.loads(kept.read_text()) if kept.is_file() else {}
     for step, a in plan:
         if failed:
             rows.append({"step": step, "n": a["n"], "status": f"not run ({failed} failed)"})

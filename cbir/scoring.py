@@ -1,6 +1,7 @@
-"""Exact inner products of queries with chosen rows, by FAISS's kernel: the one home of the
-scoring every re-ranking path uses (faiss_index scoring fetched candidates, store.vectors scoring
-a large file read in order), so that their scores agree bit for bit."""
+"""Exact inner products of queries with chosen rows, by FAISS's kernel, and the best of them: the
+one home of the scoring and choosing every re-ranking path uses (faiss_index scoring fetched
+candidates, store.vectors scoring a large file read in order, probes choosing lists), so that
+their scores agree bit for bit and equal scores are chosen alike."""
 
 from __future__ import annotations
 
@@ -44,3 +45,28 @@ def paired_inner_products(rows: np.ndarray, queries: np.ndarray, which: np.ndarr
         )
     queries = np.ascontiguousarray(queries, np.float32)
     return inner_products_by_idx(rows, queries, which[:, None])[:, 0]
+
+
+def top_k(scores: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row of candidate scores (-inf: none), best first; of equal scores the
+    larger id first, so which of two equal candidates is kept depends neither on their order
+    among the candidates nor on which way a batch was scored (fetched or read in order)."""
+    k = min(k, scores.shape[1])
+    if 0 < k < scores.shape[1]:
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part = np.take_along_axis(scores, top, axis=1)
+        # rows where a candidate left out scores as high as the lowest kept: choose by id
+        tied = np.flatnonzero(np.count_nonzero(scores >= part.min(axis=1)[:, None], axis=1) > k)
+        if len(tied):
+            top[tied] = np.lexsort((-cand[tied], -scores[tied]), axis=1)[:, :k]
+    else:
+        top = np.broadcast_to(np.arange(k), (scores.shape[0], k))
+    part = np.take_along_axis(scores, top, axis=1)
+    ids = np.take_along_axis(cand, top, axis=1)
+    order = np.lexsort((-ids, -part), axis=1)
+    out_s = np.take_along_axis(part, order, axis=1).astype(np.float32, copy=False)
+    out_i = np.take_along_axis(ids, order, axis=1)
+    missing = ~np.isfinite(out_s)
+    out_s[missing] = -np.inf
+    out_i = np.where(missing, -1, out_i).astype(np.int64)
+    return out_s, out_i

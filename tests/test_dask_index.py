@@ -19,7 +19,7 @@ from tiny_workspace import TINY
 import cbir
 from cbir.config import Settings, load_settings
 from cbir.errors import CbirError
-from cbir.faiss_index import FLAT_MAX_N, build_index, choose_params, faiss_ids, search
+from cbir.faiss_index import FLAT_MAX_N, build_index, choose_params, faiss_ids, ivf_part, search
 from cbir.fsutil import write_parquet
 from cbir.model import retrieval_model
 from cbir.steps import index_dask
@@ -177,6 +177,32 @@ def test_a_killed_runs_parts_are_never_merged_and_go(cluster, ws):
         index_dask.dask_build_index(ws, fp, vectors, fids[::-1].copy(), params,
                                     c.scheduler_address, target_recall=None, seed=0)
     assert not lay.index_parts.exists()
+
+
+def test_all_pairs_of_an_ivf_index_on_dask_are_the_single_process_ones(cluster, ws, monkeypatch):
+    """Every image probes the lists around the one it lies in (cbir.probes): Dask workers, each
+    mapping the index and searching a part of the rows, find exactly what one process finds."""
+    from cbir.probes import NearLists
+    from cbir.steps.pairs import knn_pairs
+    from cbir.steps.pairs_dask import dask_knn_pairs
+    from cbir.store.index import open_searcher
+
+    c, _ = cluster
+    run_index(_with_dask(ws, None), rebuild=True)
+    s = open_searcher(ws)
+    assert s.info.params.kind == "ivfpq" and s.info.nprobe <= NearLists(ivf_part(s.index)).m
+    probed = []
+    real = NearLists.probes
+    monkeypatch.setattr(NearLists, "probes", lambda self, q, own, n: probed.append(len(q))
+                        or real(self, q, own, n))
+    whole = knn_pairs(s, 5, -1.0, batch=4096)
+    assert sum(probed) == N  # every image searched around its own list
+    got = dask_knn_pairs(ws, 5, -1.0, None, c.scheduler_address, search=knn_pairs,
+                         part_rows=PART)
+    assert got == whole and len(whole) >= N
+    some = np.arange(0, N, 7)  # an incremental run's rows
+    assert dask_knn_pairs(ws, 5, -1.0, some, c.scheduler_address, search=knn_pairs,
+                          part_rows=PART) == knn_pairs(s, 5, -1.0, rows=some)
 
 
 def test_a_large_update_on_dask_is_the_single_process_one(cluster, ws, monkeypatch):

@@ -107,6 +107,10 @@ def test_a_kept_size_resumes_with_the_pairs_rate_measured_on_a_sample(tmp_path):
     assert rows["nightly"]["status"] == "ok"
     assert "planted found 20/20" in rows["nightly"]["note"]
     assert all(rows[s]["status"] == "ok" for s in rows)
+    # a step after the night alone: the night's run numbers are kept in the workspace
+    again = {r["step"]: r for r in run("--resume-from", "review queue")}
+    assert again["review queue"]["status"] == "ok", again["review queue"]
+    assert "run=3 page" in again["review queue"]["note"]  # the second night's (ingest run 3)
     # benchmarks/rerank.py on the kept workspace: both ways of re-ranking, the same pairs
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rerank.py"),
                           str(tmp_path / "vectors-1500"), "--queries", "300", "--rounds", "1"],

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from ..errors import CbirError
 from ..faiss_index import IndexInfo, faiss_ids, ivf_part, region_ids
 from ..faiss_index import search as faiss_search
 from ..fsutil import Stamp, atomic_path, clean_stale_tmp, file_stamps, write_json
+from ..probes import NearLists, Own, lists_of, stored_lists
 from ..regions import Candidate
 from . import reuse
 from .embeddings import current_regions
@@ -354,6 +355,8 @@ class Searcher:
     fid_rows: np.ndarray
     path_of: Mapping[str, str]  # image_id -> canonical path (manifest.CanonicalPaths)
     regions: RegionSearcher | None = None  # with embed.regions
+    _near: NearLists | None = field(default=None, repr=False)  # cbir.probes, once searched
+    _row_lists: np.ndarray | None = field(default=None, repr=False)  # each row's list
 
     @classmethod
     def of(
@@ -411,10 +414,49 @@ class Searcher:
             return None
         return self.vectors.inner_products(queries, self._known_rows(fids))
 
-    def search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows of image_ids; -1 for no result) of each query's top k."""
-        scores, fids = faiss_search(self.index, self.info, queries, k, vectors=_Lookup(self))
+    def search_rows(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows of image_ids; -1 for no result) of each query's top k. `rows`: the
+        queries are these rows' own vectors (an all-pairs search), which probe the lists
+        around the one each lies in (cbir.probes)."""
+        own = self.own(rows) if rows is not None else None
+        scores, fids = faiss_search(
+            self.index, self.info, queries, k, vectors=_Lookup(self), own=own
+        )
         return scores, np.where(fids >= 0, self.rows_of(fids), -1)
+
+    def own(self, rows: np.ndarray) -> Own | None:
+        """The index's near lists and the list each of `rows` lies in (-1: none), for
+        search_rows; None for an index without lists. Found among the index's ids (a pass over
+        them), or, after map_lists, looked up."""
+        ivf = ivf_part(self.index)
+        if ivf is None:
+            return None
+        near = self._near_lists(ivf)
+        rows = np.asarray(rows, np.int64)
+        if self._row_lists is not None:
+            return near, self._row_lists[rows]
+        return near, lists_of(ivf, faiss_ids([self.image_ids[r] for r in rows.tolist()]))
+
+    def map_lists(self) -> None:
+        """Find every row's list and every list's near lists once, for a search of many
+        batches (at 10^7 images about 2 s and, for 8,192 lists, 5-8 s), rather than a pass
+        over the index's ids a batch."""
+        ivf = ivf_part(self.index)
+        if ivf is None or self._row_lists is not None:
+            return
+        ids, lists = stored_lists(ivf)
+        at = self.rows_of(ids)
+        row_lists = np.full(len(self.image_ids), -1, np.int32)
+        row_lists[at[at >= 0]] = lists[at >= 0]
+        self._near_lists(ivf).near(np.arange(ivf.nlist))
+        self._row_lists = row_lists
+
+    def _near_lists(self, ivf: faiss.IndexIVF) -> NearLists:
+        if self._near is None:
+            self._near = NearLists(ivf)
+        return self._near
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
         scores, rows = self.search_rows(queries, k)
