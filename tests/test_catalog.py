@@ -118,7 +118,13 @@ def test_catalogue_connections_are_guarded_by_duckdb_itself(ws, tmp_path):
         assert con.execute("SELECT count(*) FROM pair_report").fetchone()[0] > 0
         assert con.execute("SELECT count(*) FROM read_parquet('data/pairs/pairs.parquet')"
                            ).fetchone()[0] > 0  # the workspace's own Parquet, relative path
-        for sql in (f"COPY (SELECT 1) TO '{out}/x.csv'",
+        # the embedding shards, a folder allowed whole: relative, in full, as a glob
+        shard = sorted(Path(ws).glob("data/embeddings/*/shard-*.parquet"))[0]
+        n_rows = pq.read_metadata(shard).num_rows
+        for name in (shard.relative_to(ws).as_posix(), str(shard), f"{shard.parent}/shard-*"):
+            assert con.execute(f"SELECT count(*) FROM read_parquet('{name}')"
+                               ).fetchone()[0] >= n_rows > 0
+        for sql in (f"SELECT * FROM read_text('{shard.parent}/../../../params.yaml')",f"COPY (SELECT 1) TO '{out}/x.csv'",
                     f"EXPORT DATABASE '{out}/export'",
                     f"ATTACH '{out}/new.duckdb' AS other",
                     "SELECT * FROM read_text('/etc/passwd')",
