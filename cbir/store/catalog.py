@@ -608,7 +608,7 @@ def connect(settings: Settings, *, refresh: bool = True) -> duckdb.DuckDBPyConne
         con.execute("SET temp_directory = ?", [str(path) + ".tmp"])  # as a file-backed one
         con.execute("SET allowed_paths = ?", [_allowed_paths(settings, chosen)])
         # the decisions log gains parts while a connection is open (the review server); the
-        # embedding shards, a folder each (listed, 10^4 of them at 10^7 images made SET
+        # embedding shards as their folder (listed, the 10^4 of 10^7 images made SET
         # allowed_paths take 0.4 s a connection)
         con.execute("SET allowed_directories = ?", [_allowed_directories(settings)])
         for option in (
@@ -650,12 +650,12 @@ def _allowed_paths(settings: Settings, chosen: Sequence[View]) -> list[str]:
 
 
 def _allowed_directories(settings: Settings) -> list[str]:
-    """The folders whose every file a query may read: the decisions log's and each model's
-    embeddings (shards of Parquet, in full and relative to the workspace)."""
+    """The folders whose every file a query may read: the decisions log's and the embeddings'
+    (each model's shards of Parquet), in full and relative to the workspace."""
     lay = layout(settings)
     root = os.path.join(os.path.abspath(settings.root), "")
-    out = [os.path.join(os.path.abspath(lay.decisions_dir), "")]
-    for folder in sorted(p for p in lay.embeddings_dir.glob("*") if p.is_dir()):
+    out = []
+    for folder in (lay.decisions_dir, lay.embeddings_dir):
         full = os.path.join(os.path.abspath(folder), "")
         out.append(full)
         if full.startswith(root):
