@@ -48,7 +48,7 @@ import faiss
 import numpy as np
 
 from .errors import CbirError
-from .probes import NearLists, Own, lists_of
+from .probes import NearLists, Own, list_ids, lists_of
 from .scoring import inner_products_by_idx, top_k
 
 log = logging.getLogger(__name__)
@@ -791,13 +791,7 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     if ivf is None:
         idmap = cast(faiss.IndexIDMap, faiss.downcast_index(index))
         return faiss.vector_to_array(idmap.id_map).astype(np.int64)
-    inv = ivf.invlists
-    assert inv is not None, "an IVF index always has inverted lists"
-    parts = []
-    for lst in range(inv.nlist):
-        n = inv.list_size(lst)
-        if n:
-            parts.append(faiss.rev_swig_ptr(inv.get_ids(lst), n).copy())
+    parts = [held.copy() for _, held in list_ids(ivf)]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 

@@ -14,6 +14,8 @@ a shard probes what one process searching everything probes).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import faiss
 import numpy as np
 
@@ -28,35 +30,41 @@ NEAR_LISTS = 64
 _BLOCK_PRODUCTS = 1 << 24
 
 
+def list_ids(ivf: faiss.IndexIVF) -> Iterator[tuple[int, np.ndarray]]:
+    """(list, the ids it holds) for every non-empty list; the ids are a view into the index,
+    valid while it is."""
+    inv = ivf.invlists
+    assert inv is not None, "an IVF index always has inverted lists"
+    for lst in range(ivf.nlist):
+        n = inv.list_size(lst)
+        if n:
+            yield lst, faiss.rev_swig_ptr(inv.get_ids(lst), n)
+
+
 def stored_lists(
     ivf: faiss.IndexIVF, ids: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, lists): every stored id, sorted, and the list holding it; with `ids`, those ids
     (sorted, distinct), each with its list or -1 where the index does not hold it. Either way
     every list's ids are read once (at 10^7 images, 80 MB)."""
-    inv = ivf.invlists
-    assert inv is not None, "an IVF index always has inverted lists"
     want = None if ids is None else np.unique(np.asarray(ids, np.int64))
+    if want is not None and not len(want):
+        return want, np.zeros(0, np.int64)
     found: list[np.ndarray] = []
     where: list[np.ndarray] = []
-    for lst in range(ivf.nlist):
-        n = inv.list_size(lst)
-        if not n or (want is not None and not len(want)):
-            continue
-        held = faiss.rev_swig_ptr(inv.get_ids(lst), n)
+    for lst, held in list_ids(ivf):
         if want is not None:
             held = held[want[np.minimum(np.searchsorted(want, held), len(want) - 1)] == held]
         found.append(np.array(held, np.int64))
         where.append(np.full(len(held), lst, np.int32))  # 10^7 of them: half the memory
     held_ids = np.concatenate(found) if found else np.zeros(0, np.int64)
     lists = np.concatenate(where) if where else np.zeros(0, np.int32)
+    if want is not None:
+        out = np.full(len(want), -1, np.int64)
+        out[np.searchsorted(want, held_ids)] = lists
+        return want, out
     order = np.argsort(held_ids, kind="stable")
-    held_ids, lists = held_ids[order], lists[order]
-    if want is None:
-        return held_ids, lists
-    out = np.full(len(want), -1, np.int64)
-    out[np.searchsorted(want, held_ids)] = lists
-    return want, out
+    return held_ids[order], lists[order]
 
 
 def lists_of(ivf: faiss.IndexIVF, ids: np.ndarray) -> np.ndarray:

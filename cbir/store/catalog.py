@@ -638,25 +638,23 @@ def _allowed_paths(settings: Settings, chosen: Sequence[View]) -> list[str]:
     for folder in (lay.manifest_dir, lay.pairs_dir, lay.reports_dir):
         files.update(folder.glob("*.parquet"))
     files.update(lay.pairs_runs.glob("*.parquet"))
-    # as strings, not Paths: at 10^7 images there are 10^4 embedding shards (0.5 s as Paths)
-    root = os.path.join(os.path.abspath(settings.root), "")
-    out = set()
-    for p in files:
-        full = os.path.abspath(p)
-        out.add(full)
-        if full.startswith(root):
-            out.add(full[len(root) :])
-    return sorted(out)
+    return sorted(set(_spellings(settings, [os.path.abspath(p) for p in files])))
 
 
 def _allowed_directories(settings: Settings) -> list[str]:
     """The folders whose every file a query may read: the decisions log's and the embeddings'
     (each model's shards of Parquet), in full and relative to the workspace."""
     lay = layout(settings)
+    folders = (lay.decisions_dir, lay.embeddings_dir)
+    return _spellings(settings, [os.path.join(os.path.abspath(f), "") for f in folders])
+
+
+def _spellings(settings: Settings, paths: list[str]) -> list[str]:
+    """Each absolute path, and, inside the workspace, relative to it (as the views name
+    files). As strings, not Paths: 10^4 embedding shards at 10^7 images took 0.5 s as Paths."""
     root = os.path.join(os.path.abspath(settings.root), "")
     out = []
-    for folder in (lay.decisions_dir, lay.embeddings_dir):
-        full = os.path.join(os.path.abspath(folder), "")
+    for full in paths:
         out.append(full)
         if full.startswith(root):
             out.append(full[len(root) :])
