@@ -16,6 +16,12 @@ stand in for 10^7), and times `knn_pairs` over the same random queries both ways
 ranks agree. Ranks can differ where two candidates score exactly the same.
 
 Run time: about 2 minutes at 10^6 with 60,000 queries (2 cores).
+
+`--cold` compares instead a search begun with the vector file out of the page cache (evicted
+with posix_fadvise, as other work leaves it on a busy machine), with and without reading it
+ahead (`RowReader.read_ahead`: the whole file read in order in a background thread while the
+first batch runs its IVF search), alternately, each with a searcher opened afresh; the file is
+read by pread in both. At 10^7 run it with the file's size in mind: 10 GB read per search.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import cbir.store.vectors as vectors  # noqa: E402
 from cbir.config import load_settings  # noqa: E402
 from cbir.steps.pairs import knn_pairs, search_batch  # noqa: E402
 from cbir.store.index import Searcher, open_searcher  # noqa: E402
+from scale import evict  # noqa: E402  (beside this script)
 
 
 def main() -> None:
@@ -43,7 +50,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--cold", action="store_true",
+                    help="from a cold page cache, with and without reading the file ahead")
     args = ap.parse_args()
+    if args.cold:
+        cold(args)
+        return
 
     vectors.MAP_MAX_BYTES = 0  # read with pread, as a file over 2 GiB is
     settings = load_settings(args.workspace / "params.yaml")
@@ -78,6 +90,42 @@ def main() -> None:
     same = all(a[p][0] == b[p][0] for p in a if p in b)
     print(f"in order / fetched: {low:.2f}-{high:.2f}x; same pairs {a.keys() == b.keys()}, "
           f"same scores {same}, {ranks} of {len(a):,} ranks differ")
+
+
+def cold(args: argparse.Namespace) -> None:
+    vectors.MAP_MAX_BYTES = 0  # read with pread, as a file over 2 GiB is
+    settings = load_settings(args.workspace / "params.yaml")
+    searcher = open_searcher(settings)
+    n = len(searcher.image_ids)
+    base = searcher.vectors._base  # the file behind the rows
+    assert isinstance(base, vectors.RowReader)
+    data, size = base.path, base.n * base.row_bytes
+    del searcher, base
+    rows = np.sort(np.random.default_rng(args.seed).choice(n, min(n, args.queries), False))
+    print(f"{n:,} images, {len(rows):,} queries from a cold page cache; {data.name} "
+          f"{size / 1e9:.1f} GB")
+    ahead = vectors.Vectors.read_ahead
+    rates: dict[str, list[float]] = {"read ahead": [], "not read ahead": []}
+    found = {}
+    for r in range(args.rounds):
+        for way in rates:
+            vectors.Vectors.read_ahead = (  # type: ignore[method-assign]
+                ahead if way == "read ahead" else (lambda self: False)
+            )
+            searcher = open_searcher(settings)
+            evict(data)
+            t0 = time.perf_counter()
+            found[way] = knn_pairs(searcher, args.k, 0.5, rows=rows)
+            seconds = time.perf_counter() - t0
+            rates[way].append(len(rows) / seconds)
+            print(f"  round {r + 1} {way:>14}: {len(rows) / seconds:7,.0f} queries/s "
+                  f"({seconds:.1f} s)", flush=True)
+            del searcher
+    vectors.Vectors.read_ahead = ahead  # type: ignore[method-assign]
+    low = min(rates["read ahead"]) / max(rates["not read ahead"])
+    high = max(rates["read ahead"]) / min(rates["not read ahead"])
+    a, b = found["read ahead"], found["not read ahead"]
+    print(f"read ahead / not: {low:.2f}-{high:.2f}x; same pairs and scores {a == b}")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,12 @@ def test_a_kept_size_resumes_with_the_pairs_rate_measured_on_a_sample(tmp_path):
     pairs = rows["pairs"]
     assert pairs["status"] == "ok" and pairs["out"]["projected"] is True
     assert pairs["note"].startswith("PROJECTED: 500 of 1,600 searched")  # the first night: +100
-    found, planted = re.search(r"sampled images found (\d+)/(\d+)", pairs["note"]).groups()
+    # from a cold page cache, then as that left it: the rest of the step at the second rate
+    assert "from a cold page cache, then 500 more at" in pairs["note"]
+    assert pairs["out"]["cold"] > 0 and pairs["out"]["warm"] > 0
+    assert " + 1,100 / " in pairs["note"]
+    found, planted = re.search(r"first sample's images found (\d+)/(\d+)",
+                               pairs["note"]).groups()
     assert int(planted) > 0 and found == planted
     assert "150 pairs" in pairs["note"]  # the planted pairs, recorded through run_pairs
     assert rows["nightly"]["status"] == "ok"
@@ -119,6 +124,15 @@ def test_a_kept_size_resumes_with_the_pairs_rate_measured_on_a_sample(tmp_path):
     assert "1,700 images, 300 queries" in out.stdout  # two nights of 100
     assert "an exact (flat) index" in out.stdout  # under FLAT_MAX_N: see test_vectors for more
     assert "same pairs True, same scores True, 0 of" in out.stdout
+    # --cold: from a cold page cache, with and without reading the file ahead, the same pairs
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rerank.py"),
+                          str(tmp_path / "vectors-1500"), "--queries", "300", "--rounds", "1",
+                          "--cold"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1,700 images, 300 queries from a cold page cache" in out.stdout
+    assert re.search(r"round 1 +read ahead: +[\d,]+ queries/s", out.stdout)
+    assert re.search(r"round 1 not read ahead: +[\d,]+ queries/s", out.stdout)
+    assert "same pairs and scores True" in out.stdout
 
 
 def test_the_catalogue_benchmark_times_live_and_stored_queries_that_agree(tmp_path):

@@ -356,3 +356,40 @@ def test_all_pairs_of_a_large_file_equal_those_of_a_mapped_one(tmp_path, monkeyp
     got = knn_pairs(Searcher.of(index, info, "fp", sorted_ids, read, {}), 5, 0.5)
     assert scored and all(scored) and len(want) > 1000
     assert got == want
+    assert read._base._ahead is not None  # the search of many batches read the file ahead
+    read._base.wait_ahead()
+
+
+def test_a_large_file_is_read_ahead_once_and_only_where_it_fits_in_memory(tmp_path, monkeypatch):
+    """RowReader.read_ahead: a background read of the whole file, once a reader, only where the
+    file takes at most READ_AHEAD_SHARE of the memory available (else its end would push its
+    start out of the page cache); dropping the reader stops it. Reading is unchanged by it."""
+    import cbir.store.vectors as vectors
+
+    rng = np.random.default_rng(4)
+    ids, v = _ids(rng, 3000), _unit(rng, 3000)
+    _shard(tmp_path, ids, v)
+    sync_vectors(tmp_path)
+    monkeypatch.setattr("cbir.store.vectors.MAP_MAX_BYTES", 0)
+    size = 3000 * DIM * DTYPE.itemsize
+    sorted_ids, read = open_vectors(tmp_path)
+    want = read[:]
+    reader = read._base
+    assert isinstance(reader, RowReader)
+    monkeypatch.setattr(vectors, "available_memory", lambda: None)  # not Linux: no read ahead
+    assert read.read_ahead() is False
+    monkeypatch.setattr(vectors, "available_memory", lambda: int(size / 0.61))
+    assert read.read_ahead() is False  # the file would take over 60 % of what is free
+    monkeypatch.setattr(vectors, "available_memory", lambda: int(size / 0.6) + 1)
+    assert read.read_ahead() is True
+    assert read.read_ahead() is False  # once
+    reader.wait_ahead()
+    np.testing.assert_array_equal(read[:], want)
+    stop = reader._stop
+    assert not stop.is_set()
+    del read, reader
+    assert stop.is_set()  # a thread still reading would stop at its next segment
+    assert vectors.available_memory() is None or vectors.available_memory() > 0
+    # mapped files (up to MAP_MAX_BYTES) are small enough to stay cached: nothing to read ahead
+    monkeypatch.setattr("cbir.store.vectors.MAP_MAX_BYTES", 2 << 30)
+    assert open_vectors(tmp_path)[1].read_ahead() is False
