@@ -22,6 +22,10 @@ with posix_fadvise, as other work leaves it on a busy machine), with and without
 ahead (`RowReader.read_ahead`: the whole file read in order in a background thread while the
 first batch runs its IVF search), alternately, each with a searcher opened afresh; the file is
 read by pread in both. At 10^7 run it with the file's size in mind: 10 GB read per search.
+
+`--fetch` times what a nightly run's re-ranking does instead: --queries x 100 scattered rows
+(about a night's candidates) read one by one (RowReader.read), by one thread and by
+FETCH_THREADS, alternately, each from a cold page cache and then again from a warm one.
 """
 
 from __future__ import annotations
@@ -52,9 +56,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--cold", action="store_true",
                     help="from a cold page cache, with and without reading the file ahead")
+    ap.add_argument("--fetch", action="store_true",
+                    help="scattered rows fetched by one thread and by FETCH_THREADS")
     args = ap.parse_args()
     if args.cold:
         cold(args)
+        return
+    if args.fetch:
+        fetch(args)
         return
 
     vectors.MAP_MAX_BYTES = 0  # read with pread, as a file over 2 GiB is
@@ -126,6 +135,43 @@ def cold(args: argparse.Namespace) -> None:
     high = max(rates["read ahead"]) / min(rates["not read ahead"])
     a, b = found["read ahead"], found["not read ahead"]
     print(f"read ahead / not: {low:.2f}-{high:.2f}x; same pairs and scores {a == b}")
+
+
+def fetch(args: argparse.Namespace) -> None:
+    vectors.MAP_MAX_BYTES = 0  # read with pread, as a file over 2 GiB is
+    _, vec = vectors.open_vectors(_folder(args.workspace))
+    reader = vec._base  # the file behind the rows
+    assert isinstance(reader, vectors.RowReader)
+    rng = np.random.default_rng(args.seed)
+    threads = vectors.FETCH_THREADS
+    print(f"{reader.n:,} rows, {args.queries * 100:,} scattered rows a read; {reader.path.name}")
+    us: dict[tuple[str, int], list[float]] = {}
+    same = True
+    for r in range(args.rounds):
+        rows = rng.integers(0, reader.n, size=args.queries * 100)
+        got = []
+        for way in (1, threads):
+            vectors.FETCH_THREADS = way
+            evict(reader.path)
+            for cache in ("cold", "warm"):
+                t0 = time.perf_counter()
+                got.append(reader.read(rows))
+                seconds = time.perf_counter() - t0
+                us.setdefault((cache, way), []).append(seconds / len(rows) * 1e6)
+                print(f"  round {r + 1} {way:>2} thread(s), {cache}: "
+                      f"{seconds / len(rows) * 1e6:5.1f} us a row ({seconds:.2f} s)", flush=True)
+        same = same and all(np.array_equal(got[0], g) for g in got[1:])
+    vectors.FETCH_THREADS = threads
+    for cache in ("cold", "warm"):
+        one, many = us[(cache, 1)], us[(cache, threads)]
+        print(f"{cache}: {threads} threads / 1: {min(one) / max(many):.1f}-"
+              f"{max(one) / min(many):.1f}x faster")
+    print(f"same rows {same}")
+
+
+def _folder(workspace: Path) -> Path:
+    """The fingerprint folder of a workspace's embeddings (scale.py writes one)."""
+    return next(workspace.glob("data/embeddings/*/vectors.parquet")).parent
 
 
 if __name__ == "__main__":

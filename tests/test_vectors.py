@@ -224,6 +224,49 @@ def test_rows_of_a_large_file_are_read_not_mapped(tmp_path, monkeypatch):
         reader.read(np.array([25]))
 
 
+def test_many_scattered_rows_are_fetched_by_threads_each_row_where_it_belongs(
+    tmp_path, monkeypatch
+):
+    """A read of many runs of rows (a night's candidates) is shared among FETCH_THREADS threads,
+    each forward through its stretch of the file: the same rows, in the asked order and shape,
+    as read by one thread and as mapped; a file cut short still fails with its one line."""
+    import threading
+
+    rng = np.random.default_rng(9)
+    ids, v = _ids(rng, 2000), _unit(rng, 2000)
+    _shard(tmp_path, ids, v)
+    sync_vectors(tmp_path)
+    _, mapped = open_vectors(tmp_path)
+    monkeypatch.setattr("cbir.store.vectors.MAP_MAX_BYTES", 0)
+    _, vec = open_vectors(tmp_path)
+    reader = vec._base
+    assert isinstance(reader, RowReader)
+    asked = rng.integers(0, 2000, size=(300, 7))  # repeats, runs and scattered rows
+    real = os.preadv
+    threads: set[threading.Thread] = set()
+    monkeypatch.setattr("cbir.store.vectors.os.preadv",
+                        lambda fd, bufs, at: threads.add(threading.current_thread())
+                        or real(fd, bufs, at))
+    monkeypatch.setattr("cbir.store.vectors.FETCH_THREADS", 4)
+    got = reader.read(asked)
+    assert got.shape == (300, 7, DIM) and len(threads) == 4
+    want = np.asarray(mapped._base)[asked]  # the mapped file, row for row
+    np.testing.assert_array_equal(got, want)
+    threads.clear()
+    monkeypatch.setattr("cbir.store.vectors.FETCH_THREADS", 1)
+    np.testing.assert_array_equal(reader.read(asked), got)
+    assert len(threads) == 1
+    monkeypatch.setattr("cbir.store.vectors.FETCH_THREADS", 4)
+    threads.clear()
+    np.testing.assert_array_equal(reader.read(asked[:2]), got[:2])  # few runs: one thread
+    assert threads == {threading.current_thread()}
+    data = next(tmp_path.glob(VECTOR_DATA_GLOB))
+    with open(data, "r+b") as fh:  # cut short behind the reader's back
+        fh.truncate(1500 * reader.row_bytes)
+    with pytest.raises(CbirError, match="ends before its recorded rows"):
+        reader.read(asked)
+
+
 def test_float16_rows_convert_to_exactly_what_numpy_gives():
     """to_float32 (FAISS's conversion) is bit for bit astype(float32), for every float16 value
     (subnormals, signed zeros, infinities, NaNs), any shape, and rows that are not contiguous."""

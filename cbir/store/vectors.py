@@ -64,6 +64,11 @@ MAP_MAX_BYTES = 2 << 30
 #: from the page cache costs about what 1/16 of its rows read one by one do (3-4 us a row).
 SEGMENT_BYTES = 16 << 20
 STREAM_EVERY = 16
+#: Rows read one by one (a night's candidates, a training sample) are fetched by this many
+#: threads where a read wants at least FETCH_PARALLEL_MIN runs of them: a row out of the page
+#: cache waits on the disk, which serves several at a time (benchmarks/rerank.py --fetch).
+FETCH_THREADS = 16
+FETCH_PARALLEL_MIN = 256
 #: An all-pairs search reads a large file ahead (RowReader.read_ahead) only where it takes at
 #: most this share of the memory available: beyond, its end would push its start (and other
 #: programs' files) out of the page cache before the search wanted them.
@@ -161,8 +166,33 @@ class RowReader:
         starts = np.r_[0, cuts].astype(np.int64) if len(wanted) else np.zeros(0, np.int64)
         ends = np.r_[cuts, len(wanted)].astype(np.int64) if len(wanted) else starts
         rb = self.row_bytes
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            self._pread(view[a * rb : b * rb], int(wanted[a]) * rb)
+        at = (wanted[starts] * rb).tolist()
+        runs = list(zip((starts * rb).tolist(), (ends * rb).tolist(), at, strict=True))
+
+        failed: list[BaseException] = []
+
+        def fetch(part: list[tuple[int, int, int]]) -> None:
+            try:
+                for lo, hi, offset in part:
+                    self._pread(view[lo:hi], offset)
+            except BaseException as exc:  # raised in the caller's thread below
+                failed.append(exc)
+
+        if len(runs) >= FETCH_PARALLEL_MIN and FETCH_THREADS > 1:
+            # each thread a stretch of the file, forward; pread releases the GIL
+            step = -(-len(runs) // FETCH_THREADS)
+            threads = [
+                threading.Thread(target=fetch, args=(runs[i : i + step],))
+                for i in range(0, len(runs), step)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            fetch(runs)
+        if failed:
+            raise failed[0]
         out = np.frombuffer(buf, DTYPE).reshape(len(wanted), self.dim)[back]
         return out.reshape(*shape, self.dim)
 
