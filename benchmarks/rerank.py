@@ -24,8 +24,9 @@ first batch runs its IVF search), alternately, each with a searcher opened afres
 read by pread in both. At 10^7 run it with the file's size in mind: 10 GB read per search.
 
 `--fetch` times what a nightly run's re-ranking does instead: --queries x 100 scattered rows
-(about a night's candidates) read one by one (RowReader.read), by one thread and by
-FETCH_THREADS, alternately, each from a cold page cache and then again from a warm one.
+(about a night's candidates) read one by one (RowReader.read), with the page cache asked first
+(RWF_NOWAIT, where the system offers it) and without, alternately, each from a cold page cache
+and then again from a warm one.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true",
                     help="from a cold page cache, with and without reading the file ahead")
     ap.add_argument("--fetch", action="store_true",
-                    help="scattered rows fetched by one thread and by FETCH_THREADS")
+                    help="scattered rows read with the page cache asked first and without")
     args = ap.parse_args()
     if args.cold:
         cold(args)
@@ -143,29 +144,31 @@ def fetch(args: argparse.Namespace) -> None:
     reader = vec._base  # the file behind the rows
     assert isinstance(reader, vectors.RowReader)
     rng = np.random.default_rng(args.seed)
-    threads = vectors.FETCH_THREADS
-    print(f"{reader.n:,} rows, {args.queries * 100:,} scattered rows a read; {reader.path.name}")
-    us: dict[tuple[str, int], list[float]] = {}
+    nowait = vectors.NOWAIT
+    ways = {"cache first": nowait, "in turn": 0}
+    print(f"{reader.n:,} rows, {args.queries * 100:,} scattered rows a read; {reader.path.name}"
+          f"{'' if nowait else ' (no RWF_NOWAIT here: both ways the same)'}")
+    us: dict[tuple[str, str], list[float]] = {}
     same = True
     for r in range(args.rounds):
         rows = rng.integers(0, reader.n, size=args.queries * 100)
         got = []
-        for way in (1, threads):
-            vectors.FETCH_THREADS = way
+        for way, flag in ways.items():
+            vectors.NOWAIT = flag
             evict(reader.path)
             for cache in ("cold", "warm"):
                 t0 = time.perf_counter()
                 got.append(reader.read(rows))
                 seconds = time.perf_counter() - t0
                 us.setdefault((cache, way), []).append(seconds / len(rows) * 1e6)
-                print(f"  round {r + 1} {way:>2} thread(s), {cache}: "
+                print(f"  round {r + 1} {way:>11}, {cache}: "
                       f"{seconds / len(rows) * 1e6:5.1f} us a row ({seconds:.2f} s)", flush=True)
         same = same and all(np.array_equal(got[0], g) for g in got[1:])
-    vectors.FETCH_THREADS = threads
+    vectors.NOWAIT = nowait
     for cache in ("cold", "warm"):
-        one, many = us[(cache, 1)], us[(cache, threads)]
-        print(f"{cache}: {threads} threads / 1: {min(one) / max(many):.1f}-"
-              f"{max(one) / min(many):.1f}x faster")
+        first, turn = us[(cache, "cache first")], us[(cache, "in turn")]
+        print(f"{cache}: cache first / in turn: {min(turn) / max(first):.1f}-"
+              f"{max(turn) / min(first):.1f}x faster")
     print(f"same rows {same}")
 
 

@@ -143,13 +143,16 @@ def test_canonical_paths_says_which_recorded_paths_moved():
 
     from cbir.store.manifest import CanonicalPaths
 
-    m = CanonicalPaths(lambda: pa.table({"image_id": ["aa", "bb", "cc"],
-                                         "path": ["x/a.jpg", "x/b.jpg", "x/c.jpg"]}))
-    assert not m.moved(pa.array(["cc", "aa", "cc"]), pa.array(["x/c.jpg", "x/a.jpg", "x/c.jpg"]))
-    assert not m.moved(pa.array([], pa.string()), pa.array([], pa.string()))
-    assert m.moved(pa.array(["cc", "aa"]), pa.array(["x/c.jpg", "y/a.jpg"]))  # a moved file
-    assert m.moved(pa.array(["aa", "dd"]), pa.array(["x/a.jpg", "x/d.jpg"]))  # no longer here
-    assert m.moved(pa.array(["aa"]), pa.array([None], pa.string()))
+    for form in (str, lambda x: x * 8):  # ids of any form, and cbir's (16 hex digits: integers)
+        aa, bb, cc, dd = (form(x) for x in ("aa", "bb", "cc", "dd"))
+        m = CanonicalPaths(lambda aa=aa, bb=bb, cc=cc: pa.table(
+            {"image_id": [cc, aa, bb], "path": ["x/c.jpg", "x/a.jpg", "x/b.jpg"]}))
+        assert not m.moved(pa.array([cc, aa, cc]), pa.array(["x/c.jpg", "x/a.jpg", "x/c.jpg"]))
+        assert not m.moved(pa.array([], pa.string()), pa.array([], pa.string()))
+        assert m.moved(pa.array([cc, aa]), pa.array(["x/c.jpg", "y/a.jpg"]))  # a moved file
+        assert m.moved(pa.array([aa, dd]), pa.array(["x/a.jpg", "x/d.jpg"]))  # no longer here
+        assert m.moved(pa.array([aa]), pa.array([None], pa.string()))
+        assert (m._hexed is not None) == (len(aa) == 16)
 
 
 def test_ids_in_agrees_with_arrow_is_in():

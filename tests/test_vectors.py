@@ -210,6 +210,7 @@ def test_rows_of_a_large_file_are_read_not_mapped(tmp_path, monkeypatch):
     assert isinstance(reader, RowReader)
     calls: list[int] = []
     real = os.preadv
+    monkeypatch.setattr("cbir.store.vectors.NOWAIT", 0)  # every read counted, cached or not
     monkeypatch.setattr("cbir.store.vectors.os.preadv",
                         lambda fd, bufs, at: calls.append(at) or real(fd, bufs, at))
     rows = reader.read(np.array([7, 3, 4, 5, 20, 4]))
@@ -224,45 +225,62 @@ def test_rows_of_a_large_file_are_read_not_mapped(tmp_path, monkeypatch):
         reader.read(np.array([25]))
 
 
-def test_many_scattered_rows_are_fetched_by_threads_each_row_where_it_belongs(
-    tmp_path, monkeypatch
-):
-    """A read of many runs of rows (a night's candidates) is shared among FETCH_THREADS threads,
-    each forward through its stretch of the file: the same rows, in the asked order and shape,
-    as read by one thread and as mapped; a file cut short still fails with its one line."""
-    import threading
+def test_rows_the_page_cache_holds_are_read_first_the_rest_after(tmp_path, monkeypatch):
+    """With RWF_NOWAIT the runs the page cache holds are read at once, and only the others (not
+    cached, or read in part) are read again, waiting for the disk; a file system that cannot
+    tell gets every run read as before. The rows are the same every way, row 2's run read in
+    part continues from row 3, and a file cut short still fails with its one line."""
+    import errno
 
-    rng = np.random.default_rng(9)
-    ids, v = _ids(rng, 2000), _unit(rng, 2000)
+    import cbir.store.vectors as vectors
+
+    rng = np.random.default_rng(10)
+    ids, v = _ids(rng, 1000), _unit(rng, 1000)
     _shard(tmp_path, ids, v)
     sync_vectors(tmp_path)
-    _, mapped = open_vectors(tmp_path)
     monkeypatch.setattr("cbir.store.vectors.MAP_MAX_BYTES", 0)
     _, vec = open_vectors(tmp_path)
     reader = vec._base
     assert isinstance(reader, RowReader)
-    asked = rng.integers(0, 2000, size=(300, 7))  # repeats, runs and scattered rows
+    asked = np.r_[rng.integers(0, 1000, size=400), 2, 3]  # a run from row 2: read in part
+    monkeypatch.setattr(vectors, "NOWAIT", 0)
+    want = reader.read(asked)
+    rb = reader.row_bytes
     real = os.preadv
-    threads: set[threading.Thread] = set()
-    monkeypatch.setattr("cbir.store.vectors.os.preadv",
-                        lambda fd, bufs, at: threads.add(threading.current_thread())
-                        or real(fd, bufs, at))
-    monkeypatch.setattr("cbir.store.vectors.FETCH_THREADS", 4)
-    got = reader.read(asked)
-    assert got.shape == (300, 7, DIM) and len(threads) == 4
-    want = np.asarray(mapped._base)[asked]  # the mapped file, row for row
-    np.testing.assert_array_equal(got, want)
-    threads.clear()
-    monkeypatch.setattr("cbir.store.vectors.FETCH_THREADS", 1)
-    np.testing.assert_array_equal(reader.read(asked), got)
-    assert len(threads) == 1
-    monkeypatch.setattr("cbir.store.vectors.FETCH_THREADS", 4)
-    threads.clear()
-    np.testing.assert_array_equal(reader.read(asked[:2]), got[:2])  # few runs: one thread
-    assert threads == {threading.current_thread()}
+    calls: list[tuple[int, bool]] = []
+
+    def cold_odd_rows(fd, bufs, at, *flags):  # odd rows "not cached"; row 2's run only in part
+        nowait = bool(flags and flags[0])
+        calls.append((at // rb, nowait))
+        if nowait and (at // rb) % 2:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        if nowait and at // rb == 2 and len(bufs[0]) > rb:
+            return real(fd, [bufs[0][:rb]], at)
+        return real(fd, bufs, at)
+
+    monkeypatch.setattr(vectors, "NOWAIT", 8)
+    monkeypatch.setattr("cbir.store.vectors.os.preadv", cold_odd_rows)
+    np.testing.assert_array_equal(reader.read(asked), want)
+    tried = {row for row, nowait in calls if nowait}
+    later = [row for row, nowait in calls if not nowait]
+    assert all(row % 2 for row in later)  # only what the cache lacked, row 3 the part left
+    assert 3 in later and 2 in tried and 2 not in later
+    assert len(later) == sum(1 for row in tried if row % 2) + 1
+    calls.clear()
+
+    def cannot_tell(fd, bufs, at, *flags):
+        calls.append((at // rb, bool(flags and flags[0])))
+        if flags and flags[0]:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real(fd, bufs, at)
+
+    monkeypatch.setattr("cbir.store.vectors.os.preadv", cannot_tell)
+    np.testing.assert_array_equal(reader.read(asked), want)
+    assert sum(nowait for _, nowait in calls) == 1  # asked once, then every run read plainly
+    monkeypatch.setattr("cbir.store.vectors.os.preadv", real)
     data = next(tmp_path.glob(VECTOR_DATA_GLOB))
     with open(data, "r+b") as fh:  # cut short behind the reader's back
-        fh.truncate(1500 * reader.row_bytes)
+        fh.truncate(500 * rb)
     with pytest.raises(CbirError, match="ends before its recorded rows"):
         reader.read(asked)
 
@@ -342,6 +360,7 @@ def test_candidates_of_a_large_file_are_scored_reading_it_in_order(tmp_path, mon
     cand[5, :] = [0, 1, 2, 3, 4, 5, 360]  # a dense segment and a sparse one
     calls: list[int] = []
     real = os.preadv
+    monkeypatch.setattr("cbir.store.vectors.NOWAIT", 0)  # every read counted, cached or not
     monkeypatch.setattr("cbir.store.vectors.os.preadv",
                         lambda fd, bufs, at: calls.append(at) or real(fd, bufs, at))
     got = vec.inner_products(queries, cand)

@@ -191,17 +191,19 @@ class CanonicalPaths(Mapping[str, str]):
         self._load = load  # (image_id, path)
         self._keys: np.ndarray | None = None
         self._paths: pa.Array | None = None
+        self._hexed: np.ndarray | None = None  # the keys as hex_keys, where they are cbir's
 
     def _ready(self) -> tuple[np.ndarray, pa.Array]:
         if self._keys is None or self._paths is None:
             t = self._load()
             ids = t.column("image_id").combine_chunks()
             hexed = hex_keys(ids)  # cbir's ids sort as integers: 10^7 in 4 s, not 17
-            order = (
-                pa.array(np.argsort(hexed, kind="stable"))
-                if hexed is not None
-                else pc.sort_indices(ids)
-            )
+            if hexed is not None:
+                order_np = np.argsort(hexed, kind="stable")
+                self._hexed = hexed[order_np]
+                order = pa.array(order_np)
+            else:
+                order = pc.sort_indices(ids)
             self._keys = sorted_keys(ids.take(order))
             self._paths = t.column("path").combine_chunks().take(order)
         return self._keys, self._paths
@@ -214,9 +216,16 @@ class CanonicalPaths(Mapping[str, str]):
             return False
         if not len(keys):
             return True
-        want = sorted_keys(pa.array(ids, pa.string()))
-        at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
-        if bool((keys[at] != want).any()):
+        ids = pa.array(ids, pa.string())
+        hexed = hex_keys(ids) if self._hexed is not None else None
+        if self._hexed is not None and hexed is not None:  # integers, not 16-byte strings
+            at = np.minimum(np.searchsorted(self._hexed, hexed), len(keys) - 1)
+            absent = self._hexed[at] != hexed
+        else:
+            want = sorted_keys(ids)
+            at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+            absent = keys[at] != want
+        if bool(absent.any()):
             return True
         same = pc.equal(now.take(pa.array(at)), pa.array(paths, pa.string()))
         return not pc.all(pc.fill_null(same, False)).as_py()
