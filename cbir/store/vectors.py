@@ -344,17 +344,24 @@ def _signature(shards: list[Path]) -> Signature:
     return {shard.name: shard.stat().st_size for shard in shards}
 
 
-def _recorded(folder: Path) -> tuple[pa.Table, Path, int, Signature] | None:
-    """(rows table, data file, dimension, the shards it holds) as last committed, or None."""
+def _recorded(
+    folder: Path, columns: list[str] | None = None
+) -> tuple[pa.Table, Path, int, Signature] | None:
+    """(rows table, data file, dimension, the shards it holds) as last committed, or None.
+    `columns`: read only these of the rows table (a reader wants the ids alone, not 10^7 shard
+    names: 0.3-0.4 s against 1.1 s at 10^7)."""
     try:
-        table = pq.read_table(folder / VECTOR_ROWS)
-        meta = table.schema.metadata or {}
+        schema = pq.read_schema(folder / VECTOR_ROWS)
+        meta = schema.metadata or {}
         data = folder / meta[b"data"].decode()
         dim = int(meta[b"dim"])
         shards = json.loads(meta[b"shards"])
+        if not schema.equals(ROWS_SCHEMA):
+            return None
+        table = pq.read_table(folder / VECTOR_ROWS, columns=columns)
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None
-    if not table.schema.equals(ROWS_SCHEMA) or not data.is_file() or not isinstance(shards, dict):
+    if not data.is_file() or not isinstance(shards, dict):
         return None
     if data.stat().st_size < table.num_rows * dim * DTYPE.itemsize:
         return None
@@ -480,7 +487,7 @@ def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[list[str],
     (strings): keep these ids. An image held by two shards keeps its last row. Where the file is
     out of step with the shards, the rows are built in memory from the shards instead."""
     shards = sorted(folder.glob(SHARD_GLOB))
-    rec = _recorded(folder)
+    rec = _recorded(folder, ["image_id"])
     mapped = None
     base: np.ndarray | RowReader
     if rec is not None and rec[3] == _signature(shards):
