@@ -68,8 +68,8 @@ STREAM_EVERY = 16
 #: the page cache alone (pread with RWF_NOWAIT, Linux): a cached run is read at once, and one
 #: that is not fails at once, its read from the disk started in the background. The runs that
 #: failed are then read as usual, by when most have arrived: the disk serves many at a time. At
-#: 10^7, 100,000 rows out of the page cache took 17-21 us a row against 117-160 read one after
-#: the other, and cached ones 4-7 us either way (benchmarks/rerank.py --fetch).
+#: 10^7, 100,000 rows out of the page cache took 17-18 us a row against 73-88 read one after
+#: the other, and cached ones about 5 us either way (benchmarks/rerank.py --fetch).
 NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)  # 0: not offered here, each run read in turn
 #: An all-pairs search reads a large file ahead (RowReader.read_ahead) only where it takes at
 #: most this share of the memory available: beyond, its end would push its start (and other
@@ -193,7 +193,7 @@ class RowReader:
             except OSError:  # a file system that cannot tell: read them all as they come
                 return left + runs[i:]
             if got < hi - lo:  # in part, or past the end of a file cut short: _pread says so
-                left.append((lo + max(got, 0), hi, offset + max(got, 0)))
+                left.append((lo + got, hi, offset + got))
         return left
 
     def _pread(self, part: memoryview, at: int) -> None:
