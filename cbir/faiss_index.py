@@ -300,6 +300,15 @@ def ivf_part(index: faiss.Index) -> faiss.IndexIVF | None:
         return None
 
 
+def probed_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF part whose lists a stored vector's search probes around its own (cbir.probes):
+    None for a flat index, and for one that rotates its queries first (OPQ), whose lists are
+    found among all centroids in the rotated space."""
+    if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
+        return None
+    return ivf_part(index)
+
+
 def add_rows(index: faiss.Index, x: Rows, ids: np.ndarray) -> None:
     """Add `x` with `ids`, ADD_CHUNK rows a FAISS call (the calls cbir.steps.index_dask makes
     are the same ones: it splits the rows at multiples of ADD_CHUNK)."""
@@ -422,11 +431,9 @@ def _search_raw(
 def _probed(
     index: faiss.Index, ivf: faiss.IndexIVF, queries: np.ndarray, k: int, own: Own | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The IVF search of `queries`: those lying in a known list (`own`, cbir.probes) probe the
-    best lists near it, the others the best of all (a query vector in a rotated space, OPQ,
-    always the latter)."""
-    rotated = isinstance(faiss.downcast_index(index), faiss.IndexPreTransform)
-    if own is None or rotated or ivf.nprobe > own[0].m:
+    """The IVF search of `queries`: those lying in a known list (`own`, cbir.probes, made for
+    the index probed_ivf returns) probe the best lists near it, the others the best of all."""
+    if own is None or ivf.nprobe > own[0].m:
         return index.search(queries, k)
     near, lists = own
     known = lists >= 0
@@ -671,7 +678,7 @@ def _tune(
 
     # The re-ranked (image) index is tuned as its all-pairs search runs: each query, a stored
     # vector, probing around the list it lies in (cbir.probes).
-    ivf = ivf_part(index)
+    ivf = probed_ivf(index)
     own = (NearLists(ivf), lists_of(ivf, self_ids)) if refine and ivf is not None else None
 
     def recall(nprobe: int, kf: int) -> float:

@@ -116,33 +116,31 @@ def test_a_kept_size_resumes_with_the_pairs_rate_measured_on_a_sample(tmp_path):
     again = {r["step"]: r for r in run("--resume-from", "review queue")}
     assert again["review queue"]["status"] == "ok", again["review queue"]
     assert "run=3 page" in again["review queue"]["note"]  # the second night's (ingest run 3)
-    # benchmarks/rerank.py on the kept workspace: both ways of re-ranking, the same pairs
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rerank.py"),
-                          str(tmp_path / "vectors-1500"), "--queries", "300", "--rounds", "1"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "1,700 images, 300 queries" in out.stdout  # two nights of 100
-    assert "an exact (flat) index" in out.stdout  # under FLAT_MAX_N: see test_vectors for more
-    assert "same pairs True, same scores True, 0 of" in out.stdout
+    def rerank(queries: str, *extra: str) -> str:  # benchmarks/rerank.py on the kept workspace
+        out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rerank.py"),
+                              str(tmp_path / "vectors-1500"), "--queries", queries, "--rounds",
+                              "1", *extra], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout
+
+    # both ways of re-ranking, the same pairs
+    out = rerank("300")
+    assert "1,700 images, 300 queries" in out  # two nights of 100
+    assert "an exact (flat) index" in out  # under FLAT_MAX_N: see test_vectors for more
+    assert "same pairs True, same scores True, 0 of" in out
     # --cold: from a cold page cache, with and without reading the file ahead, the same pairs
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rerank.py"),
-                          str(tmp_path / "vectors-1500"), "--queries", "300", "--rounds", "1",
-                          "--cold"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "1,700 images, 300 queries from a cold page cache" in out.stdout
-    assert re.search(r"round 1 +read ahead: +[\d,]+ queries/s", out.stdout)
-    assert re.search(r"round 1 not read ahead: +[\d,]+ queries/s", out.stdout)
-    assert "same pairs and scores True" in out.stdout
+    out = rerank("300", "--cold")
+    assert "1,700 images, 300 queries from a cold page cache" in out
+    assert re.search(r"round 1 +read ahead: +[\d,]+ queries/s", out)
+    assert re.search(r"round 1 not read ahead: +[\d,]+ queries/s", out)
+    assert "same pairs and scores True" in out
     # --fetch: scattered rows with the page cache asked first and without, cold and warm
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rerank.py"),
-                          str(tmp_path / "vectors-1500"), "--queries", "30", "--rounds", "1",
-                          "--fetch"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "1,700 rows, 3,000 scattered rows a read" in out.stdout
-    assert re.search(r"round 1 +cache first, cold: +[\d.]+ us a row", out.stdout)
-    assert re.search(r"round 1 +in turn, warm: +[\d.]+ us a row", out.stdout)
-    assert re.search(r"warm: cache first / in turn: [\d.]+-[\d.]+x faster", out.stdout)
-    assert "same rows True" in out.stdout
+    out = rerank("30", "--fetch")
+    assert "1,700 rows, 3,000 scattered rows a read" in out
+    assert re.search(r"round 1 +cache first, cold: +[\d.]+ us a row", out)
+    assert re.search(r"round 1 +in turn, warm: +[\d.]+ us a row", out)
+    assert re.search(r"warm: cache first / in turn: [\d.]+-[\d.]+x faster", out)
+    assert "same rows True" in out
 
 
 def test_the_catalogue_benchmark_times_live_and_stored_queries_that_agree(tmp_path):

@@ -77,7 +77,6 @@ from ..store.pairs import (
     write_state,
 )
 from ..store.tables import read_table
-from ..store.vectors import Vectors
 
 #: Guard rails: a summary warns when the largest cluster holds more than this share of the
 #: collection (and at least CLUSTER_WARN_MIN images), or pairs outnumber images this many times.
@@ -267,8 +266,7 @@ def knn_pairs(
     batch = batch or search_batch(len(s.image_ids))
     order = np.arange(len(s.image_ids)) if rows is None else np.asarray(rows, dtype=np.int64)
     if len(order) > batch:
-        if isinstance(s.vectors, Vectors):  # re-ranking will want most of a large file
-            s.vectors.read_ahead()
+        s.read_ahead()  # re-ranking will want most of the vector file
         s.map_lists()  # each image probes around its list (cbir.probes): all found at once
     found_a, found_b, found_s, found_r = [], [], [], []
     for start in range(0, len(order), batch):

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import faults, regions
 from ..errors import CbirError
-from ..faiss_index import IndexInfo, faiss_ids, ivf_part, region_ids
+from ..faiss_index import IndexInfo, faiss_ids, ivf_part, probed_ivf, region_ids
 from ..faiss_index import search as faiss_search
 from ..fsutil import Stamp, atomic_path, clean_stale_tmp, file_stamps, write_json
 from ..probes import NearLists, Own, lists_of, stored_lists
@@ -428,9 +428,9 @@ class Searcher:
 
     def own(self, rows: np.ndarray) -> Own | None:
         """The index's near lists and the list each of `rows` lies in (-1: none), for
-        search_rows; None for an index without lists. Found among the index's ids (a pass over
-        them), or, after map_lists, looked up."""
-        ivf = ivf_part(self.index)
+        search_rows; None for an index whose searches do not probe around them (probed_ivf).
+        Found among the index's ids (a pass over them), or, after map_lists, looked up."""
+        ivf = probed_ivf(self.index)
         if ivf is None:
             return None
         near = self._near_lists(ivf)
@@ -443,7 +443,7 @@ class Searcher:
         """Find every row's list and every list's near lists once, for a search of many
         batches (at 10^7 images about 2 s and, for 8,192 lists, 5-8 s), rather than a pass
         over the index's ids a batch."""
-        ivf = ivf_part(self.index)
+        ivf = probed_ivf(self.index)
         if ivf is None or self._row_lists is not None:
             return
         ids, lists = stored_lists(ivf)
@@ -452,6 +452,12 @@ class Searcher:
         row_lists[at[at >= 0]] = lists[at >= 0]
         self._near_lists(ivf).near(np.arange(ivf.nlist))
         self._row_lists = row_lists
+
+    def read_ahead(self) -> None:
+        """For a search of many batches, whose re-ranking wants most of the vector file: read a
+        large one into the page cache in the background (store.vectors.RowReader.read_ahead)."""
+        if isinstance(self.vectors, Vectors):
+            self.vectors.read_ahead()
 
     def _near_lists(self, ivf: faiss.IndexIVF) -> NearLists:
         if self._near is None:
