@@ -309,6 +309,80 @@ def probed_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
     return ivf_part(index)
 
 
+# ---------------------------------------------------------------------- a main index and a delta
+
+
+def empty_like(index: faiss.Index) -> faiss.Index:
+    """A copy of a trained IVF index holding no vectors: its quantiser, codebooks and rotation,
+    copied without reading its lists (a memory-mapped index's stay on disk)."""
+    ivf = ivf_part(index)
+    if ivf is None:
+        raise ValueError("only an IVF index has an empty copy to add a delta to")
+    held, n, owned = ivf.invlists, index.ntotal, ivf.own_invlists
+    assert held is not None, "an IVF index always has inverted lists"
+    empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)  # Python's: freed by Python
+    ivf.own_invlists = False  # swapped out for the copy, not deleted
+    ivf.replace_invlists(empty, False)
+    _set_ntotal(index, 0)
+    try:
+        return faiss.clone_index(index)
+    finally:
+        ivf.replace_invlists(held, owned)
+        _set_ntotal(index, n)
+
+
+def layered(main: faiss.Index, delta: faiss.Index) -> faiss.Index:
+    """One index searching `main` and `delta` (an empty_like of main, and what was added to it
+    since): each list is main's entries then delta's (HStackInvertedLists), main's not copied,
+    so main may stay memory-mapped. :func:`add_vectors` adds to the delta (`delta_of`); nothing
+    can be removed. A search copies each probed list (FAISS's stacked lists): 0.75 s against 0.5
+    for 5,000 raw PQ queries at 10^6 - for the nightly's few queries, not an all-pairs search."""
+    shell = faiss.clone_index(delta)
+    parts = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]  # not in stubs
+    for part in (main, delta):
+        ivf = ivf_part(part)
+        assert ivf is not None
+        parts.push_back(ivf.invlists)
+    stacked = faiss.HStackInvertedLists(parts.size(), parts.data())
+    shell_ivf = ivf_part(shell)
+    assert shell_ivf is not None
+    shell_ivf.replace_invlists(stacked, False)  # the clone's own lists deleted, stacked Python's
+    # kept alive as long as the shell (FAISS's own attribute for it; others are refused)
+    shell.referenced_objects = [_Layers(main, delta, (parts, stacked))]  # type: ignore[attr-defined]
+    _set_ntotal(shell, main.ntotal + delta.ntotal)
+    return shell
+
+
+@dataclass(frozen=True)
+class _Layers:
+    main: faiss.Index
+    delta: faiss.Index
+    stack: object  # the stacked lists and their vector of pointers
+
+
+def delta_of(index: faiss.Index) -> faiss.Index | None:
+    """The delta of a :func:`layered` index (None for any other)."""
+    refs = getattr(index, "referenced_objects", None)
+    layers = refs[0] if isinstance(refs, list) and refs else None
+    return layers.delta if isinstance(layers, _Layers) else None
+
+
+def merged(main: faiss.Index, delta: faiss.Index) -> faiss.Index:
+    """`main` (read into memory) with `delta`'s entries moved into its lists: a plain index."""
+    ivf, d_ivf = ivf_part(main), ivf_part(delta)
+    assert ivf is not None and d_ivf is not None
+    ivf.merge_from(d_ivf, 0)
+    _set_ntotal(main, ivf.ntotal)
+    return main
+
+
+def _set_ntotal(index: faiss.Index, n: int) -> None:
+    ivf = ivf_part(index)
+    index.ntotal = n  # an OPQ-rotated index counts in its wrapper and its IVF part
+    if ivf is not None:
+        ivf.ntotal = n
+
+
 def add_rows(index: faiss.Index, x: Rows, ids: np.ndarray) -> None:
     """Add `x` with `ids`, ADD_CHUNK rows a FAISS call (the calls cbir.steps.index_dask makes
     are the same ones: it splits the rows at multiples of ADD_CHUNK)."""
@@ -743,7 +817,12 @@ def add_vectors(
     if not fits(index, info, x.shape[0], rebuild_factor):
         return False
     _check_normalised(x)
-    add_rows(index, x, ids)
+    delta = delta_of(index)
+    if delta is None:
+        add_rows(index, x, ids)
+    else:  # a layered index grows in its delta
+        add_rows(delta, x, ids)
+        _set_ntotal(index, index.ntotal + x.shape[0])
     info.n_vectors = int(index.ntotal)
     return True
 
@@ -760,6 +839,8 @@ def remove_ids(index: faiss.Index, info: IndexInfo, ids: np.ndarray) -> int:
     ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
     if ids.size == 0:
         return 0
+    if delta_of(index) is not None:
+        raise ValueError("a layered index cannot remove: read it whole (store.index.load_index)")
     # faiss's Python wrapper wraps an id array in an IDSelectorBatch
     removed = int(index.remove_ids(ids))  # type: ignore[arg-type]  # stubs omit the id-array form
     info.n_vectors = int(index.ntotal)

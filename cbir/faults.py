@@ -20,7 +20,7 @@ The points, by step (tests/test_faults.py kills every step at several of them):
 * embed: `embed.batch` (each batch through the network, mid-shard), `embed.shard` (a shard
   embedded, before it is written)
 * index: `index.save` (built or updated, before anything is written), `index.commit` (the new
-  sidecar in place, the staged index file not yet renamed over the old one)
+  sidecar in place, the staged index file, or delta file, not yet renamed over the old one)
 * pairs: `pairs.batch` (each batch of neighbour searches), `features.part` (a part of the
   features cache written, its index not yet), `pairs.verify` (each pair verified),
   `pairs.write` (before the pair and cluster tables are written), `pairs.searched` (before the

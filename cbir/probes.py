@@ -31,14 +31,18 @@ _BLOCK_PRODUCTS = 1 << 24
 
 
 def list_ids(ivf: faiss.IndexIVF) -> Iterator[tuple[int, np.ndarray]]:
-    """(list, the ids it holds) for every non-empty list; the ids are a view into the index,
-    valid while it is."""
+    """(list, the ids it holds) for every non-empty list; the ids are a view, valid until the
+    next list is read (a layered index's lists are built for the reader and freed after)."""
     inv = ivf.invlists
     assert inv is not None, "an IVF index always has inverted lists"
     for lst in range(ivf.nlist):
         n = inv.list_size(lst)
         if n:
-            yield lst, faiss.rev_swig_ptr(inv.get_ids(lst), n)
+            held = inv.get_ids(lst)
+            try:
+                yield lst, faiss.rev_swig_ptr(held, n)
+            finally:
+                inv.release_ids(lst, held)  # type: ignore[attr-defined]  # not in stubs
 
 
 def stored_lists(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import regions
+from ..errors import CbirError
 from ..faiss_index import (
     FLAT_MAX_N,
     IndexInfo,
@@ -16,13 +17,14 @@ from ..faiss_index import (
     add_vectors,
     build_index,
     choose_params,
+    delta_of,
     faiss_ids,
     index_ids,
     region_ids,
     remove_ids,
 )
 from ..store.embeddings import current_regions
-from ..store.index import reusable_index, save_index
+from ..store.index import load_index, reusable_index, save_delta, save_index
 from ..store.layout import layout
 from ..store.local import LocalSummary, build_local_index
 from ..store.vectors import current_embeddings
@@ -30,6 +32,13 @@ from .index_dask import dask_add_vectors, dask_build_index, wants_dask_add
 
 if TYPE_CHECKING:
     from ..config import Settings
+
+#: Vectors added since the index file was last written whole are kept in a delta file beside it
+#: (store.index.save_delta), up to this share of the index; past it, or when vectors are
+#: removed, the index is read whole and written whole again. At 10^7 images a night's delta
+#: saves reading and writing 720 MB; a layered search copies each list it probes
+#: (faiss_index.layered), so the share stays small.
+DELTA_SHARE = 0.05
 
 
 @dataclass
@@ -39,6 +48,7 @@ class IndexSummary:
     rebuilt: bool
     added: int = 0
     removed: int = 0
+    delta: int = 0  # vectors in the delta file after an update that wrote it (0: none)
     images_without_embedding: int = 0
     reason: str = ""
     regions: IndexSummary | None = None  # the regional descriptors' index (embed.regions)
@@ -62,6 +72,7 @@ class IndexSummary:
                 f"vs exact search; {self.info.build_seconds:.1f} s"
                 if self.rebuilt
                 else f"  updated: {self.added} added, {self.removed} removed, no retraining"
+                + (f" ({self.delta} in the delta file beside the index)" if self.delta else "")
             ),
             f"  {self.folder}",
         ]
@@ -143,12 +154,43 @@ def _build_or_update(
     Dask tasks (cbir.steps.index_dask)."""
     cfg = settings.index
     address = settings.orchestration.dask_address if on_dask else None
-    index, info, reason = reusable_index(folder, fp, rebuild)
+    index, info, reason = reusable_index(folder, fp, rebuild, mapped=True)
     if index is not None and info is not None:
         if info.params.kind == "flat" and len(fids) > FLAT_MAX_N:
             reason = f"collection outgrew exact search ({len(fids)} > {FLAT_MAX_N} vectors)"
         else:
             gone, new_mask = _changes(index_ids(index), fids)
+            delta = delta_of(index)
+            n_new = int(new_mask.sum())
+            if delta is not None and _in_delta(
+                index.ntotal - delta.ntotal, delta.ntotal + n_new, len(gone)
+            ):
+                if not add_vectors(
+                    index,
+                    info,
+                    vectors[new_mask],
+                    fids[new_mask],
+                    rebuild_factor=cfg.rebuild_factor,
+                ):
+                    return _rebuilt(
+                        settings,
+                        folder,
+                        fp,
+                        fids,
+                        vectors,
+                        address,
+                        _outgrew(len(fids), cfg.rebuild_factor, info.trained_size),
+                    )
+                if n_new:
+                    save_delta(index, info, folder)
+                return IndexSummary(
+                    info=info, folder=folder, rebuilt=False, added=n_new, delta=delta.ntotal
+                )
+            if delta is not None:  # removals, or a delta grown past its share: read it whole
+                try:
+                    index, info = load_index(folder)
+                except CbirError as exc:  # its checksum is checked now
+                    return _rebuilt(settings, folder, fp, fids, vectors, address, str(exc))
             removed = remove_ids(index, info, gone)
             new_rows = np.flatnonzero(new_mask)
             if address and wants_dask_add(info, len(new_rows)):
@@ -181,10 +223,31 @@ def _build_or_update(
                     added=int(new_mask.sum()),
                     removed=removed,
                 )
-            reason = (
-                f"collection outgrew the trained quantiser ({len(fids)} vectors > "
-                f"{cfg.rebuild_factor} x {info.trained_size})"
-            )
+            reason = _outgrew(len(fids), cfg.rebuild_factor, info.trained_size)
+    return _rebuilt(settings, folder, fp, fids, vectors, address, reason or "first build")
+
+
+def _in_delta(n_main: int, n_delta: int, n_gone: int) -> bool:
+    """Whether an update goes to the delta file: nothing removed, and the delta stays within
+    DELTA_SHARE of the index file."""
+    return n_gone == 0 and n_delta <= DELTA_SHARE * n_main
+
+
+def _outgrew(n: int, factor: float, trained: int) -> str:
+    return f"collection outgrew the trained quantiser ({n} vectors > {factor} x {trained})"
+
+
+def _rebuilt(
+    settings: Settings,
+    folder: Path,
+    fp: str,
+    fids: np.ndarray,
+    vectors: Rows,
+    address: str | None,
+    reason: str,
+) -> IndexSummary:
+    """Build the index of `fids` anew (as Dask tasks at `address`), and save it."""
+    cfg = settings.index
     params = choose_params(len(fids), vectors.shape[1], bytes_per_vector=cfg.bytes_per_vector)
     if address and params.kind == "ivfpq":  # a flat index has nothing to train
         index, info = dask_build_index(
@@ -203,10 +266,4 @@ def _build_or_update(
         )
     info.model_fingerprint = fp
     save_index(index, info, folder)
-    return IndexSummary(
-        info=info,
-        folder=folder,
-        rebuilt=True,
-        added=len(fids),
-        reason=reason or "first build",
-    )
+    return IndexSummary(info=info, folder=folder, rebuilt=True, added=len(fids), reason=reason)

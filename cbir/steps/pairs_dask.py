@@ -32,7 +32,7 @@ from ..fsutil import write_parquet
 from ..parallel import dask_client
 from ..progress import bar as progress_bar
 from ..store.index import Searcher, open_searcher
-from ..store.layout import INDEX_FILE, layout
+from ..store.layout import SIDECAR_FILE, layout
 
 #: Query rows per Dask task: about 10 s of searching at 5,000 queries/s, a part of ~1 MB.
 PART_ROWS = 50_000
@@ -83,8 +83,9 @@ _cached: tuple[tuple[object, ...], Searcher] | None = None
 def _worker_searcher(job: PartJob) -> Searcher:
     global _cached
     settings = load_settings(job.params_path)
-    try:  # a new index since (same model, same images) is opened anew
-        st = (layout(settings).index_dir / INDEX_FILE).stat()
+    try:  # a new index since (same model, same images) is opened anew: every save, of the
+        # whole index or of its delta, replaces the sidecar
+        st = (layout(settings).index_dir / SIDECAR_FILE).stat()
         key: tuple[object, ...] = (
             job.params_path,
             job.fingerprint,

@@ -18,14 +18,24 @@ import numpy as np
 
 from .. import faults, regions
 from ..errors import CbirError
-from ..faiss_index import IndexInfo, faiss_ids, ivf_part, probed_ivf, region_ids
+from ..faiss_index import (
+    IndexInfo,
+    delta_of,
+    empty_like,
+    faiss_ids,
+    ivf_part,
+    layered,
+    merged,
+    probed_ivf,
+    region_ids,
+)
 from ..faiss_index import search as faiss_search
 from ..fsutil import Stamp, atomic_path, clean_stale_tmp, file_stamps, write_json
 from ..probes import NearLists, Own, lists_of, stored_lists
 from ..regions import Candidate
 from . import reuse
 from .embeddings import current_regions
-from .layout import INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
+from .layout import DELTA_FILE, DELTA_STAGED, INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
 from .manifest import CanonicalPaths, canonical_table
 from .vectors import Vectors, current_embeddings
 
@@ -45,6 +55,7 @@ _REBUILD = "rebuild with `cbir index`"
 # Sidecar values and their types: a sidecar cbir did not write is refused, not half-used.
 _SIDECAR_TYPES: dict[str, type | tuple[type, ...]] = {
     "index_file": dict,
+    "delta_file": dict,
     "params": dict,
     "n_vectors": int,
     "dim": int,
@@ -114,15 +125,60 @@ def save_index(index: faiss.Index, info: IndexInfo, folder: Path) -> None:
     write_json(sidecar, folder / SIDECAR_FILE)
     faults.point("index.commit")
     os.replace(folder / STAGED_FILE, folder / INDEX_FILE)
+    _drop_delta(folder)  # in the file just written, or gone
     # the next step of a flow run searches what was just written: handed over, not read back
     reuse.put(_KEPT + str(folder), _files_stamp(folder), (index, info))
+
+
+def save_delta(index: faiss.Index, info: IndexInfo, folder: Path) -> None:
+    """Write what was added to a layered index (opened by ``reusable_index(mapped=True)``)
+    since its main file was written: the delta file alone, so that a night adding 1,000 images
+    to 10^7 writes the trained quantiser and codebooks (about 17 MB) and the new codes, not the
+    720 MB index. Staged, committed by the sidecar (which keeps the main file's record and
+    adds the delta's size and SHA-256), then renamed, as save_index does: a kill at any moment
+    leaves the previous state or the new one."""
+    folder = Path(folder)
+    delta = delta_of(index)
+    if delta is None:
+        raise CbirError("save_delta wants a layered index (reusable_index with mapped=True)")
+    if index.ntotal != info.n_vectors:
+        raise CbirError(f"index holds {index.ntotal} vectors but its info says {info.n_vectors}")
+    try:
+        main_file = json.loads((folder / SIDECAR_FILE).read_text(encoding="utf-8"))["index_file"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CbirError(f"index sidecar in {folder} is unreadable ({e}); {_REBUILD}") from e
+    faults.point("index.save")
+    data = faiss.serialize_index(delta).tobytes()  # small: what was added since
+    with atomic_path(folder / DELTA_STAGED) as tmp:
+        tmp.write_bytes(data)
+    sidecar = {
+        "format_version": INDEX_FORMAT_VERSION,
+        "index_file": main_file,
+        "delta_file": {
+            "name": DELTA_FILE,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "n_vectors": int(delta.ntotal),
+        },
+        **info.to_dict(),
+    }
+    write_json(sidecar, folder / SIDECAR_FILE)
+    faults.point("index.commit")
+    os.replace(folder / DELTA_STAGED, folder / DELTA_FILE)
+    reuse.put(_KEPT + str(folder), _files_stamp(folder), (index, info))
+
+
+def _drop_delta(folder: Path) -> None:
+    for name in (DELTA_FILE, DELTA_STAGED):
+        (folder / name).unlink(missing_ok=True)
 
 
 _KEPT = "index:"
 
 
 def _files_stamp(folder: Path) -> Stamp:
-    return file_stamps([folder / SIDECAR_FILE, folder / INDEX_FILE, folder / STAGED_FILE])
+    names = [SIDECAR_FILE, INDEX_FILE, STAGED_FILE, DELTA_FILE, DELTA_STAGED]
+    return file_stamps([folder / name for name in names])
 
 
 def _kept_index(
@@ -174,31 +230,47 @@ def finish_save(folder: Path) -> None:
     """Complete a save_index killed after its commit (the staged file is the index), or drop a
     staged file whose save never committed. For writers only (they hold the writer lock)."""
     folder = Path(folder)
-    staged = folder / STAGED_FILE
-    if not staged.is_file():
-        return
     try:
-        expected = json.loads((folder / SIDECAR_FILE).read_text(encoding="utf-8"))["index_file"]
-    except (OSError, ValueError, KeyError, TypeError):
-        expected = {}
-    if _matches(staged, expected) is not None:
-        os.replace(staged, folder / INDEX_FILE)
-    else:
-        staged.unlink()
+        side = json.loads((folder / SIDECAR_FILE).read_text(encoding="utf-8"))
+        expected, delta = side["index_file"], side.get("delta_file")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        expected, delta = {}, None
+    staged = folder / STAGED_FILE
+    if staged.is_file():
+        if _matches(staged, expected) is not None:
+            os.replace(staged, folder / INDEX_FILE)
+        else:
+            staged.unlink()
+    staged = folder / DELTA_STAGED
+    if not isinstance(delta, dict):  # none recorded: a full save's was left behind
+        _drop_delta(folder)
+    elif staged.is_file():
+        if _matches(staged, delta) is not None:
+            os.replace(staged, folder / DELTA_FILE)
+        else:
+            staged.unlink()
 
 
 def reusable_index(
-    folder: Path, tag: str, rebuild: bool, changed: str = "model changed"
+    folder: Path, tag: str, rebuild: bool, changed: str = "model changed", *, mapped: bool = False
 ) -> tuple[faiss.Index | None, IndexInfo | None, str]:
     """For a writer about to update the index in `folder` (built from vectors tagged `tag`):
     finish or drop a killed save, then (index, info, "") when it can be updated in place, or
-    (None, None, why it must be rebuilt)."""
+    (None, None, why it must be rebuilt).
+
+    `mapped`: an IVF index is opened layered (faiss_index.layered): its main file memory-mapped,
+    its size checked (not read), and its delta read, or an empty one; vectors are then added to
+    the delta and saved by save_delta. A writer that must remove vectors loads it whole."""
     clean_stale_tmp(folder)  # left by a killed run
     finish_save(folder)
     if rebuild:
         return None, None, "requested"
     try:
-        index, info = load_index(folder)
+        index, info = load_index(folder, mmap=mapped)
+        if mapped and ivf_part(index) is None:  # a flat index's codes are not added to mapped
+            index, info = load_index(folder)
+        elif mapped and delta_of(index) is None:
+            index = layered(index, empty_like(index))
     except NoIndex:
         return None, None, "no usable index"
     except CbirError as exc:
@@ -215,8 +287,10 @@ def load_index(
     when it is damaged or stale.
 
     `mmap`: map the file instead of reading it (:func:`_read_mapped`), for a reader that only
-    searches (a Dask worker of `cbir pairs`); its size is checked but not its checksum, which
-    the caller has already checked by loading it without `mmap`."""
+    searches (a Dask worker of `cbir pairs`) and a nightly update (reusable_index); its size is
+    checked but not its checksum (a load without `mmap` checks it). A delta file (save_delta)
+    is read and checked whole: merged into the index read in memory, or layered over the
+    mapped one (faiss_index.layered)."""
     folder = Path(folder)
     side_path, index_path = folder / SIDECAR_FILE, folder / INDEX_FILE
     if not side_path.is_file() or not (index_path.is_file() or (folder / STAGED_FILE).is_file()):
@@ -258,6 +332,9 @@ def load_index(
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as e:  # FAISS raises RuntimeError on truncated/garbled input
         raise CbirError(damaged) from e
+    delta = side.get("delta_file")
+    if delta is not None:
+        index = _with_delta(folder, index, delta, mmap)
     if index.ntotal != info.n_vectors or index.d != info.dim:
         raise CbirError(
             f"index file holds {index.ntotal} vectors of dimension {index.d} but {SIDECAR_FILE} "
@@ -267,6 +344,26 @@ def load_index(
     if ivf is not None:
         ivf.nprobe = info.nprobe
     return index, info
+
+
+def _with_delta(
+    folder: Path, index: faiss.Index, expected: dict[str, Any], mmap: bool
+) -> faiss.Index:
+    """The index with the delta file the sidecar records (its staged file, of a save killed
+    between its commit and its rename, counts too): merged, or layered over a mapped index."""
+    path = folder / DELTA_FILE
+    damaged = f"index file {path} is damaged; {_REBUILD}"
+    candidates = (path, folder / DELTA_STAGED, path)
+    data = next((d for p in candidates if (d := _matches(p, expected))), None)
+    if data is None:
+        raise CbirError(f"{damaged} (size or checksum differs from {SIDECAR_FILE})")
+    try:
+        delta = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if ivf_part(index) is None or ivf_part(delta) is None:
+            raise RuntimeError("a delta is only kept for an IVF index")
+        return layered(index, delta) if mmap else merged(index, delta)
+    except RuntimeError as e:  # garbled, or not made from this index
+        raise CbirError(damaged) from e
 
 
 # --------------------------------------------------------------------------- searching it

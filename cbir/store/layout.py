@@ -30,6 +30,8 @@ REGION_SHARD_GLOB = "regions-*.parquet"
 INDEX_FILE = "index.faiss"
 SIDECAR_FILE = "index.json"
 STAGED_FILE = "index.faiss.next"  # a new index file, until the sidecar that describes it is in
+DELTA_FILE = "index.delta.faiss"  # what was added since index.faiss was last written whole
+DELTA_STAGED = "index.delta.faiss.next"  # a new delta file, until the sidecar that describes it
 # the Dask workers' parts of a `cbir index` build (orchestration.dask_address), one folder per run,
 # removed once merged: the trained empty index and each part's encoded vectors
 INDEX_PARTS = "parts"

@@ -1,0 +1,264 @@
+"""The index's delta file: a nightly update adds to `index.delta.faiss` beside the index file
+(cbir.faiss_index.layered, cbir.store.index.save_delta, cbir.steps.index), and the index file is
+read and written whole again only past DELTA_SHARE or when images are removed.
+
+What matters to a user: the index searched after an update holds exactly what a whole rewrite
+holds (same ids, same scores), the index file is left untouched by a small night, and a kill at
+any point of a delta save leaves the previous state or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from cbir import faults
+from cbir.config import load_settings
+from cbir.errors import CbirError
+from cbir.faiss_index import (add_vectors, build_index, choose_params, delta_of, empty_like, index_ids, layered, remove_ids, search)
+from cbir.steps import index as index_step
+from cbir.store.index import finish_save, load_index, reusable_index, save_delta, save_index
+from cbir.store.layout import DELTA_FILE, DELTA_STAGED, INDEX_FILE, SIDECAR_FILE
+
+DIM = 32
+N = 12_000
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    centres = _unit(rng.standard_normal((300, DIM)))
+    n = N + 2_000
+    x = _unit(centres[rng.integers(0, 300, n)] + rng.standard_normal((n, DIM)) * 0.6 / math.sqrt(DIM))
+    ids = rng.choice(1 << 40, n, replace=False).astype(np.int64)
+    return {"x": x, "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def built(data):
+    params = choose_params(N, DIM, bytes_per_vector=16)
+    assert params.kind == "ivfpq"
+    index, info = build_index(data["x"][:N], data["ids"][:N], params, k=10, seed=0)
+    info.model_fingerprint = "fp"
+    return index, info
+
+
+def _lookup(data):
+    order = np.argsort(data["ids"])
+    keys = data["ids"][order]
+    return lambda fids: data["x"][order[np.searchsorted(keys, fids)]]
+
+
+def _saved(tmp_path: Path, built) -> Path:
+    folder = tmp_path / "index"
+    save_index(faiss.clone_index(built[0]), _copy_info(built[1]), folder)
+    return folder
+
+
+def _copy_info(info):
+    return type(info).from_dict(info.to_dict())
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_layered_index_searches_as_the_merged_index_does(data, built) -> None:
+    main, info = built
+    whole = faiss.clone_index(main)
+    info_w = _copy_info(info)
+    add_vectors(whole, info_w, data["x"][N:N + 500], data["ids"][N:N + 500])
+    lay = layered(faiss.clone_index(main), empty_like(main))
+    info_l = _copy_info(info)
+    assert lay.ntotal == N and delta_of(lay).ntotal == 0
+    add_vectors(lay, info_l, data["x"][N:N + 500], data["ids"][N:N + 500])
+    assert lay.ntotal == info_l.n_vectors == N + 500 and delta_of(lay).ntotal == 500
+    assert main.ntotal == N  # empty_like left the main index as it was
+    np.testing.assert_array_equal(np.sort(index_ids(lay)), np.sort(index_ids(whole)))
+    q = data["x"][N - 100:N + 100]  # old and new vectors as queries
+    s1, i1 = search(whole, info_w, q, 10, vectors=_lookup(data))
+    s2, i2 = search(lay, info_l, q, 10, vectors=_lookup(data))
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-6)
+    assert set(data["ids"][N:N + 100]) <= set(i2[100:, 0].tolist())  # the new ones find themselves
+    with pytest.raises(ValueError, match="layered index cannot remove"):
+        remove_ids(lay, info_l, data["ids"][:3])
+
+
+def test_a_delta_is_saved_beside_the_untouched_index_file_and_read_back(tmp_path, data, built) -> None:
+    folder = _saved(tmp_path, built)
+    before = _digest(folder / INDEX_FILE)
+    index, info, reason = reusable_index(folder, "fp", False, mapped=True)
+    assert reason == "" and delta_of(index) is not None
+    add_vectors(index, info, data["x"][N:N + 300], data["ids"][N:N + 300])
+    save_delta(index, info, folder)
+    assert _digest(folder / INDEX_FILE) == before
+    side = json.loads((folder / SIDECAR_FILE).read_text())
+    assert side["n_vectors"] == N + 300 and side["delta_file"]["n_vectors"] == 300
+    assert side["delta_file"]["sha256"] == _digest(folder / DELTA_FILE)
+    q = data["x"][N:N + 50]
+    want = search(index, info, q, 10, vectors=_lookup(data))
+    for mmap in (False, True):  # read in memory (merged) or mapped (layered)
+        got_index, got_info = load_index(folder, "fp", mmap=mmap)
+        assert got_index.ntotal == N + 300 and (delta_of(got_index) is not None) == mmap
+        got = search(got_index, got_info, q, 10, vectors=_lookup(data))
+        np.testing.assert_array_equal(want[1], got[1])
+        np.testing.assert_allclose(want[0], got[0], rtol=0, atol=1e-6)
+    # a second night adds to the same delta
+    index, info, _ = reusable_index(folder, "fp", False, mapped=True)
+    assert delta_of(index).ntotal == 300
+    add_vectors(index, info, data["x"][N + 300:N + 400], data["ids"][N + 300:N + 400])
+    save_delta(index, info, folder)
+    assert load_index(folder)[0].ntotal == N + 400 and _digest(folder / INDEX_FILE) == before
+    # a whole save writes the delta into the index file and removes the delta file
+    whole, info = load_index(folder)
+    save_index(whole, info, folder)
+    assert sorted(p.name for p in folder.iterdir()) == [INDEX_FILE, SIDECAR_FILE]
+    assert "delta_file" not in json.loads((folder / SIDECAR_FILE).read_text())
+    assert load_index(folder)[0].ntotal == N + 400
+
+
+def test_a_damaged_delta_is_refused_and_the_update_rebuilds(tmp_path, data, built) -> None:
+    folder = _saved(tmp_path, built)
+    index, info, _ = reusable_index(folder, "fp", False, mapped=True)
+    add_vectors(index, info, data["x"][N:N + 10], data["ids"][N:N + 10])
+    save_delta(index, info, folder)
+    raw = bytearray((folder / DELTA_FILE).read_bytes())
+    raw[-20] ^= 0xFF
+    (folder / DELTA_FILE).write_bytes(bytes(raw))
+    for mmap in (False, True):
+        with pytest.raises(CbirError, match=f"{DELTA_FILE} is damaged; rebuild with `cbir index`"):
+            load_index(folder, mmap=mmap)
+    index, info, reason = reusable_index(folder, "fp", False, mapped=True)
+    assert index is None and "damaged" in reason
+
+
+@pytest.mark.parametrize("point", ["index.save", "write.index.delta.faiss.next", "index.commit"])
+def test_a_delta_save_killed_anywhere_leaves_the_old_or_the_new_index(
+    tmp_path, data, built, monkeypatch, point
+) -> None:
+    folder = _saved(tmp_path, built)
+    index, info, _ = reusable_index(folder, "fp", False, mapped=True)
+    add_vectors(index, info, data["x"][N:N + 200], data["ids"][N:N + 200])
+    save_delta(index, info, folder)  # a first night's delta: the old state has one
+    old = set(index_ids(load_index(folder)[0]).tolist())
+
+    class Killed(BaseException):
+        pass
+
+    def kill(pid, sig):
+        raise Killed
+
+    index, info, _ = reusable_index(folder, "fp", False, mapped=True)
+    add_vectors(index, info, data["x"][N + 200:N + 300], data["ids"][N + 200:N + 300])
+    monkeypatch.setattr(faults.os, "kill", kill)
+    monkeypatch.setattr(faults, "_hits", faults.Counter())
+    monkeypatch.setenv(faults.ENV, point)
+    with pytest.raises(Killed):
+        save_delta(index, info, folder)
+    monkeypatch.delenv(faults.ENV)
+    got = set(index_ids(load_index(folder)[0]).tolist())  # a reader, before any writer
+    new = old | set(data["ids"][N + 200:N + 300].tolist())
+    assert got == (new if point == "index.commit" else old)
+    finish_save(folder)  # the next writer completes or drops what the kill left
+    assert not (folder / DELTA_STAGED).exists()
+    assert set(index_ids(load_index(folder)[0]).tolist()) == got
+    reusable_index(folder, "fp", False)  # cleans temporary files
+    assert sorted(p.name for p in folder.iterdir()) == [DELTA_FILE, INDEX_FILE, SIDECAR_FILE]
+
+
+def test_a_delta_left_by_a_whole_save_killed_before_removing_it_is_ignored(tmp_path, data, built) -> None:
+    folder = _saved(tmp_path, built)
+    index, info, _ = reusable_index(folder, "fp", False, mapped=True)
+    add_vectors(index, info, data["x"][N:N + 50], data["ids"][N:N + 50])
+    save_delta(index, info, folder)
+    stale = (folder / DELTA_FILE).read_bytes()
+    whole, info = load_index(folder)
+    save_index(whole, info, folder)
+    (folder / DELTA_FILE).write_bytes(stale)  # as if killed before the delta was removed
+    assert load_index(folder)[0].ntotal == N + 50  # the sidecar names no delta: not added twice
+    finish_save(folder)
+    assert not (folder / DELTA_FILE).exists()
+
+
+def _settings(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"index": {"bytes_per_vector": 16}}))
+    return load_settings(params)
+
+
+def test_the_index_step_keeps_small_nights_in_the_delta_and_rewrites_past_its_share(
+    tmp_path, data
+) -> None:
+    s = _settings(tmp_path)
+    folder = tmp_path / "idx"
+    x, ids = data["x"], data["ids"]
+
+    def update(n: int, *, rebuild: bool = False, keep: slice | None = None):
+        rows = np.arange(n) if keep is None else np.arange(n)[keep]
+        return index_step._build_or_update(s, folder, "fp", ids[rows], x[rows], rebuild)
+
+    first = update(N)
+    assert first.rebuilt and not (folder / DELTA_FILE).exists()
+    main = _digest(folder / INDEX_FILE)
+    share = int(index_step.DELTA_SHARE * N)  # 600 at 12,000
+    night = update(N + share // 2)
+    assert (night.rebuilt, night.added, night.delta) == (False, share // 2, share // 2)
+    assert _digest(folder / INDEX_FILE) == main and (folder / DELTA_FILE).exists()
+    assert "in the delta file beside the index" in "\n".join(night.lines())
+    again = update(N + share // 2)  # nothing new: nothing written
+    assert (again.added, again.delta) == (0, share // 2)
+    night = update(N + share)  # the delta at its share: still a delta
+    assert night.delta == share and _digest(folder / INDEX_FILE) == main
+    past = update(N + share + 1)  # past it: the index file written whole, with everything
+    assert (past.rebuilt, past.delta, past.added) == (False, 0, 1)
+    assert not (folder / DELTA_FILE).exists() and _digest(folder / INDEX_FILE) != main
+    assert load_index(folder)[0].ntotal == N + share + 1
+    update(N + share + 101)  # a delta again
+    removed = update(N + share + 101, keep=slice(10, None))  # ten removed: whole again
+    assert (removed.removed, removed.delta) == (10, 0) and not (folder / DELTA_FILE).exists()
+    held = np.sort(index_ids(load_index(folder)[0]))
+    np.testing.assert_array_equal(held, np.sort(ids[10:N + share + 101]))
+    assert os.path.getsize(folder / INDEX_FILE) > 0
+
+
+def test_a_searcher_over_a_layered_index_finds_what_one_over_the_whole_index_finds(data, built) -> None:
+    """The nightly's pairs search the layered index the index step left (store.reuse): with
+    each stored vector probing around its own list (Searcher.own, map_lists), as read whole."""
+    from cbir.store.index import Searcher
+
+    main, info = built
+    n = N + 400
+    names = [f"{i:016x}" for i in data["ids"][:n]]
+    order = np.argsort(names)
+    image_ids = [names[i] for i in order]
+    vectors = data["x"][:n][order]
+    whole = faiss.clone_index(main)
+    info_w = _copy_info(info)
+    add_vectors(whole, info_w, data["x"][N:n], data["ids"][N:n])
+    lay = layered(faiss.clone_index(main), empty_like(main))
+    info_l = _copy_info(info)
+    add_vectors(lay, info_l, data["x"][N:n], data["ids"][N:n])
+    rows = np.flatnonzero(np.isin(order, np.arange(N - 300, n)))  # old and new images
+    got = []
+    for index, inf in ((whole, info_w), (lay, info_l)):
+        for mapped in (False, True):
+            s = Searcher.of(index, inf, "fp", image_ids, vectors, {})
+            if mapped:
+                s.map_lists()
+            got.append(s.search_rows(vectors[rows], 10, rows=rows))
+    for scores, found in got[1:]:
+        np.testing.assert_array_equal(found, got[0][1])
+        np.testing.assert_allclose(scores, got[0][0], rtol=0, atol=1e-6)
+    assert (got[0][1][:, 0] == rows).mean() > 0.95  # each finds itself first
