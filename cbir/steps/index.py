@@ -162,8 +162,11 @@ def _build_or_update(
             gone, new_mask = _changes(index_ids(index), fids)
             delta = delta_of(index)
             n_new = int(new_mask.sum())
-            if delta is not None and _in_delta(
-                index.ntotal - delta.ntotal, delta.ntotal + n_new, len(gone)
+            on_workers = bool(address) and wants_dask_add(info, n_new)
+            if (
+                delta is not None
+                and not on_workers
+                and _in_delta(index.ntotal - delta.ntotal, delta.ntotal + n_new, len(gone))
             ):
                 if not add_vectors(
                     index,
@@ -193,7 +196,7 @@ def _build_or_update(
                     return _rebuilt(settings, folder, fp, fids, vectors, address, str(exc))
             removed = remove_ids(index, info, gone)
             new_rows = np.flatnonzero(new_mask)
-            if address and wants_dask_add(info, len(new_rows)):
+            if on_workers and address:
                 added = dask_add_vectors(
                     settings,
                     fp,
@@ -229,7 +232,7 @@ def _build_or_update(
 
 def _in_delta(n_main: int, n_delta: int, n_gone: int) -> bool:
     """Whether an update goes to the delta file: nothing removed, and the delta stays within
-    DELTA_SHARE of the index file."""
+    DELTA_SHARE of the index file (an update large enough for Dask workers reads it whole)."""
     return n_gone == 0 and n_delta <= DELTA_SHARE * n_main
 
 
