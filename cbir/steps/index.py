@@ -127,7 +127,9 @@ def _changes(have: np.ndarray, fids: np.ndarray) -> tuple[np.ndarray, np.ndarray
     By binary search in sorted copies (FAISS ids are unique): np.setdiff1d and np.isin hash
     every id, 3.8 s at 10^6 against 0.2 s."""
     have = np.sort(np.asarray(have, np.int64))
-    want = np.sort(np.asarray(fids, np.int64))
+    # the current ids come sorted as hex strings: as FAISS ids (their top bit dropped) two
+    # sorted runs, which a stable sort merges (10^7: 0.17 s against 0.78 s)
+    want = np.sort(np.asarray(fids, np.int64), kind="stable")
     if not len(want):
         return have, np.zeros(len(fids), bool)
     at = np.minimum(np.searchsorted(want, have), len(want) - 1)

@@ -467,7 +467,7 @@ class Searcher:
         regions: RegionSearcher | None = None,
     ) -> Searcher:
         fids = faiss_ids(image_ids)
-        order = np.argsort(fids)
+        order = np.argsort(fids, kind="stable")  # ids sorted: two runs, merged (_changes)
         return cls(
             index, info, fingerprint, image_ids, vectors, fids[order], order, path_of, regions
         )
