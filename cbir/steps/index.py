@@ -165,39 +165,16 @@ def _build_or_update(
             delta = delta_of(index)
             n_new = int(new_mask.sum())
             on_workers = bool(address) and wants_dask_add(info, n_new)
-            if (
-                delta is not None
-                and not on_workers
-                and _in_delta(index.ntotal - delta.ntotal, delta.ntotal + n_new, len(gone))
-            ):
-                if not add_vectors(
-                    index,
-                    info,
-                    vectors[new_mask],
-                    fids[new_mask],
-                    rebuild_factor=cfg.rebuild_factor,
-                ):
-                    return _rebuilt(
-                        settings,
-                        folder,
-                        fp,
-                        fids,
-                        vectors,
-                        address,
-                        _outgrew(len(fids), cfg.rebuild_factor, info.trained_size),
-                    )
-                if n_new:
-                    save_delta(index, info, folder)
-                return IndexSummary(
-                    info=info, folder=folder, rebuilt=False, added=n_new, delta=delta.ntotal
-                )
-            if delta is not None:  # removals, or a delta grown past its share: read it whole
+            if delta is not None and (
+                on_workers
+                or not _in_delta(index.ntotal - delta.ntotal, delta.ntotal + n_new, len(gone))
+            ):  # removals, a delta grown past its share, or Dask workers adding: read it whole
                 try:
                     index, info = load_index(folder)
                 except CbirError as exc:  # its checksum is checked now
                     return _rebuilt(settings, folder, fp, fids, vectors, address, str(exc))
+                delta = None
             removed = remove_ids(index, info, gone)
-            new_rows = np.flatnonzero(new_mask)
             if on_workers and address:
                 added = dask_add_vectors(
                     settings,
@@ -206,7 +183,7 @@ def _build_or_update(
                     info,
                     vectors,
                     fids,
-                    new_rows,
+                    np.flatnonzero(new_mask),
                     address,
                     rebuild_factor=cfg.rebuild_factor,
                 )
@@ -219,16 +196,22 @@ def _build_or_update(
                     rebuild_factor=cfg.rebuild_factor,
                 )
             if added:
-                if removed or new_mask.any():
+                if delta is not None and n_new:
+                    save_delta(index, info, folder)
+                elif delta is None and (removed or n_new):
                     save_index(index, info, folder)
                 return IndexSummary(
                     info=info,
                     folder=folder,
                     rebuilt=False,
-                    added=int(new_mask.sum()),
+                    added=n_new,
                     removed=removed,
+                    delta=delta.ntotal if delta is not None else 0,
                 )
-            reason = _outgrew(len(fids), cfg.rebuild_factor, info.trained_size)
+            reason = (
+                f"collection outgrew the trained quantiser ({len(fids)} vectors > "
+                f"{cfg.rebuild_factor} x {info.trained_size})"
+            )
     return _rebuilt(settings, folder, fp, fids, vectors, address, reason or "first build")
 
 
@@ -236,10 +219,6 @@ def _in_delta(n_main: int, n_delta: int, n_gone: int) -> bool:
     """Whether an update goes to the delta file: nothing removed, and the delta stays within
     DELTA_SHARE of the index file (an update large enough for Dask workers reads it whole)."""
     return n_gone == 0 and n_delta <= DELTA_SHARE * n_main
-
-
-def _outgrew(n: int, factor: float, trained: int) -> str:
-    return f"collection outgrew the trained quantiser ({n} vectors > {factor} x {trained})"
 
 
 def _rebuilt(

@@ -235,20 +235,28 @@ def finish_save(folder: Path) -> None:
         expected, delta = side["index_file"], side.get("delta_file")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         expected, delta = {}, None
-    staged = folder / STAGED_FILE
-    if staged.is_file():
-        if _matches(staged, expected) is not None:
-            os.replace(staged, folder / INDEX_FILE)
-        else:
-            staged.unlink()
-    staged = folder / DELTA_STAGED
+    _finish(folder / STAGED_FILE, folder / INDEX_FILE, expected)
     if not isinstance(delta, dict):  # none recorded: a full save's was left behind
         _drop_delta(folder)
-    elif staged.is_file():
-        if _matches(staged, delta) is not None:
-            os.replace(staged, folder / DELTA_FILE)
-        else:
-            staged.unlink()
+    else:
+        _finish(folder / DELTA_STAGED, folder / DELTA_FILE, delta)
+
+
+def _finish(staged: Path, final: Path, expected: dict[str, Any]) -> None:
+    """A staged file the sidecar describes is renamed into place; one it does not, removed."""
+    if not staged.is_file():
+        return
+    if _matches(staged, expected) is not None:
+        os.replace(staged, final)
+    else:
+        staged.unlink()
+
+
+def _committed(path: Path, staged: Path, expected: dict[str, Any]) -> bytes | None:
+    """The bytes of the file the sidecar describes: `path`, or its staged file where a save was
+    killed between its commit and its last rename (`path` once more: a save may have renamed
+    the staged file meanwhile); None when neither matches."""
+    return next((d for p in (path, staged, path) if (d := _matches(p, expected))), None)
 
 
 def reusable_index(
@@ -326,7 +334,7 @@ def load_index(
                 raise CbirError(f"{damaged} (size differs from {SIDECAR_FILE})")
             index = _read_mapped(sized, info.params.kind)
         else:
-            data = next((d for p in candidates if (d := _matches(p, expected_file))), None)
+            data = _committed(index_path, folder / STAGED_FILE, expected_file)
             if data is None:
                 raise CbirError(f"{damaged} (size or checksum differs from {SIDECAR_FILE})")
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
@@ -353,8 +361,7 @@ def _with_delta(
     between its commit and its rename, counts too): merged, or layered over a mapped index."""
     path = folder / DELTA_FILE
     damaged = f"index file {path} is damaged; {_REBUILD}"
-    candidates = (path, folder / DELTA_STAGED, path)
-    data = next((d for p in candidates if (d := _matches(p, expected))), None)
+    data = _committed(path, folder / DELTA_STAGED, expected)
     if data is None:
         raise CbirError(f"{damaged} (size or checksum differs from {SIDECAR_FILE})")
     try:
