@@ -405,6 +405,51 @@ def test_a_file_moved_away_and_back_unchanged_is_canonical_again_and_reruns_writ
     con.close()
 
 
+def test_the_canonical_epoch_changes_exactly_when_an_image_is_known_by_another_path(
+        workspace, tmp_path):
+    """The manifest's canonical epoch (the pairs step trusts its recorded paths while it holds):
+    kept by new files, new copies, changed content at a new id and unchanged reruns; drawn
+    afresh when a canonical file moves, goes missing (its copy takes over), comes back, or its
+    path gets new content (its old image is then known by no path)."""
+    from cbir.store.manifest import canonical_epoch
+
+    s = workspace.scans
+    save(photo(1), s / "a.jpg")
+    os.utime(s / "a.jpg", ns=(1, 1_000_000_000))  # seen first: a stays canonical over its copy
+    save(photo(2), s / "c.jpg")
+    settings = workspace()
+    assert canonical_epoch(settings) is None  # no manifest yet
+    run_ingest(settings)
+    epochs = [canonical_epoch(settings)]
+    assert epochs[0] and len(epochs[0]) == 32
+
+    def after(change, *, kept: bool) -> None:
+        change()
+        run_ingest(settings)
+        epochs.append(canonical_epoch(settings))
+        assert (epochs[-1] == epochs[-2]) == kept, change.__name__
+        assert epochs[-1]
+
+    def unchanged(): pass
+    def new_file(): save(photo(3), s / "d.jpg")
+    def new_copy(): shutil.copy(s / "a.jpg", s / "b.jpg")
+    def moved(): os.replace(s / "c.jpg", s / "sub-c.jpg")
+    def gone_copy_takes_over(): os.replace(s / "a.jpg", tmp_path / "a.jpg")
+    def back(): os.replace(tmp_path / "a.jpg", s / "a.jpg")
+    def new_content(): save(photo(4), s / "d.jpg")
+    after(unchanged, kept=True)
+    after(new_file, kept=True)
+    after(new_copy, kept=True)
+    assert by_path(settings)["b.jpg"]["status"] == "duplicate"
+    after(moved, kept=False)
+    after(gone_copy_takes_over, kept=False)
+    assert by_path(settings)["b.jpg"]["is_canonical"]
+    after(back, kept=False)
+    assert by_path(settings)["a.jpg"]["is_canonical"]
+    after(new_content, kept=False)
+    assert len(set(epochs)) == 5  # never an old epoch again
+
+
 # --------------------------------------------------------------------------- crash safety
 
 def _comparable(rows: list[dict]) -> list[tuple]:

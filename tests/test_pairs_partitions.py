@@ -25,6 +25,7 @@ from cbir.steps.pairs import clusters_from_pairs, run_pairs
 from cbir.store import pairs as store_pairs
 from cbir.store.catalog import query
 from cbir.store.layout import layout
+from cbir.store.manifest import CANONICAL_EPOCH, CanonicalPaths, canonical_epoch, canonical_table
 from cbir.store.pairs import read_pairs, read_state, stray_runs
 
 N = 1_500
@@ -144,7 +145,9 @@ def test_removed_images_and_many_partitions_fold_into_the_base(ws, scale, monkey
     files = pq.read_table(lay.files)
     at = pc.equal(files.column("image_id"), who)
     paths = pc.if_else(at, "moved/elsewhere.jpg", files.column("path"))
-    write_parquet(files.set_column(files.column_names.index("path"), "path", paths), lay.files)
+    files = files.set_column(files.column_names.index("path"), "path", paths)
+    # as ingest writes it after a move: a new canonical epoch
+    write_parquet(files.replace_schema_metadata({CANONICAL_EPOCH: "moved"}), lay.files)
     run_pairs(s, incremental=True)
     assert read_state(lay).runs == []
     now = read_pairs(s).to_pylist()
@@ -163,6 +166,41 @@ def test_removed_images_and_many_partitions_fold_into_the_base(ws, scale, monkey
     assert after == sorted(_rows(pq.read_table(lay.exact)) + _rows(pq.read_table(lay.pairs)))
     assert set(before) <= set(after) and len(after) == len(before) + out.added > len(before)
     _clusters_hold_every_link(ws, scale, out.thresholds.cluster)
+
+
+def test_a_night_under_the_recorded_canonical_epoch_sorts_no_canonical_paths(ws, scale,
+                                                                            monkeypatch):
+    """While the manifest's canonical epoch is the one the recorded pairs were written under,
+    a night trusts their paths: the canonical paths are not sorted (10^7 of them cost seconds),
+    its new pairs' paths are looked up in one pass, and every path recorded is the image's
+    canonical path. A manifest without an epoch (written before epochs) is checked in full."""
+    s = scale._settings(ws)
+    lay = layout(s)
+    sorted_paths: list[int] = []
+    real = CanonicalPaths._ready
+    monkeypatch.setattr(CanonicalPaths, "_ready",
+                        lambda self: sorted_paths.append(1) or real(self))
+
+    def all_paths_current() -> None:
+        now = dict(zip(*canonical_table(s).to_pydict().values(), strict=True))
+        rows = read_pairs(s).to_pylist()
+        assert all(now[r[f"image_{x}"]] == r[f"path_{x}"] for r in rows for x in "ab")
+        members = pq.read_table(lay.clusters).to_pylist()
+        assert all(now[m["image_id"]] == m["path"] for m in members)
+        assert len(rows) > 10 and len(members) > 10
+
+    assert read_state(lay).epoch == canonical_epoch(s) != ""
+    out = _night(scale, ws, 41)
+    assert out.incremental and out.added > 0 and read_state(lay).runs == [1]
+    assert not sorted_paths
+    assert read_state(lay).epoch == canonical_epoch(s)
+    all_paths_current()
+    files = pq.read_table(lay.files)
+    write_parquet(files.replace_schema_metadata(None), lay.files)  # as before epochs
+    out = _night(scale, ws, 42)
+    assert out.incremental and read_state(lay).runs == [1, 2]  # checked: nothing moved
+    assert sorted_paths and read_state(lay).epoch == ""
+    all_paths_current()
 
 
 def test_a_killed_runs_partition_never_counts(ws, scale):

@@ -130,6 +130,14 @@ def test_canonical_paths_is_a_mapping_found_by_bisection():
         for other in ("", "zz", "0f3", "0f3a0", "a1b3", 7):
             assert other not in m and m.get(other, "?") == "?"
         assert len(loads) == 1
+        # a few looked up at once: one pass over the rows as loaded, no sorted arrays; the
+        # same answers as get, and the rows loaded once for the lookups and the sorting after
+        few = CanonicalPaths(load)
+        asked = [ids[-1], "zz", ids[0], ids[-1], "0" * 15 + "1"]
+        assert few.paths(asked) == [m.get(x) for x in asked] and few._keys is None
+        assert few.paths([ids[1]]) == [paths[1]] and few.paths([]) == []
+        assert dict(few) == dict(m) and few.paths(asked) == [m.get(x) for x in asked]
+        assert len(loads) == 2
     keys = sorted_keys(pa.array(["00ff", "0f3a", "a1b2"]))
     assert keys.dtype == "S4" and keys.tolist() == [b"00ff", b"0f3a", b"a1b2"]
     sliced = sorted_keys(pa.array(["xx00ff", "0f3a", "a1b2"]).slice(1))  # an offset into buffers

@@ -45,6 +45,7 @@ from ..progress import bar as progress_bar
 from ..store.catalog import SEEN_FIRST, clean_stale, refresh_catalog
 from ..store.layout import Layout, layout
 from ..store.manifest import (
+    CANONICAL_EPOCH,
     DUPLICATE,
     FILES_SCHEMA,
     MANIFEST_FIX,
@@ -55,7 +56,7 @@ from ..store.manifest import (
     REPLACED,
     RUNS_SCHEMA,
 )
-from ..store.tables import read_table
+from ..store.tables import metadata_value, read_table
 from ..walk import walk_scans
 
 # Journal parts hold raw worker results; the manifest rows are derived from them at commit.
@@ -382,10 +383,17 @@ def run_ingest(
     manifest = _Touched.of(state.files, seen, work, results, run_id)
     files = manifest.rows  # the rows this run can change, as dicts; the rest stay in Arrow
     before = _state_key(files, state.quarantine)
+    known_as = _canonical_paths(files)
     counts["unchanged"] = len(work.unchanged)
     new_rows = _merge(files, manifest.unchanged, work, results, run_id, counts)
     _mark_absent(files, manifest.seen_paths(results), work.problems, counts)
     counts["new_duplicates"] = _assign_canonical(files, new_rows)
+    now_as = _canonical_paths(files)
+    epoch = (
+        state.epoch
+        if state.epoch and all(now_as.get(i) == p for i, p in known_as.items())
+        else uuid.uuid4().hex  # an image is known by another path now, or by none
+    )
     for row in files:
         row["mtime"] = datetime.fromtimestamp(row["mtime_ns"] / 1e9, tz=UTC)
     new_quarantine = _quarantine_rows(work.problems, quarantined, run_id)
@@ -416,7 +424,13 @@ def run_ingest(
         }
     )
     changed = _state_key(files, new_quarantine) != before
-    _commit(lay, manifest.table, new_quarantine, runs, changed=changed)
+    _commit(
+        lay,
+        lambda: manifest.table().replace_schema_metadata({CANONICAL_EPOCH: epoch}),
+        new_quarantine,
+        runs,
+        changed=changed,
+    )
     journal.clear()
     # the stored reports are left to the pairs step (a nightly run would compute them twice)
     catalog = refresh_catalog(settings, stored=False)
@@ -441,10 +455,12 @@ class _State:
     quarantine: list[dict[str, Any]]
     runs: list[dict[str, Any]]
     run_id: int  # this run's
+    epoch: str | None  # the manifest's canonical epoch (CANONICAL_EPOCH)
 
 
 def _load_state(lay: Layout) -> _State:
     files = _read(lay.files, FILES_SCHEMA)
+    epoch = metadata_value(lay.files, CANONICAL_EPOCH) if len(files) else None
     quarantine = _read(lay.quarantine, QUARANTINE_SCHEMA).to_pylist()
     runs = _read(lay.runs, RUNS_SCHEMA).to_pylist()
     run_id = _next_run_id(files, quarantine, runs)
@@ -452,7 +468,7 @@ def _load_state(lay: Layout) -> _State:
     last_run = _last_run(files)
     present = _present(files)  # seen by every run since the last rewrite (see catalog)
     last_run[present] = np.maximum(last_run[present], last_logged)
-    return _State(_with_last_run(files, last_run), quarantine, runs, run_id)
+    return _State(_with_last_run(files, last_run), quarantine, runs, run_id, epoch)
 
 
 def _last_run(files: pa.Table) -> np.ndarray:
@@ -798,6 +814,11 @@ def _state_key(files: list[dict[str, Any]], quarantine: list[dict[str, Any]]) ->
         ),
         tuple((r["path_raw"], r["reason"], r["bytes"], r["mtime_ns"]) for r in quarantine),
     )
+
+
+def _canonical_paths(files: list[dict[str, Any]]) -> dict[str, str]:
+    """image_id -> path of the canonical present rows among `files` (canonical_table's rows)."""
+    return {r["image_id"]: r["path"] for r in files if r["status"] == OK and r["is_canonical"]}
 
 
 def _assign_canonical(files: list[dict[str, Any]], new_rows: list[dict[str, Any]]) -> int:

@@ -56,6 +56,7 @@ from ..store.manifest import (
     DUPLICATE,
     OK,
     CanonicalPaths,
+    canonical_epoch,
     canonical_table,
     ids_in,
     load_manifest,
@@ -592,12 +593,13 @@ def _recorded_near(lay: Layout) -> pa.Table:
 def _near_table(
     pairs: dict[Key, tuple[float, int]], checks: dict[Key, verify.Match | None], s: Searcher
 ) -> pa.Table:
+    path = dict(zip(*_paths_of(s.path_of, {x for key in pairs for x in key}), strict=True))
     rows = [
         {
             "image_a": a,
             "image_b": b,
-            "path_a": s.path_of.get(a),
-            "path_b": s.path_of.get(b),
+            "path_a": path[a],
+            "path_b": path[b],
             "score": sc,
             "rank": rk,
             "kind": "near",
@@ -606,6 +608,14 @@ def _near_table(
         for (a, b), (sc, rk) in pairs.items()
     ]
     return _by_score(pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA))
+
+
+def _paths_of(path_of: Mapping[str, str], ids: set[str]) -> tuple[list[str], list[str | None]]:
+    """(ids, their canonical paths): a few looked up without sorting the whole manifest."""
+    listed = sorted(ids)
+    if isinstance(path_of, CanonicalPaths):
+        return listed, path_of.paths(listed)
+    return listed, [path_of.get(i) for i in listed]
 
 
 def _by_score(table: pa.Table) -> pa.Table:
@@ -649,11 +659,14 @@ def _edges(table: pa.Table, threshold: float) -> list[tuple[float, str, str]]:
 
 
 def _cluster_table(clusters: list[tuple[list[str], float]], s: Searcher) -> pa.Table:
+    path = dict(
+        zip(*_paths_of(s.path_of, {m for members, _ in clusters for m in members}), strict=True)
+    )
     rows = [
         {
             "cluster_id": cid,
             "image_id": m,
-            "path": s.path_of.get(m),
+            "path": path[m],
             "size": len(members),
             "weakest_link": weak,
         }
@@ -802,6 +815,7 @@ def run_pairs(
     finish_commit(lay)  # what a killed run left: its commit completed, or its files removed
     state = _search_state(s, cfg, th.pair)
     recorded = read_state(lay)
+    epoch = canonical_epoch(settings) or ""  # read before the paths are (the lock holds both)
     before = _searched_before(lay, recorded, state) if incremental else None
     # verification is a property of the two pictures, not of the model: kept across runs
     recipe_before = _recorded_recipe(lay)
@@ -820,7 +834,9 @@ def run_pairs(
         # distinct; were one recorded twice, this folds, which is always right)
         gone = int(searched.sum()) < len(before)
         assert recorded is not None
-        fold = gone or len(recorded.runs) >= MAX_RUNS or _moved(old, s.path_of)
+        # the recorded paths are current while the manifest's canonical epoch is theirs
+        same = bool(epoch) and recorded.epoch == epoch
+        fold = gone or len(recorded.runs) >= MAX_RUNS or (not same and _moved(old, s.path_of))
     prior = _recorded_near(lay) if rows is None else old  # what was recorded before
     checks: dict[Key, verify.Match | None] = (
         dict(_checks_of(prior)) if rows is None and reuse_checks else {}
@@ -944,6 +960,7 @@ def run_pairs(
             search=state,
             runs=runs,
             clusters=f"{clusters_token}:{digest}",
+            epoch=epoch,
         ),
     )
     finish_commit(lay)  # the staged base renamed into place; a fold's partitions removed

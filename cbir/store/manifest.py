@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from ..errors import CbirError
 from .layout import layout
-from .tables import read_table
+from .tables import metadata_value, read_table
 
 # A file version's status
 OK = "ok"  # present; the canonical file of its content
@@ -78,6 +78,12 @@ RUNS_SCHEMA = pa.schema(
     ]
 )
 
+#: The key, in the manifest file's Parquet metadata, of its canonical epoch: a token that ingest
+#: draws afresh whenever a run changes which path an image is known by (a canonical file moved,
+#: went missing, or gave way to a copy) and carries over otherwise. Paths recorded under one
+#: epoch (the pairs') are still every image's canonical path while the epoch is the same.
+CANONICAL_EPOCH = "cbir_canonical_epoch"
+
 #: What to do about a damaged manifest file: ingest cannot rebuild what it would extend.
 MANIFEST_FIX = (
     "restore it from DVC (`dvc checkout`), or move it away and run `cbir ingest` "
@@ -117,6 +123,12 @@ def canonical_ids(settings: Any) -> pa.Array:
 def canonical_table(settings: Any) -> pa.Table:
     """(image_id, path) of each canonical image."""
     return _canonical(settings, ["image_id", "path"])
+
+
+def canonical_epoch(settings: Any) -> str | None:
+    """The manifest's canonical epoch (CANONICAL_EPOCH; None: no manifest, or one written
+    before epochs were kept): read from its footer, not its rows."""
+    return metadata_value(layout(settings).files, CANONICAL_EPOCH)
 
 
 def sorted_keys(ids: pa.Array) -> np.ndarray:
@@ -183,6 +195,9 @@ def keys_in(have: np.ndarray, among: np.ndarray) -> np.ndarray:
     return np.asarray(among[at] == have, bool)
 
 
+_SCAN_MAX = 100_000  # more ids than this are looked up in the sorted arrays (`_ready`)
+
+
 class CanonicalPaths(Mapping[str, str]):
     """image_id -> path of each canonical image, read-only, built on first use from the
     manifest and searched by bisection in sorted arrays: no dictionary of 10^7 Python strings."""
@@ -192,10 +207,13 @@ class CanonicalPaths(Mapping[str, str]):
         self._keys: np.ndarray | None = None
         self._paths: pa.Array | None = None
         self._hexed: np.ndarray | None = None  # the keys as hex_keys, where they are cbir's
+        # as loaded, with its ids' hex_keys, while only `paths` has been asked
+        self._table: tuple[pa.Table, np.ndarray | None] | None = None
 
     def _ready(self) -> tuple[np.ndarray, pa.Array]:
         if self._keys is None or self._paths is None:
-            t = self._load()
+            t = self._table[0] if self._table is not None else self._load()
+            self._table = None
             ids = t.column("image_id").combine_chunks()
             hexed = hex_keys(ids)  # cbir's ids sort as integers: 10^7 in 4 s, not 17
             if hexed is not None:
@@ -207,6 +225,30 @@ class CanonicalPaths(Mapping[str, str]):
             self._keys = sorted_keys(ids.take(order))
             self._paths = t.column("path").combine_chunks().take(order)
         return self._keys, self._paths
+
+    def paths(self, ids: list[str]) -> list[str | None]:
+        """The canonical path of each of `ids` (None: no canonical image), as `get` would give
+        them. Before the sorted arrays are built (`_ready`), a few ids are looked up by one pass
+        over the manifest's rows instead: a night's new pairs name a few thousand images, and
+        sorting 10^7 ids and paths for them costs seconds."""
+        if self._keys is not None or not ids or len(ids) > _SCAN_MAX:
+            return [self.get(i) for i in ids]
+        if self._table is None:  # kept: the clusters a night touches come next
+            t = self._load()
+            self._table = (t, hex_keys(t.column("image_id").combine_chunks()))
+        t, have = self._table
+        want = pa.array(ids, pa.string())
+        wanted = hex_keys(want)
+        if have is None or wanted is None:  # ids not cbir's: Arrow's membership test
+            hit = np.asarray(pc.fill_null(pc.is_in(t.column("image_id"), value_set=want), False))
+        else:
+            hit = keys_in(have, np.unique(wanted))
+        rows = t.filter(pa.array(hit, pa.bool_()))
+        found: dict[str, str] = {}
+        got = rows.column("image_id").to_pylist(), rows.column("path").to_pylist()
+        for i, path in zip(*got, strict=True):
+            found.setdefault(i, path)  # the first, as the bisection finds (a stable sort)
+        return [found.get(i) for i in ids]
 
     def moved(self, ids: pa.Array, paths: pa.Array) -> bool:
         """Whether any image of `ids` is recorded under a path that is not its canonical one

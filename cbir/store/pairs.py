@@ -90,6 +90,8 @@ class PairsState:
     search: dict[str, str]  # what the recorded pairs depend on (steps.pairs._search_state)
     runs: list[int] = field(default_factory=list)  # committed partitions, oldest first
     clusters: str = ""  # clusters.parquet's token and what its clusters depend on
+    # the manifest's canonical epoch the recorded paths were taken under ("": none known)
+    epoch: str = ""
 
     def next_run(self) -> int:
         return max(self.runs, default=0) + 1
@@ -115,6 +117,7 @@ def read_state(lay: Layout) -> PairsState | None:
             search={str(k): str(v) for k, v in dict(raw["search"]).items()},
             runs=[int(r) for r in raw["runs"]],
             clusters=str(raw.get("clusters", "")),
+            epoch=str(raw.get("epoch", "")),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
