@@ -13,7 +13,9 @@ The folder walk is the kernel `cbir.walk`; the merge of what a run saw into the 
 new, changed, missing, replaced; one canonical row per content) is `_merge` and what follows it.
 Cost follows the run's new work, not the collection: the manifest stays an Arrow table, the walk
 is joined to it in Arrow (`_triage`), and only the rows of the paths and contents a run touches
-become dicts for the merge (`_Touched`); an unchanged rerun writes only the run log.
+become dicts for the merge (`_Touched`); an unchanged rerun writes only the run log. The
+manifest carries a canonical epoch (store.manifest.CANONICAL_EPOCH), drawn afresh when a run
+changes which path an image is known by: the pairs step trusts its recorded paths while it holds.
 Longer than 400 lines: the walk and the per-file probe are kernels (cbir/walk.py, cbir/probe.py);
 what remains, the merge into the manifest and its crash journal, is this step's own logic.
 """

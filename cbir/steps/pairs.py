@@ -793,8 +793,10 @@ def run_pairs(
     unordered pair: a new pair involves a new image, which no recorded pair does. When images
     were removed, recorded pairs name moved files, or MAX_RUNS partitions have piled up, the
     run folds the partitions into pairs.parquet (recorded pairs of images gone are dropped, as a
-    full run would). When the model, search.k or search.pair_threshold changed since the pairs
-    were recorded, every image is searched again. `pairs.json`, the commit, is written last: a
+    full run would); moved files are looked for only when the manifest's canonical epoch
+    (store.manifest.CANONICAL_EPOCH) is not the one the recorded paths were taken under. When
+    the model, search.k or search.pair_threshold changed since the pairs were recorded, every
+    image is searched again. `pairs.json`, the commit, is written last: a
     run killed before it leaves the recorded state as it was, and its partition is removed by
     the next run.
 
