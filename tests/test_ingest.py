@@ -448,6 +448,15 @@ def test_the_canonical_epoch_changes_exactly_when_an_image_is_known_by_another_p
     assert by_path(settings)["a.jpg"]["is_canonical"]
     after(new_content, kept=False)
     assert len(set(epochs)) == 5  # never an old epoch again
+    # a manifest written before epochs: the next run, unchanged, writes it once with one
+    files = settings.path(settings.data.manifest_dir) / "files.parquet"
+    pq.write_table(pq.read_table(files).replace_schema_metadata(None), files)
+    assert canonical_epoch(settings) is None
+    run_ingest(settings)
+    stamped = files.read_bytes()
+    assert canonical_epoch(settings) not in (None, *epochs)
+    run_ingest(settings)
+    assert files.read_bytes() == stamped
 
 
 # --------------------------------------------------------------------------- crash safety

@@ -425,7 +425,8 @@ def run_ingest(
             },
         }
     )
-    changed = _state_key(files, new_quarantine) != before
+    # a manifest written before epochs gets one (written once, then carried over)
+    changed = _state_key(files, new_quarantine) != before or not state.epoch
     _commit(
         lay,
         lambda: manifest.table().replace_schema_metadata({CANONICAL_EPOCH: epoch}),
