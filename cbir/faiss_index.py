@@ -40,7 +40,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast
 
@@ -886,8 +886,15 @@ def index_ids(index: faiss.Index) -> np.ndarray:
 _ID_MASK = (1 << 63) - 1  # FAISS ids are non-negative int64; -1 means "no result"
 
 
-def faiss_ids(image_ids: list[str]) -> np.ndarray:
-    """int64 FAISS ids from image ids (63 bits of the content hash; a lookup maps them back)."""
+def faiss_ids(image_ids: Sequence[str]) -> np.ndarray:
+    """int64 FAISS ids from image ids (63 bits of the content hash; a lookup maps them back).
+    Ids that know their own 64-bit keys (store.manifest.ImageIds) are masked, not parsed."""
+    keys = getattr(image_ids, "hex_keys", None)
+    packed = keys() if callable(keys) else None
+    if packed is not None:
+        return (np.asarray(packed, np.uint64) & np.uint64(_ID_MASK)).astype(np.int64)
+    if not isinstance(image_ids, list):
+        image_ids = list(image_ids)
     if image_ids and set(map(len, image_ids)) == {16}:  # cbir's ids: parsed at once (10^7: 1 s)
         with contextlib.suppress(ValueError):  # not hex: one at a time, which says which
             raw = np.frombuffer(bytes.fromhex("".join(image_ids)), ">u8")

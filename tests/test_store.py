@@ -184,3 +184,35 @@ def test_ids_in_agrees_with_arrow_is_in():
         want = [v in set(among) for v in values]
         assert ids_in(chunked, pa.array(among, pa.string())).tolist() == want
         assert ids_in(pa.array(values, pa.string()), pa.array(among, pa.string())).dtype == bool
+
+
+def test_image_ids_read_like_the_list_they_replace():
+    """store.manifest.ImageIds (the searcher's ids, held in Arrow): indexing, slicing,
+    iteration, comparison, FAISS ids and takes as the list of strings gives them; ids not of
+    cbir's form too (parsed one at a time)."""
+    import pyarrow as pa
+
+    from cbir.faiss_index import faiss_ids
+    from cbir.store.manifest import ImageIds, id_array, ids_at
+
+    rng = np.random.default_rng(5)
+    hexed = sorted(f"{x:016x}" for x in rng.integers(0, 1 << 63, 300_000)) + ["f" * 16]
+    listed_upper = ["00FF" * 4, "0a" * 8]  # not cbir's form: no keys
+    for listed in (hexed, listed_upper, []):
+        ids = ImageIds(pa.chunked_array([pa.array(listed[:7], pa.string()),
+                                         pa.array(listed[7:], pa.string())]))
+        assert len(ids) == len(listed) and list(ids) == listed and ids == listed
+        assert ids == ImageIds(pa.array(listed, pa.string())) and ids != listed + ["x"]
+        for i in (0, 1, len(listed) - 1, -1, -len(listed)):
+            if listed:
+                assert ids[i] == listed[i]
+        for cut in (slice(None), slice(3, 9), slice(5, 2), slice(1, None, 4), slice(-3, None)):
+            assert ids[cut] == listed[cut]
+        rows = rng.integers(0, max(1, len(listed)), 50) if listed else np.zeros(0, np.int64)
+        assert ids_at(ids, rows) == ids_at(listed, rows) == [listed[r] for r in rows.tolist()]
+        assert faiss_ids(ids).tolist() == faiss_ids(listed).tolist()
+        assert id_array(ids).to_pylist() == id_array(listed).to_pylist() == listed
+        assert (ids.hex_keys() is not None) == (listed is not listed_upper)
+        if listed:
+            with pytest.raises(IndexError):
+                ids[len(listed)]

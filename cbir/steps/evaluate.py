@@ -12,7 +12,7 @@ The labels (the CSV and the decisions, made into groups) are read by `cbir.store
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,7 @@ class ModelRanking:
     """The current model's top k for every evaluation query, searched through the index."""
 
     label: str
-    image_ids: list[str]  # row -> image id
+    image_ids: Sequence[str]  # row -> image id
     path_of: Mapping[str, str]  # image id -> canonical path
     group_of: dict[int, str]  # row -> ground-truth group
     query_rows: np.ndarray
@@ -306,7 +306,7 @@ def _neighbour_rows(
     query_rows: np.ndarray,
     nbr: np.ndarray,
     scores: np.ndarray,
-    ids: list[str],
+    ids: Sequence[str],
     path_of: Mapping[str, str],
     group_of: dict[int, str],
     k: int,

@@ -58,6 +58,8 @@ from ..store.manifest import (
     CanonicalPaths,
     canonical_epoch,
     canonical_table,
+    id_array,
+    ids_at,
     ids_in,
     load_manifest,
 )
@@ -294,12 +296,10 @@ def knn_pairs(
     first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     best_s = np.maximum.reduceat(sc, first)
     best_r = np.minimum.reduceat(rk, first)
-    ids = s.image_ids
+    left, right = ids_at(s.image_ids, a[first]), ids_at(s.image_ids, b[first])
     return {
-        (ids[i], ids[j]): (score, int(r))
-        for i, j, score, r in zip(
-            a[first].tolist(), b[first].tolist(), best_s.tolist(), best_r.tolist(), strict=True
-        )
+        (i, j): (score, int(r))
+        for i, j, score, r in zip(left, right, best_s.tolist(), best_r.tolist(), strict=True)
     }
 
 
@@ -823,7 +823,7 @@ def run_pairs(
     recipe_before = _recorded_recipe(lay)
     reuse_checks = cfg.verify and recipe_before == RECIPE
     floor = min(float(cfg.verify_floor), th.pair) if cfg.verify else th.pair
-    all_ids = pa.array(s.image_ids, pa.string())
+    all_ids = id_array(s.image_ids)
     old = PAIRS_SCHEMA.empty_table()
     fold = False
     if before is None:

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +65,7 @@ class PartJob:
     target: str
 
 
-def ids_digest(image_ids: list[str]) -> str:
+def ids_digest(image_ids: Sequence[str]) -> str:
     """SHA-256 of the image ids in order (in chunks: no one string of them all)."""
     h = hashlib.sha256()
     for start in range(0, len(image_ids), 100_000):

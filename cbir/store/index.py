@@ -36,7 +36,7 @@ from ..regions import Candidate
 from . import reuse
 from .embeddings import current_regions
 from .layout import DELTA_FILE, DELTA_STAGED, INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
-from .manifest import CanonicalPaths, canonical_table
+from .manifest import CanonicalPaths, canonical_table, ids_at
 from .vectors import Vectors, current_embeddings
 
 if TYPE_CHECKING:
@@ -453,7 +453,7 @@ class Searcher:
     index: Any
     info: Any
     fingerprint: str
-    image_ids: list[str]  # sorted; the row order of `vectors`
+    image_ids: Sequence[str]  # sorted (ImageIds in the pipeline); the row order of `vectors`
     vectors: np.ndarray | Vectors  # memory-mapped (store.vectors) in the pipeline
     fids: np.ndarray  # the FAISS ids, sorted, and the row of each
     fid_rows: np.ndarray
@@ -468,7 +468,7 @@ class Searcher:
         index: Any,
         info: Any,
         fingerprint: str,
-        image_ids: list[str],
+        image_ids: Sequence[str],
         vectors: np.ndarray | Vectors,
         path_of: Mapping[str, str],
         regions: RegionSearcher | None = None,
@@ -541,7 +541,7 @@ class Searcher:
         rows = np.asarray(rows, np.int64)
         if self._row_lists is not None:
             return near, self._row_lists[rows]
-        return near, lists_of(ivf, faiss_ids([self.image_ids[r] for r in rows.tolist()]))
+        return near, lists_of(ivf, faiss_ids(ids_at(self.image_ids, rows)))
 
     def map_lists(self) -> None:
         """Find every row's list and every list's near lists once, for a search of many
@@ -570,8 +570,11 @@ class Searcher:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
         scores, rows = self.search_rows(queries, k)
-        ids = [[self.image_ids[r] if r >= 0 else None for r in row] for row in rows.tolist()]
-        return scores, ids
+        flat = np.asarray(rows, np.int64).reshape(-1)
+        found = ids_at(self.image_ids, np.maximum(flat, 0)) if len(self.image_ids) else []
+        named = [i if r >= 0 else None for i, r in zip(found, flat.tolist(), strict=True)]
+        nq, width = rows.shape
+        return scores, [named[j * width : (j + 1) * width] for j in range(nq)]
 
     def candidates(
         self,

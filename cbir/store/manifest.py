@@ -5,8 +5,8 @@ reading them back."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, overload
 
 import numpy as np
 import pyarrow as pa
@@ -171,6 +171,71 @@ def hex_keys(ids: pa.Array) -> np.ndarray | None:
         packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])
         out[start : start + step] = packed.view(">u8").ravel()
     return out
+
+
+class ImageIds(Sequence[str]):
+    """Image ids held as one Arrow array, read like the list of strings it replaces (indexing,
+    slicing, iteration, comparison with a list): 10^7 ids as Python strings cost 1.4 s to make
+    and 0.7 GB, and 1.6 s to turn back into Arrow or 1.8 s into FAISS ids."""
+
+    def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        self.arrow: pa.Array = ids.cast(pa.string())
+        self._keys: np.ndarray | None = None
+        self._keyed = False
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step == 1:
+                return list(self.arrow.slice(start, max(0, stop - start)).to_pylist())
+            return self.take(np.arange(start, stop, step))
+        return str(self.arrow[int(i)].as_py())
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self.arrow), 1 << 16):  # a block of strings at a time
+            yield from self.arrow.slice(start, 1 << 16).to_pylist()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ImageIds):
+            return self.arrow.equals(other.arrow)
+        if isinstance(other, list | tuple):
+            return len(other) == len(self) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking, like the list it replaces
+
+    def __repr__(self) -> str:
+        return f"ImageIds({len(self)} ids)"
+
+    def take(self, rows: np.ndarray | Sequence[int]) -> list[str]:
+        """The ids at `rows`, as strings."""
+        return list(self.arrow.take(pa.array(np.asarray(rows, np.int64))).to_pylist())
+
+    def hex_keys(self) -> np.ndarray | None:
+        """The ids as hex_keys (None: not all cbir's ids), made once."""
+        if not self._keyed:
+            self._keys, self._keyed = hex_keys(self.arrow), True
+        return self._keys
+
+
+def id_array(ids: Sequence[str]) -> pa.Array:
+    """Image ids as an Arrow string array (ImageIds: the one they hold)."""
+    return ids.arrow if isinstance(ids, ImageIds) else pa.array(list(ids), pa.string())
+
+
+def ids_at(ids: Sequence[str], rows: np.ndarray | Sequence[int]) -> list[str]:
+    """The ids at `rows` (ImageIds: one take, not a string per lookup)."""
+    if isinstance(ids, ImageIds):
+        return ids.take(rows)
+    return [ids[int(r)] for r in np.asarray(rows, np.int64).tolist()]
 
 
 def ids_in(values: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -41,7 +41,7 @@ from . import reuse
 from .embeddings import check_dimensions, read_shard, shard_vectors
 from .fingerprint import current_fingerprint
 from .layout import SHARD_GLOB, VECTOR_DATA_GLOB, VECTOR_DATA_PREFIX, VECTOR_ROWS, layout
-from .manifest import canonical_ids, hex_keys, ids_in, keys_in
+from .manifest import ImageIds, canonical_ids, hex_keys, ids_in, keys_in
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -482,7 +482,7 @@ def _latest_rows(ids: pa.Array, only: pa.Array | None) -> np.ndarray:
     return rows[keys_in(keys[rows], among)]  # the keys made above, not made again
 
 
-def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[list[str], Vectors]:
+def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[ImageIds, Vectors]:
     """The vectors of a fingerprint folder, memory-mapped: (image ids sorted, their rows). `only`
     (strings): keep these ids. An image held by two shards keeps its last row. Where the file is
     out of step with the shards, the rows are built in memory from the shards instead."""
@@ -510,14 +510,13 @@ def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[list[str],
         base = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), DTYPE)
     ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     rows = _latest_rows(ids, only)
-    kept_ids = pc.take(ids, pa.array(rows)).to_pylist()
-    return kept_ids, Vectors(base, rows, mapped)
+    return ImageIds(pc.take(ids, pa.array(rows))), Vectors(base, rows, mapped)
 
 
 def current_embeddings(
     settings: Settings,
     fingerprint: str | None = None,
-) -> tuple[str, list[str], Vectors, int]:
+) -> tuple[str, ImageIds, Vectors, int]:
     """The current model's embeddings of the present canonical images, memory-mapped.
 
     Pass `fingerprint` when the caller has already built the model (it saves building it again).
@@ -533,8 +532,8 @@ def current_embeddings(
     if kept is not None:
         return kept
     present = canonical_ids(settings)
-    ids, vectors = open_vectors(folder, present) if folder.is_dir() else ([], None)
-    if not ids or vectors is None:
+    ids, vectors = open_vectors(folder, present) if folder.is_dir() else (None, None)
+    if ids is None or not len(ids) or vectors is None:
         raise CbirError(
             f"no embeddings for the current model {fingerprint}: run `cbir embed` first"
         )
