@@ -213,6 +213,8 @@ def test_image_ids_read_like_the_list_they_replace():
         assert faiss_ids(ids).tolist() == faiss_ids(listed).tolist()
         assert id_array(ids).to_pylist() == id_array(listed).to_pylist() == listed
         assert (ids.hex_keys() is not None) == (listed is not listed_upper)
+        given = ImageIds(ids.arrow, ids.hex_keys())  # keys made by the caller (open_vectors)
+        assert faiss_ids(given).tolist() == faiss_ids(listed).tolist()
         if listed:
             with pytest.raises(IndexError):
                 ids[len(listed)]

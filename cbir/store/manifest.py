@@ -178,11 +178,11 @@ class ImageIds(Sequence[str]):
     slicing, iteration, comparison with a list): 10^7 ids as Python strings cost 1.4 s to make
     and 0.7 GB, and 1.6 s to turn back into Arrow or 1.8 s into FAISS ids."""
 
-    def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
+    def __init__(self, ids: pa.Array | pa.ChunkedArray, keys: np.ndarray | None = None) -> None:
+        """`keys`: the ids' hex_keys, where the caller has made them."""
         ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
         self.arrow: pa.Array = ids.cast(pa.string())
-        self._keys: np.ndarray | None = None
-        self._keyed = False
+        self._keys, self._keyed = keys, keys is not None
 
     def __len__(self) -> int:
         return len(self.arrow)
