@@ -272,12 +272,11 @@ class CanonicalPaths(Mapping[str, str]):
         self._keys: np.ndarray | None = None
         self._paths: pa.Array | None = None
         self._hexed: np.ndarray | None = None  # the keys as hex_keys, where they are cbir's
-        # as loaded, with its ids' hex_keys, while only `paths` has been asked
-        self._table: tuple[pa.Table, np.ndarray | None] | None = None
+        self._table: pa.Table | None = None  # as loaded, while only `paths` has been asked
 
     def _ready(self) -> tuple[np.ndarray, pa.Array]:
         if self._keys is None or self._paths is None:
-            t = self._table[0] if self._table is not None else self._load()
+            t = self._table if self._table is not None else self._load()
             self._table = None
             ids = t.column("image_id").combine_chunks()
             hexed = hex_keys(ids)  # cbir's ids sort as integers: 10^7 in 4 s, not 17
@@ -299,16 +298,11 @@ class CanonicalPaths(Mapping[str, str]):
         if self._keys is not None or not ids or len(ids) > _SCAN_MAX:
             return [self.get(i) for i in ids]
         if self._table is None:  # kept: the clusters a night touches come next
-            t = self._load()
-            self._table = (t, hex_keys(t.column("image_id").combine_chunks()))
-        t, have = self._table
-        want = pa.array(ids, pa.string())
-        wanted = hex_keys(want)
-        if have is None or wanted is None:  # ids not cbir's: Arrow's membership test
-            hit = np.asarray(pc.fill_null(pc.is_in(t.column("image_id"), value_set=want), False))
-        else:
-            hit = keys_in(have, np.unique(wanted))
-        rows = t.filter(pa.array(hit, pa.bool_()))
+            self._table = self._load()
+        t = self._table
+        # a hash set of the few ids asked (10^7 rows: 0.2 s, against 1 s as sorted integers)
+        hit = pc.is_in(t.column("image_id"), value_set=pa.array(ids, pa.string()))
+        rows = t.filter(pc.fill_null(hit, False))
         found: dict[str, str] = {}
         got = rows.column("image_id").to_pylist(), rows.column("path").to_pylist()
         for i, path in zip(*got, strict=True):
