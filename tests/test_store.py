@@ -166,6 +166,8 @@ def test_canonical_paths_says_which_recorded_paths_moved():
 def test_ids_in_agrees_with_arrow_is_in():
     """Membership of image ids: integer binary search for cbir's hex ids, Arrow's is_in for
     others; the same answers, whatever the order, chunking or form of either side."""
+    from cbir.store.manifest import ImageIds
+
     rng = np.random.default_rng(11)
     for case in range(200):
         pool = [f"{x:016x}" for x in rng.integers(0, 1 << 63, size=int(rng.integers(1, 40)))]
@@ -184,6 +186,12 @@ def test_ids_in_agrees_with_arrow_is_in():
         want = [v in set(among) for v in values]
         assert ids_in(chunked, pa.array(among, pa.string())).tolist() == want
         assert ids_in(pa.array(values, pa.string()), pa.array(among, pa.string())).dtype == bool
+        # sorted distinct values, as the searcher holds them (ImageIds): `among` looked up in
+        # them instead, with repeats and ids absent from them
+        ordered = sorted(set(values) - {"not-an-id"})
+        expect = [v in set(among) for v in ordered]
+        assert ids_in(ImageIds(pa.array(ordered, pa.string())), pa.array(among)).tolist() == expect
+        assert ids_in(pa.array(ordered, pa.string()), pa.array(among)).tolist() == expect
 
 
 def test_image_ids_read_like_the_list_they_replace():

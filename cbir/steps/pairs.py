@@ -56,6 +56,7 @@ from ..store.manifest import (
     DUPLICATE,
     OK,
     CanonicalPaths,
+    ImageIds,
     canonical_epoch,
     canonical_table,
     id_array,
@@ -829,7 +830,7 @@ def run_pairs(
     if before is None:
         rows = None
     else:
-        searched = ids_in(all_ids, before)
+        searched = ids_in(s.image_ids if isinstance(s.image_ids, ImageIds) else all_ids, before)
         rows = np.flatnonzero(~searched).astype(np.int64)
         old = _recorded_near(lay)
         # an image searched before and not among the present ones (the recorded ids are

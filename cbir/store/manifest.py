@@ -238,12 +238,16 @@ def ids_at(ids: Sequence[str], rows: np.ndarray | Sequence[int]) -> list[str]:
     return [ids[int(r)] for r in np.asarray(rows, np.int64).tolist()]
 
 
-def ids_in(values: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def ids_in(
+    values: pa.Array | pa.ChunkedArray | ImageIds, value_set: pa.Array | pa.ChunkedArray
+) -> np.ndarray:
     """Whether each of `values` is among `value_set` (image ids), as a bool array: pc.is_in,
     done as integer binary search for cbir's hex ids (10^6 in 10^6: 0.3 s against 1.8 s)."""
+    have = values.hex_keys() if isinstance(values, ImageIds) else None  # made once, kept
+    values = values.arrow if isinstance(values, ImageIds) else values
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     value_set = value_set.combine_chunks() if isinstance(value_set, pa.ChunkedArray) else value_set
-    have = hex_keys(values)
+    have = hex_keys(values) if have is None else have
     among = hex_keys(value_set) if have is not None else None
     if have is None or among is None:
         return np.asarray(pc.fill_null(pc.is_in(values, value_set=value_set), False), bool)
@@ -251,9 +255,16 @@ def ids_in(values: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedA
 
 
 def keys_in(have: np.ndarray, among: np.ndarray) -> np.ndarray:
-    """Whether each of the hex_keys `have` is among `among`, by binary search."""
-    if not len(among):
+    """Whether each of the hex_keys `have` is among `among`, by binary search: `among` looked up
+    in `have` where `have` is sorted and distinct (the searcher's ids: no sort of `among`),
+    else the other way round."""
+    if not len(among) or not len(have):
         return np.zeros(len(have), bool)
+    if len(have) == 1 or bool((have[1:] > have[:-1]).all()):
+        at = np.minimum(np.searchsorted(have, among), len(have) - 1)
+        found = np.zeros(len(have), bool)
+        found[at[have[at] == among]] = True
+        return found
     if len(among) > 1 and not bool((among[1:] >= among[:-1]).all()):
         among = np.sort(among)
     at = np.minimum(np.searchsorted(among, have), len(among) - 1)
