@@ -255,16 +255,11 @@ def ids_in(
 
 
 def keys_in(have: np.ndarray, among: np.ndarray) -> np.ndarray:
-    """Whether each of the hex_keys `have` is among `among`, by binary search: `among` looked up
-    in `have` where `have` is sorted and distinct (the searcher's ids: no sort of `among`),
-    else the other way round."""
-    if not len(among) or not len(have):
+    """Whether each of the hex_keys `have` is among `among`, by binary search. (Looking `among`
+    up in a sorted `have` instead was tried: 10^7 unsorted keys searched at random took the
+    index step from 10 s to 23 s at 10^7.)"""
+    if not len(among):
         return np.zeros(len(have), bool)
-    if len(have) == 1 or bool((have[1:] > have[:-1]).all()):
-        at = np.minimum(np.searchsorted(have, among), len(have) - 1)
-        found = np.zeros(len(have), bool)
-        found[at[have[at] == among]] = True
-        return found
     if len(among) > 1 and not bool((among[1:] >= among[:-1]).all()):
         among = np.sort(among)
     at = np.minimum(np.searchsorted(among, have), len(among) - 1)
