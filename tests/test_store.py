@@ -201,7 +201,7 @@ def test_image_ids_read_like_the_list_they_replace():
     import pyarrow as pa
 
     from cbir.faiss_index import faiss_ids
-    from cbir.store.manifest import ImageIds, id_array, ids_at
+    from cbir.store.manifest import ImageIds
 
     rng = np.random.default_rng(5)
     hexed = sorted(f"{x:016x}" for x in rng.integers(0, 1 << 63, 300_000)) + ["f" * 16]
@@ -217,9 +217,10 @@ def test_image_ids_read_like_the_list_they_replace():
         for cut in (slice(None), slice(3, 9), slice(5, 2), slice(1, None, 4), slice(-3, None)):
             assert ids[cut] == listed[cut]
         rows = rng.integers(0, max(1, len(listed)), 50) if listed else np.zeros(0, np.int64)
-        assert ids_at(ids, rows) == ids_at(listed, rows) == [listed[r] for r in rows.tolist()]
+        assert ids.take(rows) == ImageIds.of(listed).take(rows) == [listed[r] for r in rows.tolist()]
         assert faiss_ids(ids).tolist() == faiss_ids(listed).tolist()
-        assert id_array(ids).to_pylist() == id_array(listed).to_pylist() == listed
+        assert ids.arrow.to_pylist() == ImageIds.of(listed).arrow.to_pylist() == listed
+        assert ImageIds.of(ids) is ids
         assert (ids.hex_keys() is not None) == (listed is not listed_upper)
         given = ImageIds(ids.arrow, ids.hex_keys())  # keys made by the caller (open_vectors)
         assert faiss_ids(given).tolist() == faiss_ids(listed).tolist()

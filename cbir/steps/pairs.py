@@ -56,11 +56,8 @@ from ..store.manifest import (
     DUPLICATE,
     OK,
     CanonicalPaths,
-    ImageIds,
     canonical_epoch,
     canonical_table,
-    id_array,
-    ids_at,
     ids_in,
     load_manifest,
 )
@@ -297,7 +294,7 @@ def knn_pairs(
     first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     best_s = np.maximum.reduceat(sc, first)
     best_r = np.minimum.reduceat(rk, first)
-    left, right = ids_at(s.image_ids, a[first]), ids_at(s.image_ids, b[first])
+    left, right = s.image_ids.take(a[first]), s.image_ids.take(b[first])
     return {
         (i, j): (score, int(r))
         for i, j, score, r in zip(left, right, best_s.tolist(), best_r.tolist(), strict=True)
@@ -594,7 +591,7 @@ def _recorded_near(lay: Layout) -> pa.Table:
 def _near_table(
     pairs: dict[Key, tuple[float, int]], checks: dict[Key, verify.Match | None], s: Searcher
 ) -> pa.Table:
-    path = dict(zip(*_paths_of(s.path_of, {x for key in pairs for x in key}), strict=True))
+    path = _paths_of(s.path_of, {x for key in pairs for x in key})
     rows = [
         {
             "image_a": a,
@@ -611,12 +608,12 @@ def _near_table(
     return _by_score(pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA))
 
 
-def _paths_of(path_of: Mapping[str, str], ids: set[str]) -> tuple[list[str], list[str | None]]:
-    """(ids, their canonical paths): a few looked up without sorting the whole manifest."""
+def _paths_of(path_of: Mapping[str, str], ids: set[str]) -> dict[str, str | None]:
+    """The canonical path of each of `ids`: a few looked up without sorting the whole manifest."""
     listed = sorted(ids)
     if isinstance(path_of, CanonicalPaths):
-        return listed, path_of.paths(listed)
-    return listed, [path_of.get(i) for i in listed]
+        return dict(zip(listed, path_of.paths(listed), strict=True))
+    return {i: path_of.get(i) for i in listed}
 
 
 def _by_score(table: pa.Table) -> pa.Table:
@@ -660,9 +657,7 @@ def _edges(table: pa.Table, threshold: float) -> list[tuple[float, str, str]]:
 
 
 def _cluster_table(clusters: list[tuple[list[str], float]], s: Searcher) -> pa.Table:
-    path = dict(
-        zip(*_paths_of(s.path_of, {m for members, _ in clusters for m in members}), strict=True)
-    )
+    path = _paths_of(s.path_of, {m for members, _ in clusters for m in members})
     rows = [
         {
             "cluster_id": cid,
@@ -824,13 +819,13 @@ def run_pairs(
     recipe_before = _recorded_recipe(lay)
     reuse_checks = cfg.verify and recipe_before == RECIPE
     floor = min(float(cfg.verify_floor), th.pair) if cfg.verify else th.pair
-    all_ids = id_array(s.image_ids)
+    all_ids = s.image_ids.arrow
     old = PAIRS_SCHEMA.empty_table()
     fold = False
     if before is None:
         rows = None
     else:
-        searched = ids_in(s.image_ids if isinstance(s.image_ids, ImageIds) else all_ids, before)
+        searched = ids_in(s.image_ids, before)
         rows = np.flatnonzero(~searched).astype(np.int64)
         old = _recorded_near(lay)
         # an image searched before and not among the present ones (the recorded ids are

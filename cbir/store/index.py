@@ -36,7 +36,7 @@ from ..regions import Candidate
 from . import reuse
 from .embeddings import current_regions
 from .layout import DELTA_FILE, DELTA_STAGED, INDEX_FILE, SIDECAR_FILE, STAGED_FILE, layout
-from .manifest import CanonicalPaths, canonical_table, ids_at
+from .manifest import CanonicalPaths, ImageIds, canonical_table
 from .vectors import Vectors, current_embeddings
 
 if TYPE_CHECKING:
@@ -453,7 +453,7 @@ class Searcher:
     index: Any
     info: Any
     fingerprint: str
-    image_ids: Sequence[str]  # sorted (ImageIds in the pipeline); the row order of `vectors`
+    image_ids: ImageIds  # sorted; the row order of `vectors`
     vectors: np.ndarray | Vectors  # memory-mapped (store.vectors) in the pipeline
     fids: np.ndarray  # the FAISS ids, sorted, and the row of each
     fid_rows: np.ndarray
@@ -473,11 +473,10 @@ class Searcher:
         path_of: Mapping[str, str],
         regions: RegionSearcher | None = None,
     ) -> Searcher:
-        fids = faiss_ids(image_ids)
+        ids = ImageIds.of(image_ids)
+        fids = faiss_ids(ids)
         order = np.argsort(fids, kind="stable")  # ids sorted: two runs, merged (_changes)
-        return cls(
-            index, info, fingerprint, image_ids, vectors, fids[order], order, path_of, regions
-        )
+        return cls(index, info, fingerprint, ids, vectors, fids[order], order, path_of, regions)
 
     def rows_of(self, fids: np.ndarray) -> np.ndarray:
         """The row of each FAISS id (any shape), -1 for none or an id not among the vectors."""
@@ -541,7 +540,7 @@ class Searcher:
         rows = np.asarray(rows, np.int64)
         if self._row_lists is not None:
             return near, self._row_lists[rows]
-        return near, lists_of(ivf, faiss_ids(ids_at(self.image_ids, rows)))
+        return near, lists_of(ivf, faiss_ids(self.image_ids.take(rows)))
 
     def map_lists(self) -> None:
         """Find every row's list and every list's near lists once, for a search of many
@@ -570,9 +569,12 @@ class Searcher:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
         scores, rows = self.search_rows(queries, k)
-        flat = np.asarray(rows, np.int64).reshape(-1)
-        found = ids_at(self.image_ids, np.maximum(flat, 0)) if len(self.image_ids) else []
-        named = [i if r >= 0 else None for i, r in zip(found, flat.tolist(), strict=True)]
+        flat = rows.reshape(-1)
+        named: list[str | None] = [None] * len(flat)
+        for j, image_id in zip(
+            np.flatnonzero(flat >= 0).tolist(), self.image_ids.take(flat[flat >= 0]), strict=True
+        ):
+            named[j] = image_id
         nq, width = rows.shape
         return scores, [named[j * width : (j + 1) * width] for j in range(nq)]
 

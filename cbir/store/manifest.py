@@ -184,6 +184,11 @@ class ImageIds(Sequence[str]):
         self.arrow: pa.Array = ids.cast(pa.string())
         self._keys, self._keyed = keys, keys is not None
 
+    @classmethod
+    def of(cls, ids: Sequence[str]) -> ImageIds:
+        """`ids` as ImageIds (the same object where they are)."""
+        return ids if isinstance(ids, ImageIds) else cls(pa.array(list(ids), pa.string()))
+
     def __len__(self) -> int:
         return len(self.arrow)
 
@@ -224,18 +229,6 @@ class ImageIds(Sequence[str]):
         if not self._keyed:
             self._keys, self._keyed = hex_keys(self.arrow), True
         return self._keys
-
-
-def id_array(ids: Sequence[str]) -> pa.Array:
-    """Image ids as an Arrow string array (ImageIds: the one they hold)."""
-    return ids.arrow if isinstance(ids, ImageIds) else pa.array(list(ids), pa.string())
-
-
-def ids_at(ids: Sequence[str], rows: np.ndarray | Sequence[int]) -> list[str]:
-    """The ids at `rows` (ImageIds: one take, not a string per lookup)."""
-    if isinstance(ids, ImageIds):
-        return ids.take(rows)
-    return [ids[int(r)] for r in np.asarray(rows, np.int64).tolist()]
 
 
 def ids_in(
