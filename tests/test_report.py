@@ -497,3 +497,30 @@ def test_calibrate_command_matches_evaluate_and_writes_params(ws, tmp_path, caps
     assert "# my archive" in edited and "# set by hand" in edited and "# small" in edited
     cal = run_calibrate(load_settings(copy), precision=0.5).calibration
     assert load_settings(copy).search.pair_threshold == param_value(cal.threshold)
+
+
+def test_a_moved_scan_brings_no_new_pairs(tmp_path):
+    """Moving a scan changes its path, not its picture: its pairs keep the run that brought it.
+
+    The late copy is moved (run 3), then the original it matches (run 4): neither night has a new
+    pair, and the late copy's pairs show both files at their new paths, still new in run 2.
+    """
+    s = load_settings(build_workspace(tmp_path, evaluate=False))
+    scans = s.path(s.data.scans_dir)
+    sql = "SELECT new_run, match_path, match_run FROM new_pairs WHERE new_path = ?"
+    before = _rows(s, sql, ["late/p04-late.jpg"])
+    assert {"new_run": 2, "match_path": "box-a/p04.jpg", "match_run": 1} in before
+    assert {r["new_run"] for r in before} == {2}
+    for old, new in (("late/p04-late.jpg", "moved/p04-late.jpg"),
+                     ("box-a/p04.jpg", "box-z/p04.jpg")):
+        (scans / new).parent.mkdir(exist_ok=True)
+        (scans / old).rename(scans / new)
+        run = run_ingest(s).run_id
+        run_embed(s)
+        run_index(s)
+        run_pairs(s, incremental=True)
+        assert _rows(s, "SELECT * FROM new_pairs WHERE new_run = ?", [run]) == []
+    after = _rows(s, sql, ["moved/p04-late.jpg"])
+    renamed = {"box-a/p04.jpg": "box-z/p04.jpg"}
+    key = lambda r: (r["new_run"], renamed.get(r["match_path"], r["match_path"]), r["match_run"])
+    assert sorted(map(key, after)) == sorted(map(key, before))

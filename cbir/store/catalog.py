@@ -146,15 +146,23 @@ WHERE d.status = 'duplicate'
 
 #: "Seen first", the one order that picks the canonical file among byte-identical copies (ingest)
 #: and settles the likely master of a pair or cluster of equal size here: the earlier ingest run,
-#: then the older modification time, then the path. Below, for sides a and b of a pair and for a
-#: cluster member.
+#: then the older modification time, then the path. Below, for sides a and b of a pair (after the
+#: run their picture arrived, `_ARRIVED`) and for a cluster member.
 SEEN_FIRST = ("first_run", "mtime_ns", "path")
-_SIDE = {"path": "p.path_{side}"}
-_SEEN_FIRST_A = (
-    "row(" + ", ".join(_SIDE.get(c, "a." + c).format(side="a") for c in SEEN_FIRST) + ")"
+# A pair's side arrived in the run that first brought its picture (image id) under any path, so
+# that moving a scan brings no new pair; an exact copy's side is its file (same picture on both).
+_ARRIVED = (
+    "CASE WHEN p.kind = 'exact' THEN {s}.first_run ELSE coalesce(r{s}.arrived, {s}.first_run) END"
 )
-_SEEN_FIRST_B = (
-    "row(" + ", ".join(_SIDE.get(c, "b." + c).format(side="b") for c in SEEN_FIRST) + ")"
+_SIDE = {"path": "p.path_{side}"}
+_NEWER_A, _NEWER_B = (
+    "row("
+    + ", ".join(
+        [_ARRIVED.format(s=side)]
+        + [_SIDE.get(c, side + "." + c).format(side=side) for c in SEEN_FIRST]
+    )
+    + ")"
+    for side in "ab"
 )
 _SEEN_FIRST_F = ", ".join("c.path" if c == "path" else "f." + c for c in SEEN_FIRST)
 
@@ -169,18 +177,23 @@ _PAIR_FILE_SQL = """
 """
 _PAIR_KEYS = """SELECT image_a AS image_id, path_a AS path FROM duplicate_pairs
     UNION ALL SELECT image_b, path_b FROM duplicate_pairs"""
+_PAIR_IMAGES = """SELECT image_a AS image_id FROM duplicate_pairs
+    UNION ALL SELECT image_b FROM duplicate_pairs"""
 _CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
 # The likely master: the whole picture of a partial copy (the other is a detail cut from it),
 # else more pixels, else more bytes, else seen first (run, then mtime, then path).
 _PAIR_REPORT_SQL = f"""
 WITH f AS ({_PAIR_FILE_SQL.format(keys=_PAIR_KEYS)}),
+r AS (SELECT image_id, min(first_run) AS arrived
+      FROM files SEMI JOIN ({_PAIR_IMAGES}) k USING (image_id) GROUP BY image_id),
 p AS (
     SELECT p.score::DOUBLE AS score, p.kind, p.path_a, p.path_b,  -- round(score, 3) shows 0.996
            a.width AS width_a, a.height AS height_a, b.width AS width_b, b.height AS height_b,
            a.bytes AS bytes_a, b.bytes AS bytes_b, a.format AS format_a, b.format AS format_b,
            a.first_run AS first_run_a, b.first_run AS first_run_b,
+           {_ARRIVED.format(s="a")} AS arrived_a, {_ARRIVED.format(s="b")} AS arrived_b,
            a.mtime AS mtime_a, b.mtime AS mtime_b, a.pixels AS pixels_a, b.pixels AS pixels_b,
-           coalesce({_SEEN_FIRST_A} > {_SEEN_FIRST_B}, false) AS a_is_newer,
+           coalesce({_NEWER_A} > {_NEWER_B}, false) AS a_is_newer,
            p.inliers, p.relation, p.covered::DOUBLE AS covered, p.box_on,
            CASE p.box_on WHEN 'a' THEN p.path_a WHEN 'b' THEN p.path_b END AS box_path,
            p.box_x0, p.box_y0, p.box_x1, p.box_y1,
@@ -192,6 +205,8 @@ p AS (
     FROM duplicate_pairs p
     LEFT JOIN f a ON a.image_id = p.image_a AND a.path = p.path_a
     LEFT JOIN f b ON b.image_id = p.image_b AND b.path = p.path_b
+    LEFT JOIN r ra ON ra.image_id = p.image_a
+    LEFT JOIN r rb ON rb.image_id = p.image_b
 ),
 m AS (
     SELECT *,
@@ -210,7 +225,7 @@ SELECT * EXCLUDE (pixels_a, pixels_b, a_is_newer, a_is_master, image_a, image_b,
                   inliers, relation, covered, box_on, box_path, box_x0, box_y0, box_x1, box_y1,
                   detail_path, whole_path),
        CASE WHEN a_is_master THEN path_a ELSE path_b END AS master_path,
-       greatest(first_run_a, first_run_b) AS new_run,
+       greatest(arrived_a, arrived_b) AS new_run,
        CASE WHEN a_is_newer THEN path_a ELSE path_b END AS new_path,
        relation, inliers, covered, detail_path, whole_path,
        box_on, box_path, box_x0, box_y0, box_x1, box_y1,
@@ -221,7 +236,7 @@ FROM m
 # A pair a reviewer has decided (same, different or unsure; not undone) is no longer new.
 _NEW_PAIRS_SQL = """
 SELECT new_run, new_path, CASE WHEN new_path = path_a THEN path_b ELSE path_a END AS match_path,
-       least(first_run_a, first_run_b) AS match_run, score, kind, master_path, master_reason,
+       least(arrived_a, arrived_b) AS match_run, score, kind, master_path, master_reason,
        relation, covered, inliers, detail_path, whole_path, image_a, image_b
 FROM pair_report p
 WHERE NOT EXISTS (SELECT 1 FROM decisions d WHERE d.image_a = p.image_a
