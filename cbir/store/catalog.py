@@ -151,9 +151,7 @@ WHERE d.status = 'duplicate'
 SEEN_FIRST = ("first_run", "mtime_ns", "path")
 # A pair's side arrived in the run that first brought its picture (image id) under any path, so
 # that moving a scan brings no new pair; an exact copy's side is its file (same picture on both).
-_ARRIVED = (
-    "CASE WHEN p.kind = 'exact' THEN {s}.first_run ELSE coalesce(r{s}.arrived, {s}.first_run) END"
-)
+_ARRIVED = "CASE WHEN p.kind = 'exact' THEN {s}.first_run ELSE {s}.arrived END"
 _SIDE = {"path": "p.path_{side}"}
 _NEWER_A, _NEWER_B = (
     "row("
@@ -170,8 +168,8 @@ _SEEN_FIRST_F = ", ".join("c.path" if c == "path" else "f." + c for c in SEEN_FI
 # image id and path: the present version of that path when there is one, else its latest.
 _PAIR_FILE_SQL = """
     SELECT image_id, path, width, height, width::BIGINT * height AS pixels, bytes, format,
-           first_run, mtime, mtime_ns
-    FROM files SEMI JOIN ({keys}) k USING (image_id, path)
+           first_run, mtime, mtime_ns{extra}
+    FROM {rows} SEMI JOIN ({keys}) k USING (image_id, path)
     QUALIFY row_number() OVER (PARTITION BY image_id, path
                                ORDER BY status IN ('ok', 'duplicate') DESC, version DESC) = 1
 """
@@ -183,9 +181,9 @@ _CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
 # The likely master: the whole picture of a partial copy (the other is a detail cut from it),
 # else more pixels, else more bytes, else seen first (run, then mtime, then path).
 _PAIR_REPORT_SQL = f"""
-WITH f AS ({_PAIR_FILE_SQL.format(keys=_PAIR_KEYS)}),
-r AS (SELECT image_id, min(first_run) AS arrived
-      FROM files SEMI JOIN ({_PAIR_IMAGES}) k USING (image_id) GROUP BY image_id),
+WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
+           FROM files SEMI JOIN ({_PAIR_IMAGES}) k USING (image_id)),
+f AS ({_PAIR_FILE_SQL.format(rows="i", keys=_PAIR_KEYS, extra=", arrived")}),
 p AS (
     SELECT p.score::DOUBLE AS score, p.kind, p.path_a, p.path_b,  -- round(score, 3) shows 0.996
            a.width AS width_a, a.height AS height_a, b.width AS width_b, b.height AS height_b,
@@ -205,8 +203,6 @@ p AS (
     FROM duplicate_pairs p
     LEFT JOIN f a ON a.image_id = p.image_a AND a.path = p.path_a
     LEFT JOIN f b ON b.image_id = p.image_b AND b.path = p.path_b
-    LEFT JOIN r ra ON ra.image_id = p.image_a
-    LEFT JOIN r rb ON rb.image_id = p.image_b
 ),
 m AS (
     SELECT *,
@@ -278,7 +274,7 @@ LEFT JOIN images a ON a.image_id = d.image_a
 LEFT JOIN images b ON b.image_id = d.image_b
 """
 _CLUSTER_REPORT_SQL = f"""
-WITH f AS ({_PAIR_FILE_SQL.format(keys=_CLUSTER_KEYS)})
+WITH f AS ({_PAIR_FILE_SQL.format(rows="files", keys=_CLUSTER_KEYS, extra="")})
 SELECT c.cluster_id, any_value(c.size) AS size,
        any_value(c.weakest_link)::DOUBLE AS weakest_link,
        list(c.path ORDER BY c.path) AS members,
