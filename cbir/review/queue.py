@@ -201,8 +201,8 @@ FROM review_queue p LEFT JOIN decisions d ON d.image_a = p.ka AND d.image_b = p.
 
 _SHOWN = (
     "image_a", "image_b", "path_a", "path_b", "score", "kind", "width_a", "height_a",
-    "width_b", "height_b", "bytes_a", "bytes_b", "format_a", "format_b", "first_run_a",
-    "first_run_b", "master_path", "master_reason", "new_run", "cluster_id", "decision",
+    "width_b", "height_b", "bytes_a", "bytes_b", "format_a", "format_b", "arrived_a",
+    "arrived_b", "master_path", "master_reason", "new_run", "cluster_id", "decision",
     "decided_master", "decided_note", "decision_id", "decided_by",
     # geometric verification (null: not checked): the box is on side box_on, in its pixels
     "relation", "inliers", "covered", "detail_path", "whole_path", "box_on", "box_x0",

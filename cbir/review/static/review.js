@@ -91,7 +91,7 @@
     const p = el("div", path, "path");
     p.title = path;
     box.append(p);
-    box.append(el("div", `${row["width_" + side]} × ${row["height_" + side]} px · ${human(row["bytes_" + side])} · ${row["format_" + side] || "?"} · first seen in run ${row["first_run_" + side]}`));
+    box.append(el("div", `${row["width_" + side]} × ${row["height_" + side]} px · ${human(row["bytes_" + side])} · ${row["format_" + side] || "?"} · first seen in run ${row["arrived_" + side]}`));
     if (isMaster) box.append(el("div", "likely master: " + row.master_reason, "master"));
     if (row.decision === "same" && row.decided_master === id) box.append(el("div", "decided master", "master"));
     if (row.detail_path === path) box.append(el("div", "a detail of the other picture", "role"));
