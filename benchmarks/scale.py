@@ -265,7 +265,7 @@ def _ids(rng: np.random.Generator, n: int, taken: set[str] | None = None) -> lis
 def _manifest(ids: list[str], first: int, run: int) -> Any:
     import pyarrow as pa
 
-    from cbir.store.manifest import CANONICAL_EPOCH, FILES_SCHEMA
+    from cbir.store.manifest import CANONICAL_EPOCH, FILES_SCHEMA, ROWS_EPOCH
 
     n = len(ids)
     paths = [f"box-{(first + i) // 1000:05d}/scan-{first + i:08d}.jpg" for i in range(n)]
@@ -283,7 +283,8 @@ def _manifest(ids: list[str], first: int, run: int) -> Any:
         "mode": pa.array(["RGB"] * n, pa.string()), "format": pa.array(["JPEG"] * n, pa.string()),
         "pages": np.ones(n, np.int32), "phash": pa.array(np.zeros(n, np.uint64)),
         "first_run": np.full(n, run, np.int32), "last_run": np.full(n, run, np.int32),
-    }, schema=FILES_SCHEMA.with_metadata({CANONICAL_EPOCH: f"scale-{first}"}))
+    }, schema=FILES_SCHEMA.with_metadata({CANONICAL_EPOCH: f"scale-{first}",
+                                           ROWS_EPOCH: f"scale-rows-{first}"}))
 
 
 def _runs(n_runs: int) -> Any:
@@ -546,7 +547,7 @@ def child_arrivals(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     sync_vectors(lay.embeddings(fp))  # the end of the night's `cbir embed`
     appended = time.perf_counter() - t0
     run = max(pq.read_table(lay.runs).column("run_id").to_pylist()) + 1
-    # new files move no canonical path: ingest would carry the manifest's canonical epoch over
+    # new files move no canonical path and change no row: ingest would carry both epochs over
     added = pa.concat_tables(
         [files.replace_schema_metadata(None), _manifest(ids, files.num_rows, run)])
     write_parquet(added.replace_schema_metadata(files.schema.metadata), lay.files)

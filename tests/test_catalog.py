@@ -226,8 +226,9 @@ def test_a_stored_report_follows_its_inputs_and_is_not_rewritten_without_a_chang
     wider = pa.array([w + 1000 if i == image else w for i, w in
                       zip(files["image_id"].to_pylist(), files["width"].to_pylist(),
                           strict=True)], pa.int32())
-    write_parquet(files.set_column(files.schema.get_field_index("width"), "width", wider),
-                  files_path)
+    # a row changed by other means than ingest: without ingest's epochs (see manifest.ROWS_EPOCH)
+    write_parquet(files.set_column(files.schema.get_field_index("width"), "width", wider)
+                  .replace_schema_metadata(None), files_path)
     assert catalog.query(settings, sql)[1][0] == (image, width + 1000)
     assert catalog.stored_stamp(report) not in (None, stamp)
 

@@ -405,13 +405,13 @@ def test_a_file_moved_away_and_back_unchanged_is_canonical_again_and_reruns_writ
     con.close()
 
 
-def test_the_canonical_epoch_changes_exactly_when_an_image_is_known_by_another_path(
+def test_the_epochs_change_exactly_when_an_image_is_known_by_another_path_or_a_row_changes(
         workspace, tmp_path):
     """The manifest's canonical epoch (the pairs step trusts its recorded paths while it holds):
     kept by new files, new copies, changed content at a new id and unchanged reruns; drawn
     afresh when a canonical file moves, goes missing (its copy takes over), comes back, or its
     path gets new content (its old image is then known by no path)."""
-    from cbir.store.manifest import canonical_epoch
+    from cbir.store.manifest import canonical_epoch, rows_epoch
 
     s = workspace.scans
     save(photo(1), s / "a.jpg")
@@ -422,13 +422,20 @@ def test_the_canonical_epoch_changes_exactly_when_an_image_is_known_by_another_p
     run_ingest(settings)
     epochs = [canonical_epoch(settings)]
     assert epochs[0] and len(epochs[0]) == 32
+    rows = [rows_epoch(settings)]
+    assert rows[0] and rows[0] != epochs[0]
 
-    def after(change, *, kept: bool) -> None:
+    def after(change, *, kept: bool, rows_kept: bool = False) -> None:
+        """Also the rows epoch (the stored pair_report keeps the recorded pairs' rows while it
+        holds): kept where the run only appended rows of new paths or contents."""
         change()
         run_ingest(settings)
         epochs.append(canonical_epoch(settings))
         assert (epochs[-1] == epochs[-2]) == kept, change.__name__
         assert epochs[-1]
+        rows.append(rows_epoch(settings))
+        assert (rows[-1] == rows[-2]) == rows_kept, change.__name__
+        assert rows[-1]
 
     def unchanged(): pass
     def new_file(): save(photo(3), s / "d.jpg")
@@ -437,9 +444,9 @@ def test_the_canonical_epoch_changes_exactly_when_an_image_is_known_by_another_p
     def gone_copy_takes_over(): os.replace(s / "a.jpg", tmp_path / "a.jpg")
     def back(): os.replace(tmp_path / "a.jpg", s / "a.jpg")
     def new_content(): save(photo(4), s / "d.jpg")
-    after(unchanged, kept=True)
-    after(new_file, kept=True)
-    after(new_copy, kept=True)
+    after(unchanged, kept=True, rows_kept=True)
+    after(new_file, kept=True, rows_kept=True)
+    after(new_copy, kept=True, rows_kept=True)
     assert by_path(settings)["b.jpg"]["status"] == "duplicate"
     after(moved, kept=False)
     after(gone_copy_takes_over, kept=False)
@@ -447,14 +454,15 @@ def test_the_canonical_epoch_changes_exactly_when_an_image_is_known_by_another_p
     after(back, kept=False)
     assert by_path(settings)["a.jpg"]["is_canonical"]
     after(new_content, kept=False)
-    assert len(set(epochs)) == 5  # never an old epoch again
+    assert len(set(epochs)) == 5 and len(set(rows)) == 5  # never an old epoch again
     # a manifest written before epochs: the next run, unchanged, writes it once with one
     files = settings.path(settings.data.manifest_dir) / "files.parquet"
     pq.write_table(pq.read_table(files).replace_schema_metadata(None), files)
-    assert canonical_epoch(settings) is None
+    assert canonical_epoch(settings) is None and rows_epoch(settings) is None
     run_ingest(settings)
     stamped = files.read_bytes()
     assert canonical_epoch(settings) not in (None, *epochs)
+    assert rows_epoch(settings) not in (None, *rows)
     run_ingest(settings)
     assert files.read_bytes() == stamped
 

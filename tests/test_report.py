@@ -524,3 +524,57 @@ def test_a_moved_scan_brings_no_new_pairs(tmp_path):
     renamed = {"box-a/p04.jpg": "box-z/p04.jpg"}
     key = lambda r: (r["new_run"], renamed.get(r["match_path"], r["match_path"]), r["match_run"])
     assert sorted(map(key, after)) == sorted(map(key, before))
+
+
+def _stored_equals_live(s: Settings, name: str = "pair_report") -> int:
+    """The stored result of a view holds exactly the rows its live query gives (rows counted)."""
+    import duckdb
+
+    chosen = catalog._plan(s)
+    stored = next(v.stored for v in chosen if v.name == name)
+    con = duckdb.connect(":memory:")
+    for view in chosen:
+        con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
+    kept = f"SELECT * FROM read_parquet('{stored}')"
+    for a, b in ((f'SELECT * FROM "{name}"', kept), (kept, f'SELECT * FROM "{name}"')):
+        assert con.execute(f"SELECT count(*) FROM ({a} EXCEPT ALL {b})").fetchone()[0] == 0
+    n = con.execute(f"SELECT count(*) FROM ({kept})").fetchone()[0]
+    con.close()
+    return n
+
+
+def test_a_night_of_new_scans_grows_the_stored_pair_report(tmp_path, monkeypatch):
+    """New scans only append manifest rows: the stored pair_report keeps the recorded pairs' rows
+    and computes those of the night's partition (and the exact copies); a night that changes a
+    row (a scan moved) computes it whole. Either way it equals the live query."""
+    s = load_settings(build_workspace(tmp_path, evaluate=False))
+    scans = s.path(s.data.scans_dir)
+    before = _stored_equals_live(s)
+    grown: list[list[str]] = []
+    real = catalog._grow
+    monkeypatch.setattr(catalog, "_grow", lambda settings, chosen, stored, new, tmp, meta: (
+        grown.append([p.name for p in new]), real(settings, chosen, stored, new, tmp, meta)))
+
+    def night() -> int:
+        run = run_ingest(s).run_id
+        run_embed(s)
+        run_index(s)
+        run_pairs(s, incremental=True)
+        return run
+
+    save(photo(4, (160, 120)).resize((110, 82)), scans / "later/p04-small.jpg")
+    (scans / "later/p02-again.jpg").write_bytes((scans / "box-a/p02.jpg").read_bytes())
+    run = night()
+    assert len(grown) == 1 and len(grown[0]) == 1 and grown[0][0].startswith("pairs-")
+    after = _stored_equals_live(s)
+    assert after > before
+    assert _rows(s, "SELECT count(*) AS n FROM new_pairs WHERE new_run = ?", [run])[0]["n"] > 0
+    exact = _rows(s, "SELECT path_a, path_b FROM pair_report WHERE kind = 'exact'")
+    assert any("later/p02-again.jpg" in r.values() for r in exact)
+
+    grown.clear()
+    (scans / "moved").mkdir()
+    (scans / "box-a/p03.jpg").rename(scans / "moved/p03.jpg")
+    night()
+    assert grown == []  # a row changed: computed whole
+    assert _stored_equals_live(s) == after

@@ -56,6 +56,7 @@ from ..store.manifest import (
     PRESENT,
     QUARANTINE_SCHEMA,
     REPLACED,
+    ROWS_EPOCH,
     RUNS_SCHEMA,
 )
 from ..store.tables import metadata_value, read_table
@@ -385,6 +386,7 @@ def run_ingest(
     manifest = _Touched.of(state.files, seen, work, results, run_id)
     files = manifest.rows  # the rows this run can change, as dicts; the rest stay in Arrow
     before = _state_key(files, state.quarantine)
+    given = [_row_key(r) for r in files]
     known_as = _canonical_paths(files)
     counts["unchanged"] = len(work.unchanged)
     new_rows = _merge(files, manifest.unchanged, work, results, run_id, counts)
@@ -395,6 +397,11 @@ def run_ingest(
         state.epoch
         if state.epoch and all(now_as.get(i) == p for i, p in known_as.items())
         else uuid.uuid4().hex  # an image is known by another path now, or by none
+    )
+    rows_epoch = (
+        state.rows_epoch
+        if state.rows_epoch and _only_appended(files, given)
+        else uuid.uuid4().hex  # a row changed: what was computed from the rows is stale
     )
     for row in files:
         row["mtime"] = datetime.fromtimestamp(row["mtime_ns"] / 1e9, tz=UTC)
@@ -425,11 +432,12 @@ def run_ingest(
             },
         }
     )
-    # a manifest written before epochs gets one (written once, then carried over)
-    changed = _state_key(files, new_quarantine) != before or not state.epoch
+    # a manifest written before epochs gets them (written once, then carried over)
+    changed = _state_key(files, new_quarantine) != before or not (state.epoch and state.rows_epoch)
+    meta = {CANONICAL_EPOCH: epoch, ROWS_EPOCH: rows_epoch}
     _commit(
         lay,
-        lambda: manifest.table().replace_schema_metadata({CANONICAL_EPOCH: epoch}),
+        lambda: manifest.table().replace_schema_metadata(meta),
         new_quarantine,
         runs,
         changed=changed,
@@ -459,11 +467,13 @@ class _State:
     runs: list[dict[str, Any]]
     run_id: int  # this run's
     epoch: str | None  # the manifest's canonical epoch (CANONICAL_EPOCH)
+    rows_epoch: str | None  # and its rows epoch (ROWS_EPOCH)
 
 
 def _load_state(lay: Layout) -> _State:
     files = _read(lay.files, FILES_SCHEMA)
     epoch = metadata_value(lay.files, CANONICAL_EPOCH) if len(files) else None
+    rows_epoch = metadata_value(lay.files, ROWS_EPOCH) if len(files) else None
     quarantine = _read(lay.quarantine, QUARANTINE_SCHEMA).to_pylist()
     runs = _read(lay.runs, RUNS_SCHEMA).to_pylist()
     run_id = _next_run_id(files, quarantine, runs)
@@ -471,7 +481,7 @@ def _load_state(lay: Layout) -> _State:
     last_run = _last_run(files)
     present = _present(files)  # seen by every run since the last rewrite (see catalog)
     last_run[present] = np.maximum(last_run[present], last_logged)
-    return _State(_with_last_run(files, last_run), quarantine, runs, run_id, epoch)
+    return _State(_with_last_run(files, last_run), quarantine, runs, run_id, epoch, rows_epoch)
 
 
 def _last_run(files: pa.Table) -> np.ndarray:
@@ -806,6 +816,23 @@ def _commit(
         faults.point("ingest.commit")
     write_parquet(pa.Table.from_pylist(runs, schema=RUNS_SCHEMA), lay.runs)
     faults.point("ingest.commit")
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    """A manifest row's values but its last_run (derived by the catalogue) and mtime (of
+    mtime_ns)."""
+    return tuple(v for k, v in sorted(row.items()) if k not in ("last_run", "mtime"))
+
+
+def _only_appended(files: list[dict[str, Any]], given: list[tuple]) -> bool:
+    """Whether the merge left the rows it was given as they were (`given`: their _row_key) and
+    only appended rows, each of a path and content no row has (ROWS_EPOCH). The rows it was not
+    given change only in last_run, and all those of a new row's content are given."""
+    old = files[: len(given)]
+    if [_row_key(r) for r in old] != given:
+        return False
+    had = {(r["image_id"], r["path_raw"]) for r in old}
+    return all((r["image_id"], r["path_raw"]) not in had for r in files[len(given) :])
 
 
 def _state_key(files: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> tuple:

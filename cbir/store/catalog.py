@@ -13,6 +13,7 @@ Longer than 400 lines: the SQL of every view, beside the guards of the connectio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import CbirError
 from ..fsutil import DiskFull, ReadOnly, atomic_path, clean_stale_tmp, write_text
 from .decisions import DECISIONS_FIX, DECISIONS_SCHEMA, parts
 from .layout import DECISION_PART_GLOB, layout
-from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA
+from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA, rows_epoch
 from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA, PARTIAL, pair_files
 from .tables import check_schema, metadata_value, one_line
 
@@ -438,15 +440,82 @@ def _inputs(view: View, by_name: dict[str, View]) -> list[Path]:
     return sorted({p for v in seen.values() for p in v.files()})
 
 
+def _file_stamp(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def _stamp(view: View, by_name: dict[str, View], root: Path) -> str:
     """What a stored result was computed from: the view's SQL and its input files as they are
     (each written by renaming a new file over the old, so a new inode and time on change)."""
-    files = []
-    for path in _inputs(view, by_name):
-        st = path.stat()
-        files.append([str(path), st.st_size, st.st_mtime_ns, st.st_ino])
+    files = [_file_stamp(path) for path in _inputs(view, by_name)]
     blob = json.dumps([SCHEMA_VERSION, view.live(root), files])
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# The stored pair_report grows with the pairs. A pair's row depends on the pair and on its two
+# files' manifest rows alone, so while the manifest's rows epoch (manifest.ROWS_EPOCH) is the
+# same, the rows of the near pairs' files recorded unchanged still hold: a night computes those
+# of its new partition and of the exact copies (rewritten by every run) and keeps the rest,
+# instead of joining every pair with the manifest again (benchmarks/scale.py, nightly).
+GROWS = "cbir_grows"  # the key of what the stored rows of near pairs were computed from
+_GROWS_VIEW, _GROWS_OVER = "pair_report", "duplicate_pairs"
+
+
+def _grows(settings: Settings, view: View, over: View) -> dict[str, Any] | None:
+    """What a pair_report computed now would be computed from (GROWS): its SQL, the manifest's
+    rows epoch and number of rows, the near pairs' files (None: a manifest with no rows epoch).
+    The epoch is ingest's word that no row changed: a manifest edited by other means should not
+    keep it (as for CANONICAL_EPOCH)."""
+    epoch = rows_epoch(settings)
+    if epoch is None:
+        return None
+    near = [_file_stamp(p) for p in over.files() if p != layout(settings).exact]
+    try:
+        n = pq.read_metadata(layout(settings).files).num_rows
+    except (OSError, pa.ArrowException):
+        return None
+    return {"version": SCHEMA_VERSION, "sql": view.live(None), "rows": epoch, "n": n, "near": near}
+
+
+def _grown_from(stored: Path, now: dict[str, Any]) -> list[Path] | None:
+    """The near pairs' files the stored pair_report lacks, where it can grow by them: it was
+    computed under the same SQL and rows epoch, from files all still there as they were."""
+    try:
+        was = json.loads(metadata_value(stored, GROWS) or "null")
+    except ValueError:
+        return None
+    if not isinstance(was, dict) or any(was.get(k) != now[k] for k in ("version", "sql", "rows")):
+        return None
+    if not isinstance(was.get("n"), int) or was["n"] > now["n"]:
+        return None  # fewer rows under the same epoch: an older manifest put back
+    had = {json.dumps(s) for s in was.get("near") or []}
+    if not had <= {json.dumps(s) for s in now["near"]}:
+        return None  # a file folded away or rewritten: its rows would be gone or stale
+    return [Path(s[0]) for s in now["near"] if json.dumps(s) not in had]
+
+
+def _grow(
+    settings: Settings, chosen: Sequence[View], stored: Path, new: list[Path], tmp: Path, meta: str
+) -> None:
+    """Write to `tmp` the stored pair_report's near pairs and the rows of the pairs in `new`
+    and of the exact copies, computed over those files alone."""
+    exact = layout(settings).exact
+    subset = tuple(new + ([exact] if exact.is_file() else []))
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET enable_progress_bar = false")
+        con.execute("SET temp_directory = ?", [str(layout(settings).catalog) + ".tmp"])
+        kept = f"SELECT * FROM {_read(stored, None)} WHERE kind <> 'exact'"
+        if subset:
+            for view in chosen:
+                if view.name == _GROWS_OVER:
+                    view = dataclasses.replace(view, many=subset)
+                con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
+            kept += f' UNION ALL BY NAME SELECT * FROM "{_GROWS_VIEW}"'
+        con.execute(f"COPY ({kept}) TO {_sql_str(str(tmp))} (FORMAT parquet, KV_METADATA {meta})")
+    finally:
+        con.close()
 
 
 def stored_stamp(path: Path) -> str | None:
@@ -502,15 +571,28 @@ def refresh_stored(
         con.execute("SET temp_directory = ?", [str(layout(settings).catalog) + ".tmp"])
         for view in chosen:  # every view as its live query, the files named in full
             con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
+        by_name = {view.name: view for view in chosen}
         for view, stamp in stale:
             assert view.stored is not None
             name = view.name
+            meta = {STAMP: stamp}
+            grows = new = None
+            if view.name == _GROWS_VIEW and _GROWS_OVER in by_name:
+                grows = _grows(settings, view, by_name[_GROWS_OVER])
+                if grows is not None and view.stored.is_file():
+                    new = _grown_from(view.stored, grows)
+                if grows is not None:
+                    meta[GROWS] = json.dumps(grows)
+            kv = "{" + ", ".join(f"{k}: {_sql_str(v)}" for k, v in meta.items()) + "}"
             try:
                 with atomic_path(view.stored) as tmp:
-                    con.execute(
-                        f'COPY (SELECT * FROM "{view.name}") TO {_sql_str(str(tmp))} '
-                        f"(FORMAT parquet, KV_METADATA {{{STAMP}: {_sql_str(stamp)}}})"
-                    )
+                    if new is not None:
+                        _grow(settings, chosen, view.stored, new, tmp, kv)
+                    else:
+                        con.execute(
+                            f'COPY (SELECT * FROM "{view.name}") TO {_sql_str(str(tmp))} '
+                            f"(FORMAT parquet, KV_METADATA {kv})"
+                        )
                 left.discard(view.name)
             except (ReadOnly, DiskFull):  # a reader may not write here: it queries live
                 continue

@@ -84,6 +84,12 @@ RUNS_SCHEMA = pa.schema(
 #: epoch (the pairs') are still every image's canonical path while the epoch is the same.
 CANONICAL_EPOCH = "cbir_canonical_epoch"
 
+#: The key of its rows epoch: drawn afresh whenever a run changes a row (but for its last_run,
+#: which the catalogue derives) or adds one for a path and content a row already has; a run that
+#: only appends new rows carries it over. What was computed from the rows under one epoch (the
+#: stored pair_report's recorded pairs) still holds while it is the same.
+ROWS_EPOCH = "cbir_rows_epoch"
+
 #: What to do about a damaged manifest file: ingest cannot rebuild what it would extend.
 MANIFEST_FIX = (
     "restore it from DVC (`dvc checkout`), or move it away and run `cbir ingest` "
@@ -129,6 +135,11 @@ def canonical_epoch(settings: Any) -> str | None:
     """The manifest's canonical epoch (CANONICAL_EPOCH; None: no manifest, or one written
     before epochs were kept): read from its footer, not its rows."""
     return metadata_value(layout(settings).files, CANONICAL_EPOCH)
+
+
+def rows_epoch(settings: Any) -> str | None:
+    """The manifest's rows epoch (ROWS_EPOCH; None: no manifest, or one written before)."""
+    return metadata_value(layout(settings).files, ROWS_EPOCH)
 
 
 def sorted_keys(ids: pa.Array) -> np.ndarray:
