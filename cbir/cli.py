@@ -91,6 +91,13 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     from .safetext import printable as shown  # a name's line breaks would forge result lines
     from .steps.query import describe, query_images
@@ -104,7 +111,10 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  {shown(res.error)}")
             continue
         for path in res.exact_copies_of:
-            print(f"  exact duplicate (same bytes) of {shown(path)}")
+            if _same_file(Path(res.query), _layout(settings).scans / path):
+                print(f"  in the collection as {shown(path)}")
+            else:
+                print(f"  exact duplicate (same bytes) of {shown(path)}")
         checks = res.verification + [None] * (len(res.neighbours) - len(res.verification))
         found = [
             c.found_by + (f", {c.votes} keypoint votes" if c.votes else "") for c in res.candidates
@@ -907,8 +917,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     cannot drive the terminal: cbir/safetext.py)."""
     from .safetext import escaped_output
 
-    with escaped_output(), _remembered_sigint():
-        return _main(argv)
+    try:
+        with escaped_output(), _remembered_sigint():
+            return _main(argv)
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # `cbir query ... | head`: the reader has what it wanted. Quiet, as a tool that SIGPIPE
+        # ends, with its status; stdout goes nowhere, so the flush at exit raises no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll says POLLERR)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager

@@ -78,6 +78,18 @@ def test_query_of_a_missing_or_odd_file_fails_clearly(built, tmp_path):
     assert out.returncode == 2 and "--k must be at least 1" in out.stderr
 
 
+def test_query_tells_a_collection_file_from_a_copy_of_one(built, tmp_path):
+    """A file of the collection is named as itself, a byte-identical copy elsewhere as a copy."""
+    params = str(built / "params.yaml")
+    own = built / "scans" / "box-b" / "p2.jpg"
+    shutil.copy(own, tmp_path / "copy.jpg")
+    out = cbir("query", str(own), str(tmp_path / "copy.jpg"), "--k", "1", "--params", params)
+    assert out.returncode == 0, out.stderr
+    mine, copy = out.stdout.split(str(tmp_path / "copy.jpg"))
+    assert "in the collection as box-b/p2.jpg" in mine and "exact duplicate" not in mine
+    assert "exact duplicate (same bytes) of box-b/p2.jpg" in copy and "in the collection" not in copy
+
+
 def test_the_canonical_copy_is_the_likely_master(built):
     settings = load_settings(built / "params.yaml")
     cols, rows = catalog.query(settings, "SELECT path FROM images WHERE path LIKE '%p1.jpg'")
@@ -140,3 +152,17 @@ def test_a_moved_workspace_reads_its_own_files(built, tmp_path):
             os.chdir(tmp_path)
     finally:
         (built / "data" / "pairs" / "gone").rename(built / "data" / "pairs" / "pairs.parquet")
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(built):
+    """`cbir sql ... | head`: the reader closes the pipe early; cbir stops as a Unix tool does
+    (status 141, SIGPIPE's), with no traceback."""
+    proc = subprocess.Popen([*CBIR, "sql", "SELECT range AS n FROM range(200000)", "--limit",
+                             "200000", "--params", str(built / "params.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = [proc.stdout.readline() for _ in range(3)]
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141, err
+    assert b"n" in first[0] and "Traceback" not in err and "BrokenPipe" not in err
