@@ -440,9 +440,10 @@ def _inputs(view: View, by_name: dict[str, View]) -> list[Path]:
     return sorted({p for v in seen.values() for p in v.files()})
 
 
-def _file_stamp(path: Path) -> list[Any]:
+def _file_stamp(path: Path, root: Path | None = None) -> list[Any]:
     st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns, st.st_ino]
+    name = os.path.relpath(path, root) if root is not None else str(path)
+    return [name, st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def _stamp(view: View, by_name: dict[str, View], root: Path) -> str:
@@ -470,7 +471,8 @@ def _grows(settings: Settings, view: View, over: View) -> dict[str, Any] | None:
     epoch = rows_epoch(settings)
     if epoch is None:
         return None
-    near = [_file_stamp(p) for p in over.files() if p != layout(settings).exact]
+    # named relative to the workspace, which may move (its files keep their inodes)
+    near = [_file_stamp(p, settings.root) for p in over.files() if p != layout(settings).exact]
     try:
         n = pq.read_metadata(layout(settings).files).num_rows
     except (OSError, pa.ArrowException):
@@ -478,7 +480,7 @@ def _grows(settings: Settings, view: View, over: View) -> dict[str, Any] | None:
     return {"version": SCHEMA_VERSION, "sql": view.live(None), "rows": epoch, "n": n, "near": near}
 
 
-def _grown_from(stored: Path, now: dict[str, Any]) -> list[Path] | None:
+def _grown_from(stored: Path, now: dict[str, Any], root: Path) -> list[Path] | None:
     """The near pairs' files the stored pair_report lacks, where it can grow by them: it was
     computed under the same SQL and rows epoch, from files all still there as they were."""
     try:
@@ -492,7 +494,7 @@ def _grown_from(stored: Path, now: dict[str, Any]) -> list[Path] | None:
     had = {json.dumps(s) for s in was.get("near") or []}
     if not had <= {json.dumps(s) for s in now["near"]}:
         return None  # a file folded away or rewritten: its rows would be gone or stale
-    return [Path(s[0]) for s in now["near"] if json.dumps(s) not in had]
+    return [root / s[0] for s in now["near"] if json.dumps(s) not in had]
 
 
 def _grow(
@@ -580,7 +582,7 @@ def refresh_stored(
             if view.name == _GROWS_VIEW and _GROWS_OVER in by_name:
                 grows = _grows(settings, view, by_name[_GROWS_OVER])
                 if grows is not None and view.stored.is_file():
-                    new = _grown_from(view.stored, grows)
+                    new = _grown_from(view.stored, grows, settings.root)
                 if grows is not None:
                     meta[GROWS] = json.dumps(grows)
             kv = "{" + ", ".join(f"{k}: {_sql_str(v)}" for k, v in meta.items()) + "}"
