@@ -543,17 +543,22 @@ def _stored_equals_live(s: Settings, name: str = "pair_report") -> int:
     return n
 
 
-def test_a_night_of_new_scans_grows_the_stored_pair_report(tmp_path, monkeypatch):
+def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     """New scans only append manifest rows: the stored pair_report keeps the recorded pairs' rows
-    and computes those of the night's partition (and the exact copies); a night that changes a
-    row (a scan moved) computes it whole. Either way it equals the live query."""
+    and computes those of the night's partition (and the exact copies), the stored
+    cluster_report those of the clusters the update dropped or formed; a night that changes a
+    row (a scan moved) computes them whole. Either way each equals its live query."""
     s = load_settings(build_workspace(tmp_path, evaluate=False))
     scans = s.path(s.data.scans_dir)
     before = _stored_equals_live(s)
-    grown: list[list[str]] = []
+    grown: list[tuple[str, bool]] = []
     real = catalog._grow
-    monkeypatch.setattr(catalog, "_grow", lambda settings, chosen, stored, new, tmp, meta: (
-        grown.append([p.name for p in new]), real(settings, chosen, stored, new, tmp, meta)))
+
+    def spy(settings, chosen, name, growth, tmp, kv) -> bool:
+        grown.append((name, real(settings, chosen, name, growth, tmp, kv)))
+        return grown[-1][1]
+
+    monkeypatch.setattr(catalog, "_grow", spy)
 
     def night() -> int:
         run = run_ingest(s).run_id
@@ -565,9 +570,15 @@ def test_a_night_of_new_scans_grows_the_stored_pair_report(tmp_path, monkeypatch
     save(photo(4, (160, 120)).resize((110, 82)), scans / "later/p04-small.jpg")
     (scans / "later/p02-again.jpg").write_bytes((scans / "box-a/p02.jpg").read_bytes())
     run = night()
-    assert len(grown) == 1 and len(grown[0]) == 1 and grown[0][0].startswith("pairs-")
+    assert grown == [("pair_report", True), ("cluster_report", True)]
+    from cbir.store.layout import layout
+    from cbir.store.pairs import read_state
+
+    state = read_state(layout(s))
+    assert state is not None and state.clusters_from and state.clusters_changed  # updated
     after = _stored_equals_live(s)
     assert after > before
+    clusters = _stored_equals_live(s, "cluster_report")
     assert _rows(s, "SELECT count(*) AS n FROM new_pairs WHERE new_run = ?", [run])[0]["n"] > 0
     exact = _rows(s, "SELECT path_a, path_b FROM pair_report WHERE kind = 'exact'")
     assert any("later/p02-again.jpg" in r.values() for r in exact)
@@ -578,3 +589,17 @@ def test_a_night_of_new_scans_grows_the_stored_pair_report(tmp_path, monkeypatch
     night()
     assert grown == []  # a row changed: computed whole
     assert _stored_equals_live(s) == after
+    assert _stored_equals_live(s, "cluster_report") == clusters
+
+    # a growth whose rows do not add up (here: said to expect none) is computed whole
+    import dataclasses
+
+    planned = catalog._growth
+    monkeypatch.setattr(catalog, "_growth", lambda *a: None if (g := planned(*a)) is None else (
+        dataclasses.replace(g, expected="SELECT 0") if a[1].name == "cluster_report" else g))
+    grown.clear()
+    save(photo(6, (160, 120)), scans / "later/p06-again.jpg", quality=70)
+    night()
+    assert grown == [("pair_report", True), ("cluster_report", False)]
+    assert _stored_equals_live(s) > after
+    _stored_equals_live(s, "cluster_report")

@@ -685,11 +685,12 @@ def _update_clusters(
     threshold: float,
     decided: Any,
     s: Searcher,
-) -> pa.Table | None:
+) -> tuple[pa.Table, list[str]] | None:
     """The clusters with this run's new pairs (`new`; `near`: all near pairs, new ones
     included), updated from clusters.parquet instead of clustered all again: the clusters the
     new links touch, and the new images, are clustered again from their own links (union-find,
-    strongest first: their weakest links too); the others stay. None where that would not be
+    strongest first: their weakest links too); the others stay. Also the smallest member id of
+    each cluster dropped or formed (the others' keep theirs). None where that would not be
     what clustering everything gives: clusters.parquet unreadable, or a reviewer's `different`
     decision involves an image of the touched clusters (it changes which links count)."""
     try:
@@ -698,7 +699,7 @@ def _update_clusters(
         return None
     added = _edges(new, threshold)
     if not added:
-        return old
+        return old, []
     touched = pa.array(sorted({x for _, a, b in added for x in (a, b)}), pa.string())
     hit = pc.unique(old.filter(pc.is_in(old.column("image_id"), value_set=touched))["cluster_id"])
     in_hit = pc.is_in(old.column("cluster_id"), value_set=hit)
@@ -736,7 +737,12 @@ def _update_clusters(
     starts = np.r_[True, np.asarray(pc.not_equal(f[1:], f[:-1]))] if len(f) else np.zeros(0)
     ids = pa.array(np.cumsum(starts).astype(np.int32))
     out = both.drop_columns(["first"]).set_column(0, "cluster_id", ids)
-    return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA)
+    changed = {
+        r["image_id_min"]
+        for t in (old.filter(in_hit), regrouped)
+        for r in t.group_by("cluster_id").aggregate([("image_id", "min")]).to_pylist()
+    }
+    return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA), sorted(changed)
 
 
 def _write_tokened(
@@ -916,10 +922,14 @@ def run_pairs(
     decided = labels(lay.decisions_dir).only(present)
     digest = _inputs_digest(th.cluster, decided)
     clusters = None
+    updated_from = ""
+    changed: list[str] = []
     if rows is not None and not fold and recorded is not None:
         token, _, was = recorded.clusters.partition(":")
         if was == digest and file_token(lay.clusters) == token:
-            clusters = _update_clusters(lay, new, near, th.cluster, decided, s)
+            updated = _update_clusters(lay, new, near, th.cluster, decided, s)
+            if updated is not None:
+                (clusters, changed), updated_from = updated, token
     if clusters is None:
         clusters = _cluster_table(
             link(
@@ -959,6 +969,8 @@ def run_pairs(
             runs=runs,
             clusters=f"{clusters_token}:{digest}",
             epoch=epoch,
+            clusters_from=updated_from,
+            clusters_changed=changed,
         ),
     )
     finish_commit(lay)  # the staged base renamed into place; a fold's partitions removed

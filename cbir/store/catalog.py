@@ -31,7 +31,15 @@ from ..fsutil import DiskFull, ReadOnly, atomic_path, clean_stale_tmp, write_tex
 from .decisions import DECISIONS_FIX, DECISIONS_SCHEMA, parts
 from .layout import DECISION_PART_GLOB, layout
 from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA, rows_epoch
-from .pairs import CLUSTERS_SCHEMA, PAIRS_FIX, PAIRS_SCHEMA, PARTIAL, pair_files
+from .pairs import (
+    CLUSTERS_SCHEMA,
+    PAIRS_FIX,
+    PAIRS_SCHEMA,
+    PARTIAL,
+    file_token,
+    pair_files,
+    read_state,
+)
 from .tables import check_schema, metadata_value, one_line
 
 if TYPE_CHECKING:
@@ -454,70 +462,136 @@ def _stamp(view: View, by_name: dict[str, View], root: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# The stored pair_report grows with the pairs. A pair's row depends on the pair and on its two
-# files' manifest rows alone, so while the manifest's rows epoch (manifest.ROWS_EPOCH) is the
-# same, the rows of the near pairs' files recorded unchanged still hold: a night computes those
-# of its new partition and of the exact copies (rewritten by every run) and keeps the rest,
-# instead of joining every pair with the manifest again (benchmarks/scale.py, nightly).
-GROWS = "cbir_grows"  # the key of what the stored rows of near pairs were computed from
-_GROWS_VIEW, _GROWS_OVER = "pair_report", "duplicate_pairs"
+# The stored reports grow with their inputs. A pair_report row depends on its pair and its two
+# files' manifest rows alone, a cluster_report row on its cluster's members and their rows; while
+# the manifest's rows epoch (manifest.ROWS_EPOCH) is the same, a row computed from a pair or a
+# cluster still recorded holds. So a night computes the rows of its new pairs partition (and of
+# the exact copies, rewritten by every run) and of the clusters its update dropped or formed
+# (pairs.json names them by their smallest member id), keeps the others (a cluster's under its
+# new id: ids follow size), and does not join everything with the manifest again.
+GROWS = "cbir_grows"  # the key of what a stored result's rows were computed from
+_ALL = "{}_all"  # in a growth's connection, the whole view whose rows it computes a part of
 
 
-def _grows(settings: Settings, view: View, over: View) -> dict[str, Any] | None:
-    """What a pair_report computed now would be computed from (GROWS): its SQL, the manifest's
-    rows epoch and number of rows, the near pairs' files (None: a manifest with no rows epoch).
-    The epoch is ingest's word that no row changed: a manifest edited by other means should not
-    keep it (as for CANONICAL_EPOCH)."""
+@dataclass(frozen=True)
+class _Growth:
+    """How a stored result grows: `view` holds only the rows to compute (the live views, `view`
+    over `part` instead of its whole); `kept` selects the stored rows that still hold;
+    `expected` counts the rows the result must have (else it is computed whole)."""
+
+    view: View
+    part: str
+    kept: str
+    expected: str
+    firsts: tuple[str, ...] = ()  # the clusters' smallest member ids, as table `changed`
+
+
+def _growth_key(settings: Settings, view: View, by_name: dict[str, View]) -> dict[str, Any] | None:
+    """What a stored result computed now is computed from (GROWS): its SQL, the manifest's rows
+    epoch and number of rows, and the pairs' files (their stamps, named relative to the
+    workspace, which may move) or the clusters' token. None: it cannot grow (a manifest with
+    no rows epoch; the epoch is ingest's word that no row changed, which a manifest edited by
+    other means should not keep, as for CANONICAL_EPOCH)."""
+    lay = layout(settings)
     epoch = rows_epoch(settings)
-    if epoch is None:
+    if epoch is None or view.name not in ("pair_report", "cluster_report"):
         return None
-    # named relative to the workspace, which may move (its files keep their inodes)
-    near = [_file_stamp(p, settings.root) for p in over.files() if p != layout(settings).exact]
     try:
-        n = pq.read_metadata(layout(settings).files).num_rows
+        n = pq.read_metadata(lay.files).num_rows
     except (OSError, pa.ArrowException):
         return None
-    return {"version": SCHEMA_VERSION, "sql": view.live(None), "rows": epoch, "n": n, "near": near}
+    sql = hashlib.sha256(view.live(None).encode()).hexdigest()
+    key: dict[str, Any] = {"version": SCHEMA_VERSION, "sql": sql, "rows": epoch, "n": n}
+    if view.name == "pair_report":
+        pairs = by_name.get("duplicate_pairs")
+        if pairs is None:
+            return None
+        key["near"] = [_file_stamp(p, settings.root) for p in pairs.files() if p != lay.exact]
+    else:
+        key["clusters"] = file_token(lay.clusters)
+        if key["clusters"] is None:
+            return None
+    return key
 
 
-def _grown_from(stored: Path, now: dict[str, Any], root: Path) -> list[Path] | None:
-    """The near pairs' files the stored pair_report lacks, where it can grow by them: it was
-    computed under the same SQL and rows epoch, from files all still there as they were."""
+def _growth(
+    settings: Settings, view: View, by_name: dict[str, View], now: dict[str, Any]
+) -> _Growth | None:
+    """How the stored result of `view` grows to what it would be computed from `now`, where
+    its rows were computed under the same SQL and rows epoch, from pairs files all still there
+    as they were, or from the clusters this run's were updated from (None: computed whole)."""
+    assert view.stored is not None
     try:
-        was = json.loads(metadata_value(stored, GROWS) or "null")
+        was = json.loads(metadata_value(view.stored, GROWS) or "null")
     except ValueError:
         return None
     if not isinstance(was, dict) or any(was.get(k) != now[k] for k in ("version", "sql", "rows")):
         return None
     if not isinstance(was.get("n"), int) or was["n"] > now["n"]:
         return None  # fewer rows under the same epoch: an older manifest put back
-    had = {json.dumps(s) for s in was.get("near") or []}
-    if not had <= {json.dumps(s) for s in now["near"]}:
-        return None  # a file folded away or rewritten: its rows would be gone or stale
-    return [root / s[0] for s in now["near"] if json.dumps(s) not in had]
+    stored, lay = _read(view.stored, None), layout(settings)
+    if view.name == "pair_report":
+        had = {json.dumps(s) for s in was.get("near") or []}
+        if not had <= {json.dumps(s) for s in now["near"]}:
+            return None  # a file folded away or rewritten: its rows would be gone or stale
+        new = [settings.root / s[0] for s in now["near"] if json.dumps(s) not in had]
+        part = tuple(new + ([lay.exact] if lay.exact.is_file() else []))
+        pairs = by_name["duplicate_pairs"]
+        return _Growth(
+            view=dataclasses.replace(pairs, many=part) if part else pairs,
+            part="pairs" if part else "",
+            kept=f"SELECT * FROM {stored} WHERE kind <> 'exact'",
+            expected=f"SELECT count(*) FROM {_ALL.format(pairs.name)}",
+        )
+    state = read_state(lay)
+    if state is None or not state.clusters_from or state.clusters_from != was.get("clusters"):
+        return None
+    if state.clusters.partition(":")[0] != now["clusters"]:
+        return None
+    whole = _ALL.format("clusters")
+    ids = f"SELECT cluster_id, min(image_id) AS first FROM {whole} GROUP BY cluster_id"
+    touched = (
+        f"SELECT * FROM {whole} "
+        f"WHERE cluster_id IN (SELECT cluster_id FROM ({ids}) SEMI JOIN changed USING (first))"
+    )
+    return _Growth(
+        view=dataclasses.replace(by_name["clusters"], parquet=None, sql=touched, sources=None),
+        part="clusters",
+        kept=f"""SELECT i.cluster_id, o.* EXCLUDE (cluster_id, first)
+            FROM (SELECT *, list_min(member_ids) AS first FROM {stored}) o
+            JOIN ({ids}) i ON i.first = o.first
+            WHERE o.first NOT IN (SELECT first FROM changed)""",
+        expected=f"SELECT count(DISTINCT cluster_id) FROM {whole}",
+        firsts=tuple(state.clusters_changed),
+    )
 
 
 def _grow(
-    settings: Settings, chosen: Sequence[View], stored: Path, new: list[Path], tmp: Path, meta: str
-) -> None:
-    """Write to `tmp` the stored pair_report's near pairs and the rows of the pairs in `new`
-    and of the exact copies, computed over those files alone."""
-    exact = layout(settings).exact
-    subset = tuple(new + ([exact] if exact.is_file() else []))
+    settings: Settings, chosen: Sequence[View], name: str, growth: _Growth, tmp: Path, kv: str
+) -> bool:
+    """Write to `tmp` the stored rows of `name` that still hold and those computed for the
+    growth's part; False (and `tmp` left to be written whole) where the count is not right."""
     con = duckdb.connect(":memory:")
     try:
         con.execute("SET enable_progress_bar = false")
         con.execute("SET temp_directory = ?", [str(layout(settings).catalog) + ".tmp"])
-        kept = f"SELECT * FROM {_read(stored, None)} WHERE kind <> 'exact'"
-        if subset:
-            for view in chosen:
-                if view.name == _GROWS_OVER:
-                    view = dataclasses.replace(view, many=subset)
-                con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
-            kept += f' UNION ALL BY NAME SELECT * FROM "{_GROWS_VIEW}"'
-        con.execute(f"COPY ({kept}) TO {_sql_str(str(tmp))} (FORMAT parquet, KV_METADATA {meta})")
+        con.register("changed_arrow", pa.table({"first": pa.array(growth.firsts, pa.string())}))
+        con.execute("CREATE TEMP TABLE changed AS SELECT * FROM changed_arrow")
+        for view in chosen:
+            if view.name == growth.view.name:
+                con.execute(f'CREATE TEMP VIEW "{_ALL.format(view.name)}" AS {view.live(None)}')
+                view = growth.view
+            con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
+        query = growth.kept
+        if growth.part:
+            query += f' UNION ALL BY NAME SELECT * FROM "{name}"'
+        con.execute(f"COPY ({query}) TO {_sql_str(str(tmp))} (FORMAT parquet, KV_METADATA {kv})")
+        expected = con.execute(growth.expected).fetchone()
+    except duckdb.Error:  # a stored file damaged meanwhile, say: computed whole instead
+        return False
     finally:
         con.close()
+    return expected is not None and pq.read_metadata(tmp).num_rows == expected[0]
 
 
 def stored_stamp(path: Path) -> str | None:
@@ -578,19 +652,15 @@ def refresh_stored(
             assert view.stored is not None
             name = view.name
             meta = {STAMP: stamp}
-            grows = new = None
-            if view.name == _GROWS_VIEW and _GROWS_OVER in by_name:
-                grows = _grows(settings, view, by_name[_GROWS_OVER])
-                if grows is not None and view.stored.is_file():
-                    new = _grown_from(view.stored, grows, settings.root)
-                if grows is not None:
-                    meta[GROWS] = json.dumps(grows)
+            key = _growth_key(settings, view, by_name)
+            growth = None
+            if key is not None:
+                meta[GROWS] = json.dumps(key)
+                growth = _growth(settings, view, by_name, key) if view.stored.is_file() else None
             kv = "{" + ", ".join(f"{k}: {_sql_str(v)}" for k, v in meta.items()) + "}"
             try:
                 with atomic_path(view.stored) as tmp:
-                    if new is not None:
-                        _grow(settings, chosen, view.stored, new, tmp, kv)
-                    else:
+                    if growth is None or not _grow(settings, chosen, view.name, growth, tmp, kv):
                         con.execute(
                             f'COPY (SELECT * FROM "{view.name}") TO {_sql_str(str(tmp))} '
                             f"(FORMAT parquet, KV_METADATA {kv})"

@@ -92,6 +92,11 @@ class PairsState:
     clusters: str = ""  # clusters.parquet's token and what its clusters depend on
     # the manifest's canonical epoch the recorded paths were taken under ("": none known)
     epoch: str = ""
+    # where the clusters were updated rather than clustered whole: the token of the clusters
+    # they were updated from, and the smallest member id of each cluster the update dropped or
+    # formed (every other cluster is as it was; the stored cluster_report keeps its rows)
+    clusters_from: str = ""
+    clusters_changed: list[str] = field(default_factory=list)
 
     def next_run(self) -> int:
         return max(self.runs, default=0) + 1
@@ -118,6 +123,8 @@ def read_state(lay: Layout) -> PairsState | None:
             runs=[int(r) for r in raw["runs"]],
             clusters=str(raw.get("clusters", "")),
             epoch=str(raw.get("epoch", "")),
+            clusters_from=str(raw.get("clusters_from", "")),
+            clusters_changed=[str(x) for x in raw.get("clusters_changed", [])],
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
