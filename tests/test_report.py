@@ -603,3 +603,14 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     assert grown == [("pair_report", True), ("cluster_report", False)]
     assert _stored_equals_live(s) > after
     _stored_equals_live(s, "cluster_report")
+
+    # an update changing more clusters than pairs.json names: the report is computed whole
+    import cbir.steps.pairs as pairs_step
+
+    monkeypatch.setattr(catalog, "_growth", planned)
+    monkeypatch.setattr(pairs_step, "CHANGED_MAX", 0)
+    grown.clear()
+    save(photo(7, (160, 120)), scans / "later/p07-again.jpg", quality=70)
+    night()
+    assert grown == [("pair_report", True)]
+    _stored_equals_live(s, "cluster_report")

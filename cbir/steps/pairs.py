@@ -672,6 +672,11 @@ def _cluster_table(clusters: list[tuple[list[str], float]], s: Searcher) -> pa.T
     return pa.Table.from_pylist(rows, schema=CLUSTERS_SCHEMA)
 
 
+#: The most changed clusters pairs.json names (the stored cluster_report grows by them; an
+#: update changing more is computed whole there, as a first run's).
+CHANGED_MAX = 50_000
+
+
 def _inputs_digest(threshold: float, decided: Any) -> str:
     """What the clusters depend on besides the pairs: a change means clustering all again."""
     blob = json.dumps([repr(float(threshold)), sorted(decided.same), sorted(decided.different)])
@@ -929,7 +934,10 @@ def run_pairs(
         if was == digest and file_token(lay.clusters) == token:
             updated = _update_clusters(lay, new, near, th.cluster, decided, s)
             if updated is not None:
-                (clusters, changed), updated_from = updated, token
+                clusters, changed = updated
+                # named in pairs.json, read by every step: a large update is not worth naming
+                updated_from = token if len(changed) <= CHANGED_MAX else ""
+                changed = changed if updated_from else []
     if clusters is None:
         clusters = _cluster_table(
             link(
