@@ -15,7 +15,9 @@ Cost follows the run's new work, not the collection: the manifest stays an Arrow
 is joined to it in Arrow (`_triage`), and only the rows of the paths and contents a run touches
 become dicts for the merge (`_Touched`); an unchanged rerun writes only the run log. The
 manifest carries a canonical epoch (store.manifest.CANONICAL_EPOCH), drawn afresh when a run
-changes which path an image is known by: the pairs step trusts its recorded paths while it holds.
+changes which path an image is known by: the pairs step trusts its recorded paths while it holds;
+and a rows epoch (ROWS_EPOCH), drawn afresh when a run changes a row rather than appending: the
+catalogue keeps its stored report rows while it holds.
 Longer than 400 lines: the walk and the per-file probe are kernels (cbir/walk.py, cbir/probe.py);
 what remains, the merge into the manifest and its crash journal, is this step's own logic.
 """

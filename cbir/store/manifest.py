@@ -87,7 +87,7 @@ CANONICAL_EPOCH = "cbir_canonical_epoch"
 #: The key of its rows epoch: drawn afresh whenever a run changes a row (but for its last_run,
 #: which the catalogue derives) or adds one for a path and content a row already has; a run that
 #: only appends new rows carries it over. What was computed from the rows under one epoch (the
-#: stored pair_report's recorded pairs) still holds while it is the same.
+#: catalogue's stored report rows of recorded pairs and clusters) holds while it is the same.
 ROWS_EPOCH = "cbir_rows_epoch"
 
 #: What to do about a damaged manifest file: ingest cannot rebuild what it would extend.
