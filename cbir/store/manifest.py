@@ -122,8 +122,10 @@ def _canonical(settings: Any, columns: list[str]) -> pa.Table:
 
 
 def canonical_ids(settings: Any) -> pa.Array:
-    """The image ids of canonical_images, computed in Arrow (no Python row per image)."""
-    return pc.unique(_canonical(settings, ["image_id"]).column(0))
+    """The image ids of canonical_images, computed in Arrow (no Python row per image). Ingest
+    keeps one present canonical file per content, so each id comes once: not made unique
+    again (hashing 10^6 ids as strings took 0.2-0.3 s, 10^7 seconds)."""
+    return _canonical(settings, ["image_id"]).column(0).combine_chunks()
 
 
 def canonical_table(settings: Any) -> pa.Table:
