@@ -14,7 +14,11 @@ the pairs' base and one nightly partition, and the clusters of all of them as
 own):
 
 * `refresh`: computing the stored results of pair_report and cluster_report (what `cbir pairs`
-  does after a change, or the first query after `cbir ingest`);
+  does after a change, or the first query after `cbir ingest`), before the night;
+* the night lands (not timed): its items' manifest rows appended (ingest's epochs carried
+  over), its pairs partition, the clusters of all pairs with pairs.json naming the changed ones;
+* `grow`: the refresh after it, which grows the stored results (catalog._Growth);
+* `whole`: the same computed whole, as before growing (and whether the rows are the same);
 * each README query (scale.py's SQL) twice, side by side, each on the connection `cbir sql`
   opens (`cbir.store.catalog.connect`, timed with it): `live`, the two views replaced by their
   own SQL (what every query paid before their results were stored), and `stored`, as they are;
@@ -35,7 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -53,8 +57,10 @@ def _scale() -> Any:
     return module
 
 
-def write_workspace(ws: Path, n: int, seed: int) -> str:
-    """The manifest, runs, pairs (base and one nightly partition) and clusters of N items."""
+def write_workspace(ws: Path, n: int, seed: int) -> tuple[str, Callable[[], None]]:
+    """The manifest, runs, base pairs and clusters of N items; and the night that follows (its
+    items' manifest rows, its pairs partition, the clusters of all pairs, the changed clusters
+    named in pairs.json, as `cbir ingest` and `cbir pairs` leave them), written when called."""
     import pyarrow as pa
 
     from cbir.fsutil import write_parquet
@@ -75,10 +81,10 @@ def write_workspace(ws: Path, n: int, seed: int) -> str:
     lay = layout(s)
     rng = np.random.default_rng(seed)
     ids = scale._ids(rng, n + NEW_ITEMS)
-    files = pa.concat_tables([scale._manifest(ids[:n], 0, 1),
-                              scale._manifest(ids[n:], n, 2)])
-    write_parquet(files, lay.files)
-    write_parquet(scale._runs(2), lay.runs)
+    first = scale._manifest(ids[:n], 0, 1)  # with ingest's epochs: the night carries them over
+    files = pa.concat_tables([first, scale._manifest(ids[n:], n, 2)])
+    write_parquet(first, lay.files)
+    write_parquet(scale._runs(1), lay.runs)
     paths = files.column("path").to_pylist()
 
     def pairs(rows_a: np.ndarray, rows_b: np.ndarray, scores: np.ndarray) -> pa.Table:
@@ -102,24 +108,41 @@ def write_workspace(ws: Path, n: int, seed: int) -> str:
     write_parquet(base.replace_schema_metadata({TOKEN: base_token}), lay.pairs)
     write_parquet(pa.table({"image_id": pa.array(ids[:n])})
                   .replace_schema_metadata({TOKEN: searched_token}), lay.searched)
-    write_parquet(night, lay.run_pairs(1))
-    write_parquet(pa.table({"image_id": pa.array(ids[n:])}), lay.run_searched(1))
-    both = pa.concat_tables([base, night])
-    found = dict(zip(zip(both["image_a"].to_pylist(), both["image_b"].to_pylist(), strict=True),
-                     ((float(x), 1) for x in both["score"].to_pylist()), strict=True))
-    clusters = clusters_from_pairs(found, scale.PAIR_THRESHOLD)
     path_of = dict(zip(ids, paths, strict=True))
-    sizes = [len(m) for m, _ in clusters]
-    members = [m for ms, _ in clusters for m in ms]
-    write_parquet(pa.table({
-        "cluster_id": np.repeat(np.arange(1, len(clusters) + 1, dtype=np.int32), sizes),
-        "image_id": members, "path": [path_of[m] for m in members],
-        "size": np.repeat(np.asarray(sizes, np.int32), sizes),
-        "weakest_link": np.repeat(np.asarray([w for _, w in clusters], np.float32), sizes),
-    }, schema=CLUSTERS_SCHEMA).replace_schema_metadata({TOKEN: "benchmark"}), lay.clusters)
-    write_state(lay, PairsState(base=base_token, searched=searched_token, search={}, runs=[1],
-                                clusters="benchmark:"))
-    return f"{n:,} + {NEW_ITEMS:,} items, {both.num_rows:,} pairs, {len(clusters):,} clusters"
+
+    def clusters_of(table: pa.Table, token: str) -> list[frozenset[str]]:
+        found = dict(zip(zip(table["image_a"].to_pylist(), table["image_b"].to_pylist(),
+                             strict=True), ((float(x), 1) for x in table["score"].to_pylist()),
+                         strict=True))
+        clusters = clusters_from_pairs(found, scale.PAIR_THRESHOLD)
+        sizes = [len(m) for m, _ in clusters]
+        members = [m for ms, _ in clusters for m in ms]
+        write_parquet(pa.table({
+            "cluster_id": np.repeat(np.arange(1, len(clusters) + 1, dtype=np.int32), sizes),
+            "image_id": members, "path": [path_of[m] for m in members],
+            "size": np.repeat(np.asarray(sizes, np.int32), sizes),
+            "weakest_link": np.repeat(np.asarray([w for _, w in clusters], np.float32), sizes),
+        }, schema=CLUSTERS_SCHEMA).replace_schema_metadata({TOKEN: token}), lay.clusters)
+        return [frozenset(m) for m, _ in clusters]
+
+    before = clusters_of(base, "before")
+    write_state(lay, PairsState(base=base_token, searched=searched_token, search={}, runs=[],
+                                clusters="before:"))
+    both = pa.concat_tables([base, night])
+
+    def write_night() -> None:
+        write_parquet(files.replace_schema_metadata(first.schema.metadata), lay.files)
+        write_parquet(scale._runs(2), lay.runs)
+        write_parquet(night, lay.run_pairs(1))
+        write_parquet(pa.table({"image_id": pa.array(ids[n:])}), lay.run_searched(1))
+        after = clusters_of(both, "after")
+        changed = {min(c) for c in set(before) ^ set(after)}  # dropped or formed
+        write_state(lay, PairsState(base=base_token, searched=searched_token, search={},
+                                    runs=[1], clusters="after:", clusters_from="before",
+                                    clusters_changed=sorted(changed)))
+
+    note = f"{n:,} + {NEW_ITEMS:,} items, {both.num_rows:,} pairs, {len(before):,} clusters"
+    return note, write_night
 
 
 def child(ws: Path, what: str) -> dict[str, Any]:
@@ -134,6 +157,36 @@ def child(ws: Path, what: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         catalog.refresh_catalog(s)
         return {"seconds": time.perf_counter() - t0}
+    if what == "grow":  # after the night: the stored results grow (catalog._Growth)
+        grown, real = [], catalog._grow
+
+        def spy(*a: Any) -> bool:
+            grown.append(f"{a[2]} {'grown' if (ok := real(*a)) else 'not grown'}")
+            return ok
+
+        catalog._grow = spy  # type: ignore[assignment]
+        t0 = time.perf_counter()
+        catalog.refresh_catalog(s)
+        return {"seconds": time.perf_counter() - t0, "note": ", ".join(grown) or "not grown"}
+    if what == "whole":  # the same computed whole, as before growing: the same rows?
+        import duckdb
+
+        stored = [v.stored for v in catalog.views(s) if v.stored is not None]
+        kept = {p: pq.read_table(p) for p in stored if p.is_file()}
+        for p in kept:
+            p.unlink()
+        t0 = time.perf_counter()
+        catalog.refresh_catalog(s)
+        seconds = time.perf_counter() - t0
+        con = duckdb.connect()
+        same = True
+        for i, (p, grown_rows) in enumerate(kept.items()):
+            con.register(f"g{i}", grown_rows)
+            w = f"read_parquet('{p}')"
+            same &= all(con.execute(f"SELECT count(*) FROM ({x} EXCEPT ALL {y})").fetchall()
+                        == [(0,)] for x, y in ((f"SELECT * FROM g{i}", f"SELECT * FROM {w}"),
+                                          (f"SELECT * FROM {w}", f"SELECT * FROM g{i}")))
+        return {"seconds": seconds, "note": f"same rows as grown {same and len(kept) == 2}"}
     if what == "review":
         return dict(scale.child_review(ws, {"run": 2}))
     mode, query = what.split(":")
@@ -184,12 +237,16 @@ def main() -> None:
         ws = a.out / f"catalogue-{n}"
         shutil.rmtree(ws, ignore_errors=True)
         t0 = time.perf_counter()
-        note = write_workspace(ws, n, a.seed)
+        note, night = write_workspace(ws, n, a.seed)
         print(f"| {n:.0e} | write (not timed) | {time.perf_counter() - t0:.0f} | | {note} |",
               flush=True)
-        steps = ["refresh"] + [f"{m}:{q}" for q in QUERIES for m in ("live", "stored")]
+        steps = ["refresh", "night", "grow", "whole"]
+        steps += [f"{m}:{q}" for q in QUERIES for m in ("live", "stored")]
         times: dict[str, float] = {}
         for what in [*steps, "review"]:
+            if what == "night":  # its arrivals and pairs land (not timed)
+                night()
+                continue
             r = measure(ws, what)
             times[what] = r["seconds"]
             print(f"| {n:.0e} | {what} | {r['seconds']:.2f} | {r['rss_mib']:.0f} | "

@@ -145,7 +145,8 @@ def test_a_kept_size_resumes_with_the_pairs_rate_measured_on_a_sample(tmp_path):
 
 def test_the_catalogue_benchmark_times_live_and_stored_queries_that_agree(tmp_path):
     """benchmarks/catalogue.py at a tiny N: a workspace of manifest, pairs and clusters; every
-    step timed in a child; each query live and stored, with the same number of rows."""
+    step timed in a child; each query live and stored, with the same number of rows; a night
+    grows the stored results to what computing them whole gives."""
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "catalogue.py"), "--out",
                           str(tmp_path), "--sizes", "3e3"], capture_output=True, text=True,
                          check=True, cwd=REPO).stdout
@@ -161,4 +162,7 @@ def test_the_catalogue_benchmark_times_live_and_stored_queries_that_agree(tmp_pa
     assert re.search(r"new \d+\.\dx, largest \d+\.\dx, accession \d+\.\dx",
                      rows["live / stored"][4])
     assert "(50 rows)" in rows["review"][4]
+    # the night's refresh grows both stored results, to the rows computing them whole gives
+    assert rows["grow"][4] == "pair_report grown, cluster_report grown"
+    assert rows["whole"][4] == "same rows as grown True"
     assert not any(tmp_path.iterdir())  # not kept
