@@ -388,7 +388,6 @@ def run_ingest(
     manifest = _Touched.of(state.files, seen, work, results, run_id)
     files = manifest.rows  # the rows this run can change, as dicts; the rest stay in Arrow
     before = _state_key(files, state.quarantine)
-    given = [_row_key(r) for r in files]
     known_as = _canonical_paths(files)
     counts["unchanged"] = len(work.unchanged)
     new_rows = _merge(files, manifest.unchanged, work, results, run_id, counts)
@@ -402,7 +401,7 @@ def run_ingest(
     )
     rows_epoch = (
         state.rows_epoch
-        if state.rows_epoch and _only_appended(files, given)
+        if state.rows_epoch and _only_appended(files, before[0])
         else uuid.uuid4().hex  # a row changed: what was computed from the rows is stale
     )
     for row in files:
@@ -820,18 +819,13 @@ def _commit(
     faults.point("ingest.commit")
 
 
-def _row_key(row: dict[str, Any]) -> tuple:
-    """A manifest row's values but its last_run (derived by the catalogue) and mtime (of
-    mtime_ns)."""
-    return tuple(v for k, v in sorted(row.items()) if k not in ("last_run", "mtime"))
-
-
-def _only_appended(files: list[dict[str, Any]], given: list[tuple]) -> bool:
-    """Whether the merge left the rows it was given as they were (`given`: their _row_key) and
-    only appended rows, each of a path and content no row has (ROWS_EPOCH). The rows it was not
-    given change only in last_run, and all those of a new row's content are given."""
+def _only_appended(files: list[dict[str, Any]], given: tuple) -> bool:
+    """Whether the merge left the rows it was given as they were (`given`: their part of
+    _state_key) and only appended rows, each of a path and content no row has (ROWS_EPOCH).
+    The rows it was not given change only in last_run, and all those of a new row's content
+    are given."""
     old = files[: len(given)]
-    if [_row_key(r) for r in old] != given:
+    if _state_key(old, [])[0] != given:
         return False
     had = {(r["image_id"], r["path_raw"]) for r in old}
     return all((r["image_id"], r["path_raw"]) not in had for r in files[len(given) :])

@@ -742,11 +742,9 @@ def _update_clusters(
     starts = np.r_[True, np.asarray(pc.not_equal(f[1:], f[:-1]))] if len(f) else np.zeros(0)
     ids = pa.array(np.cumsum(starts).astype(np.int32))
     out = both.drop_columns(["first"]).set_column(0, "cluster_id", ids)
-    changed = {
-        r["image_id_min"]
-        for t in (old.filter(in_hit), regrouped)
-        for r in t.group_by("cluster_id").aggregate([("image_id", "min")]).to_pylist()
-    }
+    # link() lists members sorted, so a regrouped cluster's first is its smallest member id
+    dropped = old.filter(in_hit).group_by("cluster_id").aggregate([("image_id", "min")])
+    changed = set(firsts.values()) | set(dropped.column("image_id_min").to_pylist())
     return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA), sorted(changed)
 
 
@@ -935,9 +933,9 @@ def run_pairs(
             updated = _update_clusters(lay, new, near, th.cluster, decided, s)
             if updated is not None:
                 clusters, changed = updated
-                # named in pairs.json, read by every step: a large update is not worth naming
-                updated_from = token if len(changed) <= CHANGED_MAX else ""
-                changed = changed if updated_from else []
+                updated_from = token
+                if len(changed) > CHANGED_MAX:  # pairs.json is read by every step
+                    updated_from, changed = "", []
     if clusters is None:
         clusters = _cluster_table(
             link(

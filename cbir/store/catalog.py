@@ -30,7 +30,7 @@ from ..errors import CbirError
 from ..fsutil import DiskFull, ReadOnly, atomic_path, clean_stale_tmp, write_text
 from .decisions import DECISIONS_FIX, DECISIONS_SCHEMA, parts
 from .layout import DECISION_PART_GLOB, layout
-from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA, rows_epoch
+from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA, rows_mark
 from .pairs import (
     CLUSTERS_SCHEMA,
     PAIRS_FIX,
@@ -475,33 +475,30 @@ _ALL = "{}_all"  # in a growth's connection, the whole view whose rows it comput
 
 @dataclass(frozen=True)
 class _Growth:
-    """How a stored result grows: `view` holds only the rows to compute (the live views, `view`
-    over `part` instead of its whole); `kept` selects the stored rows that still hold;
-    `expected` counts the rows the result must have (else it is computed whole)."""
+    """How a stored result grows: its view `over` is computed over `part` of its rows only
+    (None: none to compute), the whole being `{over}_all`; `kept` selects the stored rows that
+    still hold; `expected` counts the rows the result must have (else it is computed whole)."""
 
-    view: View
-    part: str
+    over: str
+    part: View | None
     kept: str
     expected: str
     firsts: tuple[str, ...] = ()  # the clusters' smallest member ids, as table `changed`
 
 
-def _growth_key(settings: Settings, view: View, by_name: dict[str, View]) -> dict[str, Any] | None:
+def _growth_key(
+    settings: Settings, view: View, by_name: dict[str, View], mark: tuple[str, int] | None
+) -> dict[str, Any] | None:
     """What a stored result computed now is computed from (GROWS): its SQL, the manifest's rows
-    epoch and number of rows, and the pairs' files (their stamps, named relative to the
-    workspace, which may move) or the clusters' token. None: it cannot grow (a manifest with
-    no rows epoch; the epoch is ingest's word that no row changed, which a manifest edited by
-    other means should not keep, as for CANONICAL_EPOCH)."""
+    epoch and number of rows (`mark`), and the pairs' files (their stamps, named relative to
+    the workspace, which may move) or the clusters' token. None: it cannot grow (a manifest
+    with no rows epoch; the epoch is ingest's word that no row changed, which a manifest edited
+    by other means should not keep, as for CANONICAL_EPOCH)."""
     lay = layout(settings)
-    epoch = rows_epoch(settings)
-    if epoch is None or view.name not in ("pair_report", "cluster_report"):
-        return None
-    try:
-        n = pq.read_metadata(lay.files).num_rows
-    except (OSError, pa.ArrowException):
+    if mark is None or view.name not in ("pair_report", "cluster_report"):
         return None
     sql = hashlib.sha256(view.live(None).encode()).hexdigest()
-    key: dict[str, Any] = {"version": SCHEMA_VERSION, "sql": sql, "rows": epoch, "n": n}
+    key: dict[str, Any] = {"version": SCHEMA_VERSION, "sql": sql, "rows": mark[0], "n": mark[1]}
     if view.name == "pair_report":
         pairs = by_name.get("duplicate_pairs")
         if pairs is None:
@@ -538,8 +535,8 @@ def _growth(
         part = tuple(new + ([lay.exact] if lay.exact.is_file() else []))
         pairs = by_name["duplicate_pairs"]
         return _Growth(
-            view=dataclasses.replace(pairs, many=part) if part else pairs,
-            part="pairs" if part else "",
+            over=pairs.name,
+            part=dataclasses.replace(pairs, many=part) if part else None,
             kept=f"SELECT * FROM {stored} WHERE kind <> 'exact'",
             expected=f"SELECT count(*) FROM {_ALL.format(pairs.name)}",
         )
@@ -555,8 +552,8 @@ def _growth(
         f"WHERE cluster_id IN (SELECT cluster_id FROM ({ids}) SEMI JOIN changed USING (first))"
     )
     return _Growth(
-        view=dataclasses.replace(by_name["clusters"], parquet=None, sql=touched, sources=None),
-        part="clusters",
+        over="clusters",
+        part=dataclasses.replace(by_name["clusters"], parquet=None, sql=touched, sources=None),
         kept=f"""SELECT i.cluster_id, o.* EXCLUDE (cluster_id, first)
             FROM (SELECT *, list_min(member_ids) AS first FROM {stored}) o
             JOIN ({ids}) i ON i.first = o.first
@@ -566,31 +563,51 @@ def _growth(
     )
 
 
+def _connect_views(
+    settings: Settings, chosen: Sequence[View], growth: _Growth | None = None
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection holding every view as its live query, the files named in full;
+    with `growth`, its view `over` restricted to the part computed (the whole as `{over}_all`)
+    and the changed clusters' smallest member ids as table `changed`."""
+    con = duckdb.connect(":memory:")
+    try:
+        # a query lasting seconds: no progress bar on the user's terminal; spills beside the
+        # catalogue, not in the current folder
+        con.execute("SET enable_progress_bar = false")
+        con.execute("SET temp_directory = ?", [str(layout(settings).catalog) + ".tmp"])
+        if growth is not None:
+            con.register("changed_arrow", pa.table({"first": pa.array(growth.firsts, pa.string())}))
+            con.execute("CREATE TEMP TABLE changed AS SELECT * FROM changed_arrow")
+        for view in chosen:
+            body = view.live(None)
+            if growth is not None and view.name == growth.over:
+                con.execute(f'CREATE TEMP VIEW "{_ALL.format(view.name)}" AS {body}')
+                body = growth.part.live(None) if growth.part is not None else body
+            con.execute(f'CREATE TEMP VIEW "{view.name}" AS {body}')
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 def _grow(
     settings: Settings, chosen: Sequence[View], name: str, growth: _Growth, tmp: Path, kv: str
 ) -> bool:
     """Write to `tmp` the stored rows of `name` that still hold and those computed for the
     growth's part; False (and `tmp` left to be written whole) where the count is not right."""
-    con = duckdb.connect(":memory:")
+    con = None
     try:
-        con.execute("SET enable_progress_bar = false")
-        con.execute("SET temp_directory = ?", [str(layout(settings).catalog) + ".tmp"])
-        con.register("changed_arrow", pa.table({"first": pa.array(growth.firsts, pa.string())}))
-        con.execute("CREATE TEMP TABLE changed AS SELECT * FROM changed_arrow")
-        for view in chosen:
-            if view.name == growth.view.name:
-                con.execute(f'CREATE TEMP VIEW "{_ALL.format(view.name)}" AS {view.live(None)}')
-                view = growth.view
-            con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
+        con = _connect_views(settings, chosen, growth)
         query = growth.kept
-        if growth.part:
+        if growth.part is not None:
             query += f' UNION ALL BY NAME SELECT * FROM "{name}"'
         con.execute(f"COPY ({query}) TO {_sql_str(str(tmp))} (FORMAT parquet, KV_METADATA {kv})")
         expected = con.execute(growth.expected).fetchone()
     except duckdb.Error:  # a stored file damaged meanwhile, say: computed whole instead
         return False
     finally:
-        con.close()
+        if con is not None:
+            con.close()
     return expected is not None and pq.read_metadata(tmp).num_rows == expected[0]
 
 
@@ -639,20 +656,16 @@ def refresh_stored(
         view.check()
     left = {view.name for view, _ in stale}
     name = "views"
-    con = duckdb.connect(":memory:")
+    by_name = {view.name: view for view in chosen}
+    mark = rows_mark(settings)  # the manifest's footer, read once
+    con = None
     try:
-        # a query lasting seconds: no progress bar on the user's terminal; spills beside the
-        # catalogue, not in the current folder
-        con.execute("SET enable_progress_bar = false")
-        con.execute("SET temp_directory = ?", [str(layout(settings).catalog) + ".tmp"])
-        for view in chosen:  # every view as its live query, the files named in full
-            con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
-        by_name = {view.name: view for view in chosen}
+        con = _connect_views(settings, chosen)
         for view, stamp in stale:
             assert view.stored is not None
             name = view.name
             meta = {STAMP: stamp}
-            key = _growth_key(settings, view, by_name)
+            key = _growth_key(settings, view, by_name, mark)
             growth = None
             if key is not None:
                 meta[GROWS] = json.dumps(key)
@@ -671,7 +684,8 @@ def refresh_stored(
     except duckdb.Error as exc:
         raise CbirError(f"cannot compute the catalogue's {name}: {_message(exc)}") from None
     finally:
-        con.close()
+        if con is not None:
+            con.close()
     return left
 
 

@@ -11,6 +11,7 @@ from typing import Any, overload
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ..errors import CbirError
 from .layout import layout
@@ -141,7 +142,19 @@ def canonical_epoch(settings: Any) -> str | None:
 
 def rows_epoch(settings: Any) -> str | None:
     """The manifest's rows epoch (ROWS_EPOCH; None: no manifest, or one written before)."""
-    return metadata_value(layout(settings).files, ROWS_EPOCH)
+    mark = rows_mark(settings)
+    return mark[0] if mark is not None else None
+
+
+def rows_mark(settings: Any) -> tuple[str, int] | None:
+    """The manifest's rows epoch and its number of rows, from one read of its footer (None: no
+    manifest, or one without a rows epoch)."""
+    try:
+        meta = pq.read_metadata(layout(settings).files)
+    except (OSError, pa.ArrowException):
+        return None
+    epoch = (meta.metadata or {}).get(ROWS_EPOCH.encode())
+    return (epoch.decode("utf-8", "replace"), meta.num_rows) if epoch else None
 
 
 def sorted_keys(ids: pa.Array) -> np.ndarray:
@@ -213,7 +226,7 @@ class ImageIds(Sequence[str]):
         if isinstance(i, slice):
             start, stop, step = i.indices(len(self))
             if step == 1:
-                return list(self.arrow.slice(start, max(0, stop - start)).to_pylist())
+                return self.arrow.slice(start, max(0, stop - start)).to_pylist()
             return self.take(np.arange(start, stop, step))
         return str(self.arrow[int(i)].as_py())
 
@@ -235,7 +248,7 @@ class ImageIds(Sequence[str]):
 
     def take(self, rows: np.ndarray | Sequence[int]) -> list[str]:
         """The ids at `rows`, as strings."""
-        return list(self.arrow.take(pa.array(np.asarray(rows, np.int64))).to_pylist())
+        return self.arrow.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
 
     def hex_keys(self) -> np.ndarray | None:
         """The ids as hex_keys (None: not all cbir's ids), made once."""
