@@ -28,17 +28,17 @@ from cbir.store.vectors import current_embeddings
 def counted(monkeypatch):
     """How often the vectors are opened and the main index is read from disk."""
     calls = {"open_vectors": 0, "load_index": 0}
-    open_vectors, load_index = store_vectors.open_vectors, store_index.load_index
+    open_present, load_index = store_vectors.open_present, store_index.load_index
 
     def opened(*a, **kw):
         calls["open_vectors"] += 1
-        return open_vectors(*a, **kw)
+        return open_present(*a, **kw)
 
     def loaded(*a, **kw):
         calls["load_index"] += 1
         return load_index(*a, **kw)
 
-    monkeypatch.setattr(store_vectors, "open_vectors", opened)
+    monkeypatch.setattr(store_vectors, "open_present", opened)
     monkeypatch.setattr(store_index, "load_index", loaded)
     return calls
 

@@ -82,6 +82,7 @@ REVIEW_CACHE = "review"  # the review server's renditions of scans (cbir review)
 FEATURES = "features"  # local features for geometric verification (cbir pairs, query)
 TRAIN_CACHE_PREFIX = "train-"
 FINGERPRINTS = "fingerprints.json"  # model fingerprints by what built them (store/fingerprint.py)
+VECTOR_ORDER = "vector-order"  # the vector files' rows by image id (store/vector_order.py)
 STORED_VIEWS = "catalog"  # the results of the catalogue's joined views (store/catalog.py)
 CACHE_TOOLS = ("matplotlib", "torch", "xdg")  # caches of the libraries (cbir/environ.py)
 # beside data.manifest_dir: the data folder's writer lock and Prefect's home
@@ -190,6 +191,10 @@ class Layout:
     @property
     def fingerprints(self) -> Path:
         return self.cache_dir / FINGERPRINTS
+
+    def vector_order(self, fingerprint: str) -> Path:
+        """The vector file's rows of `fingerprint` in image id order (store/vector_order.py)."""
+        return self.cache_dir / VECTOR_ORDER / f"{fingerprint}.bin"
 
     def stored_view(self, name: str) -> Path:
         """The stored result of the catalogue's view `name` (cbir.store.catalog)."""

@@ -118,8 +118,12 @@ def canonical_images(settings: Any) -> list[dict[str, Any]]:
 
 def _canonical(settings: Any, columns: list[str]) -> pa.Table:
     table = load_manifest(settings, ["status", "is_canonical", *columns])
-    mask = pc.and_(pc.equal(table.column("status"), OK), table.column("is_canonical"))
-    return table.filter(mask).select(columns)
+    return table.filter(canonical_mask(table)).select(columns)
+
+
+def canonical_mask(table: pa.Table) -> pa.Array:
+    """Which of the manifest rows (status, is_canonical) are canonical_images'."""
+    return pc.and_(pc.equal(table.column("status"), OK), table.column("is_canonical"))
 
 
 def canonical_ids(settings: Any) -> pa.Array:
@@ -197,6 +201,24 @@ def hex_keys(ids: pa.Array) -> np.ndarray | None:
         packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])
         out[start : start + step] = packed.view(">u8").ravel()
     return out
+
+
+# the four hex digits of each 16-bit word, as the four bytes of a uint32 in memory order
+_WORDS = np.frombuffer(b"".join(b"%04x" % i for i in range(1 << 16)), np.uint32)
+
+
+def hex_ids(keys: np.ndarray) -> pa.Array:
+    """The inverse of hex_keys: uint64 keys as cbir's ids (16 lowercase hex digits), written
+    into one Arrow buffer by a table of 16-bit words (10^7 ids: 0.1 s, no Python string)."""
+    n = len(keys)
+    chars = np.empty((n, 4), np.uint32)
+    words = np.asarray(keys, "<u8").view("<u2").reshape(-1, 4)[:, ::-1]  # the high word first
+    step = 1 << 16  # a chunk at a time: its indices stay small
+    for start in range(0, n, step):
+        np.take(_WORDS, words[start : start + step], out=chars[start : start + step])
+    kind, width = (pa.string(), np.int32) if 16 * n < 2**31 else (pa.large_string(), np.int64)
+    offsets = np.arange(0, 16 * n + 1, 16, dtype=width)
+    return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(chars)])
 
 
 class ImageIds(Sequence[str]):

@@ -84,6 +84,7 @@ OWN: dict[str, tuple[str, ...]] = {
             L.FEATURES,
             L.FINGERPRINTS,
             L.STORED_VIEWS,
+            L.VECTOR_ORDER,
         ),
         re.escape(L.TRAIN_CACHE_PREFIX) + r"\d+",
     ),
