@@ -320,7 +320,7 @@ def child_write_vectors(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     current model's embedding shards of N synthetic descriptors with planted near-copies."""
     import pyarrow as pa
 
-    from cbir.fsutil import write_parquet
+    from cbir.fsutil import APPENDED_ROW_GROUP, write_parquet
     from cbir.model import retrieval_model
     from cbir.steps.embed import EmbedPlan, write_model_card
     from cbir.store.fingerprint import ModelKey, remember_fingerprint
@@ -356,7 +356,7 @@ def child_write_vectors(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     sync_vectors(folder)  # the end of `cbir embed`: the memory-mapped vector file
     vector_file = time.perf_counter() - t0
     lay.manifest_dir.mkdir(parents=True)
-    write_parquet(_manifest(ids, 0, 1), lay.files)
+    write_parquet(_manifest(ids, 0, 1), lay.files, APPENDED_ROW_GROUP)
     write_parquet(_runs(1), lay.runs)
     sr = np.concatenate(src_rows) if src_rows else np.zeros(0, np.int64)
     dr = np.concatenate(dup_rows) if dup_rows else np.zeros(0, np.int64)
@@ -517,7 +517,7 @@ def child_arrivals(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cbir.fsutil import write_parquet
+    from cbir.fsutil import APPENDED_ROW_GROUP, write_parquet
     from cbir.model import retrieval_model
     from cbir.steps.nightly import begin_nightly
     from cbir.store.embeddings import read_shard
@@ -550,7 +550,8 @@ def child_arrivals(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     # new files move no canonical path and change no row: ingest would carry both epochs over
     added = pa.concat_tables(
         [files.replace_schema_metadata(None), _manifest(ids, files.num_rows, run)])
-    write_parquet(added.replace_schema_metadata(files.schema.metadata), lay.files)
+    write_parquet(added.replace_schema_metadata(files.schema.metadata), lay.files,
+                  APPENDED_ROW_GROUP)
     write_parquet(_runs(run), lay.runs)
     write_parquet(pa.table({"a": old_ids[:k], "b": ids[:k]}), ws / "planted-new.parquet")
     (ws / NIGHT_FILE).write_text(json.dumps({"since": since, "run": run}))  # for --resume-from

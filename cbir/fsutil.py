@@ -134,10 +134,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_parquet(table: pa.Table, target: str | os.PathLike[str]) -> None:
-    """Write a Parquet file atomically."""
+#: Row groups of a table that grows by appending (the manifest, the vector file's rows): a
+#: reader of the night's new rows reads the groups that hold them (tables.rows_from), 65,536
+#: rows at most before them rather than Parquet's default of 1,048,576.
+APPENDED_ROW_GROUP = 1 << 16
+
+
+def write_parquet(
+    table: pa.Table, target: str | os.PathLike[str], row_group_size: int | None = None
+) -> None:
+    """Write a Parquet file atomically (`row_group_size`: rows a group, Parquet's default)."""
     with atomic_path(target) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
 
 
 def write_text(text: str, target: str | os.PathLike[str]) -> None:

@@ -7,16 +7,20 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tiny_workspace
 from conftest import photo, save
 
 import cbir.store.vectors as store_vectors
+from cbir.fsutil import write_parquet
 from cbir.steps.embed import run_embed
 from cbir.steps.ingest import run_ingest
 from cbir.store.fingerprint import current_fingerprint
 from cbir.store.layout import layout
 from cbir.store.manifest import canonical_ids, hex_ids, hex_keys
+from cbir.store.tables import rows_from
 from cbir.store.vector_order import VectorOrder
 from cbir.store.vectors import current_embeddings, open_vectors
 
@@ -160,3 +164,13 @@ def test_a_night_grows_the_kept_order_and_anything_else_matches_it_whole(
     path.write_bytes(path.read_bytes()[:40])
     assert _opened(s) == _opened_as_before(s) and whole_counted["whole"] == 5
     assert VectorOrder.load(path) is not None
+
+
+@pytest.mark.parametrize("start", [0, 2, 3, 4, 9])
+def test_rows_from_reads_the_rows_from_a_start_across_row_groups(tmp_path, start):
+    table = pa.table({"n": list(range(10)), "s": [f"r{i}" for i in range(10)]})
+    write_parquet(table, tmp_path / "t.parquet", row_group_size=3)
+    file = pq.ParquetFile(tmp_path / "t.parquet")
+    assert file.metadata.num_row_groups == 4
+    got = rows_from(file, start, ["s", "n"])
+    assert got.column_names == ["s", "n"] and got.column("n").to_pylist() == list(range(start, 10))

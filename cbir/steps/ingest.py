@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from .. import faults
 from ..config import Settings
 from ..errors import CbirError
-from ..fsutil import clean_stale_tmp, write_parquet
+from ..fsutil import APPENDED_ROW_GROUP, clean_stale_tmp, write_parquet
 from ..parallel import worker_map
 from ..probe import Entry, display_path, init_worker, probe_batch, sha256_batch
 from ..progress import bar as progress_bar
@@ -811,7 +811,7 @@ def _commit(
     never wrote them) is written."""
     faults.point("ingest.commit")
     if changed or not all(p.is_file() for p in (lay.files, lay.quarantine)):
-        write_parquet(files(), lay.files)
+        write_parquet(files(), lay.files, APPENDED_ROW_GROUP)
         faults.point("ingest.commit")
         write_parquet(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), lay.quarantine)
         faults.point("ingest.commit")

@@ -37,7 +37,14 @@ import pyarrow.parquet as pq
 
 from .. import faults
 from ..errors import CbirError
-from ..fsutil import Stamp, disk_full, file_stamps, is_disk_full, write_parquet
+from ..fsutil import (
+    APPENDED_ROW_GROUP,
+    Stamp,
+    disk_full,
+    file_stamps,
+    is_disk_full,
+    write_parquet,
+)
 from ..progress import bar as progress_bar
 from ..scoring import paired_inner_products
 from . import reuse
@@ -424,7 +431,7 @@ def _append(fh: Any, shards: list[Path], dim: int, progress: bool) -> tuple[list
 def _commit(folder: Path, table: pa.Table, data: Path, dim: int, shards: Signature) -> None:
     faults.point("vectors.commit")  # the rows are written, not yet committed
     meta = {"data": data.name, "dim": str(dim), "shards": json.dumps(shards, sort_keys=True)}
-    write_parquet(table.replace_schema_metadata(meta), folder / VECTOR_ROWS)
+    write_parquet(table.replace_schema_metadata(meta), folder / VECTOR_ROWS, APPENDED_ROW_GROUP)
 
 
 def sync_vectors(folder: Path, *, progress: bool = False) -> int:
