@@ -16,7 +16,7 @@ from cbir.fsutil import write_parquet
 from cbir.steps.embed import _subset_name, _vector_table
 from cbir.store.embeddings import load_embeddings
 from cbir.store.layout import VECTOR_DATA_GLOB, VECTOR_ROWS
-from cbir.store.manifest import hex_keys
+from cbir.store.manifest import hex_keys, keys_in, sorted_runs
 from cbir.store.vectors import (
     DTYPE,
     RowReader,
@@ -455,3 +455,14 @@ def test_a_large_file_is_read_ahead_once_and_only_where_it_fits_in_memory(tmp_pa
     # mapped files (up to MAP_MAX_BYTES) are small enough to stay cached: nothing to read ahead
     monkeypatch.setattr("cbir.store.vectors.MAP_MAX_BYTES", 2 << 30)
     assert open_vectors(tmp_path)[1].read_ahead() is False
+
+
+def test_sorted_runs_sorts_any_keys_and_merges_a_few_sorted_runs():
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 1 << 63, size=5000, dtype=np.uint64)
+    runs = np.concatenate([np.sort(keys[:4000]), np.sort(keys[4000:4010]), np.sort(keys[4010:])])
+    for given in (keys, runs, np.sort(keys), keys[:1], keys[:0], np.repeat(keys[:50], 3)):
+        np.testing.assert_array_equal(sorted_runs(given.copy()), np.sort(given))
+    among = np.concatenate([runs[::2], runs[1::2]])  # two runs: found as a sort would find them
+    np.testing.assert_array_equal(keys_in(keys, among), np.isin(keys, among))
+    np.testing.assert_array_equal(keys_in(keys[::-1], keys[:10]), np.isin(keys[::-1], keys[:10]))

@@ -301,10 +301,21 @@ def keys_in(have: np.ndarray, among: np.ndarray) -> np.ndarray:
     index step from 10 s to 23 s at 10^7.)"""
     if not len(among):
         return np.zeros(len(have), bool)
-    if len(among) > 1 and not bool((among[1:] >= among[:-1]).all()):
-        among = np.sort(among)
+    among = sorted_runs(among)
     at = np.minimum(np.searchsorted(among, have), len(among) - 1)
     return np.asarray(among[at] == have, bool)
+
+
+def sorted_runs(keys: np.ndarray) -> np.ndarray:
+    """`keys` sorted. Keys that are a few sorted runs (the searched files of a pairs run, one
+    per night, each written sorted) are merged by a stable sort (timsort: 10^7 keys in three
+    runs 0.04 s against 0.72 s); others take the default sort (0.67 s against 0.78 s)."""
+    if len(keys) < 2:
+        return keys
+    descents = int(np.count_nonzero(keys[1:] < keys[:-1]))
+    if not descents:
+        return keys
+    return np.sort(keys, kind="stable" if descents <= 64 else "quicksort")
 
 
 _SCAN_MAX = 100_000  # more ids than this are looked up in the sorted arrays (`_ready`)
