@@ -455,17 +455,20 @@ def test_recall_helper() -> None:
 
 def test_index_update_changes_equal_numpy_set_operations():
     """steps.index._changes (binary search in sorted copies) finds what np.setdiff1d and np.isin
-    find: the ids to remove and the vectors to add, for random overlaps, empty sides included."""
-    from cbir.steps.index import _changes
+    find: the ids to remove and the vectors to add, for random overlaps, empty sides included;
+    and _after the index's ids sorted after the update."""
+    from cbir.steps.index import _after, _changes
 
     rng = np.random.default_rng(0)
     for _ in range(300):
         u = rng.choice(10**6, 300, replace=False).astype(np.int64) - 500_000
-        have = rng.permutation(u[: rng.integers(0, 300)])
+        have = np.sort(u[: rng.integers(0, 300)])  # the index's, sorted (store.index.sorted_ids)
         fids = rng.permutation(u[rng.integers(0, 300):][: rng.integers(0, 300)])
         gone, new = _changes(have, fids)
         np.testing.assert_array_equal(gone, np.setdiff1d(have, fids))
         np.testing.assert_array_equal(new, ~np.isin(fids, have))
+        after = _after(have, gone, fids[new])
+        np.testing.assert_array_equal(after, np.sort(fids))
 
 
 def test_an_index_streamed_to_disk_is_the_serialised_index_and_a_full_disk_keeps_the_old(

@@ -24,8 +24,9 @@ from cbir.config import load_settings
 from cbir.errors import CbirError
 from cbir.faiss_index import (add_vectors, build_index, choose_params, delta_of, empty_like, index_ids, layered, remove_ids, search)
 from cbir.steps import index as index_step
-from cbir.store.index import finish_save, load_index, reusable_index, save_delta, save_index
-from cbir.store.layout import DELTA_FILE, DELTA_STAGED, INDEX_FILE, SIDECAR_FILE
+from cbir.store.index import (finish_save, load_index, reusable_index, save_delta, save_index,
+                              sorted_ids)
+from cbir.store.layout import DELTA_FILE, DELTA_STAGED, IDS_GLOB, INDEX_FILE, SIDECAR_FILE
 
 DIM = 32
 N = 12_000
@@ -207,7 +208,9 @@ def test_the_index_step_keeps_small_nights_in_the_delta_and_rewrites_past_its_sh
 
     def update(n: int, *, rebuild: bool = False, keep: slice | None = None):
         rows = np.arange(n) if keep is None else np.arange(n)[keep]
-        return index_step._build_or_update(s, folder, "fp", ids[rows], x[rows], rebuild)
+        out = index_step._build_or_update(s, folder, "fp", ids[rows], x[rows], rebuild)
+        _ids_kept(folder)
+        return out
 
     first = update(N)
     assert first.rebuilt and not (folder / DELTA_FILE).exists()
@@ -231,6 +234,42 @@ def test_the_index_step_keeps_small_nights_in_the_delta_and_rewrites_past_its_sh
     held = np.sort(index_ids(load_index(folder)[0]))
     np.testing.assert_array_equal(held, np.sort(ids[10:N + share + 101]))
     assert os.path.getsize(folder / INDEX_FILE) > 0
+
+
+def _ids_kept(folder: Path) -> None:
+    """The one ids file beside the index is named by its sidecar and holds its ids, sorted."""
+    files = sorted(folder.glob(IDS_GLOB))
+    side = json.loads((folder / SIDECAR_FILE).read_text())
+    assert [p.name for p in files] == [side["ids_file"]["name"]]
+    index = load_index(folder)[0]
+    np.testing.assert_array_equal(np.load(files[0]), np.sort(index_ids(index)))
+    np.testing.assert_array_equal(sorted_ids(folder, index), np.load(files[0]))
+
+
+def test_ids_kept_beside_the_index_are_read_only_where_its_sidecar_names_them_whole(
+    tmp_path, data, built
+) -> None:
+    folder = tmp_path / "index"
+    index, info = faiss.clone_index(built[0]), _copy_info(built[1])
+    held = np.sort(index_ids(index))
+    save_index(index, info, folder, held)
+    _ids_kept(folder)
+    (kept,) = folder.glob(IDS_GLOB)
+    np.save(kept, held[::-1].copy())  # not sorted: gathered from the index instead
+    np.testing.assert_array_equal(sorted_ids(folder, index), held)
+    np.save(kept, held[:-1])  # another count
+    np.testing.assert_array_equal(sorted_ids(folder, index), held)
+    kept.write_bytes(b"damaged")
+    np.testing.assert_array_equal(sorted_ids(folder, index), held)
+    kept.unlink()
+    np.testing.assert_array_equal(sorted_ids(folder, index), held)
+    # a save without ids names none, and removes those of the save before
+    save_index(index, info, folder, held)
+    save_index(index, info, folder)
+    assert not list(folder.glob(IDS_GLOB))
+    np.testing.assert_array_equal(sorted_ids(folder, index), held)
+    with pytest.raises(CbirError, match="ids were given"):
+        save_index(index, info, folder, held[1:])
 
 
 def test_a_searcher_over_a_layered_index_finds_what_one_over_the_whole_index_finds(data, built) -> None:

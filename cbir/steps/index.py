@@ -19,12 +19,11 @@ from ..faiss_index import (
     choose_params,
     delta_of,
     faiss_ids,
-    index_ids,
     region_ids,
     remove_ids,
 )
 from ..store.embeddings import current_regions
-from ..store.index import load_index, reusable_index, save_delta, save_index
+from ..store.index import load_index, reusable_index, save_delta, save_index, sorted_ids
 from ..store.layout import layout
 from ..store.local import LocalSummary, build_local_index
 from ..store.vectors import current_embeddings
@@ -124,9 +123,9 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
 
 def _changes(have: np.ndarray, fids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ids in the index that are not among `fids`, sorted; which of `fids` the index lacks).
-    By binary search in sorted copies (FAISS ids are unique): np.setdiff1d and np.isin hash
-    every id, 3.8 s at 10^6 against 0.2 s."""
-    have = np.sort(np.asarray(have, np.int64))
+    `have`: the index's ids, sorted (store.index.sorted_ids). By binary search in sorted
+    copies (FAISS ids are unique): np.setdiff1d and np.isin hash every id, 3.8 s at 10^6
+    against 0.2 s."""
     # the current ids come sorted as hex strings: as FAISS ids (their top bit dropped) two
     # sorted runs, which a stable sort merges (10^7: 0.17 s against 0.78 s)
     want = np.sort(np.asarray(fids, np.int64), kind="stable")
@@ -161,7 +160,8 @@ def _build_or_update(
         if info.params.kind == "flat" and len(fids) > FLAT_MAX_N:
             reason = f"collection outgrew exact search ({len(fids)} > {FLAT_MAX_N} vectors)"
         else:
-            gone, new_mask = _changes(index_ids(index), fids)
+            have = sorted_ids(folder, index)
+            gone, new_mask = _changes(have, fids)
             delta = delta_of(index)
             n_new = int(new_mask.sum())
             on_workers = bool(address) and wants_dask_add(info, n_new)
@@ -196,10 +196,11 @@ def _build_or_update(
                     rebuild_factor=cfg.rebuild_factor,
                 )
             if added:
+                ids = _after(have, gone, fids[new_mask])
                 if delta is not None and n_new:
-                    save_delta(index, info, folder)
+                    save_delta(index, info, folder, ids)
                 elif delta is None and (removed or n_new):
-                    save_index(index, info, folder)
+                    save_index(index, info, folder, ids)
                 return IndexSummary(
                     info=info,
                     folder=folder,
@@ -213,6 +214,15 @@ def _build_or_update(
                 f"{cfg.rebuild_factor} x {info.trained_size})"
             )
     return _rebuilt(settings, folder, fp, fids, vectors, address, reason or "first build")
+
+
+def _after(have: np.ndarray, gone: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """The index's ids, sorted, after `gone` were removed from `have` and `added` added: two
+    sorted runs merged by a stable sort."""
+    if len(gone):  # both sorted
+        at = np.minimum(np.searchsorted(gone, have), len(gone) - 1)
+        have = have[gone[at] != have]
+    return np.sort(np.concatenate([have, np.sort(added)]), kind="stable")
 
 
 def _in_delta(n_main: int, n_delta: int, n_gone: int) -> bool:
@@ -249,5 +259,5 @@ def _rebuilt(
             vectors, fids, params, target_recall=cfg.target_recall, seed=cfg.seed
         )
     info.model_fingerprint = fp
-    save_index(index, info, folder)
+    save_index(index, info, folder, np.sort(fids, kind="stable"))  # ids sorted: two runs
     return IndexSummary(info=info, folder=folder, rebuilt=True, added=len(fids), reason=reason)

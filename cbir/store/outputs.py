@@ -38,15 +38,18 @@ def _names(*names: str) -> tuple[str, ...]:
 OWN: dict[str, tuple[str, ...]] = {
     "manifest_dir": _names(L.FILES, L.QUARANTINE, L.RUNS, L.JOURNAL),
     "embeddings_dir": (r"[0-9a-f]{16}",),  # one folder per model fingerprint
-    "index_dir": _names(
-        L.INDEX_FILE,
-        L.STAGED_FILE,
-        L.SIDECAR_FILE,
-        L.DELTA_FILE,
-        L.DELTA_STAGED,
-        L.REGION_INDEX,
-        L.LOCAL_INDEX,
-        L.INDEX_PARTS,
+    "index_dir": (
+        *_names(
+            L.INDEX_FILE,
+            L.STAGED_FILE,
+            L.SIDECAR_FILE,
+            L.DELTA_FILE,
+            L.DELTA_STAGED,
+            L.REGION_INDEX,
+            L.LOCAL_INDEX,
+            L.INDEX_PARTS,
+        ),
+        re.escape(L.IDS_PREFIX) + r"[0-9a-f]+\.npy",
     ),
     "models_dir": _names(L.LAST, L.HISTORY, L.TRAIN_METRICS, "model.pt"),
     "pairs_dir": _names(
