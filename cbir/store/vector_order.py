@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..fsutil import atomic_path
+from .manifest import keys_in
 
 MAGIC = b"cbir vector order 1\n"
 _ARRAYS = {"keys": np.uint64, "rows": np.int64, "present": np.bool_, "waiting": np.uint64}
@@ -47,14 +48,6 @@ def _sorted_unique(keys: np.ndarray) -> np.ndarray:
     return ordered[keep]
 
 
-def _among(keys: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Whether each of `keys` is in `sorted_set`, by binary search."""
-    if not len(sorted_set):
-        return np.zeros(len(keys), bool)
-    at = np.minimum(np.searchsorted(sorted_set, keys), len(sorted_set) - 1)
-    return np.asarray(sorted_set[at] == keys, bool)
-
-
 @dataclass
 class VectorOrder:
     """Every embedded image once, sorted by key, with its latest row in the vector file and
@@ -74,8 +67,8 @@ class VectorOrder:
         rows = latest(vector_keys).astype(np.int64)
         keys = vector_keys[rows]
         wanted = _sorted_unique(present_keys)
-        present = _among(keys, wanted)
-        return cls(stamp, keys, rows, present, wanted[~_among(wanted, keys)])
+        present = keys_in(keys, wanted)
+        return cls(stamp, keys, rows, present, wanted[~keys_in(wanted, keys)])
 
     def grown(
         self,
@@ -90,21 +83,21 @@ class VectorOrder:
         keys, rows, present, waiting = self.keys, self.rows, self.present.copy(), self.waiting
         wanted = _sorted_unique(present_keys)
         if len(wanted):
-            found = _among(wanted, keys)
+            found = keys_in(wanted, keys)
             present[np.searchsorted(keys, wanted[found])] = True
             waiting = _sorted_unique(np.concatenate([waiting, wanted[~found]]))
         if len(vector_keys):
             last = latest(vector_keys)
             new_keys, new_rows = vector_keys[last], last.astype(np.int64) + first_row
-            found = _among(new_keys, keys)
+            found = keys_in(new_keys, keys)
             rows = rows.copy()
             rows[np.searchsorted(keys, new_keys[found])] = new_rows[found]  # a later row wins
             add_keys, add_rows = new_keys[~found], new_rows[~found]
             at = np.searchsorted(keys, add_keys)  # ascending: the result stays sorted
             keys = np.insert(keys, at, add_keys)
             rows = np.insert(rows, at, add_rows)
-            present = np.insert(present, at, _among(add_keys, waiting))
-            waiting = waiting[~_among(waiting, add_keys)]
+            present = np.insert(present, at, keys_in(add_keys, waiting))
+            waiting = waiting[~keys_in(waiting, add_keys)]
         return VectorOrder(stamp, keys, rows, present, waiting)
 
     def kept(self) -> tuple[np.ndarray, np.ndarray]:

@@ -63,7 +63,7 @@ from .manifest import (
     keys_in,
 )
 from .tables import rows_from, schema_problem
-from .vector_order import VectorOrder
+from .vector_order import VectorOrder, latest
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -509,12 +509,9 @@ def _latest_rows(
         keep = np.ones(len(rows), bool)
         if len(rows) > 1:
             keep[1:] = np.asarray(pc.not_equal(sorted_ids[1:], sorted_ids[:-1]), bool)
-    else:  # a stable sort keeps an id's rows in file order: its last is the last of its run
-        rows = np.argsort(keys, kind="stable")
-        sorted_keys_ = keys[rows]
-        keep = np.ones(len(rows), bool)
-        keep[:-1] = sorted_keys_[1:] != sorted_keys_[:-1]
-    rows = rows[keep]
+        rows = rows[keep]
+    else:
+        rows = latest(keys)
     if only is None or not len(rows):
         return rows
     among = hex_keys(only) if keys is not None else None
