@@ -95,7 +95,9 @@ def test_end_to_end_on_the_demo_collection(tmp_path, demo_root):
         in out.stdout
     lines = [ln for ln in out.stdout.splitlines() if ln.strip()[:1].isdigit()]
     assert len(lines) == 3 and "1.0000" in lines[0]
-    assert len(list(settings.path(settings.data.index_dir).glob("index.*"))) == 2
+    held = sorted(p.name for p in settings.path(settings.data.index_dir).glob("index.*"))
+    assert held[:1] + held[2:] == ["index.faiss", "index.json"]  # no staged file, no delta
+    assert held[1].startswith("index.ids-") and held[1].endswith(".npy")  # the sorted ids
     assert n_images > 0
 
 

@@ -14,7 +14,7 @@ import tiny_workspace
 from conftest import photo, save
 
 import cbir.store.vectors as store_vectors
-from cbir.fsutil import write_parquet
+from cbir.fsutil import TMP_PREFIX, disk_full, write_parquet
 from cbir.steps.embed import run_embed
 from cbir.steps.ingest import run_ingest
 from cbir.store.fingerprint import current_fingerprint
@@ -174,3 +174,20 @@ def test_rows_from_reads_the_rows_from_a_start_across_row_groups(tmp_path, start
     assert file.metadata.num_row_groups == 4
     got = rows_from(file, start, ["s", "n"])
     assert got.column_names == ["s", "n"] and got.column("n").to_pylist() == list(range(start, 10))
+
+
+def test_an_order_that_cannot_be_kept_is_gone_without(tmp_path, monkeypatch, whole_counted):
+    s = tiny_workspace.make(tmp_path, steps=("ingest", "embed"))
+    path = layout(s).vector_order(current_fingerprint(s))
+    stale = path.parent / (TMP_PREFIX + path.name + ".killed")  # a save killed before its rename
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half")
+
+    def full(self, target):
+        raise disk_full(target)
+
+    monkeypatch.setattr(VectorOrder, "save", full)
+    assert _opened(s) == _opened_as_before(s)  # a full disk: opened all the same, not kept
+    assert not path.exists() and not stale.exists()
+    monkeypatch.undo()
+    assert _opened(s) == _opened_as_before(s) and path.is_file()

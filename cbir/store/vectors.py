@@ -39,6 +39,8 @@ from .. import faults
 from ..errors import CbirError
 from ..fsutil import (
     APPENDED_ROW_GROUP,
+    DiskFull,
+    ReadOnly,
     Stamp,
     disk_full,
     file_stamps,
@@ -640,9 +642,11 @@ def _open_ordered(
     if order is None:
         return None
     if before is None or order.stamp != before.stamp:
-        with contextlib.suppress(OSError):  # a cache: a read-only workspace goes without
-            for other in path.parent.glob("*.bin"):
-                if other != path:
+        # a cache: a read-only workspace or a full disk goes without (a reader racing another
+        # at its temporary file loses its write, never the other's)
+        with contextlib.suppress(OSError, ReadOnly, DiskFull):
+            for other in path.parent.glob("*"):
+                if other != path:  # another model's, or the temporary file of a killed save
                     other.unlink(missing_ok=True)
             order.save(path)
     keys, rows = order.kept()
