@@ -141,6 +141,15 @@ def test_a_kept_size_resumes_with_the_pairs_rate_measured_on_a_sample(tmp_path):
     assert re.search(r"round 1 +in turn, warm: +[\d.]+ us a row", out)
     assert re.search(r"warm: cache first / in turn: [\d.]+-[\d.]+x faster", out)
     assert "same rows True" in out
+    # benchmarks/opening.py: the night's openings the kept way and the way before agree
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "opening.py"),
+                          str(tmp_path / "vectors-1500"), "--appended", "100", "--rounds", "1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1,700 present images with a vector, the night's 100 rows appended" in out.stdout
+    assert re.search(r"grown +[\d.]+ s", out.stdout)
+    assert "same ids and rows True" in out.stdout
+    assert re.search(r"index ids \(1,700\): kept sorted [\d.]+ s, .*same True", out.stdout)
 
 
 def test_the_catalogue_benchmark_times_live_and_stored_queries_that_agree(tmp_path):
