@@ -615,13 +615,16 @@ def _open_ordered(
     footer = _footer(folder)
     if footer is None or footer[2] != _signature(shards):
         return None
-    data, dim, _, _ = footer
+    data, dim, _, n = footer
     lay = layout(settings)
     try:
         manifest = pq.ParquetFile(lay.files)
         vector_rows = pq.ParquetFile(folder / VECTOR_ROWS)
     except (OSError, pa.ArrowException):
         return None
+    meta = vector_rows.metadata
+    if (meta.num_rows, (meta.metadata or {}).get(b"data")) != (n, data.name.encode()):
+        return None  # committed again since its footer was read
     if schema_problem(manifest.schema_arrow, FILES_SCHEMA, _PRESENT_COLUMNS) is not None:
         return None  # the whole reading names the problem
     epoch = (manifest.metadata.metadata or {}).get(ROWS_EPOCH.encode())
@@ -629,7 +632,7 @@ def _open_ordered(
         return None
     where = {
         "manifest": [epoch.decode(), manifest.metadata.num_rows],
-        "vectors": [data.name, dim, vector_rows.metadata.num_rows],
+        "vectors": [data.name, dim, n],
     }
     path = lay.vector_order(fingerprint)
     before = VectorOrder.load(path)
@@ -650,7 +653,7 @@ def _open_ordered(
                     other.unlink(missing_ok=True)
             order.save(path)
     keys, rows = order.kept()
-    base, mapped = _base(data, where["vectors"][2], dim)
+    base, mapped = _base(data, n, dim)
     return ImageIds(hex_ids(keys), keys), Vectors(base, rows, mapped), len(order.waiting)
 
 
