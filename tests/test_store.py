@@ -227,3 +227,29 @@ def test_image_ids_read_like_the_list_they_replace():
         if listed:
             with pytest.raises(IndexError):
                 ids[len(listed)]
+
+
+def test_a_few_canonical_paths_are_read_by_duckdb_as_arrow_reads_them(tmp_path):
+    """store.manifest.canonical_paths_of: the canonical paths of a few ids, read by DuckDB
+    (only those rows' paths), equal to those of canonical_table; CanonicalPaths.paths asks it
+    first and loads the manifest only where it cannot answer."""
+    from cbir.store.manifest import CanonicalPaths, canonical_paths_of, canonical_table
+
+    s = tiny_workspace.make(tmp_path, steps=("ingest",))
+    table = canonical_table(s)
+    now = dict(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist(),
+                   strict=True))
+    assert "copies/p0-copy.png" not in now.values()  # an exact copy is no canonical image
+    asked = [*list(now)[:3], "0" * 16, list(now)[0]]
+    assert canonical_paths_of(s, asked) == {i: now[i] for i in asked if i in now}
+    loads: list[int] = []
+
+    def load():
+        loads.append(1)
+        return table
+
+    paths = CanonicalPaths(load, lambda ids: canonical_paths_of(s, ids))
+    assert paths.paths(asked) == [now.get(i) for i in asked] and not loads
+    layout(s).files.write_bytes(b"not a manifest")  # DuckDB cannot read it: loaded instead
+    assert canonical_paths_of(s, asked) is None
+    assert paths.paths(asked) == [now.get(i) for i in asked] and loads == [1]

@@ -47,7 +47,7 @@ from .layout import (
     STAGED_FILE,
     layout,
 )
-from .manifest import CanonicalPaths, ImageIds, canonical_table
+from .manifest import CanonicalPaths, ImageIds, canonical_paths_of, canonical_table
 from .vectors import Vectors, current_embeddings
 
 if TYPE_CHECKING:
@@ -697,5 +697,7 @@ def open_searcher(
         tag, owners, boxes, region_vectors = current_regions(settings, fp, scheme)
         r_index, r_info = load_index(lay.region_index_dir, expected_fingerprint=tag, mmap=mmap)
         region_searcher = RegionSearcher.of(r_index, r_info, owners, boxes, region_vectors)
-    paths = CanonicalPaths(lambda: canonical_table(settings))
+    paths = CanonicalPaths(
+        lambda: canonical_table(settings), lambda ids: canonical_paths_of(settings, ids)
+    )
     return Searcher.of(index, info, fp, ids, vectors, paths, region_searcher)

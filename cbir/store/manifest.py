@@ -138,6 +138,32 @@ def canonical_table(settings: Any) -> pa.Table:
     return _canonical(settings, ["image_id", "path"])
 
 
+def canonical_paths_of(settings: Any, ids: list[str]) -> dict[str, str] | None:
+    """image_id -> path of the canonical images among `ids`, where DuckDB reads the manifest:
+    it reads the paths of those rows alone (10^7 rows, 2,000 ids: 0.4 s, against 2.7 s for
+    every canonical path in Arrow). None where it cannot (the caller reads the manifest as
+    usual, which names the problem)."""
+    import duckdb  # not for every importer of the manifest: `cbir sql` stays quick either way
+
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET enable_progress_bar = false")
+        con.register("wanted", pa.table({"id": pa.array(ids, pa.string())}))
+        rows = con.execute(
+            "SELECT f.image_id, f.path FROM read_parquet(?) f SEMI JOIN wanted w "
+            "ON f.image_id = w.id WHERE f.status = ? AND f.is_canonical",
+            [str(layout(settings).files), OK],
+        ).fetchall()
+    except duckdb.Error:
+        return None
+    finally:
+        con.close()
+    found: dict[str, str] = {}
+    for image_id, path in rows:
+        found.setdefault(image_id, path)
+    return found
+
+
 def canonical_epoch(settings: Any) -> str | None:
     """The manifest's canonical epoch (CANONICAL_EPOCH; None: no manifest, or one written
     before epochs were kept): read from its footer, not its rows."""
@@ -325,8 +351,13 @@ class CanonicalPaths(Mapping[str, str]):
     """image_id -> path of each canonical image, read-only, built on first use from the
     manifest and searched by bisection in sorted arrays: no dictionary of 10^7 Python strings."""
 
-    def __init__(self, load: Callable[[], pa.Table]) -> None:
+    def __init__(
+        self,
+        load: Callable[[], pa.Table],
+        lookup: Callable[[list[str]], dict[str, str] | None] | None = None,
+    ) -> None:
         self._load = load  # (image_id, path)
+        self._lookup = lookup  # a few ids' paths without loading them all (None: cannot)
         self._keys: np.ndarray | None = None
         self._paths: pa.Array | None = None
         self._hexed: np.ndarray | None = None  # the keys as hex_keys, where they are cbir's
@@ -355,6 +386,9 @@ class CanonicalPaths(Mapping[str, str]):
         sorting 10^7 ids and paths for them costs seconds."""
         if self._keys is not None or not ids or len(ids) > _SCAN_MAX:
             return [self.get(i) for i in ids]
+        looked = self._lookup(ids) if self._lookup is not None and self._table is None else None
+        if looked is not None:
+            return [looked.get(i) for i in ids]
         if self._table is None:  # kept: the clusters a night touches come next
             self._table = self._load()
         t = self._table
