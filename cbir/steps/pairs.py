@@ -53,13 +53,11 @@ from ..store.features import (
 from ..store.index import Searcher, open_searcher
 from ..store.layout import Layout, layout
 from ..store.manifest import (
-    DUPLICATE,
-    OK,
     CanonicalPaths,
     canonical_epoch,
     canonical_table,
+    exact_copies,
     ids_in,
-    load_manifest,
 )
 from ..store.pairs import (
     CLUSTERS_SCHEMA,
@@ -380,28 +378,19 @@ def clusters_from_pairs(
 
 
 def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
-    """Byte-identical copies from the manifest, as pairs with score 1 (found in Arrow: only the
-    copies become rows)."""
-    table = load_manifest(settings, ["image_id", "path", "status", "is_canonical"])
-    copies = table.filter(pc.equal(table.column("status"), DUPLICATE)).select(["image_id", "path"])
-    if copies.num_rows == 0:
-        return []
-    canonical = table.filter(
-        pc.and_(pc.equal(table.column("status"), OK), table.column("is_canonical"))
-    ).select(["image_id", "path"])
-    joined = copies.join(canonical, "image_id", right_suffix="_canonical", join_type="inner")
-    joined = joined.sort_by([("image_id", "ascending"), ("path", "ascending")])  # joins reorder
+    """Byte-identical copies from the manifest, as pairs with score 1 (store.manifest.exact_copies:
+    only the copies become rows)."""
     return [
         {
-            "image_a": r["image_id"],
-            "image_b": r["image_id"],
-            "path_a": r["path_canonical"],
-            "path_b": r["path"],
+            "image_a": image_id,
+            "image_b": image_id,
+            "path_a": canonical,
+            "path_b": copy,
             "score": 1.0,
             "rank": 0,
             "kind": "exact",
         }
-        for r in joined.to_pylist()
+        for image_id, canonical, copy in exact_copies(settings)
     ]
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from ..errors import CbirError
 from .layout import layout
-from .tables import metadata_value, read_table
+from .tables import metadata_value, one_line, read_table
 
 # A file version's status
 OK = "ok"  # present; the canonical file of its content
@@ -136,6 +136,34 @@ def canonical_ids(settings: Any) -> pa.Array:
 def canonical_table(settings: Any) -> pa.Table:
     """(image_id, path) of each canonical image."""
     return _canonical(settings, ["image_id", "path"])
+
+
+def exact_copies(settings: Any) -> list[tuple[str, str, str]]:
+    """(image_id, canonical path, copy's path) of each present byte-identical copy, sorted by
+    id and path. DuckDB reads the paths of the copies' rows and their canonical rows alone (at
+    10^7 rows, against 1.2 s for every path in Arrow)."""
+    import duckdb
+
+    path = layout(settings).files
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET enable_progress_bar = false")
+        return [
+            (str(i), str(c), str(p))
+            for i, c, p in con.execute(
+                """WITH d AS (SELECT image_id, path FROM read_parquet($1) WHERE status = $2),
+                c AS (SELECT image_id, path FROM read_parquet($1) SEMI JOIN d USING (image_id)
+                      WHERE status = $3 AND is_canonical)
+                SELECT d.image_id, c.path, d.path FROM d JOIN c USING (image_id)
+                ORDER BY d.image_id, d.path""",
+                [str(path), DUPLICATE, OK],
+            ).fetchall()
+        ]
+    except duckdb.Error as exc:
+        load_manifest(settings, ["image_id", "path", "status", "is_canonical"])  # names it
+        raise CbirError(f"cannot read the manifest {path}: {one_line(exc)}") from None
+    finally:
+        con.close()
 
 
 def canonical_paths_of(settings: Any, ids: list[str]) -> dict[str, str] | None:
