@@ -817,7 +817,6 @@ def run_pairs(
     recipe_before = _recorded_recipe(lay)
     reuse_checks = cfg.verify and recipe_before == RECIPE
     floor = min(float(cfg.verify_floor), th.pair) if cfg.verify else th.pair
-    all_ids = s.image_ids.arrow
     old = PAIRS_SCHEMA.empty_table()
     fold = False
     if before is None:
@@ -888,7 +887,9 @@ def run_pairs(
         vs.seconds = time.perf_counter() - t1
     new = _near_table(pairs, checks, s)
     if fold:  # recorded pairs of images gone since are dropped; paths as they are now
-        both = ids_in(old.column("image_a"), all_ids) & ids_in(old.column("image_b"), all_ids)
+        both = ids_in(old.column("image_a"), s.image_ids) & ids_in(
+            old.column("image_b"), s.image_ids
+        )
         kept = old.filter(pa.array(both))
         paths = canonical_table(settings)
         for side in "ab":
@@ -941,7 +942,8 @@ def run_pairs(
         if len(rows):
             write_parquet(new, lay.run_pairs(run))
             write_parquet(
-                pa.table({"image_id": all_ids.take(pa.array(rows))}), lay.run_searched(run)
+                pa.table({"image_id": pa.array(s.image_ids.take(rows), pa.string())}),
+                lay.run_searched(run),
             )
             runs = [*recorded.runs, run]
         else:
@@ -950,7 +952,7 @@ def run_pairs(
     else:
         # staged: the committed base stays in place until the commit
         base = _write_tokened(near, lay.pairs, {}, lay.pairs_next)
-        ids = pa.table({"image_id": all_ids})
+        ids = pa.table({"image_id": s.image_ids.arrow})
         searched_token = _write_tokened(ids, lay.searched, state, lay.searched_next)
         runs = []
     clusters_token = _write_tokened(clusters, lay.clusters, {}, lay.clusters_next)

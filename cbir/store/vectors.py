@@ -59,7 +59,6 @@ from .manifest import (
     ImageIds,
     canonical_ids,
     canonical_mask,
-    hex_ids,
     hex_keys,
     ids_in,
     keys_in,
@@ -654,7 +653,7 @@ def _open_ordered(
             order.save(path)
     keys, rows = order.kept()
     base, mapped = _base(data, n, dim)
-    return ImageIds(hex_ids(keys), keys), Vectors(base, rows, mapped), len(order.waiting)
+    return ImageIds.from_keys(keys), Vectors(base, rows, mapped), len(order.waiting)
 
 
 def _stamp(where: dict[str, list[Any]], manifest_last: str, vectors_last: str) -> dict[str, Any]:
