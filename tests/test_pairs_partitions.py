@@ -251,3 +251,26 @@ def test_a_killed_runs_partition_never_counts(ws, scale):
     assert lay.clusters.is_file() and not lay.clusters_next.exists()
     assert set(committed) < set(_rows(read_pairs(s)))
     _clusters_hold_every_link(ws, scale, out.thresholds.cluster)
+
+
+def test_each_kept_cluster_row_knows_its_smallest_member_in_order_or_not():
+    """steps.pairs._with_firsts: read off each cluster's leading row where the clusters file is
+    in its order, grouped where it is not; the same smallest member either way."""
+    import numpy as np
+
+    from cbir.steps.pairs import _with_firsts
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for cid, size in enumerate([5, 3, 3, 2, 2, 2, 1], start=1):
+        members = sorted(f"{x:016x}" for x in rng.integers(1, 1 << 62, size))
+        rows += [{"cluster_id": cid, "image_id": m} for m in members]
+    table = pa.Table.from_pylist(rows)
+    want = {}
+    for r in rows:
+        want[r["cluster_id"]] = min(want.get(r["cluster_id"], r["image_id"]), r["image_id"])
+    for t in (table, table.take(pa.array(rng.permutation(len(rows))))):  # in order, shuffled
+        got = _with_firsts(t).to_pylist()
+        assert len(got) == len(rows)
+        assert all(r["first"] == want[r["cluster_id"]] for r in got)
+    assert _with_firsts(table.slice(0, 0)).num_rows == 0

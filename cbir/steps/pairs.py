@@ -711,9 +711,7 @@ def _update_clusters(
         pc.is_in(near.column("image_b"), value_set=group),
     )
     regrouped = _cluster_table(link(same + _edges(near.filter(inside), threshold)), s)
-    kept = old.filter(pc.invert(in_hit))
-    first = kept.group_by("cluster_id").aggregate([("image_id", "min")])
-    kept = kept.join(first, "cluster_id").rename_columns([*kept.column_names, "first"])
+    kept = _with_firsts(old.filter(pc.invert(in_hit)))
     firsts: dict[int, str] = {}
     for cid, m in zip(
         regrouped.column("cluster_id").to_pylist(),
@@ -735,6 +733,25 @@ def _update_clusters(
     dropped = old.filter(in_hit).group_by("cluster_id").aggregate([("image_id", "min")])
     changed = set(firsts.values()) | set(dropped.column("image_id_min").to_pylist())
     return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA), sorted(changed)
+
+
+def _with_firsts(clusters: pa.Table) -> pa.Table:
+    """`clusters` with each row's cluster's smallest member id (`first`). A clusters file is
+    in order (cluster ids follow size, then the smallest member; members by id), so each
+    cluster is a run of rows led by its smallest member: read off in one pass (10^6 clusters:
+    grouping and joining them took 0.5-0.8 s). Rows in any other order are grouped."""
+    cid = np.asarray(clusters.column("cluster_id").to_numpy(), np.int64)
+    ids = clusters.column("image_id").combine_chunks()
+    if len(cid):
+        starts = np.r_[True, cid[1:] != cid[:-1]]
+        lead = np.maximum.accumulate(np.where(starts, np.arange(len(cid)), 0))
+        first = ids.take(pa.array(lead))
+        runs = bool((cid[1:] >= cid[:-1]).all())  # each cluster's rows together
+        if runs and pc.all(pc.greater_equal(ids, first)).as_py():  # led by the smallest
+            return clusters.append_column("first", first)
+    firsts = clusters.group_by("cluster_id").aggregate([("image_id", "min")])
+    joined = clusters.join(firsts, "cluster_id")
+    return joined.rename_columns([*clusters.column_names, "first"])
 
 
 def _write_tokened(
