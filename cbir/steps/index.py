@@ -26,6 +26,7 @@ from ..store.embeddings import current_regions
 from ..store.index import load_index, reusable_index, save_delta, save_index, sorted_ids
 from ..store.layout import layout
 from ..store.local import LocalSummary, build_local_index
+from ..store.manifest import keys_in
 from ..store.vectors import current_embeddings
 from .index_dask import dask_add_vectors, dask_build_index, wants_dask_add
 
@@ -127,16 +128,9 @@ def _changes(have: np.ndarray, fids: np.ndarray) -> tuple[np.ndarray, np.ndarray
     copies (FAISS ids are unique): np.setdiff1d and np.isin hash every id, 3.8 s at 10^6
     against 0.2 s."""
     # the current ids come sorted as hex strings: as FAISS ids (their top bit dropped) two
-    # sorted runs, which a stable sort merges (10^7: 0.17 s against 0.78 s)
-    want = np.sort(np.asarray(fids, np.int64), kind="stable")
-    if not len(want):
-        return have, np.zeros(len(fids), bool)
-    at = np.minimum(np.searchsorted(want, have), len(want) - 1)
-    gone = have[want[at] != have]
-    if not len(have):
-        return gone, np.ones(len(fids), bool)
-    at = np.minimum(np.searchsorted(have, fids), len(have) - 1)
-    return gone, have[at] != fids
+    # sorted runs, which keys_in merges (10^7: 0.17 s against 0.78 s sorting them)
+    fids = np.asarray(fids, np.int64)
+    return have[~keys_in(have, fids)], ~keys_in(fids, have)
 
 
 def _build_or_update(
@@ -219,9 +213,7 @@ def _build_or_update(
 def _after(have: np.ndarray, gone: np.ndarray, added: np.ndarray) -> np.ndarray:
     """The index's ids, sorted, after `gone` were removed from `have` and `added` added: two
     sorted runs merged by a stable sort."""
-    if len(gone):  # both sorted
-        at = np.minimum(np.searchsorted(gone, have), len(gone) - 1)
-        have = have[gone[at] != have]
+    have = have[~keys_in(have, gone)]
     return np.sort(np.concatenate([have, np.sort(added)]), kind="stable")
 
 

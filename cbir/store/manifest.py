@@ -138,32 +138,48 @@ def canonical_table(settings: Any) -> pa.Table:
     return _canonical(settings, ["image_id", "path"])
 
 
+class _Unreadable(Exception):
+    """DuckDB could not read the manifest (its message, on one line)."""
+
+
+def _manifest_rows(
+    settings: Any, sql: str, params: list[Any], tables: dict[str, pa.Table] | None = None
+) -> list[tuple[Any, ...]]:
+    """The rows of a DuckDB query over the manifest (`$1` is its path; `params` follow;
+    `tables` registered by name): DuckDB reads only the rows a filter or semi join keeps of
+    the columns it does not filter on. Raises _Unreadable where it cannot read the manifest."""
+    import duckdb  # not for every importer of the manifest: `cbir sql` stays quick either way
+
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET enable_progress_bar = false")
+        for name, table in (tables or {}).items():
+            con.register(name, table)
+        return con.execute(sql, [str(layout(settings).files), *params]).fetchall()
+    except duckdb.Error as exc:
+        raise _Unreadable(one_line(exc)) from None
+    finally:
+        con.close()
+
+
 def exact_copies(settings: Any) -> list[tuple[str, str, str]]:
     """(image_id, canonical path, copy's path) of each present byte-identical copy, sorted by
     id and path. DuckDB reads the paths of the copies' rows and their canonical rows alone (at
     10^7 rows, against 1.2 s for every path in Arrow)."""
-    import duckdb
-
-    path = layout(settings).files
-    con = duckdb.connect(":memory:")
     try:
-        con.execute("SET enable_progress_bar = false")
-        return [
-            (str(i), str(c), str(p))
-            for i, c, p in con.execute(
-                """WITH d AS (SELECT image_id, path FROM read_parquet($1) WHERE status = $2),
-                c AS (SELECT image_id, path FROM read_parquet($1) SEMI JOIN d USING (image_id)
-                      WHERE status = $3 AND is_canonical)
-                SELECT d.image_id, c.path, d.path FROM d JOIN c USING (image_id)
-                ORDER BY d.image_id, d.path""",
-                [str(path), DUPLICATE, OK],
-            ).fetchall()
-        ]
-    except duckdb.Error as exc:
+        rows = _manifest_rows(
+            settings,
+            """WITH d AS (SELECT image_id, path FROM read_parquet($1) WHERE status = $2),
+            c AS (SELECT image_id, path FROM read_parquet($1) SEMI JOIN d USING (image_id)
+                  WHERE status = $3 AND is_canonical)
+            SELECT d.image_id, c.path, d.path FROM d JOIN c USING (image_id)
+            ORDER BY d.image_id, d.path""",
+            [DUPLICATE, OK],
+        )
+    except _Unreadable as exc:
         load_manifest(settings, ["image_id", "path", "status", "is_canonical"])  # names it
-        raise CbirError(f"cannot read the manifest {path}: {one_line(exc)}") from None
-    finally:
-        con.close()
+        raise CbirError(f"cannot read the manifest {layout(settings).files}: {exc}") from None
+    return [(str(i), str(c), str(p)) for i, c, p in rows]
 
 
 def canonical_paths_of(settings: Any, ids: list[str]) -> dict[str, str] | None:
@@ -171,24 +187,19 @@ def canonical_paths_of(settings: Any, ids: list[str]) -> dict[str, str] | None:
     it reads the paths of those rows alone (10^7 rows, 2,000 ids: 0.4 s, against 2.7 s for
     every canonical path in Arrow). None where it cannot (the caller reads the manifest as
     usual, which names the problem)."""
-    import duckdb  # not for every importer of the manifest: `cbir sql` stays quick either way
-
-    con = duckdb.connect(":memory:")
     try:
-        con.execute("SET enable_progress_bar = false")
-        con.register("wanted", pa.table({"id": pa.array(ids, pa.string())}))
-        rows = con.execute(
-            "SELECT f.image_id, f.path FROM read_parquet(?) f SEMI JOIN wanted w "
-            "ON f.image_id = w.id WHERE f.status = ? AND f.is_canonical",
-            [str(layout(settings).files), OK],
-        ).fetchall()
-    except duckdb.Error:
+        rows = _manifest_rows(
+            settings,
+            "SELECT f.image_id, f.path FROM read_parquet($1) f SEMI JOIN wanted w "
+            "ON f.image_id = w.id WHERE f.status = $2 AND f.is_canonical",
+            [OK],
+            {"wanted": pa.table({"id": pa.array(ids, pa.string())})},
+        )
+    except _Unreadable:
         return None
-    finally:
-        con.close()
     found: dict[str, str] = {}
     for image_id, path in rows:
-        found.setdefault(image_id, path)
+        found.setdefault(str(image_id), str(path))
     return found
 
 
@@ -457,9 +468,9 @@ class CanonicalPaths(Mapping[str, str]):
 
     def paths(self, ids: list[str]) -> list[str | None]:
         """The canonical path of each of `ids` (None: no canonical image), as `get` would give
-        them. Before the sorted arrays are built (`_ready`), a few ids are looked up by one pass
-        over the manifest's rows instead: a night's new pairs name a few thousand images, and
-        sorting 10^7 ids and paths for them costs seconds."""
+        them. Before the sorted arrays are built (`_ready`), a few ids are looked up by `lookup`
+        (the rows' paths alone), else by one pass over the manifest's rows: a night's new pairs
+        name a few thousand images, and sorting 10^7 ids and paths for them costs seconds."""
         if self._keys is not None or not ids or len(ids) > _SCAN_MAX:
             return [self.get(i) for i in ids]
         looked = self._lookup(ids) if self._lookup is not None and self._table is None else None

@@ -367,11 +367,14 @@ def _signature(shards: list[Path]) -> Signature:
     return {shard.name: shard.stat().st_size for shard in shards}
 
 
-def _footer(folder: Path) -> tuple[Path, int, Signature, int] | None:
+def _footer(
+    folder: Path, meta: pq.FileMetaData | None = None
+) -> tuple[Path, int, Signature, int] | None:
     """(data file, dimension, the shards it holds, rows) as last committed, from the rows
-    table's footer alone; None where there is no whole commit."""
+    table's footer alone (`meta`: that of a file the caller opened); None where there is no
+    whole commit."""
     try:
-        meta = pq.read_metadata(folder / VECTOR_ROWS)
+        meta = pq.read_metadata(folder / VECTOR_ROWS) if meta is None else meta
         kv = meta.metadata or {}
         data = folder / kv[b"data"].decode()
         dim = int(kv[b"dim"])
@@ -610,20 +613,16 @@ def _open_ordered(
 ) -> tuple[ImageIds, Vectors, int] | None:
     """current_embeddings' opening through the kept VectorOrder (grown from the rows appended
     since, else matched whole and kept); None where it does not apply."""
-    shards = sorted(folder.glob(SHARD_GLOB))
-    footer = _footer(folder)
-    if footer is None or footer[2] != _signature(shards):
-        return None
-    data, dim, _, n = footer
     lay = layout(settings)
-    try:
+    try:  # each file opened once: its footer and its rows are of one commit
         manifest = pq.ParquetFile(lay.files)
         vector_rows = pq.ParquetFile(folder / VECTOR_ROWS)
     except (OSError, pa.ArrowException):
         return None
-    meta = vector_rows.metadata
-    if (meta.num_rows, (meta.metadata or {}).get(b"data")) != (n, data.name.encode()):
-        return None  # committed again since its footer was read
+    footer = _footer(folder, vector_rows.metadata)
+    if footer is None or footer[2] != _signature(sorted(folder.glob(SHARD_GLOB))):
+        return None
+    data, dim, _, n = footer
     if schema_problem(manifest.schema_arrow, FILES_SCHEMA, _PRESENT_COLUMNS) is not None:
         return None  # the whole reading names the problem
     epoch = (manifest.metadata.metadata or {}).get(ROWS_EPOCH.encode())
