@@ -25,7 +25,14 @@ from cbir.steps.pairs import clusters_from_pairs, run_pairs
 from cbir.store import pairs as store_pairs
 from cbir.store.catalog import query
 from cbir.store.layout import layout
-from cbir.store.manifest import CANONICAL_EPOCH, CanonicalPaths, canonical_epoch, canonical_table
+from cbir.store.manifest import (
+    CANONICAL_EPOCH,
+    CanonicalPaths,
+    ImageIds,
+    canonical_epoch,
+    canonical_table,
+    hex_keys,
+)
 from cbir.store.pairs import read_pairs, read_state, stray_runs
 
 N = 1_500
@@ -119,6 +126,54 @@ def test_nightly_runs_write_their_own_partition_and_cluster_as_all_pairs_would(w
     assert pc.max(clusters.column("size")).as_py() >= 2
 
 
+def test_searched_files_hold_their_keys_and_files_without_them_give_the_same_night(ws, scale,
+                                                                                monkeypatch):
+    """A searched file holds its ids' hex_keys beside them, in id order, and a night reads the
+    keys, not the strings (10^7 strings: 2.5 s); a base written before the keys existed
+    (strings only) is read by its strings and gives the same night."""
+    old = ws.parent / "old"
+    shutil.copytree(ws, old)
+    lay_old = layout(scale._settings(old))
+    base = pq.read_table(lay_old.searched)
+    write_parquet(base.drop_columns([store_pairs.SEARCHED_KEY]), lay_old.searched)
+    assert pq.read_schema(lay_old.searched).metadata == base.schema.metadata  # same token
+    strings_read: list[Path] = []
+    real = store_pairs._strings
+    monkeypatch.setattr(store_pairs, "_strings",
+                        lambda path: strings_read.append(path) or real(path))
+    out = _night(scale, ws, 51)
+    assert out.incremental and out.searched == NEW and not strings_read
+    lay = layout(scale._settings(ws))
+    for f in (lay.searched, lay.run_searched(1)):
+        table = pq.read_table(f)
+        keys = table.column(store_pairs.SEARCHED_KEY).to_numpy()
+        assert np.array_equal(keys, hex_keys(table.column("image_id").combine_chunks()))
+        assert (np.diff(keys.astype(np.float64)) > 0).all() and len(keys) >= NEW
+    out_old = _night(scale, old, 51)
+    assert strings_read == [lay_old.searched]
+    assert (out_old.incremental, out_old.searched, out_old.added) == (True, NEW, out.added)
+    assert _rows(read_pairs(scale._settings(old))) == _rows(read_pairs(scale._settings(ws)))
+    assert pq.read_table(lay_old.clusters).equals(pq.read_table(lay.clusters))
+
+
+def test_searched_ids_are_read_by_key_by_string_or_both(tmp_path):
+    """store.pairs.read_searched: keyed files by their keys; a file without keys converted;
+    ids that are not cbir's (no keys) as strings, in file order either way."""
+    hexed = [f"{i:016x}" for i in (5, 9, 2**63 + 1)]
+    keyed, plain, foreign = tmp_path / "k.parquet", tmp_path / "p.parquet", tmp_path / "f.parquet"
+    write_parquet(store_pairs.searched_table(ImageIds.of(hexed[:2])), keyed)
+    write_parquet(pa.table({"image_id": hexed[2:]}), plain)
+    write_parquet(store_pairs.searched_table(ImageIds.of(["scan-b", "scan-a"])), foreign)
+    assert pq.read_schema(foreign).names == ["image_id"]
+    both = store_pairs.read_searched([keyed, plain])
+    assert list(both) == hexed and both.hex_keys() is not None
+    assert list(store_pairs.read_searched([keyed, foreign])) == [*hexed[:2], "scan-b", "scan-a"]
+    assert len(store_pairs.read_searched([])) == 0
+    rows = np.array([1], np.int64)
+    assert store_pairs.searched_table(ImageIds.of(hexed), rows).to_pydict() == {
+        "image_id": [hexed[1]], store_pairs.SEARCHED_KEY: [9]}
+
+
 def test_removed_images_and_many_partitions_fold_into_the_base(ws, scale, monkeypatch):
     s = scale._settings(ws)
     lay = layout(s)
@@ -180,6 +235,10 @@ def test_a_night_under_the_recorded_canonical_epoch_sorts_no_canonical_paths(ws,
     real = CanonicalPaths._ready
     monkeypatch.setattr(CanonicalPaths, "_ready",
                         lambda self: sorted_paths.append(1) or real(self))
+    looked_up: list[int] = []  # the ids of each lookup in the manifest
+    real_paths = CanonicalPaths.paths
+    monkeypatch.setattr(CanonicalPaths, "paths",
+                        lambda self, ids: looked_up.append(len(ids)) or real_paths(self, ids))
 
     def all_paths_current() -> None:
         now = dict(zip(*canonical_table(s).to_pydict().values(), strict=True))
@@ -194,12 +253,19 @@ def test_a_night_under_the_recorded_canonical_epoch_sorts_no_canonical_paths(ws,
     assert out.incremental and out.added > 0 and read_state(lay).runs == [1]
     assert not sorted_paths
     assert read_state(lay).epoch == canonical_epoch(s)
+    # one lookup, the new pairs' images: the updated clusters' members take theirs from them
+    # and from the clusters they join
+    assert read_state(lay).clusters_changed  # the update regrouped some
+    assert len(looked_up) == 1 and looked_up[0] <= 2 * out.added
+    assert pq.read_metadata(lay.clusters).num_rows > 10
     all_paths_current()
+    looked_up.clear()
     files = pq.read_table(lay.files)
     write_parquet(files.replace_schema_metadata(None), lay.files)  # as before epochs
     out = _night(scale, ws, 42)
     assert out.incremental and read_state(lay).runs == [1, 2]  # checked: nothing moved
     assert sorted_paths and read_state(lay).epoch == ""
+    assert len(looked_up) == 2  # not trusted: the clusters' members looked up too
     all_paths_current()
 
 

@@ -4,7 +4,8 @@ The pairs are stored partitioned, so that a nightly run writes only what it foun
 - `pairs.parquet` and `searched.parquet`, the base: the near pairs and the searched images as
   of the last full run (or the last run that folded the partitions in);
 - `runs/pairs-<seq>.parquet` and `runs/searched-<seq>.parquet`, one partition per incremental
-  run since: the pairs it added and the images it searched;
+  run since: the pairs it added and the images it searched (each searched file in id order,
+  with the ids' hex_keys beside them, `SEARCHED_KEY`);
 - `exact.parquet`, the byte-identical copies, from the manifest on every run;
 - `pairs.json`, the commit: which partitions count, the base's tokens (also in the metadata of
   the base files) and what the pairs and clusters depend on. A token changes only with its
@@ -26,11 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import CbirError
 from ..fsutil import write_json
 from .layout import Layout, layout
+from .manifest import ImageIds, hex_keys
 from .tables import metadata_value, read_table
 
 PAIRS_SCHEMA = pa.schema(
@@ -197,6 +201,50 @@ def searched_files(lay: Layout) -> list[Path]:
         return [lay.searched]
     base = base_files(lay, state)
     return [base[1] if base else lay.searched] + [lay.run_searched(r) for r in state.runs]
+
+
+#: The column of a searched file that holds each id's hex_keys: what a nightly run reads (10^7
+#: ids: 0.1 s, against 1.8 s to read the strings and 0.7 s to convert them). A file without it
+#: (written before it existed, or of ids that are not cbir's) is read by its strings.
+SEARCHED_KEY = "id_key"
+
+
+def searched_table(ids: ImageIds, rows: np.ndarray | None = None) -> pa.Table:
+    """A searched file's rows: the ids (those at `rows`), and their hex_keys where they are
+    cbir's ids."""
+    keys = ids.hex_keys()
+    if keys is None:
+        strings = ids.arrow if rows is None else pa.array(ids.take(rows), pa.string())
+        return pa.table({"image_id": strings})
+    chosen = ids if rows is None else ImageIds.from_keys(keys[rows])
+    return pa.table(
+        {"image_id": chosen.arrow, SEARCHED_KEY: pa.array(chosen.hex_keys(), pa.uint64())}
+    )
+
+
+def read_searched(files: list[Path]) -> ImageIds:
+    """The ids the searched `files` list, in file order: by their keys where every file holds
+    them or its ids convert, else as strings. Raises OSError or an Arrow error where a file
+    cannot be read."""
+    keys: list[np.ndarray] = []
+    for f in files:
+        schema = pq.read_schema(f)
+        at = schema.get_field_index(SEARCHED_KEY)
+        if at >= 0 and schema.field(at).type == pa.uint64():
+            column = pq.read_table(f, columns=[SEARCHED_KEY]).column(0)
+            if not column.null_count:
+                keys.append(column.to_numpy())
+                continue
+        made = hex_keys(_strings(f))
+        if made is None:  # ids of another form: all of them as strings
+            return ImageIds(pa.chunked_array([_strings(f) for f in files], pa.string()))
+        keys.append(made)
+    return ImageIds.from_keys(np.concatenate(keys) if keys else np.zeros(0, np.uint64))
+
+
+def _strings(path: Path) -> pa.Array:
+    column = pq.read_table(path, columns=["image_id"]).column(0).cast(pa.string())
+    return column.combine_chunks()
 
 
 def stray_runs(lay: Layout) -> list[Path]:
