@@ -254,3 +254,51 @@ def test_a_killed_stored_write_leaves_a_temporary_file_that_clean_stale_removes(
     left.write_bytes(b"half a parquet file")
     catalog.clean_stale(settings)
     assert not left.exists() and report.is_file()
+
+
+def test_a_stored_report_missing_a_part_or_written_before_parts_is_computed_again(tmp_path):
+    """pair_report keeps its near pairs' rows in parts that its file names: a part gone makes
+    the result stale (computed again, never read short); a file written before parts (every
+    row in it) is computed whole rather than grown, which would drop its near pairs; a part
+    no file names (a killed refresh's) and its temporary files are removed by the next
+    writer."""
+    from cbir.fsutil import TMP_PREFIX, write_parquet
+    from cbir.steps.pairs import run_pairs
+    from cbir.store.manifest import rows_mark
+
+    settings = tiny_workspace.make(tmp_path)
+    run_pairs(settings)
+    report = next(v.stored for v in catalog.views(settings) if v.name == "pair_report")
+    files = catalog.stored_files(report)
+    assert files is not None and len(files) == 2
+    sql = "SELECT count(*) FROM pair_report WHERE kind = 'near'"
+    near = catalog.query(settings, sql)[1][0][0]
+    assert near > 0 and pq.read_metadata(files[1]).num_rows == near
+
+    files[1].unlink()
+    assert catalog.stored_files(report) is None and catalog.stored_stamp(report) is None
+    assert catalog.query(settings, sql)[1][0][0] == near  # computed again
+    files = catalog.stored_files(report)
+    assert files is not None and len(files) == 2
+
+    chosen = catalog._plan(settings)
+    by_name = {v.name: v for v in chosen}
+    view = by_name["pair_report"]
+    key = catalog._growth_key(settings, view, by_name, rows_mark(settings))
+    assert catalog._growth(settings, view, by_name, key) is not None  # it would grow
+    rows = pa.concat_tables([pq.read_table(f).replace_schema_metadata(None) for f in files],
+                           promote_options="permissive")
+    meta = {k: v for k, v in pq.read_schema(report).metadata.items()
+            if k != catalog.PARTS.encode()}
+    write_parquet(rows.replace_schema_metadata(meta), report)  # as written before parts
+    assert catalog.stored_files(report) == [report] and catalog.stored_stamp(report)
+    assert catalog._growth(settings, view, by_name, key) is None  # computed whole instead
+
+    stray = report.with_name("pair_report-0123abcd.parquet")
+    write_parquet(pq.read_table(files[1]), stray)
+    half = report.parent / f"{TMP_PREFIX}pair_report-4567.parquet.killed"
+    half.write_bytes(b"half a part")
+    kept = catalog.stored_files(report)
+    catalog.clean_stale(settings)
+    assert not stray.exists() and not half.exists() and not files[1].exists()  # none named
+    assert catalog.stored_files(report) == kept and report.is_file()

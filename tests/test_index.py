@@ -455,15 +455,19 @@ def test_recall_helper() -> None:
 
 def test_index_update_changes_equal_numpy_set_operations():
     """steps.index._changes (binary search in sorted copies) finds what np.setdiff1d and np.isin
-    find: the ids to remove and the vectors to add, for random overlaps, empty sides included;
-    and _after the index's ids sorted after the update."""
+    find: the ids to remove and the vectors to add, for random overlaps, empty sides included,
+    the current ids in any order or as a few sorted runs (as they come: sorted as hex, the top
+    bit dropped); and _after the index's ids sorted after the update."""
     from cbir.steps.index import _after, _changes
 
     rng = np.random.default_rng(0)
-    for _ in range(300):
+    for trial in range(600):
         u = rng.choice(10**6, 300, replace=False).astype(np.int64) - 500_000
         have = np.sort(u[: rng.integers(0, 300)])  # the index's, sorted (store.index.sorted_ids)
         fids = rng.permutation(u[rng.integers(0, 300):][: rng.integers(0, 300)])
+        if trial % 2:  # a few sorted runs, searched run by run
+            cuts = np.sort(rng.integers(0, len(fids) + 1, rng.integers(0, 4)))
+            fids = np.concatenate([np.sort(r) for r in np.split(fids, cuts)])
         gone, new = _changes(have, fids)
         np.testing.assert_array_equal(gone, np.setdiff1d(have, fids))
         np.testing.assert_array_equal(new, ~np.isin(fids, have))

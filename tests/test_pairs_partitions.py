@@ -340,3 +340,32 @@ def test_each_kept_cluster_row_knows_its_smallest_member_in_order_or_not():
         assert len(got) == len(rows)
         assert all(r["first"] == want[r["cluster_id"]] for r in got)
     assert _with_firsts(table.slice(0, 0)).num_rows == 0
+
+
+def test_regrouped_clusters_are_put_in_place_as_sorting_all_would():
+    """steps.pairs._merged: kept clusters in their order stay in place and the regrouped ones go
+    between them, the same rows in the same order as sorting everything again (size
+    descending, smallest member, members by id), ties of size included; kept rows out of order
+    are sorted."""
+    from cbir.steps.pairs import _ORDER, _merged
+
+    rng = np.random.default_rng(6)
+
+    def clusters(n: int) -> pa.Table:
+        rows = []
+        for _ in range(n):
+            size = int(rng.choice([2, 2, 2, 3, 3, 5, 9]))
+            members = sorted(f"{x:016x}" for x in rng.integers(1, 1 << 62, size))
+            rows += [{"image_id": m, "size": size, "first": members[0]} for m in members]
+        schema = pa.schema([("image_id", pa.string()), ("size", pa.int32()),
+                            ("first", pa.string())])
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    for trial in range(60):
+        kept = clusters(int(rng.integers(0, 40))).sort_by(_ORDER)
+        regrouped = clusters(int(rng.integers(0, 6)))  # in any order
+        want = pa.concat_tables([kept, regrouped]).sort_by(_ORDER)
+        assert _merged(kept, regrouped).equals(want)
+        if kept.num_rows > 2:
+            shuffled = kept.take(pa.array(rng.permutation(kept.num_rows)))
+            assert _merged(shuffled, regrouped).equals(want)

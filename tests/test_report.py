@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -535,7 +536,8 @@ def _stored_equals_live(s: Settings, name: str = "pair_report") -> int:
     con = duckdb.connect(":memory:")
     for view in chosen:
         con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
-    kept = f"SELECT * FROM read_parquet('{stored}')"
+    files = ", ".join(f"'{f}'" for f in catalog.stored_files(stored) or [])
+    kept = f"SELECT * FROM read_parquet([{files}])"
     for a, b in ((f'SELECT * FROM "{name}"', kept), (kept, f'SELECT * FROM "{name}"')):
         assert con.execute(f"SELECT count(*) FROM ({a} EXCEPT ALL {b})").fetchone()[0] == 0
     n = con.execute(f"SELECT count(*) FROM ({kept})").fetchone()[0]
@@ -554,8 +556,8 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     grown: list[tuple[str, bool]] = []
     real = catalog._grow
 
-    def spy(settings, chosen, name, growth, tmp, kv) -> bool:
-        grown.append((name, real(settings, chosen, name, growth, tmp, kv)))
+    def spy(settings, chosen, view, growth, tmp, meta) -> bool:
+        grown.append((view.name, real(settings, chosen, view, growth, tmp, meta)))
         return grown[-1][1]
 
     monkeypatch.setattr(catalog, "_grow", spy)
@@ -567,10 +569,21 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
         run_pairs(s, incremental=True)
         return run
 
+    report = next(v.stored for v in catalog.views(s) if v.name == "pair_report")
+    whole = catalog.stored_files(report)  # the file (exact copies) and one part (near pairs)
+    assert whole is not None and len(whole) == 2
+    part = whole[1].stat()
     save(photo(4, (160, 120)).resize((110, 82)), scans / "later/p04-small.jpg")
     (scans / "later/p02-again.jpg").write_bytes((scans / "box-a/p02.jpg").read_bytes())
     run = night()
     assert grown == [("pair_report", True), ("cluster_report", True)]
+    # the near pairs' rows kept where they were (same file), the night's in a part of its own
+    grown_files = catalog.stored_files(report)
+    assert grown_files is not None and grown_files[:2] == whole and len(grown_files) == 3
+    assert (whole[1].stat().st_ino, whole[1].stat().st_mtime_ns) == (part.st_ino,
+                                                                       part.st_mtime_ns)
+    assert set(pq.read_table(grown_files[2]).column("kind").to_pylist()) == {"near"}
+    assert set(pq.read_table(report).column("kind").to_pylist()) == {"exact"}
     from cbir.store.layout import layout
     from cbir.store.pairs import read_state
 
@@ -589,6 +602,7 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     night()
     assert grown == []  # a row changed: computed whole
     assert _stored_equals_live(s) == after
+    assert len(catalog.stored_files(report)) == 2  # the file and one part again
     assert _stored_equals_live(s, "cluster_report") == clusters
 
     # a growth whose rows do not add up (here: said to expect none) is computed whole
@@ -602,6 +616,10 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     night()
     assert grown == [("pair_report", True), ("cluster_report", False)]
     assert _stored_equals_live(s) > after
+    # the parts no stored result names (those before it was computed whole) removed by the
+    # next writer
+    on_disk = set(report.parent.glob("pair_report-*.parquet"))
+    assert on_disk == set(catalog.stored_files(report)[1:]) and len(on_disk) == 2
     _stored_equals_live(s, "cluster_report")
 
     # an update changing more clusters than pairs.json names: the report is computed whole

@@ -124,13 +124,29 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
 
 def _changes(have: np.ndarray, fids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ids in the index that are not among `fids`, sorted; which of `fids` the index lacks).
-    `have`: the index's ids, sorted (store.index.sorted_ids). By binary search in sorted
-    copies (FAISS ids are unique): np.setdiff1d and np.isin hash every id, 3.8 s at 10^6
-    against 0.2 s."""
-    # the current ids come sorted as hex strings: as FAISS ids (their top bit dropped) two
-    # sorted runs, which keys_in merges (10^7: 0.17 s against 0.78 s sorting them)
+    `have`: the index's ids, sorted (store.index.sorted_ids). By binary search (FAISS ids are
+    unique): np.setdiff1d and np.isin hash every id, 3.8 s at 10^6 against 0.2 s."""
     fids = np.asarray(fids, np.int64)
-    return have[~keys_in(have, fids)], ~keys_in(fids, have)
+    if not len(have):
+        return have, np.ones(len(fids), bool)
+    # the current ids come sorted as hex strings: as FAISS ids (their top bit dropped) two
+    # sorted runs, each searched in `have` in order (numpy's search starts where the last
+    # ended), which marks both sides at once: 10^7 ids 0.4 s against 0.9 s merging the runs
+    # and searching each side in the other
+    cuts = np.flatnonzero(fids[1:] < fids[:-1]) + 1
+    if len(cuts) > _RUNS_MAX:
+        return have[~keys_in(have, fids)], ~keys_in(fids, have)
+    hit = np.zeros(len(have), bool)
+    found = np.empty(len(fids), bool)
+    for lo, hi in zip([0, *cuts], [*cuts, len(fids)], strict=True):
+        run = fids[lo:hi]
+        at = np.minimum(np.searchsorted(have, run), len(have) - 1)
+        found[lo:hi] = ok = have[at] == run
+        hit[at[ok]] = True
+    return have[~hit], ~found
+
+
+_RUNS_MAX = 64  # more sorted runs than this: each side searched in the other
 
 
 def _build_or_update(
