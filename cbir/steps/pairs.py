@@ -565,15 +565,28 @@ class _Present:
         return isinstance(image_id, str) and bool(self.s.present([image_id])[0])
 
 
-def _recorded_near(lay: Layout) -> pa.Table:
-    """The near pairs of every committed file (the base and the partitions); none when a file
-    is unreadable (then everything is found again)."""
+#: What clustering reads of a pair (_edges): a night that folds nothing reads only these of the
+#: recorded pairs (10^6 pairs at 10^7 images, their paths and checks left on disk).
+LINKS = ["image_a", "image_b", "score", "kind", "relation"]
+_PLACES = ["image_a", "image_b", "path_a", "path_b", "kind"]  # what _moved reads
+
+
+def _recorded_near(lay: Layout, columns: list[str] | None = None) -> pa.Table:
+    """The near pairs of every committed file (the base and the partitions), their `columns`
+    (all by default; `kind` among them); none when a file is unreadable (then everything is
+    found again)."""
+    empty = PAIRS_SCHEMA.empty_table()
+    empty = empty if columns is None else empty.select(columns)
     try:
-        tables = [read_table(f, PAIRS_SCHEMA, PAIRS_FIX) for f in pair_files(lay) if f != lay.exact]
+        tables = [
+            read_table(f, PAIRS_SCHEMA, PAIRS_FIX, columns)
+            for f in pair_files(lay)
+            if f != lay.exact
+        ]
     except CbirError:
-        return PAIRS_SCHEMA.empty_table()
+        return empty
     if not tables:
-        return PAIRS_SCHEMA.empty_table()
+        return empty
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
     return table.filter(pc.equal(table.column("kind"), "near"))
 
@@ -914,14 +927,19 @@ def run_pairs(
     else:
         searched = ids_in(s.image_ids, before)
         rows = np.flatnonzero(~searched).astype(np.int64)
-        old = _recorded_near(lay)
         # an image searched before and not among the present ones (the recorded ids are
         # distinct; were one recorded twice, this folds, which is always right)
         gone = int(searched.sum()) < len(before)
         assert recorded is not None
         # the recorded paths are current while the manifest's canonical epoch is theirs
         same = bool(epoch) and recorded.epoch == epoch
-        fold = gone or len(recorded.runs) >= MAX_RUNS or (not same and _moved(old, s.path_of))
+        fold = (
+            gone
+            or len(recorded.runs) >= MAX_RUNS
+            or (not same and _moved(_recorded_near(lay, _PLACES), s.path_of))
+        )
+        # a night that folds nothing rewrites no recorded pair: it reads what clustering reads
+        old = _recorded_near(lay) if fold else _recorded_near(lay, LINKS)
     prior = _recorded_near(lay) if rows is None else old  # what was recorded before
     checks: dict[Key, verify.Match | None] = (
         dict(_checks_of(prior)) if rows is None and reuse_checks else {}
@@ -997,7 +1015,7 @@ def run_pairs(
     elif rows is None:
         near = new
     else:
-        near = pa.concat_tables([old, new])
+        near = pa.concat_tables([old, new.select(LINKS)])
     if vs is not None:  # the recorded pairs kept their verification, checked no more
         vs.kept += near.num_rows - new.num_rows
     exact = pa.Table.from_pylist(exact_duplicate_pairs(settings), schema=PAIRS_SCHEMA)
@@ -1059,9 +1077,12 @@ def run_pairs(
     )
     finish_commit(lay)  # the staged base renamed into place; a fold's partitions removed
     refresh_catalog(settings)
-    added = near.join(
-        prior.select(["image_a", "image_b"]), ["image_a", "image_b"], join_type="left anti"
-    )
+    pair = ["image_a", "image_b"]
+    if (
+        rows is not None
+    ):  # what the recorded pairs hold of the new ones (none: each has a new image)
+        prior = prior.filter(pc.is_in(prior.column("image_a"), value_set=new.column("image_a")))
+    added = (near if rows is None else new).join(prior.select(pair), pair, join_type="left anti")
     n_clusters = pc.max(clusters.column("cluster_id")).as_py() or 0
     largest = pc.max(clusters.column("size")).as_py() or 0
     return PairsSummary(
