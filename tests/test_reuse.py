@@ -83,6 +83,13 @@ def test_a_file_changed_between_two_steps_is_read_again(tmp_path, counted):
         now = current_embeddings(s)[1]
         assert counted["open_vectors"] == 3 and len(now) == len(ids) + 1
 
+        # a shard written again (renamed over the old, as cbir writes): its folder changed
+        shard = next(iter(sorted(lay.embeddings_dir.glob("*/shard-*.parquet"))))
+        shutil.copyfile(shard, shard.with_suffix(".new"))
+        os.replace(shard.with_suffix(".new"), shard)
+        again = current_embeddings(s)[1]
+        assert again == now and again is not now and counted["open_vectors"] == 4  # read again
+        assert current_embeddings(s)[1] is again and counted["open_vectors"] == 4  # then kept
         run_index(s)  # adds the new image and saves: the index kept for the next step
         counted["load_index"] = 0
         store_index.open_searcher(s)

@@ -716,8 +716,11 @@ def _whole_order(
 
 
 def _inputs_stamp(manifest: Path, folder: Path) -> Stamp:
-    """The files current_embeddings reads: the manifest, the vector rows and data, the shards."""
-    files = [manifest, folder / VECTOR_ROWS]
+    """The files current_embeddings reads: the manifest, the vector rows and data, and the
+    shards' folder itself rather than each shard (cbir writes a shard by renaming it into the
+    folder, which changes the folder's time; 10^4 shards at 10^7 images took 0.2 s to stat,
+    twice a night)."""
+    files = [manifest, folder / VECTOR_ROWS, folder]
     if folder.is_dir():
-        files += sorted(folder.glob(VECTOR_DATA_GLOB)) + sorted(folder.glob(SHARD_GLOB))
+        files += sorted(folder.glob(VECTOR_DATA_GLOB))
     return file_stamps(files)
