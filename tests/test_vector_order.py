@@ -120,8 +120,9 @@ def _night(s, name: str, seed: int) -> None:
 
 
 def test_a_night_grows_the_kept_order_and_anything_else_matches_it_whole(
-    tmp_path, whole_counted
+    tmp_path, whole_counted, monkeypatch
 ):
+    monkeypatch.setattr(store_vectors, "ORDER_SAVE_ROWS", 1)  # every grown order saved
     s = tiny_workspace.make(tmp_path, steps=("ingest", "embed"))
     lay = layout(s)
     path = lay.vector_order(current_fingerprint(s))
@@ -164,6 +165,29 @@ def test_a_night_grows_the_kept_order_and_anything_else_matches_it_whole(
     path.write_bytes(path.read_bytes()[:40])
     assert _opened(s) == _opened_as_before(s) and whole_counted["whole"] == 5
     assert VectorOrder.load(path) is not None
+
+
+def test_a_grown_order_is_saved_again_only_after_enough_rows(tmp_path, whole_counted,
+                                                           monkeypatch):
+    """A few nights' rows: the kept order stays as saved and each opening grows it from all the
+    rows appended since (the same rows as matching whole); past ORDER_SAVE_ROWS rows appended
+    since it was saved, the grown order is saved."""
+    s = tiny_workspace.make(tmp_path, steps=("ingest", "embed"))
+    path = layout(s).vector_order(current_fingerprint(s))
+    assert _opened(s) == _opened_as_before(s) and path.is_file()
+    saved = path.stat()
+    kept = VectorOrder.load(path)
+    monkeypatch.setattr(store_vectors, "ORDER_SAVE_ROWS", 3)
+    for night, seed in enumerate((50, 51), start=1):
+        _night(s, f"n{night}.png", seed)  # a row in the manifest and one in the vector file
+        assert _opened(s) == _opened_as_before(s) and whole_counted["whole"] == 1  # grown
+        now = path.stat()
+        assert (now.st_ino, now.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)
+    assert VectorOrder.load(path).stamp == kept.stamp
+    _night(s, "n3.png", 52)  # three rows since it was saved: saved grown
+    assert _opened(s) == _opened_as_before(s) and whole_counted["whole"] == 1
+    assert VectorOrder.load(path).stamp != kept.stamp
+    assert len(VectorOrder.load(path).kept()[0]) == len(_opened(s)[0]) == len(kept.kept()[0]) + 3
 
 
 @pytest.mark.parametrize("start", [0, 2, 3, 4, 9])

@@ -635,14 +635,14 @@ def _open_ordered(
     path = lay.vector_order(fingerprint)
     before = VectorOrder.load(path)
     try:
-        order = _grow_order(before, where, manifest, vector_rows)
+        order = grown = _grow_order(before, where, manifest, vector_rows)
         if order is None:
             order = _whole_order(where, manifest, vector_rows)
     except (OSError, pa.ArrowException):
         return None
     if order is None:
         return None
-    if before is None or order.stamp != before.stamp:
+    if before is None or grown is None or _appended(before, order) >= ORDER_SAVE_ROWS:
         # a cache: a read-only workspace or a full disk goes without (a reader racing another
         # at its temporary file loses its write, never the other's)
         with contextlib.suppress(OSError, ReadOnly, DiskFull):
@@ -653,6 +653,19 @@ def _open_ordered(
     keys, rows = order.kept()
     base, mapped = _base(data, n, dim)
     return ImageIds.from_keys(keys), Vectors(base, rows, mapped), len(order.waiting)
+
+
+#: Rows appended since the kept order was saved past which a grown order is saved again. Below
+#: it the order kept is grown from those rows each time (at 10^7, saving its 160 MB cost
+#: 0.3-0.7 s a night; growing from 65,536 rows instead of 1,000 costs a few hundredths).
+ORDER_SAVE_ROWS = APPENDED_ROW_GROUP
+
+
+def _appended(before: VectorOrder, order: VectorOrder) -> int:
+    """Rows of the manifest and the vector file appended between two orders' stamps."""
+    manifest = order.stamp["manifest"][1] - before.stamp["manifest"][1]
+    vectors = order.stamp["vectors"][2] - before.stamp["vectors"][2]
+    return int(max(manifest, vectors))
 
 
 def _stamp(where: dict[str, list[Any]], manifest_last: str, vectors_last: str) -> dict[str, Any]:
