@@ -531,7 +531,7 @@ def _growth(
         if not had <= {json.dumps(s) for s in now["near"]}:
             return None  # a file folded away or rewritten: its rows would be gone or stale
         files = stored_files(view.stored)
-        if view.parted and (files is None or metadata_value(view.stored, PARTS) is None):
+        if files is None or metadata_value(view.stored, PARTS) is None:
             return None  # written before its rows were parted: all of them in the file
         new = [settings.root / s[0] for s in now["near"] if json.dumps(s) not in had]
         part = tuple(new + ([lay.exact] if lay.exact.is_file() else []))
@@ -539,7 +539,7 @@ def _growth(
         return _Growth(
             over=pairs.name,
             part=dataclasses.replace(pairs, many=part) if part else None,
-            kept=f"SELECT * FROM {stored} WHERE kind <> 'exact'",
+            kept="",  # parted: the parts it names stay as they are
             expected=f"SELECT count(*) FROM {_ALL.format(pairs.name)}",
             parts=tuple(f.name for f in (files or [])[1:]),
         )
