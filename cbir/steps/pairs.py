@@ -568,7 +568,6 @@ class _Present:
 #: What clustering reads of a pair (_edges): a night that folds nothing reads only these of the
 #: recorded pairs (10^6 pairs at 10^7 images, their paths and checks left on disk).
 LINKS = ["image_a", "image_b", "score", "kind", "relation"]
-_PLACES = ["image_a", "image_b", "path_a", "path_b", "kind"]  # what _moved reads
 
 
 def _recorded_near(lay: Layout, columns: list[str] | None = None) -> pa.Table:
@@ -724,9 +723,8 @@ def _update_clusters(
     touched = pa.array(sorted({x for _, a, b in added for x in (a, b)}), pa.string())
     hit = pc.unique(old.filter(pc.is_in(old.column("image_id"), value_set=touched))["cluster_id"])
     in_hit = pc.is_in(old.column("cluster_id"), value_set=hit)
-    group = pa.concat_arrays(
-        [touched, old.filter(in_hit).column("image_id").combine_chunks()]
-    ).unique()
+    joined = old.filter(in_hit)  # the clusters the new links join, dropped
+    group = pa.concat_arrays([touched, joined.column("image_id").combine_chunks()]).unique()
     members = set(group.to_pylist())
     if any(a in members or b in members for a, b in decided.different):
         return None
@@ -742,33 +740,25 @@ def _update_clusters(
         for ids, paths in (
             (new.column("image_a"), new.column("path_a")),
             (new.column("image_b"), new.column("path_b")),
-            (old.filter(in_hit).column("image_id"), old.filter(in_hit).column("path")),
+            (joined.column("image_id"), joined.column("path")),
         ):
             known.update(
                 (i, p)
                 for i, p in zip(ids.to_pylist(), paths.to_pylist(), strict=True)
                 if p is not None
             )
-    regrouped = _cluster_table(link(same + _edges(near.filter(inside), threshold)), s, known)
-    kept = _with_firsts(old.filter(pc.invert(in_hit)))
-    firsts: dict[int, str] = {}
-    for cid, m in zip(
-        regrouped.column("cluster_id").to_pylist(),
-        regrouped.column("image_id").to_pylist(),
-        strict=True,
-    ):
-        firsts.setdefault(cid, m)
-    regrouped = regrouped.append_column(
-        "first", pa.array([firsts[c] for c in regrouped.column("cluster_id").to_pylist()])
+    # link() lists clusters by size and members sorted: each cluster led by its smallest member
+    regrouped = _with_firsts(
+        _cluster_table(link(same + _edges(near.filter(inside), threshold)), s, known)
     )
+    kept = _with_firsts(old.filter(pc.invert(in_hit)))
     both = _merged(kept, regrouped.cast(kept.schema))
     f = both.column("first").combine_chunks()
     starts = np.r_[True, np.asarray(pc.not_equal(f[1:], f[:-1]))] if len(f) else np.zeros(0)
     ids = pa.array(np.cumsum(starts).astype(np.int32))
     out = both.drop_columns(["first"]).set_column(0, "cluster_id", ids)
-    # link() lists members sorted, so a regrouped cluster's first is its smallest member id
-    dropped = old.filter(in_hit).group_by("cluster_id").aggregate([("image_id", "min")])
-    changed = set(firsts.values()) | set(dropped.column("image_id_min").to_pylist())
+    formed, dropped = regrouped.column("first"), _with_firsts(joined).column("first")
+    changed = set(formed.to_pylist()) | set(dropped.to_pylist())
     return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA), sorted(changed)
 
 
@@ -933,13 +923,16 @@ def run_pairs(
         assert recorded is not None
         # the recorded paths are current while the manifest's canonical epoch is theirs
         same = bool(epoch) and recorded.epoch == epoch
+        # their paths compared with the manifest's where the epoch is not theirs: read whole
+        placed = None if same else _recorded_near(lay)
         fold = (
             gone
             or len(recorded.runs) >= MAX_RUNS
-            or (not same and _moved(_recorded_near(lay, _PLACES), s.path_of))
+            or (placed is not None and _moved(placed, s.path_of))
         )
-        # a night that folds nothing rewrites no recorded pair: it reads what clustering reads
-        old = _recorded_near(lay) if fold else _recorded_near(lay, LINKS)
+        # a night that folds nothing rewrites no recorded pair: it keeps what clustering reads
+        old = placed if placed is not None else _recorded_near(lay, None if fold else LINKS)
+        old = old if fold else old.select(LINKS)
     prior = _recorded_near(lay) if rows is None else old  # what was recorded before
     checks: dict[Key, verify.Match | None] = (
         dict(_checks_of(prior)) if rows is None and reuse_checks else {}
@@ -1078,9 +1071,7 @@ def run_pairs(
     finish_commit(lay)  # the staged base renamed into place; a fold's partitions removed
     refresh_catalog(settings)
     pair = ["image_a", "image_b"]
-    if (
-        rows is not None
-    ):  # what the recorded pairs hold of the new ones (none: each has a new image)
+    if rows is not None:  # the recorded pairs that could be new ones (none: each has a new image)
         prior = prior.filter(pc.is_in(prior.column("image_a"), value_set=new.column("image_a")))
     added = (near if rows is None else new).join(prior.select(pair), pair, join_type="left anti")
     n_clusters = pc.max(clusters.column("cluster_id")).as_py() or 0
