@@ -107,6 +107,7 @@ NOT_STEPS = {"write files", "write vectors", "nightly arrivals"}  # set-up, not 
 # where --kill-sizes kills the nightly run: the index update's save and commit, the pairs
 # search, between the night's partition of pairs and its commit (pairs.json), after the report
 KILL_POINTS = ["index.save:1", "index.commit:1", "pairs.batch:1", "pairs.searched:1",
+               "write.pair_report.parquet:1", "write.cluster_report.parquet:1",
                "nightly.reported:1"]
 PAIR_THRESHOLD = 0.9
 NEW_PAIRS_SQL = """
@@ -570,8 +571,9 @@ def child_intact(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     searcher = open_searcher(s)
     pairs = read_pairs(s)
     n = query(s, "SELECT count(*) FROM clusters")[1][0][0]
+    reported = query(s, "SELECT count(*) FROM pair_report")[1][0][0]
     return {"note": f"index {searcher.index.ntotal} vectors, {pairs.num_rows} pairs, "
-                    f"{n} cluster rows"}
+                    f"{n} cluster rows, {reported} pair_report rows"}
 
 
 def child_nightly(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
@@ -816,9 +818,12 @@ def run_vector_size(n: int, args: argparse.Namespace, max_rss: float) -> list[di
 
 def _outputs(ws: Path) -> dict[str, Any]:
     """What a nightly run leaves, to compare: the pairs (all files that hold them), the
-    clusters, the searched images and the index's size."""
+    clusters, the searched images, the index's size, and the catalogue's stored reports (their
+    rows, in whatever files and order: a multiset digest)."""
+    import duckdb
     import pyarrow.parquet as pq
 
+    from cbir.store.catalog import stored_files
     from cbir.store.layout import layout
     from cbir.store.pairs import read_pairs, searched_files
 
@@ -831,12 +836,24 @@ def _outputs(ws: Path) -> dict[str, Any]:
         "searched": sorted(x for col in searched for x in col.to_pylist()),
     }
     out["index"] = json.loads((ws / "data" / "index" / "index.json").read_text())["n_vectors"]
+    con = duckdb.connect()
+    for name in ("pair_report", "cluster_report"):
+        files = stored_files(lay.stored_view(name)) or []
+        listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+        out[name] = con.execute(  # (rows, sum of row hashes); none stored: (0, None)
+            f"SELECT count(*), sum(hash(t)::HUGEINT) FROM read_parquet([{listed}]) t"
+        ).fetchone() if files else (0, None)
+    con.close()
     return out
+
+
+_COMPARED_AS_VALUES = ("index", "searched", "pair_report", "cluster_report")
 
 
 def _same_outputs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The names of the outputs that differ."""
-    return [k for k in a if not (a[k] == b[k] if k in ("index", "searched") else a[k].equals(b[k]))]
+    return [k for k in a
+            if not (a[k] == b[k] if k in _COMPARED_AS_VALUES else a[k].equals(b[k]))]
 
 
 def kill_checks(ws: Path, snapshot: Path, a: dict[str, Any], args: argparse.Namespace,
