@@ -390,6 +390,26 @@ def test_evaluation_pages_and_plots(ws):
     assert not (plots / "train_loss.png").exists()
 
 
+def test_evaluation_page_says_why_metrics_json_holds_no_metrics(tmp_path, ws):
+    """metrics.json written when nothing was labelled (a note, no figures), then labels since
+    (decisions, in an archive): the page says so instead of failing on the note."""
+    s = load_settings(ws.params_path, overrides={"data.reports_dir": str(tmp_path / "r")})
+    metrics = tmp_path / "r" / "metrics.json"
+    metrics.parent.mkdir()
+    metrics.write_text(json.dumps({"model": {}, "note": "nothing labelled then"}))
+    summary = run_report(s)
+    page = (tmp_path / "r/gallery/evaluation.html").read_text()
+    assert summary.n_queries > 0  # the rankings are shown all the same
+    assert "nothing labelled then" in page and "Run <code>cbir evaluate</code> again" in page
+    assert "<table>" not in page
+    metrics.write_text("{not json")
+    run_report(s)
+    assert "cannot be read" in (tmp_path / "r/gallery/evaluation.html").read_text()
+    metrics.unlink()
+    run_report(s)
+    assert "No metrics.json yet" in (tmp_path / "r/gallery/evaluation.html").read_text()
+
+
 def test_report_without_ground_truth_or_pairs(tmp_path, ws):
     no_gt = load_settings(ws.params_path, overrides={"data.ground_truth": None,
                                                       "data.reports_dir": str(tmp_path / "r")})

@@ -26,6 +26,7 @@ class Evaluation:
     k: int
     queries: list[dict[str, Any]]  # path, neighbours [(path, rank, score, correct)], missed, n_rel
     metrics: dict[str, dict[str, float | None]] | None
+    metrics_note: str = ""  # why metrics.json holds no metrics, where it holds none
 
 
 def evaluation(settings: Settings, plots_dir: Path) -> tuple[Evaluation | None, str, list[Path]]:
@@ -40,11 +41,30 @@ def evaluation(settings: Settings, plots_dir: Path) -> tuple[Evaluation | None, 
         return None, str(exc), []
     k = max(settings.evaluate.ks)
     written = _plots(settings, model, k, plots_dir)
-    metrics_file = layout(settings).metrics_json
-    table = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    if table is not None:  # the models' rows (not the count of labels they rest on)
-        table = {name: row for name, row in table.items() if name != "labels"}
-    return Evaluation(label=model.label, k=k, queries=_queries(model), metrics=table), "", written
+    table, why = _metrics(layout(settings).metrics_json)
+    ev = Evaluation(model.label, k, _queries(model), metrics=table, metrics_note=why)
+    return ev, "", written
+
+
+def _metrics(path: Path) -> tuple[dict[str, dict[str, float | None]] | None, str]:
+    """The models' rows of metrics.json (not the count of labels they rest on), and why there
+    are none where it holds none: written when nothing was labelled (a note, and no figures),
+    and decisions labelling images since; or not JSON. None, "": no file yet."""
+    if not path.is_file():
+        return None, ""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None, f"{path} cannot be read"
+    if not isinstance(raw, dict):
+        return None, f"{path} holds no metrics"
+    rows = {k: v for k, v in raw.items() if k != "labels" and isinstance(v, dict) and v}
+    if rows:
+        return rows, ""
+    note = raw.get("note")
+    return None, f"the last `cbir evaluate` had nothing to evaluate ({note})" if note else (
+        f"{path} holds no metrics"
+    )
 
 
 def _plots(settings: Settings, model: ModelRanking, k: int, plots_dir: Path) -> list[Path]:
