@@ -400,6 +400,7 @@ def test_evaluation_page_says_why_metrics_json_holds_no_metrics(tmp_path, ws):
     summary = run_report(s)
     page = (tmp_path / "r/gallery/evaluation.html").read_text()
     assert summary.n_queries > 0  # the rankings are shown all the same
+    assert any("no metrics" in x and "nothing labelled then" in x for x in summary.lines())
     assert "nothing labelled then" in page and "Run <code>cbir evaluate</code> again" in page
     assert "<table>" not in page
     metrics.write_text("{not json")

@@ -42,6 +42,7 @@ class ReportSummary:
     n_clusters: int = 0
     n_queries: int = 0
     evaluation_note: str = ""
+    metrics_note: str = ""  # evaluation pages without metrics: why (Evaluation.metrics_note)
     thumbs: ThumbStats = field(default_factory=ThumbStats)
     index: Path | None = None
     plots: list[Path] = field(default_factory=list)
@@ -64,6 +65,8 @@ class ReportSummary:
         ]
         if self.evaluation_note:
             out.append(f"  no evaluation pages: {self.evaluation_note}")
+        if self.metrics_note:
+            out.append(f"  no metrics: {self.metrics_note}; run `cbir evaluate` again")
         if t.failed:
             out.append(
                 f"  {len(t.failed)} images without a preview, e.g. {next(iter(t.failed.values()))}"
@@ -95,6 +98,7 @@ def run_report(settings: Settings, *, progress: bool = False) -> ReportSummary:
     summary.n_pairs_total = rows.n_pairs_total
 
     ev, summary.evaluation_note, written = evaluation(settings, plots_dir)
+    summary.metrics_note = ev.metrics_note if ev is not None else ""
     written += plots.training_loss(plots.read_history(lay.history), plots_dir)
 
     manifest = load_manifest(settings)
