@@ -257,6 +257,13 @@ def test_a_contradicted_pair_is_kept_and_marked_and_an_incremental_run_verifies_
     third = run_pairs(settings, incremental=True)
     assert third.verification is not None and third.verification.checked == 0
     assert third.verification.extracted == 0
+    # searching everything again checks again what confirmed nothing (matching may confirm
+    # it since: a mirrored copy) and keeps the confirmed checks, from the features cached
+    unconfirmed = [k for k, r in after.items() if r["relation"] == "none"]
+    fourth = run_pairs(settings)
+    assert fourth.verification is not None and fourth.verification.extracted == 0
+    assert fourth.verification.checked == len(unconfirmed) > 0
+    assert pairs_rows(settings) == after  # the same answers
 
 
 @pytest.mark.parametrize("verify", [False])

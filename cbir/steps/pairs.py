@@ -428,11 +428,13 @@ _CHECK_COLUMNS = ["inliers", "relation", "covered", "box_on", "box_x0", "box_y0"
 
 
 def _checks_of(table: pa.Table) -> dict[Key, verify.Match]:
-    """The verification recorded with each near pair (those checked)."""
+    """The verification recorded with each near pair that it confirmed. One that confirmed
+    nothing is checked again: matching has learnt since (a mirrored copy, cbir.verify), and
+    such pairs are few (the unconfirmed ones below the threshold are not recorded)."""
     cols = ["image_a", "image_b", "kind", *_CHECK_COLUMNS, "box_y1"]
     out = {}
     for r in table.select(cols).to_pylist():
-        if r["kind"] != "near" or r["relation"] is None:
+        if r["kind"] != "near" or r["relation"] in (None, "none"):
             continue
         box = None
         if r["box_x0"] is not None:

@@ -165,14 +165,15 @@ def describe(match: verify.Match | None, other: str) -> str:
         x0, y0, x1, y1 = match.box
         box = f", box {x0},{y0}\u2013{x1},{y1}"
     pct = f"{match.covered:.0%}".replace("%", " %")
+    flip = ", mirrored" if match.mirrored else ""  # one is the other flipped left-right
     if match.relation == "a_in_b":
-        return f"detail of {other} (covers {pct} of it{box}; {match.inliers} matching points)"
+        return f"detail of {other}{flip} (covers {pct} of it{box}; {match.inliers} matching points)"
     if match.relation == "b_in_a":
         return (
-            f"{other} is a detail of the query (covers {pct} of the query{box}; "
+            f"{other} is a detail of the query{flip} (covers {pct} of the query{box}; "
             f"{match.inliers} matching points)"
         )
-    return f"same picture as {other} (confirmed by {match.inliers} matching points)"
+    return f"same picture as {other}{flip} (confirmed by {match.inliers} matching points)"
 
 
 def _unreadable(path: Path) -> str | None:
