@@ -302,3 +302,43 @@ def test_a_stored_report_missing_a_part_or_written_before_parts_is_computed_agai
     catalog.clean_stale(settings)
     assert not stray.exists() and not half.exists() and not files[1].exists()  # none named
     assert catalog.stored_files(report) == kept and report.is_file()
+
+
+def test_the_likely_master_is_the_continuous_tone_copy_whatever_its_size(tmp_path):
+    """One print, its newspaper halftone scanned in black and white at twice the resolution and
+    a palette GIF of the same size and more bytes: pair_report, cluster_report and the remove
+    list (one rule) keep the print as the likely master, found in the trial on a real archive's
+    formats, where a GIF and a bilevel TIFF were the masters of JPEG originals."""
+    from PIL import Image
+
+    from cbir.steps.decisions import remove_list, run_decide
+    from cbir.steps.pairs import run_pairs
+
+    scans = tmp_path / "scans"
+    pic = photo(11, (160, 120))
+    save(pic, scans / "box/print.jpg", quality=70)
+    save(pic.resize((320, 240)).convert("1"), scans / "reprint.tif")
+    save(pic.convert("P", palette=Image.Palette.ADAPTIVE), scans / "web.gif")
+    names = ["box/print.jpg", "reprint.tif", "web.gif"]
+    assert (scans / "web.gif").stat().st_size > (scans / "box/print.jpg").stat().st_size
+    settings = tiny_workspace.make(tmp_path, search={"k": 9, "pair_threshold": -1.0,
+                                                     "cluster_threshold": -1.0})
+    run_pairs(settings)
+
+    _, rows = catalog.query(settings, "SELECT path_a, path_b, master_path, master_reason "
+                                      "FROM pair_report WHERE path_a IN (?, ?, ?) AND path_b "
+                                      "IN (?, ?, ?)", names + names)
+    masters = {frozenset(r[:2]): r[2:] for r in rows}
+    for copy in ("reprint.tif", "web.gif"):
+        assert masters[frozenset({"box/print.jpg", copy})] == ("box/print.jpg", "continuous tone")
+    # between the two reduced copies the usual order holds: the halftone has more pixels
+    assert masters[frozenset({"reprint.tif", "web.gif"})] == ("reprint.tif", "higher resolution")
+    _, rows = catalog.query(settings, "SELECT master_path FROM cluster_report "
+                                      "WHERE list_contains(members, 'web.gif')")
+    assert rows == [("box/print.jpg",)]
+
+    run_decide(settings, "reprint.tif", "box/print.jpg", "same")
+    run_decide(settings, "web.gif", "reprint.tif", "same")
+    remove_list(settings, tmp_path / "remove.csv")
+    kept = {r.split(",")[1] for r in (tmp_path / "remove.csv").read_text().splitlines()[1:]}
+    assert kept == {"box/print.jpg", "p0.png"}  # p0.png: of the tiny workspace's exact copy

@@ -27,6 +27,7 @@ from ..errors import CbirError
 from ..fsutil import write_text
 from ..linkage import link
 from ..store import decisions as D
+from ..store.catalog import REDUCED_TONE
 from ..store.layout import layout
 from ..store.manifest import PRESENT, load_manifest
 from ..store.outputs import check_user_file
@@ -74,7 +75,7 @@ class Resolver:
 
     @classmethod
     def of(cls, settings: Settings) -> Resolver:
-        cols = ["image_id", "path", "status", "is_canonical", "width", "height", "bytes"]
+        cols = ["image_id", "path", "status", "is_canonical", "width", "height", "mode", "bytes"]
         cols += ["first_run", "mtime_ns"]
         rows = [r for r in load_manifest(settings, cols).to_pylist() if r["status"] in PRESENT]
         path_of = {r["image_id"]: r["path"] for r in rows if r["is_canonical"]}
@@ -451,11 +452,13 @@ class RemoveSummary:
 
 
 def _likely_master(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The catalogue's rule (pair_report, cluster_report): more pixels, else more bytes, else
-    seen first (earlier ingest run, older modification time, then path)."""
+    """The catalogue's rule (pair_report, cluster_report): continuous tone (not bilevel or
+    palette), else more pixels, else more bytes, else seen first (earlier ingest run, older
+    modification time, then path)."""
     return min(
         rows,
         key=lambda r: (
+            r["mode"] in REDUCED_TONE,
             -(r["width"] or 0) * (r["height"] or 0),
             -(r["bytes"] or 0),
             r["first_run"],

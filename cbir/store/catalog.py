@@ -177,12 +177,17 @@ _NEWER_A, _NEWER_B = (
     for side in "ab"
 )
 _SEEN_FIRST_F = ", ".join("c.path" if c == "path" else "f." + c for c in SEEN_FIRST)
+#: Image modes of reduced tone: bilevel (a halftone or line reproduction scanned in black and
+#: white) and palette (a GIF or web derivative). A photograph's continuous-tone copy is the
+#: likelier master whatever their sizes, so the likely master rule weighs tone before pixels.
+REDUCED_TONE = ("1", "P", "PA")
+_FULL_TONE = "coalesce(mode NOT IN ({}), true)".format(", ".join(f"'{m}'" for m in REDUCED_TONE))
 
 # Reviewing duplicates (see README "Reviewing duplicates"). A pair's two files are looked up by
 # image id and path: the present version of that path when there is one, else its latest.
 _PAIR_FILE_SQL = """
     SELECT image_id, path, width, height, width::BIGINT * height AS pixels, bytes, format,
-           first_run, mtime, mtime_ns{extra}
+           {full_tone} AS full_tone, first_run, mtime, mtime_ns{extra}
     FROM {rows} SEMI JOIN ({keys}) k USING (image_id, path)
     QUALIFY row_number() OVER (PARTITION BY image_id, path
                                ORDER BY status IN ('ok', 'duplicate') DESC, version DESC) = 1
@@ -193,11 +198,12 @@ _PAIR_IMAGES = """SELECT image_a AS image_id FROM duplicate_pairs
     UNION ALL SELECT image_b FROM duplicate_pairs"""
 _CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
 # The likely master: the whole picture of a partial copy (the other is a detail cut from it),
-# else more pixels, else more bytes, else seen first (run, then mtime, then path).
+# else continuous tone (REDUCED_TONE), else more pixels, else more bytes, else seen first (run,
+# then mtime, then path).
 _PAIR_REPORT_SQL = f"""
 WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
            FROM files SEMI JOIN ({_PAIR_IMAGES}) k USING (image_id)),
-f AS ({_PAIR_FILE_SQL.format(rows="i", keys=_PAIR_KEYS, extra=", arrived")}),
+f AS ({_PAIR_FILE_SQL.format(rows="i", keys=_PAIR_KEYS, extra=", arrived", full_tone=_FULL_TONE)}),
 p AS (
     SELECT p.score::DOUBLE AS score, p.kind, p.path_a, p.path_b,  -- round(score, 3) shows 0.996
            a.width AS width_a, a.height AS height_a, b.width AS width_b, b.height AS height_b,
@@ -205,6 +211,7 @@ p AS (
            a.first_run AS first_run_a, b.first_run AS first_run_b,
            {_ARRIVED.format(s="a")} AS arrived_a, {_ARRIVED.format(s="b")} AS arrived_b,
            a.mtime AS mtime_a, b.mtime AS mtime_b, a.pixels AS pixels_a, b.pixels AS pixels_b,
+           a.full_tone AS tone_a, b.full_tone AS tone_b,
            coalesce({_NEWER_A} > {_NEWER_B}, false) AS a_is_newer,
            p.inliers, p.relation, p.covered::DOUBLE AS covered, p.box_on,
            CASE p.box_on WHEN 'a' THEN p.path_a WHEN 'b' THEN p.path_b END AS box_path,
@@ -222,18 +229,20 @@ m AS (
     SELECT *,
            CASE WHEN relation = 'a_in_b' THEN false
                 WHEN relation = 'b_in_a' THEN true
+                WHEN tone_a <> tone_b THEN tone_a
                 WHEN pixels_a <> pixels_b THEN pixels_a > pixels_b
                 WHEN bytes_a <> bytes_b THEN bytes_a > bytes_b
                 ELSE NOT a_is_newer END AS a_is_master,
            CASE WHEN relation IN ('a_in_b', 'b_in_a') THEN 'the whole picture'
+                WHEN tone_a <> tone_b THEN 'continuous tone'
                 WHEN pixels_a <> pixels_b THEN 'higher resolution'
                 WHEN bytes_a <> bytes_b THEN 'larger file'
                 ELSE 'earlier' END AS master_reason
     FROM p
 )
-SELECT * EXCLUDE (pixels_a, pixels_b, a_is_newer, a_is_master, image_a, image_b, rank,
-                  inliers, relation, covered, box_on, box_path, box_x0, box_y0, box_x1, box_y1,
-                  detail_path, whole_path),
+SELECT * EXCLUDE (pixels_a, pixels_b, tone_a, tone_b, a_is_newer, a_is_master, image_a, image_b,
+                  rank, inliers, relation, covered, box_on, box_path, box_x0, box_y0, box_x1,
+                  box_y1, detail_path, whole_path),
        CASE WHEN a_is_master THEN path_a ELSE path_b END AS master_path,
        greatest(arrived_a, arrived_b) AS new_run,
        CASE WHEN a_is_newer THEN path_a ELSE path_b END AS new_path,
@@ -288,11 +297,14 @@ LEFT JOIN images a ON a.image_id = d.image_a
 LEFT JOIN images b ON b.image_id = d.image_b
 """
 _CLUSTER_REPORT_SQL = f"""
-WITH f AS ({_PAIR_FILE_SQL.format(rows="files", keys=_CLUSTER_KEYS, extra="")})
+WITH f AS ({
+    _PAIR_FILE_SQL.format(rows="files", keys=_CLUSTER_KEYS, extra="", full_tone=_FULL_TONE)
+})
 SELECT c.cluster_id, any_value(c.size) AS size,
        any_value(c.weakest_link)::DOUBLE AS weakest_link,
        list(c.path ORDER BY c.path) AS members,
-       list(c.path ORDER BY f.pixels DESC, f.bytes DESC, {_SEEN_FIRST_F})[1] AS master_path,
+       list(c.path ORDER BY f.full_tone DESC, f.pixels DESC, f.bytes DESC, {_SEEN_FIRST_F})[1]
+           AS master_path,
        min(f.first_run) AS first_run, max(f.first_run) AS newest_run,
        sum(f.bytes)::BIGINT AS total_bytes,  -- a HUGEINT would be stored as a DOUBLE
        list(c.image_id ORDER BY c.path) AS member_ids
@@ -387,7 +399,8 @@ def views(settings: Settings) -> list[View]:
             stored=lay.stored_view("pair_report"),
             parted="kind <> 'exact'",  # the near pairs: a part per night (PARTS)
             comment="each pair with both files' dimensions, sizes, formats, first run and "
-            "mtime, the likely master (higher resolution, larger, or earlier) and the "
+            "mtime, the likely master (continuous tone, higher resolution, larger, or "
+            "earlier) and the "
             "geometric verification (relation, inliers, covered, the matched box)",
         ),
         View(
