@@ -273,7 +273,7 @@ def test_evaluate_scores_against_decisions_alone(built, tmp_path):
     figures = json.loads(layout(s).metrics_json.read_text())
     assert figures["labels"] == {"images": 4, "groups": 3, "positive_pairs": 1, "csv_images": 0,
                                  "decided_same": 1, "decided_different": 1, "overridden": 0,
-                                 "contradicted": 0, "queries": 2}
+                                 "contradicted": 0, "csv_gone": 0, "queries": 2}
     assert figures["model"]["map@1"] is not None
 
 

@@ -50,6 +50,31 @@ def test_a_ground_truth_that_cannot_be_mapped_is_refused(settings, tmp_path, tex
         read_ground_truth(other)
 
 
+def test_labels_follow_a_moved_scan_and_leave_out_a_deleted_one(tmp_path):
+    """A label is about a picture: after the archive moved one labelled scan and deleted
+    another (found in the trial on a real archive: evaluation refused the whole labels file),
+    the moved one keeps its label under its old path, the deleted one is left out and counted,
+    and a path never ingested is still refused."""
+    from cbir.steps.ingest import run_ingest
+
+    s = tiny_workspace.make(tmp_path, steps=("ingest",))
+    before = read_ground_truth(s)
+    scans = tmp_path / "scans"
+    (scans / "moved").mkdir()
+    (scans / "p2.png").rename(scans / "moved" / "p2.png")
+    (scans / "copies" / "p1-small.png").unlink()
+    run_ingest(s)
+    gt = read_ground_truth(s)
+    gone = set(before.group_of) - set(gt.group_of)  # p1-small's picture; p2's is kept
+    assert len(gone) == 1 and before.group_of[gone.pop()] == "b" and gt.csv_gone == 1
+    assert gt.group_of.items() <= before.group_of.items() and len(gt.group_of) == 3
+    assert "1 paths of the CSV name scans gone from the scans folder" in gt.basis()
+    csv = tmp_path / "gt.csv"
+    csv.write_text(csv.read_text() + "p9.png,b\n")
+    with pytest.raises(CbirError, match="p9.png"):
+        read_ground_truth(s)
+
+
 def test_run_evaluate_writes_the_metrics_of_the_model(settings):
     result = run_evaluate(settings)
     assert result.n_labelled == 4 and result.n_queries == 4

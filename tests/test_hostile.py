@@ -533,7 +533,7 @@ BAD_GROUND_TRUTH = [
     case("dotdot-in-and-out", "path,group\nscans/../scans/../outside.jpg,g1\n",
          "lie outside the scans folder", full=True),
     case("unknown", "path,group\nscans/nope.jpg,g1\nscans/p0.jpg,g1\n",
-         "1 paths are not ingested images (missing, quarantined or never ingested), e.g. "
+         "1 paths are not ingested images (quarantined or never ingested), e.g. "
          "'scans/nope.jpg'"),
     case("quarantined", "path,group\nscans/broken.jpg,g1\n", "not ingested images"),
     case("wrong-header", "file,cluster\nscans/p0.jpg,g1\n",

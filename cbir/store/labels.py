@@ -29,6 +29,7 @@ class GroundTruth:
     decided_different: int = 0  # current `different` decisions used
     overridden: int = 0  # CSV pairs (same group) a `different` decision split
     contradicted: int = 0  # `different` decisions whose images other labels keep together
+    csv_gone: int = 0  # CSV paths of scans ingested once and gone since: left out
 
     @property
     def positive_pairs(self) -> int:
@@ -48,6 +49,7 @@ class GroundTruth:
             "decided_different": self.decided_different,
             "overridden": self.overridden,
             "contradicted": self.contradicted,
+            "csv_gone": self.csv_gone,
         }
 
     def basis(self) -> str:
@@ -62,6 +64,11 @@ class GroundTruth:
             )
         if parts:
             out += f" (from {'; '.join(parts)})"
+        if self.csv_gone:
+            out += (
+                f"; {self.csv_gone} paths of the CSV name scans gone from the scans folder "
+                f"since they were ingested: left out"
+            )
         if self.overridden:
             out += f"; {self.overridden} CSV pairs split by a `different` decision"
         if self.contradicted:
@@ -80,9 +87,12 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     """Map a `path,group` CSV onto the manifest's images; refuse what cannot be mapped.
 
     A path is looked up relative to the CSV's folder, then relative to the scans folder (the
-    manifest's own paths); absolute paths work too. Every path must name an ingested image
-    inside the scans folder. Images the CSV does not name are unlabelled: evaluation and
-    calibration leave them out (a partial ground truth is fine).
+    manifest's own paths); absolute paths work too. Every path must name an image ingested
+    inside the scans folder. A label is about a picture: a path whose scan was moved since
+    labels the picture where it is now, and one whose picture is gone from the collection is
+    left out and counted (an archive's labels outlive some scans); a path never ingested is
+    refused (a typo would silently shrink the labels). Images the CSV does not name are
+    unlabelled: evaluation and calibration leave them out (a partial ground truth is fine).
     """
     lay = layout(settings)
     csv_path = lay.ground_truth
@@ -91,13 +101,21 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     if not csv_path.is_file():
         raise CbirError(f"ground truth not found: {csv_path} (data.ground_truth in params)")
     scans = os.path.realpath(lay.scans)
-    rows = load_manifest(settings, ["image_id", "path", "status"]).to_pylist()
+    rows = load_manifest(settings, ["image_id", "path", "status", "version"]).to_pylist()
     id_of = {r["path"]: r["image_id"] for r in rows if r["status"] in PRESENT}
+    # paths no file holds now: the picture each held last (None where that picture is gone)
+    present_ids = set(id_of.values())
+    former: dict[str, str | None] = {}
+    for r in sorted(rows, key=lambda r: r["version"]):
+        if r["path"] not in id_of:
+            former[r["path"]] = r["image_id"] if r["image_id"] in present_ids else None
+    gone = 0
 
-    def lookup(raw: str) -> tuple[str | None, bool]:
+    def lookup(raw: str) -> tuple[str | None, bool, bool]:
         """(image id or None, whether the path escapes the scans folder: it names an existing
-        file outside it, or a path outside it in every reading)."""
-        escapes, readings = False, 0
+        file outside it, or a path outside it in every reading; whether it names a scan that
+        was ingested and whose picture is gone)."""
+        escapes, readings, was = False, 0, False
         for base in (str(csv_path.parent), scans):
             joined = os.path.join(base, raw)
             full = os.path.realpath(joined)
@@ -105,10 +123,12 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
                 escapes = escapes or os.path.lexists(joined)
                 continue
             readings += 1
-            image_id = id_of.get(os.path.relpath(full, scans))
+            rel = os.path.relpath(full, scans)
+            image_id = id_of.get(rel) or former.get(rel)
             if image_id is not None:
-                return image_id, False
-        return None, escapes or readings == 0
+                return image_id, False, False
+            was = was or rel in former
+        return None, escapes or readings == 0, was
 
     group_of: dict[str, str] = {}
     outside: list[str] = []
@@ -129,7 +149,10 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
                 raw, group = (row["path"] or "").strip(), (row["group"] or "").strip()
                 if not raw or not group:
                     raise CbirError(f"{csv_path}, line {reader.line_num}: empty path or group")
-                image_id, escapes = lookup(raw)
+                image_id, escapes, was = lookup(raw)
+                if image_id is None and was:
+                    gone += 1
+                    continue
                 if image_id is None:
                     (outside if escapes else unknown).append(raw)
                     continue
@@ -143,11 +166,13 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
         )
     if unknown:
         raise CbirError(
-            f"{csv_path}: {len(unknown)} paths are not ingested images (missing, "
-            f"quarantined or never ingested), e.g. {unknown[0]!r}; see the "
+            f"{csv_path}: {len(unknown)} paths are not ingested images "
+            f"(quarantined or never ingested), e.g. {unknown[0]!r}; see the "
             f"quarantine table or run `cbir ingest`"
         )
-    return GroundTruth(group_of=group_of, n_rows=n, n_groups=len(set(group_of.values())))
+    return GroundTruth(
+        group_of=group_of, n_rows=n, n_groups=len(set(group_of.values())), csv_gone=gone
+    )
 
 
 def read_labels(settings: Settings, present: set[str] | None = None) -> GroundTruth:
@@ -179,6 +204,7 @@ def read_labels(settings: Settings, present: set[str] | None = None) -> GroundTr
             n_rows=csv_gt.n_rows,
             n_groups=len(set(csv_groups.values())),
             csv_images=len(csv_groups),
+            csv_gone=csv_gt.csv_gone,
         )
     sets = DisjointSets()
     find, join = sets.find, sets.join
@@ -214,4 +240,5 @@ def read_labels(settings: Settings, present: set[str] | None = None) -> GroundTr
         decided_different=len(decided.different),
         overridden=overridden,
         contradicted=contradicted,
+        csv_gone=csv_gt.csv_gone,
     )
