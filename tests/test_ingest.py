@@ -203,12 +203,14 @@ def test_bad_inputs_are_quarantined_with_reasons_and_the_run_goes_on(workspace, 
         assert fragment in q[name], (name, q[name])
     assert set(by_path(settings)) == {"good.jpg"}
     assert summary.counts["quarantined"] == len(EXPECTED_REASONS)
+    assert sorted(p for p, _ in summary.newly_quarantined) == sorted(EXPECTED_REASONS)
     # the quarantine is visible in the catalogue, and a rerun does not retry unchanged bad files
     con = open_catalogue(settings)
     assert con.execute("SELECT count(*) FROM quarantine").fetchone()[0] == len(EXPECTED_REASONS)
     con.close()
     again = run_ingest(settings)
     assert again.decoded == 0 and again.counts["quarantined"] == len(EXPECTED_REASONS)
+    assert again.newly_quarantined == [] and "in this run" not in "\n".join(again.lines())
 
 
 def test_cli_ingest_exits_zero_with_a_summary_despite_bad_files(workspace, tmp_path):
@@ -218,6 +220,7 @@ def test_cli_ingest_exits_zero_with_a_summary_despite_bad_files(workspace, tmp_p
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "1 ok" in out.stdout and "7 quarantined" in out.stdout
+    assert "  7 quarantined in this run, e.g. " in out.stdout  # "0 new" alone would hide them
 
 
 def test_unreadable_file_is_quarantined(workspace):

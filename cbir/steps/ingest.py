@@ -155,12 +155,21 @@ class IngestSummary:
     counts: dict[str, int] = field(default_factory=dict)  # this run: new, changed, ...
     totals: dict[str, int] = field(default_factory=dict)  # manifest: rows by status
     decoded: int = 0
+    newly_quarantined: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0
     manifest: Path | None = None
     catalog: Path | None = None
 
     def lines(self) -> list[str]:
         c, t = self.counts, self.totals
+        flagged = []
+        if self.newly_quarantined:  # a file that would otherwise pass unnoticed in "0 new"
+            path, reason = self.newly_quarantined[0]
+            flagged = [
+                f"  {len(self.newly_quarantined)} quarantined in this run, e.g. {path}: "
+                f'{reason}; all: cbir sql "SELECT path, reason FROM quarantine WHERE '
+                f'first_run = {self.run_id}"'
+            ]
         return [
             f"ingest run {self.run_id}: {c.get('files_seen', 0)} files seen in {self.scans_dir}",
             f"  this run: {c.get('new', 0)} new, {c.get('changed', 0)} changed, "
@@ -170,6 +179,7 @@ class IngestSummary:
             "  manifest: "
             + ", ".join(f"{t.get(s, 0)} {s}" for s in (OK, DUPLICATE, MISSING, REPLACED))
             + f"; {c.get('quarantined', 0)} quarantined",
+            *flagged,
             f"  manifest {self.manifest}; catalogue {self.catalog}",
         ]
 
@@ -453,6 +463,9 @@ def run_ingest(
         counts=dict(counts),
         totals=manifest.totals(),
         decoded=decoded,
+        newly_quarantined=[
+            (q["path"], q["reason"]) for q in new_quarantine if q["first_run"] == run_id
+        ],
         seconds=time.perf_counter() - t0,
         manifest=lay.files,
         catalog=catalog,
