@@ -429,3 +429,35 @@ def test_the_nightly_report_lists_partial_copies_apart(tmp_path):
     assert "| 2 | late/p6.jpg | box-b/p4.jpg | 10 % | 23 | 0.919 |" in partial
     assert "onerror" in partial and "<img" not in text  # a file name is text, never markup
     assert "?relation=partial" in partial
+
+
+def test_the_nightly_report_lists_the_files_that_arrived_and_were_quarantined(tmp_path):
+    """A scan caught half-written by the scanner is quarantined by the night's ingest: the
+    report says so (with why) instead of leaving it unseen; an older quarantined file is not
+    listed again, and one ingested once complete leaves the list."""
+    import tiny_workspace
+
+    from cbir.steps.ingest import run_ingest
+    from cbir.steps.nightly import nightly_report
+    from cbir.steps.pairs import run_pairs
+
+    s = tiny_workspace.make(tmp_path)
+    scans = tmp_path / "scans"
+    (scans / "old-bad.jpg").write_bytes(b"not an image")
+    run_ingest(s)  # run 2
+    run_pairs(s)
+    whole = (scans / "p3.png").read_bytes()
+    (scans / "box-9").mkdir()
+    (scans / "box-9" / "scan|0042.png").write_bytes(whole[: len(whole) // 2])
+    run_ingest(s)  # run 3: the scanner is still writing
+    report = nightly_report(s, 3, 2)
+    assert [p for p, _ in report.quarantined] == ["box-9/scan|0042.png"]
+    assert "1 files that arrived were quarantined" in "\n".join(report.lines())
+    text = report.file.read_text()
+    assert "## Quarantined" in text and "| box-9/scan\\|0042.png | " in text
+    assert "truncated" in text.split("## Quarantined")[1] and "old-bad" not in text
+
+    (scans / "box-9" / "scan|0042.png").write_bytes(whole)  # complete by the next night
+    run_ingest(s)  # run 4
+    report = nightly_report(s, 4, 3)
+    assert report.quarantined == [] and "Quarantined" not in report.file.read_text()

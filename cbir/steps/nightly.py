@@ -46,6 +46,10 @@ FROM new_pairs WHERE new_run > ? AND new_run <= ?
 ORDER BY new_run, kind DESC, score DESC, new_path, match_path
 """
 #: The headings of the report's two tables (rows: `_whole`, `_partial`).
+# the files of those runs that could not be used: they would otherwise go unseen till asked for
+QUARANTINED_SQL = """
+SELECT path, reason FROM quarantine WHERE first_run > ? AND first_run <= ? ORDER BY path
+"""
 WHOLE_COLUMNS = ["run", "new image", "matches", "score", "kind", "likely master", "verified"]
 PARTIAL_COLUMNS = ["run", "detail", "cut from", "covers", "matching points", "score"]
 
@@ -85,6 +89,7 @@ class NightlyReport:
     pairs: list[tuple[Any, ...]] = field(default_factory=list)
     file: Path | None = None
     review_url: str = ""  # where `cbir review` serves (review.host/port); ?run=N: run N's pairs
+    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) arrived
 
     @property
     def n_near(self) -> int:
@@ -124,6 +129,11 @@ class NightlyReport:
             out.append(
                 f"  review them: {' '.join(self.review_links())} (with `cbir review` running)"
             )
+        if self.quarantined:
+            out.append(
+                f"  {len(self.quarantined)} files that arrived were quarantined, not ingested "
+                f"(listed in the report, with why)"
+            )
         return out
 
     def markdown(self, limit: int = 50) -> str:
@@ -132,15 +142,27 @@ class NightlyReport:
             f"{len(self.pairs)} pairs ({self.n_near} near-duplicates) involve images that "
             f"arrived after run {self.since_run}, and no reviewer has decided yet.\n\n"
         )
+        out: list[str] = []
+        bad: list[str] = []  # after the pairs
+        if self.quarantined:
+            bad += [
+                "## Quarantined",
+                "",
+                f"{len(self.quarantined)} files that arrived could not be used and were not "
+                f"ingested; each is tried again when it changes (a scan caught half-written is "
+                f"ingested once complete).",
+                "",
+                *_table(["file", "why"], [list(q) for q in self.quarantined], limit=50),
+                "",
+            ]
         if not self.pairs:
-            return head
+            return head + "\n".join(bad)
         if self.review_links():  # bare addresses: markdown viewers link them, nothing to escape
             head += (
                 f"Review them in the browser: {', '.join(self.review_links())} (start cbir "
                 f"review in the workspace first; the links work while it runs).\n\n"
             )
         whole, partial = self.whole, self.partial
-        out = []
         if whole:
             out += ["## Whole pictures", "", *_table(WHOLE_COLUMNS, map(_whole, whole), limit), ""]
         if partial:
@@ -156,7 +178,8 @@ class NightlyReport:
                 "",
             ]
         sql = " ".join(NEW_PAIRS_SQL.split())
-        return head + "\n".join(out) + f"\nQuery: `{sql}` with ({self.since_run}, {self.run_id})\n"
+        query = f"\nQuery: `{sql}` with ({self.since_run}, {self.run_id})\n"
+        return head + "\n".join(out + bad) + query
 
 
 def _table(columns: list[str], rows: Iterable[list[Any]], limit: int) -> list[str]:
@@ -199,6 +222,7 @@ def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyRe
     into `reports/nightly/run-<run_id>.md`, and close the pending report (begin_nightly)."""
     folder = layout(settings).nightly
     cols, rows = query(settings, NEW_PAIRS_SQL, [since_run, run_id])
+    _, quarantined = query(settings, QUARANTINED_SQL, [since_run, run_id])
     file = report_file(folder, run_id)
     report = NightlyReport(
         run_id=run_id,
@@ -207,6 +231,7 @@ def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyRe
         pairs=rows,
         file=file,
         review_url=review_url(settings),
+        quarantined=[(str(p), str(r)) for p, r in quarantined],
     )
     write_text(report.markdown(limit=1000), file)
     faults.point("nightly.reported")
