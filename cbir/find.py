@@ -19,6 +19,7 @@ from typing import Any
 from .config import load_settings
 from .errors import CbirError
 from .store.layout import layout
+from .store.manifest import why_no_images
 from .workspace import init_workspace
 
 
@@ -105,6 +106,9 @@ def find_duplicates(
     # caches in the workspace, not in the user's home (cbir/environ.py)
     with confined(settings), writer_lock(settings, f"cbir find-duplicates {scans_path}"):
         step("ingest", run_ingest(settings, progress=progress))
+        why = why_no_images(settings)
+        if why:  # rather than a later step's complaint about what the one before it left
+            raise CbirError(f"no images to compare: {why} (workspace {folder})")
         if train:
             step("train", run_train(settings, resume=True, progress=progress, log=log))
         step("embed", run_embed(settings, progress=progress))

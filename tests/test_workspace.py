@@ -171,6 +171,33 @@ def test_cli_init_prints_what_it_did(tmp_path):
                      "evaluate", "report"], stages.stderr
 
 
+@pytest.mark.parametrize("files,says", [
+    ({}, "the scans folder {scans} holds no image files (check data.scans_dir)"),
+    ({"notes.txt": b"box list", "p1.jpg": b"\xff\xd8 half"},
+     "none of the files in the scans folder {scans} is a usable image: 2 quarantined, see why "
+     'with cbir sql "SELECT path, reason FROM quarantine"'),
+])
+def test_steps_with_no_image_to_work_on_say_why_in_one_line(tmp_path, files, says):
+    """Found in a trial: find-duplicates on a folder without a usable image said "the manifest
+    is empty (run `cbir ingest`)" right after ingest ran, and with --no-train "run `cbir embed`
+    first" right after embed ran. Each step now says what the scans folder holds."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name, data in files.items():
+        (scans / name).write_bytes(data)
+    ws = tmp_path / "ws"
+    want = says.format(scans=scans)
+    for extra in ([], ["--no-train"]):
+        out = subprocess.run([*CBIR, "find-duplicates", str(scans), "--out", str(ws), *extra],
+                             capture_output=True, text=True)
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        assert out.stderr.strip() == (f"cbir find-duplicates: error: no images to compare: "
+                                      f"{want} (workspace {ws})")
+    for step, what in (("train", "no images to train on"), ("index", "no images")):
+        out = subprocess.run([*CBIR, step], capture_output=True, text=True, cwd=ws)
+        assert out.returncode == 2 and out.stderr.strip() == f"cbir {step}: error: {what}: {want}"
+
+
 def test_find_duplicates_in_one_command(tmp_path):
     scans = _scans(tmp_path, 4)
     save(photo(0).resize((80, 53)), scans / "box-2/p0-rescan.jpg")

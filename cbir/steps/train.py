@@ -72,7 +72,7 @@ from ..model import (
 from ..parallel import start_method, worker_map
 from ..progress import bar as progress_bar
 from ..store.layout import Layout, layout
-from ..store.manifest import canonical_images
+from ..store.manifest import canonical_images, why_no_images
 from ..training.contrastive import Contrastive, optimizer
 from ..training.cpu import available_cpus, cpu_bf16, torch_threads
 from ..training.data import EpochBatches, TwoViews
@@ -164,7 +164,8 @@ def build_cache(settings: Settings, *, progress: bool = False, log: Log = print)
     rows = canonical_images(settings)
     ids = [r["image_id"] for r in rows]
     if not ids:
-        raise CbirError("no images to train on: the manifest is empty (run `cbir ingest`)")
+        why = why_no_images(settings) or "the manifest holds no canonical image"
+        raise CbirError(f"no images to train on: {why}")
     old = _read_cache(folder)
     if old is not None and old.side == side and old.ids == ids:
         return old

@@ -534,6 +534,25 @@ class CanonicalPaths(Mapping[str, str]):
         return len(self._ready()[0])
 
 
+def why_no_images(settings: Any) -> str | None:
+    """Why the manifest holds no present image, in words naming what helps; None when it holds
+    one. A step with nothing to work on says this rather than blame the step before it."""
+    lay = layout(settings)
+    if not os.path.lexists(lay.files) or latest_run(settings) == 0:
+        return "nothing is ingested yet: run `cbir ingest`"
+    status = load_manifest(settings, ["status"]).column(0)
+    if pc.any(pc.is_in(status, pa.array(PRESENT))).as_py():
+        return None
+    quarantined = pq.read_metadata(lay.quarantine).num_rows if lay.quarantine.is_file() else 0
+    if quarantined:
+        return (
+            f"none of the files in the scans folder {lay.scans} is a usable image: "
+            f"{quarantined} quarantined, see why with "
+            f'cbir sql "SELECT path, reason FROM quarantine"'
+        )
+    return f"the scans folder {lay.scans} holds no image files (check data.scans_dir)"
+
+
 def latest_run(settings: Any) -> int:
     """The id of the last ingest run (0 before the first)."""
     path = layout(settings).runs

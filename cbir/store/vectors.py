@@ -62,6 +62,7 @@ from .manifest import (
     hex_keys,
     ids_in,
     keys_in,
+    why_no_images,
 )
 from .tables import rows_from, schema_problem
 from .vector_order import VectorOrder, latest
@@ -580,8 +581,11 @@ def current_embeddings(
         return kept
     ids, vectors, n_missing = open_present(settings, folder, fingerprint)
     if not len(ids):
+        why = why_no_images(settings)
         raise CbirError(
-            f"no embeddings for the current model {fingerprint}: run `cbir embed` first"
+            f"no images: {why}"
+            if why
+            else f"no embeddings for the current model {fingerprint}: run `cbir embed` first"
         )
     out = (fingerprint, ids, vectors, n_missing)
     reuse.put("embeddings", key, out)
