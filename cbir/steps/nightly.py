@@ -222,7 +222,9 @@ def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyRe
     into `reports/nightly/run-<run_id>.md`, and close the pending report (begin_nightly)."""
     folder = layout(settings).nightly
     cols, rows = query(settings, NEW_PAIRS_SQL, [since_run, run_id])
-    _, quarantined = query(settings, QUARANTINED_SQL, [since_run, run_id])
+    quarantined: list[tuple[Any, ...]] = []
+    if layout(settings).quarantine.is_file():  # absent where nothing was ever quarantined
+        _, quarantined = query(settings, QUARANTINED_SQL, [since_run, run_id])
     file = report_file(folder, run_id)
     report = NightlyReport(
         run_id=run_id,
