@@ -1005,14 +1005,23 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
                        f"{'PASS' if r['rss'] <= TARGET_RSS else 'FAIL'} |")
     # vectors never loaded whole: what the peak anonymous RSS grows by, per byte of float32
     # vectors the collection grew by (1 or more: the step holds them all in its own memory)
+    # The index step holds its k-means training sample as float32 by design (at most
+    # MAX_TRAIN vectors: the whole collection up to 10^6): what it grows by beyond the sample.
+    from cbir.faiss_index import MAX_TRAIN
+
     for step in ("index", "pairs", "nightly"):
         ok = _ok(rows, step)
         ns = sorted(ok)
         for lo, hi in itertools.pairwise(ns):
-            per = (ok[hi].get("anon", 0) - ok[lo].get("anon", 0)) / ((hi - lo) * 512 * 4)
-            out.append(f"| {step}: vectors never loaded whole (anonymous RSS grown per byte of "
-                       f"float32 vectors, {_fmt_n(lo)} to {_fmt_n(hi)}, < 0.5) | {per:.2f} | "
-                       f"{'PASS' if per < 0.5 else 'FAIL'} |")
+            grown = ok[hi].get("anon", 0) - ok[lo].get("anon", 0)
+            beyond = ""
+            if step == "index":
+                grown -= (min(hi, MAX_TRAIN) - min(lo, MAX_TRAIN)) * 512 * 4
+                beyond = " beyond its training sample of at most 2^20"
+            per = grown / ((hi - lo) * 512 * 4)
+            out.append(f"| {step}: vectors never loaded whole{beyond} (anonymous RSS grown per "
+                       f"byte of float32 vectors, {_fmt_n(lo)} to {_fmt_n(hi)}, < 0.5) | "
+                       f"{per:.2f} | {'PASS' if per < 0.5 else 'FAIL'} |")
     # 2. nightly at 10^7 <= 2x nightly at 10^5
     night = _ok(rows, "nightly")
     what = "nightly adding 1,000 to 10^7 <= 2 x the same on 10^5 (embedding excluded)"
