@@ -532,3 +532,23 @@ def test_ingest_real_archive_photographs(tmp_path):
     rows = manifest(settings)
     assert all(r["format"] == "JPEG" and r["width"] > 100 for r in rows)
     assert len({r["phash"] for r in rows}) > 0.95 * len(rows)
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 65_536])
+def test_the_walk_is_taken_into_columns_a_chunk_at_a_time(monkeypatch, chunk):
+    """The walk's files become columns a chunk at a time (no Python object per file stays:
+    an unchanged rerun of 10^6 files peaked at 0.65-0.67 GB against 0.90-0.91 GB), each file
+    read back as the walk gave it, its problem included, whatever the chunk boundaries."""
+    from cbir.probe import Entry
+
+    monkeypatch.setattr(ingest._Seen, "CHUNK", chunk)
+    walked = [Entry(f"box-{i // 3}/{i}.jpg".encode(), 1000 + i, 10**18 + i,
+                    "not an image" if i in (2, 5) else None) for i in range(7)]
+    seen = ingest._Seen.of(iter(walked))
+    assert len(seen) == 7 and seen.raw.to_pylist() == [e.raw for e in walked]
+    assert seen.size.tolist() == [e.size for e in walked]
+    assert seen.mtime_ns.tolist() == [e.mtime_ns for e in walked]
+    assert seen.usable.tolist() == [e.problem is None for e in walked]
+    assert [seen.entry(i) for i in range(7)] == walked
+    empty = ingest._Seen.of(iter([]))
+    assert len(empty) == 0 and len(empty.raw) == 0 and empty.usable.dtype == bool

@@ -27,8 +27,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -383,10 +384,9 @@ def run_ingest(
     quarantined = {r["path_raw"]: r for r in state.quarantine}
     journal_cache = _read_journal(lay.journal)
 
-    entries = list(walk_scans(root, settings.ingest.ignore))
-    counts: Counter[str] = Counter(files_seen=len(entries))
-    seen = _Seen.of(entries)
-    work = _triage(entries, seen, state.files, quarantined, journal_cache)
+    seen = _Seen.of(walk_scans(root, settings.ingest.ignore))
+    counts: Counter[str] = Counter(files_seen=len(seen))
+    work = _triage(seen, state.files, quarantined, journal_cache)
     journal = _Journal(lay.journal, settings.ingest.journal_every)
     todo, copies = _split_same_content(root, work.todo, settings)
     known_sha = _known_sha(state.files, todo)
@@ -525,16 +525,38 @@ class _Seen:
     size: np.ndarray
     mtime_ns: np.ndarray
     usable: np.ndarray  # no problem known from the walk
+    problems: dict[int, str]  # the walk's problem of a file, by its position
+
+    #: entries taken into columns at a time: a walk of 10^7 files holds no Python object per file
+    CHUNK = 65_536
 
     @classmethod
-    def of(cls, entries: list[Entry]) -> _Seen:
-        n = len(entries)
-        return cls(
-            pa.array([e.raw for e in entries], pa.binary()),
-            np.fromiter((e.size for e in entries), np.int64, n),
-            np.fromiter((e.mtime_ns for e in entries), np.int64, n),
-            np.fromiter((e.problem is None for e in entries), bool, n),
-        )
+    def of(cls, entries: Iterable[Entry]) -> _Seen:
+        raws: list[pa.Array] = []
+        numbers = array("q")  # size, mtime_ns of each file, interleaved
+        problems: dict[int, str] = {}
+        batch: list[bytes] = []
+        for e in entries:
+            if e.problem is not None:
+                problems[len(numbers) // 2] = e.problem
+            numbers.extend((e.size, e.mtime_ns))
+            batch.append(e.raw)
+            if len(batch) == cls.CHUNK:
+                raws.append(pa.array(batch, pa.binary()))
+                batch = []
+        raws.append(pa.array(batch, pa.binary()))
+        pairs = np.frombuffer(numbers, np.int64).reshape(-1, 2)
+        usable = np.ones(len(pairs), bool)
+        usable[list(problems)] = False
+        raw = pa.concat_arrays(raws)
+        return cls(raw, pairs[:, 0].copy(), pairs[:, 1].copy(), usable, problems)
+
+    def __len__(self) -> int:
+        return len(self.size)
+
+    def entry(self, i: int) -> Entry:
+        return Entry(self.raw[i].as_py(), int(self.size[i]), int(self.mtime_ns[i]),
+                     self.problems.get(i))  # fmt: skip
 
 
 @dataclass
@@ -559,7 +581,6 @@ def _current_rows(files: pa.Table, seen: _Seen) -> np.ndarray:
 
 
 def _triage(
-    entries: list[Entry],
     seen: _Seen,
     files: pa.Table,
     quarantined: dict[bytes, dict[str, Any]],
@@ -575,7 +596,7 @@ def _triage(
         same &= (size[at] == seen.size) & (mtime[at] == seen.mtime_ns)
     work = _Work(unchanged=prev[same])
     for i in np.flatnonzero(~same):  # new, changed or unusable: few on a rerun
-        e = entries[i]
+        e = seen.entry(int(i))
         q = quarantined.get(e.raw)
         if e.problem is not None:
             work.problems[e.raw] = (e, e.problem)
