@@ -327,6 +327,7 @@ def child_write_vectors(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     from cbir.steps.embed import EmbedPlan, write_model_card
     from cbir.store.fingerprint import ModelKey, remember_fingerprint
     from cbir.store.layout import layout
+    from cbir.store.manifest import QUARANTINE_SCHEMA
 
     n, shard = a["n"], a["shard_size"]
     _write_params(ws, {"embed": {"shard_size": shard}})
@@ -360,6 +361,7 @@ def child_write_vectors(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     lay.manifest_dir.mkdir(parents=True)
     write_parquet(_manifest(ids, 0, 1), lay.files, APPENDED_ROW_GROUP)
     write_parquet(_runs(1), lay.runs)
+    write_parquet(QUARANTINE_SCHEMA.empty_table(), lay.quarantine)  # as ingest leaves it
     sr = np.concatenate(src_rows) if src_rows else np.zeros(0, np.int64)
     dr = np.concatenate(dup_rows) if dup_rows else np.zeros(0, np.int64)
     arr = np.array(ids)

@@ -19,7 +19,7 @@ from typing import Any
 from .config import load_settings
 from .errors import CbirError
 from .store.layout import layout
-from .store.manifest import why_no_images
+from .store.manifest import PRESENT, why_no_images
 from .workspace import init_workspace
 
 
@@ -105,9 +105,11 @@ def find_duplicates(
 
     # caches in the workspace, not in the user's home (cbir/environ.py)
     with confined(settings), writer_lock(settings, f"cbir find-duplicates {scans_path}"):
-        step("ingest", run_ingest(settings, progress=progress))
-        why = why_no_images(settings)
-        if why:  # rather than a later step's complaint about what the one before it left
+        ingested = run_ingest(settings, progress=progress)
+        step("ingest", ingested)
+        # nothing usable: said here, rather than as a later step's complaint about the last
+        if not any(ingested.totals.get(status) for status in PRESENT):
+            why = why_no_images(settings)
             raise CbirError(f"no images to compare: {why} (workspace {folder})")
         if train:
             step("train", run_train(settings, resume=True, progress=progress, log=log))

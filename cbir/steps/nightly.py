@@ -20,7 +20,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,11 +45,11 @@ SELECT new_run, new_path, match_path, round(score, 4) AS score, kind, master_pat
 FROM new_pairs WHERE new_run > ? AND new_run <= ?
 ORDER BY new_run, kind DESC, score DESC, new_path, match_path
 """
-#: The headings of the report's two tables (rows: `_whole`, `_partial`).
-# the files of those runs that could not be used: they would otherwise go unseen till asked for
+# The files of those runs that could not be used: they would otherwise go unseen till asked for.
 QUARANTINED_SQL = """
 SELECT path, reason FROM quarantine WHERE first_run > ? AND first_run <= ? ORDER BY path
 """
+#: The headings of the report's two tables (rows: `_whole`, `_partial`).
 WHOLE_COLUMNS = ["run", "new image", "matches", "score", "kind", "likely master", "verified"]
 PARTIAL_COLUMNS = ["run", "detail", "cut from", "covers", "matching points", "score"]
 
@@ -152,7 +152,7 @@ class NightlyReport:
                 f"ingested; each is tried again when it changes (a scan caught half-written is "
                 f"ingested once complete).",
                 "",
-                *_table(["file", "why"], [list(q) for q in self.quarantined], limit=50),
+                *_table(["file", "why"], self.quarantined, limit=50),
                 "",
             ]
         if not self.pairs:
@@ -182,7 +182,7 @@ class NightlyReport:
         return head + "\n".join(out + bad) + query
 
 
-def _table(columns: list[str], rows: Iterable[list[Any]], limit: int) -> list[str]:
+def _table(columns: list[str], rows: Iterable[Sequence[Any]], limit: int) -> list[str]:
     """A markdown table of at most `limit` rows, and how many more there are."""
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     listed = list(rows)
@@ -222,9 +222,7 @@ def nightly_report(settings: Settings, run_id: int, since_run: int) -> NightlyRe
     into `reports/nightly/run-<run_id>.md`, and close the pending report (begin_nightly)."""
     folder = layout(settings).nightly
     cols, rows = query(settings, NEW_PAIRS_SQL, [since_run, run_id])
-    quarantined: list[tuple[Any, ...]] = []
-    if layout(settings).quarantine.is_file():  # absent where nothing was ever quarantined
-        _, quarantined = query(settings, QUARANTINED_SQL, [since_run, run_id])
+    _, quarantined = query(settings, QUARANTINED_SQL, [since_run, run_id])
     file = report_file(folder, run_id)
     report = NightlyReport(
         run_id=run_id,

@@ -185,10 +185,10 @@ _FULL_TONE = "coalesce(mode NOT IN ({}), true)".format(", ".join(f"'{m}'" for m 
 
 # Reviewing duplicates (see README "Reviewing duplicates"). A pair's two files are looked up by
 # image id and path: the present version of that path when there is one, else its latest.
-_PAIR_FILE_SQL = """
+_PAIR_FILE_SQL = f"""
     SELECT image_id, path, width, height, width::BIGINT * height AS pixels, bytes, format,
-           {full_tone} AS full_tone, first_run, mtime, mtime_ns{extra}
-    FROM {rows} SEMI JOIN ({keys}) k USING (image_id, path)
+           {_FULL_TONE} AS full_tone, first_run, mtime, mtime_ns{{extra}}
+    FROM {{rows}} SEMI JOIN ({{keys}}) k USING (image_id, path)
     QUALIFY row_number() OVER (PARTITION BY image_id, path
                                ORDER BY status IN ('ok', 'duplicate') DESC, version DESC) = 1
 """
@@ -203,7 +203,7 @@ _CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
 _PAIR_REPORT_SQL = f"""
 WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
            FROM files SEMI JOIN ({_PAIR_IMAGES}) k USING (image_id)),
-f AS ({_PAIR_FILE_SQL.format(rows="i", keys=_PAIR_KEYS, extra=", arrived", full_tone=_FULL_TONE)}),
+f AS ({_PAIR_FILE_SQL.format(rows="i", keys=_PAIR_KEYS, extra=", arrived")}),
 p AS (
     SELECT p.score::DOUBLE AS score, p.kind, p.path_a, p.path_b,  -- round(score, 3) shows 0.996
            a.width AS width_a, a.height AS height_a, b.width AS width_b, b.height AS height_b,
@@ -297,9 +297,7 @@ LEFT JOIN images a ON a.image_id = d.image_a
 LEFT JOIN images b ON b.image_id = d.image_b
 """
 _CLUSTER_REPORT_SQL = f"""
-WITH f AS ({
-    _PAIR_FILE_SQL.format(rows="files", keys=_CLUSTER_KEYS, extra="", full_tone=_FULL_TONE)
-})
+WITH f AS ({_PAIR_FILE_SQL.format(rows="files", keys=_CLUSTER_KEYS, extra="")})
 SELECT c.cluster_id, any_value(c.size) AS size,
        any_value(c.weakest_link)::DOUBLE AS weakest_link,
        list(c.path ORDER BY c.path) AS members,

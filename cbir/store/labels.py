@@ -106,9 +106,8 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     # paths no file holds now: the picture each held last (None where that picture is gone)
     present_ids = set(id_of.values())
     former: dict[str, str | None] = {}
-    for r in sorted(rows, key=lambda r: r["version"]):
-        if r["path"] not in id_of:
-            former[r["path"]] = r["image_id"] if r["image_id"] in present_ids else None
+    for r in sorted((r for r in rows if r["path"] not in id_of), key=lambda r: r["version"]):
+        former[r["path"]] = r["image_id"] if r["image_id"] in present_ids else None
     gone = 0
 
     def lookup(raw: str) -> tuple[str | None, bool, bool]:
