@@ -84,6 +84,52 @@ def test_ground_truth_decides_and_both_estimates_are_shown(demo):
     assert "self-calibration alone would have chosen" in text
 
 
+def test_a_partial_ground_truth_calibrates_on_the_whole_collection(demo):
+    """Two labelled pairs among unlabelled images: ranked among the labelled images alone they
+    would reach precision 1.0 at their own copies' scores (the threshold that made one cluster
+    of a whole trial collection); the unlabelled images that outscore them count as wrong
+    matches and are named, so that an archivist can label the copies among them."""
+    import csv
+
+    import numpy as np
+
+    from cbir.store.index import open_searcher
+
+    searcher = open_searcher(_settings(demo, "params.yaml"))
+    row_of = {searcher.path_of[i]: r for r, i in enumerate(searcher.image_ids)}
+    groups: dict[str, list[str]] = {}
+    with open(demo / "demo" / "ground_truth.csv", newline="") as fh:
+        for rec in csv.DictReader(fh):
+            groups.setdefault(rec["group"], []).append(rec["path"].removeprefix("scans/"))
+    vec = np.asarray(searcher.vectors[np.arange(len(row_of))], np.float32)
+    rows, left_out = [], []
+    for members in [m for m in groups.values() if len(m) >= 3][:2]:
+        # label the original with its least similar copy; leave a more similar copy unlabelled
+        a, *copies = sorted(members)
+        sims = {c: float(vec[row_of[a]] @ vec[row_of[c]]) for c in copies}
+        far, near = min(sims, key=sims.get), max(sims, key=sims.get)
+        assert sims[near] > sims[far]
+        rows += [(a, "g" + a), (far, "g" + a)]
+        left_out.append((near, a, sims[far]))
+    partial = demo / "demo" / "scans" / "partial.csv"  # paths relative to the scans folder
+    partial.write_text("path,group\n" + "".join(f"{p},{g}\n" for p, g in rows))
+    settings = _settings(demo, "partial.yaml", data={"ground_truth": "demo/scans/partial.csv"})
+
+    result = run_calibrate(settings)
+    gt = result.ground_truth
+    assert gt is not None and result.source == GROUND_TRUTH
+    assert f"the {len(row_of) - 4} unlabelled ones counting as wrong matches" in gt.basis
+    named = {(u, q) for u, q, _ in gt.outscoring}
+    for near, a, far_score in left_out:
+        assert (near, a) in named  # the unlabelled copy above the labelled one is named
+        # at the labelled copy's own score the unlabelled one is a wrong match: precision 1/2
+        assert gt.threshold is None or gt.threshold > far_score
+    assert gt.outscoring == sorted(gt.outscoring, key=lambda t: (-t[2], t[0], t[1]))
+    text = "\n".join(result.lines())
+    assert "unlabelled neighbours of labelled images score above a labelled copy" in text
+    assert left_out[0][0] in text or left_out[1][0] in text
+
+
 def test_a_fixed_threshold_is_used_with_its_estimated_precision(demo):
     settings = _settings(demo, "fixed.yaml", search={"pair_threshold": 0.2,
                                                      "cluster_threshold": 0.2})

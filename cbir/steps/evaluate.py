@@ -149,11 +149,14 @@ class ModelRanking:
     labels: GroundTruth | None = None  # what the groups came from (the CSV, decisions)
 
 
-def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
+def rank_model(settings: Settings, k: int | None = None, *, whole: bool = False) -> ModelRanking:
     """Search every query of the ground truth with the current model (k: max of evaluate.ks).
 
     The one place that ranks the evaluation queries: evaluate scores it, calibrate picks a
-    threshold from it, report plots it.
+    threshold from it, report plots it. A partial ground truth is ranked among the labelled
+    images only, unless `whole`: then through the index over every image, as with a complete
+    one, and an unlabelled neighbour counts as a wrong match (calibrate: the precision of a
+    threshold is the collection's, and its false matches are mostly unlabelled images).
     """
     k = k or max(settings.evaluate.ks)
     searcher = open_searcher(settings)
@@ -167,7 +170,7 @@ def rank_model(settings: Settings, k: int | None = None) -> ModelRanking:
     query_rows = np.array(sorted(r for r, g in group_of.items() if sizes[g] >= 2), np.int64)
     if len(query_rows) == 0:
         raise NoLabels(f"{_label_source(settings)} label any group of two or more ingested images")
-    if len(group_of) == len(ids):  # every image labelled: rank through the index, as users get
+    if whole or len(group_of) == len(ids):  # rank through the index, as users get
         candidates = None
         s, found = searcher.search(searcher.vectors[query_rows], k + 1)
         nbr = np.array(
