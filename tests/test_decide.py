@@ -353,6 +353,8 @@ def test_calibrate_labels_with_decisions_once_there_are_enough(built, tmp_path, 
     enough = calibrate.run_calibrate(s)
     assert enough.ground_truth is not None
     assert "1 labelled duplicate pairs in 3 groups" in enough.ground_truth.basis
+    # a pair decided same says nothing of the images' other copies: among the decided only
+    assert "ranked among the 4 labelled images" in enough.ground_truth.basis
     figures = json.loads(layout(s).calibration.read_text())
     assert figures["ground_truth"]["labels"]["decided_same"] == 1
     assert figures["ground_truth"]["labels"]["decided_different"] == 1

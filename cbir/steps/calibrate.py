@@ -6,14 +6,13 @@
 `calibration_curve.csv` (a DVC plot):
 
 * **on the ground truth** (`data.ground_truth` and the reviewers' decisions:
-  `cbir.store.labels.read_labels`): the labelled queries searched through the index over the
-  whole collection (:func:`cbir.steps.evaluate.rank_model`), where a neighbour the labels do not
-  name counts as a wrong match. A ground truth that labels every image gives the ranking
-  `cbir evaluate` scores, so it equals metrics.json's `threshold@pNN`; a partial one is ranked
-  by evaluate among the labelled images only, which sees none of the unlabelled images that
-  make most false matches (two labelled groups chose 0.9926 and one cluster of all 388 images),
-  so calibrate does not take that ranking's threshold. Where there is ground truth, this one
-  is used;
+  `cbir.store.labels.read_labels`), read off the ranking `cbir evaluate` scores
+  (:func:`cbir.steps.evaluate.rank_model`), so it equals metrics.json's `threshold@pNN`, except
+  for a CSV that labels part of the collection: evaluate ranks its images among themselves,
+  which sees none of the unlabelled images that make most false matches (two labelled pairs
+  chose 0.9926 in a trial, and one cluster of all 388 scans followed), so calibrate searches
+  its queries among all images, an unlabelled neighbour counting as a wrong match. Where
+  there is ground truth, this one is used;
 * **self-calibrated** (:mod:`cbir.selfcal`): how non-duplicates score, from the neighbours of a
   sample of the collection's images; how duplicates score, from held-out synthetic copies of
   another sample (:mod:`cbir.heldout`, processes the training never saw).
@@ -146,10 +145,16 @@ def _ground_truth_estimate(
     if settings.data.ground_truth is None and not labels(layout(settings).decisions_dir):
         return None
     try:
-        ranking = rank_model(settings, whole=True)
+        ranking = rank_model(settings)
     except NoLabels:
         return None
     lab = ranking.labels
+    if lab is not None and lab.csv_images and len(ranking.group_of) < len(ranking.image_ids):
+        # a CSV group names every copy one knows of: the rest of the collection, where most
+        # false matches are, is searched too. Decisions alone stay among the decided images:
+        # their wrong matches are the pairs decided different (MIN_DECISIONS of them), and a
+        # pair decided same says nothing of the images' other copies.
+        ranking = rank_model(settings, whole=True)
     if (
         lab is not None
         and not lab.csv_images
@@ -164,12 +169,13 @@ def _ground_truth_estimate(
         return None
     cal = calibrate(ranking.ranked, target)
     rests = f"; {ranking.labels.basis()}" if ranking.labels is not None else ""
-    n = len(ranking.image_ids)
+    n, m = len(ranking.image_ids), len(ranking.group_of)
     among = (
-        f"searched among all {n} images, the {n - len(ranking.group_of)} unlabelled ones "
-        "counting as wrong matches"
-        if len(ranking.group_of) < n
-        else f"all {n} images labelled"
+        f"all {n} images labelled"
+        if m == n
+        else f"ranked among the {m} labelled images"
+        if ranking.candidates is not None
+        else f"searched among all {n} images, the {n - m} unlabelled ones counting as wrong matches"
     )
     return Estimate(
         method=GROUND_TRUTH,
