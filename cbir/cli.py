@@ -347,6 +347,11 @@ SQL_TABLE_LIMIT = 100  # rows `cbir sql` shows as a table unless --limit says ot
 def cmd_decide(settings: Settings, args: argparse.Namespace) -> int:
     from .steps.decisions import run_decide, run_undo
 
+    if args.word:  # `cbir decide A B different`, as people say it
+        if args.undo or args.verdict not in (None, args.word):
+            other = "--undo" if args.undo else f"--{args.verdict}"
+            raise CbirError(f"two decisions given ({args.word} and {other}): give one")
+        args.verdict = args.word
     if args.undo:
         if args.master is not None or args.note:
             raise CbirError("--undo withdraws the current decision: give no --master or --note")
@@ -409,6 +414,13 @@ def _decision_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("a", metavar="A", help="an image: its path (as in the manifest) or its id")
     p.add_argument("b", metavar="B", help="the other image")
+    p.add_argument(
+        "word",
+        nargs="?",
+        choices=("same", "different", "unsure"),
+        metavar="DECISION",
+        help="same, different or unsure: as the option of that name",
+    )
     verdict = p.add_mutually_exclusive_group()
     for name in ("same", "different", "unsure"):
         verdict.add_argument(

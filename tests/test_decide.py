@@ -101,24 +101,33 @@ def test_decide_names_images_by_path_or_id_and_undo_withdraws(built, tmp_path):
     out = _cbir(s, "decide", str(s.root / "scans" / "p2.png"), _id(s, "p3.png"), "--different")
     assert out.returncode == 0, out.stderr
     assert _current(s)[D.pair_key(_id(s, "p2.png"), _id(s, "p3.png"))]["decision"] == "different"
+    # the decision as a third word, as people say it
+    out = _cbir(s, "decide", "p4.png", "p5.png", "different")
+    assert out.returncode == 0, out.stderr
+    assert _current(s)[D.pair_key(_id(s, "p4.png"), _id(s, "p5.png"))]["decision"] == "different"
 
     for args, says in [
+        (["p1.png", "p2.png", "different", "--same"], "two decisions given (different and --same)"),
+        (["p1.png", "p2.png", "same", "--undo"], "two decisions given (same and --undo)"),
         (["nope.png", "p1.png", "--same"], "'nope.png' is no ingested image"),
         (["p0.png", "copies/p0-copy.png", "--same"], "the same image"),
         (["p1.png", "p2.png", "--different", "--master", "p1.png"], "--master goes with --same"),
         (["p1.png", "p2.png"], "--same, --different or --unsure"),
-        (["p4.png", "p5.png", "--undo"], "no decision on 'p4.png' and 'p5.png' to undo"),
+        (["p3.png", "p5.png", "--undo"], "no decision on 'p3.png' and 'p5.png' to undo"),
     ]:
         out = _cbir(s, "decide", *args)
         assert out.returncode == 2 and says in out.stderr, (args, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+    out = _cbir(s, "decide", "p1.png", "p2.png", "diff")  # argparse: its usage, then the error
+    assert out.returncode == 2 and "invalid choice: 'diff'" in out.stderr.splitlines()[-1]
 
     run_decide(s, "p1.png", "copies/p1-small.png", "unsure")
     out = _cbir(s, "decide", "copies/p1-small.png", "p1.png", "--undo")
     assert out.returncode == 0, out.stderr
     assert "withdrew 'unsure'" in out.stdout and "(now same)" in out.stdout
     assert _current(s)[D.pair_key(p1, small)]["decision"] == "same"
-    assert len(D.read_log(layout(s).decisions_dir)) == 4  # the history keeps every row
+    assert len(D.read_log(layout(s).decisions_dir)) == 5  # the history keeps every row
 
 
 def test_an_import_with_a_bad_row_imports_nothing(built, tmp_path):
