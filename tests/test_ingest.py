@@ -552,3 +552,78 @@ def test_the_walk_is_taken_into_columns_a_chunk_at_a_time(monkeypatch, chunk):
     assert [seen.entry(i) for i in range(7)] == walked
     empty = ingest._Seen.of(iter([]))
     assert len(empty) == 0 and len(empty.raw) == 0 and empty.usable.dtype == bool
+
+
+def test_plain_new_images_get_the_rows_the_merge_would_make(tmp_path, monkeypatch):
+    """The files that can only be new images are made rows in Arrow (a first run of 10^6 files
+    held 1.3 KB of dict a file); every other file goes through the merge. Two workspaces over
+    the same scans, one sending every file through the merge, agree run after run: the rows,
+    the counts, the totals, the epochs."""
+    import yaml
+
+    scans = tmp_path / "scans"
+    workspaces = {}
+    for name in ("columns", "merge"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "params.yaml").write_text(yaml.safe_dump(
+            {"data": {"scans_dir": str(scans), "ground_truth": None}, "ingest": {"workers": 2}}))
+        workspaces[name] = load_settings(tmp_path / name / "params.yaml")
+    split = ingest._split_new
+    plain_counts = []
+    epochs: dict[str, list] = {}
+    history: list[list[bool]] = []
+
+    def counting(decoded, files, results):
+        plain, back = split(decoded, files, results)
+        plain_counts.append((plain.num_rows, len(back)))
+        return plain, back
+
+    def all_to_merge(decoded, files, results):
+        return decoded.candidates.slice(0, 0), decoded.candidates.to_pylist()
+
+    def night() -> None:
+        out = {}
+        for name, merge in (("columns", counting), ("merge", all_to_merge)):
+            with monkeypatch.context() as m:
+                m.setattr(ingest, "_split_new", merge)
+                out[name] = run_ingest(workspaces[name])
+        a, b = (manifest(workspaces[n]) for n in ("columns", "merge"))
+        assert a == b
+        assert out["columns"].counts == out["merge"].counts
+        assert out["columns"].totals == out["merge"].totals
+        assert out["columns"].decoded == out["merge"].decoded
+        drawn = []  # which epochs each workspace drew afresh this run
+        for n in ("columns", "merge"):
+            now = [ingest.metadata_value(workspaces[n].path("data/manifest/files.parquet"), key)
+                   for key in (ingest.CANONICAL_EPOCH, ingest.ROWS_EPOCH)]
+            drawn.append([a != b for a, b in zip(epochs.get(n, [None, None]), now, strict=True)])
+            epochs[n] = now
+        assert drawn[0] == drawn[1]
+        history.append(drawn[0])
+
+    for i in range(5):
+        save(photo(i), scans / f"p{i}.jpg")
+    save(photo(0), scans / "same-bytes" / "p0.jpg")  # a byte-identical copy: its twin merges
+    night()
+    assert plain_counts[-1] == (4, 0)  # p1-p4; p0 is a copy's twin
+    save(photo(20), scans / "new" / "a.jpg")  # plain
+    save(photo(1), scans / "new" / "p1-again.jpg")  # a known content: not even decoded
+    save(photo(21), scans / "p2.jpg")  # changed in place: its path has a row
+    os.utime(scans / "p2.jpg", ns=(1, 1_000_000_000))
+    (scans / "p3.jpg").unlink()  # missing
+    night()
+    assert plain_counts[-1] == (1, 1)  # new/a.jpg; p2.jpg back to the merge
+    save(photo(3), scans / "back" / "p3.jpg")  # the missing image's content at a new path
+    save(photo(22), scans / "new" / "b.jpg")
+    save(photo(22), scans / "new" / "b.png")  # another file, the same picture: new content
+    night()
+    assert plain_counts[-1] == (2, 1)  # new/b.jpg and new/b.png; back/p3.jpg to the merge
+    rows = {r["path"]: r for r in manifest(workspaces["columns"]) if r["status"] != "replaced"}
+    assert rows["back/p3.jpg"]["status"] == "ok" and rows["p3.jpg"]["status"] == "missing"
+    assert rows["new/b.png"]["image_id"] != rows["new/b.jpg"]["image_id"]
+    save(photo(23), scans / "new" / "c.jpg")  # a night of plain new images only
+    night()
+    assert plain_counts[-1] == (1, 0)
+    # first run: both drawn; a changed path and a missing file: both; rows changed (the missing
+    # image's content at a new path); rows only appended: neither (the catalogue keeps its rows)
+    assert history == [[True, True], [True, True], [False, True], [False, False]]
