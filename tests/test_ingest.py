@@ -321,6 +321,39 @@ def test_exact_duplicates_become_one_canonical_image(workspace):
         ["a/orig.jpg", "other.jpg"], ["other.jpg", "a/orig.jpg"])
 
 
+def test_byte_identical_copies_keep_their_digest_whatever_its_bytes(workspace):
+    """The copies of one content are found by their SHA-256 digests, held as 32 bytes a file:
+    a digest that ends in zero bytes is as good as any (a fixed-width bytes array would drop
+    them), and the first copy in walk order is the one decoded."""
+    import hashlib
+
+    from PIL import PngImagePlugin
+
+    data = b""
+    for n in range(5000):  # a picture whose digest ends in a zero byte (1 in 256)
+        info = PngImagePlugin.PngInfo()
+        info.add_text("n", str(n))
+        buf = io.BytesIO()
+        photo(3).save(buf, "PNG", pnginfo=info)
+        if hashlib.sha256(buf.getvalue()).digest()[-1] == 0:
+            data = buf.getvalue()
+            break
+    assert data
+    s = workspace.scans
+    for name in ("a.png", "b/a.png", "c/a.png"):
+        (s / name).parent.mkdir(exist_ok=True)
+        (s / name).write_bytes(data)
+    save(photo(4), s / "other.png")
+    settings = workspace()
+    summary = run_ingest(settings)
+    rows = by_path(settings)
+    sha = hashlib.sha256(data).hexdigest()
+    assert {p: r["sha256"] for p, r in rows.items() if p != "other.png"} == dict.fromkeys(
+        ("a.png", "b/a.png", "c/a.png"), sha)
+    assert summary.decoded == 2 and summary.counts["new_duplicates"] == 2
+    assert {p for p, r in rows.items() if r["is_canonical"]} == {"a.png", "other.png"}
+
+
 def test_incremental_runs_add_change_delete(workspace):
     s = workspace.scans
     for i in range(4):

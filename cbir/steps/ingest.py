@@ -257,7 +257,8 @@ class _Decoded:
 
 def _decode_all(
     root: Path,
-    todo: list[Entry],
+    seen: _Seen,
+    todo: np.ndarray,
     known: frozenset[str],
     twins: frozenset[str],
     settings: Settings,
@@ -265,17 +266,18 @@ def _decode_all(
     progress: bool,
     on_result: Callable[[dict[str, Any]], None] | None,
 ) -> _Decoded:
-    """Hash and decode `todo` in the worker pool (`twins`: contents of which a byte-identical
-    copy was left out, which the copy's row is made from)."""
+    """Hash and decode the files at walk positions `todo` in the worker pool (`twins`: contents
+    of which a byte-identical copy was left out, which the copy's row is made from)."""
     out = _Decoded()
-    if not todo:
+    if not len(todo):
         return out
     results = out.rows
     columns: list[pa.Table] = []
     root_b = os.fsencode(root)
     bar = progress_bar(len(todo), "ingest", "file", progress)
     workers = _workers(settings, len(todo))
-    jobs = [(root_b, todo[b]) for b in _batches([e.size for e in todo], workers)]
+    # a batch's entries are made as the pool takes it (a generator): none held for the collection
+    jobs = ((root_b, seen.entries(todo[b])) for b in _batches(seen.size[todo].tolist(), workers))
     try:
         with worker_map(
             probe_batch,
@@ -364,51 +366,63 @@ def _new_rows(plain: pa.Table, run_id: int) -> pa.Table:
     return pa.table({name: columns[name] for name in FILES_SCHEMA.names}).cast(FILES_SCHEMA)
 
 
-def _hash_all(root: Path, todo: list[Entry], settings: Settings) -> list[str | None]:
-    """SHA-256 of each file (None when it cannot be read), in the worker pool."""
-    if not todo:
-        return []
+def _hash_all(
+    root: Path, seen: _Seen, rows: np.ndarray, settings: Settings, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """SHA-256 digests of the files at walk positions `rows` (uint8 [n, 32]: not a string a
+    file) and whether each file could be read, in the worker pool."""
+    digests = np.zeros((len(rows), 32), np.uint8)
+    readable = np.zeros(len(rows), bool)
+    if not len(rows):
+        return digests, readable
     root_b = os.fsencode(root)
-    workers = _workers(settings, len(todo))
-    jobs = [(root_b, [e.raw for e in todo[b]]) for b in _batches([e.size for e in todo], workers)]
-    with worker_map(
-        sha256_batch, jobs, workers, preload=["cbir.probe"], ordered=True, chunksize=1
-    ) as stream:
-        return [sha for shas in stream for sha in shas]
+    workers = _workers(settings, len(rows))
+    batches = _batches(seen.size[rows].tolist(), workers)
+    jobs = ((root_b, seen.raw.take(pa.array(rows[b], pa.int64())).to_pylist()) for b in batches)
+    # a scanner's uncompressed TIFFs all have one size: all are read here first, so say so
+    bar = progress_bar(len(rows), "ingest: hashing files of equal size", "file", progress)
+    try:
+        with worker_map(
+            sha256_batch, jobs, workers, preload=["cbir.probe"], ordered=True, chunksize=1
+        ) as stream:
+            for b, shas in zip(batches, stream, strict=True):
+                for i, sha in enumerate(shas, start=b.start):
+                    if sha is not None:
+                        digests[i] = np.frombuffer(bytes.fromhex(sha), np.uint8)
+                        readable[i] = True
+                bar.update(len(shas))
+    finally:
+        bar.close()
+    return digests, readable
 
 
 def _split_same_content(
     root: Path,
-    todo: list[Entry],
+    seen: _Seen,
+    todo: np.ndarray,
     settings: Settings,
-) -> tuple[list[Entry], list[tuple[Entry, str]]]:
+    progress: bool = False,
+) -> tuple[np.ndarray, list[tuple[Entry, str]]]:
     """Keep one file per content among new files of equal size (only those can be identical).
 
-    Returns the files to decode and (copy, sha256) for the byte-identical copies left out.
-    The files of shared sizes are hashed in the worker pool (in small archive files most sizes
-    are shared, and a scanner's uncompressed TIFFs all have one size).
+    Returns the walk positions of the files to decode, in walk order, and (copy, sha256) for the
+    byte-identical copies left out (the first in walk order is kept). The files of shared sizes
+    are hashed in the worker pool (in small archive files most sizes are shared, and a
+    scanner's uncompressed TIFFs all have one size).
     """
-    by_size: dict[int, list[Entry]] = {}
-    for e in todo:
-        by_size.setdefault(e.size, []).append(e)
-    shared = [e for size, group in by_size.items() if len(group) > 1 and size for e in group]
-    sha_of = dict(zip((e.raw for e in shared), _hash_all(root, shared, settings), strict=True))
-    keep: list[Entry] = []
-    copies: list[tuple[Entry, str]] = []
-    for size, group in by_size.items():
-        if len(group) == 1 or size == 0:
-            keep += group
-            continue
-        first_of: dict[str, Entry] = {}
-        for e in group:
-            sha = sha_of[e.raw]
-            if sha is None or sha not in first_of:
-                keep.append(e)
-                if sha is not None:
-                    first_of[sha] = e
-            else:
-                copies.append((e, sha))
-    return keep, copies
+    sizes = seen.size[todo]
+    _, inverse, counts = np.unique(sizes, return_inverse=True, return_counts=True)
+    shared = todo[(counts[inverse] > 1) & (sizes > 0)]
+    digests, ok = _hash_all(root, seen, shared, settings, progress)
+    readable = np.flatnonzero(ok)
+    whole = np.ascontiguousarray(digests[readable]).view("V32").ravel()  # one value a digest
+    _, first = np.unique(whole, return_index=True)  # identical bytes: one size, so one group
+    is_copy = np.ones(len(readable), bool)
+    is_copy[first] = False
+    copies = readable[is_copy]  # positions in `shared`
+    keep = todo[~np.isin(todo, shared[copies])]
+    out = [(seen.entry(int(shared[i])), digests[i].tobytes().hex()) for i in copies]
+    return keep, out
 
 
 def _resolve_copies(
@@ -475,10 +489,10 @@ def run_ingest(
     counts: Counter[str] = Counter(files_seen=len(seen))
     work = _triage(seen, state.files, quarantined, journal_cache)
     journal = _Journal(lay.journal, settings.ingest.journal_every)
-    todo, copies = _split_same_content(root, work.todo, settings)
-    known_sha = _known_sha(state.files, todo)
+    todo, copies = _split_same_content(root, seen, work.todo, settings, progress)
+    known_sha = _known_sha(state.files, seen.size[todo])
     twins = frozenset(sha for _, sha in copies)
-    fresh = _decode_all(root, todo, known_sha, twins, settings, journal, progress, on_result)
+    fresh = _decode_all(root, seen, todo, known_sha, twins, settings, journal, progress, on_result)
     decoded = fresh.decoded
     results = work.results + fresh.rows
     plain, back = _split_new(fresh, state.files, results)
@@ -650,6 +664,15 @@ class _Seen:
     def __len__(self) -> int:
         return len(self.size)
 
+    def entries(self, rows: np.ndarray) -> list[Entry]:
+        """The entries at walk positions `rows` (a batch's: made when it is sent)."""
+        raws = self.raw.take(pa.array(rows, pa.int64())).to_pylist()
+        sizes, mtimes = self.size[rows].tolist(), self.mtime_ns[rows].tolist()
+        return [
+            Entry(raw, size, mtime, self.problems.get(i))
+            for raw, size, mtime, i in zip(raws, sizes, mtimes, rows.tolist(), strict=True)
+        ]
+
     def entry(self, i: int) -> Entry:
         return Entry(self.raw[i].as_py(), int(self.size[i]), int(self.mtime_ns[i]),
                      self.problems.get(i))  # fmt: skip
@@ -661,7 +684,8 @@ class _Work:
 
     unchanged: np.ndarray  # manifest rows of files with the same size and mtime: not read
     problems: dict[bytes, tuple[Entry, str]] = field(default_factory=dict)  # -> quarantine
-    todo: list[Entry] = field(default_factory=list)  # to hash and decode
+    todo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # walk positions
+    # of the files to hash and decode (a first run of 10^6 files held 240 B of Entry a file)
     results: list[dict[str, Any]] = field(default_factory=list)  # decoded before (the journal)
 
 
@@ -691,8 +715,15 @@ def _triage(
     if len(files):
         same &= (size[at] == seen.size) & (mtime[at] == seen.mtime_ns)
     work = _Work(unchanged=prev[same])
-    for i in np.flatnonzero(~same):  # new, changed or unusable: few on a rerun
-        e = seen.entry(int(i))
+    rest = np.flatnonzero(~same)  # new, changed or unusable: to decode, unless ...
+    look = ~seen.usable[rest]  # ... the walk found a problem, or
+    keys = [*quarantined, *(k[0] for k in journal_cache)]  # it failed or was decoded before
+    if keys and len(rest):
+        raws = seen.raw.take(pa.array(rest, pa.int64()))
+        look |= _mask(pc.is_in(raws, value_set=pa.array(keys, pa.binary())))
+    decode = ~look
+    for j in np.flatnonzero(look):  # few
+        e = seen.entry(int(rest[j]))
         q = quarantined.get(e.raw)
         if e.problem is not None:
             work.problems[e.raw] = (e, e.problem)
@@ -701,7 +732,8 @@ def _triage(
         elif (e.raw, e.size, e.mtime_ns) in journal_cache:
             work.results.append(journal_cache[(e.raw, e.size, e.mtime_ns)])
         else:
-            work.todo.append(e)
+            decode[j] = True
+    work.todo = rest[decode]
     return work
 
 
@@ -711,12 +743,12 @@ def _int64(files: pa.Table, name: str) -> np.ndarray:
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-def _known_sha(files: pa.Table, todo: list[Entry]) -> frozenset[str]:
+def _known_sha(files: pa.Table, sizes_todo: np.ndarray) -> frozenset[str]:
     """The contents already in the manifest that a file to decode could have: present ones of
     the same size (identical bytes have the same size), so the set follows the night's files."""
-    if not todo:
+    if not len(sizes_todo) or not len(files):
         return frozenset()
-    sizes = pa.array(sorted({e.size for e in todo}), pa.int64())
+    sizes = pa.array(np.unique(sizes_todo), pa.int64())
     mask = pc.and_(pa.array(_present(files)), pc.is_in(files.column("bytes"), value_set=sizes))
     return frozenset(files.column("sha256").filter(mask).to_pylist())
 
