@@ -127,6 +127,7 @@ def test_a_partial_ground_truth_calibrates_on_the_whole_collection(demo):
     assert gt.outscoring == sorted(gt.outscoring, key=lambda t: (-t[2], t[0], t[1]))
     text = "\n".join(result.lines())
     assert "unlabelled neighbours of labelled images score above a labelled copy" in text
+    assert "belongs in demo/scans/partial.csv with its group" in text
     assert left_out[0][0] in text or left_out[1][0] in text
 
 

@@ -477,7 +477,7 @@ def run_calibrate(
         result.notes.append(
             f"{len(gt.outscoring)} unlabelled neighbours of labelled images score above a "
             f"labelled copy of them, counted as wrong matches: any that is a copy belongs "
-            f"in the labels with its group (labels.csv), e.g. {examples}"
+            f"in {settings.data.ground_truth} with its group, e.g. {examples}"
         )
     if cluster is not None and cluster < pair:
         raise CbirError(
