@@ -112,16 +112,23 @@ def _journal_parts(jdir: Path) -> list[Path]:
     return sorted(jdir.glob("part-*.parquet")) if jdir.is_dir() else []
 
 
-def _read_journal(jdir: Path) -> dict[tuple[bytes, int, int], dict[str, Any]]:
-    cache: dict[tuple[bytes, int, int], dict[str, Any]] = {}
+def _read_journal(jdir: Path) -> pa.Table:
+    """What killed runs decoded (JOURNAL_SCHEMA), the last result of each path, as columns: a
+    first run killed late holds a row a file here (10^7 of them as dicts: about 13 GiB)."""
+    parts = []
     for part in _journal_parts(jdir):
         try:
-            rows = pq.read_table(part).to_pylist()
+            parts.append(pq.read_table(part, schema=JOURNAL_SCHEMA))
         except (OSError, pa.ArrowException):
             continue  # a part is written atomically, so this is damage: just decode again
-        for r in rows:
-            cache[(r["path_raw"], r["bytes"], r["mtime_ns"])] = r
-    return cache
+    if not parts:
+        return JOURNAL_SCHEMA.empty_table()
+    table = pa.concat_tables(parts)  # parts in the order written
+    raw = table.column("path_raw").combine_chunks()
+    codes = pc.index_in(raw, value_set=pc.unique(raw)).to_numpy(zero_copy_only=False)
+    _, first_from_end = np.unique(codes[::-1], return_index=True)
+    last = np.sort(len(codes) - 1 - first_from_end)
+    return table.take(pa.array(last, pa.int64()))
 
 
 class _Journal:
@@ -253,6 +260,15 @@ class _Decoded:
     @property
     def decoded(self) -> int:
         return self.candidates.num_rows + sum(1 for r in self.rows if r.get("width") is not None)
+
+    def add(self, journalled: pa.Table, twins: frozenset[str]) -> None:
+        """Take in what a killed run decoded (the journal's rows), sorted as the workers' are."""
+        if not journalled.num_rows:
+            return
+        twin = pc.is_in(journalled.column("sha256"), value_set=pa.array(list(twins), pa.string()))
+        plain = _mask(pc.and_(pc.is_valid(journalled.column("width")), pc.invert(twin)))
+        self.rows += journalled.filter(pa.array(~plain)).to_pylist()
+        self.candidates = pa.concat_tables([self.candidates, journalled.filter(pa.array(plain))])
 
 
 def _decode_all(
@@ -483,18 +499,19 @@ def run_ingest(
     state = _load_state(lay)
     run_id = state.run_id
     quarantined = {r["path_raw"]: r for r in state.quarantine}
-    journal_cache = _read_journal(lay.journal)
+    journalled = _read_journal(lay.journal)
 
     seen = _Seen.of(walk_scans(root, settings.ingest.ignore))
     counts: Counter[str] = Counter(files_seen=len(seen))
-    work = _triage(seen, state.files, quarantined, journal_cache)
+    work = _triage(seen, state.files, quarantined, journalled)
     journal = _Journal(lay.journal, settings.ingest.journal_every)
     todo, copies = _split_same_content(root, seen, work.todo, settings, progress)
     known_sha = _known_sha(state.files, seen.size[todo])
     twins = frozenset(sha for _, sha in copies)
     fresh = _decode_all(root, seen, todo, known_sha, twins, settings, journal, progress, on_result)
-    decoded = fresh.decoded
-    results = work.results + fresh.rows
+    decoded = fresh.decoded  # in this run
+    fresh.add(work.journalled, twins)
+    results = fresh.rows
     plain, back = _split_new(fresh, state.files, results)
     results += back
     results += _resolve_copies(copies, results)
@@ -686,7 +703,7 @@ class _Work:
     problems: dict[bytes, tuple[Entry, str]] = field(default_factory=dict)  # -> quarantine
     todo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # walk positions
     # of the files to hash and decode (a first run of 10^6 files held 240 B of Entry a file)
-    results: list[dict[str, Any]] = field(default_factory=list)  # decoded before (the journal)
+    journalled: pa.Table = field(default_factory=JOURNAL_SCHEMA.empty_table)  # decoded before
 
 
 def _current_rows(files: pa.Table, seen: _Seen) -> np.ndarray:
@@ -704,7 +721,7 @@ def _triage(
     seen: _Seen,
     files: pa.Table,
     quarantined: dict[bytes, dict[str, Any]],
-    journal_cache: dict[tuple[bytes, int, int], dict[str, Any]],
+    journal: pa.Table,
 ) -> _Work:
     prev = _current_rows(files, seen)
     has = prev >= 0
@@ -716,12 +733,22 @@ def _triage(
         same &= (size[at] == seen.size) & (mtime[at] == seen.mtime_ns)
     work = _Work(unchanged=prev[same])
     rest = np.flatnonzero(~same)  # new, changed or unusable: to decode, unless ...
-    look = ~seen.usable[rest]  # ... the walk found a problem, or
-    keys = [*quarantined, *(k[0] for k in journal_cache)]  # it failed or was decoded before
-    if keys and len(rest):
-        raws = seen.raw.take(pa.array(rest, pa.int64()))
-        look |= _mask(pc.is_in(raws, value_set=pa.array(keys, pa.binary())))
-    decode = ~look
+    look = ~seen.usable[rest]  # ... the walk found a problem, or it failed before
+    raws = seen.raw.take(pa.array(rest, pa.int64()))
+    if quarantined and len(rest):
+        look |= _mask(pc.is_in(raws, value_set=pa.array(list(quarantined), pa.binary())))
+    # ... or a killed run decoded these very bytes (the journal: its row of the path)
+    at = np.full(len(rest), -1, np.int64)
+    if journal.num_rows and len(rest):
+        paths = journal.column("path_raw").combine_chunks()
+        found = pc.fill_null(pc.index_in(raws, value_set=paths), -1)
+        at = np.asarray(found.to_numpy(zero_copy_only=False), np.int64)
+        hit = at >= 0
+        where = np.maximum(at, 0)
+        hit &= _int64(journal, "bytes")[where] == seen.size[rest]
+        hit &= _int64(journal, "mtime_ns")[where] == seen.mtime_ns[rest]
+        at[~hit] = -1
+    problem = np.zeros(len(rest), bool)
     for j in np.flatnonzero(look):  # few
         e = seen.entry(int(rest[j]))
         q = quarantined.get(e.raw)
@@ -729,11 +756,11 @@ def _triage(
             work.problems[e.raw] = (e, e.problem)
         elif q is not None and (q["bytes"], q["mtime_ns"]) == (e.size, e.mtime_ns):
             work.problems[e.raw] = (e, q["reason"])  # same bytes as when it failed: don't retry
-        elif (e.raw, e.size, e.mtime_ns) in journal_cache:
-            work.results.append(journal_cache[(e.raw, e.size, e.mtime_ns)])
         else:
-            decode[j] = True
-    work.todo = rest[decode]
+            continue  # changed since it failed: decoded before (journal) or again
+        problem[j] = True
+    work.journalled = journal.take(pa.array(np.sort(at[(at >= 0) & ~problem]), pa.int64()))
+    work.todo = rest[(at < 0) & ~problem]
     return work
 
 
