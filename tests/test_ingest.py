@@ -608,13 +608,13 @@ def test_plain_new_images_get_the_rows_the_merge_would_make(tmp_path, monkeypatc
     epochs: dict[str, list] = {}
     history: list[list[bool]] = []
 
-    def counting(decoded, files, results):
-        plain, back = split(decoded, files, results)
+    def counting(cands, files, results):
+        plain, back = split(cands, files, results)
         plain_counts.append((plain.num_rows, len(back)))
         return plain, back
 
-    def all_to_merge(decoded, files, results):
-        return decoded.candidates.slice(0, 0), decoded.candidates.to_pylist()
+    def all_to_merge(cands, files, results):
+        return cands.slice(0, 0), cands.to_pylist()
 
     def night() -> None:
         out = {}

@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from ..fsutil import write_json, write_text
 from ..paramsfile import set_params
 from ..store.decisions import labels
 from ..store.layout import layout
+
+if TYPE_CHECKING:  # evaluate loads torch and faiss: imported where there is ground truth
+    from .evaluate import ModelRanking
 
 #: A calibration stays current for the nightly run until the collection has grown this much.
 GROWTH = 1.5
@@ -145,16 +148,12 @@ def _ground_truth_estimate(
     if settings.data.ground_truth is None and not labels(layout(settings).decisions_dir):
         return None
     try:
-        ranking = rank_model(settings)
+        # a partial CSV among all images; decisions alone among the decided ones (their wrong
+        # matches are the pairs decided different: MIN_DECISIONS of them)
+        ranking = rank_model(settings, csv_among_all=True)
     except NoLabels:
         return None
     lab = ranking.labels
-    if lab is not None and lab.csv_images and len(ranking.group_of) < len(ranking.image_ids):
-        # a CSV group names every copy one knows of: the rest of the collection, where most
-        # false matches are, is searched too. Decisions alone stay among the decided images:
-        # their wrong matches are the pairs decided different (MIN_DECISIONS of them), and a
-        # pair decided same says nothing of the images' other copies.
-        ranking = rank_model(settings, whole=True)
     if (
         lab is not None
         and not lab.csv_images
@@ -188,7 +187,7 @@ def _ground_truth_estimate(
     )
 
 
-def _outscoring(ranking: Any) -> list[tuple[str, str, float]]:
+def _outscoring(ranking: ModelRanking) -> list[tuple[str, str, float]]:
     """The unlabelled neighbours of each labelled query that score above its lowest-scoring
     labelled copy among its neighbours (all of them when its copies rank below its top k),
     best first (see Estimate.outscoring)."""

@@ -149,14 +149,17 @@ class ModelRanking:
     labels: GroundTruth | None = None  # what the groups came from (the CSV, decisions)
 
 
-def rank_model(settings: Settings, k: int | None = None, *, whole: bool = False) -> ModelRanking:
+def rank_model(
+    settings: Settings, k: int | None = None, *, csv_among_all: bool = False
+) -> ModelRanking:
     """Search every query of the ground truth with the current model (k: max of evaluate.ks).
 
     The one place that ranks the evaluation queries: evaluate scores it, calibrate picks a
     threshold from it, report plots it. A partial ground truth is ranked among the labelled
-    images only, unless `whole`: then through the index over every image, as with a complete
-    one, and an unlabelled neighbour counts as a wrong match (calibrate: the precision of a
-    threshold is the collection's, and its false matches are mostly unlabelled images).
+    images only, unless `csv_among_all` and a CSV labels some: then through the index over
+    every image, as a complete one, an unlabelled neighbour counting as a wrong match
+    (calibrate: a CSV group names every copy one knows of, and a threshold's false matches are
+    mostly unlabelled images; decisions alone say nothing of a decided image's other copies).
     """
     k = k or max(settings.evaluate.ks)
     searcher = open_searcher(settings)
@@ -170,7 +173,7 @@ def rank_model(settings: Settings, k: int | None = None, *, whole: bool = False)
     query_rows = np.array(sorted(r for r, g in group_of.items() if sizes[g] >= 2), np.int64)
     if len(query_rows) == 0:
         raise NoLabels(f"{_label_source(settings)} label any group of two or more ingested images")
-    if whole or len(group_of) == len(ids):  # rank through the index, as users get
+    if len(group_of) == len(ids) or (csv_among_all and gt.csv_images):  # as users get
         candidates = None
         s, found = searcher.search(searcher.vectors[query_rows], k + 1)
         nbr = np.array(

@@ -132,12 +132,14 @@ def _read_journal(jdir: Path) -> pa.Table:
 
 
 class _Journal:
-    """Buffers worker results and writes them out in atomic parts."""
+    """Buffers worker results and writes them out in atomic parts; what it wrote stays as
+    columns, the run's results (`table`): each result becomes Arrow once."""
 
     def __init__(self, jdir: Path, every: int) -> None:
         self.dir = jdir
         self.every = every
         self.buffer: list[dict[str, Any]] = []
+        self.written: list[pa.Table] = []
 
     def add(self, row: dict[str, Any]) -> None:
         self.buffer.append(row)
@@ -147,11 +149,16 @@ class _Journal:
     def flush(self) -> None:
         if not self.buffer:
             return
-        write_parquet(  # from_pylist takes the schema's keys: a missing one is null
-            pa.Table.from_pylist(self.buffer, schema=JOURNAL_SCHEMA),
-            self.dir / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet",
-        )
+        # from_pylist takes the schema's keys: a missing one is null
+        part = pa.Table.from_pylist(self.buffer, schema=JOURNAL_SCHEMA)
+        write_parquet(part, self.dir / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
+        self.written.append(part)
         self.buffer = []
+
+    def table(self) -> pa.Table:
+        """Every result added, as columns (those still in the buffer too, unwritten)."""
+        rest = [pa.Table.from_pylist(self.buffer, schema=JOURNAL_SCHEMA)] if self.buffer else []
+        return pa.concat_tables([JOURNAL_SCHEMA.empty_table(), *self.written, *rest])
 
     def clear(self) -> None:
         for p in _journal_parts(self.dir):
@@ -247,48 +254,20 @@ def _workers(settings: Settings, n: int) -> int:
     return min(settings.decode_workers, max(1, n // 4))
 
 
-@dataclass
-class _Decoded:
-    """What the workers returned: the files that can only be new images as columns (decoded in
-    this run, and no byte-identical copy's twin: `candidates`, JOURNAL_SCHEMA), the rest as
-    dicts (`rows`: failures, known contents, twins). A first run of 10^6 files held 1.3 KB of
-    dict a file."""
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    candidates: pa.Table = field(default_factory=JOURNAL_SCHEMA.empty_table)
-
-    @property
-    def decoded(self) -> int:
-        return self.candidates.num_rows + sum(1 for r in self.rows if r.get("width") is not None)
-
-    def add(self, journalled: pa.Table, twins: frozenset[str]) -> None:
-        """Take in what a killed run decoded (the journal's rows), sorted as the workers' are."""
-        if not journalled.num_rows:
-            return
-        twin = pc.is_in(journalled.column("sha256"), value_set=pa.array(list(twins), pa.string()))
-        plain = _mask(pc.and_(pc.is_valid(journalled.column("width")), pc.invert(twin)))
-        self.rows += journalled.filter(pa.array(~plain)).to_pylist()
-        self.candidates = pa.concat_tables([self.candidates, journalled.filter(pa.array(plain))])
-
-
 def _decode_all(
     root: Path,
     seen: _Seen,
     todo: np.ndarray,
     known: frozenset[str],
-    twins: frozenset[str],
     settings: Settings,
     journal: _Journal,
     progress: bool,
     on_result: Callable[[dict[str, Any]], None] | None,
-) -> _Decoded:
-    """Hash and decode the files at walk positions `todo` in the worker pool (`twins`: contents
-    of which a byte-identical copy was left out, which the copy's row is made from)."""
-    out = _Decoded()
+) -> pa.Table:
+    """Hash and decode the files at walk positions `todo` in the worker pool; their results
+    (JOURNAL_SCHEMA), as the journal holds them."""
     if not len(todo):
-        return out
-    results = out.rows
-    columns: list[pa.Table] = []
+        return JOURNAL_SCHEMA.empty_table()
     root_b = os.fsencode(root)
     bar = progress_bar(len(todo), "ingest", "file", progress)
     workers = _workers(settings, len(todo))
@@ -305,37 +284,42 @@ def _decode_all(
             chunksize=1,
         ) as stream:
             for rows in stream:
-                batch = []
                 for row in rows:
                     journal.add(row)
                     faults.point("ingest.result")
                     if on_result is not None:
                         on_result(row)
-                    if row.get("width") is not None and row["sha256"] not in twins:
-                        batch.append(row)
-                    else:
-                        results.append(row)
-                if batch:
-                    columns.append(pa.Table.from_pylist(batch, schema=JOURNAL_SCHEMA))
                 bar.update(len(rows))
     except BaseException:
         journal.flush()  # keep what was decoded before the interruption
         raise
     finally:
         bar.close()
-    if columns:
-        out.candidates = pa.concat_tables(columns)  # chunked as decoded: no copy
-    return out
+    return journal.table()
+
+
+def _split_decoded(
+    results: pa.Table, twins: frozenset[str]
+) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """The results (JOURNAL_SCHEMA) that can only be new images, as columns: decoded, and no
+    twin of a byte-identical copy left out of decoding (`twins`: their contents; the copy's row
+    is made from its twin's dict). The others (failures, known contents, twins) as dicts, for
+    the merge. A first run of 10^6 files held 1.3 KB of dict a file."""
+    twin = pc.is_in(results.column("sha256"), value_set=pa.array(list(twins), pa.string()))
+    cand = _mask(pc.and_(pc.is_valid(results.column("width")), pc.invert(twin)))
+    if cand.all():
+        return results, []
+    return results.filter(pa.array(cand)), results.filter(pa.array(~cand)).to_pylist()
 
 
 def _split_new(
-    decoded: _Decoded, files: pa.Table, results: list[dict[str, Any]]
+    cands: pa.Table, files: pa.Table, results: list[dict[str, Any]]
 ) -> tuple[pa.Table, list[dict[str, Any]]]:
-    """Of the candidates, the plain new images: a path with no current manifest row, and a
-    content that no manifest row (of any status) and no other file of the run has. Each is a
-    row of its own, canonical, touching no other (as the merge would make it); their rows are
-    made in Arrow (_new_rows). The other candidates go back to the merge as dicts."""
-    cands = decoded.candidates
+    """Of the candidates (_split_decoded), the plain new images: a path with no current
+    manifest row, and a content that no manifest row (of any status) and no other file of the
+    run has. Each is a row of its own, canonical, touching no other (as the merge would make
+    it); their rows are made in Arrow (_new_rows). The other candidates go back to the merge
+    as dicts."""
     if not cands.num_rows:
         return cands, []
     ids = pc.utf8_slice_codeunits(cands.column("sha256"), 0, 16)  # image_id_of
@@ -508,11 +492,10 @@ def run_ingest(
     todo, copies = _split_same_content(root, seen, work.todo, settings, progress)
     known_sha = _known_sha(state.files, seen.size[todo])
     twins = frozenset(sha for _, sha in copies)
-    fresh = _decode_all(root, seen, todo, known_sha, twins, settings, journal, progress, on_result)
-    decoded = fresh.decoded  # in this run
-    fresh.add(work.journalled, twins)
-    results = fresh.rows
-    plain, back = _split_new(fresh, state.files, results)
+    fresh = _decode_all(root, seen, todo, known_sha, settings, journal, progress, on_result)
+    decoded = fresh.num_rows - fresh.column("width").null_count  # in this run
+    cands, results = _split_decoded(pa.concat_tables([fresh, work.journalled]), twins)
+    plain, back = _split_new(cands, state.files, results)
     results += back
     results += _resolve_copies(copies, results)
 
@@ -691,8 +674,7 @@ class _Seen:
         ]
 
     def entry(self, i: int) -> Entry:
-        return Entry(self.raw[i].as_py(), int(self.size[i]), int(self.mtime_ns[i]),
-                     self.problems.get(i))  # fmt: skip
+        return self.entries(np.array([i], np.int64))[0]
 
 
 @dataclass
@@ -734,7 +716,8 @@ def _triage(
     work = _Work(unchanged=prev[same])
     rest = np.flatnonzero(~same)  # new, changed or unusable: to decode, unless ...
     look = ~seen.usable[rest]  # ... the walk found a problem, or it failed before
-    raws = seen.raw.take(pa.array(rest, pa.int64()))
+    # (the paths of the files, taken only where there is something to look them up in)
+    raws = seen.raw.take(pa.array(rest, pa.int64())) if quarantined or journal.num_rows else None
     if quarantined and len(rest):
         look |= _mask(pc.is_in(raws, value_set=pa.array(list(quarantined), pa.binary())))
     # ... or a killed run decoded these very bytes (the journal: its row of the path)
