@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
+import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -20,6 +22,19 @@ def start_method(preload: list[str] | None = None) -> str:
     if preload:
         mp.set_forkserver_preload(preload)
     return "forkserver"
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_setup(initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    """A pool worker ends with the process that started it (Linux): a cbir killed outright
+    (SIGKILL, the OOM killer) cannot stop its pool, and its workers went on with their job for
+    nobody, then printed a BrokenPipeError each on the user's terminal."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: as before
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 @contextlib.contextmanager
@@ -43,7 +58,7 @@ def worker_map(
         yield map(fn, jobs)
         return
     ctx = mp.get_context(start_method(preload))
-    pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
+    pool = ctx.Pool(workers, initializer=_worker_setup, initargs=(initializer, initargs))
     try:
         yield (pool.imap if ordered else pool.imap_unordered)(fn, jobs, chunksize)
     finally:
