@@ -9,14 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from cbir.steps.calibrate import GROUND_TRUTH, SELF, is_current, recorded, run_calibrate
+from cbir.steps.calibrate import (
+    GROUND_TRUTH,
+    SELF,
+    Thresholds,
+    is_current,
+    recorded,
+    run_calibrate,
+)
 from cbir.store.layout import CALIBRATION
 from cbir.config import load_settings
 from cbir.steps.demo import generate_demo_collection
 from cbir.steps.embed import run_embed
 from cbir.steps.index import run_index
 from cbir.steps.ingest import run_ingest
-from cbir.steps.pairs import PairsSummary, run_pairs
+from cbir.steps.pairs import PairsSummary, VerifySummary, run_pairs
 from conftest import CBIR, photo, save, write_params
 
 SMALL = {"ingest": {"workers": 2},
@@ -184,3 +191,22 @@ def test_guard_rails_are_quiet_on_a_healthy_run():
     flood = PairsSummary(n_images=600, n_near_pairs=4244, n_clusters=1, largest_cluster=600)
     text = " ".join(flood.warnings())
     assert "600 of 600 images (100%)" in text and "4244 pairs for 600 images" in text
+
+
+def test_the_low_recall_warning_does_not_send_a_trained_model_back_to_the_same_training():
+    # Found in an archivist trial: 25 trained epochs, self-calibrated recall 0.32, and the
+    # warning said "train it on the collection (`cbir train` ...)", which gives the same model.
+    th = Thresholds(pair=0.9947, cluster=0.9947, source=SELF, estimated_precision=0.999,
+                    estimated_recall=0.317)
+    kw = dict(n_images=388, n_near_pairs=6, n_clusters=6, largest_cluster=2, thresholds=th,
+              verification=VerifySummary(confirmed_below=5))
+    untrained = " ".join(PairsSummary(**kw).warnings())
+    trained = " ".join(PairsSummary(**kw, trained=True).warnings())
+    assert "finds only 32% of the held-out test copies" in untrained
+    assert "geometric verification added 5 pairs below it" in trained
+    assert "train the model on the collection (`cbir train`" in untrained
+    assert "train the model longer (more train.epochs" in trained
+    assert "on the collection" not in trained
+    unreachable = Thresholds(pair=1.0, cluster=1.0, source=SELF, unreachable=True)
+    text = " ".join(PairsSummary(**{**kw, "thresholds": unreachable}, trained=True).warnings())
+    assert "no threshold reaches precision 0.95" in text and "train the model longer" in text

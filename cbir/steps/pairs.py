@@ -134,6 +134,7 @@ class PairsSummary:
     confirmed: int = 0  # pairs decided `same` (both images present): always in one cluster
     rejected: int = 0  # pairs decided `different`: never in one cluster
     verification: VerifySummary | None = None  # None: search.verify is off
+    trained: bool = False  # the model is a training checkpoint (not the untrained init)
 
     def lines(self) -> list[str]:
         how = (
@@ -190,8 +191,7 @@ class PairsSummary:
             "set search.pair_threshold: auto (calibrated to search.precision_target) and run "
             "`cbir calibrate`, then `cbir pairs`"
             if fixed
-            else "train the model on the collection (`cbir train`, then `cbir embed`, `cbir index`,"
-            " `cbir pairs`), or raise search.cluster_threshold"
+            else f"{self._train_advice()}, or raise search.cluster_threshold"
         )
         if self.largest_cluster >= max(CLUSTER_WARN_MIN, CLUSTER_WARN_SHARE * n):
             out.append(
@@ -221,9 +221,8 @@ class PairsSummary:
             out.append(
                 f"no threshold reaches precision {th.target:g} here: for this model, "
                 f"near-duplicates and other photographs score alike, so only pairs scoring "
-                f"{th.pair:.4f} (identical pictures){confirmed} are reported; train the model "
-                f"on the collection (`cbir train`, more train.epochs), or lower "
-                f"search.precision_target"
+                f"{th.pair:.4f} (identical pictures){confirmed} are reported; "
+                f"{self._train_advice()}, or lower search.precision_target"
             )
         elif (
             th is not None
@@ -233,13 +232,30 @@ class PairsSummary:
             and th.estimated_recall is not None
             and th.estimated_recall < 0.5
         ):
+            vs = self.verification
+            below = (
+                f" (geometric verification added {vs.confirmed_below} pairs below it)"
+                if vs is not None and vs.confirmed_below
+                else ""
+            )
             out.append(
                 f"the calibrated threshold finds only {th.estimated_recall:.0%} of the "
-                f"held-out test copies: this model tells copies from other images "
-                f"apart poorly; train it on the collection (`cbir train`, then `cbir "
-                f"embed`, `cbir index`, `cbir pairs`)"
+                f"held-out test copies{below}: this model tells copies from other images "
+                f"apart poorly; {self._train_advice()}"
             )
         return out
+
+    def _train_advice(self) -> str:
+        # Training again with the same params gives the same model: a trained one needs longer.
+        if self.trained:
+            return (
+                "train the model longer (more train.epochs, within train.time_budget_minutes; "
+                "then `cbir train`, `cbir embed`, `cbir index`, `cbir pairs`)"
+            )
+        return (
+            "train the model on the collection (`cbir train`, then `cbir embed`, `cbir index`, "
+            "`cbir pairs`)"
+        )
 
 
 def search_batch(n: int) -> int:
@@ -1095,4 +1111,5 @@ def run_pairs(
         confirmed=len(decided.same),
         rejected=len(decided.different),
         verification=vs,
+        trained=settings.path(settings.model.checkpoint).is_file(),
     )
