@@ -104,7 +104,17 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
 
     _check_range("--k", args.k, 1, MAX_K)
     failed: list[str] = []
-    for res in query_images(settings, [Path(p) for p in args.images], k=args.k):
+    results = query_images(settings, [Path(p) for p in args.images], k=args.k)
+    if any(res.error is None for res in results):
+        th = results[0].threshold
+        print(
+            f"pair threshold {th[0]:.4f} ({th[1]}): * marks a near-duplicate as `cbir pairs` "
+            f"counts one (at or above the threshold, or confirmed by local features)"
+            if th is not None
+            else "no pair threshold for this model yet (`cbir calibrate`): * marks only the "
+            "neighbours local features confirm"
+        )
+    for res in results:
         print(shown(res.query))
         if res.error:
             failed.append(f"{shown(res.query)}: {shown(res.error)}")
@@ -126,7 +136,8 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
             via = f"  (found by {by})" if by != "global" else ""
             # one line per neighbour (scripts count and grep them): its verification follows
             check = f"  \u2014 {describe(m, 'it')}" if m is not None else ""
-            print(f"  {rank:3d}  {score:.4f}  {shown(path)}  [{image_id}]{via}{check}")
+            mark = "*" if res.near(rank - 1) else " "
+            print(f"  {rank:3d}{mark} {score:.4f}  {shown(path)}  [{image_id}]{via}{check}")
     if failed:
         print(
             f"cbir query: error: {len(failed)} of {len(args.images)} images could not be "

@@ -21,7 +21,7 @@ TOP_PACKAGES = ("cbir.review",)
 SETTINGS = {"cbir.config", "cbir.paramsfile", "cbir.environ", "cbir.lock"}
 #: Where one step consumes another's computation (the only imports between steps).
 STEP_USES = {
-    "cbir.steps.query": {"cbir.steps.embed"},
+    "cbir.steps.query": {"cbir.steps.calibrate", "cbir.steps.embed"},
     "cbir.steps.evaluate": {"cbir.steps.embed"},
     "cbir.steps.index": {"cbir.steps.index_dask"},
     "cbir.steps.calibrate": {"cbir.steps.embed", "cbir.steps.evaluate"},

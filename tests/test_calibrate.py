@@ -13,6 +13,7 @@ from cbir.steps.calibrate import (
     GROUND_TRUTH,
     SELF,
     Thresholds,
+    current_pair_threshold,
     is_current,
     recorded,
     run_calibrate,
@@ -165,6 +166,10 @@ def test_the_recorded_calibration_follows_the_model_and_the_collection(demo):
     assert is_current(rec, settings, fp, int(n * 1.4))  # a few nights of new scans
     assert not is_current(rec, settings, fp, n * 2)  # grown a lot: calibrate again
     assert not is_current(rec, settings, "another-model", n)
+    # what `cbir query` marks its neighbours by: the recorded threshold while it holds
+    assert current_pair_threshold(settings, fp, n) == (rec["pair_threshold"], rec["source"])
+    assert current_pair_threshold(settings, "another-model", n) is None
+    assert current_pair_threshold(settings, fp, n * 2) is None
     other = _settings(demo, "other.yaml", search={"precision_target": 0.99})
     assert not is_current(rec, other, fp, n)
 

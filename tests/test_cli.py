@@ -6,11 +6,13 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cbir.store import catalog
 from cbir.cli import DETAILS, build_parser
@@ -88,6 +90,35 @@ def test_query_tells_a_collection_file_from_a_copy_of_one(built, tmp_path):
     mine, copy = out.stdout.split(str(tmp_path / "copy.jpg"))
     assert "in the collection as box-b/p2.jpg" in mine and "exact duplicate" not in mine
     assert "exact duplicate (same bytes) of box-b/p2.jpg" in copy and "in the collection" not in copy
+
+
+def test_query_marks_the_neighbours_cbir_pairs_would_count_as_near_duplicates(built):
+    # Found in an archivist trial: ten neighbours of a halftone reprint scored 0.95-0.9994 and
+    # nothing said which of them `cbir pairs` would report.
+    def marked(params: Path) -> tuple[str, dict[str, tuple[bool, float, bool]]]:
+        out = cbir("query", str(built / "scans" / "box-b" / "p0-rescan.jpg"), "--k", "7",
+                   "--params", str(params))
+        assert out.returncode == 0, out.stderr
+        found = {}
+        for line in out.stdout.splitlines()[2:]:
+            if (m := re.match(r"\s+\d+([* ]) (\d\.\d{4})  (\S+)", line)) is not None:
+                confirmed = "(confirmed by" in line or "detail of" in line
+                found[m[3]] = (m[1] == "*", float(m[2]), confirmed)
+        assert len(found) == 7, out.stdout
+        return out.stdout.splitlines()[0], found
+
+    head, found = marked(built / "params.yaml")
+    assert head.startswith("pair threshold 0.5000 (params): * marks a near-duplicate")
+    scores = sorted((score for _, score, _ in found.values()), reverse=True)
+    cut = round((scores[2] + scores[3]) / 2, 4)  # between the 3rd and 4th neighbours
+    params = yaml.safe_load((built / "params.yaml").read_text())
+    params["search"].update(pair_threshold=cut, cluster_threshold=cut)
+    (built / "strict.yaml").write_text(yaml.safe_dump(params))
+    head, found = marked(built / "strict.yaml")
+    assert head.startswith(f"pair threshold {cut:.4f} (params)"), head
+    for path, (star, score, confirmed) in found.items():
+        assert star == (score >= cut or confirmed), (path, star, score, confirmed)
+    assert found["box-b/p0.jpg"][0] and not all(star for star, _, _ in found.values()), found
 
 
 def test_the_canonical_copy_is_the_likely_master(built):

@@ -1134,8 +1134,8 @@ def test_names_with_control_characters_are_escaped_in_every_line_printed(control
     query = os.fsdecode(os.path.join(os.fsencode(control_named / "scans"), CONTROL_NAMES[1]))
     rc, outputs["query"], err = printed(capsys, "query", query, "--k", "3", "--params", params)
     assert rc == 0, err
-    lines = outputs["query"].splitlines()  # the query, its own file, 3 neighbours
-    assert len(lines) == 1 + 1 + 3 and lines[1].startswith("  in the collection as ")
+    lines = outputs["query"].splitlines()  # the threshold, the query, its own file, 3 neighbours
+    assert len(lines) == 1 + 1 + 1 + 3 and lines[2].startswith("  in the collection as ")
     assert not any(ln.startswith("  1  1.0000  forged") for ln in outputs["query"].splitlines())
     # the quarantine, and a scans folder named with escapes in ingest's summary
     rc, outputs["quarantine"], err = printed(capsys, "sql", "SELECT path, reason FROM quarantine",

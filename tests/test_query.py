@@ -6,7 +6,8 @@ import pytest
 import tiny_workspace
 from conftest import photo, save
 
-from cbir.steps.query import query_images
+from cbir.steps.query import QueryResult, query_images
+from cbir.verify import Match
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +34,17 @@ def test_a_picture_outside_the_collection_and_an_unreadable_file(settings, tmp_p
     assert good.error is None and good.exact_copies_of == [] and len(good.neighbours) == 2
     assert good.neighbours[0][1] in {"p1.png", "copies/p1-small.png"}
     assert bad.error is not None and "cannot be read" in bad.error and bad.neighbours == []
+
+
+def test_a_neighbour_is_near_at_the_threshold_or_where_local_features_confirm_it(settings):
+    scans = settings.path(settings.data.scans_dir)
+    [res] = query_images(settings, [scans / "p0.png"], k=3)
+    assert res.threshold == (0.5, "params")  # the workspace's fixed search.pair_threshold
+    res = QueryResult(query="q", neighbours=[("a", "a", 0.99), ("b", "b", 0.5), ("c", "c", 0.4),
+                                             ("d", "d", 0.3)],
+                      verification=[Match(), Match(), Match(relation="a_in_b", inliers=30)],
+                      threshold=(0.5, "params"))
+    # above or at it though not confirmed; below it but confirmed; below and not checked
+    assert [res.near(i) for i in range(4)] == [True, True, True, False]
+    res.threshold = None  # auto, and no calibration for this model yet: confirmed ones only
+    assert [res.near(i) for i in range(4)] == [False, False, True, False]

@@ -587,6 +587,23 @@ def configured_thresholds(settings: Settings) -> tuple[float | None, float | Non
     return pair, cluster if cluster is not None else pair
 
 
+def current_pair_threshold(
+    settings: Settings, fingerprint: str, n_images: int
+) -> tuple[float, str] | None:
+    """(pair threshold, its source) as `cbir pairs` would use it now without calibrating: a
+    fixed one from params, else the recorded calibration while it holds for this model and
+    collection; None when `cbir calibrate` has not run for them."""
+    fixed = _fixed(settings.search.pair_threshold)
+    if fixed is not None:
+        return fixed, "params"
+    rec = recorded(settings)
+    if rec is None or rec.get("pair_threshold") is None:
+        return None
+    if not is_current(rec, settings, fingerprint, n_images):
+        return None
+    return float(rec["pair_threshold"]), str(rec["source"])
+
+
 def is_current(
     record: dict[str, Any] | None, settings: Settings, fingerprint: str, n_images: int
 ) -> bool:

@@ -25,6 +25,7 @@ from ..store.features import extract_file, feature_cache, features_of, scan_file
 from ..store.index import open_searcher
 from ..store.local import open_local
 from ..store.manifest import PRESENT, load_manifest
+from .calibrate import current_pair_threshold
 from .embed import embed_files
 
 
@@ -40,6 +41,16 @@ class QueryResult:
     verification: list[verify.Match | None] = field(default_factory=list)
     features_seconds: float = 0.0  # the query's own local features
     verify_seconds: float = 0.0  # its candidates' features (cache) and their verification
+    # `cbir pairs`' threshold for this model and its source (None: not calibrated for it)
+    threshold: tuple[float, str] | None = None
+
+    def near(self, i: int) -> bool:
+        """Whether neighbour `i` is a near-duplicate by `cbir pairs`' rule: at or above the
+        pair threshold, or confirmed by local features."""
+        m = self.verification[i] if i < len(self.verification) else None
+        if m is not None and m.verified:
+            return True
+        return self.threshold is not None and self.neighbours[i][2] >= self.threshold[0]
 
 
 def rerank(
@@ -63,7 +74,10 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
     model, pp, fp, _ = retrieval_model(settings)
     s = open_searcher(settings, fingerprint=fp)
     local = open_local(settings)
-    results = [QueryResult(query=str(p), error=_unreadable(p)) for p in paths]
+    threshold = current_pair_threshold(settings, fp, len(s.image_ids))
+    results = [
+        QueryResult(query=str(p), error=_unreadable(p), threshold=threshold) for p in paths
+    ]
     todo = [i for i, r in enumerate(results) if r.error is None]
     files = [os.fsencode(paths[i]) for i in todo]
     done, vectors, failed = embed_files(
