@@ -75,9 +75,7 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
     s = open_searcher(settings, fingerprint=fp)
     local = open_local(settings)
     threshold = current_pair_threshold(settings, fp, len(s.image_ids))
-    results = [
-        QueryResult(query=str(p), error=_unreadable(p), threshold=threshold) for p in paths
-    ]
+    results = [QueryResult(query=str(p), error=_unreadable(p), threshold=threshold) for p in paths]
     todo = [i for i, r in enumerate(results) if r.error is None]
     files = [os.fsencode(paths[i]) for i in todo]
     done, vectors, failed = embed_files(
