@@ -223,12 +223,13 @@ def test_the_remove_list_keeps_one_master_per_confirmed_group(built, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "3 files to remove, keeping 3 masters, from 2 confirmed groups and 1 sets of " \
         "byte-identical copies; nothing was deleted" in out.stdout
+    assert "1 of the 2 groups keep the likely master (no reviewer named one" in out.stdout
     rows = list(csv.DictReader(target.open()))
     _, sizes = query(s, "SELECT path, bytes FROM images WHERE path IN ('p2.png', 'p3.png')")
     bigger, smaller = (p for p, _ in sorted(sizes, key=lambda r: -r[1]))  # same pixels
     assert sorted((r["remove"], r["keep"], r["reason"]) for r in rows) == sorted([
         ("p1.png", "copies/p1-small.png", "duplicate (decided same; master named by a reviewer)"),
-        (smaller, bigger, "duplicate (decided same; likely master kept)"),
+        (smaller, bigger, "duplicate (decided same; likely master kept: larger file)"),
         ("copies/p0-copy.png", "p0.png", "byte-identical copy"),
     ])
     assert sorted(p.relative_to(s.root) for p in (s.root / "scans").rglob("*")) == before
@@ -372,3 +373,23 @@ def test_calibrate_labels_with_decisions_once_there_are_enough(built, tmp_path, 
     assert calibrate.is_current(record, s, record["fingerprint"], record["images"])
     run_decide(s, "p4.png", "p5.png", "different")
     assert not calibrate.is_current(record, s, record["fingerprint"], record["images"])
+
+
+def test_the_likely_master_says_which_criterion_chose_it():
+    from cbir.steps.decisions import _likely_master
+
+    base = {"mode": "L", "width": 100, "height": 80, "bytes": 1000, "first_run": 2,
+            "mtime_ns": 5, "path": "b"}
+    cases = [  # (the other file, what keeps `base` over it)
+        ({"mode": "1", "width": 400, "height": 320, "bytes": 9000}, "continuous tone"),
+        ({"width": 90, "bytes": 9000, "first_run": 1}, "higher resolution"),
+        ({"bytes": 999, "first_run": 1}, "larger file"),
+        ({"first_run": 3}, "earlier"),
+        ({"mtime_ns": 6}, "earlier"),
+        ({"path": "c"}, "earlier"),
+    ]
+    for change, why in cases:
+        other = {**base, **change}
+        for rows in ([base, other], [other, base]):
+            assert _likely_master(rows) == (base, why), change
+    assert _likely_master([base]) == (base, "earlier")

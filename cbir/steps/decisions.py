@@ -17,7 +17,7 @@ import csv
 import getpass
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -441,31 +441,46 @@ class RemoveSummary:
     exact_groups: int = 0  # byte-identical copies outside them
     remove: int = 0
     keep: int = 0
+    by_rule: int = 0  # confirmed groups whose master no reviewer named: the likely master kept
 
     def lines(self) -> list[str]:
-        return [
+        out = [
             f"remove list: {self.remove} files to remove, keeping {self.keep} masters, from "
             f"{self.groups} confirmed groups and {self.exact_groups} sets of byte-identical "
             f"copies; nothing was deleted",
             f"  {self.file}",
         ]
+        if self.by_rule:
+            # the rule reads the files (tone, pixels, bytes), not the pictures: a halftone
+            # reprint scanned in grey as a large PNG outranks the photograph's JPEG
+            out.append(
+                f"  {self.by_rule} of the {self.groups} groups keep the likely master (no "
+                f"reviewer named one; the reason column says why, e.g. 'larger file'): check "
+                f"them, and name another with `cbir decide A B same --master PATH`"
+            )
+        return out
 
 
-def _likely_master(rows: list[dict[str, Any]]) -> dict[str, Any]:
+#: The likely master's criteria in order, each with the catalogue's `master_reason` word.
+_MASTER_RULE: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
+    ("continuous tone", lambda r: r["mode"] in REDUCED_TONE),
+    ("higher resolution", lambda r: -(r["width"] or 0) * (r["height"] or 0)),
+    ("larger file", lambda r: -(r["bytes"] or 0)),
+    ("earlier", lambda r: (r["first_run"], r["mtime_ns"], r["path"])),
+)
+
+
+def _likely_master(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """The catalogue's rule (pair_report, cluster_report): continuous tone (not bilevel or
     palette), else more pixels, else more bytes, else seen first (earlier ingest run, older
-    modification time, then path)."""
-    return min(
-        rows,
-        key=lambda r: (
-            r["mode"] in REDUCED_TONE,
-            -(r["width"] or 0) * (r["height"] or 0),
-            -(r["bytes"] or 0),
-            r["first_run"],
-            r["mtime_ns"],
-            r["path"],
-        ),
-    )
+    modification time, then path). Returns the master and the criterion that chose it over
+    the runner-up (the catalogue's master_reason)."""
+    ranked = sorted(rows, key=lambda r: tuple(key(r) for _, key in _MASTER_RULE))
+    if len(ranked) < 2:
+        return ranked[0], "earlier"
+    keep, runner_up = ranked[0], ranked[1]
+    why = next(word for word, key in _MASTER_RULE if key(keep) != key(runner_up))
+    return keep, why
 
 
 def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSummary:
@@ -506,8 +521,9 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
             keep = next(f for f in files[keep_id] if f["path"] == names.path_of[keep_id])
             why = "duplicate (decided same; master named by a reviewer)"
         else:
-            keep = _likely_master(canon)
-            why = "duplicate (decided same; likely master kept)"
+            keep, rule = _likely_master(canon)
+            why = f"duplicate (decided same; likely master kept: {rule})"
+            summary.by_rule += 1
         summary.groups += 1
         summary.keep += 1
         for m in members:
