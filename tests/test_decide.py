@@ -212,8 +212,8 @@ def test_export_then_import_gives_the_same_decisions(built, tmp_path):
 
 def test_the_remove_list_keeps_one_master_per_confirmed_group(built, tmp_path):
     s = _copy(built, tmp_path)
-    run_decide(s, "p1.png", "copies/p1-small.png", "same", master="copies/p1-small.png")
-    run_decide(s, "p2.png", "p3.png", "same")
+    named = run_decide(s, "p1.png", "copies/p1-small.png", "same", master="copies/p1-small.png")
+    unnamed = run_decide(s, "p2.png", "p3.png", "same")
     run_decide(s, "p3.png", "p4.png", "same")
     run_decide(s, "p2.png", "p4.png", "different")  # keeps p4 out of p2's group
     run_decide(s, "p5.png", "p0.png", "unsure")
@@ -227,6 +227,9 @@ def test_the_remove_list_keeps_one_master_per_confirmed_group(built, tmp_path):
     rows = list(csv.DictReader(target.open()))
     _, sizes = query(s, "SELECT path, bytes FROM images WHERE path IN ('p2.png', 'p3.png')")
     bigger, smaller = (p for p, _ in sorted(sizes, key=lambda r: -r[1]))  # same pixels
+    # the decision says whom the rule keeps where no master was named
+    assert f"no master named: the likely master is {bigger} (larger file)" in unnamed.lines()[1]
+    assert named.likely is None and len(named.lines()) == 1
     assert sorted((r["remove"], r["keep"], r["reason"]) for r in rows) == sorted([
         ("p1.png", "copies/p1-small.png", "duplicate (decided same; master named by a reviewer)"),
         (smaller, bigger, "duplicate (decided same; likely master kept: larger file)"),

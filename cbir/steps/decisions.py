@@ -117,6 +117,7 @@ class DecideSummary:
     decision: D.Decision
     previous: dict[str, Any] | None = None  # the pair's current decision before this one
     now: dict[str, Any] | None = None  # after an undo: the decision that is current again
+    likely: tuple[str, str] | None = None  # `same` with no master named: (path, why) of the rule
 
     def lines(self) -> list[str]:
         d = self.decision
@@ -129,7 +130,13 @@ class DecideSummary:
         if d.master is not None:
             master = f", master {d.path_a if d.master == d.image_a else d.path_b}"
         was = f" (was {self.previous['decision']})" if self.previous else ""
-        return [f"decide: {pair}: {d.decision}{master}{was}"]
+        out = [f"decide: {pair}: {d.decision}{master}{was}"]
+        if self.likely is not None:
+            out.append(
+                f"  no master named: the likely master is {self.likely[0]} ({self.likely[1]}); "
+                f"`--master PATH` names the one to keep"
+            )
+        return out
 
 
 def _score(settings: Settings, key: tuple[str, str]) -> float | None:
@@ -183,7 +190,13 @@ def run_decide(
     folder = layout(settings).decisions_dir
     previous = D.current_decisions(folder).get(key)
     D.record(folder, [decision])
-    return DecideSummary(decision, previous)
+    likely = None
+    if verdict == D.SAME and master_id is None:
+        two = [r for r in names.rows if (r["image_id"], r["path"]) in ((ia, pa_), (ib, pb))]
+        if len(two) == 2:
+            keep, why = _likely_master(two)
+            likely = (keep["path"], why)
+    return DecideSummary(decision, previous, likely=likely)
 
 
 def run_undo(settings: Settings, a: str, b: str, *, reviewer: str | None = None) -> DecideSummary:
