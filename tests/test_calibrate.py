@@ -215,3 +215,25 @@ def test_the_low_recall_warning_does_not_send_a_trained_model_back_to_the_same_t
     unreachable = Thresholds(pair=1.0, cluster=1.0, source=SELF, unreachable=True)
     text = " ".join(PairsSummary(**{**kw, "thresholds": unreachable}, trained=True).warnings())
     assert "no threshold reaches precision 0.95" in text and "train the model longer" in text
+
+
+def test_the_outscoring_note_tells_a_missed_copy_from_unlabelled_ones():
+    # Found in an archivist trial: a scan fed sideways scores 0.81 to its labelled original, so
+    # every neighbour of either outscores it; the note's three examples all named that pair and
+    # asked for paintings to be labelled.
+    from cbir.steps.calibrate import Estimate, _outscoring_note
+
+    missed = [(f"paintings/{i}.jpg", "sideways.jpg", 0.97 - i / 100) for i in range(6)]
+    copies = [("box/7-rescan.jpg", "box/7.jpg", 0.9)]
+    gt = Estimate(method=GROUND_TRUTH, threshold=0.95, precision=1.0, recall=0.5, basis="",
+                  outscoring=sorted(missed + copies, key=lambda t: -t[2]),
+                  weakest={"sideways.jpg": None, "box/7.jpg": 0.85})
+    text = _outscoring_note(gt, "labels.csv")
+    assert text.startswith("7 unlabelled neighbours of labelled images score above")
+    # examples of different labelled images first
+    assert "paintings/0.jpg (0.9700 to sideways.jpg); box/7-rescan.jpg (0.9000 to box/7.jpg)" in text
+    assert "6 of them are neighbours of sideways.jpg: none of its labelled copies is among its " \
+        "nearest, a copy the model places low rather than 6 copies missing from labels.csv" in text
+    assert "neighbours of box/7.jpg" not in text  # one is not many
+    gt.weakest["sideways.jpg"] = 0.8138
+    assert "its labelled copy scores only 0.8138" in _outscoring_note(gt, "labels.csv")

@@ -115,6 +115,9 @@ class Estimate:
     # copy of the latter, best first: the false matches of a partial ground truth, or copies
     # it does not name yet
     outscoring: list[tuple[str, str, float]] = field(default_factory=list)
+    # ground truth: for each labelled image of `outscoring`, its lowest-scoring labelled copy
+    # among its neighbours (None: none of its copies among them)
+    weakest: dict[str, float | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -176,9 +179,11 @@ def _ground_truth_estimate(
         if ranking.candidates is not None
         else f"searched among all {n} images, the {n - m} unlabelled ones counting as wrong matches"
     )
+    outscoring, weakest = _outscoring(ranking)
     return Estimate(
         method=GROUND_TRUTH,
-        outscoring=_outscoring(ranking),
+        outscoring=outscoring,
+        weakest=weakest,
         threshold=param_value(cal.threshold) if cal.reached else None,
         precision=cal.precision,
         recall=cal.recall,
@@ -187,23 +192,62 @@ def _ground_truth_estimate(
     )
 
 
-def _outscoring(ranking: ModelRanking) -> list[tuple[str, str, float]]:
+def _outscoring_note(gt: Estimate, csv: str, examples: int = 3, many: int = 5) -> str:
+    """What calibrate says of the unlabelled neighbours that outscore a labelled copy: examples
+    of different labelled images, best first, and the labelled images with `many` or more of
+    them: those whose copy the model scores low (every image above it counts), which more
+    labels would not mend."""
+    shown: list[tuple[str, str, float]] = []
+    for t in gt.outscoring:  # the best of each labelled image first, then the rest
+        if len(shown) < examples and all(t[1] != u[1] for u in shown):
+            shown.append(t)
+    shown += [t for t in gt.outscoring if t not in shown][: examples - len(shown)]
+    text = (
+        f"{len(gt.outscoring)} unlabelled neighbours of labelled images score above a "
+        f"labelled copy of them, counted as wrong matches: any that is a copy belongs in {csv} "
+        f"with its group, e.g. " + "; ".join(f"{a} ({sc:.4f} to {b})" for a, b, sc in shown)
+    )
+    per_query: dict[str, int] = {}
+    for _, query, _ in gt.outscoring:
+        per_query[query] = per_query.get(query, 0) + 1
+    crowded = sorted((q for q, n in per_query.items() if n >= many), key=lambda q: -per_query[q])
+    for query in crowded[:examples]:
+        low = gt.weakest.get(query)
+        copy = (
+            f"its labelled copy scores only {low:.4f}"
+            if low is not None
+            else "none of its labelled copies is among its nearest"
+        )
+        text += (
+            f". {per_query[query]} of them are neighbours of {query}: {copy}, a copy the model "
+            f"places low rather than {per_query[query]} copies missing from {csv}"
+        )
+    return text
+
+
+def _outscoring(
+    ranking: ModelRanking,
+) -> tuple[list[tuple[str, str, float]], dict[str, float | None]]:
     """The unlabelled neighbours of each labelled query that score above its lowest-scoring
     labelled copy among its neighbours (all of them when its copies rank below its top k),
-    best first (see Estimate.outscoring)."""
+    best first (see Estimate.outscoring); and that lowest score of each such query."""
     labelled = {ranking.path_of.get(ranking.image_ids[r]) for r in ranking.group_of}
     by_query: dict[str, list[dict[str, Any]]] = {}
     for row in ranking.neighbours:
         by_query.setdefault(row["query_path"], []).append(row)
     out = []
+    weakest: dict[str, float | None] = {}
     for query, rows in by_query.items():
         lowest = min((r["score"] for r in rows if r["correct"]), default=-math.inf)
-        out += [
+        above = [
             (r["neighbor_path"], query, r["score"])
             for r in rows
             if r["neighbor_path"] not in labelled and r["score"] > lowest
         ]
-    return sorted(out, key=lambda t: (-t[2], t[0], t[1]))
+        if above:
+            weakest[query] = None if lowest == -math.inf else float(lowest)
+        out += above
+    return sorted(out, key=lambda t: (-t[2], t[0], t[1])), weakest
 
 
 @dataclass
@@ -472,12 +516,7 @@ def run_calibrate(
             f"chosen {own.estimate.threshold:.4f}"
         )
     if gt is not None and gt.outscoring:
-        examples = "; ".join(f"{a} ({sc:.4f} to {b})" for a, b, sc in gt.outscoring[:3])
-        result.notes.append(
-            f"{len(gt.outscoring)} unlabelled neighbours of labelled images score above a "
-            f"labelled copy of them, counted as wrong matches: any that is a copy belongs "
-            f"in {settings.data.ground_truth} with its group, e.g. {examples}"
-        )
+        result.notes.append(_outscoring_note(gt, str(settings.data.ground_truth)))
     if cluster is not None and cluster < pair:
         raise CbirError(
             f"search.cluster_threshold ({cluster:g}) must not be below the pair "
