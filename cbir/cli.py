@@ -98,6 +98,10 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+#: How `cbir query` names a quarter-turned query (Candidate.turned: turns anticlockwise).
+TURNED = {1: "90\u00b0 anticlockwise", 2: "180\u00b0", 3: "90\u00b0 clockwise"}
+
+
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     from .safetext import printable as shown  # a name's line breaks would forge result lines
     from .steps.query import describe, query_images
@@ -107,9 +111,15 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     results = query_images(settings, [Path(p) for p in args.images], k=args.k)
     if any(res.error is None for res in results):
         th = results[0].threshold
+        turned = (
+            "; found with the query turned, only if confirmed (`cbir pairs` searches upright "
+            "pictures only)"
+            if settings.search.query_turns
+            else ""
+        )
         print(
             f"pair threshold {th[0]:.4f} ({th[1]}): * marks a near-duplicate as `cbir pairs` "
-            f"counts one (at or above the threshold, or confirmed by local features)"
+            f"counts one (at or above the threshold, or confirmed by local features){turned}"
             if th is not None
             else "no pair threshold for this model yet (`cbir calibrate`): * marks only the "
             "neighbours local features confirm"
@@ -126,14 +136,18 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 print(f"  exact duplicate (same bytes) of {shown(path)}")
         checks = res.verification + [None] * (len(res.neighbours) - len(res.verification))
-        found = [
-            c.found_by + (f", {c.votes} keypoint votes" if c.votes else "") for c in res.candidates
-        ]
-        found += ["global"] * (len(res.neighbours) - len(found))
+        found = []
+        for c in res.candidates:
+            by = c.found_by + (f", {c.votes} keypoint votes" if c.votes else "")
+            parts = [f"found by {by}"] if by != "global" else []
+            if c.turned:  # search.query_turns: a print scanned sideways or upside down
+                parts.append(f"the query turned {TURNED[c.turned]}")
+            found.append("; ".join(parts))
+        found += [""] * (len(res.neighbours) - len(found))
         for rank, ((image_id, path, score), m, by) in enumerate(
             zip(res.neighbours, checks, found, strict=True), start=1
         ):
-            via = f"  (found by {by})" if by != "global" else ""
+            via = f"  ({by})" if by else ""
             # one line per neighbour (scripts count and grep them): its verification follows
             check = f"  \u2014 {describe(m, 'it')}" if m is not None else ""
             mark = "*" if res.near(rank - 1) else " "

@@ -258,6 +258,12 @@ class SearchSettings(_Section):
         description="`cbir query`: the top candidates verified and re-ranked (verified "
         "first); 0 = none",
     )
+    query_turns: bool = Field(
+        True,
+        description="`cbir query` also searches the query turned by 90, 180 and 270 degrees (a "
+        "print scanned sideways or upside down), each neighbour keeping its best score; "
+        "`cbir pairs` searches upright pictures only",
+    )
     verify_floor: float = Field(
         0.5,
         ge=-1,

@@ -110,6 +110,7 @@ class Candidate:
     region_score: float | None = None  # its best region's, when the regional search found it
     box: tuple[float, float, float, float] | None = None  # that region, as fractions
     votes: int | None = None  # the query's keypoints that voted for it (search.local_candidates)
+    turned: int = 0  # the query turned by this many quarter turns anticlockwise found it best
 
 
 def best_regions(

@@ -121,6 +121,18 @@ def test_query_marks_the_neighbours_cbir_pairs_would_count_as_near_duplicates(bu
     assert found["box-b/p0.jpg"][0] and not all(star for star, _, _ in found.values()), found
 
 
+def test_query_says_which_neighbour_the_query_found_turned(built, tmp_path):
+    from PIL import Image
+
+    side = tmp_path / "side.jpg"
+    Image.open(built / "scans" / "box-b" / "p4.jpg").rotate(90, expand=True).save(side)
+    out = cbir("query", str(side), "--k", "2", "--params", str(built / "params.yaml"))
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[2]
+    assert "box-b/p4.jpg" in first and "(the query turned 90\u00b0 clockwise)" in first, out.stdout
+    assert "found with the query turned, only if confirmed" in out.stdout.splitlines()[0]
+
+
 def test_the_canonical_copy_is_the_likely_master(built):
     settings = load_settings(built / "params.yaml")
     cols, rows = catalog.query(settings, "SELECT path FROM images WHERE path LIKE '%p1.jpg'")

@@ -119,8 +119,10 @@ def embed_files(
     device: torch.device,
     max_pixels: int | None = None,
     progress: Any = None,
+    turns: int = 1,
 ) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
-    """Descriptors of the given files: (indices embedded, float32 [n, dim], failures)."""
+    """Descriptors of the given files: (indices embedded, float32 [n, dim], failures); with
+    `turns` > 1, [n, turns, dim]: the picture turned by 0, 90, 180... degrees anticlockwise."""
     done, vectors, _, failed = embed_files_and_regions(
         model,
         files,
@@ -131,8 +133,16 @@ def embed_files(
         device=device,
         max_pixels=max_pixels,
         progress=progress,
+        turns=turns,
     )
     return done, vectors, failed
+
+
+def _turned(
+    model: Descriptor, xs: list[torch.Tensor], t: int, device: torch.device
+) -> torch.Tensor:
+    """The descriptor of the batch's pictures turned by t quarter turns anticlockwise."""
+    return describe(model, [torch.rot90(x.to(device), t, (-2, -1)) for x in xs])
 
 
 def embed_files_and_regions(
@@ -146,9 +156,15 @@ def embed_files_and_regions(
     device: torch.device,
     max_pixels: int | None = None,
     progress: Any = None,
+    turns: int = 1,
 ) -> tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Global and (with a scheme) regional descriptors of the given files, from one decode:
-    (indices embedded, float32 [n, dim], float32 [n, regions, dim] or [n, 0, dim], failures)."""
+    (indices embedded, float32 [n, dim], float32 [n, regions, dim] or [n, 0, dim], failures).
+    `turns` > 1 (no scheme): global descriptors of the picture turned by 0, 90, 180 and 270
+    degrees anticlockwise, [n, turns, dim]. The network's input is the picture squashed to a
+    square, so turning that square is turning the picture."""
+    if turns > 1 and scheme is not None:
+        raise ValueError("turned descriptors are global ones only")
     loader = DataLoader(
         ScanDataset(files, pp, max_pixels, scheme),
         # with regions, a picture is many network inputs: fewer pictures per batch
@@ -173,6 +189,10 @@ def embed_files_and_regions(
             if xs is not None:
                 with torch.autocast(device.type, enabled=use_amp):
                     z = describe(model, [x.to(device, non_blocking=True) for x in xs])
+                    if turns > 1:
+                        z = torch.stack(
+                            [z] + [_turned(model, xs, t, device) for t in range(1, turns)], 1
+                        )
                     if rs is not None:
                         zr = describe(model, [r.to(device, non_blocking=True) for r in rs])
                         region_chunks.append(
@@ -183,7 +203,11 @@ def embed_files_and_regions(
             faults.point("embed.batch")
             if progress is not None:
                 progress.update(len(idx) + len(bad))
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32)
+    vectors = (
+        np.concatenate(chunks)
+        if chunks
+        else np.zeros((0, model.dim) if turns == 1 else (0, turns, model.dim), np.float32)
+    )
     region_vectors = (
         np.concatenate(region_chunks)
         if region_chunks

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import verify
@@ -46,10 +46,14 @@ class QueryResult:
 
     def near(self, i: int) -> bool:
         """Whether neighbour `i` is a near-duplicate by `cbir pairs`' rule: at or above the
-        pair threshold, or confirmed by local features."""
+        pair threshold, or confirmed by local features. One found by the query turned
+        (search.query_turns) only when confirmed: the threshold was calibrated on upright
+        pictures, and the best of four orientations scores a stranger higher."""
         m = self.verification[i] if i < len(self.verification) else None
         if m is not None and m.verified:
             return True
+        if i < len(self.candidates) and self.candidates[i].turned:
+            return False
         return self.threshold is not None and self.neighbours[i][2] >= self.threshold[0]
 
 
@@ -67,6 +71,25 @@ def rerank(
     return sorted(range(len(candidates)), key=key)
 
 
+#: Orientations a query is searched in (search.query_turns): upright, and turned by 90, 180 and
+#: 270 degrees anticlockwise.
+TURNS = 4
+
+
+def _best_turns(per_turn: list[list[list[Candidate]]], depth: int) -> list[list[Candidate]]:
+    """Per query, the union of its turns' candidates: each image once, with the turn that
+    scored it best (the upright one on a tie), best first, at most `depth`."""
+    out = []
+    for q in range(len(per_turn[0])):
+        best: dict[str, Candidate] = {}
+        for t, found in enumerate(per_turn):
+            for c in found[q]:
+                if c.image_id not in best or c.score > best[c.image_id].score:
+                    best[c.image_id] = replace(c, turned=t)
+        out.append(sorted(best.values(), key=lambda c: -c.score)[:depth])
+    return out
+
+
 def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
     """Top-k neighbours of image files (inside or outside the collection): with embed.regions,
     the union of the global and the regional search (Searcher.candidates), and with
@@ -78,6 +101,7 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
     results = [QueryResult(query=str(p), error=_unreadable(p), threshold=threshold) for p in paths]
     todo = [i for i, r in enumerate(results) if r.error is None]
     files = [os.fsencode(paths[i]) for i in todo]
+    turns = TURNS if settings.search.query_turns else 1
     done, vectors, failed = embed_files(
         model,
         files,
@@ -86,6 +110,7 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
         workers=0,
         device=pick_device(settings.embed.device),
         max_pixels=settings.ingest.max_pixels,
+        turns=turns,
     )
     done = [todo[i] for i in done]
     for i, why in failed:
@@ -100,7 +125,15 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
         # the query's own local features: voted with (search.local_candidates), then verified
         own = _own_features(settings, [results[i] for i in done], [paths[i] for i in done], top)
         voted = local.votes(own, settings.search.local_candidates) if local and own else None
-        for row, cands in enumerate(s.candidates(vectors, max(k, top), voted)):
+        depth = max(k, top)
+        if turns == 1:
+            found = s.candidates(vectors, depth, voted)
+        else:  # the upright query votes; every turn searches
+            each = [
+                s.candidates(vectors[:, t], depth, voted if t == 0 else None) for t in range(turns)
+            ]
+            found = _best_turns(each, depth)
+        for row, cands in enumerate(found):
             res = results[done[row]]
             sha = sha256_of(os.fsencode(paths[done[row]]))
             res.exact_copies_of = sorted(by_sha.get(sha, [])) if sha else []
