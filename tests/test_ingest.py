@@ -717,3 +717,23 @@ def test_a_resumed_run_takes_from_the_journal_only_the_bytes_it_decoded(workspac
     assert _comparable(manifest(settings)) == _comparable(manifest(uninterrupted))
     assert quarantine(settings) == quarantine(uninterrupted)
     assert by_path(settings)[changed]["sha256"] == by_path(uninterrupted)[changed]["sha256"]
+
+
+def test_a_reorganised_folder_says_its_new_paths_were_moved(workspace):
+    # Found in an archivist trial: moving a folder of three scans read "3 new, 4 newly
+    # missing", as if three scans had arrived.
+    s = workspace.scans
+    for i in range(3):
+        save(photo(i), s / "night" / f"{i}.jpg")
+    save(photo(3), s / "gone.jpg")
+    settings = workspace()
+    run_ingest(settings)
+    (s / "night").rename(s / "night-1931")
+    (s / "gone.jpg").unlink()
+    save(photo(4), s / "arrived.jpg")  # really new
+    out = run_ingest(settings)
+    assert out.counts["new"] == 4 and out.counts["moved"] == 3 and out.decoded == 1
+    assert out.counts["newly_missing"] == 4
+    assert "this run: 4 new (3 of them moved from a path now missing), 0 changed" in out.lines()[1]
+    again = run_ingest(settings)
+    assert again.counts["moved"] == 0 and "moved" not in again.lines()[1]

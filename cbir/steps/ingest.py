@@ -190,9 +190,11 @@ class IngestSummary:
                 f'{reason}; all: cbir sql "SELECT path, reason FROM quarantine WHERE '
                 f'first_run = {self.run_id}"'
             ]
+        # a reorganised folder is not new work: its pictures keep their runs and embeddings
+        moved = f" ({c['moved']} of them moved from a path now missing)" if c.get("moved") else ""
         return [
             f"ingest run {self.run_id}: {c.get('files_seen', 0)} files seen in {self.scans_dir}",
-            f"  this run: {c.get('new', 0)} new, {c.get('changed', 0)} changed, "
+            f"  this run: {c.get('new', 0)} new{moved}, {c.get('changed', 0)} changed, "
             f"{c.get('unchanged', 0)} unchanged, {c.get('new_duplicates', 0)} new exact "
             f"duplicates, {c.get('newly_missing', 0)} newly missing, {self.decoded} decoded "
             f"in {self.seconds:.1f} s",
@@ -507,7 +509,9 @@ def run_ingest(
     if len(plain):
         counts["new"] = len(plain)
     new_rows = _merge(files, manifest.unchanged, work, results, run_id, counts)
-    _mark_absent(files, manifest.seen_paths(results), work.problems, counts)
+    gone = _mark_absent(files, manifest.seen_paths(results), work.problems, counts)
+    # a known picture at a new path, gone from its old one: moved (a folder reorganised)
+    counts["moved"] = sum(1 for r in new_rows if r["version"] == 1 and r["sha256"] in gone)
     counts["new_duplicates"] = _assign_canonical(files, new_rows)
     now_as = _canonical_paths(files)
     epoch = (
@@ -949,14 +953,18 @@ def _mark_absent(
     seen_raw: set[bytes],
     problems: dict[bytes, tuple[Entry, str]],
     counts: Counter[str],
-) -> None:
-    """Present rows whose file was not seen become missing; those now unusable, replaced."""
+) -> set[str]:
+    """Present rows whose file was not seen become missing; those now unusable, replaced.
+    Returns the contents (sha256) of the rows that became missing."""
+    gone = set()
     for row in files:
         if row["status"] in PRESENT and row["path_raw"] not in seen_raw:
             row["status"] = MISSING
             counts["newly_missing"] += 1
+            gone.add(row["sha256"])
         elif row["status"] in PRESENT and row["path_raw"] in problems:
             row["status"] = REPLACED
+    return gone
 
 
 def _quarantine_rows(
