@@ -237,3 +237,25 @@ def test_the_outscoring_note_tells_a_missed_copy_from_unlabelled_ones():
     assert "neighbours of box/7.jpg" not in text  # one is not many
     gt.weakest["sideways.jpg"] = 0.8138
     assert "its labelled copy scores only 0.8138" in _outscoring_note(gt, "labels.csv")
+
+
+def test_pairs_warn_when_verification_contradicts_many_pairs_above_the_threshold():
+    # Found in an archivist trial: 9 labelled pairs chose 0.9848 (their weakest copy), and
+    # local features contradicted 4 of the 10 pairs above it, without a word.
+    th = Thresholds(pair=0.9848, cluster=0.9848, source=GROUND_TRUTH,
+                    estimated_precision=0.501, estimated_recall=0.537)
+
+    def text(near: int, contradicted: int, **kw) -> str:
+        return " ".join(PairsSummary(n_images=389, n_near_pairs=near, n_clusters=9,
+                                     largest_cluster=3, thresholds=kw.get("th", th),
+                                     verification=VerifySummary(contradicted=contradicted),
+                                     trained=True).warnings())
+
+    warned = text(10, 4)
+    assert "geometric verification contradicted 4 of the 10 pairs above the threshold" in warned
+    assert "the labels that chose it may be too few" in warned
+    assert "contradicted" not in text(10, 2)  # two are not many
+    assert "contradicted" not in text(100, 10)  # nor a tenth
+    selfcal = Thresholds(pair=0.99, cluster=0.99, source=SELF, estimated_precision=0.97,
+                         estimated_recall=0.8)
+    assert "train the model longer" in text(10, 4, th=selfcal)

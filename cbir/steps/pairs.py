@@ -85,6 +85,10 @@ from ..store.tables import read_table
 CLUSTER_WARN_SHARE = 0.05
 CLUSTER_WARN_MIN = 20
 PAIRS_PER_IMAGE_WARN = 3.0
+# pairs above the threshold that geometric verification contradicted: at least this many and
+# this share of the near pairs before a warning (a halftone or a heavy crop escapes it at times)
+CONTRADICTED_WARN_MIN = 3
+CONTRADICTED_WARN_SHARE = 0.2
 
 Key = tuple[str, str]
 
@@ -204,6 +208,27 @@ class PairsSummary:
             out.append(
                 f"{self.n_near_pairs} pairs for {self.n_images} images "
                 f"({self.n_near_pairs / n:.1f} per image): most are likely false; {fix}"
+            )
+        vs = self.verification
+        if (
+            vs is not None
+            and vs.contradicted >= CONTRADICTED_WARN_MIN
+            and vs.contradicted >= CONTRADICTED_WARN_SHARE * max(1, self.n_near_pairs)
+        ):
+            # the local features' word, whatever chose the threshold: labels too few or too
+            # hard, a self-calibration or a fixed value off for this collection
+            why = (
+                "the labels that chose it may be too few, or name a copy the model scores low "
+                "(`cbir calibrate` says which); label more groups, or raise "
+                "search.precision_target"
+                if labelled
+                else fix
+            )
+            out.append(
+                f"geometric verification contradicted {vs.contradicted} of the "
+                f"{self.n_near_pairs} pairs above the threshold (kept as relation none, in "
+                f"their clusters until a reviewer decides): the threshold is likely too low "
+                f"for this collection; {why}"
             )
         if (
             th is not None
