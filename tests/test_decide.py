@@ -110,6 +110,8 @@ def test_decide_names_images_by_path_or_id_and_undo_withdraws(built, tmp_path):
         (["p1.png", "p2.png", "different", "--same"], "two decisions given (different and --same)"),
         (["p1.png", "p2.png", "same", "--undo"], "two decisions given (same and --undo)"),
         (["nope.png", "p1.png", "--same"], "'nope.png' is no ingested image"),
+        (["p1.png", "copies\\p1-small.png", "same"],  # from a Windows spreadsheet
+         "did you mean 'copies/p1-small.png'? (paths are written with /"),
         (["p0.png", "copies/p0-copy.png", "--same"], "the same image"),
         (["p1.png", "p2.png", "--different", "--master", "p1.png"], "--master goes with --same"),
         (["p1.png", "p2.png"], "--same, --different or --unsure"),

@@ -102,6 +102,13 @@ class Resolver:
         for path in candidates:
             if path in self.id_of:
                 return self.id_of[path], path
+        # a spreadsheet from Windows writes box\0042.jpg; here a backslash is a name's letter
+        slashed = os.path.normpath(raw.replace("\\", "/"))
+        if "\\" in raw and slashed in self.id_of:
+            raise CbirError(
+                f"{raw!r} is no ingested image; did you mean {slashed!r}? (paths are written "
+                f"with /, as `cbir sql \"SELECT path FROM images\"` lists them)"
+            )
         raise CbirError(
             f"{raw!r} is no ingested image: give its path relative to the scans folder "
             f'{self.scans} (as `cbir sql "SELECT path FROM images"` lists them), an '
