@@ -107,7 +107,7 @@ class Resolver:
         if "\\" in raw and slashed in self.id_of:
             raise CbirError(
                 f"{raw!r} is no ingested image; did you mean {slashed!r}? (paths are written "
-                f"with /, as `cbir sql \"SELECT path FROM images\"` lists them)"
+                f'with /, as `cbir sql "SELECT path FROM images"` lists them)'
             )
         raise CbirError(
             f"{raw!r} is no ingested image: give its path relative to the scans folder "
