@@ -78,7 +78,7 @@ def find_duplicates(
     from .steps.nightly import record_with_dvc
     from .steps.pairs import run_pairs
     from .steps.report import run_report
-    from .steps.train import run_train
+    from .steps.train import resume_or_restart
 
     t0 = time.perf_counter()
     scans_path = Path(os.path.realpath(Path(scans).expanduser()))
@@ -91,7 +91,7 @@ def find_duplicates(
             raise CbirError(
                 f"{folder} is the workspace of other scans ({have}); choose another --out"
             )
-        log(f"find-duplicates: reusing the workspace {folder} (only new work is done)")
+        log(f"find-duplicates: reusing the workspace {folder} (what is up to date is not redone)")
     else:
         for line in init_workspace(folder, scans_path).lines():
             log(line)
@@ -112,7 +112,7 @@ def find_duplicates(
             why = why_no_images(settings)
             raise CbirError(f"no images to compare: {why} (workspace {folder})")
         if train:
-            step("train", run_train(settings, resume=True, progress=progress, log=log))
+            step("train", resume_or_restart(settings, progress=progress, log=log))
         step("embed", run_embed(settings, progress=progress))
         step("index", run_index(settings))
         step("calibrate", run_calibrate(settings, progress=progress))

@@ -6,8 +6,6 @@ from typing import TYPE_CHECKING
 
 from prefect import get_run_logger
 
-from cbir.errors import IncompatibleCheckpoint
-
 from .common import log_lines, settings_for, step_task
 
 if TYPE_CHECKING:
@@ -23,14 +21,8 @@ def train_task(params_path: str) -> TrainSummary:
     belongs to other params or other images (`IncompatibleCheckpoint`), training starts again
     from the beginning.
     """
-    from cbir.steps.train import run_train  # here: the nightly flow never trains
+    from cbir.steps.train import resume_or_restart  # here: the nightly flow never trains
 
-    settings = settings_for(params_path)
-    logger = get_run_logger()
-    try:
-        summary = run_train(settings, resume=True, log=logger.info)
-    except IncompatibleCheckpoint as exc:  # any other error is a real one
-        logger.info(f"{exc}: training from the beginning")
-        summary = run_train(settings, resume=False, log=logger.info)
+    summary = resume_or_restart(settings_for(params_path), log=get_run_logger().info)
     log_lines(summary.lines())
     return summary

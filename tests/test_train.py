@@ -33,7 +33,7 @@ from cbir.model import (
     safe_load,
 )
 from cbir.steps.ingest import run_ingest
-from cbir.steps.train import build_cache, run_train
+from cbir.steps.train import resume_or_restart, build_cache, run_train
 from cbir.store.layout import HISTORY, LAST
 from cbir.store.layout import TRAIN_METRICS as METRICS
 from cbir.training.cpu import available_cpus
@@ -145,6 +145,17 @@ def test_same_params_and_seed_give_the_same_curve_and_resume_matches(reference, 
     _assert_same_weights(_weights(settings.path(settings.model.checkpoint)),
                          _weights(ref_settings.path(ref_settings.model.checkpoint)))
     assert done.fingerprint == ref.fingerprint
+
+    # a pipeline's rerun (cbir build, find-duplicates): a finished training is left as it is;
+    # other params (or images) start it again, as `dvc repro` would, instead of failing
+    lines: list[str] = []
+    same = resume_or_restart(settings, log=lines.append)
+    assert same.resumed_from == EPOCHS and same.history == done.history
+    again = resume_or_restart(changed, log=lines.append)
+    assert again.resumed_from is None and again.epochs_done == EPOCHS
+    assert any("was trained with other params (train.lr" in line
+               and line.endswith(": training again from the beginning") for line in lines), lines
+    assert again.fingerprint != done.fingerprint
 
 
 def _train_command(params: Path) -> list[str]:

@@ -345,6 +345,20 @@ def run_train(
             dist.destroy_process_group()
 
 
+def resume_or_restart(
+    settings: Settings, *, progress: bool = False, log: Log = print
+) -> TrainSummary:
+    """Train as a rerun of a pipeline does (`cbir build`, `cbir find-duplicates`): resume
+    from last.pt where it fits (nothing to do after a finished training on the same images
+    and params), else start again from the beginning, as `dvc repro` does when the training
+    images or params changed."""
+    try:
+        return run_train(settings, resume=True, progress=progress, log=log)
+    except IncompatibleCheckpoint as exc:  # any other error is a real one
+        log(f"{exc.why}: training again from the beginning")
+        return run_train(settings, resume=False, progress=progress, log=log)
+
+
 def _run(
     settings: Settings,
     d: Dist,
@@ -520,20 +534,19 @@ def _resume(
     saved = safe_load(last)
     if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
         raise IncompatibleCheckpoint(
-            f"{last} is not a cbir training state; remove it or train without --resume"
+            f"{last} is not a cbir training state", "remove it or train without --resume"
         )
     diff = _differences(saved["recipe"], recipe)
     if diff:
         raise IncompatibleCheckpoint(
-            f"cannot resume: {last} was trained with other params ("
-            f"{'; '.join(diff[:5])}); train without --resume to start "
-            f"again"
+            f"cannot resume: {last} was trained with other params ({'; '.join(diff[:5])})",
+            "train without --resume to start again",
         )
     if saved["images"] != cache.key:
         raise IncompatibleCheckpoint(
             f"cannot resume: the training images changed since {last} "
-            f"({saved['n_images']} then, {len(cache.rows)} now); "
-            f"train without --resume"
+            f"({saved['n_images']} then, {len(cache.rows)} now)",
+            "train without --resume",
         )
     net.model.load_state_dict(saved["model"])
     net.opt.load_state_dict(saved["optimizer"])
