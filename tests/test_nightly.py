@@ -452,7 +452,7 @@ def test_the_nightly_report_lists_the_files_that_arrived_and_were_quarantined(tm
     run_ingest(s)  # run 3: the scanner is still writing
     report = nightly_report(s, 3, 2)
     assert [p for p, _ in report.quarantined] == ["box-9/scan|0042.png"]
-    assert "1 files that arrived were quarantined" in "\n".join(report.lines())
+    assert "1 file that arrived was quarantined" in "\n".join(report.lines())
     text = report.file.read_text()
     assert "## Quarantined" in text and "| box-9/scan\\|0042.png | " in text
     assert "truncated" in text.split("## Quarantined")[1] and "old-bad" not in text

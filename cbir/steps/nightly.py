@@ -130,10 +130,9 @@ class NightlyReport:
                 f"  review them: {' '.join(self.review_links())} (with `cbir review` running)"
             )
         if self.quarantined:
-            out.append(
-                f"  {len(self.quarantined)} files that arrived were quarantined, not ingested "
-                f"(listed in the report, with why)"
-            )
+            n = len(self.quarantined)
+            what = "file that arrived was" if n == 1 else "files that arrived were"
+            out.append(f"  {n} {what} quarantined, not ingested (listed in the report, with why)")
         return out
 
     def markdown(self, limit: int = 50) -> str:
