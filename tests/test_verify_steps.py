@@ -6,6 +6,7 @@ are set so that verification alone decides)."""
 
 from __future__ import annotations
 
+import csv
 import itertools
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,31 @@ def test_pairs_without_verification_leave_the_columns_empty(tmp_path, verify):
     assert summary.verification is None
     assert all(r["relation"] is None for r in pairs_rows(settings).values())
     assert not any("verified" in line for line in summary.lines())
+
+
+def test_a_decision_names_the_whole_picture_as_the_likely_master_of_a_larger_detail(tmp_path):
+    from cbir.steps.decisions import remove_list, run_decide
+
+    settings, crop = build(
+        tmp_path, {"k": 5, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 5}, n=2
+    )
+    (settings.path(settings.data.scans_dir) / "detail-of-p0.jpg").unlink()
+    w, h = crop.picture.size
+    big = crop.picture.resize((w * 4, h * 4))  # more pixels than the print it was cut from
+    save(big, settings.path(settings.data.scans_dir) / "detail-big.jpg", quality=92)
+    assert big.size[0] * big.size[1] > 640 * 480
+    update(settings)
+    run_pairs(settings)
+    ids = ids_by_path(settings)
+    key = tuple(sorted((ids["p0.jpg"], ids["detail-big.jpg"])))
+    assert pairs_rows(settings)[key]["relation"] in ("a_in_b", "b_in_a")
+    said = run_decide(settings, "detail-big.jpg", "p0.jpg", "same")
+    # the catalogue's rule: the whole picture before pixels (the files' rule alone keeps the
+    # detail: higher resolution)
+    assert said.likely == ("p0.jpg", "the whole picture"), said.likely
+    # and the remove list keeps it: the print, not the enlarged detail cut from it
+    remove_list(settings, tmp_path / "remove.csv")
+    rows = list(csv.DictReader((tmp_path / "remove.csv").open()))
+    assert [(r["remove"], r["keep"], r["reason"]) for r in rows] == [
+        ("detail-big.jpg", "p0.jpg", "duplicate (decided same; likely master kept: the whole picture)")
+    ]

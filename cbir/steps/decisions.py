@@ -146,8 +146,9 @@ class DecideSummary:
         return out
 
 
-def _score(settings: Settings, key: tuple[str, str]) -> float | None:
-    """The pair's score in pairs.parquet, when `cbir pairs` found it."""
+def _found(settings: Settings, key: tuple[str, str]) -> tuple[float | None, str | None]:
+    """The pair's score and verified relation in the pairs files, when `cbir pairs` found it
+    (relation: `a_in_b` where key[0]'s picture is a detail of key[1]'s; None: not checked)."""
     import pyarrow.compute as pc
 
     from ..store.pairs import read_pairs
@@ -155,10 +156,12 @@ def _score(settings: Settings, key: tuple[str, str]) -> float | None:
     try:
         table = read_pairs(settings)
     except CbirError:
-        return None
+        return None, None
     mask = pc.and_(pc.equal(table["image_a"], key[0]), pc.equal(table["image_b"], key[1]))
-    found = table.filter(mask).column("score").to_pylist()
-    return float(found[0]) if found else None
+    found = table.filter(mask).select(["score", "relation"]).to_pylist()
+    if not found:
+        return None, None
+    return float(found[0]["score"]), found[0]["relation"]
 
 
 def run_decide(
@@ -188,7 +191,7 @@ def run_decide(
         if master_id not in (ia, ib):
             raise CbirError(f"the master {master!r} is neither {a!r} nor {b!r}")
     key = D.pair_key(ia, ib)
-    score = _score(settings, key)
+    score, relation = _found(settings, key)
     decision = D.Decision(
         ia, ib, verdict, pa_, pb, master_id, _reviewer(reviewer), note,
         score=score, model=scores_fingerprint(settings) if score is not None else None,
@@ -198,10 +201,11 @@ def run_decide(
     previous = D.current_decisions(folder).get(key)
     D.record(folder, [decision])
     likely = None
-    if verdict == D.SAME and master_id is None:
-        two = [r for r in names.rows if (r["image_id"], r["path"]) in ((ia, pa_), (ib, pb))]
+    if verdict == D.SAME and master_id is None:  # what the remove list would keep
+        path = {ia: pa_, ib: pb}
+        two = [r for r in names.rows if (r["image_id"], r["path"]) in path.items()]
         if len(two) == 2:
-            keep, why = _likely_master(two)
+            keep, why = _master_of(two, _details([(*key, relation)]))
             likely = (keep["path"], why)
     return DecideSummary(decision, previous, likely=likely)
 
@@ -503,6 +507,41 @@ def _likely_master(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     return keep, why
 
 
+def _details(pairs: Iterable[tuple[str, str, str | None]]) -> dict[str, set[str]]:
+    """From (image_a, image_b, relation) of verified pairs: each detail's id -> the ids of the
+    pictures it was cut from."""
+    out: dict[str, set[str]] = {}
+    for a, b, relation in pairs:
+        if relation == "a_in_b":
+            out.setdefault(a, set()).add(b)
+        elif relation == "b_in_a":
+            out.setdefault(b, set()).add(a)
+    return out
+
+
+def _master_of(
+    rows: list[dict[str, Any]], details: dict[str, set[str]]
+) -> tuple[dict[str, Any], str]:
+    """The likely master of a group's files, as the catalogue's rule: never a detail cut from
+    another of them (verified pairs' relation), then the files' rule (_likely_master)."""
+    ids = {r["image_id"] for r in rows}
+    wholes = [r for r in rows if not details.get(r["image_id"], set()) & ids]
+    if not wholes or len(wholes) == len(rows):
+        return _likely_master(rows)
+    return _likely_master(wholes)[0], "the whole picture"
+
+
+def _all_details(settings: Settings) -> dict[str, set[str]]:
+    """_details of every recorded pair (none before `cbir pairs`)."""
+    from ..store.pairs import read_pairs
+
+    try:
+        t = read_pairs(settings).select(["image_a", "image_b", "relation"])
+    except CbirError:
+        return {}
+    return _details(zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True))
+
+
 def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSummary:
     """A CSV of the files to remove, keeping one master of each confirmed group of duplicates,
     as imagededup's `find_duplicates_to_remove` gives: one row per file to remove (columns
@@ -525,6 +564,7 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
     for r in names.rows:
         files.setdefault(r["image_id"], []).append(r)
     summary = RemoveSummary(target)
+    details = _all_details(settings) if groups else {}
     rows: list[dict[str, Any]] = []
     grouped: set[str] = set()
     for n, (members, _) in enumerate(groups, start=1):
@@ -541,7 +581,7 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
             keep = next(f for f in files[keep_id] if f["path"] == names.path_of[keep_id])
             why = "duplicate (decided same; master named by a reviewer)"
         else:
-            keep, rule = _likely_master(canon)
+            keep, rule = _master_of(canon, details)
             why = f"duplicate (decided same; likely master kept: {rule})"
             summary.by_rule += 1
         summary.groups += 1
