@@ -59,6 +59,27 @@ def default_workspace(scans: Path) -> Path:
     return Path.cwd() / f"{Path(os.path.realpath(scans)).name or 'scans'}-cbir"
 
 
+def _here_or_beside(scans: Path) -> Path:
+    """The workspace when none is given: the current folder where it is the workspace of these
+    scans (`cd archive-cbir; cbir find-duplicates ../scans`), else default_workspace; never a
+    workspace made inside another one (a git and DVC repository inside another)."""
+    from .errors import ConfigError
+
+    here = Path.cwd()
+    if not ((here / "params.yaml").is_file() and (here / "dvc.yaml").is_file()):
+        return default_workspace(scans)
+    try:
+        have = Path(os.path.realpath(layout(load_settings(here / "params.yaml")).scans))
+    except ConfigError:  # a params.yaml of something else
+        return default_workspace(scans)
+    if have != scans:
+        raise CbirError(
+            f"the current folder {here} is the workspace of other scans ({have}): run "
+            f"find-duplicates from outside it, or give --out"
+        )
+    return here
+
+
 def find_duplicates(
     scans: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -82,7 +103,7 @@ def find_duplicates(
 
     t0 = time.perf_counter()
     scans_path = Path(os.path.realpath(Path(scans).expanduser()))
-    folder = Path(out).expanduser() if out else default_workspace(scans_path)
+    folder = Path(out).expanduser() if out else _here_or_beside(scans_path)
     params = folder / "params.yaml"
     if params.exists():
         settings = load_settings(params)

@@ -235,3 +235,14 @@ def test_find_duplicates_in_one_command(tmp_path):
     refused = subprocess.run([*CBIR, "find-duplicates", str(other), "--out", str(ws)],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "workspace of other scans" in refused.stderr
+    # run from inside the workspace (found in a trial: it made ws/scans-cbir, a workspace inside
+    # the workspace, and started over): the workspace itself, or a refusal for other scans
+    inside = subprocess.run([*CBIR, "find-duplicates", "../scans", "--no-train"],
+                            capture_output=True, text=True, cwd=ws)
+    assert inside.returncode == 0, inside.stderr[-2000:]
+    assert f"reusing the workspace {ws} " in inside.stdout and "0 new, 0 changed" in inside.stdout
+    assert not (ws / "scans-cbir").exists()
+    refused = subprocess.run([*CBIR, "find-duplicates", str(other)], capture_output=True,
+                             text=True, cwd=ws)
+    assert refused.returncode == 2 and not (ws / "other-cbir").exists()
+    assert f"the current folder {ws} is the workspace of other scans" in refused.stderr
