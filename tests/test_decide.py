@@ -225,7 +225,7 @@ def test_the_remove_list_keeps_one_master_per_confirmed_group(built, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "3 files to remove, keeping 3 masters, from 2 confirmed groups and 1 sets of " \
         "byte-identical copies; nothing was deleted" in out.stdout
-    assert "1 of the 2 groups keep the likely master (no reviewer named one" in out.stdout
+    assert "1 of the 2 groups keeps the likely master (no reviewer named one" in out.stdout
     rows = list(csv.DictReader(target.open()))
     _, sizes = query(s, "SELECT path, bytes FROM images WHERE path IN ('p2.png', 'p3.png')")
     bigger, smaller = (p for p, _ in sorted(sizes, key=lambda r: -r[1]))  # same pixels

@@ -477,10 +477,16 @@ class RemoveSummary:
         if self.by_rule:
             # the rule reads the files (tone, pixels, bytes), not the pictures: a halftone
             # reprint scanned in grey as a large PNG outranks the photograph's JPEG
+            which = (
+                "the group keeps"
+                if self.groups == 1
+                else f"{self.by_rule} of the {self.groups} groups "
+                + ("keeps" if self.by_rule == 1 else "keep")
+            )
             out.append(
-                f"  {self.by_rule} of the {self.groups} groups keep the likely master (no "
-                f"reviewer named one; the reason column says why, e.g. 'larger file'): check "
-                f"them, and name another with `cbir decide A B same --master PATH`"
+                f"  {which} the likely master (no reviewer named one; the reason column says "
+                f"why, e.g. 'larger file'): check it, and name another with `cbir decide A B "
+                f"same --master PATH`"
             )
         return out
 
