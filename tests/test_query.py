@@ -76,3 +76,23 @@ def test_a_print_scanned_sideways_is_found_turned_back(settings, tmp_path):
     assert not res.near(0)  # not checked: not marked, though far above the threshold
     res.candidates[0] = replace(c, turned=0)
     assert res.near(0)  # the same score upright is
+
+
+def test_a_turned_match_joins_the_list_only_at_the_pair_threshold():
+    # the best of four orientations scores strangers higher too: below the gate a turned match
+    # would push the upright neighbours (where a degraded copy may sit) down the list
+    from cbir.regions import Candidate
+    from cbir.steps.query import _best_turns
+
+    def c(image_id: str, score: float) -> Candidate:
+        return Candidate(image_id=image_id, score=score, found_by="global")
+
+    upright = [c("a", 0.99), c("b", 0.90)]
+    per_turn = [[upright], [[c("c", 0.95), c("b", 0.97)]], [[c("a", 0.98)]], [[c("d", 0.999)]]]
+    got = _best_turns(per_turn, 10, 0.98)
+    assert [(x.image_id, x.score, x.turned) for x in got[0]] == [
+        ("d", 0.999, 3), ("a", 0.99, 0), ("b", 0.90, 0)]  # b turned (0.97) is under the gate
+    # no threshold for the model yet: a turn must beat the upright search's best
+    assert [x.image_id for x in _best_turns(per_turn, 10, None)[0]] == ["d", "a", "b"]
+    assert [x.image_id for x in _best_turns(per_turn, 10, 0.9)[0]] == ["d", "a", "b", "c"]
+    assert len(_best_turns(per_turn, 2, 0.9)[0]) == 2

@@ -76,15 +76,24 @@ def rerank(
 TURNS = 4
 
 
-def _best_turns(per_turn: list[list[list[Candidate]]], depth: int) -> list[list[Candidate]]:
-    """Per query, the union of its turns' candidates: each image once, with the turn that
-    scored it best (the upright one on a tie), best first, at most `depth`."""
+def _best_turns(
+    per_turn: list[list[list[Candidate]]], depth: int, gate: float | None
+) -> list[list[Candidate]]:
+    """Per query, its upright candidates joined by those a turn scored at least the gate
+    (the pair threshold; None: the upright search's best): each image once, with the turn
+    that scored it best (the upright one on a tie), best first, at most `depth`. The best of
+    four orientations scores strangers higher too (a halftone's third neighbour 0.963 turned
+    0.977), so below the gate a turned match would push upright ones down the list."""
     out = []
     for q in range(len(per_turn[0])):
-        best: dict[str, Candidate] = {}
-        for t, found in enumerate(per_turn):
+        upright = per_turn[0][q]
+        floor = gate if gate is not None else max((c.score for c in upright), default=-1.0)
+        best = {c.image_id: c for c in upright}
+        for t, found in enumerate(per_turn[1:], start=1):
             for c in found[q]:
-                if c.image_id not in best or c.score > best[c.image_id].score:
+                if c.score >= floor and (
+                    c.image_id not in best or c.score > best[c.image_id].score
+                ):
                     best[c.image_id] = replace(c, turned=t)
         out.append(sorted(best.values(), key=lambda c: -c.score)[:depth])
     return out
@@ -132,7 +141,7 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
             each = [
                 s.candidates(vectors[:, t], depth, voted if t == 0 else None) for t in range(turns)
             ]
-            found = _best_turns(each, depth)
+            found = _best_turns(each, depth, threshold[0] if threshold is not None else None)
         for row, cands in enumerate(found):
             res = results[done[row]]
             sha = sha256_of(os.fsencode(paths[done[row]]))
