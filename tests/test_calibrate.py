@@ -170,6 +170,11 @@ def test_the_recorded_calibration_follows_the_model_and_the_collection(demo):
     assert current_pair_threshold(settings, fp, n) == (rec["pair_threshold"], rec["source"])
     assert current_pair_threshold(settings, "another-model", n) is None
     assert current_pair_threshold(settings, fp, n * 2) is None
+    figures = settings.path(settings.data.reports_dir) / CALIBRATION
+    record = json.loads(figures.read_text())
+    figures.write_text(json.dumps({**record, "pair_threshold": 1.0, "reached": False}))
+    assert current_pair_threshold(settings, fp, n) == (
+        1.0, f"{rec['source']}; no threshold reaches precision 0.95: identical pictures only")
     other = _settings(demo, "other.yaml", search={"precision_target": 0.99})
     assert not is_current(rec, other, fp, n)
 

@@ -640,7 +640,13 @@ def current_pair_threshold(
         return None
     if not is_current(rec, settings, fingerprint, n_images):
         return None
-    return float(rec["pair_threshold"]), str(rec["source"])
+    source = str(rec["source"])
+    if not rec.get("reached", True):
+        source += (
+            f"; no threshold reaches precision {settings.search.precision_target:g}: identical "
+            f"pictures only"
+        )
+    return float(rec["pair_threshold"]), source
 
 
 def is_current(
