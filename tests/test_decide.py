@@ -223,7 +223,7 @@ def test_the_remove_list_keeps_one_master_per_confirmed_group(built, tmp_path):
     target = tmp_path / "remove.csv"
     out = _cbir(s, "export", "--remove-list", str(target))
     assert out.returncode == 0, out.stderr
-    assert "3 files to remove, keeping 3 masters, from 2 confirmed groups and 1 sets of " \
+    assert "3 files to remove, keeping 3 masters, from 2 confirmed groups and 1 set of " \
         "byte-identical copies; nothing was deleted" in out.stdout
     assert "1 of the 2 groups keeps the likely master (no reviewer named one" in out.stdout
     rows = list(csv.DictReader(target.open()))

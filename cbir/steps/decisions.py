@@ -468,10 +468,14 @@ class RemoveSummary:
     by_rule: int = 0  # confirmed groups whose master no reviewer named: the likely master kept
 
     def lines(self) -> list[str]:
+        def n(count: int, one: str, many: str) -> str:
+            return f"{count} {one if count == 1 else many}"
+
         out = [
-            f"remove list: {self.remove} files to remove, keeping {self.keep} masters, from "
-            f"{self.groups} confirmed groups and {self.exact_groups} sets of byte-identical "
-            f"copies; nothing was deleted",
+            f"remove list: {n(self.remove, 'file', 'files')} to remove, keeping "
+            f"{n(self.keep, 'master', 'masters')}, from "
+            f"{n(self.groups, 'confirmed group', 'confirmed groups')} and "
+            f"{n(self.exact_groups, 'set', 'sets')} of byte-identical copies; nothing was deleted",
             f"  {self.file}",
         ]
         if self.by_rule:
