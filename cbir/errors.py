@@ -15,7 +15,3 @@ class IncompatibleCheckpoint(CbirError):
     """`cbir train --resume` refuses the last epoch checkpoint (models_dir/last.pt): it is not a
     training state, or it was trained with other params or on other images. Training without
     --resume starts again from the beginning."""
-
-    def __init__(self, why: str, advice: str) -> None:
-        super().__init__(f"{why}; {advice}")
-        self.why = why  # without the advice (cbir.steps.train.resume_or_restart acts on it)

@@ -9,6 +9,7 @@ leaves behind is a normal one (`dvc repro`, `cbir nightly` and the rest work the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import load_settings
-from .errors import CbirError
+from .config import Settings, load_settings
+from .errors import CbirError, ConfigError
 from .store.layout import layout
 from .store.manifest import PRESENT, why_no_images
 from .workspace import init_workspace
@@ -59,25 +60,15 @@ def default_workspace(scans: Path) -> Path:
     return Path.cwd() / f"{Path(os.path.realpath(scans)).name or 'scans'}-cbir"
 
 
-def _here_or_beside(scans: Path) -> Path:
-    """The workspace when none is given: the current folder where it is the workspace of these
-    scans (`cd archive-cbir; cbir find-duplicates ../scans`), else default_workspace; never a
-    workspace made inside another one (a git and DVC repository inside another)."""
-    from .errors import ConfigError
-
+def _here_or_beside(scans: Path) -> tuple[Path, Settings | None]:
+    """The workspace when none is given, with its settings where they were read: the current
+    folder where it is a workspace (`cd archive-cbir; cbir find-duplicates ../scans`), never
+    one made inside it (a git and DVC repository inside another); else default_workspace."""
     here = Path.cwd()
-    if not ((here / "params.yaml").is_file() and (here / "dvc.yaml").is_file()):
-        return default_workspace(scans)
-    try:
-        have = Path(os.path.realpath(layout(load_settings(here / "params.yaml")).scans))
-    except ConfigError:  # a params.yaml of something else
-        return default_workspace(scans)
-    if have != scans:
-        raise CbirError(
-            f"the current folder {here} is the workspace of other scans ({have}): run "
-            f"find-duplicates from outside it, or give --out"
-        )
-    return here
+    if (here / "params.yaml").is_file() and (here / "dvc.yaml").is_file():
+        with contextlib.suppress(ConfigError):  # a params.yaml of something else
+            return here, load_settings(here / "params.yaml")
+    return default_workspace(scans), None
 
 
 def find_duplicates(
@@ -103,14 +94,17 @@ def find_duplicates(
 
     t0 = time.perf_counter()
     scans_path = Path(os.path.realpath(Path(scans).expanduser()))
-    folder = Path(out).expanduser() if out else _here_or_beside(scans_path)
+    folder, settings = (Path(out).expanduser(), None) if out else _here_or_beside(scans_path)
     params = folder / "params.yaml"
-    if params.exists():
-        settings = load_settings(params)
+    if settings is not None or params.exists():
+        settings = settings or load_settings(params)
         have = Path(os.path.realpath(layout(settings).scans))
         if have != scans_path:
             raise CbirError(
-                f"{folder} is the workspace of other scans ({have}); choose another --out"
+                f"the current folder {folder} is the workspace of other scans ({have}): run "
+                f"find-duplicates from outside it, or give --out"
+                if folder == Path.cwd() and not out
+                else f"{folder} is the workspace of other scans ({have}); choose another --out"
             )
         log(f"find-duplicates: reusing the workspace {folder} (what is up to date is not redone)")
     else:

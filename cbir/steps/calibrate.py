@@ -33,6 +33,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -207,9 +208,7 @@ def _outscoring_note(gt: Estimate, csv: str, examples: int = 3, many: int = 5) -
         f"labelled copy of them, counted as wrong matches: any that is a copy belongs in {csv} "
         f"with its group, e.g. " + "; ".join(f"{a} ({sc:.4f} to {b})" for a, b, sc in shown)
     )
-    per_query: dict[str, int] = {}
-    for _, query, _ in gt.outscoring:
-        per_query[query] = per_query.get(query, 0) + 1
+    per_query = Counter(query for _, query, _ in gt.outscoring)
     crowded = sorted((q for q, n in per_query.items() if n >= many), key=lambda q: -per_query[q])
     for query in crowded[:examples]:
         low = gt.weakest.get(query)

@@ -257,7 +257,6 @@ class PairsSummary:
             and th.estimated_recall is not None
             and th.estimated_recall < 0.5
         ):
-            vs = self.verification
             below = (
                 f" (geometric verification added {vs.confirmed_below} pairs below it)"
                 if vs is not None and vs.confirmed_below

@@ -316,6 +316,7 @@ def run_train(
     settings: Settings,
     *,
     resume: bool = False,
+    restart: bool = False,
     progress: bool = False,
     max_epochs: int | None = None,
     log: Log = print,
@@ -325,7 +326,8 @@ def run_train(
     retrieval checkpoint (model.checkpoint). `max_epochs` stops after that many epochs in all
     (the LR schedule still spans train.epochs; `resume` continues later). `clock` (seconds) is
     read when the run starts and at the start and end of each epoch; tests inject one.
-    `IncompatibleCheckpoint` when `resume` finds a last.pt of other params or other images."""
+    `IncompatibleCheckpoint` when `resume` finds a last.pt of other params or other images;
+    with `restart`, training starts again from the beginning instead (resume_or_restart)."""
     d, device, created = setup(settings.train.device)
     try:
         return _run(
@@ -333,6 +335,7 @@ def run_train(
             d,
             device,
             resume=resume,
+            restart=restart,
             progress=progress and d.main,
             max_epochs=max_epochs,
             log=log if d.main else (lambda _: None),
@@ -352,11 +355,7 @@ def resume_or_restart(
     from last.pt where it fits (nothing to do after a finished training on the same images
     and params), else start again from the beginning, as `dvc repro` does when the training
     images or params changed."""
-    try:
-        return run_train(settings, resume=True, progress=progress, log=log)
-    except IncompatibleCheckpoint as exc:  # any other error is a real one
-        log(f"{exc.why}: training again from the beginning")
-        return run_train(settings, resume=False, progress=progress, log=log)
+    return run_train(settings, resume=True, restart=True, progress=progress, log=log)
 
 
 def _run(
@@ -365,6 +364,7 @@ def _run(
     device: torch.device,
     *,
     resume: bool,
+    restart: bool,
     progress: bool,
     max_epochs: int | None,
     log: Log,
@@ -387,7 +387,15 @@ def _run(
     )
     recipe = _recipe(settings)
     state = _resume(
-        lay.last_state, net, TrainState(sched), recipe, cache, d, resume=resume, log=log
+        lay.last_state,
+        net,
+        TrainState(sched),
+        recipe,
+        cache,
+        d,
+        resume=resume,
+        restart=restart,
+        log=log,
     )
 
     ddp: nn.Module = net.net
@@ -521,10 +529,12 @@ def _resume(
     d: Dist,
     *,
     resume: bool,
+    restart: bool = False,
     log: Log,
 ) -> TrainState:
     """The state of `last` (weights, optimiser and scaler loaded into `net`) when resuming from
-    a compatible one, else `state` (and the stale last.pt removed)."""
+    a compatible one, else `state` (and the stale last.pt removed). An incompatible one is
+    refused (IncompatibleCheckpoint), or with `restart` set aside: training starts again."""
     if not (resume and last.is_file()):
         if resume:
             log(f"no {last}: starting from the beginning")
@@ -532,22 +542,25 @@ def _resume(
             last.unlink(missing_ok=True)  # a kill before epoch 1 ends must not resume it
         return state
     saved = safe_load(last)
+    why = advice = ""
     if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
-        raise IncompatibleCheckpoint(
-            f"{last} is not a cbir training state", "remove it or train without --resume"
-        )
-    diff = _differences(saved["recipe"], recipe)
-    if diff:
-        raise IncompatibleCheckpoint(
-            f"cannot resume: {last} was trained with other params ({'; '.join(diff[:5])})",
-            "train without --resume to start again",
-        )
-    if saved["images"] != cache.key:
-        raise IncompatibleCheckpoint(
+        why, advice = f"{last} is not a cbir training state", "remove it or train without --resume"
+    elif diff := _differences(saved["recipe"], recipe):
+        why = f"cannot resume: {last} was trained with other params ({'; '.join(diff[:5])})"
+        advice = "train without --resume to start again"
+    elif saved["images"] != cache.key:
+        why = (
             f"cannot resume: the training images changed since {last} "
-            f"({saved['n_images']} then, {len(cache.rows)} now)",
-            "train without --resume",
+            f"({saved['n_images']} then, {len(cache.rows)} now)"
         )
+        advice = "train without --resume"
+    if why and not restart:
+        raise IncompatibleCheckpoint(f"{why}; {advice}")
+    if why:  # a pipeline's rerun: as `dvc repro` would, from the beginning
+        log(f"{why}: training again from the beginning")
+        if d.main:
+            last.unlink(missing_ok=True)
+        return state
     net.model.load_state_dict(saved["model"])
     net.opt.load_state_dict(saved["optimizer"])
     net.scaler.load_state_dict(saved["scaler"])
