@@ -78,3 +78,8 @@ def escaped_output() -> Iterator[None]:
         yield
     finally:
         sys.stdout, sys.stderr = before
+
+
+def counted(count: int, noun: str) -> str:
+    """`1 page`, `2 pages`: a count with its noun (a regular plural)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -283,7 +283,7 @@ def test_evaluate_scores_against_decisions_alone(built, tmp_path):
     out = _cbir(s, "evaluate")
     assert out.returncode == 0, out.stderr
     assert "evaluate: 2 queries (4 of 7 images labelled" in out.stdout
-    assert "labels: 1 labelled duplicate pairs in 3 groups (from 1 pairs decided same, " \
+    assert "labels: 1 labelled duplicate pair in 3 groups (from 1 pair decided same, " \
         "1 different)" in out.stdout
     figures = json.loads(layout(s).metrics_json.read_text())
     assert figures["labels"] == {"images": 4, "groups": 3, "positive_pairs": 1, "csv_images": 0,
@@ -362,12 +362,12 @@ def test_calibrate_labels_with_decisions_once_there_are_enough(built, tmp_path, 
     run_decide(s, "p2.png", "p3.png", "different")
     few = calibrate.run_calibrate(s)
     assert few.ground_truth is None  # the self-calibration decides (were the threshold auto)
-    assert "(1 pairs decided same, 1 different) decide the threshold from 10 of each" in "\n".join(
+    assert "(1 pair decided same, 1 different) decide the threshold from 10 of each" in "\n".join(
         few.lines())
     monkeypatch.setattr(calibrate, "MIN_DECISIONS", 1)
     enough = calibrate.run_calibrate(s)
     assert enough.ground_truth is not None
-    assert "1 labelled duplicate pairs in 3 groups" in enough.ground_truth.basis
+    assert "1 labelled duplicate pair in 3 groups" in enough.ground_truth.basis
     # a pair decided same says nothing of the images' other copies: among the decided only
     assert "ranked among the 4 labelled images" in enough.ground_truth.basis
     figures = json.loads(layout(s).calibration.read_text())

@@ -45,6 +45,7 @@ from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import write_json, write_text
 from ..paramsfile import set_params
+from ..safetext import counted
 from ..store.decisions import labels
 from ..store.layout import layout
 
@@ -165,7 +166,7 @@ def _ground_truth_estimate(
     ):
         if notes is not None:
             notes.append(
-                f"the decisions ({lab.decided_same} pairs decided same, "
+                f"the decisions ({counted(lab.decided_same, 'pair')} decided same, "
                 f"{lab.decided_different} different) decide the threshold from "
                 f"{MIN_DECISIONS} of each; until then the self-calibration does"
             )

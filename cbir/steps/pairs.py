@@ -41,6 +41,7 @@ from ..fsutil import clean_stale_tmp, write_parquet
 from ..linkage import link
 from ..parallel import worker_map
 from ..progress import bar as progress_bar
+from ..safetext import counted
 from ..store.catalog import clean_stale, refresh_catalog
 from ..store.decisions import labels
 from ..store.features import (
@@ -172,7 +173,7 @@ class PairsSummary:
             out.append(self.verification.line())
         if self.confirmed or self.rejected:
             out.append(
-                f"  clusters follow {self.confirmed} pairs decided same and "
+                f"  clusters follow {counted(self.confirmed, 'pair')} decided same and "
                 f"{self.rejected} decided different (`cbir decide`, `cbir review`)"
             )
         out += [

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CbirError
 from ..linkage import DisjointSets
+from ..safetext import counted
 from .decisions import labels, pair_key
 from .layout import layout
 from .manifest import PRESENT, load_manifest
@@ -54,13 +55,17 @@ class GroundTruth:
 
     def basis(self) -> str:
         """What the labels rest on, in words."""
-        out = f"{self.positive_pairs} labelled duplicate pairs in {self.n_groups} groups"
+        out = (
+            f"{counted(self.positive_pairs, 'labelled duplicate pair')} in "
+            f"{counted(self.n_groups, 'group')}"
+        )
         parts = []
         if self.csv_images:
-            parts.append(f"{self.csv_images} images of the ground-truth CSV")
+            parts.append(f"{counted(self.csv_images, 'image')} of the ground-truth CSV")
         if self.decided_same or self.decided_different:
             parts.append(
-                f"{self.decided_same} pairs decided same, {self.decided_different} different"
+                f"{counted(self.decided_same, 'pair')} decided same, "
+                f"{self.decided_different} different"
             )
         if parts:
             out += f" (from {'; '.join(parts)})"

@@ -20,13 +20,14 @@ from pathlib import Path
 from ... import faults, plots
 from ...config import Settings
 from ...fsutil import clean_stale_tmp
+from ...safetext import counted
 from ...store import catalog
 from ...store.layout import layout
 from ...store.manifest import load_manifest
 from .evaluation import Evaluation, evaluation
 from .files import PAGE_NAME, PLOT_NAME, remove_stale, write_if_changed
 from .pages import cluster_pages, evaluation_pages, index_page, pair_pages
-from .render import Pages, counted
+from .render import Pages
 from .thumbnails import THUMBS, Thumbnails, ThumbStats, files_by_path, present_ids
 
 __all__ = ["ReportSummary", "run_report"]

@@ -22,6 +22,7 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
+from ...safetext import counted
 from ...store.layout import PLOTS
 from ...store.pairs import CONFIRMED, PARTIAL
 from .files import cluster_page, clusters_page, pair_page, queries_page, query_page
@@ -49,11 +50,6 @@ def human_bytes(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} GB"
-
-
-def counted(count: int, noun: str) -> str:
-    """`1 page`, `2 pages`."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def threshold(value: float | None) -> str:
