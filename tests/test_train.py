@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import os
 import signal
 import subprocess
@@ -202,6 +203,10 @@ def test_time_budget_stops_early_with_a_usable_checkpoint(collection, tmp_path):
     summary = run_train(settings, log=lines.append, clock=ticks(1.0))
     assert summary.stopped_early and summary.epochs_done == 1 and summary.epochs == 2
     assert "time budget" in summary.stop_reason and "ran out" in summary.stop_reason
+    said = next(s for s in lines if s.startswith("train: "))  # counts in the singular at 1
+    assert re.search(r" (1 step|\d\d+ steps|[02-9] steps) an epoch, ", said), said
+    assert re.search(r" with (1 thread|\d\d+ threads|[02-9] threads), 0 augmentation workers$",
+                     said), said
     assert any("stopped early" in s for s in summary.lines())
     assert any("fitted to 2 epochs" in s for s in lines) and any("stopping" in s for s in lines)
     model, raw = load_checkpoint(settings.path(settings.model.checkpoint))

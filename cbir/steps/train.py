@@ -71,6 +71,7 @@ from ..model import (
 )
 from ..parallel import start_method, worker_map
 from ..progress import bar as progress_bar
+from ..safetext import counted
 from ..store.layout import Layout, layout
 from ..store.manifest import canonical_images, why_no_images
 from ..training.contrastive import Contrastive, optimizer
@@ -380,10 +381,10 @@ def _run(
     batch, steps = batching(n, t.batch_size, d)
     sched = Schedule(base=t.lr, steps=steps, warmup=round(t.warmup_epochs * steps), epochs=t.epochs)
     net = _build(settings, d, device)
+    threads = f" with {counted(torch.get_num_threads(), 'thread')}" if device.type == "cpu" else ""
     log(
-        f"train: {n} images, {steps} steps an epoch, {net.precision} on {device}"
-        f"{f' with {torch.get_num_threads()} threads' if device.type == 'cpu' else ''}, "
-        f"{t.workers} augmentation workers"
+        f"train: {n} images, {counted(steps, 'step')} an epoch, {net.precision} on "
+        f"{device}{threads}, {counted(t.workers, 'augmentation worker')}"
     )
     recipe = _recipe(settings)
     state = _resume(
