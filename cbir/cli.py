@@ -50,7 +50,7 @@ def _check_range(option: str, value: int | None, low: int, high: int) -> None:
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     from .steps.ingest import run_ingest
 
-    summary = run_ingest(settings, progress=_progress_wanted())
+    summary = run_ingest(settings, progress=_progress_wanted(), accept_missing=args.accept_missing)
     print("\n".join(summary.lines()))
     return 0
 
@@ -260,7 +260,12 @@ def cmd_find_duplicates(settings: Settings | None, args: argparse.Namespace) -> 
     from .find import find_duplicates
 
     summary = find_duplicates(
-        args.scans, args.out, train=not args.no_train, progress=_progress_wanted(), log=print
+        args.scans,
+        args.out,
+        train=not args.no_train,
+        accept_missing=args.accept_missing,
+        progress=_progress_wanted(),
+        log=print,
     )
     print("\n".join(["", *summary.final_lines()]))
     return 0
@@ -270,9 +275,12 @@ def _flow_result(state: Any, what: str, log: Path | None = None) -> Any:
     """A flow run's result; a failed run becomes one line with its cause (the log has more)."""
     if not state.is_completed():
         where = f" (log: {log})" if log else ""
-        raise CbirError(
-            f"the {what} flow run failed: {' '.join(str(state.message).split())}{where}"
-        )
+        cause = str(state.message)
+        with contextlib.suppress(Exception):  # a result that cannot be read: the state's words
+            raised = state.result(raise_on_failure=False)
+            if isinstance(raised, CbirError):  # cbir's own words, not Prefect's framing of them
+                cause = str(raised)
+        raise CbirError(f"the {what} flow run failed: {' '.join(cause.split())}{where}")
     return state.result()
 
 
@@ -299,7 +307,12 @@ def cmd_build(settings: Settings, args: argparse.Namespace) -> int:
         return build
 
     result = _run_flow(
-        settings, "build", load, train=not args.no_train, rebuild_index=args.rebuild_index
+        settings,
+        "build",
+        load,
+        train=not args.no_train,
+        rebuild_index=args.rebuild_index,
+        accept_missing=args.accept_missing,
     )
     print("\n".join(result.lines()))
     return 0
@@ -311,7 +324,8 @@ def cmd_nightly(settings: Settings, args: argparse.Namespace) -> int:
 
         return nightly
 
-    print("\n".join(_run_flow(settings, "nightly", load).lines()))
+    flow = _run_flow(settings, "nightly", load, accept_missing=args.accept_missing)
+    print("\n".join(flow.lines()))
     return 0
 
 
@@ -566,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="add new scans from data.scans_dir to the deduplicated manifest",
     )
+    _accept_missing_option(p)
     p.set_defaults(handler=cmd_ingest)
 
     p = sub.add_parser(
@@ -674,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip training: embed with the existing checkpoint or model.init",
     )
     p.add_argument("--rebuild-index", action="store_true", help="retrain the FAISS index")
+    _accept_missing_option(p)
     p.set_defaults(handler=cmd_build)
 
     p = sub.add_parser(
@@ -681,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="re-index the scans that arrived since the last run, once (the scheduled flow)",
     )
+    _accept_missing_option(p)
     p.set_defaults(handler=cmd_nightly)
 
     p = sub.add_parser(
@@ -770,11 +787,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip training (faster, but the untrained model finds fewer copies)",
     )
+    _accept_missing_option(p)
     p.set_defaults(handler=cmd_find_duplicates, no_params=True)
 
     _decision_parsers(sub, common)
     _describe(sub)
     return parser
+
+
+def _accept_missing_option(p: argparse.ArgumentParser) -> None:
+    """The option of every command that ingests (run_ingest's accept_missing)."""
+    p.add_argument(
+        "--accept-missing",
+        action="store_true",
+        help="record scans gone from the scans folder as missing even where most of them are "
+        "(without it such a run changes nothing: an unmounted drive or share looks so)",
+    )
 
 
 def _version() -> str:

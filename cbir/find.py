@@ -76,10 +76,12 @@ def find_duplicates(
     out: str | os.PathLike[str] | None = None,
     *,
     train: bool = True,
+    accept_missing: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> FindSummary:
-    """init (or reuse) a workspace for `scans`, then run every step in it with the defaults."""
+    """init (or reuse) a workspace for `scans`, then run every step in it with the defaults
+    (`accept_missing`: see run_ingest)."""
     from .environ import confined
     from .lock import writer_lock
     from .steps.calibrate import run_calibrate
@@ -120,7 +122,7 @@ def find_duplicates(
 
     # caches in the workspace, not in the user's home (cbir/environ.py)
     with confined(settings), writer_lock(settings, f"cbir find-duplicates {scans_path}"):
-        ingested = run_ingest(settings, progress=progress)
+        ingested = run_ingest(settings, progress=progress, accept_missing=accept_missing)
         step("ingest", ingested)
         # nothing usable: said here, rather than as a later step's complaint about the last
         if not any(ingested.totals.get(status) for status in PRESENT):

@@ -30,7 +30,10 @@ T = TypeVar("T")
 
 @flow(name="cbir-build")
 def build(
-    params_path: str = "params.yaml", train: bool = True, rebuild_index: bool = False
+    params_path: str = "params.yaml",
+    train: bool = True,
+    rebuild_index: bool = False,
+    accept_missing: bool = False,
 ) -> FlowResult:
     """Every pipeline step, in order. `train=False` embeds with the existing checkpoint (or
     the initial weights); `rebuild_index` retrains the FAISS index from scratch."""
@@ -41,7 +44,7 @@ def build(
 
     out = FlowResult()
     with flow_lock(settings, "cbir-build"):
-        out.steps["ingest"] = step(ingest_task)(params_path)
+        out.steps["ingest"] = step(ingest_task)(params_path, accept_missing)
         if train:
             out.steps["train"] = step(train_task)(params_path)
         out.steps["embed"] = run_embed(params_path)

@@ -38,8 +38,9 @@ DEPLOYMENT = "cbir-nightly"
 
 
 @flow(name="cbir-nightly")
-def nightly(params_path: str = "params.yaml") -> FlowResult:
-    """Re-index the scans that arrived since the last run (see the module docstring)."""
+def nightly(params_path: str = "params.yaml", accept_missing: bool = False) -> FlowResult:
+    """Re-index the scans that arrived since the last run (see the module docstring).
+    `accept_missing`: record scans gone as missing even where most of them are gone."""
     settings = settings_for(params_path)
 
     def step(task: T) -> T:  # the task, with the retries of params.yaml
@@ -49,7 +50,7 @@ def nightly(params_path: str = "params.yaml") -> FlowResult:
     with flow_lock(settings, "cbir-nightly"):
         since = step(nightly_begin_task)(params_path)
         faults.point("nightly.begun")
-        ingest = out.steps["ingest"] = step(ingest_task)(params_path)
+        ingest = out.steps["ingest"] = step(ingest_task)(params_path, accept_missing)
         out.steps["embed"] = run_embed(params_path)
         out.steps["index"] = step(index_task)(params_path)
         out.steps["pairs"] = step(pairs_task)(params_path, incremental=True)

@@ -19,6 +19,7 @@ from PIL import Image
 from cbir.steps import ingest
 from cbir.store.manifest import canonical_images
 from cbir.config import load_settings
+from cbir.errors import CbirError
 from cbir.imaging import hamming, phash
 from cbir.steps.ingest import run_ingest
 from conftest import CBIR, REPO, as_archive_user, open_catalogue, photo, save, shared_photos
@@ -737,3 +738,78 @@ def test_a_reorganised_folder_says_its_new_paths_were_moved(workspace):
     assert "this run: 4 new (3 of them moved from a path now missing), 0 changed" in out.lines()[1]
     again = run_ingest(settings)
     assert again.counts["moved"] == 0 and "moved" not in again.lines()[1]
+
+
+def _state(settings) -> dict[str, bytes]:
+    folder = settings.path(settings.data.manifest_dir)
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_an_unmounted_share_changes_nothing_and_is_named(workspace):
+    # Found in an archivist trial: the scans folder's photos/ was a share not mounted one
+    # night; ingest marked its 194 scans missing without a word, the night removed them from
+    # the index and pairs and searched the whole collection again when they came back; an
+    # empty mount point lost the quarantine's history, then failed at embed with "holds no
+    # image files".
+    s = workspace.scans
+    for i in range(12):
+        save(photo(i), s / "share" / f"{i}.jpg")
+    for i in range(12, 16):
+        save(photo(i), s / f"{i}.jpg")
+    save(photo(12), s / "twin" / "12.jpg")  # a second file of 12.jpg's content
+    (s / "notes.txt").write_text("box 12\n")  # quarantined in run 1
+    settings = workspace()
+    run_ingest(settings)
+    before = _state(settings)
+
+    shutil.move(s / "share", workspace.root / "away")  # the share is not mounted tonight
+    with pytest.raises(CbirError) as refused:
+        run_ingest(settings)
+    said = str(refused.value)
+    assert said.startswith(f"12 of the 16 images ingested before are gone from the scans "
+                           f"folder {s} (12 files under share/): is a drive or network share "
+                           f"not mounted? Nothing was changed"), said
+    assert "--accept-missing" in said and "\n" not in said
+    assert _state(settings) == before  # manifest, quarantine and runs as they were
+
+    shutil.move(workspace.root / "away", s / "share")  # mounted again: an unchanged run
+    back = run_ingest(settings)
+    assert back.counts["unchanged"] == 17 and back.counts.get("newly_missing", 0) == 0
+    assert quarantine(settings) == {"notes.txt": "not an image: the file contains text"}
+
+    # a folder renamed, a file of two gone and a few scans weeded lose no image: no refusal
+    (s / "share").rename(s / "share-1931")
+    (s / "12.jpg").unlink()
+    for i in (13, 14):
+        (s / f"{i}.jpg").unlink()
+    out = run_ingest(settings)
+    assert out.counts["moved"] == 12 and out.counts["newly_missing"] == 15
+
+    # removed on purpose: recorded as missing when asked
+    shutil.rmtree(s / "share-1931")
+    with pytest.raises(CbirError, match=r"^12 of the 14 images ingested before are gone .*"
+                                        r"\(12 files under share-1931/\)"):
+        run_ingest(settings)
+    done = run_ingest(settings, accept_missing=True)
+    assert done.counts["newly_missing"] == 12 and done.totals["ok"] == 2
+
+
+def test_an_empty_scans_folder_is_refused_however_few_were_ingested(workspace):
+    s = workspace.scans
+    for i in range(3):
+        save(photo(i), s / f"{i}.jpg")
+    settings = workspace()
+    run_ingest(settings)
+    before = _state(settings)
+    for p in list(s.iterdir()):
+        p.unlink()
+    with pytest.raises(CbirError, match=r"^3 of the 3 images ingested before are gone from "
+                                        r"the scans folder .* \(3 files under its top level\)"):
+        run_ingest(settings)
+    assert _state(settings) == before
+    # fewer than ingest.VANISHED_MIN and fewer than half gone: no refusal
+    for i in range(3):
+        save(photo(i), s / f"{i}.jpg")
+    run_ingest(settings)
+    (s / "0.jpg").unlink()
+    assert run_ingest(settings).counts["newly_missing"] == 1

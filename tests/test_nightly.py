@@ -19,6 +19,7 @@ from cbir.store.layout import layout
 from cbir import lock
 from cbir.store import catalog
 from cbir.config import load_settings
+from cbir.errors import CbirError
 from cbir.steps.demo import generate_demo_collection
 from cbir.store.embeddings import embedded_ids
 from cbir.steps.embed import run_embed
@@ -179,6 +180,26 @@ def test_a_nightly_run_without_new_scans_decodes_and_embeds_nothing(prefect_harn
     assert [p.stat().st_mtime_ns for p in outputs] == mtimes  # nothing rewritten
 
 
+def test_a_night_without_a_mounted_share_changes_nothing(prefect_harness, tmp_path, built):
+    # An archivist trial: half the scans folder (a share) not mounted one night was taken as
+    # 194 scans deleted; the night refuses instead, until told they were removed.
+    from flows.nightly import nightly
+
+    params = _built(tmp_path, built)
+    s = load_settings(params)
+    files = s.path(s.data.manifest_dir) / "files.parquet"
+    before = files.read_bytes()
+    scans = params.parent / "scans"
+    shutil.move(scans / "box-01", tmp_path / "box-01")
+    with pytest.raises(CbirError, match=r"^\d+ of the \d+ images ingested before are gone from "
+                                        r"the scans folder .*\(10 files under box-01/\): is a "
+                                        r"drive or network share not mounted\?"):
+        nightly(str(params))
+    assert files.read_bytes() == before
+    st = nightly(str(params), accept_missing=True).steps
+    assert st["ingest"].counts["newly_missing"] == 10 and st["index"].removed > 0
+
+
 def test_a_failed_nightly_resumes_without_losing_or_duplicating(prefect_harness, tmp_path, built,
                                                                 monkeypatch):
     from flows.nightly import nightly
@@ -334,7 +355,8 @@ def test_a_failed_cli_nightly_is_one_error_line_and_exit_status_2(tmp_path, buil
     lines = out.stderr.splitlines()
     errors = [ln for ln in lines if "error" in ln.lower()]
     assert len(errors) == 1 and errors[0].startswith("cbir nightly: error: "), out.stderr
-    assert "scans folder not found" in errors[0]
+    assert errors[0].startswith("cbir nightly: error: the nightly flow run failed: scans folder "
+                                "not found: "), errors[0]  # cbir's words, not Prefect's framing
     log = params.parent / "data" / "prefect" / "nightly.log"
     assert f"(log: {log})" in errors[0] and "Traceback" in log.read_text()
     # besides the error, at most the note that the server is slow to start

@@ -49,6 +49,7 @@ from ..fsutil import APPENDED_ROW_GROUP, clean_stale_tmp, write_parquet
 from ..parallel import worker_map
 from ..probe import Entry, display_path, init_worker, probe_batch, sha256_batch
 from ..progress import bar as progress_bar
+from ..safetext import counted
 from ..store.catalog import SEEN_FIRST, clean_stale, refresh_catalog
 from ..store.layout import Layout, layout
 from ..store.manifest import (
@@ -467,9 +468,12 @@ def run_ingest(
     *,
     progress: bool = False,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    accept_missing: bool = False,
 ) -> IngestSummary:
     """One ingest run over data.scans_dir. Returns a summary; raises CbirError on setup problems.
 
+    A run that finds many of the images ingested before gone (`_refuse_mass_missing`: a drive
+    or share not mounted looks like that) changes nothing unless `accept_missing`.
     `on_result` is called in the parent for every decoded file (tests use it to interrupt a run).
     """
     t0 = time.perf_counter()
@@ -509,10 +513,13 @@ def run_ingest(
     if len(plain):
         counts["new"] = len(plain)
     new_rows = _merge(files, manifest.unchanged, work, results, run_id, counts)
-    gone = _mark_absent(files, manifest.seen_paths(results), work.problems, counts)
+    absent = _mark_absent(files, manifest.seen_paths(results), work.problems, counts)
+    gone = {r["sha256"] for r in absent}
     # a known picture at a new path, gone from its old one: moved (a folder reorganised)
     counts["moved"] = sum(1 for r in new_rows if r["version"] == 1 and r["sha256"] in gone)
     counts["new_duplicates"] = _assign_canonical(files, new_rows)
+    if not accept_missing:
+        _refuse_mass_missing(absent, files, _present_images(state.files), root)
     now_as = _canonical_paths(files)
     epoch = (
         state.epoch
@@ -953,18 +960,56 @@ def _mark_absent(
     seen_raw: set[bytes],
     problems: dict[bytes, tuple[Entry, str]],
     counts: Counter[str],
-) -> set[str]:
+) -> list[dict[str, Any]]:
     """Present rows whose file was not seen become missing; those now unusable, replaced.
-    Returns the contents (sha256) of the rows that became missing."""
-    gone = set()
+    Returns the rows that became missing."""
+    gone = []
     for row in files:
         if row["status"] in PRESENT and row["path_raw"] not in seen_raw:
             row["status"] = MISSING
             counts["newly_missing"] += 1
-            gone.add(row["sha256"])
+            gone.append(row)
         elif row["status"] in PRESENT and row["path_raw"] in problems:
             row["status"] = REPLACED
     return gone
+
+
+#: A run refuses when the images whose every file has gone number at least this many and at
+#: least half of those present before (or all of them): that is what an unmounted drive or
+#: share looks like (an empty mount point, a missing subfolder), not a night's weeding.
+VANISHED_MIN = 10
+
+
+def _present_images(files: pa.Table) -> int:
+    """Images (contents) present in a manifest: one `ok` row each."""
+    return int(pc.sum(pc.equal(files.column("status"), OK)).as_py() or 0)
+
+
+def _refuse_mass_missing(
+    absent: list[dict[str, Any]], files: list[dict[str, Any]], before: int, root: Path
+) -> None:
+    """Raise, changing nothing, where this run would find most images gone (VANISHED_MIN).
+    An image is gone when no file of its content is present any more: a moved or renamed
+    folder, or one copy of two deleted, loses nothing. `files` holds every row of the
+    contents of `absent` (see _Touched), already merged with this run's files."""
+    here = {r["sha256"] for r in files if r["status"] in PRESENT}
+    lost = {r["sha256"] for r in absent} - here
+    n = len(lost)
+    if not n or (n < before and (n < VANISHED_MIN or 2 * n < before)):
+        return
+    folders: Counter[str] = Counter()
+    for r in absent:
+        if r["sha256"] in lost:
+            head, sep, _ = r["path"].partition("/")
+            folders[f"{head}/" if sep else "its top level"] += 1
+    named = ", ".join(f"{counted(c, 'file')} under {f}" for f, c in folders.most_common(3))
+    more = f" and {len(folders) - 3} more folders" if len(folders) > 3 else ""
+    raise CbirError(
+        f"{n} of the {before} images ingested before are gone from the scans folder {root} "
+        f"({named}{more}): is a drive or network share not mounted? Nothing was changed; "
+        f"if they were removed on purpose, run again with --accept-missing to record them as "
+        f"missing"
+    )
 
 
 def _quarantine_rows(
