@@ -525,7 +525,7 @@ def test_params_with_wrong_types_are_refused(ws, capsys, mode, step, section, va
 
 BAD_GROUND_TRUTH = [
     case("dotdot-outside", "path,group\n../outside.jpg,g1\n",
-         "1 paths lie outside the scans folder"),
+         "1 path lies outside the scans folder"),
     case("absolute-outside", "path,group\n/etc/hostname,g1\nscans/p0.jpg,g1\n",
          "lie outside the scans folder", full=True),
     case("symlink-outside", "path,group\nscans/escape.jpg,g1\n",
@@ -533,9 +533,9 @@ BAD_GROUND_TRUTH = [
     case("dotdot-in-and-out", "path,group\nscans/../scans/../outside.jpg,g1\n",
          "lie outside the scans folder", full=True),
     case("unknown", "path,group\nscans/nope.jpg,g1\nscans/p0.jpg,g1\n",
-         "1 paths are not ingested images (quarantined or never ingested), e.g. "
+         "1 path is not an ingested image (quarantined or never ingested), e.g. "
          "'scans/nope.jpg'"),
-    case("quarantined", "path,group\nscans/broken.jpg,g1\n", "not ingested images"),
+    case("quarantined", "path,group\nscans/broken.jpg,g1\n", "is not an ingested image"),
     case("wrong-header", "file,cluster\nscans/p0.jpg,g1\n",
          "expected a header with columns path,group"),
     case("empty-group", "path,group\nscans/p0.jpg,\n", "line 2: empty path or group"),

@@ -19,6 +19,7 @@ import io
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import write_text
 from ..linkage import link
+from ..spelling import Spellings
 from ..store import decisions as D
 from ..store.catalog import REDUCED_TONE
 from ..store.layout import layout
@@ -73,6 +75,11 @@ class Resolver:
     path_of: dict[str, str]  # image id -> its canonical present path
     rows: list[dict[str, Any]]  # the present files' manifest rows
 
+    @cached_property
+    def spellings(self) -> Spellings:
+        """The present paths by the other ways a person may spell them (made on a miss)."""
+        return Spellings(self.id_of)
+
     @classmethod
     def of(cls, settings: Settings) -> Resolver:
         cols = ["image_id", "path", "status", "is_canonical", "width", "height", "mode", "bytes"]
@@ -102,12 +109,18 @@ class Resolver:
         for path in candidates:
             if path in self.id_of:
                 return self.id_of[path], path
-        # a spreadsheet from Windows writes box\0042.jpg; here a backslash is a name's letter
-        slashed = os.path.normpath(raw.replace("\\", "/"))
-        if "\\" in raw and slashed in self.id_of:
+        spelt = self.spellings
+        for path in candidates:  # the same name in another Unicode form (a Mac's files)
+            if (same := spelt.same(path)) is not None:
+                return self.id_of[same], same
+        # a spreadsheet from Windows writes box\0042.jpg (here a backslash is a name's
+        # letter), or a name in another letter case: a person's to confirm
+        guess = next(filter(None, map(spelt.suggest, candidates or [raw])), None)
+        if guess is not None:
+            how = "written with /, " if "\\" in raw else ""
             raise CbirError(
-                f"{raw!r} is no ingested image; did you mean {slashed!r}? (paths are written "
-                f'with /, as `cbir sql "SELECT path FROM images"` lists them)'
+                f"{raw!r} is no ingested image; did you mean {guess!r}? (paths are {how}as "
+                f'`cbir sql "SELECT path FROM images"` lists them)'
             )
         raise CbirError(
             f"{raw!r} is no ingested image: give its path relative to the scans folder "

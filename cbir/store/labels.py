@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ..errors import CbirError
 from ..linkage import DisjointSets
 from ..safetext import counted
+from ..spelling import Spellings
 from .decisions import labels, pair_key
 from .layout import layout
 from .manifest import PRESENT, load_manifest
@@ -114,6 +115,7 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
     for r in sorted((r for r in rows if r["path"] not in id_of), key=lambda r: r["version"]):
         former[r["path"]] = r["image_id"] if r["image_id"] in present_ids else None
     gone = 0
+    spelt = Spellings([*id_of, *former])
 
     def lookup(raw: str) -> tuple[str | None, bool, bool]:
         """(image id or None, whether the path escapes the scans folder: it names an existing
@@ -128,6 +130,8 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
                 continue
             readings += 1
             rel = os.path.relpath(full, scans)
+            if rel not in id_of and rel not in former:  # typed where a Mac's name decomposes
+                rel = spelt.same(rel) or rel
             image_id = id_of.get(rel) or former.get(rel)
             if image_id is not None:
                 return image_id, False, False
@@ -165,14 +169,18 @@ def read_ground_truth(settings: Settings) -> GroundTruth:
         raise CbirError(f"{csv_path} is not UTF-8 text") from None
     if outside:
         raise CbirError(
-            f"{csv_path}: {len(outside)} paths lie outside the scans folder {scans}, "
+            f"{csv_path}: {len(outside)} {'path lies' if len(outside) == 1 else 'paths lie'} "
+            f"outside the scans folder {scans}, "
             f"e.g. {outside[0]!r}"
         )
     if unknown:
+        guess = spelt.suggest(os.path.normpath(unknown[0]))
+        meant = f" (did you mean {guess!r}?)" if guess is not None else ""
+        n = len(unknown)
+        what = "1 path is not an ingested image" if n == 1 else f"{n} paths are not ingested images"
         raise CbirError(
-            f"{csv_path}: {len(unknown)} paths are not ingested images "
-            f"(quarantined or never ingested), e.g. {unknown[0]!r}; see the "
-            f"quarantine table or run `cbir ingest`"
+            f"{csv_path}: {what} (quarantined or never ingested), e.g. {unknown[0]!r}{meant}; "
+            f"see the quarantine table or run `cbir ingest`"
         )
     return GroundTruth(
         group_of=group_of, n_rows=n, n_groups=len(set(group_of.values())), csv_gone=gone
