@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import Settings, load_settings
 from .errors import CbirError, ConfigError
+from .safetext import counted
 from .store.layout import layout
 from .store.manifest import PRESENT, why_no_images
 from .workspace import init_workspace
@@ -42,8 +43,9 @@ class FindSummary:
         out = [f"find-duplicates: done in {self.seconds / 60:.1f} min; workspace {self.workspace}"]
         if pairs is not None:
             out.append(
-                f"  {pairs.n_near_pairs} near-duplicate pairs, {pairs.n_exact_pairs} "
-                f"exact copies, {pairs.n_clusters} clusters"
+                f"  {counted(pairs.n_near_pairs, 'near-duplicate pair')}, "
+                f"{pairs.n_exact_pairs} exact {'copy' if pairs.n_exact_pairs == 1 else 'copies'}"
+                f", {counted(pairs.n_clusters, 'cluster')}"
             )
         out += [
             f"  gallery     {self.gallery} (open it in a browser)",

@@ -149,9 +149,10 @@ class PairsSummary:
         )
         out = list(self.calibration.lines()) if self.calibration is not None else []
         out += [
-            f"pairs: {self.n_near_pairs} near-duplicate pairs and {self.n_exact_pairs} "
-            f"exact duplicates among {self.n_images} images; {self.n_clusters} clusters "
-            f"(largest {self.largest_cluster}); {self.seconds:.1f} s"
+            f"pairs: {counted(self.n_near_pairs, 'near-duplicate pair')} and "
+            f"{counted(self.n_exact_pairs, 'exact duplicate')} among {self.n_images} images; "
+            f"{counted(self.n_clusters, 'cluster')} (largest {self.largest_cluster}); "
+            f"{self.seconds:.1f} s"
         ]
         th = self.thresholds
         if th is not None:
