@@ -55,7 +55,7 @@ def test_a_user_error_fails_the_flow_at_once_with_its_cause(prefect_harness, wor
 
     calls = []
     real = tasks.ingest.run_ingest
-    monkeypatch.setattr(tasks.ingest, "run_ingest", lambda s: calls.append(1) or real(s))
+    monkeypatch.setattr(tasks.ingest, "run_ingest", lambda s, **kw: calls.append(1) or real(s, **kw))
     settings = workspace(**SMALL, data={"scans_dir": "no-such-folder"})
     state = build(str(settings.params_path), train=False, return_state=True)
     assert state.is_failed() and len(calls) == 1  # a CbirError is not retried

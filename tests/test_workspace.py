@@ -211,7 +211,7 @@ def test_find_duplicates_in_one_command(tmp_path):
         assert line in tail
     assert (ws / "data" / "reports" / "gallery" / "index.html").is_file()
     assert str(ws / "data" / "pairs" / "pairs.parquet") in tail
-    assert "1 exact copies" in tail
+    assert "1 exact copy, " in tail
     assert "dvc: not recorded: no trained model yet" in out.stdout
     settings = load_settings(ws / "params.yaml")
     assert settings.path(settings.data.scans_dir) == scans.resolve()
