@@ -114,6 +114,7 @@ def test_nightly_reindexes_only_the_new_scans(prefect_harness, tmp_path, built):
     st = result.steps
     assert st["ingest"].run_id == 2
     assert st["ingest"].counts["new"] == 4 and st["ingest"].counts["new_duplicates"] == 1
+    assert " 1 new exact duplicate, " in st["ingest"].lines()[1]  # in the singular
     assert st["ingest"].decoded == 3  # the exact copy is known by its hash: not decoded
     assert st["embed"].summary.embedded == 3 and st["embed"].summary.already == n_before
     assert not st["index"].rebuilt and st["index"].added == 3

@@ -196,8 +196,9 @@ class IngestSummary:
         return [
             f"ingest run {self.run_id}: {c.get('files_seen', 0)} files seen in {self.scans_dir}",
             f"  this run: {c.get('new', 0)} new{moved}, {c.get('changed', 0)} changed, "
-            f"{c.get('unchanged', 0)} unchanged, {c.get('new_duplicates', 0)} new exact "
-            f"duplicates, {c.get('newly_missing', 0)} newly missing, {self.decoded} decoded "
+            f"{c.get('unchanged', 0)} unchanged, "
+            f"{counted(c.get('new_duplicates', 0), 'new exact duplicate')}, "
+            f"{c.get('newly_missing', 0)} newly missing, {self.decoded} decoded "
             f"in {self.seconds:.1f} s",
             "  manifest: "
             + ", ".join(f"{t.get(s, 0)} {s}" for s in (OK, DUPLICATE, MISSING, REPLACED))
