@@ -19,7 +19,7 @@ from typing import Any
 
 from .augment import STRATEGIES
 from .config import DEFAULT_PARAMS, MAX_K, MAX_SIDE, Settings, load_settings
-from .errors import CbirError
+from .errors import CbirError, ConfigError
 from .store.layout import layout as _layout
 
 Handler = Callable[[Settings, argparse.Namespace], int | None]
@@ -1040,13 +1040,34 @@ def _raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+def _load_settings(params: str) -> Settings:
+    """The params file; where the default one is missing and a workspace lies in a subfolder
+    (find-duplicates makes SCANS-cbir beside the scans), the error names it."""
+    try:
+        return load_settings(params)
+    except ConfigError:
+        if params != DEFAULT_PARAMS or os.path.lexists(params):
+            raise
+        from .workspace import workspaces_in
+
+        found = [p.name for p in workspaces_in(Path.cwd())]
+        if not found:
+            raise
+        also = f" (also here: {', '.join(found[1:3])}{', ...' if len(found) > 3 else ''})"
+        raise ConfigError(
+            f"no params.yaml in {Path.cwd()}: run cbir inside a workspace, e.g. "
+            f"`cd {found[0]}` first or `--params {found[0]}/{DEFAULT_PARAMS}`"
+            f"{also if len(found) > 1 else ''}"
+        ) from None
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if getattr(args, "no_params", False):  # init, find-duplicates: they make the params
             return int(args.handler(None, args) or 0)
-        settings = load_settings(args.params)
+        settings = _load_settings(args.params)
         from .environ import confined
 
         # caches and Prefect's state in the workspace, not in the user's home; no analytics

@@ -242,6 +242,16 @@ def workspace_pipeline(text: str) -> str:
     return "".join(out)
 
 
+def workspaces_in(folder: Path) -> list[Path]:
+    """The workspaces among `folder`'s subfolders (a params.yaml beside a dvc.yaml), by name:
+    where `cbir find-duplicates SCANS` left one, for a command run beside it rather than in it."""
+    try:
+        subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+    return [p for p in subs if (p / "params.yaml").is_file() and (p / "dvc.yaml").is_file()]
+
+
 def _write_dvc_yaml(target: Path, summary: InitSummary) -> None:
     text = workspace_pipeline(template("dvc.yaml"))
     if target.exists() and target.read_text(encoding="utf-8") == text:

@@ -170,6 +170,15 @@ def test_cli_init_prints_what_it_did(tmp_path):
     assert names == ["ingest", "decisions", "train", "embed", "index", "calibrate", "pairs",
                      "evaluate", "report"], stages.stderr
 
+    # a command run beside the workspace, where find-duplicates leaves the user: it is named
+    out = subprocess.run([*CBIR, "sql", "SELECT 1"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr == (
+        f"cbir sql: error: no params.yaml in {tmp_path}: run cbir inside a workspace, e.g. "
+        f"`cd ws` first or `--params ws/params.yaml`\n"), out.stderr
+    out = subprocess.run([*CBIR, "sql", "SELECT 1"], capture_output=True, text=True,
+                         cwd=tmp_path / "scans")  # no workspace in it: the plain error
+    assert out.stderr == f"cbir sql: error: params file not found: {scans}/params.yaml\n"
+
 
 @pytest.mark.parametrize("files,says", [
     ({}, "the scans folder {scans} holds no image files (check data.scans_dir)"),
