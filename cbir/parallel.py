@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing as mp
+import os
+import select
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -27,12 +29,38 @@ def start_method(preload: list[str] | None = None) -> str:
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _worker_setup(initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
-    """A pool worker ends with the process that started it (Linux): a cbir killed outright
-    (SIGKILL, the OOM killer) cannot stop its pool, and its workers went on with their job for
-    nobody, then printed a BrokenPipeError each on the user's terminal."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: as before
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def end_with(pid: int, *_: Any) -> None:
+    """End this worker process when process `pid` (the cbir that wants its work) ends, however
+    it ends (Linux; elsewhere nothing changes). A cbir killed outright (SIGKILL, the OOM
+    killer), or one whose clean-up did not run, cannot stop its workers: they went on with
+    their job for nobody, then printed a BrokenPipeError each on the user's terminal. The
+    parent's death signal covers a forked worker; a forkserver's worker is the forkserver's
+    child, which its own workers keep alive, and there torch's DataLoader watchdog (which
+    watches the parent) kept a training's workers and the forkserver running after the
+    command had gone: so a thread waits on `pid` itself. Extra arguments (a DataLoader's
+    worker id) are ignored, so that `partial(end_with, os.getpid())` is a worker_init_fn."""
+    with contextlib.suppress(OSError, AttributeError):
+        if os.getppid() == pid:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(0)  # gone already
+    except (OSError, AttributeError):
+        return  # no pidfd (an old kernel, not Linux)
+
+    def wait() -> None:
+        select.select([fd], [], [])  # readable once the process has ended
+        os._exit(0)
+
+    threading.Thread(target=wait, name="cbir-end-with", daemon=True).start()
+
+
+def _worker_setup(
+    pid: int, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]
+) -> None:
+    """A pool worker ends with the process that started the pool (`end_with`)."""
+    end_with(pid)
     if initializer is not None:
         initializer(*initargs)
 
@@ -58,7 +86,9 @@ def worker_map(
         yield map(fn, jobs)
         return
     ctx = mp.get_context(start_method(preload))
-    pool = ctx.Pool(workers, initializer=_worker_setup, initargs=(initializer, initargs))
+    pool = ctx.Pool(
+        workers, initializer=_worker_setup, initargs=(os.getpid(), initializer, initargs)
+    )
     try:
         yield (pool.imap if ordered else pool.imap_unordered)(fn, jobs, chunksize)
     finally:

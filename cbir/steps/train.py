@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ from ..model import (
     safe_load,
     save_checkpoint,
 )
-from ..parallel import start_method, worker_map
+from ..parallel import end_with, start_method, worker_map
 from ..progress import bar as progress_bar
 from ..safetext import counted
 from ..store.layout import Layout, layout
@@ -588,6 +589,7 @@ def _loader(
         multiprocessing_context=start_method(["cbir.augment", "cbir.training.data"])
         if t.workers
         else None,
+        worker_init_fn=partial(end_with, os.getpid()) if t.workers else None,
     )
 
 
