@@ -367,7 +367,7 @@ def test_decoded_cache_is_incremental_and_follows_the_image_set(tmp_path):
     (scans / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)  # quarantined by ingest
     run_ingest(settings)
     second = build_cache(settings, log=logs.append)
-    assert "1 images decoded, 5 reused" in logs[-1] and len(second.rows) == 6
+    assert "1 image decoded, 5 reused" in logs[-1] and len(second.rows) == 6
     again = np.load(second.file, mmap_mode="r")
     for image_id in first.ids:
         assert np.array_equal(again[second.ids.index(image_id)],

@@ -213,7 +213,7 @@ def build_cache(settings: Settings, *, progress: bool = False, log: Log = print)
         if stale.name != name:
             stale.unlink(missing_ok=True)
     log(
-        f"train cache: {len(todo) - len(failed)} images decoded, {len(reuse)} reused, "
+        f"train cache: {counted(len(todo) - len(failed), 'image')} decoded, {len(reuse)} reused, "
         f"{len(failed)} failed, {time.perf_counter() - t0:.1f} s ({folder})"
     )
     return TrainCache(folder=folder, file=folder / name, side=side, ids=ids, failed=failed)
