@@ -529,7 +529,7 @@ BAD_GROUND_TRUTH = [
     case("absolute-outside", "path,group\n/etc/hostname,g1\nscans/p0.jpg,g1\n",
          "lie outside the scans folder", full=True),
     case("symlink-outside", "path,group\nscans/escape.jpg,g1\n",
-         "lie outside the scans folder"),
+         "1 path lies outside the scans folder"),
     case("dotdot-in-and-out", "path,group\nscans/../scans/../outside.jpg,g1\n",
          "lie outside the scans folder", full=True),
     case("unknown", "path,group\nscans/nope.jpg,g1\nscans/p0.jpg,g1\n",

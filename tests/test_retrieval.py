@@ -214,5 +214,5 @@ def test_ground_truth_outside_the_scans_folder_or_unknown_is_refused(tmp_path, d
     with pytest.raises(CbirError, match="outside the scans folder"):
         read_ground_truth(load_settings(params, overrides={"data.ground_truth": str(bad)}))
     bad.write_text(f"path,group\n{demo_root}/demo/scans/nope.jpg,g1\n")
-    with pytest.raises(CbirError, match="not ingested"):
+    with pytest.raises(CbirError, match="1 path is not an ingested image"):
         read_ground_truth(load_settings(params, overrides={"data.ground_truth": str(bad)}))

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -577,6 +578,9 @@ def _growth(
     )
 
 
+_CWD_LOCK = threading.Lock()  # held while a thread works in another current folder
+
+
 def _connect_views(
     settings: Settings, chosen: Sequence[View], growth: _Growth | None = None
 ) -> duckdb.DuckDBPyConnection:
@@ -838,7 +842,10 @@ def _refresh(settings: Settings, *, stored: bool = True) -> tuple[Path, list[Vie
             # workspace's folder, it bound pair_report to that workspace's pairs. Created from
             # the workspace's own folder (the views keep relative names, so the catalogue moves
             # with the workspace).
-            with contextlib.chdir(settings.root):
+            # The current folder is the process's: two threads of the review server rebuilding
+            # at once restored it under each other ("Cannot open file data/manifest/..."),
+            # so one at a time.
+            with _CWD_LOCK, contextlib.chdir(settings.root):
                 for view in chosen:
                     con.execute(f"CREATE VIEW {view.name} AS {view.body(settings.root)}")
                     if view.comment:
