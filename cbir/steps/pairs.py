@@ -235,6 +235,7 @@ class PairsSummary:
         if (
             th is not None
             and not labelled
+            and not th.unreachable  # said below: no threshold to raise past identical pictures
             and th.estimated_precision is not None
             and th.estimated_precision < th.target - 0.05
         ):
