@@ -23,7 +23,7 @@ import os, time
 import torch.utils.data as tud
 
 def slow(x):
-    print(os.getpid(), flush=True)
+    os.write(1, f"{os.getpid()}\\n".encode())  # one write: two workers' lines never interleave
     time.sleep(600)
     return x
 
@@ -43,7 +43,7 @@ from slowjobs import Slow, slow
 
 if "threaded" in sys.argv:
     threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
-print(os.getpid(), flush=True)
+os.write(1, f"{os.getpid()}\\n".encode())
 if "loader" in sys.argv:
     import torch.utils.data as tud
 
