@@ -520,7 +520,7 @@ def run_ingest(
     counts["moved"] = sum(1 for r in new_rows if r["version"] == 1 and r["sha256"] in gone)
     counts["new_duplicates"] = _assign_canonical(files, new_rows)
     if not accept_missing:
-        _refuse_mass_missing(absent, files, _present_images(state.files), root)
+        _refuse_mass_missing(absent, files, state.files, root)
     now_as = _canonical_paths(files)
     epoch = (
         state.epoch
@@ -987,16 +987,21 @@ def _present_images(files: pa.Table) -> int:
 
 
 def _refuse_mass_missing(
-    absent: list[dict[str, Any]], files: list[dict[str, Any]], before: int, root: Path
+    absent: list[dict[str, Any]], files: list[dict[str, Any]], manifest: pa.Table, root: Path
 ) -> None:
     """Raise, changing nothing, where this run would find most images gone (VANISHED_MIN).
     An image is gone when no file of its content is present any more: a moved or renamed
     folder, or one copy of two deleted, loses nothing. `files` holds every row of the
-    contents of `absent` (see _Touched), already merged with this run's files."""
+    contents of `absent` (see _Touched), already merged with this run's files; `manifest` is
+    the manifest before the run, counted only when an image is gone (a night reads no column
+    of every image for this)."""
     here = {r["sha256"] for r in files if r["status"] in PRESENT}
     lost = {r["sha256"] for r in absent} - here
     n = len(lost)
-    if not n or (n < before and (n < VANISHED_MIN or 2 * n < before)):
+    if not n:
+        return
+    before = _present_images(manifest)
+    if n < before and (n < VANISHED_MIN or 2 * n < before):
         return
     folders: Counter[str] = Counter()
     for r in absent:
