@@ -74,7 +74,10 @@ def test_workers_end_with_a_parent_killed_outright(tmp_path, how):
     err = tmp_path / "stderr"
     with err.open("w") as fh:
         (tmp_path / "slowjobs.py").write_text(_JOBS)
+        # multiprocessing's temporary folder, which a process killed outright cannot remove
+        env = {**os.environ, "TMPDIR": str(tmp_path)}
         proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(tmp_path), *how.split()],
+                                env=env,
                                 stdout=subprocess.PIPE, stderr=fh, text=True, cwd=REPO)
     workers: list[int] = []
     try:

@@ -423,9 +423,11 @@ def test_torchrun_two_processes_on_cpu(collection, tmp_path):
         pytest.skip(f"torchrun not found next to {sys.executable}")
     settings = _settings(collection, tmp_path, train={"epochs": 1, "workers": 0})
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["TMPDIR"] = str(tmp_path)  # torchelastic's folders: not left in the machine's /tmp
+    # the timeout only stops a hang: a loaded machine runs one epoch of two processes slowly
     out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "cbir.steps.train",
                           "--params", str(settings.params_path)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=110)
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x2" in out.stdout  # the summary names both processes, and is printed once
     assert out.stdout.count("train: 1/1 epochs") == 1
