@@ -20,6 +20,7 @@ from typing import Any
 from .augment import STRATEGIES
 from .config import DEFAULT_PARAMS, MAX_K, MAX_SIDE, Settings, load_settings
 from .errors import CbirError, ConfigError
+from .safetext import counted
 from .store.layout import layout as _layout
 
 Handler = Callable[[Settings, argparse.Namespace], int | None]
@@ -538,7 +539,7 @@ def _format_table(cols: list[str], rows: list[tuple]) -> str:
         return "  ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)).rstrip()
 
     out = [line(cols), line(["-" * w for w in widths]), *(line(r) for r in cells)]
-    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    out.append(f"({counted(len(rows), 'row')})")
     return "\n".join(out)
 
 

@@ -22,7 +22,7 @@ from .errors import CbirError, ConfigError
 from .safetext import counted
 from .store.layout import layout
 from .store.manifest import PRESENT, why_no_images
-from .workspace import init_workspace
+from .workspace import init_workspace, is_workspace
 
 
 @dataclass
@@ -44,8 +44,8 @@ class FindSummary:
         if pairs is not None:
             out.append(
                 f"  {counted(pairs.n_near_pairs, 'near-duplicate pair')}, "
-                f"{pairs.n_exact_pairs} exact {'copy' if pairs.n_exact_pairs == 1 else 'copies'}"
-                f", {counted(pairs.n_clusters, 'cluster')}"
+                f"{counted(pairs.n_exact_pairs, 'exact copy', 'exact copies')}, "
+                f"{counted(pairs.n_clusters, 'cluster')}"
             )
         out += [
             f"  gallery     {self.gallery} (open it in a browser)",
@@ -67,7 +67,7 @@ def _here_or_beside(scans: Path) -> tuple[Path, Settings | None]:
     folder where it is a workspace (`cd archive-cbir; cbir find-duplicates ../scans`), never
     one made inside it (a git and DVC repository inside another); else default_workspace."""
     here = Path.cwd()
-    if (here / "params.yaml").is_file() and (here / "dvc.yaml").is_file():
+    if is_workspace(here):
         with contextlib.suppress(ConfigError):  # a params.yaml of something else
             return here, load_settings(here / "params.yaml")
     return default_workspace(scans), None

@@ -80,6 +80,6 @@ def escaped_output() -> Iterator[None]:
         sys.stdout, sys.stderr = before
 
 
-def counted(count: int, noun: str) -> str:
-    """`1 page`, `2 pages`: a count with its noun (a regular plural)."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`1 page`, `2 pages`: a count with its noun (`plural` where it is not the noun + s)."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"

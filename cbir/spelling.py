@@ -33,7 +33,8 @@ class Spellings:
             comp: dict[str, str | None] = {}
             fold: dict[str, str | None] = {}
             for p in self._paths:
-                c, f = composed(p), composed(p).casefold()
+                c = composed(p)
+                f = c.casefold()
                 comp[c] = p if comp.get(c, p) == p else None  # two files, one text: ambiguous
                 fold[f] = p if fold.get(f, p) == p else None
             self._composed, self._folded = comp, fold

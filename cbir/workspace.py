@@ -242,14 +242,19 @@ def workspace_pipeline(text: str) -> str:
     return "".join(out)
 
 
+def is_workspace(folder: Path) -> bool:
+    """Whether `folder` looks like a workspace: a params.yaml beside a dvc.yaml."""
+    return (folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file()
+
+
 def workspaces_in(folder: Path) -> list[Path]:
-    """The workspaces among `folder`'s subfolders (a params.yaml beside a dvc.yaml), by name:
-    where `cbir find-duplicates SCANS` left one, for a command run beside it rather than in it."""
+    """The workspaces among `folder`'s subfolders, by name: where `cbir find-duplicates SCANS`
+    left one, for a command run beside it rather than in it."""
     try:
         subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         return []
-    return [p for p in subs if (p / "params.yaml").is_file() and (p / "dvc.yaml").is_file()]
+    return [p for p in subs if is_workspace(p)]
 
 
 def _write_dvc_yaml(target: Path, summary: InitSummary) -> None:

@@ -27,6 +27,7 @@ from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import write_text
 from ..linkage import link
+from ..safetext import counted
 from ..spelling import Spellings
 from ..store import decisions as D
 from ..store.catalog import REDUCED_TONE
@@ -481,14 +482,10 @@ class RemoveSummary:
     by_rule: int = 0  # confirmed groups whose master no reviewer named: the likely master kept
 
     def lines(self) -> list[str]:
-        def n(count: int, one: str, many: str) -> str:
-            return f"{count} {one if count == 1 else many}"
-
         out = [
-            f"remove list: {n(self.remove, 'file', 'files')} to remove, keeping "
-            f"{n(self.keep, 'master', 'masters')}, from "
-            f"{n(self.groups, 'confirmed group', 'confirmed groups')} and "
-            f"{n(self.exact_groups, 'set', 'sets')} of byte-identical copies; nothing was deleted",
+            f"remove list: {counted(self.remove, 'file')} to remove, keeping "
+            f"{counted(self.keep, 'master')}, from {counted(self.groups, 'confirmed group')} and "
+            f"{counted(self.exact_groups, 'set')} of byte-identical copies; nothing was deleted",
             f"  {self.file}",
         ]
         if self.by_rule:
