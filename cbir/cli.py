@@ -92,75 +92,110 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 #: How `cbir query` names a quarter-turned query (Candidate.turned: turns anticlockwise).
 TURNED = {1: "90\u00b0 anticlockwise", 2: "180\u00b0", 3: "90\u00b0 clockwise"}
 
 
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     from .safetext import printable as shown  # a name's line breaks would forge result lines
-    from .steps.query import describe, query_images
+    from .steps.query import QUERY_BATCH, Querier, QueryTable, query_files
 
     _check_range("--k", args.k, 1, MAX_K)
+    files = query_files([Path(p) for p in args.images], settings.ingest.ignore)
+    if not files:
+        raise CbirError(f"no files to query in {', '.join(map(shown, args.images))}")
+    table = QueryTable(settings, args.csv) if args.csv else None
+    ask = Querier(settings)
+    th = ask.threshold
+    turned = (
+        "; found with the query turned, only if confirmed (`cbir pairs` searches upright "
+        "pictures only)"
+        if settings.search.query_turns
+        else ""
+    )
+    print(
+        f"pair threshold {th[0]:.4f} ({th[1]}): * marks a near-duplicate as `cbir pairs` "
+        f"counts one (at or above the threshold, or confirmed by local features){turned}"
+        if th is not None
+        else "no pair threshold for this model yet (`cbir calibrate`): * marks only the "
+        "neighbours local features confirm"
+    )
+    from .progress import bar
+
     failed: list[str] = []
-    results = query_images(settings, [Path(p) for p in args.images], k=args.k)
-    if any(res.error is None for res in results):
-        th = results[0].threshold
-        turned = (
-            "; found with the query turned, only if confirmed (`cbir pairs` searches upright "
-            "pictures only)"
-            if settings.search.query_turns
-            else ""
-        )
-        print(
-            f"pair threshold {th[0]:.4f} ({th[1]}): * marks a near-duplicate as `cbir pairs` "
-            f"counts one (at or above the threshold, or confirmed by local features){turned}"
-            if th is not None
-            else "no pair threshold for this model yet (`cbir calibrate`): * marks only the "
-            "neighbours local features confirm"
-        )
-    for res in results:
-        print(shown(res.query))
-        if res.error:
-            failed.append(f"{shown(res.query)}: {shown(res.error)}")
-            print(f"  {shown(res.error)}")
-            continue
-        for path in res.exact_copies_of:
-            if _same_file(Path(res.query), _layout(settings).scans / path):
-                print(f"  in the collection as {shown(path)}")
-            else:
-                print(f"  exact duplicate (same bytes) of {shown(path)}")
-        checks = res.verification + [None] * (len(res.neighbours) - len(res.verification))
-        found = []
-        for c in res.candidates:
-            by = c.found_by + (f", {c.votes} keypoint votes" if c.votes else "")
-            parts = [f"found by {by}"] if by != "global" else []
-            if c.turned:  # search.query_turns: a print scanned sideways or upside down
-                parts.append(f"the query turned {TURNED[c.turned]}")
-            found.append("; ".join(parts))
-        found += [""] * (len(res.neighbours) - len(found))
-        for rank, ((image_id, path, score), m, by) in enumerate(
-            zip(res.neighbours, checks, found, strict=True), start=1
-        ):
-            via = f"  ({by})" if by else ""
-            # one line per neighbour (scripts count and grep them): its verification follows
-            check = f"  \u2014 {describe(m, 'it')}" if m is not None else ""
-            mark = "*" if res.near(rank - 1) else " "
-            print(f"  {rank:3d}{mark} {score:.4f}  {shown(path)}  [{image_id}]{via}{check}")
+    verdicts: dict[str, int] = {}
+    progress = bar(len(files), "query", "file", _progress_wanted() and len(files) > QUERY_BATCH)
+    for start in range(0, len(files), QUERY_BATCH):
+        batch = files[start : start + QUERY_BATCH]
+        for f, res in zip(batch, ask([f.path for f in batch], k=args.k), strict=True):
+            verdicts[res.verdict] = verdicts.get(res.verdict, 0) + 1
+            if table is not None:
+                table.add(res)
+            if res.error and not (f.in_folder and res.not_image):
+                failed.append(f"{shown(res.query)}: {shown(res.error)}")
+            if table is None:
+                _print_query(res, shown)
+        progress.update(len(batch))
+    progress.close()
+    if table is not None or len(files) > 1:
+        print(_query_summary(len(files), verdicts, table))
     if failed:
         print(
-            f"cbir query: error: {len(failed)} of {len(args.images)} images could not be "
+            f"cbir query: error: {len(failed)} of {counted(len(files), 'file')} could not be "
             f"queried ({failed[0]}{'; ...' if len(failed) > 1 else ''})",
             file=sys.stderr,
         )
         return 2
     return 0
+
+
+def _print_query(res: Any, shown: Callable[[str], str]) -> None:
+    """One query's lines: the file, what it is in the collection, its neighbours."""
+    from .steps.query import describe
+
+    print(shown(res.query))
+    if res.error:
+        print(f"  {shown(res.error)}")
+        return
+    for path in res.exact_copies_of:
+        if path == res.itself:
+            print(f"  in the collection as {shown(path)}")
+        else:
+            print(f"  exact duplicate (same bytes) of {shown(path)}")
+    checks = res.verification + [None] * (len(res.neighbours) - len(res.verification))
+    found = []
+    for c in res.candidates:
+        by = c.found_by + (f", {c.votes} keypoint votes" if c.votes else "")
+        parts = [f"found by {by}"] if by != "global" else []
+        if c.turned:  # search.query_turns: a print scanned sideways or upside down
+            parts.append(f"the query turned {TURNED[c.turned]}")
+        found.append("; ".join(parts))
+    found += [""] * (len(res.neighbours) - len(found))
+    for rank, ((image_id, path, score), m, by) in enumerate(
+        zip(res.neighbours, checks, found, strict=True), start=1
+    ):
+        via = f"  ({by})" if by else ""
+        # one line per neighbour (scripts count and grep them): its verification follows
+        check = f"  \u2014 {describe(m, 'it')}" if m is not None else ""
+        mark = "*" if res.near(rank - 1) else " "
+        print(f"  {rank:3d}{mark} {score:.4f}  {shown(path)}  [{image_id}]{via}{check}")
+
+
+def _query_summary(total: int, verdicts: dict[str, int], table: Any) -> str:
+    """`cbir query`'s last line over many files: how many of each verdict, and the table."""
+    from .steps.query import VERDICTS
+
+    said = {
+        "in the collection": ("already in the collection", "already in the collection"),
+        "exact copy": ("exact copy of a collection image", "exact copies of collection images"),
+        "near-duplicate": ("with a near-duplicate", "with a near-duplicate"),
+        "no match": ("with none", "with none"),
+        "not an image": ("not an image (skipped)", "not images (skipped)"),
+        "error": ("unreadable", "unreadable"),
+    }
+    parts = [counted(verdicts[v], *said[v]) for v in VERDICTS if verdicts.get(v)]
+    where = f"; table: {table.write()}" if table is not None else ""
+    return f"query: {counted(total, 'file')}: {', '.join(parts)}{where}"
 
 
 def cmd_pairs(settings: Settings, args: argparse.Namespace) -> int:
@@ -604,8 +639,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_index)
 
     p = sub.add_parser("query", parents=[common], help="near-duplicates of image files")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="an image file, or a folder: every file under it"
+    )
     p.add_argument("--k", type=int, default=10, help="neighbours to show (default %(default)s)")
+    p.add_argument(
+        "--csv",
+        metavar="FILE.csv",
+        help="write every file's neighbours to FILE.csv (a row each, with the file's verdict) "
+        "and print only the summary",
+    )
     p.set_defaults(handler=cmd_query)
 
     p = sub.add_parser(
@@ -857,11 +900,13 @@ DETAILS: dict[str, tuple[str, str]] = {
         "cbir index --rebuild",
     ),
     "query": (
-        "The nearest images in the collection of any image files; exits with status 2 "
-        "when a file cannot be read. With search.verify, the top search.verify_top are "
-        "checked with local features and the confirmed ones come first, each with what "
-        "it is (the same picture, or a detail of it: the share it covers, and where).",
-        "cbir query scan-0042.jpg other.tif --k 5",
+        "The nearest images in the collection of any image files, or of every file under "
+        "a folder (a donation: which of its files does the collection hold already?); "
+        "exits with status 2 when a file cannot be read. With search.verify, the top "
+        "search.verify_top are checked with local features and the confirmed ones come "
+        "first, each with what it is (the same picture, or a detail of it: the share it "
+        "covers, and where).",
+        "cbir query scan-0042.jpg other.tif --k 5\ncbir query ~/donation --csv donation.csv",
     ),
     "calibrate": (
         "Choose the pair threshold that reaches search.precision_target: on the "

@@ -75,9 +75,68 @@ def test_query_of_a_missing_or_odd_file_fails_clearly(built, tmp_path):
     assert "not found" in out.stdout and "damaged" not in out.stdout
     assert "not a regular file" in out.stdout
     assert "box-b/p2.jpg" in out.stdout.split(good)[-1]  # the good one still answered
-    assert "2 of 3 images could not be queried" in out.stderr
+    assert "2 of 3 files could not be queried" in out.stderr
     out = cbir("query", good, "--k", "-5", "--params", params)
     assert out.returncode == 2 and "--k must be at least 1" in out.stderr
+
+
+def test_query_of_a_folder_answers_for_every_file_under_it_and_can_write_a_table(built, tmp_path):
+    """A donation under consideration: which of its files does the collection hold already?"""
+    params = str(built / "params.yaml")
+    gift = tmp_path / "donation"
+    save(photo(3, (120, 90)).resize((96, 72)), gift / "box 1" / "rescan.jpg")
+    shutil.copy(built / "scans" / "box-b" / "p2.jpg", gift / "box 1" / "p2 copy.jpg")
+    (gift / "list.txt").write_text("box 1: two prints\n")  # not an image: skipped, not an error
+    shutil.copy(built / "scans" / "box-b" / "p4.jpg", gift / ".hidden.jpg")  # ingest.ignore
+    out = cbir("query", str(gift), "--k", "2", "--params", params)
+    assert out.returncode == 0, out.stderr
+    asked = [line for line in out.stdout.splitlines() if line.startswith(str(gift))]
+    # as ingest walks: a folder's files, then its folders'
+    assert asked == [str(gift / "list.txt")] + [
+        str(gift / "box 1" / n) for n in ("p2 copy.jpg", "rescan.jpg")], out.stdout
+    assert "exact duplicate (same bytes) of box-b/p2.jpg" in out.stdout
+    assert out.stdout.splitlines()[-1] == (
+        "query: 3 files: 1 exact copy of a collection image, 1 with a near-duplicate, "
+        "1 not an image (skipped)")
+
+    table = tmp_path / "gift.csv"
+    out = cbir("query", str(gift), str(built / "scans" / "box-b" / "p5.jpg"), "--csv", str(table),
+               "--params", params)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].endswith(f"1 not an image (skipped); table: {table}")
+    assert str(gift) not in out.stdout  # the table holds the neighbours, not the terminal
+    rows = list(csv.DictReader(table.open(encoding="utf-8")))
+    by_query: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        by_query.setdefault(Path(r["query"]).name, []).append(r)
+    assert {q: rs[0]["verdict"] for q, rs in by_query.items()} == {
+        "p2 copy.jpg": "exact copy", "rescan.jpg": "near-duplicate",
+        "list.txt": "not an image", "p5.jpg": "in the collection"}
+    copy = by_query["p2 copy.jpg"]
+    assert (copy[0]["rank"], copy[0]["path"], copy[0]["check"]) == ("0", "box-b/p2.jpg",
+                                                                     "the same bytes")
+    # then its neighbours, ranked: all 7 images of the collection (--k is 10)
+    assert [r["rank"] for r in copy[1:]] == [str(i) for i in range(1, 8)]
+    assert by_query["p5.jpg"][0]["check"] == "this very file"
+    near = by_query["rescan.jpg"]
+    assert near[0]["path"] == "box-b/p3.jpg" and near[0]["near"] == "1", near[0]
+    assert "not an image" in by_query["list.txt"][0]["check"]
+
+    # a damaged scan in the folder is an error; a file that is no CSV of cbir's is not replaced
+    (gift / "box 1" / "torn.jpg").write_bytes((built / "scans" / "box-b" / "p1.jpg")
+                                             .read_bytes()[:400])
+    out = cbir("query", str(gift), "--csv", str(table), "--params", params)
+    assert out.returncode == 2 and "1 of 4 files could not be queried" in out.stderr, out.stderr
+    assert "torn.jpg,error" in table.read_text(encoding="utf-8")
+    mine = tmp_path / "mine.csv"
+    mine.write_text("accession,title\n")
+    out = cbir("query", str(gift), "--csv", str(mine), "--params", params)
+    assert out.returncode == 2 and "refused" in out.stderr and str(gift) not in out.stdout
+    assert mine.read_text() == "accession,title\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = cbir("query", str(empty), "--params", params)
+    assert out.returncode == 2 and f"no files to query in {empty}" in out.stderr, out.stderr
 
 
 def test_query_tells_a_collection_file_from_a_copy_of_one(built, tmp_path):
@@ -87,7 +146,9 @@ def test_query_tells_a_collection_file_from_a_copy_of_one(built, tmp_path):
     shutil.copy(own, tmp_path / "copy.jpg")
     out = cbir("query", str(own), str(tmp_path / "copy.jpg"), "--k", "1", "--params", params)
     assert out.returncode == 0, out.stderr
-    mine, copy = out.stdout.split(str(tmp_path / "copy.jpg"))
+    *lines, summary = out.stdout.splitlines()
+    assert summary == "query: 2 files: 1 already in the collection, 1 exact copy of a collection image"
+    mine, copy = "\n".join(lines).split(str(tmp_path / "copy.jpg"))
     assert "in the collection as box-b/p2.jpg" in mine and "exact duplicate" not in mine
     assert "exact duplicate (same bytes) of box-b/p2.jpg" in copy and "in the collection" not in copy
 

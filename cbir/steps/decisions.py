@@ -33,8 +33,8 @@ from ..store import decisions as D
 from ..store.catalog import REDUCED_TONE
 from ..store.layout import layout
 from ..store.manifest import PRESENT, load_manifest
-from ..store.outputs import check_user_file
 from ..store.pairs import scores_fingerprint
+from ..store.user_csv import csv_target, csv_text
 
 #: The columns `cbir decisions import` reads (the first three are required).
 IMPORT_COLUMNS = ("path_a", "path_b", "decision", "master", "note", "reviewer")
@@ -377,36 +377,6 @@ def import_decisions(
 # --------------------------------------------------------------------------- writing CSVs
 
 
-def _checked_target(settings: Settings, file: str | os.PathLike[str], header: str) -> Path:
-    """Where a CSV may be written: outside the scans, params, labels and cbir's own outputs,
-    and not over a file other than an earlier CSV of the same kind (same header)."""
-    target = Path(os.path.abspath(Path(file).expanduser()))
-    check_user_file(settings, "the CSV", target)
-    if os.path.lexists(target):
-        if not target.is_file() or target.is_symlink():
-            raise CbirError(f"refused: {target} exists and is not a regular file")
-        try:
-            with open(target, encoding="utf-8") as fh:
-                first = fh.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError):
-            first = None
-        if first != header:
-            raise CbirError(
-                f"refused: {target} exists and is not a CSV cbir wrote (its first line is "
-                f"not {header!r}); choose another name or move it away"
-            )
-    return target
-
-
-def _csv(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
-    return out.getvalue()
-
-
 @dataclass
 class ExportSummary:
     file: Path
@@ -424,7 +394,7 @@ def export_decisions(
     """Write the current decisions (or, with `history`, every row of the log, undos too) to a
     CSV that `import_decisions` reads back; paths are where the images are now (else where
     they were when decided). Written atomically; never over a file cbir did not export."""
-    target = _checked_target(settings, file, ",".join(EXPORT_COLUMNS))
+    target = csv_target(settings, file, ",".join(EXPORT_COLUMNS))
     names = Resolver.of(settings)
     log = D.read_log(layout(settings).decisions_dir)
     chosen = log.to_pylist() if history else list(D.current(log).values())
@@ -442,7 +412,7 @@ def export_decisions(
                 "time": r["time"].isoformat() if r["time"] is not None else None,
             }
         )
-    write_text(_csv(EXPORT_COLUMNS, rows), target)
+    write_text(csv_text(EXPORT_COLUMNS, rows), target)
     return ExportSummary(target, len(rows), history)
 
 
@@ -570,7 +540,7 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
     the one a `same` decision named (the latest), else the likely master. Byte-identical copies
     are listed too: of a group's images, and of any other image (its first-seen file is kept).
     Nothing is deleted or moved."""
-    target = _checked_target(settings, file, ",".join(REMOVE_COLUMNS))
+    target = csv_target(settings, file, ",".join(REMOVE_COLUMNS))
     names = Resolver.of(settings)
     present = set(names.path_of)
     log = D.read_log(layout(settings).decisions_dir)
@@ -632,5 +602,5 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
                     }
                 )
     summary.remove = len(rows)
-    write_text(_csv(REMOVE_COLUMNS, rows), target)
+    write_text(csv_text(REMOVE_COLUMNS, rows), target)
     return summary

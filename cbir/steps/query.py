@@ -17,16 +17,31 @@ from pathlib import Path
 
 from .. import verify
 from ..config import Settings
+from ..fsutil import write_text
 from ..imaging import ImageRejected, not_regular
 from ..model import pick_device, retrieval_model
 from ..probe import sha256_of
 from ..regions import Candidate
+from ..safetext import counted
 from ..store.features import extract_file, feature_cache, features_of, scan_files
 from ..store.index import open_searcher
+from ..store.layout import layout
 from ..store.local import open_local
 from ..store.manifest import PRESENT, load_manifest
+from ..store.user_csv import csv_target, csv_text
+from ..walk import walk_scans
 from .calibrate import current_pair_threshold
 from .embed import embed_files
+
+#: QueryResult.verdict's values, from the surest to the least.
+VERDICTS = (
+    "in the collection",
+    "exact copy",
+    "near-duplicate",
+    "no match",
+    "not an image",
+    "error",
+)
 
 
 @dataclass
@@ -43,6 +58,21 @@ class QueryResult:
     verify_seconds: float = 0.0  # its candidates' features (cache) and their verification
     # `cbir pairs`' threshold for this model and its source (None: not calibrated for it)
     threshold: tuple[float, str] | None = None
+    itself: str | None = None  # the manifest path that is this very file (a scan queried)
+    not_image: bool = False  # the error: no decoder recognises the content
+
+    @property
+    def verdict(self) -> str:
+        """What the file is to the collection, for a table of many queries: one of VERDICTS."""
+        if self.error is not None:
+            return "not an image" if self.not_image else "error"
+        if self.itself is not None:
+            return "in the collection"
+        if self.exact_copies_of:
+            return "exact copy"
+        if any(self.near(i) for i in range(len(self.neighbours))):
+            return "near-duplicate"
+        return "no match"
 
     def near(self, i: int) -> bool:
         """Whether neighbour `i` is a near-duplicate by `cbir pairs`' rule: at or above the
@@ -99,41 +129,59 @@ def _best_turns(
     return out
 
 
-def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
-    """Top-k neighbours of image files (inside or outside the collection): with embed.regions,
-    the union of the global and the regional search (Searcher.candidates), and with
-    search.local_candidates, of the pictures the query's keypoints vote for (cbir.votes)."""
-    model, pp, fp, _ = retrieval_model(settings)
-    s = open_searcher(settings, fingerprint=fp)
-    local = open_local(settings)
-    threshold = current_pair_threshold(settings, fp, len(s.image_ids))
-    results = [QueryResult(query=str(p), error=_unreadable(p), threshold=threshold) for p in paths]
-    todo = [i for i, r in enumerate(results) if r.error is None]
-    files = [os.fsencode(paths[i]) for i in todo]
-    turns = TURNS if settings.search.query_turns else 1
-    done, vectors, failed = embed_files(
-        model,
-        files,
-        pp,
-        batch_size=settings.embed.batch_size,
-        workers=0,
-        device=pick_device(settings.embed.device),
-        max_pixels=settings.ingest.max_pixels,
-        turns=turns,
-    )
-    done = [todo[i] for i in done]
-    for i, why in failed:
-        results[todo[i]].error = f"cannot be read: {why}"
-    manifest = load_manifest(settings, ["sha256", "path", "status"]).to_pylist()
-    by_sha: dict[str, list[str]] = {}
-    for r in manifest:
-        if r["status"] in PRESENT:
-            by_sha.setdefault(r["sha256"], []).append(r["path"])
-    top = settings.search.verify_top if settings.search.verify else 0
-    if done:
+class Querier:
+    """The collection opened once (the model, the index, the manifest's contents) for the
+    queries of many files, asked a batch at a time (`cbir query` of a folder)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model, self.pp, fp, _ = retrieval_model(settings)
+        self.searcher = open_searcher(settings, fingerprint=fp)
+        self.local = open_local(settings)
+        self.threshold = current_pair_threshold(settings, fp, len(self.searcher.image_ids))
+        self.scans = layout(settings).scans
+        manifest = load_manifest(settings, ["sha256", "path", "status"])
+        self.by_sha: dict[str, list[str]] = {}
+        for sha, path, status in zip(
+            *(manifest.column(c).to_pylist() for c in manifest.column_names), strict=True
+        ):
+            if status in PRESENT:
+                self.by_sha.setdefault(sha, []).append(path)
+
+    def __call__(self, paths: Sequence[Path], k: int = 10) -> list[QueryResult]:
+        """Top-k neighbours of image files (inside or outside the collection): with
+        embed.regions, the union of the global and the regional search (Searcher.candidates),
+        and with search.local_candidates, of the pictures the query's keypoints vote for
+        (cbir.votes)."""
+        settings, s, threshold = self.settings, self.searcher, self.threshold
+        results = [
+            QueryResult(query=str(p), error=_unreadable(p), threshold=threshold) for p in paths
+        ]
+        todo = [i for i, r in enumerate(results) if r.error is None]
+        files = [os.fsencode(paths[i]) for i in todo]
+        turns = TURNS if settings.search.query_turns else 1
+        done, vectors, failed = embed_files(
+            self.model,
+            files,
+            self.pp,
+            batch_size=settings.embed.batch_size,
+            workers=0,
+            device=pick_device(settings.embed.device),
+            max_pixels=settings.ingest.max_pixels,
+            turns=turns,
+        )
+        done = [todo[i] for i in done]
+        for i, why in failed:
+            results[todo[i]].error = f"cannot be read: {why}"
+            results[todo[i]].not_image = why.startswith("not an image")
+        top = settings.search.verify_top if settings.search.verify else 0
+        if not done:
+            return results
         # the query's own local features: voted with (search.local_candidates), then verified
         own = _own_features(settings, [results[i] for i in done], [paths[i] for i in done], top)
-        voted = local.votes(own, settings.search.local_candidates) if local and own else None
+        voted = (
+            self.local.votes(own, settings.search.local_candidates) if self.local and own else None
+        )
         depth = max(k, top)
         if turns == 1:
             found = s.candidates(vectors, depth, voted)
@@ -145,7 +193,11 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
         for row, cands in enumerate(found):
             res = results[done[row]]
             sha = sha256_of(os.fsencode(paths[done[row]]))
-            res.exact_copies_of = sorted(by_sha.get(sha, [])) if sha else []
+            res.exact_copies_of = sorted(self.by_sha.get(sha, [])) if sha else []
+            res.itself = next(
+                (p for p in res.exact_copies_of if _same_file(paths[done[row]], self.scans / p)),
+                None,
+            )
             res.candidates = cands
             res.neighbours = [(c.image_id, s.path_of.get(c.image_id, "?"), c.score) for c in cands]
         if own is not None and top:
@@ -155,7 +207,81 @@ def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[Que
             res.neighbours = res.neighbours[:k]
             res.candidates = res.candidates[:k]
             res.verification = res.verification[:k]
-    return results
+        return results
+
+
+def query_images(settings: Settings, paths: list[Path], k: int = 10) -> list[QueryResult]:
+    """Top-k neighbours of image files (Querier, opened for them alone)."""
+    return Querier(settings)(paths, k)
+
+
+#: Files a Querier is asked at a time by `cbir query` of many (their local features are held
+#: together: about 0.1-1 MB a file).
+QUERY_BATCH = 32
+
+#: A query table's columns: a row per neighbour (rank 0: a file of the collection with the
+#: query's very bytes), or one for a file that could not be read (its reason in `check`).
+TABLE_COLUMNS = ("query", "verdict", "rank", "near", "score", "path", "image_id", "check")
+
+
+class QueryTable:
+    """`cbir query --csv`: every queried file's neighbours, one row each, written at the end
+    (whole, atomically; the target is checked first, before any work)."""
+
+    def __init__(self, settings: Settings, file: str | os.PathLike[str]) -> None:
+        self.target = csv_target(settings, file, ",".join(TABLE_COLUMNS))
+        self.rows: list[dict[str, object]] = []
+
+    def add(self, res: QueryResult) -> None:
+        head = {"query": res.query, "verdict": res.verdict}
+        if res.error is not None:
+            self.rows.append({**head, "check": res.error})
+            return
+        for path in res.exact_copies_of:
+            same = "this very file" if path == res.itself else "the same bytes"
+            self.rows.append(
+                {**head, "rank": 0, "near": 1, "score": "1.0000", "path": path, "check": same}
+            )
+        for i, (image_id, path, score) in enumerate(res.neighbours):
+            m = res.verification[i] if i < len(res.verification) else None
+            self.rows.append(
+                {
+                    **head,
+                    "rank": i + 1,
+                    "near": int(res.near(i)),
+                    "score": f"{score:.4f}",
+                    "path": path,
+                    "image_id": image_id,
+                    "check": describe(m, "it"),
+                }
+            )
+
+    def write(self) -> Path:
+        write_text(csv_text(TABLE_COLUMNS, self.rows), self.target)
+        return self.target
+
+
+@dataclass(frozen=True)
+class QueryFile:
+    """A file to query: named on the command line, or found in a folder that was."""
+
+    path: Path
+    in_folder: bool = False
+
+
+def query_files(names: Sequence[Path], ignore: Sequence[str]) -> list[QueryFile]:
+    """The files `cbir query` asks about, in order: each named file, and every file under each
+    named folder (recursively, in name order, skipping data.ingest.ignore's names as ingest
+    does). A named path that is neither is kept: its query says why it cannot be read."""
+    out: list[QueryFile] = []
+    for name in names:
+        if not name.is_dir():
+            out.append(QueryFile(name))
+            continue
+        root = os.fsencode(name)
+        for entry in walk_scans(name, list(ignore)):
+            out.append(QueryFile(Path(os.fsdecode(os.path.join(root, entry.raw))), True))
+    return out
 
 
 def _own_features(
@@ -212,8 +338,9 @@ def describe(match: verify.Match | None, other: str) -> str:
     """How an archivist reads a verification, `other` naming the collection's picture."""
     if match is None:
         return ""
+    points = counted(match.inliers, "matching point")
     if not match.verified:
-        return f"not confirmed by local features ({match.inliers} matching points)"
+        return f"not confirmed by local features ({points})"
     box = ""
     if match.box is not None:
         x0, y0, x1, y1 = match.box
@@ -221,13 +348,17 @@ def describe(match: verify.Match | None, other: str) -> str:
     pct = f"{match.covered:.0%}".replace("%", " %")
     flip = ", mirrored" if match.mirrored else ""  # one is the other flipped left-right
     if match.relation == "a_in_b":
-        return f"detail of {other}{flip} (covers {pct} of it{box}; {match.inliers} matching points)"
+        return f"detail of {other}{flip} (covers {pct} of it{box}; {points})"
     if match.relation == "b_in_a":
-        return (
-            f"{other} is a detail of the query{flip} (covers {pct} of the query{box}; "
-            f"{match.inliers} matching points)"
-        )
-    return f"same picture as {other}{flip} (confirmed by {match.inliers} matching points)"
+        return f"{other} is a detail of the query{flip} (covers {pct} of the query{box}; {points})"
+    return f"same picture as {other}{flip} (confirmed by {points})"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _unreadable(path: Path) -> str | None:

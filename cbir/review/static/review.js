@@ -101,14 +101,14 @@
 
   // What geometric verification found, in words ("" when the pair was not checked).
   function checkText(row) {
-    const n = row.inliers;
-    if (row.relation === "full") return `same picture (${n} matching points)`;
+    const n = `${row.inliers} matching point${row.inliers === 1 ? "" : "s"}`;
+    if (row.relation === "full") return `same picture (${n})`;
     if (row.relation === "a_in_b" || row.relation === "b_in_a") {
       const [detail, whole] = row.relation === "a_in_b" ? ["left", "right"] : ["right", "left"];
       const pct = row.covered === null ? "?" : Math.round(row.covered * 100);
-      return `partial copy: the ${detail} is a detail of the ${whole}, ${pct} % of its area (${n} matching points)`;
+      return `partial copy: the ${detail} is a detail of the ${whole}, ${pct} % of its area (${n})`;
     }
-    if (row.relation === "none") return `not confirmed: the local features do not match (${n} matching points)`;
+    if (row.relation === "none") return `not confirmed: the local features do not match (${n})`;
     return "";
   }
 
