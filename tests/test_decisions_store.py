@@ -93,6 +93,17 @@ def test_compact_merges_parts_without_changing_what_is_decided(tmp_path):
     assert D.current_decisions(tmp_path)[("a0", "z")]["decision"] == D.SAME
 
 
+def test_the_folder_says_what_it_is_and_the_note_is_no_part(tmp_path):
+    log = tmp_path / "decisions"
+    assert D.compact(log) == 0  # the DVC stage, before anyone decided: the folder and its note
+    note = log / "README.txt"
+    assert "nothing can rebuild it" in note.read_text() and D.parts(log) == []
+    note.write_text("kept as the team edited it\n")
+    D.record(log, [_d("a", "b", D.SAME, 1)])
+    assert note.read_text() == "kept as the team edited it\n"  # written only where missing
+    assert len(D.parts(log)) == 1 and len(D.read_log(log)) == 1
+
+
 def test_a_crash_inside_compact_leaves_rows_twice_which_readers_drop(tmp_path):
     for i in range(3):
         D.record(tmp_path, [_d(f"a{i}", "z", D.SAME, i)])

@@ -484,3 +484,25 @@ def test_the_nightly_report_lists_the_files_that_arrived_and_were_quarantined(tm
     run_ingest(s)  # run 4
     report = nightly_report(s, 4, 3)
     assert report.quarantined == [] and "Quarantined" not in report.file.read_text()
+
+
+def test_one_pair_one_partial_copy_and_one_quarantined_file_are_said_in_the_singular():
+    # seen in an archivist trial: "4 new duplicate pairs (...; 1 of them partial copies)" and
+    # "1 pairs where one picture is a detail of the other"
+    from cbir.steps.nightly import NightlyReport
+
+    columns = ["new_run", "new_path", "match_path", "score", "kind", "master_path", "relation",
+               "inliers", "covered", "detail_path", "whole_path"]
+    pair = (2, "new/mounted.jpg", "box/p1.jpg", 0.986, "near", "new/mounted.jpg", "b_in_a", 122,
+            0.79, "box/p1.jpg", "new/mounted.jpg")
+    report = NightlyReport(2, 1, columns, [pair], quarantined=[("new/torn.jpg", "truncated")])
+    assert report.lines()[0].startswith(
+        "nightly report: 1 new duplicate pair (1 near, 0 exact; 1 of them a partial copy)")
+    assert report.lines()[-1].startswith("  1 file that arrived was quarantined")
+    text = report.markdown()
+    assert "1 pair (1 near-duplicate) involves images that arrived after run 1" in text
+    assert "1 pair where one picture is a detail of the other" in text
+    assert "1 file that arrived could not be used and was not ingested" in text
+    report = NightlyReport(2, 1, columns, [pair, pair], quarantined=[("a", "b")] * 2)
+    assert "2 of them partial copies" in report.lines()[0]
+    assert "2 pairs (2 near-duplicates) involve" in report.markdown()

@@ -30,8 +30,9 @@ from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import clean_stale_tmp, write_json, write_text
 from ..lock import dvc_root
-from ..safetext import md_cell
+from ..safetext import counted, md_cell
 from ..store.catalog import query
+from ..store.decisions import ensure_folder as ensure_decisions_folder
 from ..store.layout import layout
 from ..store.manifest import latest_run
 from ..store.pairs import PARTIAL
@@ -119,9 +120,11 @@ class NightlyReport:
             if self.since_run >= self.run_id - 1
             else f"runs {self.since_run + 1}-{self.run_id}"
         )
-        partial = f"; {len(self.partial)} of them partial copies" if self.partial else ""
+        n = len(self.partial)
+        partial = f"; {n} of them {'a partial copy' if n == 1 else 'partial copies'}" if n else ""
         out = [
-            f"nightly report: {len(self.pairs)} new duplicate pairs ({self.n_near} near, "
+            f"nightly report: {counted(len(self.pairs), 'new duplicate pair')} "
+            f"({self.n_near} near, "
             f"{len(self.pairs) - self.n_near} exact{partial}) of the images ingested in {runs}",
             f"  {self.file}",
         ]
@@ -138,7 +141,8 @@ class NightlyReport:
     def markdown(self, limit: int = 50) -> str:
         head = (
             f"# New duplicate pairs, ingest run {self.run_id}\n\n"
-            f"{len(self.pairs)} pairs ({self.n_near} near-duplicates) involve images that "
+            f"{counted(len(self.pairs), 'pair')} ({counted(self.n_near, 'near-duplicate')}) "
+            f"{'involves' if len(self.pairs) == 1 else 'involve'} images that "
             f"arrived after run {self.since_run}, and no reviewer has decided yet.\n\n"
         )
         out: list[str] = []
@@ -147,7 +151,8 @@ class NightlyReport:
             bad += [
                 "## Quarantined",
                 "",
-                f"{len(self.quarantined)} files that arrived could not be used and were not "
+                f"{counted(len(self.quarantined), 'file')} that arrived could not be used and "
+                f"{'was' if len(self.quarantined) == 1 else 'were'} not "
                 f"ingested; each is tried again when it changes (a scan caught half-written is "
                 f"ingested once complete).",
                 "",
@@ -168,9 +173,9 @@ class NightlyReport:
             out += [
                 "## Partial copies",
                 "",
-                f"{len(partial)} pairs where one picture is a detail of the other (geometric "
-                f"verification): `covers` is the share of the whole picture the detail shows; "
-                f"the review screen outlines where"
+                f"{counted(len(partial), 'pair')} where one picture is a detail of the other "
+                f"(geometric verification): `covers` is the share of the whole picture the "
+                f"detail shows; the review screen outlines where"
                 + (f" ({self.review_url}?relation=partial)." if self.review_url else "."),
                 "",
                 *_table(PARTIAL_COLUMNS, map(_partial, partial), limit),
@@ -307,7 +312,7 @@ def record_with_dvc(settings: Settings, *, push: bool = True) -> DvcRecord:
         return rec
     cwd = settings.root
     # the decisions stage's output, before anyone decided (a workspace built before the stage)
-    layout(settings).decisions_dir.mkdir(parents=True, exist_ok=True)
+    ensure_decisions_folder(layout(settings).decisions_dir)
     _dvc(["commit", "-f"], cwd)  # not --quiet: DVC then says nothing of why it failed
     rec.committed = True
     rec.messages.append(f"outputs committed (dvc.lock in {cwd})")

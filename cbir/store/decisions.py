@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CbirError
-from ..fsutil import atomic_path, clean_stale_tmp
-from .layout import DECISION_PART_GLOB, DECISION_PART_PREFIX
+from ..fsutil import atomic_path, clean_stale_tmp, write_text
+from .layout import DECISION_PART_GLOB, DECISION_PART_PREFIX, DECISIONS_README
 from .tables import damaged, read_table
 
 SAME = "same"
@@ -158,12 +158,29 @@ def _table(decisions: Sequence[Decision]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=DECISIONS_SCHEMA)
 
 
+_README_TEXT = """\
+Reviewers' decisions on pairs of images: same, different, unsure (cbir review, cbir decide,
+cbir decisions import). Each part-*.parquet file holds decisions as they were recorded; nothing
+here is computed, so nothing can rebuild it: keep it, and let DVC version it (`dvc repro` and
+`cbir nightly` record it). `cbir decisions export FILE.csv` writes the current decisions as a
+CSV; `cbir sql "SELECT * FROM decisions"` shows them.
+"""
+
+
+def ensure_folder(folder: Path) -> None:
+    """The log's folder, with the note saying what it is: DVC, which versions the folder,
+    warned "'data/decisions' is empty" a dozen times in a first `dvc repro` before it."""
+    if not (folder / DECISIONS_README).is_file():
+        write_text(_README_TEXT, folder / DECISIONS_README)
+
+
 def record(folder: Path, decisions: Sequence[Decision]) -> Path | None:
     """Append `decisions` to the log as one new part file (atomic: a crash leaves the log as it
     was). Returns the part, or None when there was nothing to record."""
     if not decisions:
         return None
     table = _table(decisions)
+    ensure_folder(folder)
     target = folder / _part_name()
     with atomic_path(target) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -226,6 +243,7 @@ def compact(folder: Path, *, keep: int = COMPACT_AT) -> int:
     """Merge the log's parts into one when there are more than `keep`; returns how many parts
     were merged. Safe beside writers (they add new parts, never touch old ones) and readers
     (which list the parts again when one disappears)."""
+    ensure_folder(folder)
     clean_stale_tmp(folder)
     old = parts(folder)
     if len(old) <= keep:

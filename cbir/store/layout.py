@@ -67,6 +67,7 @@ PAIRS_PART = "part-{:05d}.parquet"
 # data.decisions_dir (cbir review, decide, decisions import): an append-only log of parts
 DECISION_PART_PREFIX = "part-"
 DECISION_PART_GLOB = "part-*.parquet"
+DECISIONS_README = "README.txt"  # what the folder is (and DVC versions no empty folder)
 # data.reports_dir (cbir evaluate, calibrate, report, nightly, augment-preview)
 METRICS_JSON = "metrics.json"
 METRICS_MD = "metrics.md"

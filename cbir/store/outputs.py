@@ -64,7 +64,10 @@ OWN: dict[str, tuple[str, ...]] = {
         L.SEARCHED_NEXT,
         L.CLUSTERS_NEXT,
     ),
-    "decisions_dir": (re.escape(L.DECISION_PART_PREFIX) + r"[0-9a-z-]+\.parquet",),
+    "decisions_dir": (
+        re.escape(L.DECISION_PART_PREFIX) + r"[0-9a-z-]+\.parquet",
+        re.escape(L.DECISIONS_README),
+    ),
     "reports_dir": (
         *_names(
             L.GALLERY,
