@@ -123,6 +123,36 @@ def to_rgb(im: Image.Image) -> Image.Image:
 PAGE_COUNT_LIMIT = 1000
 
 
+#: Picture formats Pillow does not decode here, whose files are still scans (camera raw, HEIF,
+#: JPEG XL): a name ending so is never advised away as "not an image".
+_OTHER_IMAGE_SUFFIXES = frozenset(
+    [
+        ".heic",
+        ".heif",
+        ".avif",
+        ".jxl",
+        ".dng",
+        ".cr2",
+        ".cr3",
+        ".nef",
+        ".arw",
+        ".orf",
+        ".rw2",
+        ".raf",
+        ".pef",
+        ".srw",
+        ".x3f",
+        ".svg",
+    ]
+)
+
+
+def names_an_image(suffix: str) -> bool:
+    """Whether a file name's suffix (".JPG") names a picture format, decodable here or not."""
+    s = suffix.lower()
+    return s in Image.registered_extensions() or s in _OTHER_IMAGE_SUFFIXES
+
+
 def _count_pages(im: Image.Image) -> int:
     """The file's frames/pages, counted up to PAGE_COUNT_LIMIT; leaves the first one selected.
 

@@ -226,6 +226,26 @@ def test_cli_ingest_exits_zero_with_a_summary_despite_bad_files(workspace, tmp_p
     assert "  7 quarantined in this run, e.g. " in out.stdout  # "0 new" alone would hide them
 
 
+def test_sidecar_files_that_are_not_images_get_the_ignore_patterns_that_skip_them(workspace):
+    # seen in an archivist trial: METS XML beside every scan, quarantined one by one
+    save(photo(1), workspace.scans / "box/001.jpg")
+    for i in range(3):
+        (workspace.scans / "box" / f"00{i}.xml").write_text("<mets/>")
+    (workspace.scans / "box" / "ocr.TXT").write_text("words")
+    (workspace.scans / "box" / "damaged.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 40)
+    (workspace.scans / "box" / "phone.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 40)
+    settings = workspace()
+    lines = run_ingest(settings).lines()
+    hint = next(line for line in lines if "ingest.ignore" in line)
+    assert hint == ("  of them not images: 3 *.xml, 1 *.TXT; to leave such files out, add "
+                    "'*.xml', '*.TXT' to ingest.ignore in params.yaml")  # no picture format
+    settings = workspace(ingest={"ignore": [".*", "*.xml", "*.TXT"]})
+    again = run_ingest(settings)
+    # the skipped ones leave the quarantine
+    assert set(quarantine(settings)) == {"box/damaged.jpg", "box/phone.HEIC"}
+    assert not any("ingest.ignore" in line for line in again.lines())
+
+
 def test_unreadable_file_is_quarantined(workspace):
     save(photo(1), workspace.scans / "good.jpg")
     locked = save(photo(2), workspace.scans / "locked.jpg")

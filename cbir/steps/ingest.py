@@ -46,6 +46,7 @@ from .. import faults
 from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import APPENDED_ROW_GROUP, clean_stale_tmp, write_parquet
+from ..imaging import names_an_image
 from ..parallel import worker_map
 from ..probe import Entry, display_path, init_worker, probe_batch, sha256_batch
 from ..progress import bar as progress_bar
@@ -181,6 +182,30 @@ class IngestSummary:
     manifest: Path | None = None
     catalog: Path | None = None
 
+    def _ignore_hint(self) -> list[str]:
+        """A line naming the ingest.ignore patterns that would skip the quarantined files no
+        decoder recognises, by suffix (archives keep METS/ALTO XML, OCR text and PDFs beside
+        their scans: a trial's 23 XML sidecars were quarantined as "not an image" each)."""
+        by_suffix: dict[str, int] = {}
+        for path, reason in self.newly_quarantined:
+            suffix = os.path.splitext(path.rsplit("/", 1)[-1])[1]
+            if (
+                reason.startswith("not an image")
+                and suffix.isprintable()
+                and suffix not in ("", ".")
+                and not names_an_image(suffix)  # a damaged scan: never advised away
+            ):
+                by_suffix[suffix] = by_suffix.get(suffix, 0) + 1
+        if not by_suffix:
+            return []
+        common = sorted(by_suffix, key=lambda x: (-by_suffix[x], x))[:5]
+        files = ", ".join(f"{by_suffix[x]} *{x}" for x in common)
+        patterns = ", ".join(repr(f"*{x}") for x in common)
+        return [
+            f"  of them not images: {files}; to leave such files out, add {patterns} to "
+            f"ingest.ignore in params.yaml"
+        ]
+
     def lines(self) -> list[str]:
         c, t = self.counts, self.totals
         flagged = []
@@ -191,6 +216,7 @@ class IngestSummary:
                 f'{reason}; all: cbir sql "SELECT path, reason FROM quarantine WHERE '
                 f'first_run = {self.run_id}"'
             ]
+            flagged += self._ignore_hint()
         # a reorganised folder is not new work: its pictures keep their runs and embeddings
         moved = f" ({c['moved']} of them moved from a path now missing)" if c.get("moved") else ""
         return [
