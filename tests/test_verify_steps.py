@@ -230,7 +230,7 @@ def test_pairs_verified_in_two_processes_equal_those_verified_in_one(tmp_path):
 
 
 def test_a_contradicted_pair_is_kept_and_marked_and_an_incremental_run_verifies_only_new_pairs(
-    tmp_path,
+    tmp_path, monkeypatch
 ):
     # threshold -1: every neighbour is a pair; verification contradicts the unrelated ones
     settings, _ = build(tmp_path, {"k": 2, "pair_threshold": -1.0, "verify_floor": -1.0})
@@ -265,6 +265,14 @@ def test_a_contradicted_pair_is_kept_and_marked_and_an_incremental_run_verifies_
     assert fourth.verification is not None and fourth.verification.extracted == 0
     assert fourth.verification.checked == len(unconfirmed) > 0
     assert pairs_rows(settings) == after  # the same answers
+    # verification's rules changed (cbir.verify.RULES): every pair is checked again
+    from cbir.steps import pairs as step
+
+    monkeypatch.setattr(step, "CHECKS", step.CHECKS + "-next")
+    fifth = run_pairs(settings)
+    assert fifth.verification is not None and fifth.verification.extracted == 0
+    assert fifth.verification.checked == len(after) and fifth.verification.kept == 0
+    assert pairs_rows(settings) == after
 
 
 @pytest.mark.parametrize("verify", [False])
@@ -301,4 +309,41 @@ def test_a_decision_names_the_whole_picture_as_the_likely_master_of_a_larger_det
     rows = list(csv.DictReader((tmp_path / "remove.csv").open()))
     assert [(r["remove"], r["keep"], r["reason"]) for r in rows] == [
         ("detail-big.jpg", "p0.jpg", "duplicate (decided same; likely master kept: the whole picture)")
+    ]
+
+
+def test_a_picture_on_a_blank_margin_gives_way_to_the_copy_without_it(tmp_path):
+    # seen in an archivist trial: a copy on a card mount (more pixels, a JPEG at quality 60) was
+    # "the whole picture" of the archive's scan, kept as the likely master, the scan to remove
+    from PIL import ImageOps
+
+    from cbir.steps.decisions import remove_list, run_decide
+    from cbir.store.catalog import query
+
+    settings, _ = build(
+        tmp_path, {"k": 5, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 5}, n=2
+    )
+    scans = settings.path(settings.data.scans_dir)
+    (scans / "detail-of-p0.jpg").unlink()
+    save(ImageOps.expand(textured(100), border=(40, 40, 40, 160), fill="#d8ccb0"),
+         scans / "p0-mounted.jpg", quality=60)
+    # on a margin too, but at twice the resolution: the better copy of the picture
+    save(ImageOps.expand(textured(101).resize((1280, 960)), border=80, fill="white"),
+         scans / "p1-big-mounted.jpg", quality=92)
+    update(settings)
+    run_pairs(settings)
+    _, rows = query(settings, "SELECT path_a, path_b, relation, master_path, master_reason "
+                              "FROM pair_report WHERE relation = 'full'")
+    found = {frozenset((r[0], r[1])): (r[2], r[3], r[4]) for r in rows}
+    assert found[frozenset(("p0.jpg", "p0-mounted.jpg"))] == ("full", "p0.jpg", "no blank margin")
+    assert found[frozenset(("p1.jpg", "p1-big-mounted.jpg"))] == (
+        "full", "p1-big-mounted.jpg", "higher resolution")
+    said = run_decide(settings, "p0-mounted.jpg", "p0.jpg", "same")
+    assert said.likely == ("p0.jpg", "no blank margin"), said.likely
+    run_decide(settings, "p1-big-mounted.jpg", "p1.jpg", "same")
+    remove_list(settings, tmp_path / "remove.csv")
+    listed = list(csv.DictReader((tmp_path / "remove.csv").open()))
+    assert sorted((r["remove"], r["keep"], r["reason"].split(": ")[-1]) for r in listed) == [
+        ("p0-mounted.jpg", "p0.jpg", "no blank margin)"),
+        ("p1.jpg", "p1-big-mounted.jpg", "higher resolution)"),
     ]

@@ -18,7 +18,7 @@ import getpass
 import io
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,10 @@ from ..linkage import link
 from ..safetext import counted
 from ..spelling import Spellings
 from ..store import decisions as D
-from ..store.catalog import REDUCED_TONE
+from ..store.catalog import MARGIN_RESOLUTION, REDUCED_TONE
 from ..store.layout import layout
 from ..store.manifest import PRESENT, load_manifest
-from ..store.pairs import scores_fingerprint
+from ..store.pairs import FULL_SHARE, scores_fingerprint
 from ..store.user_csv import csv_target, csv_text
 
 #: The columns `cbir decisions import` reads (the first three are required).
@@ -160,8 +160,8 @@ class DecideSummary:
         return out
 
 
-def _found(settings: Settings, key: tuple[str, str]) -> tuple[float | None, str | None]:
-    """The pair's score and verified relation in the pairs files, when `cbir pairs` found it
+def _found(settings: Settings, key: tuple[str, str]) -> tuple[float | None, dict[str, Any]]:
+    """The pair's score and verification in the pairs files, when `cbir pairs` found it
     (relation: `a_in_b` where key[0]'s picture is a detail of key[1]'s; None: not checked)."""
     import pyarrow.compute as pc
 
@@ -170,12 +170,12 @@ def _found(settings: Settings, key: tuple[str, str]) -> tuple[float | None, str 
     try:
         table = read_pairs(settings)
     except CbirError:
-        return None, None
+        return None, {}
     mask = pc.and_(pc.equal(table["image_a"], key[0]), pc.equal(table["image_b"], key[1]))
-    found = table.filter(mask).select(["score", "relation"]).to_pylist()
+    found = table.filter(mask).select(["score", *_CHECK_COLUMNS]).to_pylist()
     if not found:
-        return None, None
-    return float(found[0]["score"]), found[0]["relation"]
+        return None, {}
+    return float(found[0]["score"]), found[0]
 
 
 def run_decide(
@@ -205,7 +205,7 @@ def run_decide(
         if master_id not in (ia, ib):
             raise CbirError(f"the master {master!r} is neither {a!r} nor {b!r}")
     key = D.pair_key(ia, ib)
-    score, relation = _found(settings, key)
+    score, check = _found(settings, key)
     decision = D.Decision(
         ia, ib, verdict, pa_, pb, master_id, _reviewer(reviewer), note,
         score=score, model=scores_fingerprint(settings) if score is not None else None,
@@ -219,7 +219,7 @@ def run_decide(
         path = {ia: pa_, ib: pb}
         two = [r for r in names.rows if (r["image_id"], r["path"]) in path.items()]
         if len(two) == 2:
-            keep, why = _master_of(two, _details([(*key, relation)]))
+            keep, why = _master_of(two, Relations.of([check]))
             likely = (keep["path"], why)
     return DecideSummary(decision, previous, likely=likely)
 
@@ -497,39 +497,74 @@ def _likely_master(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     return keep, why
 
 
-def _details(pairs: Iterable[tuple[str, str, str | None]]) -> dict[str, set[str]]:
-    """From (image_a, image_b, relation) of verified pairs: each detail's id -> the ids of the
-    pictures it was cut from."""
-    out: dict[str, set[str]] = {}
-    for a, b, relation in pairs:
-        if relation == "a_in_b":
-            out.setdefault(a, set()).add(b)
-        elif relation == "b_in_a":
-            out.setdefault(b, set()).add(a)
-    return out
+#: The columns of a recorded pair the master rule reads (cbir.store.pairs).
+_CHECK_COLUMNS = ["image_a", "image_b", "relation", "covered", "box_on", "box_x0", "box_y0",
+                  "box_x1", "box_y1"]  # fmt: skip
 
 
-def _master_of(
-    rows: list[dict[str, Any]], details: dict[str, set[str]]
-) -> tuple[dict[str, Any], str]:
+@dataclass(frozen=True)
+class Relations:
+    """What verified pairs say about which picture to keep: `details` maps each detail's id to
+    the ids of the pictures it was cut from; `margins` maps the id of a picture that shows
+    another on a blank margin to {that other's id: the picture's pixels on it (its box)}."""
+
+    details: dict[str, set[str]] = field(default_factory=dict)
+    margins: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, rows: Iterable[dict[str, Any]]) -> Relations:
+        out = cls()
+        for r in rows:
+            a, b, relation = str(r["image_a"]), str(r["image_b"]), r.get("relation")
+            if relation == "a_in_b":
+                out.details.setdefault(a, set()).add(b)
+            elif relation == "b_in_a":
+                out.details.setdefault(b, set()).add(a)
+            elif relation == "full" and (r.get("covered") or 1.0) < FULL_SHARE and r.get("box_x1"):
+                on, other = (a, b) if r.get("box_on") == "a" else (b, a)
+                box = (r["box_x1"] - r["box_x0"]) * (r["box_y1"] - r["box_y0"])
+                out.margins.setdefault(on, {})[other] = box
+        return out
+
+
+def _master_of(rows: list[dict[str, Any]], relations: Relations) -> tuple[dict[str, Any], str]:
     """The likely master of a group's files, as the catalogue's rule: never a detail cut from
-    another of them (verified pairs' relation), then the files' rule (_likely_master)."""
+    another of them (verified pairs' relation), nor a picture on a blank margin where another
+    of them shows it without the margin, at no lower resolution (MARGIN_RESOLUTION) and in no
+    reduced tone; then the files' rule (_likely_master)."""
     ids = {r["image_id"] for r in rows}
-    wholes = [r for r in rows if not details.get(r["image_id"], set()) & ids]
-    if not wholes or len(wholes) == len(rows):
-        return _likely_master(rows)
-    return _likely_master(wholes)[0], "the whole picture"
+    wholes = [r for r in rows if not relations.details.get(r["image_id"], set()) & ids]
+    if wholes and len(wholes) < len(rows):
+        return _likely_master(wholes)[0], "the whole picture"
+    by_id = {r["image_id"]: r for r in rows}
+
+    def gives_way(r: dict[str, Any]) -> bool:
+        tone = r["mode"] not in REDUCED_TONE
+        for other, box in relations.margins.get(r["image_id"], {}).items():
+            o = by_id.get(other)
+            if o is None:
+                continue
+            if (o["width"] or 0) * (o["height"] or 0) * MARGIN_RESOLUTION >= box and (
+                o["mode"] not in REDUCED_TONE or not tone
+            ):
+                return True
+        return False
+
+    trimmed = [r for r in rows if not gives_way(r)]
+    if trimmed and len(trimmed) < len(rows):
+        return _likely_master(trimmed)[0], "no blank margin"
+    return _likely_master(rows)
 
 
-def _all_details(settings: Settings) -> dict[str, set[str]]:
-    """_details of every recorded pair (none before `cbir pairs`)."""
+def _all_relations(settings: Settings) -> Relations:
+    """Relations of every recorded pair (none before `cbir pairs`)."""
     from ..store.pairs import read_pairs
 
     try:
-        t = read_pairs(settings).select(["image_a", "image_b", "relation"])
+        t = read_pairs(settings).select(_CHECK_COLUMNS)
     except CbirError:
-        return {}
-    return _details(zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True))
+        return Relations()
+    return Relations.of(t.to_pylist())
 
 
 def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSummary:
@@ -554,7 +589,7 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
     for r in names.rows:
         files.setdefault(r["image_id"], []).append(r)
     summary = RemoveSummary(target)
-    details = _all_details(settings) if groups else {}
+    relations = _all_relations(settings) if groups else Relations()
     rows: list[dict[str, Any]] = []
     grouped: set[str] = set()
     for n, (members, _) in enumerate(groups, start=1):
@@ -571,7 +606,7 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
             keep = next(f for f in files[keep_id] if f["path"] == names.path_of[keep_id])
             why = "duplicate (decided same; master named by a reviewer)"
         else:
-            keep, rule = _master_of(canon, details)
+            keep, rule = _master_of(canon, relations)
             why = f"duplicate (decided same; likely master kept: {rule})"
             summary.by_rule += 1
         summary.groups += 1

@@ -449,7 +449,7 @@ def _search_state(s: Searcher, cfg: Any, pair_threshold: float) -> dict[str, str
         # which neighbours were verified: turning verification on finds pairs below the
         # threshold among images searched before
         "verify": (
-            f"{RECIPE} floor {float(cfg.verify_floor)!r} rank {cfg.verify_rank}"
+            f"{CHECKS} floor {float(cfg.verify_floor)!r} rank {cfg.verify_rank}"
             if cfg.verify
             else "off"
         ),
@@ -457,8 +457,14 @@ def _search_state(s: Searcher, cfg: Any, pair_threshold: float) -> dict[str, str
     }
 
 
+#: What a recorded verification depends on: the local features (their recipe) and the rules
+#: that read a relation off a fit (a verification by other ones is done again).
+CHECKS = f"{RECIPE} rules {verify.RULES}"
+
+
 def _recorded_recipe(lay: Layout) -> str | None:
-    """The features recipe the recorded pairs' verification used (None: none, or unknown)."""
+    """The features recipe and rules the recorded pairs' verification used (None: none, or
+    unknown)."""
     try:
         meta = pq.read_schema(lay.searched).metadata or {}
     except (OSError, pa.ArrowException):
@@ -953,7 +959,7 @@ def run_pairs(
     before = _searched_before(lay, recorded, state) if incremental else None
     # verification is a property of the two pictures, not of the model: kept across runs
     recipe_before = _recorded_recipe(lay)
-    reuse_checks = cfg.verify and recipe_before == RECIPE
+    reuse_checks = cfg.verify and recipe_before == CHECKS
     floor = min(float(cfg.verify_floor), th.pair) if cfg.verify else th.pair
     old = PAIRS_SCHEMA.empty_table()
     fold = same = False

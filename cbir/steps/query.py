@@ -351,6 +351,16 @@ def describe(match: verify.Match | None, other: str) -> str:
         return f"detail of {other}{flip} (covers {pct} of it{box}; {points})"
     if match.relation == "b_in_a":
         return f"{other} is a detail of the query{flip} (covers {pct} of the query{box}; {points})"
+    if match.covered < verify.FULL:  # one of the two shows it on a blank margin
+        if match.box_on == "b":
+            return (
+                f"same picture as {other}{flip}, which adds a blank margin ({pct} of it is the "
+                f"picture{box}; {points})"
+            )
+        return (
+            f"same picture as {other}{flip}; the query adds a blank margin ({pct} of the query "
+            f"is the picture{box}; {points})"
+        )
     return f"same picture as {other}{flip} (confirmed by {points})"
 
 

@@ -36,6 +36,7 @@ from .layout import DECISION_PART_GLOB, layout
 from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA, rows_mark
 from .pairs import (
     CLUSTERS_SCHEMA,
+    FULL_SHARE,
     PAIRS_FIX,
     PAIRS_SCHEMA,
     PARTIAL,
@@ -182,6 +183,10 @@ _SEEN_FIRST_F = ", ".join("c.path" if c == "path" else "f." + c for c in SEEN_FI
 #: white) and palette (a GIF or web derivative). A photograph's continuous-tone copy is the
 #: likelier master whatever their sizes, so the likely master rule weighs tone before pixels.
 REDUCED_TONE = ("1", "P", "PA")
+#: A picture shown on a blank margin (FULL_SHARE) gives way, as the likely master, to a copy of
+#: it without the margin that has at least its pixels on the margin (the box) divided by this:
+#: the fitted box's slack (a trial's card mount: 642x625 px for the 622x640 original).
+MARGIN_RESOLUTION = 1.05
 _FULL_TONE = "coalesce(mode NOT IN ({}), true)".format(", ".join(f"'{m}'" for m in REDUCED_TONE))
 
 # Reviewing duplicates (see README "Reviewing duplicates"). A pair's two files are looked up by
@@ -199,8 +204,8 @@ _PAIR_IMAGES = """SELECT image_a AS image_id FROM duplicate_pairs
     UNION ALL SELECT image_b FROM duplicate_pairs"""
 _CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
 # The likely master: the whole picture of a partial copy (the other is a detail cut from it),
-# else continuous tone (REDUCED_TONE), else more pixels, else more bytes, else seen first (run,
-# then mtime, then path).
+# else the one without a blank margin (MARGIN_RESOLUTION), else continuous tone (REDUCED_TONE),
+# else more pixels, else more bytes, else seen first (run, then mtime, then path).
 _PAIR_REPORT_SQL = f"""
 WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
            FROM files SEMI JOIN ({_PAIR_IMAGES}) k USING (image_id)),
@@ -226,22 +231,35 @@ p AS (
     LEFT JOIN f a ON a.image_id = p.image_a AND a.path = p.path_a
     LEFT JOIN f b ON b.image_id = p.image_b AND b.path = p.path_b
 ),
+g AS (  -- a picture on a blank margin gives way to a copy without it (MARGIN_RESOLUTION)
+    SELECT *,
+           coalesce(margin AND box_on = 'a' AND pixels_b * {MARGIN_RESOLUTION} >= box_pixels
+                    AND (tone_b OR NOT tone_a), false) AS a_gives_way,
+           coalesce(margin AND box_on = 'b' AND pixels_a * {MARGIN_RESOLUTION} >= box_pixels
+                    AND (tone_a OR NOT tone_b), false) AS b_gives_way
+    FROM (SELECT *, relation = 'full' AND covered < {FULL_SHARE} AS margin,
+                 (box_x1 - box_x0)::BIGINT * (box_y1 - box_y0) AS box_pixels FROM p)
+),
 m AS (
     SELECT *,
            CASE WHEN relation = 'a_in_b' THEN false
                 WHEN relation = 'b_in_a' THEN true
+                WHEN a_gives_way THEN false
+                WHEN b_gives_way THEN true
                 WHEN tone_a <> tone_b THEN tone_a
                 WHEN pixels_a <> pixels_b THEN pixels_a > pixels_b
                 WHEN bytes_a <> bytes_b THEN bytes_a > bytes_b
                 ELSE NOT a_is_newer END AS a_is_master,
            CASE WHEN relation IN ('a_in_b', 'b_in_a') THEN 'the whole picture'
+                WHEN a_gives_way OR b_gives_way THEN 'no blank margin'
                 WHEN tone_a <> tone_b THEN 'continuous tone'
                 WHEN pixels_a <> pixels_b THEN 'higher resolution'
                 WHEN bytes_a <> bytes_b THEN 'larger file'
                 ELSE 'earlier' END AS master_reason
-    FROM p
+    FROM g
 )
 SELECT * EXCLUDE (pixels_a, pixels_b, tone_a, tone_b, a_is_newer, a_is_master, image_a, image_b,
+                  margin, box_pixels, a_gives_way, b_gives_way,
                   rank, inliers, relation, covered, box_on, box_path, box_x0, box_y0, box_x1,
                   box_y1, detail_path, whole_path),
        CASE WHEN a_is_master THEN path_a ELSE path_b END AS master_path,
@@ -398,8 +416,8 @@ def views(settings: Settings) -> list[View]:
             stored=lay.stored_view("pair_report"),
             parted="kind <> 'exact'",  # the near pairs: a part per night (PARTS)
             comment="each pair with both files' dimensions, sizes, formats, first run and "
-            "mtime, the likely master (continuous tone, higher resolution, larger, or "
-            "earlier) and the "
+            "mtime, the likely master (the whole picture, no blank margin, continuous tone, "
+            "higher resolution, larger, or earlier) and the "
             "geometric verification (relation, inliers, covered, the matched box)",
         ),
         View(

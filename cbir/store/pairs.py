@@ -66,6 +66,9 @@ PAIRS_SCHEMA = pa.schema(
 CONFIRMED = ("full", "a_in_b", "b_in_a")
 #: A detail of the other picture (a partial copy).
 PARTIAL = ("a_in_b", "b_in_a")
+#: A `full` pair whose `covered` is below this (cbir.verify.FULL, not imported: the catalogue
+#: needs no OpenCV) shows one picture on a blank margin of the other, the one `box_on` names.
+FULL_SHARE = 0.8
 CLUSTERS_SCHEMA = pa.schema(
     [
         ("cluster_id", pa.int32()),
