@@ -183,6 +183,7 @@ def _print_query(res: Any, shown: Callable[[str], str]) -> None:
 
 def _query_summary(total: int, verdicts: dict[str, int], table: Any) -> str:
     """`cbir query`'s last line over many files: how many of each verdict, and the table."""
+    from .safetext import printable
     from .steps.query import VERDICTS
 
     said = {
@@ -194,7 +195,7 @@ def _query_summary(total: int, verdicts: dict[str, int], table: Any) -> str:
         "error": ("unreadable", "unreadable"),
     }
     parts = [counted(verdicts[v], *said[v]) for v in VERDICTS if verdicts.get(v)]
-    where = f"; table: {table.write()}" if table is not None else ""
+    where = f"; table: {printable(str(table.write()))}" if table is not None else ""
     return f"query: {counted(total, 'file')}: {', '.join(parts)}{where}"
 
 
