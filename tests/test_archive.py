@@ -90,7 +90,7 @@ def test_the_readme_walkthrough_on_a_real_archive(tmp_path):
     assert "pair_threshold" in ran["dvc metrics"] and "estimated_precision" in ran["dvc metrics"]
     assert "near-duplicate pairs" not in ran["cbir sql"]  # it printed a table, not a summary
     # the rescan is searched; the byte-identical copy is known by its hash
-    assert "1 new images searched against the collection" in ran["cbir nightly"], \
+    assert "1 new image searched against the collection" in ran["cbir nightly"], \
         ran["cbir nightly"]
     assert "dvc: outputs committed" in ran["cbir nightly"]
     assert "ground truth: threshold" in ran["cbir calibrate"]

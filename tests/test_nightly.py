@@ -506,3 +506,22 @@ def test_one_pair_one_partial_copy_and_one_quarantined_file_are_said_in_the_sing
     report = NightlyReport(2, 1, columns, [pair, pair], quarantined=[("a", "b")] * 2)
     assert "2 of them partial copies" in report.lines()[0]
     assert "2 pairs (2 near-duplicates) involve" in report.markdown()
+
+
+def test_a_night_of_one_arrival_is_said_in_the_singular(tmp_path):
+    # seen in an archivist trial: "1 images embedded in 1 shards", "1 vectors written",
+    # "local features of 1 pictures extracted", "1 new images searched ...; 1 new pairs"
+    from cbir.steps.embed import EmbedSummary
+    from cbir.steps.pairs import PairsSummary, VerifySummary
+
+    embed = EmbedSummary("f" * 16, "checkpoint", tmp_path, embedded=1, already=385, shards=1,
+                         vectors_written=1).lines()
+    assert embed[1].startswith("  1 image embedded in 1 shard, 385 already embedded")
+    assert embed[3] == "  1 vector written to the memory-mapped vector file beside the shards"
+    checks = VerifySummary(checked=1, below=1, extracted=1).line()
+    assert "verified 1 candidate pair (1 below" in checks
+    assert "local features of 1 picture extracted" in checks
+    night = "\n".join(PairsSummary(searched=1, added=1, incremental=True).lines())
+    assert "  1 new image searched against the collection; 1 new pair\n" in night
+    many = "\n".join(PairsSummary(searched=2, added=3, incremental=True).lines())
+    assert "  2 new images searched against the collection; 3 new pairs\n" in many

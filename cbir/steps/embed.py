@@ -28,6 +28,7 @@ from ..model import Descriptor, Preprocess, pick_device, retrieval_model, to_ten
 from ..parallel import start_method
 from ..progress import bar as progress_bar
 from ..regions import RegionScheme
+from ..safetext import counted
 from ..store.embeddings import embedded_ids
 from ..store.fingerprint import ModelKey, remember_fingerprint
 from ..store.layout import MODEL_CARD, REGIONS_PREFIX, layout
@@ -409,19 +410,19 @@ class EmbedSummary:
     def lines(self) -> list[str]:
         out = [
             f"embed: model {self.fingerprint} ({self.source})",
-            f"  {self.embedded} images embedded in {self.shards} shards, {self.already} "
-            f"already embedded; {self.seconds:.1f} s",
+            f"  {counted(self.embedded, 'image')} embedded in {counted(self.shards, 'shard')}, "
+            f"{self.already} already embedded; {self.seconds:.1f} s",
             f"  embeddings in {self.folder}",
         ]
         if self.vectors_written:
             out.append(
-                f"  {self.vectors_written} vectors written to the memory-mapped vector file "
-                f"beside the shards"
+                f"  {counted(self.vectors_written, 'vector')} written to the memory-mapped "
+                f"vector file beside the shards"
             )
         if self.region_folder is not None:
             out.append(
                 f"  regional descriptors ({self.region_folder.name}) in {self.region_folder}; "
-                f"{self.regions_already} images had them already"
+                f"{counted(self.regions_already, 'image')} had them already"
             )
         for image_id, why in self.failed[:10]:
             out.append(f"  not embedded: {image_id}: {why}")

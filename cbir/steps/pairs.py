@@ -114,10 +114,11 @@ class VerifySummary:
         unread = f", {self.unreadable} not checked (unreadable)" if self.unreadable else ""
         regional = f", {self.regional} of them found by regions" if self.regional else ""
         return (
-            f"  verified {self.checked} candidate pairs ({self.below} below the threshold, "
+            f"  verified {counted(self.checked, 'candidate pair')} ({self.below} below the "
+            f"threshold, "
             f"down to {self.floor:.4f}{regional}){kept}: {self.confirmed_below} confirmed "
             f"below the threshold, {self.contradicted} contradicted{unread}; local features of "
-            f"{self.extracted} pictures extracted; {self.seconds:.1f} s"
+            f"{counted(self.extracted, 'picture')} extracted; {self.seconds:.1f} s"
         )
 
 
@@ -143,7 +144,7 @@ class PairsSummary:
 
     def lines(self) -> list[str]:
         how = (
-            f"{self.searched} new images searched against the collection"
+            f"{counted(self.searched, 'new image')} searched against the collection"
             if self.incremental
             else f"all {self.searched} images searched"
         )
@@ -178,7 +179,7 @@ class PairsSummary:
                 f"{self.rejected} decided different (`cbir decide`, `cbir review`)"
             )
         out += [
-            f"  {how}; {self.added} new pairs",
+            f"  {how}; {counted(self.added, 'new pair')}",
             f"  {self.pairs_file}",
             f"  {self.clusters_file}",
         ]
