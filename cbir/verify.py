@@ -106,9 +106,11 @@ FULL = 0.8
 #: copies on a plain 60-120 px margin had none of 574-1,000 keypoints outside; crops to 64-75 %
 #: of the area 75-283; a line typed on the mount 2-10 (0.2-1.3 %).
 BLANK_MARGIN = 0.01
-#: The rules that read a relation off a fit: part of what a recorded verification depends on
-#: (cbir pairs checks again what an older rule decided).
+#: The rules that read a relation off a fit: part of what a recorded verification depends on.
 RULES = "margin-v1"
+#: The relations an earlier version of RULES may have read otherwise, which `cbir pairs` checks
+#: again: margin-v1 reads `full` where the area alone read a detail; a `full` stands.
+REVISED = ("a_in_b", "b_in_a")
 _SEED = 12345
 _NO_TERM = np.zeros((0, 0), np.float32)  # gemm's added term, unused (beta 0)
 _threads_set = False

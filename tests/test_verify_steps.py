@@ -230,7 +230,7 @@ def test_pairs_verified_in_two_processes_equal_those_verified_in_one(tmp_path):
 
 
 def test_a_contradicted_pair_is_kept_and_marked_and_an_incremental_run_verifies_only_new_pairs(
-    tmp_path, monkeypatch
+    tmp_path,
 ):
     # threshold -1: every neighbour is a pair; verification contradicts the unrelated ones
     settings, _ = build(tmp_path, {"k": 2, "pair_threshold": -1.0, "verify_floor": -1.0})
@@ -265,14 +265,30 @@ def test_a_contradicted_pair_is_kept_and_marked_and_an_incremental_run_verifies_
     assert fourth.verification is not None and fourth.verification.extracted == 0
     assert fourth.verification.checked == len(unconfirmed) > 0
     assert pairs_rows(settings) == after  # the same answers
-    # verification's rules changed (cbir.verify.RULES): every pair is checked again
+
+
+def test_a_change_of_verification_rules_checks_again_what_they_may_read_otherwise(
+    tmp_path, monkeypatch
+):
     from cbir.steps import pairs as step
 
+    settings, _ = build(tmp_path, {"k": 3, "pair_threshold": -1.0, "verify_floor": -1.0}, n=3)
+    rescan = textured(101).resize((560, 420))  # a whole copy of p1: relation full
+    save(rescan, settings.path(settings.data.scans_dir) / "p1-rescan.jpg", quality=90)
+    update(settings)
+    run_pairs(settings)
+    rows = pairs_rows(settings)
+    relations = [r["relation"] for r in rows.values()]
+    assert "full" in relations and ("a_in_b" in relations or "b_in_a" in relations), relations
+    # verify.RULES changed: the details (verify.REVISED) are checked again, with what confirmed
+    # nothing (as every full run does); a `full` stands
     monkeypatch.setattr(step, "CHECKS", step.CHECKS + "-next")
-    fifth = run_pairs(settings)
-    assert fifth.verification is not None and fifth.verification.extracted == 0
-    assert fifth.verification.checked == len(after) and fifth.verification.kept == 0
-    assert pairs_rows(settings) == after
+    again = run_pairs(settings)
+    assert again.verification is not None and again.verification.extracted == 0
+    assert again.verification.checked == sum(
+        rel in ("a_in_b", "b_in_a", "none") for rel in relations)
+    assert pairs_rows(settings) == rows
+    assert run_pairs(settings).verification.checked == relations.count("none")  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("verify", [False])

@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -477,14 +477,15 @@ def _recorded_recipe(lay: Layout) -> str | None:
 _CHECK_COLUMNS = ["inliers", "relation", "covered", "box_on", "box_x0", "box_y0", "box_x1"]
 
 
-def _checks_of(table: pa.Table) -> dict[Key, verify.Match]:
+def _checks_of(table: pa.Table, revised: Sequence[str] = ()) -> dict[Key, verify.Match]:
     """The verification recorded with each near pair that it confirmed. One that confirmed
     nothing is checked again: matching has learnt since (a mirrored copy, cbir.verify), and
-    such pairs are few (the unconfirmed ones below the threshold are not recorded)."""
+    such pairs are few (the unconfirmed ones below the threshold are not recorded); so is one
+    whose relation is among `revised` (verify.REVISED, after a change of verify.RULES)."""
     cols = ["image_a", "image_b", "kind", *_CHECK_COLUMNS, "box_y1"]
     out = {}
     for r in table.select(cols).to_pylist():
-        if r["kind"] != "near" or r["relation"] in (None, "none"):
+        if r["kind"] != "near" or r["relation"] in (None, "none", *revised):
             continue
         box = None
         if r["box_x0"] is not None:
@@ -960,7 +961,9 @@ def run_pairs(
     before = _searched_before(lay, recorded, state) if incremental else None
     # verification is a property of the two pictures, not of the model: kept across runs
     recipe_before = _recorded_recipe(lay)
-    reuse_checks = cfg.verify and recipe_before == CHECKS
+    reuse_checks = cfg.verify and (recipe_before or "").split(" rules ")[0] == RECIPE
+    # what older rules decided and these may decide otherwise is checked again (verify.REVISED)
+    revised = () if recipe_before == CHECKS else verify.REVISED
     floor = min(float(cfg.verify_floor), th.pair) if cfg.verify else th.pair
     old = PAIRS_SCHEMA.empty_table()
     fold = same = False
@@ -987,7 +990,7 @@ def run_pairs(
         old = old if fold else old.select(LINKS)
     prior = _recorded_near(lay) if rows is None else old  # what was recorded before
     checks: dict[Key, verify.Match | None] = (
-        dict(_checks_of(prior)) if rows is None and reuse_checks else {}
+        dict(_checks_of(prior, revised)) if rows is None and reuse_checks else {}
     )
     pairs: dict[Key, tuple[float, int]] = {}
     below: dict[Key, tuple[float, int]] = {}
