@@ -503,6 +503,10 @@ def test_one_pair_one_partial_copy_and_one_quarantined_file_are_said_in_the_sing
     assert "1 pair (1 near-duplicate) involves images that arrived after run 1" in text
     assert "1 pair where one picture is a detail of the other" in text
     assert "1 file that arrived could not be used and was not ingested" in text
+    margin = (2, "new/on-card.jpg", "box/p2.jpg", 0.99, "near", "box/p2.jpg", "full", 122, 0.79,
+              None, None)
+    assert "| same picture, one on a blank margin \\(122 points\\) |" in NightlyReport(
+        2, 1, columns, [margin]).markdown()
     report = NightlyReport(2, 1, columns, [pair, pair], quarantined=[("a", "b")] * 2)
     assert "2 of them partial copies" in report.lines()[0]
     assert "2 pairs (2 near-duplicates) involve" in report.markdown()

@@ -653,3 +653,16 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     night()
     assert grown == [("pair_report", True)]
     _stored_equals_live(s, "cluster_report")
+
+
+def test_a_card_says_which_picture_adds_a_blank_margin():
+    # a copy on a card mount is the same picture (cbir.verify.BLANK_MARGIN), not a detail
+    from cbir.steps.report.render import ENV
+
+    card = ENV.from_string('{% from "macros.html.j2" import verified %}{{ verified(row) }}')
+    row = {"relation": "full", "inliers": 122, "covered": 0.79, "box_on": "a"}
+    assert "same picture, the left on a blank margin: 122 matching points" in card.render(row=row)
+    row.update(box_on="b")
+    assert "the right on a blank margin" in card.render(row=row)
+    row.update(covered=0.97)
+    assert "same picture: 122 matching points" in card.render(row=row)

@@ -35,7 +35,7 @@ from ..store.catalog import query
 from ..store.decisions import ensure_folder as ensure_decisions_folder
 from ..store.layout import layout
 from ..store.manifest import latest_run
-from ..store.pairs import PARTIAL
+from ..store.pairs import FULL_SHARE, PARTIAL
 
 PENDING = "pending.json"  # the start of a report not written yet
 
@@ -198,7 +198,10 @@ def _table(columns: list[str], rows: Iterable[Sequence[Any]], limit: int) -> lis
 
 def _whole(r: dict[str, Any]) -> list[Any]:
     # the verification columns are absent from a report read before verification existed
-    check = {"full": f"same picture ({r.get('inliers')} points)", "none": "not confirmed"}
+    full = "same picture"
+    if r.get("covered") is not None and r["covered"] < FULL_SHARE:  # a picture on a margin
+        full = "same picture, one on a blank margin"
+    check = {"full": f"{full} ({r.get('inliers')} points)", "none": "not confirmed"}
     return [r["new_run"], r["new_path"], r["match_path"], r["score"], r["kind"],
             r["master_path"], check.get(r.get("relation") or "", "")]  # fmt: skip
 
