@@ -304,44 +304,6 @@ def test_a_stored_report_missing_a_part_or_written_before_parts_is_computed_agai
     assert catalog.stored_files(report) == kept and report.is_file()
 
 
-def test_of_copies_as_large_the_colour_one_or_the_deeper_one_is_the_likely_master(tmp_path):
-    """Seen in a trial: a grey PNG re-encode (141 KB) of a colour JPEG (46 KB) was the likely
-    master, by the larger file. Of copies with as many pixels, 8-bit grey gives way to colour
-    and to more bits a sample; a 16-bit grey master beside a colour JPEG: the bytes decide."""
-    import numpy as np
-    from PIL import Image
-
-    from cbir.steps.decisions import remove_list, run_decide
-    from cbir.steps.pairs import run_pairs
-
-    scans = tmp_path / "scans"
-    pic = photo(12, (160, 120))
-    save(pic, scans / "colour.jpg", quality=60)
-    save(pic.convert("L"), scans / "grey.png")
-    deep = (np.asarray(pic.convert("L"), np.uint16) * 257).astype(np.uint16)
-    Image.fromarray(deep).save(scans / "master16.tif")  # mode I;16, the largest file
-    names = ["colour.jpg", "grey.png", "master16.tif"]
-    assert (scans / "grey.png").stat().st_size > (scans / "colour.jpg").stat().st_size
-    settings = tiny_workspace.make(tmp_path, search={"k": 9, "pair_threshold": -1.0,
-                                                     "cluster_threshold": -1.0})
-    run_pairs(settings)
-    _, rows = catalog.query(settings, "SELECT path_a, path_b, master_path, master_reason "
-                                      "FROM pair_report WHERE path_a IN (?, ?, ?) AND path_b "
-                                      "IN (?, ?, ?)", names + names)
-    masters = {frozenset(r[:2]): r[2:] for r in rows}
-    assert masters[frozenset({"colour.jpg", "grey.png"})] == ("colour.jpg", "colour or more bits")
-    assert masters[frozenset({"grey.png", "master16.tif"})] == (
-        "master16.tif", "colour or more bits")
-    assert masters[frozenset({"colour.jpg", "master16.tif"})] == ("master16.tif", "larger file")
-    _, rows = catalog.query(settings, "SELECT master_path FROM cluster_report "
-                                      "WHERE list_contains(members, 'grey.png')")
-    assert rows == [("master16.tif",)]
-    run_decide(settings, "grey.png", "colour.jpg", "same")
-    remove_list(settings, tmp_path / "remove.csv")
-    listed = (tmp_path / "remove.csv").read_text().splitlines()[1:]
-    assert [r.split(",")[:2] for r in listed if "grey.png" in r] == [["grey.png", "colour.jpg"]]
-
-
 def test_the_likely_master_is_the_continuous_tone_copy_whatever_its_size(tmp_path):
     """One print, its newspaper halftone scanned in black and white at twice the resolution and
     a palette GIF of the same size and more bytes: pair_report, cluster_report and the remove

@@ -30,7 +30,7 @@ from ..linkage import link
 from ..safetext import counted
 from ..spelling import Spellings
 from ..store import decisions as D
-from ..store.catalog import GREY8, MARGIN_RESOLUTION, REDUCED_TONE
+from ..store.catalog import MARGIN_RESOLUTION, REDUCED_TONE
 from ..store.layout import layout
 from ..store.manifest import PRESENT, load_manifest
 from ..store.pairs import FULL_SHARE, scores_fingerprint
@@ -479,7 +479,6 @@ class RemoveSummary:
 _MASTER_RULE: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
     ("continuous tone", lambda r: r["mode"] in REDUCED_TONE),
     ("higher resolution", lambda r: -(r["width"] or 0) * (r["height"] or 0)),
-    ("colour or more bits", lambda r: r["mode"] in GREY8),
     ("larger file", lambda r: -(r["bytes"] or 0)),
     ("earlier", lambda r: (r["first_run"], r["mtime_ns"], r["path"])),
 )
@@ -487,9 +486,9 @@ _MASTER_RULE: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
 
 def _likely_master(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """The catalogue's rule (pair_report, cluster_report): continuous tone (not bilevel or
-    palette), else more pixels, else colour or more bits than 8-bit grey, else more bytes, else
-    seen first (earlier ingest run, older modification time, then path). Returns the master
-    and the criterion that chose it over the runner-up (the catalogue's master_reason)."""
+    palette), else more pixels, else more bytes, else seen first (earlier ingest run, older
+    modification time, then path). Returns the master and the criterion that chose it over
+    the runner-up (the catalogue's master_reason)."""
     ranked = sorted(rows, key=lambda r: tuple(key(r) for _, key in _MASTER_RULE))
     if len(ranked) < 2:
         return ranked[0], "earlier"

@@ -188,18 +188,12 @@ REDUCED_TONE = ("1", "P", "PA")
 #: the fitted box's slack (a trial's card mount: 642x625 px for the 622x640 original).
 MARGIN_RESOLUTION = 1.05
 _FULL_TONE = "coalesce(mode NOT IN ({}), true)".format(", ".join(f"'{m}'" for m in REDUCED_TONE))
-#: Image modes of 8-bit grey: of two copies with as many pixels, one in colour (which holds the
-#: grey) or of more bits a sample (a 16-bit master) is the likelier master, whatever the bytes
-#: (a trial's grey PNG re-encode, 141 KB, was kept over the colour JPEG original, 46 KB).
-GREY8 = ("L", "LA", "La")
-_GREY8 = "coalesce(mode IN ({}), false)".format(", ".join(f"'{m}'" for m in GREY8))
 
 # Reviewing duplicates (see README "Reviewing duplicates"). A pair's two files are looked up by
 # image id and path: the present version of that path when there is one, else its latest.
 _PAIR_FILE_SQL = f"""
     SELECT image_id, path, width, height, width::BIGINT * height AS pixels, bytes, format,
-           {_FULL_TONE} AS full_tone, {_GREY8} AS grey8, first_run, mtime,
-           mtime_ns{{extra}}
+           {_FULL_TONE} AS full_tone, first_run, mtime, mtime_ns{{extra}}
     FROM {{rows}} SEMI JOIN ({{keys}}) k USING (image_id, path)
     QUALIFY row_number() OVER (PARTITION BY image_id, path
                                ORDER BY status IN ('ok', 'duplicate') DESC, version DESC) = 1
@@ -211,8 +205,7 @@ _PAIR_IMAGES = """SELECT image_a AS image_id FROM duplicate_pairs
 _CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
 # The likely master: the whole picture of a partial copy (the other is a detail cut from it),
 # else the one without a blank margin (MARGIN_RESOLUTION), else continuous tone (REDUCED_TONE),
-# else more pixels, else colour or more bits than 8-bit grey (GREY8), else more bytes, else seen
-# first (run, then mtime, then path).
+# else more pixels, else more bytes, else seen first (run, then mtime, then path).
 _PAIR_REPORT_SQL = f"""
 WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
            FROM files SEMI JOIN ({_PAIR_IMAGES}) k USING (image_id)),
@@ -224,7 +217,7 @@ p AS (
            a.first_run AS first_run_a, b.first_run AS first_run_b,
            {_ARRIVED.format(s="a")} AS arrived_a, {_ARRIVED.format(s="b")} AS arrived_b,
            a.mtime AS mtime_a, b.mtime AS mtime_b, a.pixels AS pixels_a, b.pixels AS pixels_b,
-           a.full_tone AS tone_a, b.full_tone AS tone_b, a.grey8 AS grey8_a, b.grey8 AS grey8_b,
+           a.full_tone AS tone_a, b.full_tone AS tone_b,
            coalesce({_NEWER_A} > {_NEWER_B}, false) AS a_is_newer,
            p.inliers, p.relation, p.covered::DOUBLE AS covered, p.box_on,
            CASE p.box_on WHEN 'a' THEN p.path_a WHEN 'b' THEN p.path_b END AS box_path,
@@ -255,20 +248,17 @@ m AS (
                 WHEN b_gives_way THEN true
                 WHEN tone_a <> tone_b THEN tone_a
                 WHEN pixels_a <> pixels_b THEN pixels_a > pixels_b
-                WHEN grey8_a <> grey8_b THEN grey8_b
                 WHEN bytes_a <> bytes_b THEN bytes_a > bytes_b
                 ELSE NOT a_is_newer END AS a_is_master,
            CASE WHEN relation IN ('a_in_b', 'b_in_a') THEN 'the whole picture'
                 WHEN a_gives_way OR b_gives_way THEN 'no blank margin'
                 WHEN tone_a <> tone_b THEN 'continuous tone'
                 WHEN pixels_a <> pixels_b THEN 'higher resolution'
-                WHEN grey8_a <> grey8_b THEN 'colour or more bits'
                 WHEN bytes_a <> bytes_b THEN 'larger file'
                 ELSE 'earlier' END AS master_reason
     FROM g
 )
-SELECT * EXCLUDE (pixels_a, pixels_b, tone_a, tone_b, grey8_a, grey8_b, a_is_newer, a_is_master,
-                  image_a, image_b,
+SELECT * EXCLUDE (pixels_a, pixels_b, tone_a, tone_b, a_is_newer, a_is_master, image_a, image_b,
                   margin, box_pixels, a_gives_way, b_gives_way,
                   rank, inliers, relation, covered, box_on, box_path, box_x0, box_y0, box_x1,
                   box_y1, detail_path, whole_path),
@@ -330,8 +320,7 @@ WITH f AS ({_PAIR_FILE_SQL.format(rows="files", keys=_CLUSTER_KEYS, extra="")})
 SELECT c.cluster_id, any_value(c.size) AS size,
        any_value(c.weakest_link)::DOUBLE AS weakest_link,
        list(c.path ORDER BY c.path) AS members,
-       list(c.path ORDER BY f.full_tone DESC, f.pixels DESC, f.grey8, f.bytes DESC,
-                           {_SEEN_FIRST_F})[1]
+       list(c.path ORDER BY f.full_tone DESC, f.pixels DESC, f.bytes DESC, {_SEEN_FIRST_F})[1]
            AS master_path,
        min(f.first_run) AS first_run, max(f.first_run) AS newest_run,
        sum(f.bytes)::BIGINT AS total_bytes,  -- a HUGEINT would be stored as a DOUBLE
@@ -428,7 +417,7 @@ def views(settings: Settings) -> list[View]:
             parted="kind <> 'exact'",  # the near pairs: a part per night (PARTS)
             comment="each pair with both files' dimensions, sizes, formats, first run and "
             "mtime, the likely master (the whole picture, no blank margin, continuous tone, "
-            "higher resolution, colour or more bits, larger, or earlier) and the "
+            "higher resolution, larger, or earlier) and the "
             "geometric verification (relation, inliers, covered, the matched box)",
         ),
         View(
