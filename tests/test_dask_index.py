@@ -37,11 +37,13 @@ PART = 3000  # rows a task here (PART_ROWS: 262,144): four parts, the last one s
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     import dask
     from distributed import Client, LocalCluster
 
-    with dask.config.set(TIMEOUTS), LocalCluster(
+    # the workers' scratch folder under the test's, not dask-scratch-space in the machine's /tmp
+    scratch = str(tmp_path_factory.mktemp("dask"))
+    with dask.config.set({**TIMEOUTS, "temporary-directory": scratch}), LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
             Client(c, timeout=300, set_as_default=False) as client:  # as in a flow: none
         yield c, client

@@ -30,11 +30,13 @@ EXTRA_PHOTOS = 8  # besides the tiny workspace's: more rows, more parts, more pa
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     import dask
     from distributed import Client, LocalCluster
 
-    with dask.config.set(TIMEOUTS), LocalCluster(
+    # the workers' scratch folder under the test's, not dask-scratch-space in the machine's /tmp
+    scratch = str(tmp_path_factory.mktemp("dask"))
+    with dask.config.set({**TIMEOUTS, "temporary-directory": scratch}), LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
             Client(c, timeout=300, set_as_default=False) as client:  # as in a flow: none
         yield c, client

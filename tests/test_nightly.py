@@ -273,12 +273,14 @@ def test_a_pair_decided_before_the_next_nightly_is_not_reported_as_new(prefect_h
 
 
 def test_embedding_shards_run_on_a_dask_cluster(prefect_harness, tmp_path, built):
+    import dask
     from distributed import Client, LocalCluster
 
     from flows.nightly import nightly
 
-    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                      dashboard_address=None) as cluster:
+    # the scratch folder under the test's, not dask-scratch-space in the machine's /tmp
+    with dask.config.set({"temporary-directory": str(tmp_path / "dask")}), LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
         params = _built(tmp_path, built, embed={"shard_size": 1},
                         orchestration={"dask_address": cluster.scheduler_address})
         s = load_settings(params)
