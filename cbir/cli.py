@@ -97,6 +97,7 @@ TURNED = {1: "90\u00b0 anticlockwise", 2: "180\u00b0", 3: "90\u00b0 clockwise"}
 
 
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
+    from .progress import bar
     from .safetext import printable as shown  # a name's line breaks would forge result lines
     from .steps.query import QUERY_BATCH, Querier, QueryTable, query_files
 
@@ -120,8 +121,6 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
         else "no pair threshold for this model yet (`cbir calibrate`): * marks only the "
         "neighbours local features confirm"
     )
-    from .progress import bar
-
     failed: list[str] = []
     verdicts: dict[str, int] = {}
     progress = bar(len(files), "query", "file", _progress_wanted() and len(files) > QUERY_BATCH)
@@ -138,7 +137,8 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
         progress.update(len(batch))
     progress.close()
     if table is not None or len(files) > 1:
-        print(_query_summary(len(files), verdicts, table))
+        written = shown(str(table.write())) if table is not None else None
+        print(_query_summary(len(files), verdicts, written))
     if failed:
         print(
             f"cbir query: error: {len(failed)} of {counted(len(files), 'file')} could not be "
@@ -181,9 +181,9 @@ def _print_query(res: Any, shown: Callable[[str], str]) -> None:
         print(f"  {rank:3d}{mark} {score:.4f}  {shown(path)}  [{image_id}]{via}{check}")
 
 
-def _query_summary(total: int, verdicts: dict[str, int], table: Any) -> str:
-    """`cbir query`'s last line over many files: how many of each verdict, and the table."""
-    from .safetext import printable
+def _query_summary(total: int, verdicts: dict[str, int], table: str | None) -> str:
+    """`cbir query`'s last line over many files: how many of each verdict, and the table
+    written (its path as printed)."""
     from .steps.query import VERDICTS
 
     said = {
@@ -195,7 +195,7 @@ def _query_summary(total: int, verdicts: dict[str, int], table: Any) -> str:
         "error": ("unreadable", "unreadable"),
     }
     parts = [counted(verdicts[v], *said[v]) for v in VERDICTS if verdicts.get(v)]
-    where = f"; table: {printable(str(table.write()))}" if table is not None else ""
+    where = f"; table: {table}" if table is not None else ""
     return f"query: {counted(total, 'file')}: {', '.join(parts)}{where}"
 
 

@@ -188,6 +188,12 @@ class Match:
     def verified(self) -> bool:
         return self.relation != "none"
 
+    @property
+    def on_margin(self) -> bool:
+        """One picture shows the other on a blank margin (BLANK_MARGIN): the same picture,
+        covering less than FULL of it (cbir.store.pairs.on_margin, as recorded)."""
+        return self.relation == "full" and self.covered < FULL
+
 
 def _one_thread() -> None:
     global _threads_set

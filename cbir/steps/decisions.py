@@ -33,7 +33,7 @@ from ..store import decisions as D
 from ..store.catalog import MARGIN_RESOLUTION, REDUCED_TONE
 from ..store.layout import layout
 from ..store.manifest import PRESENT, load_manifest
-from ..store.pairs import FULL_SHARE, scores_fingerprint
+from ..store.pairs import CHECK_COLUMNS, on_margin, scores_fingerprint
 from ..store.user_csv import csv_target, csv_text
 
 #: The columns `cbir decisions import` reads (the first three are required).
@@ -498,8 +498,7 @@ def _likely_master(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
 
 
 #: The columns of a recorded pair the master rule reads (cbir.store.pairs).
-_CHECK_COLUMNS = ["image_a", "image_b", "relation", "covered", "box_on", "box_x0", "box_y0",
-                  "box_x1", "box_y1"]  # fmt: skip
+_CHECK_COLUMNS = ["image_a", "image_b", *CHECK_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -520,7 +519,7 @@ class Relations:
                 out.details.setdefault(a, set()).add(b)
             elif relation == "b_in_a":
                 out.details.setdefault(b, set()).add(a)
-            elif relation == "full" and (r.get("covered") or 1.0) < FULL_SHARE and r.get("box_x1"):
+            elif on_margin(relation, r.get("covered")) and r.get("box_x1") is not None:
                 on, other = (a, b) if r.get("box_on") == "a" else (b, a)
                 box = (r["box_x1"] - r["box_x0"]) * (r["box_y1"] - r["box_y0"])
                 out.margins.setdefault(on, {})[other] = box

@@ -188,7 +188,7 @@ class IngestSummary:
         their scans: a trial's 23 XML sidecars were quarantined as "not an image" each)."""
         by_suffix: dict[str, int] = {}
         for path, reason in self.newly_quarantined:
-            suffix = os.path.splitext(path.rsplit("/", 1)[-1])[1]
+            suffix = os.path.splitext(path)[1]
             if (
                 reason.startswith("not an image")
                 and suffix.isprintable()

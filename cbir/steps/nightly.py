@@ -35,7 +35,7 @@ from ..store.catalog import query
 from ..store.decisions import ensure_folder as ensure_decisions_folder
 from ..store.layout import layout
 from ..store.manifest import latest_run
-from ..store.pairs import FULL_SHARE, PARTIAL
+from ..store.pairs import PARTIAL, on_margin
 
 PENDING = "pending.json"  # the start of a report not written yet
 
@@ -199,7 +199,7 @@ def _table(columns: list[str], rows: Iterable[Sequence[Any]], limit: int) -> lis
 def _whole(r: dict[str, Any]) -> list[Any]:
     # the verification columns are absent from a report read before verification existed
     full = "same picture"
-    if r.get("covered") is not None and r["covered"] < FULL_SHARE:  # a picture on a margin
+    if on_margin(r.get("relation"), r.get("covered")):
         full = "same picture, one on a blank margin"
     check = {"full": f"{full} ({r.get('inliers')} points)", "none": "not confirmed"}
     return [r["new_run"], r["new_path"], r["match_path"], r["score"], r["kind"],

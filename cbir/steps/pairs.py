@@ -62,6 +62,7 @@ from ..store.manifest import (
     ids_in,
 )
 from ..store.pairs import (
+    CHECK_COLUMNS,
     CLUSTERS_SCHEMA,
     CONFIRMED,
     MAX_RUNS,
@@ -474,15 +475,12 @@ def _recorded_recipe(lay: Layout) -> str | None:
     return value.split(" floor ")[0] if value != "off" else None
 
 
-_CHECK_COLUMNS = ["inliers", "relation", "covered", "box_on", "box_x0", "box_y0", "box_x1"]
-
-
 def _checks_of(table: pa.Table, revised: Sequence[str] = ()) -> dict[Key, verify.Match]:
     """The verification recorded with each near pair that it confirmed. One that confirmed
     nothing is checked again: matching has learnt since (a mirrored copy, cbir.verify), and
     such pairs are few (the unconfirmed ones below the threshold are not recorded); so is one
     whose relation is among `revised` (verify.REVISED, after a change of verify.RULES)."""
-    cols = ["image_a", "image_b", "kind", *_CHECK_COLUMNS, "box_y1"]
+    cols = ["image_a", "image_b", "kind", *CHECK_COLUMNS]
     out = {}
     for r in table.select(cols).to_pylist():
         if r["kind"] != "near" or r["relation"] in (None, "none", *revised):

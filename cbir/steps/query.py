@@ -15,6 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from .. import verify
 from ..config import Settings
 from ..fsutil import write_text
@@ -141,12 +144,22 @@ class Querier:
         self.threshold = current_pair_threshold(settings, fp, len(self.searcher.image_ids))
         self.scans = layout(settings).scans
         manifest = load_manifest(settings, ["sha256", "path", "status"])
-        self.by_sha: dict[str, list[str]] = {}
-        for sha, path, status in zip(
-            *(manifest.column(c).to_pylist() for c in manifest.column_names), strict=True
-        ):
-            if status in PRESENT:
-                self.by_sha.setdefault(sha, []).append(path)
+        # the present files' contents, kept in Arrow and searched for a batch's exact copies
+        # (a dictionary of every file took 1.6-1.7 s at 10^6 files, a batch's search 0.06 s)
+        self.files = manifest.filter(pc.is_in(manifest["status"], pa.array(PRESENT))).select(
+            ["sha256", "path"]
+        )
+
+    def exact_copies(self, shas: Sequence[str | None]) -> dict[str, list[str]]:
+        """The collection's present files with each of these contents (SHA-256), by content."""
+        asked = [s for s in shas if s]
+        if not asked:
+            return {}
+        hit = self.files.filter(pc.is_in(self.files["sha256"], pa.array(asked)))
+        out: dict[str, list[str]] = {}
+        for sha, path in zip(hit["sha256"].to_pylist(), hit["path"].to_pylist(), strict=True):
+            out.setdefault(sha, []).append(path)
+        return out
 
     def __call__(self, paths: Sequence[Path], k: int = 10) -> list[QueryResult]:
         """Top-k neighbours of image files (inside or outside the collection): with
@@ -190,10 +203,11 @@ class Querier:
                 s.candidates(vectors[:, t], depth, voted if t == 0 else None) for t in range(turns)
             ]
             found = _best_turns(each, depth, threshold[0] if threshold is not None else None)
+        shas = [sha256_of(os.fsencode(paths[i])) for i in done]
+        copies = self.exact_copies(shas)
         for row, cands in enumerate(found):
             res = results[done[row]]
-            sha = sha256_of(os.fsencode(paths[done[row]]))
-            res.exact_copies_of = sorted(self.by_sha.get(sha, [])) if sha else []
+            res.exact_copies_of = sorted(copies.get(shas[row] or "", []))
             res.itself = next(
                 (p for p in res.exact_copies_of if _same_file(paths[done[row]], self.scans / p)),
                 None,
@@ -351,7 +365,7 @@ def describe(match: verify.Match | None, other: str) -> str:
         return f"detail of {other}{flip} (covers {pct} of it{box}; {points})"
     if match.relation == "b_in_a":
         return f"{other} is a detail of the query{flip} (covers {pct} of the query{box}; {points})"
-    if match.covered < verify.FULL:  # one of the two shows it on a blank margin
+    if match.on_margin:
         if match.box_on == "b":
             return (
                 f"same picture as {other}{flip}, which adds a blank margin ({pct} of it is the "

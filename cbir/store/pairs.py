@@ -69,6 +69,18 @@ PARTIAL = ("a_in_b", "b_in_a")
 #: A `full` pair whose `covered` is below this (cbir.verify.FULL, not imported: the catalogue
 #: needs no OpenCV) shows one picture on a blank margin of the other, the one `box_on` names.
 FULL_SHARE = 0.8
+#: A pair's verification, as recorded beside it (cbir.verify.Match's fields).
+CHECK_COLUMNS = (
+    "inliers", "relation", "covered", "box_on", "box_x0", "box_y0", "box_x1", "box_y1"
+)  # fmt: skip
+
+
+def on_margin(relation: str | None, covered: float | None) -> bool:
+    """Whether a recorded verification says one picture shows the other on a blank margin
+    (cbir.verify.BLANK_MARGIN): the same picture, covering less than FULL_SHARE of it."""
+    return relation == "full" and covered is not None and covered < FULL_SHARE
+
+
 CLUSTERS_SCHEMA = pa.schema(
     [
         ("cluster_id", pa.int32()),

@@ -24,7 +24,7 @@ from markupsafe import Markup
 
 from ...safetext import counted
 from ...store.layout import PLOTS
-from ...store.pairs import CONFIRMED, FULL_SHARE, PARTIAL
+from ...store.pairs import CONFIRMED, PARTIAL, on_margin
 from .files import cluster_page, clusters_page, pair_page, queries_page, query_page
 from .thumbnails import FileInfo, Thumbnails
 
@@ -120,7 +120,7 @@ ENV.filters.update(human_bytes=human_bytes, counted=counted, threshold=threshold
 ENV.globals.update(
     region=region,
     partial=PARTIAL,
-    full_share=FULL_SHARE,
+    on_margin=on_margin,
     csp=CSP,
     css=CSS,
     js=FILTER_JS,
