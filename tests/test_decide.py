@@ -212,6 +212,21 @@ def test_export_then_import_gives_the_same_decisions(built, tmp_path):
     assert foreign.read_text() == "my own notes\n"
 
 
+def test_a_pair_cbir_pairs_never_found_decided_same_names_the_likely_master(built, tmp_path):
+    # seen in an archivist trial: a copy on a wide margin, which the nightly had not paired,
+    # decided same by hand: the decision recorded, then a KeyError traceback
+    from cbir.store.pairs import read_pairs
+
+    s = _copy(built, tmp_path)
+    found = read_pairs(s).select(["path_a", "path_b"]).to_pylist()
+    paired = {frozenset((r["path_a"], r["path_b"])) for r in found}
+    names = [f"p{i}.png" for i in range(6)]
+    a, b = next((a, b) for a in names for b in names if a < b and {a, b} not in paired)
+    said = run_decide(s, a, b, "same")
+    assert said.likely is not None and said.likely[0] in (a, b), said.likely
+    assert D.current_decisions(layout(s).decisions_dir)  # recorded, as before
+
+
 def test_the_remove_list_keeps_one_master_per_confirmed_group(built, tmp_path):
     s = _copy(built, tmp_path)
     named = run_decide(s, "p1.png", "copies/p1-small.png", "same", master="copies/p1-small.png")

@@ -219,7 +219,7 @@ def run_decide(
         path = {ia: pa_, ib: pb}
         two = [r for r in names.rows if (r["image_id"], r["path"]) in path.items()]
         if len(two) == 2:
-            keep, why = _master_of(two, Relations.of([check]))
+            keep, why = _master_of(two, Relations.of([check] if check else []))
             likely = (keep["path"], why)
     return DecideSummary(decision, previous, likely=likely)
 
