@@ -7,6 +7,7 @@ near-copies), through the real steps."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from conftest import benchmark
 
 from cbir.fsutil import write_parquet
+from cbir.steps import pairs as pairs_step
 from cbir.steps.index import run_index
 from cbir.steps.pairs import clusters_from_pairs, run_pairs
 from cbir.store import pairs as store_pairs
@@ -27,6 +29,7 @@ from cbir.store.catalog import query
 from cbir.store.layout import layout
 from cbir.store.manifest import (
     CANONICAL_EPOCH,
+    ROWS_EPOCH,
     CanonicalPaths,
     ImageIds,
     canonical_epoch,
@@ -134,6 +137,7 @@ def test_searched_files_hold_their_keys_and_files_without_them_give_the_same_nig
     old = ws.parent / "old"
     shutil.copytree(ws, old)
     lay_old = layout(scale._settings(old))
+    _forget_opening(lay_old)  # as written before the stamp: the searched files are read
     base = pq.read_table(lay_old.searched)
     write_parquet(base.drop_columns([store_pairs.SEARCHED_KEY]), lay_old.searched)
     assert pq.read_schema(lay_old.searched).metadata == base.schema.metadata  # same token
@@ -154,6 +158,55 @@ def test_searched_files_hold_their_keys_and_files_without_them_give_the_same_nig
     assert (out_old.incremental, out_old.searched, out_old.added) == (True, NEW, out.added)
     assert _rows(read_pairs(scale._settings(old))) == _rows(read_pairs(scale._settings(ws)))
     assert pq.read_table(lay_old.clusters).equals(pq.read_table(lay.clusters))
+
+
+def _forget_opening(lay) -> None:
+    """pairs.json as written before it recorded the embeddings' stamp (`opened`)."""
+    raw = json.loads(lay.pairs_state.read_text())
+    assert isinstance(raw.pop("opened"), dict)
+    lay.pairs_state.write_text(json.dumps(raw))
+
+
+def test_a_night_finds_its_unsearched_images_among_the_rows_appended(ws, scale, monkeypatch):
+    """A night whose manifest and vector file only appended rows since the recorded search
+    takes its unsearched images from those rows (store.vectors.added_between), reading no
+    searched file (10^7 ids at 10^7), and finds what comparing every image with the
+    searched files finds. A changed row, or searched files that do not list every image
+    present then (checked by count), mean comparing every image."""
+    slow = ws.parent / "slow"
+    shutil.copytree(ws, slow)
+    read: list[int] = []
+    real = pairs_step.read_searched
+    monkeypatch.setattr(pairs_step, "read_searched",
+                        lambda files: read.append(len(files)) or real(files))
+    lay, lay_slow = layout(scale._settings(ws)), layout(scale._settings(slow))
+    for night, seed in enumerate((61, 62), start=1):
+        out = _night(scale, ws, seed)
+        assert out.incremental and out.searched == NEW and read == []
+        assert read_state(lay).opened is not None
+        _forget_opening(lay_slow)
+        out_slow = _night(scale, slow, seed)
+        assert read == [night]  # the base and the partitions before this night's
+        read.clear()
+        assert (out_slow.searched, out_slow.added) == (NEW, out.added) and out.added > 0
+        assert _rows(read_pairs(scale._settings(slow))) == _rows(read_pairs(scale._settings(ws)))
+        for f in ("clusters", "searched"):
+            assert pq.read_table(getattr(lay_slow, f)).equals(pq.read_table(getattr(lay, f)))
+        assert pq.read_table(lay_slow.run_searched(night)).equals(
+            pq.read_table(lay.run_searched(night)))
+    # the searched files miss an image that was present (not as any run leaves them): the
+    # count says so, and the night compares every image - and searches that one again
+    base = pq.read_table(lay.searched)
+    write_parquet(base.slice(1), lay.searched)
+    out = _night(scale, ws, 63)
+    assert read == [3] and out.searched == NEW + 1
+    read.clear()
+    # a changed row (ingest draws a new rows epoch): every image compared
+    files = pq.read_table(lay.files)
+    meta = {**files.schema.metadata, ROWS_EPOCH.encode(): b"another"}
+    write_parquet(files.replace_schema_metadata(meta), lay.files)
+    out = _night(scale, ws, 64)
+    assert read == [4] and out.searched == NEW
 
 
 def test_searched_ids_are_read_by_key_by_string_or_both(tmp_path):

@@ -76,11 +76,13 @@ from ..store.pairs import (
     pair_files,
     read_searched,
     read_state,
+    searched_count,
     searched_files,
     searched_table,
     write_state,
 )
 from ..store.tables import read_table
+from ..store.vectors import added_between
 
 #: Guard rails: a summary warns when the largest cluster holds more than this share of the
 #: collection (and at least CLUSTER_WARN_MIN images), or pairs outnumber images this many times.
@@ -593,12 +595,43 @@ def verify_pairs(
     return out, extracted
 
 
+def _same_search(recorded: PairsState | None, state: dict[str, str]) -> bool:
+    """Whether the recorded pairs were searched as this run searches (else: all again)."""
+    return recorded is not None and all(recorded.search.get(k) == v for k, v in state.items())
+
+
+def _unsearched_since(
+    settings: Settings, s: Searcher, recorded: PairsState | None, state: dict[str, str]
+) -> np.ndarray | None:
+    """The rows of the images not searched yet, found among the rows the manifest and the
+    vector file appended since the recorded search (store.vectors.added_between), without
+    reading the 10^7 searched ids and looking every present image up among them (1.3-1.8 s
+    at 10^7). It holds where the searched files list exactly the images present then, as
+    every run leaves them, so that with only rows appended since, they and the new rows'
+    present images make up the present ones: checked by count. None: compare every image."""
+    if not _same_search(recorded, state) or recorded is None or recorded.opened is None:
+        return None
+    now = getattr(s.vectors, "stamp", None)
+    keys = s.image_ids.hex_keys()
+    if now is None or keys is None:
+        return None
+    added = added_between(settings, s.fingerprint, recorded.opened, now)
+    if added is None:
+        return None
+    at = np.minimum(np.searchsorted(keys, added), max(len(keys) - 1, 0))
+    rows = at[keys[at] == added] if len(keys) else np.zeros(0, np.int64)
+    n = searched_count(searched_files(layout(settings)))
+    if n is None or n + len(rows) != len(keys):
+        return None  # an image searched then is gone, or one added then was searched
+    return rows.astype(np.int64)
+
+
 def _searched_before(
     lay: Layout, recorded: PairsState | None, state: dict[str, str]
 ) -> ImageIds | None:
     """Ids whose neighbours the recorded pairs already hold: the base's and the committed
     partitions' (None: search everything again)."""
-    if recorded is None or any(recorded.search.get(k) != v for k, v in state.items()):
+    if not _same_search(recorded, state):
         return None
     try:
         return read_searched(searched_files(lay))
@@ -956,7 +989,6 @@ def run_pairs(
     state = _search_state(s, cfg, th.pair)
     recorded = read_state(lay)
     epoch = canonical_epoch(settings) or ""  # read before the paths are (the lock holds both)
-    before = _searched_before(lay, recorded, state) if incremental else None
     # verification is a property of the two pictures, not of the model: kept across runs
     recipe_before = _recorded_recipe(lay)
     reuse_checks = cfg.verify and (recipe_before or "").split(" rules ")[0] == RECIPE
@@ -965,14 +997,17 @@ def run_pairs(
     floor = min(float(cfg.verify_floor), th.pair) if cfg.verify else th.pair
     old = PAIRS_SCHEMA.empty_table()
     fold = same = False
-    if before is None:
-        rows = None
-    else:
-        searched = ids_in(s.image_ids, before)
-        rows = np.flatnonzero(~searched).astype(np.int64)
-        # an image searched before and not among the present ones (the recorded ids are
-        # distinct; were one recorded twice, this folds, which is always right)
-        gone = int(searched.sum()) < len(before)
+    rows = _unsearched_since(settings, s, recorded, state) if incremental else None
+    gone = False
+    if incremental and rows is None:
+        before = _searched_before(lay, recorded, state)
+        if before is not None:
+            searched = ids_in(s.image_ids, before)
+            rows = np.flatnonzero(~searched).astype(np.int64)
+            # an image searched before and not among the present ones (the recorded ids are
+            # distinct; were one recorded twice, this folds, which is always right)
+            gone = int(searched.sum()) < len(before)
+    if rows is not None:
         assert recorded is not None
         # the recorded paths are current while the manifest's canonical epoch is theirs
         same = bool(epoch) and recorded.epoch == epoch
@@ -1119,6 +1154,7 @@ def run_pairs(
             epoch=epoch,
             clusters_from=updated_from,
             clusters_changed=changed,
+            opened=getattr(s.vectors, "stamp", None),  # every image it holds now searched
         ),
     )
     finish_commit(lay)  # the staged base renamed into place; a fold's partitions removed

@@ -116,6 +116,9 @@ class PairsState:
     # formed (every other cluster is as it was; the stored cluster_report keeps its rows)
     clusters_from: str = ""
     clusters_changed: list[str] = field(default_factory=list)
+    # the embeddings' stamp when every image then present had been searched (store.vectors:
+    # Vectors.stamp), so that a night finds its unsearched images in the rows appended since
+    opened: dict[str, Any] | None = None
 
     def next_run(self) -> int:
         return max(self.runs, default=0) + 1
@@ -144,6 +147,7 @@ def read_state(lay: Layout) -> PairsState | None:
             epoch=str(raw.get("epoch", "")),
             clusters_from=str(raw.get("clusters_from", "")),
             clusters_changed=[str(x) for x in raw.get("clusters_changed", [])],
+            opened=raw["opened"] if isinstance(raw.get("opened"), dict) else None,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -235,6 +239,15 @@ def searched_table(ids: ImageIds, rows: np.ndarray | None = None) -> pa.Table:
     return pa.table(
         {"image_id": chosen.arrow, SEARCHED_KEY: pa.array(chosen.hex_keys(), pa.uint64())}
     )
+
+
+def searched_count(files: list[Path]) -> int | None:
+    """How many ids the searched `files` list, from their footers; None where one is
+    unreadable."""
+    try:
+        return sum(pq.read_metadata(f).num_rows for f in files)
+    except (OSError, pa.ArrowException):
+        return None
 
 
 def read_searched(files: list[Path]) -> ImageIds:

@@ -26,6 +26,7 @@ import mmap
 import os
 import secrets
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -300,9 +301,13 @@ class Vectors:
         base: np.ndarray | RowReader,
         rows: np.ndarray,
         mapped: mmap.mmap | None = None,
+        stamp: dict[str, Any] | None = None,
     ):
         self._base, self._rows, self._mapped = base, rows, mapped
         self._touched = 0
+        #: what the rows were opened from (the kept VectorOrder's stamp: the manifest's and
+        #: the vector file's rows), for `added_between`; None where opened otherwise
+        self.stamp = stamp
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -656,7 +661,8 @@ def _open_ordered(
             order.save(path)
     keys, rows = order.kept()
     base, mapped = _base(data, n, dim)
-    return ImageIds.from_keys(keys), Vectors(base, rows, mapped), len(order.waiting)
+    vectors = Vectors(base, rows, mapped, order.stamp)
+    return ImageIds.from_keys(keys), vectors, len(order.waiting)
 
 
 #: Rows appended since the kept order was saved past which a grown order is saved again. Below
@@ -679,18 +685,30 @@ def _stamp(where: dict[str, list[Any]], manifest_last: str, vectors_last: str) -
     }
 
 
-def _grow_order(
-    before: VectorOrder | None,
+@dataclass
+class _Appended:
+    """What the manifest and the vector file appended past a stamp."""
+
+    present: np.ndarray  # hex_keys of the new present canonical images (the manifest's rows)
+    vector_keys: np.ndarray  # hex_keys of the vector file's new rows, in file order
+    first_row: int  # the vector file's row of the first of them
+    stamp: dict[str, Any]  # the stamp after them
+    none: bool  # nothing appended
+
+
+def _appended_since(
+    stamp: dict[str, Any],
     where: dict[str, list[Any]],
     manifest: pq.ParquetFile,
     vector_rows: pq.ParquetFile,
-) -> VectorOrder | None:
-    """`before` grown by the rows appended since, where that is all that happened."""
-    if before is None:
-        return None
+) -> _Appended | None:
+    """The rows the files (`where`: their rows epoch, generation and row counts now) appended
+    after those `stamp` was made from; None where more than appending happened since (a row
+    changed, another generation, other rows where its last ones were) or the ids are not
+    cbir's. Reads only the row groups past the stamp's rows."""
     try:
-        epoch, m_rows, m_last = before.stamp["manifest"]
-        data, dim, v_rows, v_last = before.stamp["vectors"]
+        epoch, m_rows, m_last = stamp["manifest"]
+        data, dim, v_rows, v_last = stamp["vectors"]
     except (KeyError, TypeError, ValueError):
         return None
     if [epoch, data, dim] != [where["manifest"][0], *where["vectors"][:2]]:
@@ -705,15 +723,58 @@ def _grow_order(
     m_ids, v_ids = m_tail.column("image_id"), v_tail.column("image_id")
     if m_ids[0].as_py() != m_last or v_ids[0].as_py() != v_last:
         return None  # other rows than those it was made from (another branch's files)
-    if (m_rows, v_rows) == (m_now, v_now):
-        return before  # nothing appended
     m_tail = m_tail.slice(1)
     present = hex_keys(m_tail.column("image_id").filter(canonical_mask(m_tail)).combine_chunks())
     vector_keys = hex_keys(v_ids.slice(1).combine_chunks())
     if present is None or vector_keys is None:
         return None
-    stamp = _stamp(where, m_ids[-1].as_py(), v_ids[-1].as_py())
-    return before.grown(stamp, vector_keys, v_rows, present)
+    after = _stamp(where, m_ids[-1].as_py(), v_ids[-1].as_py())
+    return _Appended(present, vector_keys, v_rows, after, (m_rows, v_rows) == (m_now, v_now))
+
+
+def _grow_order(
+    before: VectorOrder | None,
+    where: dict[str, list[Any]],
+    manifest: pq.ParquetFile,
+    vector_rows: pq.ParquetFile,
+) -> VectorOrder | None:
+    """`before` grown by the rows appended since, where that is all that happened."""
+    if before is None:
+        return None
+    got = _appended_since(before.stamp, where, manifest, vector_rows)
+    if got is None:
+        return None
+    if got.none:
+        return before  # nothing appended
+    return before.grown(got.stamp, got.vector_keys, got.first_row, got.present)
+
+
+def added_between(
+    settings: Settings, fingerprint: str, before: Any, now: dict[str, Any]
+) -> np.ndarray | None:
+    """The hex_keys (sorted, each once) of the images that may have become present with a
+    vector between two openings of the current embeddings (`Vectors.stamp`: `before` recorded
+    by an earlier step, `now` this one's): those of the manifest's and the vector file's rows
+    appended between them. A night reads its own rows, not 10^7. None where more than
+    appending happened between them (then compare every image)."""
+    if not isinstance(before, dict):
+        return None
+    lay = layout(settings)
+    try:
+        manifest = pq.ParquetFile(lay.files)
+        vector_rows = pq.ParquetFile(lay.embeddings(fingerprint) / VECTOR_ROWS)
+        where = {k: list(v[:-1]) for k, v in now.items()}
+        if [manifest.metadata.num_rows, vector_rows.metadata.num_rows] != [
+            where["manifest"][1],
+            where["vectors"][2],
+        ]:
+            return None  # the files are no longer those `now` was made from
+        got = _appended_since(before, where, manifest, vector_rows)
+    except (OSError, pa.ArrowException, KeyError, TypeError, AttributeError):
+        return None
+    if got is None or got.stamp != now:  # the files are no longer those `now` was made from
+        return None
+    return np.union1d(got.present, got.vector_keys).astype(np.uint64)
 
 
 def _whole_order(
