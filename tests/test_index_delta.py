@@ -236,6 +236,40 @@ def test_the_index_step_keeps_small_nights_in_the_delta_and_rewrites_past_its_sh
     assert os.path.getsize(folder / INDEX_FILE) > 0
 
 
+def test_a_night_whose_new_rows_account_for_every_id_compares_none_and_writes_no_ids(
+    tmp_path, data, monkeypatch
+) -> None:
+    """`since` (the rows appended since the opening the index records): where the index and
+    they make up every current id, the update adds them without comparing every id or
+    reading and writing the sorted ids file; the ids file then lists the main file's ids and
+    sorted_ids merges the delta's in. Where they do not add up, every id is compared."""
+    s = _settings(tmp_path)
+    folder = tmp_path / "idx"
+    x, ids = data["x"], data["ids"]
+    compared: list[int] = []
+    real = index_step._changes
+    monkeypatch.setattr(index_step, "_changes",
+                        lambda have, fids: compared.append(len(fids)) or real(have, fids))
+    index_step._build_or_update(s, folder, "fp", ids[:N], x[:N], False, opened={"at": 1})
+    assert json.loads((folder / SIDECAR_FILE).read_text())["opened"] == {"at": 1}
+    main_ids = json.loads((folder / SIDECAR_FILE).read_text())["ids_file"]
+    night = index_step._build_or_update(s, folder, "fp", ids[:N + 100], x[:N + 100], False,
+                                        since=np.arange(N, N + 100), opened={"at": 2})
+    assert (night.added, night.delta, compared) == (100, 100, [])
+    side = json.loads((folder / SIDECAR_FILE).read_text())
+    assert side["opened"] == {"at": 2} and side["ids_file"] == main_ids  # no ids written
+    assert [p.name for p in folder.glob(IDS_GLOB)] == [main_ids["name"]]
+    layered_index = reusable_index(folder, "fp", False, mapped=True)[0]
+    np.testing.assert_array_equal(sorted_ids(folder, layered_index), np.sort(ids[:N + 100]))
+    # rows that do not account for every id (50 of the 100 new): every id compared
+    night = index_step._build_or_update(s, folder, "fp", ids[:N + 200], x[:N + 200], False,
+                                        since=np.arange(N + 150, N + 200), opened={"at": 3})
+    assert (night.added, night.delta, compared) == (100, 200, [N + 200])
+    _ids_kept(folder)  # written whole again by the comparing update
+    held = np.sort(index_ids(load_index(folder)[0]))
+    np.testing.assert_array_equal(held, np.sort(ids[:N + 200]))
+
+
 def _ids_kept(folder: Path) -> None:
     """The one ids file beside the index is named by its sidecar and holds its ids, sorted."""
     files = sorted(folder.glob(IDS_GLOB))

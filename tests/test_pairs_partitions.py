@@ -21,11 +21,14 @@ import pytest
 from conftest import benchmark
 
 from cbir.fsutil import write_parquet
+from cbir.faiss_index import index_ids
+from cbir.steps import index as index_step
 from cbir.steps import pairs as pairs_step
 from cbir.steps.index import run_index
 from cbir.steps.pairs import clusters_from_pairs, run_pairs
 from cbir.store import pairs as store_pairs
 from cbir.store.catalog import query
+from cbir.store.index import load_index
 from cbir.store.layout import layout
 from cbir.store.manifest import (
     CANONICAL_EPOCH,
@@ -179,10 +182,14 @@ def test_a_night_finds_its_unsearched_images_among_the_rows_appended(ws, scale, 
     real = pairs_step.read_searched
     monkeypatch.setattr(pairs_step, "read_searched",
                         lambda files: read.append(len(files)) or real(files))
+    compared: list[int] = []  # the index update's comparison of every id (steps.index)
+    real_changes = index_step._changes
+    monkeypatch.setattr(index_step, "_changes",
+                        lambda have, fids: compared.append(len(fids)) or real_changes(have, fids))
     lay, lay_slow = layout(scale._settings(ws)), layout(scale._settings(slow))
     for night, seed in enumerate((61, 62), start=1):
         out = _night(scale, ws, seed)
-        assert out.incremental and out.searched == NEW and read == []
+        assert out.incremental and out.searched == NEW and read == [] and compared == []
         assert read_state(lay).opened is not None
         _forget_opening(lay_slow)
         out_slow = _night(scale, slow, seed)
@@ -194,19 +201,22 @@ def test_a_night_finds_its_unsearched_images_among_the_rows_appended(ws, scale, 
             assert pq.read_table(getattr(lay_slow, f)).equals(pq.read_table(getattr(lay, f)))
         assert pq.read_table(lay_slow.run_searched(night)).equals(
             pq.read_table(lay.run_searched(night)))
+        compared.clear()
+    held = [np.sort(index_ids(load_index(x.index_dir)[0])) for x in (lay, lay_slow)]
+    assert np.array_equal(*held) and len(held[0]) == N + 2 * NEW
     # the searched files miss an image that was present (not as any run leaves them): the
     # count says so, and the night compares every image - and searches that one again
     base = pq.read_table(lay.searched)
     write_parquet(base.slice(1), lay.searched)
     out = _night(scale, ws, 63)
-    assert read == [3] and out.searched == NEW + 1
+    assert read == [3] and out.searched == NEW + 1 and compared == []
     read.clear()
     # a changed row (ingest draws a new rows epoch): every image compared
     files = pq.read_table(lay.files)
     meta = {**files.schema.metadata, ROWS_EPOCH.encode(): b"another"}
     write_parquet(files.replace_schema_metadata(meta), lay.files)
     out = _night(scale, ws, 64)
-    assert read == [4] and out.searched == NEW
+    assert read == [4] and out.searched == NEW and compared == [N + 4 * NEW]
 
 
 def test_searched_ids_are_read_by_key_by_string_or_both(tmp_path):

@@ -77,6 +77,7 @@ _SIDECAR_TYPES: dict[str, type | tuple[type, ...]] = {
     "k_factor": int,
     "recall_at_k": (int, float),
     "model_fingerprint": str,
+    "opened": dict,
 }
 
 
@@ -91,7 +92,11 @@ def _check_sidecar(side: Any) -> None:
 
 
 def save_index(
-    index: faiss.Index, info: IndexInfo, folder: Path, ids: np.ndarray | None = None
+    index: faiss.Index,
+    info: IndexInfo,
+    folder: Path,
+    ids: np.ndarray | None = None,
+    opened: dict[str, Any] | None = None,
 ) -> None:
     """Write ``folder/index.faiss`` and ``folder/index.json`` so that a kill at any moment leaves
     a loadable index, the previous one or the new one.
@@ -103,6 +108,8 @@ def save_index(
     never taken for a valid index.
 
     `ids`: the index's ids, sorted, kept beside it for the next update (sorted_ids).
+    `opened`: the embeddings' stamp (store.vectors.Vectors.stamp) where the index holds
+    exactly the present images of that opening (recorded_opening).
     """
     folder = Path(folder)
     if index.ntotal != info.n_vectors:
@@ -138,6 +145,7 @@ def save_index(
         "format_version": INDEX_FORMAT_VERSION,
         "index_file": {"name": INDEX_FILE, "bytes": size, "sha256": digest.hexdigest()},
         **({"ids_file": ids_file} if ids_file else {}),
+        **({"opened": opened} if opened else {}),
         **info.to_dict(),
     }
     write_json(sidecar, folder / SIDECAR_FILE)
@@ -150,14 +158,20 @@ def save_index(
 
 
 def save_delta(
-    index: faiss.Index, info: IndexInfo, folder: Path, ids: np.ndarray | None = None
+    index: faiss.Index,
+    info: IndexInfo,
+    folder: Path,
+    ids: np.ndarray | None = None,
+    opened: dict[str, Any] | None = None,
 ) -> None:
     """Write what was added to a layered index (opened by ``reusable_index(mapped=True)``)
     since its main file was written: the delta file alone, so that a night adding 1,000 images
     to 10^7 writes the trained quantiser and codebooks (about 17 MB) and the new codes, not the
     720 MB index. Staged, committed by the sidecar (which keeps the main file's record and
     adds the delta's size and SHA-256), then renamed, as save_index does: a kill at any moment
-    leaves the previous state or the new one. `ids`: as for save_index."""
+    leaves the previous state or the new one. `ids`, `opened`: as for save_index; without
+    `ids`, the main file's ids file stays named where it lists the main file's ids (sorted_ids
+    adds the delta's: a night writes no 80 MB of ids at 10^7)."""
     folder = Path(folder)
     delta = delta_of(index)
     if delta is None:
@@ -165,11 +179,12 @@ def save_delta(
     if index.ntotal != info.n_vectors:
         raise CbirError(f"index holds {index.ntotal} vectors but its info says {info.n_vectors}")
     try:
-        main_file = json.loads((folder / SIDECAR_FILE).read_text(encoding="utf-8"))["index_file"]
+        side = json.loads((folder / SIDECAR_FILE).read_text(encoding="utf-8"))
+        main_file = side["index_file"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CbirError(f"index sidecar in {folder} is unreadable ({e}); {_REBUILD}") from e
     faults.point("index.save")
-    ids_file = _write_ids(folder, index, ids)
+    ids_file = _write_ids(folder, index, ids) if ids is not None else _main_ids(side, index)
     data = faiss.serialize_index(delta).tobytes()  # small: what was added since
     with atomic_path(folder / DELTA_STAGED) as tmp:
         tmp.write_bytes(data)
@@ -183,6 +198,7 @@ def save_delta(
             "n_vectors": int(delta.ntotal),
         },
         **({"ids_file": ids_file} if ids_file else {}),
+        **({"opened": opened} if opened else {}),
         **info.to_dict(),
     }
     write_json(sidecar, folder / SIDECAR_FILE)
@@ -205,6 +221,27 @@ def _write_ids(folder: Path, index: faiss.Index, ids: np.ndarray | None) -> dict
     return {"name": name, "n": len(ids)}
 
 
+def _main_ids(side: Any, index: faiss.Index) -> dict[str, Any] | None:
+    """The sidecar's ids file record where it lists the ids of the main file of a layered
+    `index` (all but its delta's), else None."""
+    record = side.get("ids_file") if isinstance(side, dict) else None
+    delta = delta_of(index)
+    if not isinstance(record, dict) or delta is None:
+        return None
+    return record if record.get("n") == index.ntotal - delta.ntotal else None
+
+
+def recorded_opening(folder: Path) -> dict[str, Any] | None:
+    """The embeddings' stamp the index in `folder` was last saved with (save_index's `opened`),
+    or None."""
+    try:
+        side = json.loads((Path(folder) / SIDECAR_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    opened = side.get("opened") if isinstance(side, dict) else None
+    return opened if isinstance(opened, dict) else None
+
+
 def _drop_ids(folder: Path, keep: dict[str, Any] | None) -> None:
     """Remove the ids files the sidecar no longer names."""
     for path in folder.glob(IDS_GLOB):
@@ -214,15 +251,23 @@ def _drop_ids(folder: Path, keep: dict[str, Any] | None) -> None:
 
 def sorted_ids(folder: Path, index: faiss.Index) -> np.ndarray:
     """The ids `index` (as saved in `folder`) holds, sorted: read from the ids file its sidecar
-    names (80 MB at 10^7), else gathered from its lists and sorted (1-2 s at 10^7)."""
+    names (80 MB at 10^7; where it lists the main file's alone, with the delta's ids merged
+    in), else gathered from its lists and sorted (1-2 s at 10^7)."""
+    delta = delta_of(index)
     try:
         side = json.loads((Path(folder) / SIDECAR_FILE).read_text(encoding="utf-8"))
         record = side["ids_file"]
-        if record["n"] == index.ntotal and Path(record["name"]).name == record["name"]:
+        n = record["n"]
+        layered = delta is not None and n == index.ntotal - delta.ntotal
+        if (n == index.ntotal or layered) and Path(record["name"]).name == record["name"]:
             ids = np.load(Path(folder) / record["name"], allow_pickle=False)
-            whole = ids.dtype == np.int64 and ids.shape == (index.ntotal,)
+            whole = ids.dtype == np.int64 and ids.shape == (n,)
             if whole and bool((ids[1:] >= ids[:-1]).all()):
-                return ids
+                if n == index.ntotal:
+                    return ids
+                assert delta is not None
+                added = np.sort(index_ids(delta))  # two sorted runs: merged by a stable sort
+                return np.sort(np.concatenate([ids, added]), kind="stable")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return np.sort(index_ids(index))
