@@ -33,7 +33,7 @@ from ..store.index import (
 )
 from ..store.layout import layout
 from ..store.local import LocalSummary, build_local_index
-from ..store.manifest import ImageIds, keys_in
+from ..store.manifest import keys_in
 from ..store.vectors import added_between, current_embeddings
 from .index_dask import dask_add_vectors, dask_build_index, wants_dask_add
 
@@ -121,7 +121,8 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
         vectors,
         rebuild,
         on_dask=True,
-        since=_added_rows(settings, fp, lay.index_dir, ids, opened),
+        # the rows appended since the opening the index was saved with: the only new ones
+        since=added_between(settings, fp, recorded_opening(lay.index_dir), opened, ids),
         opened=opened,
     )
     summary.images_without_embedding = n_missing
@@ -136,25 +137,6 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
     if settings.search.local_candidates > 0:
         summary.local = build_local_index(settings, rebuild=rebuild)
     return summary
-
-
-def _added_rows(
-    settings: Settings, fp: str, folder: Path, ids: ImageIds, opened: dict[str, Any] | None
-) -> np.ndarray | None:
-    """The rows of the present images that may be new to the index: those of the manifest's
-    and the vector file's rows appended since the opening the index was saved with
-    (store.vectors.added_between; None where more than appending happened, or no opening is
-    recorded). The caller checks them by count (the index holds exactly the present images
-    of the opening it records)."""
-    recorded = recorded_opening(folder)
-    keys = ids.hex_keys()
-    if recorded is None or opened is None or keys is None or not len(keys):
-        return None
-    added = added_between(settings, fp, recorded, opened)
-    if added is None:
-        return None
-    at = np.minimum(np.searchsorted(keys, added), len(keys) - 1)
-    return at[keys[at] == added].astype(np.int64)
 
 
 def _changes(have: np.ndarray, fids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -612,18 +612,13 @@ def _unsearched_since(
     if not _same_search(recorded, state) or recorded is None or recorded.opened is None:
         return None
     now = getattr(s.vectors, "stamp", None)
-    keys = s.image_ids.hex_keys()
-    if now is None or keys is None:
+    rows = added_between(settings, s.fingerprint, recorded.opened, now, s.image_ids)
+    if rows is None:
         return None
-    added = added_between(settings, s.fingerprint, recorded.opened, now)
-    if added is None:
-        return None
-    at = np.minimum(np.searchsorted(keys, added), max(len(keys) - 1, 0))
-    rows = at[keys[at] == added] if len(keys) else np.zeros(0, np.int64)
     n = searched_count(searched_files(layout(settings)))
-    if n is None or n + len(rows) != len(keys):
+    if n is None or n + len(rows) != len(s.image_ids):
         return None  # an image searched then is gone, or one added then was searched
-    return rows.astype(np.int64)
+    return rows
 
 
 def _searched_before(

@@ -750,14 +750,16 @@ def _grow_order(
 
 
 def added_between(
-    settings: Settings, fingerprint: str, before: Any, now: dict[str, Any]
+    settings: Settings, fingerprint: str, before: Any, now: Any, ids: ImageIds
 ) -> np.ndarray | None:
-    """The hex_keys (sorted, each once) of the images that may have become present with a
-    vector between two openings of the current embeddings (`Vectors.stamp`: `before` recorded
-    by an earlier step, `now` this one's): those of the manifest's and the vector file's rows
-    appended between them. A night reads its own rows, not 10^7. None where more than
-    appending happened between them (then compare every image)."""
-    if not isinstance(before, dict):
+    """The rows among `ids` (an opening's present images, sorted) of the images that may have
+    become present with a vector between two openings of the current embeddings
+    (`Vectors.stamp`: `before` recorded by an earlier step, `now` this one's): those of the
+    manifest's and the vector file's rows appended between them. A night reads its own rows,
+    not 10^7. None where more than appending happened between them, or either is unknown
+    (then compare every image)."""
+    keys = ids.hex_keys()
+    if not isinstance(before, dict) or not isinstance(now, dict) or keys is None:
         return None
     lay = layout(settings)
     try:
@@ -774,7 +776,11 @@ def added_between(
         return None
     if got is None or got.stamp != now:  # the files are no longer those `now` was made from
         return None
-    return np.union1d(got.present, got.vector_keys).astype(np.uint64)
+    added = np.union1d(got.present, got.vector_keys).astype(np.uint64)
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    at = np.minimum(np.searchsorted(keys, added), len(keys) - 1)
+    return at[keys[at] == added].astype(np.int64)
 
 
 def _whole_order(
