@@ -215,3 +215,36 @@ def test_an_order_that_cannot_be_kept_is_gone_without(tmp_path, monkeypatch, who
     assert not path.exists() and not stale.exists()
     monkeypatch.undo()
     assert _opened(s) == _opened_as_before(s) and path.is_file()
+
+
+def test_the_rows_added_between_two_openings_are_read_from_the_rows_appended(tmp_path):
+    """store.vectors.added_between: between two openings of a real workspace, the present
+    images of the rows ingest and embed appended (a new scan; a scan not embedded yet is not
+    among the opening's images), read from those rows alone; None where a row changed between
+    them (a scan moved: a new rows epoch), where the files changed since the later opening,
+    or where either opening is unknown."""
+    s = tiny_workspace.make(tmp_path, steps=("ingest", "embed"))
+    fp = current_fingerprint(s)
+    _, _, first, _ = current_embeddings(s)
+    assert isinstance(first.stamp, dict)
+    _night(s, "a.png", 40)
+    save(photo(41), s.root / "scans" / "new" / "b.png")  # ingested, not embedded yet
+    run_ingest(s)
+    _, ids, now, _ = current_embeddings(s)
+    rows = store_vectors.added_between(s, fp, first.stamp, now.stamp, ids)
+    assert rows is not None and len(rows) == 1
+    manifest = pq.read_table(layout(s).files).to_pylist()
+    assert [r["path"] for r in manifest if r["image_id"] == ids[int(rows[0])]] == ["new/a.png"]
+    assert store_vectors.added_between(s, fp, now.stamp, now.stamp, ids).tolist() == []
+    assert store_vectors.added_between(s, fp, None, now.stamp, ids) is None
+    assert store_vectors.added_between(s, fp, first.stamp, None, ids) is None
+    run_embed(s)  # b.png's row appended after `now`: the files are not those it was made from
+    assert store_vectors.added_between(s, fp, first.stamp, now.stamp, ids) is None
+    _, ids, later, _ = current_embeddings(s)
+    rows = store_vectors.added_between(s, fp, now.stamp, later.stamp, ids)
+    manifest = pq.read_table(layout(s).files).to_pylist()
+    assert [r["path"] for r in manifest if r["image_id"] == ids[int(rows[0])]] == ["new/b.png"]
+    (s.root / "scans" / "new" / "a.png").rename(s.root / "scans" / "a-moved.png")
+    run_ingest(s)  # a row changed
+    _, ids, moved, _ = current_embeddings(s)
+    assert store_vectors.added_between(s, fp, later.stamp, moved.stamp, ids) is None
