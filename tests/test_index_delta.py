@@ -24,6 +24,7 @@ from cbir.config import load_settings
 from cbir.errors import CbirError
 from cbir.faiss_index import (add_vectors, build_index, choose_params, delta_of, empty_like, index_ids, layered, remove_ids, search)
 from cbir.steps import index as index_step
+from cbir.store import index as store_index
 from cbir.store.index import (finish_save, load_index, reusable_index, save_delta, save_index,
                               sorted_ids)
 from cbir.store.layout import DELTA_FILE, DELTA_STAGED, IDS_GLOB, INDEX_FILE, SIDECAR_FILE
@@ -265,19 +266,38 @@ def test_a_night_whose_new_rows_account_for_every_id_compares_none_and_writes_no
     night = index_step._build_or_update(s, folder, "fp", ids[:N + 200], x[:N + 200], False,
                                         since=np.arange(N + 150, N + 200), opened={"at": 3})
     assert (night.added, night.delta, compared) == (100, 200, [N + 200])
-    _ids_kept(folder)  # written whole again by the comparing update
+    _ids_kept(folder)  # written again by the comparing update: the main file's
+    assert json.loads((folder / SIDECAR_FILE).read_text())["ids_file"]["n"] == N
     held = np.sort(index_ids(load_index(folder)[0]))
     np.testing.assert_array_equal(held, np.sort(ids[:N + 200]))
+    # a night taking the delta past its share: the index file written whole, with its ids
+    # (the main file's and the delta's, not gathered from the 12,900 of the whole index), and
+    # none compared
+    gathered: list[int] = []
+    real_ids = store_index.index_ids
+    monkeypatch.setattr(store_index, "index_ids",
+                        lambda index: gathered.append(index.ntotal) or real_ids(index))
+    night = index_step._build_or_update(s, folder, "fp", ids[:N + 900], x[:N + 900], False,
+                                        since=np.arange(N + 200, N + 900), opened={"at": 4})
+    assert (night.added, night.delta, compared) == (700, 0, [N + 200])
+    assert gathered == [200]  # the delta's ids alone
+    assert not (folder / DELTA_FILE).exists()
+    _ids_kept(folder)
+    np.testing.assert_array_equal(np.load(next(folder.glob(IDS_GLOB))), np.sort(ids[:N + 900]))
 
 
 def _ids_kept(folder: Path) -> None:
-    """The one ids file beside the index is named by its sidecar and holds its ids, sorted."""
+    """The one ids file beside the index is named by its sidecar and holds its ids, sorted:
+    of a layered index, those of its main file (sorted_ids adds the delta's)."""
     files = sorted(folder.glob(IDS_GLOB))
     side = json.loads((folder / SIDECAR_FILE).read_text())
     assert [p.name for p in files] == [side["ids_file"]["name"]]
-    index = load_index(folder)[0]
-    np.testing.assert_array_equal(np.load(files[0]), np.sort(index_ids(index)))
-    np.testing.assert_array_equal(sorted_ids(folder, index), np.load(files[0]))
+    whole = np.sort(index_ids(load_index(folder)[0]))
+    layers = reusable_index(folder, side["model_fingerprint"], False, mapped=True)[0]
+    delta = delta_of(layers)
+    in_delta = np.sort(index_ids(delta)) if delta is not None else np.zeros(0, np.int64)
+    np.testing.assert_array_equal(np.load(files[0]), np.setdiff1d(whole, in_delta))
+    np.testing.assert_array_equal(sorted_ids(folder, layers), whole)
 
 
 def test_ids_kept_beside_the_index_are_read_only_where_its_sidecar_names_them_whole(

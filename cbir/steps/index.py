@@ -206,6 +206,8 @@ def _build_or_update(
                 on_workers
                 or not _in_delta(index.ntotal - delta.ntotal, delta.ntotal + n_new, len(gone))
             ):  # removals, a delta grown past its share, or Dask workers adding: read it whole
+                if have is None:  # its ids first, the main file's and the delta's (sorted_ids)
+                    have = sorted_ids(folder, index)
                 try:
                     index, info = load_index(folder)
                 except CbirError as exc:  # its checksum is checked now

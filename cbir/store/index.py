@@ -47,7 +47,7 @@ from .layout import (
     STAGED_FILE,
     layout,
 )
-from .manifest import CanonicalPaths, ImageIds, canonical_paths_of, canonical_table
+from .manifest import CanonicalPaths, ImageIds, canonical_paths_of, canonical_table, keys_in
 from .vectors import Vectors, current_embeddings
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def save_index(
     if index.ntotal != info.n_vectors:
         raise CbirError(f"index holds {index.ntotal} vectors but its info says {info.n_vectors}")
     faults.point("index.save")
-    ids_file = _write_ids(folder, index, ids)
+    ids_file = _write_ids(folder, index.ntotal, ids)
     digest = hashlib.sha256()
     size = 0
     failed: list[OSError] = []
@@ -169,9 +169,10 @@ def save_delta(
     to 10^7 writes the trained quantiser and codebooks (about 17 MB) and the new codes, not the
     720 MB index. Staged, committed by the sidecar (which keeps the main file's record and
     adds the delta's size and SHA-256), then renamed, as save_index does: a kill at any moment
-    leaves the previous state or the new one. `ids`, `opened`: as for save_index; without
-    `ids`, the main file's ids file stays named where it lists the main file's ids (sorted_ids
-    adds the delta's: a night writes no 80 MB of ids at 10^7)."""
+    leaves the previous state or the new one. `ids`, `opened`: as for save_index. The ids
+    file of a layered index lists the main file's ids alone (sorted_ids adds the delta's):
+    given `ids`, those of the delta are left out of it; without, the main file's ids file
+    stays named (a night writes no 80 MB of ids at 10^7)."""
     folder = Path(folder)
     delta = delta_of(index)
     if delta is None:
@@ -184,7 +185,13 @@ def save_delta(
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CbirError(f"index sidecar in {folder} is unreadable ({e}); {_REBUILD}") from e
     faults.point("index.save")
-    ids_file = _write_ids(folder, index, ids) if ids is not None else _main_ids(side, index)
+    if ids is None:  # the main file's ids stay named where they are
+        ids_file = _main_ids(side, index)
+    else:  # the main file's alone: the delta's own are read from it (sorted_ids)
+        if len(ids) != index.ntotal:
+            raise CbirError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
+        main = ids[~keys_in(ids, np.sort(index_ids(delta)))]
+        ids_file = _write_ids(folder, index.ntotal - delta.ntotal, main)
     data = faiss.serialize_index(delta).tobytes()  # small: what was added since
     with atomic_path(folder / DELTA_STAGED) as tmp:
         tmp.write_bytes(data)
@@ -208,13 +215,14 @@ def save_delta(
     reuse.put(_KEPT + str(folder), _files_stamp(folder), (index, info))
 
 
-def _write_ids(folder: Path, index: faiss.Index, ids: np.ndarray | None) -> dict[str, Any] | None:
-    """Write the index's sorted ids under a new name for the sidecar to name (before it: a
-    kill leaves a file no sidecar names, removed by the next save); None: none given."""
+def _write_ids(folder: Path, n: int, ids: np.ndarray | None) -> dict[str, Any] | None:
+    """Write the index's sorted ids (`n` of them) under a new name for the sidecar to name
+    (before it: a kill leaves a file no sidecar names, removed by the next save); None: none
+    given."""
     if ids is None:
         return None
-    if len(ids) != index.ntotal:
-        raise CbirError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
+    if len(ids) != n:
+        raise CbirError(f"index holds {n} vectors but {len(ids)} ids were given")
     name = f"{IDS_PREFIX}{secrets.token_hex(4)}.npy"
     with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.ascontiguousarray(ids, np.int64), allow_pickle=False)
