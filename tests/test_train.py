@@ -173,6 +173,9 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(reference, collecti
     ref_settings, ref = reference
     settings = _settings(collection, tmp_path)
     env = {**os.environ, "CBIR_KILL_AT": "train.epoch:2"}  # dies before saving epoch 2
+    # multiprocessing's folder (its workers' forkserver listens there), which a process
+    # killed outright cannot remove: not left in the machine's /tmp
+    env["TMPDIR"] = str(tmp_path)
     out = subprocess.run(_train_command(settings.params_path), env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == -signal.SIGKILL, out.stderr
