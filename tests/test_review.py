@@ -21,6 +21,7 @@ from review_workspace import (CLUSTERS, FINGERPRINT, HOSTILE, RUN1, RUN2, THRESH
 from starlette.testclient import TestClient
 
 from cbir.review.app import ReviewConfig, build_app
+from cbir.store import pairs as store_pairs
 from cbir.store import catalog
 from cbir.store.decisions import pair_key
 
@@ -119,13 +120,19 @@ def test_filters_score_folder_cluster_run(ws):
     assert c.get("/api/progress?run=2").json() == {"total": 13, "reviewed": 0, "remaining": 13}
 
 
-def test_a_pair_carries_its_verification_and_the_queue_filters_partial_copies(ws):
+def test_a_pair_carries_its_verification_and_the_queue_filters_partial_copies(ws, monkeypatch):
     c = client(ws)
     rows = {(r["path_a"], r["path_b"]): r for r in all_rows(c, "&limit=100")}
     assert_verified_rows(rows)
     for key, v in VERIFIED.items():
         r = rows[key]
         assert r["covered"] == (None if v["covered"] is None else pytest.approx(v["covered"]))
+    # whether one picture shows the other on a blank margin: the server's word (the page only
+    # words it), as store.pairs.on_margin decides it: no such pair here, then one
+    assert not any(rows[key]["on_margin"] for key in VERIFIED)
+    monkeypatch.setattr(store_pairs, "FULL_SHARE", 0.99)  # the rescan covering 98 %: margin
+    again = {(r["path_a"], r["path_b"]): r for r in all_rows(c, "&limit=100")}
+    assert [k for k in VERIFIED if again[k]["on_margin"]] == [(RUN1[1], RUN2[1])]
     # which side is the detail, which the whole picture (the likely master)
     detail = rows[(RUN1[4], RUN2[0])]  # late/p6 is the detail (b_in_a), its box on box-b/p4
     assert (detail["detail_path"], detail["whole_path"]) == (RUN2[0], RUN1[4])

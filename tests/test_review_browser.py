@@ -177,6 +177,12 @@ def test_review_with_the_keyboard_in_chromium(server, tmp_path):
                                    ".includes('scale(1.2')")
             assert page.evaluate(REGION) == pytest.approx([0.7, 0.0, 0.3, 1 / 3], abs=0.02)
 
+            # the same picture, as the server words it (no blank margin here: on_margin false)
+            page.goto(url + "?decision=all&relation=full")
+            page.wait_for_function("() => document.body.dataset.ready === '1'")
+            check = page.locator("#check").inner_text()
+            assert check.startswith("same picture (") and "blank margin" not in check, check
+
             # the cluster view: rejecting two links of a triangle splits a member off
             page.goto(url.rstrip("/") + "/cluster/0")
             page.wait_for_function("() => document.body.dataset.ready === '1'")

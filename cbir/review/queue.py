@@ -23,7 +23,7 @@ from ..fsutil import file_stamps
 from ..linkage import DisjointSets
 from ..store import catalog, decisions
 from ..store.layout import layout
-from ..store.pairs import PARTIAL
+from ..store.pairs import PARTIAL, on_margin
 from ..store.tables import one_line
 
 if TYPE_CHECKING:
@@ -213,6 +213,8 @@ _SHOWN = (
 def _shown(r: dict[str, Any]) -> dict[str, Any]:
     out = {k: r.get(k) for k in _SHOWN}
     out["master"] = r["image_a"] if r.get("master_path") == r["path_a"] else r["image_b"]
+    # the same picture, one on a blank margin of the other (box_on): decided here, not in the page
+    out["on_margin"] = on_margin(r.get("relation"), r.get("covered"))
     out["key"] = Cursor(int(r["run_key"]), float(r["dist"]), r["ka"], r["kb"]).text()
     return out
 

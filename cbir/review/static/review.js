@@ -102,9 +102,9 @@
   // What geometric verification found, in words ("" when the pair was not checked).
   function checkText(row) {
     const n = `${row.inliers} matching point${row.inliers === 1 ? "" : "s"}`;
-    if (row.relation === "full" && row.covered !== null && row.covered < 0.8) {
-      // a picture on a blank margin (covered below FULL_SHARE, cbir/store/pairs.py): box_on
-      // names the one with the margin
+    if (row.on_margin) {
+      // a picture on a blank margin (the server's store.pairs.on_margin): box_on names the
+      // one with the margin
       return `same picture, the ${row.box_on === "a" ? "left" : "right"} on a blank margin (${n})`;
     }
     if (row.relation === "full") return `same picture (${n})`;
