@@ -181,10 +181,11 @@ def _build_or_update(
     """Update the index in `folder` to hold exactly `fids` (vectors of model `fp`), in place
     when it can, else rebuild it. `on_dask`: the vectors are current_embeddings' (the workers
     open them), so with orchestration.dask_address an IVF-PQ build and a large update run as
-    Dask tasks (cbir.steps.index_dask). `since` (_added_rows): the only rows that may be new,
-    where the index and they account for every one of `fids` (then the 10^7 ids are not
-    compared: 0.4 s, nor their sorted file read and written again: a delta's ids are the
-    delta's own); `opened`: the embeddings' stamp, recorded with the index."""
+    Dask tasks (cbir.steps.index_dask). `since` (store.vectors.added_between): the only rows
+    that may be new, used where the index and they account for every one of `fids` (then the
+    10^7 ids are not compared: 0.4 s); `opened`: the embeddings' stamp, recorded with the
+    index. The sorted ids file lists the index file's ids: it is written with the index file
+    and left as it is by a save of the delta (store.index.save_delta)."""
     cfg = settings.index
     address = settings.orchestration.dask_address if on_dask else None
     index, info, reason = reusable_index(folder, fp, rebuild, mapped=True)
@@ -202,19 +203,19 @@ def _build_or_update(
                 gone, new_mask = _changes(have, fids)
             n_new = int(new_mask.sum())
             on_workers = bool(address) and wants_dask_add(info, n_new)
-            if delta is not None and (
+            # removals, a delta grown past its share, or Dask workers adding: read it whole
+            whole = delta is None or (
                 on_workers
                 or not _in_delta(index.ntotal - delta.ntotal, delta.ntotal + n_new, len(gone))
-            ):  # removals, a delta grown past its share, or Dask workers adding: read it whole
-                if have is None:  # its ids first, the main file's and the delta's (sorted_ids)
-                    have = sorted_ids(folder, index)
+            )
+            if whole and have is None:  # written whole, with its ids: read them while layered
+                have = sorted_ids(folder, index)
+            if delta is not None and whole:
                 try:
                     index, info = load_index(folder)
                 except CbirError as exc:  # its checksum is checked now
                     return _rebuilt(settings, folder, fp, fids, vectors, address, str(exc), opened)
                 delta = None
-            if have is None and delta is None:  # the index file written whole: with its ids
-                have = sorted_ids(folder, index)
             removed = remove_ids(index, info, gone)
             if on_workers and address:
                 added = dask_add_vectors(
@@ -237,11 +238,11 @@ def _build_or_update(
                     rebuild_factor=cfg.rebuild_factor,
                 )
             if added:
-                ids = None if have is None else _after(have, gone, fids[new_mask])
                 if delta is not None and n_new:
-                    save_delta(index, info, folder, ids, opened)
+                    save_delta(index, info, folder, opened)
                 elif delta is None and (removed or n_new):
-                    save_index(index, info, folder, ids, opened)
+                    assert have is not None
+                    save_index(index, info, folder, _after(have, gone, fids[new_mask]), opened)
                 return IndexSummary(
                     info=info,
                     folder=folder,

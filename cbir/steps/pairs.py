@@ -609,7 +609,7 @@ def _unsearched_since(
     at 10^7). It holds where the searched files list exactly the images present then, as
     every run leaves them, so that with only rows appended since, they and the new rows'
     present images make up the present ones: checked by count. None: compare every image."""
-    if not _same_search(recorded, state) or recorded is None or recorded.opened is None:
+    if recorded is None or recorded.opened is None or not _same_search(recorded, state):
         return None
     now = getattr(s.vectors, "stamp", None)
     rows = added_between(settings, s.fingerprint, recorded.opened, now, s.image_ids)

@@ -47,7 +47,7 @@ from .layout import (
     STAGED_FILE,
     layout,
 )
-from .manifest import CanonicalPaths, ImageIds, canonical_paths_of, canonical_table, keys_in
+from .manifest import CanonicalPaths, ImageIds, canonical_paths_of, canonical_table
 from .vectors import Vectors, current_embeddings
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def save_index(
     if index.ntotal != info.n_vectors:
         raise CbirError(f"index holds {index.ntotal} vectors but its info says {info.n_vectors}")
     faults.point("index.save")
-    ids_file = _write_ids(folder, index.ntotal, ids)
+    ids_file = _write_ids(folder, index, ids)
     digest = hashlib.sha256()
     size = 0
     failed: list[OSError] = []
@@ -161,7 +161,6 @@ def save_delta(
     index: faiss.Index,
     info: IndexInfo,
     folder: Path,
-    ids: np.ndarray | None = None,
     opened: dict[str, Any] | None = None,
 ) -> None:
     """Write what was added to a layered index (opened by ``reusable_index(mapped=True)``)
@@ -169,10 +168,9 @@ def save_delta(
     to 10^7 writes the trained quantiser and codebooks (about 17 MB) and the new codes, not the
     720 MB index. Staged, committed by the sidecar (which keeps the main file's record and
     adds the delta's size and SHA-256), then renamed, as save_index does: a kill at any moment
-    leaves the previous state or the new one. `ids`, `opened`: as for save_index. The ids
-    file of a layered index lists the main file's ids alone (sorted_ids adds the delta's):
-    given `ids`, those of the delta are left out of it; without, the main file's ids file
-    stays named (a night writes no 80 MB of ids at 10^7)."""
+    leaves the previous state or the new one. `opened`: as for save_index. The ids file
+    save_index wrote lists the main file's ids, which a delta does not change: it stays named
+    (sorted_ids adds the delta's; a night writes no 80 MB of ids at 10^7)."""
     folder = Path(folder)
     delta = delta_of(index)
     if delta is None:
@@ -185,13 +183,9 @@ def save_delta(
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CbirError(f"index sidecar in {folder} is unreadable ({e}); {_REBUILD}") from e
     faults.point("index.save")
-    if ids is None:  # the main file's ids stay named where they are
-        ids_file = _main_ids(side, index)
-    else:  # the main file's alone: the delta's own are read from it (sorted_ids)
-        if len(ids) != index.ntotal:
-            raise CbirError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
-        main = ids[~keys_in(ids, np.sort(index_ids(delta)))]
-        ids_file = _write_ids(folder, index.ntotal - delta.ntotal, main)
+    record = side.get("ids_file") if isinstance(side, dict) else None
+    main_ids = isinstance(record, dict) and record.get("n") == index.ntotal - delta.ntotal
+    ids_file = record if main_ids else None  # (one of all the ids, as saved before: dropped)
     data = faiss.serialize_index(delta).tobytes()  # small: what was added since
     with atomic_path(folder / DELTA_STAGED) as tmp:
         tmp.write_bytes(data)
@@ -215,28 +209,17 @@ def save_delta(
     reuse.put(_KEPT + str(folder), _files_stamp(folder), (index, info))
 
 
-def _write_ids(folder: Path, n: int, ids: np.ndarray | None) -> dict[str, Any] | None:
-    """Write the index's sorted ids (`n` of them) under a new name for the sidecar to name
-    (before it: a kill leaves a file no sidecar names, removed by the next save); None: none
-    given."""
+def _write_ids(folder: Path, index: faiss.Index, ids: np.ndarray | None) -> dict[str, Any] | None:
+    """Write the index's sorted ids under a new name for the sidecar to name (before it: a
+    kill leaves a file no sidecar names, removed by the next save); None: none given."""
     if ids is None:
         return None
-    if len(ids) != n:
-        raise CbirError(f"index holds {n} vectors but {len(ids)} ids were given")
+    if len(ids) != index.ntotal:
+        raise CbirError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
     name = f"{IDS_PREFIX}{secrets.token_hex(4)}.npy"
     with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.ascontiguousarray(ids, np.int64), allow_pickle=False)
     return {"name": name, "n": len(ids)}
-
-
-def _main_ids(side: Any, index: faiss.Index) -> dict[str, Any] | None:
-    """The sidecar's ids file record where it lists the ids of the main file of a layered
-    `index` (all but its delta's), else None."""
-    record = side.get("ids_file") if isinstance(side, dict) else None
-    delta = delta_of(index)
-    if not isinstance(record, dict) or delta is None:
-        return None
-    return record if record.get("n") == index.ntotal - delta.ntotal else None
 
 
 def recorded_opening(folder: Path) -> dict[str, Any] | None:
