@@ -60,7 +60,8 @@ def _scale() -> Any:
 def write_workspace(ws: Path, n: int, seed: int) -> tuple[str, Callable[[], None]]:
     """The manifest, runs, base pairs and clusters of N items; and the night that follows (its
     items' manifest rows, its pairs partition, the clusters of all pairs, the changed clusters
-    named in pairs.json, as `cbir ingest` and `cbir pairs` leave them), written when called."""
+    numbered as a night's update numbers them, as `cbir ingest` and `cbir pairs` leave them),
+    written when called."""
     import pyarrow as pa
 
     from cbir.fsutil import write_parquet
@@ -70,6 +71,7 @@ def write_workspace(ws: Path, n: int, seed: int) -> tuple[str, Callable[[], None
         CLUSTERS_SCHEMA,
         PAIRS_SCHEMA,
         TOKEN,
+        ClusterIds,
         PairsState,
         new_token,
         write_state,
@@ -110,20 +112,35 @@ def write_workspace(ws: Path, n: int, seed: int) -> tuple[str, Callable[[], None
                   .replace_schema_metadata({TOKEN: searched_token}), lay.searched)
     path_of = dict(zip(ids, paths, strict=True))
 
-    def clusters_of(table: pa.Table, token: str) -> list[frozenset[str]]:
+    lineage = new_token()
+
+    def clusters_of(table: pa.Table, token: str,
+                    was: dict[frozenset[str], int] | None = None) -> dict[frozenset[str], int]:
+        """Clusters numbered by size from 1 (`was` None) or as an update numbers them: those
+        of `was` under their ids, the others from its next id on."""
         found = dict(zip(zip(table["image_a"].to_pylist(), table["image_b"].to_pylist(),
                              strict=True), ((float(x), 1) for x in table["score"].to_pylist()),
                          strict=True))
         clusters = clusters_from_pairs(found, scale.PAIR_THRESHOLD)
+        nxt = max(was.values(), default=0) + 1 if was else 1
+        ids: dict[frozenset[str], int] = {}
+        for members, _ in clusters:
+            key = frozenset(members)
+            if was and key in was:
+                ids[key] = was[key]
+            else:
+                ids[key], nxt = nxt, nxt + 1
         sizes = [len(m) for m, _ in clusters]
         members = [m for ms, _ in clusters for m in ms]
+        meta = {TOKEN: token, **ClusterIds(lineage, nxt).meta()}
         write_parquet(pa.table({
-            "cluster_id": np.repeat(np.arange(1, len(clusters) + 1, dtype=np.int32), sizes),
+            "cluster_id": np.repeat(np.asarray([ids[frozenset(m)] for m, _ in clusters],
+                                               np.int32), sizes),
             "image_id": members, "path": [path_of[m] for m in members],
             "size": np.repeat(np.asarray(sizes, np.int32), sizes),
             "weakest_link": np.repeat(np.asarray([w for _, w in clusters], np.float32), sizes),
-        }, schema=CLUSTERS_SCHEMA).replace_schema_metadata({TOKEN: token}), lay.clusters)
-        return [frozenset(m) for m, _ in clusters]
+        }, schema=CLUSTERS_SCHEMA).replace_schema_metadata(meta), lay.clusters)
+        return ids
 
     before = clusters_of(base, "before")
     write_state(lay, PairsState(base=base_token, searched=searched_token, search={}, runs=[],
@@ -135,11 +152,9 @@ def write_workspace(ws: Path, n: int, seed: int) -> tuple[str, Callable[[], None
         write_parquet(scale._runs(2), lay.runs)
         write_parquet(night, lay.run_pairs(1))
         write_parquet(pa.table({"image_id": pa.array(ids[n:])}), lay.run_searched(1))
-        after = clusters_of(both, "after")
-        changed = {min(c) for c in set(before) ^ set(after)}  # dropped or formed
+        clusters_of(both, "after", before)
         write_state(lay, PairsState(base=base_token, searched=searched_token, search={},
-                                    runs=[1], clusters="after:", clusters_from="before",
-                                    clusters_changed=sorted(changed)))
+                                    runs=[1], clusters="after:"))
 
     note = f"{n:,} + {NEW_ITEMS:,} items, {both.num_rows:,} pairs, {len(before):,} clusters"
     return note, write_night
@@ -170,27 +185,30 @@ def child(ws: Path, what: str) -> dict[str, Any]:
         return {"seconds": time.perf_counter() - t0, "note": ", ".join(grown) or "not grown"}
     if what == "whole":  # the same computed whole, as before growing: the same rows?
         import duckdb
-        import pyarrow as pa
+
+        def rows() -> dict[str, Any]:  # each stored view as queries see it (`alive` applied)
+            con = catalog.connect(s, refresh=False)
+            try:
+                return {v: con.execute(f"SELECT * FROM {v}").to_arrow_table()
+                        for v in ("pair_report", "cluster_report")}
+            finally:
+                con.close()
 
         stored = [v.stored for v in catalog.views(s) if v.stored is not None]
-        files = {p: catalog.stored_files(p) or [] for p in stored}  # a result and its parts
-        kept = {p: pa.concat_tables([pq.read_table(f).replace_schema_metadata(None)
-                                    for f in files[p]], promote_options="permissive")
-                for p in stored if files[p]}
-        for f in (f for p in kept for f in files[p]):
+        grown_rows = rows()
+        for f in (f for p in stored for f in catalog.stored_files(p) or []):
             f.unlink()
         t0 = time.perf_counter()
         catalog.refresh_catalog(s)
         seconds = time.perf_counter() - t0
         con = duckdb.connect()
         same = True
-        for i, (p, grown_rows) in enumerate(kept.items()):
-            con.register(f"g{i}", grown_rows)
-            w = "read_parquet([" + ", ".join(f"'{f}'" for f in catalog.stored_files(p) or []) + "])"
+        for name, table in rows().items():
+            con.register("w", table)
+            con.register("g", grown_rows[name])
             same &= all(con.execute(f"SELECT count(*) FROM ({x} EXCEPT ALL {y})").fetchall()
-                        == [(0,)] for x, y in ((f"SELECT * FROM g{i}", f"SELECT * FROM {w}"),
-                                          (f"SELECT * FROM {w}", f"SELECT * FROM g{i}")))
-        return {"seconds": seconds, "note": f"same rows as grown {same and len(kept) == 2}"}
+                        == [(0,)] for x, y in (("FROM g", "FROM w"), ("FROM w", "FROM g")))
+        return {"seconds": seconds, "note": f"same rows as grown {same}"}
     if what == "review":
         return dict(scale.child_review(ws, {"run": 2}))
     mode, query = what.split(":")

@@ -829,11 +829,10 @@ def run_vector_size(n: int, args: argparse.Namespace, max_rss: float) -> list[di
 def _outputs(ws: Path) -> dict[str, Any]:
     """What a nightly run leaves, to compare: the pairs (all files that hold them), the
     clusters, the searched images, the index's size, and the catalogue's stored reports (their
-    rows, in whatever files and order: a multiset digest)."""
-    import duckdb
+    rows as queries read them, in whatever files and order: a multiset digest)."""
     import pyarrow.parquet as pq
 
-    from cbir.store.catalog import stored_files
+    from cbir.store.catalog import connect
     from cbir.store.layout import layout
     from cbir.store.pairs import read_pairs, searched_files
 
@@ -846,13 +845,10 @@ def _outputs(ws: Path) -> dict[str, Any]:
         "searched": sorted(x for col in searched for x in col.to_pylist()),
     }
     out["index"] = json.loads((ws / "data" / "index" / "index.json").read_text())["n_vectors"]
-    con = duckdb.connect()
+    con = connect(s, refresh=False)  # the stored results as queries read them (View.alive)
     for name in ("pair_report", "cluster_report"):
-        files = stored_files(lay.stored_view(name)) or []
-        listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
-        out[name] = con.execute(  # (rows, sum of row hashes); none stored: (0, None)
-            f"SELECT count(*), sum(hash(t)::HUGEINT) FROM read_parquet([{listed}]) t"
-        ).fetchone() if files else (0, None)
+        out[name] = con.execute(  # (rows, sum of row hashes)
+            f"SELECT count(*), sum(hash(t)::HUGEINT) FROM {name} t").fetchone()
     con.close()
     return out
 

@@ -39,7 +39,7 @@ from cbir.store.manifest import (
     canonical_table,
     hex_keys,
 )
-from cbir.store.pairs import read_pairs, read_state, stray_runs
+from cbir.store.pairs import cluster_ids, read_pairs, read_state, stray_runs
 
 N = 1_500
 NEW = 60  # a night's arrivals; a fifth are near-copies of images already in the collection
@@ -73,19 +73,37 @@ def _rows(table: pa.Table) -> list[tuple]:
     return sorted(tuple(r.values()) for r in table.to_pylist())
 
 
-def _clusters_hold_every_link(ws: Path, scale, threshold: float) -> None:
+def _clusters_hold_every_link(
+    ws: Path, scale, threshold: float, before: dict[frozenset, int] | None = None
+) -> dict[frozenset, int]:
     """clusters.parquet is what clustering all the recorded pairs again gives (the full
-    algorithm, clusters_from_pairs), weakest links included."""
+    algorithm, clusters_from_pairs), weakest links included, in its order (size, then the
+    smallest member); each cluster under an id of its own (store.pairs.CLUSTER_IDS): those
+    of `before` (the clusters' ids as this returned them earlier) that are still there under
+    theirs, the others above every id given before. Returns the clusters' ids."""
     s = scale._settings(ws)
     near = {(r["image_a"], r["image_b"]): (r["score"], r["rank"])
             for r in read_pairs(s).to_pylist() if r["kind"] == "near"}
-    expected = [(cid, m, len(members), np.float32(weak))
-                for cid, (members, weak) in enumerate(clusters_from_pairs(near, threshold), 1)
-                for m in members]
-    stored = pq.read_table(layout(s).clusters).to_pylist()
-    assert [(r["cluster_id"], r["image_id"], r["size"], np.float32(r["weakest_link"]))
+    clusters = clusters_from_pairs(near, threshold)
+    expected = [(m, len(members), np.float32(weak)) for members, weak in clusters for m in members]
+    lay = layout(s)
+    stored = pq.read_table(lay.clusters).to_pylist()
+    assert [(r["image_id"], r["size"], np.float32(r["weakest_link"]))
             for r in stored] == expected
     assert len(expected) > 10  # something to compare
+    groups: dict[int, set[str]] = {}
+    for r in stored:
+        groups.setdefault(r["cluster_id"], set()).add(r["image_id"])
+    ids = {frozenset(m): cid for cid, m in groups.items()}
+    assert len(ids) == len(groups) == len(clusters)  # one id a cluster, one cluster an id
+    numbering = cluster_ids(lay.clusters)
+    assert numbering is not None and max(groups) < numbering.next
+    if before is not None:
+        top = max(before.values())
+        for members, cid in ids.items():
+            assert cid == before[members] if members in before else cid > top
+        assert len(set(ids) & set(before)) > 10  # most clusters kept their ids
+    return ids
 
 
 def _full(ws: Path, scale) -> list[tuple]:
@@ -102,6 +120,9 @@ def test_nightly_runs_write_their_own_partition_and_cluster_as_all_pairs_would(w
     lay = layout(scale._settings(ws))
     base = lay.pairs.stat()
     n_before = read_pairs(scale._settings(ws)).num_rows
+    ids = _clusters_hold_every_link(ws, scale, 0.9)  # numbered whole: by size from 1
+    assert sorted(ids.values()) == list(range(1, len(ids) + 1))
+    lineage = cluster_ids(lay.clusters).lineage
     for night, seed in enumerate((11, 12), start=1):
         recorded = _rows(read_pairs(scale._settings(ws)))
         out = _night(scale, ws, seed)
@@ -122,7 +143,10 @@ def test_nightly_runs_write_their_own_partition_and_cluster_as_all_pairs_would(w
         now = lay.pairs.stat()
         assert (now.st_ino, now.st_mtime_ns, now.st_size) == (
             base.st_ino, base.st_mtime_ns, base.st_size)
-        _clusters_hold_every_link(ws, scale, out.thresholds.cluster)
+        was = ids
+        ids = _clusters_hold_every_link(ws, scale, out.thresholds.cluster, was)
+        assert set(ids) != set(was)  # the night formed clusters, numbered after the others
+        assert cluster_ids(lay.clusters).lineage == lineage
     s = scale._settings(ws)
     assert read_pairs(s).num_rows > n_before
     # the catalogue's view reads the base and both partitions
@@ -311,6 +335,7 @@ def test_a_night_under_the_recorded_canonical_epoch_sorts_no_canonical_paths(ws,
         assert all(now[m["image_id"]] == m["path"] for m in members)
         assert len(rows) > 10 and len(members) > 10
 
+    numbered = cluster_ids(lay.clusters)
     assert read_state(lay).epoch == canonical_epoch(s) != ""
     out = _night(scale, ws, 41)
     assert out.incremental and out.added > 0 and read_state(lay).runs == [1]
@@ -318,7 +343,7 @@ def test_a_night_under_the_recorded_canonical_epoch_sorts_no_canonical_paths(ws,
     assert read_state(lay).epoch == canonical_epoch(s)
     # one lookup, the new pairs' images: the updated clusters' members take theirs from them
     # and from the clusters they join
-    assert read_state(lay).clusters_changed  # the update regrouped some
+    assert cluster_ids(lay.clusters).next > numbered.next  # the update formed some
     assert len(looked_up) == 1 and looked_up[0] <= 2 * out.added
     assert pq.read_metadata(lay.clusters).num_rows > 10
     all_paths_current()
@@ -398,7 +423,16 @@ def test_each_kept_cluster_row_knows_its_smallest_member_in_order_or_not():
     want = {}
     for r in rows:
         want[r["cluster_id"]] = min(want.get(r["cluster_id"], r["image_id"]), r["image_id"])
-    for t in (table, table.take(pa.array(rng.permutation(len(rows))))):  # in order, shuffled
+    # ids kept by nights need not follow the rows' order (store.pairs.CLUSTER_IDS)
+    renumbered = {cid: new for cid, new in zip(range(1, 8), [40, 30, 17, 10, 99, 20, 50], strict=True)}
+    relabelled = table.set_column(0, "cluster_id", pa.array(
+        [renumbered[c] for c in table.column("cluster_id").to_pylist()], pa.int64()))
+    want.update({renumbered[c]: want[c] for c in list(want)})
+    split = table.take(pa.array([*range(5, len(rows)), *range(5)]))  # cluster 1 after the rest
+    # one id heading two runs (cluster 2's rows apart): read off, it would take two firsts
+    apart = table.take(pa.array([5, 8, 6, 7, *range(9, len(rows)), *range(5)]))
+    shuffled = table.take(pa.array(rng.permutation(len(rows))))
+    for t in (table, relabelled, split, apart, shuffled):
         got = _with_firsts(t).to_pylist()
         assert len(got) == len(rows)
         assert all(r["first"] == want[r["cluster_id"]] for r in got)

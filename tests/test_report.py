@@ -549,16 +549,17 @@ def test_a_moved_scan_brings_no_new_pairs(tmp_path):
 
 
 def _stored_equals_live(s: Settings, name: str = "pair_report") -> int:
-    """The stored result of a view holds exactly the rows its live query gives (rows counted)."""
+    """The stored result of a view, as queries read it (its rows that count: View.alive),
+    holds exactly the rows its live query gives (rows counted)."""
     import duckdb
 
     chosen = catalog._plan(s)
-    stored = next(v.stored for v in chosen if v.name == name)
+    view = next(v for v in chosen if v.name == name)
+    assert view.stored is not None and catalog.stored_files(view.stored)
     con = duckdb.connect(":memory:")
-    for view in chosen:
-        con.execute(f'CREATE TEMP VIEW "{view.name}" AS {view.live(None)}')
-    files = ", ".join(f"'{f}'" for f in catalog.stored_files(stored) or [])
-    kept = f"SELECT * FROM read_parquet([{files}])"
+    for v in chosen:
+        con.execute(f'CREATE TEMP VIEW "{v.name}" AS {v.live(None)}')
+    kept = view.body(None)
     for a, b in ((f'SELECT * FROM "{name}"', kept), (kept, f'SELECT * FROM "{name}"')):
         assert con.execute(f"SELECT count(*) FROM ({a} EXCEPT ALL {b})").fetchone()[0] == 0
     n = con.execute(f"SELECT count(*) FROM ({kept})").fetchone()[0]
@@ -569,8 +570,10 @@ def _stored_equals_live(s: Settings, name: str = "pair_report") -> int:
 def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     """New scans only append manifest rows: the stored pair_report keeps the recorded pairs' rows
     and computes those of the night's partition (and the exact copies), the stored
-    cluster_report those of the clusters the update dropped or formed; a night that changes a
-    row (a scan moved) computes them whole. Either way each equals its live query."""
+    cluster_report those of the clusters the update formed, each in a part of its own, the
+    rows of clusters no longer listed left out; a night that changes a row (a scan moved), or
+    clusters numbered whole again, computes them whole. Either way each equals its live
+    query."""
     s = load_settings(build_workspace(tmp_path, evaluate=False))
     scans = s.path(s.data.scans_dir)
     before = _stored_equals_live(s)
@@ -594,6 +597,12 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     whole = catalog.stored_files(report)  # the file (exact copies) and one part (near pairs)
     assert whole is not None and len(whole) == 2
     part = whole[1].stat()
+    by_cluster = next(v.stored for v in catalog.views(s) if v.name == "cluster_report")
+    cluster_files = catalog.stored_files(by_cluster)  # an empty file and one part
+    assert cluster_files is not None and len(cluster_files) == 2
+    cluster_part = cluster_files[1].stat()
+    ids_before = {r["cluster_id"]: r["member_ids"] for r in
+                  _rows(s, "SELECT cluster_id, member_ids FROM cluster_report")}
     save(photo(4, (160, 120)).resize((110, 82)), scans / "later/p04-small.jpg")
     (scans / "later/p02-again.jpg").write_bytes((scans / "box-a/p02.jpg").read_bytes())
     run = night()
@@ -605,14 +614,26 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
                                                                        part.st_mtime_ns)
     assert set(pq.read_table(grown_files[2]).column("kind").to_pylist()) == {"near"}
     assert set(pq.read_table(report).column("kind").to_pylist()) == {"exact"}
-    from cbir.store.layout import layout
-    from cbir.store.pairs import read_state
-
-    state = read_state(layout(s))
-    assert state is not None and state.clusters_from and state.clusters_changed  # updated
+    # the clusters' rows kept where they were, the clusters formed in a part of their own
+    grown_clusters = catalog.stored_files(by_cluster)
+    assert grown_clusters is not None and grown_clusters[:2] == cluster_files
+    assert len(grown_clusters) == 3
+    assert (cluster_files[1].stat().st_ino, cluster_files[1].stat().st_mtime_ns) == (
+        cluster_part.st_ino, cluster_part.st_mtime_ns)
+    formed = pq.read_table(grown_clusters[2]).column("cluster_id").to_pylist()
+    assert formed and min(formed) > max(ids_before)  # new ids, after every earlier one
+    ids_after = {r["cluster_id"]: r["member_ids"] for r in
+                 _rows(s, "SELECT cluster_id, member_ids FROM cluster_report")}
+    # a cluster still listed keeps its id and members; one the night joined with a new image
+    # is no longer listed, though its row stays in the older part (left out: View.alive)
+    dropped = set(ids_before) - set(ids_after)
+    assert dropped and all(ids_after[c] == m for c, m in ids_before.items() if c in ids_after)
+    raw = sum(pq.read_metadata(f).num_rows for f in grown_clusters)
+    assert raw == len(ids_after) + len(dropped)
     after = _stored_equals_live(s)
     assert after > before
     clusters = _stored_equals_live(s, "cluster_report")
+    assert clusters == len(ids_after)
     assert _rows(s, "SELECT count(*) AS n FROM new_pairs WHERE new_run = ?", [run])[0]["n"] > 0
     exact = _rows(s, "SELECT path_a, path_b FROM pair_report WHERE kind = 'exact'")
     assert any("later/p02-again.jpg" in r.values() for r in exact)
@@ -643,16 +664,42 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     assert on_disk == set(catalog.stored_files(report)[1:]) and len(on_disk) == 2
     _stored_equals_live(s, "cluster_report")
 
-    # an update changing more clusters than pairs.json names: the report is computed whole
-    import cbir.steps.pairs as pairs_step
-
+    # a result grown to MAX_PARTS parts is computed whole: one part again
     monkeypatch.setattr(catalog, "_growth", planned)
-    monkeypatch.setattr(pairs_step, "CHANGED_MAX", 0)
+    monkeypatch.setattr(catalog, "MAX_PARTS", 2)
+    assert len(catalog.stored_files(by_cluster) or []) == 2  # computed whole above: one part
+    for n, (copy, parts) in enumerate((("p07-again", 2), ("p05-again", 1))):
+        grown.clear()
+        save(photo(7 - 2 * n, (160, 120)), scans / f"later/{copy}.jpg", quality=70)
+        night()
+        assert grown == [("pair_report", True)] + [("cluster_report", True)] * (parts == 2)
+        assert len(catalog.stored_files(by_cluster) or []) == 1 + parts
+        _stored_equals_live(s, "cluster_report")
+
+    # a full run clusters everything again, numbered by size from 1 (another lineage): the
+    # stored cluster_report is computed whole (an id may name another group now)
+    monkeypatch.setattr(catalog, "MAX_PARTS", 32)
     grown.clear()
-    save(photo(7, (160, 120)), scans / "later/p07-again.jpg", quality=70)
-    night()
-    assert grown == [("pair_report", True)]
-    _stored_equals_live(s, "cluster_report")
+    run_pairs(s)
+    assert "cluster_report" not in dict(grown)
+    ids = sorted(r["cluster_id"] for r in _rows(s, "SELECT cluster_id FROM cluster_report"))
+    assert ids == list(range(1, len(ids) + 1))
+    assert _stored_equals_live(s, "cluster_report") == len(ids)
+
+    # clusters of another lineage, even up to the same next id: computed whole
+    from cbir.fsutil import write_parquet
+    from cbir.store.layout import layout
+    from cbir.store.pairs import CLUSTER_IDS, cluster_ids
+
+    clusters_file = layout(s).clusters
+    table, numbering = pq.read_table(clusters_file), cluster_ids(clusters_file)
+    assert numbering is not None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    meta[CLUSTER_IDS] = json.dumps({"lineage": "another", "next": numbering.next})
+    write_parquet(table.replace_schema_metadata(meta), clusters_file)
+    grown.clear()
+    catalog.refresh_catalog(s)
+    assert grown == [] and _stored_equals_live(s, "cluster_report") == len(ids)
 
 
 def test_a_card_says_which_picture_adds_a_blank_margin():

@@ -69,7 +69,9 @@ from ..store.pairs import (
     PAIRS_FIX,
     PAIRS_SCHEMA,
     TOKEN,
+    ClusterIds,
     PairsState,
+    cluster_ids,
     file_token,
     finish_commit,
     new_token,
@@ -738,10 +740,13 @@ def _edges(table: pa.Table, threshold: float) -> list[tuple[float, str, str]]:
 
 
 def _cluster_table(
-    clusters: list[tuple[list[str], float]], s: Searcher, known: Mapping[str, str] | None = None
+    clusters: list[tuple[list[str], float]],
+    s: Searcher,
+    known: Mapping[str, str] | None = None,
+    start: int = 1,
 ) -> pa.Table:
-    """The clusters' rows, each member with its canonical path: from `known` (current paths
-    the caller holds), else looked up."""
+    """The clusters' rows, numbered from `start` in their order, each member with its
+    canonical path: from `known` (current paths the caller holds), else looked up."""
     known = known or {}
     path: dict[str, str | None] = {
         m: known[m] for members, _ in clusters for m in members if m in known
@@ -756,15 +761,10 @@ def _cluster_table(
             "size": len(members),
             "weakest_link": weak,
         }
-        for cid, (members, weak) in enumerate(clusters, start=1)
+        for cid, (members, weak) in enumerate(clusters, start=start)
         for m in members
     ]
     return pa.Table.from_pylist(rows, schema=CLUSTERS_SCHEMA)
-
-
-#: The most changed clusters pairs.json names (the stored cluster_report grows by them; an
-#: update changing more is computed whole there, as a first run's).
-CHANGED_MAX = 50_000
 
 
 def _inputs_digest(threshold: float, decided: Any) -> str:
@@ -781,12 +781,12 @@ def _update_clusters(
     decided: Any,
     s: Searcher,
     paths_current: bool = False,
-) -> tuple[pa.Table, list[str]] | None:
+) -> tuple[pa.Table, ClusterIds] | None:
     """The clusters with this run's new pairs (`new`; `near`: all near pairs, new ones
     included), updated from clusters.parquet instead of clustered all again: the clusters the
     new links touch, and the new images, are clustered again from their own links (union-find,
-    strongest first: their weakest links too); the others stay. Also the smallest member id of
-    each cluster dropped or formed (the others' keep theirs). None where that would not be
+    strongest first: their weakest links too); the others stay, under their ids. The clusters
+    formed take new ids (CLUSTER_IDS), returned with the table. None where that would not be
     what clustering everything gives: clusters.parquet unreadable, or a reviewer's `different`
     decision involves an image of the touched clusters (it changes which links count).
     `paths_current`: the recorded paths are the canonical ones (the manifest's canonical epoch
@@ -796,9 +796,13 @@ def _update_clusters(
         old = read_table(lay.clusters, CLUSTERS_SCHEMA, PAIRS_FIX)
     except CbirError:
         return None
+    ids = cluster_ids(lay.clusters)
+    if ids is None:  # written before ids were kept: numbered by size, 1 to the largest id
+        top = pc.max(old.column("cluster_id")).as_py() if old.num_rows else 0
+        ids = ClusterIds(new_token(), (top or 0) + 1)
     added = _edges(new, threshold)
     if not added:
-        return old, []
+        return old, ids
     touched = pa.array(sorted({x for _, a, b in added for x in (a, b)}), pa.string())
     hit = pc.unique(old.filter(pc.is_in(old.column("image_id"), value_set=touched))["cluster_id"])
     in_hit = pc.is_in(old.column("cluster_id"), value_set=hit)
@@ -816,29 +820,41 @@ def _update_clusters(
     )
     known: dict[str, str] = {}
     if paths_current:
-        for ids, paths in (
+        for image_ids, paths in (
             (new.column("image_a"), new.column("path_a")),
             (new.column("image_b"), new.column("path_b")),
             (joined.column("image_id"), joined.column("path")),
         ):
             known.update(
                 (i, p)
-                for i, p in zip(ids.to_pylist(), paths.to_pylist(), strict=True)
+                for i, p in zip(image_ids.to_pylist(), paths.to_pylist(), strict=True)
                 if p is not None
             )
-    # link() lists clusters by size and members sorted: each cluster led by its smallest member
-    regrouped = _with_firsts(
-        _cluster_table(link(same + _edges(near.filter(inside), threshold)), s, known)
-    )
+    # link() lists clusters by size and members sorted: each cluster led by its smallest
+    # member; numbered in that order from the next id
+    formed = link(same + _edges(near.filter(inside), threshold))
+    regrouped = _with_firsts(_cluster_table(formed, s, known, start=ids.next))
     kept = _with_firsts(old.filter(pc.invert(in_hit)))
-    both = _merged(kept, regrouped.cast(kept.schema))
-    f = both.column("first").combine_chunks()
-    starts = np.r_[True, np.asarray(pc.not_equal(f[1:], f[:-1]))] if len(f) else np.zeros(0)
-    ids = pa.array(np.cumsum(starts).astype(np.int32))
-    out = both.drop_columns(["first"]).set_column(0, "cluster_id", ids)
-    formed, dropped = regrouped.column("first"), _with_firsts(joined).column("first")
-    changed = set(formed.to_pylist()) | set(dropped.to_pylist())
-    return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA), sorted(changed)
+    out = _merged(kept, regrouped.cast(kept.schema)).drop_columns(["first"])
+    now = ClusterIds(ids.lineage, ids.next + len(formed))
+    return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA), now
+
+
+def _numbered_whole(path: Path, clusters: pa.Table) -> ClusterIds:
+    """The ids of clusters numbered whole (by size from 1): the lineage of the clusters file
+    at `path` where it holds these very clusters (a rerun that changes nothing rewrites
+    nothing), else a new one, so that no id names two groups in one lineage."""
+    was = cluster_ids(path)
+    n = pc.count_distinct(clusters.column("cluster_id")).as_py() if clusters.num_rows else 0
+    if was is not None and was.next == n + 1:
+        try:
+            if pq.read_metadata(path).num_rows == clusters.num_rows:
+                held = pq.read_table(path).replace_schema_metadata(None)
+                if held.equals(clusters.replace_schema_metadata(None)):
+                    return was
+        except (OSError, pa.ArrowException):
+            pass
+    return ClusterIds(new_token(), n + 1)
 
 
 _ORDER = [("size", "descending"), ("first", "ascending"), ("image_id", "ascending")]
@@ -891,16 +907,17 @@ def _in_order(table: pa.Table) -> bool:
 
 def _with_firsts(clusters: pa.Table) -> pa.Table:
     """`clusters` with each row's cluster's smallest member id (`first`). A clusters file is
-    in order (cluster ids follow size, then the smallest member; members by id), so each
-    cluster is a run of rows led by its smallest member: read off in one pass (10^6 clusters:
-    grouping and joining them took 0.5-0.8 s). Rows in any other order are grouped."""
+    in order (size, then the smallest member; members by id), so each cluster is a run of rows
+    led by its smallest member: read off in one pass (10^6 clusters: grouping and joining them
+    took 0.5-0.8 s). Rows in any other order are grouped."""
     cid = np.asarray(clusters.column("cluster_id").to_numpy(), np.int64)
     ids = clusters.column("image_id").combine_chunks()
     if len(cid):
         starts = np.r_[True, cid[1:] != cid[:-1]]
         lead = np.maximum.accumulate(np.where(starts, np.arange(len(cid)), 0))
         first = ids.take(pa.array(lead))
-        runs = bool((cid[1:] >= cid[:-1]).all())  # each cluster's rows together
+        heads = cid[starts]  # each cluster's rows together: no id heads two runs
+        runs = len(np.unique(heads)) == len(heads)
         if runs and pc.all(pc.greater_equal(ids, first)).as_py():  # led by the smallest
             return clusters.append_column("first", first)
     firsts = clusters.group_by("cluster_id").aggregate([("image_id", "min")])
@@ -1098,19 +1115,14 @@ def run_pairs(
     present = _Present(s)
     decided = labels(lay.decisions_dir).only(present)
     digest = _inputs_digest(th.cluster, decided)
-    clusters = None
-    updated_from = ""
-    changed: list[str] = []
+    updated = None
     if rows is not None and not fold and recorded is not None:
         token, _, was = recorded.clusters.partition(":")
         if was == digest and file_token(lay.clusters) == token:
             updated = _update_clusters(lay, new, near, th.cluster, decided, s, paths_current=same)
-            if updated is not None:
-                clusters, changed = updated
-                updated_from = token
-                if len(changed) > CHANGED_MAX:  # pairs.json is read by every step
-                    updated_from, changed = "", []
-    if clusters is None:
+    if updated is not None:
+        clusters, numbering = updated
+    else:
         clusters = _cluster_table(
             link(
                 sorted((1.0, a, b) for a, b in decided.same) + _edges(near, th.cluster),
@@ -1118,6 +1130,7 @@ def run_pairs(
             ),
             s,
         )
+        numbering = _numbered_whole(lay.clusters, clusters)
     faults.point("pairs.write")
     _write_if_changed(exact, lay.exact)
     if rows is not None and not fold:  # the run's own partition; the base stays
@@ -1136,7 +1149,7 @@ def run_pairs(
         ids = searched_table(s.image_ids)
         searched_token = _write_tokened(ids, lay.searched, state, lay.searched_next)
         runs = []
-    clusters_token = _write_tokened(clusters, lay.clusters, {}, lay.clusters_next)
+    clusters_token = _write_tokened(clusters, lay.clusters, numbering.meta(), lay.clusters_next)
     faults.point("pairs.searched")
     write_state(
         lay,
@@ -1147,8 +1160,6 @@ def run_pairs(
             runs=runs,
             clusters=f"{clusters_token}:{digest}",
             epoch=epoch,
-            clusters_from=updated_from,
-            clusters_changed=changed,
             opened=getattr(s.vectors, "stamp", None),  # every image it holds now searched
         ),
     )
@@ -1158,7 +1169,7 @@ def run_pairs(
     if rows is not None:  # the recorded pairs that could be new ones (none: each has a new image)
         prior = prior.filter(pc.is_in(prior.column("image_a"), value_set=new.column("image_a")))
     added = (near if rows is None else new).join(prior.select(pair), pair, join_type="left anti")
-    n_clusters = pc.max(clusters.column("cluster_id")).as_py() or 0
+    n_clusters = pc.count_distinct(clusters.column("cluster_id")).as_py() or 0
     largest = pc.max(clusters.column("size")).as_py() or 0
     return PairsSummary(
         n_images=len(s.image_ids),

@@ -40,16 +40,17 @@ from .pairs import (
     PAIRS_FIX,
     PAIRS_SCHEMA,
     PARTIAL,
-    file_token,
+    cluster_ids,
     pair_files,
-    read_state,
 )
 from .tables import check_schema, metadata_value, one_line
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-SCHEMA_VERSION = 3  # 2: paths relative to the workspace, DOUBLE scores; 3: pair_report parted
+# 2: paths relative to the workspace, DOUBLE scores; 3: pair_report parted; 4: cluster_report
+# parted, its rows of clusters no longer listed left out (`alive`)
+SCHEMA_VERSION = 4
 
 
 def _sql_str(value: str) -> str:
@@ -106,6 +107,7 @@ class View:
     fix: str = ""  # what rebuilds that file
     stored: Path | None = None  # where its SQL's result is kept (see refresh_stored)
     parted: str = ""  # a condition: the stored rows meeting it are kept in parts (PARTS)
+    alive: str = ""  # a condition: the stored rows that still count (the others are left out)
 
     def files(self) -> list[Path]:
         if self.many is not None:
@@ -124,7 +126,8 @@ class View:
         """What the view selects: its stored result where it has one, else `live`."""
         files = stored_files(self.stored) if self.stored is not None else None
         if files:
-            return f"SELECT * FROM {_read_many(files, root)}"
+            where = f" WHERE {self.alive}" if self.alive else ""
+            return f"SELECT * FROM {_read_many(files, root)}{where}"
         return self.live(root)
 
     def live(self, root: Path | None) -> str:
@@ -439,6 +442,10 @@ def views(settings: Settings) -> list[View]:
             sql=_CLUSTER_REPORT_SQL,
             needs=("files", "clusters"),
             stored=lay.stored_view("cluster_report"),
+            # a cluster's row is kept while its id is listed (store.pairs.CLUSTER_IDS: an id
+            # names one group of images), a night's new clusters in a part of their own
+            parted="true",
+            alive="cluster_id IN (SELECT cluster_id FROM clusters)",
             comment="one row per cluster: members, size, weakest link, likely master",
         ),
     ]
@@ -494,25 +501,31 @@ def _stamp(view: View, by_name: dict[str, View], root: Path) -> str:
 # files' manifest rows alone, a cluster_report row on its cluster's members and their rows; while
 # the manifest's rows epoch (manifest.ROWS_EPOCH) is the same, a row computed from a pair or a
 # cluster still recorded holds. So a night computes the rows of its new pairs partition (and of
-# the exact copies, rewritten by every run) and of the clusters its update dropped or formed
-# (pairs.json names them by their smallest member id), keeps the others (a cluster's under its
-# new id: ids follow size), and does not join everything with the manifest again.
+# the exact copies, rewritten by every run) and of the clusters its update formed (the ids from
+# the one the result was computed up to: store.pairs.CLUSTER_IDS), each in a part of its own,
+# keeps the others' parts as they are, and does not join everything with the manifest again. A
+# cluster the update dropped keeps its row in an older part, left out by `alive`.
 GROWS = "cbir_grows"  # the key of what a stored result's rows were computed from
 _ALL = "{}_all"  # in a growth's connection, the whole view whose rows it computes a part of
+#: The parts the stored cluster_report grows to before it is computed whole again (a month of
+#: nights): bounds the files a query opens and the rows `alive` leaves out. (pair_report's
+#: follow the pairs' partitions, folded into the base at store.pairs.MAX_RUNS.)
+MAX_PARTS = 32
 
 
 @dataclass(frozen=True)
 class _Growth:
-    """How a stored result grows: its view `over` is computed over `part` of its rows only
-    (None: none to compute), the whole being `{over}_all`; `kept` selects the stored rows that
-    still hold; `expected` counts the rows the result must have (else it is computed whole)."""
+    """How a parted stored result grows: its view `over` is computed over `part` of its rows
+    only (None: none to compute), the whole being `{over}_all`, into a new part beside the
+    `parts` that still hold; `expected` counts the rows the result must have, `counted` (with
+    `{files}` its files) those it has where not all of them count (else it is computed
+    whole)."""
 
     over: str
     part: View | None
-    kept: str
     expected: str
-    firsts: tuple[str, ...] = ()  # the clusters' smallest member ids, as table `changed`
-    parts: tuple[str, ...] = ()  # a parted result's parts that still hold (`kept` unused)
+    parts: tuple[str, ...]
+    counted: str = ""
 
 
 def _growth_key(
@@ -520,9 +533,10 @@ def _growth_key(
 ) -> dict[str, Any] | None:
     """What a stored result computed now is computed from (GROWS): its SQL, the manifest's rows
     epoch and number of rows (`mark`), and the pairs' files (their stamps, named relative to
-    the workspace, which may move) or the clusters' token. None: it cannot grow (a manifest
-    with no rows epoch; the epoch is ingest's word that no row changed, which a manifest edited
-    by other means should not keep, as for CANONICAL_EPOCH)."""
+    the workspace, which may move) or the clusters' ids (lineage and next id). None: it cannot
+    grow (a manifest with no rows epoch; the epoch is ingest's word that no row changed, which
+    a manifest edited by other means should not keep, as for CANONICAL_EPOCH; clusters written
+    before their ids were kept)."""
     lay = layout(settings)
     if mark is None or view.name not in ("pair_report", "cluster_report"):
         return None
@@ -534,9 +548,10 @@ def _growth_key(
             return None
         key["near"] = [_file_stamp(p, settings.root) for p in pairs.files() if p != lay.exact]
     else:
-        key["clusters"] = file_token(lay.clusters)
-        if key["clusters"] is None:
+        ids = cluster_ids(lay.clusters)
+        if ids is None:
             return None
+        key["clusters"] = {"lineage": ids.lineage, "next": ids.next}
     return key
 
 
@@ -545,7 +560,7 @@ def _growth(
 ) -> _Growth | None:
     """How the stored result of `view` grows to what it would be computed from `now`, where
     its rows were computed under the same SQL and rows epoch, from pairs files all still there
-    as they were, or from the clusters this run's were updated from (None: computed whole)."""
+    as they were, or from clusters of the same ids' lineage (None: computed whole)."""
     assert view.stored is not None
     try:
         was = json.loads(metadata_value(view.stored, GROWS) or "null")
@@ -555,44 +570,45 @@ def _growth(
         return None
     if not isinstance(was.get("n"), int) or was["n"] > now["n"]:
         return None  # fewer rows under the same epoch: an older manifest put back
-    stored, lay = _read(view.stored, None), layout(settings)
+    files = stored_files(view.stored)
+    if files is None or metadata_value(view.stored, PARTS) is None:
+        return None  # written before its rows were parted: all of them in the file
+    parts = tuple(f.name for f in files[1:])
+    lay = layout(settings)
     if view.name == "pair_report":
         had = {json.dumps(s) for s in was.get("near") or []}
         if not had <= {json.dumps(s) for s in now["near"]}:
             return None  # a file folded away or rewritten: its rows would be gone or stale
-        files = stored_files(view.stored)
-        if files is None or metadata_value(view.stored, PARTS) is None:
-            return None  # written before its rows were parted: all of them in the file
         new = [settings.root / s[0] for s in now["near"] if json.dumps(s) not in had]
         part = tuple(new + ([lay.exact] if lay.exact.is_file() else []))
         pairs = by_name["duplicate_pairs"]
         return _Growth(
             over=pairs.name,
             part=dataclasses.replace(pairs, many=part) if part else None,
-            kept="",  # parted: the parts it names stay as they are
             expected=f"SELECT count(*) FROM {_ALL.format(pairs.name)}",
-            parts=tuple(f.name for f in (files or [])[1:]),
+            parts=parts,
         )
-    state = read_state(lay)
-    if state is None or not state.clusters_from or state.clusters_from != was.get("clusters"):
-        return None
-    if state.clusters.partition(":")[0] != now["clusters"]:
+    if len(parts) >= MAX_PARTS:
+        return None  # computed whole: one part again
+    held, ids = was.get("clusters"), now["clusters"]
+    if not isinstance(held, dict) or held.get("lineage") != ids["lineage"]:
+        return None  # numbered whole since: an id may name another group now
+    upto = held.get("next")
+    if not isinstance(upto, int) or upto > ids["next"]:
         return None
     whole = _ALL.format("clusters")
-    ids = f"SELECT cluster_id, min(image_id) AS first FROM {whole} GROUP BY cluster_id"
-    touched = (
-        f"SELECT * FROM {whole} "
-        f"WHERE cluster_id IN (SELECT cluster_id FROM ({ids}) SEMI JOIN changed USING (first))"
-    )
+    formed = f"SELECT * FROM {whole} WHERE cluster_id >= {upto}"  # ids are never given twice
     return _Growth(
         over="clusters",
-        part=dataclasses.replace(by_name["clusters"], parquet=None, sql=touched, sources=None),
-        kept=f"""SELECT i.cluster_id, o.* EXCLUDE (cluster_id, first)
-            FROM (SELECT *, list_min(member_ids) AS first FROM {stored}) o
-            JOIN ({ids}) i ON i.first = o.first
-            WHERE o.first NOT IN (SELECT first FROM changed)""",
+        part=(
+            dataclasses.replace(by_name["clusters"], parquet=None, sql=formed, sources=None)
+            if upto < ids["next"]
+            else None
+        ),
         expected=f"SELECT count(DISTINCT cluster_id) FROM {whole}",
-        firsts=tuple(state.clusters_changed),
+        parts=parts,
+        counted="SELECT count(w.cluster_id), count(*) FROM {files} r LEFT JOIN "
+        f"(SELECT DISTINCT cluster_id FROM {whole}) w ON w.cluster_id = r.cluster_id",
     )
 
 
@@ -603,17 +619,14 @@ def _connect_views(
     settings: Settings, chosen: Sequence[View], growth: _Growth | None = None
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory connection holding every view as its live query, the files named in full;
-    with `growth`, its view `over` restricted to the part computed (the whole as `{over}_all`)
-    and the changed clusters' smallest member ids as table `changed`."""
+    with `growth`, its view `over` restricted to the part computed (the whole as
+    `{over}_all`)."""
     con = duckdb.connect(":memory:")
     try:
         # a query lasting seconds: no progress bar on the user's terminal; spills beside the
         # catalogue, not in the current folder
         con.execute("SET enable_progress_bar = false")
         con.execute("SET temp_directory = ?", [str(layout(settings).catalog) + ".tmp"])
-        if growth is not None:
-            con.register("changed_arrow", pa.table({"first": pa.array(growth.firsts, pa.string())}))
-            con.execute("CREATE TEMP TABLE changed AS SELECT * FROM changed_arrow")
         for view in chosen:
             body = view.live(None)
             kind = "VIEW"
@@ -621,8 +634,8 @@ def _connect_views(
                 con.execute(f'CREATE TEMP VIEW "{_ALL.format(view.name)}" AS {body}')
                 if growth.part is not None:
                     body = growth.part.live(None)
-                    # the touched clusters, a query over all of them that the report reads
-                    # twice: computed once (0.25 s each at 10^7)
+                    # the formed clusters, a query over all of them that the report reads
+                    # twice: computed once
                     kind = "TABLE" if growth.part.sql is not None else "VIEW"
             con.execute(f'CREATE TEMP {kind} "{view.name}" AS {body}')
     except BaseException:
@@ -639,27 +652,28 @@ def _grow(
     tmp: Path,
     meta: dict[str, str],
 ) -> bool:
-    """Write to `tmp` the stored rows of `view` that still hold and those computed for the
-    growth's part (a parted view: the part's rows, its kept parts named); False (and `tmp`
-    left to be written whole) where the count is not right."""
+    """Write to `tmp` the stored result of `view` naming the parts that still hold and a new
+    one of the rows computed for the growth's part; False (and `tmp` left to be written whole)
+    where the count is not right, or where the rows left out outnumber those that count."""
     con = None
     try:
         # only the views it reads: binding all of them costs 0.1-0.2 s a connection
         con = _connect_views(settings, _needed(view, chosen), growth)
-        if view.parted:
-            query = f'SELECT * FROM "{view.name}"' + (" LIMIT 0" if growth.part is None else "")
-            parts = _write_stored(con, view, query, tmp, meta, list(growth.parts))
-        else:
-            query = growth.kept
-            if growth.part is not None:
-                query += f' UNION ALL BY NAME SELECT * FROM "{view.name}"'
-            parts = _write_stored(con, view, query, tmp, meta)
+        query = f'SELECT * FROM "{view.name}"' + (" LIMIT 0" if growth.part is None else "")
+        parts = _write_stored(con, view, query, tmp, meta, list(growth.parts))
         expected = con.execute(growth.expected).fetchone()
+        counted = None
+        if growth.counted:
+            files = _read_many([tmp, *parts], None)
+            counted = con.execute(growth.counted.format(files=files)).fetchone()
     except duckdb.Error:  # a stored file damaged meanwhile, say: computed whole instead
         return False
     finally:
         if con is not None:
             con.close()
+    if counted is not None:
+        rows, total = counted
+        return expected is not None and rows == expected[0] and total - rows <= rows
     rows = sum(pq.read_metadata(f).num_rows for f in [tmp, *parts])
     return expected is not None and rows == expected[0]
 

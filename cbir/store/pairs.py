@@ -94,6 +94,35 @@ CLUSTERS_SCHEMA = pa.schema(
 PAIRS_FIX = "run `cbir pairs` to write it again"
 
 
+#: The clusters' ids (clusters.parquet's metadata key): a whole clustering numbers them by
+#: size from 1; a night's update keeps every cluster it does not touch under its id and gives
+#: the clusters it forms new ids from `next`, never one given before in that `lineage` (drawn
+#: afresh by each whole clustering that changes them). So a cluster id names one group of
+#: images for as long as it is listed, and the stored cluster_report keeps its rows.
+CLUSTER_IDS = "cbir_cluster_ids"
+
+
+@dataclass(frozen=True)
+class ClusterIds:
+    """How a clusters file's ids were given (CLUSTER_IDS)."""
+
+    lineage: str
+    next: int  # the id the next cluster formed takes
+
+    def meta(self) -> dict[str, str]:
+        return {CLUSTER_IDS: json.dumps({"lineage": self.lineage, "next": self.next})}
+
+
+def cluster_ids(path: Path) -> ClusterIds | None:
+    """The ids' lineage and next id of the clusters file at `path` (None: missing, unreadable,
+    or written before ids were kept)."""
+    try:
+        raw = json.loads(metadata_value(path, CLUSTER_IDS) or "null")
+        return ClusterIds(str(raw["lineage"]), int(raw["next"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 #: Partitions kept before a run folds them into the base (a month of nightly runs): bounds the
 #: files a query opens.
 MAX_RUNS = 32
@@ -111,11 +140,6 @@ class PairsState:
     clusters: str = ""  # clusters.parquet's token and what its clusters depend on
     # the manifest's canonical epoch the recorded paths were taken under ("": none known)
     epoch: str = ""
-    # where the clusters were updated rather than clustered whole: the token of the clusters
-    # they were updated from, and the smallest member id of each cluster the update dropped or
-    # formed (every other cluster is as it was; the stored cluster_report keeps its rows)
-    clusters_from: str = ""
-    clusters_changed: list[str] = field(default_factory=list)
     # the embeddings' stamp when every image then present had been searched (store.vectors:
     # Vectors.stamp), so that a night finds its unsearched images in the rows appended since
     opened: dict[str, Any] | None = None
@@ -145,8 +169,6 @@ def read_state(lay: Layout) -> PairsState | None:
             runs=[int(r) for r in raw["runs"]],
             clusters=str(raw.get("clusters", "")),
             epoch=str(raw.get("epoch", "")),
-            clusters_from=str(raw.get("clusters_from", "")),
-            clusters_changed=[str(x) for x in raw.get("clusters_changed", [])],
             opened=raw["opened"] if isinstance(raw.get("opened"), dict) else None,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
