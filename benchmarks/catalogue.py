@@ -176,7 +176,7 @@ def child(ws: Path, what: str) -> dict[str, Any]:
         grown, real = [], catalog._grow
 
         def spy(*a: Any) -> bool:
-            grown.append(f"{a[2].name} {'grown' if (ok := real(*a)) else 'not grown'}")
+            grown.append(f"{a[1].name} {'grown' if (ok := real(*a)) else 'not grown'}")
             return ok
 
         catalog._grow = spy  # type: ignore[assignment]

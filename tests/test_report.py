@@ -580,11 +580,19 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     grown: list[tuple[str, bool]] = []
     real = catalog._grow
 
-    def spy(settings, chosen, view, growth, tmp, meta) -> bool:
-        grown.append((view.name, real(settings, chosen, view, growth, tmp, meta)))
+    def spy(con, view, growth, tmp, meta) -> bool:
+        grown.append((view.name, real(con, view, growth, tmp, meta)))
         return grown[-1][1]
 
     monkeypatch.setattr(catalog, "_grow", spy)
+    connected: list[list[str]] = []  # the growths of each connection made
+    real_connect = catalog._connect_views
+
+    def connect_spy(settings, chosen, growths=()):
+        connected.append([g.over for g in growths])
+        return real_connect(settings, chosen, growths)
+
+    monkeypatch.setattr(catalog, "_connect_views", connect_spy)
 
     def night() -> int:
         run = run_ingest(s).run_id
@@ -607,6 +615,8 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     (scans / "later/p02-again.jpg").write_bytes((scans / "box-a/p02.jpg").read_bytes())
     run = night()
     assert grown == [("pair_report", True), ("cluster_report", True)]
+    # both grown on one connection: one pass over the manifest for the rows they read
+    assert connected == [["duplicate_pairs", "clusters"]]
     # the near pairs' rows kept where they were (same file), the night's in a part of its own
     grown_files = catalog.stored_files(report)
     assert grown_files is not None and grown_files[:2] == whole and len(grown_files) == 3

@@ -327,7 +327,8 @@ def test_cluster_view_splits_a_cluster_by_rejecting_links(ws):
     assert [link["decision"] for link in data["links"]] == ["different", "different", None]
     assert sorted(len(g) for g in data["components"]) == [1, 2]
     assert {ids[p] for p in CLUSTERS[0]} == {i for g in data["components"] for i in g}
-    assert c.get("/api/cluster/99").status_code == 400
+    gone = c.get("/api/cluster/99")
+    assert gone.status_code == 400 and "no cluster 99: it has changed since" in gone.json()["error"]
     assert c.get("/api/clusters").json()["clusters"][0]["size"] == 3
 
 

@@ -388,7 +388,12 @@ class Queue:
 
         members, links = self.run(threshold, work)
         if not members:
-            raise BadRequest(f"no cluster {cluster_id}")
+            # ids stay while a cluster is unchanged (store.pairs.CLUSTER_IDS): a bookmarked one
+            # that is gone gained or lost members, or all were clustered again
+            raise BadRequest(
+                f"no cluster {cluster_id}: it has changed since (a cluster that gains or loses "
+                "members takes a new id); see the clusters list"
+            )
         return {
             "cluster_id": cluster_id,
             "members": members[:MAX_MEMBERS],
