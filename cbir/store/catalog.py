@@ -618,6 +618,14 @@ def _growth(
 _CWD_LOCK = threading.Lock()  # held while a thread works in another current folder
 
 
+#: The manifest's columns the stored reports read (their SQL and `files`'): a growth reads
+#: these alone (the hashes and raw paths of 10^7 rows are most of the manifest's bytes).
+_REPORTED = (
+    "image_id", "path", "version", "status", "bytes", "mtime", "mtime_ns", "width", "height",
+    "mode", "format", "first_run", "last_run",
+)  # fmt: skip
+
+
 def _connect_views(
     settings: Settings, chosen: Sequence[View], growths: Sequence[_Growth] = ()
 ) -> duckdb.DuckDBPyConnection:
@@ -653,7 +661,10 @@ def _connect_views(
                 con.execute(f'CREATE TEMP VIEW "{_ALL.format(view.name)}" AS {body}')
                 images = [g.images for g in growths if g.part is not None]
                 wanted = " UNION ALL ".join(f"({q})" for q in images) or "SELECT NULL::VARCHAR"
-                body = f"SELECT * FROM {_ALL.format('files')} WHERE image_id IN ({wanted})"
+                body = (
+                    f"SELECT {', '.join(_REPORTED)} FROM {_ALL.format('files')} "
+                    f"WHERE image_id IN ({wanted})"
+                )
                 kind = "TABLE"
             con.execute(f'CREATE TEMP {kind} "{view.name}" AS {body}')
     except BaseException:
