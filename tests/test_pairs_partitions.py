@@ -428,11 +428,15 @@ def test_each_kept_cluster_row_knows_its_smallest_member_in_order_or_not():
     relabelled = table.set_column(0, "cluster_id", pa.array(
         [renumbered[c] for c in table.column("cluster_id").to_pylist()], pa.int64()))
     want.update({renumbered[c]: want[c] for c in list(want)})
+    spread = relabelled.set_column(0, "cluster_id", pc.multiply(  # ids far apart: sorted
+        relabelled.column("cluster_id"), 10**6))
+    want.update({c * 10**6: want[c] for c in renumbered.values()})
     split = table.take(pa.array([*range(5, len(rows)), *range(5)]))  # cluster 1 after the rest
     # one id heading two runs (cluster 2's rows apart): read off, it would take two firsts
     apart = table.take(pa.array([5, 8, 6, 7, *range(9, len(rows)), *range(5)]))
     shuffled = table.take(pa.array(rng.permutation(len(rows))))
-    for t in (table, relabelled, split, apart, shuffled):
+    spread_apart = spread.take(pa.array([5, 8, 6, 7, *range(9, len(rows)), *range(5)]))
+    for t in (table, relabelled, spread, split, apart, spread_apart, shuffled):
         got = _with_firsts(t).to_pylist()
         assert len(got) == len(rows)
         assert all(r["first"] == want[r["cluster_id"]] for r in got)
