@@ -695,6 +695,12 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     ids = sorted(r["cluster_id"] for r in _rows(s, "SELECT cluster_id FROM cluster_report"))
     assert ids == list(range(1, len(ids) + 1))
     assert _stored_equals_live(s, "cluster_report") == len(ids)
+    from cbir.store.layout import layout as _layout
+
+    held = _layout(s).clusters.stat()
+    run_pairs(s)  # the same clusters numbered whole again: the file (and its lineage) kept
+    now = _layout(s).clusters.stat()
+    assert (now.st_ino, now.st_mtime_ns) == (held.st_ino, held.st_mtime_ns)
 
     # clusters of another lineage, even up to the same next id: computed whole
     from cbir.fsutil import write_parquet

@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ from ..store.manifest import (
 )
 from ..store.pairs import (
     CHECK_COLUMNS,
+    CLUSTER_IDS,
     CLUSTERS_SCHEMA,
     CONFIRMED,
     MAX_RUNS,
@@ -76,6 +77,7 @@ from ..store.pairs import (
     finish_commit,
     new_token,
     pair_files,
+    parse_cluster_ids,
     read_searched,
     read_state,
     searched_count,
@@ -840,21 +842,20 @@ def _update_clusters(
     return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA), now
 
 
-def _numbered_whole(path: Path, clusters: pa.Table) -> ClusterIds:
-    """The ids of clusters numbered whole (by size from 1): the lineage of the clusters file
-    at `path` where it holds these very clusters (a rerun that changes nothing rewrites
+def _numbered_whole(clusters: pa.Table) -> Callable[[dict[str, str] | None], dict[str, str]]:
+    """The metadata of clusters numbered whole (by size from 1), given what the clusters file
+    holds where it holds these very clusters (_write_tokened): their ids' lineage where its
+    next id shows no night numbered any since (a rerun that changes nothing rewrites
     nothing), else a new one, so that no id names two groups in one lineage."""
-    was = cluster_ids(path)
     n = pc.count_distinct(clusters.column("cluster_id")).as_py() if clusters.num_rows else 0
-    if was is not None and was.next == n + 1:
-        try:
-            if pq.read_metadata(path).num_rows == clusters.num_rows:
-                held = pq.read_table(path).replace_schema_metadata(None)
-                if held.equals(clusters.replace_schema_metadata(None)):
-                    return was
-        except (OSError, pa.ArrowException):
-            pass
-    return ClusterIds(new_token(), n + 1)
+
+    def meta(held: dict[str, str] | None) -> dict[str, str]:
+        was = parse_cluster_ids((held or {}).get(CLUSTER_IDS))
+        return (
+            was if was is not None and was.next == n + 1 else ClusterIds(new_token(), n + 1)
+        ).meta()
+
+    return meta
 
 
 _ORDER = [("size", "descending"), ("first", "ascending"), ("image_id", "ascending")]
@@ -936,23 +937,29 @@ def _distinct(ids: np.ndarray) -> bool:
 
 
 def _write_tokened(
-    table: pa.Table, target: Path, meta: dict[str, str], staged: Path | None = None
+    table: pa.Table,
+    target: Path,
+    meta: dict[str, str] | Callable[[dict[str, str] | None], dict[str, str]],
+    staged: Path | None = None,
 ) -> str:
     """Write `table` with `meta` and a new token, atomically, to `staged` (or `target`), and
     return the token; where `target` already holds this table and meta, leave it (DVC sees no
-    change) and return its token."""
+    change) and return its token. `meta` may be chosen by what `target` holds: given its
+    metadata (token aside) where it holds this table, else None."""
     token = file_token(target)
+    held = None
     if token is not None:
         try:  # another number of rows: changed, without reading it (10^6 rows: 0.1 s)
             same_rows = pq.read_metadata(target).num_rows == table.num_rows
             old = pq.read_table(target) if same_rows else None
         except (OSError, pa.ArrowException):
             old = None
-        if old is not None:
-            old_meta = {k.decode(): v.decode() for k, v in (old.schema.metadata or {}).items()}
-            old_meta.pop(TOKEN, None)
-            if old_meta == meta and old.replace_schema_metadata(None).equals(table):
-                return token
+        if old is not None and old.replace_schema_metadata(None).equals(table):
+            held = {k.decode(): v.decode() for k, v in (old.schema.metadata or {}).items()}
+            held.pop(TOKEN, None)
+    meta = meta(held) if callable(meta) else meta
+    if token is not None and held == meta:
+        return token
     token = new_token()
     write_parquet(table.replace_schema_metadata({**meta, TOKEN: token}), staged or target)
     return token
@@ -1130,8 +1137,10 @@ def run_pairs(
         token, _, was = recorded.clusters.partition(":")
         if was == digest and file_token(lay.clusters) == token:
             updated = _update_clusters(lay, new, near, th.cluster, decided, s, paths_current=same)
+    meta: dict[str, str] | Callable[[dict[str, str] | None], dict[str, str]]
     if updated is not None:
         clusters, numbering = updated
+        meta = numbering.meta()
     else:
         clusters = _cluster_table(
             link(
@@ -1140,7 +1149,7 @@ def run_pairs(
             ),
             s,
         )
-        numbering = _numbered_whole(lay.clusters, clusters)
+        meta = _numbered_whole(clusters)
     faults.point("pairs.write")
     _write_if_changed(exact, lay.exact)
     if rows is not None and not fold:  # the run's own partition; the base stays
@@ -1159,7 +1168,7 @@ def run_pairs(
         ids = searched_table(s.image_ids)
         searched_token = _write_tokened(ids, lay.searched, state, lay.searched_next)
         runs = []
-    clusters_token = _write_tokened(clusters, lay.clusters, numbering.meta(), lay.clusters_next)
+    clusters_token = _write_tokened(clusters, lay.clusters, meta, lay.clusters_next)
     faults.point("pairs.searched")
     write_state(
         lay,

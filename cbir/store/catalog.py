@@ -107,7 +107,9 @@ class View:
     fix: str = ""  # what rebuilds that file
     stored: Path | None = None  # where its SQL's result is kept (see refresh_stored)
     parted: str = ""  # a condition: the stored rows meeting it are kept in parts (PARTS)
-    alive: str = ""  # a condition: the stored rows that still count (the others are left out)
+    # a condition: the stored rows that still count (the others are left out), `{clusters}`
+    # naming the clusters view it reads (a growth's connection names the whole one otherwise)
+    alive: str = ""
 
     def files(self) -> list[Path]:
         if self.many is not None:
@@ -126,7 +128,7 @@ class View:
         """What the view selects: its stored result where it has one, else `live`."""
         files = stored_files(self.stored) if self.stored is not None else None
         if files:
-            where = f" WHERE {self.alive}" if self.alive else ""
+            where = f" WHERE {self.alive.format(clusters='clusters')}" if self.alive else ""
             return f"SELECT * FROM {_read_many(files, root)}{where}"
         return self.live(root)
 
@@ -445,7 +447,7 @@ def views(settings: Settings) -> list[View]:
             # a cluster's row is kept while its id is listed (store.pairs.CLUSTER_IDS: an id
             # names one group of images), a night's new clusters in a part of their own
             parted="true",
-            alive="cluster_id IN (SELECT cluster_id FROM clusters)",
+            alive="cluster_id IN (SELECT cluster_id FROM {clusters})",
             comment="one row per cluster: members, size, weakest link, likely master",
         ),
     ]
@@ -609,8 +611,8 @@ def _growth(
         ),
         expected=f"SELECT count(DISTINCT cluster_id) FROM {whole}",
         parts=parts,
-        counted="SELECT count(w.cluster_id), count(*) FROM {files} r LEFT JOIN "
-        f"(SELECT DISTINCT cluster_id FROM {whole}) w ON w.cluster_id = r.cluster_id",
+        counted=f"SELECT count(*) FILTER (WHERE {view.alive.format(clusters=whole)}), count(*) "
+        "FROM {files}",
         images="SELECT image_id FROM clusters",
     )
 

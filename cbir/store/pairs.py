@@ -116,9 +116,14 @@ class ClusterIds:
 def cluster_ids(path: Path) -> ClusterIds | None:
     """The ids' lineage and next id of the clusters file at `path` (None: missing, unreadable,
     or written before ids were kept)."""
+    return parse_cluster_ids(metadata_value(path, CLUSTER_IDS))
+
+
+def parse_cluster_ids(raw: str | None) -> ClusterIds | None:
+    """ClusterIds from its CLUSTER_IDS metadata value (None: none, or not one)."""
     try:
-        raw = json.loads(metadata_value(path, CLUSTER_IDS) or "null")
-        return ClusterIds(str(raw["lineage"]), int(raw["next"]))
+        value = json.loads(raw or "null")
+        return ClusterIds(str(value["lineage"]), int(value["next"]))
     except (ValueError, KeyError, TypeError):
         return None
 
