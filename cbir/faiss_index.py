@@ -47,6 +47,7 @@ from typing import Any, Literal, Protocol, cast
 import faiss
 import numpy as np
 
+from .arrays import all_distinct, unique_sorted
 from .errors import CbirError
 from .probes import NearLists, Own, list_ids, lists_of
 from .scoring import inner_products_by_idx, top_k
@@ -276,7 +277,7 @@ def _as_ids(ids: np.ndarray, n: int) -> np.ndarray:
         raise ValueError(f"got {ids.shape[0]} ids for {n} vectors")
     if n and ids.min() < 0:
         raise ValueError("ids must be >= 0 (-1 marks a missing result)")
-    if n and np.unique(ids).shape[0] != n:
+    if n and not all_distinct(ids):
         raise ValueError("ids must be unique")
     return ids
 
@@ -836,7 +837,7 @@ def fits(index: faiss.Index, info: IndexInfo, n_new: int, rebuild_factor: float)
 
 def remove_ids(index: faiss.Index, info: IndexInfo, ids: np.ndarray) -> int:
     """Remove the given ids (absent ones are ignored); returns how many vectors were removed."""
-    ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+    ids = unique_sorted(np.asarray(ids, dtype=np.int64))
     if ids.size == 0:
         return 0
     if delta_of(index) is not None:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 
+from .arrays import unique_sorted
 from .scoring import inner_products_by_idx, top_k
 
 #: Lists near a list among which a vector lying in it chooses its probed lists. At 10^7 images
@@ -51,7 +52,7 @@ def stored_lists(
     """(ids, lists): every stored id, sorted, and the list holding it; with `ids`, those ids
     (sorted, distinct), each with its list or -1 where the index does not hold it. Either way
     every list's ids are read once (at 10^7 images, 80 MB)."""
-    want = None if ids is None else np.unique(np.asarray(ids, np.int64))
+    want = None if ids is None else unique_sorted(np.asarray(ids, np.int64))
     if want is not None and not len(want):
         return want, np.zeros(0, np.int64)
     found: list[np.ndarray] = []
@@ -92,7 +93,7 @@ class NearLists:
     def near(self, lists: np.ndarray) -> np.ndarray:
         """The nearest lists of each of `lists`, shape (len(lists), m), nearest first."""
         lists = np.asarray(lists, np.int64)
-        todo = np.unique(lists[~self._known[lists]])
+        todo = unique_sorted(lists[~self._known[lists]])
         everyone = np.arange(self.nlist, dtype=np.int64)
         step = max(1, _BLOCK_PRODUCTS // self.nlist)
         for at in range(0, len(todo), step):

@@ -38,6 +38,31 @@ def test_writes_replace_the_target_whole_and_leave_no_temporary_file(tmp_path):
     assert not list(tmp_path.rglob(TMP_PREFIX + "*"))
 
 
+def test_parquet_keeps_a_dictionary_only_for_columns_whose_values_repeat(tmp_path):
+    n = 5000
+    table = pa.table(
+        {
+            "image_id": [f"{i:016x}" for i in range(n)],  # distinct: plain
+            "status": ["ok", "missing"] * (n // 2),  # repeats: a dictionary
+            "run": pa.array([i % 3 for i in range(n)], pa.int32()),
+            "phash": pa.array(range(n), pa.uint64()),
+            "note": pa.nulls(n, pa.string()),
+            "tags": [["a"]] * n,  # not flat: Parquet's default
+        }
+    )
+    assert fsutil.dictionary_columns(table) == ["status", "run", "note", "tags"]
+    write_parquet(table, tmp_path / "t.parquet")
+    meta = pq.read_metadata(tmp_path / "t.parquet").row_group(0)
+    dictionary = {
+        meta.column(i).path_in_schema.split(".")[0]
+        for i in range(meta.num_columns)
+        if meta.column(i).has_dictionary_page
+    }
+    assert dictionary - {"tags"} == {"status", "run", "note"}
+    assert pq.read_table(tmp_path / "t.parquet").equals(table)
+    assert fsutil.dictionary_columns(table.slice(0, 0)) == table.column_names
+
+
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "out.txt"
     write_text("before\n", target)

@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import faults
+from ..arrays import unique_sorted
 from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import APPENDED_ROW_GROUP, clean_stale_tmp, write_parquet
@@ -796,7 +797,7 @@ def _known_sha(files: pa.Table, sizes_todo: np.ndarray) -> frozenset[str]:
     the same size (identical bytes have the same size), so the set follows the night's files."""
     if not len(sizes_todo) or not len(files):
         return frozenset()
-    sizes = pa.array(np.unique(sizes_todo), pa.int64())
+    sizes = pa.array(unique_sorted(sizes_todo), pa.int64())
     mask = pc.and_(pa.array(_present(files)), pc.is_in(files.column("bytes"), value_set=sizes))
     return frozenset(files.column("sha256").filter(mask).to_pylist())
 

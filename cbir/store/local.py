@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import votes
+from ..arrays import unique_sorted
 from ..faiss_index import (
     MAX_LOCAL,
     IndexInfo,
@@ -119,7 +120,7 @@ def build_local_index(
                 folder=folder,
                 rebuilt=False,
                 added=len(new),
-                removed=len(np.unique(have[stale])),
+                removed=len(unique_sorted(have[stale])),
                 without_features=len(files) - len(ids),
                 pictures=len(ids),
             )

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import unique_sorted
 from ..fsutil import atomic_path
 from .manifest import keys_in
 
@@ -38,14 +39,6 @@ def latest(keys: np.ndarray) -> np.ndarray:
     last = np.ones(len(order), bool)
     last[:-1] = ordered[1:] != ordered[:-1]
     return order[last]
-
-
-def _sorted_unique(keys: np.ndarray) -> np.ndarray:
-    """`keys` sorted, each once (np.unique hashes: 0.66 s at 10^6 against 0.15 s sorting)."""
-    ordered = np.sort(keys)
-    keep = np.ones(len(ordered), bool)
-    keep[1:] = ordered[1:] != ordered[:-1]
-    return ordered[keep]
 
 
 @dataclass
@@ -66,7 +59,7 @@ class VectorOrder:
         """Matched from every row of both (`vector_keys` in file order)."""
         rows = latest(vector_keys).astype(np.int64)
         keys = vector_keys[rows]
-        wanted = _sorted_unique(present_keys)
+        wanted = unique_sorted(present_keys)
         present = keys_in(keys, wanted)
         return cls(stamp, keys, rows, present, wanted[~keys_in(wanted, keys)])
 
@@ -81,11 +74,11 @@ class VectorOrder:
         manifest's new present images (`present_keys`) were appended. Idempotent: rows and
         images it already holds change nothing."""
         keys, rows, present, waiting = self.keys, self.rows, self.present.copy(), self.waiting
-        wanted = _sorted_unique(present_keys)
+        wanted = unique_sorted(present_keys)
         if len(wanted):
             found = keys_in(wanted, keys)
             present[np.searchsorted(keys, wanted[found])] = True
-            waiting = _sorted_unique(np.concatenate([waiting, wanted[~found]]))
+            waiting = unique_sorted(np.concatenate([waiting, wanted[~found]]))
         if len(vector_keys):
             last = latest(vector_keys)
             new_keys, new_rows = vector_keys[last], last.astype(np.int64) + first_row

@@ -1,0 +1,24 @@
+"""Distinct values by sorting. NumPy 2's `np.unique`, asked for the values alone, hashes them:
+here 0.9 s for 10^6 random int64 and 13 s for 10^7, against 0.01 s and 0.12 s sorting them
+(NumPy 2.4, 2 cores). Its forms that also return indices or counts still sort, and are left
+to it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def unique_sorted(values: Any) -> np.ndarray:
+    """The distinct values of an array of numbers, sorted, flattened: what `np.unique` returns."""
+    ordered = np.sort(np.asarray(values).reshape(-1))
+    keep = np.ones(len(ordered), bool)
+    keep[1:] = ordered[1:] != ordered[:-1]
+    return ordered[keep]
+
+
+def all_distinct(values: Any) -> bool:
+    """Whether no value of an array of numbers comes twice."""
+    ordered = np.sort(np.asarray(values).reshape(-1))
+    return not bool((ordered[1:] == ordered[:-1]).any())
