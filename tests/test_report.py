@@ -588,11 +588,19 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     connected: list[list[str]] = []  # the growths of each connection made
     real_connect = catalog._connect_views
 
-    def connect_spy(settings, chosen, growths=()):
+    def connect_spy(settings, chosen, growths=(), rows=None):
         connected.append([g.over for g in growths])
-        return real_connect(settings, chosen, growths)
+        return real_connect(settings, chosen, growths, rows)
 
     monkeypatch.setattr(catalog, "_connect_views", connect_spy)
+    held: list[bool] = []  # whether a growth read the pairs step's rows, not the manifest
+    real_holds = catalog._holds
+
+    def holds_spy(*args) -> bool:
+        held.append(real_holds(*args))
+        return held[-1]
+
+    monkeypatch.setattr(catalog, "_holds", holds_spy)
 
     def night() -> int:
         run = run_ingest(s).run_id
@@ -615,8 +623,11 @@ def test_a_night_of_new_scans_grows_the_stored_reports(tmp_path, monkeypatch):
     (scans / "later/p02-again.jpg").write_bytes((scans / "box-a/p02.jpg").read_bytes())
     run = night()
     assert grown == [("pair_report", True), ("cluster_report", True)]
-    # both grown on one connection: one pass over the manifest for the rows they read
+    # both grown on one connection, from the manifest's rows the pairs step read (every row
+    # of the new pairs' images, of their clusters' members and of the exact copies' images):
+    # no pass over the manifest of their own
     assert connected == [["duplicate_pairs", "clusters"]]
+    assert held == [True]
     # the near pairs' rows kept where they were (same file), the night's in a part of its own
     grown_files = catalog.stored_files(report)
     assert grown_files is not None and grown_files[:2] == whole and len(grown_files) == 3

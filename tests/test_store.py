@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import tiny_workspace
@@ -227,6 +228,43 @@ def test_image_ids_read_like_the_list_they_replace():
         if listed:
             with pytest.raises(IndexError):
                 ids[len(listed)]
+
+
+def test_the_rows_of_a_few_images_and_of_the_exact_copies_in_one_pass(tmp_path):
+    """store.manifest.rows_of_images: every manifest row of the images asked and of each image
+    with a byte-identical copy (what a night's stored reports grow from), their canonical
+    paths, and whether the manifest is still the file they were read from."""
+    import os
+
+    from cbir.store.manifest import canonical_table, rows_of_images
+
+    s = tiny_workspace.make(tmp_path, steps=("ingest",))
+    files = load_manifest(s)
+    copied = files.filter(pc.equal(files.column("status"), "duplicate"))
+    copied = set(copied.column("image_id").to_pylist())
+    assert len(copied) == 1  # p0, copied
+    table = canonical_table(s)
+    now = dict(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist(),
+                   strict=True))
+    asked = [i for i in now if i not in copied][:2] + ["0" * 16]
+    read = rows_of_images(s, asked, ["bytes", "first_run"])
+    assert read is not None
+    assert read.ids.to_pylist() == sorted({*asked, *copied})
+    expected = files.filter(pc.is_in(files.column("image_id"), value_set=read.ids))
+    key = ("image_id", "path", "status", "bytes", "first_run")
+    assert sorted(zip(*(read.table.column(c).to_pylist() for c in key))) == sorted(
+        zip(*(expected.column(c).to_pylist() for c in key)))
+    assert expected.num_rows == 4  # two asked, p0 and its copy
+    assert read.canonical_paths() == {i: now[i] for i in read.ids.to_pylist() if i in now}
+    assert read.current(s)
+    manifest = layout(s).files
+    data = manifest.read_bytes()
+    manifest.unlink()
+    manifest.write_bytes(data)  # the same rows, another file
+    os.utime(manifest, ns=(1, 1))
+    assert not read.current(s)
+    manifest.write_bytes(b"not a manifest")
+    assert rows_of_images(s, asked, ["bytes"]) is None
 
 
 def test_a_few_canonical_paths_are_read_by_duckdb_as_arrow_reads_them(tmp_path):

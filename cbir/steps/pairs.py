@@ -42,7 +42,7 @@ from ..linkage import link
 from ..parallel import worker_map
 from ..progress import bar as progress_bar
 from ..safetext import counted
-from ..store.catalog import clean_stale, refresh_catalog
+from ..store.catalog import REPORTED, clean_stale, refresh_catalog
 from ..store.decisions import labels
 from ..store.features import (
     RECIPE,
@@ -56,10 +56,12 @@ from ..store.layout import Layout, layout
 from ..store.manifest import (
     CanonicalPaths,
     ImageIds,
+    ImageRows,
     canonical_epoch,
     canonical_table,
     exact_copies,
     ids_in,
+    rows_of_images,
 )
 from ..store.pairs import (
     CHECK_COLUMNS,
@@ -674,9 +676,19 @@ def _recorded_near(lay: Layout, columns: list[str] | None = None) -> pa.Table:
 
 
 def _near_table(
-    pairs: dict[Key, tuple[float, int]], checks: dict[Key, verify.Match | None], s: Searcher
+    pairs: dict[Key, tuple[float, int]],
+    checks: dict[Key, verify.Match | None],
+    s: Searcher,
+    read: ImageRows | None = None,
 ) -> pa.Table:
-    path = _paths_of(s.path_of, {x for key in pairs for x in key})
+    """The pairs as PAIRS_SCHEMA rows, strongest first; their paths from `read` (the manifest's
+    rows of their images) where given, else looked up."""
+    ids = {x for key in pairs for x in key}
+    if read is not None:
+        known = read.canonical_paths()
+        path: dict[str, str | None] = {i: known.get(i) for i in ids}
+    else:
+        path = _paths_of(s.path_of, ids)
     rows = [
         {
             "image_a": a,
@@ -744,7 +756,7 @@ def _edges(table: pa.Table, threshold: float) -> list[tuple[float, str, str]]:
 def _cluster_table(
     clusters: list[tuple[list[str], float]],
     s: Searcher,
-    known: Mapping[str, str] | None = None,
+    known: Mapping[str, str | None] | None = None,
     start: int = 1,
 ) -> pa.Table:
     """The clusters' rows, numbered from `start` in their order, each member with its
@@ -775,14 +787,32 @@ def _inputs_digest(threshold: float, decided: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _read_clusters(lay: Layout) -> pa.Table | None:
+    """clusters.parquet (None: unreadable)."""
+    try:
+        return read_table(lay.clusters, CLUSTERS_SCHEMA, PAIRS_FIX)
+    except CbirError:
+        return None
+
+
+def _mates(clusters: pa.Table, ids: set[str]) -> set[str]:
+    """The members of the clusters that hold any of `ids`."""
+    hit = pc.is_in(clusters.column("image_id"), value_set=pa.array(sorted(ids), pa.string()))
+    holding = pc.unique(clusters.filter(hit).column("cluster_id"))
+    members = clusters.filter(pc.is_in(clusters.column("cluster_id"), value_set=holding))
+    return set(members.column("image_id").to_pylist())
+
+
 def _update_clusters(
     lay: Layout,
+    old: pa.Table,
     new: pa.Table,
     near: pa.Table,
     threshold: float,
     decided: Any,
     s: Searcher,
     paths_current: bool = False,
+    read: ImageRows | None = None,
 ) -> tuple[pa.Table, ClusterIds] | None:
     """The clusters with this run's new pairs (`new`; `near`: all near pairs, new ones
     included), updated from clusters.parquet instead of clustered all again: the clusters the
@@ -791,13 +821,10 @@ def _update_clusters(
     formed take new ids (CLUSTER_IDS), returned with the table. None where that would not be
     what clustering everything gives: clusters.parquet unreadable, or a reviewer's `different`
     decision involves an image of the touched clusters (it changes which links count).
-    `paths_current`: the recorded paths are the canonical ones (the manifest's canonical epoch
-    is theirs), so the members' paths are taken from the new pairs and the old clusters rather
-    than looked up in the manifest (0.4 s at 10^7)."""
-    try:
-        old = read_table(lay.clusters, CLUSTERS_SCHEMA, PAIRS_FIX)
-    except CbirError:
-        return None
+    `old`: clusters.parquet as read. `paths_current`: the recorded paths are the canonical
+    ones (the manifest's canonical epoch is theirs), so the members' paths are taken from the
+    new pairs and the old clusters rather than looked up in the manifest (0.4 s at 10^7);
+    `read`: the manifest's rows of the members (rows_of_images), whose paths are current."""
     ids = cluster_ids(lay.clusters)
     if ids is None:  # written before ids were kept: numbered by size, 1 to the largest id
         top = pc.max(old.column("cluster_id")).as_py() if old.num_rows else 0
@@ -820,7 +847,9 @@ def _update_clusters(
         pc.is_in(near.column("image_a"), value_set=group),
         pc.is_in(near.column("image_b"), value_set=group),
     )
-    known: dict[str, str] = {}
+    known: dict[str, str | None] = {}
+    if read is not None:  # every image read, canonical or not (then None, as a lookup gives)
+        known = dict.fromkeys(read.ids.to_pylist()) | read.canonical_paths()
     if paths_current:
         for image_ids, paths in (
             (new.column("image_a"), new.column("path_a")),
@@ -1103,7 +1132,21 @@ def run_pairs(
         )
         vs.unreadable = sum(1 for m in found.values() if m is None)
         vs.seconds = time.perf_counter() - t1
-    new = _near_table(pairs, checks, s)
+    present = _Present(s)
+    decided = labels(lay.decisions_dir).only(present)
+    digest = _inputs_digest(th.cluster, decided)
+    clustered = None  # clusters.parquet, where this night updates it
+    if rows is not None and not fold and recorded is not None:
+        token, _, was = recorded.clusters.partition(":")
+        if was == digest and file_token(lay.clusters) == token:
+            clustered = _read_clusters(lay)
+    read = None  # the manifest's rows of the new pairs' images and their clusters' members
+    if rows is not None and not fold and pairs:
+        images = {x for key in pairs for x in key}
+        if clustered is not None:
+            images |= _mates(clustered, images)
+        read = rows_of_images(settings, images, REPORTED)
+    new = _near_table(pairs, checks, s, read)
     if fold:  # recorded pairs of images gone since are dropped; paths as they are now
         both = ids_in(old.column("image_a"), s.image_ids) & ids_in(
             old.column("image_b"), s.image_ids
@@ -1129,14 +1172,11 @@ def run_pairs(
     if vs is not None:  # the recorded pairs kept their verification, checked no more
         vs.kept += near.num_rows - new.num_rows
     exact = pa.Table.from_pylist(exact_duplicate_pairs(settings), schema=PAIRS_SCHEMA)
-    present = _Present(s)
-    decided = labels(lay.decisions_dir).only(present)
-    digest = _inputs_digest(th.cluster, decided)
     updated = None
-    if rows is not None and not fold and recorded is not None:
-        token, _, was = recorded.clusters.partition(":")
-        if was == digest and file_token(lay.clusters) == token:
-            updated = _update_clusters(lay, new, near, th.cluster, decided, s, paths_current=same)
+    if clustered is not None:
+        updated = _update_clusters(
+            lay, clustered, new, near, th.cluster, decided, s, paths_current=same, read=read
+        )
     meta: dict[str, str] | Callable[[dict[str, str] | None], dict[str, str]]
     if updated is not None:
         clusters, numbering = updated
@@ -1183,7 +1223,7 @@ def run_pairs(
         ),
     )
     finish_commit(lay)  # the staged base renamed into place; a fold's partitions removed
-    refresh_catalog(settings)
+    refresh_catalog(settings, rows=read)  # the stored reports grow from the rows read
     pair = ["image_a", "image_b"]
     if rows is not None:  # the recorded pairs that could be new ones (none: each has a new image)
         prior = prior.filter(pc.is_in(prior.column("image_a"), value_set=new.column("image_a")))

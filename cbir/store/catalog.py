@@ -33,7 +33,14 @@ from ..errors import CbirError
 from ..fsutil import TMP_PREFIX, DiskFull, ReadOnly, atomic_path, clean_stale_tmp, write_text
 from .decisions import DECISIONS_FIX, DECISIONS_SCHEMA, parts
 from .layout import DECISION_PART_GLOB, layout
-from .manifest import FILES_SCHEMA, MANIFEST_FIX, QUARANTINE_SCHEMA, RUNS_SCHEMA, rows_mark
+from .manifest import (
+    FILES_SCHEMA,
+    MANIFEST_FIX,
+    QUARANTINE_SCHEMA,
+    RUNS_SCHEMA,
+    ImageRows,
+    rows_mark,
+)
 from .pairs import (
     CLUSTERS_SCHEMA,
     FULL_SHARE,
@@ -622,20 +629,25 @@ _CWD_LOCK = threading.Lock()  # held while a thread works in another current fol
 
 #: The manifest's columns the stored reports read (their SQL and `files`'): a growth reads
 #: these alone (the hashes and raw paths of 10^7 rows are most of the manifest's bytes).
-_REPORTED = (
+REPORTED = (
     "image_id", "path", "version", "status", "bytes", "mtime", "mtime_ns", "width", "height",
     "mode", "format", "first_run", "last_run",
 )  # fmt: skip
 
 
 def _connect_views(
-    settings: Settings, chosen: Sequence[View], growths: Sequence[_Growth] = ()
+    settings: Settings,
+    chosen: Sequence[View],
+    growths: Sequence[_Growth] = (),
+    rows: ImageRows | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory connection holding every view as its live query, the files named in full;
     with `growths`, each one's view `over` restricted to the part computed (the whole as
     `{over}_all`), and the manifest's rows (`files`) to those of the parts' images: all the
     rows the reports' SQL reads for them (every row of each image), in one pass over the
-    manifest for both reports (10^7 rows: about 0.6 s a pass)."""
+    manifest for both reports (10^7 rows: about 0.6 s a pass), or none where `rows` (the
+    pairs step's read of the manifest: store.manifest.rows_of_images) holds every one of
+    those images and the manifest is still the file it was read from."""
     con = duckdb.connect(":memory:")
     try:
         # a query lasting seconds: no progress bar on the user's terminal; spills beside the
@@ -663,10 +675,10 @@ def _connect_views(
                 con.execute(f'CREATE TEMP VIEW "{_ALL.format(view.name)}" AS {body}')
                 images = [g.images for g in growths if g.part is not None]
                 wanted = " UNION ALL ".join(f"({q})" for q in images) or "SELECT NULL::VARCHAR"
-                body = (
-                    f"SELECT {', '.join(_REPORTED)} FROM {_ALL.format('files')} "
-                    f"WHERE image_id IN ({wanted})"
-                )
+                source = _ALL.format("files")
+                if rows is not None and _holds(con, rows, wanted, settings):
+                    source = "cbir_read_rows"
+                body = f"SELECT {', '.join(REPORTED)} FROM {source} WHERE image_id IN ({wanted})"
                 kind = "TABLE"
             con.execute(f'CREATE TEMP {kind} "{view.name}" AS {body}')
     except BaseException:
@@ -675,8 +687,29 @@ def _connect_views(
     return con
 
 
+def _holds(
+    con: duckdb.DuckDBPyConnection, rows: ImageRows, wanted: str, settings: Settings
+) -> bool:
+    """Whether `rows` hold every image of `wanted` (a query of image ids) in the columns the
+    reports read, read from the manifest as it is; then registered as `cbir_read_rows`."""
+    if not set(REPORTED) <= set(rows.table.column_names) or not rows.current(settings):
+        return False
+    con.register("cbir_read_ids", pa.table({"image_id": rows.ids}))
+    missing = con.execute(
+        f"SELECT count(*) FROM ({wanted}) w(image_id) "
+        "WHERE image_id NOT IN (SELECT image_id FROM cbir_read_ids)"
+    ).fetchall()  # all: DuckDB keeps a result not fetched to the end open on the connection
+    if missing != [(0,)]:
+        return False
+    con.register("cbir_read_rows", rows.table)
+    return True
+
+
 def _grower(
-    settings: Settings, chosen: Sequence[View], plans: Sequence[tuple[View, _Growth | None]]
+    settings: Settings,
+    chosen: Sequence[View],
+    plans: Sequence[tuple[View, _Growth | None]],
+    rows: ImageRows | None = None,
 ) -> duckdb.DuckDBPyConnection | None:
     """One connection for every growth planned (_connect_views), holding only the views they
     read (binding all of them costs 0.1-0.2 s a connection); None where there is none, or it
@@ -687,7 +720,7 @@ def _grower(
     names = {n.name for v, _ in grown for n in _needed(v, chosen)}
     try:
         return _connect_views(
-            settings, [v for v in chosen if v.name in names], [g for _, g in grown]
+            settings, [v for v in chosen if v.name in names], [g for _, g in grown], rows
         )
     except duckdb.Error:
         return None
@@ -843,7 +876,11 @@ def _stale(
 
 
 def refresh_stored(
-    settings: Settings, chosen: Sequence[View], *, missing_only: bool = False
+    settings: Settings,
+    chosen: Sequence[View],
+    *,
+    missing_only: bool = False,
+    rows: ImageRows | None = None,
 ) -> set[str]:
     """Compute again the stored result of each view that keeps one (pair_report,
     cluster_report) whose inputs changed since (`missing_only`: only those with none yet, the
@@ -855,7 +892,8 @@ def refresh_stored(
     too. Their result is kept as Parquet under data.cache_dir and read from there while it is
     current: each stored file carries a stamp of the view's SQL and its input files, and one
     whose stamp is not the inputs' stamp now is written again (atomically, so a reader never
-    sees half a file). Deleting them only costs the time to compute them again."""
+    sees half a file). Deleting them only costs the time to compute them again. `rows`: the
+    manifest's rows that a growth may read instead of reading the manifest (_connect_views)."""
     stale = _stale(settings, chosen, missing_only=missing_only)
     if not stale:
         return set()
@@ -879,7 +917,7 @@ def refresh_stored(
                 meta[GROWS] = json.dumps(key)
                 growth = _growth(settings, view, by_name, key) if view.stored.is_file() else None
             plans.append((view, meta, growth))
-        grower = _grower(settings, chosen, [(v, g) for v, _, g in plans])
+        grower = _grower(settings, chosen, [(v, g) for v, _, g in plans], rows)
         for view, meta, growth in plans:
             assert view.stored is not None
             name = view.name
@@ -904,17 +942,22 @@ def refresh_stored(
     return left
 
 
-def refresh_catalog(settings: Settings, *, stored: bool = True) -> Path:
+def refresh_catalog(
+    settings: Settings, *, stored: bool = True, rows: ImageRows | None = None
+) -> Path:
     """Make data/catalog.duckdb hold a view for every Parquet output that exists, and the
-    stored view results current (`stored` False: only those missing; see refresh_stored)."""
-    return _refresh(settings, stored=stored)[0]
+    stored view results current (`stored` False: only those missing; `rows`: see
+    refresh_stored)."""
+    return _refresh(settings, stored=stored, rows=rows)[0]
 
 
-def _refresh(settings: Settings, *, stored: bool = True) -> tuple[Path, list[View], set[str]]:
+def _refresh(
+    settings: Settings, *, stored: bool = True, rows: ImageRows | None = None
+) -> tuple[Path, list[View], set[str]]:
     """refresh_catalog, and the views planned and the stored ones left stale (refresh_stored)."""
     target = layout(settings).catalog
     chosen = _plan(settings)
-    left = refresh_stored(settings, chosen, missing_only=not stored)
+    left = refresh_stored(settings, chosen, missing_only=not stored, rows=rows)
     signature = _signature(chosen, settings.root)
     sidecar = _sidecar(target)
     if target.is_file() and sidecar.is_file() and sidecar.read_text() == signature:

@@ -5,7 +5,9 @@ reading them back."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeAlias, overload
 
 import numpy as np
@@ -201,6 +203,70 @@ def canonical_paths_of(settings: Any, ids: list[str]) -> dict[str, str] | None:
     for image_id, path in rows:
         found.setdefault(str(image_id), str(path))
     return found
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """Every manifest row of some images (`ids`: each one's rows are all in `table`), in the
+    columns asked, read in one pass (rows_of_images); `stamp`: the file they were read from."""
+
+    ids: pa.Array
+    table: pa.Table
+    stamp: tuple[int, int, int]
+
+    def canonical_paths(self) -> dict[str, str]:
+        """image_id -> path of the canonical images among them."""
+        t = self.table.filter(canonical_mask(self.table))
+        ids, paths = t.column("image_id").to_pylist(), t.column("path").to_pylist()
+        return dict(zip(ids, paths, strict=True))
+
+    def current(self, settings: Any) -> bool:
+        """Whether the manifest is still the file they were read from."""
+        return _stamp(layout(settings).files) == self.stamp
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def rows_of_images(settings: Any, ids: Iterable[str], columns: Sequence[str]) -> ImageRows | None:
+    """Every manifest row of the images `ids` and of each image with a byte-identical copy, in
+    `columns` (with status, is_canonical and path), from one DuckDB pass: a night's new pairs'
+    paths and the rows its stored reports grow from (store.catalog), which were two passes over
+    the manifest (10^7 rows: about 0.6 s each). None where DuckDB cannot read it, or it
+    changed meanwhile."""
+    import duckdb
+
+    files = layout(settings).files
+    stamp = _stamp(files)
+    names = list(dict.fromkeys([*columns, "image_id", "path", "status", "is_canonical"]))
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET enable_progress_bar = false")
+        con.register("wanted", pa.table({"id": pa.array(sorted(set(ids)), pa.string())}))
+        con.execute(
+            "CREATE TEMP TABLE asked AS SELECT id FROM wanted UNION "
+            "SELECT image_id FROM read_parquet($1) WHERE status = $2",
+            [str(files), DUPLICATE],
+        )
+        cols = ", ".join(f'"{c}"' for c in names)
+        # con.sql: Arrow straight from the query (a DB-API result's copies the rows again)
+        table = con.sql(
+            f"SELECT {cols} FROM read_parquet($1) WHERE image_id IN (SELECT id FROM asked)",
+            params=[str(files)],
+        ).to_arrow_table()
+        listed = con.sql("SELECT id FROM asked ORDER BY id").to_arrow_table()
+    except duckdb.Error:
+        return None
+    finally:
+        con.close()
+    if stamp is None or _stamp(files) != stamp or table is None or listed is None:
+        return None
+    return ImageRows(listed.column(0).combine_chunks(), table.replace_schema_metadata(None), stamp)
 
 
 def canonical_epoch(settings: Any) -> str | None:
