@@ -230,13 +230,12 @@ def test_image_ids_read_like_the_list_they_replace():
                 ids[len(listed)]
 
 
-def test_the_rows_of_a_few_images_and_of_the_exact_copies_in_one_pass(tmp_path):
+def test_the_rows_of_a_few_images_and_of_the_exact_copies_in_one_pass(tmp_path, monkeypatch):
     """store.manifest.rows_of_images: every manifest row of the images asked and of each image
     with a byte-identical copy (what a night's stored reports grow from), their canonical
-    paths, and whether the manifest is still the file they were read from."""
-    import os
-
-    from cbir.store.manifest import canonical_table, rows_of_images
+    paths, the exact copies from them, and whether the manifest is still the file they were
+    read from."""
+    from cbir.store.manifest import canonical_table, exact_copies, rows_of_images
 
     s = tiny_workspace.make(tmp_path, steps=("ingest",))
     files = load_manifest(s)
@@ -257,12 +256,20 @@ def test_the_rows_of_a_few_images_and_of_the_exact_copies_in_one_pass(tmp_path):
     assert expected.num_rows == 4  # two asked, p0 and its copy
     assert read.canonical_paths() == {i: now[i] for i in read.ids.to_pylist() if i in now}
     assert read.current(s)
+    # the exact copies from those rows, as from the manifest (every image with a copy is read):
+    # the file is not read again (here damaged, the rows said to be current)
+    copies = exact_copies(s)
+    assert len(copies) == 1
+    saved = layout(s).files.read_bytes()
+    layout(s).files.write_bytes(b"not a manifest")
+    with monkeypatch.context() as m:
+        m.setattr(type(read), "current", lambda self, settings: True)
+        assert exact_copies(s, read) == copies
+    with pytest.raises(CbirError, match="files.parquet is unreadable"):
+        exact_copies(s, read)  # not current: read, and named
+    layout(s).files.write_bytes(saved)
     manifest = layout(s).files
-    data = manifest.read_bytes()
-    manifest.unlink()
-    manifest.write_bytes(data)  # the same rows, another file
-    os.utime(manifest, ns=(1, 1))
-    assert not read.current(s)
+    assert not read.current(s)  # written again: another file, whatever it holds
     manifest.write_bytes(b"not a manifest")
     assert rows_of_images(s, asked, ["bytes"]) is None
 

@@ -433,9 +433,11 @@ def clusters_from_pairs(
     return link(confirmed + edges, different)
 
 
-def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
+def exact_duplicate_pairs(
+    settings: Settings, read: ImageRows | None = None
+) -> list[dict[str, Any]]:
     """Byte-identical copies from the manifest, as pairs with score 1 (store.manifest.exact_copies:
-    only the copies become rows)."""
+    only the copies become rows; `read`: the manifest's rows read already)."""
     return [
         {
             "image_a": image_id,
@@ -446,7 +448,7 @@ def exact_duplicate_pairs(settings: Settings) -> list[dict[str, Any]]:
             "rank": 0,
             "kind": "exact",
         }
-        for image_id, canonical, copy in exact_copies(settings)
+        for image_id, canonical, copy in exact_copies(settings, read)
     ]
 
 
@@ -1171,7 +1173,7 @@ def run_pairs(
         near = pa.concat_tables([old, new.select(LINKS)])
     if vs is not None:  # the recorded pairs kept their verification, checked no more
         vs.kept += near.num_rows - new.num_rows
-    exact = pa.Table.from_pylist(exact_duplicate_pairs(settings), schema=PAIRS_SCHEMA)
+    exact = pa.Table.from_pylist(exact_duplicate_pairs(settings, read), schema=PAIRS_SCHEMA)
     updated = None
     if clustered is not None:
         updated = _update_clusters(

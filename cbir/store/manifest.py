@@ -145,11 +145,17 @@ class _Unreadable(Exception):
 
 
 def _manifest_rows(
-    settings: Any, sql: str, params: list[Any], tables: dict[str, pa.Table] | None = None
+    settings: Any,
+    sql: str,
+    params: list[Any],
+    tables: dict[str, pa.Table] | None = None,
+    read: ImageRows | None = None,
 ) -> list[tuple[Any, ...]]:
-    """The rows of a DuckDB query over the manifest (`$1` is its path; `params` follow;
-    `tables` registered by name): DuckDB reads only the rows a filter or semi join keeps of
-    the columns it does not filter on. Raises _Unreadable where it cannot read the manifest."""
+    """The rows of a DuckDB query over the manifest (the view `manifest`; `tables` registered
+    by name): DuckDB reads only the rows a filter or semi join keeps of the columns it does not
+    filter on. `read`: rows read from it already (rows_of_images) that the query needs alone,
+    queried instead while the manifest is the file they were read from. Raises _Unreadable
+    where it cannot read the manifest."""
     import duckdb  # not for every importer of the manifest: `cbir sql` stays quick either way
 
     con = duckdb.connect(":memory:")
@@ -157,26 +163,33 @@ def _manifest_rows(
         con.execute("SET enable_progress_bar = false")
         for name, table in (tables or {}).items():
             con.register(name, table)
-        return con.execute(sql, [str(layout(settings).files), *params]).fetchall()
+        if read is not None and read.current(settings):
+            con.register("manifest", read.table)
+        else:
+            path = str(layout(settings).files).replace("'", "''")
+            con.execute(f"CREATE TEMP VIEW manifest AS SELECT * FROM read_parquet('{path}')")
+        return con.execute(sql, params).fetchall()
     except duckdb.Error as exc:
         raise _Unreadable(one_line(exc)) from None
     finally:
         con.close()
 
 
-def exact_copies(settings: Any) -> list[tuple[str, str, str]]:
+def exact_copies(settings: Any, read: ImageRows | None = None) -> list[tuple[str, str, str]]:
     """(image_id, canonical path, copy's path) of each present byte-identical copy, sorted by
     id and path. DuckDB reads the paths of the copies' rows and their canonical rows alone (at
-    10^7 rows, against 1.2 s for every path in Arrow)."""
+    10^7 rows, against 1.2 s for every path in Arrow); from `read` (rows_of_images: every row
+    of each image with a copy) where it still holds the manifest's rows, without a pass."""
     try:
         rows = _manifest_rows(
             settings,
-            """WITH d AS (SELECT image_id, path FROM read_parquet($1) WHERE status = $2),
-            c AS (SELECT image_id, path FROM read_parquet($1) SEMI JOIN d USING (image_id)
-                  WHERE status = $3 AND is_canonical)
+            """WITH d AS (SELECT image_id, path FROM manifest WHERE status = $1),
+            c AS (SELECT image_id, path FROM manifest SEMI JOIN d USING (image_id)
+                  WHERE status = $2 AND is_canonical)
             SELECT d.image_id, c.path, d.path FROM d JOIN c USING (image_id)
             ORDER BY d.image_id, d.path""",
             [DUPLICATE, OK],
+            read=read,
         )
     except _Unreadable as exc:
         load_manifest(settings, ["image_id", "path", "status", "is_canonical"])  # names it
@@ -192,8 +205,8 @@ def canonical_paths_of(settings: Any, ids: list[str]) -> dict[str, str] | None:
     try:
         rows = _manifest_rows(
             settings,
-            "SELECT f.image_id, f.path FROM read_parquet($1) f SEMI JOIN wanted w "
-            "ON f.image_id = w.id WHERE f.status = $2 AND f.is_canonical",
+            "SELECT f.image_id, f.path FROM manifest f SEMI JOIN wanted w "
+            "ON f.image_id = w.id WHERE f.status = $1 AND f.is_canonical",
             [OK],
             {"wanted": pa.table({"id": pa.array(ids, pa.string())})},
         )
