@@ -314,8 +314,10 @@ def test_a_night_under_the_recorded_canonical_epoch_sorts_no_canonical_paths(ws,
                                                                             monkeypatch):
     """While the manifest's canonical epoch is the one the recorded pairs were written under,
     a night trusts their paths: the canonical paths are not sorted (10^7 of them cost seconds),
-    its new pairs' paths are looked up in one pass, and every path recorded is the image's
-    canonical path. A manifest without an epoch (written before epochs) is checked in full."""
+    its new pairs' paths and their clusters' members' are read in one pass (the rows its
+    stored reports grow from: store.manifest.rows_of_images), none looked up, and every path
+    recorded is the image's canonical path. A manifest without an epoch (written before
+    epochs) is checked in full."""
     s = scale._settings(ws)
     lay = layout(s)
     sorted_paths: list[int] = []
@@ -326,6 +328,10 @@ def test_a_night_under_the_recorded_canonical_epoch_sorts_no_canonical_paths(ws,
     real_paths = CanonicalPaths.paths
     monkeypatch.setattr(CanonicalPaths, "paths",
                         lambda self, ids: looked_up.append(len(ids)) or real_paths(self, ids))
+    reads: list[int] = []  # the images of each read of the manifest's rows
+    real_rows = pairs_step.rows_of_images
+    monkeypatch.setattr(pairs_step, "rows_of_images",
+                        lambda st, ids, cols: reads.append(len(ids)) or real_rows(st, ids, cols))
 
     def all_paths_current() -> None:
         now = dict(zip(*canonical_table(s).to_pydict().values(), strict=True))
@@ -341,19 +347,20 @@ def test_a_night_under_the_recorded_canonical_epoch_sorts_no_canonical_paths(ws,
     assert out.incremental and out.added > 0 and read_state(lay).runs == [1]
     assert not sorted_paths
     assert read_state(lay).epoch == canonical_epoch(s)
-    # one lookup, the new pairs' images: the updated clusters' members take theirs from them
-    # and from the clusters they join
+    # one read, of the new pairs' images and the members of the clusters they are in: the
+    # updated clusters' members take their paths from it, none looked up
     assert cluster_ids(lay.clusters).next > numbered.next  # the update formed some
-    assert len(looked_up) == 1 and looked_up[0] <= 2 * out.added
+    assert len(reads) == 1 and reads[0] >= out.added and not looked_up
     assert pq.read_metadata(lay.clusters).num_rows > 10
     all_paths_current()
-    looked_up.clear()
+    reads.clear()
     files = pq.read_table(lay.files)
     write_parquet(files.replace_schema_metadata(None), lay.files)  # as before epochs
     out = _night(scale, ws, 42)
     assert out.incremental and read_state(lay).runs == [1, 2]  # checked: nothing moved
     assert sorted_paths and read_state(lay).epoch == ""
-    assert len(looked_up) == 2  # not trusted: the clusters' members looked up too
+    # the recorded paths not trusted; the rows read are the manifest's: nothing looked up
+    assert len(reads) == 1 and not looked_up
     all_paths_current()
 
 

@@ -686,11 +686,9 @@ def _near_table(
     """The pairs as PAIRS_SCHEMA rows, strongest first; their paths from `read` (the manifest's
     rows of their images) where given, else looked up."""
     ids = {x for key in pairs for x in key}
-    if read is not None:
-        known = read.canonical_paths()
-        path: dict[str, str | None] = {i: known.get(i) for i in ids}
-    else:
-        path = _paths_of(s.path_of, ids)
+    path = read.paths_of(ids) if read is not None else {}
+    if missing := ids - path.keys():
+        path.update(_paths_of(s.path_of, missing))
     rows = [
         {
             "image_a": a,
@@ -849,9 +847,7 @@ def _update_clusters(
         pc.is_in(near.column("image_a"), value_set=group),
         pc.is_in(near.column("image_b"), value_set=group),
     )
-    known: dict[str, str | None] = {}
-    if read is not None:  # every image read, canonical or not (then None, as a lookup gives)
-        known = dict.fromkeys(read.ids.to_pylist()) | read.canonical_paths()
+    known = read.paths_of(members) if read is not None else {}
     if paths_current:
         for image_ids, paths in (
             (new.column("image_a"), new.column("path_a")),

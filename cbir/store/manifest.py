@@ -227,11 +227,18 @@ class ImageRows:
     table: pa.Table
     stamp: tuple[int, int, int]
 
-    def canonical_paths(self) -> dict[str, str]:
-        """image_id -> path of the canonical images among them."""
-        t = self.table.filter(canonical_mask(self.table))
-        ids, paths = t.column("image_id").to_pylist(), t.column("path").to_pylist()
-        return dict(zip(ids, paths, strict=True))
+    def paths_of(self, ids: Iterable[str]) -> dict[str, str | None]:
+        """The canonical path of each of `ids` that was read (None: not a canonical image, as
+        a lookup gives); those not read are left out. In Arrow: the rows read include those
+        of every image with an exact copy, which may be many."""
+        asked = pa.array(sorted(set(ids)), pa.string())
+        t = self.table
+        t = t.filter(pc.and_(canonical_mask(t), pc.is_in(t.column("image_id"), value_set=asked)))
+        found = dict(
+            zip(t.column("image_id").to_pylist(), t.column("path").to_pylist(), strict=True)
+        )
+        listed = pc.is_in(asked, value_set=self.ids).to_pylist()
+        return {i: found.get(i) for i, ok in zip(asked.to_pylist(), listed, strict=True) if ok}
 
     def current(self, settings: Any) -> bool:
         """Whether the manifest is still the file they were read from."""
