@@ -368,6 +368,24 @@ def delta_of(index: faiss.Index) -> faiss.Index | None:
     return layers.delta if isinstance(layers, _Layers) else None
 
 
+def lists_holding(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """The list of `index`'s IVF part holding each of `ids` (-1: none). A layered index's delta
+    is looked in first: a night's new images were just added to it, and its lists are a small
+    part of the index's (the main's hold 80 MB of ids at 10^7 images, 0.3 s to read); the ids
+    it lacks are looked for in the whole. Its lists are numbered as the main's (empty_like)."""
+    ivf = ivf_part(index)
+    assert ivf is not None, "a flat index has no lists"
+    ids = np.asarray(ids, np.int64)
+    delta = delta_of(index)
+    d_ivf = ivf_part(delta) if delta is not None else None
+    if d_ivf is None:
+        return lists_of(ivf, ids)
+    out = lists_of(d_ivf, ids)
+    if (missing := out < 0).any():
+        out[missing] = lists_of(ivf, ids[missing])
+    return out
+
+
 def merged(main: faiss.Index, delta: faiss.Index) -> faiss.Index:
     """`main` (read into memory) with `delta`'s entries moved into its lists: a plain index."""
     ivf, d_ivf = ivf_part(main), ivf_part(delta)

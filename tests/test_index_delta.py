@@ -355,3 +355,31 @@ def test_a_searcher_over_a_layered_index_finds_what_one_over_the_whole_index_fin
         np.testing.assert_array_equal(found, got[0][1])
         np.testing.assert_allclose(scores, got[0][0], rtol=0, atol=1e-6)
     assert (got[0][1][:, 0] == rows).mean() > 0.95  # each finds itself first
+
+
+def test_the_lists_of_a_layered_index_are_found_in_its_delta_first(data, built, monkeypatch):
+    """faiss_index.lists_holding: the list holding each id, as in the merged index; a night's
+    new images (in the delta) are found without reading the main index's lists."""
+    from cbir import faiss_index
+    from cbir.probes import lists_of
+
+    main, info = built
+    lay = layered(faiss.clone_index(main), empty_like(main))
+    add_vectors(lay, _copy_info(info), data["x"][N:N + 300], data["ids"][N:N + 300])
+    whole = faiss.clone_index(main)
+    add_vectors(whole, _copy_info(info), data["x"][N:N + 300], data["ids"][N:N + 300])
+    absent = int(data["ids"][N + 300])  # never added
+    asked = np.r_[data["ids"][N:N + 300], data["ids"][:50], [absent]]
+    expected = lists_of(faiss_index.ivf_part(whole), asked)
+    assert expected[-1] == -1 and (expected[:-1] >= 0).all()
+    np.testing.assert_array_equal(faiss_index.lists_holding(lay, asked), expected)
+    np.testing.assert_array_equal(faiss_index.lists_holding(whole, asked), expected)
+    read: list[int] = []  # the vectors held by each index part whose lists were read
+    real = faiss_index.lists_of
+    monkeypatch.setattr(faiss_index, "lists_of",
+                        lambda ivf, ids: read.append(ivf.ntotal) or real(ivf, ids))
+    np.testing.assert_array_equal(faiss_index.lists_holding(lay, asked[:300]), expected[:300])
+    assert read == [300]  # the delta's alone
+    read.clear()
+    faiss_index.lists_holding(lay, asked)
+    assert read == [300, N + 300]  # the old ones and the absent one: then the whole

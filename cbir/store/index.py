@@ -27,13 +27,14 @@ from ..faiss_index import (
     index_ids,
     ivf_part,
     layered,
+    lists_holding,
     merged,
     probed_ivf,
     region_ids,
 )
 from ..faiss_index import search as faiss_search
 from ..fsutil import Stamp, atomic_path, clean_stale_tmp, file_stamps, write_json
-from ..probes import NearLists, Own, lists_of, stored_lists
+from ..probes import NearLists, Own, stored_lists
 from ..regions import Candidate
 from . import reuse
 from .embeddings import current_regions
@@ -628,7 +629,8 @@ class Searcher:
     def own(self, rows: np.ndarray) -> Own | None:
         """The index's near lists and the list each of `rows` lies in (-1: none), for
         search_rows; None for an index whose searches do not probe around them (probed_ivf).
-        Found among the index's ids (a pass over them), or, after map_lists, looked up."""
+        Found among the index's ids (a pass over them; a layered index's delta first), or,
+        after map_lists, looked up."""
         ivf = probed_ivf(self.index)
         if ivf is None:
             return None
@@ -636,7 +638,7 @@ class Searcher:
         rows = np.asarray(rows, np.int64)
         if self._row_lists is not None:
             return near, self._row_lists[rows]
-        return near, lists_of(ivf, faiss_ids(self.image_ids.take(rows)))
+        return near, lists_holding(self.index, faiss_ids(self.image_ids.take(rows)))
 
     def map_lists(self) -> None:
         """Find every row's list and every list's near lists once, for a search of many
