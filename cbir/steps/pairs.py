@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import faults, verify
+from ..arrays import all_distinct
 from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import clean_stale_tmp, write_parquet
@@ -795,12 +796,11 @@ def _read_clusters(lay: Layout) -> pa.Table | None:
         return None
 
 
-def _mates(clusters: pa.Table, ids: set[str]) -> set[str]:
-    """The members of the clusters that hold any of `ids`."""
-    hit = pc.is_in(clusters.column("image_id"), value_set=pa.array(sorted(ids), pa.string()))
-    holding = pc.unique(clusters.filter(hit).column("cluster_id"))
-    members = clusters.filter(pc.is_in(clusters.column("cluster_id"), value_set=holding))
-    return set(members.column("image_id").to_pylist())
+def _holding(clusters: pa.Table, ids: Iterable[str]) -> pa.Array:
+    """Which rows of `clusters` are of a cluster holding any of `ids`."""
+    asked = pa.array(sorted(set(ids)), pa.string())
+    hit = clusters.filter(pc.is_in(clusters.column("image_id"), value_set=asked))
+    return pc.is_in(clusters.column("cluster_id"), value_set=pc.unique(hit.column("cluster_id")))
 
 
 def _update_clusters(
@@ -833,8 +833,7 @@ def _update_clusters(
     if not added:
         return old, ids
     touched = pa.array(sorted({x for _, a, b in added for x in (a, b)}), pa.string())
-    hit = pc.unique(old.filter(pc.is_in(old.column("image_id"), value_set=touched))["cluster_id"])
-    in_hit = pc.is_in(old.column("cluster_id"), value_set=hit)
+    in_hit = _holding(old, touched.to_pylist())
     joined = old.filter(in_hit)  # the clusters the new links join, dropped
     group = pa.concat_arrays([touched, joined.column("image_id").combine_chunks()]).unique()
     members = set(group.to_pylist())
@@ -944,23 +943,12 @@ def _with_firsts(clusters: pa.Table) -> pa.Table:
         starts = np.r_[True, cid[1:] != cid[:-1]]
         lead = np.maximum.accumulate(np.where(starts, np.arange(len(cid)), 0))
         first = ids.take(pa.array(lead))
-        runs = _distinct(cid[starts])  # each cluster's rows together: no id heads two runs
+        runs = all_distinct(cid[starts])  # each cluster's rows together: no id heads two runs
         if runs and pc.all(pc.greater_equal(ids, first)).as_py():  # led by the smallest
             return clusters.append_column("first", first)
     firsts = clusters.group_by("cluster_id").aggregate([("image_id", "min")])
     joined = clusters.join(firsts, "cluster_id")
     return joined.rename_columns([*clusters.column_names, "first"])
-
-
-def _distinct(ids: np.ndarray) -> bool:
-    """Whether no id occurs twice: counted where they are small non-negative integers (a
-    clusters file's: 10^6 in 0.01 s, against 0.7 s for np.unique's hashing), else sorted."""
-    if not len(ids):
-        return True
-    if ids.min() >= 0 and ids.max() <= 4 * len(ids) + 1024:
-        return bool((np.bincount(ids) <= 1).all())
-    ordered = np.sort(ids)
-    return bool((ordered[1:] != ordered[:-1]).all())
 
 
 def _write_tokened(
@@ -1142,7 +1130,8 @@ def run_pairs(
     if rows is not None and not fold and pairs:
         images = {x for key in pairs for x in key}
         if clustered is not None:
-            images |= _mates(clustered, images)
+            mates = clustered.filter(_holding(clustered, images)).column("image_id")
+            images |= set(mates.to_pylist())
         read = rows_of_images(settings, images, REPORTED)
     new = _near_table(pairs, checks, s, read)
     if fold:  # recorded pairs of images gone since are dropped; paths as they are now

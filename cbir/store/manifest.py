@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeAlias, overload
 
 import numpy as np
@@ -16,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import CbirError
+from ..fsutil import Stamp, file_stamps
 from .layout import layout
 from .tables import metadata_value, one_line, read_table
 
@@ -225,7 +225,7 @@ class ImageRows:
 
     ids: pa.Array
     table: pa.Table
-    stamp: tuple[int, int, int]
+    stamp: Stamp
 
     def paths_of(self, ids: Iterable[str]) -> dict[str, str | None]:
         """The canonical path of each of `ids` that was read (None: not a canonical image, as
@@ -242,15 +242,7 @@ class ImageRows:
 
     def current(self, settings: Any) -> bool:
         """Whether the manifest is still the file they were read from."""
-        return _stamp(layout(settings).files) == self.stamp
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return file_stamps([layout(settings).files]) == self.stamp
 
 
 def rows_of_images(settings: Any, ids: Iterable[str], columns: Sequence[str]) -> ImageRows | None:
@@ -262,7 +254,7 @@ def rows_of_images(settings: Any, ids: Iterable[str], columns: Sequence[str]) ->
     import duckdb
 
     files = layout(settings).files
-    stamp = _stamp(files)
+    stamp = file_stamps([files])
     names = list(dict.fromkeys([*columns, "image_id", "path", "status", "is_canonical"]))
     con = duckdb.connect(":memory:")
     try:
@@ -284,7 +276,7 @@ def rows_of_images(settings: Any, ids: Iterable[str], columns: Sequence[str]) ->
         return None
     finally:
         con.close()
-    if stamp is None or _stamp(files) != stamp or table is None or listed is None:
+    if stamp[0] is None or file_stamps([files]) != stamp or table is None or listed is None:
         return None
     return ImageRows(listed.column(0).combine_chunks(), table.replace_schema_metadata(None), stamp)
 
