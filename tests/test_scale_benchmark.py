@@ -64,6 +64,8 @@ def test_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert set(by_step) == set(scale_steps := _scale().INGEST_STEPS + _scale().VECTOR_STEPS)
     assert all(by_step[s]["status"] == "ok" for s in scale_steps), rows
     assert by_step["ingest first"]["out"]["new"] == 40
+    assert by_step["decode floor"]["out"]["files"] == 40  # every file decoded and hashed
+    assert "| the decode ingest owes each new file, alone in one process, at 40 " in out.stdout
     assert by_step["ingest rerun"]["out"]["decoded"] == 0
     assert by_step["ingest +new"]["out"]["new"] == 100
     assert "planted pairs found 150/150" in by_step["pairs"]["note"]
