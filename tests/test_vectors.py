@@ -22,7 +22,9 @@ from cbir.store.vectors import (
     RowReader,
     Vectors,
     _latest_rows,
+    _signature,
     open_vectors,
+    shard_sizes,
     sync_vectors,
     to_float32,
 )
@@ -466,3 +468,20 @@ def test_sorted_runs_sorts_any_keys_and_merges_a_few_sorted_runs():
     among = np.concatenate([runs[::2], runs[1::2]])  # two runs: found as a sort would find them
     np.testing.assert_array_equal(keys_in(keys, among), np.isin(keys, among))
     np.testing.assert_array_equal(keys_in(keys[::-1], keys[:10]), np.isin(keys[::-1], keys[:10]))
+
+
+def test_shard_sizes_lists_what_glob_and_stat_list(tmp_path):
+    """One listing of the folder gives each shard's size, as pathlib's glob and a stat each did,
+    in name order; other files, a folder named like a shard and no folder at all give none."""
+    rng = np.random.default_rng(7)
+    for n in (3, 5, 2):
+        _shard(tmp_path, _ids(rng, n), _unit(rng, n))
+    (tmp_path / "shard-x.parquet.tmp").write_bytes(b"partial")
+    (tmp_path / "regions-x.parquet").write_bytes(b"other")
+    (tmp_path / "shard-dir.parquet").mkdir()
+    got = shard_sizes(tmp_path)
+    want = _signature(sorted(p for p in tmp_path.glob("shard-*.parquet") if p.is_file()))
+    assert len(got) == 3 and got == want
+    assert list(got) == sorted(got)
+    assert all(size > 0 for size in got.values())
+    assert shard_sizes(tmp_path / "gone") == {}

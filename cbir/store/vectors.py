@@ -20,10 +20,12 @@ with the shards (an older workspace, shards written by hand) builds the same row
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import json
 import mmap
 import os
+import re
 import secrets
 import threading
 from dataclasses import dataclass
@@ -373,6 +375,24 @@ def _signature(shards: list[Path]) -> Signature:
     return {shard.name: shard.stat().st_size for shard in shards}
 
 
+_SHARD_NAME = re.compile(fnmatch.translate(SHARD_GLOB))
+
+
+def shard_sizes(folder: Path) -> Signature:
+    """`_signature` of the folder's shards, sorted by name, from one listing of the folder: a
+    night's opening at 10^7 images lists 10^4 shards (pathlib's glob, then a stat each: 72 ms
+    against 25 ms on a quiet machine, 0.17 s under cProfile on a busy one)."""
+    sizes: Signature = {}
+    try:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if _SHARD_NAME.match(e.name) and e.is_file():
+                    sizes[e.name] = e.stat().st_size
+    except FileNotFoundError:  # as glob: no folder, no shards
+        return {}
+    return dict(sorted(sizes.items()))
+
+
 def _footer(
     folder: Path, meta: pq.FileMetaData | None = None
 ) -> tuple[Path, int, Signature, int] | None:
@@ -545,15 +565,16 @@ def open_vectors(folder: Path, only: pa.Array | None = None) -> tuple[ImageIds, 
     """The vectors of a fingerprint folder, memory-mapped: (image ids sorted, their rows). `only`
     (strings): keep these ids. An image held by two shards keeps its last row. Where the file is
     out of step with the shards, the rows are built in memory from the shards instead."""
-    shards = sorted(folder.glob(SHARD_GLOB))
+    sizes = shard_sizes(folder)
     rec = _recorded(folder, ["image_id"])
     mapped = None
     base: np.ndarray | RowReader
-    if rec is not None and rec[3] == _signature(shards):
+    if rec is not None and rec[3] == sizes:
         table, data, dim, _ = rec
         ids = table.column("image_id")
         base, mapped = _base(data, table.num_rows, dim)
     else:
+        shards = [folder / name for name in sizes]
         check_dimensions(folder, shards)  # a shard of another model's: named, not a traceback
         parts = [_shard_rows(s) for s in shards]
         ids = pa.array([i for p in parts for i in p[0]], pa.string())
@@ -629,7 +650,7 @@ def _open_ordered(
     except (OSError, pa.ArrowException):
         return None
     footer = _footer(folder, vector_rows.metadata)
-    if footer is None or footer[2] != _signature(sorted(folder.glob(SHARD_GLOB))):
+    if footer is None or footer[2] != shard_sizes(folder):
         return None
     data, dim, _, n = footer
     if schema_problem(manifest.schema_arrow, FILES_SCHEMA, _PRESENT_COLUMNS) is not None:
