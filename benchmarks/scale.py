@@ -217,23 +217,33 @@ def child_write_files(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     return {"note": f"{total / (a['n'] + a['new']) / 1e3:.1f} KB a file"}
 
 
-def child_floor(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
-    """The I/O floor: walk the scans folder, stat and SHA-256 every file (one process)."""
+def _walk_floor(folder: Path, then: Callable[[bytes], object] | None = None) -> tuple[int, int]:
+    """Walk `folder` with os.scandir, stat every file and SHA-256 its bytes, then hand them to
+    `then`; (files, bytes)."""
     n, size = 0, 0
 
-    def walk(folder: str) -> None:
+    def walk(at: str) -> None:
         nonlocal n, size
-        with os.scandir(folder) as it:
+        with os.scandir(at) as it:
             for e in it:
                 if e.is_dir(follow_symlinks=False):
                     walk(e.path)
                 elif e.is_file(follow_symlinks=False):
                     st = e.stat()
                     with open(e.path, "rb") as fh:
-                        hashlib.sha256(fh.read()).hexdigest()
+                        data = fh.read()
+                    hashlib.sha256(data).hexdigest()
+                    if then is not None:
+                        then(data)
                     n, size = n + 1, size + st.st_size
 
-    walk(str(ws / "scans"))
+    walk(str(folder))
+    return n, size
+
+
+def child_floor(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
+    """The I/O floor: walk the scans folder, stat and SHA-256 every file (one process)."""
+    n, size = _walk_floor(ws / "scans")
     return {"note": f"{n} files, {size / 1e6:.0f} MB", "files": n}
 
 
@@ -245,25 +255,12 @@ def child_decode_floor(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     from cbir import imaging
     from cbir.probe import _PHASH_DRAFT
 
-    n = 0
-
-    def walk(folder: str) -> None:
-        nonlocal n
-        with os.scandir(folder) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    walk(e.path)
-                elif e.is_file(follow_symlinks=False):
-                    e.stat()
-                    with open(e.path, "rb") as fh:
-                        data = fh.read()
-                    hashlib.sha256(data).hexdigest()
-                    pic, _ = imaging.open_scan(data, draft=("L", _PHASH_DRAFT), rgb=False)
-                    imaging.phash(pic)
-                    n += 1
+    def decode(data: bytes) -> None:
+        pic, _ = imaging.open_scan(data, draft=("L", _PHASH_DRAFT), rgb=False)
+        imaging.phash(pic)
 
     t0 = time.perf_counter()
-    walk(str(ws / "scans"))
+    n, _ = _walk_floor(ws / "scans", decode)
     return {"seconds": time.perf_counter() - t0, "note": f"{n} files decoded", "files": n}
 
 
