@@ -43,7 +43,7 @@ def test_hex_ids_are_the_inverse_of_hex_keys():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_growing_equals_matching_every_row_again(seed):
+def test_growing_equals_matching_every_row_again(seed, tmp_path):
     rng = np.random.default_rng(seed)
     images = _keys(rng, 300)
     # the vector file: every image once in some order, then some embedded again (a later row)
@@ -62,6 +62,21 @@ def test_growing_equals_matching_every_row_again(seed):
     grown = before.grown({"n": 2}, night, 150, new_present)
     _same(grown, whole)
     assert grown.stamp == {"n": 2}
+    # the same from the order as saved and loaded: its arrays mapped from the file, never
+    # written (they are read-only), the grown ones new
+    before.save(tmp_path / "order.bin")
+    loaded = VectorOrder.load(tmp_path / "order.bin")
+    assert loaded is not None
+    assert all(not getattr(loaded, a).flags.writeable for a in ("keys", "rows", "present"))
+    _same(loaded.grown({"n": 2}, night, 150, new_present), whole)
+    _same(loaded, before)
+    # nights that only embed again, or only bring images present: each array copied as needed
+    again = before.grown({"n": 2}, vectors[:10], 150, present[:0])
+    assert again.rows.tolist() == [150 + list(vectors[:10]).index(k) if k in vectors[:10]
+                                   else r for k, r in zip(before.keys, before.rows, strict=True)]
+    _same(loaded.grown({"n": 2}, vectors[:10], 150, present[:0]), again)
+    _same(loaded.grown({"n": 2}, night[:0], 150, new_present),
+          before.grown({"n": 2}, night[:0], 150, new_present))
     # idempotent: the same rows and images again change nothing
     _same(grown.grown({"n": 3}, night, 150, new_present), whole)
     keys, rows = grown.kept()

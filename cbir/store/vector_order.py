@@ -17,6 +17,8 @@ then the arrays, each at a multiple of 8 bytes.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,25 +74,32 @@ class VectorOrder:
     ) -> VectorOrder:
         """This order after the vector file's rows from `first_row` on (`vector_keys`) and the
         manifest's new present images (`present_keys`) were appended. Idempotent: rows and
-        images it already holds change nothing."""
-        keys, rows, present, waiting = self.keys, self.rows, self.present.copy(), self.waiting
-        wanted = unique_sorted(present_keys)
-        if len(wanted):
-            found = keys_in(wanted, keys)
-            present[np.searchsorted(keys, wanted[found])] = True
-            waiting = unique_sorted(np.concatenate([waiting, wanted[~found]]))
+        images it already holds change nothing. Each array is copied once at most, where it
+        changes (at 10^7 each is 10-80 MB: copies a night need not make)."""
+        keys, rows, present, waiting = self.keys, self.rows, self.present, self.waiting
         if len(vector_keys):
             last = latest(vector_keys)
             new_keys, new_rows = vector_keys[last], last.astype(np.int64) + first_row
             found = keys_in(new_keys, keys)
-            rows = rows.copy()
-            rows[np.searchsorted(keys, new_keys[found])] = new_rows[found]  # a later row wins
+            again = np.searchsorted(keys, new_keys[found])  # images with a later row
             add_keys, add_rows = new_keys[~found], new_rows[~found]
-            at = np.searchsorted(keys, add_keys)  # ascending: the result stays sorted
-            keys = np.insert(keys, at, add_keys)
-            rows = np.insert(rows, at, add_rows)
-            present = np.insert(present, at, keys_in(add_keys, waiting))
-            waiting = waiting[~keys_in(waiting, add_keys)]
+            if len(add_keys):
+                at = np.searchsorted(keys, add_keys)  # ascending: the result stays sorted
+                keys = np.insert(keys, at, add_keys)
+                rows = np.insert(rows, at, add_rows)
+                present = np.insert(present, at, keys_in(add_keys, waiting))
+                waiting = waiting[~keys_in(waiting, add_keys)]
+                again += np.searchsorted(at, again, side="right")  # moved by the insertions
+            elif len(again):
+                rows = rows.copy()
+            rows[again] = new_rows[found]  # a later row wins
+        wanted = unique_sorted(present_keys)
+        if len(wanted):
+            found = keys_in(wanted, keys)
+            if present is self.present:  # not copied by an insertion above
+                present = present.copy()
+            present[np.searchsorted(keys, wanted[found])] = True
+            waiting = unique_sorted(np.concatenate([waiting, wanted[~found]]))
         return VectorOrder(stamp, keys, rows, present, waiting)
 
     def kept(self) -> tuple[np.ndarray, np.ndarray]:
@@ -117,22 +126,34 @@ class VectorOrder:
 
     @classmethod
     def load(cls, path: Path) -> VectorOrder | None:
-        """The order saved at `path`; None where there is none or it is not whole."""
+        """The order saved at `path`, its arrays mapped from the file rather than read into
+        memory (read-only; a night touches what it uses, and the page cache holds them); None
+        where there is none or it is not whole. A later save renames a new file over it: the
+        arrays mapped stay those of this one."""
         try:
             with open(path, "rb") as fh:
                 if fh.readline() != MAGIC:
                     return None
                 header = json.loads(fh.readline())
-                fh.seek(-fh.tell() % 8, 1)
-                arrays: dict[str, np.ndarray] = {}
+                at = fh.tell() + (-fh.tell() % 8)
+                size = os.fstat(fh.fileno()).st_size
+                spans: dict[str, tuple[np.dtype[Any], int, int]] = {}
                 for name, want in _ARRAYS.items():
                     kind, n = header["arrays"][name]
-                    a = np.fromfile(fh, np.dtype(kind), int(n))
-                    if len(a) != int(n) or a.dtype != want:
+                    dtype, n = np.dtype(kind), int(n)
+                    if dtype != want or n < 0:
                         return None
-                    arrays[name] = a
-                    fh.seek(-a.nbytes % 8, 1)
-                stamp = header["stamp"]
+                    spans[name] = (dtype, n, at)
+                    end = at + n * dtype.itemsize
+                    at = end + (-end % 8)
+                if end > size:
+                    return None  # cut short
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            arrays = {
+                name: np.frombuffer(mapped, dtype, n, offset) if n else np.zeros(0, dtype)
+                for name, (dtype, n, offset) in spans.items()
+            }
+            stamp = header["stamp"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
         if not isinstance(stamp, dict) or len({len(arrays[k]) for k in list(_ARRAYS)[:3]}) != 1:
