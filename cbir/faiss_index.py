@@ -911,7 +911,8 @@ def faiss_ids(image_ids: Sequence[str]) -> np.ndarray:
     keys = getattr(image_ids, "hex_keys", None)
     packed = keys() if callable(keys) else None
     if packed is not None:
-        return (np.asarray(packed, np.uint64) & np.uint64(_ID_MASK)).astype(np.int64)
+        # one new array, viewed as int64 (the top bit masked off, the values are the same)
+        return (np.asarray(packed, np.uint64) & np.uint64(_ID_MASK)).view(np.int64)
     if not isinstance(image_ids, list):
         image_ids = list(image_ids)
     if image_ids and set(map(len, image_ids)) == {16}:  # cbir's ids: parsed at once (10^7: 1 s)
