@@ -139,6 +139,16 @@ def test_canonical_paths_is_a_mapping_found_by_bisection():
         assert few.paths([ids[1]]) == [paths[1]] and few.paths([]) == []
         assert dict(few) == dict(m) and few.paths(asked) == [m.get(x) for x in asked]
         assert len(loads) == 2
+        # many at once (a full clustering's members): by bisection in arrays, not one by one
+        many = asked * 30
+        assert few.path_array(pa.array(many)).to_pylist() == [m.get(x) for x in many]
+        assert few.path_array(pa.chunked_array([many[:7], many[7:]])).to_pylist() == [
+            m.get(x) for x in many]
+        assert few.path_array(pa.array([], pa.string())).to_pylist() == []
+        assert few.path_array(pa.array(["zz", "yy"])).to_pylist() == [None, None]
+        absent_hex = ["0" * 15 + "1", "e" * 16]  # cbir's form: looked up as integers
+        assert few.path_array(pa.array([ids[0], *absent_hex])).to_pylist() == [
+            paths[0], None, None]
     keys = sorted_keys(pa.array(["00ff", "0f3a", "a1b2"]))
     assert keys.dtype == "S4" and keys.tolist() == [b"00ff", b"0f3a", b"a1b2"]
     sliced = sorted_keys(pa.array(["xx00ff", "0f3a", "a1b2"]).slice(1))  # an offset into buffers

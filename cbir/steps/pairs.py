@@ -1139,16 +1139,23 @@ def run_pairs(
             old.column("image_b"), s.image_ids
         )
         kept = old.filter(pa.array(both))
-        paths = canonical_table(settings)
+        by_path = s.path_of if isinstance(s.path_of, CanonicalPaths) else None
+        paths = canonical_table(settings) if by_path is None else None
         for side in "ab":
+            column = kept.column_names.index(f"path_{side}")
+            if by_path is not None:  # by bisection in the sorted paths: no join with 10^7 rows
+                now = by_path.path_array(kept.column(f"image_{side}"))
+                kept = kept.set_column(column, f"path_{side}", now)
+                continue
+            assert paths is not None
             joined = kept.join(
                 paths.rename_columns([f"image_{side}", "now"]),
                 f"image_{side}",
                 join_type="left outer",
             )
-            kept = joined.set_column(
-                joined.column_names.index(f"path_{side}"), f"path_{side}", joined.column("now")
-            ).drop_columns(["now"])
+            kept = joined.set_column(column, f"path_{side}", joined.column("now")).drop_columns(
+                ["now"]
+            )
         near = _by_score(
             pa.concat_tables([kept.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA), new])
         )

@@ -549,8 +549,10 @@ class CanonicalPaths(Mapping[str, str]):
         them. Before the sorted arrays are built (`_ready`), a few ids are looked up by `lookup`
         (the rows' paths alone), else by one pass over the manifest's rows: a night's new pairs
         name a few thousand images, and sorting 10^7 ids and paths for them costs seconds."""
-        if self._keys is not None or not ids or len(ids) > _SCAN_MAX:
-            return [self.get(i) for i in ids]
+        if not ids:
+            return []
+        if self._keys is not None or len(ids) > _SCAN_MAX:
+            return self.path_array(pa.array(ids, pa.string())).to_pylist()
         looked = self._lookup(ids) if self._lookup is not None and self._table is None else None
         if looked is not None:
             return [looked.get(i) for i in ids]
@@ -566,6 +568,35 @@ class CanonicalPaths(Mapping[str, str]):
             found.setdefault(i, path)  # the first, as the bisection finds (a stable sort)
         return [found.get(i) for i in ids]
 
+    def _positions(self, ids: pa.Array) -> np.ndarray:
+        """The row of each of `ids` in the sorted arrays (the first of an id held twice, as
+        `get` finds it), -1 for none: in arrays, by bisection (integers where the ids are
+        cbir's, not 16-byte strings)."""
+        keys, _ = self._ready()
+        if not len(keys) or not len(ids):
+            return np.full(len(ids), -1, np.int64)
+        ids = pa.array(ids, pa.string())
+        hexed = hex_keys(ids) if self._hexed is not None else None
+        if self._hexed is not None and hexed is not None:
+            at = np.minimum(np.searchsorted(self._hexed, hexed), len(keys) - 1)
+            found = self._hexed[at] == hexed
+        else:
+            want = sorted_keys(ids)
+            at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+            found = keys[at] == want
+        return np.where(found, at, -1).astype(np.int64)
+
+    def path_array(self, ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+        """The canonical path of each of `ids` as an Arrow array (null: no canonical image),
+        as `get` gives them one by one: a full clustering at 10^7 names 2x10^6 members, which
+        one by one took 24 s."""
+        ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        at = self._positions(ids)
+        if not len(at) or not bool((at >= 0).any()):
+            return pa.nulls(len(at), pa.string())
+        paths = self._ready()[1].take(pa.array(np.maximum(at, 0)))
+        return pc.if_else(pa.array(at >= 0), paths, pa.scalar(None, pa.string()))
+
     def moved(self, ids: pa.Array, paths: pa.Array) -> bool:
         """Whether any image of `ids` is recorded under a path that is not its canonical one
         now (or is no canonical image now): in arrays, by bisection."""
@@ -574,16 +605,8 @@ class CanonicalPaths(Mapping[str, str]):
             return False
         if not len(keys):
             return True
-        ids = pa.array(ids, pa.string())
-        hexed = hex_keys(ids) if self._hexed is not None else None
-        if self._hexed is not None and hexed is not None:  # integers, not 16-byte strings
-            at = np.minimum(np.searchsorted(self._hexed, hexed), len(keys) - 1)
-            absent = self._hexed[at] != hexed
-        else:
-            want = sorted_keys(ids)
-            at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
-            absent = keys[at] != want
-        if bool(absent.any()):
+        at = self._positions(pa.array(ids, pa.string()))
+        if bool((at < 0).any()):
             return True
         same = pc.equal(now.take(pa.array(at)), pa.array(paths, pa.string()))
         return not pc.all(pc.fill_null(same, False)).as_py()
