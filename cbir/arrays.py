@@ -28,3 +28,14 @@ def all_distinct(values: Any) -> bool:
         return bool((np.bincount(values.astype(np.int64)) <= 1).all())
     ordered = np.sort(values)
     return not bool((ordered[1:] == ordered[:-1]).any())
+
+
+def found_at(haystack: np.ndarray, needles: Any, search: Any = np.searchsorted) -> np.ndarray:
+    """The position of each of `needles` in the sorted `haystack` (the first of a value held
+    twice), -1 where it is not there; any shape. `search`: np.searchsorted or a function like
+    it (one that sorts many needles first)."""
+    needles = np.asarray(needles)
+    if not len(haystack):
+        return np.full(needles.shape, -1, np.int64)
+    at = np.minimum(search(haystack, needles), len(haystack) - 1)
+    return np.where(haystack[at] == needles, at, -1).astype(np.int64)

@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from .. import faults, regions
+from ..arrays import found_at
 from ..errors import CbirError
 from ..faiss_index import (
     IndexInfo,
@@ -551,14 +552,11 @@ def _rows_by_key(keys: np.ndarray, fids: np.ndarray) -> np.ndarray:
     """The row of each FAISS id among sorted 64-bit `keys` (their rows), -1 for none: the key
     with the id's bits and its top bit clear, else set (the row of the clear one where two
     keys share their low 63 bits, as in the FAISS ids sorted stably)."""
-    out = np.full(fids.shape, -1, np.int64)
-    if not len(keys):
-        return out
     wanted = fids.astype(np.uint64)
+    out = np.full(fids.shape, -1, np.int64)
     for top in (np.uint64(1 << 63), np.uint64(0)):  # the clear one last: it wins
-        key = wanted | top
-        pos = np.minimum(_sorted_positions(keys, key), len(keys) - 1)
-        out = np.where(keys[pos] == key, pos, out)
+        at = found_at(keys, wanted | top, _sorted_positions)
+        out = np.where(at >= 0, at, out)
     return np.where(fids >= 0, out, -1)
 
 

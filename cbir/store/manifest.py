@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..arrays import found_at
 from ..errors import CbirError
 from ..fsutil import Stamp, file_stamps
 from .layout import layout
@@ -573,18 +574,13 @@ class CanonicalPaths(Mapping[str, str]):
         `get` finds it), -1 for none: in arrays, by bisection (integers where the ids are
         cbir's, not 16-byte strings)."""
         keys, _ = self._ready()
-        if not len(keys) or not len(ids):
-            return np.full(len(ids), -1, np.int64)
+        if not len(ids):
+            return np.zeros(0, np.int64)
         ids = pa.array(ids, pa.string())
         hexed = hex_keys(ids) if self._hexed is not None else None
         if self._hexed is not None and hexed is not None:
-            at = np.minimum(np.searchsorted(self._hexed, hexed), len(keys) - 1)
-            found = self._hexed[at] == hexed
-        else:
-            want = sorted_keys(ids)
-            at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
-            found = keys[at] == want
-        return np.where(found, at, -1).astype(np.int64)
+            return found_at(self._hexed, hexed)
+        return found_at(keys, sorted_keys(ids))
 
     def path_array(self, ids: pa.Array | pa.ChunkedArray) -> pa.Array:
         """The canonical path of each of `ids` as an Arrow array (null: no canonical image),

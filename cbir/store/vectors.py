@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import faults
+from ..arrays import found_at
 from ..errors import CbirError
 from ..fsutil import (
     APPENDED_ROW_GROUP,
@@ -797,11 +798,8 @@ def added_between(
         return None
     if got is None or got.stamp != now:  # the files are no longer those `now` was made from
         return None
-    added = np.union1d(got.present, got.vector_keys).astype(np.uint64)
-    if not len(keys):
-        return np.zeros(0, np.int64)
-    at = np.minimum(np.searchsorted(keys, added), len(keys) - 1)
-    return at[keys[at] == added].astype(np.int64)
+    at = found_at(keys, np.union1d(got.present, got.vector_keys).astype(np.uint64))
+    return at[at >= 0]
 
 
 def _whole_order(
