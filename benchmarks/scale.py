@@ -252,12 +252,10 @@ def child_decode_floor(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     bytes read once, hashed, opened as ingest's workers open them (JPEG at reduced DCT scale,
     greyscale: `cbir.probe`'s call) and their perceptual hash. What ingest cannot go below but
     by spreading it over its workers (ingest.workers)."""
-    from cbir import imaging
-    from cbir.probe import _PHASH_DRAFT
+    from cbir.probe import decoded, properties
 
     def decode(data: bytes) -> None:
-        pic, _ = imaging.open_scan(data, draft=("L", _PHASH_DRAFT), rgb=False)
-        imaging.phash(pic)
+        properties(*decoded(data))
 
     t0 = time.perf_counter()
     n, _ = _walk_floor(ws / "scans", decode)

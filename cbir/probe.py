@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from . import imaging
 
 _READ_WHOLE_LIMIT = 256 * 1024 * 1024  # larger files are hashed and decoded in a streaming way
@@ -83,10 +85,7 @@ def probe_file(root: bytes, entry: Entry) -> dict[str, Any]:
         return out  # same content as an image already in the manifest: no decode needed
     try:
         source: bytes | str = data if data is not None else os.fsdecode(full)
-        # Greyscale at reduced DCT scale: all the hash needs, and the whole file is still decoded.
-        pic, info = imaging.open_scan(
-            source, max_pixels=_MAX_PIXELS, draft=("L", _PHASH_DRAFT), rgb=False, name=entry.path
-        )
+        pic, info = decoded(source, max_pixels=_MAX_PIXELS, name=entry.path)
     except imaging.ImageRejected as exc:
         out["reason"] = exc.reason
         return out
@@ -96,15 +95,30 @@ def probe_file(root: bytes, entry: Entry) -> dict[str, Any]:
     except Exception as exc:  # a decoder bug must not stop the run; the file is quarantined
         out["reason"] = f"damaged image: unexpected decoder error ({type(exc).__name__}: {exc})"
         return out
-    out.update(
-        width=info.width,
-        height=info.height,
-        mode=info.mode,
-        format=info.format,
-        pages=info.pages,
-        phash=imaging.phash(pic),
-    )
+    out.update(properties(pic, info))
     return out
+
+
+def decoded(
+    source: bytes | str, *, max_pixels: int | None = None, name: str = ""
+) -> tuple[Image.Image, imaging.ImageInfo]:
+    """The decode ingest owes a new file: greyscale at reduced DCT scale, all the perceptual
+    hash needs, and the whole file is still decoded (imaging.open_scan's picture and info)."""
+    return imaging.open_scan(
+        source, max_pixels=max_pixels, draft=("L", _PHASH_DRAFT), rgb=False, name=name
+    )
+
+
+def properties(pic: Image.Image, info: imaging.ImageInfo) -> dict[str, Any]:
+    """What the manifest keeps of a decoded file: its size, mode, format, pages and hash."""
+    return {
+        "width": info.width,
+        "height": info.height,
+        "mode": info.mode,
+        "format": info.format,
+        "pages": info.pages,
+        "phash": imaging.phash(pic),
+    }
 
 
 def probe_batch(args: tuple[bytes, list[Entry]]) -> list[dict[str, Any]]:

@@ -59,7 +59,6 @@ from ..store.manifest import (
     ImageIds,
     ImageRows,
     canonical_epoch,
-    canonical_table,
     exact_copies,
     ids_in,
     rows_of_images,
@@ -714,6 +713,14 @@ def _paths_of(path_of: Mapping[str, str], ids: set[str]) -> dict[str, str | None
     return {i: path_of.get(i) for i in listed}
 
 
+def _path_column(path_of: Mapping[str, str], ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The canonical path of each of `ids` as a column (null: none): by bisection in arrays
+    where the paths are the manifest's (CanonicalPaths; at 10^7 no join with its rows)."""
+    if isinstance(path_of, CanonicalPaths):
+        return path_of.path_array(ids)
+    return pa.array([path_of.get(i) for i in ids.to_pylist()], pa.string())
+
+
 def _by_score(table: pa.Table) -> pa.Table:
     """Strongest first, then by the pair's ids: the one order of every pairs file."""
     return table.sort_by(
@@ -1139,23 +1146,9 @@ def run_pairs(
             old.column("image_b"), s.image_ids
         )
         kept = old.filter(pa.array(both))
-        by_path = s.path_of if isinstance(s.path_of, CanonicalPaths) else None
-        paths = canonical_table(settings) if by_path is None else None
         for side in "ab":
-            column = kept.column_names.index(f"path_{side}")
-            if by_path is not None:  # by bisection in the sorted paths: no join with 10^7 rows
-                now = by_path.path_array(kept.column(f"image_{side}"))
-                kept = kept.set_column(column, f"path_{side}", now)
-                continue
-            assert paths is not None
-            joined = kept.join(
-                paths.rename_columns([f"image_{side}", "now"]),
-                f"image_{side}",
-                join_type="left outer",
-            )
-            kept = joined.set_column(column, f"path_{side}", joined.column("now")).drop_columns(
-                ["now"]
-            )
+            now = _path_column(s.path_of, kept.column(f"image_{side}"))
+            kept = kept.set_column(kept.column_names.index(f"path_{side}"), f"path_{side}", now)
         near = _by_score(
             pa.concat_tables([kept.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA), new])
         )

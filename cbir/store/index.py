@@ -603,11 +603,8 @@ class Searcher:
             order = np.argsort(every, kind="stable")  # ids sorted: two runs, merged (_changes)
             self._by_fid = (every[order], order)
         sorted_fids, rows = self._by_fid
-        if not len(sorted_fids):
-            return np.full(fids.shape, -1, np.int64)
-        pos = _sorted_positions(sorted_fids, fids)
-        pos = np.minimum(pos, len(sorted_fids) - 1)
-        return np.where(sorted_fids[pos] == fids, rows[pos], -1)
+        at = found_at(sorted_fids, fids, _sorted_positions)
+        return np.where(at >= 0, rows[np.maximum(at, 0)], -1) if len(rows) else at
 
     def present(self, image_ids: list[str]) -> np.ndarray:
         """Whether each image is among this searcher's (by its FAISS id, then its id: 63 bits

@@ -601,7 +601,7 @@ class CanonicalPaths(Mapping[str, str]):
             return False
         if not len(keys):
             return True
-        at = self._positions(pa.array(ids, pa.string()))
+        at = self._positions(ids)
         if bool((at < 0).any()):
             return True
         same = pc.equal(now.take(pa.array(at)), pa.array(paths, pa.string()))
