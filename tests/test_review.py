@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import CBIR
 from PIL import Image
@@ -24,6 +25,7 @@ from cbir.review.app import ReviewConfig, build_app
 from cbir.store import pairs as store_pairs
 from cbir.store import catalog
 from cbir.store.decisions import pair_key
+from cbir.store.layout import layout
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 BASE = "http://127.0.0.1:8765"
@@ -327,9 +329,19 @@ def test_cluster_view_splits_a_cluster_by_rejecting_links(ws):
     assert [link["decision"] for link in data["links"]] == ["different", "different", None]
     assert sorted(len(g) for g in data["components"]) == [1, 2]
     assert {ids[p] for p in CLUSTERS[0]} == {i for g in data["components"] for i in g}
-    gone = c.get("/api/cluster/99")
+    gone = c.get("/api/cluster/99")  # a file with no ids recorded: any missing id changed
     assert gone.status_code == 400 and "no cluster 99: it has changed since" in gone.json()["error"]
     assert c.get("/api/clusters").json()["clusters"][0]["size"] == 3
+    # ids given up to 3 (0 and 1 still held): 2 and 3 changed since, 4 and on were never given
+    path = layout(ws).clusters
+    table = pq.read_table(path)
+    meta = store_pairs.ClusterIds("a-lineage", 4).meta()
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    for cid, said in ((3, "it has changed since"), (4, "no cluster has had that id (the highest "
+                      "given is 3)"), (99, "no cluster has had that id")):
+        r = c.get(f"/api/cluster/{cid}")
+        assert r.status_code == 400 and f"no cluster {cid}: {said}" in r.json()["error"], cid
+    assert c.get("/api/cluster/1").status_code == 200
 
 
 def test_names_are_never_markup_in_the_page(ws):

@@ -23,7 +23,7 @@ from ..fsutil import file_stamps
 from ..linkage import DisjointSets
 from ..store import catalog, decisions
 from ..store.layout import layout
-from ..store.pairs import PARTIAL, on_margin
+from ..store.pairs import PARTIAL, cluster_ids, on_margin
 from ..store.tables import one_line
 
 if TYPE_CHECKING:
@@ -388,6 +388,12 @@ class Queue:
 
         members, links = self.run(threshold, work)
         if not members:
+            given = cluster_ids(layout(self.settings).clusters)
+            if given is not None and cluster_id >= given.next:  # a mistyped or made-up id
+                raise BadRequest(
+                    f"no cluster {cluster_id}: no cluster has had that id (the highest given "
+                    f"is {given.next - 1}); see the clusters list"
+                )
             # ids stay while a cluster is unchanged (store.pairs.CLUSTER_IDS): a bookmarked one
             # that is gone gained or lost members, or all were clustered again
             raise BadRequest(
