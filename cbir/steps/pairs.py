@@ -803,10 +803,9 @@ def _read_clusters(lay: Layout) -> pa.Table | None:
         return None
 
 
-def _holding(clusters: pa.Table, ids: Iterable[str]) -> pa.Array:
-    """Which rows of `clusters` are of a cluster holding any of `ids`."""
-    asked = pa.array(sorted(set(ids)), pa.string())
-    hit = clusters.filter(pc.is_in(clusters.column("image_id"), value_set=asked))
+def _holding(clusters: pa.Table, ids: pa.Array) -> pa.Array:
+    """Which rows of `clusters` are of a cluster holding any of `ids` (strings)."""
+    hit = clusters.filter(pc.is_in(clusters.column("image_id"), value_set=ids))
     return pc.is_in(clusters.column("cluster_id"), value_set=pc.unique(hit.column("cluster_id")))
 
 
@@ -840,7 +839,7 @@ def _update_clusters(
     if not added:
         return old, ids
     touched = pa.array(sorted({x for _, a, b in added for x in (a, b)}), pa.string())
-    in_hit = _holding(old, touched.to_pylist())
+    in_hit = _holding(old, touched)
     joined = old.filter(in_hit)  # the clusters the new links join, dropped
     group = pa.concat_arrays([touched, joined.column("image_id").combine_chunks()]).unique()
     members = set(group.to_pylist())
@@ -1137,7 +1136,8 @@ def run_pairs(
     if rows is not None and not fold and pairs:
         images = {x for key in pairs for x in key}
         if clustered is not None:
-            mates = clustered.filter(_holding(clustered, images)).column("image_id")
+            asked = pa.array(sorted(images), pa.string())
+            mates = clustered.filter(_holding(clustered, asked)).column("image_id")
             images |= set(mates.to_pylist())
         read = rows_of_images(settings, images, REPORTED)
     new = _near_table(pairs, checks, s, read)
