@@ -14,7 +14,9 @@ a shard probes what one process searching everything probes).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from functools import cached_property
 
 import faiss
 import numpy as np
@@ -81,7 +83,8 @@ def lists_of(ivf: faiss.IndexIVF, ids: np.ndarray) -> np.ndarray:
 
 class NearLists:
     """Each list's NEAR_LISTS nearest lists (by their centroids' inner product), computed for a
-    list the first time a query lying in it is searched, and the probed lists of such queries."""
+    list the first time a query lying in it is searched, or all restored from a table kept for
+    the same centroids (`digest`), and the probed lists of such queries."""
 
     def __init__(self, ivf: faiss.IndexIVF, near: int = NEAR_LISTS) -> None:
         self.centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), np.float32)
@@ -89,6 +92,33 @@ class NearLists:
         self.m = min(near, ivf.nlist)
         self._near = np.full((ivf.nlist, self.m), -1, np.int64)
         self._known = np.zeros(ivf.nlist, bool)
+
+    @cached_property
+    def digest(self) -> str:
+        """What the near lists follow from (the centroids and m): a table kept under this
+        digest is these near lists."""
+        h = hashlib.sha256(f"near lists m={self.m} nlist={self.nlist}:".encode())
+        h.update(self.centroids.tobytes())
+        return h.hexdigest()
+
+    @property
+    def complete(self) -> bool:
+        """Whether every list's near lists are known (computed or restored)."""
+        return bool(self._known.all())
+
+    def table(self) -> np.ndarray:
+        """Every list's near lists, shape (nlist, m), computing those not known yet."""
+        return self.near(np.arange(self.nlist, dtype=np.int64))
+
+    def restore(self, table: np.ndarray) -> None:
+        """Take every list's near lists from `table` (what `table()` gave for this digest)."""
+        table = np.asarray(table)
+        if table.shape != self._near.shape or (
+            len(table) and (table.min() < 0 or table.max() >= self.nlist)
+        ):
+            raise ValueError(f"near lists of shape {self._near.shape} wanted, got {table.shape}")
+        self._near[:] = table
+        self._known[:] = True
 
     def near(self, lists: np.ndarray) -> np.ndarray:
         """The nearest lists of each of `lists`, shape (len(lists), m), nearest first."""

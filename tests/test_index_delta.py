@@ -383,3 +383,33 @@ def test_the_lists_of_a_layered_index_are_found_in_its_delta_first(data, built, 
     read.clear()
     faiss_index.lists_holding(lay, asked)
     assert read == [300, N + 300]  # the old ones and the absent one: then the whole
+
+
+def test_the_index_step_keeps_the_near_lists_of_the_centroids_it_trained(tmp_path, data) -> None:
+    """`near`: the image index's near lists (cbir.probes) kept beside it when it is trained,
+    left as they are by nights that add to it (the centroids stay), written again for a new
+    training; a folder holding them is still cbir's own (store.outputs)."""
+    from cbir.store.index import near_lists
+    from cbir.store.layout import NEAR_FILE, layout
+
+    s = _settings(tmp_path)
+    folder = layout(s).index_dir
+    x, ids = data["x"], data["ids"]
+    index_step._build_or_update(s, folder, "fp", ids[:N], x[:N], False, near=True)
+    kept = _digest(folder / NEAR_FILE)
+    index_step._build_or_update(s, folder, "fp", ids[: N + 100], x[: N + 100], False, near=True)
+    assert (folder / DELTA_FILE).exists() and _digest(folder / NEAR_FILE) == kept
+    index, _ = reusable_index(folder, "fp", False, mapped=True)[:2]
+    assert near_lists(folder, faiss.extract_index_ivf(index)).complete
+    load_settings(tmp_path / "params.yaml")  # the index folder holds only cbir's files
+    # trained again on the same vectors: the same centroids, their near lists kept as they are
+    index_step._build_or_update(s, folder, "fp", ids[:N], x[:N], True, near=True)
+    assert _digest(folder / NEAR_FILE) == kept
+    rebuilt = index_step._build_or_update(s, folder, "fp", ids[50:], x[50:], True, near=True)
+    assert rebuilt.rebuilt and _digest(folder / NEAR_FILE) != kept
+    index, _ = reusable_index(folder, "fp", False, mapped=True)[:2]
+    assert near_lists(folder, faiss.extract_index_ivf(index)).complete
+    # without `near` (the regional index) none is kept
+    other = tmp_path / "regions"
+    index_step._build_or_update(s, other, "fp", ids[:N], x[:N], False)
+    assert not (other / NEAR_FILE).exists()

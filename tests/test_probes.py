@@ -109,3 +109,51 @@ def test_a_searcher_finds_the_lists_of_a_few_rows_as_of_all_rows(built) -> None:
     _, together = s.search_rows(x[rows], K, rows=rows)
     _, alone = s.search_rows(x[rows[2:3]], K, rows=rows[2:3])
     np.testing.assert_array_equal(alone[0], together[2])
+
+
+def test_near_lists_kept_for_their_centroids_are_restored_and_searched_alike(
+    built, tmp_path
+) -> None:
+    """store.index.keep_near_lists: every list's near lists kept beside the index, for its
+    centroids; a searcher restores them instead of computing them a night at a time, and
+    searches what it searched computing them. A file kept for other centroids, or damaged, is
+    not used."""
+    from cbir.store.index import keep_near_lists, near_lists
+    from cbir.store.layout import NEAR_FILE
+
+    x, ids, index, info = built
+    ivf = ivf_part(index)
+    computed = NearLists(ivf)
+    assert not computed.complete
+    table = computed.table().copy()
+    assert computed.complete and table.shape == (ivf.nlist, min(64, ivf.nlist))
+    assert not near_lists(tmp_path, ivf).complete  # nothing kept
+    assert keep_near_lists(tmp_path, index) and (tmp_path / NEAR_FILE).is_file()
+    assert not keep_near_lists(tmp_path, index)  # kept already: not written again
+    restored = near_lists(tmp_path, ivf)
+    assert restored.complete and restored.digest == computed.digest
+    np.testing.assert_array_equal(restored.near(np.arange(ivf.nlist)), table)
+    # a searcher of this folder searches with them what one computing them finds
+    image_ids = [f"{i:016x}" for i in ids.tolist()]
+    rows = np.random.default_rng(2).choice(N, 300, replace=False)
+    kept = Searcher.of(index, info, "fp", image_ids, x, {}, index_dir=tmp_path)
+    fresh = Searcher.of(index, info, "fp", image_ids, x, {})
+    got, want = kept.search_rows(x[rows], K, rows=rows), fresh.search_rows(x[rows], K, rows=rows)
+    assert kept._near is not None and kept._near.complete and not fresh._near.complete
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    # other centroids (another training): their own digest, the kept table left unused
+    rng = np.random.default_rng(9)
+    other, _ = build_index(x[rng.permutation(N)], ids, info.params, k=K, seed=3)
+    assert not near_lists(tmp_path, ivf_part(other)).complete
+    assert keep_near_lists(tmp_path, other)  # written for them
+    assert near_lists(tmp_path, ivf_part(other)).complete
+    assert not near_lists(tmp_path, ivf).complete
+    # damaged: computed instead, and written again by the next keep
+    (tmp_path / NEAR_FILE).write_bytes(b"not a table")
+    assert not near_lists(tmp_path, ivf).complete
+    assert keep_near_lists(tmp_path, index) and near_lists(tmp_path, ivf).complete
+    with pytest.raises(ValueError):
+        NearLists(ivf).restore(table[:-1])
+    with pytest.raises(ValueError):
+        NearLists(ivf).restore(np.full_like(table, ivf.nlist))

@@ -24,6 +24,7 @@ from ..faiss_index import (
 )
 from ..store.embeddings import current_regions
 from ..store.index import (
+    keep_near_lists,
     load_index,
     recorded_opening,
     reusable_index,
@@ -124,6 +125,7 @@ def run_index(settings: Settings, *, rebuild: bool = False) -> IndexSummary:
         # the rows appended since the opening the index was saved with: the only new ones
         since=added_between(settings, fp, recorded_opening(lay.index_dir), opened, ids),
         opened=opened,
+        near=True,
     )
     summary.images_without_embedding = n_missing
     scheme = regions.scheme(settings.embed.regions)
@@ -177,6 +179,7 @@ def _build_or_update(
     on_dask: bool = False,
     since: np.ndarray | None = None,
     opened: dict[str, Any] | None = None,
+    near: bool = False,
 ) -> IndexSummary:
     """Update the index in `folder` to hold exactly `fids` (vectors of model `fp`), in place
     when it can, else rebuild it. `on_dask`: the vectors are current_embeddings' (the workers
@@ -184,8 +187,10 @@ def _build_or_update(
     Dask tasks (cbir.steps.index_dask). `since` (store.vectors.added_between): the only rows
     that may be new, used where the index and they account for every one of `fids` (then the
     10^7 ids are not compared: 0.4 s); `opened`: the embeddings' stamp, recorded with the
-    index. The sorted ids file lists the index file's ids: it is written with the index file
-    and left as it is by a save of the delta (store.index.save_delta)."""
+    index; `near`: keep the index's near lists beside it (store.index.keep_near_lists: the
+    image index, whose searches probe around each image's own list). The sorted ids file
+    lists the index file's ids: it is written with the index file and left as it is by a save
+    of the delta (store.index.save_delta)."""
     cfg = settings.index
     address = settings.orchestration.dask_address if on_dask else None
     index, info, reason = reusable_index(folder, fp, rebuild, mapped=True)
@@ -214,7 +219,8 @@ def _build_or_update(
                 try:
                     index, info = load_index(folder)
                 except CbirError as exc:  # its checksum is checked now
-                    return _rebuilt(settings, folder, fp, fids, vectors, address, str(exc), opened)
+                    why = str(exc)
+                    return _rebuilt(settings, folder, fp, fids, vectors, address, why, opened, near)
                 delta = None
             removed = remove_ids(index, info, gone)
             if on_workers and address:
@@ -243,6 +249,8 @@ def _build_or_update(
                 elif delta is None and (removed or n_new):
                     assert have is not None
                     save_index(index, info, folder, _after(have, gone, fids[new_mask]), opened)
+                if near:
+                    keep_near_lists(folder, index)
                 return IndexSummary(
                     info=info,
                     folder=folder,
@@ -255,7 +263,8 @@ def _build_or_update(
                 f"collection outgrew the trained quantiser ({len(fids)} vectors > "
                 f"{cfg.rebuild_factor} x {info.trained_size})"
             )
-    return _rebuilt(settings, folder, fp, fids, vectors, address, reason or "first build", opened)
+    reason = reason or "first build"
+    return _rebuilt(settings, folder, fp, fids, vectors, address, reason, opened, near)
 
 
 def _after(have: np.ndarray, gone: np.ndarray, added: np.ndarray) -> np.ndarray:
@@ -280,8 +289,10 @@ def _rebuilt(
     address: str | None,
     reason: str,
     opened: dict[str, Any] | None = None,
+    near: bool = False,
 ) -> IndexSummary:
-    """Build the index of `fids` anew (as Dask tasks at `address`), and save it."""
+    """Build the index of `fids` anew (as Dask tasks at `address`), and save it (`near`: with
+    its near lists)."""
     cfg = settings.index
     params = choose_params(len(fids), vectors.shape[1], bytes_per_vector=cfg.bytes_per_vector)
     if address and params.kind == "ivfpq":  # a flat index has nothing to train
@@ -301,4 +312,6 @@ def _rebuilt(
         )
     info.model_fingerprint = fp
     save_index(index, info, folder, np.sort(fids, kind="stable"), opened)  # two sorted runs
+    if near:
+        keep_near_lists(folder, index)
     return IndexSummary(info=info, folder=folder, rebuilt=True, added=len(fids), reason=reason)

@@ -34,6 +34,7 @@ DELTA_FILE = "index.delta.faiss"  # what was added since index.faiss was last wr
 DELTA_STAGED = "index.delta.faiss.next"  # a new delta file, until the sidecar that describes it
 IDS_PREFIX = "index.ids-"  # the index's ids sorted, `index.ids-<token>.npy`, named by the sidecar
 IDS_GLOB = "index.ids-*.npy"
+NEAR_FILE = "index.near.npz"  # each inverted list's nearest lists (cbir.probes), for its centroids
 # the Dask workers' parts of a `cbir index` build (orchestration.dask_address), one folder per run,
 # removed once merged: the trained empty index and each part's encoded vectors
 INDEX_PARTS = "parts"

@@ -45,6 +45,7 @@ OWN: dict[str, tuple[str, ...]] = {
             L.SIDECAR_FILE,
             L.DELTA_FILE,
             L.DELTA_STAGED,
+            L.NEAR_FILE,
             L.REGION_INDEX,
             L.LOCAL_INDEX,
             L.INDEX_PARTS,
