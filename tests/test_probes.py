@@ -153,6 +153,18 @@ def test_near_lists_kept_for_their_centroids_are_restored_and_searched_alike(
     (tmp_path / NEAR_FILE).write_bytes(b"not a table")
     assert not near_lists(tmp_path, ivf).complete
     assert keep_near_lists(tmp_path, index) and near_lists(tmp_path, ivf).complete
+    # within a flow run (store.reuse.sharing), what the index step kept is what the pairs
+    # step's searcher takes, until the files change
+    from cbir.store.reuse import sharing
+
+    assert near_lists(tmp_path, ivf) is not near_lists(tmp_path, ivf)
+    with sharing():
+        keep_near_lists(tmp_path, index)
+        shared = near_lists(tmp_path, ivf)
+        assert shared.complete and near_lists(tmp_path, ivf) is shared
+        (tmp_path / NEAR_FILE).write_bytes(b"changed meanwhile")
+        assert near_lists(tmp_path, ivf) is not shared
+        assert not near_lists(tmp_path, ivf).complete
     with pytest.raises(ValueError):
         NearLists(ivf).restore(table[:-1])
     with pytest.raises(ValueError):

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import faiss
 import numpy as np
@@ -564,9 +564,12 @@ def _rows_by_key(keys: np.ndarray, fids: np.ndarray) -> np.ndarray:
 def near_lists(folder: Path | None, ivf: faiss.IndexIVF) -> NearLists:
     """The near lists of the index in `folder` (cbir.probes): restored from NEAR_FILE where it
     was kept for these centroids, else computed as searches need them."""
-    near = NearLists(ivf)
     if folder is None:
-        return near
+        return NearLists(ivf)
+    shared = reuse.get(_NEAR + str(folder), _near_stamp(folder))  # kept by this flow run
+    if shared is not None:
+        return cast(NearLists, shared)
+    near = NearLists(ivf)
     try:
         with np.load(folder / NEAR_FILE, allow_pickle=False) as kept:
             if str(kept["digest"]) == near.digest:
@@ -586,12 +589,23 @@ def keep_near_lists(folder: Path, index: faiss.Index) -> bool:
     if ivf is None:
         return False
     near = near_lists(folder, ivf)
-    if near.complete:
-        return False
-    table = near.table().astype(np.int32)  # list numbers: half the bytes
-    with atomic_path(folder / NEAR_FILE) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, near=table, digest=np.array(near.digest))
-    return True
+    wrote = not near.complete
+    if wrote:
+        table = near.table().astype(np.int32)  # list numbers: half the bytes
+        with atomic_path(folder / NEAR_FILE) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, near=table, digest=np.array(near.digest))
+    # the pairs step of this flow run searches this index: it need not read and check them again
+    reuse.put(_NEAR + str(folder), _near_stamp(folder), near)
+    return wrote
+
+
+_NEAR = "near lists:"
+
+
+def _near_stamp(folder: Path) -> Stamp:
+    return file_stamps(
+        [folder / name for name in (SIDECAR_FILE, INDEX_FILE, DELTA_FILE, NEAR_FILE)]
+    )
 
 
 @dataclass
