@@ -102,6 +102,8 @@ MIB = 2**20
 TARGET_RSS = 8 * GB  # issue 16: every step at 10^7 images within 8 GB
 #: The last night's run numbers in a kept workspace (its arrivals step writes them).
 NIGHT_FILE = "night.json"
+#: the embedding shards the build wrote, sorted: each night copies items of the next one
+SOURCES_FILE = "source-shards.json"
 INGEST_STEPS = ["write files", "I/O floor", "decode floor", "ingest first", "ingest rerun",
                 "ingest +new"]
 VECTOR_STEPS = ["write vectors", "index", "pairs", "clusters", "nightly arrivals", "nightly",
@@ -354,7 +356,7 @@ def child_write_vectors(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     from cbir.model import retrieval_model
     from cbir.steps.embed import EmbedPlan, write_model_card
     from cbir.store.fingerprint import ModelKey, remember_fingerprint
-    from cbir.store.layout import layout
+    from cbir.store.layout import SHARD_GLOB, layout
     from cbir.store.manifest import QUARANTINE_SCHEMA
 
     n, shard = a["n"], a["shard_size"]
@@ -381,6 +383,7 @@ def child_write_vectors(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
             src_rows.append(s0 + src)
             dup_rows.append(s0 + np.arange(c - nd, c))
         _write_shards(folder, ids[s0 : s0 + c], x, shard)
+    (ws / SOURCES_FILE).write_text(json.dumps(sorted(p.name for p in folder.glob(SHARD_GLOB))))
     from cbir.store.vectors import sync_vectors
 
     t0 = time.perf_counter()
@@ -564,10 +567,17 @@ def child_arrivals(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     new = a["new"]
     ids = _ids(np.random.default_rng(a["seed"] + 2), new,
                taken=set(files.column("image_id").to_pylist()))
-    # a fifth are near-copies of items already in the collection (from its first shard)
-    first = read_shard(sorted(lay.embeddings(fp).glob(SHARD_GLOB))[0])
-    old_ids = first.column("image_id").to_pylist()
-    col = first.column("vector").combine_chunks()
+    run = max(pq.read_table(lay.runs).column("run_id").to_pylist()) + 1
+    # a fifth are near-copies of items already in the collection: of the first shard's on the
+    # first night, of the next shard the build wrote on the next (SOURCES_FILE), so that nights
+    # in place stay alike: copies of the same items every night pair with every earlier night's
+    # copies (a workspace written before the file: the first shard every night, as then)
+    folder = lay.embeddings(fp)
+    names = json.loads((ws / SOURCES_FILE).read_text()) if (ws / SOURCES_FILE).is_file() else []
+    source = read_shard(folder / names[(run - 2) % len(names)] if names
+                        else sorted(folder.glob(SHARD_GLOB))[0])
+    old_ids = source.column("image_id").to_pylist()
+    col = source.column("vector").combine_chunks()
     old = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
     k = min(new // 5, len(old_ids))
     x = synth.items(new)
@@ -578,7 +588,6 @@ def child_arrivals(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     sync_vectors(lay.embeddings(fp))  # the end of the night's `cbir embed`
     appended = time.perf_counter() - t0
-    run = max(pq.read_table(lay.runs).column("run_id").to_pylist()) + 1
     # new files move no canonical path and change no row: ingest would carry both epochs over
     added = pa.concat_tables(
         [files.replace_schema_metadata(None), _manifest(ids, files.num_rows, run)])
