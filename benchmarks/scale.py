@@ -54,7 +54,8 @@ Parts:
   over the recorded pairs: run_pairs computes them inside, there is no step to call on its own),
   then a nightly run adding --new items (1,000): its start is recorded (`begin_nightly`, before
   ingest as the flow does), then the items' manifest rows (a new ingest run; a fifth are
-  near-copies of items already there) and embedding shard are written by this script - not
+  near-copies of items already there, of another shard of the build each night, so that nights
+  run in place with --resume-from stay alike) and embedding shard are written by this script - not
   timed: embedding them is the same work at every N, and ingest's cost at N is measured in the
   ingest part - and timed, in one child: `run_index` (update), `run_pairs(...,
   incremental=True)`, `nightly_report`. Then the README's catalogue queries through
