@@ -603,9 +603,8 @@ _NEAR = "near lists:"
 
 
 def _near_stamp(folder: Path) -> Stamp:
-    return file_stamps(
-        [folder / name for name in (SIDECAR_FILE, INDEX_FILE, DELTA_FILE, NEAR_FILE)]
-    )
+    """The index files as a reader finds them (_files_stamp) and the near lists' file."""
+    return _files_stamp(folder) + file_stamps([folder / NEAR_FILE])
 
 
 @dataclass
@@ -724,7 +723,7 @@ class Searcher:
         at = self.rows_of(ids)
         row_lists = np.full(len(self.image_ids), -1, np.int32)
         row_lists[at[at >= 0]] = lists[at >= 0]
-        self._near_lists(ivf).near(np.arange(ivf.nlist))
+        self._near_lists(ivf).table()  # every list's, computed or restored
         self._row_lists = row_lists
 
     def read_ahead(self) -> None:
