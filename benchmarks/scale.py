@@ -873,14 +873,14 @@ def _outputs(ws: Path) -> dict[str, Any]:
 
     from cbir.store.catalog import connect
     from cbir.store.layout import layout
-    from cbir.store.pairs import read_pairs, searched_files
+    from cbir.store.pairs import read_clusters, read_pairs, searched_files
 
     s = _settings(ws)
     lay = layout(s)
     searched = [pq.read_table(f).column("image_id") for f in searched_files(lay)]
     out: dict[str, Any] = {
         "pairs": read_pairs(s).replace_schema_metadata(None),
-        "clusters": pq.read_table(lay.clusters).replace_schema_metadata(None),
+        "clusters": read_clusters(lay),
         "searched": sorted(x for col in searched for x in col.to_pylist()),
     }
     out["index"] = json.loads((ws / "data" / "index" / "index.json").read_text())["n_vectors"]

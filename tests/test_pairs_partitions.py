@@ -39,7 +39,14 @@ from cbir.store.manifest import (
     canonical_table,
     hex_keys,
 )
-from cbir.store.pairs import cluster_ids, read_pairs, read_state, stray_runs
+from cbir.store.pairs import (
+    clusters_files,
+    current_cluster_ids,
+    read_clusters,
+    read_pairs,
+    read_state,
+    stray_runs,
+)
 
 N = 1_500
 NEW = 60  # a night's arrivals; a fifth are near-copies of images already in the collection
@@ -73,11 +80,20 @@ def _rows(table: pa.Table) -> list[tuple]:
     return sorted(tuple(r.values()) for r in table.to_pylist())
 
 
+def _in_order(rows: list[dict]) -> list[dict]:
+    """Clusters' rows in the clusters' order: size, then the smallest member; members by id."""
+    first: dict[int, str] = {}
+    for r in rows:
+        first[r["cluster_id"]] = min(first.get(r["cluster_id"], r["image_id"]), r["image_id"])
+    return sorted(rows, key=lambda r: (-r["size"], first[r["cluster_id"]], r["image_id"]))
+
+
 def _clusters_hold_every_link(
     ws: Path, scale, threshold: float, before: dict[frozenset, int] | None = None
 ) -> dict[frozenset, int]:
-    """clusters.parquet is what clustering all the recorded pairs again gives (the full
-    algorithm, clusters_from_pairs), weakest links included, in its order (size, then the
+    """The clusters (clusters.parquet with the nights' changes beside it) are what clustering
+    all the recorded pairs again gives (the full algorithm, clusters_from_pairs), weakest
+    links included; clusters.parquet, and the nights' file, each in that order (size, then the
     smallest member); each cluster under an id of its own (store.pairs.CLUSTER_IDS): those
     of `before` (the clusters' ids as this returned them earlier) that are still there under
     theirs, the others above every id given before. Returns the clusters' ids."""
@@ -87,16 +103,20 @@ def _clusters_hold_every_link(
     clusters = clusters_from_pairs(near, threshold)
     expected = [(m, len(members), np.float32(weak)) for members, weak in clusters for m in members]
     lay = layout(s)
-    stored = pq.read_table(lay.clusters).to_pylist()
+    stored = read_clusters(lay).to_pylist()
     assert [(r["image_id"], r["size"], np.float32(r["weakest_link"]))
-            for r in stored] == expected
+            for r in _in_order(stored)] == expected
+    for f in clusters_files(lay):
+        if f is not None:  # each file in the clusters' order (its rows without members last)
+            rows = [r for r in pq.read_table(f).to_pylist() if r["image_id"] is not None]
+            assert rows == _in_order(rows)
     assert len(expected) > 10  # something to compare
     groups: dict[int, set[str]] = {}
     for r in stored:
         groups.setdefault(r["cluster_id"], set()).add(r["image_id"])
     ids = {frozenset(m): cid for cid, m in groups.items()}
     assert len(ids) == len(groups) == len(clusters)  # one id a cluster, one cluster an id
-    numbering = cluster_ids(lay.clusters)
+    numbering = current_cluster_ids(lay)
     assert numbering is not None and max(groups) < numbering.next
     if before is not None:
         top = max(before.values())
@@ -121,8 +141,10 @@ def test_nightly_runs_write_their_own_partition_and_cluster_as_all_pairs_would(w
     base = lay.pairs.stat()
     n_before = read_pairs(scale._settings(ws)).num_rows
     ids = _clusters_hold_every_link(ws, scale, 0.9)  # numbered whole: by size from 1
+    clusters_base = lay.clusters.stat()
+    assert clusters_files(lay) == (lay.clusters, None)
     assert sorted(ids.values()) == list(range(1, len(ids) + 1))
-    lineage = cluster_ids(lay.clusters).lineage
+    lineage = current_cluster_ids(lay).lineage
     for night, seed in enumerate((11, 12), start=1):
         recorded = _rows(read_pairs(scale._settings(ws)))
         out = _night(scale, ws, seed)
@@ -146,14 +168,56 @@ def test_nightly_runs_write_their_own_partition_and_cluster_as_all_pairs_would(w
         was = ids
         ids = _clusters_hold_every_link(ws, scale, out.thresholds.cluster, was)
         assert set(ids) != set(was)  # the night formed clusters, numbered after the others
-        assert cluster_ids(lay.clusters).lineage == lineage
+        assert current_cluster_ids(lay).lineage == lineage
+        # clusters.parquet is not rewritten either: the night's changes are in a file beside it
+        assert lay.clusters.stat().st_ino == clusters_base.st_ino
+        assert clusters_files(lay)[1] == lay.run_clusters(read_state(lay).clusters_delta)
     s = scale._settings(ws)
     assert read_pairs(s).num_rows > n_before
     # the catalogue's view reads the base and both partitions
     assert query(s, "SELECT count(*) FROM duplicate_pairs")[1][0][0] == read_pairs(s).num_rows
     # the new pairs joined existing clusters: the update touched some
-    clusters = pq.read_table(lay.clusters)
+    clusters = read_clusters(lay)
     assert pc.max(clusters.column("size")).as_py() >= 2
+    assert query(s, "SELECT count(*) FROM clusters")[1][0][0] == clusters.num_rows
+
+
+def test_nights_joining_clusters_an_earlier_night_formed_rewrite_only_the_nights_file(ws, scale):
+    """Nights whose copies are of the same images: the second night's links join clusters the
+    first night formed, which live in the nights' file (not clusters.parquet): they leave that
+    file, and no row says they were replaced; the clusters of clusters.parquet replaced are
+    listed once each. clusters.parquet is never rewritten; the clusters, read from Python or
+    in the catalogue, are what clustering every pair again gives."""
+    (ws / scale.SOURCES_FILE).unlink()  # every night copies the first shard's images
+    s = scale._settings(ws)
+    lay = layout(s)
+    written = lay.clusters.stat()
+    before = current_cluster_ids(lay)
+    _night(scale, ws, 61)
+    first_path = clusters_files(lay)[1]
+    assert first_path is not None
+    first = pq.read_table(first_path)
+    formed = set(first.filter(pc.is_valid(first.column("image_id"))).column("cluster_id")
+                 .to_pylist())
+    assert formed and min(formed) >= before.next
+    out = _night(scale, ws, 62)
+    delta_path = clusters_files(lay)[1]
+    assert delta_path is not None and delta_path != first_path and not first_path.exists()
+    delta = pq.read_table(delta_path)
+    replaced = delta.filter(pc.is_null(delta.column("image_id"))).column("cluster_id").to_pylist()
+    members = delta.filter(pc.is_valid(delta.column("image_id")))
+    assert replaced and len(set(replaced)) == len(replaced) and max(replaced) < before.next
+    still = set(members.column("cluster_id").to_pylist())
+    assert formed - still  # clusters the first night formed, joined by the second: gone
+    assert not set(replaced) & formed  # ... without a row saying so
+    assert list(lay.pairs_runs.glob("clusters-*.parquet")) == [delta_path]
+    stat = lay.clusters.stat()
+    assert (stat.st_ino, stat.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    _clusters_hold_every_link(ws, scale, out.thresholds.cluster)
+    listed = query(s, "SELECT cluster_id, image_id, path, size FROM clusters")[1]
+    clusters = read_clusters(lay).select(["cluster_id", "image_id", "path", "size"])
+    assert sorted(listed) == sorted(tuple(r.values()) for r in clusters.to_pylist())
+    assert len(listed) > 10
 
 
 def test_searched_files_hold_their_keys_and_files_without_them_give_the_same_night(ws, scale,
@@ -184,7 +248,7 @@ def test_searched_files_hold_their_keys_and_files_without_them_give_the_same_nig
     assert strings_read == [lay_old.searched]
     assert (out_old.incremental, out_old.searched, out_old.added) == (True, NEW, out.added)
     assert _rows(read_pairs(scale._settings(old))) == _rows(read_pairs(scale._settings(ws)))
-    assert pq.read_table(lay_old.clusters).equals(pq.read_table(lay.clusters))
+    assert read_clusters(lay_old).equals(read_clusters(lay))
 
 
 def _forget_opening(lay) -> None:
@@ -294,7 +358,7 @@ def test_removed_images_and_many_partitions_fold_into_the_base(ws, scale, monkey
     assert read_state(lay).runs == []
     now = read_pairs(s).to_pylist()
     assert {r["path_b"] for r in now if r["image_b"] == who} == {"moved/elsewhere.jpg"}
-    assert "moved/elsewhere.jpg" in pq.read_table(lay.clusters).column("path").to_pylist()
+    assert "moved/elsewhere.jpg" in read_clusters(lay).column("path").to_pylist()
     # MAX_RUNS partitions: the next run folds them in
     monkeypatch.setattr(store_pairs, "MAX_RUNS", 2)
     monkeypatch.setattr("cbir.steps.pairs.MAX_RUNS", 2)
@@ -337,11 +401,11 @@ def test_a_night_under_the_recorded_canonical_epoch_sorts_no_canonical_paths(ws,
         now = dict(zip(*canonical_table(s).to_pydict().values(), strict=True))
         rows = read_pairs(s).to_pylist()
         assert all(now[r[f"image_{x}"]] == r[f"path_{x}"] for r in rows for x in "ab")
-        members = pq.read_table(lay.clusters).to_pylist()
+        members = read_clusters(lay).to_pylist()
         assert all(now[m["image_id"]] == m["path"] for m in members)
         assert len(rows) > 10 and len(members) > 10
 
-    numbered = cluster_ids(lay.clusters)
+    numbered = current_cluster_ids(lay)
     assert read_state(lay).epoch == canonical_epoch(s) != ""
     out = _night(scale, ws, 41)
     assert out.incremental and out.added > 0 and read_state(lay).runs == [1]
@@ -349,9 +413,9 @@ def test_a_night_under_the_recorded_canonical_epoch_sorts_no_canonical_paths(ws,
     assert read_state(lay).epoch == canonical_epoch(s)
     # one read, of the new pairs' images and the members of the clusters they are in: the
     # updated clusters' members take their paths from it, none looked up
-    assert cluster_ids(lay.clusters).next > numbered.next  # the update formed some
+    assert current_cluster_ids(lay).next > numbered.next  # the update formed some
     assert len(reads) == 1 and reads[0] >= out.added and not looked_up
-    assert pq.read_metadata(lay.clusters).num_rows > 10
+    assert read_clusters(lay).num_rows > 10
     all_paths_current()
     reads.clear()
     files = pq.read_table(lay.files)
@@ -375,14 +439,21 @@ def test_a_killed_runs_partition_never_counts(ws, scale):
     assert stray_runs(lay) == [stray]
     assert read_pairs(s).num_rows == counted
     assert query(s, "SELECT count(*) FROM duplicate_pairs")[1][0][0] == counted
-    # ... and its clusters, staged: clusters.parquet stays the committed one
-    clusters = pq.read_table(lay.clusters)
+    # ... and its clusters, staged (a full run's) or the nights' changes (an incremental
+    # run's): the committed ones stay
+    clusters = read_clusters(lay)
     write_parquet(clusters.slice(0, 5).replace_schema_metadata({store_pairs.TOKEN: "killed"}),
                   lay.clusters_next)
+    stray_clusters = lay.run_clusters("killed")
+    write_parquet(clusters.slice(0, 5).replace_schema_metadata({store_pairs.TOKEN: "killed"}),
+                  stray_clusters)
+    assert stray_runs(lay) == [stray_clusters, stray]
+    assert read_clusters(lay).equals(clusters)
+    assert query(s, "SELECT count(*) FROM clusters")[1][0][0] == clusters.num_rows
     # the next run removes them
     _night(scale, ws, 32)
     assert not stray.exists() and read_state(lay).runs == [1, 2]
-    assert not lay.clusters_next.exists()
+    assert not lay.clusters_next.exists() and not stray_clusters.exists()
     _clusters_hold_every_link(ws, scale, 0.9)
     # a full run stages its new base: killed before its commit, the staged base never counts
     # and the next run removes it; killed after it, readers find the committed base staged and
@@ -400,6 +471,10 @@ def test_a_killed_runs_partition_never_counts(ws, scale):
     state = read_state(lay)
     assert state.runs == [] and store_pairs.file_token(lay.pairs) == state.base
     assert not lay.pairs_next.exists() and not lay.searched_next.exists()
+    # clustered whole: the nights' changes to the clusters are in clusters.parquet, their file
+    # gone
+    assert state.clusters_delta == "" and clusters_files(lay) == (lay.clusters, None)
+    assert not list(lay.pairs_runs.glob("clusters-*"))
     committed = _rows(read_pairs(s))
     os.replace(lay.pairs, lay.pairs_next)  # as if killed between the commit and the renames
     os.replace(lay.clusters, lay.clusters_next)
@@ -448,32 +523,3 @@ def test_each_kept_cluster_row_knows_its_smallest_member_in_order_or_not():
         assert len(got) == len(rows)
         assert all(r["first"] == want[r["cluster_id"]] for r in got)
     assert _with_firsts(table.slice(0, 0)).num_rows == 0
-
-
-def test_regrouped_clusters_are_put_in_place_as_sorting_all_would():
-    """steps.pairs._merged: kept clusters in their order stay in place and the regrouped ones go
-    between them, the same rows in the same order as sorting everything again (size
-    descending, smallest member, members by id), ties of size included; kept rows out of order
-    are sorted."""
-    from cbir.steps.pairs import _ORDER, _merged
-
-    rng = np.random.default_rng(6)
-
-    def clusters(n: int) -> pa.Table:
-        rows = []
-        for _ in range(n):
-            size = int(rng.choice([2, 2, 2, 3, 3, 5, 9]))
-            members = sorted(f"{x:016x}" for x in rng.integers(1, 1 << 62, size))
-            rows += [{"image_id": m, "size": size, "first": members[0]} for m in members]
-        schema = pa.schema([("image_id", pa.string()), ("size", pa.int32()),
-                            ("first", pa.string())])
-        return pa.Table.from_pylist(rows, schema=schema)
-
-    for trial in range(60):
-        kept = clusters(int(rng.integers(0, 40))).sort_by(_ORDER)
-        regrouped = clusters(int(rng.integers(0, 6)))  # in any order
-        want = pa.concat_tables([kept, regrouped]).sort_by(_ORDER)
-        assert _merged(kept, regrouped).equals(want)
-        if kept.num_rows > 2:
-            shuffled = kept.take(pa.array(rng.permutation(kept.num_rows)))
-            assert _merged(shuffled, regrouped).equals(want)

@@ -23,7 +23,7 @@ from ..fsutil import file_stamps
 from ..linkage import DisjointSets
 from ..store import catalog, decisions
 from ..store.layout import layout
-from ..store.pairs import PARTIAL, cluster_ids, on_margin
+from ..store.pairs import PARTIAL, current_cluster_ids, on_margin
 from ..store.tables import one_line
 
 if TYPE_CHECKING:
@@ -388,7 +388,7 @@ class Queue:
 
         members, links = self.run(threshold, work)
         if not members:
-            given = cluster_ids(layout(self.settings).clusters)
+            given = current_cluster_ids(layout(self.settings))
             if given is not None and cluster_id >= given.next:  # a mistyped or made-up id
                 raise BadRequest(
                     f"no cluster {cluster_id}: no cluster has had that id (the highest given "

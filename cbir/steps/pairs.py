@@ -75,6 +75,8 @@ from ..store.pairs import (
     ClusterIds,
     PairsState,
     cluster_ids,
+    current_cluster_ids,
+    dropped_mask,
     file_token,
     finish_commit,
     new_token,
@@ -85,6 +87,7 @@ from ..store.pairs import (
     searched_count,
     searched_files,
     searched_table,
+    with_delta,
     write_state,
 )
 from ..store.tables import read_table
@@ -795,12 +798,60 @@ def _inputs_digest(threshold: float, decided: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _read_clusters(lay: Layout) -> pa.Table | None:
-    """clusters.parquet (None: unreadable)."""
+@dataclass(frozen=True)
+class _Clustered:
+    """The clusters as recorded (store.pairs.clusters_files): clusters.parquet (`base`), the
+    incremental runs' changes to it (`delta`, empty where none), and the clusters they make."""
+
+    base: pa.Table
+    delta: pa.Table
+    current: pa.Table  # with_delta(base, delta)
+    ids: ClusterIds | None
+
+
+def _read_clusters(lay: Layout, state: PairsState) -> _Clustered | None:
+    """The clusters `state` commits (None: a file unreadable, or not the one it names)."""
+    path = lay.run_clusters(state.clusters_delta) if state.clusters_delta else None
     try:
-        return read_table(lay.clusters, CLUSTERS_SCHEMA, PAIRS_FIX)
+        base = read_table(lay.clusters, CLUSTERS_SCHEMA, PAIRS_FIX).replace_schema_metadata(None)
+        if path is not None and file_token(path) != state.clusters_delta:
+            return None
+        delta = read_table(path, CLUSTERS_SCHEMA, PAIRS_FIX) if path is not None else None
     except CbirError:
         return None
+    return _Clustered(
+        base,
+        delta.replace_schema_metadata(None) if delta is not None else CLUSTERS_SCHEMA.empty_table(),
+        with_delta(base, delta),
+        cluster_ids(path if path is not None else lay.clusters),
+    )
+
+
+@dataclass(frozen=True)
+class _ClusterUpdate:
+    """A night's clusters: the incremental runs' changes to clusters.parquet (`delta`; None:
+    unchanged), their ids, and how many clusters there are now and the largest one's size."""
+
+    delta: pa.Table | None
+    ids: ClusterIds
+    n_clusters: int
+    largest: int
+
+    def write(self, lay: Layout) -> str:
+        """Write `delta` (not None) to a file of its own; its token, which names it."""
+        assert self.delta is not None
+        token = new_token()
+        meta = {**self.ids.meta(), TOKEN: token}
+        write_parquet(self.delta.replace_schema_metadata(meta), lay.run_clusters(token))
+        return token
+
+
+def _dropped(cluster_ids: pa.Array) -> pa.Table:
+    """Rows that say the clusters `cluster_ids` of clusters.parquet no longer are (no member)."""
+    n = len(cluster_ids)
+    columns = [cluster_ids.cast(pa.int32())]
+    columns += [pa.nulls(n, f.type) for f in list(CLUSTERS_SCHEMA)[1:]]
+    return pa.Table.from_arrays(columns, schema=CLUSTERS_SCHEMA)
 
 
 def _holding(clusters: pa.Table, ids: pa.Array) -> pa.Array:
@@ -810,8 +861,7 @@ def _holding(clusters: pa.Table, ids: pa.Array) -> pa.Array:
 
 
 def _update_clusters(
-    lay: Layout,
-    old: pa.Table,
+    clustered: _Clustered,
     new: pa.Table,
     near: pa.Table,
     threshold: float,
@@ -819,25 +869,29 @@ def _update_clusters(
     s: Searcher,
     paths_current: bool = False,
     read: ImageRows | None = None,
-) -> tuple[pa.Table, ClusterIds] | None:
+) -> _ClusterUpdate | None:
     """The clusters with this run's new pairs (`new`; `near`: all near pairs, new ones
-    included), updated from clusters.parquet instead of clustered all again: the clusters the
-    new links touch, and the new images, are clustered again from their own links (union-find,
-    strongest first: their weakest links too); the others stay, under their ids. The clusters
-    formed take new ids (CLUSTER_IDS), returned with the table. None where that would not be
-    what clustering everything gives: clusters.parquet unreadable, or a reviewer's `different`
-    decision involves an image of the touched clusters (it changes which links count).
-    `old`: clusters.parquet as read. `paths_current`: the recorded paths are the canonical
+    included), updated from the recorded ones (`clustered`) instead of clustered all again: the
+    clusters the new links touch, and the new images, are clustered again from their own links
+    (union-find, strongest first: their weakest links too); the others stay, under their ids.
+    The clusters formed take new ids (CLUSTER_IDS). Only the incremental runs' changes are
+    written again (_ClusterUpdate.delta: the clusters formed since clusters.parquet and the ids
+    of its clusters they replace), not the clusters they leave (10^6 at 10^7 images: 0.7 s
+    a night). None where that would not be what clustering everything gives: a reviewer's
+    `different` decision involves an image of the touched clusters (it changes which links
+    count). `paths_current`: the recorded paths are the canonical
     ones (the manifest's canonical epoch is theirs), so the members' paths are taken from the
     new pairs and the old clusters rather than looked up in the manifest (0.4 s at 10^7);
     `read`: the manifest's rows of the members (rows_of_images), whose paths are current."""
-    ids = cluster_ids(lay.clusters)
+    old, ids = clustered.current, clustered.ids
     if ids is None:  # written before ids were kept: numbered by size, 1 to the largest id
         top = pc.max(old.column("cluster_id")).as_py() if old.num_rows else 0
         ids = ClusterIds(new_token(), (top or 0) + 1)
+    n_old = pc.count_distinct(old.column("cluster_id")).as_py() if old.num_rows else 0
     added = _edges(new, threshold)
     if not added:
-        return old, ids
+        largest = pc.max(old.column("size")).as_py() if old.num_rows else 0
+        return _ClusterUpdate(None, ids, n_old or 0, largest or 0)
     touched = pa.array(sorted({x for _, a, b in added for x in (a, b)}), pa.string())
     in_hit = _holding(old, touched)
     joined = old.filter(in_hit)  # the clusters the new links join, dropped
@@ -868,74 +922,50 @@ def _update_clusters(
     # member; numbered in that order from the next id
     formed = link(same + _edges(near.filter(inside), threshold))
     regrouped = _with_firsts(_cluster_table(formed, s, known, start=ids.next))
-    kept = _with_firsts(old.filter(pc.invert(in_hit)))
-    out = _merged(kept, regrouped.cast(kept.schema)).drop_columns(["first"])
+    # the nights' file again: its clusters the new links leave, those formed, in the clusters'
+    # order; then the clusters of clusters.parquet replaced, those before and those joined now
+    hit = pc.unique(joined.column("cluster_id"))
+    delta = clustered.delta
+    gone = dropped_mask(delta)
+    formed_before = delta.filter(pc.invert(gone))
+    stays = pc.invert(pc.is_in(formed_before.column("cluster_id"), value_set=hit))
+    kept = _with_firsts(formed_before.filter(stays))
+    members = pa.concat_tables([kept, regrouped.cast(kept.schema)]).sort_by(_ORDER)
+    replaced = pa.concat_arrays(
+        [
+            delta.filter(gone).column("cluster_id").combine_chunks(),
+            hit.filter(pc.invert(pc.is_in(hit, value_set=formed_before.column("cluster_id")))),
+        ]
+    ).sort()
+    out = pa.concat_tables(
+        [members.drop_columns(["first"]).cast(CLUSTERS_SCHEMA), _dropped(replaced)]
+    )
+    sizes = np.asarray(old.column("size").to_numpy(zero_copy_only=False))
+    left = sizes[~np.asarray(in_hit, bool)]
+    largest = max([int(left.max()) if len(left) else 0, *(len(m) for m, _ in formed)])
     now = ClusterIds(ids.lineage, ids.next + len(formed))
-    return out.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA), now
+    return _ClusterUpdate(out, now, (n_old or 0) - len(hit) + len(formed), largest)
 
 
-def _numbered_whole(clusters: pa.Table) -> Callable[[dict[str, str] | None], dict[str, str]]:
+def _numbered_whole(
+    clusters: pa.Table, given: ClusterIds | None
+) -> Callable[[dict[str, str] | None], dict[str, str]]:
     """The metadata of clusters numbered whole (by size from 1), given what the clusters file
-    holds where it holds these very clusters (_write_tokened): their ids' lineage where its
-    next id shows no night numbered any since (a rerun that changes nothing rewrites
-    nothing), else a new one, so that no id names two groups in one lineage."""
+    holds where it holds these very clusters (_write_tokened): their ids' lineage where they
+    are the ids given so far (`given`: store.pairs.current_cluster_ids, no night's changes
+    beside the file) and its next id shows no night numbered any since (a rerun that changes
+    nothing rewrites nothing), else a new one, so that no id names two groups in one lineage."""
     n = pc.count_distinct(clusters.column("cluster_id")).as_py() if clusters.num_rows else 0
 
     def meta(held: dict[str, str] | None) -> dict[str, str]:
         was = parse_cluster_ids((held or {}).get(CLUSTER_IDS))
-        return (
-            was if was is not None and was.next == n + 1 else ClusterIds(new_token(), n + 1)
-        ).meta()
+        same = was is not None and was == given and was.next == n + 1
+        return (was if same and was is not None else ClusterIds(new_token(), n + 1)).meta()
 
     return meta
 
 
 _ORDER = [("size", "descending"), ("first", "ascending"), ("image_id", "ascending")]
-
-
-def _merged(kept: pa.Table, regrouped: pa.Table) -> pa.Table:
-    """The rows of both in the clusters' order (size descending, then the smallest member,
-    members by id; `first` the smallest member). Kept rows in that order already (a clusters
-    file's are) stay in place: the few regrouped clusters go between slices of them, found by
-    binary search, rather than sorting every row again. Others are sorted."""
-    regrouped = regrouped.sort_by(_ORDER)
-    if not _in_order(kept):
-        return pa.concat_tables([kept, regrouped]).sort_by(_ORDER)
-    neg_size = -np.asarray(kept.column("size").to_numpy(), np.int64)  # ascending
-    firsts = kept.column("first").combine_chunks()
-    sizes = regrouped.column("size").to_pylist()
-    leads = regrouped.column("first").to_pylist()
-    pieces, done, row = [], 0, 0
-    while row < len(leads):
-        end = row + 1
-        while end < len(leads) and leads[end] == leads[row]:
-            end += 1
-        lo = int(np.searchsorted(neg_size, -sizes[row], "left"))
-        hi = int(np.searchsorted(neg_size, -sizes[row], "right"))
-        while lo < hi:  # among the kept clusters as large: after those whose first is smaller
-            mid = (lo + hi) // 2
-            if firsts[mid].as_py() < leads[row]:
-                lo = mid + 1
-            else:
-                hi = mid
-        pieces += [kept.slice(done, lo - done), regrouped.slice(row, end - row)]
-        done, row = lo, end
-    return pa.concat_tables([*pieces, kept.slice(done)])
-
-
-def _in_order(table: pa.Table) -> bool:
-    """Whether `table`'s rows are in the clusters' order (_ORDER)."""
-    if table.num_rows < 2:
-        return True
-    size = np.asarray(table.column("size").to_numpy(), np.int64)
-    first = table.column("first").combine_chunks()
-    ids = table.column("image_id").combine_chunks()
-    a, b = slice(0, -1), slice(1, None)
-    same_first = np.asarray(pc.equal(first[a], first[b]), bool)
-    later = np.asarray(pc.less(first[a], first[b]), bool) | (
-        same_first & np.asarray(pc.less_equal(ids[a], ids[b]), bool)
-    )
-    return bool(((size[a] > size[b]) | ((size[a] == size[b]) & later)).all())
 
 
 def _with_firsts(clusters: pa.Table) -> pa.Table:
@@ -1127,17 +1157,18 @@ def run_pairs(
     present = _Present(s)
     decided = labels(lay.decisions_dir).only(present)
     digest = _inputs_digest(th.cluster, decided)
-    clustered = None  # clusters.parquet, where this night updates it
+    clustered = None  # the recorded clusters, where this night updates them
     if rows is not None and not fold and recorded is not None:
         token, _, was = recorded.clusters.partition(":")
         if was == digest and file_token(lay.clusters) == token:
-            clustered = _read_clusters(lay)
+            clustered = _read_clusters(lay, recorded)
     read = None  # the manifest's rows of the new pairs' images and their clusters' members
     if rows is not None and not fold and pairs:
         images = {x for key in pairs for x in key}
         if clustered is not None:
             asked = pa.array(sorted(images), pa.string())
-            mates = clustered.filter(_holding(clustered, asked)).column("image_id")
+            now = clustered.current
+            mates = now.filter(_holding(now, asked)).column("image_id")
             images |= set(mates.to_pylist())
         read = rows_of_images(settings, images, REPORTED)
     new = _near_table(pairs, checks, s, read)
@@ -1162,12 +1193,11 @@ def run_pairs(
     updated = None
     if clustered is not None:
         updated = _update_clusters(
-            lay, clustered, new, near, th.cluster, decided, s, paths_current=same, read=read
+            clustered, new, near, th.cluster, decided, s, paths_current=same, read=read
         )
-    meta: dict[str, str] | Callable[[dict[str, str] | None], dict[str, str]]
+    clusters = None  # clustered whole
     if updated is not None:
-        clusters, numbering = updated
-        meta = numbering.meta()
+        n_clusters, largest = updated.n_clusters, updated.largest
     else:
         clusters = _cluster_table(
             link(
@@ -1176,7 +1206,8 @@ def run_pairs(
             ),
             s,
         )
-        meta = _numbered_whole(clusters)
+        n_clusters = pc.count_distinct(clusters.column("cluster_id")).as_py() or 0
+        largest = pc.max(clusters.column("size")).as_py() or 0
     faults.point("pairs.write")
     _write_if_changed(exact, lay.exact)
     if rows is not None and not fold:  # the run's own partition; the base stays
@@ -1195,7 +1226,14 @@ def run_pairs(
         ids = searched_table(s.image_ids)
         searched_token = _write_tokened(ids, lay.searched, state, lay.searched_next)
         runs = []
-    clusters_token = _write_tokened(clusters, lay.clusters, meta, lay.clusters_next)
+    if clusters is None:  # clusters.parquet stays; the nights' changes beside it
+        assert updated is not None and recorded is not None
+        clusters_token = recorded.clusters.partition(":")[0]
+        delta = recorded.clusters_delta if updated.delta is None else updated.write(lay)
+    else:
+        meta = _numbered_whole(clusters, current_cluster_ids(lay))
+        clusters_token = _write_tokened(clusters, lay.clusters, meta, lay.clusters_next)
+        delta = ""  # the last whole clustering's file, no nights' changes
     faults.point("pairs.searched")
     write_state(
         lay,
@@ -1205,6 +1243,7 @@ def run_pairs(
             search=state,
             runs=runs,
             clusters=f"{clusters_token}:{digest}",
+            clusters_delta=delta,
             epoch=epoch,
             opened=getattr(s.vectors, "stamp", None),  # every image it holds now searched
         ),
@@ -1215,8 +1254,6 @@ def run_pairs(
     if rows is not None:  # the recorded pairs that could be new ones (none: each has a new image)
         prior = prior.filter(pc.is_in(prior.column("image_a"), value_set=new.column("image_a")))
     added = (near if rows is None else new).join(prior.select(pair), pair, join_type="left anti")
-    n_clusters = pc.count_distinct(clusters.column("cluster_id")).as_py() or 0
-    largest = pc.max(clusters.column("size")).as_py() or 0
     return PairsSummary(
         n_images=len(s.image_ids),
         n_near_pairs=near.num_rows,

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from ..errors import CbirError
 from ..fsutil import TMP_PREFIX, DiskFull, ReadOnly, atomic_path, clean_stale_tmp, write_text
 from .decisions import DECISIONS_FIX, DECISIONS_SCHEMA, parts
-from .layout import DECISION_PART_GLOB, layout
+from .layout import DECISION_PART_GLOB, Layout, layout
 from .manifest import (
     FILES_SCHEMA,
     MANIFEST_FIX,
@@ -47,7 +47,8 @@ from .pairs import (
     PAIRS_FIX,
     PAIRS_SCHEMA,
     PARTIAL,
-    cluster_ids,
+    clusters_files,
+    current_cluster_ids,
     pair_files,
 )
 from .tables import check_schema, metadata_value, one_line
@@ -413,14 +414,7 @@ def views(settings: Settings) -> list[View]:
             fix=PAIRS_FIX,
             comment="near-duplicate pairs (kind 'near') and exact copies (kind 'exact', score 1)",
         ),
-        View(
-            "clusters",
-            parquet=lay.clusters,
-            replace="REPLACE (weakest_link::DOUBLE AS weakest_link)",
-            schema=CLUSTERS_SCHEMA,
-            fix=PAIRS_FIX,
-            comment="connected groups of near-duplicates: one row per member",
-        ),
+        _clusters_view(lay),
         View(
             "pair_report",
             sql=_PAIR_REPORT_SQL,
@@ -459,6 +453,30 @@ def views(settings: Settings) -> list[View]:
         ),
     ]
     return v
+
+
+_DOUBLE_LINK = "REPLACE (weakest_link::DOUBLE AS weakest_link)"
+# clusters.parquet less the clusters the incremental runs replaced, and those they formed
+# (store.pairs.clusters_files: a row without a member names a replaced cluster)
+_CLUSTERS_SQL = f"""
+SELECT * {_DOUBLE_LINK} FROM {{base}}
+WHERE cluster_id NOT IN (SELECT cluster_id FROM {{delta}} WHERE image_id IS NULL)
+UNION ALL
+SELECT * {_DOUBLE_LINK} FROM {{delta}} WHERE image_id IS NOT NULL
+"""
+
+
+def _clusters_view(lay: Layout) -> View:
+    """The clusters' view: over clusters.parquet, and the incremental runs' changes to it."""
+    base, delta = clusters_files(lay)
+    common: dict[str, Any] = {
+        "schema": CLUSTERS_SCHEMA,
+        "fix": PAIRS_FIX,
+        "comment": "connected groups of near-duplicates: one row per member",
+    }
+    if delta is None:
+        return View("clusters", parquet=base, replace=_DOUBLE_LINK, **common)
+    return View("clusters", sql=_CLUSTERS_SQL, sources={"base": base, "delta": delta}, **common)
 
 
 def _plan(settings: Settings) -> list[View]:
@@ -558,7 +576,7 @@ def _growth_key(
             return None
         key["near"] = [_file_stamp(p, settings.root) for p in pairs.files() if p != lay.exact]
     else:
-        ids = cluster_ids(lay.clusters)
+        ids = current_cluster_ids(lay)
         if ids is None:
             return None
         key["clusters"] = {"lineage": ids.lineage, "next": ids.next}

@@ -56,6 +56,10 @@ EXACT = "exact.parquet"  # byte-identical copies as pairs (from the manifest, ev
 PAIRS_RUNS = "runs"
 RUN_PAIRS = "pairs-{:06d}.parquet"
 RUN_SEARCHED = "searched-{:06d}.parquet"
+# the clusters the incremental runs since the last whole clustering formed, and the ids of the
+# clusters of clusters.parquet they replace (cbir.store.pairs: clusters_files); pairs.json
+# names the current one by its token
+RUN_CLUSTERS = "clusters-{}.parquet"
 PAIRS_STATE = "pairs.json"
 # a new base, staged until pairs.json commits it, then renamed over pairs.parquet/searched.parquet
 PAIRS_NEXT = "pairs.next.parquet"
@@ -256,6 +260,10 @@ class Layout:
     def run_searched(self, seq: int) -> Path:
         """The images incremental run `seq` of `cbir pairs` searched."""
         return self.pairs_runs / RUN_SEARCHED.format(seq)
+
+    def run_clusters(self, token: str) -> Path:
+        """The incremental runs' changes to clusters.parquet, the one of this token."""
+        return self.pairs_runs / RUN_CLUSTERS.format(token)
 
     @property
     def pairs_parts(self) -> Path:

@@ -13,7 +13,11 @@ The pairs are stored partitioned, so that a nightly run writes only what it foun
 A run that writes a new base stages it (`pairs.next.parquet`, `searched.next.parquet`), commits
 it, then renames it over the old one: until the rename, readers find the staged file by its
 token. New clusters are staged the same way (`clusters.next.parquet`), so a run killed before
-its commit leaves the clusters as they were too. A partition or a staged file no commit names
+its commit leaves the clusters as they were too. An incremental run rewrites no cluster it
+does not touch: the clusters of `clusters.parquet` stay, and `runs/clusters-<token>.parquet`
+holds the clusters the incremental runs since formed and the ids of those they replaced
+(clusters_files, read_clusters), written whole by each run that changes it (it holds only the
+nights' clusters) and named by the commit. A partition or a staged file no commit names
 is a killed run's, and is removed by the next run, which then does the same work again from the
 state as it was.
 """
@@ -29,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import CbirError
@@ -143,6 +148,8 @@ class PairsState:
     search: dict[str, str]  # what the recorded pairs depend on (steps.pairs._search_state)
     runs: list[int] = field(default_factory=list)  # committed partitions, oldest first
     clusters: str = ""  # clusters.parquet's token and what its clusters depend on
+    # the token of the incremental runs' clusters file (runs/clusters-<token>.parquet; "": none)
+    clusters_delta: str = ""
     # the manifest's canonical epoch the recorded paths were taken under ("": none known)
     epoch: str = ""
     # the embeddings' stamp when every image then present had been searched (store.vectors:
@@ -173,6 +180,7 @@ def read_state(lay: Layout) -> PairsState | None:
             search={str(k): str(v) for k, v in dict(raw["search"]).items()},
             runs=[int(r) for r in raw["runs"]],
             clusters=str(raw.get("clusters", "")),
+            clusters_delta=str(raw.get("clusters_delta", "")),
             epoch=str(raw.get("epoch", "")),
             opened=raw["opened"] if isinstance(raw.get("opened"), dict) else None,
         )
@@ -221,11 +229,6 @@ def finish_commit(lay: Layout) -> None:
 
 def write_state(lay: Layout, state: PairsState) -> None:
     write_json(asdict(state), lay.pairs_state)
-
-
-def committed_runs(lay: Layout) -> list[int]:
-    state = read_state(lay)
-    return list(state.runs) if state is not None else []
 
 
 def pair_files(lay: Layout) -> list[Path]:
@@ -302,9 +305,55 @@ def _strings(path: Path) -> pa.Array:
     return column.combine_chunks()
 
 
+def clusters_files(lay: Layout) -> tuple[Path, Path | None]:
+    """The files that hold the clusters: clusters.parquet, and the committed incremental runs'
+    changes to it (None: none, or not there)."""
+    state = read_state(lay)
+    if state is None or not state.clusters_delta:
+        return lay.clusters, None
+    delta = lay.run_clusters(state.clusters_delta)
+    return lay.clusters, delta if delta.is_file() else None
+
+
+def current_cluster_ids(lay: Layout) -> ClusterIds | None:
+    """The current clusters' ids (cluster_ids): the incremental runs' file's, where there is one,
+    else clusters.parquet's."""
+    base, delta = clusters_files(lay)
+    return cluster_ids(delta if delta is not None else base)
+
+
+def dropped_mask(delta: pa.Table) -> pa.ChunkedArray:
+    """Which rows of an incremental runs' clusters file name a cluster of clusters.parquet that
+    no longer is (its cluster_id, no member) rather than a member of a cluster formed since."""
+    return pc.is_null(delta.column("image_id"))
+
+
+def with_delta(base: pa.Table, delta: pa.Table | None) -> pa.Table:
+    """The current clusters: `base`'s rows but those of the clusters `delta` replaced, then
+    `delta`'s members."""
+    if delta is None:
+        return base
+    gone = dropped_mask(delta)
+    dropped = delta.filter(gone).column("cluster_id")
+    kept = base.filter(pc.invert(pc.is_in(base.column("cluster_id"), value_set=dropped)))
+    return pa.concat_tables([kept, delta.filter(pc.invert(gone)).cast(kept.schema)])
+
+
+def read_clusters(lay: Layout) -> pa.Table:
+    """Every cluster's members (CLUSTERS_SCHEMA), from the files that hold them."""
+    base, delta = clusters_files(lay)
+    table = read_table(base, CLUSTERS_SCHEMA, PAIRS_FIX)
+    changes = read_table(delta, CLUSTERS_SCHEMA, PAIRS_FIX) if delta is not None else None
+    return with_delta(table.replace_schema_metadata(None), changes)
+
+
 def stray_runs(lay: Layout) -> list[Path]:
     """Partition files no commit names (a killed run's)."""
-    keep = {p.name for r in committed_runs(lay) for p in (lay.run_pairs(r), lay.run_searched(r))}
+    state = read_state(lay)
+    runs = state.runs if state is not None else []
+    keep = {p.name for r in runs for p in (lay.run_pairs(r), lay.run_searched(r))}
+    if state is not None and state.clusters_delta:
+        keep.add(lay.run_clusters(state.clusters_delta).name)
     try:
         return sorted(p for p in lay.pairs_runs.iterdir() if p.name not in keep)
     except OSError:
