@@ -47,6 +47,7 @@ from cbir.store.pairs import (
     read_state,
     stray_runs,
 )
+from cbir.store.tables import DamagedFile
 
 N = 1_500
 NEW = 60  # a night's arrivals; a fifth are near-copies of images already in the collection
@@ -218,6 +219,29 @@ def test_nights_joining_clusters_an_earlier_night_formed_rewrite_only_the_nights
     clusters = read_clusters(lay).select(["cluster_id", "image_id", "path", "size"])
     assert sorted(listed) == sorted(tuple(r.values()) for r in clusters.to_pylist())
     assert len(listed) > 10
+
+
+def test_a_damaged_nights_clusters_file_is_named_and_the_next_night_clusters_everything(ws, scale):
+    """A nights' clusters file that no longer reads: queries of the clusters stop with one line
+    naming it and what rewrites it, not a DuckDB error; the next night clusters every pair
+    again (clusters.parquet rewritten, the file dropped from the commit and removed)."""
+    s = scale._settings(ws)
+    lay = layout(s)
+    _night(scale, ws, 71)
+    damaged = clusters_files(lay)[1]
+    assert damaged is not None
+    damaged.write_bytes(b"not a Parquet file")
+    with pytest.raises(DamagedFile, match=r"clusters-.*\.parquet is unreadable: .*`cbir pairs`"):
+        query(s, "SELECT count(*) FROM clusters")
+    with pytest.raises(DamagedFile, match="is unreadable"):
+        read_clusters(lay)
+    written = lay.clusters.stat()
+    out = _night(scale, ws, 72)
+    assert out.incremental and read_state(lay).clusters_delta == ""
+    assert not damaged.exists() and not list(lay.pairs_runs.glob("clusters-*"))
+    assert lay.clusters.stat().st_mtime_ns != written.st_mtime_ns
+    _clusters_hold_every_link(ws, scale, out.thresholds.cluster)
+    assert query(s, "SELECT count(*) FROM clusters")[1][0][0] == read_clusters(lay).num_rows
 
 
 def test_searched_files_hold_their_keys_and_files_without_them_give_the_same_night(ws, scale,
