@@ -76,7 +76,9 @@ from ..store.pairs import (
     PairsState,
     cluster_ids,
     current_cluster_ids,
+    delta_file,
     dropped_mask,
+    dropped_rows,
     file_token,
     finish_commit,
     new_token,
@@ -817,18 +819,21 @@ _MEMBERSHIP = ["cluster_id", "image_id", "size"]
 
 def _read_clusters(lay: Layout, state: PairsState) -> _Clustered | None:
     """The clusters `state` commits (None: a file unreadable, or not the one it names)."""
-    path = lay.run_clusters(state.clusters_delta) if state.clusters_delta else None
+    path = delta_file(lay, state)
+    if path is not None and file_token(path) != state.clusters_delta:
+        return None
     try:
         base = read_table(lay.clusters, CLUSTERS_SCHEMA, PAIRS_FIX, _MEMBERSHIP)
-        if path is not None and file_token(path) != state.clusters_delta:
-            return None
-        delta = read_table(path, CLUSTERS_SCHEMA, PAIRS_FIX) if path is not None else None
+        delta = (
+            read_table(path, CLUSTERS_SCHEMA, PAIRS_FIX).replace_schema_metadata(None)
+            if path is not None
+            else CLUSTERS_SCHEMA.empty_table()
+        )
     except CbirError:
         return None
-    delta = delta.replace_schema_metadata(None) if delta is not None else None
     return _Clustered(
-        delta if delta is not None else CLUSTERS_SCHEMA.empty_table(),
-        with_delta(base, delta.select(_MEMBERSHIP) if delta is not None else None),
+        delta,
+        with_delta(base, delta.select(_MEMBERSHIP)),
         cluster_ids(path if path is not None else lay.clusters),
     )
 
@@ -850,14 +855,6 @@ class _ClusterUpdate:
         meta = {**self.ids.meta(), TOKEN: token}
         write_parquet(self.delta.replace_schema_metadata(meta), lay.run_clusters(token))
         return token
-
-
-def _dropped(cluster_ids: pa.Array) -> pa.Table:
-    """Rows that say the clusters `cluster_ids` of clusters.parquet no longer are (no member)."""
-    n = len(cluster_ids)
-    columns = [cluster_ids.cast(pa.int32())]
-    columns += [pa.nulls(n, f.type) for f in list(CLUSTERS_SCHEMA)[1:]]
-    return pa.Table.from_arrays(columns, schema=CLUSTERS_SCHEMA)
 
 
 def _holding(clusters: pa.Table, ids: pa.Array) -> pa.Array:
@@ -943,7 +940,7 @@ def _update_clusters(
         ]
     ).sort()
     out = pa.concat_tables(
-        [members.drop_columns(["first"]).cast(CLUSTERS_SCHEMA), _dropped(replaced)]
+        [members.drop_columns(["first"]).cast(CLUSTERS_SCHEMA), dropped_rows(replaced)]
     )
     sizes = np.asarray(old.column("size").to_numpy(zero_copy_only=False))
     left = sizes[~np.asarray(in_hit, bool)]
@@ -964,8 +961,9 @@ def _numbered_whole(
 
     def meta(held: dict[str, str] | None) -> dict[str, str]:
         was = parse_cluster_ids((held or {}).get(CLUSTER_IDS))
-        same = was is not None and was == given and was.next == n + 1
-        return (was if same and was is not None else ClusterIds(new_token(), n + 1)).meta()
+        if was is not None and was == given and was.next == n + 1:
+            return was.meta()
+        return ClusterIds(new_token(), n + 1).meta()
 
     return meta
 

@@ -305,14 +305,18 @@ def _strings(path: Path) -> pa.Array:
     return column.combine_chunks()
 
 
+def delta_file(lay: Layout, state: PairsState | None) -> Path | None:
+    """The incremental runs' clusters file `state` commits (None: none)."""
+    if state is None or not state.clusters_delta:
+        return None
+    return lay.run_clusters(state.clusters_delta)
+
+
 def clusters_files(lay: Layout) -> tuple[Path, Path | None]:
     """The files that hold the clusters: clusters.parquet, and the committed incremental runs'
     changes to it (None: none, or not there)."""
-    state = read_state(lay)
-    if state is None or not state.clusters_delta:
-        return lay.clusters, None
-    delta = lay.run_clusters(state.clusters_delta)
-    return lay.clusters, delta if delta.is_file() else None
+    delta = delta_file(lay, read_state(lay))
+    return lay.clusters, delta if delta is not None and delta.is_file() else None
 
 
 def current_cluster_ids(lay: Layout) -> ClusterIds | None:
@@ -324,8 +328,18 @@ def current_cluster_ids(lay: Layout) -> ClusterIds | None:
 
 def dropped_mask(delta: pa.Table) -> pa.ChunkedArray:
     """Which rows of an incremental runs' clusters file name a cluster of clusters.parquet that
-    no longer is (its cluster_id, no member) rather than a member of a cluster formed since."""
+    no longer is (its cluster_id, no member: dropped_rows) rather than a member of a cluster
+    formed since."""
     return pc.is_null(delta.column("image_id"))
+
+
+def dropped_rows(cluster_ids: pa.Array) -> pa.Table:
+    """The rows of an incremental runs' clusters file that say the clusters `cluster_ids` of
+    clusters.parquet no longer are: the id, no member."""
+    n = len(cluster_ids)
+    columns = [cluster_ids.cast(pa.int32())]
+    columns += [pa.nulls(n, f.type) for f in list(CLUSTERS_SCHEMA)[1:]]
+    return pa.Table.from_arrays(columns, schema=CLUSTERS_SCHEMA)
 
 
 def with_delta(base: pa.Table, delta: pa.Table | None) -> pa.Table:
@@ -352,8 +366,8 @@ def stray_runs(lay: Layout) -> list[Path]:
     state = read_state(lay)
     runs = state.runs if state is not None else []
     keep = {p.name for r in runs for p in (lay.run_pairs(r), lay.run_searched(r))}
-    if state is not None and state.clusters_delta:
-        keep.add(lay.run_clusters(state.clusters_delta).name)
+    if (delta := delta_file(lay, state)) is not None:
+        keep.add(delta.name)
     try:
         return sorted(p for p in lay.pairs_runs.iterdir() if p.name not in keep)
     except OSError:
