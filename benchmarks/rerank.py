@@ -27,6 +27,11 @@ read by pread in both. At 10^7 run it with the file's size in mind: 10 GB read p
 (about a night's candidates) read one by one (RowReader.read), with the page cache asked first
 (RWF_NOWAIT, where the system offers it) and without, alternately, each from a cold page cache
 and then again from a warm one.
+
+`--batches 78125,131072` times instead the all-pairs search (`knn_pairs`, the vector file as the
+step opens it) in batches of each size, alternately: each size searches a whole number of its
+batches of random queries (at least --queries), as the step's batches are whole but its last,
+so that no size is charged for a part batch; queries a second and the pairs' agreement.
 """
 
 from __future__ import annotations
@@ -59,7 +64,11 @@ def main() -> None:
                     help="from a cold page cache, with and without reading the file ahead")
     ap.add_argument("--fetch", action="store_true",
                     help="scattered rows read with the page cache asked first and without")
+    ap.add_argument("--batches", help="comma-separated batch sizes: all-pairs rate by batch size")
     args = ap.parse_args()
+    if args.batches:
+        batches(args, [int(float(b)) for b in args.batches.split(",")])
+        return
     if args.cold:
         cold(args)
         return
@@ -100,6 +109,29 @@ def main() -> None:
     same = all(a[p][0] == b[p][0] for p in a if p in b)
     print(f"in order / fetched: {low:.2f}-{high:.2f}x; same pairs {a.keys() == b.keys()}, "
           f"same scores {same}, {ranks} of {len(a):,} ranks differ")
+
+
+def batches(args: argparse.Namespace, sizes: list[int]) -> None:
+    settings = load_settings(args.workspace / "params.yaml")
+    searcher = open_searcher(settings)
+    searcher.map_lists()  # once a search, as the step does before its first batch
+    n = len(searcher.image_ids)
+    rng = np.random.default_rng(args.seed)
+    print(f"{n:,} images; the step's batch here {search_batch(n):,}")
+    rates: dict[int, list[float]] = {b: [] for b in sizes}
+    for r in range(args.rounds):
+        found = {}
+        for b in sizes:
+            count = min(n, -(-args.queries // b) * b)
+            rows = np.sort(rng.choice(n, count, False))
+            t0 = time.perf_counter()
+            found[b] = knn_pairs(searcher, args.k, 0.5, batch=b, rows=rows)
+            seconds = time.perf_counter() - t0
+            rates[b].append(count / seconds)
+            print(f"  round {r + 1} batch {b:>7,}: {count:,} queries, {count / seconds:7,.0f} "
+                  f"queries/s ({seconds:.1f} s), {len(found[b]):,} pairs", flush=True)
+    for b in sizes:
+        print(f"batch {b:>7,}: {min(rates[b]):,.0f}-{max(rates[b]):,.0f} queries/s")
 
 
 def cold(args: argparse.Namespace) -> None:

@@ -173,6 +173,12 @@ def test_nightly_runs_write_their_own_partition_and_cluster_as_all_pairs_would(w
         # clusters.parquet is not rewritten either: the night's changes are in a file beside it
         assert lay.clusters.stat().st_ino == clusters_base.st_ino
         assert clusters_files(lay)[1] == lay.run_clusters(read_state(lay).clusters_delta)
+        # its summary says where the nights' files are, beside the two a reader would open
+        assert out.pairs_parts == night and out.clusters_delta == clusters_files(lay)[1]
+        printed = "\n".join(out.lines())
+        assert f"{lay.pairs} and {night} nightly file" in printed
+        assert f"nights' changes to it in runs/{out.clusters_delta.name}" in printed
+        assert "duplicate_pairs and clusters views read them together" in printed
     s = scale._settings(ws)
     assert read_pairs(s).num_rows > n_before
     # the catalogue's view reads the base and both partitions
@@ -499,6 +505,8 @@ def test_a_killed_runs_partition_never_counts(ws, scale):
     # gone
     assert state.clusters_delta == "" and clusters_files(lay) == (lay.clusters, None)
     assert not list(lay.pairs_runs.glob("clusters-*"))
+    assert out.pairs_parts == 0 and out.clusters_delta is None  # two files, as it prints
+    assert [x.strip() for x in out.lines()[-2:]] == [str(lay.pairs), str(lay.clusters)]
     committed = _rows(read_pairs(s))
     os.replace(lay.pairs, lay.pairs_next)  # as if killed between the commit and the renames
     os.replace(lay.clusters, lay.clusters_next)

@@ -146,6 +146,8 @@ class PairsSummary:
     seconds: float = 0.0
     pairs_file: Path | None = None
     clusters_file: Path | None = None
+    pairs_parts: int = 0  # the nightly runs' pairs files beside pairs_file (store.pairs)
+    clusters_delta: Path | None = None  # the nightly runs' changes to clusters_file, if any
     searched: int = 0  # images whose neighbours were searched by this run
     added: int = 0  # near-duplicate pairs this run found that were not recorded before
     incremental: bool = False  # only images not searched before were searched
@@ -192,12 +194,24 @@ class PairsSummary:
                 f"  clusters follow {counted(self.confirmed, 'pair')} decided same and "
                 f"{self.rejected} decided different (`cbir decide`, `cbir review`)"
             )
-        out += [
-            f"  {how}; {counted(self.added, 'new pair')}",
-            f"  {self.pairs_file}",
-            f"  {self.clusters_file}",
-        ]
+        out += [f"  {how}; {counted(self.added, 'new pair')}", *self._files()]
         return out + [f"  warning: {w}" for w in self.warnings()]
+
+    def _files(self) -> list[str]:
+        """Where the pairs and clusters are: with nightly runs' files beside the two, a reader
+        of pairs.parquet or clusters.parquet alone would miss the nights, so say so."""
+        pairs, clusters = f"  {self.pairs_file}", f"  {self.clusters_file}"
+        if self.pairs_parts:
+            pairs += f" and {counted(self.pairs_parts, 'nightly file')} beside it in runs/"
+        if self.clusters_delta is not None:
+            clusters += f" and the nights' changes to it in runs/{self.clusters_delta.name}"
+        if not self.pairs_parts and self.clusters_delta is None:
+            return [pairs, clusters]
+        return [
+            pairs,
+            clusters,
+            "  (`cbir sql`'s duplicate_pairs and clusters views read them together)",
+        ]
 
     def warnings(self) -> list[str]:
         """What looks wrong, with its likely cause and the command that fixes it."""
@@ -1266,6 +1280,8 @@ def run_pairs(
         seconds=time.perf_counter() - t0,
         pairs_file=lay.pairs,
         clusters_file=lay.clusters,
+        pairs_parts=len(runs),
+        clusters_delta=lay.run_clusters(delta) if delta else None,
         searched=len(s.image_ids) if rows is None else len(rows),
         added=added.num_rows,
         incremental=rows is not None,
