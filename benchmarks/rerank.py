@@ -30,8 +30,9 @@ and then again from a warm one.
 
 `--batches 78125,131072` times instead the all-pairs search (`knn_pairs`, the vector file as the
 step opens it) in batches of each size, alternately: each size searches a whole number of its
-batches of random queries (at least --queries), as the step's batches are whole but its last,
-so that no size is charged for a part batch; queries a second and the pairs' agreement.
+batches of random queries (at least --queries; the first of one random order a round), as the
+step's batches are whole but its last, so that no size is charged for a part batch; queries a
+second, and whether sizes that searched the same queries found the same pairs.
 """
 
 from __future__ import annotations
@@ -119,19 +120,32 @@ def batches(args: argparse.Namespace, sizes: list[int]) -> None:
     rng = np.random.default_rng(args.seed)
     print(f"{n:,} images; the step's batch here {search_batch(n):,}")
     rates: dict[int, list[float]] = {b: [] for b in sizes}
+    same, diff, ranks = True, 0.0, 0
     for r in range(args.rounds):
-        found = {}
+        found, asked = {}, {}
+        order = rng.permutation(n)  # each size searches the first of these: some the same
         for b in sizes:
             count = min(n, -(-args.queries // b) * b)
-            rows = np.sort(rng.choice(n, count, False))
+            rows = np.sort(order[:count])
             t0 = time.perf_counter()
             found[b] = knn_pairs(searcher, args.k, 0.5, batch=b, rows=rows)
             seconds = time.perf_counter() - t0
             rates[b].append(count / seconds)
             print(f"  round {r + 1} batch {b:>7,}: {count:,} queries, {count / seconds:7,.0f} "
                   f"queries/s ({seconds:.1f} s), {len(found[b]):,} pairs", flush=True)
+            asked[b] = count
+        # sizes that searched the same queries: the same pairs? (an exact (flat) index scores
+        # a batch by one matrix product, whose last bits depend on its shape: scores can differ
+        # by an ulp, and ranks where two are that close; re-ranked scores do not)
+        for b, c in [(b, c) for b in sizes for c in sizes if b < c and asked[b] == asked[c]]:
+            x, y = found[b], found[c]
+            same = same and x.keys() == y.keys()
+            diff = max([diff, *(abs(x[p][0] - y[p][0]) for p in x if p in y)])
+            ranks += sum(x[p][1] != y[p][1] for p in x if p in y)
     for b in sizes:
         print(f"batch {b:>7,}: {min(rates[b]):,.0f}-{max(rates[b]):,.0f} queries/s")
+    print(f"where the queries were the same: same pairs {same}, scores apart by at most "
+          f"{diff:.2g}, {ranks} ranks differ")
 
 
 def cold(args: argparse.Namespace) -> None:

@@ -20,8 +20,9 @@ and the watchdog stopped it at 12.9 GB after 4.4 min; the steps after it do not 
 min (20 GB of shards, a 10 GB vector file), index 36 min (5.7 GB); then `--resume-from pairs
 --pairs-sample 100000`: 13 min (pairs 3 min, arrivals 1, nightly 1.5, the queries 1 min).
 At 10^7 the all-pairs search alone takes hours at the measured rates. `--pairs-sample Q`
-measures its rate on Q random queries and projects the step's time from it (the state after
-it is then the planted pairs, run through `run_pairs`: `_sampled_pairs`); `--keep` then
+measures its rate on Q random queries (rounded down to whole batches of the step's) and projects
+the step's time from it (the state after it is then the planted pairs, run through
+`run_pairs`: `_sampled_pairs`); `--keep` then
 `--resume-from STEP` continues a kept size from a step (the rows before it stay), e.g.
 `--sizes 1e7 --keep` killed in its pairs step, then `--sizes 1e7 --keep --resume-from pairs
 --pairs-sample 100000`.
@@ -438,8 +439,8 @@ def _near_pairs(ws: Path) -> dict[tuple[str, str], tuple[float, int]]:
 
 def _sampled_pairs(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     """The all-pairs search of a collection too large to search whole in a sitting: its rate
-    measured on a random sample of --pairs-sample queries (the same `knn_pairs` over the same
-    searcher, against the whole index), then `run_pairs` run as usual with the search's answer
+    measured on a random sample of --pairs-sample queries, rounded down to whole batches of the
+    step's where it holds one (search_batch; the same `knn_pairs` over the same searcher, against the whole index), then `run_pairs` run as usual with the search's answer
     taken to be the planted pairs (exact scores from the vector file), so that the steps after
     it (clusters, the nightly run, the catalogue, the review queue) find the state a full search
     would leave - less its few unplanted pairs (about 5 % at 10^5 and 10^6).
@@ -466,7 +467,11 @@ def _sampled_pairs(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     mapped = time.perf_counter() - t0
     n = len(searcher.image_ids)
     rng = np.random.default_rng(a["seed"] + 2)
-    rows = np.sort(rng.choice(n, size=min(n, a["pairs_sample"]), replace=False))
+    # whole batches (the step's are whole but its last): a part batch pays a batch's re-ranking
+    # read of the file for fewer queries. A sample under one batch is searched as one.
+    batch = steps_pairs.search_batch(n)
+    size = min(n, a["pairs_sample"] // batch * batch or a["pairs_sample"])
+    rows = np.sort(rng.choice(n, size=size, replace=False))
     for data in ws.glob("data/embeddings/*/vectors-*.f16"):
         evict(data)
     t0 = time.perf_counter()
@@ -1188,7 +1193,7 @@ def main() -> None:
                          "steps before it stay as measured)")
     ap.add_argument("--pairs-sample", type=int, default=0,
                     help="at sizes above this, measure the pairs search's rate on this many "
-                         "random queries and project the step's time (the state after it is "
+                         "random queries (whole batches) and project the step's time (the state after it is "
                          "the planted pairs: see _sampled_pairs); 0: search every image")
     ap.add_argument("--fresh", action="store_true", help="forget results of earlier runs")
     ap.add_argument("--report", action="store_true",

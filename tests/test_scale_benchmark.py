@@ -143,6 +143,15 @@ def test_a_kept_size_resumes_with_the_pairs_rate_measured_on_a_sample(tmp_path):
     assert re.search(r"round 1 +in turn, warm: +[\d.]+ us a row", out)
     assert re.search(r"warm: cache first / in turn: [\d.]+-[\d.]+x faster", out)
     assert "same rows True" in out
+    # --batches: the all-pairs rate by batch size, whole batches each (400: two, 800 queries);
+    # sizes that searched the same queries found the same pairs
+    out = rerank("600", "--batches", "200,400,600")
+    assert re.search(r"round 1 batch +200: 600 queries, +[\d,]+ queries/s", out)
+    assert re.search(r"round 1 batch +400: 800 queries, +[\d,]+ queries/s", out)
+    assert re.search(r"batch +600: [\d,]+-[\d,]+ queries/s", out)
+    same = re.search(r"where the queries were the same: same pairs (\w+), scores apart by at "
+                     r"most ([\de.+-]+), (\d+) ranks differ", out)
+    assert same is not None and same[1] == "True" and float(same[2]) < 1e-5
     # benchmarks/opening.py: the night's openings the kept way and the way before agree
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "opening.py"),
                           str(tmp_path / "vectors-1500"), "--appended", "100", "--rounds", "1"],
