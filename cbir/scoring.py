@@ -47,6 +47,24 @@ def paired_inner_products(rows: np.ndarray, queries: np.ndarray, which: np.ndarr
     return inner_products_by_idx(rows, queries, which[:, None])[:, 0]
 
 
+def grouped_inner_products(
+    rows: np.ndarray, group: np.ndarray, queries: np.ndarray, which: np.ndarray
+) -> np.ndarray:
+    """rows[group[i]] . queries[which[i]] for each i, `group` non-decreasing from 0 (each row's
+    pairs together, every row in some): a row wanted by several queries is converted and read
+    once for them all, not copied once a pair (an all-pairs batch at 10^7 wants a million of
+    its rows twice or more); bit for bit paired_inner_products' scores (the same kernel on the
+    same two vectors)."""
+    group = np.asarray(group, np.int64)
+    if not len(group):
+        return np.empty(0, np.float32)
+    first = np.r_[True, group[1:] != group[:-1]]
+    slot = np.arange(len(group)) - np.flatnonzero(first)[group]  # a pair's place in its group
+    ids = np.full((len(rows), int(slot.max()) + 1), -1, np.int64)
+    ids[group, slot] = which
+    return inner_products_by_idx(rows, np.ascontiguousarray(queries, np.float32), ids)[group, slot]
+
+
 def top_k(scores: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best of each row of candidate scores (-inf: none), best first; of equal scores the
     larger id first, so which of two equal candidates is kept depends neither on their order

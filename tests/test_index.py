@@ -253,6 +253,23 @@ def test_numpy_rerank_fallback_matches_faiss_kernel(data, ivf) -> None:
     np.testing.assert_allclose(s2, s1, atol=1e-5)
 
 
+def test_rows_wanted_by_several_queries_score_as_each_pair_alone() -> None:
+    """grouped_inner_products (a row converted once for all the queries that want it, some
+    wanting it twice) gives bit for bit what scoring each pair on its own copy gives."""
+    from cbir.scoring import grouped_inner_products, paired_inner_products
+
+    rng = np.random.default_rng(3)
+    rows, queries = rng.standard_normal((5, 24)), rng.standard_normal((4, 24))
+    rows, queries = rows.astype(np.float32), queries.astype(np.float32)
+    group = np.array([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4])  # row 4 three queries, one twice
+    which = np.array([2, 0, 3, 1, 1, 0, 3, 0, 2, 2, 1])
+    got = grouped_inner_products(rows, group, queries, which)
+    alone = paired_inner_products(rows[group], queries, which)
+    assert got.dtype == np.float32 and np.array_equal(got, alone)
+    assert np.allclose(got, np.einsum("id,id->i", rows[group], queries[which]), atol=1e-5)
+    assert grouped_inner_products(rows, np.zeros(0, np.int64), queries, np.zeros(0)).size == 0
+
+
 def test_equal_scores_are_kept_by_id_whichever_way_they_are_scored() -> None:
     """Four copies of one vector straddle the k-th place: the larger ids are kept, larger first,
     in whatever order the candidates come and whether they are fetched, scored from an array,

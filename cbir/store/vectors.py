@@ -52,7 +52,7 @@ from ..fsutil import (
     write_parquet,
 )
 from ..progress import bar as progress_bar
-from ..scoring import paired_inner_products
+from ..scoring import grouped_inner_products, paired_inner_products
 from . import reuse
 from .embeddings import check_dimensions, read_shard, shard_vectors
 from .fingerprint import current_fingerprint
@@ -246,8 +246,7 @@ class RowReader:
         nc = rows.shape[1]
         flat = rows.reshape(-1)
         pos = np.flatnonzero(flat >= 0)
-        order = np.argsort(flat[pos], kind="stable")
-        pos = pos[order]
+        pos = pos[np.argsort(flat[pos])]  # by row; any order among a row's pairs scores alike
         wanted = flat[pos].astype(np.int64)
         if len(wanted) and wanted[-1] >= self.n:
             raise IndexError(f"row out of range of the {self.n} rows of {self.path}")
@@ -265,16 +264,17 @@ class RowReader:
         buf = bytearray(seg_rows * self.row_bytes)
         block = np.frombuffer(buf, DTYPE).reshape(seg_rows, self.dim)
         for a, b, read_whole in zip(starts.tolist(), ends.tolist(), whole.tolist(), strict=True):
-            want = wanted[a:b]
+            want, at = wanted[a:b], pos[a:b]
             if read_whole:
                 lo = int(want[0]) // seg_rows * seg_rows
                 hi = min(self.n, lo + seg_rows)
                 self._pread(memoryview(buf)[: (hi - lo) * self.row_bytes], lo * self.row_bytes)
-                got = block[want - lo]
+                # each distinct row converted once (a segment's first row is always new)
+                group = np.cumsum(new_row[a:b]) - 1
+                distinct_rows = to_float32(block[want[new_row[a:b]] - lo])
+                out[at] = grouped_inner_products(distinct_rows, group, queries, at // nc)
             else:
-                got = self.read(want)
-            at = pos[a:b]
-            out[at] = paired_inner_products(to_float32(got), queries, at // nc)
+                out[at] = paired_inner_products(to_float32(self.read(want)), queries, at // nc)
         return out.reshape(rows.shape)
 
 
