@@ -47,6 +47,12 @@ def paired_inner_products(rows: np.ndarray, queries: np.ndarray, which: np.ndarr
     return inner_products_by_idx(rows, queries, which[:, None])[:, 0]
 
 
+#: grouped_inner_products scores a row with at most this many of its queries in place; a row
+#: wanted by more (a hub, near many images) is copied for the others, so that one such row does
+#: not widen the table of every row's queries.
+GROUP_WIDTH = 16
+
+
 def grouped_inner_products(
     rows: np.ndarray, group: np.ndarray, queries: np.ndarray, which: np.ndarray
 ) -> np.ndarray:
@@ -56,13 +62,22 @@ def grouped_inner_products(
     its rows twice or more); bit for bit paired_inner_products' scores (the same kernel on the
     same two vectors)."""
     group = np.asarray(group, np.int64)
+    which = np.asarray(which, np.int64)
     if not len(group):
         return np.empty(0, np.float32)
+    rows = np.ascontiguousarray(rows, np.float32)
     first = np.r_[True, group[1:] != group[:-1]]
     slot = np.arange(len(group)) - np.flatnonzero(first)[group]  # a pair's place in its group
-    ids = np.full((len(rows), int(slot.max()) + 1), -1, np.int64)
-    ids[group, slot] = which
-    return inner_products_by_idx(rows, np.ascontiguousarray(queries, np.float32), ids)[group, slot]
+    width = min(int(slot.max()) + 1, GROUP_WIDTH)
+    inside = slot < width
+    ids = np.full((len(rows), width), -1, np.int64)
+    ids[group[inside], slot[inside]] = which[inside]
+    queries = np.ascontiguousarray(queries, np.float32)
+    out = np.empty(len(group), np.float32)
+    out[inside] = inner_products_by_idx(rows, queries, ids)[group[inside], slot[inside]]
+    if not inside.all():
+        out[~inside] = paired_inner_products(rows[group[~inside]], queries, which[~inside])
+    return out
 
 
 def top_k(scores: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

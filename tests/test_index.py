@@ -253,10 +253,14 @@ def test_numpy_rerank_fallback_matches_faiss_kernel(data, ivf) -> None:
     np.testing.assert_allclose(s2, s1, atol=1e-5)
 
 
-def test_rows_wanted_by_several_queries_score_as_each_pair_alone() -> None:
+@pytest.mark.parametrize("width", [16, 2])
+def test_rows_wanted_by_several_queries_score_as_each_pair_alone(width, monkeypatch) -> None:
     """grouped_inner_products (a row converted once for all the queries that want it, some
-    wanting it twice) gives bit for bit what scoring each pair on its own copy gives."""
+    wanting it twice) gives bit for bit what scoring each pair on its own copy gives; also for
+    a row wanted by more queries than it scores in place (GROUP_WIDTH)."""
     from cbir.scoring import grouped_inner_products, paired_inner_products
+
+    monkeypatch.setattr("cbir.scoring.GROUP_WIDTH", width)
 
     rng = np.random.default_rng(3)
     rows, queries = rng.standard_normal((5, 24)), rng.standard_normal((4, 24))
