@@ -20,12 +20,11 @@ and the watchdog stopped it at 12.9 GB after 4.4 min; the steps after it do not 
 min (20 GB of shards, a 10 GB vector file), index 36 min (5.7 GB); then `--resume-from pairs
 --pairs-sample 100000`: 13 min (pairs 3 min, arrivals 1, nightly 1.5, the queries 1 min).
 At 10^7 the all-pairs search alone takes hours at the measured rates. `--pairs-sample Q`
-measures its rate on Q random queries (rounded down to whole batches of the step's) and projects
-the step's time from it (the state after it is then the planted pairs, run through
-`run_pairs`: `_sampled_pairs`); `--keep` then
-`--resume-from STEP` continues a kept size from a step (the rows before it stay), e.g.
-`--sizes 1e7 --keep` killed in its pairs step, then `--sizes 1e7 --keep --resume-from pairs
---pairs-sample 100000`.
+measures its rate on Q random queries (rounded down to whole batches of the step's) and
+projects the step's time from it (the state after it is then the planted pairs, run through
+`run_pairs`: `_sampled_pairs`); `--keep` then `--resume-from STEP` continues a kept size from
+a step (the rows before it stay), e.g. `--sizes 1e7 --keep` killed in its pairs step, then
+`--sizes 1e7 --keep --resume-from pairs --pairs-sample 100000`.
 
 Every step runs in a child process of its own (this script again, with --child), so its peak
 RSS is its own: the larger of the child's VmHWM (/proc/self/status, read by the child at its
@@ -440,9 +439,10 @@ def _near_pairs(ws: Path) -> dict[tuple[str, str], tuple[float, int]]:
 def _sampled_pairs(ws: Path, a: dict[str, Any]) -> dict[str, Any]:
     """The all-pairs search of a collection too large to search whole in a sitting: its rate
     measured on a random sample of --pairs-sample queries, rounded down to whole batches of the
-    step's where it holds one (search_batch; the same `knn_pairs` over the same searcher, against the whole index), then `run_pairs` run as usual with the search's answer
-    taken to be the planted pairs (exact scores from the vector file), so that the steps after
-    it (clusters, the nightly run, the catalogue, the review queue) find the state a full search
+    step's where it holds one (search_batch; the same `knn_pairs` over the same searcher,
+    against the whole index), then `run_pairs` run as usual with the search's answer taken to
+    be the planted pairs (exact scores from the vector file), so that the steps after it
+    (clusters, the nightly run, the catalogue, the review queue) find the state a full search
     would leave - less its few unplanted pairs (about 5 % at 10^5 and 10^6).
 
     The sample is searched twice over (other random queries the second time): first with the
@@ -1193,8 +1193,9 @@ def main() -> None:
                          "steps before it stay as measured)")
     ap.add_argument("--pairs-sample", type=int, default=0,
                     help="at sizes above this, measure the pairs search's rate on this many "
-                         "random queries (whole batches) and project the step's time (the state after it is "
-                         "the planted pairs: see _sampled_pairs); 0: search every image")
+                         "random queries (whole batches) and project the step's time (the "
+                         "state after it is the planted pairs: see _sampled_pairs); 0: search "
+                         "every image")
     ap.add_argument("--fresh", action="store_true", help="forget results of earlier runs")
     ap.add_argument("--report", action="store_true",
                     help="only print the tables of the results in --out/results.json")

@@ -52,7 +52,7 @@ from ..fsutil import (
     write_parquet,
 )
 from ..progress import bar as progress_bar
-from ..scoring import grouped_inner_products, paired_inner_products
+from ..scoring import grouped_inner_products
 from . import reuse
 from .embeddings import check_dimensions, read_shard, shard_vectors
 from .fingerprint import current_fingerprint
@@ -264,17 +264,17 @@ class RowReader:
         buf = bytearray(seg_rows * self.row_bytes)
         block = np.frombuffer(buf, DTYPE).reshape(seg_rows, self.dim)
         for a, b, read_whole in zip(starts.tolist(), ends.tolist(), whole.tolist(), strict=True):
-            want, at = wanted[a:b], pos[a:b]
+            # each distinct row read and converted once (a segment's first row is always new)
+            distinct, at = wanted[a:b][new_row[a:b]], pos[a:b]
             if read_whole:
-                lo = int(want[0]) // seg_rows * seg_rows
+                lo = int(distinct[0]) // seg_rows * seg_rows
                 hi = min(self.n, lo + seg_rows)
                 self._pread(memoryview(buf)[: (hi - lo) * self.row_bytes], lo * self.row_bytes)
-                # each distinct row converted once (a segment's first row is always new)
-                group = np.cumsum(new_row[a:b]) - 1
-                distinct_rows = to_float32(block[want[new_row[a:b]] - lo])
-                out[at] = grouped_inner_products(distinct_rows, group, queries, at // nc)
+                got = block[distinct - lo]
             else:
-                out[at] = paired_inner_products(to_float32(self.read(want)), queries, at // nc)
+                got = self.read(distinct)
+            group = np.cumsum(new_row[a:b]) - 1
+            out[at] = grouped_inner_products(to_float32(got), group, queries, at // nc)
         return out.reshape(rows.shape)
 
 
