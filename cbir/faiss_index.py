@@ -511,6 +511,13 @@ def _search_raw(
     if k <= 0 or nq == 0:
         return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
     ivf = ivf_part(index)
+    if ivf is None and vectors is not None:
+        # An exact index scores a batch by one matrix product whose last bits depend on the
+        # batch's shape (BLAS blocking): a pair would score an ulp apart in a full run, a night
+        # and a Dask part, and one at the threshold be kept one way only. Its candidates are
+        # re-scored a pair at a time, as re-ranking scores them, the same in every batch.
+        _, cand = index.search(queries, min(index.ntotal, k * MIN_K_FACTOR))
+        return _rerank(queries, cand, vectors, k, index.d)
     if ivf is None:
         return index.search(queries, k)
     ivf.nprobe = max(1, min(nprobe, ivf.nlist))
@@ -881,14 +888,16 @@ def search(
     callers filter. For IVF-PQ indexes pass ``vectors`` (array indexed by id - a memmap is fine - or
     an id lookup callable): ``k * info.k_factor`` candidates are then re-scored exactly and the
     returned scores are true inner products. Without it, scores are PQ approximations and recall is
-    lower than ``info.recall_at_k``. ``own`` (cbir.probes): the queries that are stored vectors
+    lower than ``info.recall_at_k``. An exact (flat) index given ``vectors`` re-scores its
+    ``k * MIN_K_FACTOR`` best a pair at a time, so that a pair's score is the same in any batch.
+    ``own`` (cbir.probes): the queries that are stored vectors
     probe the best lists near the one each lies in (an all-pairs search; build_index tunes the
     re-ranked index that way), the others the best of all.
     """
     if k < 0:
         raise ValueError("k must be >= 0")
     q = _as_vectors(queries, index.d, "queries")
-    use = vectors if info.params.refine else None
+    use = vectors if info.params.refine or info.params.kind == "flat" else None
     return _search_raw(index, q, k, info.nprobe, info.k_factor, use, own)
 
 

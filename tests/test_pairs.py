@@ -76,3 +76,27 @@ def test_a_rejected_link_splits_a_cluster_and_a_confirmed_one_joins_whatever_its
     # confirmations come first: a later rejected link cannot undo them
     assert clusters_from_pairs({}, 0.5, same=[("a", "b"), ("b", "c")],
                                different=[("a", "c")]) == [(["a", "b"], 1.0)]
+
+
+def test_an_exact_index_scores_a_pair_the_same_whatever_the_batch():
+    # An exact (flat) index scores a batch by one matrix product whose last bits depend on the
+    # batch's shape: a full run, a night and a Dask part would score a pair an ulp apart, and
+    # one scoring exactly the threshold would be kept one way and not the other.
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((100, 512)).astype(np.float32)
+    noise = rng.standard_normal((1000, 512)).astype(np.float32)
+    x = centres[rng.integers(0, 100, 1000)] + 0.3 * noise
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    s = _searcher(x)
+    assert s.info.params.kind == "flat"
+    whole = knn_pairs(s, k=5, threshold=0.5, batch=1000)
+    assert len(whole) > 1000
+    for batch in (200, 7, 1):
+        assert knn_pairs(s, k=5, threshold=0.5, batch=batch) == whole  # bit for bit
+    # a night searches only its images (its ranks are one side's): the same scores
+    night = knn_pairs(s, k=5, threshold=0.5, rows=np.arange(0, 1000, 3), batch=50)
+    assert len(night) > 300 and all(whole[key][0] == sc for key, (sc, _) in night.items())
+    # so the pair exactly at a threshold is kept whichever way it was searched
+    key, (score, _) = max(whole.items(), key=lambda item: item[1][0])
+    at_batch = knn_pairs(s, k=5, threshold=score, batch=1000)
+    assert key in at_batch and at_batch == knn_pairs(s, k=5, threshold=score, batch=1)
