@@ -890,9 +890,9 @@ def search(
     returned scores are true inner products. Without it, scores are PQ approximations and recall is
     lower than ``info.recall_at_k``. An exact (flat) index given ``vectors`` re-scores its
     ``k * MIN_K_FACTOR`` best a pair at a time, so that a pair's score is the same in any batch.
-    ``own`` (cbir.probes): the queries that are stored vectors
-    probe the best lists near the one each lies in (an all-pairs search; build_index tunes the
-    re-ranked index that way), the others the best of all.
+    ``own`` (cbir.probes): the queries that are stored vectors probe the best lists near the one
+    each lies in (an all-pairs search; build_index tunes the re-ranked index that way), the
+    others the best of all.
     """
     if k < 0:
         raise ValueError("k must be >= 0")
