@@ -46,8 +46,16 @@ def test_targets_pass_fail_and_not_run():
     rows[1]["rss"] = 7e9
     lines = {line.split(" | ")[0].lstrip("| "): line for line in scale.targets(rows)}
     assert lines["nightly: peak RSS at 10^7 <= 8 GB"].endswith("| PASS |")
-    assert "1.50 x" in lines[
-        "nightly adding 1,000 to 10^7 <= 2 x the same on 10^5 (embedding excluded)"]
+    night = "nightly adding 1,000 to 10^7 <= 2 x the same on 10^5 (embedding excluded)"
+    assert "1.50 x (one night each)" in lines[night] and lines[night].endswith("| PASS |")
+    # nights measured side by side (--night-rounds) decide it where there are, by their medians
+    side = scale.SIDE_BY_SIDE
+    rows += [{**_row(side, 10**5, 1.0, 1e9), "rounds": [1.0, 0.9, 1.2]},
+             {**_row(side, 10**7, 2.5, 1e9), "rounds": [2.5, 2.4, 2.7]}]
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in scale.targets(rows)}
+    # the median of the rounds' ratios (2.5, 2.67, 2.25), each round's nights minutes apart
+    assert "2.50 x (median of 3 rounds side by side: 2.25, 2.50, 2.67)" in lines[night]
+    assert lines[night].endswith("| FAIL |")
 
 
 @pytest.mark.slow
@@ -186,3 +194,39 @@ def test_the_catalogue_benchmark_times_live_and_stored_queries_that_agree(tmp_pa
     assert rows["grow"][4] == "pair_report grown, cluster_report grown"
     assert rows["whole"][4] == "same rows as grown True"
     assert not any(tmp_path.iterdir())  # not kept
+
+
+@pytest.mark.slow
+def test_nights_side_by_side_at_the_smallest_and_largest_kept_sizes(tmp_path):
+    """--night-rounds: more nights at both kept sizes, alternately; a row each with their
+    median, which the nightly target then compares rather than the two sizes' single nights."""
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        out = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--out", str(tmp_path),
+             "--ingest-sizes", "", "--new", "50", "--shard-size", "500", *extra],
+            capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out
+
+    alone = run("--sizes", "1000", "--night-rounds", "1")  # not kept: nothing to compare
+    assert "--night-rounds: needs two sizes kept after their night" in alone.stdout
+    out = run("--sizes", "1000,1500", "--keep", "--night-rounds", "2")
+    scale = _scale()
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    side = {r["n"]: r for r in rows if r["step"] == scale.SIDE_BY_SIDE}
+    assert set(side) == {1000, 1500}
+    for n, r in side.items():
+        assert r["status"] == "ok" and len(r["rounds"]) == 2
+        assert r["seconds"] == pytest.approx(sum(r["rounds"]) / 2) and r["rss"] > 0
+        assert "median of 2 nights" in r["note"] and "alternating with" in r["note"]
+        assert len(r["loads"]) == 2 and "; load " in r["note"]
+        # the size's own night (run 2), then two more in place
+        assert json.loads((tmp_path / f"vectors-{n}" / scale.NIGHT_FILE).read_text())["run"] == 4
+    assert "| 1,500 | nightly, side by side |" in out.stdout
+    ratios = sorted(h / lo for lo, h in zip(side[1000]["rounds"], side[1500]["rounds"]))
+    assert (f"x (median of 2 rounds side by side: {ratios[0]:.2f}, {ratios[1]:.2f}) | not run |"
+            in out.stdout)
+    # a size run again drops its side-by-side row (its nights are another workspace's)
+    run("--sizes", "1000", "--keep")
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["n"] for r in rows if r["step"] == scale.SIDE_BY_SIDE} == {1500}
