@@ -342,3 +342,56 @@ def test_the_likely_master_is_the_continuous_tone_copy_whatever_its_size(tmp_pat
     remove_list(settings, tmp_path / "remove.csv")
     kept = {r.split(",")[1] for r in (tmp_path / "remove.csv").read_text().splitlines()[1:]}
     assert kept == {"box/print.jpg", "p0.png"}  # p0.png: of the tiny workspace's exact copy
+
+
+def test_a_later_copy_of_one_resolution_and_format_is_not_the_master_for_its_bytes(tmp_path):
+    """Found in the archivist trial: a scan turned 1.5 degrees and saved again at JPEG quality
+    90 (67 KB) was the likely master over the archive's own scan (58 KB) - pair_report,
+    cluster_report, and the remove list's suggestion. Of two copies of one resolution and
+    format, the picture the archive held first is kept, here after it moved (its file is new,
+    its picture is not); a lossless copy still outranks a JPEG whenever it came."""
+    from cbir.steps.decisions import remove_list, run_decide
+    from cbir.steps.embed import run_embed
+    from cbir.steps.index import run_index
+    from cbir.steps.ingest import run_ingest
+    from cbir.steps.pairs import run_pairs
+
+    scans = tmp_path / "scans"
+    pic = photo(11, (160, 120))
+    save(pic, scans / "box/print.jpg", quality=60)
+    settings = tiny_workspace.make(tmp_path, steps=("ingest",), search={
+        "k": 9, "pair_threshold": -1.0, "cluster_threshold": -1.0})
+    save(pic, scans / "donor/print-q95.jpg", quality=95)  # run 2: the same pixels, more bytes
+    save(pic, scans / "donor/print.tif")  # lossless, also run 2
+    run_ingest(settings)
+    (scans / "moved").mkdir()
+    (scans / "box/print.jpg").rename(scans / "moved/print.jpg")  # run 3: the scan moved
+    run_ingest(settings)
+    run_embed(settings)
+    run_index(settings)
+    run_pairs(settings)
+    held, later, tiff = "moved/print.jpg", "donor/print-q95.jpg", "donor/print.tif"
+    assert (scans / later).stat().st_size > (scans / held).stat().st_size
+
+    _, rows = catalog.query(settings, "SELECT path_a, path_b, master_path, master_reason "
+                                      "FROM pair_report WHERE path_a IN (?, ?, ?) AND path_b "
+                                      "IN (?, ?, ?)", [held, later, tiff] * 2)
+    masters = {frozenset(r[:2]): r[2:] for r in rows}
+    assert masters[frozenset({held, later})] == (held, "arrived first")
+    for jpeg in (held, later):
+        assert masters[frozenset({tiff, jpeg})] == (tiff, "lossless file")
+    cluster = ("SELECT master_path, list_contains(members, ?) FROM cluster_report "
+               "WHERE list_contains(members, ?)")
+    assert catalog.query(settings, cluster, [held, later])[1] == [(tiff, True)]
+    (scans / tiff).unlink()  # without the lossless copy, the held scan leads the cluster
+    for step in (run_ingest, run_embed, run_index, run_pairs):
+        step(settings)
+    assert catalog.query(settings, cluster, [held, later])[1] == [(held, True)]
+
+    # the remove list's rule (Python, over the manifest) agrees with the catalogue's
+    said = run_decide(settings, later, held, "same")
+    assert said.likely == (held, "arrived first"), said.likely
+    remove_list(settings, tmp_path / "remove.csv")
+    rows = [r.split(",") for r in (tmp_path / "remove.csv").read_text().splitlines()[1:]]
+    assert [r[:2] for r in rows if r[0] == later] == [[later, held]]
+    assert "likely master kept: arrived first" in next(r for r in rows if r[0] == later)[2]

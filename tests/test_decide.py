@@ -398,11 +398,16 @@ def test_calibrate_labels_with_decisions_once_there_are_enough(built, tmp_path, 
 def test_the_likely_master_says_which_criterion_chose_it():
     from cbir.steps.decisions import _likely_master
 
-    base = {"mode": "L", "width": 100, "height": 80, "bytes": 1000, "first_run": 2,
-            "mtime_ns": 5, "path": "b"}
+    base = {"mode": "L", "width": 100, "height": 80, "format": "TIFF", "arrived": 2,
+            "bytes": 1000, "first_run": 2, "mtime_ns": 5, "path": "b"}
     cases = [  # (the other file, what keeps `base` over it)
         ({"mode": "1", "width": 400, "height": 320, "bytes": 9000}, "continuous tone"),
-        ({"width": 90, "bytes": 9000, "first_run": 1}, "higher resolution"),
+        ({"width": 90, "bytes": 9000, "arrived": 1}, "higher resolution"),
+        ({"format": "JPEG", "bytes": 9000, "arrived": 1}, "lossless file"),
+        ({"format": None, "bytes": 9000, "arrived": 1}, "lossless file"),
+        # a copy of one resolution and format that came later: its bytes do not make it the
+        # master (a donor's re-save at a higher JPEG quality, a copy turned and saved again)
+        ({"arrived": 3, "bytes": 9000, "first_run": 1}, "arrived first"),
         ({"bytes": 999, "first_run": 1}, "larger file"),
         ({"first_run": 3}, "earlier"),
         ({"mtime_ns": 6}, "earlier"),

@@ -30,7 +30,7 @@ from ..linkage import link
 from ..safetext import counted
 from ..spelling import Spellings
 from ..store import decisions as D
-from ..store.catalog import MARGIN_RESOLUTION, REDUCED_TONE
+from ..store.catalog import LOSSY_FORMATS, MARGIN_RESOLUTION, REDUCED_TONE
 from ..store.layout import layout
 from ..store.manifest import PRESENT, load_manifest
 from ..store.pairs import CHECK_COLUMNS, on_margin, scores_fingerprint
@@ -84,8 +84,12 @@ class Resolver:
     @classmethod
     def of(cls, settings: Settings) -> Resolver:
         cols = ["image_id", "path", "status", "is_canonical", "width", "height", "mode", "bytes"]
-        cols += ["first_run", "mtime_ns"]
-        rows = [r for r in load_manifest(settings, cols).to_pylist() if r["status"] in PRESENT]
+        cols += ["format", "first_run", "mtime_ns"]
+        every = load_manifest(settings, cols).to_pylist()
+        arrived: dict[str, int] = {}  # the run that first brought each picture, under any path
+        for r in every:
+            arrived[r["image_id"]] = min(r["first_run"], arrived.get(r["image_id"], r["first_run"]))
+        rows = [{**r, "arrived": arrived[r["image_id"]]} for r in every if r["status"] in PRESENT]
         path_of = {r["image_id"]: r["path"] for r in rows if r["is_canonical"]}
         for r in rows:  # a content whose canonical file is gone: any present copy names it
             path_of.setdefault(r["image_id"], r["path"])
@@ -459,8 +463,8 @@ class RemoveSummary:
             f"  {self.file}",
         ]
         if self.by_rule:
-            # the rule reads the files (tone, pixels, bytes), not the pictures: a halftone
-            # reprint scanned in grey as a large PNG outranks the photograph's JPEG
+            # the rule reads the files (tone, pixels, format, run, bytes), not the pictures: a
+            # halftone reprint scanned in grey to a PNG outranks the photograph's JPEG
             which = (
                 "the group keeps"
                 if self.groups == 1
@@ -469,7 +473,7 @@ class RemoveSummary:
             )
             out.append(
                 f"  {which} the likely master (no reviewer named one; the reason column says "
-                f"why, e.g. 'larger file'): check it, and name another with `cbir decide A B "
+                f"why, e.g. 'lossless file'): check it, and name another with `cbir decide A B "
                 f"same --master PATH`"
             )
         return out
@@ -479,6 +483,8 @@ class RemoveSummary:
 _MASTER_RULE: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
     ("continuous tone", lambda r: r["mode"] in REDUCED_TONE),
     ("higher resolution", lambda r: -(r["width"] or 0) * (r["height"] or 0)),
+    ("lossless file", lambda r: r["format"] is None or r["format"] in LOSSY_FORMATS),
+    ("arrived first", lambda r: r["arrived"]),
     ("larger file", lambda r: -(r["bytes"] or 0)),
     ("earlier", lambda r: (r["first_run"], r["mtime_ns"], r["path"])),
 )
@@ -486,9 +492,10 @@ _MASTER_RULE: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
 
 def _likely_master(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """The catalogue's rule (pair_report, cluster_report): continuous tone (not bilevel or
-    palette), else more pixels, else more bytes, else seen first (earlier ingest run, older
-    modification time, then path). Returns the master and the criterion that chose it over
-    the runner-up (the catalogue's master_reason)."""
+    palette), else more pixels, else a lossless format, else the picture that arrived first
+    (`arrived`: its earliest ingest run under any path), else more bytes, else seen first
+    (the file's earlier run, older modification time, then path). Returns the master and the
+    criterion that chose it over the runner-up (the catalogue's master_reason)."""
     ranked = sorted(rows, key=lambda r: tuple(key(r) for _, key in _MASTER_RULE))
     if len(ranked) < 2:
         return ranked[0], "earlier"

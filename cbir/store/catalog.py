@@ -201,12 +201,18 @@ REDUCED_TONE = ("1", "P", "PA")
 #: the fitted box's slack (a trial's card mount: 642x625 px for the 622x640 original).
 MARGIN_RESOLUTION = 1.05
 _FULL_TONE = "coalesce(mode NOT IN ({}), true)".format(", ".join(f"'{m}'" for m in REDUCED_TONE))
+#: Formats that store a picture lossily (Pillow's names): a TIFF or PNG of the same pixels is the
+#: likelier master (an archive's preservation file; a JPEG is its access copy or a re-save). Its
+#: bytes would say so too, but the rule weighs format before the run a copy arrived in.
+LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")
+_LOSSLESS = "coalesce(format NOT IN ({}), false)".format(", ".join(f"'{m}'" for m in LOSSY_FORMATS))
 
 # Reviewing duplicates (see README "Reviewing duplicates"). A pair's two files are looked up by
 # image id and path: the present version of that path when there is one, else its latest.
 _PAIR_FILE_SQL = f"""
     SELECT image_id, path, width, height, width::BIGINT * height AS pixels, bytes, format,
-           {_FULL_TONE} AS full_tone, first_run, mtime, mtime_ns{{extra}}
+           {_FULL_TONE} AS full_tone, {_LOSSLESS} AS lossless, first_run, mtime,
+           mtime_ns{{extra}}
     FROM {{rows}} SEMI JOIN ({{keys}}) k USING (image_id, path)
     QUALIFY row_number() OVER (PARTITION BY image_id, path
                                ORDER BY status IN ('ok', 'duplicate') DESC, version DESC) = 1
@@ -218,7 +224,9 @@ _PAIR_IMAGES = """SELECT image_a AS image_id FROM duplicate_pairs
 _CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
 # The likely master: the whole picture of a partial copy (the other is a detail cut from it),
 # else the one without a blank margin (MARGIN_RESOLUTION), else continuous tone (REDUCED_TONE),
-# else more pixels, else more bytes, else seen first (run, then mtime, then path).
+# else more pixels, else a lossless format (LOSSY_FORMATS), else the one the archive held first
+# (its earlier run: a copy of one resolution and format that arrives later, a donor's re-save or a
+# turned copy, is not the master for its bytes), else more bytes, else mtime, then path.
 _PAIR_REPORT_SQL = f"""
 WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
            FROM files SEMI JOIN ({_PAIR_IMAGES}) k USING (image_id)),
@@ -230,7 +238,8 @@ p AS (
            a.first_run AS first_run_a, b.first_run AS first_run_b,
            {_ARRIVED.format(s="a")} AS arrived_a, {_ARRIVED.format(s="b")} AS arrived_b,
            a.mtime AS mtime_a, b.mtime AS mtime_b, a.pixels AS pixels_a, b.pixels AS pixels_b,
-           a.full_tone AS tone_a, b.full_tone AS tone_b,
+           a.full_tone AS tone_a, b.full_tone AS tone_b, a.lossless AS lossless_a,
+           b.lossless AS lossless_b,
            coalesce({_NEWER_A} > {_NEWER_B}, false) AS a_is_newer,
            p.inliers, p.relation, p.covered::DOUBLE AS covered, p.box_on,
            CASE p.box_on WHEN 'a' THEN p.path_a WHEN 'b' THEN p.path_b END AS box_path,
@@ -261,18 +270,22 @@ m AS (
                 WHEN b_gives_way THEN true
                 WHEN tone_a <> tone_b THEN tone_a
                 WHEN pixels_a <> pixels_b THEN pixels_a > pixels_b
+                WHEN lossless_a <> lossless_b THEN lossless_a
+                WHEN arrived_a <> arrived_b THEN arrived_a < arrived_b
                 WHEN bytes_a <> bytes_b THEN bytes_a > bytes_b
                 ELSE NOT a_is_newer END AS a_is_master,
            CASE WHEN relation IN ('a_in_b', 'b_in_a') THEN 'the whole picture'
                 WHEN a_gives_way OR b_gives_way THEN 'no blank margin'
                 WHEN tone_a <> tone_b THEN 'continuous tone'
                 WHEN pixels_a <> pixels_b THEN 'higher resolution'
+                WHEN lossless_a <> lossless_b THEN 'lossless file'
+                WHEN arrived_a <> arrived_b THEN 'arrived first'
                 WHEN bytes_a <> bytes_b THEN 'larger file'
                 ELSE 'earlier' END AS master_reason
     FROM g
 )
-SELECT * EXCLUDE (pixels_a, pixels_b, tone_a, tone_b, a_is_newer, a_is_master, image_a, image_b,
-                  margin, box_pixels, a_gives_way, b_gives_way,
+SELECT * EXCLUDE (pixels_a, pixels_b, tone_a, tone_b, lossless_a, lossless_b, a_is_newer,
+                  a_is_master, image_a, image_b, margin, box_pixels, a_gives_way, b_gives_way,
                   rank, inliers, relation, covered, box_on, box_path, box_x0, box_y0, box_x1,
                   box_y1, detail_path, whole_path),
        CASE WHEN a_is_master THEN path_a ELSE path_b END AS master_path,
@@ -329,12 +342,14 @@ LEFT JOIN images a ON a.image_id = d.image_a
 LEFT JOIN images b ON b.image_id = d.image_b
 """
 _CLUSTER_REPORT_SQL = f"""
-WITH f AS ({_PAIR_FILE_SQL.format(rows="files", keys=_CLUSTER_KEYS, extra="")})
+WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
+           FROM files SEMI JOIN (SELECT image_id FROM clusters) k USING (image_id)),
+f AS ({_PAIR_FILE_SQL.format(rows="i", keys=_CLUSTER_KEYS, extra=", arrived")})
 SELECT c.cluster_id, any_value(c.size) AS size,
        any_value(c.weakest_link)::DOUBLE AS weakest_link,
        list(c.path ORDER BY c.path) AS members,
-       list(c.path ORDER BY f.full_tone DESC, f.pixels DESC, f.bytes DESC, {_SEEN_FIRST_F})[1]
-           AS master_path,
+       list(c.path ORDER BY f.full_tone DESC, f.pixels DESC, f.lossless DESC, f.arrived,
+                            f.bytes DESC, {_SEEN_FIRST_F})[1] AS master_path,
        min(f.first_run) AS first_run, max(f.first_run) AS newest_run,
        sum(f.bytes)::BIGINT AS total_bytes,  -- a HUGEINT would be stored as a DOUBLE
        list(c.image_id ORDER BY c.path) AS member_ids
@@ -423,7 +438,7 @@ def views(settings: Settings) -> list[View]:
             parted="kind <> 'exact'",  # the near pairs: a part per night (PARTS)
             comment="each pair with both files' dimensions, sizes, formats, first run and "
             "mtime, the likely master (the whole picture, no blank margin, continuous tone, "
-            "higher resolution, larger, or earlier) and the "
+            "higher resolution, lossless file, arrived first, larger file, or earlier) and the "
             "geometric verification (relation, inliers, covered, the matched box)",
         ),
         View(
