@@ -240,7 +240,8 @@ def test_the_remove_list_keeps_one_master_per_confirmed_group(built, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "3 files to remove, keeping 3 masters, from 2 confirmed groups and 1 set of " \
         "byte-identical copies; nothing was deleted" in out.stdout
-    assert "1 of the 2 groups keeps the likely master (no reviewer named one" in out.stdout
+    assert "1 of the 2 groups keeps the likely master (no reviewer named one; chosen by larger " \
+        "file, as the reason column says)" in out.stdout
     rows = list(csv.DictReader(target.open()))
     _, sizes = query(s, "SELECT path, bytes FROM images WHERE path IN ('p2.png', 'p3.png')")
     bigger, smaller = (p for p, _ in sorted(sizes, key=lambda r: -r[1]))  # same pixels
@@ -418,3 +419,17 @@ def test_the_likely_master_says_which_criterion_chose_it():
         for rows in ([base, other], [other, base]):
             assert _likely_master(rows) == (base, why), change
     assert _likely_master([base]) == (base, "earlier")
+
+
+def test_the_remove_list_summary_counts_the_likely_masters_by_reason(tmp_path):
+    from cbir.steps.decisions import RemoveSummary
+
+    one = RemoveSummary(tmp_path / "r.csv", groups=1, remove=1, keep=1,
+                        by_rule={"arrived first": 1})
+    assert "the group keeps the likely master (no reviewer named one; chosen by arrived first, " \
+        "as the reason column says)" in one.lines()[2]
+    many = RemoveSummary(tmp_path / "r.csv", groups=5, remove=5, keep=5,
+                         by_rule={"arrived first": 1, "higher resolution": 2})
+    assert "3 of the 5 groups keep the likely master (no reviewer named one; chosen by higher " \
+        "resolution 2, arrived first 1, as" in many.lines()[2]
+    assert len(RemoveSummary(tmp_path / "r.csv", groups=2, keep=2).lines()) == 2  # all named

@@ -453,7 +453,9 @@ class RemoveSummary:
     exact_groups: int = 0  # byte-identical copies outside them
     remove: int = 0
     keep: int = 0
-    by_rule: int = 0  # confirmed groups whose master no reviewer named: the likely master kept
+    # confirmed groups whose master no reviewer named (the likely master kept), by the criterion
+    # that chose it (the catalogue's master_reason)
+    by_rule: dict[str, int] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = [
@@ -462,19 +464,23 @@ class RemoveSummary:
             f"{counted(self.exact_groups, 'set')} of byte-identical copies; nothing was deleted",
             f"  {self.file}",
         ]
-        if self.by_rule:
+        by_rule = sum(self.by_rule.values())
+        if by_rule:
             # the rule reads the files (tone, pixels, format, run, bytes), not the pictures: a
             # halftone reprint scanned in grey to a PNG outranks the photograph's JPEG
             which = (
                 "the group keeps"
                 if self.groups == 1
-                else f"{self.by_rule} of the {self.groups} groups "
-                + ("keeps" if self.by_rule == 1 else "keep")
+                else f"{by_rule} of the {self.groups} groups {'keeps' if by_rule == 1 else 'keep'}"
+            )
+            rules = ", ".join(
+                f"{rule} {n}" if len(self.by_rule) > 1 else rule
+                for rule, n in sorted(self.by_rule.items(), key=lambda kv: (-kv[1], kv[0]))
             )
             out.append(
-                f"  {which} the likely master (no reviewer named one; the reason column says "
-                f"why, e.g. 'lossless file'): check it, and name another with `cbir decide A B "
-                f"same --master PATH`"
+                f"  {which} the likely master (no reviewer named one; chosen by {rules}, as the "
+                f"reason column says): check it, and name another with `cbir decide A B same "
+                f"--master PATH`"
             )
         return out
 
@@ -614,7 +620,7 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
         else:
             keep, rule = _master_of(canon, relations)
             why = f"duplicate (decided same; likely master kept: {rule})"
-            summary.by_rule += 1
+            summary.by_rule[rule] = summary.by_rule.get(rule, 0) + 1
         summary.groups += 1
         summary.keep += 1
         for m in members:
