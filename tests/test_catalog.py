@@ -349,7 +349,8 @@ def test_a_later_copy_of_one_resolution_and_format_is_not_the_master_for_its_byt
     90 (67 KB) was the likely master over the archive's own scan (58 KB) - pair_report,
     cluster_report, and the remove list's suggestion. Of two copies of one resolution and
     format, the picture the archive held first is kept, here after it moved (its file is new,
-    its picture is not); a lossless copy still outranks a JPEG whenever it came."""
+    its picture is not); a lossless copy still outranks a JPEG whenever it came, and of two
+    lossless copies the larger file (more bits, say) is kept whenever it came."""
     from cbir.steps.decisions import remove_list, run_decide
     from cbir.steps.embed import run_embed
     from cbir.steps.index import run_index
@@ -359,6 +360,7 @@ def test_a_later_copy_of_one_resolution_and_format_is_not_the_master_for_its_byt
     scans = tmp_path / "scans"
     pic = photo(11, (160, 120))
     save(pic, scans / "box/print.jpg", quality=60)
+    save(pic, scans / "box/print.png")
     settings = tiny_workspace.make(tmp_path, steps=("ingest",), search={
         "k": 9, "pair_threshold": -1.0, "cluster_threshold": -1.0})
     save(pic, scans / "donor/print-q95.jpg", quality=95)  # run 2: the same pixels, more bytes
@@ -370,20 +372,25 @@ def test_a_later_copy_of_one_resolution_and_format_is_not_the_master_for_its_byt
     run_embed(settings)
     run_index(settings)
     run_pairs(settings)
-    held, later, tiff = "moved/print.jpg", "donor/print-q95.jpg", "donor/print.tif"
+    held, later, tiff, png = ("moved/print.jpg", "donor/print-q95.jpg", "donor/print.tif",
+                              "box/print.png")
     assert (scans / later).stat().st_size > (scans / held).stat().st_size
+    assert (scans / tiff).stat().st_size > (scans / png).stat().st_size
 
     _, rows = catalog.query(settings, "SELECT path_a, path_b, master_path, master_reason "
-                                      "FROM pair_report WHERE path_a IN (?, ?, ?) AND path_b "
-                                      "IN (?, ?, ?)", [held, later, tiff] * 2)
+                                      "FROM pair_report WHERE path_a IN (?, ?, ?, ?) AND path_b "
+                                      "IN (?, ?, ?, ?)", [held, later, tiff, png] * 2)
     masters = {frozenset(r[:2]): r[2:] for r in rows}
     assert masters[frozenset({held, later})] == (held, "arrived first")
     for jpeg in (held, later):
         assert masters[frozenset({tiff, jpeg})] == (tiff, "lossless file")
+        assert masters[frozenset({png, jpeg})] == (png, "lossless file")
+    assert masters[frozenset({png, tiff})] == (tiff, "larger file")
     cluster = ("SELECT master_path, list_contains(members, ?) FROM cluster_report "
                "WHERE list_contains(members, ?)")
     assert catalog.query(settings, cluster, [held, later])[1] == [(tiff, True)]
-    (scans / tiff).unlink()  # without the lossless copy, the held scan leads the cluster
+    for lossless in (tiff, png):  # without the lossless copies, the held scan leads the cluster
+        (scans / lossless).unlink()
     for step in (run_ingest, run_embed, run_index, run_pairs):
         step(settings)
     assert catalog.query(settings, cluster, [held, later])[1] == [(held, True)]

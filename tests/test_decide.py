@@ -399,26 +399,30 @@ def test_calibrate_labels_with_decisions_once_there_are_enough(built, tmp_path, 
 def test_the_likely_master_says_which_criterion_chose_it():
     from cbir.steps.decisions import _likely_master
 
-    base = {"mode": "L", "width": 100, "height": 80, "format": "TIFF", "arrived": 2,
+    tiff = {"mode": "L", "width": 100, "height": 80, "format": "TIFF", "arrived": 2,
             "bytes": 1000, "first_run": 2, "mtime_ns": 5, "path": "b"}
-    cases = [  # (the other file, what keeps `base` over it)
-        ({"mode": "1", "width": 400, "height": 320, "bytes": 9000}, "continuous tone"),
-        ({"width": 90, "bytes": 9000, "arrived": 1}, "higher resolution"),
-        ({"format": "JPEG", "bytes": 9000, "arrived": 1}, "lossless file"),
-        ({"format": None, "bytes": 9000, "arrived": 1}, "lossless file"),
-        # a copy of one resolution and format that came later: its bytes do not make it the
-        # master (a donor's re-save at a higher JPEG quality, a copy turned and saved again)
-        ({"arrived": 3, "bytes": 9000, "first_run": 1}, "arrived first"),
-        ({"bytes": 999, "first_run": 1}, "larger file"),
-        ({"first_run": 3}, "earlier"),
-        ({"mtime_ns": 6}, "earlier"),
-        ({"path": "c"}, "earlier"),
+    jpeg = {**tiff, "format": "JPEG"}
+    cases = [  # (the file kept, the other's difference, what keeps the first over it)
+        (tiff, {"mode": "1", "width": 400, "height": 320, "bytes": 9000}, "continuous tone"),
+        (tiff, {"width": 90, "bytes": 9000, "arrived": 1}, "higher resolution"),
+        (tiff, {"format": "JPEG", "bytes": 9000, "arrived": 1}, "lossless file"),
+        (tiff, {"format": None, "bytes": 9000, "arrived": 1}, "lossless file"),
+        # a JPEG of one resolution that came later lost a generation whatever its bytes (a
+        # donor's re-save at a higher quality, a copy turned and saved again) ...
+        (jpeg, {"arrived": 3, "bytes": 9000, "first_run": 1}, "arrived first"),
+        # ... a lossless one did not: more bytes may be more bits (a 48-bit rescan of a 24-bit
+        # TIFF, which Pillow reads as RGB too)
+        ({**tiff, "arrived": 3, "first_run": 3}, {"bytes": 999}, "larger file"),
+        (jpeg, {"bytes": 999, "first_run": 1}, "larger file"),
+        (tiff, {"first_run": 3}, "earlier"),
+        (tiff, {"mtime_ns": 6}, "earlier"),
+        (tiff, {"path": "c"}, "earlier"),
     ]
-    for change, why in cases:
+    for base, change, why in cases:
         other = {**base, **change}
         for rows in ([base, other], [other, base]):
             assert _likely_master(rows) == (base, why), change
-    assert _likely_master([base]) == (base, "earlier")
+    assert _likely_master([tiff]) == (tiff, "earlier")
 
 
 def test_the_remove_list_summary_counts_the_likely_masters_by_reason(tmp_path):

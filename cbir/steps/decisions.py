@@ -485,12 +485,16 @@ class RemoveSummary:
         return out
 
 
+def _lossless(row: dict[str, Any]) -> bool:
+    return row["format"] is not None and row["format"] not in LOSSY_FORMATS
+
+
 #: The likely master's criteria in order, each with the catalogue's `master_reason` word.
 _MASTER_RULE: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
     ("continuous tone", lambda r: r["mode"] in REDUCED_TONE),
     ("higher resolution", lambda r: -(r["width"] or 0) * (r["height"] or 0)),
-    ("lossless file", lambda r: r["format"] is None or r["format"] in LOSSY_FORMATS),
-    ("arrived first", lambda r: r["arrived"]),
+    ("lossless file", lambda r: not _lossless(r)),
+    ("arrived first", lambda r: 0 if _lossless(r) else r["arrived"]),  # of two lossy files
     ("larger file", lambda r: -(r["bytes"] or 0)),
     ("earlier", lambda r: (r["first_run"], r["mtime_ns"], r["path"])),
 )
@@ -498,10 +502,10 @@ _MASTER_RULE: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
 
 def _likely_master(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """The catalogue's rule (pair_report, cluster_report): continuous tone (not bilevel or
-    palette), else more pixels, else a lossless format, else the picture that arrived first
-    (`arrived`: its earliest ingest run under any path), else more bytes, else seen first
-    (the file's earlier run, older modification time, then path). Returns the master and the
-    criterion that chose it over the runner-up (the catalogue's master_reason)."""
+    palette), else more pixels, else a lossless format, else, of two lossy files, the picture
+    that arrived first (`arrived`: its earliest ingest run under any path), else more bytes,
+    else seen first (the file's earlier run, older modification time, then path). Returns the
+    master and the criterion that chose it over the runner-up (the catalogue's master_reason)."""
     ranked = sorted(rows, key=lambda r: tuple(key(r) for _, key in _MASTER_RULE))
     if len(ranked) < 2:
         return ranked[0], "earlier"

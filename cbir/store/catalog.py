@@ -224,9 +224,11 @@ _PAIR_IMAGES = """SELECT image_a AS image_id FROM duplicate_pairs
 _CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
 # The likely master: the whole picture of a partial copy (the other is a detail cut from it),
 # else the one without a blank margin (MARGIN_RESOLUTION), else continuous tone (REDUCED_TONE),
-# else more pixels, else a lossless format (LOSSY_FORMATS), else the one the archive held first
-# (its earlier run: a copy of one resolution and format that arrives later, a donor's re-save or a
-# turned copy, is not the master for its bytes), else more bytes, else mtime, then path.
+# else more pixels, else a lossless format (LOSSY_FORMATS), else, of two lossy files, the one the
+# archive held first (its earlier run: a JPEG of one resolution that arrives later, a donor's
+# re-save or a turned copy, lost a generation whatever its bytes), else more bytes (of two
+# lossless files, such as a 48-bit rescan of a 24-bit TIFF, which Pillow reads as RGB too), else
+# seen first (run, then mtime, then path).
 _PAIR_REPORT_SQL = f"""
 WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
            FROM files SEMI JOIN ({_PAIR_IMAGES}) k USING (image_id)),
@@ -271,7 +273,7 @@ m AS (
                 WHEN tone_a <> tone_b THEN tone_a
                 WHEN pixels_a <> pixels_b THEN pixels_a > pixels_b
                 WHEN lossless_a <> lossless_b THEN lossless_a
-                WHEN arrived_a <> arrived_b THEN arrived_a < arrived_b
+                WHEN NOT lossless_a AND arrived_a <> arrived_b THEN arrived_a < arrived_b
                 WHEN bytes_a <> bytes_b THEN bytes_a > bytes_b
                 ELSE NOT a_is_newer END AS a_is_master,
            CASE WHEN relation IN ('a_in_b', 'b_in_a') THEN 'the whole picture'
@@ -279,7 +281,7 @@ m AS (
                 WHEN tone_a <> tone_b THEN 'continuous tone'
                 WHEN pixels_a <> pixels_b THEN 'higher resolution'
                 WHEN lossless_a <> lossless_b THEN 'lossless file'
-                WHEN arrived_a <> arrived_b THEN 'arrived first'
+                WHEN NOT lossless_a AND arrived_a <> arrived_b THEN 'arrived first'
                 WHEN bytes_a <> bytes_b THEN 'larger file'
                 ELSE 'earlier' END AS master_reason
     FROM g
@@ -348,7 +350,8 @@ f AS ({_PAIR_FILE_SQL.format(rows="i", keys=_CLUSTER_KEYS, extra=", arrived")})
 SELECT c.cluster_id, any_value(c.size) AS size,
        any_value(c.weakest_link)::DOUBLE AS weakest_link,
        list(c.path ORDER BY c.path) AS members,
-       list(c.path ORDER BY f.full_tone DESC, f.pixels DESC, f.lossless DESC, f.arrived,
+       list(c.path ORDER BY f.full_tone DESC, f.pixels DESC, f.lossless DESC,
+                            CASE WHEN NOT f.lossless THEN f.arrived END,
                             f.bytes DESC, {_SEEN_FIRST_F})[1] AS master_path,
        min(f.first_run) AS first_run, max(f.first_run) AS newest_run,
        sum(f.bytes)::BIGINT AS total_bytes,  -- a HUGEINT would be stored as a DOUBLE
