@@ -23,6 +23,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from ..config import Settings
 from ..errors import CbirError
 from ..fsutil import write_text
@@ -75,6 +78,7 @@ class Resolver:
     id_of: dict[str, str]  # present path -> image id
     path_of: dict[str, str]  # image id -> its canonical present path
     rows: list[dict[str, Any]]  # the present files' manifest rows
+    table: pa.Table  # every manifest row (gone versions too): what `for_rule` reads
 
     @cached_property
     def spellings(self) -> Spellings:
@@ -84,12 +88,9 @@ class Resolver:
     @classmethod
     def of(cls, settings: Settings) -> Resolver:
         cols = ["image_id", "path", "status", "is_canonical", "width", "height", "mode", "bytes"]
-        cols += ["format", "first_run", "mtime_ns"]
-        every = load_manifest(settings, cols).to_pylist()
-        arrived: dict[str, int] = {}  # the run that first brought each picture, under any path
-        for r in every:
-            arrived[r["image_id"]] = min(r["first_run"], arrived.get(r["image_id"], r["first_run"]))
-        rows = [{**r, "arrived": arrived[r["image_id"]]} for r in every if r["status"] in PRESENT]
+        cols += ["first_run", "mtime_ns"]
+        table = load_manifest(settings, [*cols, "format"])
+        rows = [r for r in table.select(cols).to_pylist() if r["status"] in PRESENT]
         path_of = {r["image_id"]: r["path"] for r in rows if r["is_canonical"]}
         for r in rows:  # a content whose canonical file is gone: any present copy names it
             path_of.setdefault(r["image_id"], r["path"])
@@ -98,7 +99,26 @@ class Resolver:
             id_of={r["path"]: r["image_id"] for r in rows},
             path_of=path_of,
             rows=rows,
+            table=table,
         )
+
+    def for_rule(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`rows` with what the likely master's rule reads besides: each file's `format`, and
+        `arrived`, the run that first brought its picture under any path (a moved scan keeps
+        it). Looked up for these rows' images alone: for every row, 2.4 s more at 10^6."""
+        ids = pa.array(sorted({r["image_id"] for r in rows}), pa.string())
+        mine = self.table.filter(pc.is_in(self.table.column("image_id"), ids))
+        cols = ["image_id", "path", "status", "format", "first_run"]
+        arrived: dict[str, int] = {}
+        fmt: dict[tuple[str, str], str | None] = {}
+        for r in mine.select(cols).to_pylist():
+            arrived[r["image_id"]] = min(r["first_run"], arrived.get(r["image_id"], r["first_run"]))
+            if r["status"] in PRESENT:
+                fmt[r["image_id"], r["path"]] = r["format"]
+        return [
+            {**r, "arrived": arrived[r["image_id"]], "format": fmt.get((r["image_id"], r["path"]))}
+            for r in rows
+        ]
 
     def resolve(self, text: str) -> tuple[str, str]:
         """(image id, path) of an image named by path or id; CbirError in one line when none."""
@@ -221,7 +241,7 @@ def run_decide(
     likely = None
     if verdict == D.SAME and master_id is None:  # what the remove list would keep
         path = {ia: pa_, ib: pb}
-        two = [r for r in names.rows if (r["image_id"], r["path"]) in path.items()]
+        two = names.for_rule([r for r in names.rows if (r["image_id"], r["path"]) in path.items()])
         if len(two) == 2:
             keep, why = _master_of(two, Relations.of([check] if check else []))
             likely = (keep["path"], why)
@@ -606,6 +626,9 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
         files.setdefault(r["image_id"], []).append(r)
     summary = RemoveSummary(target)
     relations = _all_relations(settings) if groups else Relations()
+    canonical = [f for members, _ in groups for m in members for f in files[m]]
+    canonical = [f for f in canonical if f["path"] == names.path_of[f["image_id"]]]
+    ruled = {(f["image_id"], f["path"]): f for f in names.for_rule(canonical)} if groups else {}
     rows: list[dict[str, Any]] = []
     grouped: set[str] = set()
     for n, (members, _) in enumerate(groups, start=1):
@@ -616,7 +639,7 @@ def remove_list(settings: Settings, file: str | os.PathLike[str]) -> RemoveSumma
             for r in same
             if r["master"] and r["image_a"] in inside and r["image_b"] in inside
         ]
-        canon = [f for m in members for f in files[m] if f["path"] == names.path_of[m]]
+        canon = [ruled[m, names.path_of[m]] for m in members]
         if masters:
             keep_id = masters[-1]
             keep = next(f for f in files[keep_id] if f["path"] == names.path_of[keep_id])
