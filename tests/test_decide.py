@@ -435,5 +435,5 @@ def test_the_remove_list_summary_counts_the_likely_masters_by_reason(tmp_path):
     many = RemoveSummary(tmp_path / "r.csv", groups=5, remove=5, keep=5,
                          by_rule={"arrived first": 1, "higher resolution": 2})
     assert "3 of the 5 groups keep the likely master (no reviewer named one; chosen by higher " \
-        "resolution 2, arrived first 1, as" in many.lines()[2]
+        "resolution 2, arrived first 1, as the reason column says): check them" in many.lines()[2]
     assert len(RemoveSummary(tmp_path / "r.csv", groups=2, keep=2).lines()) == 2  # all named

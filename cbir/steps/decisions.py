@@ -499,8 +499,8 @@ class RemoveSummary:
             )
             out.append(
                 f"  {which} the likely master (no reviewer named one; chosen by {rules}, as the "
-                f"reason column says): check it, and name another with `cbir decide A B same "
-                f"--master PATH`"
+                f"reason column says): check {'it' if by_rule == 1 else 'them'}, and name another "
+                f"with `cbir decide A B same --master PATH`"
             )
         return out
 
