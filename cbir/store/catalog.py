@@ -212,8 +212,8 @@ _LOSSLESS = "coalesce(format NOT IN ({}), false)".format(", ".join(f"'{m}'" for 
 _PAIR_FILE_SQL = f"""
     SELECT image_id, path, width, height, width::BIGINT * height AS pixels, bytes, format,
            {_FULL_TONE} AS full_tone, {_LOSSLESS} AS lossless, first_run, mtime,
-           mtime_ns{{extra}}
-    FROM {{rows}} SEMI JOIN ({{keys}}) k USING (image_id, path)
+           mtime_ns, arrived
+    FROM i SEMI JOIN ({{keys}}) k USING (image_id, path)
     QUALIFY row_number() OVER (PARTITION BY image_id, path
                                ORDER BY status IN ('ok', 'duplicate') DESC, version DESC) = 1
 """
@@ -222,6 +222,17 @@ _PAIR_KEYS = """SELECT image_a AS image_id, path_a AS path FROM duplicate_pairs
 _PAIR_IMAGES = """SELECT image_a AS image_id FROM duplicate_pairs
     UNION ALL SELECT image_b FROM duplicate_pairs"""
 _CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
+
+
+def _files_arrived(images: str, keys: str) -> str:
+    """The WITH clause of the likely master's views: `f`, the file of each (image id, path) of
+    `keys` (_PAIR_FILE_SQL) with `arrived`, the run that first brought its picture under any
+    path (a moved scan keeps it), over the files of the image ids `images` lists."""
+    return f"""WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
+           FROM files SEMI JOIN ({images}) k USING (image_id)),
+f AS ({_PAIR_FILE_SQL.format(keys=keys)})"""
+
+
 # The likely master: the whole picture of a partial copy (the other is a detail cut from it),
 # else the one without a blank margin (MARGIN_RESOLUTION), else continuous tone (REDUCED_TONE),
 # else more pixels, else a lossless format (LOSSY_FORMATS), else, of two lossy files, the one the
@@ -230,9 +241,7 @@ _CLUSTER_KEYS = "SELECT image_id, path FROM clusters"
 # lossless files, such as a 48-bit rescan of a 24-bit TIFF, which Pillow reads as RGB too), else
 # seen first (run, then mtime, then path).
 _PAIR_REPORT_SQL = f"""
-WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
-           FROM files SEMI JOIN ({_PAIR_IMAGES}) k USING (image_id)),
-f AS ({_PAIR_FILE_SQL.format(rows="i", keys=_PAIR_KEYS, extra=", arrived")}),
+{_files_arrived(_PAIR_IMAGES, _PAIR_KEYS)},
 p AS (
     SELECT p.score::DOUBLE AS score, p.kind, p.path_a, p.path_b,  -- round(score, 3) shows 0.996
            a.width AS width_a, a.height AS height_a, b.width AS width_b, b.height AS height_b,
@@ -344,9 +353,7 @@ LEFT JOIN images a ON a.image_id = d.image_a
 LEFT JOIN images b ON b.image_id = d.image_b
 """
 _CLUSTER_REPORT_SQL = f"""
-WITH i AS (SELECT *, min(first_run) OVER (PARTITION BY image_id) AS arrived
-           FROM files SEMI JOIN (SELECT image_id FROM clusters) k USING (image_id)),
-f AS ({_PAIR_FILE_SQL.format(rows="i", keys=_CLUSTER_KEYS, extra=", arrived")})
+{_files_arrived("SELECT image_id FROM clusters", _CLUSTER_KEYS)}
 SELECT c.cluster_id, any_value(c.size) AS size,
        any_value(c.weakest_link)::DOUBLE AS weakest_link,
        list(c.path ORDER BY c.path) AS members,
