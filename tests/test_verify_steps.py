@@ -197,6 +197,38 @@ def test_a_nightly_print_finds_the_detail_of_it_the_collection_already_holds(tmp
     assert row["relation"] in ("a_in_b", "b_in_a") and row["inliers"] >= 12
 
 
+def test_a_night_checks_a_new_print_that_an_older_detail_has_among_its_nearest(tmp_path):
+    """A full run checks a neighbour below the threshold where either picture has the other
+    among its nearest verify_rank; a night searches its new pictures, so the older side is
+    searched again: the print arriving as a JPEG and a PNG has its own other file nearest, and
+    the detail the collection held has the print nearest. The night confirms the detail, and
+    a full run after it finds the same pairs."""
+    scans = tmp_path / "scans"
+    crop = partial_copies.detail_crop(textured(100), np.random.default_rng(0), DETAIL)
+    save(crop.picture, scans / "detail-of-p0.jpg", quality=92)
+    search = {"k": 5, "pair_threshold": 0.9999, "verify_floor": -1.0, "verify_rank": 1}
+    params = {"data": {"scans_dir": "scans"}, **TINY, "search": search}
+    settings = load_settings(write_params(tmp_path, params))
+    update(settings)
+    assert run_pairs(settings).n_near_pairs == 0
+    save(textured(100), scans / "p0.jpg", quality=92)  # the print arrives one night, twice
+    save(textured(100), scans / "p0.png")
+    update(settings)
+    night = run_pairs(settings, incremental=True)
+    assert night.incremental and night.searched == 2 and night.searched_back == 1
+    assert any("1 older neighbour of them from the other side" in x for x in night.lines())
+    ids = ids_by_path(settings)
+    detail = ids["detail-of-p0.jpg"]
+    rows = pairs_rows(settings)
+    held = [key for key in rows if detail in key]
+    assert len(held) == 1, rows  # its nearest: one of the print's two files
+    assert rows[held[0]]["relation"] in ("a_in_b", "b_in_a")
+    assert night.n_clusters == 1 and night.largest_cluster == 3
+    relations = {key: r["relation"] for key, r in rows.items()}
+    run_pairs(settings)
+    assert {key: r["relation"] for key, r in pairs_rows(settings).items()} == relations
+
+
 def test_pairs_verified_in_two_processes_equal_those_verified_in_one(tmp_path):
     from cbir.steps import pairs as pairs_step
     from cbir.store.features import feature_cache

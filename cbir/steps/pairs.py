@@ -149,6 +149,7 @@ class PairsSummary:
     pairs_parts: int = 0  # the nightly runs' pairs files beside pairs_file (store.pairs)
     clusters_delta: Path | None = None  # the nightly runs' changes to clusters_file, if any
     searched: int = 0  # images whose neighbours were searched by this run
+    searched_back: int = 0  # older images a night searched too: its pairs' other side
     added: int = 0  # near-duplicate pairs this run found that were not recorded before
     incremental: bool = False  # only images not searched before were searched
     thresholds: Any = None  # cbir.steps.calibrate.Thresholds used
@@ -159,8 +160,14 @@ class PairsSummary:
     trained: bool = False  # the model is a training checkpoint (not the untrained init)
 
     def lines(self) -> list[str]:
+        back = (
+            f", and {counted(self.searched_back, 'older neighbour')} of them from the other "
+            "side (as a full run searches them, for the checks below the threshold)"
+            if self.searched_back
+            else ""
+        )
         how = (
-            f"{counted(self.searched, 'new image')} searched against the collection"
+            f"{counted(self.searched, 'new image')} searched against the collection{back}"
             if self.incremental
             else f"all {self.searched} images searched"
         )
@@ -372,6 +379,40 @@ def knn_pairs(
         (i, j): (score, int(r))
         for i, j, score, r in zip(left, right, best_s.tolist(), best_r.tolist(), strict=True)
     }
+
+
+def from_both_sides(
+    s: Searcher,
+    knn: dict[Key, tuple[float, int]],
+    rows: np.ndarray,
+    k: int,
+    rank: int,
+    floor: float,
+    threshold: float,
+) -> tuple[dict[Key, tuple[float, int]], int]:
+    """A night's pairs (`knn`: each ranked in its new image's list; `rows`, the new images)
+    with the ranks a full run gives them. A full run checks a neighbour below the threshold
+    where either image has the other among its nearest `rank`, and a night searched only one
+    side: the older image of each pair below the threshold that its new image ranks beyond
+    `rank` is searched too, against the whole index as a full run searches it, and each pair
+    keeps its better rank (a half-size copy arriving that is a crop's 2nd neighbour and has the
+    crop 4th). Pairs of two older images met on the way were found by their own searches and
+    are left out. Returns the pairs and how many older images were searched."""
+    new = set(s.image_ids.take(rows))
+    older = sorted(
+        {b if a in new else a for (a, b), (sc, rk) in knn.items() if rk > rank and sc < threshold}
+        - new
+    )
+    if not older:
+        return knn, 0
+    back = s.image_ids.rows_of(older)
+    out = dict(knn)
+    for key, (sc, rk) in knn_pairs(s, k, floor, rows=np.sort(back[back >= 0])).items():
+        if key[0] not in new and key[1] not in new:
+            continue
+        was = out.get(key)
+        out[key] = (sc, rk) if was is None else (max(was[0], sc), min(was[1], rk))
+    return out, len(older)
 
 
 def region_pairs(
@@ -1124,6 +1165,7 @@ def run_pairs(
     )
     pairs: dict[Key, tuple[float, int]] = {}
     below: dict[Key, tuple[float, int]] = {}
+    searched_back = 0  # older images a night searched again (from_both_sides)
     regional: set[Key] = set()
     if rows is None or len(rows):
         if address := settings.orchestration.dask_address:  # the search as Dask tasks
@@ -1141,6 +1183,10 @@ def run_pairs(
             )
         else:
             knn = knn_pairs(s, cfg.k, floor, rows=rows)
+        if rows is not None and cfg.verify and cfg.verify_rank:
+            knn, searched_back = from_both_sides(
+                s, knn, rows, cfg.k, cfg.verify_rank, floor, th.pair
+            )
         for key, (sc, rk) in knn.items():
             if sc < th.pair:
                 if rk <= cfg.verify_rank:  # a candidate: kept only if verification confirms it
@@ -1283,6 +1329,7 @@ def run_pairs(
         pairs_parts=len(runs),
         clusters_delta=lay.run_clusters(delta) if delta else None,
         searched=len(s.image_ids) if rows is None else len(rows),
+        searched_back=searched_back,
         added=added.num_rows,
         incremental=rows is not None,
         thresholds=th,
