@@ -1096,7 +1096,8 @@ def run_pairs(
     """Write every near-duplicate pair and cluster to Parquet and the DuckDB catalogue.
 
     `incremental` (the nightly run): search only the images whose neighbours were never searched
-    (those that arrived since) against the whole collection, and write the pairs they add as
+    (those that arrived since) against the whole collection (and, with search.verify, the older
+    side of their pairs below the threshold: from_both_sides), and write the pairs they add as
     the run's own partition (cbir.store.pairs): the recorded pairs are not rewritten, and
     neither are the clusters the new pairs do not touch (_update_clusters). One row per
     unordered pair: a new pair involves a new image, which no recorded pair does. When images
