@@ -38,6 +38,7 @@ from .. import faults, verify
 from ..arrays import all_distinct
 from ..config import Settings
 from ..errors import CbirError
+from ..faiss_index import faiss_ids
 from ..fsutil import clean_stale_tmp, write_parquet
 from ..linkage import link
 from ..parallel import worker_map
@@ -405,7 +406,7 @@ def from_both_sides(
     )
     if not older:
         return knn, 0
-    back = s.image_ids.rows_of(older)
+    back = s.rows_of(faiss_ids(older))  # the searcher's own lookup of its ids
     out = dict(knn)
     for key, (sc, rk) in knn_pairs(s, k, floor, rows=np.sort(back[back >= 0])).items():
         if key[0] not in new and key[1] not in new:

@@ -454,17 +454,6 @@ class ImageIds(Sequence[str]):
         """The ids at `rows`, as strings."""
         return self._strings(np.asarray(rows, np.int64))
 
-    def rows_of(self, ids: Sequence[str]) -> np.ndarray:
-        """The row of each of `ids` among these ids, which must be sorted (a Searcher's are),
-        -1 where it is not one of them: by bisection of their hex_keys where both are cbir's."""
-        asked = pa.array(list(ids), pa.string())
-        keys = self.hex_keys()
-        wanted = hex_keys(asked) if keys is not None else None
-        if keys is not None and wanted is not None:
-            return found_at(keys, wanted)
-        at = pc.index_in(asked, value_set=self.arrow)
-        return np.asarray(pc.fill_null(at, -1), np.int64)
-
     def hex_keys(self) -> np.ndarray | None:
         """The ids as hex_keys (None: not all cbir's ids), made once."""
         if not self._keyed:
